@@ -1,0 +1,1 @@
+# lpm: filled by its issue.

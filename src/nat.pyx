@@ -1,0 +1,1 @@
+# nat: filled by its issue.

@@ -1,0 +1,1 @@
+# packet: filled by its issue.

@@ -1,0 +1,1 @@
+# ring: filled by its issue.
