@@ -1,1 +1,172 @@
-# nat declarations.
+# nat: the SNAT / connection-tracking table (see nat.pyx for the rules).
+#
+# C-level API for the fused datapath (all nogil, no Python objects, never
+# raise).  Each returns 0 (DROP_NONE) on success or a DropReason from
+# verdict.pxi, and bumps the table's counters itself:
+#
+#   nat_translate_out(t, orig, ext, now, out)   outgoing packet -> SNATed tuple
+#   nat_translate_in(t, reply, now, out)        reply -> tuple towards the pod
+#   nat_update_tcp(t, idx, dir, flags, now)     state hook (called by the two above)
+#   nat_ext_find(t, family, addr)               egress IP -> index (-1 if unknown)
+#   nat_gc(t, now, max_scan)                    bounded incremental expiry
+#
+# `now` is a monotonic time in nanoseconds.  Addresses are 16 bytes in network
+# order (IPv4 in the first 4 bytes, the rest zero); ports and echo ids are in
+# host order.  A table is single-writer: see "Thread model" in nat.pyx.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+
+cdef extern from "nat_helpers.h":
+    uint64_t nat_hash3(uint64_t seed, uint64_t w0, uint64_t w1, uint64_t w2) nogil
+    uint64_t nat_hash5(uint64_t seed, uint64_t w0, uint64_t w1, uint64_t w2,
+                       uint64_t w3, uint64_t w4) nogil
+    uint64_t nat_load64(const void* p) nogil
+    int nat_eq16(const void* a, const void* b) nogil
+    void nat_prefetch(const void* p) nogil
+    void nat_prefetch_w(const void* p) nogil
+    int nat_ctz64(uint64_t x) nogil
+    void* nat_alloc_big(size_t size) nogil
+    void nat_free_big(void* p) nogil
+    enum: NAT_NONE          # 0xffffffff: no entry / end of a free list
+    enum: NAT_TAG_MASK      # 0xff000000: hash tag bits of an index slot
+    enum: NAT_PF_SLOT       # batch pipeline distances
+    enum: NAT_PF_ENTRY
+
+cdef enum:
+    NAT_PROTO_ICMP = 1
+    NAT_PROTO_TCP = 6
+    NAT_PROTO_UDP = 17
+    NAT_PROTO_ICMPV6 = 58
+
+    NAT_TCP_FIN = 0x01
+    NAT_TCP_SYN = 0x02
+    NAT_TCP_RST = 0x04
+    NAT_TCP_ACK = 0x10
+
+    # entry states (0 marks a free slot)
+    NAT_STATE_FREE = 0
+    NAT_STATE_SYN_SENT = 1      # TCP, no reply seen yet
+    NAT_STATE_ESTABLISHED = 2   # TCP, reply seen
+    NAT_STATE_CLOSING = 3       # TCP, FIN both ways or RST
+    NAT_STATE_UDP = 4
+    NAT_STATE_ICMP = 5
+    NAT_NSTATES = 6
+
+    # entry flags
+    NAT_F_FIN_OUT = 1
+    NAT_F_FIN_IN = 2
+
+    NAT_DIR_OUT = 0
+    NAT_DIR_IN = 1
+
+    NAT_MAX_EXT = 1024          # egress IPs per table
+    NAT_MAX_CAPACITY = 16777214 # slot = 8-bit tag | 24-bit entry index + 1
+    NAT_NPOOLS = 3              # per egress IP: TCP, UDP, ICMP echo
+
+# A packet's flow as the datapath sees it; also the dtype of batch arrays
+# (egresscore.NAT_TUPLE_DTYPE, 40 bytes).  For ICMP echo the identifier is
+# sport in requests and dport in replies; the other port is ignored.
+cdef packed struct nat_tuple:
+    uint8_t family              # 4 or 6
+    uint8_t proto               # 6, 17, 1 (v4 only), 58 (v6 only)
+    uint8_t tcp_flags           # FIN/SYN/RST/ACK bits of this packet
+    uint8_t _pad
+    uint16_t sport
+    uint16_t dport
+    uint8_t src[16]
+    uint8_t dst[16]
+
+# One connection, 64 bytes, indexed from both directions.
+cdef struct nat_entry:
+    uint8_t src[16]             # pod (internal) address
+    uint8_t dst[16]             # remote address
+    uint64_t expires            # ns; the entry is dead at or after it
+    uint64_t created            # ns
+    uint16_t sport              # pod port / echo id
+    uint16_t dport              # remote port (0 for ICMP)
+    uint16_t xport              # translated source port / echo id
+    uint16_t ext                # egress IP index
+    uint32_t mapping            # nat_mapping index; next free when free
+    uint8_t family
+    uint8_t proto
+    uint8_t state
+    uint8_t flags
+
+# Endpoint-independent mapping (pod ip, pod port, egress ip, proto) -> xport,
+# shared by all connections from that pod endpoint: 32 bytes.
+cdef struct nat_mapping:
+    uint8_t addr[16]
+    uint16_t port
+    uint16_t xport
+    uint16_t ext
+    uint8_t family
+    uint8_t proto
+    uint32_t refcnt             # connections using it; 0 = free
+    uint32_t next_free
+
+# Port allocator of one (egress IP, protocol): a 65536-bit map (out-of-range
+# ports pre-set) with a 1024-bit "word full" summary, so finding a free port
+# costs at most ~20 word operations whatever the occupancy.
+cdef struct nat_pool:
+    uint32_t lo
+    uint32_t hi
+    uint32_t nfree
+    uint32_t used
+    uint64_t bits[1024]
+    uint64_t full[16]
+
+cdef struct nat_ext:
+    uint8_t family
+    uint8_t addr[16]
+    nat_pool* pools[3]
+
+cdef struct nat_index:
+    uint32_t* slots
+    uint64_t size
+
+cdef struct nat_table:
+    nat_entry* entries
+    nat_mapping* mappings
+    nat_index fwd               # original tuple -> entry
+    nat_index rev               # reply tuple -> entry
+    nat_index map               # pod endpoint + egress IP -> mapping
+    uint32_t capacity
+    uint32_t used
+    uint32_t free_head
+    uint32_t map_free_head
+    uint32_t map_used
+    uint32_t gc_cursor
+    uint32_t n_ext
+    nat_ext ext[1024]
+    uint64_t seed
+    uint64_t rng
+    uint64_t timeout[6]         # ns, by state
+    # counters
+    uint64_t lookups
+    uint64_t hits
+    uint64_t created_count
+    uint64_t expired
+    uint64_t gc_runs
+    uint64_t drops[32]          # by DropReason
+
+cdef int nat_translate_out(nat_table* t, const nat_tuple* orig, uint32_t ext,
+                           uint64_t now, nat_tuple* out) noexcept nogil
+cdef int nat_translate_in(nat_table* t, const nat_tuple* reply, uint64_t now,
+                          nat_tuple* out) noexcept nogil
+cdef void nat_update_tcp(nat_table* t, uint32_t idx, int direction, uint8_t flags,
+                         uint64_t now) noexcept nogil
+cdef int nat_ext_find(nat_table* t, uint8_t family, const uint8_t* addr) noexcept nogil
+cdef uint32_t nat_gc(nat_table* t, uint64_t now, uint32_t max_scan) noexcept nogil
+
+cdef class NatTable:
+    cdef nat_table* t
+    cdef object _clock
+    cdef object _lock
+    cdef list _ext_names
+    cdef dict _ext_index
+    cdef dict _timeouts
+    cdef dict _ranges
+    cdef uint64_t _now(self, now) except? 0
+    cdef int _egress(self, egress_ip, int family) except -1
+    cdef void _tuple(self, nat_tuple* k, src, sport, dst, dport, proto, tcp_flags) except *
+    cdef int _ext_of(self, nat_tuple* out) noexcept
+    cdef object _entry(self, uint32_t idx, uint64_t now)

@@ -1,1 +1,1138 @@
-# nat: filled by its issue.
+# nat: the SNAT / connection-tracking table.
+#
+# Rules (the pure-Python model egresscore/_natref.py states the same rules):
+#
+# * A connection is keyed by its original tuple (family, proto, pod address and
+#   port, remote address and port) and found from the reply tuple (remote ->
+#   egress IP:xport) in O(1): both directions have an open-addressing index.
+# * Endpoint-independent mapping (RFC 4787 REQ-1, RFC 5382 REQ-1): all
+#   connections from one pod (address, port) through one egress IP and protocol
+#   share one external port while any of them lives.  Filtering is
+#   address-and-port dependent (only the remote a connection was opened to can
+#   answer it), like Cilium; RFC 4787 REQ-8 allows it.
+# * Port choice: the pod's port when it lies in the (egress IP, proto) range
+#   and is free (port preservation, as Cilium); otherwise the first free port at
+#   or after a pseudo-random start, circularly within the range.  A two-level
+#   bitmap finds it in bounded work, and exhaustion is exact: a flow is refused
+#   (DROP_NAT_EXHAUSTED, counted) only when no port is free.  A full table
+#   refuses with DROP_NAT_TABLE_FULL.  Live flows are never evicted.
+# * Timeouts by state, refreshed by every packet in either direction: TCP
+#   SYN_SENT (no reply yet) 60 s, ESTABLISHED (a reply seen) 6 h, CLOSING (FIN
+#   both ways, or RST) 10 s; an outgoing SYN reopens a CLOSING entry.  UDP
+#   300 s (RFC 4787 REQ-5 asks >= 2 min and recommends 5 min; Cilium's 60 s
+#   breaks that).  ICMP echo 60 s.  An entry is dead at `expires`; dead entries
+#   are collected lazily when a lookup meets them and by nat_gc, which scans a
+#   bounded number of slots per call (the agent calls it every tick) or all of
+#   them (full sweep).  A dead entry occupies its slot (and keeps its mapping)
+#   until collected.
+#
+# Thread model: a table is single-writer.  The C functions take no lock; the
+# fused datapath gives each worker its own table.  Flows are steered so that a
+# connection's both directions reach the same worker: give each worker a
+# disjoint slice of every egress IP's port range, steer outgoing packets by a
+# hash of (pod address, pod port) (endpoint-independent mapping needs all
+# flows of one pod endpoint on one worker) and replies by destination port
+# slice (PACKET_FANOUT_CBPF programs).  A plain PACKET_FANOUT_HASH cannot do it:
+# the reply tuple differs from the original after SNAT.  The Python methods
+# take a per-table lock, so one NatTable may also be shared by threads; batch
+# calls hold it for the whole batch and release the GIL.
+
+import ipaddress as _ipaddress
+import threading as _threading
+import time as _time
+from collections import namedtuple as _namedtuple
+import os as _os
+
+import numpy as _np
+cimport numpy as cnp
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy, memset
+from libc.stdlib cimport calloc, free
+
+cnp.import_array()
+
+# ---------------------------------------------------------------------------
+# keys and hashes
+
+cdef inline uint64_t _nat_w0(uint8_t family, uint8_t proto, uint16_t a, uint16_t b,
+                             uint16_t c) noexcept nogil:
+    return (<uint64_t>family | (<uint64_t>proto << 8) | (<uint64_t>a << 16)
+            | (<uint64_t>b << 32) | (<uint64_t>c << 48))
+
+cdef inline bint _nat_is_icmp(uint8_t proto) noexcept nogil:
+    return proto == NAT_PROTO_ICMP or proto == NAT_PROTO_ICMPV6
+
+cdef inline int _nat_pool_of(uint8_t proto) noexcept nogil:
+    if proto == NAT_PROTO_TCP:
+        return 0
+    if proto == NAT_PROTO_UDP:
+        return 1
+    return 2
+
+cdef inline int _nat_check(const nat_tuple* k) noexcept nogil:
+    """0 if family and protocol are ones the table handles, else DROP_UNSUPPORTED."""
+    if k.family == 4:
+        if k.proto == NAT_PROTO_TCP or k.proto == NAT_PROTO_UDP or k.proto == NAT_PROTO_ICMP:
+            return 0
+    elif k.family == 6:
+        if k.proto == NAT_PROTO_TCP or k.proto == NAT_PROTO_UDP or k.proto == NAT_PROTO_ICMPV6:
+            return 0
+    return DROP_UNSUPPORTED
+
+cdef inline uint64_t _nat_hash_fwd(uint64_t seed, uint8_t family, uint8_t proto,
+                                   uint16_t sport, uint16_t dport,
+                                   const uint8_t* src, const uint8_t* dst) noexcept nogil:
+    return nat_hash5(seed, _nat_w0(family, proto, sport, dport, 0),
+                     nat_load64(src), nat_load64(src + 8),
+                     nat_load64(dst), nat_load64(dst + 8))
+
+cdef inline uint64_t _nat_hash_rev(uint64_t seed, uint8_t family, uint8_t proto,
+                                   uint16_t rport, uint16_t xport,
+                                   const uint8_t* remote, const uint8_t* extaddr) noexcept nogil:
+    return nat_hash5(seed ^ 0x5bd1e9955bd1e995ULL, _nat_w0(family, proto, rport, xport, 1),
+                     nat_load64(remote), nat_load64(remote + 8),
+                     nat_load64(extaddr), nat_load64(extaddr + 8))
+
+cdef inline uint64_t _nat_hash_map(uint64_t seed, uint8_t family, uint8_t proto,
+                                   uint16_t port, uint16_t ext, const uint8_t* addr) noexcept nogil:
+    return nat_hash3(seed ^ 0x9e3779b97f4a7c15ULL, _nat_w0(family, proto, port, ext, 2),
+                     nat_load64(addr), nat_load64(addr + 8))
+
+cdef inline uint64_t _nat_entry_hash(nat_table* t, int kind, uint32_t idx) noexcept nogil:
+    cdef nat_entry* e
+    cdef nat_mapping* m
+    if kind == 0:
+        e = &t.entries[idx]
+        return _nat_hash_fwd(t.seed, e.family, e.proto, e.sport, e.dport, e.src, e.dst)
+    if kind == 1:
+        e = &t.entries[idx]
+        return _nat_hash_rev(t.seed, e.family, e.proto, e.dport, e.xport, e.dst,
+                             t.ext[e.ext].addr)
+    m = &t.mappings[idx]
+    return _nat_hash_map(t.seed, m.family, m.proto, m.port, m.ext, m.addr)
+
+# ---------------------------------------------------------------------------
+# open-addressing index: uint32 slots = 8-bit hash tag | (entry index + 1),
+# linear probing, load <= 0.5, backward-shift deletion (no tombstones).
+
+cdef inline uint64_t _nat_home(const nat_index* ix, uint64_t h) noexcept nogil:
+    return ((h >> 32) * ix.size) >> 32
+
+cdef inline uint32_t _nat_tag(uint64_t h) noexcept nogil:
+    return <uint32_t>(h & 0xff) << 24
+
+cdef inline void _nat_index_insert(nat_index* ix, uint64_t h, uint32_t idx) noexcept nogil:
+    cdef uint64_t pos = _nat_home(ix, h)
+    while ix.slots[pos] != 0:
+        pos += 1
+        if pos == ix.size:
+            pos = 0
+    ix.slots[pos] = _nat_tag(h) | (idx + 1)
+
+cdef void _nat_index_delete(nat_table* t, int kind, nat_index* ix, uint64_t h,
+                            uint32_t idx) noexcept nogil:
+    cdef uint32_t want = _nat_tag(h) | (idx + 1)
+    cdef uint64_t i = _nat_home(ix, h)
+    cdef uint64_t j, k
+    cdef uint32_t s
+    while ix.slots[i] != want:
+        if ix.slots[i] == 0:
+            return      # not indexed: nothing to do (never happens)
+        i += 1
+        if i == ix.size:
+            i = 0
+    j = i
+    while True:
+        j += 1
+        if j == ix.size:
+            j = 0
+        s = ix.slots[j]
+        if s == 0:
+            break
+        k = _nat_home(ix, _nat_entry_hash(t, kind, (s & 0xffffff) - 1))
+        # leave s where it is if its home lies cyclically in (i, j]
+        if i <= j:
+            if i < k and k <= j:
+                continue
+        elif i < k or k <= j:
+            continue
+        ix.slots[i] = s
+        i = j
+    ix.slots[i] = 0
+
+cdef inline uint32_t _nat_find_fwd(nat_table* t, uint64_t h, uint8_t family, uint8_t proto,
+                                   uint16_t sport, uint16_t dport, const uint8_t* src,
+                                   const uint8_t* dst) noexcept nogil:
+    cdef uint64_t pos = _nat_home(&t.fwd, h)
+    cdef uint32_t tag = _nat_tag(h)
+    cdef uint32_t s
+    cdef nat_entry* e
+    while True:
+        s = t.fwd.slots[pos]
+        if s == 0:
+            return NAT_NONE
+        if (s & NAT_TAG_MASK) == tag:
+            e = &t.entries[(s & 0xffffff) - 1]
+            if (e.sport == sport and e.dport == dport and e.proto == proto
+                    and e.family == family and nat_eq16(e.src, src) and nat_eq16(e.dst, dst)):
+                return (s & 0xffffff) - 1
+        pos += 1
+        if pos == t.fwd.size:
+            pos = 0
+
+cdef inline uint32_t _nat_find_rev(nat_table* t, uint64_t h, uint8_t family, uint8_t proto,
+                                   uint16_t rport, uint16_t xport, const uint8_t* remote,
+                                   const uint8_t* extaddr) noexcept nogil:
+    cdef uint64_t pos = _nat_home(&t.rev, h)
+    cdef uint32_t tag = _nat_tag(h)
+    cdef uint32_t s
+    cdef nat_entry* e
+    while True:
+        s = t.rev.slots[pos]
+        if s == 0:
+            return NAT_NONE
+        if (s & NAT_TAG_MASK) == tag:
+            e = &t.entries[(s & 0xffffff) - 1]
+            if (e.xport == xport and e.dport == rport and e.proto == proto
+                    and e.family == family and nat_eq16(e.dst, remote)
+                    and nat_eq16(t.ext[e.ext].addr, extaddr)):
+                return (s & 0xffffff) - 1
+        pos += 1
+        if pos == t.rev.size:
+            pos = 0
+
+cdef inline uint32_t _nat_find_map(nat_table* t, uint64_t h, uint8_t family, uint8_t proto,
+                                   uint16_t port, uint16_t ext, const uint8_t* addr) noexcept nogil:
+    cdef uint64_t pos = _nat_home(&t.map, h)
+    cdef uint32_t tag = _nat_tag(h)
+    cdef uint32_t s
+    cdef nat_mapping* m
+    while True:
+        s = t.map.slots[pos]
+        if s == 0:
+            return NAT_NONE
+        if (s & NAT_TAG_MASK) == tag:
+            m = &t.mappings[(s & 0xffffff) - 1]
+            if (m.port == port and m.ext == ext and m.proto == proto
+                    and m.family == family and nat_eq16(m.addr, addr)):
+                return (s & 0xffffff) - 1
+        pos += 1
+        if pos == t.map.size:
+            pos = 0
+
+# ---------------------------------------------------------------------------
+# port pools
+
+cdef inline bint _nat_port_free(const nat_pool* p, uint32_t port) noexcept nogil:
+    return ((p.bits[port >> 6] >> (port & 63)) & 1) == 0
+
+cdef inline void _nat_port_take(nat_pool* p, uint32_t port) noexcept nogil:
+    cdef uint32_t w = port >> 6
+    p.bits[w] |= (<uint64_t>1) << (port & 63)
+    if p.bits[w] == <uint64_t>0xffffffffffffffffULL:
+        p.full[w >> 6] |= (<uint64_t>1) << (w & 63)
+    p.nfree -= 1
+    p.used += 1
+
+cdef inline void _nat_port_put(nat_pool* p, uint32_t port) noexcept nogil:
+    cdef uint32_t w = port >> 6
+    p.bits[w] &= ~((<uint64_t>1) << (port & 63))
+    p.full[w >> 6] &= ~((<uint64_t>1) << (w & 63))
+    p.nfree += 1
+    p.used -= 1
+
+cdef uint32_t _nat_port_find(const nat_pool* p, uint32_t start) noexcept nogil:
+    """First free port at or after `start`, circularly; NAT_NONE if none.
+
+    Out-of-range ports are pre-set in the map, so the circular order over all
+    65536 ports visits the range in circular order from `start`."""
+    cdef uint32_t w = start >> 6
+    cdef uint64_t bits = ~p.bits[w] & ((<uint64_t>0xffffffffffffffffULL) << (start & 63))
+    cdef uint32_t cw, sw, wi
+    cdef uint64_t fb
+    cdef int n
+    if bits:
+        return (w << 6) | nat_ctz64(bits)
+    cw = (w + 1) & 1023
+    for n in range(17):
+        sw = cw >> 6
+        fb = ~p.full[sw] & ((<uint64_t>0xffffffffffffffffULL) << (cw & 63))
+        if fb:
+            wi = (sw << 6) | nat_ctz64(fb)
+            return (wi << 6) | nat_ctz64(~p.bits[wi])
+        cw = ((sw + 1) & 15) << 6
+    return NAT_NONE
+
+cdef void _nat_pool_init(nat_pool* p, uint32_t lo, uint32_t hi) noexcept nogil:
+    cdef uint32_t port, w
+    memset(p, 0, sizeof(nat_pool))
+    p.lo = lo
+    p.hi = hi
+    for port in range(65536):
+        if port < lo or port > hi:
+            p.bits[port >> 6] |= (<uint64_t>1) << (port & 63)
+    for w in range(1024):
+        if p.bits[w] == <uint64_t>0xffffffffffffffffULL:
+            p.full[w >> 6] |= (<uint64_t>1) << (w & 63)
+    p.nfree = hi - lo + 1
+    p.used = 0
+
+cdef inline uint64_t _nat_rand(nat_table* t) noexcept nogil:
+    # xorshift64*: cheap, and reproduced bit for bit by the Python model
+    cdef uint64_t x = t.rng
+    x ^= x >> 12
+    x ^= x << 25
+    x ^= x >> 27
+    t.rng = x
+    return x * <uint64_t>0x2545F4914F6CDD1DULL
+
+# ---------------------------------------------------------------------------
+# entries
+
+cdef inline void _nat_touch(nat_table* t, nat_entry* e, int direction, uint8_t flags,
+                            uint64_t now) noexcept nogil:
+    """Apply one packet's TCP flags to the state and refresh the expiry."""
+    if e.proto == NAT_PROTO_TCP:
+        if flags & NAT_TCP_RST:
+            e.state = NAT_STATE_CLOSING
+        elif e.state == NAT_STATE_CLOSING:
+            if direction == NAT_DIR_OUT and (flags & (NAT_TCP_SYN | NAT_TCP_ACK)) == NAT_TCP_SYN:
+                e.state = NAT_STATE_SYN_SENT     # port reuse after close
+                e.flags = 0
+        else:
+            if flags & NAT_TCP_FIN:
+                e.flags |= NAT_F_FIN_OUT if direction == NAT_DIR_OUT else NAT_F_FIN_IN
+            if (e.flags & (NAT_F_FIN_OUT | NAT_F_FIN_IN)) == (NAT_F_FIN_OUT | NAT_F_FIN_IN):
+                e.state = NAT_STATE_CLOSING
+            elif e.state == NAT_STATE_SYN_SENT and direction == NAT_DIR_IN:
+                e.state = NAT_STATE_ESTABLISHED
+    e.expires = now + t.timeout[e.state]
+
+cdef void nat_update_tcp(nat_table* t, uint32_t idx, int direction, uint8_t flags,
+                         uint64_t now) noexcept nogil:
+    """State hook: apply a packet of `direction` with TCP `flags` to entry idx.
+
+    nat_translate_out/in call it already with the tuple's tcp_flags; the
+    datapath calls it directly only for packets it sees without translating."""
+    if idx < t.capacity and t.entries[idx].state != NAT_STATE_FREE:
+        _nat_touch(t, &t.entries[idx], direction, flags, now)
+
+cdef void _nat_collect(nat_table* t, uint32_t idx) noexcept nogil:
+    """Remove entry idx from both indexes; drop its mapping's last reference."""
+    cdef nat_entry* e = &t.entries[idx]
+    cdef nat_mapping* m = &t.mappings[e.mapping]
+    _nat_index_delete(t, 0, &t.fwd, _nat_entry_hash(t, 0, idx), idx)
+    _nat_index_delete(t, 1, &t.rev, _nat_entry_hash(t, 1, idx), idx)
+    m.refcnt -= 1
+    if m.refcnt == 0:
+        _nat_index_delete(t, 2, &t.map, _nat_entry_hash(t, 2, e.mapping), e.mapping)
+        _nat_port_put(t.ext[m.ext].pools[_nat_pool_of(m.proto)], m.xport)
+        m.next_free = t.map_free_head
+        t.map_free_head = e.mapping
+        t.map_used -= 1
+    e.state = NAT_STATE_FREE
+    e.mapping = t.free_head
+    t.free_head = idx
+    t.used -= 1
+
+cdef inline void _nat_fill_out(nat_table* t, const nat_entry* e, const nat_tuple* o,
+                               nat_tuple* out) noexcept nogil:
+    out.family = e.family
+    out.proto = e.proto
+    out.tcp_flags = o.tcp_flags
+    out._pad = 0
+    out.sport = e.xport
+    out.dport = e.dport
+    memcpy(out.src, t.ext[e.ext].addr, 16)
+    memcpy(out.dst, e.dst, 16)
+
+cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t h,
+                     uint64_t mh, uint32_t ext, uint64_t now, nat_tuple* out) noexcept nogil:
+    cdef nat_pool* pool
+    cdef uint32_t m, idx, start, xport
+    cdef nat_mapping* mp
+    cdef nat_entry* e
+    if t.free_head == NAT_NONE:
+        t.drops[<int>DROP_NAT_TABLE_FULL] += 1
+        return DROP_NAT_TABLE_FULL
+    m = _nat_find_map(t, mh, o.family, o.proto, o.sport, <uint16_t>ext, o.src)
+    if m == NAT_NONE:
+        pool = t.ext[ext].pools[_nat_pool_of(o.proto)]
+        if pool.nfree == 0:
+            t.drops[<int>DROP_NAT_EXHAUSTED] += 1
+            return DROP_NAT_EXHAUSTED
+        xport = o.sport
+        if xport < pool.lo or xport > pool.hi or not _nat_port_free(pool, xport):
+            start = pool.lo + <uint32_t>((_nat_rand(t) >> 32) % (pool.hi - pool.lo + 1))
+            xport = _nat_port_find(pool, start)
+        _nat_port_take(pool, xport)
+        m = t.map_free_head
+        mp = &t.mappings[m]
+        t.map_free_head = mp.next_free
+        memcpy(mp.addr, o.src, 16)
+        mp.port = o.sport
+        mp.xport = <uint16_t>xport
+        mp.ext = <uint16_t>ext
+        mp.family = o.family
+        mp.proto = o.proto
+        mp.refcnt = 0
+        mp.next_free = NAT_NONE
+        _nat_index_insert(&t.map, mh, m)
+        t.map_used += 1
+    else:
+        mp = &t.mappings[m]
+    mp.refcnt += 1
+    idx = t.free_head
+    e = &t.entries[idx]
+    t.free_head = e.mapping
+    memcpy(e.src, o.src, 16)
+    memcpy(e.dst, o.dst, 16)
+    e.sport = o.sport
+    e.dport = dport
+    e.xport = mp.xport
+    e.ext = <uint16_t>ext
+    e.mapping = m
+    e.family = o.family
+    e.proto = o.proto
+    e.flags = 0
+    e.created = now
+    if o.proto == NAT_PROTO_TCP:
+        e.state = NAT_STATE_SYN_SENT
+    elif o.proto == NAT_PROTO_UDP:
+        e.state = NAT_STATE_UDP
+    else:
+        e.state = NAT_STATE_ICMP
+    _nat_index_insert(&t.fwd, h, idx)
+    _nat_index_insert(&t.rev, _nat_entry_hash(t, 1, idx), idx)
+    t.used += 1
+    t.created_count += 1
+    _nat_touch(t, e, NAT_DIR_OUT, o.tcp_flags, now)
+    _nat_fill_out(t, e, o, out)
+    return 0
+
+cdef inline int _nat_out_h(nat_table* t, const nat_tuple* o, uint32_t ext, uint64_t now,
+                           nat_tuple* out, uint64_t h, uint16_t dport) noexcept nogil:
+    cdef uint32_t idx
+    cdef nat_entry* e
+    t.lookups += 1
+    idx = _nat_find_fwd(t, h, o.family, o.proto, o.sport, dport, o.src, o.dst)
+    if idx != NAT_NONE:
+        e = &t.entries[idx]
+        if e.expires > now:
+            t.hits += 1
+            _nat_touch(t, e, NAT_DIR_OUT, o.tcp_flags, now)
+            _nat_fill_out(t, e, o, out)
+            return 0
+        _nat_collect(t, idx)
+        t.expired += 1
+    return _nat_create(t, o, dport, h,
+                       _nat_hash_map(t.seed, o.family, o.proto, o.sport, <uint16_t>ext, o.src),
+                       ext, now, out)
+
+cdef inline int _nat_out_check(nat_table* t, const nat_tuple* o, uint32_t ext) noexcept nogil:
+    cdef int err = _nat_check(o)
+    if err == 0 and (ext >= t.n_ext or t.ext[ext].family != o.family):
+        err = DROP_NO_EGRESS_IP
+    if err:
+        t.drops[err] += 1
+    return err
+
+cdef int nat_translate_out(nat_table* t, const nat_tuple* orig, uint32_t ext,
+                           uint64_t now, nat_tuple* out) noexcept nogil:
+    """SNAT an outgoing packet's tuple through egress IP index `ext`.
+
+    Returns 0 and fills `out` (source = egress IP:xport) for a known or new
+    connection; DROP_UNSUPPORTED (family/protocol), DROP_NO_EGRESS_IP (bad
+    index or family), DROP_NAT_TABLE_FULL or DROP_NAT_EXHAUSTED otherwise, and
+    then `out` is untouched.  An existing connection keeps its egress IP."""
+    cdef int err = _nat_out_check(t, orig, ext)
+    cdef uint16_t dport
+    if err:
+        return err
+    dport = 0 if _nat_is_icmp(orig.proto) else orig.dport
+    return _nat_out_h(t, orig, ext, now, out,
+                      _nat_hash_fwd(t.seed, orig.family, orig.proto, orig.sport, dport,
+                                    orig.src, orig.dst), dport)
+
+cdef inline int _nat_in_h(nat_table* t, const nat_tuple* r, uint64_t now, nat_tuple* out,
+                          uint64_t h, uint16_t rport) noexcept nogil:
+    cdef uint32_t idx
+    cdef nat_entry* e
+    t.lookups += 1
+    idx = _nat_find_rev(t, h, r.family, r.proto, rport, r.dport, r.src, r.dst)
+    if idx != NAT_NONE:
+        e = &t.entries[idx]
+        if e.expires > now:
+            t.hits += 1
+            _nat_touch(t, e, NAT_DIR_IN, r.tcp_flags, now)
+            out.family = r.family
+            out.proto = r.proto
+            out.tcp_flags = r.tcp_flags
+            out._pad = 0
+            out.sport = rport
+            out.dport = e.sport
+            memcpy(out.src, r.src, 16)
+            memcpy(out.dst, e.src, 16)
+            return 0
+        _nat_collect(t, idx)
+        t.expired += 1
+    t.drops[<int>DROP_NO_NAT_ENTRY] += 1
+    return DROP_NO_NAT_ENTRY
+
+cdef int nat_translate_in(nat_table* t, const nat_tuple* reply, uint64_t now,
+                          nat_tuple* out) noexcept nogil:
+    """Reverse-translate a reply (remote -> egress IP:xport) towards the pod.
+
+    Returns 0 and fills `out` (destination = pod address:port), or
+    DROP_UNSUPPORTED / DROP_NO_NAT_ENTRY (unknown or expired connection: an
+    unsolicited inbound packet)."""
+    cdef int err = _nat_check(reply)
+    cdef uint16_t rport
+    if err:
+        t.drops[err] += 1
+        return err
+    rport = 0 if _nat_is_icmp(reply.proto) else reply.sport
+    return _nat_in_h(t, reply, now, out,
+                     _nat_hash_rev(t.seed, reply.family, reply.proto, rport, reply.dport,
+                                   reply.src, reply.dst), rport)
+
+cdef int nat_ext_find(nat_table* t, uint8_t family, const uint8_t* addr) noexcept nogil:
+    """Index of egress IP `addr` (16 bytes) in the table, or -1."""
+    cdef uint32_t i
+    for i in range(t.n_ext):
+        if t.ext[i].family == family and nat_eq16(t.ext[i].addr, addr):
+            return <int>i
+    return -1
+
+cdef uint32_t nat_gc(nat_table* t, uint64_t now, uint32_t max_scan) noexcept nogil:
+    """Collect dead entries among the next `max_scan` slots; returns how many."""
+    cdef uint32_t n = max_scan if max_scan < t.capacity else t.capacity
+    cdef uint32_t k, i, collected = 0
+    cdef nat_entry* e
+    for k in range(n):
+        i = t.gc_cursor
+        t.gc_cursor = i + 1 if i + 1 < t.capacity else 0
+        e = &t.entries[i]
+        if e.state != NAT_STATE_FREE and e.expires <= now:
+            _nat_collect(t, i)
+            t.expired += 1
+            collected += 1
+    t.gc_runs += 1
+    return collected
+
+# ---------------------------------------------------------------------------
+# batches: a three-stage software pipeline (hash + prefetch slot, prefetch
+# entry, translate) hides the two cache misses of each lookup.
+
+cdef void _nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
+                             uint8_t* codes, Py_ssize_t n, uint64_t now) noexcept nogil:
+    cdef uint64_t hring[32]
+    cdef Py_ssize_t i, j
+    cdef uint64_t h
+    cdef uint32_t s
+    cdef const nat_tuple* r
+    cdef uint16_t rport
+    for i in range(n + NAT_PF_SLOT):
+        if i < n:
+            r = &tin[i]
+            rport = 0 if _nat_is_icmp(r.proto) else r.sport
+            h = _nat_hash_rev(t.seed, r.family, r.proto, rport, r.dport, r.src, r.dst)
+            hring[i & 31] = h
+            nat_prefetch(&t.rev.slots[_nat_home(&t.rev, h)])
+        j = i - NAT_PF_ENTRY
+        if 0 <= j < n:
+            h = hring[j & 31]
+            s = t.rev.slots[_nat_home(&t.rev, h)]
+            if s != 0:
+                nat_prefetch(&t.entries[(s & 0xffffff) - 1])
+        j = i - NAT_PF_SLOT
+        if j >= 0:
+            r = &tin[j]
+            if _nat_check(r):
+                t.drops[<int>DROP_UNSUPPORTED] += 1
+                codes[j] = DROP_UNSUPPORTED
+                continue
+            rport = 0 if _nat_is_icmp(r.proto) else r.sport
+            codes[j] = <uint8_t>_nat_in_h(t, r, now, &tout[j], hring[j & 31], rport)
+
+cdef void _nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_t* ext,
+                               Py_ssize_t ext_stride, nat_tuple* tout, uint8_t* codes,
+                               Py_ssize_t n, uint64_t now) noexcept nogil:
+    cdef uint64_t hring[32]
+    cdef Py_ssize_t i, j
+    cdef uint64_t h
+    cdef uint32_t s, x
+    cdef const nat_tuple* o
+    cdef uint16_t dport
+    cdef int err
+    for i in range(n + NAT_PF_SLOT):
+        if i < n:
+            o = &tin[i]
+            dport = 0 if _nat_is_icmp(o.proto) else o.dport
+            h = _nat_hash_fwd(t.seed, o.family, o.proto, o.sport, dport, o.src, o.dst)
+            hring[i & 31] = h
+            nat_prefetch(&t.fwd.slots[_nat_home(&t.fwd, h)])
+            x = ext[i * ext_stride]
+            if x < t.n_ext:
+                # speculative: the mapping slot, and the reply slot if the
+                # pod's port is preserved (the common case for new flows)
+                nat_prefetch(&t.map.slots[_nat_home(&t.map, _nat_hash_map(
+                    t.seed, o.family, o.proto, o.sport, <uint16_t>x, o.src))])
+                nat_prefetch(&t.rev.slots[_nat_home(&t.rev, _nat_hash_rev(
+                    t.seed, o.family, o.proto, dport, o.sport, o.dst, t.ext[x].addr))])
+        j = i - NAT_PF_ENTRY
+        if 0 <= j < n:
+            h = hring[j & 31]
+            s = t.fwd.slots[_nat_home(&t.fwd, h)]
+            if s != 0:
+                nat_prefetch(&t.entries[(s & 0xffffff) - 1])
+        j = i - NAT_PF_SLOT
+        if j >= 0:
+            o = &tin[j]
+            x = ext[j * ext_stride]
+            err = _nat_out_check(t, o, x)
+            if err:
+                codes[j] = <uint8_t>err
+                continue
+            dport = 0 if _nat_is_icmp(o.proto) else o.dport
+            codes[j] = <uint8_t>_nat_out_h(t, o, x, now, &tout[j], hring[j & 31], dport)
+
+# ---------------------------------------------------------------------------
+# Python surface
+
+NAT_TUPLE_DTYPE = _np.dtype({
+    "names": ["family", "proto", "tcp_flags", "_pad", "sport", "dport", "src", "dst"],
+    "formats": [_np.uint8, _np.uint8, _np.uint8, _np.uint8, "<u2", "<u2",
+                (_np.uint8, 16), (_np.uint8, 16)],
+    "offsets": [0, 1, 2, 3, 4, 6, 8, 24],
+    "itemsize": 40,
+})
+assert sizeof(nat_tuple) == 40 and sizeof(nat_entry) == 64 and sizeof(nat_mapping) == 32
+
+NatEntry = _namedtuple(
+    "NatEntry",
+    "proto src sport dst dport egress_ip xport state expires_in age")
+NatEntry.__doc__ = ("One live connection: pod src:sport -> remote dst:dport, "
+                    "SNATed to egress_ip:xport; times in seconds.")
+
+
+class NatRefused(Exception):
+    """A new flow was refused; `.reason` is its drop-reason name."""
+
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
+
+
+_PROTO_BY_NAME = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+_PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+_STATE_NAME = ("free", "SYN_SENT", "ESTABLISHED", "CLOSING", "UDP", "ICMP")
+_TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10,
+                  "U": 0x20, "E": 0x40, "C": 0x80}
+_REFUSAL_REASONS = (DROP_NAT_EXHAUSTED, DROP_NAT_TABLE_FULL, DROP_NO_NAT_ENTRY,
+                    DROP_UNSUPPORTED, DROP_NO_EGRESS_IP)
+
+
+def _nat_addr(value, what):
+    """(family, 16 packed bytes) of an IPv4/IPv6 address given as str/bytes/object."""
+    if isinstance(value, (_ipaddress.IPv4Address, _ipaddress.IPv6Address)):
+        ip = value
+    else:
+        try:
+            ip = _ipaddress.ip_address(value)
+        except (ValueError, TypeError):
+            raise ValueError(f"{what}: {value!r} is not an IPv4 or IPv6 address") from None
+    packed = ip.packed
+    return (4 if ip.version == 4 else 6), packed + bytes(16 - len(packed))
+
+
+def _nat_port(value, what):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{what} {value} is out of range 0-65535")
+    return value
+
+
+def _nat_proto(value, family):
+    if isinstance(value, str):
+        p = _PROTO_BY_NAME.get(value.lower())
+        if p is None:
+            raise ValueError(f"proto {value!r} is not one of tcp, udp, icmp, icmpv6")
+        if p == 1 and family == 6:
+            p = 58
+    elif isinstance(value, int) and not isinstance(value, bool):
+        p = value
+    else:
+        raise TypeError(f"proto must be a name or a number, not {type(value).__name__}")
+    if p not in _PROTO_NAME:
+        raise ValueError(f"proto {value!r} is not supported (tcp, udp, icmp echo only)")
+    if (p == 1 and family == 6) or (p == 58 and family == 4):
+        raise ValueError(f"proto {_PROTO_NAME[p]} does not match IPv{family} addresses")
+    return p
+
+
+def _nat_flags(value):
+    if isinstance(value, str):
+        bits = 0
+        for ch in value.upper():
+            if ch not in _TCP_FLAG_BITS:
+                raise ValueError(f"tcp_flags {value!r}: unknown flag {ch!r} (use FSRPAUEC)")
+            bits |= _TCP_FLAG_BITS[ch]
+        return bits
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"tcp_flags must be an int or a string like 'SA', not {type(value).__name__}")
+    if not 0 <= value <= 255:
+        raise ValueError(f"tcp_flags {value} is out of range 0-255")
+    return value
+
+
+def _nat_range(value, what):
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a (low, high) pair, not {value!r}") from None
+    lo = _nat_port(lo, f"{what} low")
+    hi = _nat_port(hi, f"{what} high")
+    if lo > hi:
+        raise ValueError(f"{what} ({lo}, {hi}) is empty: low > high")
+    if lo == 0:
+        raise ValueError(f"{what} must not include port 0")
+    return lo, hi
+
+
+def _nat_fmt(family, packed, port):
+    ip = _ipaddress.ip_address(bytes(packed[:4] if family == 4 else packed[:16]))
+    return f"{ip}:{port}" if family == 4 else f"[{ip}]:{port}"
+
+
+cdef class NatTable:
+    """SNAT / connection table of a gateway or a masquerading node.
+
+    NatTable(egress_ips=(), capacity=65536, port_range=(32768, 65535),
+             port_ranges=None, timeouts=None, clock=time.monotonic, seed=None)
+
+    `egress_ips` are the external addresses flows may be translated to (more
+    with add_egress_ip); `port_range` applies to every (egress IP, protocol)
+    unless `port_ranges` ({"tcp"|"udp"|"icmp": (lo, hi)}) or add_egress_ip say
+    otherwise.  `timeouts` overrides DEFAULT_TIMEOUTS (seconds).  `clock()`
+    returns monotonic seconds; every method also takes `now=` (seconds).
+    """
+
+    DEFAULT_TIMEOUTS = {"tcp_syn": 60.0, "tcp_established": 21600.0,
+                        "tcp_closing": 10.0, "udp": 300.0, "icmp": 60.0}
+
+    def __cinit__(self, *args, **kwargs):
+        self.t = NULL
+
+    def __init__(self, egress_ips=(), *, capacity=65536, port_range=(32768, 65535),
+                 port_ranges=None, timeouts=None, clock=_time.monotonic, seed=None):
+        cdef nat_table* t
+        cdef uint32_t i, cap
+        cdef uint64_t nslots
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
+        if not 1 <= capacity <= NAT_MAX_CAPACITY:
+            raise ValueError(f"capacity {capacity} is out of range 1-{NAT_MAX_CAPACITY}")
+        if not callable(clock):
+            raise TypeError("clock must be a callable returning seconds")
+        default = _nat_range(port_range, "port_range")
+        ranges = {"tcp": default, "udp": default, "icmp": default}
+        for name, rng in (port_ranges or {}).items():
+            if name not in ranges:
+                raise ValueError(f"port_ranges key {name!r} is not one of tcp, udp, icmp")
+            ranges[name] = _nat_range(rng, f"port_ranges[{name!r}]")
+        tmo = dict(self.DEFAULT_TIMEOUTS)
+        for name, val in (timeouts or {}).items():
+            if name not in tmo:
+                raise ValueError(f"timeouts key {name!r} is not one of {sorted(tmo)}")
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0:
+                raise ValueError(f"timeouts[{name!r}] must be a positive number of seconds")
+            tmo[name] = float(val)
+        if seed is None:
+            seed = int.from_bytes(_os.urandom(8), "little")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError("seed must be an int")
+        if self.t != NULL:
+            raise RuntimeError("NatTable.__init__ called twice")
+        cap = capacity
+        nslots = 2 * <uint64_t>cap + 1
+        t = <nat_table*>calloc(1, sizeof(nat_table))
+        if t == NULL:
+            raise MemoryError("NatTable")
+        self.t = t
+        t.entries = <nat_entry*>nat_alloc_big(cap * sizeof(nat_entry))
+        t.mappings = <nat_mapping*>nat_alloc_big(cap * sizeof(nat_mapping))
+        t.fwd.slots = <uint32_t*>nat_alloc_big(nslots * 4)
+        t.rev.slots = <uint32_t*>nat_alloc_big(nslots * 4)
+        t.map.slots = <uint32_t*>nat_alloc_big(nslots * 4)
+        if (t.entries == NULL or t.mappings == NULL or t.fwd.slots == NULL
+                or t.rev.slots == NULL or t.map.slots == NULL):
+            raise MemoryError(f"NatTable of capacity {capacity}")
+        t.fwd.size = t.rev.size = t.map.size = nslots
+        t.capacity = cap
+        for i in range(cap):
+            t.entries[i].mapping = i + 1 if i + 1 < cap else NAT_NONE
+            t.mappings[i].next_free = i + 1 if i + 1 < cap else NAT_NONE
+        t.free_head = 0
+        t.map_free_head = 0
+        s = seed & 0xffffffffffffffff
+        t.seed = (s * 0xff51afd7ed558ccd + 0x632be59bd9b4e5b1) & 0xffffffffffffffff
+        t.rng = _natref_rng_seed(s)
+        t.timeout[NAT_STATE_SYN_SENT] = <uint64_t>round(tmo["tcp_syn"] * 1e9)
+        t.timeout[NAT_STATE_ESTABLISHED] = <uint64_t>round(tmo["tcp_established"] * 1e9)
+        t.timeout[NAT_STATE_CLOSING] = <uint64_t>round(tmo["tcp_closing"] * 1e9)
+        t.timeout[NAT_STATE_UDP] = <uint64_t>round(tmo["udp"] * 1e9)
+        t.timeout[NAT_STATE_ICMP] = <uint64_t>round(tmo["icmp"] * 1e9)
+        self._timeouts = tmo
+        self._ranges = ranges
+        self._clock = clock
+        self._lock = _threading.Lock()
+        self._ext_names = []
+        self._ext_index = {}
+        for ip in egress_ips:
+            self.add_egress_ip(ip)
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        cdef int k
+        if self.t == NULL:
+            return
+        for i in range(self.t.n_ext):
+            for k in range(NAT_NPOOLS):
+                free(self.t.ext[i].pools[k])
+        nat_free_big(self.t.entries)
+        nat_free_big(self.t.mappings)
+        nat_free_big(self.t.fwd.slots)
+        nat_free_big(self.t.rev.slots)
+        nat_free_big(self.t.map.slots)
+        free(self.t)
+        self.t = NULL
+
+    # -- configuration -------------------------------------------------------
+
+    def add_egress_ip(self, ip, port_range=None, *, tcp=None, udp=None, icmp=None):
+        """Add an egress IP and return its index (the `ext` of the C API).
+
+        `port_range` overrides the table's range for all protocols; `tcp`,
+        `udp`, `icmp` override it per protocol.  Adding a known IP returns its
+        index unchanged."""
+        family, packed = _nat_addr(ip, "egress IP")
+        name = str(_ipaddress.ip_address(packed[:4] if family == 4 else packed))
+        if name in self._ext_index:
+            return self._ext_index[name]
+        ranges = dict(self._ranges)
+        if port_range is not None:
+            r = _nat_range(port_range, "port_range")
+            ranges = {"tcp": r, "udp": r, "icmp": r}
+        for key, val in (("tcp", tcp), ("udp", udp), ("icmp", icmp)):
+            if val is not None:
+                ranges[key] = _nat_range(val, key)
+        cdef nat_table* t = self.t
+        if t.n_ext >= NAT_MAX_EXT:
+            raise ValueError(f"a table holds at most {NAT_MAX_EXT} egress IPs")
+        cdef uint32_t i = t.n_ext
+        cdef int k
+        cdef nat_pool* pools[3]
+        for k, key in enumerate(("tcp", "udp", "icmp")):
+            pools[k] = <nat_pool*>calloc(1, sizeof(nat_pool))
+            if pools[k] == NULL:
+                while k > 0:
+                    k -= 1
+                    free(pools[k])
+                raise MemoryError("egress IP port pools")
+            _nat_pool_init(pools[k], ranges[key][0], ranges[key][1])
+        with self._lock:
+            t.ext[i].family = family
+            memcpy(t.ext[i].addr, <const char*>packed, 16)
+            for k in range(3):
+                t.ext[i].pools[k] = pools[k]
+            t.n_ext = i + 1
+        self._ext_names.append(name)
+        self._ext_index[name] = i
+        return i
+
+    @property
+    def egress_ips(self):
+        """Egress IPs in index order."""
+        return list(self._ext_names)
+
+    @property
+    def capacity(self):
+        return self.t.capacity
+
+    @property
+    def timeouts(self):
+        """Timeouts in seconds by state."""
+        return dict(self._timeouts)
+
+    @property
+    def memory_bytes(self):
+        """Bytes held: entries, mappings, the three indexes and the port pools."""
+        cdef nat_table* t = self.t
+        return (sizeof(nat_table) + t.capacity * (sizeof(nat_entry) + sizeof(nat_mapping))
+                + 4 * (t.fwd.size + t.rev.size + t.map.size)
+                + t.n_ext * NAT_NPOOLS * sizeof(nat_pool))
+
+    def __len__(self):
+        """Entries held, including dead ones not collected yet."""
+        return self.t.used
+
+    # -- helpers -------------------------------------------------------------
+
+    cdef uint64_t _now(self, now) except? 0:
+        if now is None:
+            now = self._clock()
+        if isinstance(now, bool) or not isinstance(now, (int, float)) or not now >= 0:
+            raise ValueError(f"now must be a non-negative number of seconds, not {now!r}")
+        return <uint64_t>round(now * 1e9)
+
+    cdef int _egress(self, egress_ip, int family) except -1:
+        if egress_ip is None:
+            found = [i for i, n in enumerate(self._ext_names)
+                     if self.t.ext[i].family == family]
+            if len(found) != 1:
+                raise ValueError(f"egress_ip is required: the table has {len(found)} "
+                                 f"IPv{family} egress IPs")
+            return found[0]
+        if isinstance(egress_ip, int) and not isinstance(egress_ip, bool):
+            if not 0 <= egress_ip < self.t.n_ext:
+                raise ValueError(f"egress IP index {egress_ip} is not configured")
+            idx = egress_ip
+        else:
+            fam, packed = _nat_addr(egress_ip, "egress_ip")
+            name = str(_ipaddress.ip_address(packed[:4] if fam == 4 else packed))
+            if name not in self._ext_index:
+                raise ValueError(f"egress_ip {name} is not configured in this table")
+            idx = self._ext_index[name]
+        if self.t.ext[idx].family != family:
+            raise ValueError(f"egress_ip {self._ext_names[idx]} is not IPv{family} "
+                             f"like the flow")
+        return idx
+
+    cdef void _tuple(self, nat_tuple* k, src, sport, dst, dport, proto, tcp_flags) except *:
+        fs, ps = _nat_addr(src, "src")
+        fd, pd = _nat_addr(dst, "dst")
+        if fs != fd:
+            raise ValueError(f"src {src} and dst {dst} are of different address families")
+        memset(k, 0, sizeof(nat_tuple))
+        k.family = fs
+        k.proto = _nat_proto(proto, fs)
+        k.tcp_flags = _nat_flags(tcp_flags)
+        k.sport = _nat_port(sport, "sport")
+        k.dport = _nat_port(dport, "dport")
+        memcpy(k.src, <const char*>ps, 16)
+        memcpy(k.dst, <const char*>pd, 16)
+
+    # -- per-flow calls --------------------------------------------------------
+
+    def translate(self, src, sport, dst, dport, proto="tcp", *, egress_ip=None,
+                  tcp_flags=0, now=None):
+        """SNAT an outgoing flow; returns (egress_ip, xport).
+
+        Known flows keep their mapping (and egress IP); new flows get one.
+        Raises NatRefused (reason "nat_exhausted" or "nat_table_full")."""
+        cdef nat_tuple k, out
+        self._tuple(&k, src, sport, dst, dport, proto, tcp_flags)
+        cdef int ext = self._egress(egress_ip, k.family)
+        cdef uint64_t t_ns = self._now(now)
+        cdef int rc
+        with self._lock:
+            rc = nat_translate_out(self.t, &k, ext, t_ns, &out)
+        if rc:
+            raise NatRefused(DROP_REASON_NAMES[rc],
+                             f"new flow refused: {DROP_REASON_NAMES[rc]}")
+        return self._ext_names[self._ext_of(&out)], out.sport
+
+    cdef int _ext_of(self, nat_tuple* out) noexcept:
+        return nat_ext_find(self.t, out.family, out.src)
+
+    def reverse(self, src, sport, dst, dport, proto="tcp", *, tcp_flags=0, now=None):
+        """Translate a reply remote src:sport -> egress dst:dport back.
+
+        Returns (pod_ip, pod_port), or None when no live connection matches
+        (the reply is unsolicited; counted as no_nat_entry)."""
+        cdef nat_tuple k, out
+        self._tuple(&k, src, sport, dst, dport, proto, tcp_flags)
+        cdef uint64_t t_ns = self._now(now)
+        cdef int rc
+        with self._lock:
+            rc = nat_translate_in(self.t, &k, t_ns, &out)
+        if rc:
+            return None
+        return str(_ipaddress.ip_address((<char*>out.dst)[:4 if out.family == 4 else 16])), out.dport
+
+    def get(self, src, sport, dst, dport, proto="tcp", *, now=None):
+        """The live entry of an original tuple, or None (no refresh, no counters)."""
+        cdef nat_tuple k
+        self._tuple(&k, src, sport, dst, dport, proto, 0)
+        cdef uint64_t t_ns = self._now(now)
+        cdef uint16_t dp = 0 if _nat_is_icmp(k.proto) else k.dport
+        cdef uint32_t idx
+        with self._lock:
+            idx = _nat_find_fwd(self.t, _nat_hash_fwd(self.t.seed, k.family, k.proto, k.sport,
+                                                      dp, k.src, k.dst),
+                                k.family, k.proto, k.sport, dp, k.src, k.dst)
+            if idx == NAT_NONE or self.t.entries[idx].expires <= t_ns:
+                return None
+            return self._entry(idx, t_ns)
+
+    cdef object _entry(self, uint32_t idx, uint64_t now):
+        cdef nat_entry* e = &self.t.entries[idx]
+        fam = e.family
+        n = 4 if fam == 4 else 16
+        return NatEntry(
+            _PROTO_NAME[e.proto],
+            str(_ipaddress.ip_address((<char*>e.src)[:n])), e.sport,
+            str(_ipaddress.ip_address((<char*>e.dst)[:n])), e.dport,
+            self._ext_names[e.ext], e.xport, _STATE_NAME[e.state],
+            (e.expires - now) / 1e9, (now - e.created) / 1e9 if now > e.created else 0.0)
+
+    def entries(self, now=None):
+        """Iterate over live connections (the data of a `nat list` view)."""
+        cdef uint64_t t_ns = self._now(now)
+        cdef uint32_t i
+        for i in range(self.t.capacity):
+            if self.t.entries[i].state != NAT_STATE_FREE and self.t.entries[i].expires > t_ns:
+                yield self._entry(i, t_ns)
+
+    def __iter__(self):
+        return self.entries()
+
+    def nat_list(self, now=None):
+        """Text like `cilium-dbg bpf nat list`: an OUT and an IN line per connection."""
+        lines = []
+        for e in self.entries(now):
+            fam = 6 if ":" in e.src else 4
+            pod = _nat_fmt(fam, _nat_addr(e.src, "")[1], e.sport)
+            remote = _nat_fmt(fam, _nat_addr(e.dst, "")[1], e.dport)
+            egress = _nat_fmt(fam, _nat_addr(e.egress_ip, "")[1], e.xport)
+            tail = f"Created={int(e.age)}sec ago Expires={int(e.expires_in)}sec State={e.state}"
+            p = e.proto.upper()
+            lines.append(f"{p} OUT {pod} -> {remote} XLATE_SRC {egress} {tail}")
+            lines.append(f"{p} IN {remote} -> {egress} XLATE_DST {pod} {tail}")
+        return "\n".join(lines)
+
+    def gc(self, max_scan=None, *, now=None):
+        """Collect dead entries: a full sweep, or the next `max_scan` slots only
+        (bounded work for a datapath tick).  Returns the number collected."""
+        cdef uint64_t t_ns = self._now(now)
+        cdef uint32_t n, got
+        if max_scan is None:
+            n = self.t.capacity
+        else:
+            if isinstance(max_scan, bool) or not isinstance(max_scan, int) or max_scan < 0:
+                raise ValueError(f"max_scan must be a non-negative int, not {max_scan!r}")
+            n = min(max_scan, self.t.capacity)
+        with self._lock:
+            with nogil:
+                got = nat_gc(self.t, t_ns, n)
+        return got
+
+    def ports_in_use(self, egress_ip, proto="tcp"):
+        """External ports (or echo ids) of `egress_ip` held by live mappings."""
+        fam, _ = _nat_addr(egress_ip, "egress_ip")
+        idx = self._egress(egress_ip, fam)
+        p = _nat_proto(proto, fam)
+        return self.t.ext[idx].pools[_nat_pool_of(p)].used
+
+    @property
+    def stats(self):
+        """Counters: lookups, hits, created, expired, refused by reason, sizes."""
+        cdef nat_table* t = self.t
+        return {
+            "capacity": t.capacity,
+            "entries": t.used,
+            "mappings": t.map_used,
+            "lookups": t.lookups,
+            "hits": t.hits,
+            "created": t.created_count,
+            "expired": t.expired,
+            "gc_runs": t.gc_runs,
+            "refused": {DROP_REASON_NAMES[r]: t.drops[r] for r in _REFUSAL_REASONS},
+        }
+
+    # -- batches -------------------------------------------------------------
+
+    def _batch_args(self, tuples, out, codes):
+        if not isinstance(tuples, _np.ndarray) or tuples.dtype != NAT_TUPLE_DTYPE:
+            raise TypeError("tuples must be a NumPy array of egresscore.NAT_TUPLE_DTYPE")
+        if tuples.ndim != 1 or not tuples.flags.c_contiguous:
+            raise ValueError("tuples must be a one-dimensional C-contiguous array")
+        n = tuples.shape[0]
+        if out is None:
+            out = _np.zeros(n, dtype=NAT_TUPLE_DTYPE)
+        elif (not isinstance(out, _np.ndarray) or out.dtype != NAT_TUPLE_DTYPE
+              or out.shape != (n,) or not out.flags.c_contiguous or not out.flags.writeable):
+            raise ValueError("out must be a writable C-contiguous NAT_TUPLE_DTYPE array "
+                             "the length of tuples")
+        if codes is None:
+            codes = _np.zeros(n, dtype=_np.uint8)
+        elif (not isinstance(codes, _np.ndarray) or codes.dtype != _np.uint8
+              or codes.shape != (n,) or not codes.flags.c_contiguous
+              or not codes.flags.writeable):
+            raise ValueError("codes must be a writable C-contiguous uint8 array "
+                             "the length of tuples")
+        if _np.shares_memory(out, tuples):
+            raise ValueError("out must not overlap tuples")
+        return n, out, codes
+
+    def translate_batch(self, tuples, egress_ip, *, now=None, out=None, codes=None):
+        """SNAT a batch of outgoing tuples; returns (out, codes).
+
+        `egress_ip` is one egress IP (address or index) or a uint16 array of
+        indexes, one per tuple.  codes[i] is 0 or a drop reason (index into
+        DROP_REASON_NAMES); out[i] is valid where codes[i] == 0."""
+        n, out, codes = self._batch_args(tuples, out, codes)
+        cdef uint16_t one
+        cdef cnp.ndarray ext_arr
+        cdef const uint16_t* ext_p
+        cdef Py_ssize_t stride
+        if isinstance(egress_ip, _np.ndarray):
+            if egress_ip.dtype != _np.uint16 or egress_ip.shape != (n,):
+                raise ValueError("egress_ip array must be uint16 with one index per tuple")
+            ext_arr = _np.ascontiguousarray(egress_ip)
+            ext_p = <const uint16_t*>cnp.PyArray_DATA(ext_arr)
+            stride = 1
+        else:
+            if isinstance(egress_ip, int) and not isinstance(egress_ip, bool):
+                if not 0 <= egress_ip < self.t.n_ext:
+                    raise ValueError(f"egress IP index {egress_ip} is not configured")
+                one = egress_ip
+            else:
+                fam, _ = _nat_addr(egress_ip, "egress_ip")
+                one = self._egress(egress_ip, fam)
+            ext_p = &one
+            stride = 0
+        cdef uint64_t t_ns = self._now(now)
+        cdef const nat_tuple* tin = <const nat_tuple*>cnp.PyArray_DATA(tuples)
+        cdef nat_tuple* tout = <nat_tuple*>cnp.PyArray_DATA(out)
+        cdef uint8_t* cp = <uint8_t*>cnp.PyArray_DATA(codes)
+        cdef Py_ssize_t cn = n
+        with self._lock:
+            with nogil:
+                _nat_translate_batch(self.t, tin, ext_p, stride, tout, cp, cn, t_ns)
+        return out, codes
+
+    def reverse_batch(self, tuples, *, now=None, out=None, codes=None):
+        """Reverse-translate a batch of replies; returns (out, codes).
+
+        codes[i] is 0 (out[i] is addressed to the pod) or a drop reason such
+        as no_nat_entry."""
+        n, out, codes = self._batch_args(tuples, out, codes)
+        cdef uint64_t t_ns = self._now(now)
+        cdef const nat_tuple* tin = <const nat_tuple*>cnp.PyArray_DATA(tuples)
+        cdef nat_tuple* tout = <nat_tuple*>cnp.PyArray_DATA(out)
+        cdef uint8_t* cp = <uint8_t*>cnp.PyArray_DATA(codes)
+        cdef Py_ssize_t cn = n
+        with self._lock:
+            with nogil:
+                _nat_reverse_batch(self.t, tin, tout, cp, cn, t_ns)
+        return out, codes
+
+
+def _natref_rng_seed(seed):
+    """Initial xorshift state of a table seeded with `seed` (never zero)."""
+    x = (seed * 0x9E3779B97F4A7C15 + 0x7F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    return x or 1

@@ -1,0 +1,85 @@
+/* Small C helpers for the NAT table (src/nat.pyx): hashing, prefetch,
+ * bit scans and huge-page friendly allocation.  Everything is static inline
+ * so it folds into the one translation unit of egresscore._core. */
+#ifndef EGRESSCORE_NAT_HELPERS_H
+#define EGRESSCORE_NAT_HELPERS_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#define NAT_NONE 0xffffffffu
+#define NAT_TAG_MASK 0xff000000u
+#define NAT_PF_SLOT 12
+#define NAT_PF_ENTRY 6
+
+/* wyhash-style 64x64->128 multiply folded to 64 bits: fast, well mixed. */
+static inline uint64_t nat_mum(uint64_t a, uint64_t b)
+{
+    __uint128_t r = (__uint128_t)a * b;
+    return (uint64_t)r ^ (uint64_t)(r >> 64);
+}
+
+#define NAT_P0 0xa0761d6478bd642fULL
+#define NAT_P1 0xe7037ed1a0b428dbULL
+#define NAT_P2 0x8ebc6af09c88c6e3ULL
+#define NAT_P3 0x589965cc75374cc3ULL
+
+/* Hash of 3 or 5 little words (first word carries family/proto/ports). */
+static inline uint64_t nat_hash3(uint64_t seed, uint64_t w0, uint64_t w1, uint64_t w2)
+{
+    uint64_t h = nat_mum(w0 ^ seed ^ NAT_P0, w1 ^ NAT_P1);
+    return nat_mum(h ^ w2 ^ NAT_P2, NAT_P3 ^ 3);
+}
+
+static inline uint64_t nat_hash5(uint64_t seed, uint64_t w0, uint64_t w1, uint64_t w2,
+                                 uint64_t w3, uint64_t w4)
+{
+    uint64_t h = nat_mum(w0 ^ seed ^ NAT_P0, w1 ^ NAT_P1);
+    h = nat_mum(h ^ w2 ^ NAT_P2, w3 ^ NAT_P3);
+    return nat_mum(h ^ w4 ^ NAT_P1, NAT_P3 ^ 5);
+}
+
+/* Unaligned 8-byte load (addresses live at any offset in packet structs). */
+static inline uint64_t nat_load64(const void *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline int nat_eq16(const void *a, const void *b)
+{
+    return nat_load64(a) == nat_load64(b) &&
+           nat_load64((const char *)a + 8) == nat_load64((const char *)b + 8);
+}
+
+static inline void nat_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+static inline void nat_prefetch_w(const void *p) { __builtin_prefetch(p, 1, 3); }
+
+static inline int nat_ctz64(uint64_t x) { return __builtin_ctzll(x); }
+
+/* Zeroed, 2 MiB aligned block advised for transparent huge pages: the
+ * tables are probed at random, so TLB misses would otherwise double the
+ * cost of each lookup.  Returns NULL on failure; free with nat_free_big. */
+static inline void *nat_alloc_big(size_t size)
+{
+    void *p = NULL;
+    size_t align = (size >= (1u << 21)) ? (1u << 21) : 64;
+    size_t rounded = (size + align - 1) & ~(align - 1);
+    if (rounded == 0)
+        rounded = align;
+    if (posix_memalign(&p, align, rounded) != 0)
+        return NULL;
+#ifdef MADV_HUGEPAGE
+    if (align == (1u << 21))
+        madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+    memset(p, 0, rounded);
+    return p;
+}
+
+static inline void nat_free_big(void *p) { free(p); }
+
+#endif
