@@ -525,6 +525,22 @@ cdef uint32_t nat_gc(nat_table* t, uint64_t now, uint32_t max_scan) noexcept nog
 # batches: a three-stage software pipeline (hash + prefetch slot, prefetch
 # entry, translate) hides the two cache misses of each lookup.
 
+cdef inline uint32_t _nat_peek(const nat_index* ix, uint64_t h) noexcept nogil:
+    """Slot of the first tag match among the next few slots from home (0 if
+    none): a hint for prefetching the entry, read from an already fetched line."""
+    cdef uint64_t pos = _nat_home(ix, h)
+    cdef uint32_t tag = _nat_tag(h)
+    cdef uint32_t s
+    cdef int k
+    for k in range(4):
+        s = ix.slots[pos]
+        if s == 0 or (s & NAT_TAG_MASK) == tag:
+            return s
+        pos += 1
+        if pos == ix.size:
+            pos = 0
+    return 0
+
 cdef void _nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
                              uint8_t* codes, Py_ssize_t n, uint64_t now) noexcept nogil:
     cdef uint64_t hring[32]
@@ -542,10 +558,9 @@ cdef void _nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout
             nat_prefetch(&t.rev.slots[_nat_home(&t.rev, h)])
         j = i - NAT_PF_ENTRY
         if 0 <= j < n:
-            h = hring[j & 31]
-            s = t.rev.slots[_nat_home(&t.rev, h)]
+            s = _nat_peek(&t.rev, hring[j & 31])
             if s != 0:
-                nat_prefetch(&t.entries[(s & 0xffffff) - 1])
+                nat_prefetch_w(&t.entries[(s & 0xffffff) - 1])
         j = i - NAT_PF_SLOT
         if j >= 0:
             r = &tin[j]
@@ -573,20 +588,23 @@ cdef void _nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_
             h = _nat_hash_fwd(t.seed, o.family, o.proto, o.sport, dport, o.src, o.dst)
             hring[i & 31] = h
             nat_prefetch(&t.fwd.slots[_nat_home(&t.fwd, h)])
-            x = ext[i * ext_stride]
-            if x < t.n_ext:
-                # speculative: the mapping slot, and the reply slot if the
-                # pod's port is preserved (the common case for new flows)
-                nat_prefetch(&t.map.slots[_nat_home(&t.map, _nat_hash_map(
-                    t.seed, o.family, o.proto, o.sport, <uint16_t>x, o.src))])
-                nat_prefetch(&t.rev.slots[_nat_home(&t.rev, _nat_hash_rev(
-                    t.seed, o.family, o.proto, dport, o.sport, o.dst, t.ext[x].addr))])
         j = i - NAT_PF_ENTRY
         if 0 <= j < n:
             h = hring[j & 31]
-            s = t.fwd.slots[_nat_home(&t.fwd, h)]
+            s = _nat_peek(&t.fwd, h)
             if s != 0:
-                nat_prefetch(&t.entries[(s & 0xffffff) - 1])
+                nat_prefetch_w(&t.entries[(s & 0xffffff) - 1])
+            elif t.fwd.slots[_nat_home(&t.fwd, h)] == 0:
+                # certainly a new flow: fetch the mapping slot, and the reply
+                # slot assuming the pod's port is preserved (the common case)
+                o = &tin[j]
+                x = ext[j * ext_stride]
+                if x < t.n_ext:
+                    dport = 0 if _nat_is_icmp(o.proto) else o.dport
+                    nat_prefetch_w(&t.map.slots[_nat_home(&t.map, _nat_hash_map(
+                        t.seed, o.family, o.proto, o.sport, <uint16_t>x, o.src))])
+                    nat_prefetch_w(&t.rev.slots[_nat_home(&t.rev, _nat_hash_rev(
+                        t.seed, o.family, o.proto, dport, o.sport, o.dst, t.ext[x].addr))])
         j = i - NAT_PF_SLOT
         if j >= 0:
             o = &tin[j]
@@ -700,6 +718,27 @@ def _nat_range(value, what):
     if lo == 0:
         raise ValueError(f"{what} must not include port 0")
     return lo, hi
+
+
+def nat_tuples(rows):
+    """A NAT_TUPLE_DTYPE array from rows (src, sport, dst, dport, proto[, tcp_flags]).
+
+    For building batches in tests and tools; the datapath fills the array
+    from packets directly."""
+    rows = list(rows)
+    arr = _np.zeros(len(rows), dtype=NAT_TUPLE_DTYPE)
+    for i, row in enumerate(rows):
+        if not 5 <= len(row) <= 6:
+            raise ValueError(f"row {i}: expected (src, sport, dst, dport, proto[, tcp_flags])")
+        src, sport, dst, dport, proto = row[:5]
+        fs, ps = _nat_addr(src, f"row {i} src")
+        fd, pd = _nat_addr(dst, f"row {i} dst")
+        if fs != fd:
+            raise ValueError(f"row {i}: src and dst are of different address families")
+        arr[i] = (fs, _nat_proto(proto, fs), _nat_flags(row[5] if len(row) == 6 else 0), 0,
+                  _nat_port(sport, f"row {i} sport"), _nat_port(dport, f"row {i} dport"),
+                  _np.frombuffer(ps, _np.uint8), _np.frombuffer(pd, _np.uint8))
+    return arr
 
 
 def _nat_fmt(family, packed, port):

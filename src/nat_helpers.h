@@ -11,8 +11,8 @@
 
 #define NAT_NONE 0xffffffffu
 #define NAT_TAG_MASK 0xff000000u
-#define NAT_PF_SLOT 12
-#define NAT_PF_ENTRY 6
+#define NAT_PF_SLOT 16
+#define NAT_PF_ENTRY 8
 
 /* wyhash-style 64x64->128 multiply folded to 64 bits: fast, well mixed. */
 static inline uint64_t nat_mum(uint64_t a, uint64_t b)
