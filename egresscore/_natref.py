@@ -60,6 +60,7 @@ class NatRef:
             ICMP_STATE: round(tmo["icmp"] * 1e9),
         }
         self.egress = []
+        self.ext_by_addr = {}
         self.ranges = []
         self.used_ports = []
         for (fam, addr), rng in zip(egress, ranges):
@@ -74,6 +75,7 @@ class NatRef:
 
     def add_egress(self, family, addr, ranges):
         self.egress.append((family, addr))
+        self.ext_by_addr[(family, addr)] = len(self.egress) - 1
         self.ranges.append(list(ranges))
         self.used_ports.append([set(), set(), set()])
         return len(self.egress) - 1
@@ -140,10 +142,7 @@ class NatRef:
             self.used_ports[c.ext][_pool_of(c.proto)].discard(m[0])
 
     def _ext_index(self, family, addr):
-        for i, (f, a) in enumerate(self.egress):
-            if f == family and a == addr:
-                return i
-        return None
+        return self.ext_by_addr.get((family, addr))
 
     # -- operations ----------------------------------------------------------
 
