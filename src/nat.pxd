@@ -6,7 +6,9 @@
 #
 #   nat_translate_out(t, orig, ext, now, out)   outgoing packet -> SNATed tuple
 #   nat_translate_in(t, reply, now, out)        reply -> tuple towards the pod
-#   nat_update_tcp(t, idx, dir, flags, now)     state hook (called by the two above)
+#   nat_peek_out(t, orig, now, out)             known flow's translation, no side effect
+#   nat_peek_in(t, reply, now, out)             (both for tuples quoted in ICMP errors)
+#   nat_update_tcp(t, tuple, dir, now)          TCP state hook (translate_* call it too)
 #   nat_ext_find(t, family, addr)               egress IP -> index (-1 if unknown)
 #   nat_gc(t, now, max_scan)                    bounded incremental expiry
 #
@@ -152,8 +154,12 @@ cdef int nat_translate_out(nat_table* t, const nat_tuple* orig, uint32_t ext,
                            uint64_t now, nat_tuple* out) noexcept nogil
 cdef int nat_translate_in(nat_table* t, const nat_tuple* reply, uint64_t now,
                           nat_tuple* out) noexcept nogil
-cdef void nat_update_tcp(nat_table* t, uint32_t idx, int direction, uint8_t flags,
-                         uint64_t now) noexcept nogil
+cdef int nat_peek_out(nat_table* t, const nat_tuple* orig, uint64_t now,
+                      nat_tuple* out) noexcept nogil
+cdef int nat_peek_in(nat_table* t, const nat_tuple* reply, uint64_t now,
+                     nat_tuple* out) noexcept nogil
+cdef int nat_update_tcp(nat_table* t, const nat_tuple* k, int direction,
+                        uint64_t now) noexcept nogil
 cdef int nat_ext_find(nat_table* t, uint8_t family, const uint8_t* addr) noexcept nogil
 cdef uint32_t nat_gc(nat_table* t, uint64_t now, uint32_t max_scan) noexcept nogil
 

@@ -307,16 +307,35 @@ cdef inline void _nat_touch(nat_table* t, nat_entry* e, int direction, uint8_t f
                 e.state = NAT_STATE_CLOSING
             elif e.state == NAT_STATE_SYN_SENT and direction == NAT_DIR_IN:
                 e.state = NAT_STATE_ESTABLISHED
-    e.expires = now + t.timeout[e.state]
+    cdef uint64_t expires = now + t.timeout[e.state]
+    if e.expires != expires:        # do not dirty the line for nothing
+        e.expires = expires
 
-cdef void nat_update_tcp(nat_table* t, uint32_t idx, int direction, uint8_t flags,
-                         uint64_t now) noexcept nogil:
-    """State hook: apply a packet of `direction` with TCP `flags` to entry idx.
+cdef int nat_update_tcp(nat_table* t, const nat_tuple* k, int direction,
+                        uint64_t now) noexcept nogil:
+    """State hook: apply k.tcp_flags of a packet seen in `direction` to its
+    connection (k is the original tuple for NAT_DIR_OUT, the reply tuple for
+    NAT_DIR_IN) and refresh it.  Returns 0, or DROP_NO_NAT_ENTRY / DROP_UNSUPPORTED.
 
-    nat_translate_out/in call it already with the tuple's tcp_flags; the
-    datapath calls it directly only for packets it sees without translating."""
-    if idx < t.capacity and t.entries[idx].state != NAT_STATE_FREE:
-        _nat_touch(t, &t.entries[idx], direction, flags, now)
+    nat_translate_out/in already do this for the packets they translate; the
+    datapath calls it for packets it forwards without translating (e.g. after a
+    nat_peek_*)."""
+    cdef uint32_t idx
+    cdef uint16_t p
+    if _nat_check(k):
+        return DROP_UNSUPPORTED
+    if direction == NAT_DIR_OUT:
+        p = 0 if _nat_is_icmp(k.proto) else k.dport
+        idx = _nat_find_fwd(t, _nat_hash_fwd(t.seed, k.family, k.proto, k.sport, p, k.src, k.dst),
+                            k.family, k.proto, k.sport, p, k.src, k.dst)
+    else:
+        p = 0 if _nat_is_icmp(k.proto) else k.sport
+        idx = _nat_find_rev(t, _nat_hash_rev(t.seed, k.family, k.proto, p, k.dport, k.src, k.dst),
+                            k.family, k.proto, p, k.dport, k.src, k.dst)
+    if idx == NAT_NONE or t.entries[idx].expires <= now:
+        return DROP_NO_NAT_ENTRY
+    _nat_touch(t, &t.entries[idx], direction, k.tcp_flags, now)
+    return 0
 
 cdef void _nat_collect(nat_table* t, uint32_t idx) noexcept nogil:
     """Remove entry idx from both indexes; drop its mapping's last reference."""
@@ -456,7 +475,7 @@ cdef int nat_translate_out(nat_table* t, const nat_tuple* orig, uint32_t ext,
                                     orig.src, orig.dst), dport)
 
 cdef inline int _nat_in_h(nat_table* t, const nat_tuple* r, uint64_t now, nat_tuple* out,
-                          uint64_t h, uint16_t rport) noexcept nogil:
+                          uint64_t h, uint16_t rport, bint touch=True) noexcept nogil:
     cdef uint32_t idx
     cdef nat_entry* e
     t.lookups += 1
@@ -465,7 +484,8 @@ cdef inline int _nat_in_h(nat_table* t, const nat_tuple* r, uint64_t now, nat_tu
         e = &t.entries[idx]
         if e.expires > now:
             t.hits += 1
-            _nat_touch(t, e, NAT_DIR_IN, r.tcp_flags, now)
+            if touch:
+                _nat_touch(t, e, NAT_DIR_IN, r.tcp_flags, now)
             out.family = r.family
             out.proto = r.proto
             out.tcp_flags = r.tcp_flags
@@ -475,8 +495,9 @@ cdef inline int _nat_in_h(nat_table* t, const nat_tuple* r, uint64_t now, nat_tu
             memcpy(out.src, r.src, 16)
             memcpy(out.dst, e.src, 16)
             return 0
-        _nat_collect(t, idx)
-        t.expired += 1
+        if touch:
+            _nat_collect(t, idx)
+            t.expired += 1
     t.drops[<int>DROP_NO_NAT_ENTRY] += 1
     return DROP_NO_NAT_ENTRY
 
@@ -496,6 +517,44 @@ cdef int nat_translate_in(nat_table* t, const nat_tuple* reply, uint64_t now,
     return _nat_in_h(t, reply, now, out,
                      _nat_hash_rev(t.seed, reply.family, reply.proto, rport, reply.dport,
                                    reply.src, reply.dst), rport)
+
+cdef int nat_peek_in(nat_table* t, const nat_tuple* reply, uint64_t now,
+                     nat_tuple* out) noexcept nogil:
+    """nat_translate_in without side effects on the entry: no state change, no
+    refresh, no collection.  For the packet quoted in an ICMP error sent to an
+    egress IP (RFC 5508: errors do not keep a session alive)."""
+    cdef int err = _nat_check(reply)
+    cdef uint16_t rport
+    if err:
+        t.drops[err] += 1
+        return err
+    rport = 0 if _nat_is_icmp(reply.proto) else reply.sport
+    return _nat_in_h(t, reply, now, out,
+                     _nat_hash_rev(t.seed, reply.family, reply.proto, rport, reply.dport,
+                                   reply.src, reply.dst), rport, False)
+
+cdef int nat_peek_out(nat_table* t, const nat_tuple* orig, uint64_t now,
+                      nat_tuple* out) noexcept nogil:
+    """The translation of a known, live original tuple without creating,
+    refreshing or changing anything; DROP_NO_NAT_ENTRY if there is none.  For
+    the packet quoted in an ICMP error a pod sends about a reply."""
+    cdef int err = _nat_check(orig)
+    cdef uint16_t dport
+    cdef uint32_t idx
+    if err:
+        t.drops[err] += 1
+        return err
+    dport = 0 if _nat_is_icmp(orig.proto) else orig.dport
+    t.lookups += 1
+    idx = _nat_find_fwd(t, _nat_hash_fwd(t.seed, orig.family, orig.proto, orig.sport, dport,
+                                         orig.src, orig.dst),
+                        orig.family, orig.proto, orig.sport, dport, orig.src, orig.dst)
+    if idx == NAT_NONE or t.entries[idx].expires <= now:
+        t.drops[<int>DROP_NO_NAT_ENTRY] += 1
+        return DROP_NO_NAT_ENTRY
+    t.hits += 1
+    _nat_fill_out(t, &t.entries[idx], orig, out)
+    return 0
 
 cdef int nat_ext_find(nat_table* t, uint8_t family, const uint8_t* addr) noexcept nogil:
     """Index of egress IP `addr` (16 bytes) in the table, or -1."""
@@ -594,9 +653,9 @@ cdef void _nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_
             s = _nat_peek(&t.fwd, h)
             if s != 0:
                 nat_prefetch_w(&t.entries[(s & 0xffffff) - 1])
-            elif t.fwd.slots[_nat_home(&t.fwd, h)] == 0:
-                # certainly a new flow: fetch the mapping slot, and the reply
-                # slot assuming the pod's port is preserved (the common case)
+            else:
+                # no tag match near home: a new flow.  Fetch the mapping slot,
+                # and the reply slot assuming the pod's port is preserved
                 o = &tin[j]
                 x = ext[j * ext_stride]
                 if x < t.n_ext:
@@ -987,17 +1046,22 @@ cdef class NatTable:
     cdef int _ext_of(self, nat_tuple* out) noexcept:
         return nat_ext_find(self.t, out.family, out.src)
 
-    def reverse(self, src, sport, dst, dport, proto="tcp", *, tcp_flags=0, now=None):
+    def reverse(self, src, sport, dst, dport, proto="tcp", *, tcp_flags=0, now=None,
+                refresh=True):
         """Translate a reply remote src:sport -> egress dst:dport back.
 
         Returns (pod_ip, pod_port), or None when no live connection matches
-        (the reply is unsolicited; counted as no_nat_entry)."""
+        (the reply is unsolicited; counted as no_nat_entry).  refresh=False
+        leaves the entry untouched (a tuple quoted in an ICMP error)."""
         cdef nat_tuple k, out
         self._tuple(&k, src, sport, dst, dport, proto, tcp_flags)
         cdef uint64_t t_ns = self._now(now)
         cdef int rc
         with self._lock:
-            rc = nat_translate_in(self.t, &k, t_ns, &out)
+            if refresh:
+                rc = nat_translate_in(self.t, &k, t_ns, &out)
+            else:
+                rc = nat_peek_in(self.t, &k, t_ns, &out)
         if rc:
             return None
         return str(_ipaddress.ip_address((<char*>out.dst)[:4 if out.family == 4 else 16])), out.dport

@@ -417,3 +417,16 @@ def test_bad_batch_arrays(clock):
     with pytest.raises(ValueError, match="overlap"):
         t.reverse_batch(good, out=good)
     assert len(t) == 0 and t.stats["lookups"] == 0
+
+
+def test_reverse_without_refresh_leaves_entry_alone(clock):
+    """A tuple quoted in an ICMP error neither refreshes nor advances state."""
+    t = table(clock)
+    t.translate(POD, 40000, REMOTE, 80, tcp_flags="S")
+    clock.advance(30)
+    assert t.reverse(REMOTE, 80, EGRESS, 40000, tcp_flags="SA", refresh=False) == (POD, 40000)
+    e = t.get(POD, 40000, REMOTE, 80)
+    assert (e.state, e.expires_in) == ("SYN_SENT", 30.0)
+    clock.advance(30)
+    assert t.reverse(REMOTE, 80, EGRESS, 40000, refresh=False) is None
+    assert len(t) == 1          # not collected either
