@@ -367,7 +367,12 @@ cdef inline void _nat_fill_out(nat_table* t, const nat_entry* e, const nat_tuple
     memcpy(out.dst, e.dst, 16)
 
 cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t h,
-                     uint64_t mh, uint32_t ext, uint64_t now, nat_tuple* out) noexcept nogil:
+                     uint64_t mh, uint32_t ext, uint64_t now, nat_tuple* out,
+                     uint64_t* defer) noexcept nogil:
+    """Create the connection (and its mapping if new).  With `defer`, the
+    reply-index insert is left to the caller: defer[0] = its hash (the slot is
+    prefetched), defer[1] = entry index + 1; batches insert it a few tuples
+    later, when the slot is in cache."""
     cdef nat_pool* pool
     cdef uint32_t m, idx, start, xport
     cdef nat_mapping* mp
@@ -423,7 +428,12 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
     else:
         e.state = NAT_STATE_ICMP
     _nat_index_insert(&t.fwd, h, idx)
-    _nat_index_insert(&t.rev, _nat_entry_hash(t, 1, idx), idx)
+    if defer == NULL:
+        _nat_index_insert(&t.rev, _nat_entry_hash(t, 1, idx), idx)
+    else:
+        defer[0] = _nat_entry_hash(t, 1, idx)
+        defer[1] = <uint64_t>idx + 1
+        nat_prefetch_w(&t.rev.slots[_nat_home(&t.rev, defer[0])])
     t.used += 1
     t.created_count += 1
     _nat_touch(t, e, NAT_DIR_OUT, o.tcp_flags, now)
@@ -431,7 +441,8 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
     return 0
 
 cdef inline int _nat_out_h(nat_table* t, const nat_tuple* o, uint32_t ext, uint64_t now,
-                           nat_tuple* out, uint64_t h, uint16_t dport) noexcept nogil:
+                           nat_tuple* out, uint64_t h, uint16_t dport,
+                           uint64_t* defer=NULL) noexcept nogil:
     cdef uint32_t idx
     cdef nat_entry* e
     t.lookups += 1
@@ -447,7 +458,7 @@ cdef inline int _nat_out_h(nat_table* t, const nat_tuple* o, uint32_t ext, uint6
         t.expired += 1
     return _nat_create(t, o, dport, h,
                        _nat_hash_map(t.seed, o.family, o.proto, o.sport, <uint16_t>ext, o.src),
-                       ext, now, out)
+                       ext, now, out, defer)
 
 cdef inline int _nat_out_check(nat_table* t, const nat_tuple* o, uint32_t ext) noexcept nogil:
     cdef int err = _nat_check(o)
@@ -634,12 +645,16 @@ cdef void _nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_
                                Py_ssize_t ext_stride, nat_tuple* tout, uint8_t* codes,
                                Py_ssize_t n, uint64_t now) noexcept nogil:
     cdef uint64_t hring[32]
-    cdef Py_ssize_t i, j
+    cdef uint64_t pending[NAT_PF_ENTRY][2]     # deferred reply-index inserts
+    cdef Py_ssize_t i, j, k
     cdef uint64_t h
     cdef uint32_t s, x
     cdef const nat_tuple* o
     cdef uint16_t dport
     cdef int err
+    cdef uint64_t* slot
+    for k in range(NAT_PF_ENTRY):
+        pending[k][1] = 0
     for i in range(n + NAT_PF_SLOT):
         if i < n:
             o = &tin[i]
@@ -664,8 +679,13 @@ cdef void _nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_
                         t.seed, o.family, o.proto, o.sport, <uint16_t>x, o.src))])
                     nat_prefetch_w(&t.rev.slots[_nat_home(&t.rev, _nat_hash_rev(
                         t.seed, o.family, o.proto, dport, o.sport, o.dst, t.ext[x].addr))])
+                    nat_prefetch(&t.ext[x].pools[_nat_pool_of(o.proto)].bits[o.sport >> 6])
         j = i - NAT_PF_SLOT
         if j >= 0:
+            slot = pending[j % NAT_PF_ENTRY]
+            if slot[1]:
+                _nat_index_insert(&t.rev, slot[0], <uint32_t>(slot[1] - 1))
+                slot[1] = 0
             o = &tin[j]
             x = ext[j * ext_stride]
             err = _nat_out_check(t, o, x)
@@ -673,7 +693,10 @@ cdef void _nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_
                 codes[j] = <uint8_t>err
                 continue
             dport = 0 if _nat_is_icmp(o.proto) else o.dport
-            codes[j] = <uint8_t>_nat_out_h(t, o, x, now, &tout[j], hring[j & 31], dport)
+            codes[j] = <uint8_t>_nat_out_h(t, o, x, now, &tout[j], hring[j & 31], dport, slot)
+    for k in range(NAT_PF_ENTRY):
+        if pending[k][1]:
+            _nat_index_insert(&t.rev, pending[k][0], <uint32_t>(pending[k][1] - 1))
 
 # ---------------------------------------------------------------------------
 # Python surface
