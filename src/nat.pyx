@@ -1089,6 +1089,23 @@ cdef class NatTable:
             return None
         return str(_ipaddress.ip_address((<char*>out.dst)[:4 if out.family == 4 else 16])), out.dport
 
+    def update_tcp(self, src, sport, dst, dport, tcp_flags, *, direction="out", now=None):
+        """Apply a TCP packet's flags to its connection without translating it.
+
+        The tuple is the original one for direction "out", the reply
+        (remote -> egress IP:xport) for "in".  Returns False if no live
+        connection matches."""
+        if direction not in ("out", "in"):
+            raise ValueError(f"direction must be 'out' or 'in', not {direction!r}")
+        cdef nat_tuple k
+        self._tuple(&k, src, sport, dst, dport, "tcp", tcp_flags)
+        cdef uint64_t t_ns = self._now(now)
+        cdef int rc
+        with self._lock:
+            rc = nat_update_tcp(self.t, &k, NAT_DIR_OUT if direction == "out" else NAT_DIR_IN,
+                                t_ns)
+        return rc == 0
+
     def get(self, src, sport, dst, dport, proto="tcp", *, now=None):
         """The live entry of an original tuple, or None (no refresh, no counters)."""
         cdef nat_tuple k

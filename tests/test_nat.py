@@ -430,3 +430,16 @@ def test_reverse_without_refresh_leaves_entry_alone(clock):
     clock.advance(30)
     assert t.reverse(REMOTE, 80, EGRESS, 40000, refresh=False) is None
     assert len(t) == 1          # not collected either
+
+
+def test_update_tcp_hook_drives_the_state_machine(clock):
+    t = table(clock)
+    t.translate(POD, 40000, REMOTE, 80, tcp_flags="S")
+    assert t.update_tcp(REMOTE, 80, EGRESS, 40000, "SA", direction="in")
+    assert t.get(POD, 40000, REMOTE, 80).state == "ESTABLISHED"
+    assert t.update_tcp(POD, 40000, REMOTE, 80, "FA")
+    assert t.update_tcp(REMOTE, 80, EGRESS, 40000, "FA", direction="in")
+    assert t.get(POD, 40000, REMOTE, 80).state == "CLOSING"
+    assert not t.update_tcp(REMOTE, 81, EGRESS, 40000, "A", direction="in")
+    with pytest.raises(ValueError, match="direction"):
+        t.update_tcp(POD, 40000, REMOTE, 80, "A", direction="up")
