@@ -868,8 +868,10 @@ cdef class NatTable:
         for name, val in (timeouts or {}).items():
             if name not in tmo:
                 raise ValueError(f"timeouts key {name!r} is not one of {sorted(tmo)}")
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0:
-                raise ValueError(f"timeouts[{name!r}] must be a positive number of seconds")
+            if (isinstance(val, bool) or not isinstance(val, (int, float))
+                    or not 0 < val <= 10 * 365 * 86400):
+                raise ValueError(f"timeouts[{name!r}] must be a positive number of seconds "
+                                 f"(at most 10 years)")
             tmo[name] = float(val)
         if seed is None:
             seed = int.from_bytes(_os.urandom(8), "little")
