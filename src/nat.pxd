@@ -1,8 +1,8 @@
 # nat: the SNAT / connection-tracking table (see nat.pyx for the rules).
 #
 # C-level API for the fused datapath (all nogil, no Python objects, never
-# raise).  Each returns 0 (DROP_NONE) on success or a DropReason from
-# verdict.pxi, and bumps the table's counters itself:
+# raise).  The translate/peek calls return 0 (DROP_NONE) on success or a
+# DropReason from verdict.pxi and bump the table's counters themselves:
 #
 #   nat_translate_out(t, orig, ext, now, out)   outgoing packet -> SNATed tuple
 #   nat_translate_in(t, reply, now, out)        reply -> tuple towards the pod
@@ -11,6 +11,12 @@
 #   nat_update_tcp(t, tuple, dir, now)          TCP state hook (translate_* call it too)
 #   nat_ext_find(t, family, addr)               egress IP -> index (-1 if unknown)
 #   nat_gc(t, now, max_scan)                    bounded incremental expiry
+#   nat_translate_batch(t, tin, ext, ext_stride, tout, codes, n, now)
+#   nat_reverse_batch(t, tin, tout, codes, n, now)
+#                                               the same over arrays, with the
+#                                               cache misses of many tuples
+#                                               overlapped (prefetch pipeline);
+#                                               codes[i] = 0 or a DropReason
 #
 # `now` is a monotonic time in nanoseconds.  Addresses are 16 bytes in network
 # order (IPv4 in the first 4 bytes, the rest zero); ports and echo ids are in
@@ -162,6 +168,11 @@ cdef int nat_update_tcp(nat_table* t, const nat_tuple* k, int direction,
                         uint64_t now) noexcept nogil
 cdef int nat_ext_find(nat_table* t, uint8_t family, const uint8_t* addr) noexcept nogil
 cdef uint32_t nat_gc(nat_table* t, uint64_t now, uint32_t max_scan) noexcept nogil
+cdef void nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_t* ext,
+                              Py_ssize_t ext_stride, nat_tuple* tout, uint8_t* codes,
+                              Py_ssize_t n, uint64_t now) noexcept nogil
+cdef void nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
+                            uint8_t* codes, Py_ssize_t n, uint64_t now) noexcept nogil
 
 cdef class NatTable:
     cdef nat_table* t

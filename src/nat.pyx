@@ -611,7 +611,7 @@ cdef inline uint32_t _nat_peek(const nat_index* ix, uint64_t h) noexcept nogil:
             pos = 0
     return 0
 
-cdef void _nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
+cdef void nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
                              uint8_t* codes, Py_ssize_t n, uint64_t now) noexcept nogil:
     cdef uint64_t hring[32]
     cdef Py_ssize_t i, j
@@ -641,7 +641,7 @@ cdef void _nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout
             rport = 0 if _nat_is_icmp(r.proto) else r.sport
             codes[j] = <uint8_t>_nat_in_h(t, r, now, &tout[j], hring[j & 31], rport)
 
-cdef void _nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_t* ext,
+cdef void nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_t* ext,
                                Py_ssize_t ext_stride, nat_tuple* tout, uint8_t* codes,
                                Py_ssize_t n, uint64_t now) noexcept nogil:
     cdef uint64_t hring[32]
@@ -1257,7 +1257,7 @@ cdef class NatTable:
         cdef Py_ssize_t cn = n
         with self._lock:
             with nogil:
-                _nat_translate_batch(self.t, tin, ext_p, stride, tout, cp, cn, t_ns)
+                nat_translate_batch(self.t, tin, ext_p, stride, tout, cp, cn, t_ns)
         return out, codes
 
     def reverse_batch(self, tuples, *, now=None, out=None, codes=None):
@@ -1273,7 +1273,7 @@ cdef class NatTable:
         cdef Py_ssize_t cn = n
         with self._lock:
             with nogil:
-                _nat_reverse_batch(self.t, tin, tout, cp, cn, t_ns)
+                nat_reverse_batch(self.t, tin, tout, cp, cn, t_ns)
         return out, codes
 
 
