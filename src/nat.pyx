@@ -941,6 +941,8 @@ cdef class NatTable:
         `port_range` overrides the table's range for all protocols; `tcp`,
         `udp`, `icmp` override it per protocol.  Adding a known IP returns its
         index unchanged."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
         family, packed = _nat_addr(ip, "egress IP")
         name = str(_ipaddress.ip_address(packed[:4] if family == 4 else packed))
         if name in self._ext_index:
@@ -983,6 +985,8 @@ cdef class NatTable:
 
     @property
     def capacity(self):
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
         return self.t.capacity
 
     @property
@@ -993,6 +997,8 @@ cdef class NatTable:
     @property
     def memory_bytes(self):
         """Bytes held: entries, mappings, the three indexes and the port pools."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
         cdef nat_table* t = self.t
         return (sizeof(nat_table) + t.capacity * (sizeof(nat_entry) + sizeof(nat_mapping))
                 + 4 * (t.fwd.size + t.rev.size + t.map.size)
@@ -1000,11 +1006,15 @@ cdef class NatTable:
 
     def __len__(self):
         """Entries held, including dead ones not collected yet."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
         return self.t.used
 
     # -- helpers -------------------------------------------------------------
 
     cdef uint64_t _now(self, now) except? 0:
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
         if now is None:
             now = self._clock()
         if isinstance(now, bool) or not isinstance(now, (int, float)) or not now >= 0:
@@ -1012,6 +1022,8 @@ cdef class NatTable:
         return <uint64_t>round(now * 1e9)
 
     cdef int _egress(self, egress_ip, int family) except -1:
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
         if egress_ip is None:
             found = [i for i, n in enumerate(self._ext_names)
                      if self.t.ext[i].family == family]
@@ -1185,6 +1197,8 @@ cdef class NatTable:
     @property
     def stats(self):
         """Counters: lookups, hits, created, expired, refused by reason, sizes."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
         cdef nat_table* t = self.t
         return {
             "capacity": t.capacity,

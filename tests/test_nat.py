@@ -443,3 +443,12 @@ def test_update_tcp_hook_drives_the_state_machine(clock):
     assert not t.update_tcp(REMOTE, 81, EGRESS, 40000, "A", direction="in")
     with pytest.raises(ValueError, match="direction"):
         t.update_tcp(POD, 40000, REMOTE, 80, "A", direction="up")
+
+
+def test_uninitialised_table_raises_instead_of_crashing():
+    t = NatTable.__new__(NatTable)
+    for call in (lambda: t.translate(POD, 1, REMOTE, 1), lambda: t.stats, lambda: len(t),
+                 lambda: t.reverse_batch(nat_tuples([(REMOTE, 1, EGRESS, 1, "tcp")])),
+                 lambda: t.add_egress_ip(EGRESS), lambda: t.gc(), lambda: list(t)):
+        with pytest.raises(RuntimeError, match="not initialised"):
+            call()
