@@ -18,7 +18,8 @@
 #                                               overlapped (prefetch pipeline);
 #                                               codes[i] = 0 or a DropReason
 #
-# `now` is a monotonic time in nanoseconds.  Addresses are 16 bytes in network
+# `now` is CLOCK_MONOTONIC in nanoseconds (NatTable's default Python clock,
+# time.monotonic, is the same clock, so both sides can share a table).  Addresses are 16 bytes in network
 # order (IPv4 in the first 4 bytes, the rest zero); ports and echo ids are in
 # host order.  A table is single-writer: see "Thread model" in nat.pyx.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
