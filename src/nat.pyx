@@ -725,12 +725,12 @@ class NatRefused(Exception):
         self.reason = reason
 
 
-_PROTO_BY_NAME = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
-_PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
-_STATE_NAME = ("free", "SYN_SENT", "ESTABLISHED", "CLOSING", "UDP", "ICMP")
-_TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10,
+_NAT_PROTO_BY_NAME = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+_NAT_PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+_NAT_STATE_NAME = ("free", "SYN_SENT", "ESTABLISHED", "CLOSING", "UDP", "ICMP")
+_NAT_TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10,
                   "U": 0x20, "E": 0x40, "C": 0x80}
-_REFUSAL_REASONS = (DROP_NAT_EXHAUSTED, DROP_NAT_TABLE_FULL, DROP_NO_NAT_ENTRY,
+_NAT_REFUSAL_REASONS = (DROP_NAT_EXHAUSTED, DROP_NAT_TABLE_FULL, DROP_NO_NAT_ENTRY,
                     DROP_UNSUPPORTED, DROP_NO_EGRESS_IP)
 
 
@@ -757,7 +757,7 @@ def _nat_port(value, what):
 
 def _nat_proto(value, family):
     if isinstance(value, str):
-        p = _PROTO_BY_NAME.get(value.lower())
+        p = _NAT_PROTO_BY_NAME.get(value.lower())
         if p is None:
             raise ValueError(f"proto {value!r} is not one of tcp, udp, icmp, icmpv6")
         if p == 1 and family == 6:
@@ -766,10 +766,10 @@ def _nat_proto(value, family):
         p = value
     else:
         raise TypeError(f"proto must be a name or a number, not {type(value).__name__}")
-    if p not in _PROTO_NAME:
+    if p not in _NAT_PROTO_NAME:
         raise ValueError(f"proto {value!r} is not supported (tcp, udp, icmp echo only)")
     if (p == 1 and family == 6) or (p == 58 and family == 4):
-        raise ValueError(f"proto {_PROTO_NAME[p]} does not match IPv{family} addresses")
+        raise ValueError(f"proto {_NAT_PROTO_NAME[p]} does not match IPv{family} addresses")
     return p
 
 
@@ -777,9 +777,9 @@ def _nat_flags(value):
     if isinstance(value, str):
         bits = 0
         for ch in value.upper():
-            if ch not in _TCP_FLAG_BITS:
+            if ch not in _NAT_TCP_FLAG_BITS:
                 raise ValueError(f"tcp_flags {value!r}: unknown flag {ch!r} (use FSRPAUEC)")
-            bits |= _TCP_FLAG_BITS[ch]
+            bits |= _NAT_TCP_FLAG_BITS[ch]
         return bits
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"tcp_flags must be an int or a string like 'SA', not {type(value).__name__}")
@@ -902,7 +902,7 @@ cdef class NatTable:
         t.map_free_head = 0
         s = seed & 0xffffffffffffffff
         t.seed = (s * 0xff51afd7ed558ccd + 0x632be59bd9b4e5b1) & 0xffffffffffffffff
-        t.rng = _natref_rng_seed(s)
+        t.rng = _nat_rng_seed(s)
         t.timeout[NAT_STATE_SYN_SENT] = <uint64_t>round(tmo["tcp_syn"] * 1e9)
         t.timeout[NAT_STATE_ESTABLISHED] = <uint64_t>round(tmo["tcp_established"] * 1e9)
         t.timeout[NAT_STATE_CLOSING] = <uint64_t>round(tmo["tcp_closing"] * 1e9)
@@ -1140,10 +1140,10 @@ cdef class NatTable:
         fam = e.family
         n = 4 if fam == 4 else 16
         return NatEntry(
-            _PROTO_NAME[e.proto],
+            _NAT_PROTO_NAME[e.proto],
             str(_ipaddress.ip_address((<char*>e.src)[:n])), e.sport,
             str(_ipaddress.ip_address((<char*>e.dst)[:n])), e.dport,
-            self._ext_names[e.ext], e.xport, _STATE_NAME[e.state],
+            self._ext_names[e.ext], e.xport, _NAT_STATE_NAME[e.state],
             (e.expires - now) / 1e9, (now - e.created) / 1e9 if now > e.created else 0.0)
 
     def entries(self, now=None):
@@ -1209,7 +1209,7 @@ cdef class NatTable:
             "created": t.created_count,
             "expired": t.expired,
             "gc_runs": t.gc_runs,
-            "refused": {DROP_REASON_NAMES[r]: t.drops[r] for r in _REFUSAL_REASONS},
+            "refused": {DROP_REASON_NAMES[r]: t.drops[r] for r in _NAT_REFUSAL_REASONS},
         }
 
     # -- batches -------------------------------------------------------------
@@ -1291,7 +1291,7 @@ cdef class NatTable:
         return out, codes
 
 
-def _natref_rng_seed(seed):
+def _nat_rng_seed(seed):
     """Initial xorshift state of a table seeded with `seed` (never zero)."""
     x = (seed * 0x9E3779B97F4A7C15 + 0x7F4A7C15) & 0xFFFFFFFFFFFFFFFF
     return x or 1
