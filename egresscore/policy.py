@@ -458,8 +458,12 @@ def parse_policy(doc: Any, *, source: str = "") -> tuple:
         _expect_map(doc, "")
         api = doc.get("apiVersion")
         kind = doc.get("kind")
+        if kind is None:
+            raise _FieldError("kind", f"is required (must be {KIND!r})")
         if kind != KIND:
             raise _FieldError("kind", f"{kind!r} is not {KIND!r}")
+        if api is None:
+            raise _FieldError("apiVersion", f"is required (must be {API_VERSION!r})")
         if api != API_VERSION:
             raise _FieldError("apiVersion", f"{api!r} is not {API_VERSION!r}")
         _check_keys(doc, ("apiVersion", "kind", "metadata", "spec", "status"), "")
