@@ -169,8 +169,11 @@ class Node:
 def read_host_interfaces(netns=None):
     """(interfaces, IPv4 default-route interface, IPv6 default-route interface) via netlink."""
     from pyroute2 import IPRoute, NetNS
+    from pyroute2 import netns as _netns
 
-    ipr = NetNS(netns) if netns else IPRoute()
+    if netns and netns not in _netns.listnetns():  # NetNS() would create it
+        raise ClusterError(f"no network namespace named {netns!r}")
+    ipr = NetNS(netns, flags=0) if netns else IPRoute()
     try:
         names = {}
         for link in ipr.get_links():
@@ -296,6 +299,14 @@ class Cluster:
         unknown = set(data) - {"nodes", "namespaces", "pods"}
         if unknown:
             raise ClusterError(f"{source}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+        try:
+            return cls._from_dict(data, source)
+        except ClusterError as exc:
+            msg = str(exc)
+            raise ClusterError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+    @classmethod
+    def _from_dict(cls, data, source):
         nodes, namespaces, pods = [], [], []
         for i, n in enumerate(_list(data.get("nodes"), f"{source}: nodes")):
             where = f"{source}: nodes[{i}]"
