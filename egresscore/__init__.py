@@ -1,6 +1,30 @@
 """egresscore: Cilium's egress gateway as an embeddable userspace datapath."""
 
 from ._core import DROP_REASON_NAMES
+from ._core import (
+    EGRESS_STATUS_EXCLUDED,
+    EGRESS_STATUS_MATCH,
+    EGRESS_STATUS_NO_GATEWAY,
+    EGRESS_STATUS_NO_MATCH,
+    EXCLUDED_CIDR_V4,
+    EXCLUDED_CIDR_V6,
+    GATEWAY_NOT_FOUND_V4,
+    GATEWAY_NOT_FOUND_V6,
+    EGRESS_IP_NOT_FOUND_V4,
+    EGRESS_IP_NOT_FOUND_V6,
+    LPM_MAX_VALUE,
+    LPM_NO_VALUE,
+    EgressEntry,
+    EgressMap,
+    LPMTrie,
+)
 
-__all__ = ["DROP_REASON_NAMES"]
+__all__ = [
+    "DROP_REASON_NAMES",
+    "LPMTrie", "LPM_MAX_VALUE", "LPM_NO_VALUE",
+    "EgressMap", "EgressEntry",
+    "GATEWAY_NOT_FOUND_V4", "GATEWAY_NOT_FOUND_V6", "EXCLUDED_CIDR_V4", "EXCLUDED_CIDR_V6",
+    "EGRESS_IP_NOT_FOUND_V4", "EGRESS_IP_NOT_FOUND_V6",
+    "EGRESS_STATUS_NO_MATCH", "EGRESS_STATUS_MATCH", "EGRESS_STATUS_EXCLUDED", "EGRESS_STATUS_NO_GATEWAY",
+]
 __version__ = "0.1.0"
