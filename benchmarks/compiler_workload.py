@@ -86,5 +86,5 @@ def naive_compile(cluster, policies, view=None):
                         out.setdefault((ip, d), g.target6 if v6 else g.target4)
                 for d in p.excluded_cidrs:
                     if (":" in d) == v6:
-                        out.setdefault((ip, d), Target("::" if v6 else "0.0.0.0", EXCLUDED_CIDR))
+                        out.setdefault((ip, d), Target(g.egress_ip6 if v6 else g.egress_ip4, EXCLUDED_CIDR))
     return out

@@ -9,7 +9,6 @@ stderr), 2 bad usage.
 """
 
 import argparse
-import ipaddress
 import json
 import sys
 
@@ -65,25 +64,19 @@ def _load_inputs(args):
 GATEWAY_LABELS = {"0.0.0.0": "Not Found", "0.0.0.1": "Excluded CIDR"}  # cilium-dbg's mapGatewayIP
 
 
-def _sort_key(row):
-    src = ipaddress.ip_address(row[0])
-    net = ipaddress.ip_network(row[1])
-    return (src.version, int(src), net.version, int(net.network_address), net.prefixlen)
-
-
 def egress_rows(compiler):
-    """(source, destination, egress IP, gateway IP) rows as `cilium-dbg bpf egress list` shows them."""
-    try:
-        from . import EgressMap
-    except ImportError:  # the LPM core is not built: read the compiler's desired state
-        EgressMap = None
-    if EgressMap is not None:
-        em = EgressMap()
-        compiler.attach(em)
-        rows = [(str(e.source), str(e.destination), str(e.egress_ip), str(e.gateway_ip)) for e in em.entries()]
-    else:
-        rows = sorted(((s, d, t.egress_ip, t.gateway_ip) for (s, d), t in compiler.desired.items()), key=_sort_key)
-    return [(s, d, e, GATEWAY_LABELS.get(g, g)) for s, d, e, g in rows]
+    """(source, destination, egress IP, gateway IP) rows as `cilium-dbg bpf egress list` shows them,
+    read back from an egresscore.EgressMap the compiler filled."""
+    from . import EgressMap
+    from .compiler import target_of
+
+    em = EgressMap()
+    compiler.attach(em)
+    rows = []
+    for e in em.entries():
+        t = target_of(e)
+        rows.append((str(e.source), str(e.destination), t.egress_ip, GATEWAY_LABELS.get(t.gateway_ip, t.gateway_ip)))
+    return rows
 
 
 def format_table(rows, header=("Source IP", "Destination CIDR", "Egress IP", "Gateway IP")):

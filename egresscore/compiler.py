@@ -30,8 +30,10 @@ Deliberate differences from Cilium, and why:
 - A view: `node=None` resolves every gateway's egress IP as its gateway node
   would (a cluster-wide view); `node="node1"` is exactly what Cilium's agent on
   node1 holds (egress IP 0.0.0.0 unless node1 is the gateway).
-- Excluded entries carry egress IP 0.0.0.0 (::) instead of the policy's
-  egress IP: the datapath never reads it for excluded entries.
+- egresscore.EgressMap keeps all four addresses of an entry in one family,
+  so an IPv6 entry stores its IPv4 gateway IP as an IPv4-mapped address
+  (::ffff:192.168.1.3) and the sentinels as :: / ::1; `desired` and
+  `egress list` show the IPv4 gateway as Cilium does.
 - With several gateways sharing one gateway IP, ties keep spec order (a stable
   sort); Go's slices.SortFunc is stable only for up to 12 elements.
 - IPv6 link-local addresses are never picked as an interface's first IPv6.
@@ -60,6 +62,7 @@ __all__ = [
     "Compiler",
     "fnv1a_32",
     "resolve_gateways",
+    "target_of",
 ]
 
 GATEWAY_NOT_FOUND = "0.0.0.0"  # Cilium's GatewayNotFoundIPv4
@@ -83,8 +86,6 @@ class Target(NamedTuple):
         return self.gateway_ip == GATEWAY_NOT_FOUND
 
 
-EXCLUDED_V4 = Target(EGRESS_IP_NOT_FOUND_V4, EXCLUDED_CIDR)
-EXCLUDED_V6 = Target(EGRESS_IP_NOT_FOUND_V6, EXCLUDED_CIDR)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,15 @@ class ResolvedGateway:
     @property
     def target6(self) -> Target:
         return Target(self.egress_ip6, self.gateway_ip)
+
+    @property
+    def excluded4(self) -> Target:
+        """Cilium writes the policy's egress IP into excluded entries too."""
+        return Target(self.egress_ip4, EXCLUDED_CIDR)
+
+    @property
+    def excluded6(self) -> Target:
+        return Target(self.egress_ip6, EXCLUDED_CIDR)
 
 
 class Conflict(NamedTuple):
@@ -455,9 +465,9 @@ class Compiler:
         keys = []
         for ip in pod.ips:
             if ":" in ip:
-                dsts, exs, t, tx = dst6, ex6, g.target6, EXCLUDED_V6
+                dsts, exs, t, tx = dst6, ex6, g.target6, g.excluded6
             else:
-                dsts, exs, t, tx = dst4, ex4, g.target4, EXCLUDED_V4
+                dsts, exs, t, tx = dst4, ex4, g.target4, g.excluded4
             for cidrs, value in ((dsts, t), (exs, tx)):
                 for d in cidrs:
                     key = (ip, d)
@@ -646,7 +656,25 @@ class Compiler:
 
 
 def _write(em, key, t: Target):
+    """One entry into egresscore.EgressMap (IPv6 entries: IPv4-mapped gateway)."""
     if t.gateway_ip == EXCLUDED_CIDR:
-        em.set_excluded(key[0], key[1])
-    else:
+        em.set_excluded(key[0], key[1], t.egress_ip)
+    elif ":" not in key[0]:
         em.set(key[0], key[1], t.egress_ip, t.gateway_ip)
+    elif t.gateway_ip == GATEWAY_NOT_FOUND:
+        em.set(key[0], key[1], t.egress_ip, "::")
+    else:
+        em.set(key[0], key[1], t.egress_ip, "::ffff:" + t.gateway_ip)
+
+
+def target_of(entry) -> Target:
+    """An egresscore.EgressEntry read back as the compiler's Target (IPv4 gateway IP)."""
+    gw = entry.gateway_ip
+    if gw.version == 6:
+        if entry.excluded:
+            return Target(str(entry.egress_ip), EXCLUDED_CIDR)
+        if entry.no_gateway:
+            return Target(str(entry.egress_ip), GATEWAY_NOT_FOUND)
+        if gw.ipv4_mapped is not None:
+            gw = gw.ipv4_mapped
+    return Target(str(entry.egress_ip), str(gw))

@@ -25,7 +25,7 @@ def test_egress_list_prints_cilium_dbg_table(capsys):
     assert out == (
         "Source IP   Destination CIDR   Egress IP     Gateway IP\n"
         "10.0.1.93   203.0.113.0/24     192.168.1.3   192.168.1.3\n"
-        "10.0.1.93   203.0.113.128/25   0.0.0.0       Excluded CIDR\n"
+        "10.0.1.93   203.0.113.128/25   192.168.1.3   Excluded CIDR\n"
     )
 
 
@@ -68,7 +68,7 @@ spec:
     assert lines[1:] == [
         "10.0.1.93   198.51.100.0/24    0.0.0.0       Not Found",
         "10.0.1.93   203.0.113.0/24     192.168.1.3   192.168.1.3",
-        "10.0.1.93   203.0.113.128/25   0.0.0.0       Excluded CIDR",
+        "10.0.1.93   203.0.113.128/25   192.168.1.3   Excluded CIDR",
         "10.0.2.32   198.51.100.0/24    0.0.0.0       Not Found",
     ]
 

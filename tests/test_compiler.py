@@ -59,12 +59,13 @@ def test_seed_example_reproduces_the_seed():
     c = Compiler(cluster, policies)
     assert c.desired == {
         ("10.0.1.93", "203.0.113.0/24"): Target("192.168.1.3", "192.168.1.3"),
-        ("10.0.1.93", "203.0.113.128/25"): Target("0.0.0.0", EXCLUDED_CIDR),
+        ("10.0.1.93", "203.0.113.128/25"): Target("192.168.1.3", EXCLUDED_CIDR),  # as Cilium writes it
     }
     assert c.problems() == [] and c.conflicts() == []
     # as Cilium's agents see it: only the gateway node knows the egress IP
     on_node1 = Compiler(cluster, policies, node="node1").desired
     assert on_node1[("10.0.1.93", "203.0.113.0/24")] == Target("0.0.0.0", "192.168.1.3")
+    assert on_node1[("10.0.1.93", "203.0.113.128/25")] == Target("0.0.0.0", EXCLUDED_CIDR)
     on_node3 = Compiler(cluster, policies, node="node3").desired
     assert on_node3 == c.desired
 
@@ -76,7 +77,7 @@ def test_seed_example_in_the_egress_map():
     c = Compiler(cluster, policies, egress_map=em)
     assert map_state(em) == c.desired
     # the datapath's view: longest prefix wins, excluded half, other pods unmatched
-    assert em.lookup("10.0.1.93", "203.0.113.7").gateway_ip == "192.168.1.3"
+    assert str(em.lookup("10.0.1.93", "203.0.113.7").gateway_ip) == "192.168.1.3"
     assert em.lookup("10.0.1.93", "203.0.113.200").excluded
     assert em.lookup("10.0.2.32", "203.0.113.7") is None
     assert em.lookup("10.0.1.93", "198.51.100.1") is None
@@ -242,6 +243,12 @@ def test_excluded_cidrs_and_families():
     d = c.desired
     assert d[("10.0.1.5", "203.0.113.128/25")].excluded
     assert d[("fd00::5", "2001:db8:1::/48")] == Target("::", EXCLUDED_CIDR)
+    em = EgressMap()
+    c.attach(em)
+    assert map_state(em) == d
+    e = em.lookup("fd00::5", "2001:db8::1")
+    assert str(e.gateway_ip) == "::ffff:c0a8:103" and not e.excluded  # IPv4 gateway, mapped
+    assert em.lookup("fd00::5", "2001:db8:1::1").excluded
     assert ("10.0.1.5", "2001:db8::/32") not in d and ("fd00::5", "203.0.113.0/24") not in d
     assert len([k for k in d if k[0] in pod.ips]) == 4
     # the v4 egress IP sits on an interface without IPv6: both families unresolved, as in Cilium
@@ -321,8 +328,8 @@ def test_incremental_updates_touch_only_affected_entries():
     # node3 loses the egress IP: only the gateway entries change (excluded ones stay)
     c.upsert_node(node("node3", "192.168.1.3", ifaces=(Interface("eth0", ("192.168.1.3/24",)),)))
     assert em.writes == []
-    c.upsert_node(node("node3", "192.168.1.33"))
-    assert len(em.writes) == 11 and {w[0] for w in em.writes} == {"set"}
+    c.upsert_node(node("node3", "192.168.1.33"))  # 192.168.1.3 gone: egress IP unresolved (0.0.0.0)
+    assert sorted(w[0] for w in em.writes) == ["excluded"] * 11 + ["set"] * 11
     assert map_state(em) == c.desired == Compiler(c.cluster.copy(), c.policies).desired
     with pytest.raises(KeyError):
         c.remove_pod("default", "nope")
@@ -350,7 +357,7 @@ def oracle(cluster, policies, view=None):
                         mine[(ip, d)] = g.target6 if v6 else g.target4
                 for d in p.excluded_cidrs:
                     if (":" in d) == v6:
-                        mine[(ip, d)] = Target("::" if v6 else "0.0.0.0", EXCLUDED_CIDR)
+                        mine[(ip, d)] = Target(g.egress_ip6 if v6 else g.egress_ip4, EXCLUDED_CIDR)
             for key, t in mine.items():
                 out.setdefault(key, t)
     return out
