@@ -50,10 +50,13 @@ def _matched_pod(c):
     return c.cluster.pods[sorted(c._pod_policies)[len(c._pod_policies) // 2]]
 
 
-def test_single_pod_change(benchmark, workload):
+TARGETS = ["desired", pytest.param("egressmap", marks=pytest.mark.skipif(EgressMap is None, reason="no EgressMap"))]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_single_pod_change(benchmark, workload, target):
     cluster, policies = workload
-    em = EgressMap() if EgressMap is not None else None
-    c = Compiler(cluster.copy(), policies, egress_map=em)
+    c = Compiler(cluster.copy(), policies, egress_map=EgressMap() if target == "egressmap" else None)
     pod = _matched_pod(c)
     ips = itertools.cycle([("10.250.0.1",), ("10.250.0.2",)])
 
@@ -64,9 +67,10 @@ def test_single_pod_change(benchmark, workload):
     assert writes >= 6  # 3 entries removed, 3 written
 
 
-def test_single_pod_add_remove(benchmark, workload):
+@pytest.mark.parametrize("target", TARGETS)
+def test_single_pod_add_remove(benchmark, workload, target):
     cluster, policies = workload
-    c = Compiler(cluster.copy(), policies, egress_map=EgressMap() if EgressMap is not None else None)
+    c = Compiler(cluster.copy(), policies, egress_map=EgressMap() if target == "egressmap" else None)
     pod = _matched_pod(c)
     new = Pod("bench-new", pod.namespace, "bench-uid", pod.labels, ("10.251.0.1",), pod.node)
 

@@ -70,28 +70,36 @@ def run(quick: bool = False) -> str:
         with_map = _median(lambda: Compiler(cluster, policies, egress_map=EgressMap()), repeat)
         rows.append(("full compile into EgressMap", with_map, ref, "reference compile"))
 
-    em = EgressMap() if EgressMap is not None else None
-    c = Compiler(cluster.copy(), policies, egress_map=em)
-    pod = c.cluster.pods[sorted(c._pod_policies)[len(c._pod_policies) // 2]]
-    ips = itertools.cycle([("10.250.0.1",), ("10.250.0.2",)])
-    change = _per_op(lambda: c.upsert_pod(Pod(pod.name, pod.namespace, pod.uid, pod.labels, next(ips), pod.node)),
-                     200 if quick else 2000)
-    new = Pod("bench-new", pod.namespace, "bench-uid", pod.labels, ("10.251.0.1",), pod.node)
-    add_remove = _per_op(lambda: (c.upsert_pod(new), c.remove_pod(new.namespace, new.name)), 200 if quick else 2000)
-    target = "EgressMap" if em is not None else "desired state"
-    rows.append((f"one pod changes IP ({target} updated in place)", change, full, "full recompile"))
-    rows.append((f"one pod added + removed ({target})", add_remove, full, "full recompile"))
+    def changes(em, label):
+        c = Compiler(cluster.copy(), policies, egress_map=em)
+        pod = c.cluster.pods[sorted(c._pod_policies)[len(c._pod_policies) // 2]]
+        ips = itertools.cycle([("10.250.0.1",), ("10.250.0.2",)])
+        n = 200 if quick else 1000
+        change = _per_op(lambda: c.upsert_pod(Pod(pod.name, pod.namespace, pod.uid, pod.labels, next(ips), pod.node)),
+                         n)
+        new = Pod("bench-new", pod.namespace, "bench-uid", pod.labels, ("10.251.0.1",), pod.node)
+        add_remove = _per_op(lambda: (c.upsert_pod(new), c.remove_pod(new.namespace, new.name)), n)
+        rows.append((f"one pod changes IP ({label})", change, full, "full recompile"))
+        rows.append((f"one pod added + removed ({label})", add_remove, full, "full recompile"))
+
+    changes(None, "desired state")
+    if EgressMap is not None:
+        changes(EgressMap(), "EgressMap updated in place")
 
     lines = [
         f"### Control plane: compile {n_pods:,} pods x {n_policies} policies ({entries:,} egress map entries)",
         "",
-        f"median of {repeat} runs (reference: 1); targets: full compile <= 1 s, one pod change <= 1 ms",
+        f"median of {repeat} runs (reference: 1); targets: full compile <= 1 s, one pod change <= 1 ms; "
+        "EgressMap rows include the map's own writes (each one republishes the map)",
         "",
         "| operation | egresscore | peer | peer time | speed-up |",
         "|---|---|---|---|---|",
     ]
     for name, ours, theirs, peer in rows:
-        lines.append(f"| {name} | {_fmt(ours)} | {peer} | {_fmt(theirs)} | {theirs / ours:,.0f}x |")
+        ratio = theirs / ours
+        lines.append(f"| {name} | {_fmt(ours)} | {peer} | {_fmt(theirs)} | "
+                     f"{ratio:,.0f}x |" if ratio >= 10 else f"| {name} | {_fmt(ours)} | {peer} | {_fmt(theirs)} | "
+                     f"{ratio:.2f}x |")
     return "\n".join(lines)
 
 

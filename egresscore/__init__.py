@@ -19,6 +19,10 @@ from ._core import (
     LPMTrie,
 )
 
+from .cluster import Cluster, ClusterError, Interface, Namespace, Node, Pod, load_cluster
+from .compiler import Compiler, Conflict, Problem, Target
+from .policy import EgressPolicy, LabelSelector, PolicyError, load_policies, parse_policy
+
 __all__ = [
     "DROP_REASON_NAMES",
     "LPMTrie", "LPM_MAX_VALUE", "LPM_NO_VALUE",
@@ -26,5 +30,9 @@ __all__ = [
     "GATEWAY_NOT_FOUND_V4", "GATEWAY_NOT_FOUND_V6", "EXCLUDED_CIDR_V4", "EXCLUDED_CIDR_V6",
     "EGRESS_IP_NOT_FOUND_V4", "EGRESS_IP_NOT_FOUND_V6",
     "EGRESS_STATUS_NO_MATCH", "EGRESS_STATUS_MATCH", "EGRESS_STATUS_EXCLUDED", "EGRESS_STATUS_NO_GATEWAY",
+    # control plane
+    "load_policies", "parse_policy", "EgressPolicy", "LabelSelector", "PolicyError",
+    "Cluster", "Node", "Namespace", "Pod", "Interface", "load_cluster", "ClusterError",
+    "Compiler", "Target", "Conflict", "Problem",
 ]
 __version__ = "0.1.0"
