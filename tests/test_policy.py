@@ -239,3 +239,43 @@ def test_requirement_and_selector_are_hashable_values():
 def test_bad_selector_outside_a_policy_is_a_value_error():
     with pytest.raises(ValueError, match="selector.matchLabels.a: must be a string"):
         parse_label_selector({"matchLabels": {"a": 1}})
+
+
+# --- never crash on bad input ------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.text(max_size=12),
+                    st.sampled_from(["203.0.113.0/24", "::/0", "192.168.1.3", "eth0", "In", "Exists", "app"]))
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3),
+    st.dictionaries(st.sampled_from(["matchLabels", "matchExpressions", "key", "operator", "values", "podSelector",
+                                     "namespaceSelector", "nodeSelector", "egressIP", "interface", "app", "x"]),
+                    inner, max_size=4)), max_leaves=12)
+specs = st.fixed_dictionaries({}, optional={
+    "selectors": values, "destinationCIDRs": values, "excludedCIDRs": values,
+    "egressGateway": values, "egressGateways": values, "bogus": values})
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=st.one_of(specs, values), name=st.one_of(st.just("p"), scalars))
+def test_parse_policy_only_raises_policy_error(spec, name):
+    d = {"apiVersion": "cilium.io/v2", "kind": "CiliumEgressGatewayPolicy", "metadata": {"name": name}, "spec": spec}
+    try:
+        policy, _ = parse_policy(d)
+    except PolicyError as exc:
+        assert exc.path is None or isinstance(exc.path, str)
+        assert str(exc)
+    else:
+        assert policy.name == "p"
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("-:{}[]\n ab01./'\"&*!%#|>")), max_size=80))
+def test_load_policies_never_raises_on_garbage(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("fuzz") / "p.yaml"
+    path.write_text(text)
+    result = load_policies(str(path))
+    assert result.policies == [] or all(p.name for p in result.policies)
+    assert all(isinstance(e, PolicyError) for e in result.errors)
