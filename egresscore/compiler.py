@@ -11,8 +11,10 @@ Gateway choice (regenerateGatewayConfig): for each gateway of the policy, the
 first node in name order whose labels match its nodeSelector and that has an
 IPv4 internal IP; none -> gateway 0.0.0.0 ("Not Found", source nodes drop).
 With `egressGateways`, gateways that match no node are skipped (one "Not
-Found" gateway remains if none match), the rest are sorted by gateway IP and
-each pod gets gateways[fnv1a_32(pod uid) % len(gateways)] (forEachEndpointAndCIDR).
+Found" gateway remains if none match; cilium/cilium#44705), the rest are
+sorted by gateway IP and each pod gets
+gateways[fnv1a_32(CiliumEndpoint UID) % len(gateways)] (forEachEndpointAndCIDR);
+our Pod.uid plays the CiliumEndpoint UID.
 
 Egress IP (deriveFromPolicyGatewayConfig), resolved on the gateway node only:
 `egressIP` if one of the node's interfaces holds it; `interface`: its first

@@ -12,7 +12,12 @@ podSelector of that entry) and, when any entry has a nodeSelector, its node
 matches one of them.  Namespace labels are seen by selectors under Cilium's
 `io.cilium.k8s.namespace.labels.` prefix and the pod's namespace under
 `io.kubernetes.pod.namespace`, so pod selectors written against those keys work
-as in Cilium.
+as in Cilium.  (Cilium's other identity labels, e.g. the service account, are
+not modelled.)  A label source prefix in a selector key ("k8s:app") is ignored.
+
+Validation is stricter than Cilium's agent where the API server would refuse
+the object anyway: unknown fields, non-string label values, bad object names
+and malformed matchExpressions are errors.
 """
 
 from __future__ import annotations
