@@ -292,6 +292,8 @@ class Lab:
         _ns.remove(name)
         _ns.create(name)
         self._state.namespaces.append(name)
+        # no IPv6: keeps neighbour discovery and MLD chatter off the wires the agent taps
+        _ns.sysctl(name, {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1})
         with IPRoute(netns=name) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         return name
