@@ -3,6 +3,7 @@
 Root tests build real `egc-lab-*` namespaces; every lab is torn down by its
 `with` block (checked: nothing with the prefix is left behind).
 """
+import copy
 import os
 import signal
 import subprocess
@@ -28,7 +29,9 @@ from egresscore.lab import _ns
 IN_POLICY = "203.0.113.10"  # in 203.0.113.0/24, outside the excluded /25
 EXCLUDED = "203.0.113.200"  # in the excluded 203.0.113.128/25
 OTHER = "198.51.100.10"  # not in any policy
-EGRESS_IP = SAMPLE_POLICY["spec"]["egressGateway"]["egressIP"]
+EGRESS_IP = "192.168.1.100"  # an extra egress IP of node3: tells SNAT apart from node3's masquerade
+POLICY = copy.deepcopy(SAMPLE_POLICY)
+POLICY["spec"]["egressGateway"]["egressIP"] = EGRESS_IP
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -68,9 +71,9 @@ def test_traffic_pattern_checksum():
 # -- namespaces ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def kernel_lab():
-    with Lab(datapath="kernel") as lab:
+    with Lab(datapath="kernel", policies=[POLICY]) as lab:
         lab.add_pod("gwpod", "node3", {"app": "app1"})  # selected pod on the gateway node itself
-        lab.kernel_entries = lab.install_kernel_egress([SAMPLE_POLICY])
+        lab.kernel_entries = compile_entries(lab, [POLICY])
         servers = lab.start_servers()
         yield lab, servers
     assert lab_namespaces() == []
@@ -93,6 +96,22 @@ def test_build_and_teardown_leave_nothing():
     assert pods["app2"]["node"] == "node2" and pods["app2"]["ip"].startswith("10.0.2.")
     assert pods["app1"]["labels"] == {"app": "app1"}
     assert pods["app1"]["mac"] == mac_for(pods["app1"]["ip"])
+
+
+@needs_netns
+def test_cluster_file_matches_the_example():
+    with Lab() as lab:
+        cluster = lab.cluster()
+    example = os.path.join(ROOT, "examples", "cluster.yaml")
+    if os.path.exists(example):
+        import yaml
+        with open(example) as f:
+            assert cluster == yaml.safe_load(f)
+    try:
+        from egresscore.cluster import Cluster
+    except ImportError:
+        return
+    assert Cluster.from_dict(cluster).to_dict()["pods"] == cluster["pods"]
 
 
 @needs_netns
@@ -216,15 +235,15 @@ def test_kernel_baseline_no_gateway_drops(kernel_lab):
         "egressGateway": {"nodeSelector": {"matchLabels": {"node.kubernetes.io/name": "node9"}}},
     }}
     try:
-        entries = lab.install_kernel_egress([SAMPLE_POLICY, policy])
-        assert ("10.0.2.23", "198.51.100.0/24", "0.0.0.0", "0.0.0.0") in {
+        entries = lab.install_kernel_egress([POLICY, policy])
+        assert (lab.pods["app2"].ip, "198.51.100.0/24", "0.0.0.0", "0.0.0.0") in {
             (e["src"], e["cidr"], e["egress_ip"], e["gateway_ip"]) for e in entries}
         servers.clear()
         assert lab.udp_echo("app2", OTHER, count=1, timeout=0.5) == 0
         assert servers.sources("udp", OTHER) == set()
         assert lab.tcp_request("app1", IN_POLICY) == EGRESS_IP  # the other policy still works
     finally:
-        lab.install_kernel_egress([SAMPLE_POLICY])
+        lab.install_kernel_egress([POLICY])
     assert lab.udp_echo("app2", OTHER, count=1, timeout=1.0) == 1
 
 

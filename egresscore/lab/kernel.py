@@ -35,6 +35,7 @@ ONLINK = 4  # RTNH_F_ONLINK
 GATEWAY_NOT_FOUND = "0.0.0.0"
 GATEWAY_EXCLUDED = "0.0.0.1"
 
+# the seed's policy on the lab's addresses (= examples/egress-sample.yaml)
 SAMPLE_POLICY = {
     "apiVersion": "cilium.io/v2",
     "kind": "CiliumEgressGatewayPolicy",
@@ -45,7 +46,7 @@ SAMPLE_POLICY = {
         "excludedCIDRs": ["203.0.113.128/25"],
         "egressGateway": {
             "nodeSelector": {"matchLabels": {"node.kubernetes.io/name": "node3"}},
-            "egressIP": "192.168.1.100",
+            "egressIP": "192.168.1.3",
         },
     },
 }

@@ -1,6 +1,6 @@
 """The lab: the seed's three-node cluster built in network namespaces.
 
-    app1 (10.0.1.93)   app2 (10.0.2.23)                      ext1: 203.0.113.10, .200
+    app1 (10.0.1.93)   app2 (10.0.2.32)                      ext1: 203.0.113.10, .200
         | lxc-app1         | lxc-app2                            |
       node1              node2              node3            router (.254) -- ext2: 198.51.100.10
     192.168.1.1        192.168.1.2        192.168.1.3 (+ .100-.109)  |
@@ -16,8 +16,11 @@ routing + nftables SNAT, see kernel.py).
 """
 import atexit
 import ipaddress
+import json
 import os
+import shutil
 import signal
+import subprocess
 import threading
 from dataclasses import dataclass, field
 
@@ -33,8 +36,13 @@ EGRESS_NODE = "node3"
 EGRESS_IPS = tuple(f"192.168.1.{i}" for i in range(100, 110))
 DEFAULT_PODS = (
     ("app1", "node1", {"app": "app1"}, "10.0.1.93"),
-    ("app2", "node2", {"app": "app2"}, "10.0.2.23"),
+    ("app2", "node2", {"app": "app2"}, "10.0.2.32"),
 )
+# the uids examples/cluster.yaml gives the seed's pods (a uid places a pod among several gateways)
+POD_UIDS = {
+    "app1": "6f1c2a4e-0d3b-4c1e-9a53-5d2f7b8e1a01",
+    "app2": "0b7d9e3c-6a2f-4e8b-b1c4-2e5a9f3d7c02",
+}
 # external servers: namespace role -> (router-side address/len, server addresses)
 SERVERS = {
     "ext1": ("203.0.113.254/24", ("203.0.113.10", "203.0.113.200")),
@@ -340,7 +348,8 @@ class Lab:
         node = Node(
             name=name, ns=ns, ip=ip, pod_cidr=f"10.0.{i}.0/24", mac=mac_for(ip),
             pod_gateway=f"10.0.{i}.1",
-            labels={"node.kubernetes.io/name": name, "kubernetes.io/hostname": name},
+            labels={"node.kubernetes.io/name": name, "kubernetes.io/hostname": name,
+                    **({"egress-gateway": "true"} if name == EGRESS_NODE else {})},
             egress_ips=EGRESS_IPS if name == EGRESS_NODE else (),
         )
         self._plug_lan(ns, "p-" + name, ip)
@@ -428,6 +437,27 @@ class Lab:
         return entries
 
     # -- facts --------------------------------------------------------------
+    def cluster(self):
+        """The lab as a cluster file (the schema of examples/cluster.yaml, egresscore.cluster).
+
+        For the seed's pods this equals examples/cluster.yaml.
+        """
+        return {
+            "nodes": [
+                {"name": n.name, "labels": dict(n.labels), "internalIP": n.ip, "podCIDRs": [n.pod_cidr],
+                 "defaultRouteInterface": n.ifname,
+                 "interfaces": [{"name": n.ifname, "addresses": [f"{a}/{UNDERLAY.prefixlen}"
+                                                                for a in (n.ip, *n.egress_ips)]}]}
+                for n in self.nodes.values()
+            ],
+            "namespaces": [{"name": "default", "labels": {}}],
+            "pods": [
+                {"name": p.name, "namespace": "default", "uid": POD_UIDS.get(p.name, f"default/{p.name}"),
+                 "labels": dict(p.labels), "ips": [p.ip], "node": p.node}
+                for p in self.pods.values()
+            ],
+        }
+
     def cluster_facts(self):
         """Nodes, pods and servers with their addresses and MACs (plain dicts, YAML-ready)."""
         return {
@@ -466,6 +496,63 @@ class Lab:
         """`count` ICMP echo requests from `pod`; returns how many replies came back."""
         return self.call(pod, traffic.ping, dst, count, timeout, timeout=timeout * count + 5)
 
+    def iperf3(self, pod, dst, seconds=2.0, streams=1, port=5201):
+        """iperf3 TCP from `pod` to the server address `dst`; returns received Gbit/s.
+
+        A one-shot iperf3 server is started in the server's namespace for the run.
+        """
+        if shutil.which("iperf3") is None:
+            raise RuntimeError("iperf3 is not installed (apt-get install iperf3)")
+        server = next((s for s in self.servers.values() if dst in s.addresses), None)
+        if server is None:
+            raise ValueError(f"dst must be an external server address, not {dst!r}")
+        srv = self.popen(server.name, ["iperf3", "-s", "-1", "-B", dst, "-p", str(port)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            self.call(server.name, traffic.wait_listening, port, 10.0, timeout=15)
+            argv = ["iperf3", "-c", dst, "-p", str(port), "-t", str(seconds), "-P", str(int(streams)), "--json"]
+            out = self.run(pod, argv, timeout=seconds + 20, check=False)
+            result = json.loads(out.stdout)
+            if "error" in result:
+                raise RuntimeError(f"iperf3 from {pod} to {dst}: {result['error']}")
+            return result["end"]["sum_received"]["bits_per_second"] / 1e9
+        finally:
+            try:
+                srv.wait(5)
+            except subprocess.TimeoutExpired:
+                srv.kill()
+                srv.wait()
+            self._state.processes.remove(srv)
+
+    def udp_rate(self, pod, dst, seconds=2.0, size=18, port=9000, max_packets=5_000_000):
+        """Flood small UDP datagrams from `pod` to the server address `dst` for `seconds`.
+
+        Returns {'sent', 'received', 'seconds', 'rx_pps'}: rx_pps is what the
+        server received per second between its first and last datagram.
+        """
+        server = next((s for s in self.servers.values() if dst in s.addresses), None)
+        if server is None:
+            raise ValueError(f"dst must be an external server address, not {dst!r}")
+        parent, child = _ns._fork.Pipe()
+        proc = _ns.spawn(server.ns, _count_into, child, dst, port, seconds + 5.0)
+        child.close()
+        try:
+            if not parent.poll(10) or parent.recv() != "ready":
+                raise RuntimeError("UDP counter did not start")
+            sent = self.call(pod, traffic.udp_flood, dst, port, seconds, size, max_packets,
+                             timeout=seconds + 10)
+            if not parent.poll(seconds + 10):
+                raise TimeoutError("UDP counter did not report")
+            received, span = parent.recv()
+        finally:
+            parent.close()
+            proc.join(2)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+        return {"sent": sent, "received": received, "seconds": span,
+                "rx_pps": received / span if span > 0 else 0.0}
+
 
 class _ProcessHandle:
     def __init__(self, proc):
@@ -488,3 +575,7 @@ def _forwarding_sysctls():
         "net.ipv4.conf.eth0.send_redirects": 0,
         "net.ipv4.conf.all.accept_redirects": 0,
     }
+
+
+def _count_into(conn, addr, port, seconds):
+    conn.send(traffic.udp_count(addr, port, seconds, ready=conn))

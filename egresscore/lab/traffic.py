@@ -250,3 +250,65 @@ def ping(dst, count=3, timeout=2.0):
                     got += 1
                     break
     return got
+
+
+def wait_listening(port, timeout=10.0):
+    """Wait until a TCP socket listens on `port` in this namespace (read from /proc/net/tcp,
+    without connecting: a probe would use up a one-shot server)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.split(":")[1], 16) == port:
+                    return True
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on TCP port {port} after {timeout} s")
+
+
+# -- load (bounded in packets and seconds) ---------------------------------------------
+def udp_flood(dst, port, seconds=2.0, size=18, max_packets=5_000_000):
+    """Send `size`-byte UDP datagrams to dst:port as fast as possible; return the count sent.
+
+    18 bytes of payload make 64-byte Ethernet frames (with FCS).  Stops after
+    `seconds` or `max_packets`, whichever comes first.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((dst, port))
+        msg, sent, send = b"\0" * size, 0, s.send
+        deadline = time.monotonic() + seconds
+        while sent < max_packets and time.monotonic() < deadline:
+            for _ in range(256):
+                try:
+                    send(msg)
+                    sent += 1
+                except (BlockingIOError, ConnectionRefusedError):
+                    pass
+    return sent
+
+
+def udp_count(addr, port, seconds=10.0, idle=0.5, ready=None):
+    """Count datagrams arriving on addr:port; stop `idle` s after the last one (or after `seconds`).
+
+    Returns (packets, seconds between the first and the last).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.bind((addr, port))
+        s.settimeout(idle)
+        if ready is not None:
+            ready.send("ready")
+        buf, n, first, last = bytearray(2048), 0, None, None
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                s.recv_into(buf)
+            except socket.timeout:
+                if n:
+                    break
+                continue
+            n += 1
+            last = time.monotonic()
+            if first is None:
+                first = last
+    return n, (last - first) if n > 1 else 0.0
