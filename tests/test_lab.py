@@ -6,10 +6,10 @@ Root tests build real `egc-lab-*` namespaces; every lab is torn down by its
 import copy
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 from conftest import needs_netns
@@ -36,7 +36,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def lab_namespaces():
-    return [n for n in _ns.lab_namespaces()]
+    return _ns.lab_namespaces()
+
+
+def interface_names():
+    return [name for _, name in socket.if_nameindex()]
 
 
 # -- no root needed ------------------------------------------------------------------
@@ -139,7 +143,30 @@ def test_stale_namespaces_are_removed_at_start():
 
 
 @needs_netns
-def test_sigterm_tears_down():
+def test_a_killed_labs_namespaces_are_removed_by_the_next_lab():
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {ROOT!r})
+        from egresscore.lab import Lab
+        with Lab(tag="dead") as lab:
+            print("up", flush=True)
+            time.sleep(30)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+    finally:
+        proc.kill()  # no chance to clean up
+        proc.wait()
+    assert PREFIX + "dead-node1" in lab_namespaces()
+    with Lab() as lab:
+        assert not [n for n in lab_namespaces() if n.startswith(PREFIX + "dead-")]
+    assert lab_namespaces() == []
+
+
+@needs_netns
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_tear_down(sig):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {ROOT!r})
@@ -152,7 +179,7 @@ def test_sigterm_tears_down():
     try:
         assert proc.stdout.readline().strip() == "up"
         assert lab_namespaces()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         proc.wait(15)
     finally:
         if proc.poll() is None:
@@ -173,6 +200,12 @@ def test_snat_is_observable_without_masquerade():
         assert servers.sources("udp") == {"192.168.1.1"}
         assert lab.tcp_request("app2", IN_POLICY) == "192.168.1.2"
         assert lab.ping("app2", IN_POLICY, count=1) == 1
+        # the kernel baseline goes in and out again on a running lab
+        lab.install_kernel_egress([POLICY])
+        assert lab.tcp_request("app1", IN_POLICY) == EGRESS_IP
+        lab.remove_kernel_egress()
+        assert lab.tcp_request("app1", IN_POLICY) == "192.168.1.1"
+        assert "vxlan0" not in lab.call("node1", interface_names)
 
 
 @needs_netns

@@ -232,3 +232,15 @@ def install(lab, policies):
                 ipr.rule("add", priority=RULE_PRIO_RETURN, table=TABLE_RETURN, iifname=node.ifname)
         lab.nft(node.name, masquerade_ruleset(node, CLUSTER_CIDR, True, snat))
     return entries
+
+
+def uninstall(lab):
+    """Remove the kernel egress gateway (rules, tables, vxlan0); keep masquerade as lab.masquerade says."""
+    from .topology import CLUSTER_CIDR
+
+    for node in lab.nodes.values():
+        with IPRoute(netns=node.ns) as ipr:
+            _flush(ipr)
+            for idx in ipr.link_lookup(ifname=VXLAN_IF):
+                ipr.link("del", index=idx)
+        lab.nft(node.name, masquerade_ruleset(node, CLUSTER_CIDR, lab.masquerade))

@@ -117,7 +117,7 @@ class Lab:
             raise ValueError(f"datapath must be None or 'kernel', not {datapath!r}")
         if tag is not None and (not isinstance(tag, str) or not tag.isalnum()):
             raise ValueError(f"tag must be an alphanumeric string, not {tag!r}")
-        if not 576 <= int(pod_mtu) <= 9000:
+        if not isinstance(pod_mtu, int) or not 576 <= pod_mtu <= 9000:
             raise ValueError(f"pod_mtu must be in 576..9000, not {pod_mtu!r}")
         self.datapath = datapath
         self.masquerade = bool(masquerade) or datapath == "kernel"
@@ -145,11 +145,17 @@ class Lab:
         try:
             self.build()
         except BaseException:
+            if os.getpid() != self._owner_pid:
+                os._exit(1)
             self.close()
             raise
         return self
 
     def __exit__(self, *exc):
+        if os.getpid() != self._owner_pid:
+            # a forked helper child (pyroute2 forks some) unwinding on a signal: it must not
+            # run the rest of its parent's program
+            os._exit(1)
         self.close()
         return False
 
@@ -434,7 +440,14 @@ class Lab:
         entries = kernel.install(self, policies)
         self._kernel_policies = policies
         self.masquerade = True
+        self.datapath = "kernel"
         return entries
+
+    def remove_kernel_egress(self):
+        """Take the kernel baseline out again (nodes keep routing, masquerade as `self.masquerade`)."""
+        kernel.uninstall(self)
+        self._kernel_policies = None
+        self.datapath = None
 
     # -- facts --------------------------------------------------------------
     def cluster(self):
