@@ -192,6 +192,24 @@ class Lab:
         """Stop every process the lab started and remove its namespaces (idempotent)."""
         if os.getpid() != self._owner_pid:  # a forked child unwinding: not its lab to remove
             return
+        held = self._hold_signals()
+        try:
+            self._close()
+        finally:
+            for sig, old in held.items():
+                signal.signal(sig, old)
+        self._restore_signal_handlers()
+
+    teardown = close
+
+    @staticmethod
+    def _hold_signals():
+        """Ignore SIGINT/SIGTERM/SIGHUP while tearing down: a second Ctrl-C must not strand namespaces."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def _close(self):
         for proc in reversed(self._state.processes):
             try:
                 stop = getattr(proc, "stop", None)
@@ -215,9 +233,6 @@ class Lab:
         if self._built:
             atexit.unregister(self.close)
             self._built = False
-        self._restore_signal_handlers()
-
-    teardown = close
 
     def _install_signal_handlers(self):
         """SIGTERM (and SIGHUP) become KeyboardInterrupt, so `with` blocks unwind and tear down."""
