@@ -77,7 +77,6 @@ def test_traffic_pattern_checksum():
 def kernel_lab():
     with Lab(datapath="kernel", policies=[POLICY]) as lab:
         lab.add_pod("gwpod", "node3", {"app": "app1"})  # selected pod on the gateway node itself
-        lab.kernel_entries = compile_entries(lab, [POLICY])
         servers = lab.start_servers()
         yield lab, servers
     assert lab_namespaces() == []
@@ -291,3 +290,6 @@ def test_kernel_policy_errors_are_named(kernel_lab):
         compile_entries(lab, [bad])
     with pytest.raises(TypeError, match="policies"):
         compile_entries(lab, 42)
+    same = copy.deepcopy(POLICY)
+    same["spec"]["excludedCIDRs"] = ["203.0.113.0/24"]  # excluded equal to a destination: excluded wins
+    assert {e["gateway_ip"] for e in compile_entries(lab, [same]) if e["pod"] == "app1"} == {"0.0.0.1"}

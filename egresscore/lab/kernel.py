@@ -122,16 +122,19 @@ def compile_entries(lab, policies):
                 egress_ip = node.ip
         dests = [ipaddress.ip_network(c) for c in spec.get("destinationCIDRs") or []]
         excluded = [ipaddress.ip_network(c) for c in spec.get("excludedCIDRs") or []]
+        # the first policy to claim a (pod, CIDR) keeps it; inside one policy an excluded
+        # CIDR equal to a destination CIDR wins (Cilium writes excluded entries last)
+        mine = {}
         for pod in pods:
             for cidr in dests:
                 kind = "gateway" if gateway is not None else "drop"
-                entries.setdefault((pod.name, cidr), dict(
-                    pod=pod.name, src=pod.ip, cidr=str(cidr), kind=kind, gateway=gateway,
-                    egress_ip=egress_ip, gateway_ip=gateway_ip))
+                mine[(pod.name, cidr)] = dict(pod=pod.name, src=pod.ip, cidr=str(cidr), kind=kind,
+                                              gateway=gateway, egress_ip=egress_ip, gateway_ip=gateway_ip)
             for cidr in excluded:
-                entries.setdefault((pod.name, cidr), dict(
-                    pod=pod.name, src=pod.ip, cidr=str(cidr), kind="excluded", gateway=None,
-                    egress_ip=egress_ip, gateway_ip=GATEWAY_EXCLUDED))
+                mine[(pod.name, cidr)] = dict(pod=pod.name, src=pod.ip, cidr=str(cidr), kind="excluded",
+                                              gateway=None, egress_ip=egress_ip, gateway_ip=GATEWAY_EXCLUDED)
+        for key, entry in mine.items():
+            entries.setdefault(key, entry)
     # longest prefix first: ip rules and nft rules are evaluated in order
     return sorted(entries.values(),
                   key=lambda e: (-ipaddress.ip_network(e["cidr"]).prefixlen, e["src"], e["cidr"]))

@@ -137,6 +137,7 @@ class Lab:
         self._built = False
         self._old_handlers = {}
         self._kernel_policies = None
+        self.kernel_entries = []  # the egress list the kernel baseline implements
         self._owner_pid = os.getpid()
 
     # -- lifecycle --------------------------------------------------------
@@ -437,7 +438,7 @@ class Lab:
         _ns.sysctl(n.ns, {f"net.ipv4.conf.{pod.host_ifname}.rp_filter": 0})
         self.pods[name] = pod
         if self._kernel_policies is not None:
-            kernel.install(self, self._kernel_policies)
+            self.kernel_entries = kernel.install(self, self._kernel_policies)
         return pod
 
     # -- datapaths --------------------------------------------------------
@@ -453,6 +454,7 @@ class Lab:
         Returns the compiled egress list [(pod ip, cidr, egress ip, gateway ip), ...].
         """
         entries = kernel.install(self, policies)
+        self.kernel_entries = entries
         self._kernel_policies = policies
         self.masquerade = True
         self.datapath = "kernel"
@@ -462,6 +464,7 @@ class Lab:
         """Take the kernel baseline out again (nodes keep routing, masquerade as `self.masquerade`)."""
         kernel.uninstall(self)
         self._kernel_policies = None
+        self.kernel_entries = []
         self.datapath = None
 
     # -- facts --------------------------------------------------------------
