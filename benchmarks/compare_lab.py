@@ -25,13 +25,24 @@ PATHS = (
 PAYLOAD = 18  # bytes of UDP payload: 64-byte Ethernet frames with FCS
 
 
-def measure(lab, pod, dst, reps, udp_seconds, tcp_seconds):
-    """Median small-UDP rate (pkt/s) and iperf3 TCP Gbit/s (1 and 4 streams) from pod to dst."""
-    udp = [lab.udp_rate(pod, dst, seconds=udp_seconds, size=PAYLOAD)["rx_pps"] for _ in range(reps)]
-    tcp1 = [lab.iperf3(pod, dst, seconds=tcp_seconds, streams=1) for _ in range(reps)]
-    tcp4 = [lab.iperf3(pod, dst, seconds=tcp_seconds, streams=4) for _ in range(reps)]
-    return {"udp_pps": statistics.median(udp), "tcp1_gbps": statistics.median(tcp1),
-            "tcp4_gbps": statistics.median(tcp4)}
+def measure_once(lab, pod, dst, udp_seconds, tcp_seconds):
+    """One small-UDP rate (pkt/s received) and iperf3 TCP Gbit/s (1 and 4 streams) from pod to dst."""
+    return {
+        "udp_pps": lab.udp_rate(pod, dst, seconds=udp_seconds, size=PAYLOAD)["rx_pps"],
+        "tcp1_gbps": lab.iperf3(pod, dst, seconds=tcp_seconds, streams=1),
+        "tcp4_gbps": lab.iperf3(pod, dst, seconds=tcp_seconds, streams=4),
+    }
+
+
+def medians(samples):
+    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+
+
+def load_average():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
 
 
 def _skip_reason():
@@ -52,15 +63,19 @@ def run(quick: bool = False) -> str:
     reps = 1 if quick else 3
     udp_seconds = 1.0 if quick else 2.5
     tcp_seconds = 1 if quick else 3
-    rows = []
+    samples = {label: [] for label, _, _ in PATHS}
+    load = load_average()
     with Lab(datapath="kernel") as lab:
-        for label, pod, dst in PATHS:
-            rows.append(("Linux kernel (vxlan + nftables)", label, measure(lab, pod, dst, reps, udp_seconds, tcp_seconds)))
+        for _ in range(reps):  # paths interleaved, so a change in machine load hits both alike
+            for label, pod, dst in PATHS:
+                samples[label].append(measure_once(lab, pod, dst, udp_seconds, tcp_seconds))
+    rows = [("Linux kernel (vxlan + nftables)", label, medians(samples[label])) for label, _, _ in PATHS]
     lines = [
         "### Lab datapaths: the Linux kernel baseline",
         "",
         f"Small UDP: {PAYLOAD}-byte payloads (64-byte frames), one sender, {udp_seconds} s, received rate. "
-        f"TCP: iperf3, {tcp_seconds} s. Median of {reps} run(s).",
+        f"TCP: iperf3, {tcp_seconds} s. Median of {reps} run(s). "
+        f"Load average at start: {load:.1f} on {os.cpu_count()} cores (other work on the machine skews these).",
         "",
         "| datapath | path | small UDP (pkt/s) | TCP 1 stream (Gbit/s) | TCP 4 streams (Gbit/s) |",
         "|---|---|---:|---:|---:|",

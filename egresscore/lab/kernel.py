@@ -185,13 +185,18 @@ def _ensure_vxlan(ipr, lab, node):
     return ipr.link_lookup(ifname=VXLAN_IF)[0]
 
 
-def install(lab, policies):
-    """Install (or replace) the kernel egress gateway for `policies` on every node; return the entries."""
+def install(lab, policies, nodes=None):
+    """Install (or replace) the kernel egress gateway for `policies`; return the entries.
+
+    nodes: the node names to configure (default all); the others are left
+    untouched, e.g. for a userspace agent to play their part (interop tests).
+    """
     from .topology import CLUSTER_CIDR
 
     entries = compile_entries(lab, policies)
     node_index = {name: i for i, name in enumerate(sorted(lab.nodes))}
-    for node in lab.nodes.values():
+    selected = _select_nodes(lab, nodes)
+    for node in selected:
         lab.sysctl(node.name, {"net.ipv4.conf.all.rp_filter": 0})
         snat = []
         with IPRoute(netns=node.ns) as ipr:
@@ -237,11 +242,22 @@ def install(lab, policies):
     return entries
 
 
-def uninstall(lab):
+def _select_nodes(lab, nodes):
+    if nodes is None:
+        return list(lab.nodes.values())
+    if isinstance(nodes, str):
+        nodes = [nodes]
+    unknown = [n for n in nodes if n not in lab.nodes]
+    if unknown:
+        raise ValueError(f"nodes must be among {sorted(lab.nodes)}, not {unknown}")
+    return [lab.nodes[n] for n in nodes]
+
+
+def uninstall(lab, nodes=None):
     """Remove the kernel egress gateway (rules, tables, vxlan0); keep masquerade as lab.masquerade says."""
     from .topology import CLUSTER_CIDR
 
-    for node in lab.nodes.values():
+    for node in _select_nodes(lab, nodes):
         with IPRoute(netns=node.ns) as ipr:
             _flush(ipr)
             for idx in ipr.link_lookup(ifname=VXLAN_IF):

@@ -137,6 +137,7 @@ class Lab:
         self._built = False
         self._old_handlers = {}
         self._kernel_policies = None
+        self._kernel_nodes = None
         self.kernel_entries = []  # the egress list the kernel baseline implements
         self._owner_pid = os.getpid()
 
@@ -438,7 +439,7 @@ class Lab:
         _ns.sysctl(n.ns, {f"net.ipv4.conf.{pod.host_ifname}.rp_filter": 0})
         self.pods[name] = pod
         if self._kernel_policies is not None:
-            self.kernel_entries = kernel.install(self, self._kernel_policies)
+            self.kernel_entries = kernel.install(self, self._kernel_policies, self._kernel_nodes)
         return pod
 
     # -- datapaths --------------------------------------------------------
@@ -448,21 +449,23 @@ class Lab:
             self.nft(node.name, kernel.masquerade_ruleset(node, CLUSTER_CIDR, enabled=on))
         self.masquerade = bool(on)
 
-    def install_kernel_egress(self, policies):
+    def install_kernel_egress(self, policies, nodes=None):
         """Install the Linux baseline egress gateway for `policies` (replacing any previous one).
 
-        Returns the compiled egress list [(pod ip, cidr, egress ip, gateway ip), ...].
+        nodes: only these nodes (default all), e.g. to pair a kernel node with an agent.
+        Returns the egress list: dicts with src, cidr, egress_ip, gateway_ip (kernel.compile_entries).
         """
-        entries = kernel.install(self, policies)
+        entries = kernel.install(self, policies, nodes)
+        self._kernel_nodes = nodes
         self.kernel_entries = entries
         self._kernel_policies = policies
         self.masquerade = True
         self.datapath = "kernel"
         return entries
 
-    def remove_kernel_egress(self):
+    def remove_kernel_egress(self, nodes=None):
         """Take the kernel baseline out again (nodes keep routing, masquerade as `self.masquerade`)."""
-        kernel.uninstall(self)
+        kernel.uninstall(self, nodes)
         self._kernel_policies = None
         self.kernel_entries = []
         self.datapath = None
