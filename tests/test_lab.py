@@ -199,6 +199,7 @@ def test_snat_is_observable_without_masquerade():
         assert servers.sources("udp") == {"192.168.1.1"}
         assert lab.tcp_request("app2", IN_POLICY) == "192.168.1.2"
         assert lab.ping("app2", IN_POLICY, count=1) == 1
+        assert lab.ping("app1", lab.pods["app2"].ip, count=1) == 1  # pod to pod over the underlay
         # the kernel baseline goes in and out again on a running lab
         lab.install_kernel_egress([POLICY])
         assert lab.tcp_request("app1", IN_POLICY) == EGRESS_IP

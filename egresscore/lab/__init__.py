@@ -5,7 +5,7 @@ the baseline datapath.  Needs root; everything lives in `egc-lab-*` namespaces.
     from egresscore.lab import Lab
     with Lab(datapath="kernel") as lab:
         servers = lab.start_servers()
-        lab.tcp_request("app1", "203.0.113.10")   # -> '192.168.1.100' (the egress IP)
+        lab.tcp_request("app1", "203.0.113.10")   # -> '192.168.1.3' (the egress IP)
 """
 from . import kernel, traffic
 from ._ns import PREFIX, remove_stale
