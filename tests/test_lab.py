@@ -257,6 +257,8 @@ def test_kernel_baseline_replies_come_back_through_vxlan(kernel_lab):
 def test_kernel_baseline_bulk_tcp_intact(kernel_lab):
     lab, _ = kernel_lab
     assert lab.call("app1", traffic.tcp_download, IN_POLICY, 5_000_000, timeout=30) == (5_000_000, True)
+    # upload: full-size segments from the pod (MTU 1500) meet vxlan0 (MTU 1450): PMTU discovery
+    assert lab.call("app1", traffic.tcp_upload, IN_POLICY, 5_000_000, timeout=30) == (5_000_000, True)
 
 
 @needs_netns

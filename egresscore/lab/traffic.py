@@ -103,8 +103,25 @@ def _http(c, src):
             if not chunk:
                 break
             req += chunk
-        path = req.split(b" ", 2)[1].decode("ascii", "replace") if req.count(b" ") >= 2 else "/"
-        if path.startswith("/bytes/") and path[7:].isdigit() and int(path[7:]) <= MAX_BYTES:
+        head_raw, _, body_start = req.partition(b"\r\n\r\n")
+        method, _, rest = head_raw.partition(b" ")
+        path = rest.split(b" ", 1)[0].decode("ascii", "replace") or "/"
+        length = 0
+        for line in head_raw.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                length = int(value.strip())
+        if method == b"PUT" and 0 <= length <= MAX_BYTES:  # upload: reply with the body's sha256
+            h, got = hashlib.sha256(body_start[:length]), len(body_start[:length])
+            while got < length:
+                chunk = c.recv(min(1 << 20, length - got))
+                if not chunk:
+                    break
+                h.update(chunk)
+                got += len(chunk)
+            body = f"{got} {h.hexdigest()}\n".encode()
+            head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\n"
+        elif path.startswith("/bytes/") and path[7:].isdigit() and int(path[7:]) <= MAX_BYTES:
             body = _pattern(int(path[7:]))
             head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\nX-SHA256: {hashlib.sha256(body).hexdigest()}\r\n"
         else:
@@ -198,6 +215,22 @@ def tcp_download(dst, n, port=HTTP_PORT, timeout=30.0):
     """Fetch n pattern bytes; returns (bytes received, sha256 matches)."""
     body = tcp_request(dst, port, timeout, path=f"/bytes/{int(n)}")
     return len(body), hashlib.sha256(body).hexdigest() == payload_sha256(n)
+
+
+def tcp_upload(dst, n, port=HTTP_PORT, timeout=30.0):
+    """PUT n pattern bytes; returns (bytes the server received, its sha256 matches)."""
+    body = _pattern(int(n))
+    with socket.create_connection((dst, port), timeout=timeout) as s:
+        s.sendall(f"PUT /sha256 HTTP/1.0\r\nHost: {dst}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        data = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    got, digest = data.partition(b"\r\n\r\n")[2].decode().split()
+    return int(got), digest == hashlib.sha256(body).hexdigest()
 
 
 def udp_echo(dst, port=UDP_PORT, count=3, timeout=2.0, size=32):
