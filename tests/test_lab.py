@@ -67,9 +67,10 @@ def test_format_egress_list_looks_like_cilium():
     assert lines[1].split() == ["10.0.1.93", "203.0.113.0/24", "192.168.1.100", "192.168.1.3"]
 
 
-def test_traffic_pattern_checksum():
+def test_traffic_pattern_is_a_prefix_family():
     assert len(traffic._pattern(100_000)) == 100_000
-    assert traffic.payload_sha256(10) == traffic.payload_sha256(10)
+    assert traffic._pattern(100_000)[:65_537] == traffic._pattern(65_537)
+    assert traffic.payload_sha256(10) != traffic.payload_sha256(11)
 
 
 # -- namespaces ------------------------------------------------------------------------
@@ -296,3 +297,16 @@ def test_kernel_policy_errors_are_named(kernel_lab):
     same = copy.deepcopy(POLICY)
     same["spec"]["excludedCIDRs"] = ["203.0.113.0/24"]  # excluded equal to a destination: excluded wins
     assert {e["gateway_ip"] for e in compile_entries(lab, [same]) if e["pod"] == "app1"} == {"0.0.0.1"}
+
+
+@needs_netns
+def test_add_pod_checks_its_arguments(kernel_lab):
+    lab, _ = kernel_lab
+    with pytest.raises(ValueError, match="taken"):
+        lab.add_pod("app1", "node1")
+    with pytest.raises(ValueError, match="node must be one of"):
+        lab.add_pod("x", "node7")
+    with pytest.raises(ValueError, match="not a free address"):
+        lab.add_pod("x", "node1", ip="10.0.2.50")
+    with pytest.raises(ValueError, match="pod name"):
+        lab.add_pod("a-very-long-pod-name", "node1")
