@@ -197,7 +197,6 @@ def install(lab, policies, nodes=None):
     node_index = {name: i for i, name in enumerate(sorted(lab.nodes))}
     selected = _select_nodes(lab, nodes)
     for node in selected:
-        lab.sysctl(node.name, {"net.ipv4.conf.all.rp_filter": 0})
         snat = []
         with IPRoute(netns=node.ns) as ipr:
             _flush(ipr)
