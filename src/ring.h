@@ -46,9 +46,11 @@
  * tp_hdrlen - sizeof(struct sockaddr_ll) when PACKET_TX_HAS_OFF is off). */
 #define RING_TX_DATA_OFF ((uint32_t)TPACKET_ALIGN(sizeof(struct tpacket3_hdr)))
 #define RING_RX_FRAME_SIZE 2048u /* V3 only checks it; frames are packed */
+#define RING_VNET_HDR_LEN 10u    /* sizeof(struct virtio_net_hdr) */
 
 typedef struct ring_frame {
     const uint8_t *data;   /* first byte of the Ethernet header */
+    const uint8_t *vnet;   /* struct virtio_net_hdr before it, NULL if off */
     uint32_t len;          /* captured bytes at data (tp_snaplen) */
     uint32_t wire_len;     /* length on the wire (tp_len) */
     uint32_t status;       /* TP_STATUS_* bits (csum, vlan, losing) */
@@ -68,6 +70,7 @@ typedef struct ring_cfg {
     int qdisc_bypass;
     int ignore_outgoing;
     int promisc;
+    int vnet_hdr;             /* PACKET_VNET_HDR: virtio_net_hdr per frame */
     const struct sock_filter *filter;
     uint16_t filter_len;
 } ring_cfg_t;
@@ -75,6 +78,7 @@ typedef struct ring_cfg {
 typedef struct ring {
     int fd;
     int ifindex;
+    uint32_t vnet;           /* virtio_net_hdr bytes per frame (0: off) */
     uint8_t *map;
     size_t map_len;
     const char *err_where;   /* which step failed, for the Python error */
@@ -151,6 +155,12 @@ static inline int ring_open(ring_t *r, const ring_cfg_t *c)
     if (c->tx_frame_size &&
         (rc = ring_setopt(r, SOL_PACKET, PACKET_LOSS, &one, sizeof(one), "PACKET_LOSS")))
         goto fail;
+    if (c->vnet_hdr) {
+        if ((rc = ring_setopt(r, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof(one),
+                              "PACKET_VNET_HDR")))
+            goto fail;
+        r->vnet = RING_VNET_HDR_LEN;
+    }
     if (c->rx_block_size) {
         struct tpacket_req3 q;
         memset(&q, 0, sizeof(q));
@@ -183,7 +193,7 @@ static inline int ring_open(ring_t *r, const ring_cfg_t *c)
         r->tx_frame_size = c->tx_frame_size;
         r->tx_frame_nr = q.tp_frame_nr;
         r->tx_block_size = bs;
-        r->tx_room = c->tx_frame_size - RING_TX_DATA_OFF;
+        r->tx_room = c->tx_frame_size - RING_TX_DATA_OFF - r->vnet;
         tx_len = (size_t)bs * q.tp_block_nr;
     }
     if (rx_len + tx_len) {
@@ -301,6 +311,7 @@ static inline int ring_rx_batch(ring_t *r, ring_frame_t *out, int max)
         {
             const struct tpacket3_hdr *h = (const struct tpacket3_hdr *)r->rx_next;
             out[n].data = r->rx_next + h->tp_mac;
+            out[n].vnet = r->vnet ? out[n].data - r->vnet : NULL;
             out[n].len = h->tp_snaplen;
             out[n].wire_len = h->tp_len;
             out[n].status = h->tp_status;
@@ -373,14 +384,28 @@ static inline int ring_tx_free(ring_t *r)
 }
 
 /* Data area of the next free TX frame (room bytes), or NULL if the kernel
- * still owns it (ring full: flush and wait for POLLOUT). */
+ * still owns it (ring full: flush and wait for POLLOUT).  With vnet_hdr the
+ * frame's virtio_net_hdr (ring_tx_vnet) is zeroed: no GSO, no checksum
+ * offload, unless the caller fills it before commit. */
 static inline uint8_t *ring_tx_claim(ring_t *r, uint32_t *room)
 {
+    uint8_t *p;
     if (!ring_tx_free(r)) {
         r->tx_full++;
         return NULL;
     }
     *room = r->tx_room;
+    p = (uint8_t *)ring_tx_hdr(r, r->tx_cur) + RING_TX_DATA_OFF;
+    if (r->vnet)
+        memset(p, 0, r->vnet);
+    return p + r->vnet;
+}
+
+/* The claimed frame's struct virtio_net_hdr (NULL when vnet_hdr is off). */
+static inline uint8_t *ring_tx_vnet(ring_t *r)
+{
+    if (!r->vnet)
+        return NULL;
     return (uint8_t *)ring_tx_hdr(r, r->tx_cur) + RING_TX_DATA_OFF;
 }
 
@@ -389,8 +414,8 @@ static inline uint8_t *ring_tx_claim(ring_t *r, uint32_t *room)
 static inline void ring_tx_commit(ring_t *r, uint32_t len)
 {
     struct tpacket3_hdr *h = ring_tx_hdr(r, r->tx_cur);
-    h->tp_len = len;
-    h->tp_snaplen = len;
+    h->tp_len = len + r->vnet;
+    h->tp_snaplen = len + r->vnet;
     h->tp_next_offset = 0;
     __atomic_store_n(&h->tp_status, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
     r->tx_cur = r->tx_cur + 1 == r->tx_frame_nr ? 0 : r->tx_cur + 1;

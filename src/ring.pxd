@@ -23,6 +23,7 @@ cdef extern from "ring.h" nogil:
 
     ctypedef struct ring_frame_t:
         const uint8_t *data      # Ethernet header
+        const uint8_t *vnet      # virtio_net_hdr before it (NULL: vnet_hdr off)
         uint32_t len             # captured bytes
         uint32_t wire_len        # bytes on the wire
         uint32_t status          # TP_STATUS_* bits
@@ -40,12 +41,14 @@ cdef extern from "ring.h" nogil:
         int qdisc_bypass
         int ignore_outgoing
         int promisc
+        int vnet_hdr
         const sock_filter *filter
         uint16_t filter_len
 
     ctypedef struct ring_t:
         int fd
         int ifindex
+        uint32_t vnet
         size_t map_len
         const char *err_where
         uint32_t rx_block_size
@@ -67,6 +70,7 @@ cdef extern from "ring.h" nogil:
 
     uint32_t RING_TX_DATA_OFF
     uint32_t RING_RX_FRAME_SIZE
+    uint32_t RING_VNET_HDR_LEN
 
     int ring_open(ring_t *r, const ring_cfg_t *c)
     void ring_close(ring_t *r)
@@ -79,6 +83,7 @@ cdef extern from "ring.h" nogil:
     # TX: claim (NULL when full) -> write -> commit; flush sends them all.
     int ring_tx_free(ring_t *r)
     uint8_t *ring_tx_claim(ring_t *r, uint32_t *room)
+    uint8_t *ring_tx_vnet(ring_t *r)                # claimed frame's virtio_net_hdr
     void ring_tx_commit(ring_t *r, uint32_t length)
     int ring_tx_flush(ring_t *r)                    # frames sent, or -errno
     int ring_tx_wait(ring_t *r, int timeout_ms)     # 1 free, 0 timeout, -errno

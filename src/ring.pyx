@@ -102,10 +102,10 @@ cdef class PacketRing:
                  tx_frame_size=2048, tx_frames=1024,
                  fanout=None, fanout_mode="hash", fanout_defrag=False,
                  qdisc_bypass=False, ignore_outgoing=True, promisc=False,
-                 filter=None, batch=256):
+                 vnet_hdr=False, filter=None, batch=256):
         cdef ring_cfg_t c
         cdef bytes prog = b""
-        cdef int rc
+        cdef int rc = 0
         if self.r.fd >= 0:
             raise RuntimeError("PacketRing is already open")
         if not isinstance(ifname, str) or not ifname or len(ifname) >= 16:
@@ -127,8 +127,8 @@ cdef class PacketRing:
             if not 0 <= int(retire_ms) <= 60000:
                 raise ValueError(f"retire_ms must be in 0..60000 (0: kernel default), got {retire_ms}")
         if tx:
-            if tx_frame_size < RING_TX_DATA_OFF + 64 or tx_frame_size % 16 or tx_frame_size > 1 << 16:
-                raise ValueError(f"tx_frame_size must be a multiple of 16 in {RING_TX_DATA_OFF + 64}..65536, got {tx_frame_size}")
+            if tx_frame_size < RING_TX_DATA_OFF + 64 or tx_frame_size % 16 or tx_frame_size > 1 << 18:
+                raise ValueError(f"tx_frame_size must be a multiple of 16 in {RING_TX_DATA_OFF + 64}..262144, got {tx_frame_size}")
             if not 1 <= tx_frames <= 1 << 20:
                 raise ValueError(f"tx_frames must be in 1..1048576, got {tx_frames}")
         if fanout_mode not in _RING_FANOUT_MODES:
@@ -147,6 +147,8 @@ cdef class PacketRing:
         if filter is not None:
             prog = _bpf_pack(filter)
 
+        if self.frames != NULL:
+            free(self.frames)
         self.frames = <ring_frame_t *>malloc(sizeof(ring_frame_t) * batch)
         if self.frames == NULL:
             raise MemoryError("PacketRing: no memory for the batch scratch array")
@@ -162,6 +164,7 @@ cdef class PacketRing:
         c.qdisc_bypass = 1 if qdisc_bypass else 0
         c.ignore_outgoing = 1 if ignore_outgoing else 0
         c.promisc = 1 if promisc else 0
+        c.vnet_hdr = 1 if vnet_hdr else 0
         c.filter = <const sock_filter *><const char *>prog
         c.filter_len = <uint16_t>(len(prog) // 8)
         self.ifname = ifname
@@ -234,6 +237,11 @@ cdef class PacketRing:
         return self.r.ifindex
 
     @property
+    def vnet_hdr(self):
+        """True when each frame carries a virtio_net_hdr (GSO metadata)."""
+        return self.r.vnet != 0
+
+    @property
     def tx_room(self):
         """Largest frame (bytes) one TX slot holds."""
         return self.r.tx_room
@@ -262,10 +270,11 @@ cdef class PacketRing:
             raise OSError(-rc, f"poll on {self.ifname!r}: {_ring_os.strerror(-rc)}")
         return rc > 0
 
-    def recv(self, int max_frames=256, timeout=0):
+    def recv(self, int max_frames=256, timeout=0, bint vnet=False):
         """Up to max_frames received frames as a list of bytes (tests, tools).
 
-        Waits up to timeout seconds for the first frame (None: forever)."""
+        Waits up to timeout seconds for the first frame (None: forever).
+        vnet=True (with vnet_hdr on) gives (virtio_net_hdr, frame) pairs."""
         cdef int n, i, got = 0
         cdef list out = []
         if max_frames < 0:
@@ -276,8 +285,12 @@ cdef class PacketRing:
             with nogil:
                 n = ring_rx_batch(&self.r, self.frames, min(self.batch, max_frames - got))
             for i in range(n):
-                out.append(PyBytes_FromStringAndSize(<const char *>self.frames[i].data,
-                                                     self.frames[i].len))
+                frame = PyBytes_FromStringAndSize(<const char *>self.frames[i].data,
+                                                  self.frames[i].len)
+                if vnet and self.frames[i].vnet != NULL:
+                    frame = (PyBytes_FromStringAndSize(<const char *>self.frames[i].vnet,
+                                                       self.r.vnet), frame)
+                out.append(frame)
             got += n
             ring_rx_release(&self.r)
             if n == 0:
