@@ -332,11 +332,21 @@ def rx_live_ring(p, n):
 
 # ---- the table -------------------------------------------------------------
 
-def median_of(fn, runs):
-    vals = [fn() for _ in range(runs)]
-    if isinstance(vals[0], tuple):
-        return tuple(statistics.median(v[i] for v in vals) for i in range(len(vals[0])))
-    return statistics.median(vals)
+def medians(fns, runs):
+    """Run every measurement once per round, rounds interleaved (the machine's
+    load drifts; interleaving spreads it over all peers), then the median of
+    each (element-wise for tuples)."""
+    vals = [[] for _ in fns]
+    for _ in range(runs):
+        for i, fn in enumerate(fns):
+            vals[i].append(fn())
+    out = []
+    for v in vals:
+        if isinstance(v[0], tuple):
+            out.append(tuple(statistics.median(x[i] for x in v) for i in range(len(v[0]))))
+        else:
+            out.append(statistics.median(v))
+    return out
 
 
 def kpps(x):
@@ -350,19 +360,19 @@ def run(quick=False):
     n_tx = 100_000 if quick else 1_000_000
     n_plain = 50_000 if quick else 300_000
     n_rx = 50_000 if quick else 200_000
-    runs = 1 if quick else 3
+    runs = 1 if quick else 5
     lines = []
     with veth_pair("bench") as (na, ia, nb, ib):
         ma, mb = link_mac(na, ia), link_mac(nb, ib)
         p = {"na": na, "ia": ia, "nb": nb, "ib": ib, "frame": frame_bytes(mb, ma)}
         p["batch"] = np.stack([np.frombuffer(frame_bytes(mb, ma, i), dtype=np.uint8) for i in range(256)])
         # TX
-        plain = median_of(lambda: tx_plain(p, n_plain), runs)
-        pyr = median_of(lambda: tx_pyring(p, n_plain), runs)
-        ring = median_of(lambda: tx_ring(p, n_tx, False), runs)
-        ring_b = median_of(lambda: tx_ring(p, n_tx, True), runs)
-        tg = median_of(lambda: trafgen(p, n_tx)[0], runs) if have_tg else None
-        tg_q = median_of(lambda: trafgen(p, n_tx, qdisc=True)[0], runs) if have_tg else None
+        fns = [lambda: tx_plain(p, n_plain), lambda: tx_pyring(p, n_plain),
+               lambda: tx_ring(p, n_tx, False), lambda: tx_ring(p, n_tx, True)]
+        if have_tg:
+            fns += [lambda: trafgen(p, n_tx)[0], lambda: trafgen(p, n_tx, qdisc=True)[0]]
+        plain, pyr, ring, ring_b, *tgs = medians(fns, runs)
+        tg, tg_q = tgs if have_tg else (None, None)
         lines.append("| TX, 64-byte frames | kpps | vs plain socket | vs trafgen |")
         lines.append("|---|---:|---:|---:|")
 
@@ -380,9 +390,8 @@ def run(quick=False):
         lines.append("")
         lines.append("| RX drain (queued first), 64-byte frames | kpps | vs plain socket |")
         lines.append("|---|---:|---:|")
-        d_plain = median_of(lambda: rx_drain_plain(p, n_rx), runs)
-        d_pyr = median_of(lambda: rx_drain_pyring(p, n_rx), runs)
-        d_ring = median_of(lambda: rx_drain_ring(p, n_rx), runs)
+        d_plain, d_pyr, d_ring = medians([lambda: rx_drain_plain(p, n_rx), lambda: rx_drain_pyring(p, n_rx),
+                                          lambda: rx_drain_ring(p, n_rx)], runs)
         for name, v in (("plain Python `socket.recv_into` loop", d_plain),
                         ("pure-Python TPACKET_V3 ring walk", d_pyr),
                         ("egresscore `PacketRing.recv_into` (NumPy)", d_ring)):
@@ -393,9 +402,8 @@ def run(quick=False):
             lines.append("| RX live, trafgen sending | kpps received | got / sent | vs plain socket "
                          "| trafgen kpps (same run) | vs trafgen |")
             lines.append("|---|---:|---:|---:|---:|---:|")
-            l_plain = median_of(lambda: rx_live_plain(p, n_rx), runs)
-            l_pyr = median_of(lambda: rx_live_pyring(p, n_rx), runs)
-            l_ring = median_of(lambda: rx_live_ring(p, n_rx), runs)
+            l_plain, l_pyr, l_ring = medians([lambda: rx_live_plain(p, n_rx), lambda: rx_live_pyring(p, n_rx),
+                                              lambda: rx_live_ring(p, n_rx)], runs)
             for name, v in (("plain Python `socket.recv_into` loop", l_plain),
                             ("pure-Python TPACKET_V3 ring walk", l_pyr),
                             ("egresscore `PacketRing.recv_into` (NumPy)", l_ring)):

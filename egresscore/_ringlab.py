@@ -17,15 +17,6 @@ def _sysctl(netns, path, value):
             f.write(str(value))
 
 
-def stale_cleanup():
-    """Remove egc-ring-* namespaces left behind by a killed run."""
-    from pyroute2 import netns
-    for name in netns.listnetns():
-        if name.startswith(PREFIX):
-            with contextlib.suppress(Exception):
-                netns.remove(name)
-
-
 @contextlib.contextmanager
 def veth_pair(tag=None, mtu=1500):
     """Yield (ns_a, if_a, ns_b, if_b): if_a in ns_a wired to if_b in ns_b."""
@@ -71,10 +62,4 @@ def frame(dst, src, seq, size=64, ethertype=0x88B5):
     return dst + src + ethertype.to_bytes(2, "big") + body
 
 
-def in_netns_exec(name, argv, **kw):
-    """subprocess.run(argv) inside the namespace (ip netns exec)."""
-    import subprocess
-    return subprocess.run(["ip", "netns", "exec", name, *argv], **kw)
-
-
-__all__ = ["PREFIX", "veth_pair", "link_mac", "frame", "stale_cleanup", "in_netns_exec"]
+__all__ = ["PREFIX", "veth_pair", "link_mac", "frame"]

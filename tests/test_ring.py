@@ -153,6 +153,38 @@ def test_fanout_spreads_flows_across_two_sockets(pair):
     assert len(s1) + len(s2) == flows
 
 
+def _fanout_worker(ib, nb, group, ready, conn):
+    with PacketRing(ib, netns=nb, tx=False, retire_ms=1, fanout=group) as r:
+        ready.set()
+        got = 0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            got += r.drain(timeout=0.05)
+        conn.send(got)
+
+
+def test_fanout_across_processes(pair):
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    procs = []
+    for _ in range(2):
+        ready = ctx.Event()
+        parent, child = ctx.Pipe()
+        pr = ctx.Process(target=_fanout_worker, args=(pair["ib"], pair["nb"], 999, ready, child))
+        pr.start()
+        procs.append((pr, parent))
+        assert ready.wait(10)
+    frames = [udp_frame(pair, sport=20000 + i) for i in range(128)]
+    with tx_ring(pair) as tx:
+        tx.send(frames)
+    counts = []
+    for pr, parent in procs:
+        assert parent.poll(10)
+        counts.append(parent.recv())
+        pr.join(5)
+    assert sum(counts) == len(frames) and min(counts) > 0, counts
+
+
 def test_fanout_mode_mismatch_is_clear(pair):
     with rx_ring(pair, fanout=77):
         with pytest.raises(ValueError, match="fanout group 77"):
