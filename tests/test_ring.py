@@ -232,6 +232,28 @@ def test_wait_times_out_promptly(pair):
         assert rx.recv(10, timeout=0) == []
 
 
+def test_wait_stops_on_signal(pair):
+    import signal
+
+    class Stop(Exception):
+        pass
+
+    def handler(*_):
+        raise Stop
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        with rx_ring(pair) as rx:
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            t = time.monotonic()
+            with pytest.raises(Stop):
+                rx.wait(timeout=5)
+            assert time.monotonic() - t < 2
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_clear_errors(pair):
     with pytest.raises(ValueError, match="'nosuch0' not found in netns"):
         PacketRing("nosuch0", netns=pair["na"])
