@@ -139,6 +139,10 @@ cdef class PacketRing:
             raise ValueError(f"batch must be in 1..65536, got {batch!r}")
         rx_bytes = block_size * block_count if rx else 0
         tx_bytes = tx_frame_size * tx_frames if tx else 0
+        if rx_bytes >= 1 << 32 or tx_bytes >= 1 << 32:
+            raise MemoryError(
+                f"ring too large: RX {rx_bytes >> 20} MiB / TX {tx_bytes >> 20} MiB; each ring "
+                f"must stay below 4 GiB (the kernel's limit); lower block_size/block_count/tx_frames")
         avail = _ring_mem_available()
         if avail is not None and rx_bytes + tx_bytes > avail // 2:
             raise MemoryError(

@@ -287,7 +287,8 @@ def test_needs_cap_net_raw_message():
     code = ("import sys; sys.path.insert(0, %r)\n"
             "import egresscore\n"
             "try:\n    egresscore.PacketRing('lo')\n"
-            "except PermissionError as e:\n    print('PERM', e)\n" % os.getcwd())
+            "except PermissionError as e:\n    print('PERM', e)\n"
+            % os.path.dirname(os.path.dirname(egresscore.__file__)))
     out = subprocess.run(["setpriv", "--inh-caps=-net_raw", "--bounding-set=-net_raw", "--",
                           sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "PERM" in out.stdout and "CAP_NET_RAW" in out.stdout, out.stdout + out.stderr
