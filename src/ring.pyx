@@ -91,6 +91,8 @@ cdef class PacketRing:
     named namespace, joins fanout group 7 (flow hash), and maps both rings.
     Use it as a context manager: leaving releases the mapping and the socket.
     Batch calls release the GIL; frames are copied out only by recv/recv_into.
+    One thread per PacketRing: share an interface between workers with
+    fanout, not by sharing the object.
     """
 
     def __cinit__(self):
@@ -365,28 +367,31 @@ cdef class PacketRing:
         self._check_open()
         if not self.has_tx:
             raise ValueError("send(): this PacketRing has no TX ring")
-        for i, frame in enumerate(frames):
-            try:
-                view = memoryview(frame).cast("B")
-            except TypeError:
-                raise TypeError(f"frames[{i}] must be bytes-like, got {type(frame).__name__}") from None
-            if view.shape[0] < 14 or view.shape[0] > self.r.tx_room:
-                raise ValueError(f"frames[{i}] is {view.shape[0]} bytes; a frame needs 14..{self.r.tx_room}")
-            buf = ring_tx_claim(&self.r, &room)
-            if buf == NULL:
-                with nogil:
-                    rc = ring_tx_flush(&self.r)
-                    if rc >= 0:
-                        rc = ring_tx_wait(&self.r, ms)
-                if rc < 0:
-                    self._tx_error(rc)
-                if rc <= 0:
-                    break
+        try:
+            for i, frame in enumerate(frames):
+                try:
+                    view = memoryview(frame).cast("B")
+                except TypeError:
+                    raise TypeError(f"frames[{i}] must be bytes-like, got {type(frame).__name__}") from None
+                if view.shape[0] < 14 or view.shape[0] > self.r.tx_room:
+                    raise ValueError(f"frames[{i}] is {view.shape[0]} bytes; a frame needs 14..{self.r.tx_room}")
                 buf = ring_tx_claim(&self.r, &room)
-            memcpy(buf, &view[0], view.shape[0])
-            ring_tx_commit(&self.r, <uint32_t>view.shape[0])
-            sent += 1
-        rc = ring_tx_flush(&self.r)
+                if buf == NULL:
+                    with nogil:
+                        rc = ring_tx_flush(&self.r)
+                        if rc >= 0:
+                            rc = ring_tx_wait(&self.r, ms)
+                    if rc < 0:
+                        self._tx_error(rc)
+                    if rc <= 0:
+                        break
+                    buf = ring_tx_claim(&self.r, &room)
+                memcpy(buf, &view[0], view.shape[0])
+                ring_tx_commit(&self.r, <uint32_t>view.shape[0])
+                sent += 1
+        finally:
+            # frames queued before an error still go out
+            rc = ring_tx_flush(&self.r)
         if rc < 0:
             self._tx_error(rc)
         return sent
