@@ -348,3 +348,17 @@ def test_vnet_hdr_rx_sees_gso_super_packets(pair):
         cli.close()
         srv.close()
         sink.join(timeout=5)
+
+
+def test_forward_in_c_bounces_frames_back(pair):
+    """B's ring forwards what it receives out of the same port (C level, no
+    Python per frame); A's ring gets every frame back, byte for byte."""
+    frames = [frame(pair["mb"], pair["ma"], i, size=64 + i % 300) for i in range(2000)]
+    with PacketRing(pair["ib"], netns=pair["nb"], retire_ms=1, tx_frames=256) as bounce, \
+            PacketRing(pair["ia"], netns=pair["na"], retire_ms=1) as a:
+        a.send(frames)
+        moved, deadline = 0, time.monotonic() + 3
+        while moved < len(frames) and time.monotonic() < deadline:
+            moved += bounce.forward(bounce, timeout=0.05)
+        assert moved == len(frames)
+        assert collect(a, len(frames)) == frames
