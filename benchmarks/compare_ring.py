@@ -10,6 +10,9 @@ in the same run:
     them all: plain socket.recv_into loop, pure-Python V3 ring walk, PacketRing.
   - RX live: trafgen pushes N frames while each receiver reads; frames
     received per second, and what it missed.
+Rounds are interleaved (every peer once per round); rates are medians over
+rounds and ratios are medians of the per-round ratios, so load from other
+jobs drifting between rounds cancels out.
 Bounded: N frames per measurement (--quick: fewer), every run time-boxed.
 Needs root (namespaces) and trafgen (Debian: apt-get install netsniff-ng).
 """
@@ -161,7 +164,7 @@ def tx_pyring(p, n, batch=1024):
 
 def tx_ring(p, n, bypass, batch=1024):
     data = np.frombuffer(p["frame"] * batch, dtype=np.uint8).reshape(batch, FRAME).copy()
-    with PacketRing(p["ia"], netns=p["na"], rx=False, tx_frames=4096, qdisc_bypass=bypass) as r:
+    with PacketRing(p["ia"], netns=p["na"], rx=False, tx_frames=batch, qdisc_bypass=bypass) as r:
         t = time.perf_counter()
         sent = 0
         for _ in range(n // batch):
@@ -332,21 +335,24 @@ def rx_live_ring(p, n):
 
 # ---- the table -------------------------------------------------------------
 
-def medians(fns, runs):
-    """Run every measurement once per round, rounds interleaved (the machine's
-    load drifts; interleaving spreads it over all peers), then the median of
-    each (element-wise for tuples)."""
+def rounds(fns, runs):
+    """Run every measurement once per round, rounds interleaved: the
+    machine's load drifts, so neighbours in a round see the same load."""
     vals = [[] for _ in fns]
     for _ in range(runs):
         for i, fn in enumerate(fns):
             vals[i].append(fn())
-    out = []
-    for v in vals:
-        if isinstance(v[0], tuple):
-            out.append(tuple(statistics.median(x[i] for x in v) for i in range(len(v[0]))))
-        else:
-            out.append(statistics.median(v))
-    return out
+    return vals
+
+
+def med(v, i=None):
+    return statistics.median(v if i is None else [x[i] for x in v])
+
+
+def ratio(a, b, i=None, j=None):
+    """Median of the per-round ratios a/b (robust to load drifting between rounds)."""
+    return statistics.median((x if i is None else x[i]) / (y if j is None else y[j])
+                             for x, y in zip(a, b))
 
 
 def kpps(x):
@@ -360,7 +366,7 @@ def run(quick=False):
     n_tx = 100_000 if quick else 1_000_000
     n_plain = 50_000 if quick else 300_000
     n_rx = 50_000 if quick else 200_000
-    runs = 1 if quick else 5
+    runs = 1 if quick else 7
     lines = []
     with veth_pair("bench") as (na, ia, nb, ib):
         ma, mb = link_mac(na, ia), link_mac(nb, ib)
@@ -371,14 +377,14 @@ def run(quick=False):
                lambda: tx_ring(p, n_tx, False), lambda: tx_ring(p, n_tx, True)]
         if have_tg:
             fns += [lambda: trafgen(p, n_tx)[0], lambda: trafgen(p, n_tx, qdisc=True)[0]]
-        plain, pyr, ring, ring_b, *tgs = medians(fns, runs)
+        plain, pyr, ring, ring_b, *tgs = rounds(fns, runs)
         tg, tg_q = tgs if have_tg else (None, None)
         lines.append("| TX, 64-byte frames | kpps | vs plain socket | vs trafgen |")
         lines.append("|---|---:|---:|---:|")
 
         def row(name, v, ceiling):
-            c = f"{v / ceiling:.2f}" if ceiling else "n/a"
-            lines.append(f"| {name} | {kpps(v)} | {v / plain:.1f}x | {c} |")
+            c = f"{ratio(v, ceiling):.2f}" if ceiling else "n/a"
+            lines.append(f"| {name} | {kpps(med(v))} | {ratio(v, plain):.1f}x | {c} |")
         row("plain Python `socket.send` loop", plain, tg)
         row("pure-Python TPACKET_V3 ring (mmap+struct)", pyr, tg)
         row("egresscore `PacketRing.send_batch` (qdisc)", ring, tg_q)
@@ -390,27 +396,30 @@ def run(quick=False):
         lines.append("")
         lines.append("| RX drain (queued first), 64-byte frames | kpps | vs plain socket |")
         lines.append("|---|---:|---:|")
-        d_plain, d_pyr, d_ring = medians([lambda: rx_drain_plain(p, n_rx), lambda: rx_drain_pyring(p, n_rx),
-                                          lambda: rx_drain_ring(p, n_rx)], runs)
+        d_plain, d_pyr, d_ring = rounds([lambda: rx_drain_plain(p, n_rx), lambda: rx_drain_pyring(p, n_rx),
+                                         lambda: rx_drain_ring(p, n_rx)], runs)
         for name, v in (("plain Python `socket.recv_into` loop", d_plain),
                         ("pure-Python TPACKET_V3 ring walk", d_pyr),
                         ("egresscore `PacketRing.recv_into` (NumPy)", d_ring)):
-            lines.append(f"| {name} ({int(v[1]):,} frames) | {kpps(v[0])} | {v[0] / d_plain[0]:.1f}x |")
+            lines.append(f"| {name} ({int(med(v, 1)):,} frames) | {kpps(med(v, 0))} | "
+                         f"{ratio(v, d_plain, 0, 0):.1f}x |")
         # RX live
         if have_tg:
             lines.append("")
             lines.append("| RX live, trafgen sending | kpps received | got / sent | vs plain socket "
                          "| trafgen kpps (same run) | vs trafgen |")
             lines.append("|---|---:|---:|---:|---:|---:|")
-            l_plain, l_pyr, l_ring = medians([lambda: rx_live_plain(p, n_rx), lambda: rx_live_pyring(p, n_rx),
-                                              lambda: rx_live_ring(p, n_rx)], runs)
+            l_plain, l_pyr, l_ring = rounds([lambda: rx_live_plain(p, n_rx), lambda: rx_live_pyring(p, n_rx),
+                                             lambda: rx_live_ring(p, n_rx)], runs)
             for name, v in (("plain Python `socket.recv_into` loop", l_plain),
                             ("pure-Python TPACKET_V3 ring walk", l_pyr),
                             ("egresscore `PacketRing.recv_into` (NumPy)", l_ring)):
-                lines.append(f"| {name} | {kpps(v[0])} | {v[1] / n_rx:.0%} | "
-                             f"{v[0] / l_plain[0]:.1f}x | {kpps(v[2])} | {v[0] / v[2]:.2f} |")
+                got = statistics.median(x[1] / n_rx for x in v)
+                lines.append(f"| {name} | {kpps(med(v, 0))} | {got:.0%} | "
+                             f"{ratio(v, l_plain, 0, 0):.1f}x | {kpps(med(v, 2))} | "
+                             f"{ratio(v, v, 0, 2):.2f} |")
     head = (f"### AF_PACKET rings ({'quick' if quick else 'full'}: TX {n_tx:,} frames "
-            f"(plain/pure-Python {n_plain:,}), RX {n_rx:,} frames, median of {runs})\n")
+            f"(plain/pure-Python {n_plain:,}), RX {n_rx:,} frames, median of {runs} interleaved rounds)\n")
     if not have_tg:
         head += "\ntrafgen not found (apt-get install netsniff-ng): no ceiling column\n"
     return head + "\n" + "\n".join(lines) + "\n"
