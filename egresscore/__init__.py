@@ -1,6 +1,5 @@
 """egresscore: Cilium's egress gateway as an embeddable userspace datapath."""
 
-from ._core import DROP_REASON_NAMES
 from ._core import (
     EGRESS_STATUS_EXCLUDED,
     EGRESS_STATUS_MATCH,
@@ -15,6 +14,7 @@ from ._core import (
     LPM_MAX_VALUE,
     LPM_NO_VALUE,
     EgressEntry,
+    DROP_REASON_NAMES,
     EgressMap,
     LPMTrie,
 )
@@ -35,4 +35,10 @@ __all__ = [
     "Cluster", "Node", "Namespace", "Pod", "Interface", "load_cluster", "ClusterError",
     "Compiler", "Target", "Conflict", "Problem",
 ]
+from ._core import PacketRing
+from ._bpf import (bpf_all, bpf_any, bpf_compile, bpf_dst, bpf_not_outgoing, bpf_vxlan,
+                   pcap_available)
+
+__all__ += ["PacketRing", "bpf_all", "bpf_any", "bpf_compile", "bpf_dst",
+           "bpf_not_outgoing", "bpf_vxlan", "pcap_available"]
 __version__ = "0.1.0"
