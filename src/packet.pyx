@@ -946,6 +946,11 @@ cdef class PacketBatch:
     reason r (DROP_REASON_NAMES).  A frame dropped with frag_needed holds the
     ICMP too-big reply for its sender (length 0 when none may be sent)."""
 
+    PASS = VERDICT_PASS
+    TX = VERDICT_TX
+    TX_LOCAL = VERDICT_TX_LOCAL
+    DROP = VERDICT_DROP
+
     def __cinit__(self):
         self._info = NULL
         self._parsed = NULL
