@@ -661,7 +661,7 @@ cdef class _PktBuf:
         except TypeError:
             raise TypeError(f"frame must be bytes-like, not {type(data).__name__}") from None
         self.n = view.shape[0]
-        self.mem = <uint8_t *>malloc(headroom + self.n + 1)
+        self.mem = <uint8_t *>malloc(headroom + self.n if headroom + self.n > 0 else 1)
         if self.mem == NULL:
             raise MemoryError()
         self.p = self.mem + headroom
