@@ -41,6 +41,18 @@ static inline uint32_t csum_partial(const uint8_t *p, size_t n, uint32_t sum)
     return (uint32_t)acc;
 }
 
+/* Sum of an IPv4 header without options (the common case, unrolled). */
+static inline uint32_t csum_ipv4_hdr(const uint8_t *p, size_t ihl)
+{
+    if (ihl != 20)
+        return csum_partial(p, ihl, 0);
+    uint64_t acc = (uint64_t)pkt_load32(p) + pkt_load32(p + 4) + pkt_load32(p + 8)
+                 + pkt_load32(p + 12) + pkt_load32(p + 16);
+    acc = (acc & 0xffffffffu) + (acc >> 32);
+    acc = (acc & 0xffffffffu) + (acc >> 32);
+    return (uint32_t)acc;
+}
+
 /* The checksum field value for data whose sum is `sum`. */
 static inline uint16_t csum_finish(uint32_t sum)
 {

@@ -19,6 +19,7 @@ cdef extern from "csum.h" nogil:
     uint16_t csum_fold(uint32_t sum)
     uint32_t csum_partial(const uint8_t *p, size_t n, uint32_t sum)
     uint16_t csum_finish(uint32_t sum)
+    uint32_t csum_ipv4_hdr(const uint8_t *p, size_t ihl)
     uint32_t csum_delta16(uint16_t old, uint16_t new_)
     uint32_t csum_delta32(uint32_t old, uint32_t new_)
     uint32_t csum_set16(uint8_t *p, uint16_t new_)
@@ -178,3 +179,8 @@ cdef class PacketBatch:
     cdef inline bint _live(self, Py_ssize_t i) noexcept nogil
     cdef inline int _ensure_parsed(self, Py_ssize_t i, uint8_t *p) noexcept nogil
     cdef _nat(self, int side, addr, port)
+    cdef void _nat_loop(self, int side, const uint32_t *a, Py_ssize_t a_step,
+                        const int32_t *pt, Py_ssize_t p_step) noexcept nogil
+    cdef void _relay_loop(self, const VxlanTmpl *t, uint16_t uport, int64_t want, int side,
+                          uint32_t addr, int32_t port, bint dec_ttl) noexcept nogil
+    cdef void _too_big_in_place(self, Py_ssize_t i, const VxlanTmpl *t) noexcept nogil

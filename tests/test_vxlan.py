@@ -192,3 +192,40 @@ def test_batch_encap_moves_frames_with_short_headroom():
     batch.encap(t)
     assert batch.verdicts[0] == PacketBatch.TX
     assert batch.frame(0) == egresscore.vxlan_encap(inner, t)
+
+
+@SETTINGS
+@given(st.lists(packet_params(ver=4), min_size=1, max_size=6), st.booleans())
+def test_relay_one_pass_equals_the_separate_steps(prs, ttl):
+    t = template(vni=9, mtu=1500)
+    wires = [scapy_vxlan(build_frame(pr), 50000 + i, vni=2) for i, pr in enumerate(prs)]
+    wires.append(scapy_vxlan(b"\x00" * 20, 1, vni=3))           # inner too short to parse
+    steps = PacketBatch.from_frames(wires, frame_size=512, headroom=16)
+    steps.decap(vni=None)
+    steps.dnat("10.0.1.93", 1234)
+    if ttl:
+        steps.ttl_decrement()
+    steps.encap(t)
+    fused = PacketBatch.from_frames(wires, frame_size=512, headroom=16)
+    fused.relay(t, "10.0.1.93", 1234, ttl=ttl)
+    for i in range(len(wires)):
+        assert (fused.verdicts[i], fused.reasons[i]) == (steps.verdicts[i], steps.reasons[i])
+        assert fused.frame(i) == steps.frame(i)
+    assert fused.counts() == steps.counts()
+
+
+def test_relay_answers_too_big_and_validates_arguments():
+    big = bytes(Ether(src="02:00:00:00:00:0a", dst="02:00:00:00:00:0b")
+                / IP(src="203.0.113.9", dst="192.168.1.100", flags="DF") / UDP(sport=53, dport=40000) / Raw(b"b" * 1460))
+    batch = PacketBatch.from_frames([scapy_vxlan(big, 50000, vni=2)], frame_size=2048, headroom=0)
+    batch.relay(template(mtu=1500), "10.0.1.93", 1234)
+    assert egresscore.DROP_REASON_NAMES[batch.reasons[0]] == "frag_needed"
+    r = Ether(batch.frame(0))
+    # from the egress IP, quoting the packet as the external host sent it
+    assert (r[IP].src, r[IP].dst) == ("192.168.1.100", "203.0.113.9")
+    assert (r[ICMP].type, r[ICMP].code, r[ICMP].nexthopmtu) == (3, 4, 1450)
+    assert batch.frame(0)[14 + 28:] == big[14:14 + 548]
+    with pytest.raises(ValueError, match="side"):
+        batch.relay(template(), "10.0.1.93", side="both")
+    with pytest.raises(ValueError, match="IPv4"):
+        batch.relay(template(), "fd00::1")
