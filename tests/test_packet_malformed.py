@@ -241,10 +241,8 @@ def test_malformed_corpus_under_bounds_checked_asan_build(corpus, tmp_path):
                             "-j", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     # a package copy whose _core is the checked build
-    pkg = os.path.join(out, "egresscore")
-    for name in os.listdir(os.path.join(ROOT, "egresscore")):
-        if name.endswith(".py"):
-            shutil.copy(os.path.join(ROOT, "egresscore", name), pkg)
+    shutil.copytree(os.path.join(ROOT, "egresscore"), os.path.join(out, "egresscore"), dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     data = tmp_path / "corpus.pickle"
     data.write_bytes(pickle.dumps(corpus))
     child_env = dict(os.environ, PYTHONPATH=os.pathsep.join([out, os.path.join(ROOT, "tests")]))
