@@ -958,7 +958,8 @@ cdef class PacketBatch:
     frame_size) uint8 array; `headroom` bytes in front leave room for the
     outer header.  Each step (decap, snat/dnat, ttl_decrement, encap) runs
     one loop with the GIL released over the frames not yet dropped, in
-    place.  Per frame: verdicts[i] (VERDICT_PASS until encap makes it
+    place; relay() does decap + NAT + encap in one loop.  Addresses in a
+    batch are IPv4 (the C functions also do IPv6).  One thread per batch.  Per frame: verdicts[i] (VERDICT_PASS until encap makes it
     VERDICT_TX, VERDICT_DROP with reasons[i]); counters[r] counts drops per
     reason r (DROP_REASON_NAMES).  A frame dropped with frag_needed holds the
     ICMP too-big reply for its sender (length 0 when none may be sent)."""
