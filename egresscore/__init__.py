@@ -1,7 +1,68 @@
 """egresscore: Cilium's egress gateway as an embeddable userspace datapath."""
 
-from ._core import DROP_REASON_NAMES
-from ._core import NAT_TUPLE_DTYPE, NatEntry, NatRefused, NatTable, nat_tuples
+from ._core import (
+    DROP_REASON_NAMES,
+    # LPM trie and egress map
+    EGRESS_IP_NOT_FOUND_V4,
+    EGRESS_IP_NOT_FOUND_V6,
+    EGRESS_STATUS_EXCLUDED,
+    EGRESS_STATUS_MATCH,
+    EGRESS_STATUS_NO_GATEWAY,
+    EGRESS_STATUS_NO_MATCH,
+    EXCLUDED_CIDR_V4,
+    EXCLUDED_CIDR_V6,
+    GATEWAY_NOT_FOUND_V4,
+    GATEWAY_NOT_FOUND_V6,
+    LPM_MAX_VALUE,
+    LPM_NO_VALUE,
+    EgressEntry,
+    EgressMap,
+    LPMTrie,
+    # packet engine
+    PacketBatch,
+    PacketDropped,
+    PacketInfo,
+    VxlanTemplate,
+    dnat,
+    icmp_too_big,
+    parse,
+    snat,
+    ttl_decrement,
+    vxlan_decap,
+    vxlan_encap,
+    # AF_PACKET rings
+    PacketRing,
+    # NAT / connection table
+    NAT_TUPLE_DTYPE,
+    NatEntry,
+    NatRefused,
+    NatTable,
+    nat_tuples,
+)
+from ._bpf import bpf_all, bpf_any, bpf_compile, bpf_dst, bpf_not_outgoing, bpf_vxlan, pcap_available
+from .cluster import Cluster, ClusterError, Interface, Namespace, Node, Pod, load_cluster
+from .compiler import Compiler, Conflict, Problem, Target
+from .policy import EgressPolicy, LabelSelector, PolicyError, load_policies, parse_policy
 
-__all__ = ["DROP_REASON_NAMES", "NAT_TUPLE_DTYPE", "NatEntry", "NatRefused", "NatTable", "nat_tuples"]
+__all__ = [
+    "DROP_REASON_NAMES",
+    # LPM trie and egress map
+    "LPMTrie", "LPM_MAX_VALUE", "LPM_NO_VALUE",
+    "EgressMap", "EgressEntry",
+    "GATEWAY_NOT_FOUND_V4", "GATEWAY_NOT_FOUND_V6", "EXCLUDED_CIDR_V4", "EXCLUDED_CIDR_V6",
+    "EGRESS_IP_NOT_FOUND_V4", "EGRESS_IP_NOT_FOUND_V6",
+    "EGRESS_STATUS_NO_MATCH", "EGRESS_STATUS_MATCH", "EGRESS_STATUS_EXCLUDED", "EGRESS_STATUS_NO_GATEWAY",
+    # packet engine
+    "PacketBatch", "PacketDropped", "PacketInfo", "VxlanTemplate",
+    "parse", "snat", "dnat", "ttl_decrement", "icmp_too_big", "vxlan_encap", "vxlan_decap",
+    # AF_PACKET rings
+    "PacketRing", "bpf_all", "bpf_any", "bpf_compile", "bpf_dst", "bpf_not_outgoing", "bpf_vxlan",
+    "pcap_available",
+    # NAT / connection table
+    "NatTable", "NatEntry", "NatRefused", "NAT_TUPLE_DTYPE", "nat_tuples",
+    # control plane
+    "load_policies", "parse_policy", "EgressPolicy", "LabelSelector", "PolicyError",
+    "Cluster", "Node", "Namespace", "Pod", "Interface", "load_cluster", "ClusterError",
+    "Compiler", "Target", "Conflict", "Problem",
+]
 __version__ = "0.1.0"

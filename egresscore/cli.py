@@ -1,7 +1,190 @@
-"""The `egresscore` command line: one subcommand per job."""
+"""The `egresscore` command line: one subcommand per job.
+
+To add a subcommand, write `def _add_<name>(subparsers)` that creates its
+parser and sets `func` (called with the parsed args, returns the exit code),
+then append it to COMMANDS.  Raise CLIError for a clean one-line error.
+
+Exit codes: 0 success, 1 an error in the input or the host (message on
+stderr), 2 bad usage.
+"""
 
 import argparse
+import json
 import sys
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """An error to print on stderr as one line, without a traceback."""
+
+    def __init__(self, message, code=EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+def _warn(message):
+    print(f"egresscore: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- shared input
+
+
+def _add_input_options(parser, *, node_required):
+    parser.add_argument("--cluster", required=True, metavar="FILE",
+                        help="YAML cluster file: nodes, namespaces, pods (see examples/cluster.yaml)")
+    parser.add_argument("--policies", required=True, action="extend", nargs="+", metavar="PATH",
+                        help="CiliumEgressGatewayPolicy YAML file(s) or folder(s); may be repeated")
+    parser.add_argument("--node", required=node_required, metavar="NAME",
+                        help="the node whose view to take" if not node_required else "this host's node name")
+
+
+def _load_inputs(args):
+    """(cluster, policies, had_policy_errors); bad policies are reported on stderr."""
+    from .cluster import load_cluster
+    from .policy import load_policies
+
+    cluster = load_cluster(args.cluster)
+    result = load_policies(*args.policies)
+    for err in result.errors:
+        _warn(f"error: {err} (policy rejected)")
+    for w in result.warnings:
+        _warn(f"warning: {w}")
+    if args.node is not None and args.node not in cluster.nodes:
+        known = ", ".join(sorted(cluster.nodes)) or "none"
+        raise CLIError(f"no node {args.node!r} in {args.cluster} (nodes: {known})")
+    return cluster, result.policies, bool(result.errors)
+
+
+# ------------------------------------------------------------- egress list
+
+
+GATEWAY_LABELS = {"0.0.0.0": "Not Found", "0.0.0.1": "Excluded CIDR"}  # cilium-dbg's mapGatewayIP
+
+
+def egress_rows(compiler):
+    """(source, destination, egress IP, gateway IP) rows as `cilium-dbg bpf egress list` shows them,
+    read back from an egresscore.EgressMap the compiler filled."""
+    from . import EgressMap
+    from .compiler import target_of
+
+    em = EgressMap()
+    compiler.attach(em)
+    rows = []
+    for e in em.entries():
+        t = target_of(e)
+        rows.append((str(e.source), str(e.destination), t.egress_ip, GATEWAY_LABELS.get(t.gateway_ip, t.gateway_ip)))
+    return rows
+
+
+def format_table(rows, header=("Source IP", "Destination CIDR", "Egress IP", "Gateway IP")):
+    """Aligned like Go's tabwriter.NewWriter(out, 5, 0, 3, ' ', 0), as cilium-dbg prints."""
+    lines = [header] + [tuple(r) for r in rows]
+    widths = [max(5, max(len(line[i]) for line in lines) + 3) for i in range(len(header) - 1)]
+    out = []
+    for line in lines:
+        out.append("".join(cell.ljust(w) for cell, w in zip(line, widths)) + line[-1])
+    return "\n".join(out) + "\n"
+
+
+def _cmd_egress_list(args):
+    from .compiler import Compiler
+
+    cluster, policies, had_errors = _load_inputs(args)
+    compiler = Compiler(cluster, policies, node=args.node)
+    for problem in compiler.problems():
+        _warn(f"warning: {problem}")
+    for conflict in compiler.conflicts():
+        _warn(f"warning: {conflict}")
+    rows = egress_rows(compiler)
+    if args.output == "json":
+        doc = [{"SourceIP": s, "DestCIDR": d, "EgressIP": e, "GatewayIP": g} for s, d, e, g in rows]
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    elif rows:
+        sys.stdout.write(format_table(rows))
+    else:
+        print("No entries found.", file=sys.stderr)
+    return EXIT_ERROR if had_errors else EXIT_OK
+
+
+def _add_egress(sub):
+    egress = sub.add_parser("egress", help="the compiled egress map",
+                            description="Inspect the egress map compiled from the policies and the cluster.")
+    egress.set_defaults(func=lambda args: _usage(egress))
+    esub = egress.add_subparsers(dest="egress_command", metavar="COMMAND")
+    ls = esub.add_parser(
+        "list", aliases=["ls"], help="list egress map entries, like `cilium-dbg bpf egress list`",
+        description="List the egress map entries compiled from the policies, as `cilium-dbg bpf egress list` "
+                    "prints them on the given node (the egress IP is only known on the gateway node itself; "
+                    "without --node every gateway's egress IP is shown as its gateway node sees it).",
+        epilog="Gateway IP 'Not Found': no node matches the gateway's nodeSelector (source nodes drop); "
+               "'Excluded CIDR': an excludedCIDRs entry (normal masquerade). "
+               "Exit status 1 if a policy was rejected (the others are listed).",
+    )
+    _add_input_options(ls, node_required=False)
+    ls.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format (table)")
+    ls.set_defaults(func=_cmd_egress_list)
+
+
+# ---------------------------------------------------------------- validate
+
+
+def _cmd_validate(args):
+    from .cluster import ClusterError
+    from .compiler import Compiler
+
+    cluster, policies, had_errors = _load_inputs(args)
+    try:
+        host = cluster.nodes[args.node].with_host_interfaces(args.netns)
+    except ImportError as exc:
+        raise CLIError(f"cannot read interfaces: {exc}") from None
+    except (OSError, ValueError, ClusterError) as exc:
+        where = f"network namespace {args.netns!r}" if args.netns else "this host"
+        raise CLIError(f"cannot read the interfaces of {where}: {exc}") from None
+    cluster.nodes[args.node] = host
+    compiler = Compiler(cluster, policies, node=args.node)
+    served = failed = 0
+    for policy in compiler.policies:
+        for g in compiler.gateways(policy.name):
+            if g.node != args.node:
+                continue
+            served += 1
+            if g.problem:
+                failed += 1
+                _warn(f"error: policy {policy.name!r}: {g.problem}; SNAT cannot work without it")
+                continue
+            ips = [ip for ip, fam in ((g.egress_ip4, 4), (g.egress_ip6, 6)) if fam in policy.families]
+            print(f"ok: policy {policy.name!r}: egress IP {', '.join(ips)} on interface {g.interface}")
+    if not served:
+        print(f"node {args.node} is the gateway of no egress gateway policy")
+    if failed:
+        return EXIT_ERROR
+    return EXIT_ERROR if had_errors else EXIT_OK
+
+
+def _add_validate(sub):
+    v = sub.add_parser(
+        "validate", help="check that this host holds the egress IPs it must serve",
+        description="For every policy whose gateway is NODE, check with netlink (pyroute2) that the egress IP "
+                    "it must SNAT to exists on one of this host's interfaces (or the namespace's, with --netns).",
+        epilog="Exit status 0 if every egress IP is present, 1 otherwise.",
+    )
+    _add_input_options(v, node_required=True)
+    v.add_argument("--netns", metavar="NAME", help="read the interfaces of this network namespace instead")
+    v.set_defaults(func=_cmd_validate)
+
+
+# -------------------------------------------------------------------- main
+
+
+COMMANDS = [_add_egress, _add_validate]
+
+
+def _usage(parser):
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
 
 
 def _build_parser():
@@ -9,7 +192,9 @@ def _build_parser():
         prog="egresscore",
         description="A userspace egress gateway compatible with Cilium's CiliumEgressGatewayPolicy.",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
@@ -18,8 +203,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
-        return 2
-    return args.func(args)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        _warn(f"error: {exc}")
+        return exc.code
+    except (ValueError, OSError) as exc:  # bad input files, unreadable paths
+        _warn(f"error: {exc}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

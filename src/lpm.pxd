@@ -1,1 +1,145 @@
-# lpm declarations.
+# lpm declarations: the poptrie-style LPM core (lpm_core.h), the egress
+# policy map (lpm_egress.h), and the cdef classes that own them.  The fused
+# datapath calls the inline nogil functions at the bottom.
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+cdef extern from "lpm_core.h" nogil:
+    const uint32_t LPM_NODE
+    const uint32_t LPM_NONE
+    const uint32_t LPM_VALUE_MAX
+
+    ctypedef struct lpm_table:
+        uint32_t dbits
+        uint32_t n_nodes
+        uint32_t n_leaves
+        void* aux
+        size_t aux_bytes
+
+    ctypedef struct lpm_entry:
+        uint64_t hi
+        uint64_t lo
+        uint32_t val
+        uint32_t len
+
+    ctypedef struct lpm_seq_entry:
+        lpm_entry ent
+        size_t seq
+
+    ctypedef struct lpm_rcu:
+        pass
+
+    ctypedef struct lpm_trie:
+        lpm_rcu rcu
+        lpm_table* cur
+        lpm_entry* e
+        size_t n
+        size_t cap
+        unsigned width
+
+    unsigned lpm_rcu_enter(lpm_rcu* r)
+    void lpm_rcu_exit(lpm_rcu* r, unsigned idx)
+    void lpm_rcu_sync(lpm_rcu* r)
+    uint32_t lpm4_table_lookup(const lpm_table* t, uint32_t addr)
+    uint32_t lpm6_table_lookup(const lpm_table* t, uint64_t hi, uint64_t lo)
+    void lpm4_table_lookup_batch(const lpm_table* t, const uint32_t* keys, size_t n,
+                                 uint32_t* out, uint8_t* found)
+    void lpm6_table_lookup_batch(const lpm_table* t, const void* keys, int as_bytes, size_t n,
+                                 uint32_t* out, uint8_t* found)
+    uint64_t lpm_load_be64(const uint8_t* p)
+    void lpm_store_be64(uint8_t* p, uint64_t x)
+    lpm_table* lpm_table_build(const lpm_entry* e, size_t n, unsigned width)
+    void lpm_table_free(lpm_table* t)
+    size_t lpm_table_bytes(const lpm_table* t)
+    lpm_entry* lpm_entries_merge(const lpm_entry* old, size_t n, lpm_seq_entry* add, size_t m,
+                                 size_t* out_n)
+    const lpm_table* lpm_trie_table(lpm_trie* t)
+    int lpm_trie_publish(lpm_trie* t)
+    int lpm_trie_store(lpm_trie* t, const lpm_entry* key)
+    int lpm_trie_delete(lpm_trie* t, const lpm_entry* key)
+    long lpm_trie_find(const lpm_trie* t, const lpm_entry* key)
+
+
+cdef extern from "lpm_egress.h" nogil:
+    const int EGRESS_NO_MATCH
+    const int EGRESS_MATCH
+    const int EGRESS_EXCLUDED
+    const int EGRESS_NO_GATEWAY
+
+    ctypedef struct egress_snap:
+        uint32_t bits
+        uint32_t n
+
+    ctypedef struct egress_val4:
+        uint32_t egress
+        uint32_t gateway
+
+    ctypedef struct egress_val6:
+        uint64_t e_hi
+        uint64_t e_lo
+        uint64_t g_hi
+        uint64_t g_lo
+
+    ctypedef struct egress_map:
+        lpm_rcu rcu
+        egress_snap* snap[2]
+
+    int egress_map_lookup4(egress_map* m, uint32_t src, uint32_t dst,
+                           uint32_t* egress, uint32_t* gateway)
+    int egress_map_lookup6(egress_map* m, const uint8_t* src16, const uint8_t* dst16,
+                           uint8_t* egress16, uint8_t* gateway16)
+    void egress_map_lookup4_batch(egress_map* m, const uint32_t* src, const uint32_t* dst, size_t n,
+                                  uint32_t* egress, uint32_t* gateway, uint8_t* status)
+    void egress_map_lookup6_batch(egress_map* m, const uint8_t* src, const uint8_t* dst, size_t n,
+                                  uint8_t* egress, uint8_t* gateway, uint8_t* status)
+    egress_snap* egress_snap_with(const egress_snap* old, uint64_t hi, uint64_t lo,
+                                  lpm_table* tbl, lpm_table** replaced)
+    void egress_map_publish(egress_map* m, int v6, egress_snap* s)
+    void egress_snap_free(egress_snap* s)
+    void egress_map_free_all(egress_map* m)
+
+
+cdef class LPMTrie:
+    cdef lpm_trie* c
+    cdef readonly int family
+    cdef int _entry(self, object prefix, lpm_entry* out) except -1
+    cdef object _network(self, const lpm_entry* e)
+
+
+cdef class EgressMap:
+    cdef egress_map* c
+    cdef dict _sources      # (family, source int) -> _EgressSource
+    cdef Py_ssize_t _count
+    cdef _rebuild_source(self, int family, object src, object state)
+
+
+# ---- C API for the fused datapath (all nogil, never raise) -----------------
+
+cdef inline int lpm4_lookup(LPMTrie t, uint32_t addr, uint32_t* value) noexcept nogil:
+    """Longest-prefix match of a host-order IPv4 address: 1 and *value, or 0."""
+    cdef unsigned idx = lpm_rcu_enter(&t.c.rcu)
+    cdef uint32_t v = lpm4_table_lookup(lpm_trie_table(t.c), addr)
+    lpm_rcu_exit(&t.c.rcu, idx)
+    value[0] = v
+    return v != LPM_NONE
+
+
+cdef inline int lpm6_lookup(LPMTrie t, const uint8_t* addr16, uint32_t* value) noexcept nogil:
+    """Longest-prefix match of a 16-byte network-order IPv6 address."""
+    cdef unsigned idx = lpm_rcu_enter(&t.c.rcu)
+    cdef uint32_t v = lpm6_table_lookup(lpm_trie_table(t.c), lpm_load_be64(addr16),
+                                        lpm_load_be64(addr16 + 8))
+    lpm_rcu_exit(&t.c.rcu, idx)
+    value[0] = v
+    return v != LPM_NONE
+
+
+cdef inline int egress_lookup4(EgressMap m, uint32_t src, uint32_t dst,
+                               uint32_t* egress_ip, uint32_t* gateway_ip) noexcept nogil:
+    """Egress policy for host-order IPv4 (src, dst): an EGRESS_* status."""
+    return egress_map_lookup4(m.c, src, dst, egress_ip, gateway_ip)
+
+
+cdef inline int egress_lookup6(EgressMap m, const uint8_t* src16, const uint8_t* dst16,
+                               uint8_t* egress16, uint8_t* gateway16) noexcept nogil:
+    """Egress policy for 16-byte network-order IPv6 (src, dst): an EGRESS_* status."""
+    return egress_map_lookup6(m.c, src16, dst16, egress16, gateway16)

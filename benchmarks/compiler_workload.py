@@ -1,0 +1,90 @@
+"""A synthetic cluster for the compiler benchmarks: N pods, P policies, a few gateways.
+
+Every pod is selected by about one policy (by app label, namespace, or a
+matchExpressions In), each policy has two destination CIDRs and one excluded
+CIDR, a fifth of the policies spread pods over three gateways: about
+3 * N egress map entries.
+"""
+
+from egresscore.cluster import Cluster, Interface, Namespace, Node, Pod
+from egresscore.policy import parse_policy
+
+
+def make_cluster(n_pods=10_000, n_nodes=50, n_namespaces=20, n_apps=200):
+    nodes = []
+    for i in range(n_nodes):
+        ip = f"192.168.{1 + i // 250}.{1 + i % 250}"
+        addrs = (f"{ip}/16",) + ((f"172.16.{i}.100/24", f"172.16.{i}.101/24") if i % 10 == 0 else ())
+        labels = {"kubernetes.io/hostname": f"node{i:03d}", "zone": "ab"[i % 2]}
+        if i % 10 == 0:
+            labels["egress-gateway"] = "true"
+        nodes.append(Node(f"node{i:03d}", labels, ip, (Interface("eth0", addrs),), "eth0"))
+    namespaces = [Namespace(f"ns{i}", {"team": f"team{i % 5}"}) for i in range(n_namespaces)]
+    pods = []
+    for i in range(n_pods):
+        node = i % n_nodes
+        pods.append(Pod(
+            f"pod{i}", f"ns{i % n_namespaces}", f"{i:08x}-5c0b-4f6e-9d1a-{i * 7919 % 16**12:012x}",
+            {"app": f"app{i % n_apps}", "tier": ("web", "db", "cache")[i % 3], "pod-template-hash": f"h{i % 997}"},
+            (f"10.{node}.{(i // n_nodes) // 250}.{1 + (i // n_nodes) % 250}",), f"node{node:03d}",
+        ))
+    return Cluster(nodes, namespaces, pods)
+
+
+def make_policies(n_policies=100, n_apps=200, n_gateway_nodes=5):
+    out = []
+    for i in range(n_policies):
+        kind = i % 4
+        if kind == 0:
+            selectors = [{"podSelector": {"matchLabels": {"app": f"app{2 * i % n_apps}"}}},
+                         {"podSelector": {"matchLabels": {"app": f"app{(2 * i + 1) % n_apps}"}}}]
+        elif kind == 1:
+            selectors = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": f"ns{i % 20}"}},
+                          "podSelector": {"matchLabels": {"tier": "web"}}}]
+        elif kind == 2:
+            selectors = [{"podSelector": {"matchExpressions": [
+                {"key": "app", "operator": "In", "values": [f"app{2 * i % n_apps}", f"app{(2 * i + 1) % n_apps}"]},
+                {"key": "tier", "operator": "NotIn", "values": ["cache"]}]}}]
+        else:
+            selectors = [{"podSelector": {"matchLabels": {"app": f"app{2 * i % n_apps}"}}}]
+        gw = i % n_gateway_nodes * 10
+        spec = {
+            "selectors": selectors,
+            "destinationCIDRs": [f"203.0.{i % 256}.0/24", f"198.{18 + i % 2}.{i % 256}.0/24"],
+            "excludedCIDRs": [f"203.0.{i % 256}.128/25"],
+        }
+        if i % 5 == 4:
+            spec["egressGateways"] = [
+                {"nodeSelector": {"matchLabels": {"kubernetes.io/hostname": f"node{(gw + 10 * k) % 50:03d}"}},
+                 "egressIP": f"172.16.{(gw + 10 * k) % 50}.100"} for k in range(3)]
+        else:
+            spec["egressGateway"] = {"nodeSelector": {"matchLabels": {"kubernetes.io/hostname": f"node{gw:03d}"}},
+                                     "egressIP": f"172.16.{gw}.101"}
+        policy, _ = parse_policy({"apiVersion": "cilium.io/v2", "kind": "CiliumEgressGatewayPolicy",
+                                  "metadata": {"name": f"policy-{i:03d}"}, "spec": spec})
+        out.append(policy)
+    return out
+
+
+def naive_compile(cluster, policies, view=None):
+    """The reference: Cilium's loop in plain Python (every policy x every endpoint), no index."""
+    from egresscore.compiler import EXCLUDED_CIDR, Target, fnv1a_32, resolve_gateways
+
+    out = {}
+    pods = sorted(cluster.pods.values(), key=lambda p: p.key)
+    labels = {p.key: cluster.pod_labels(p) for p in pods}
+    for p in sorted(policies, key=lambda p: p.name):
+        gws = resolve_gateways(p, cluster, view)
+        for pod in pods:
+            if not p.matches_labels(labels[pod.key]) or not p.matches_node(cluster.node_labels(pod.node)):
+                continue
+            g = gws[fnv1a_32(pod.uid) % len(gws)] if len(gws) > 1 else gws[0]
+            for ip in pod.ips:
+                v6 = ":" in ip
+                for d in p.destination_cidrs:
+                    if (":" in d) == v6:
+                        out.setdefault((ip, d), g.target6 if v6 else g.target4)
+                for d in p.excluded_cidrs:
+                    if (":" in d) == v6:
+                        out.setdefault((ip, d), Target(g.egress_ip6 if v6 else g.egress_ip4, EXCLUDED_CIDR))
+    return out

@@ -1,0 +1,381 @@
+"""The cluster model: nodes, namespaces and pods, as the compiler sees them.
+
+Built in code, loaded from a YAML cluster file (see examples/cluster.yaml), or,
+for the local node, read from the host with pyroute2 (`Node.from_host`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import yaml
+
+from .policy import NAMESPACE_LABEL_PREFIX, POD_NAMESPACE_LABEL
+
+__all__ = ["Interface", "Node", "Namespace", "Pod", "Cluster", "ClusterError", "load_cluster"]
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+class ClusterError(ValueError):
+    """A bad cluster file or object: names where and what."""
+
+
+def _labels(obj, where) -> dict:
+    if obj is None:
+        return {}
+    if not isinstance(obj, Mapping):
+        raise ClusterError(f"{where}: labels must be a mapping")
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ClusterError(f"{where}: label {k!r}: {v!r} must be a string (quote it)")
+        out[k] = v
+    return out
+
+
+def _ip(value, where) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value).strip()))
+    except ValueError:
+        raise ClusterError(f"{where}: {value!r} is not an IP address") from None
+
+
+def _iface_addr(value, where) -> str:
+    try:
+        return str(ipaddress.ip_interface(str(value).strip()))
+    except ValueError:
+        raise ClusterError(f"{where}: {value!r} is not an interface address like 192.168.1.3/24") from None
+
+
+def _cidr(value, where) -> str:
+    try:
+        return str(ipaddress.ip_network(str(value).strip(), strict=False))
+    except ValueError:
+        raise ClusterError(f"{where}: {value!r} is not a CIDR") from None
+
+
+@dataclass(frozen=True)
+class Interface:
+    """A network interface and its addresses ("192.168.1.3/24"), in kernel order."""
+
+    name: str
+    addresses: tuple = ()
+
+    def ips(self, version=None):
+        for a in self.addresses:
+            ip = ipaddress.ip_interface(a).ip
+            if version is None or ip.version == version:
+                yield str(ip)
+
+    def first_ip(self, version):
+        """The first usable address of a family (IPv6 link-local is skipped)."""
+        for a in self.addresses:
+            ip = ipaddress.ip_interface(a).ip
+            if ip.version == version and not (version == 6 and ip.is_link_local):
+                return str(ip)
+        return None
+
+    def has_ip(self, ip: str) -> bool:
+        return any(ip == x for x in self.ips())
+
+
+@dataclass(frozen=True)
+class Node:
+    """A cluster node: its internal IP is the gateway IP other nodes tunnel to."""
+
+    name: str
+    labels: Mapping = field(default_factory=dict)
+    internal_ip: str | None = None
+    interfaces: tuple = ()  # (Interface, ...)
+    default_route_interface: str | None = None
+    default_route_interface_v6: str | None = None
+    pod_cidrs: tuple = ()
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ClusterError(f"node name must be a non-empty string, not {self.name!r}")
+        object.__setattr__(self, "labels", dict(self.labels))
+        if self.internal_ip is not None:
+            object.__setattr__(self, "internal_ip", _ip(self.internal_ip, f"node {self.name}: internalIP"))
+        ifaces = tuple(
+            i if isinstance(i, Interface) else Interface(i["name"], tuple(i.get("addresses", ()))) for i in self.interfaces
+        )
+        ifaces = tuple(
+            Interface(i.name, tuple(_iface_addr(a, f"node {self.name}: interface {i.name}") for a in i.addresses))
+            for i in ifaces
+        )
+        object.__setattr__(self, "interfaces", ifaces)
+        object.__setattr__(self, "pod_cidrs", tuple(_cidr(c, f"node {self.name}: podCIDRs") for c in self.pod_cidrs))
+
+    @property
+    def gateway_ip(self) -> str | None:
+        """The IPv4 internal IP (Cilium's GetNodeIP(false)); None if it has none."""
+        if self.internal_ip and ":" not in self.internal_ip:
+            return self.internal_ip
+        return None
+
+    def interface(self, name):
+        for i in self.interfaces:
+            if i.name == name:
+                return i
+        return None
+
+    def interface_with_ip(self, ip):
+        for i in self.interfaces:
+            if i.has_ip(ip):
+                return i
+        return None
+
+    def all_ips(self):
+        return {ip for i in self.interfaces for ip in i.ips()}
+
+    @classmethod
+    def from_host(cls, name, *, labels=None, internal_ip=None, pod_cidrs=(), netns=None):
+        """This host's node: interfaces, addresses and default routes read with pyroute2.
+
+        `netns` names a network namespace to read instead of the current one.
+        Without `internal_ip`, the first IPv4 of the default-route interface is used.
+        """
+        ifaces, dflt4, dflt6 = read_host_interfaces(netns)
+        if internal_ip is None and dflt4:
+            for i in ifaces:
+                if i.name == dflt4:
+                    internal_ip = i.first_ip(4)
+        return cls(name, labels or {}, internal_ip, ifaces, dflt4, dflt6, tuple(pod_cidrs))
+
+    def with_host_interfaces(self, netns=None) -> "Node":
+        """This node with interfaces and default routes replaced by the host's."""
+        ifaces, dflt4, dflt6 = read_host_interfaces(netns)
+        return replace(self, interfaces=ifaces, default_route_interface=dflt4, default_route_interface_v6=dflt6)
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "labels": dict(self.labels)}
+        if self.internal_ip:
+            out["internalIP"] = self.internal_ip
+        if self.pod_cidrs:
+            out["podCIDRs"] = list(self.pod_cidrs)
+        if self.default_route_interface:
+            out["defaultRouteInterface"] = self.default_route_interface
+        if self.default_route_interface_v6:
+            out["defaultRouteInterfaceV6"] = self.default_route_interface_v6
+        out["interfaces"] = [{"name": i.name, "addresses": list(i.addresses)} for i in self.interfaces]
+        return out
+
+
+def read_host_interfaces(netns=None):
+    """(interfaces, IPv4 default-route interface, IPv6 default-route interface) via netlink."""
+    from pyroute2 import IPRoute, NetNS
+    from pyroute2 import netns as _netns
+
+    if netns and netns not in _netns.listnetns():  # NetNS() would create it
+        raise ClusterError(f"no network namespace named {netns!r}")
+    ipr = NetNS(netns, flags=0) if netns else IPRoute()
+    try:
+        names = {}
+        for link in ipr.get_links():
+            names[link["index"]] = link.get_attr("IFLA_IFNAME")
+        addrs = {idx: [] for idx in names}
+        for msg in ipr.get_addr():
+            idx = msg["index"]
+            ip = msg.get_attr("IFA_ADDRESS")
+            if msg["family"] == 2:
+                ip = msg.get_attr("IFA_LOCAL") or ip
+            if ip is None or idx not in addrs:
+                continue
+            addrs[idx].append(f"{ip}/{msg['prefixlen']}")
+        default = {}
+        for family, ver in ((2, 4), (10, 6)):
+            best = None
+            for route in ipr.get_routes(family=family, table=254):
+                if route["dst_len"] != 0 or route.get_attr("RTA_DST") is not None:
+                    continue
+                oif = route.get_attr("RTA_OIF")
+                if oif is None:
+                    mp = route.get_attr("RTA_MULTIPATH")
+                    if mp:
+                        oif = mp[0]["oif"]
+                prio = route.get_attr("RTA_PRIORITY") or 0
+                if oif in names and (best is None or prio < best[0]):
+                    best = (prio, names[oif])
+            default[ver] = best[1] if best else None
+        ifaces = tuple(Interface(names[i], tuple(addrs[i])) for i in sorted(names))
+        return ifaces, default[4], default[6]
+    finally:
+        ipr.close()
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A Kubernetes namespace; its labels are visible to namespaceSelectors."""
+
+    name: str
+    labels: Mapping = field(default_factory=dict)
+
+    def __post_init__(self):
+        labels = dict(self.labels)
+        labels.setdefault(NAMESPACE_NAME_LABEL, self.name)  # as the API server does
+        object.__setattr__(self, "labels", labels)
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A pod (Cilium endpoint): its uid places it among several gateways."""
+
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    labels: Mapping = field(default_factory=dict)
+    ips: tuple = ()
+    node: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ClusterError(f"pod name must be a non-empty string, not {self.name!r}")
+        object.__setattr__(self, "labels", dict(self.labels))
+        object.__setattr__(self, "ips", tuple(_ip(ip, f"pod {self.namespace}/{self.name}: ips") for ip in self.ips))
+        if not self.uid:
+            object.__setattr__(self, "uid", f"{self.namespace}/{self.name}")
+
+    @property
+    def key(self):
+        return (self.namespace, self.name)
+
+
+class Cluster:
+    """Nodes, namespaces and pods; mutated by the compiler's incremental calls."""
+
+    def __init__(self, nodes=(), namespaces=(), pods=()):
+        self.nodes = {}
+        self.namespaces = {}
+        self.pods = {}
+        for n in nodes:
+            self.nodes[n.name] = n
+        for ns in namespaces:
+            self.namespaces[ns.name] = ns
+        for p in pods:
+            self.pods[p.key] = p
+
+    def node_names(self):
+        return sorted(self.nodes)
+
+    def namespace(self, name) -> Namespace:
+        ns = self.namespaces.get(name)
+        return ns if ns is not None else Namespace(name)
+
+    def pod_labels(self, pod: Pod) -> dict:
+        """The labels Cilium's selectors see for a pod: its own, its namespace's, the namespace name."""
+        labels = dict(pod.labels)
+        labels[POD_NAMESPACE_LABEL] = pod.namespace
+        for k, v in self.namespace(pod.namespace).labels.items():
+            labels[NAMESPACE_LABEL_PREFIX + k] = v
+        return labels
+
+    def node_labels(self, name) -> dict:
+        node = self.nodes.get(name)
+        return node.labels if node is not None else {}
+
+    def copy(self) -> "Cluster":
+        return Cluster(self.nodes.values(), self.namespaces.values(), self.pods.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "nodes": [n.to_dict() for n in self.nodes.values()],
+            "namespaces": [{"name": ns.name, "labels": dict(ns.labels)} for ns in self.namespaces.values()],
+            "pods": [
+                {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": dict(p.labels),
+                 "ips": list(p.ips), "node": p.node}
+                for p in self.pods.values()
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data, source="cluster") -> "Cluster":
+        if not isinstance(data, Mapping):
+            raise ClusterError(f"{source}: must be a mapping with nodes, namespaces and pods")
+        unknown = set(data) - {"nodes", "namespaces", "pods"}
+        if unknown:
+            raise ClusterError(f"{source}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+        try:
+            return cls._from_dict(data, source)
+        except ClusterError as exc:
+            msg = str(exc)
+            raise ClusterError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+    @classmethod
+    def _from_dict(cls, data, source):
+        nodes, namespaces, pods = [], [], []
+        for i, n in enumerate(_list(data.get("nodes"), f"{source}: nodes")):
+            where = f"{source}: nodes[{i}]"
+            _fields(n, where, ("name", "labels", "internalIP", "interfaces", "defaultRouteInterface",
+                               "defaultRouteInterfaceV6", "podCIDRs"))
+            ifaces = []
+            for j, iface in enumerate(_list(n.get("interfaces"), f"{where}.interfaces")):
+                _fields(iface, f"{where}.interfaces[{j}]", ("name", "addresses"))
+                if not isinstance(iface.get("name"), str):
+                    raise ClusterError(f"{where}.interfaces[{j}]: name is required")
+                ifaces.append(Interface(iface["name"], tuple(_list(iface.get("addresses"), f"{where}.interfaces[{j}]"))))
+            nodes.append(Node(
+                _name(n, where), _labels(n.get("labels"), where), n.get("internalIP"), tuple(ifaces),
+                n.get("defaultRouteInterface"), n.get("defaultRouteInterfaceV6"),
+                tuple(_list(n.get("podCIDRs"), f"{where}.podCIDRs")),
+            ))
+        for i, ns in enumerate(_list(data.get("namespaces"), f"{source}: namespaces")):
+            where = f"{source}: namespaces[{i}]"
+            _fields(ns, where, ("name", "labels"))
+            namespaces.append(Namespace(_name(ns, where), _labels(ns.get("labels"), where)))
+        for i, p in enumerate(_list(data.get("pods"), f"{source}: pods")):
+            where = f"{source}: pods[{i}]"
+            _fields(p, where, ("name", "namespace", "uid", "labels", "ips", "node"))
+            pods.append(Pod(
+                _name(p, where), str(p.get("namespace") or "default"), str(p.get("uid") or ""),
+                _labels(p.get("labels"), where), tuple(_list(p.get("ips"), f"{where}.ips")), p.get("node"),
+            ))
+        names = [n.name for n in nodes]
+        if len(set(names)) != len(names):
+            raise ClusterError(f"{source}: duplicate node names")
+        return cls(nodes, namespaces, pods)
+
+
+def _list(obj, where):
+    if obj is None:
+        return []
+    if not isinstance(obj, list):
+        raise ClusterError(f"{where}: must be a list")
+    return obj
+
+
+def _fields(obj, where, allowed):
+    if not isinstance(obj, Mapping):
+        raise ClusterError(f"{where}: must be a mapping")
+    for k in obj:
+        if k not in allowed:
+            raise ClusterError(f"{where}: unknown field {k!r} (allowed: {', '.join(allowed)})")
+
+
+def _name(obj, where):
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        raise ClusterError(f"{where}: name is required")
+    return name
+
+
+def load_cluster(path) -> Cluster:
+    """Read a YAML cluster file; ClusterError (a ValueError) names what is wrong."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except OSError as exc:
+        raise ClusterError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ClusterError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    try:
+        return Cluster.from_dict(data if data is not None else {}, path)
+    except (TypeError, AttributeError) as exc:  # defensive: odd shapes
+        raise ClusterError(f"{path}: {exc}") from None

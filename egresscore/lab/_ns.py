@@ -1,0 +1,220 @@
+"""Network-namespace primitives: create, remove, enter, run code and commands inside.
+
+Namespaces are the bind mounts under /run/netns that `ip netns` and pyroute2
+share.  Code runs inside one in a forked child (setns is per thread, so the
+parent never changes namespace: an interrupt cannot leave it in the wrong one).
+"""
+import ctypes
+import fcntl
+import json
+import multiprocessing
+import os
+import pickle
+import subprocess
+import traceback
+
+from pyroute2 import netns as _netns
+
+PREFIX = "egc-lab-"
+NETNS_DIR = "/run/netns"
+LOCK_DIR = "/run/egc-lab"
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fork = multiprocessing.get_context("fork")
+
+
+def setns(name):
+    """Move the calling thread into namespace `name` (a /run/netns name)."""
+    fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {name!r} failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def create(name):
+    if not name.startswith(PREFIX):
+        raise ValueError(f"namespace name {name!r} must start with {PREFIX!r}")
+    _netns.create(name)
+
+
+def remove(name):
+    """Remove one lab namespace; missing is fine.  Interfaces die with it."""
+    if not name.startswith(PREFIX):
+        raise ValueError(f"refusing to remove {name!r}: not a lab namespace")
+    try:
+        _netns.remove(name)
+    except FileNotFoundError:
+        pass
+
+
+def lab_namespaces():
+    return sorted(n for n in _netns.listnetns() if n.startswith(PREFIX))
+
+
+class Lock:
+    """An flock'ed file naming a live lab's namespaces (its manifest).
+
+    A namespace with the lab prefix that no live lab lists is stale: left by
+    a lab whose process died without cleaning up.
+    """
+
+    def __init__(self, tag):
+        os.makedirs(LOCK_DIR, exist_ok=True)
+        self.path = os.path.join(LOCK_DIR, f"{tag}.lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = -1
+            raise RuntimeError(f"a lab tagged {tag!r} is already running ({self.path} is locked)") from None
+
+    def write(self, namespaces):
+        data = json.dumps({"pid": os.getpid(), "namespaces": sorted(namespaces)}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def release(self):
+        if self.fd >= 0:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+
+def live_namespaces():
+    """Namespaces listed by labs whose lock is held by a live process."""
+    live = set()
+    try:
+        names = os.listdir(LOCK_DIR)
+    except FileNotFoundError:
+        return live
+    for fname in names:
+        path = os.path.join(LOCK_DIR, fname)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # held exclusively: that lab is alive
+                try:
+                    with open(path, "rb") as f:
+                        live.update(json.loads(f.read() or b"{}").get("namespaces", ()))
+                except (OSError, ValueError):
+                    pass
+            else:  # nobody holds it: the lab died
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(fd)
+    return live
+
+
+def remove_stale():
+    """Remove every lab namespace that no live lab owns; return their names."""
+    live = live_namespaces()
+    stale = [n for n in lab_namespaces() if n not in live]
+    for name in stale:
+        remove(name)
+    return stale
+
+
+def _child_main(conn, name, func, args, kwargs):
+    try:
+        setns(name)
+        result = (True, func(*args, **kwargs))
+    except BaseException as exc:  # noqa: BLE001 - shipped to the parent
+        result = (False, _portable(exc))
+    try:
+        conn.send(result)
+    except Exception as exc:  # unpicklable result
+        conn.send((False, RuntimeError(f"result of {func!r} could not be sent back: {exc}")))
+    conn.close()
+
+
+def _portable(exc):
+    try:
+        pickle.dumps(exc)
+        exc.__notes__ = getattr(exc, "__notes__", []) + ["in the namespace child:\n" + traceback.format_exc()]
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+
+
+def call(name, func, *args, timeout=60.0, **kwargs):
+    """Run func(*args, **kwargs) in a forked child inside namespace `name`; return its result.
+
+    The result and any exception travel back pickled.  The child is killed
+    after `timeout` seconds (TimeoutError).
+    """
+    parent, child = _fork.Pipe(duplex=False)
+    proc = _fork.Process(target=_child_main, args=(child, name, func, args, kwargs), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(timeout):
+            raise TimeoutError(f"{getattr(func, '__name__', func)} in {name} did not finish in {timeout} s")
+        ok, value = parent.recv()
+    except EOFError:
+        proc.join(1)
+        raise RuntimeError(f"child in {name} died (exit code {proc.exitcode})") from None
+    finally:
+        parent.close()
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+    if not ok:
+        raise value
+    return value
+
+
+def spawn(name, func, *args, **kwargs):
+    """Start func in a long-lived forked child inside `name`; return the Process (daemon)."""
+
+    def main():
+        setns(name)
+        func(*args, **kwargs)
+
+    proc = _fork.Process(target=main, daemon=True)
+    proc.start()
+    return proc
+
+
+def command(name, argv):
+    """argv run inside namespace `name` (through `ip netns exec`, which also remounts /sys)."""
+    return ["ip", "netns", "exec", name, *argv]
+
+
+def run(name, argv, timeout=60.0, check=True, **kwargs):
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    return subprocess.run(command(name, argv), timeout=timeout, check=check, **kwargs)
+
+
+def popen(name, argv, **kwargs):
+    return subprocess.Popen(command(name, argv), **kwargs)
+
+
+def _write_sysctls(values):
+    for key, value in values.items():
+        path = "/proc/sys/" + key.replace(".", "/")
+        with open(path, "w") as f:
+            f.write(str(value))
+
+
+def sysctl(name, values, timeout=30.0):
+    """Write sysctls ({'net.ipv4.ip_forward': 1, ...}) inside namespace `name`.
+
+    Keys use dots; an interface name containing a dot is not supported.
+    """
+    call(name, _write_sysctls, dict(values), timeout=timeout)

@@ -1,0 +1,615 @@
+"""The lab: the seed's three-node cluster built in network namespaces.
+
+    app1 (10.0.1.93)   app2 (10.0.2.32)                      ext1: 203.0.113.10, .200
+        | lxc-app1         | lxc-app2                            |
+      node1              node2              node3            router (.254) -- ext2: 198.51.100.10
+    192.168.1.1        192.168.1.2        192.168.1.3 (+ .100-.109)  |
+        +------------------+-------- br0 ----+-------------------+
+                          (bridge in egc-lab-lan)
+
+Every piece lives in a namespace named `egc-lab-*`; nothing touches the root
+namespace, so the lab has no path off the machine.  Nodes route the other
+nodes' pod CIDRs over the underlay and default to the router; the router knows
+no pod CIDR, so pod traffic that leaves without SNAT cannot come back (SNAT is
+observable).  `datapath="kernel"` adds the Linux baseline (vxlan + policy
+routing + nftables SNAT, see kernel.py).
+"""
+import atexit
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute
+
+from . import _ns, kernel, traffic
+
+UNDERLAY = ipaddress.ip_network("192.168.1.0/24")
+ROUTER_IP = "192.168.1.254"
+CLUSTER_CIDR = ipaddress.ip_network("10.0.0.0/16")
+NODE_NAMES = ("node1", "node2", "node3")
+EGRESS_NODE = "node3"
+EGRESS_IPS = tuple(f"192.168.1.{i}" for i in range(100, 110))
+DEFAULT_PODS = (
+    ("app1", "node1", {"app": "app1"}, "10.0.1.93"),
+    ("app2", "node2", {"app": "app2"}, "10.0.2.32"),
+)
+# the uids examples/cluster.yaml gives the seed's pods (a uid places a pod among several gateways)
+POD_UIDS = {
+    "app1": "6f1c2a4e-0d3b-4c1e-9a53-5d2f7b8e1a01",
+    "app2": "0b7d9e3c-6a2f-4e8b-b1c4-2e5a9f3d7c02",
+}
+# external servers: namespace role -> (router-side address/len, server addresses)
+SERVERS = {
+    "ext1": ("203.0.113.254/24", ("203.0.113.10", "203.0.113.200")),
+    "ext2": ("198.51.100.254/24", ("198.51.100.10",)),
+}
+RESERVED = {"lan", "router", *NODE_NAMES, *SERVERS}
+UNDERLAY_IF = "eth0"
+
+
+def mac_for(ip, kind=0xEC):
+    """A stable, locally administered MAC derived from an IPv4 address."""
+    b = ipaddress.ip_address(ip).packed
+    return "02:%02x:%02x:%02x:%02x:%02x" % (kind, *b)
+
+
+@dataclass
+class Node:
+    name: str
+    ns: str
+    ip: str
+    pod_cidr: str
+    mac: str
+    pod_gateway: str  # the pods' default gateway: 10.0.N.1/32 on every lxc-* veth of the node
+    labels: dict
+    egress_ips: tuple = ()
+    ifname: str = UNDERLAY_IF
+
+
+@dataclass
+class Pod:
+    name: str
+    node: str
+    ip: str
+    labels: dict
+    ns: str
+    mac: str
+    host_ifname: str  # the veth end on the node (lxc-<name>)
+    host_mac: str
+    ifname: str = "eth0"
+
+
+@dataclass
+class Server:
+    name: str
+    ns: str
+    addresses: tuple
+    gateway: str
+    mac: str
+
+
+@dataclass
+class _State:
+    namespaces: list = field(default_factory=list)
+    processes: list = field(default_factory=list)
+
+
+class Lab:
+    """The cluster in namespaces; a context manager that always tears down.
+
+    datapath: None (nodes only route) or "kernel" (Linux vxlan + nftables egress
+    gateway baseline for `policies`, plus per-node masquerade).
+    masquerade: per-node nftables masquerade of pod traffic leaving the cluster
+    (forced on with the kernel datapath).
+    policies: CiliumEgressGatewayPolicy documents (dicts) for the kernel datapath;
+    default: the seed's policy on the lab's addresses (kernel.SAMPLE_POLICY).
+    tag: runs several labs side by side (namespaces egc-lab-<tag>-*).
+    """
+
+    def __init__(self, datapath=None, *, masquerade=False, policies=None, pods=DEFAULT_PODS,
+                 pod_mtu=1500, tag=None, vni=kernel.VXLAN_VNI):
+        if datapath not in (None, "kernel"):
+            raise ValueError(f"datapath must be None or 'kernel', not {datapath!r}")
+        if tag is not None and (not isinstance(tag, str) or not tag.isalnum()):
+            raise ValueError(f"tag must be an alphanumeric string, not {tag!r}")
+        if not isinstance(pod_mtu, int) or not 576 <= pod_mtu <= 9000:
+            raise ValueError(f"pod_mtu must be in 576..9000, not {pod_mtu!r}")
+        self.datapath = datapath
+        self.masquerade = bool(masquerade) or datapath == "kernel"
+        self.policies = policies
+        self.pod_mtu = int(pod_mtu)
+        self.tag = tag
+        self.vni = vni
+        self.prefix = _ns.PREFIX + (f"{tag}-" if tag else "")
+        self._initial_pods = list(pods)
+        self.nodes = {}
+        self.pods = {}
+        self.servers = {}
+        self.router_ns = self.prefix + "router"
+        self.lan_ns = self.prefix + "lan"
+        self._state = _State()
+        self._lock = None
+        self._built = False
+        self._old_handlers = {}
+        self._kernel_policies = None
+        self._kernel_nodes = None
+        self.kernel_entries = []  # the egress list the kernel baseline implements
+        self._owner_pid = os.getpid()
+
+    # -- lifecycle --------------------------------------------------------
+    def __enter__(self):
+        self._install_signal_handlers()
+        try:
+            self.build()
+        except BaseException:
+            if os.getpid() != self._owner_pid:
+                os._exit(1)
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if os.getpid() != self._owner_pid:
+            # a forked helper child (pyroute2 forks some) unwinding on a signal: it must not
+            # run the rest of its parent's program
+            os._exit(1)
+        self.close()
+        return False
+
+    def build(self):
+        """Create every namespace, link and route (stale labs removed first)."""
+        if self._built:
+            return self
+        _ns.remove_stale()
+        self._lock = _ns.Lock(self.tag or "default")
+        atexit.register(self.close)
+        self._built = True
+        plan = [self.lan_ns, self.router_ns]
+        plan += [self.prefix + n for n in NODE_NAMES]
+        plan += [self.prefix + s for s in SERVERS]
+        plan += [self.prefix + p[0] for p in self._initial_pods]
+        self._lock.write(plan)  # claim the names before they exist
+        for name in (self.lan_ns, self.router_ns):
+            self._new_ns(name)
+        self._build_lan()
+        self._build_router()
+        for i, name in enumerate(NODE_NAMES, start=1):
+            self._build_node(name, i)
+        for name, (router_addr, addresses) in SERVERS.items():
+            self._build_server(name, router_addr, addresses)
+        for pod in self._initial_pods:
+            self.add_pod(*pod)
+        if self.datapath == "kernel":
+            self.install_kernel_egress(self.policies if self.policies is not None else [kernel.SAMPLE_POLICY])
+        elif self.masquerade:
+            self.set_masquerade(True)
+        return self
+
+    def close(self):
+        """Stop every process the lab started and remove its namespaces (idempotent)."""
+        if os.getpid() != self._owner_pid:  # a forked child unwinding: not its lab to remove
+            return
+        held = self._hold_signals()
+        try:
+            self._close()
+        finally:
+            for sig, old in held.items():
+                signal.signal(sig, old)
+        self._restore_signal_handlers()
+
+    teardown = close
+
+    @staticmethod
+    def _hold_signals():
+        """Ignore SIGINT/SIGTERM/SIGHUP while tearing down: a second Ctrl-C must not strand namespaces."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def _close(self):
+        for proc in reversed(self._state.processes):
+            try:
+                stop = getattr(proc, "stop", None)
+                if stop is not None:
+                    stop()
+                elif proc.poll() is None:
+                    proc.kill()
+                    proc.wait(5)
+            except Exception:
+                pass
+        self._state.processes.clear()
+        for name in reversed(self._state.namespaces):
+            try:
+                _ns.remove(name)
+            except Exception:
+                pass
+        self._state.namespaces.clear()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self._built:
+            atexit.unregister(self.close)
+            self._built = False
+
+    def _install_signal_handlers(self):
+        """SIGTERM (and SIGHUP) become KeyboardInterrupt, so `with` blocks unwind and tear down."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        owner = os.getpid()
+
+        def interrupt(signum, frame):
+            if os.getpid() != owner:  # a forked helper child: die as the signal says
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                self._old_handlers[sig] = signal.signal(sig, interrupt)
+
+    def _restore_signal_handlers(self):
+        for sig, old in self._old_handlers.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, TypeError):
+                pass
+        self._old_handlers.clear()
+
+    # -- namespace helpers ------------------------------------------------
+    def ns(self, name):
+        """Namespace name of a lab member ('node1', 'app1', 'router', 'ext1', 'lan')."""
+        if name in self.nodes:
+            return self.nodes[name].ns
+        if name in self.pods:
+            return self.pods[name].ns
+        if name in self.servers:
+            return self.servers[name].ns
+        if name in ("router", "lan"):
+            return self.prefix + name
+        if name.startswith(self.prefix) and name in self._state.namespaces:
+            return name
+        raise KeyError(f"no lab member named {name!r}")
+
+    def ipr(self, name):
+        """An IPRoute bound to a member's namespace (use as a context manager)."""
+        return IPRoute(netns=self.ns(name))
+
+    def call(self, name, func, *args, timeout=60.0, **kwargs):
+        """Run a Python callable inside a member's namespace (forked child); return its result."""
+        return _ns.call(self.ns(name), func, *args, timeout=timeout, **kwargs)
+
+    def run(self, name, argv, timeout=60.0, check=True, **kwargs):
+        """Run a command inside a member's namespace; a CompletedProcess (text, captured)."""
+        return _ns.run(self.ns(name), list(argv), timeout=timeout, check=check, **kwargs)
+
+    def popen(self, name, argv, **kwargs):
+        """Start a command inside a member's namespace; the lab kills it at teardown."""
+        proc = _ns.popen(self.ns(name), list(argv), **kwargs)
+        self._state.processes.append(proc)
+        return proc
+
+    def spawn(self, name, func, *args, **kwargs):
+        """Start a long-lived Python callable in a member's namespace (killed at teardown)."""
+        proc = _ns.spawn(self.ns(name), func, *args, **kwargs)
+        self._state.processes.append(_ProcessHandle(proc))
+        return proc
+
+    def track(self, obj):
+        """Have the lab stop `obj` (anything with stop()) at teardown."""
+        self._state.processes.append(obj)
+        return obj
+
+    def sysctl(self, name, values):
+        _ns.sysctl(self.ns(name), values)
+
+    def nft(self, name, ruleset):
+        """Load an nftables ruleset (text) inside a member's namespace."""
+        self.run(name, ["nft", "-f", "-"], input=ruleset)
+
+    # -- building ---------------------------------------------------------
+    def _new_ns(self, name):
+        if self._lock is None:
+            raise RuntimeError("the lab is not built (use `with Lab() as lab:` or lab.build())")
+        if name not in self._state.namespaces:
+            names = set(self._state.namespaces) | {name}
+            self._lock.write(names | set(self._planned()))
+        _ns.remove(name)
+        _ns.create(name)
+        self._state.namespaces.append(name)
+        # no IPv6: keeps neighbour discovery and MLD chatter off the wires the agent taps
+        _ns.sysctl(name, {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1})
+        with IPRoute(netns=name) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        return name
+
+    def _planned(self):
+        return [self.prefix + p[0] for p in self._initial_pods]
+
+    @staticmethod
+    def _veth(ns_a, name_a, ns_b, name_b, mac_a, mac_b, mtu=1500):
+        """A veth pair with one end in each namespace, both up."""
+        tmp = "egc" + format(abs(hash((ns_b, name_b))) % 16**8, "08x")
+        with IPRoute(netns=ns_a) as ipr:
+            ipr.link("add", ifname=name_a, kind="veth", peer={"ifname": tmp})
+            peer = ipr.link_lookup(ifname=tmp)[0]
+            ipr.link("set", index=peer, net_ns_fd=ns_b)
+            idx = ipr.link_lookup(ifname=name_a)[0]
+            ipr.link("set", index=idx, address=mac_a, mtu=mtu, state="up")
+        with IPRoute(netns=ns_b) as ipr:
+            idx = ipr.link_lookup(ifname=tmp)[0]
+            ipr.link("set", index=idx, ifname=name_b, address=mac_b, mtu=mtu, state="up")
+
+    def _build_lan(self):
+        with IPRoute(netns=self.lan_ns) as ipr:
+            ipr.link("add", ifname="br0", kind="bridge", br_stp_state=0, br_forward_delay=0)
+            ipr.link("set", index=ipr.link_lookup(ifname="br0")[0], state="up")
+
+    def _plug_lan(self, ns, port, ip):
+        """A veth from `ns` (eth0, MAC derived from its underlay ip) to a port of the LAN bridge."""
+        self._veth(self.lan_ns, port, ns, UNDERLAY_IF, mac_for(ip, 0xEF), mac_for(ip))
+        with IPRoute(netns=self.lan_ns) as ipr:
+            br = ipr.link_lookup(ifname="br0")[0]
+            ipr.link("set", index=ipr.link_lookup(ifname=port)[0], master=br)
+
+    def _build_router(self):
+        ns = self.router_ns
+        self._plug_lan(ns, "p-router", ROUTER_IP)
+        with IPRoute(netns=ns) as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname=UNDERLAY_IF)[0], address=ROUTER_IP, prefixlen=24)
+        self.sysctl("router", _forwarding_sysctls())
+
+    def _build_node(self, name, i):
+        ns = self._new_ns(self.prefix + name)
+        ip = str(UNDERLAY.network_address + i)
+        node = Node(
+            name=name, ns=ns, ip=ip, pod_cidr=f"10.0.{i}.0/24", mac=mac_for(ip),
+            pod_gateway=f"10.0.{i}.1",
+            labels={"node.kubernetes.io/name": name, "kubernetes.io/hostname": name,
+                    **({"egress-gateway": "true"} if name == EGRESS_NODE else {})},
+            egress_ips=EGRESS_IPS if name == EGRESS_NODE else (),
+        )
+        self._plug_lan(ns, "p-" + name, ip)
+        _ns.sysctl(ns, _forwarding_sysctls())
+        with IPRoute(netns=ns) as ipr:
+            eth = ipr.link_lookup(ifname=UNDERLAY_IF)[0]
+            ipr.addr("add", index=eth, address=ip, prefixlen=24)
+            for extra in node.egress_ips:
+                ipr.addr("add", index=eth, address=extra, prefixlen=24)
+            ipr.route("add", dst="0.0.0.0/0", gateway=ROUTER_IP, oif=eth)
+            ipr.route("add", dst=node.pod_cidr, type="unreachable")
+            for j, other in enumerate(NODE_NAMES, start=1):
+                if j != i:
+                    ipr.route("add", dst=f"10.0.{j}.0/24", gateway=str(UNDERLAY.network_address + j), oif=eth)
+        self.nodes[name] = node
+
+    def _build_server(self, name, router_addr, addresses):
+        ns = self._new_ns(self.prefix + name)
+        gw, plen = router_addr.split("/")
+        self._veth(self.router_ns, name, ns, "eth0", mac_for(gw), mac_for(addresses[0]))
+        with IPRoute(netns=self.router_ns) as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname=name)[0], address=gw, prefixlen=int(plen))
+        with IPRoute(netns=ns) as ipr:
+            eth = ipr.link_lookup(ifname="eth0")[0]
+            for a in addresses:
+                ipr.addr("add", index=eth, address=a, prefixlen=int(plen))
+            ipr.route("add", dst="0.0.0.0/0", gateway=gw, oif=eth)
+        self.servers[name] = Server(name=name, ns=ns, addresses=tuple(addresses), gateway=gw,
+                                    mac=mac_for(addresses[0]))
+
+    def add_pod(self, name, node, labels=None, ip=None):
+        """Add a pod namespace behind `node` (veth lxc-<name>); return the Pod.
+
+        ip defaults to the lowest free address from .10 in the node's pod CIDR.
+        """
+        if not isinstance(name, str) or not name or len(name) > 11 or not all(
+                c.isalnum() or c == "-" for c in name):
+            raise ValueError(f"pod name must be 1-11 letters, digits or '-', not {name!r}")
+        if name in RESERVED or name in self.pods:
+            raise ValueError(f"pod name {name!r} is taken")
+        if node not in self.nodes:
+            raise ValueError(f"node must be one of {sorted(self.nodes)}, not {node!r}")
+        n = self.nodes[node]
+        cidr = ipaddress.ip_network(n.pod_cidr)
+        used = {p.ip for p in self.pods.values()} | {n.pod_gateway}
+        if ip is None:
+            ip = next(str(a) for a in cidr.hosts() if int(a) - int(cidr.network_address) >= 10 and str(a) not in used)
+        elif ipaddress.ip_address(ip) not in cidr or ip in used or ip == str(cidr.broadcast_address):
+            raise ValueError(f"pod ip {ip!r} is not a free address of {node}'s pod CIDR {cidr}")
+        labels = dict(labels or {})
+        ns = self._new_ns(self.prefix + name)
+        pod = Pod(name=name, node=node, ip=ip, labels=labels, ns=ns, mac=mac_for(ip),
+                  host_ifname="lxc-" + name, host_mac=mac_for(ip, 0xED))
+        self._veth(n.ns, pod.host_ifname, ns, pod.ifname, pod.host_mac, pod.mac, self.pod_mtu)
+        with IPRoute(netns=ns) as ipr:
+            eth = ipr.link_lookup(ifname=pod.ifname)[0]
+            ipr.addr("add", index=eth, address=ip, prefixlen=32)
+            ipr.route("add", dst=n.pod_gateway + "/32", oif=eth, scope=253)
+            ipr.route("add", dst="0.0.0.0/0", gateway=n.pod_gateway, oif=eth)
+        with IPRoute(netns=n.ns) as ipr:
+            lxc = ipr.link_lookup(ifname=pod.host_ifname)[0]
+            ipr.addr("add", index=lxc, address=n.pod_gateway, prefixlen=32)
+            ipr.route("add", dst=ip + "/32", oif=lxc, scope=253)
+        _ns.sysctl(n.ns, {f"net.ipv4.conf.{pod.host_ifname}.rp_filter": 0})
+        self.pods[name] = pod
+        if self._kernel_policies is not None:
+            self.kernel_entries = kernel.install(self, self._kernel_policies, self._kernel_nodes)
+        return pod
+
+    # -- datapaths --------------------------------------------------------
+    def set_masquerade(self, on=True):
+        """Per-node nftables masquerade of the node's pods leaving the cluster (no egress policy)."""
+        for node in self.nodes.values():
+            self.nft(node.name, kernel.masquerade_ruleset(node, CLUSTER_CIDR, enabled=on))
+        self.masquerade = bool(on)
+
+    def install_kernel_egress(self, policies, nodes=None):
+        """Install the Linux baseline egress gateway for `policies` (replacing any previous one).
+
+        nodes: only these nodes (default all), e.g. to pair a kernel node with an agent.
+        Returns the egress list: dicts with src, cidr, egress_ip, gateway_ip (kernel.compile_entries).
+        """
+        entries = kernel.install(self, policies, nodes)
+        self._kernel_nodes = nodes
+        self.kernel_entries = entries
+        self._kernel_policies = policies
+        self.masquerade = True
+        self.datapath = "kernel"
+        return entries
+
+    def remove_kernel_egress(self, nodes=None):
+        """Take the kernel baseline out again (nodes keep routing, masquerade as `self.masquerade`)."""
+        kernel.uninstall(self, nodes)
+        self._kernel_policies = None
+        self.kernel_entries = []
+        self.datapath = None
+
+    # -- facts --------------------------------------------------------------
+    def cluster(self):
+        """The lab as a cluster file (the schema of examples/cluster.yaml, egresscore.cluster).
+
+        For the seed's pods this equals examples/cluster.yaml.
+        """
+        return {
+            "nodes": [
+                {"name": n.name, "labels": dict(n.labels), "internalIP": n.ip, "podCIDRs": [n.pod_cidr],
+                 "defaultRouteInterface": n.ifname,
+                 "interfaces": [{"name": n.ifname, "addresses": [f"{a}/{UNDERLAY.prefixlen}"
+                                                                for a in (n.ip, *n.egress_ips)]}]}
+                for n in self.nodes.values()
+            ],
+            "namespaces": [{"name": "default", "labels": {}}],
+            "pods": [
+                {"name": p.name, "namespace": "default", "uid": POD_UIDS.get(p.name, f"default/{p.name}"),
+                 "labels": dict(p.labels), "ips": [p.ip], "node": p.node}
+                for p in self.pods.values()
+            ],
+        }
+
+    def cluster_facts(self):
+        """Nodes, pods and servers with their addresses and MACs (plain dicts, YAML-ready)."""
+        return {
+            "nodes": [
+                {"name": n.name, "internalIP": n.ip, "podCIDR": n.pod_cidr, "labels": dict(n.labels),
+                 "egressIPs": list(n.egress_ips), "interface": n.ifname, "mac": n.mac,
+                 "podGateway": n.pod_gateway, "namespace": n.ns}
+                for n in self.nodes.values()
+            ],
+            "pods": [
+                {"name": p.name, "node": p.node, "ip": p.ip, "labels": dict(p.labels), "mac": p.mac,
+                 "hostInterface": p.host_ifname, "hostMAC": p.host_mac, "namespace": p.ns}
+                for p in self.pods.values()
+            ],
+            "router": {"ip": ROUTER_IP, "mac": mac_for(ROUTER_IP), "namespace": self.router_ns},
+            "servers": [
+                {"name": s.name, "addresses": list(s.addresses), "namespace": s.ns}
+                for s in self.servers.values()
+            ],
+        }
+
+    # -- traffic --------------------------------------------------------------
+    def start_servers(self, **kwargs):
+        """Start the external servers (TCP HTTP-like :80, UDP echo :7, ping log) in every server namespace."""
+        return self.track(traffic.ServerSet(self, **kwargs))
+
+    def tcp_request(self, pod, dst, port=traffic.HTTP_PORT, timeout=3.0):
+        """One HTTP-like GET from `pod`; returns the source address the server reports having seen."""
+        return self.call(pod, traffic.tcp_request, dst, port, timeout, timeout=timeout + 5)
+
+    def udp_echo(self, pod, dst, port=traffic.UDP_PORT, count=3, timeout=2.0):
+        """`count` UDP datagrams from `pod`; returns how many echoes came back."""
+        return self.call(pod, traffic.udp_echo, dst, port, count, timeout, timeout=timeout * count + 5)
+
+    def ping(self, pod, dst, count=3, timeout=2.0):
+        """`count` ICMP echo requests from `pod`; returns how many replies came back."""
+        return self.call(pod, traffic.ping, dst, count, timeout, timeout=timeout * count + 5)
+
+    def iperf3(self, pod, dst, seconds=2.0, streams=1, port=5201):
+        """iperf3 TCP from `pod` to the server address `dst`; returns received Gbit/s.
+
+        A one-shot iperf3 server is started in the server's namespace for the run.
+        """
+        if shutil.which("iperf3") is None:
+            raise RuntimeError("iperf3 is not installed (apt-get install iperf3)")
+        server = next((s for s in self.servers.values() if dst in s.addresses), None)
+        if server is None:
+            raise ValueError(f"dst must be an external server address, not {dst!r}")
+        srv = self.popen(server.name, ["iperf3", "-s", "-1", "-B", dst, "-p", str(port)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            self.call(server.name, traffic.wait_listening, port, 10.0, timeout=15)
+            argv = ["iperf3", "-c", dst, "-p", str(port), "-t", str(seconds), "-P", str(int(streams)), "--json"]
+            out = self.run(pod, argv, timeout=seconds + 20, check=False)
+            result = json.loads(out.stdout)
+            if "error" in result:
+                raise RuntimeError(f"iperf3 from {pod} to {dst}: {result['error']}")
+            return result["end"]["sum_received"]["bits_per_second"] / 1e9
+        finally:
+            try:
+                srv.wait(5)
+            except subprocess.TimeoutExpired:
+                srv.kill()
+                srv.wait()
+            self._state.processes.remove(srv)
+
+    def udp_rate(self, pod, dst, seconds=2.0, size=18, port=9000, max_packets=5_000_000):
+        """Flood small UDP datagrams from `pod` to the server address `dst` for `seconds`.
+
+        Returns {'sent', 'received', 'seconds', 'rx_pps'}: rx_pps is what the
+        server received per second between its first and last datagram.
+        """
+        server = next((s for s in self.servers.values() if dst in s.addresses), None)
+        if server is None:
+            raise ValueError(f"dst must be an external server address, not {dst!r}")
+        parent, child = _ns._fork.Pipe()
+        proc = _ns.spawn(server.ns, _count_into, child, dst, port, seconds + 5.0)
+        child.close()
+        try:
+            if not parent.poll(10) or parent.recv() != "ready":
+                raise RuntimeError("UDP counter did not start")
+            sent = self.call(pod, traffic.udp_flood, dst, port, seconds, size, max_packets,
+                             timeout=seconds + 10)
+            if not parent.poll(seconds + 10):
+                raise TimeoutError("UDP counter did not report")
+            received, span = parent.recv()
+        finally:
+            parent.close()
+            proc.join(2)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+        return {"sent": sent, "received": received, "seconds": span,
+                "rx_pps": received / span if span > 0 else 0.0}
+
+
+class _ProcessHandle:
+    def __init__(self, proc):
+        self.proc = proc
+
+    def stop(self):
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+
+
+def _forwarding_sysctls():
+    return {
+        "net.ipv4.ip_forward": 1,
+        "net.ipv4.conf.all.rp_filter": 0,
+        "net.ipv4.conf.default.rp_filter": 0,
+        "net.ipv4.conf.eth0.rp_filter": 0,
+        "net.ipv4.conf.all.send_redirects": 0,
+        "net.ipv4.conf.default.send_redirects": 0,
+        "net.ipv4.conf.eth0.send_redirects": 0,
+        "net.ipv4.conf.all.accept_redirects": 0,
+    }
+
+
+def _count_into(conn, addr, port, seconds):
+    conn.send(traffic.udp_count(addr, port, seconds, ready=conn))

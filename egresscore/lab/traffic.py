@@ -1,0 +1,347 @@
+"""A small traffic kit: external servers that record who they saw, and pod clients.
+
+Servers (one process per external-server namespace) answer an HTTP-like GET on
+TCP port 80 with the source address they saw, echo UDP port 7, and log ICMP
+echo requests (the kernel answers the ping itself).  Clients send a bounded
+number of packets and give up after a bounded time.  Everything here runs in a
+namespace through Lab.call / Lab.spawn.
+"""
+import hashlib
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+
+HTTP_PORT = 80
+UDP_PORT = 7
+MAX_RECORDS = 100_000
+MAX_BYTES = 256 << 20  # GET /bytes/N cap
+
+
+def _pattern(n):
+    """N deterministic bytes (GET /bytes/N), cheap to produce and to check."""
+    block = hashlib.sha256(b"egresscore-lab").digest() * 2048  # 64 KiB
+    whole, rest = divmod(n, len(block))
+    return block * whole + block[:rest]
+
+
+def payload_sha256(n):
+    return hashlib.sha256(_pattern(n)).hexdigest()
+
+
+# -- server (runs in the server namespace) -------------------------------------------
+def serve(conn, name, addresses, max_seconds):
+    """Serve until told to stop or max_seconds pass; answer control messages on `conn`."""
+    records = []
+    lock = threading.Lock()
+
+    def record(proto, src, sport, dst):
+        with lock:
+            if len(records) < MAX_RECORDS:
+                records.append({"server": name, "proto": proto, "src": src, "sport": sport, "dst": dst})
+
+    sel = selectors.DefaultSelector()
+    socks = []
+    for addr in addresses:
+        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        t.bind((addr, HTTP_PORT))
+        t.listen(64)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind((addr, UDP_PORT))
+        sel.register(t, selectors.EVENT_READ, "tcp")
+        sel.register(u, selectors.EVENT_READ, "udp")
+        socks += [t, u]
+    icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sel.register(icmp, selectors.EVENT_READ, "icmp")
+    sel.register(conn, selectors.EVENT_READ, "ctl")
+    conn.send("ready")
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=0.5):
+            sock, kind = key.fileobj, key.data
+            if kind == "tcp":
+                c, (src, sport) = sock.accept()
+                dst = c.getsockname()[0]
+                record("tcp", src, sport, dst)
+                threading.Thread(target=_http, args=(c, src), daemon=True).start()
+            elif kind == "udp":
+                data, (src, sport) = sock.recvfrom(65535)
+                record("udp", src, sport, sock.getsockname()[0])
+                sock.sendto(data, (src, sport))
+            elif kind == "icmp":
+                data = sock.recv(65535)
+                ihl = (data[0] & 0x0F) * 4
+                if len(data) > ihl and data[ihl] == 8:  # echo request
+                    record("icmp", socket.inet_ntoa(data[12:16]), 0, socket.inet_ntoa(data[16:20]))
+            else:
+                try:
+                    cmd = conn.recv()
+                except EOFError:
+                    return
+                if cmd == "seen":
+                    with lock:
+                        conn.send(list(records))
+                elif cmd == "clear":
+                    with lock:
+                        records.clear()
+                    conn.send("ok")
+                elif cmd == "stop":
+                    conn.send("ok")
+                    return
+
+
+def _http(c, src):
+    """One HTTP/1.0 exchange: `GET /` -> the source address seen; `GET /bytes/N` -> N pattern bytes."""
+    try:
+        c.settimeout(5.0)
+        req = b""
+        while b"\r\n\r\n" not in req and len(req) < 8192:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            req += chunk
+        head_raw, _, body_start = req.partition(b"\r\n\r\n")
+        method, _, rest = head_raw.partition(b" ")
+        path = rest.split(b" ", 1)[0].decode("ascii", "replace") or "/"
+        length = 0
+        for line in head_raw.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                length = int(value.strip())
+        if method == b"PUT" and 0 <= length <= MAX_BYTES:  # upload: reply with the body's sha256
+            h, got = hashlib.sha256(body_start[:length]), len(body_start[:length])
+            while got < length:
+                chunk = c.recv(min(1 << 20, length - got))
+                if not chunk:
+                    break
+                h.update(chunk)
+                got += len(chunk)
+            body = f"{got} {h.hexdigest()}\n".encode()
+            head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\n"
+        elif path.startswith("/bytes/") and path[7:].isdigit() and int(path[7:]) <= MAX_BYTES:
+            body = _pattern(int(path[7:]))
+            head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\nX-SHA256: {hashlib.sha256(body).hexdigest()}\r\n"
+        else:
+            body = (src + "\n").encode()
+            head = f"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+        c.sendall(head.encode() + b"\r\n" + body)
+    except OSError:
+        pass
+    finally:
+        c.close()
+
+
+class ServerSet:
+    """The external servers of a lab, one process per server namespace."""
+
+    def __init__(self, lab, max_seconds=600.0, ready_timeout=10.0):
+        from . import _ns
+
+        self._procs = {}
+        self._conns = {}
+        try:
+            for name, server in lab.servers.items():
+                parent, child = _ns._fork.Pipe()
+                proc = _ns.spawn(server.ns, serve, child, name, server.addresses, max_seconds)
+                child.close()
+                self._procs[name], self._conns[name] = proc, parent
+            for name, parent in self._conns.items():
+                if not parent.poll(ready_timeout) or parent.recv() != "ready":
+                    raise RuntimeError(f"server {name} did not start in {ready_timeout} s")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ask(self, cmd, timeout=5.0):
+        out = {}
+        for name, c in self._conns.items():
+            c.send(cmd)
+            if not c.poll(timeout):
+                raise TimeoutError(f"server {name} did not answer {cmd!r}")
+            out[name] = c.recv()
+        return out
+
+    def seen(self, proto=None, dst=None):
+        """Records {server, proto, src, sport, dst} of what the servers received."""
+        recs = [r for rs in self._ask("seen").values() for r in rs]
+        return [r for r in recs if (proto is None or r["proto"] == proto) and (dst is None or r["dst"] == dst)]
+
+    def sources(self, proto=None, dst=None):
+        """The set of source addresses the servers saw (for `proto` to `dst`)."""
+        return {r["src"] for r in self.seen(proto, dst)}
+
+    def clear(self):
+        self._ask("clear")
+
+    def stop(self):
+        for name, c in list(self._conns.items()):
+            try:
+                c.send("stop")
+                c.poll(2.0)
+            except (OSError, EOFError, BrokenPipeError):
+                pass
+            c.close()
+        self._conns.clear()
+        for proc in self._procs.values():
+            proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2.0)
+        self._procs.clear()
+
+
+# -- clients (run in a pod namespace) -----------------------------------------------
+def tcp_request(dst, port=HTTP_PORT, timeout=3.0, path="/"):
+    """GET `path` from dst:port; for `/` returns the source address the server saw."""
+    with socket.create_connection((dst, port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {dst}\r\n\r\n".encode())
+        data = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200"):
+        raise ConnectionError(f"bad reply from {dst}:{port}: {head[:80]!r}")
+    return body.decode().strip() if path == "/" else body
+
+
+def tcp_download(dst, n, port=HTTP_PORT, timeout=30.0):
+    """Fetch n pattern bytes; returns (bytes received, sha256 matches)."""
+    body = tcp_request(dst, port, timeout, path=f"/bytes/{int(n)}")
+    return len(body), hashlib.sha256(body).hexdigest() == payload_sha256(n)
+
+
+def tcp_upload(dst, n, port=HTTP_PORT, timeout=30.0):
+    """PUT n pattern bytes; returns (bytes the server received, its sha256 matches)."""
+    body = _pattern(int(n))
+    with socket.create_connection((dst, port), timeout=timeout) as s:
+        s.sendall(f"PUT /sha256 HTTP/1.0\r\nHost: {dst}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        data = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    got, digest = data.partition(b"\r\n\r\n")[2].decode().split()
+    return int(got), digest == hashlib.sha256(body).hexdigest()
+
+
+def udp_echo(dst, port=UDP_PORT, count=3, timeout=2.0, size=32):
+    """Send `count` datagrams of `size` bytes; return how many echoes came back."""
+    got = set()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        for seq in range(count):
+            msg = struct.pack("!I", seq) + b"x" * max(0, size - 4)
+            s.sendto(msg, (dst, port))
+            try:
+                while True:
+                    data, _ = s.recvfrom(65535)
+                    got.add(struct.unpack("!I", data[:4])[0])
+                    if seq in got:
+                        break
+            except socket.timeout:
+                pass
+    return len(got)
+
+
+def _icmp_checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+
+
+def ping(dst, count=3, timeout=2.0):
+    """Send `count` ICMP echo requests to dst; return how many replies came back."""
+    ident = os.getpid() & 0xFFFF
+    got = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        for seq in range(count):
+            body = b"egresscore-lab"
+            hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+            s.sendto(struct.pack("!BBHHH", 8, 0, _icmp_checksum(hdr + body), ident, seq) + body, (dst, 0))
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                s.settimeout(left)
+                try:
+                    data, (src, _) = s.recvfrom(65535)
+                except socket.timeout:
+                    break
+                ihl = (data[0] & 0x0F) * 4
+                typ, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+                if typ == 0 and rid == ident and rseq == seq and src == dst:
+                    got += 1
+                    break
+    return got
+
+
+def wait_listening(port, timeout=10.0):
+    """Wait until a TCP socket listens on `port` in this namespace (read from /proc/net/tcp,
+    without connecting: a probe would use up a one-shot server)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.split(":")[1], 16) == port:
+                    return True
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on TCP port {port} after {timeout} s")
+
+
+# -- load (bounded in packets and seconds) ---------------------------------------------
+def udp_flood(dst, port, seconds=2.0, size=18, max_packets=5_000_000):
+    """Send `size`-byte UDP datagrams to dst:port as fast as possible; return the count sent.
+
+    18 bytes of payload make 64-byte Ethernet frames (with FCS).  Stops after
+    `seconds` or `max_packets`, whichever comes first.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((dst, port))
+        msg, sent, send = b"\0" * size, 0, s.send
+        deadline = time.monotonic() + seconds
+        while sent < max_packets and time.monotonic() < deadline:
+            for _ in range(256):
+                try:
+                    send(msg)
+                    sent += 1
+                except (BlockingIOError, ConnectionRefusedError):
+                    pass
+    return sent
+
+
+def udp_count(addr, port, seconds=10.0, idle=0.5, ready=None):
+    """Count datagrams arriving on addr:port; stop `idle` s after the last one (or after `seconds`).
+
+    Returns (packets, seconds between the first and the last).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.bind((addr, port))
+        s.settimeout(idle)
+        if ready is not None:
+            ready.send("ready")
+        buf, n, first, last = bytearray(2048), 0, None, None
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                s.recv_into(buf)
+            except socket.timeout:
+                if n:
+                    break
+                continue
+            n += 1
+            last = time.monotonic()
+            if first is None:
+                first = last
+    return n, (last - first) if n > 1 else 0.0

@@ -1,0 +1,510 @@
+/* egresscore LPM core: a poptrie-style compressed multibit trie.
+ *
+ * Layout (see the module docstring of lpm.pyx for the why):
+ *   direct[1 << dbits]   top dbits of the key index this array; an entry is
+ *                        either a leaf value (bit 31 clear) or
+ *                        LPM_NODE | node index.
+ *   nodes[]              internal nodes of 6-bit strides: `vector` has bit v
+ *                        set when slot v is an internal node (children stored
+ *                        contiguously from base1, ranked by popcount), and
+ *                        `leafvec` has bit v set where a run of equal leaf
+ *                        values starts (leaves stored from base0).
+ *   leaves[]             leaf-pushed values (the longest prefix that covers
+ *                        the slot), LPM_NONE where nothing matches.
+ *
+ * A table is immutable once built: updates build a fresh table and publish
+ * it with one atomic pointer store; the old one is freed after a grace
+ * period (lpm_rcu_sync) so a concurrent reader never sees a half-made table.
+ *
+ * Keys are 128-bit (hi, lo) left aligned: IPv4 a.b.c.d is hi = addr << 32.
+ */
+#ifndef EGRESSCORE_LPM_CORE_H
+#define EGRESSCORE_LPM_CORE_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sched.h>
+
+#define LPM_NODE 0x80000000u
+#define LPM_NONE 0x7FFFFFFFu
+#define LPM_VALUE_MAX 0x7FFFFFFEu
+
+typedef struct {
+    uint64_t vector;
+    uint64_t leafvec;
+    uint32_t base1;     /* first child node */
+    uint32_t base0;     /* first leaf */
+} lpm_node;
+
+typedef struct {
+    uint32_t dbits;
+    uint32_t n_nodes;
+    uint32_t n_leaves;
+    uint32_t pad;
+    uint32_t *direct;
+    lpm_node *nodes;
+    uint32_t *leaves;
+    void *aux;          /* owner data freed with the table (egress values) */
+    size_t aux_bytes;
+} lpm_table;
+
+typedef struct {
+    uint64_t hi, lo;
+    uint32_t val;
+    uint32_t len;
+} lpm_entry;
+
+/* ---- grace periods: two-counter (SRCU-like) readers, one writer ---------
+ * A reader brackets its use of a published table with lpm_rcu_enter/exit.
+ * The writer publishes a new pointer, then lpm_rcu_sync waits until every
+ * reader that might still hold the old pointer has left; only then is the
+ * old table freed.  Readers never block; the writer spins with sched_yield.
+ */
+typedef struct {
+    uint64_t readers[2];
+    uint64_t epoch;
+    char pad[64 - 3 * sizeof(uint64_t)];
+} lpm_rcu;
+
+static inline unsigned lpm_rcu_enter(lpm_rcu *r) {
+    unsigned idx = (unsigned)(__atomic_load_n(&r->epoch, __ATOMIC_ACQUIRE) & 1);
+    __atomic_fetch_add(&r->readers[idx], 1, __ATOMIC_SEQ_CST);
+    return idx;
+}
+
+static inline void lpm_rcu_exit(lpm_rcu *r, unsigned idx) {
+    __atomic_fetch_sub(&r->readers[idx], 1, __ATOMIC_RELEASE);
+}
+
+static void lpm_rcu_sync(lpm_rcu *r) {
+    int round;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    for (round = 0; round < 2; round++) {
+        uint64_t e = __atomic_load_n(&r->epoch, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&r->epoch, e + 1, __ATOMIC_SEQ_CST);
+        while (__atomic_load_n(&r->readers[e & 1], __ATOMIC_SEQ_CST) != 0)
+            sched_yield();
+    }
+}
+
+/* ---- lookups -------------------------------------------------------------- */
+
+static inline unsigned lpm_win(uint64_t hi, uint64_t lo, unsigned off) {
+    if (off <= 58) return (unsigned)(hi >> (58 - off)) & 63;
+    if (off < 64) return (unsigned)((hi << (off - 58)) | (lo >> (122 - off))) & 63;
+    if (off <= 122) return (unsigned)(lo >> (122 - off)) & 63;
+    return (unsigned)(lo << (off - 122)) & 63;
+}
+
+static inline uint64_t lpm_rank_mask(unsigned v) {
+    return (2ULL << v) - 1;   /* v == 63: 2 << 63 wraps to 0, all ones */
+}
+
+/* Longest-prefix match of a host-order IPv4 address; LPM_NONE if none. */
+static inline uint32_t lpm4_table_lookup(const lpm_table *t, uint32_t a) {
+    uint32_t d = t->direct[a >> (32 - t->dbits)];
+    if (!(d & LPM_NODE)) return d;
+    const lpm_node *n = &t->nodes[d & ~LPM_NODE];
+    uint64_t k = (uint64_t)a << 32;
+    unsigned off = t->dbits;
+    for (;;) {
+        unsigned v = (unsigned)(k >> (58 - off)) & 63;
+        uint64_t m = lpm_rank_mask(v);
+        if ((n->vector >> v) & 1) {
+            n = &t->nodes[n->base1 + __builtin_popcountll(n->vector & m) - 1];
+            off += 6;
+        } else {
+            return t->leaves[n->base0 + __builtin_popcountll(n->leafvec & m) - 1];
+        }
+    }
+}
+
+/* IPv6: hi/lo are the address's two host-order 64-bit halves.  dbits is
+ * 10 or 16, so no stride straddles the halves except via lpm_win. */
+static inline uint32_t lpm6_table_lookup(const lpm_table *t, uint64_t hi, uint64_t lo) {
+    uint32_t d = t->direct[hi >> (64 - t->dbits)];
+    if (!(d & LPM_NODE)) return d;
+    const lpm_node *n = &t->nodes[d & ~LPM_NODE];
+    unsigned off = t->dbits;
+    for (;;) {
+        unsigned v = lpm_win(hi, lo, off);
+        uint64_t m = lpm_rank_mask(v);
+        if ((n->vector >> v) & 1) {
+            n = &t->nodes[n->base1 + __builtin_popcountll(n->vector & m) - 1];
+            off += 6;
+        } else {
+            return t->leaves[n->base0 + __builtin_popcountll(n->leafvec & m) - 1];
+        }
+    }
+}
+
+static inline uint64_t lpm_load_be64(const uint8_t *p) {
+    uint64_t x;
+    memcpy(&x, p, 8);
+    return __builtin_bswap64(x);
+}
+
+static inline void lpm_store_be64(uint8_t *p, uint64_t x) {
+    x = __builtin_bswap64(x);
+    memcpy(p, &x, 8);
+}
+
+/* Batch lookups: a group of 8 keys has its direct slots prefetched before
+ * any is resolved, so cache misses overlap. */
+static void lpm4_table_lookup_batch(const lpm_table *t, const uint32_t *keys, size_t n,
+                                    uint32_t *out, uint8_t *found) {
+    size_t i = 0, j;
+    unsigned shift = 32 - t->dbits;
+    for (; i + 8 <= n; i += 8) {
+        for (j = 0; j < 8; j++) __builtin_prefetch(&t->direct[keys[i + j] >> shift]);
+        for (j = 0; j < 8; j++) {
+            uint32_t v = lpm4_table_lookup(t, keys[i + j]);
+            out[i + j] = v;
+            found[i + j] = v != LPM_NONE;
+        }
+    }
+    for (; i < n; i++) {
+        uint32_t v = lpm4_table_lookup(t, keys[i]);
+        out[i] = v;
+        found[i] = v != LPM_NONE;
+    }
+}
+
+/* keys: n pairs of host-order uint64 (hi, lo) when `bytes` is 0, else n
+ * 16-byte network-order addresses. */
+static void lpm6_table_lookup_batch(const lpm_table *t, const void *keys, int bytes, size_t n,
+                                    uint32_t *out, uint8_t *found) {
+    size_t i;
+    const uint64_t *k64 = (const uint64_t *)keys;
+    const uint8_t *k8 = (const uint8_t *)keys;
+    for (i = 0; i < n; i++) {
+        uint64_t hi, lo;
+        if (bytes) { hi = lpm_load_be64(k8 + 16 * i); lo = lpm_load_be64(k8 + 16 * i + 8); }
+        else { hi = k64[2 * i]; lo = k64[2 * i + 1]; }
+        if (i + 8 < n) {
+            uint64_t h2 = bytes ? lpm_load_be64(k8 + 16 * (i + 8)) : k64[2 * (i + 8)];
+            __builtin_prefetch(&t->direct[h2 >> (64 - t->dbits)]);
+        }
+        uint32_t v = lpm6_table_lookup(t, hi, lo);
+        out[i] = v;
+        found[i] = v != LPM_NONE;
+    }
+}
+
+/* ---- building ------------------------------------------------------------- */
+
+typedef struct {
+    lpm_node *nodes;
+    uint32_t nn, ncap;
+    uint32_t *leaves;
+    uint32_t nl, lcap;
+    const lpm_entry *e;
+    int oom;
+} lpm_builder;
+
+static uint32_t lpm_reserve_nodes(lpm_builder *b, uint32_t k) {
+    uint32_t at = b->nn;
+    if (b->nn + k > b->ncap) {
+        uint32_t cap = b->ncap ? b->ncap : 64;
+        while (cap < b->nn + k) cap *= 2;
+        lpm_node *p = (lpm_node *)realloc(b->nodes, (size_t)cap * sizeof(lpm_node));
+        if (!p) { b->oom = 1; return 0; }
+        b->nodes = p;
+        b->ncap = cap;
+    }
+    memset(&b->nodes[at], 0, (size_t)k * sizeof(lpm_node));
+    b->nn += k;
+    return at;
+}
+
+static void lpm_push_leaf(lpm_builder *b, uint32_t v) {
+    if (b->nl == b->lcap) {
+        uint32_t cap = b->lcap ? b->lcap * 2 : 256;
+        uint32_t *p = (uint32_t *)realloc(b->leaves, (size_t)cap * sizeof(uint32_t));
+        if (!p) { b->oom = 1; return; }
+        b->leaves = p;
+        b->lcap = cap;
+    }
+    b->leaves[b->nl++] = v;
+}
+
+/* Build node `idx` covering bits [off, off+6) for entries e[i..j), which all
+ * lie inside the node's block with len > off, sorted by (key, len).  def is
+ * the leaf-pushed value of the longest prefix covering the whole block. */
+static void lpm_build_node(lpm_builder *b, uint32_t idx, size_t i, size_t j,
+                           unsigned off, uint32_t def) {
+    uint32_t sd[64];
+    uint64_t vector = 0, leafvec = 0;
+    unsigned s, t;
+    size_t k;
+    const lpm_entry *e = b->e;
+    for (s = 0; s < 64; s++) sd[s] = def;
+    /* Sorted order paints covering prefixes before the ones they cover. */
+    for (k = i; k < j; k++) {
+        unsigned l = e[k].len;
+        s = lpm_win(e[k].hi, e[k].lo, off);
+        if (l <= off + 6) {
+            unsigned span = 1u << (off + 6 - l);
+            for (t = s; t < s + span && t < 64; t++) sd[t] = e[k].val;
+        } else {
+            vector |= 1ULL << s;
+        }
+    }
+    uint32_t base0 = b->nl;
+    int have = 0;
+    uint32_t prev = 0;
+    for (s = 0; s < 64; s++) {
+        if ((vector >> s) & 1) continue;
+        if (!have || sd[s] != prev) {
+            lpm_push_leaf(b, sd[s]);
+            leafvec |= 1ULL << s;
+            prev = sd[s];
+            have = 1;
+        }
+    }
+    uint32_t nchild = (uint32_t)__builtin_popcountll(vector);
+    uint32_t base1 = nchild ? lpm_reserve_nodes(b, nchild) : 0;
+    if (b->oom) return;
+    b->nodes[idx].vector = vector;
+    b->nodes[idx].leafvec = leafvec;
+    b->nodes[idx].base0 = base0;
+    b->nodes[idx].base1 = base1;
+    uint32_t c = 0;
+    k = i;
+    while (k < j) {
+        if (e[k].len <= off + 6) { k++; continue; }
+        s = lpm_win(e[k].hi, e[k].lo, off);
+        size_t cj = k + 1;
+        while (cj < j && lpm_win(e[cj].hi, e[cj].lo, off) == s) cj++;
+        lpm_build_node(b, base1 + c, k, cj, off + 6, sd[s]);
+        if (b->oom) return;
+        c++;
+        k = cj;
+    }
+}
+
+static void lpm_table_free(lpm_table *t) {
+    if (!t) return;
+    free(t->direct);
+    free(t->nodes);
+    free(t->leaves);
+    free(t->aux);
+    free(t);
+}
+
+static size_t lpm_table_bytes(const lpm_table *t) {
+    if (!t) return 0;
+    return sizeof(lpm_table) + ((size_t)1 << t->dbits) * 4 + (size_t)t->n_nodes * sizeof(lpm_node)
+        + (size_t)t->n_leaves * 4 + t->aux_bytes;
+}
+
+/* Build a table from n entries sorted by (hi, lo, len), unique, host bits
+ * clear.  width is 32 or 128.  Returns NULL when out of memory. */
+static lpm_table *lpm_table_build(const lpm_entry *e, size_t n, unsigned width) {
+    unsigned dbits;
+    if (width == 32) {
+        unsigned bl = 0;
+        while (((size_t)1 << bl) <= n) bl++;
+        dbits = bl + 2;
+        if (dbits < 8) dbits = 8;
+        if (dbits > 18) dbits = 18;
+    } else {
+        dbits = n >= 4096 ? 16 : 10;   /* 16 + 6k hits 64 exactly */
+    }
+    lpm_table *t = (lpm_table *)calloc(1, sizeof(lpm_table));
+    if (!t) return NULL;
+    t->dbits = dbits;
+    size_t nd = (size_t)1 << dbits;
+    t->direct = (uint32_t *)malloc(nd * sizeof(uint32_t));
+    if (!t->direct) { free(t); return NULL; }
+    size_t k, s;
+    for (s = 0; s < nd; s++) t->direct[s] = LPM_NONE;
+    for (k = 0; k < n; k++) {
+        if (e[k].len > dbits) continue;
+        s = (size_t)(e[k].hi >> (64 - dbits));
+        size_t span = (size_t)1 << (dbits - e[k].len);
+        if (e[k].len == 0) s = 0;
+        for (size_t u = s; u < s + span; u++) t->direct[u] = e[k].val;
+    }
+    lpm_builder b;
+    memset(&b, 0, sizeof(b));
+    b.e = e;
+    k = 0;
+    while (k < n) {
+        if (e[k].len <= dbits) { k++; continue; }
+        s = (size_t)(e[k].hi >> (64 - dbits));
+        size_t cj = k + 1;
+        while (cj < n && (size_t)(e[cj].hi >> (64 - dbits)) == s) cj++;
+        uint32_t idx = lpm_reserve_nodes(&b, 1);
+        if (b.oom) break;
+        lpm_build_node(&b, idx, k, cj, dbits, t->direct[s]);
+        if (b.oom) break;
+        t->direct[s] = LPM_NODE | idx;
+        k = cj;
+    }
+    if (b.oom) {
+        free(b.nodes);
+        free(b.leaves);
+        free(t->direct);
+        free(t);
+        return NULL;
+    }
+    /* Shrink to size: the table lives long, the builder's slack does not. */
+    if (b.nn && b.nn < b.ncap) {
+        lpm_node *p = (lpm_node *)realloc(b.nodes, (size_t)b.nn * sizeof(lpm_node));
+        if (p) b.nodes = p;
+    }
+    if (b.nl && b.nl < b.lcap) {
+        uint32_t *p = (uint32_t *)realloc(b.leaves, (size_t)b.nl * sizeof(uint32_t));
+        if (p) b.leaves = p;
+    }
+    t->nodes = b.nodes;
+    t->leaves = b.leaves;
+    t->n_nodes = b.nn;
+    t->n_leaves = b.nl;
+    return t;
+}
+
+/* ---- the sorted prefix store (the source of truth) ------------------------ */
+
+static inline int lpm_entry_cmp(const lpm_entry *a, const lpm_entry *b) {
+    if (a->hi != b->hi) return a->hi < b->hi ? -1 : 1;
+    if (a->lo != b->lo) return a->lo < b->lo ? -1 : 1;
+    if (a->len != b->len) return a->len < b->len ? -1 : 1;
+    return 0;
+}
+
+/* Index of the first entry >= key. */
+static size_t lpm_entries_lower(const lpm_entry *e, size_t n, const lpm_entry *key) {
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (lpm_entry_cmp(&e[mid], key) < 0) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+typedef struct {
+    lpm_entry ent;
+    size_t seq;
+} lpm_seq_entry;
+
+static int lpm_seq_cmp(const void *pa, const void *pb) {
+    const lpm_seq_entry *a = (const lpm_seq_entry *)pa, *b = (const lpm_seq_entry *)pb;
+    int c = lpm_entry_cmp(&a->ent, &b->ent);
+    if (c) return c;
+    return a->seq < b->seq ? -1 : (a->seq > b->seq ? 1 : 0);
+}
+
+/* Merge m new entries (any order, later duplicates win) into the sorted
+ * array old[0..n); returns a fresh malloc'd array and its length, or NULL. */
+static lpm_entry *lpm_entries_merge(const lpm_entry *old, size_t n, lpm_seq_entry *add, size_t m,
+                                    size_t *out_n) {
+    size_t i, j, k, w;
+    qsort(add, m, sizeof(lpm_seq_entry), lpm_seq_cmp);
+    /* dedupe: keep the last of each run of equal keys */
+    w = 0;
+    for (i = 0; i < m; i++) {
+        if (i + 1 < m && lpm_entry_cmp(&add[i].ent, &add[i + 1].ent) == 0) continue;
+        add[w++] = add[i];
+    }
+    m = w;
+    lpm_entry *out = (lpm_entry *)malloc((n + m + 1) * sizeof(lpm_entry));
+    if (!out) return NULL;
+    i = j = k = 0;
+    while (i < n || j < m) {
+        if (j == m) out[k++] = old[i++];
+        else if (i == n) out[k++] = add[j++].ent;
+        else {
+            int c = lpm_entry_cmp(&old[i], &add[j].ent);
+            if (c < 0) out[k++] = old[i++];
+            else if (c > 0) out[k++] = add[j++].ent;
+            else { out[k++] = add[j++].ent; i++; }
+        }
+    }
+    *out_n = k;
+    return out;
+}
+
+/* ---- a trie: the prefix store plus its published table -------------------- */
+
+typedef struct {
+    lpm_rcu rcu;
+    lpm_table *cur;      /* published; read with __atomic_load_n ACQUIRE */
+    lpm_entry *e;
+    size_t n, cap;
+    unsigned width;      /* 32 or 128 */
+} lpm_trie;
+
+static inline const lpm_table *lpm_trie_table(lpm_trie *t) {
+    return __atomic_load_n(&t->cur, __ATOMIC_ACQUIRE);
+}
+
+/* Rebuild the table from the store and publish it; 0 or -1 (out of memory,
+ * the old table stays published). */
+static int lpm_trie_publish(lpm_trie *t) {
+    lpm_table *nt = lpm_table_build(t->e, t->n, t->width);
+    if (!nt) return -1;
+    lpm_table *old = t->cur;
+    __atomic_store_n(&t->cur, nt, __ATOMIC_SEQ_CST);
+    if (old) {
+        lpm_rcu_sync(&t->rcu);
+        lpm_table_free(old);
+    }
+    return 0;
+}
+
+/* Insert or replace; returns 1 if inserted, 0 if replaced, -1 on OOM. */
+static int lpm_trie_store(lpm_trie *t, const lpm_entry *key) {
+    size_t i = lpm_entries_lower(t->e, t->n, key);
+    if (i < t->n && lpm_entry_cmp(&t->e[i], key) == 0) {
+        uint32_t oldv = t->e[i].val;
+        t->e[i].val = key->val;
+        if (oldv == key->val) return 0;
+        if (lpm_trie_publish(t) < 0) { t->e[i].val = oldv; return -1; }
+        return 0;
+    }
+    if (t->n == t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 16;
+        lpm_entry *p = (lpm_entry *)realloc(t->e, cap * sizeof(lpm_entry));
+        if (!p) return -1;
+        t->e = p;
+        t->cap = cap;
+    }
+    memmove(&t->e[i + 1], &t->e[i], (t->n - i) * sizeof(lpm_entry));
+    t->e[i] = *key;
+    t->n++;
+    if (lpm_trie_publish(t) < 0) {
+        memmove(&t->e[i], &t->e[i + 1], (t->n - i - 1) * sizeof(lpm_entry));
+        t->n--;
+        return -1;
+    }
+    return 1;
+}
+
+/* Delete; returns 1 if deleted, 0 if absent, -1 on OOM (nothing changed). */
+static int lpm_trie_delete(lpm_trie *t, const lpm_entry *key) {
+    size_t i = lpm_entries_lower(t->e, t->n, key);
+    if (i >= t->n || lpm_entry_cmp(&t->e[i], key) != 0) return 0;
+    lpm_entry saved = t->e[i];
+    memmove(&t->e[i], &t->e[i + 1], (t->n - i - 1) * sizeof(lpm_entry));
+    t->n--;
+    if (lpm_trie_publish(t) < 0) {
+        memmove(&t->e[i + 1], &t->e[i], (t->n - i) * sizeof(lpm_entry));
+        t->e[i] = saved;
+        t->n++;
+        return -1;
+    }
+    return 1;
+}
+
+/* Exact get: index of the entry or -1. */
+static long lpm_trie_find(const lpm_trie *t, const lpm_entry *key) {
+    size_t i = lpm_entries_lower(t->e, t->n, key);
+    if (i < t->n && lpm_entry_cmp(&t->e[i], key) == 0) return (long)i;
+    return -1;
+}
+
+#endif

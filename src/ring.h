@@ -1,0 +1,475 @@
+/* ring.h: AF_PACKET TPACKET_V3 receive and transmit rings, walked in place.
+ *
+ * One socket, one mapping: the RX ring (TPACKET_V3 blocks) at offset 0 and
+ * the TX ring (TPACKET_V3 header, fixed-size frames) right after it.
+ *
+ * RX: the kernel fills whole blocks and flips block_status to TP_STATUS_USER.
+ * ring_rx_batch() walks ready blocks and returns (pointer, length) views into
+ * the mapping; they stay valid until ring_rx_release(), which hands every
+ * fully walked block back with a release store of TP_STATUS_KERNEL (the
+ * reads of the block happen before the kernel may reuse it).  A block that
+ * is only partly walked stays held until a later batch finishes it.
+ *
+ * TX: ring_tx_claim() returns the data area of the next free frame (NULL
+ * when the ring is full), ring_tx_commit() publishes its length and sets
+ * TP_STATUS_SEND_REQUEST with a release store, ring_tx_flush() issues one
+ * sendto() for everything committed.  The kernel's tpacket_snd() treats V2
+ * and V3 TX frames alike (frame ring, tp_next_offset must be 0), so V3 costs
+ * nothing and lets RX and TX share one socket and one mapping.
+ *
+ * Return contract: functions returning int give 0 (or a count) on success and
+ * -errno on failure; nothing here allocates per packet or takes the GIL.
+ */
+#ifndef EGRESSCORE_RING_H
+#define EGRESSCORE_RING_H
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#ifndef PACKET_QDISC_BYPASS
+#define PACKET_QDISC_BYPASS 20
+#endif
+#ifndef PACKET_IGNORE_OUTGOING
+#define PACKET_IGNORE_OUTGOING 23
+#endif
+
+/* Data starts right after the aligned V3 header on TX (the kernel's
+ * tp_hdrlen - sizeof(struct sockaddr_ll) when PACKET_TX_HAS_OFF is off). */
+#define RING_TX_DATA_OFF ((uint32_t)TPACKET_ALIGN(sizeof(struct tpacket3_hdr)))
+#define RING_RX_FRAME_SIZE 2048u /* V3 only checks it; frames are packed */
+#define RING_VNET_HDR_LEN 10u    /* sizeof(struct virtio_net_hdr) */
+
+typedef struct ring_frame {
+    const uint8_t *data;   /* first byte of the Ethernet header */
+    const uint8_t *vnet;   /* struct virtio_net_hdr before it, NULL if off */
+    uint32_t len;          /* captured bytes at data (tp_snaplen) */
+    uint32_t wire_len;     /* length on the wire (tp_len) */
+    uint32_t status;       /* TP_STATUS_* bits (csum, vlan, losing) */
+    uint16_t vlan_tci;
+    uint16_t pkttype;      /* unused by V3 headers: always 0 */
+} ring_frame_t;
+
+typedef struct ring_cfg {
+    int ifindex;
+    uint32_t rx_block_size;   /* 0 = no RX ring */
+    uint32_t rx_block_nr;
+    uint32_t rx_retire_ms;
+    uint32_t tx_frame_size;   /* 0 = no TX ring */
+    uint32_t tx_frame_nr;
+    int fanout_group;         /* < 0: no fanout */
+    int fanout_mode;          /* PACKET_FANOUT_* | flags */
+    int qdisc_bypass;
+    int ignore_outgoing;
+    int promisc;
+    int vnet_hdr;             /* PACKET_VNET_HDR: virtio_net_hdr per frame */
+    const struct sock_filter *filter;
+    uint16_t filter_len;
+} ring_cfg_t;
+
+typedef struct ring {
+    int fd;
+    int ifindex;
+    uint32_t vnet;           /* virtio_net_hdr bytes per frame (0: off) */
+    uint8_t *map;
+    size_t map_len;
+    const char *err_where;   /* which step failed, for the Python error */
+    /* RX */
+    uint8_t *rx;
+    uint32_t rx_block_size, rx_block_nr;
+    uint32_t rx_cur;         /* block being walked or next to look at */
+    uint32_t rx_rel;         /* oldest block still held */
+    uint32_t rx_held;        /* blocks held: closed ones plus the open one */
+    uint32_t rx_left;        /* frames left in the open block */
+    uint8_t *rx_next;        /* next frame of the open block, NULL if none */
+    /* TX */
+    uint8_t *tx;
+    uint32_t tx_frame_size, tx_frame_nr, tx_fpb, tx_block_size, tx_room;
+    uint32_t tx_cur;
+    uint32_t tx_pending;     /* committed since the last successful flush */
+    /* counters */
+    uint64_t rx_frames, rx_blocks;
+    uint64_t tx_frames, tx_flushes, tx_full, tx_errors;
+    uint64_t k_packets, k_drops, k_freeze;
+} ring_t;
+
+static inline struct tpacket_block_desc *ring_rx_block(ring_t *r, uint32_t i)
+{
+    return (struct tpacket_block_desc *)(r->rx + (size_t)i * r->rx_block_size);
+}
+
+static inline struct tpacket3_hdr *ring_tx_hdr(ring_t *r, uint32_t i)
+{
+    return (struct tpacket3_hdr *)(r->tx + (size_t)(i / r->tx_fpb) * r->tx_block_size
+                                   + (size_t)(i % r->tx_fpb) * r->tx_frame_size);
+}
+
+static inline int ring_setopt(ring_t *r, int level, int name, const void *v, socklen_t n,
+                              const char *where)
+{
+    if (setsockopt(r->fd, level, name, v, n) < 0) {
+        r->err_where = where;
+        return -errno;
+    }
+    return 0;
+}
+
+static inline void ring_close(ring_t *r)
+{
+    if (r->map != NULL && r->map != MAP_FAILED)
+        munmap(r->map, r->map_len);
+    r->map = NULL;
+    r->rx = r->tx = NULL;
+    if (r->fd >= 0)
+        close(r->fd);
+    r->fd = -1;
+}
+
+/* Open the socket, set it up, map the rings, attach the filter, then bind:
+ * until bind the socket has protocol 0 and sees nothing, so no packet
+ * escapes the filter.  On failure everything is released, r->err_where
+ * names the step and -errno is returned. */
+static inline int ring_open(ring_t *r, const ring_cfg_t *c)
+{
+    int rc, one = 1, v = TPACKET_V3;
+    size_t rx_len = 0, tx_len = 0;
+
+    memset(r, 0, sizeof(*r));
+    r->fd = -1;
+    r->ifindex = c->ifindex;
+    r->fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
+    if (r->fd < 0) {
+        r->err_where = "socket(AF_PACKET)";
+        return -errno;
+    }
+    if ((rc = ring_setopt(r, SOL_PACKET, PACKET_VERSION, &v, sizeof(v), "PACKET_VERSION")))
+        goto fail;
+    if (c->tx_frame_size &&
+        (rc = ring_setopt(r, SOL_PACKET, PACKET_LOSS, &one, sizeof(one), "PACKET_LOSS")))
+        goto fail;
+    if (c->vnet_hdr) {
+        if ((rc = ring_setopt(r, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof(one),
+                              "PACKET_VNET_HDR")))
+            goto fail;
+        r->vnet = RING_VNET_HDR_LEN;
+    }
+    if (c->rx_block_size) {
+        struct tpacket_req3 q;
+        memset(&q, 0, sizeof(q));
+        q.tp_block_size = c->rx_block_size;
+        q.tp_block_nr = c->rx_block_nr;
+        q.tp_frame_size = RING_RX_FRAME_SIZE;
+        q.tp_frame_nr = (c->rx_block_size / RING_RX_FRAME_SIZE) * c->rx_block_nr;
+        q.tp_retire_blk_tov = c->rx_retire_ms;
+        if ((rc = ring_setopt(r, SOL_PACKET, PACKET_RX_RING, &q, sizeof(q), "PACKET_RX_RING")))
+            goto fail;
+        r->rx_block_size = c->rx_block_size;
+        r->rx_block_nr = c->rx_block_nr;
+        rx_len = (size_t)c->rx_block_size * c->rx_block_nr;
+    }
+    if (c->tx_frame_size) {
+        struct tpacket_req3 q;
+        uint32_t bs = 4096;
+        while (bs < c->tx_frame_size)
+            bs <<= 1;
+        while (bs < (1u << 16) && bs * 2 <= c->tx_frame_size * c->tx_frame_nr)
+            bs <<= 1;
+        memset(&q, 0, sizeof(q));
+        r->tx_fpb = bs / c->tx_frame_size;
+        q.tp_block_size = bs;
+        q.tp_block_nr = (c->tx_frame_nr + r->tx_fpb - 1) / r->tx_fpb;
+        q.tp_frame_size = c->tx_frame_size;
+        q.tp_frame_nr = q.tp_block_nr * r->tx_fpb;
+        if ((rc = ring_setopt(r, SOL_PACKET, PACKET_TX_RING, &q, sizeof(q), "PACKET_TX_RING")))
+            goto fail;
+        r->tx_frame_size = c->tx_frame_size;
+        r->tx_frame_nr = q.tp_frame_nr;
+        r->tx_block_size = bs;
+        r->tx_room = c->tx_frame_size - RING_TX_DATA_OFF - r->vnet;
+        tx_len = (size_t)bs * q.tp_block_nr;
+    }
+    if (rx_len + tx_len) {
+        r->map_len = rx_len + tx_len;
+        r->map = mmap(NULL, r->map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                      r->fd, 0);
+        if (r->map == MAP_FAILED) {
+            r->map = NULL;
+            rc = -errno;
+            r->err_where = "mmap";
+            goto fail;
+        }
+        r->rx = rx_len ? r->map : NULL;
+        r->tx = tx_len ? r->map + rx_len : NULL;
+    }
+    if (c->filter_len) {
+        struct sock_fprog p;
+        p.len = c->filter_len;
+        p.filter = (struct sock_filter *)c->filter;
+        if ((rc = ring_setopt(r, SOL_SOCKET, SO_ATTACH_FILTER, &p, sizeof(p), "SO_ATTACH_FILTER")))
+            goto fail;
+    }
+    if (c->qdisc_bypass &&
+        (rc = ring_setopt(r, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof(one),
+                          "PACKET_QDISC_BYPASS")))
+        goto fail;
+    if (c->ignore_outgoing &&
+        (rc = ring_setopt(r, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one, sizeof(one),
+                          "PACKET_IGNORE_OUTGOING")))
+        goto fail;
+    {
+        struct sockaddr_ll sll;
+        memset(&sll, 0, sizeof(sll));
+        sll.sll_family = AF_PACKET;
+        /* A TX-only ring needs no receive hook: protocol 0 keeps it deaf. */
+        sll.sll_protocol = c->rx_block_size ? htons(ETH_P_ALL) : 0;
+        sll.sll_ifindex = c->ifindex;
+        if (bind(r->fd, (struct sockaddr *)&sll, sizeof(sll)) < 0) {
+            rc = -errno;
+            r->err_where = "bind";
+            goto fail;
+        }
+    }
+    if (c->promisc) {
+        struct packet_mreq m;
+        memset(&m, 0, sizeof(m));
+        m.mr_ifindex = c->ifindex;
+        m.mr_type = PACKET_MR_PROMISC;
+        if ((rc = ring_setopt(r, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &m, sizeof(m),
+                              "PACKET_ADD_MEMBERSHIP(PROMISC)")))
+            goto fail;
+    }
+    if (c->fanout_group >= 0) {
+        int arg = (c->fanout_group & 0xffff) | (c->fanout_mode << 16);
+        if ((rc = ring_setopt(r, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg), "PACKET_FANOUT")))
+            goto fail;
+    }
+    return 0;
+fail:
+    ring_close(r);
+    return rc;
+}
+
+/* Replace the socket filter (len 0: detach).  0 or -errno. */
+static inline int ring_set_filter(ring_t *r, const struct sock_filter *f, uint16_t len)
+{
+    if (len == 0) {
+        int dummy = 0;
+        if (setsockopt(r->fd, SOL_SOCKET, SO_DETACH_FILTER, &dummy, sizeof(dummy)) < 0 &&
+            errno != ENOENT)
+            return -errno;
+        return 0;
+    }
+    struct sock_fprog p;
+    p.len = len;
+    p.filter = (struct sock_filter *)f;
+    return setsockopt(r->fd, SOL_SOCKET, SO_ATTACH_FILTER, &p, sizeof(p)) < 0 ? -errno : 0;
+}
+
+/* ---- RX -------------------------------------------------------------- */
+
+/* 1 if a frame can be taken without waiting. */
+static inline int ring_rx_ready(ring_t *r)
+{
+    if (r->rx_next != NULL)
+        return 1;
+    if (r->rx == NULL || r->rx_held == r->rx_block_nr)
+        return 0;
+    return (__atomic_load_n(&ring_rx_block(r, r->rx_cur)->hdr.bh1.block_status,
+                            __ATOMIC_ACQUIRE) & TP_STATUS_USER) != 0;
+}
+
+/* Fill out[0..n) with views of up to max ready frames, in arrival order.
+ * Views stay valid until ring_rx_release().  Returns n (0: nothing ready). */
+static inline int ring_rx_batch(ring_t *r, ring_frame_t *out, int max)
+{
+    int n = 0;
+    while (n < max) {
+        if (r->rx_next == NULL) {
+            struct tpacket_block_desc *bd;
+            if (r->rx_held == r->rx_block_nr)
+                break;
+            bd = ring_rx_block(r, r->rx_cur);
+            if (!(__atomic_load_n(&bd->hdr.bh1.block_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
+                break;
+            r->rx_held++;
+            r->rx_blocks++;
+            r->rx_left = bd->hdr.bh1.num_pkts;
+            if (r->rx_left == 0) {
+                r->rx_cur = r->rx_cur + 1 == r->rx_block_nr ? 0 : r->rx_cur + 1;
+                continue;
+            }
+            r->rx_next = (uint8_t *)bd + bd->hdr.bh1.offset_to_first_pkt;
+        }
+        {
+            const struct tpacket3_hdr *h = (const struct tpacket3_hdr *)r->rx_next;
+            out[n].data = r->rx_next + h->tp_mac;
+            out[n].vnet = r->vnet ? out[n].data - r->vnet : NULL;
+            out[n].len = h->tp_snaplen;
+            out[n].wire_len = h->tp_len;
+            out[n].status = h->tp_status;
+            out[n].vlan_tci = (uint16_t)h->hv1.tp_vlan_tci;
+            out[n].pkttype = 0;
+            n++;
+            if (--r->rx_left == 0) {
+                r->rx_next = NULL;
+                r->rx_cur = r->rx_cur + 1 == r->rx_block_nr ? 0 : r->rx_cur + 1;
+            } else {
+                r->rx_next += h->tp_next_offset;
+            }
+        }
+    }
+    r->rx_frames += (uint64_t)n;
+    return n;
+}
+
+/* Hand every fully walked block back to the kernel.  The open block (partly
+ * walked) stays held.  The release store orders our reads of the block
+ * before the kernel sees TP_STATUS_KERNEL. */
+static inline void ring_rx_release(ring_t *r)
+{
+    uint32_t closed = r->rx_held - (r->rx_next != NULL);
+    while (closed--) {
+        struct tpacket_block_desc *bd = ring_rx_block(r, r->rx_rel);
+        __atomic_store_n(&bd->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+        r->rx_rel = r->rx_rel + 1 == r->rx_block_nr ? 0 : r->rx_rel + 1;
+        r->rx_held--;
+    }
+}
+
+/* poll() the socket; returns revents (0 on timeout) or -errno. */
+static inline int ring_poll(ring_t *r, short events, int timeout_ms)
+{
+    struct pollfd p;
+    int rc;
+    p.fd = r->fd;
+    p.events = events;
+    p.revents = 0;
+    rc = poll(&p, 1, timeout_ms);
+    if (rc < 0)
+        return -errno;
+    return rc ? p.revents : 0;
+}
+
+/* Wait up to timeout_ms (<0: forever) for a ready RX frame: 1 ready,
+ * 0 timeout, -errno (EINTR included, so a signal stops the wait). */
+static inline int ring_rx_wait(ring_t *r, int timeout_ms)
+{
+    int rc;
+    if (ring_rx_ready(r))
+        return 1;
+    rc = ring_poll(r, POLLIN | POLLERR, timeout_ms);
+    if (rc < 0)
+        return rc;
+    return ring_rx_ready(r);
+}
+
+/* ---- TX -------------------------------------------------------------- */
+
+/* 1 if the next TX frame is ours to fill. */
+static inline int ring_tx_free(ring_t *r)
+{
+    uint32_t st;
+    if (r->tx == NULL)
+        return 0;
+    st = __atomic_load_n(&ring_tx_hdr(r, r->tx_cur)->tp_status, __ATOMIC_ACQUIRE);
+    return st == TP_STATUS_AVAILABLE || (st & TP_STATUS_WRONG_FORMAT);
+}
+
+/* Data area of the next free TX frame (room bytes), or NULL if the kernel
+ * still owns it (ring full: flush and wait for POLLOUT).  With vnet_hdr the
+ * frame's virtio_net_hdr (ring_tx_vnet) is zeroed: no GSO, no checksum
+ * offload, unless the caller fills it before commit. */
+static inline uint8_t *ring_tx_claim(ring_t *r, uint32_t *room)
+{
+    uint8_t *p;
+    if (!ring_tx_free(r)) {
+        r->tx_full++;
+        return NULL;
+    }
+    *room = r->tx_room;
+    p = (uint8_t *)ring_tx_hdr(r, r->tx_cur) + RING_TX_DATA_OFF;
+    if (r->vnet)
+        memset(p, 0, r->vnet);
+    return p + r->vnet;
+}
+
+/* The claimed frame's struct virtio_net_hdr (NULL when vnet_hdr is off). */
+static inline uint8_t *ring_tx_vnet(ring_t *r)
+{
+    if (!r->vnet)
+        return NULL;
+    return (uint8_t *)ring_tx_hdr(r, r->tx_cur) + RING_TX_DATA_OFF;
+}
+
+/* Publish the claimed frame with len bytes (len <= room, checked by the
+ * caller) and advance. */
+static inline void ring_tx_commit(ring_t *r, uint32_t len)
+{
+    struct tpacket3_hdr *h = ring_tx_hdr(r, r->tx_cur);
+    h->tp_len = len + r->vnet;
+    h->tp_snaplen = len + r->vnet;
+    h->tp_next_offset = 0;
+    __atomic_store_n(&h->tp_status, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
+    r->tx_cur = r->tx_cur + 1 == r->tx_frame_nr ? 0 : r->tx_cur + 1;
+    r->tx_pending++;
+    r->tx_frames++;
+}
+
+/* One sendto() for every committed frame.  Transient pushback (ENOBUFS,
+ * EAGAIN) keeps the frames queued for the next flush and returns 0.
+ * Returns the number of frames handed over (as committed), or -errno. */
+static inline int ring_tx_flush(ring_t *r)
+{
+    int n = (int)r->tx_pending;
+    if (n == 0)
+        return 0;
+    if (sendto(r->fd, NULL, 0, MSG_DONTWAIT, NULL, 0) < 0) {
+        int e = errno;
+        if (e == ENOBUFS || e == EAGAIN || e == EINTR)
+            return 0;
+        r->tx_errors++;
+        return -e;
+    }
+    r->tx_pending = 0;
+    r->tx_flushes++;
+    return n;
+}
+
+/* Wait up to timeout_ms for a free TX frame: 1 free, 0 timeout, -errno. */
+static inline int ring_tx_wait(ring_t *r, int timeout_ms)
+{
+    int rc;
+    if (ring_tx_free(r))
+        return 1;
+    rc = ring_poll(r, POLLOUT | POLLERR, timeout_ms);
+    if (rc < 0)
+        return rc;
+    return ring_tx_free(r);
+}
+
+/* ---- counters -------------------------------------------------------- */
+
+/* Read PACKET_STATISTICS (the kernel resets it on read) into the running
+ * totals.  tp_packets counts every packet the socket saw, drops included. */
+static inline int ring_stats_update(ring_t *r)
+{
+    struct tpacket_stats_v3 st;
+    socklen_t len = sizeof(st);
+    memset(&st, 0, sizeof(st));
+    if (getsockopt(r->fd, SOL_PACKET, PACKET_STATISTICS, &st, &len) < 0)
+        return -errno;
+    r->k_packets += st.tp_packets;
+    r->k_drops += st.tp_drops;
+    r->k_freeze += st.tp_freeze_q_cnt;
+    return 0;
+}
+
+#endif

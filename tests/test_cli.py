@@ -1,0 +1,166 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import needs_netns
+
+from egresscore.cli import format_table, main
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+CLUSTER = os.path.join(ROOT, "examples", "cluster.yaml")
+SAMPLE = os.path.join(ROOT, "examples", "egress-sample.yaml")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_egress_list_prints_cilium_dbg_table(capsys):
+    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", SAMPLE)
+    assert code == 0 and err == ""
+    assert out == (
+        "Source IP   Destination CIDR   Egress IP     Gateway IP\n"
+        "10.0.1.93   203.0.113.0/24     192.168.1.3   192.168.1.3\n"
+        "10.0.1.93   203.0.113.128/25   192.168.1.3   Excluded CIDR\n"
+    )
+
+
+def test_egress_list_as_seen_from_a_source_node_and_as_json(capsys):
+    code, out, err = run(capsys, "egress", "ls", "--cluster", CLUSTER, "--policies", SAMPLE,
+                         "--node", "node1", "-o", "json")
+    assert code == 0
+    assert json.loads(out) == [
+        {"SourceIP": "10.0.1.93", "DestCIDR": "203.0.113.0/24", "EgressIP": "0.0.0.0", "GatewayIP": "192.168.1.3"},
+        {"SourceIP": "10.0.1.93", "DestCIDR": "203.0.113.128/25", "EgressIP": "0.0.0.0",
+         "GatewayIP": "Excluded CIDR"},
+    ]
+
+
+def test_egress_list_sorted_not_found_and_bad_policy_alone(capsys, tmp_path):
+    policies = tmp_path / "p.yaml"
+    policies.write_text(open(SAMPLE).read() + """
+---
+apiVersion: cilium.io/v2
+kind: CiliumEgressGatewayPolicy
+metadata: {name: nowhere}
+spec:
+  selectors: [{podSelector: {}}]
+  destinationCIDRs: ["198.51.100.0/24"]
+  egressGateway: {nodeSelector: {matchLabels: {role: none}}}
+---
+apiVersion: cilium.io/v2
+kind: CiliumEgressGatewayPolicy
+metadata: {name: broken}
+spec:
+  selectors: [{podSelector: {}}]
+  destinationCIDRs: ["198.51.100.0/24"]
+  egressGateway: {nodeSelector: {}, interface: eth1, egressIP: 192.168.1.100}
+""")
+    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", str(policies))
+    assert code == 1  # a policy was rejected; the others are listed
+    assert "policy 'broken': spec.egressGateway: can't specify both an interface and an egress IP" in err
+    assert "policy 'nowhere': no node matches" in err
+    lines = out.splitlines()
+    assert lines[1:] == [
+        "10.0.1.93   198.51.100.0/24    0.0.0.0       Not Found",
+        "10.0.1.93   203.0.113.0/24     192.168.1.3   192.168.1.3",
+        "10.0.1.93   203.0.113.128/25   192.168.1.3   Excluded CIDR",
+        "10.0.2.32   198.51.100.0/24    0.0.0.0       Not Found",
+    ]
+
+
+def test_no_entries_and_unknown_node(capsys, tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", str(empty))
+    assert (code, out, err) == (0, "", "No entries found.\n")
+    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", SAMPLE, "--node", "node9")
+    assert code == 1 and "no node 'node9'" in err and "node1, node2, node3" in err
+
+
+def test_format_table_follows_go_tabwriter():
+    assert format_table([("a", "b", "c", "d")], header=("h1", "header2", "x", "last")) == (
+        "h1   header2   x    last\n"
+        "a    b         c    d\n"
+    )
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["egress", "--help"], ["egress", "list", "--help"],
+                                  ["validate", "--help"]])
+def test_help_everywhere(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    assert "usage: egresscore" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["egress"]) == 2
+    with pytest.raises(SystemExit) as info:
+        main(["egress", "list", "--cluster", CLUSTER])
+    assert info.value.code == 2
+    assert "--policies" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "cluster_text, message",
+    [
+        (None, "cannot read"),
+        ("nodes: [{name: a, internalIP: 1.2.3}]", "'1.2.3' is not an IP address"),
+        ("nodes: [", "invalid YAML"),
+    ],
+)
+def test_bad_input_errors_go_to_stderr_without_traceback(tmp_path, cluster_text, message):
+    cluster = tmp_path / "cluster.yaml"
+    if cluster_text is not None:
+        cluster.write_text(cluster_text)
+    proc = subprocess.run([sys.executable, "-m", "egresscore", "egress", "list", "--cluster", str(cluster),
+                           "--policies", SAMPLE], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("egresscore: error: ")
+
+
+def test_bad_policy_files_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n---\n: [\n")
+    proc = subprocess.run([sys.executable, "-m", "egresscore", "egress", "list", "--cluster", CLUSTER,
+                           "--policies", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "document 1 (line 1): kind: 'Pod' is not 'CiliumEgressGatewayPolicy'" in proc.stderr
+    assert "document 2 (line 4): invalid YAML" in proc.stderr
+
+
+@needs_netns
+def test_validate_checks_the_host_interfaces(capsys, tmp_path):
+    from netns_helper import dummy_netns
+
+    policies = tmp_path / "p.yaml"
+    policies.write_text(open(SAMPLE).read().replace("egressIP: 192.168.1.3", "egressIP: 192.168.1.100"))
+    args = ["validate", "--cluster", CLUSTER, "--policies", str(policies), "--node", "node3"]
+    with dummy_netns("ok", ["192.168.1.3/24", "192.168.1.100/24"]) as ns:
+        code, out, err = run(capsys, *args, "--netns", ns)
+    assert code == 0, err
+    assert out == "ok: policy 'egress-sample': egress IP 192.168.1.100 on interface eth0\n"
+    with dummy_netns("missing", ["192.168.1.3/24"]) as ns:
+        code, out, err = run(capsys, *args, "--netns", ns)
+    assert code == 1
+    assert ("policy 'egress-sample': egress IP 192.168.1.100 is not on any interface of node node3" in err
+            and "SNAT cannot work" in err)
+    with dummy_netns("node1", ["192.168.1.1/24"]) as ns:
+        code, out, err = run(capsys, "validate", "--cluster", CLUSTER, "--policies", SAMPLE, "--node", "node1",
+                             "--netns", ns)
+    assert code == 0 and "node node1 is the gateway of no egress gateway policy" in out
+
+
+def test_validate_unknown_netns_is_a_clean_error(capsys):
+    code, out, err = run(capsys, "validate", "--cluster", CLUSTER, "--policies", SAMPLE, "--node", "node3",
+                         "--netns", "egc-ctl-does-not-exist")
+    assert code == 1 and "no network namespace named 'egc-ctl-does-not-exist'" in err
+    from pyroute2 import netns
+    assert "egc-ctl-does-not-exist" not in netns.listnetns()  # reading never creates one

@@ -1,0 +1,261 @@
+"""LPMTrie against a brute-force `ipaddress` oracle: property tests over random
+tables with /0, host routes and overlapping prefixes, IPv4 and IPv6."""
+import ipaddress
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from egresscore import LPM_MAX_VALUE, LPM_NO_VALUE, LPMTrie
+
+WIDTH = {4: 32, 6: 128}
+NET = {4: ipaddress.IPv4Network, 6: ipaddress.IPv6Network}
+ADDR = {4: ipaddress.IPv4Address, 6: ipaddress.IPv6Address}
+
+
+class Oracle:
+    """A dict of networks; lookup scans every prefix."""
+
+    def __init__(self, family):
+        self.family = family
+        self.d = {}
+
+    def lookup(self, addr):
+        addr = ADDR[self.family](addr)
+        best = None
+        for net, v in self.d.items():
+            if addr in net and (best is None or net.prefixlen > best[0].prefixlen):
+                best = (net, v)
+        return best
+
+
+def bases(family):
+    # A few base addresses so random prefixes overlap and nest often.
+    w = WIDTH[family]
+    return st.sampled_from([0, (1 << w) - 1, 0x0A000000 << (w - 32), 0xC0A80100 << (w - 32),
+                            0x20010DB8 << (w - 32), 0x7F000001 << (w - 32)])
+
+
+def prefixes(family):
+    w = WIDTH[family]
+    length = st.one_of(st.sampled_from([0, w, w - 1, 8, 16, 24]), st.integers(0, w))
+
+    @st.composite
+    def make(draw):
+        base = draw(bases(family))
+        noise = draw(st.integers(0, (1 << w) - 1)) >> draw(st.integers(0, w))
+        plen = draw(length)
+        addr = (base ^ noise) >> (w - plen) << (w - plen) if plen else 0
+        return NET[family]((addr, plen))
+
+    return make()
+
+
+def ops(family):
+    op = st.one_of(
+        st.tuples(st.just("set"), prefixes(family), st.integers(0, 1000)),
+        st.tuples(st.just("del"), prefixes(family), st.just(0)),
+    )
+    return st.lists(op, min_size=1, max_size=40)
+
+
+def probe_addresses(family, nets, extra):
+    w = WIDTH[family]
+    out = set(extra)
+    for n in nets:
+        a = int(n.network_address)
+        b = int(n.broadcast_address)
+        out.update({a, b, max(a - 1, 0), min(b + 1, (1 << w) - 1)})
+    out.update({0, (1 << w) - 1})
+    return sorted(out)
+
+
+def check_against(t, oracle, probes):
+    family = oracle.family
+    assert len(t) == len(oracle.d)
+    assert t.items() == sorted(oracle.d.items(), key=lambda kv: (int(kv[0].network_address), kv[0].prefixlen))
+    for a in probes:
+        want = oracle.lookup(a)
+        assert t.lookup(a) == (None if want is None else want[1]), ADDR[family](a)
+        assert t.lookup_prefix(a) == want, ADDR[family](a)
+        assert (a in t) == (want is not None)
+    if family == 4:
+        keys = np.array(probes, dtype=np.uint32)
+    else:
+        keys = np.array([[a >> 64, a & (2**64 - 1)] for a in probes], dtype=np.uint64)
+    values, found = t.lookup_batch(keys)
+    for a, v, f in zip(probes, values, found):
+        want = oracle.lookup(a)
+        assert bool(f) == (want is not None)
+        assert int(v) == (LPM_NO_VALUE if want is None else want[1])
+    if family == 6:
+        packed = np.frombuffer(b"".join(a.to_bytes(16, "big") for a in probes), dtype=np.uint8)
+        v2, f2 = t.lookup_batch(packed.reshape(-1, 16))
+        assert (v2 == values).all() and (f2 == found).all()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_property_against_ipaddress_oracle(family):
+    @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(ops(family), st.lists(st.integers(0, (1 << WIDTH[family]) - 1), max_size=20))
+    def run(operations, extra):
+        t = LPMTrie(family)
+        oracle = Oracle(family)
+        for kind, net, value in operations:
+            if kind == "set":
+                t[net] = value
+                oracle.d[net] = value
+            elif net in oracle.d:
+                del t[net]
+                del oracle.d[net]
+            else:
+                with pytest.raises(KeyError):
+                    del t[net]
+        check_against(t, oracle, probe_addresses(family, [op[1] for op in operations], extra))
+
+    run()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_bulk_update_matches_single_inserts(family):
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.tuples(prefixes(family), st.integers(0, LPM_MAX_VALUE)), max_size=60),
+           st.lists(st.tuples(prefixes(family), st.integers(0, 9)), max_size=30))
+    def run(first, second):
+        bulk = LPMTrie(family, first)
+        bulk.update(dict(second))
+        one = LPMTrie(family)
+        oracle = Oracle(family)
+        for net, v in first + list(dict(second).items()):
+            one[net] = v
+            oracle.d[net] = v
+        assert bulk.items() == one.items()
+        probes = probe_addresses(family, [n for n, _ in first + second], [])
+        check_against(bulk, oracle, probes)
+
+    run()
+
+
+def test_big_random_table_every_depth():
+    # Many long prefixes force several node levels under the 18-bit direct array.
+    rng = np.random.default_rng(7)
+    t = LPMTrie(4)
+    oracle = Oracle(4)
+    items = {}
+    for _ in range(3000):
+        plen = int(rng.integers(0, 33))
+        base = int(rng.choice([0x0A000000, 0x0A010000, 0xC0A80000]))
+        addr = (base ^ int(rng.integers(0, 1 << 20))) >> (32 - plen) << (32 - plen) if plen else 0
+        items[ipaddress.IPv4Network((addr, plen))] = int(rng.integers(0, LPM_MAX_VALUE + 1))
+    t.update(items)
+    oracle.d = dict(items)
+    assert t.stats["direct_bits"] >= 12
+    probes = probe_addresses(4, list(items)[:400], rng.integers(0, 2**32, 500).tolist())
+    check_against(t, oracle, probes)
+
+
+def test_pythonic_surface():
+    t = LPMTrie()
+    assert t.family == 4 and len(t) == 0 and t.lookup("1.2.3.4") is None
+    t["10.0.0.0/8"] = 1
+    t[ipaddress.ip_network("10.1.0.0/16")] = 2
+    t[("10.1.2.0", 24)] = 3
+    t["10.1.2.3"] = 4                      # an address is a host route
+    t[ipaddress.ip_address("10.9.9.9")] = 5
+    assert t["10.1.2.3/32"] == 4 and t[(0x0A090909, 32)] == 5
+    assert t.lookup("10.1.2.3") == 4
+    assert t.lookup(ipaddress.ip_address("10.1.2.4")) == 3
+    assert t.lookup(0x0A010505) == 2
+    assert t.lookup(b"\x0a\x05\x05\x05") == 1
+    assert t.lookup("11.0.0.0", default=-1) == -1
+    assert "10.200.0.1" in t and "11.0.0.1" not in t
+    assert "10.1.2.0/24" in t and "11.0.0.0/15" not in t and "10.0.0.0/7" not in t  # coverage, like pytricia
+    assert t.has_key("10.1.0.0/16") and not t.has_key("10.1.0.0/17")
+    assert t.get("10.2.0.0/16") is None and t.get("10.0.0.0/8") == 1
+    assert [str(n) for n in t] == ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "10.9.9.9/32"]
+    assert t.values() == [1, 2, 3, 4, 5]
+    del t["10.1.2.0/24"]
+    assert t.lookup("10.1.2.4") == 2
+    assert t.pop("10.9.9.9/32") == 5 and t.pop("10.9.9.9/32", None) is None
+    with pytest.raises(KeyError):
+        t["10.1.2.0/24"]
+    t["10.0.0.0/8"] = 7                    # replace
+    assert t.lookup("10.5.5.5") == 7 and len(t) == 3
+    t.clear()
+    assert len(t) == 0 and t.lookup("10.5.5.5") is None
+    assert repr(t) == "LPMTrie(family=4, prefixes=0)"
+
+
+def test_ipv6_surface_and_layouts():
+    t = LPMTrie(6, {"2001:db8::/32": 1, "2001:db8:1::/48": 2, "::/0": 0, "2001:db8::1": 3})
+    assert t.lookup("2001:db8:1::5") == 2 and t.lookup("2001:db8::1") == 3 and t.lookup("fe80::1") == 0
+    addrs = [ipaddress.ip_address(a) for a in ("2001:db8:1::5", "2001:db8::1", "fe80::1", "2001:db8:2::")]
+    packed = np.frombuffer(b"".join(a.packed for a in addrs), dtype=np.uint8).reshape(-1, 16)
+    halves = np.array([[int(a) >> 64, int(a) & (2**64 - 1)] for a in addrs], dtype=np.uint64)
+    for keys in (packed, halves):
+        values, found = t.lookup_batch(keys)
+        assert values.tolist() == [2, 3, 0, 1] and found.all()
+
+
+def test_empty_and_default_route():
+    for family in (4, 6):
+        t = LPMTrie(family)
+        keys = np.zeros(5, np.uint32) if family == 4 else np.zeros((5, 16), np.uint8)
+        values, found = t.lookup_batch(keys)
+        assert not found.any() and (values == LPM_NO_VALUE).all()
+        t["0.0.0.0/0" if family == 4 else "::/0"] = 9
+        values, found = t.lookup_batch(keys)
+        assert found.all() and (values == 9).all()
+        empty = keys[:0]
+        v0, f0 = t.lookup_batch(empty)
+        assert v0.shape == (0,) and f0.shape == (0,)
+
+
+def test_max_value_roundtrip():
+    t = LPMTrie(4)
+    t["1.0.0.0/8"] = LPM_MAX_VALUE
+    t["2.0.0.0/8"] = 0
+    v, f = t.lookup_batch(np.array([0x01000001, 0x02000002, 0x03000003], dtype=np.uint32))
+    assert v.tolist()[:2] == [LPM_MAX_VALUE, 0] and f.tolist() == [True, True, False]
+
+
+def test_concurrent_lookups_never_see_half_made_updates():
+    """Reader threads (GIL released) see whole tables: each batch's results
+    match exactly one published generation."""
+    rng = np.random.default_rng(3)
+    nets = set()
+    while len(nets) < 2000:
+        plen = int(rng.integers(8, 33))
+        nets.add(ipaddress.IPv4Network((int(rng.integers(0, 2**32)) >> (32 - plen) << (32 - plen), plen)))
+    nets = sorted(nets, key=lambda n: (int(n.network_address), n.prefixlen))
+    t = LPMTrie(4, {n: 0 for n in nets})
+    keys = np.array([int(n.network_address) for n in nets], dtype=np.uint32)
+    stop = threading.Event()
+    errors = []
+    seen = set()
+
+    def reader():
+        while not stop.is_set():
+            values, found = t.lookup_batch(keys)
+            gens = set(values.tolist())
+            if len(gens) != 1 or not found.all():
+                errors.append(sorted(gens)[:5])
+                return
+            seen.add(gens.pop())
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for th in threads:
+        th.start()
+    try:
+        for gen in range(1, 60):
+            t.update({n: gen for n in nets})          # one atomic generation
+            t["0.0.0.0/0"] = gen                      # single updates publish too
+            del t["0.0.0.0/0"]
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    assert not errors, errors
+    assert len(seen) >= 1

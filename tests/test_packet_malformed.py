@@ -1,0 +1,261 @@
+"""Malformed input: always a drop with the right reason, never a crash.
+
+The corpus: every valid frame (several protocols, VLAN, IPv4 options, IPv6
+extension headers, ICMP errors, VXLAN) truncated at every byte offset; bad
+IHL, IP and UDP lengths, TCP data offsets; bad VXLAN flags; zero-length and
+oversize frames; batches whose offsets/lengths lie about their rows; and a
+seeded set of random byte mutations (any verdict is fine there, a crash or
+an out-of-bounds access is not).
+
+The same corpus also runs in a subprocess against a copy of the extension
+built with Cython bounds checking (EGRESSCORE_CHECKED=1) and, when gcc has
+it, AddressSanitizer: every frame is copied into an exactly sized malloc
+block first, so any read or write past a frame's end is caught.  That build
+is cached in build/checked-asan (the first run takes a minute).
+"""
+import os
+import pickle
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANY = None  # any outcome but a crash
+
+
+def valid_frames():
+    """Valid frames (name, bytes) covering the parser's paths."""
+    from scapy.all import (ICMP, IP, TCP, UDP, VXLAN, Dot1Q, Ether, ICMPv6DestUnreach, ICMPv6EchoRequest,
+                           IPOption_Router_Alert, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, Raw)
+    e = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    ip = IP(src="10.0.1.93", dst="203.0.113.9", flags="DF")
+    ip6 = IPv6(src="fd00:10::93", dst="2001:db8::9")
+    frames = {
+        "udp4": e / ip / UDP(sport=1234, dport=53) / Raw(b"u" * 16),
+        "tcp4_opts": e / IP(src="10.0.1.93", dst="203.0.113.9", options=[IPOption_Router_Alert()])
+        / TCP(sport=40000, dport=443, flags="S", options=[("MSS", 1460)]),
+        "vlan_udp4": e / Dot1Q(vlan=12) / ip / UDP(sport=1, dport=2) / Raw(b"v" * 4),
+        "echo4": e / ip / ICMP(type=8, id=7) / Raw(b"ping"),
+        "icmp4_err": e / IP(src="203.0.113.9", dst="192.168.1.100") / ICMP(type=3, code=4, nexthopmtu=1400)
+        / Raw(bytes(IP(src="192.168.1.100", dst="203.0.113.9") / TCP(sport=40000, dport=443))[:28]),
+        "first_frag4": e / IP(src="10.0.1.93", dst="203.0.113.9", flags="MF") / UDP(sport=1, dport=2) / Raw(b"f" * 24),
+        "udp6_ext": e / ip6 / IPv6ExtHdrDestOpt() / UDP(sport=3, dport=4) / Raw(b"6" * 8),
+        "frag6": e / ip6 / IPv6ExtHdrFragment(m=1, offset=0) / TCP(sport=5, dport=6),
+        "echo6": e / ip6 / ICMPv6EchoRequest(id=9, data=b"p6"),
+        "icmp6_err": e / ip6 / ICMPv6DestUnreach(code=4) / Raw(bytes(IPv6(src="2001:db8::9", dst="fd00:10::93")
+                                                                    / UDP(sport=9, dport=10))),
+    }
+    frames = {k: bytes(v) for k, v in frames.items()}
+    frames["vxlan"] = bytes(e / IP(src="192.168.1.3", dst="192.168.1.1") / UDP(sport=50000, dport=8472)
+                            / VXLAN(vni=5) / Raw(frames["udp4"]))
+    return frames
+
+
+def build_corpus():
+    """[(op, frame, allowed reasons or ANY)]."""
+    from scapy.all import IP, TCP, UDP, VXLAN, Ether, Raw
+    frames = valid_frames()
+    items = []
+    for name, f in frames.items():
+        for cut in range(len(f)):
+            items.append(("parse", f[:cut], {"malformed"}))
+            items.append(("snat", f[:cut], {"malformed"}))
+            items.append(("encap", f[:cut], {"malformed"}))
+        items.append(("parse", f, {"none"}))
+    vx = frames["vxlan"]
+    for cut in range(len(vx)):
+        items.append(("decap", vx[:cut], {"malformed"}))
+    items.append(("decap", vx, {"none"}))
+    e = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    udp = bytes(e / IP(src="10.0.1.93", dst="203.0.113.9") / UDP(sport=1, dport=2) / Raw(b"x" * 60))
+    # bad IHL: below 5, or beyond the total length
+    for ihl in range(5):
+        b = bytearray(udp)
+        b[14] = 0x40 | ihl
+        items.append(("parse", bytes(b), {"malformed"}))
+    small = bytes(e / IP(src="10.0.1.93", dst="203.0.113.9", ihl=15, len=40, options=[]) / Raw(b"\x00" * 40))
+    items.append(("parse", small, {"malformed"}))
+    # IHL within the packet but wrong: the header checksum no longer matches
+    for ihl in (6, 7, 15):
+        b = bytearray(udp)
+        b[14] = 0x40 | ihl
+        items.append(("parse", bytes(b), {"bad_checksum"}))
+    # bad IP version behind an IPv4 ethertype
+    b = bytearray(udp)
+    b[14] = 0x65
+    items.append(("parse", bytes(b), {"malformed"}))
+    # IP total length: too long, shorter than the header, cutting UDP
+    for tot in (len(udp) - 14 + 1, 19, 0, 27):
+        items.append(("parse", bytes(e / IP(src="10.0.1.93", dst="203.0.113.9", len=tot, proto=17) / Raw(udp[34:])),
+                      {"malformed"}))
+    # UDP length below 8 / beyond the packet
+    for ulen in (0, 7, 69, 0xFFFF):
+        items.append(("parse", bytes(e / IP(src="10.0.1.93", dst="203.0.113.9") / UDP(len=ulen) / Raw(b"x" * 60)),
+                      {"malformed"}))
+    # TCP data offset below 5 / beyond the packet
+    for doff in (0, 4, 15):
+        items.append(("parse", bytes(e / IP(src="10.0.1.93", dst="203.0.113.9") / TCP(dataofs=doff)), {"malformed"}))
+    # IPv6 payload length beyond the frame
+    items.append(("parse", bytes(Ether(type=0x86DD) / Raw(b"\x60" + b"\x00" * 3 + b"\x04\x00\x11\x40" + b"\x00" * 32)), {"malformed"}))
+    # not IP / stacked VLAN tags
+    items.append(("parse", bytes(Ether(type=0x0806) / Raw(b"\x00" * 28)), {"unsupported"}))
+    items.append(("parse", bytes(Ether(type=0x8100) / Raw(b"\x00\x01\x81\x00\x00\x02\x08\x00" + udp[14:])),
+                  {"unsupported"}))
+    # zero-length and oversize frames
+    for op in ("parse", "snat", "decap", "encap", "ttl"):
+        items.append((op, b"", {"malformed"}))
+        items.append((op, udp + b"\x00" * (65535 + 18 + 1 - len(udp)), {"malformed"}))
+    # VXLAN: flags, reserved bits, port, short header
+    for flags in (0x00, 0x0C, 0x80, 0x09, 0xFF):
+        p = Ether(vx)
+        p[VXLAN].flags = flags
+        items.append(("decap", bytes(p), {"bad_vxlan"}))
+    p = Ether(vx)
+    p[VXLAN].reserved1 = 0xABCD
+    items.append(("decap", bytes(p), {"bad_vxlan"}))
+    p = Ether(vx)
+    p[UDP].dport = 4789
+    items.append(("decap", bytes(p), {"bad_vxlan"}))
+    for inner_len in (0, 4, 13):
+        items.append(("decap", bytes(e / IP(src="192.168.1.3", dst="192.168.1.1") / UDP(sport=1, dport=8472)
+                                     / VXLAN(vni=5) / Raw(b"\x00" * inner_len)), {"malformed"}))
+    items.append(("decap", bytes(e / IP(src="192.168.1.3", dst="192.168.1.1", flags="MF") / UDP(dport=8472)
+                                 / VXLAN(vni=5) / Raw(frames["udp4"])), {"fragment"}))
+    # seeded random mutations of every valid frame through every operation
+    rng = random.Random(4)
+    pool = list(frames.values())
+    for _ in range(1500):
+        b = bytearray(rng.choice(pool))
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            del b[rng.randrange(len(b)):]
+        for op in ("parse", "snat", "dnat", "ttl", "encap", "decap", "too_big"):
+            items.append((op, bytes(b), ANY))
+    return items
+
+
+def run_corpus(ec, items):
+    """Run the corpus through egresscore module `ec`; return failure messages."""
+    import numpy as np
+
+    tmpl = ec.VxlanTemplate("02:00:00:00:01:03", "02:00:00:00:01:01", "192.168.1.3", "192.168.1.1", 5, mtu=1500)
+
+    def do(op, frame):
+        if op == "parse":
+            ec.parse(frame)
+        elif op in ("snat", "dnat"):
+            info = ec.parse(frame)
+            addr = "192.168.1.100" if info.ip_version == 4 else "fd00::100"
+            getattr(ec, op)(frame, addr, 40000)
+        elif op == "ttl":
+            ec.ttl_decrement(frame)
+        elif op == "encap":
+            ec.vxlan_encap(frame, tmpl)
+        elif op == "decap":
+            ec.vxlan_decap(frame)
+        elif op == "too_big":
+            ec.icmp_too_big(frame, 1450)
+
+    failures = []
+    for op, frame, allowed in items:
+        try:
+            do(op, frame)
+            got = "none"
+        except ec.PacketDropped as exc:
+            got = exc.reason
+        if allowed is not ANY and got not in allowed:
+            failures.append(f"{op} on {len(frame)} bytes {frame[:40].hex()}...: {got}, want {sorted(allowed)}")
+
+    # the batch API on the same frames (those that fit a row), each step
+    fits = [(op, f, allowed) for op, f, allowed in items if len(f) <= 2048 - 128]
+    batch = ec.PacketBatch.from_frames([f for _, f, _ in fits], frame_size=2048, headroom=128)
+    batch.parse()
+    for i, (op, f, allowed) in enumerate(fits):
+        got = ec.DROP_REASON_NAMES[batch.reasons[i]]
+        if op == "parse" and allowed is not ANY and got not in allowed:
+            failures.append(f"batch parse on {len(f)} bytes: {got}, want {sorted(allowed)}")
+    for step in ("decap", "dnat", "ttl_decrement", "encap"):
+        batch.load([f for _, f, _ in fits])
+        if step == "decap":
+            batch.decap()
+        elif step == "dnat":
+            batch.dnat("10.0.1.93", 1234)
+        elif step == "ttl_decrement":
+            batch.ttl_decrement()
+        else:
+            batch.encap(tmpl)
+        for i, (op, f, allowed) in enumerate(fits):
+            got = ec.DROP_REASON_NAMES[batch.reasons[i]]
+            if op == step.split("_")[0] and allowed is not ANY and got not in allowed:
+                failures.append(f"batch {step} on {len(f)} bytes: {got}, want {sorted(allowed)}")
+    # offsets and lengths that lie about the rows: malformed, no access
+    batch = ec.PacketBatch(4, frame_size=256, headroom=64)
+    batch.offsets[:] = [-1, 200, 0, 255]
+    batch.lengths[:] = [10, 100, 257, -5]
+    for step in (batch.parse, batch.decap, batch.ttl_decrement, lambda: batch.encap(tmpl),
+                 lambda: batch.snat("192.168.1.100", 1)):
+        batch.reset()
+        step()
+        if list(batch.reasons) != [1, 1, 1, 1]:
+            failures.append(f"lying offsets/lengths: reasons {list(batch.reasons)}")
+    if batch.counts() != {"malformed": 20}:
+        failures.append(f"counters {batch.counts()}")
+    assert np is not None
+    return failures
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    pytest.importorskip("scapy.all")
+    return build_corpus()
+
+
+def test_malformed_corpus_drops_with_the_right_reason(corpus):
+    import egresscore
+    failures = run_corpus(egresscore, corpus)
+    assert not failures, "\n".join(failures[:30])
+
+
+def _asan_runtime():
+    cc = shutil.which("gcc")
+    if not cc:
+        return None
+    path = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+def test_malformed_corpus_under_bounds_checked_asan_build(corpus, tmp_path):
+    if not shutil.which("gcc"):
+        pytest.skip("no C compiler for the checked build")
+    asan = _asan_runtime()
+    out = os.path.join(ROOT, "build", "checked-asan" if asan else "checked")
+    env = dict(os.environ, EGRESSCORE_CHECKED="1")
+    if asan:
+        env["CFLAGS"] = "-fsanitize=address -fno-omit-frame-pointer"
+        env["LDFLAGS"] = "-fsanitize=address"
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "-b", out, "-t", os.path.join(out, "tmp"),
+                            "-j", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    # a package copy whose _core is the checked build
+    shutil.copytree(os.path.join(ROOT, "egresscore"), os.path.join(out, "egresscore"), dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    data = tmp_path / "corpus.pickle"
+    data.write_bytes(pickle.dumps(corpus))
+    child_env = dict(os.environ, PYTHONPATH=os.pathsep.join([out, os.path.join(ROOT, "tests")]))
+    if asan:
+        child_env.update(LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=99",
+                         PYTHONMALLOC="malloc")
+    code = (
+        "import pickle, sys, egresscore, egresscore._core as c\n"
+        f"assert c.__file__.startswith({out!r}), c.__file__\n"
+        "from test_packet_malformed import run_corpus\n"
+        "failures = run_corpus(egresscore, pickle.load(open(sys.argv[1], 'rb')))\n"
+        "print('\\n'.join(failures[:30])); sys.exit(1 if failures else 0)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(data)], cwd=str(tmp_path), env=child_env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
