@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 
-SECTIONS = []  # module names, in README order
+SECTIONS = ["lpm", "nat", "packet", "ring", "compiler", "lab"]  # README order
 
 
 def machine_summary():
