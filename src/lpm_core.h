@@ -41,6 +41,8 @@ typedef struct {
     uint32_t dbits;
     uint32_t n_nodes;
     uint32_t n_leaves;
+    uint32_t cap_nodes;     /* allocated; the tail past n_* takes patches */
+    uint32_t cap_leaves;
     uint32_t pad;
     uint32_t *direct;
     lpm_node *nodes;
@@ -201,11 +203,13 @@ typedef struct {
     uint32_t nl, lcap;
     const lpm_entry *e;
     int oom;
+    int fixed;          /* patching a published table: never realloc */
 } lpm_builder;
 
 static uint32_t lpm_reserve_nodes(lpm_builder *b, uint32_t k) {
     uint32_t at = b->nn;
     if (b->nn + k > b->ncap) {
+        if (b->fixed) { b->oom = 1; return 0; }
         uint32_t cap = b->ncap ? b->ncap : 64;
         while (cap < b->nn + k) cap *= 2;
         lpm_node *p = (lpm_node *)realloc(b->nodes, (size_t)cap * sizeof(lpm_node));
@@ -220,6 +224,7 @@ static uint32_t lpm_reserve_nodes(lpm_builder *b, uint32_t k) {
 
 static void lpm_push_leaf(lpm_builder *b, uint32_t v) {
     if (b->nl == b->lcap) {
+        if (b->fixed) { b->oom = 1; return; }
         uint32_t cap = b->lcap ? b->lcap * 2 : 256;
         uint32_t *p = (uint32_t *)realloc(b->leaves, (size_t)cap * sizeof(uint32_t));
         if (!p) { b->oom = 1; return; }
@@ -295,23 +300,29 @@ static void lpm_table_free(lpm_table *t) {
 
 static size_t lpm_table_bytes(const lpm_table *t) {
     if (!t) return 0;
-    return sizeof(lpm_table) + ((size_t)1 << t->dbits) * 4 + (size_t)t->n_nodes * sizeof(lpm_node)
-        + (size_t)t->n_leaves * 4 + t->aux_bytes;
+    return sizeof(lpm_table) + ((size_t)1 << t->dbits) * 4 + (size_t)t->cap_nodes * sizeof(lpm_node)
+        + (size_t)t->cap_leaves * 4 + t->aux_bytes;
 }
 
-/* Build a table from n entries sorted by (hi, lo, len), unique, host bits
- * clear.  width is 32 or 128.  Returns NULL when out of memory. */
-static lpm_table *lpm_table_build(const lpm_entry *e, size_t n, unsigned width) {
-    unsigned dbits;
+/* Direct-array bits for n prefixes: small tables stay small (1 KB for
+ * IPv4), big ones get 2^18 (IPv4) or 2^16 (IPv6) entries. */
+static unsigned lpm_ideal_dbits(size_t n, unsigned width) {
     if (width == 32) {
-        unsigned bl = 0;
+        unsigned bl = 0, dbits;
         while (((size_t)1 << bl) <= n) bl++;
         dbits = bl + 2;
         if (dbits < 8) dbits = 8;
         if (dbits > 18) dbits = 18;
-    } else {
-        dbits = n >= 4096 ? 16 : 10;   /* 16 + 6k hits 64 exactly */
+        return dbits;
     }
+    return n >= 4096 ? 16 : 10;   /* 16 + 6k and 10 + 6k hit 64 exactly */
+}
+
+/* Build a table from n entries sorted by (hi, lo, len), unique, host bits
+ * clear.  width is 32 or 128.  slack: keep spare node/leaf room (1/8 + 256)
+ * for in-place patches.  Returns NULL when out of memory. */
+static lpm_table *lpm_table_build_slack(const lpm_entry *e, size_t n, unsigned width, int slack) {
+    unsigned dbits = lpm_ideal_dbits(n, width);
     lpm_table *t = (lpm_table *)calloc(1, sizeof(lpm_table));
     if (!t) return NULL;
     t->dbits = dbits;
@@ -350,20 +361,30 @@ static lpm_table *lpm_table_build(const lpm_entry *e, size_t n, unsigned width) 
         free(t);
         return NULL;
     }
-    /* Shrink to size: the table lives long, the builder's slack does not. */
-    if (b.nn && b.nn < b.ncap) {
-        lpm_node *p = (lpm_node *)realloc(b.nodes, (size_t)b.nn * sizeof(lpm_node));
-        if (p) b.nodes = p;
+    /* Size to fit (plus patch room): the builder's doubling slack would
+     * otherwise cost up to 2x. */
+    uint32_t want_n = b.nn + (slack ? b.nn / 8 + 256 : 0);
+    uint32_t want_l = b.nl + (slack ? b.nl / 8 + 1024 : 0);
+    if (want_n != b.ncap) {
+        lpm_node *p = (lpm_node *)realloc(b.nodes, (size_t)(want_n ? want_n : 1) * sizeof(lpm_node));
+        if (p) { b.nodes = p; b.ncap = want_n; }
     }
-    if (b.nl && b.nl < b.lcap) {
-        uint32_t *p = (uint32_t *)realloc(b.leaves, (size_t)b.nl * sizeof(uint32_t));
-        if (p) b.leaves = p;
+    if (want_l != b.lcap) {
+        uint32_t *p = (uint32_t *)realloc(b.leaves, (size_t)(want_l ? want_l : 1) * sizeof(uint32_t));
+        if (p) { b.leaves = p; b.lcap = want_l; }
     }
+    if (b.ncap < want_n || b.lcap < want_l) { want_n = b.ncap; want_l = b.lcap; }
     t->nodes = b.nodes;
     t->leaves = b.leaves;
     t->n_nodes = b.nn;
     t->n_leaves = b.nl;
+    t->cap_nodes = b.ncap;
+    t->cap_leaves = b.lcap;
     return t;
+}
+
+static lpm_table *lpm_table_build(const lpm_entry *e, size_t n, unsigned width) {
+    return lpm_table_build_slack(e, n, width, 0);
 }
 
 /* ---- the sorted prefix store (the source of truth) ------------------------ */
@@ -445,7 +466,7 @@ static inline const lpm_table *lpm_trie_table(lpm_trie *t) {
 /* Rebuild the table from the store and publish it; 0 or -1 (out of memory,
  * the old table stays published). */
 static int lpm_trie_publish(lpm_trie *t) {
-    lpm_table *nt = lpm_table_build(t->e, t->n, t->width);
+    lpm_table *nt = lpm_table_build_slack(t->e, t->n, t->width, 1);
     if (!nt) return -1;
     lpm_table *old = t->cur;
     __atomic_store_n(&t->cur, nt, __ATOMIC_SEQ_CST);
@@ -456,6 +477,98 @@ static int lpm_trie_publish(lpm_trie *t) {
     return 0;
 }
 
+
+/* ---- in-place patches: rebuild one direct slot's subtree ------------------
+ * The new subtree is written into the unused tail of the published table's
+ * node and leaf arrays (readers never look there), then one atomic 32-bit
+ * store of the direct entry publishes it.  A lookup sees the slot's old
+ * subtree or its new one, never a mix; old nodes become garbage that the
+ * next full rebuild (when the tail runs out) drops.  Nothing a reader may
+ * hold is ever freed or rewritten, so no grace period is needed.
+ */
+static long lpm_trie_find(const lpm_trie *t, const lpm_entry *key);
+
+/* Longest stored prefix of length <= maxlen covering key (hi, lo). */
+static uint32_t lpm_trie_cover(const lpm_trie *t, uint64_t hi, int maxlen) {
+    int l;
+    for (l = maxlen; l >= 0; l--) {
+        lpm_entry k;
+        k.hi = l ? hi & ~(~0ULL >> l) : 0;
+        k.lo = 0;
+        k.len = (uint32_t)l;
+        k.val = 0;
+        long i = lpm_trie_find(t, &k);
+        if (i >= 0) return t->e[i].val;
+    }
+    return LPM_NONE;
+}
+
+/* Rebuild direct slot u whose leaf-pushed default is def. */
+static int lpm_patch_slot(lpm_trie *t, lpm_table *tb, size_t u, uint32_t def) {
+    unsigned dbits = tb->dbits;
+    lpm_entry first;
+    first.hi = (uint64_t)u << (64 - dbits); first.lo = 0; first.len = dbits + 1; first.val = 0;
+    size_t i = lpm_entries_lower(t->e, t->n, &first), j = i;
+    while (j < t->n && (size_t)(t->e[j].hi >> (64 - dbits)) == u) j++;
+    if (i == j) {
+        __atomic_store_n(&tb->direct[u], def, __ATOMIC_RELEASE);
+        return 0;
+    }
+    lpm_builder b;
+    memset(&b, 0, sizeof(b));
+    b.e = t->e;
+    b.fixed = 1;
+    b.nodes = tb->nodes; b.nn = tb->n_nodes; b.ncap = tb->cap_nodes;
+    b.leaves = tb->leaves; b.nl = tb->n_leaves; b.lcap = tb->cap_leaves;
+    uint32_t idx = lpm_reserve_nodes(&b, 1);
+    if (!b.oom) lpm_build_node(&b, idx, i, j, dbits, def);
+    if (b.oom) return -1;
+    tb->n_nodes = b.nn;
+    tb->n_leaves = b.nl;
+    __atomic_store_n(&tb->direct[u], LPM_NODE | idx, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Apply a change of prefix `key` (already made in the store) to the
+ * published table in place; -1 when a full rebuild is needed instead.
+ * A prefix longer than dbits touches one slot; a shorter one (down to
+ * dbits - 14) repaints the defaults of its slots and rebuilds their
+ * subtrees, each slot published by its own atomic store. */
+static int lpm_trie_patch(lpm_trie *t, const lpm_entry *key) {
+    lpm_table *tb = t->cur;
+    if (!tb || lpm_ideal_dbits(t->n, t->width) != tb->dbits) return -1;
+    unsigned dbits = tb->dbits, L = key->len;
+    size_t s0 = L ? (size_t)(key->hi >> (64 - dbits)) : 0;
+    if (L > dbits) {
+        return lpm_patch_slot(t, tb, s0, lpm_trie_cover(t, key->hi, (int)dbits));
+    }
+    if (dbits - L > 14) return -1;
+    size_t span = (size_t)1 << (dbits - L), u, k;
+    uint32_t *defs = (uint32_t *)malloc(span * sizeof(uint32_t));
+    if (!defs) return -1;
+    uint32_t anc = lpm_trie_cover(t, key->hi, (int)L);
+    for (u = 0; u < span; u++) defs[u] = anc;
+    lpm_entry first = *key;
+    first.len = L + 1;
+    for (k = lpm_entries_lower(t->e, t->n, &first); k < t->n; k++) {
+        size_t s = (size_t)(t->e[k].hi >> (64 - dbits));
+        if (s < s0 || s >= s0 + span) break;
+        if (t->e[k].len > dbits) continue;
+        size_t w = (size_t)1 << (dbits - t->e[k].len);
+        for (u = s; u < s + w; u++) defs[u - s0] = t->e[k].val;
+    }
+    for (u = 0; u < span; u++) {
+        if (lpm_patch_slot(t, tb, s0 + u, defs[u]) < 0) { free(defs); return -1; }
+    }
+    free(defs);
+    return 0;
+}
+
+static int lpm_trie_apply(lpm_trie *t, const lpm_entry *key) {
+    if (lpm_trie_patch(t, key) == 0) return 0;
+    return lpm_trie_publish(t);
+}
+
 /* Insert or replace; returns 1 if inserted, 0 if replaced, -1 on OOM. */
 static int lpm_trie_store(lpm_trie *t, const lpm_entry *key) {
     size_t i = lpm_entries_lower(t->e, t->n, key);
@@ -463,7 +576,7 @@ static int lpm_trie_store(lpm_trie *t, const lpm_entry *key) {
         uint32_t oldv = t->e[i].val;
         t->e[i].val = key->val;
         if (oldv == key->val) return 0;
-        if (lpm_trie_publish(t) < 0) { t->e[i].val = oldv; return -1; }
+        if (lpm_trie_apply(t, key) < 0) { t->e[i].val = oldv; return -1; }
         return 0;
     }
     if (t->n == t->cap) {
@@ -476,7 +589,7 @@ static int lpm_trie_store(lpm_trie *t, const lpm_entry *key) {
     memmove(&t->e[i + 1], &t->e[i], (t->n - i) * sizeof(lpm_entry));
     t->e[i] = *key;
     t->n++;
-    if (lpm_trie_publish(t) < 0) {
+    if (lpm_trie_apply(t, key) < 0) {
         memmove(&t->e[i], &t->e[i + 1], (t->n - i - 1) * sizeof(lpm_entry));
         t->n--;
         return -1;
@@ -491,7 +604,7 @@ static int lpm_trie_delete(lpm_trie *t, const lpm_entry *key) {
     lpm_entry saved = t->e[i];
     memmove(&t->e[i], &t->e[i + 1], (t->n - i - 1) * sizeof(lpm_entry));
     t->n--;
-    if (lpm_trie_publish(t) < 0) {
+    if (lpm_trie_apply(t, key) < 0) {
         memmove(&t->e[i + 1], &t->e[i], (t->n - i) * sizeof(lpm_entry));
         t->e[i] = saved;
         t->n++;

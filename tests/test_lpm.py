@@ -23,12 +23,14 @@ class Oracle:
         self.d = {}
 
     def lookup(self, addr):
-        addr = ADDR[self.family](addr)
-        best = None
-        for net, v in self.d.items():
-            if addr in net and (best is None or net.prefixlen > best[0].prefixlen):
-                best = (net, v)
-        return best
+        # Longest first: mask the address to each stored length and probe the dict.
+        w = WIDTH[self.family]
+        addr = int(addr)
+        for plen in sorted({n.prefixlen for n in self.d}, reverse=True):
+            net = NET[self.family]((addr >> (w - plen) << (w - plen) if plen else 0, plen))
+            if net in self.d:
+                return net, self.d[net]
+        return None
 
 
 def bases(family):
@@ -259,3 +261,51 @@ def test_concurrent_lookups_never_see_half_made_updates():
             th.join()
     assert not errors, errors
     assert len(seen) >= 1
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_single_updates_on_a_big_table_patch_in_place(family):
+    """Single inserts/deletes on a table with a wide direct array take the
+    in-place patch path (one slot, or a repaint of many slots for short
+    prefixes) and fall back to a rebuild when the spare tail runs out."""
+    rng = np.random.default_rng(11 + family)
+    w = WIDTH[family]
+    nets = {}
+    while len(nets) < 6000:
+        plen = int(rng.integers(1, 33 if family == 4 else 65))
+        hi = int(rng.integers(0, 2**32)) << (w - 32)
+        if family == 6:
+            hi |= int(rng.integers(0, 2**32)) << (w - 64)
+        nets[NET[family]((hi >> (w - plen) << (w - plen), plen))] = int(rng.integers(0, 1000))
+    t = LPMTrie(family, nets)
+    oracle = Oracle(family)
+    oracle.d = dict(nets)
+    assert t.stats["direct_bits"] == (15 if family == 4 else 16)
+    touched = []
+    for i in range(400):
+        if i % 3 == 2:
+            victim = list(oracle.d)[int(rng.integers(0, len(oracle.d)))]
+            del t[victim]
+            del oracle.d[victim]
+            touched.append(victim)
+            continue
+        plen = int(rng.choice([0, 2, 5, 8, 12, 15, 16, 17, 18, 19, 24, 30, 32]))
+        base = list(nets)[int(rng.integers(0, len(nets)))]
+        a = int(base.network_address)
+        net = NET[family]((a >> (w - plen) << (w - plen) if plen else 0, plen))
+        t[net] = i
+        oracle.d[net] = i
+        touched.append(net)
+    probes = probe_addresses(family, touched + list(nets)[:200], [])
+    check_against(t, oracle, probes)
+
+
+def test_many_single_inserts_exhaust_the_patch_tail():
+    t = LPMTrie(4)
+    oracle = Oracle(4)
+    for i in range(1500):
+        net = ipaddress.IPv4Network(((0x0A000000 + i * 64) & 0xFFFFFFC0, 26 + i % 7))
+        t[net] = i
+        oracle.d[net] = i
+    probes = probe_addresses(4, list(oracle.d)[::5], [])
+    check_against(t, oracle, probes)
