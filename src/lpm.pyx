@@ -45,7 +45,7 @@ import numpy as _np
 
 from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memchr, memcpy, strlen
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
@@ -134,7 +134,7 @@ cdef int _parse_addr(object x, int hint, uint64_t* hi, uint64_t* lo) except -1:
                     f"got {type(x).__name__}: {x!r}")
 
 
-cdef inline int _host_bits_set(int fam, uint64_t hi, uint64_t lo, unsigned plen) noexcept:
+cdef inline int _host_bits_set(int fam, uint64_t hi, uint64_t lo, unsigned plen) noexcept nogil:
     cdef unsigned width = 32 if fam == 4 else 128
     if plen >= width:
         return 0
@@ -495,6 +495,84 @@ cdef class LPMTrie:
                 raise MemoryError()
         finally:
             free(add)
+        cdef lpm_entry* old_e = self.c.e
+        cdef size_t old_n = self.c.n, old_cap = self.c.cap
+        self.c.e = merged
+        self.c.n = out_n
+        self.c.cap = out_n + 1
+        if lpm_trie_publish(self.c) < 0:
+            self.c.e, self.c.n, self.c.cap = old_e, old_n, old_cap
+            free(merged)
+            raise MemoryError()
+        free(old_e)
+
+    def update_arrays(self, networks, lengths, values):
+        """Bulk insert from NumPy arrays (one rebuild, no Python object per
+        prefix): networks as lookup_batch takes addresses (IPv4 1-D uint32
+        host order, IPv6 (N, 16) uint8 or (N, 2) uint64), lengths uint8-able
+        ints, values ints 0..LPM_MAX_VALUE.  Same rules as update()."""
+        cdef int as_bytes = 0
+        if self.family == 4:
+            nets = _as_keys4(networks, "networks")
+        else:
+            nets = _as_keys6(networks, "networks", &as_bytes)
+        cdef Py_ssize_t m = nets.shape[0], k
+        lens = _np.ascontiguousarray(lengths)
+        vals = _np.ascontiguousarray(values)
+        if lens.shape != (m,) or vals.shape != (m,):
+            raise ValueError(f"networks ({m}), lengths {lens.shape} and values {vals.shape} must match")
+        if lens.dtype.kind not in "iu" or vals.dtype.kind not in "iu":
+            raise TypeError(f"lengths and values must be integer arrays, got {lens.dtype} and {vals.dtype}")
+        if m == 0:
+            return
+        if lens.min() < 0 or lens.max() > self.c.width:
+            raise ValueError(f"lengths must be in 0..{self.c.width}")
+        if vals.min() < 0 or vals.max() > LPM_VALUE_MAX:
+            raise ValueError(f"values must be in 0..{LPM_VALUE_MAX}")
+        cdef const uint32_t[::1] n4
+        cdef const uint8_t[:, ::1] n8
+        cdef const uint64_t[:, ::1] n64
+        cdef const int64_t[::1] L = lens.astype(_np.int64)
+        cdef const int64_t[::1] V = vals.astype(_np.int64)
+        cdef lpm_seq_entry* add = <lpm_seq_entry*>malloc(m * sizeof(lpm_seq_entry))
+        cdef lpm_entry* merged = NULL
+        cdef size_t out_n = 0
+        cdef uint64_t hi, lo
+        cdef Py_ssize_t bad = -1
+        if add == NULL:
+            raise MemoryError()
+        if self.family == 4:
+            n4 = nets
+        elif as_bytes:
+            n8 = nets
+        else:
+            n64 = nets
+        with nogil:
+            for k in range(m):
+                if self.family == 4:
+                    hi = <uint64_t>n4[k]
+                    lo = 0
+                elif as_bytes:
+                    hi = lpm_load_be64(&n8[k, 0])
+                    lo = lpm_load_be64(&n8[k, 8])
+                else:
+                    hi = n64[k, 0]
+                    lo = n64[k, 1]
+                if _host_bits_set(self.family, hi, lo, <unsigned>L[k]):
+                    bad = k
+                    break
+                add[k].ent.hi = hi << 32 if self.family == 4 else hi
+                add[k].ent.lo = lo
+                add[k].ent.len = <uint32_t>L[k]
+                add[k].ent.val = <uint32_t>V[k]
+                add[k].seq = k
+            if bad < 0:
+                merged = lpm_entries_merge(self.c.e, self.c.n, add, m, &out_n)
+        free(add)
+        if bad >= 0:
+            raise ValueError(f"networks[{bad}] with length {L[bad]} has host bits set")
+        if merged == NULL:
+            raise MemoryError()
         cdef lpm_entry* old_e = self.c.e
         cdef size_t old_n = self.c.n, old_cap = self.c.cap
         self.c.e = merged

@@ -25,6 +25,20 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
+#include <sys/mman.h>
+#if defined(__GLIBC__) || defined(__linux__)
+#include <malloc.h>
+#define LPM_HAVE_MALLOC_TRIM 1
+#endif
+
+/* The lookups rank children and leaves with popcount: make it the one
+ * POPCNT instruction (x86-64-v2, every x86 CPU since 2008) rather than
+ * libgcc's bit-twiddling fallback, which costs 3x on the lookup path. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__POPCNT__)
+#pragma GCC push_options
+#pragma GCC target("popcnt")
+#define LPM_POPCNT_PUSHED 1
+#endif
 
 #define LPM_NODE 0x80000000u
 #define LPM_NONE 0x7FFFFFFFu
@@ -152,24 +166,55 @@ static inline void lpm_store_be64(uint8_t *p, uint64_t x) {
     memcpy(p, &x, 8);
 }
 
-/* Batch lookups: a group of 8 keys has its direct slots prefetched before
- * any is resolved, so cache misses overlap. */
+/* Batch lookups walk a group of LPM_GROUP keys level by level: each pass
+ * issues one independent load per unfinished key, so the cache misses of a
+ * whole group overlap instead of queueing behind each other (the same idea
+ * as DPDK's lookup_bulk / poptrie's batched walk). */
+#define LPM_GROUP 16
+
 static void lpm4_table_lookup_batch(const lpm_table *t, const uint32_t *keys, size_t n,
                                     uint32_t *out, uint8_t *found) {
-    size_t i = 0, j;
-    unsigned shift = 32 - t->dbits;
-    for (; i + 8 <= n; i += 8) {
-        for (j = 0; j < 8; j++) __builtin_prefetch(&t->direct[keys[i + j] >> shift]);
-        for (j = 0; j < 8; j++) {
-            uint32_t v = lpm4_table_lookup(t, keys[i + j]);
-            out[i + j] = v;
-            found[i + j] = v != LPM_NONE;
+    const unsigned shift = 32 - t->dbits;
+    const uint32_t *direct = t->direct;
+    const lpm_node *nodes = t->nodes;
+    const uint32_t *leaves = t->leaves;
+    size_t i = 0;
+    for (; i < n; i += LPM_GROUP) {
+        size_t g = n - i < LPM_GROUP ? n - i : LPM_GROUP, j;
+        const lpm_node *cur[LPM_GROUP];
+        unsigned pending[LPM_GROUP], np = 0;
+        if (i + 2 * LPM_GROUP <= n)
+            for (j = 0; j < LPM_GROUP; j++) __builtin_prefetch(&direct[keys[i + LPM_GROUP + j] >> shift]);
+        for (j = 0; j < g; j++) {
+            uint32_t d = direct[keys[i + j] >> shift];
+            if (d & LPM_NODE) {
+                cur[j] = &nodes[d & ~LPM_NODE];
+                __builtin_prefetch(cur[j]);
+                pending[np++] = (unsigned)j;
+            } else {
+                out[i + j] = d;
+            }
         }
-    }
-    for (; i < n; i++) {
-        uint32_t v = lpm4_table_lookup(t, keys[i]);
-        out[i] = v;
-        found[i] = v != LPM_NONE;
+        unsigned off = t->dbits;
+        while (np) {
+            unsigned still = 0, p;
+            for (p = 0; p < np; p++) {
+                unsigned j2 = pending[p];
+                const lpm_node *nd = cur[j2];
+                unsigned v = (unsigned)(((uint64_t)keys[i + j2] << 32) >> (58 - off)) & 63;
+                uint64_t m = lpm_rank_mask(v);
+                if ((nd->vector >> v) & 1) {
+                    cur[j2] = &nodes[nd->base1 + __builtin_popcountll(nd->vector & m) - 1];
+                    __builtin_prefetch(cur[j2]);
+                    pending[still++] = j2;
+                } else {
+                    out[i + j2] = leaves[nd->base0 + __builtin_popcountll(nd->leafvec & m) - 1];
+                }
+            }
+            np = still;
+            off += 6;
+        }
+        for (j = 0; j < g; j++) found[i + j] = out[i + j] != LPM_NONE;
     }
 }
 
@@ -177,24 +222,78 @@ static void lpm4_table_lookup_batch(const lpm_table *t, const uint32_t *keys, si
  * 16-byte network-order addresses. */
 static void lpm6_table_lookup_batch(const lpm_table *t, const void *keys, int bytes, size_t n,
                                     uint32_t *out, uint8_t *found) {
-    size_t i;
     const uint64_t *k64 = (const uint64_t *)keys;
     const uint8_t *k8 = (const uint8_t *)keys;
-    for (i = 0; i < n; i++) {
-        uint64_t hi, lo;
-        if (bytes) { hi = lpm_load_be64(k8 + 16 * i); lo = lpm_load_be64(k8 + 16 * i + 8); }
-        else { hi = k64[2 * i]; lo = k64[2 * i + 1]; }
-        if (i + 8 < n) {
-            uint64_t h2 = bytes ? lpm_load_be64(k8 + 16 * (i + 8)) : k64[2 * (i + 8)];
-            __builtin_prefetch(&t->direct[h2 >> (64 - t->dbits)]);
+    const unsigned shift = 64 - t->dbits;
+    const uint32_t *direct = t->direct;
+    const lpm_node *nodes = t->nodes;
+    const uint32_t *leaves = t->leaves;
+    size_t i = 0;
+    for (; i < n; i += LPM_GROUP) {
+        size_t g = n - i < LPM_GROUP ? n - i : LPM_GROUP, j;
+        uint64_t hi[LPM_GROUP], lo[LPM_GROUP];
+        const lpm_node *cur[LPM_GROUP];
+        unsigned pending[LPM_GROUP], np = 0;
+        for (j = 0; j < g; j++) {
+            if (bytes) { hi[j] = lpm_load_be64(k8 + 16 * (i + j)); lo[j] = lpm_load_be64(k8 + 16 * (i + j) + 8); }
+            else { hi[j] = k64[2 * (i + j)]; lo[j] = k64[2 * (i + j) + 1]; }
+            __builtin_prefetch(&direct[hi[j] >> shift]);
         }
-        uint32_t v = lpm6_table_lookup(t, hi, lo);
-        out[i] = v;
-        found[i] = v != LPM_NONE;
+        for (j = 0; j < g; j++) {
+            uint32_t d = direct[hi[j] >> shift];
+            if (d & LPM_NODE) {
+                cur[j] = &nodes[d & ~LPM_NODE];
+                __builtin_prefetch(cur[j]);
+                pending[np++] = (unsigned)j;
+            } else {
+                out[i + j] = d;
+            }
+        }
+        unsigned off = t->dbits;
+        while (np) {
+            unsigned still = 0, p;
+            for (p = 0; p < np; p++) {
+                unsigned j2 = pending[p];
+                const lpm_node *nd = cur[j2];
+                unsigned v = lpm_win(hi[j2], lo[j2], off);
+                uint64_t m = lpm_rank_mask(v);
+                if ((nd->vector >> v) & 1) {
+                    cur[j2] = &nodes[nd->base1 + __builtin_popcountll(nd->vector & m) - 1];
+                    __builtin_prefetch(cur[j2]);
+                    pending[still++] = j2;
+                } else {
+                    out[i + j2] = leaves[nd->base0 + __builtin_popcountll(nd->leafvec & m) - 1];
+                }
+            }
+            np = still;
+            off += 6;
+        }
+        for (j = 0; j < g; j++) found[i + j] = out[i + j] != LPM_NONE;
     }
 }
 
 /* ---- building ------------------------------------------------------------- */
+
+/* Big arrays go on 2 MB-aligned memory marked MADV_HUGEPAGE: random lookups
+ * into a table of tens of MB otherwise spend most of their time in TLB
+ * misses.  Plain free() releases them. */
+#define LPM_HUGE ((size_t)1 << 21)
+
+static void *lpm_alloc_big(size_t bytes) {
+#ifndef LPM_NO_HUGE
+    if (bytes >= LPM_HUGE) {
+        void *p = NULL;
+        size_t sz = (bytes + LPM_HUGE - 1) & ~(LPM_HUGE - 1);
+        if (posix_memalign(&p, LPM_HUGE, sz) == 0) {
+#ifdef MADV_HUGEPAGE
+            madvise(p, sz, MADV_HUGEPAGE);
+#endif
+            return p;
+        }
+    }
+#endif
+    return malloc(bytes ? bytes : 1);
+}
 
 typedef struct {
     lpm_node *nodes;
@@ -327,7 +426,7 @@ static lpm_table *lpm_table_build_slack(const lpm_entry *e, size_t n, unsigned w
     if (!t) return NULL;
     t->dbits = dbits;
     size_t nd = (size_t)1 << dbits;
-    t->direct = (uint32_t *)malloc(nd * sizeof(uint32_t));
+    t->direct = (uint32_t *)(nd >= 65536 ? lpm_alloc_big(nd * sizeof(uint32_t)) : malloc(nd * sizeof(uint32_t)));
     if (!t->direct) { free(t); return NULL; }
     size_t k, s;
     for (s = 0; s < nd; s++) t->direct[s] = LPM_NONE;
@@ -363,17 +462,26 @@ static lpm_table *lpm_table_build_slack(const lpm_entry *e, size_t n, unsigned w
     }
     /* Size to fit (plus patch room): the builder's doubling slack would
      * otherwise cost up to 2x. */
-    uint32_t want_n = b.nn + (slack ? b.nn / 8 + 256 : 0);
-    uint32_t want_l = b.nl + (slack ? b.nl / 8 + 1024 : 0);
-    if (want_n != b.ncap) {
-        lpm_node *p = (lpm_node *)realloc(b.nodes, (size_t)(want_n ? want_n : 1) * sizeof(lpm_node));
-        if (p) { b.nodes = p; b.ncap = want_n; }
+    uint32_t want_n = b.nn + (slack ? b.nn / 16 + 256 : 0);
+    uint32_t want_l = b.nl + (slack ? b.nl / 16 + 1024 : 0);
+    {
+        lpm_node *p = (lpm_node *)lpm_alloc_big((size_t)want_n * sizeof(lpm_node));
+        if (p) {
+            if (b.nn) memcpy(p, b.nodes, (size_t)b.nn * sizeof(lpm_node));
+            free(b.nodes);
+            b.nodes = p;
+            b.ncap = want_n;
+        }
     }
-    if (want_l != b.lcap) {
-        uint32_t *p = (uint32_t *)realloc(b.leaves, (size_t)(want_l ? want_l : 1) * sizeof(uint32_t));
-        if (p) { b.leaves = p; b.lcap = want_l; }
+    {
+        uint32_t *p = (uint32_t *)lpm_alloc_big((size_t)want_l * sizeof(uint32_t));
+        if (p) {
+            if (b.nl) memcpy(p, b.leaves, (size_t)b.nl * sizeof(uint32_t));
+            free(b.leaves);
+            b.leaves = p;
+            b.lcap = want_l;
+        }
     }
-    if (b.ncap < want_n || b.lcap < want_l) { want_n = b.ncap; want_l = b.lcap; }
     t->nodes = b.nodes;
     t->leaves = b.leaves;
     t->n_nodes = b.nn;
@@ -474,6 +582,11 @@ static int lpm_trie_publish(lpm_trie *t) {
         lpm_rcu_sync(&t->rcu);
         lpm_table_free(old);
     }
+#ifdef LPM_HAVE_MALLOC_TRIM
+    /* A big build leaves tens of MB of scratch in the heap's free lists:
+     * hand it back to the OS so the table's RSS is what it uses. */
+    if (t->n >= 65536) malloc_trim(0);
+#endif
     return 0;
 }
 
@@ -619,5 +732,9 @@ static long lpm_trie_find(const lpm_trie *t, const lpm_entry *key) {
     if (i < t->n && lpm_entry_cmp(&t->e[i], key) == 0) return (long)i;
     return -1;
 }
+
+#ifdef LPM_POPCNT_PUSHED
+#pragma GCC pop_options
+#endif
 
 #endif

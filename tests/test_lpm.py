@@ -309,3 +309,31 @@ def test_many_single_inserts_exhaust_the_patch_tail():
         oracle.d[net] = i
     probes = probe_addresses(4, list(oracle.d)[::5], [])
     check_against(t, oracle, probes)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_update_arrays_matches_update(family):
+    rng = np.random.default_rng(5)
+    w = WIDTH[family]
+    nets = {}
+    for _ in range(3000):
+        plen = int(rng.integers(0, w + 1))
+        a = int(rng.integers(0, 2**63)) << (w - 63) if family == 6 else int(rng.integers(0, 2**32))
+        nets[NET[family]((a >> (w - plen) << (w - plen) if plen else 0, plen))] = int(rng.integers(0, 99))
+    items = list(nets.items())
+    lens = np.array([n.prefixlen for n, _ in items], dtype=np.uint8)
+    vals = np.array([v for _, v in items], dtype=np.uint32)
+    if family == 4:
+        arr = np.array([int(n.network_address) for n, _ in items], dtype=np.uint32)
+    else:
+        arr = np.frombuffer(b"".join(n.network_address.packed for n, _ in items), np.uint8).reshape(-1, 16)
+    a = LPMTrie(family)
+    a.update_arrays(arr, lens, vals)
+    assert a.items() == LPMTrie(family, nets).items()
+    bad_lens = lens.copy()
+    k = next(i for i, (n, _) in enumerate(items) if int(n.network_address))
+    bad_lens[k] = 0                       # a non-zero network as /0: host bits set
+    with pytest.raises(ValueError, match=rf"networks\[{k}\]"):
+        LPMTrie(family).update_arrays(arr, bad_lens, vals)
+    with pytest.raises(ValueError, match="must match"):
+        LPMTrie(family).update_arrays(arr, lens[:-1], vals)
