@@ -41,6 +41,7 @@
 #endif
 
 #define LPM_NODE 0x80000000u
+#define LPM_SKIP 0x80000000u   /* in base1: a path-compressed IPv6 node */
 #define LPM_NONE 0x7FFFFFFFu
 #define LPM_VALUE_MAX 0x7FFFFFFEu
 
@@ -113,6 +114,12 @@ static inline unsigned lpm_win(uint64_t hi, uint64_t lo, unsigned off) {
     return (unsigned)(lo << (off - 122)) & 63;
 }
 
+/* nb (1..60) key bits from bit `off`, never straddling the two halves. */
+static inline uint64_t lpm_bits(uint64_t hi, uint64_t lo, unsigned off, unsigned nb) {
+    uint64_t w = off < 64 ? hi << off : lo << (off - 64);
+    return w >> (64 - nb);
+}
+
 static inline uint64_t lpm_rank_mask(unsigned v) {
     return (2ULL << v) - 1;   /* v == 63: 2 << 63 wraps to 0, all ones */
 }
@@ -144,6 +151,15 @@ static inline uint32_t lpm6_table_lookup(const lpm_table *t, uint64_t hi, uint64
     const lpm_node *n = &t->nodes[d & ~LPM_NODE];
     unsigned off = t->dbits;
     for (;;) {
+        if (n->base1 & LPM_SKIP) {
+            /* A chain of single-child nodes folded into one: compare the
+             * key's next 6k bits; a mismatch lands on the chain's leaves. */
+            unsigned nb = (unsigned)(n->leafvec >> 32);
+            if (lpm_bits(hi, lo, off, nb) != n->vector) return (uint32_t)n->leafvec;
+            off += nb;
+            n = &t->nodes[n->base1 & ~LPM_SKIP];
+            continue;
+        }
         unsigned v = lpm_win(hi, lo, off);
         uint64_t m = lpm_rank_mask(v);
         if ((n->vector >> v) & 1) {
@@ -233,6 +249,7 @@ static void lpm6_table_lookup_batch(const lpm_table *t, const void *keys, int by
         size_t g = n - i < LPM_GROUP ? n - i : LPM_GROUP, j;
         uint64_t hi[LPM_GROUP], lo[LPM_GROUP];
         const lpm_node *cur[LPM_GROUP];
+        unsigned off[LPM_GROUP];
         unsigned pending[LPM_GROUP], np = 0;
         for (j = 0; j < g; j++) {
             if (bytes) { hi[j] = lpm_load_be64(k8 + 16 * (i + j)); lo[j] = lpm_load_be64(k8 + 16 * (i + j) + 8); }
@@ -243,22 +260,35 @@ static void lpm6_table_lookup_batch(const lpm_table *t, const void *keys, int by
             uint32_t d = direct[hi[j] >> shift];
             if (d & LPM_NODE) {
                 cur[j] = &nodes[d & ~LPM_NODE];
+                off[j] = t->dbits;
                 __builtin_prefetch(cur[j]);
                 pending[np++] = (unsigned)j;
             } else {
                 out[i + j] = d;
             }
         }
-        unsigned off = t->dbits;
         while (np) {
             unsigned still = 0, p;
             for (p = 0; p < np; p++) {
                 unsigned j2 = pending[p];
                 const lpm_node *nd = cur[j2];
-                unsigned v = lpm_win(hi[j2], lo[j2], off);
+                if (nd->base1 & LPM_SKIP) {
+                    unsigned nb = (unsigned)(nd->leafvec >> 32);
+                    if (lpm_bits(hi[j2], lo[j2], off[j2], nb) != nd->vector) {
+                        out[i + j2] = (uint32_t)nd->leafvec;
+                    } else {
+                        off[j2] += nb;
+                        cur[j2] = &nodes[nd->base1 & ~LPM_SKIP];
+                        __builtin_prefetch(cur[j2]);
+                        pending[still++] = j2;
+                    }
+                    continue;
+                }
+                unsigned v = lpm_win(hi[j2], lo[j2], off[j2]);
                 uint64_t m = lpm_rank_mask(v);
                 if ((nd->vector >> v) & 1) {
                     cur[j2] = &nodes[nd->base1 + __builtin_popcountll(nd->vector & m) - 1];
+                    off[j2] += 6;
                     __builtin_prefetch(cur[j2]);
                     pending[still++] = j2;
                 } else {
@@ -266,7 +296,6 @@ static void lpm6_table_lookup_batch(const lpm_table *t, const void *keys, int by
                 }
             }
             np = still;
-            off += 6;
         }
         for (j = 0; j < g; j++) found[i + j] = out[i + j] != LPM_NONE;
     }
@@ -303,6 +332,7 @@ typedef struct {
     const lpm_entry *e;
     int oom;
     int fixed;          /* patching a published table: never realloc */
+    int skip;           /* fold single-child chains (IPv6 tables) */
 } lpm_builder;
 
 static uint32_t lpm_reserve_nodes(lpm_builder *b, uint32_t k) {
@@ -343,6 +373,29 @@ static void lpm_build_node(lpm_builder *b, uint32_t idx, size_t i, size_t j,
     unsigned s, t;
     size_t k;
     const lpm_entry *e = b->e;
+    if (b->skip) {
+        /* Path compression: while every entry lies below one slot of the
+         * next stride and none ends inside it, the node would have one
+         * child and 63 leaves of `def`; fold up to 10 such strides (never
+         * across the 64-bit halves) into one skip node. */
+        unsigned minlen = 255, nb = 0, o = off;
+        for (k = i; k < j; k++) if (e[k].len < minlen) minlen = e[k].len;
+        while (nb < 60 && (o < 64 ? o + 6 <= 64 : o + 6 <= 128) && minlen > o + 6
+               && lpm_win(e[i].hi, e[i].lo, o) == lpm_win(e[j - 1].hi, e[j - 1].lo, o)) {
+            nb += 6;
+            o += 6;
+        }
+        if (nb >= 12) {
+            uint32_t child = lpm_reserve_nodes(b, 1);
+            if (b->oom) return;
+            b->nodes[idx].vector = lpm_bits(e[i].hi, e[i].lo, off, nb);
+            b->nodes[idx].leafvec = (uint64_t)def | ((uint64_t)nb << 32);
+            b->nodes[idx].base0 = 0;
+            b->nodes[idx].base1 = LPM_SKIP | child;
+            lpm_build_node(b, child, i, j, off + nb, def);
+            return;
+        }
+    }
     for (s = 0; s < 64; s++) sd[s] = def;
     /* Sorted order paints covering prefixes before the ones they cover. */
     for (k = i; k < j; k++) {
@@ -440,6 +493,7 @@ static lpm_table *lpm_table_build_slack(const lpm_entry *e, size_t n, unsigned w
     lpm_builder b;
     memset(&b, 0, sizeof(b));
     b.e = e;
+    b.skip = width == 128;
     k = 0;
     while (k < n) {
         if (e[k].len <= dbits) { k++; continue; }
@@ -631,6 +685,7 @@ static int lpm_patch_slot(lpm_trie *t, lpm_table *tb, size_t u, uint32_t def) {
     memset(&b, 0, sizeof(b));
     b.e = t->e;
     b.fixed = 1;
+    b.skip = t->width == 128;
     b.nodes = tb->nodes; b.nn = tb->n_nodes; b.ncap = tb->cap_nodes;
     b.leaves = tb->leaves; b.nl = tb->n_leaves; b.lcap = tb->cap_leaves;
     uint32_t idx = lpm_reserve_nodes(&b, 1);
