@@ -1,42 +1,57 @@
 # lpm: longest-prefix match for IPv4 and IPv6, and Cilium's egress policy map.
 #
 # Structure: a poptrie-style compressed multibit trie (Asai & Ohara,
-# SIGCOMM 2015), C code in lpm_core.h.
-#   * The top `dbits` bits of the address index a direct array (IPv4: 8..18
-#     bits, chosen from the table size; IPv6: 10 or 16), then 6-bit strides.
-#     Each internal node is 24 bytes: a 64-bit `vector` marking which of its
-#     64 slots are child nodes, a 64-bit `leafvec` marking where a run of
-#     equal leaf values starts, and two base indices.  Children and leaves
-#     are stored contiguously and found by popcount, so a node costs 24 bytes
-#     plus 4 bytes per distinct leaf run instead of 64 pointers.
+# SIGCOMM 2015); the C code is in lpm_core.h (trie) and lpm_egress.h (map).
+#   * The top `dbits` bits of an address index a direct array (IPv4: 8..18
+#     bits chosen from the table size, IPv6: 10 or 16), then 6-bit strides.
+#     An internal node is 24 bytes: a 64-bit `vector` marking which of its 64
+#     slots are child nodes, a 64-bit `leafvec` marking where a run of equal
+#     leaf values starts, and two base indices.  Children and leaves are
+#     stored contiguously and found by popcount (the POPCNT instruction), so a
+#     node costs 24 bytes plus 4 bytes per distinct leaf run, not 64 pointers.
 #   * Leaf pushing: every leaf holds the value of the longest prefix covering
-#     it, so a lookup is one direct-array read, then one node read per 6 bits
-#     until a leaf: no backtracking.  Random IPv4 lookups into 100k prefixes
-#     end in the direct array ~80% of the time (1 memory access).
-#   * Why not DIR-24-8: its 2^24-entry first level alone is 64 MB (32-bit
-#     entries) and every distinct /25../32 group costs a 256-entry tbl8
-#     (1 KB), which breaks 64 B/prefix at 1M prefixes.  Measured memory of
-#     this structure: see README (about 30-40 B/prefix at 1M random IPv4
-#     prefixes including the sorted prefix store).
+#     it, so a lookup is one direct-array read, then one node per 6 bits until
+#     a leaf, without backtracking.  Random IPv4 lookups into 100k prefixes
+#     end in the direct array ~80% of the time.
+#   * IPv6 tables fold chains of single-child nodes (a lone /48 under its /16)
+#     into one 24-byte skip node that compares up to 60 key bits at once:
+#     half the nodes, ~2.5 node visits per lookup that ends deep.
+#   * Batch lookups walk 16 keys level by level so their cache misses
+#     overlap; tables of 2 MB or more sit on transparent huge pages.
+#   * Why not DIR-24-8: its first level alone is 2^24 entries (64 MB at 32-bit
+#     entries) and every /24 holding a longer prefix costs a 1 KB tbl8, which
+#     breaks 64 B/prefix at 1M prefixes.  This structure: about 55 B/prefix
+#     at 1M random IPv4 prefixes /8../32, of which 24 B is the prefix store
+#     below and ~31 B the lookup table (README has the measured table).
 #   * Memory: direct 4 B * 2^dbits (1 MB at most for IPv4, 256 KB for IPv6),
-#     nodes 24 B each, leaves 4 B each, plus the source of truth: a sorted
-#     array of 24-byte (key, length, value) entries that gives exact get,
-#     ordered iteration and the input of every rebuild.
-#   * Updates rebuild the compact arrays into a fresh table (O(n), a few ms
-#     at 100k prefixes; the egress map keeps one small table per source so
-#     a policy change rebuilds only that source's table, microseconds) and
-#     publish it with one atomic pointer store.  The old table is freed after
-#     a grace period (two-counter SRCU in lpm_core.h): a lookup running in
-#     another thread (GIL released) sees either the whole old table or the
-#     whole new one, never a half-made update.  Readers never lock.
+#     nodes 24 B each, leaves 4 B each, 1/16 spare room for in-place patches,
+#     plus the source of truth: a sorted array of 24-byte (key, length, value)
+#     entries that gives exact get, ordered iteration and every rebuild's input.
 #
-# Values: unsigned ints 0..2**31-2 (LPM_VALUE_MAX) stored in the leaves, so a
-# batch lookup returns them without touching a Python object.  Store an
-# index into your own list to map prefixes to arbitrary objects.
+# Updates and concurrent readers (a datapath thread doing lookups with the
+# GIL released while the control plane writes):
+#   * update()/update_arrays()/clear() and structural changes rebuild a fresh
+#     table and publish it with one atomic pointer store; the old table is
+#     freed only after a grace period (two-counter SRCU in lpm_core.h), so a
+#     whole lookup_batch sees either the old table or the new one.
+#   * A single insert/replace/delete patches in place: the affected direct
+#     slot's subtree is rebuilt into the table's unused tail and published by
+#     one atomic 32-bit store of the slot (tens of microseconds at 100k
+#     prefixes instead of a ~20 ms rebuild).  Every lookup sees a slot either
+#     before or after the change, never a half-made subtree; a prefix shorter
+#     than dbits spans several slots, published one after another, so a batch
+#     running during that update may see some of its slots already changed
+#     (the same as a BPF LPM map updated under a running datapath).  When the
+#     tail is full, or the table outgrows its direct array, the update falls
+#     back to a full rebuild.  Readers never lock; writers hold the GIL.
 #
-# Host bits: a prefix with host bits set ("10.0.0.1/8") is rejected with
-# ValueError, like ipaddress.ip_network(strict=True): silently masking would
-# hide configuration mistakes in policies.
+# Values: unsigned ints 0..2**31-2 (LPM_MAX_VALUE) stored in the leaves, so a
+# batch lookup returns them without touching a Python object.  Store an index
+# into your own list to map prefixes to arbitrary objects.
+#
+# Host bits: a prefix with host bits set ("10.0.0.1/8") is rejected with a
+# ValueError naming it and the network meant, like ip_network(strict=True):
+# silently masking would hide a mistyped policy.
 
 import ipaddress as _ipaddress
 from collections import namedtuple as _namedtuple
@@ -285,6 +300,19 @@ def _lpm_value(value):
     return value
 
 
+def _check_out(out, Py_ssize_t n):
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise TypeError(f"out must be a (values, found) tuple of arrays, got {type(out).__name__}")
+    values, found = out
+    for arr, dt, name in ((values, _np.uint32, "values"), (found, _np.bool_, "found")):
+        if not isinstance(arr, _np.ndarray) or arr.dtype != dt or arr.shape != (n,) \
+                or not arr.flags.c_contiguous or not arr.flags.writeable:
+            raise TypeError(f"out {name} must be a writable contiguous {_np.dtype(dt).name} array "
+                            f"of shape ({n},), got {getattr(arr, 'dtype', type(arr).__name__)} "
+                            f"{getattr(arr, 'shape', '')}")
+    return values, found
+
+
 # ---- LPMTrie ----------------------------------------------------------------
 
 cdef class LPMTrie:
@@ -295,9 +323,10 @@ cdef class LPMTrie:
     or plain addresses (host routes).  Values: ints 0..LPM_MAX_VALUE
     (2**31 - 2) kept in C so lookup_batch returns them without Python
     objects.  Prefixes with host bits set raise ValueError.  Iteration is in
-    (network address, prefix length) order.  Updates are published
-    atomically: a lookup_batch running in another thread sees the table
-    either before or after an update, never in between.
+    (network address, prefix length) order.  A lookup running in another
+    thread (lookup_batch releases the GIL) never sees a half-made update:
+    bulk updates swap whole tables, single updates swap one direct slot at a
+    time (see the notes at the top of lpm.pyx).
     """
 
     def __cinit__(self, family=4, items=None):
@@ -592,13 +621,14 @@ cdef class LPMTrie:
         if lpm_trie_publish(self.c) < 0:
             raise MemoryError()
 
-    def lookup_batch(self, addresses):
+    def lookup_batch(self, addresses, out=None):
         """Longest-prefix match of many addresses, GIL released.
 
         IPv4: a 1-D uint32 array of host-order addresses.  IPv6: (N, 16)
         uint8 network-order bytes or (N, 2) uint64 host-order (high, low)
         halves.  Returns (values uint32, found bool); values[i] is
-        LPM_NONE (2**31 - 1) where found[i] is False.
+        LPM_NO_VALUE (2**31 - 1) where found[i] is False.  out=(values,
+        found) reuses caller arrays (a datapath loop allocates nothing).
         """
         cdef int as_bytes = 0
         cdef const uint32_t[::1] k4
@@ -613,8 +643,11 @@ cdef class LPMTrie:
         else:
             keys = _as_keys6(addresses, "addresses", &as_bytes)
         cdef Py_ssize_t n = keys.shape[0]
-        values = _np.empty(n, dtype=_np.uint32)
-        found = _np.empty(n, dtype=_np.bool_)
+        if out is None:
+            values = _np.empty(n, dtype=_np.uint32)
+            found = _np.empty(n, dtype=_np.bool_)
+        else:
+            values, found = _check_out(out, n)
         if n == 0:
             return values, found
         o = values

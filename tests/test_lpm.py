@@ -337,3 +337,18 @@ def test_update_arrays_matches_update(family):
         LPMTrie(family).update_arrays(arr, bad_lens, vals)
     with pytest.raises(ValueError, match="must match"):
         LPMTrie(family).update_arrays(arr, lens[:-1], vals)
+
+
+def test_lookup_batch_into_caller_arrays():
+    t = LPMTrie(4, {"10.0.0.0/8": 3})
+    keys = np.array([0x0A000001, 0x0B000001], np.uint32)
+    values = np.zeros(2, np.uint32)
+    found = np.zeros(2, np.bool_)
+    v, f = t.lookup_batch(keys, out=(values, found))
+    assert v is values and f is found and values.tolist() == [3, LPM_NO_VALUE] and found.tolist() == [True, False]
+    with pytest.raises(TypeError, match="out values"):
+        t.lookup_batch(keys, out=(np.zeros(3, np.uint32), found))
+    with pytest.raises(TypeError, match="out found"):
+        t.lookup_batch(keys, out=(values, np.zeros(2, np.uint8)))
+    with pytest.raises(TypeError, match="tuple"):
+        t.lookup_batch(keys, out=values)
