@@ -380,7 +380,7 @@ static void lpm_build_node(lpm_builder *b, uint32_t idx, size_t i, size_t j,
          * across the 64-bit halves) into one skip node. */
         unsigned minlen = 255, nb = 0, o = off;
         for (k = i; k < j; k++) if (e[k].len < minlen) minlen = e[k].len;
-        while (nb < 60 && (o < 64 ? o + 6 <= 64 : o + 6 <= 128) && minlen > o + 6
+        while (nb < 60 && (off < 64 ? o + 6 <= 64 : o + 6 <= 128) && minlen > o + 6
                && lpm_win(e[i].hi, e[i].lo, o) == lpm_win(e[j - 1].hi, e[j - 1].lo, o)) {
             nb += 6;
             o += 6;

@@ -352,3 +352,15 @@ def test_lookup_batch_into_caller_arrays():
         t.lookup_batch(keys, out=(values, np.zeros(2, np.uint8)))
     with pytest.raises(TypeError, match="tuple"):
         t.lookup_batch(keys, out=values)
+
+
+def test_ipv6_skip_chains_across_the_64_bit_halves():
+    # Lone long prefixes fold into skip nodes; a chain must stop at bit 64.
+    for plen in (65, 70, 100, 127, 128):
+        t = LPMTrie(6, {"2001:db8::/%d" % plen: 1})
+        assert t.lookup("2001:db8::") == 1
+        assert t.lookup("2001:db8:0:0:8000::") is None
+        assert t.lookup("2001:db8::1") == (1 if plen < 128 else None)
+        assert t.lookup("2001:db9::") is None
+    t = LPMTrie(6, {"2001:db8::/128": 1, "::/0": 0})
+    assert t.lookup("2001:db8:0:0:8000::") == 0 and t.lookup("2001:db8::") == 1
