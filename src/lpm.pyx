@@ -1026,3 +1026,49 @@ cdef class EgressMap:
 
     def __repr__(self):
         return f"EgressMap(entries={self._count})"
+
+
+# ---- probes of the C API (the fused datapath calls these at C level) -------
+
+def _c_lpm4_lookup(LPMTrie t, uint32_t addr):
+    """Test hook: lpm4_lookup through the nogil C API -> value or None."""
+    cdef uint32_t v
+    cdef int ok
+    with nogil:
+        ok = lpm4_lookup(t, addr, &v)
+    return v if ok else None
+
+
+def _c_lpm6_lookup(LPMTrie t, bytes addr16):
+    cdef uint32_t v
+    if len(addr16) != 16:
+        raise ValueError("addr16 must be 16 bytes")
+    cdef const uint8_t* p = addr16
+    cdef int ok
+    with nogil:
+        ok = lpm6_lookup(t, p, &v)
+    return v if ok else None
+
+
+def _c_egress_lookup4(EgressMap m, uint32_t src, uint32_t dst):
+    """Test hook: egress_lookup4 -> (status, egress, gateway)."""
+    cdef uint32_t e = 0, g = 0
+    cdef int st
+    with nogil:
+        st = egress_lookup4(m, src, dst, &e, &g)
+    return st, e, g
+
+
+def _c_egress_lookup6(EgressMap m, bytes src16, bytes dst16):
+    cdef uint8_t e[16]
+    cdef uint8_t g[16]
+    if len(src16) != 16 or len(dst16) != 16:
+        raise ValueError("addresses must be 16 bytes")
+    cdef const uint8_t* s = src16
+    cdef const uint8_t* d = dst16
+    cdef int st
+    with nogil:
+        st = egress_lookup6(m, s, d, e, g)
+    if st == EGRESS_NO_MATCH:
+        return st, None, None
+    return st, bytes(e[:16]), bytes(g[:16])

@@ -270,3 +270,25 @@ def test_exports():
     for name in ("EgressMap", "EgressEntry", "GATEWAY_NOT_FOUND_V4", "EXCLUDED_CIDR_V4",
                  "GATEWAY_NOT_FOUND_V6", "EXCLUDED_CIDR_V6", "LPMTrie"):
         assert name in egresscore.__all__ and hasattr(egresscore, name)
+
+
+def test_c_api_for_the_fused_datapath():
+    from egresscore import _core
+
+    em = EgressMap()
+    em.set("10.0.1.93", "203.0.113.0/24", "192.168.1.100", "192.168.1.3")
+    em.set_excluded("10.0.1.93", "203.0.113.128/25")
+    em.set("fd00:10:0:1::93", "2001:db8::/32", "fd00:1::100", "::")
+    assert _core._c_egress_lookup4(em, 0x0A00015D, 0xCB007101) == (1, 0xC0A80164, 0xC0A80103)
+    assert _core._c_egress_lookup4(em, 0x0A00015D, 0xCB007181)[::2] == (2, 1)
+    assert _core._c_egress_lookup4(em, 0x0A00015E, 0xCB007101)[0] == 0
+    src = ipaddress.ip_address("fd00:10:0:1::93").packed
+    st, egress, gateway = _core._c_egress_lookup6(em, src, ipaddress.ip_address("2001:db8::5").packed)
+    assert st == EGRESS_STATUS_NO_GATEWAY and egress == ipaddress.ip_address("fd00:1::100").packed
+    assert gateway == bytes(16)
+    assert _core._c_egress_lookup6(em, src, ipaddress.ip_address("2001:db9::5").packed)[0] == 0
+    t4 = egresscore.LPMTrie(4, {"10.0.0.0/8": 5})
+    assert _core._c_lpm4_lookup(t4, 0x0A010101) == 5 and _core._c_lpm4_lookup(t4, 0x0B000000) is None
+    t6 = egresscore.LPMTrie(6, {"2001:db8::/32": 6})
+    assert _core._c_lpm6_lookup(t6, ipaddress.ip_address("2001:db8::1").packed) == 6
+    assert _core._c_lpm6_lookup(t6, ipaddress.ip_address("2001:db9::1").packed) is None
