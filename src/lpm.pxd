@@ -94,6 +94,7 @@ cdef extern from "lpm_egress.h" nogil:
     egress_snap* egress_snap_with(const egress_snap* old, uint64_t hi, uint64_t lo,
                                   lpm_table* tbl, lpm_table** replaced)
     void egress_map_publish(egress_map* m, int v6, egress_snap* s)
+    egress_snap* egress_snap_build(size_t n, const uint64_t* hi, const uint64_t* lo, lpm_table* const* tbl)
     void egress_snap_free(egress_snap* s)
     void egress_map_free_all(egress_map* m)
 
@@ -110,6 +111,7 @@ cdef class EgressMap:
     cdef dict _sources      # (family, source int) -> _EgressSource
     cdef Py_ssize_t _count
     cdef _rebuild_source(self, int family, object src, object state)
+    cdef size_t _build_table(self, int family, dict entries, list order) except? 0
 
 
 # ---- C API for the fused datapath (all nogil, never raise) -----------------

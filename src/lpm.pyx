@@ -766,54 +766,62 @@ cdef class EgressMap:
             free(self.c)
             self.c = NULL
 
-    cdef _rebuild_source(self, int family, object src, object state):
-        """Build `state`'s table and publish a snapshot that uses it."""
-        cdef uint64_t shi, slo, hi, lo
+    cdef size_t _build_table(self, int family, dict entries, list order) except? 0:
+        """An lpm_table* (as size_t, 0 when entries is empty) over one
+        source's destinations; `order` receives the entries by leaf value."""
         cdef size_t i, n
         cdef lpm_entry* e = NULL
         cdef void* vals = NULL
         cdef lpm_table* tbl = NULL
-        cdef lpm_table* replaced = NULL
-        cdef egress_snap* snap
         cdef egress_val4* v4
         cdef egress_val6* v6
-        keys = sorted(state.entries)
-        order = [state.entries[k] for k in keys]
+        keys = sorted(entries)
+        order[:] = [entries[k] for k in keys]
         n = len(order)
+        if n == 0:
+            return 0
+        e = <lpm_entry*>malloc(n * sizeof(lpm_entry))
+        vals = malloc(n * (sizeof(egress_val4) if family == 4 else sizeof(egress_val6)))
+        if e == NULL or vals == NULL:
+            free(e)
+            free(vals)
+            raise MemoryError()
+        v4 = <egress_val4*>vals
+        v6 = <egress_val6*>vals
+        for i in range(n):
+            dst, plen = keys[i]
+            ent = order[i]
+            if family == 4:
+                e[i].hi = <uint64_t>(<uint32_t>dst) << 32
+                e[i].lo = 0
+                v4[i].egress = int(ent.egress_ip)
+                v4[i].gateway = int(ent.gateway_ip)
+            else:
+                _split128(dst, &e[i].hi, &e[i].lo)
+                _split128(int(ent.egress_ip), &v6[i].e_hi, &v6[i].e_lo)
+                _split128(int(ent.gateway_ip), &v6[i].g_hi, &v6[i].g_lo)
+            e[i].len = plen
+            e[i].val = i
+        tbl = lpm_table_build(e, n, 32 if family == 4 else 128)
+        free(e)
+        if tbl == NULL:
+            free(vals)
+            raise MemoryError()
+        tbl.aux = vals
+        tbl.aux_bytes = n * (sizeof(egress_val4) if family == 4 else sizeof(egress_val6))
+        return <size_t>tbl
+
+    cdef _rebuild_source(self, int family, object src, object state):
+        """Build `state`'s table and publish a snapshot that uses it."""
+        cdef uint64_t shi, slo
+        cdef lpm_table* replaced = NULL
+        cdef egress_snap* snap
+        order = []
+        cdef lpm_table* tbl = <lpm_table*>self._build_table(family, state.entries, order)
         if family == 4:
             shi, slo = <uint32_t>src, 0
         else:
             _split128(src, &shi, &slo)
-        if n:
-            e = <lpm_entry*>malloc(n * sizeof(lpm_entry))
-            vals = malloc(n * (sizeof(egress_val4) if family == 4 else sizeof(egress_val6)))
-            if e == NULL or vals == NULL:
-                free(e)
-                free(vals)
-                raise MemoryError()
-            v4 = <egress_val4*>vals
-            v6 = <egress_val6*>vals
-            for i in range(n):
-                dst, plen = keys[i]
-                ent = order[i]
-                if family == 4:
-                    e[i].hi = <uint64_t>(<uint32_t>dst) << 32
-                    e[i].lo = 0
-                    v4[i].egress = int(ent.egress_ip)
-                    v4[i].gateway = int(ent.gateway_ip)
-                else:
-                    _split128(dst, &e[i].hi, &e[i].lo)
-                    _split128(int(ent.egress_ip), &v6[i].e_hi, &v6[i].e_lo)
-                    _split128(int(ent.gateway_ip), &v6[i].g_hi, &v6[i].g_lo)
-                e[i].len = plen
-                e[i].val = i
-            tbl = lpm_table_build(e, n, 32 if family == 4 else 128)
-            free(e)
-            if tbl == NULL:
-                free(vals)
-                raise MemoryError()
-            tbl.aux = vals
-            tbl.aux_bytes = n * (sizeof(egress_val4) if family == 4 else sizeof(egress_val6))
         snap = egress_snap_with(self.c.snap[family == 6], shi, slo, tbl, &replaced)
         if snap == NULL:
             lpm_table_free(tbl)
@@ -822,6 +830,100 @@ cdef class EgressMap:
         lpm_table_free(replaced)
         state.order = order
         state.tbl = <size_t>tbl
+
+    def sync(self, entries):
+        """Make the map hold exactly `entries` (EgressEntry or (source,
+        destination, egress_ip, gateway_ip) tuples), the way Cilium's
+        reconciler diffs its BPF map: only sources whose entries changed get
+        a new table, and each family is published once.  All or nothing.
+        Returns (added, removed, changed) entry counts."""
+        cdef uint64_t* his = NULL
+        cdef uint64_t* los = NULL
+        cdef lpm_table** tbls = NULL
+        cdef egress_snap* snap
+        cdef size_t ki, n
+        desired = {}
+        for item in entries:
+            if not isinstance(item, tuple) or len(item) != 4:
+                raise TypeError(f"sync() wants (source, destination, egress_ip, gateway_ip) tuples, got {item!r}")
+            fam, src, dkey = self._key(item[0], item[1])
+            ip = _IPv4Address if fam == 4 else _IPv6Address
+            net = _IPv4Network(dkey) if fam == 4 else _IPv6Network(dkey)
+            desired.setdefault((fam, src), {})[dkey] = EgressEntry(
+                ip(src), net, self._addr_of(item[2], fam, "egress IP"), self._addr_of(item[3], fam, "gateway IP"))
+        added = removed = changed = 0
+        touched = []
+        for skey in set(self._sources) | set(desired):
+            cur = self._sources[skey].entries if skey in self._sources else {}
+            want = desired.get(skey, {})
+            if cur == want:
+                continue
+            touched.append(skey)
+            added += len(want.keys() - cur.keys())
+            removed += len(cur.keys() - want.keys())
+            changed += sum(1 for d in want.keys() & cur.keys() if want[d] != cur[d])
+        if not touched:
+            return 0, 0, 0
+        built = {}
+        snaps = []
+        try:
+            for skey in touched:
+                order = []
+                t = self._build_table(skey[0], desired.get(skey, {}), order)
+                built[skey] = (t, order)
+            new_sources = {k: v for k, v in self._sources.items() if k not in built}
+            for skey, (t, order) in built.items():
+                if t:
+                    state = _EgressSource()
+                    state.entries = desired[skey]
+                    state.order = order
+                    state.tbl = t
+                    new_sources[skey] = state
+            for fam in (4, 6):
+                if not any(k[0] == fam for k in touched):
+                    snaps.append(None)
+                    continue
+                members = [(k[1], s.tbl) for k, s in new_sources.items() if k[0] == fam]
+                n = len(members)
+                his = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
+                los = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
+                tbls = <lpm_table**>malloc((n + 1) * sizeof(lpm_table*))
+                if his == NULL or los == NULL or tbls == NULL:
+                    raise MemoryError()
+                for ki in range(n):
+                    if fam == 4:
+                        his[ki], los[ki] = <uint32_t>members[ki][0], 0
+                    else:
+                        _split128(members[ki][0], &his[ki], &los[ki])
+                    tbls[ki] = <lpm_table*><size_t>members[ki][1]
+                snap = egress_snap_build(n, his, los, tbls)
+                free(his)
+                free(los)
+                free(tbls)
+                his = los = NULL
+                tbls = NULL
+                if snap == NULL:
+                    raise MemoryError()
+                snaps.append(<size_t>snap)
+        except BaseException:
+            free(his)
+            free(los)
+            free(tbls)
+            for t, _ in built.values():
+                lpm_table_free(<lpm_table*><size_t>t)
+            for sp in snaps:
+                if sp:
+                    egress_snap_free(<egress_snap*><size_t>sp)
+            raise
+        old_tables = [self._sources[k].tbl for k in touched if k in self._sources]
+        for i, fam in enumerate((4, 6)):
+            if snaps[i] is not None:
+                egress_map_publish(self.c, fam == 6, <egress_snap*><size_t>snaps[i])
+        for t in old_tables:
+            lpm_table_free(<lpm_table*><size_t>t)
+        self._sources = new_sources
+        self._count = sum(len(s.entries) for s in new_sources.values())
+        return added, removed, changed
 
     def _key(self, source_ip, destination_cidr):
         cdef uint64_t shi, slo, dhi, dlo
