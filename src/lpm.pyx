@@ -54,6 +54,7 @@
 # silently masking would hide a mistyped policy.
 
 import ipaddress as _ipaddress
+from operator import index as _operator_index
 from collections import namedtuple as _namedtuple
 
 import numpy as _np
@@ -145,6 +146,8 @@ cdef int _parse_addr(object x, int hint, uint64_t* hi, uint64_t* lo) except -1:
         return 6
     if isinstance(x, str):
         return _parse_addr(str(x), hint, hi, lo)
+    if hasattr(x, "__index__") and not isinstance(x, bool):   # NumPy integers
+        return _parse_addr(_operator_index(x), hint, hi, lo)
     raise TypeError(f"expected an IP address (str, ipaddress object, int or packed bytes), "
                     f"got {type(x).__name__}: {x!r}")
 
@@ -215,9 +218,13 @@ cdef int _parse_prefix(object x, int hint, uint64_t* hi, uint64_t* lo, unsigned*
             raise ValueError(f"{x!r}: a prefix tuple is (address, length)")
         fam = _parse_addr(x[0], hint, hi, lo)
         width = 32 if fam == 4 else 128
-        if not isinstance(x[1], int) or not 0 <= x[1] <= width:
+        try:
+            L = _operator_index(x[1])
+        except TypeError:
+            L = -1
+        if isinstance(x[1], bool) or not 0 <= L <= width:
             raise ValueError(f"{x!r}: prefix length must be an int in 0..{width}")
-        plen[0] = x[1]
+        plen[0] = L
     elif isinstance(x, (_ipaddress.IPv4Interface, _ipaddress.IPv6Interface)):
         raise TypeError(f"{x!r} is an interface (address with host bits); pass its .network")
     else:
@@ -292,6 +299,8 @@ cdef object _as_keys6(object keys, str name, int* as_bytes):
 
 
 def _lpm_value(value):
+    if not isinstance(value, (int, bool)) and hasattr(value, "__index__"):   # NumPy integers
+        value = _operator_index(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"LPMTrie values are ints 0..{LPM_VALUE_MAX}, got "
                         f"{type(value).__name__}: {value!r} (store an index into your own list)")

@@ -126,3 +126,11 @@ def test_ipv6_batch_bad_arrays(keys):
     t = LPMTrie(6, {"::/0": 1})
     with pytest.raises(TypeError, match="IPv6"):
         t.lookup_batch(keys)
+
+
+def test_numpy_scalars_are_ints():
+    t = LPMTrie(4)
+    t[(np.uint32(0x0A000000), np.uint8(8))] = np.uint16(3)
+    assert t.lookup(np.uint32(0x0A010101)) == 3 and t.lookup(np.int64(0x0A000001)) == 3
+    with pytest.raises(TypeError):
+        t.lookup(np.float64(1.0))
