@@ -219,12 +219,12 @@ cdef int _parse_prefix(object x, int hint, uint64_t* hi, uint64_t* lo, unsigned*
         fam = _parse_addr(x[0], hint, hi, lo)
         width = 32 if fam == 4 else 128
         try:
-            L = _operator_index(x[1])
+            length = _operator_index(x[1])
         except TypeError:
-            L = -1
-        if isinstance(x[1], bool) or not 0 <= L <= width:
+            length = -1
+        if isinstance(x[1], bool) or not 0 <= length <= width:
             raise ValueError(f"{x!r}: prefix length must be an int in 0..{width}")
-        plen[0] = L
+        plen[0] = length
     elif isinstance(x, (_ipaddress.IPv4Interface, _ipaddress.IPv6Interface)):
         raise TypeError(f"{x!r} is an interface (address with host bits); pass its .network")
     else:

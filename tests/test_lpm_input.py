@@ -34,6 +34,14 @@ def test_malformed_ipv6_prefixes(bad):
     assert len(t) == 0
 
 
+@pytest.mark.parametrize("bad", [("10.0.0.0", -1), ("10.0.0.0", 2**70), ("10.0.0.0", 33), ("10.0.0.0", "8"),
+                                 ("10.0.0.0", True), ("10.0.0.0", 8, 1)])
+def test_bad_prefix_tuples(bad):
+    with pytest.raises(ValueError) as e:
+        LPMTrie(4)[bad] = 1
+    assert repr(bad) in str(e.value)
+
+
 @pytest.mark.parametrize("bad", ["10.0.0.1/8", "10.1.2.3/24", ("10.0.0.1", 31), "2001:db8::1/64"])
 def test_host_bits_set_are_rejected_with_the_fix(bad):
     t = LPMTrie(6 if ":" in str(bad) else 4)
