@@ -142,3 +142,27 @@ def test_numpy_scalars_are_ints():
     assert t.lookup(np.uint32(0x0A010101)) == 3 and t.lookup(np.int64(0x0A000001)) == 3
     with pytest.raises(TypeError):
         t.lookup(np.float64(1.0))
+
+
+def test_fuzzed_keys_only_raise_type_or_value_errors():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    junk = st.one_of(
+        st.text(max_size=80), st.binary(max_size=20), st.integers(), st.floats(),
+        st.text(alphabet="0123456789./:abcdef", max_size=45),
+        st.tuples(st.text(alphabet="0123456789.:", max_size=20), st.integers(-5, 200)),
+    )
+
+    @settings(max_examples=400, deadline=None)
+    @given(junk, st.sampled_from([4, 6]))
+    def run(key, family):
+        t = LPMTrie(family)
+        for op in (lambda: t.__setitem__(key, 1), lambda: t.lookup(key), lambda: key in t,
+                   lambda: t.get(key), lambda: t.lookup_prefix(key)):
+            try:
+                op()
+            except (TypeError, ValueError, KeyError):
+                pass
+
+    run()
