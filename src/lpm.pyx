@@ -1183,3 +1183,18 @@ def _c_egress_lookup6(EgressMap m, bytes src16, bytes dst16):
     if st == EGRESS_NO_MATCH:
         return st, None, None
     return st, bytes(e[:16]), bytes(g[:16])
+
+
+def _c_egress_lookup4_section(EgressMap m, uint32_t[::1] src, uint32_t[::1] dst):
+    """Test hook: a batch through one read section -> (status, egress, gateway) lists."""
+    cdef Py_ssize_t i, n = src.shape[0]
+    cdef uint32_t e, g
+    cdef unsigned sec
+    out = []
+    sec = egress_read_begin(m)
+    for i in range(n):
+        e = g = 0
+        st = egress_lookup4_in(m, src[i], dst[i], &e, &g)
+        out.append((st, e, g))
+    egress_read_end(m, sec)
+    return out

@@ -333,3 +333,16 @@ def test_sync_reconciles_to_exactly_the_given_entries():
         em.sync(["10.0.0.1"])
     with pytest.raises(ValueError, match="host bits"):
         em.sync([("10.0.0.1", "203.0.113.1/24", "192.168.1.3", "192.168.1.3")])
+
+
+def test_c_read_section_matches_batch():
+    from egresscore import _core
+
+    em = EgressMap()
+    em.set("10.0.1.93", "203.0.113.0/24", "192.168.1.100", "192.168.1.3")
+    em.set_excluded("10.0.1.93", "203.0.113.128/25")
+    src = np.array([0x0A00015D, 0x0A00015D, 0x0A00015E], np.uint32)
+    dst = np.array([0xCB007101, 0xCB007181, 0xCB007101], np.uint32)
+    egress, gateway, status = em.lookup_batch(src, dst)
+    assert _core._c_egress_lookup4_section(em, src, dst) == list(zip(status.tolist(), egress.tolist(),
+                                                                      gateway.tolist()))
