@@ -364,3 +364,54 @@ def test_ipv6_skip_chains_across_the_64_bit_halves():
         assert t.lookup("2001:db9::") is None
     t = LPMTrie(6, {"2001:db8::/128": 1, "::/0": 0})
     assert t.lookup("2001:db8:0:0:8000::") == 0 and t.lookup("2001:db8::") == 1
+
+
+def test_single_update_patches_under_concurrent_readers():
+    """Readers (GIL released) racing single-update patches, including short
+    prefixes that repaint many direct slots: every lookup returns a value its
+    address had before or after some update, never garbage."""
+    rng = np.random.default_rng(21)
+    base = {}
+    while len(base) < 20000:                       # dbits 16: a wide direct array
+        plen = int(rng.integers(8, 33))
+        a = int(rng.integers(0, 2**32)) >> (32 - plen) << (32 - plen)
+        if (a >> 20) != 0x0A0:                     # keep 10.0.0.0/12 for the race
+            base[(a, plen)] = 1
+    t = LPMTrie(4, base)
+    hosts = [(0x0A000000 + i * 4096 + 1, 24) for i in range(64)]   # /24s inside 10.0.0.0/12
+    allowed = {}
+    probes = []
+    for i, (a, _) in enumerate(hosts):
+        probes.append(a)                           # inside a toggled /24
+        allowed[a] = {1000 + 2 * i, 1001 + 2 * i}
+        probes.append(a + 256)                     # only under the toggled /12 (or a base cover)
+        allowed[a + 256] = {5, 6, t.lookup(a + 256)}
+    keys = np.array(probes, dtype=np.uint32)
+    for i, (a, plen) in enumerate(hosts):
+        t[(a & 0xFFFFFF00, plen)] = 1000 + 2 * i
+    stop = threading.Event()
+    errors = []
+
+    def reader():
+        while not stop.is_set():
+            values, found = t.lookup_batch(keys)
+            for a, v, f in zip(probes, values.tolist(), found.tolist()):
+                if (v if f else None) not in allowed[a]:
+                    errors.append((hex(a), v, f))
+                    return
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for th in threads:
+        th.start()
+    try:
+        for gen in range(30):
+            for i, (a, plen) in enumerate(hosts):
+                t[(a & 0xFFFFFF00, plen)] = 1000 + 2 * i + (gen & 1)
+            t["10.0.0.0/12"] = 5 + (gen & 1)       # 16 slots repainted, subtrees rebuilt
+            if gen % 3 == 2:
+                del t["10.0.0.0/12"]
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    assert not errors, errors[:3]
