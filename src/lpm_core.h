@@ -42,6 +42,8 @@
 
 #define LPM_NODE 0x80000000u
 #define LPM_SKIP 0x80000000u   /* in base1: a path-compressed IPv6 node */
+#define LPM_TERM 0x40000000u   /* with LPM_SKIP: the subtree is one prefix
+                                  (so node indices stay below 2^30) */
 #define LPM_NONE 0x7FFFFFFFu
 #define LPM_VALUE_MAX 0x7FFFFFFEu
 
@@ -155,7 +157,9 @@ static inline uint32_t lpm6_table_lookup(const lpm_table *t, uint64_t hi, uint64
             /* A chain of single-child nodes folded into one: compare the
              * key's next 6k bits; a mismatch lands on the chain's leaves. */
             unsigned nb = (unsigned)(n->leafvec >> 32);
-            if (lpm_bits(hi, lo, off, nb) != n->vector) return (uint32_t)n->leafvec;
+            int match = lpm_bits(hi, lo, off, nb) == n->vector;
+            if (n->base1 & LPM_TERM) return match ? n->base0 : (uint32_t)n->leafvec;
+            if (!match) return (uint32_t)n->leafvec;
             off += nb;
             n = &t->nodes[n->base1 & ~LPM_SKIP];
             continue;
@@ -274,7 +278,10 @@ static void lpm6_table_lookup_batch(const lpm_table *t, const void *keys, int by
                 const lpm_node *nd = cur[j2];
                 if (nd->base1 & LPM_SKIP) {
                     unsigned nb = (unsigned)(nd->leafvec >> 32);
-                    if (lpm_bits(hi[j2], lo[j2], off[j2], nb) != nd->vector) {
+                    int match = lpm_bits(hi[j2], lo[j2], off[j2], nb) == nd->vector;
+                    if (nd->base1 & LPM_TERM) {
+                        out[i + j2] = match ? nd->base0 : (uint32_t)nd->leafvec;
+                    } else if (!match) {
                         out[i + j2] = (uint32_t)nd->leafvec;
                     } else {
                         off[j2] += nb;
@@ -379,6 +386,15 @@ static void lpm_build_node(lpm_builder *b, uint32_t idx, size_t i, size_t j,
          * child and 63 leaves of `def`; fold up to 10 such strides (never
          * across the 64-bit halves) into one skip node. */
         unsigned minlen = 255, nb = 0, o = off;
+        if (j - i == 1 && e[i].len - off <= 60 && (off >= 64 || e[i].len <= 64)) {
+            /* One prefix below: compare its remaining bits, no leaves. */
+            nb = e[i].len - off;
+            b->nodes[idx].vector = lpm_bits(e[i].hi, e[i].lo, off, nb);
+            b->nodes[idx].leafvec = (uint64_t)def | ((uint64_t)nb << 32);
+            b->nodes[idx].base0 = e[i].val;
+            b->nodes[idx].base1 = LPM_SKIP | LPM_TERM;
+            return;
+        }
         for (k = i; k < j; k++) if (e[k].len < minlen) minlen = e[k].len;
         while (nb < 60 && (off < 64 ? o + 6 <= 64 : o + 6 <= 128) && minlen > o + 6
                && lpm_win(e[i].hi, e[i].lo, o) == lpm_win(e[j - 1].hi, e[j - 1].lo, o)) {
