@@ -90,7 +90,7 @@ def run(quick: bool = False) -> str:
         f"### Control plane: compile {n_pods:,} pods x {n_policies} policies ({entries:,} egress map entries)",
         "",
         f"median of {repeat} runs (reference: 1); targets: full compile <= 1 s, one pod change <= 1 ms; "
-        "EgressMap rows include the map's own writes (each one republishes the map)",
+        "EgressMap rows include the map's own writes (a full compile publishes once per family)",
         "",
         "| operation | egresscore | peer | peer time | speed-up |",
         "|---|---|---|---|---|",

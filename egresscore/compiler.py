@@ -339,7 +339,6 @@ class Compiler:
                 gc.enable()
 
     def _compile(self):
-        old = getattr(self, "desired", {})
         self._names = sorted(self.cluster.nodes)
         self._labels = {}
         self._index = defaultdict(set)
@@ -377,25 +376,32 @@ class Compiler:
             else:
                 desired[key] = c[min(c)]
         if self.egress_map is not None:
-            self._sync_map(old)
+            self._sync_map(None)
         return desired
 
     def attach(self, egress_map):
-        """Write the desired state into `egress_map` (cleared first) and keep it in sync."""
-        egress_map.clear()
+        """Write the desired state into `egress_map` (replacing what it held) and keep it in sync."""
         self.egress_map = egress_map
-        self._sync_map({})
+        self._sync_map(None)
         return egress_map
 
     def _sync_map(self, old):
+        """Bring the map to the desired state.  A full compile (`old` None)
+        reconciles in one publish per family; an incremental one writes the
+        changed keys, new and changed ones before removals, so a datapath
+        lookup never falls into a gap (a /24 replaced by a /25 never leaves
+        the destination unmatched in between)."""
         em = self.egress_map
         desired = self.desired
-        for key in old:
-            if key not in desired:
-                em.remove(key[0], key[1])
+        if old is None:
+            em.sync([_map_row(key, t) for key, t in desired.items()])
+            return
         for key, t in desired.items():
             if old.get(key) != t:
                 _write(em, key, t)
+        for key in old:
+            if key not in desired:
+                em.remove(key[0], key[1])
 
     # ------------------------------------------------------------- internals
 
@@ -657,16 +663,19 @@ class Compiler:
         return self._resolve(changed)
 
 
+def _map_row(key, t: Target):
+    """One compiled entry as an EgressMap row (IPv6 entries: IPv4-mapped gateway)."""
+    gw = t.gateway_ip
+    if ":" in key[0]:
+        gw = {EXCLUDED_CIDR: "::1", GATEWAY_NOT_FOUND: "::"}.get(gw, "::ffff:" + gw)
+    return key[0], key[1], t.egress_ip, gw
+
+
 def _write(em, key, t: Target):
-    """One entry into egresscore.EgressMap (IPv6 entries: IPv4-mapped gateway)."""
     if t.gateway_ip == EXCLUDED_CIDR:
         em.set_excluded(key[0], key[1], t.egress_ip)
-    elif ":" not in key[0]:
-        em.set(key[0], key[1], t.egress_ip, t.gateway_ip)
-    elif t.gateway_ip == GATEWAY_NOT_FOUND:
-        em.set(key[0], key[1], t.egress_ip, "::")
     else:
-        em.set(key[0], key[1], t.egress_ip, "::ffff:" + t.gateway_ip)
+        em.set(*_map_row(key, t))
 
 
 def target_of(entry) -> Target:
