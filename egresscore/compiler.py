@@ -39,6 +39,11 @@ Deliberate differences from Cilium, and why:
 - With several gateways sharing one gateway IP, ties keep spec order (a stable
   sort); Go's slices.SortFunc is stable only for up to 12 elements.
 - IPv6 link-local addresses are never picked as an interface's first IPv6.
+- An `egressIP` that no interface of the gateway node holds stays unresolved
+  (gateway drops, `problems()` says why).  Upstream Cilium versions differ
+  here (some program the configured IP anyway, newer ones fall back to the
+  default-route interface); we refuse to SNAT to an address whose replies
+  the node would never receive.
 """
 
 from __future__ import annotations
