@@ -434,7 +434,10 @@ cdef int64_t pkt_icmp_too_big(const uint8_t *buf, const PktInfo *pi, uint8_t *ou
     memcpy(out + 6, buf, 6)
     memcpy(out + 12, buf + 12, l2 - 12)
     if pi.ip_version == 4:
-        if pi.src4 == 0:
+        # RFC 1812 4.3.2.7: not to an unspecified, multicast or broadcast
+        # source, nor about a packet sent to a multicast or broadcast address
+        if (pi.src4 == 0 or (pi.src4 >> 28) == 14 or pi.src4 == 0xffffffffu or
+                (pi.dst4 >> 28) == 14 or pi.dst4 == 0xffffffffu):
             return 0
         q = pi.l3_end - pi.l3_off
         if q > 576 - 28:                         # RFC 1812: reply within 576 bytes
@@ -461,7 +464,15 @@ cdef int64_t pkt_icmp_too_big(const uint8_t *buf, const PktInfo *pi, uint8_t *ou
         memcpy(icmp + 8, ip0, q)
         pkt_store16(icmp + 2, csum_finish(csum_partial(icmp, 8 + q, 0)))
         return n
-    # IPv6: the reply must fit the IPv6 minimum MTU (RFC 4443 2.4 (c))
+    # IPv6, RFC 4443 2.4 (e): never to an unspecified or multicast source
+    if ip0[8] == 0xff:
+        return 0
+    for q in range(16):
+        if ip0[8 + q] != 0:
+            break
+    else:
+        return 0
+    # the reply must fit the IPv6 minimum MTU (RFC 4443 2.4 (c))
     q = pi.l3_end - pi.l3_off
     if q > 1280 - 48:
         q = 1280 - 48
@@ -902,8 +913,12 @@ cdef int _pkt_encap_prepare(const uint8_t *p, int64_t n, PktInfo *pi, const Vxla
 
 
 cdef inline uint32_t _pkt_too_big_mtu(const PktInfo *pi, const VxlanTmpl *t) noexcept nogil:
-    # the largest inner IP packet that still fits: underlay MTU - 36 - inner L2
-    return t.mtu - 36 - pi.l3_off
+    # the largest inner IP packet that still fits: underlay MTU - 36 - inner L2;
+    # IPv6 hosts ignore a packet-too-big below the 1280 minimum (RFC 8200 5)
+    cdef uint32_t mtu = t.mtu - 36 - pi.l3_off
+    if pi.ip_version == 6 and mtu < 1280:
+        return 1280
+    return mtu
 
 
 def vxlan_encap(frame, VxlanTemplate template not None):

@@ -185,6 +185,31 @@ def test_no_icmp_about_icmp_errors_or_broadcast():
     assert egresscore.icmp_too_big(bcast, 1450) == b""
 
 
+@pytest.mark.parametrize("src,dst", [
+    ("0.0.0.0", "203.0.113.9"),            # unspecified source
+    ("224.0.0.5", "203.0.113.9"),          # multicast source
+    ("10.0.1.5", "224.0.0.5"),             # about a multicast destination
+    ("10.0.1.5", "255.255.255.255"),       # about a broadcast destination
+    ("::", "2001:db8::9"),                 # RFC 4443 2.4 (e): unspecified source
+    ("ff02::1", "2001:db8::9"),            # multicast source
+])
+def test_no_too_big_to_unspecified_multicast_or_broadcast(src, dst):
+    ip = IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst, flags="DF")
+    frame = bytes(Ether(dst="02:00:00:00:00:01") / ip / UDP(sport=1, dport=2) / Raw(b"x" * 1500))
+    assert egresscore.icmp_too_big(frame, 1450) == b""
+    with pytest.raises(PacketDropped) as e:
+        egresscore.vxlan_encap(frame, template(mtu=1500))
+    assert e.value.reason == "frag_needed" and not e.value.reply
+
+
+def test_ipv6_too_big_never_reports_below_the_minimum_mtu():
+    inner = bytes(Ether(src="02:00:00:00:00:0a", dst="02:00:00:00:00:0b")
+                  / IPv6(src="fd00:10::93", dst="2001:db8::9") / UDP(sport=5, dport=6) / Raw(b"q" * 1300))
+    with pytest.raises(PacketDropped) as e:
+        egresscore.vxlan_encap(inner, template(mtu=1300))
+    assert Ether(e.value.reply)[ICMPv6PacketTooBig].mtu == 1280
+
+
 def test_batch_encap_moves_frames_with_short_headroom():
     inner = bytes(Ether() / IP(src="10.0.1.5", dst="203.0.113.9") / UDP(sport=1, dport=2) / Raw(b"a" * 64))
     t = template()
