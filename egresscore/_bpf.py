@@ -76,8 +76,9 @@ def _port(value, name):
     return value
 
 
-def bpf_vxlan(port=4789):
-    """IPv4 UDP to destination port `port` (VXLAN: 4789), first fragments only."""
+def bpf_vxlan(port=8472):
+    """IPv4 UDP to destination port `port` (VXLAN; 8472 as in Cilium, IANA's is
+    4789), first fragments only."""
     return _assemble([(LD | H | ABS, 0, 0, 12), (JMP | JEQ | K, 0, "drop", ETH_P_IP)]
                      + _ipv4_ports(_port(port, "port"), port, 17))
 

@@ -98,6 +98,7 @@ typedef struct ring {
     /* counters */
     uint64_t rx_frames, rx_blocks;
     uint64_t tx_frames, tx_flushes, tx_full, tx_errors;
+    uint64_t tx_dropped;     /* frames given up on: the TX ring stayed full */
     uint64_t k_packets, k_drops, k_freeze;
 } ring_t;
 

@@ -64,6 +64,7 @@ cdef extern from "ring.h" nogil:
         uint64_t tx_flushes
         uint64_t tx_full
         uint64_t tx_errors
+        uint64_t tx_dropped
         uint64_t k_packets
         uint64_t k_drops
         uint64_t k_freeze

@@ -357,7 +357,8 @@ cdef class PacketRing:
     def forward(self, PacketRing out not None, int max_frames=1 << 30, timeout=0):
         """Move received frames into out's TX ring at C level, one flush per
         batch: the fused datapath's loop with no processing in the middle
-        (out may be self).  Frames longer than out's slot are truncated.
+        (out may be self).  Frames longer than out's slot are truncated; frames
+        left when out's TX ring stays full are counted in out's tx_dropped.
         Returns how many were forwarded."""
         cdef int n, i, rc, got = 0, ms = _ring_ms(timeout)
         cdef uint8_t *buf
@@ -379,6 +380,7 @@ cdef class PacketRing:
                         if rc >= 0:
                             rc = ring_tx_wait(&out.r, 1000)
                         if rc <= 0:
+                            out.r.tx_dropped += n - i
                             break
                         buf = ring_tx_claim(&out.r, &room)
                     ln = self.frames[i].len if self.frames[i].len < room else room
@@ -530,6 +532,7 @@ cdef class PacketRing:
             "tx_flushes": self.r.tx_flushes,
             "tx_full": self.r.tx_full,
             "tx_errors": self.r.tx_errors,
+            "tx_dropped": self.r.tx_dropped,
         }
 
 

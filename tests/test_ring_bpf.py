@@ -21,7 +21,7 @@ HOSTS = ["192.168.1.3", "192.168.1.100", "203.0.113.7", "10.0.1.93"]
 def frames(draw):
     kind = draw(st.sampled_from(["udp", "tcp", "icmp", "arp", "ipv6", "frag"]))
     dst = draw(st.sampled_from(HOSTS))
-    port = draw(st.sampled_from([4789, 4790, 53, 32768, 40000, 65534, 65535, 1]))
+    port = draw(st.sampled_from([8472, 4789, 4790, 53, 32768, 40000, 65534, 65535, 1]))
     eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
     ihl = draw(st.sampled_from([5, 6]))
     opts = [] if ihl == 5 else [scapy.IPOption(b"\x01\x01\x01\x01")]
@@ -117,7 +117,7 @@ needs_pcap = pytest.mark.skipif(not pcap_available(), reason="libpcap (libpcap0.
 @given(frames())
 def test_pcap_expression_agrees_with_helpers(f):
     raw, kind, dst, port = f
-    assert bool(bpf_run(bpf_compile("ip and udp dst port 4789"), raw)) == bool(bpf_run(bpf_vxlan(), raw))
+    assert bool(bpf_run(bpf_compile("ip and udp dst port 8472"), raw)) == bool(bpf_run(bpf_vxlan(), raw))
     assert bool(bpf_run(bpf_compile("ip dst host 192.168.1.100"), raw)) == bool(
         bpf_run(bpf_dst("192.168.1.100"), raw))
 
