@@ -606,8 +606,10 @@ cdef class LPMTrie:
                 add[k].ent.len = <uint32_t>L[k]
                 add[k].ent.val = <uint32_t>V[k]
                 add[k].seq = k
-            if bad < 0:
-                merged = lpm_entries_merge(self.c.e, self.c.n, add, m, &out_n)
+        # The merge reads the entry store, which another writer thread may
+        # realloc: it runs with the GIL held, like every other writer.
+        if bad < 0:
+            merged = lpm_entries_merge(self.c.e, self.c.n, add, m, &out_n)
         free(add)
         if bad >= 0:
             raise ValueError(f"networks[{bad}] with length {L[bad]} has host bits set")
