@@ -38,6 +38,8 @@ from ._core import (
     NatRefused,
     NatTable,
     nat_tuples,
+    # fused datapath
+    Datapath,
 )
 from ._bpf import bpf_all, bpf_any, bpf_compile, bpf_dst, bpf_not_outgoing, bpf_vxlan, pcap_available
 from .cluster import Cluster, ClusterError, Interface, Namespace, Node, Pod, load_cluster
@@ -60,6 +62,8 @@ __all__ = [
     "pcap_available",
     # NAT / connection table
     "NatTable", "NatEntry", "NatRefused", "NAT_TUPLE_DTYPE", "nat_tuples",
+    # fused datapath and agent
+    "Datapath",
     # control plane
     "load_policies", "parse_policy", "EgressPolicy", "LabelSelector", "PolicyError",
     "Cluster", "Node", "Namespace", "Pod", "Interface", "load_cluster", "ClusterError",
