@@ -44,6 +44,7 @@ from ._core import (
 from ._bpf import bpf_all, bpf_any, bpf_compile, bpf_dst, bpf_not_outgoing, bpf_vxlan, pcap_available
 from .cluster import Cluster, ClusterError, Interface, Namespace, Node, Pod, load_cluster
 from .compiler import Compiler, Conflict, Problem, Target
+from .agent import Agent, AgentError
 from .policy import EgressPolicy, LabelSelector, PolicyError, load_policies, parse_policy
 
 __all__ = [
@@ -63,7 +64,7 @@ __all__ = [
     # NAT / connection table
     "NatTable", "NatEntry", "NatRefused", "NAT_TUPLE_DTYPE", "nat_tuples",
     # fused datapath and agent
-    "Datapath",
+    "Datapath", "Agent", "AgentError",
     # control plane
     "load_policies", "parse_policy", "EgressPolicy", "LabelSelector", "PolicyError",
     "Cluster", "Node", "Namespace", "Pod", "Interface", "load_cluster", "ClusterError",

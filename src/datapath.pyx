@@ -482,7 +482,7 @@ cdef class Datapath:
                 return dp_ret(VERDICT_DROP, DROP_NO_EGRESS_IP)
             return self.dp_egress(f, length, &pi, egress, True, now, out)
         node = dp_lpm4(self.node_ips_c, gw)
-        if node == LPM_NONE:
+        if node == LPM_NONE or not self.nodes[node].has_mac:
             return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
         rc = vxlan_check_mtu(&pi, length, &self.nodes[node].tmpl)
         if rc == DROP_FRAG_NEEDED:
