@@ -143,7 +143,10 @@ class Agent:
         self._rings.append(ring)
         self.datapath.attach_ring(0, ring)
         self._sync_pods()
-        self._refresh_neighbours(probe=True)
+        if self._refresh_neighbours(probe=True):
+            deadline = time.monotonic() + 1.0  # let the kernel resolve them before the first packet
+            while self._refresh_neighbours() and time.monotonic() < deadline:
+                time.sleep(0.02)
         if claim:
             self._install_claims()
 
