@@ -20,11 +20,16 @@ Neighbour MACs (router, other nodes, pods) and the default route are read with
 pyroute2; missing ones are resolved by a probe (`ping -c 1`, which makes the
 kernel ARP) and read again every second.
 
-Offloads: frames from pods must arrive as plain, fully checksummed, MTU-sized
-frames: turn tx checksumming, TSO and GSO off on the pod side of each veth
-(`egresscore.agent.disable_offloads`, the lab does it for its pods, servers
-and nodes).  PACKET_VNET_HDR (GSO passthrough) is the faster route, not taken
-yet.
+Offloads: pods' veths hand over TSO/GSO super-packets (up to 64 KiB) with a
+partial checksum.  The rings use PACKET_VNET_HDR (vnet_hdr=True, the default):
+each frame comes with its virtio_net_hdr; a partial checksum is completed, a
+TCP super-packet leaving towards the router or a local pod passes whole (the
+kernel segments it on transmit, from the virtio_net_hdr we write), and one
+bound for the VXLAN tunnel is cut into MTU-sized segments in C.  Kernel vxlan
+devices on other nodes must not send UDP-tunnel GSO frames (virtio_net_hdr
+cannot describe them): prepare_lab turns tx-udp_tnl-segmentation off on the
+lab's nodes.  With vnet_hdr=False, turn tx checksumming, TSO and GSO off on
+the pod side instead (disable_offloads).
 
 Thread model: the datapath and the NAT table have one writer, the thread in
 run()/step().  Control changes (set_policies, reload, upsert_pod, ...) may come
@@ -73,7 +78,7 @@ class Agent:
     def __init__(self, node, cluster, policies=(), *, netns=None, underlay="eth0", vni=2,
                  vxlan_port=8472, mtu=1500, nat_port_range=DEFAULT_NAT_PORTS,
                  kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=65536,
-                 pod_ifname=_pod_ifname, claim=True, poll_ms=20):
+                 pod_ifname=_pod_ifname, claim=True, poll_ms=20, vnet_hdr=True):
         if isinstance(cluster, (str, os.PathLike)):
             self._cluster_path = os.fspath(cluster)
             cluster = load_cluster(cluster)
@@ -97,6 +102,9 @@ class Agent:
         self.claim = claim
         self.poll_ms = poll_ms
         self._vxlan_port = vxlan_port
+        self.vnet_hdr = bool(vnet_hdr)
+        # with PACKET_VNET_HDR, TSO/GSO super-packets (up to 64 KiB) pass whole
+        self._ring_opts = dict(vnet_hdr=True, tx_frame_size=69632) if vnet_hdr else {}
         self._pod_ifname = pod_ifname
         self._ports = {}  # pod key -> (port, ifname)
         self._node_index = {}
@@ -137,7 +145,7 @@ class Agent:
         self.cluster = self.compiler.cluster
         self._sync_nodes()
         try:
-            ring = PacketRing(underlay, netns=netns, ignore_outgoing=True)
+            ring = PacketRing(underlay, netns=netns, ignore_outgoing=True, tx_frames=128, **self._ring_opts)
         except Exception as exc:
             raise AgentError(f"cannot open a ring on {underlay}{self._where()}: {exc}") from exc
         self._rings.append(ring)
@@ -213,8 +221,8 @@ class Agent:
             used = {p for p, _ in self._ports.values()}
             port = next(i for i in range(1, 64) if i not in used)
             self.datapath.add_pod_port(port, ip4, self._host_mac(ifname))
-            ring = PacketRing(ifname, netns=self.netns, ignore_outgoing=True, block_size=1 << 16,
-                              block_count=16, tx_frames=256)
+            ring = PacketRing(ifname, netns=self.netns, ignore_outgoing=True, block_size=1 << 18,
+                              block_count=8, tx_frames=64, **self._ring_opts)
             self._rings.append(ring)
             self.datapath.attach_ring(port, ring)
             self._ports[key] = (port, ifname)
@@ -503,19 +511,22 @@ def repr_q(name):
     return '"' + name.replace('"', "") + '"'
 
 
-def disable_offloads(ifname, netns=None):
-    """Turn tx checksumming, TSO and GSO off on `ifname` (so the agent gets plain frames)."""
+_TUNNEL_GSO = ("tx-udp_tnl-segmentation", "tx-udp_tnl-csum-segmentation")
+_TX_OFFLOADS = ("tx-checksum-ip-generic", "tx-checksum-ipv4", "tx-tcp-segmentation",
+                "tx-generic-segmentation", "tx-udp-segmentation", "tx-udp_tnl-segmentation",
+                "tx-udp_tnl-csum-segmentation", "tx-tcp-ecn-segmentation",
+                "tx-tcp-mangleid-segmentation", "tx-tcp6-segmentation", "tx-scatter-gather", "rx-gro")
+
+
+def disable_offloads(ifname, netns=None, keys=_TX_OFFLOADS):
+    """Turn offload features `keys` off on `ifname` (default: tx checksumming, TSO, GSO)."""
     from pyroute2.ethtool import Ethtool
 
     def apply():
         e = Ethtool()
         try:
             feats = e.get_features(ifname)
-            for key in ("tx-checksum-ip-generic", "tx-checksum-ipv4", "tx-tcp-segmentation",
-                        "tx-generic-segmentation", "tx-udp-segmentation", "tx-udp_tnl-segmentation",
-                        "tx-udp_tnl-csum-segmentation", "tx-tcp-ecn-segmentation",
-                        "tx-tcp-mangleid-segmentation", "tx-tcp6-segmentation", "tx-scatter-gather",
-                        "rx-gro"):
+            for key in keys:
                 if key in feats.features:
                     feats.features[key].enable = False
             e.set_features(ifname, feats)
@@ -529,8 +540,16 @@ def disable_offloads(ifname, netns=None):
     return _ns.call(netns, apply, timeout=30)
 
 
-def prepare_lab(lab):
-    """Lab interfaces (pods, servers, nodes, router) without tx offloads, for the agents."""
+def prepare_lab(lab, plain=False):
+    """Ready the lab for agents: no UDP-tunnel GSO from the nodes (kernel vxlan interop).
+
+    plain=True: tx checksumming, TSO and GSO off everywhere (pods, servers,
+    nodes, router), for agents run with vnet_hdr=False.
+    """
+    if not plain:
+        for n in lab.nodes.values():
+            disable_offloads(n.ifname, n.ns, keys=_TUNNEL_GSO)
+        return
     for pod in lab.pods.values():
         disable_offloads(pod.ifname, pod.ns)
     for s in lab.servers.values():

@@ -50,6 +50,20 @@ cdef struct dp_out:
     int port                    # where the frame goes (-1: nowhere)
     uint8_t *data
     int64_t length
+    uint8_t gso_type            # virtio_net_hdr for the TX frame (0: plain frame)
+    uint16_t gso_size
+    uint16_t hdr_len
+    uint16_t csum_start         # NEEDS_CSUM when csum_offset != 0
+    uint16_t csum_offset
+
+# struct virtio_net_hdr (PACKET_VNET_HDR), host byte order
+cdef packed struct dp_vnet:
+    uint8_t flags
+    uint8_t gso_type
+    uint16_t hdr_len
+    uint16_t gso_size
+    uint16_t csum_start
+    uint16_t csum_offset
 
 cdef class Datapath:
     cdef uint32_t node_ip
@@ -67,8 +81,19 @@ cdef class Datapath:
     cdef dp_stats st
     cdef uint8_t *scratch       # DP_SCRATCH bytes: the frame being worked on
     cdef uint8_t *reply         # ICMP replies
+    cdef uint8_t *segbuf        # one TCP segment cut from a GSO frame
+    cdef uint8_t gso            # the frame being handled is a GSO super-packet
+    cdef uint8_t gso_type
+    cdef uint16_t gso_size
+    cdef readonly uint64_t gso_frames      # super-packets passed through whole
+    cdef readonly uint64_t gso_segmented   # super-packets cut into segments (for VXLAN)
     cdef object _rings          # port -> PacketRing (or None)
     cdef ring_t *rings[64]
+    cdef uint8_t dirty[64]
+    cdef uint8_t *cap_buf       # capture mode (tests): emitted frames land here
+    cdef int64_t cap_used
+    cdef int cap_n
+    cdef dp_out cap_out[256]
     cdef int n_rings
     cdef readonly EgressMap egress_map
     cdef readonly NatTable nat
@@ -82,7 +107,13 @@ cdef class Datapath:
     cdef lpm_trie *local_pods_c
 
     cdef int dp_handle(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
-                       dp_out *out) noexcept nogil
+                       const uint8_t *vnet, dp_out *out) noexcept nogil
+    cdef void dp_rx_frame(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
+                          const uint8_t *vnet) noexcept nogil
+    cdef void dp_emit(self, dp_out *o) noexcept nogil
+    cdef int dp_segment(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
+                        dp_out *outs, int max_outs) noexcept nogil
+    cdef void dp_gso_out(self, uint8_t *f, PktInfo *pi, dp_out *out) noexcept nogil
     cdef int dp_from_pod(self, uint8_t *f, int64_t length, int in_port, uint64_t now,
                          dp_out *out) noexcept nogil
     cdef int dp_from_underlay(self, uint8_t *f, int64_t length, uint64_t now,

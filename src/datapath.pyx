@@ -76,6 +76,10 @@ cdef inline bint dp_mac_differs(const uint8_t *a, const uint8_t *b) noexcept nog
     return False
 
 
+cdef enum:
+    DP_SEGMENT = 0xfe             # internal: cut the GSO frame and handle each segment
+
+
 cdef inline int dp_ret(int verdict, int reason) noexcept nogil:
     return (reason << 8) | verdict
 
@@ -119,7 +123,8 @@ cdef class Datapath:
     def __cinit__(self):
         self.scratch = <uint8_t *>_dp_malloc(DP_SCRATCH)
         self.reply = <uint8_t *>_dp_malloc(2048)
-        if self.scratch == NULL or self.reply == NULL:
+        self.segbuf = <uint8_t *>_dp_malloc(9216 + 128)
+        if self.scratch == NULL or self.reply == NULL or self.segbuf == NULL:
             raise MemoryError("Datapath scratch buffers")
         _dp_memset(&self.st, 0, sizeof(dp_stats))
         _dp_memset(self.ports, 0, sizeof(self.ports))
@@ -129,6 +134,7 @@ cdef class Datapath:
     def __dealloc__(self):
         _dp_free(self.scratch)
         _dp_free(self.reply)
+        _dp_free(self.segbuf)
 
     def __init__(self, node_ip, node_mac, EgressMap egress_map not None, NatTable nat not None, *,
                  vni=2, vxlan_port=8472, mtu=1500, nat_port_range=(32768, 65534)):
@@ -293,12 +299,57 @@ cdef class Datapath:
             raise ValueError(f"port {port} is not configured")
         t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
         with nogil:
-            r = self.dp_handle(&b[0], b.shape[0], port, t, &o)
+            r = self.dp_handle(&b[0], b.shape[0], port, t, NULL, &o)
         verdict = ("pass", "tx", "tx_local", "drop")[r & 0xff]
         out = None
         if o.port >= 0:
             out = (o.port, bytes((<char *>o.data)[:o.length]))
         return verdict, DROP_REASON_NAMES[r >> 8], out
+
+    def process_frames(self, frame, int port=0, vnet=None, now=None):
+        """Run one received frame as poll() does, with an optional
+        virtio_net_hdr (dict: flags, gso_type, hdr_len, gso_size, csum_start,
+        csum_offset), and return what would be transmitted: a list of
+        (port, bytes, vnet dict or None).  A GSO frame bound for the tunnel
+        comes back as several segments."""
+        cdef const uint8_t[::1] b = bytes(frame)
+        cdef dp_vnet v
+        cdef uint64_t t
+        cdef const uint8_t *vp = NULL
+        if b.shape[0] == 0:
+            raise ValueError("frame is empty")
+        if not 0 <= port < DP_MAX_PORTS or not self.ports[port].used:
+            raise ValueError(f"port {port} is not configured")
+        if vnet is not None:
+            d = dict(vnet)
+            v.flags = d.get("flags", 0)
+            v.gso_type = d.get("gso_type", 0)
+            v.hdr_len = d.get("hdr_len", 0)
+            v.gso_size = d.get("gso_size", 0)
+            v.csum_start = d.get("csum_start", 0)
+            v.csum_offset = d.get("csum_offset", 0)
+            vp = <const uint8_t *>&v
+        t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
+        self.cap_buf = <uint8_t *>_dp_malloc(1 << 20)
+        if self.cap_buf == NULL:
+            raise MemoryError("capture buffer")
+        self.cap_used = 0
+        self.cap_n = 0
+        try:
+            with nogil:
+                self.dp_rx_frame(&b[0], b.shape[0], port, t, vp)
+            out = []
+            for i in range(self.cap_n):
+                o = self.cap_out[i]
+                vh = None
+                if o.gso_type or o.csum_offset:
+                    vh = {"flags": 1 if o.csum_offset else 0, "gso_type": o.gso_type, "hdr_len": o.hdr_len,
+                          "gso_size": o.gso_size, "csum_start": o.csum_start, "csum_offset": o.csum_offset}
+                out.append((o.port, bytes((<char *>o.data)[:o.length]), vh))
+            return out
+        finally:
+            _dp_free(self.cap_buf)
+            self.cap_buf = NULL
 
     def poll(self, int max_frames=DP_BATCH):
         """One batch from every attached ring (GIL released); returns frames handled."""
@@ -332,56 +383,187 @@ cdef class Datapath:
         cdef ring_frame_t fr[DP_BATCH]
         cdef int port, n, i, k
         cdef Py_ssize_t total = 0
-        cdef dp_out o
-        cdef uint8_t *buf
-        cdef uint32_t room
         cdef uint64_t now = dp_now()
-        cdef uint8_t dirty[64]
         if max_frames > DP_BATCH:
             max_frames = DP_BATCH
-        _dp_memset(dirty, 0, sizeof(dirty))
+        _dp_memset(self.dirty, 0, sizeof(self.dirty))
         for port in range(self.n_rings):
             if self.rings[port] == NULL:
                 continue
             n = ring_rx_batch(self.rings[port], fr, max_frames)
             for i in range(n):
-                self.dp_handle(fr[i].data, fr[i].len, port, now, &o)
-                if o.port < 0 or self.rings[o.port] == NULL:
-                    continue
-                buf = ring_tx_claim(self.rings[o.port], &room)
-                if buf == NULL:
-                    # flush what is queued and retry once
-                    ring_tx_flush(self.rings[o.port])
-                    buf = ring_tx_claim(self.rings[o.port], &room)
-                if buf == NULL or room < o.length:
-                    self.st.tx_errors += 1
-                    self.st.drops[<int>DROP_TX_FULL] += 1
-                    continue
-                _dp_memcpy(buf, o.data, o.length)
-                ring_tx_commit(self.rings[o.port], <uint32_t>o.length)
-                dirty[o.port] = 1
+                self.dp_rx_frame(fr[i].data, fr[i].len, port, now, fr[i].vnet)
             if n:
                 ring_rx_release(self.rings[port])
             total += n
         for k in range(self.n_rings):
-            if dirty[k] and self.rings[k] != NULL:
+            if self.dirty[k] and self.rings[k] != NULL:
                 ring_tx_flush(self.rings[k])
         return total
 
+    cdef void dp_rx_frame(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
+                          const uint8_t *vnet) noexcept nogil:
+        """One received frame: handle it; a GSO frame bound for the tunnel is cut
+        into segments first, each handled as a frame of its own."""
+        cdef dp_out o
+        cdef int r
+        r = self.dp_handle(frame, length, in_port, now, vnet, &o)
+        if (r & 0xff) == DP_SEGMENT:
+            self.dp_segment(frame, length, in_port, now, NULL, 0)
+            return
+        self.dp_emit(&o)
+
+    cdef void dp_emit(self, dp_out *o) noexcept nogil:
+        """Copy an output frame into its port's TX ring (with its virtio_net_hdr)."""
+        cdef uint8_t *buf
+        cdef uint8_t *vh
+        cdef uint32_t room
+        cdef dp_vnet v
+        cdef ring_t *r
+        if o.port < 0:
+            return
+        if self.cap_buf != NULL:
+            if self.cap_n < 256 and self.cap_used + o.length <= (1 << 20):
+                self.cap_out[self.cap_n] = o[0]
+                self.cap_out[self.cap_n].data = self.cap_buf + self.cap_used
+                _dp_memcpy(self.cap_buf + self.cap_used, o.data, o.length)
+                self.cap_used += o.length
+                self.cap_n += 1
+            return
+        if self.rings[o.port] == NULL:
+            return
+        r = self.rings[o.port]
+        buf = ring_tx_claim(r, &room)
+        if buf == NULL:
+            ring_tx_flush(r)                     # flush what is queued and retry once
+            buf = ring_tx_claim(r, &room)
+        if buf == NULL or room < o.length:
+            self.st.tx_errors += 1
+            self.st.drops[<int>DROP_TX_FULL] += 1
+            return
+        _dp_memcpy(buf, o.data, o.length)
+        if o.gso_type or o.csum_offset:
+            vh = ring_tx_vnet(r)
+            if vh != NULL:
+                v.flags = 1 if o.csum_offset else 0          # VIRTIO_NET_HDR_F_NEEDS_CSUM
+                v.gso_type = o.gso_type
+                v.hdr_len = o.hdr_len
+                v.gso_size = o.gso_size
+                v.csum_start = o.csum_start
+                v.csum_offset = o.csum_offset
+                _dp_memcpy(vh, &v, sizeof(dp_vnet))
+        ring_tx_commit(r, <uint32_t>o.length)
+        self.dirty[o.port] = 1
+
+    cdef int dp_segment(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
+                        dp_out *outs, int max_outs) noexcept nogil:
+        """Cut a TCP/IPv4 GSO frame into gso_size segments with full checksums and
+        run each through the pipeline; outputs are copied to outs (staging in
+        self.reply is avoided: each output is emitted before the next segment)."""
+        cdef PktInfo pi
+        cdef int32_t hdr, l3, tcplen
+        cdef int64_t payload, off, n
+        cdef uint16_t mss = self.gso_size, id0
+        cdef uint32_t seq0, sum
+        cdef uint8_t *seg = self.segbuf
+        cdef uint8_t *ip
+        cdef uint8_t *tcp
+        cdef int i = 0
+        cdef dp_out o
+        if pkt_parse(frame, length, &pi) or pi.ip_version != 4 or pi.proto != PKT_IPPROTO_TCP or pi.l4_off < 0:
+            self.dp_count(VERDICT_DROP, DROP_UNSUPPORTED)
+            return 0
+        hdr = pi.l4_off + ((frame[pi.l4_off + 12] >> 4) << 2)
+        l3 = pi.l3_off
+        payload = pi.l3_end - hdr
+        if mss == 0 or hdr + mss > 9216 or payload <= 0:
+            self.dp_count(VERDICT_DROP, DROP_UNSUPPORTED)
+            return 0
+        self.gso_segmented += 1
+        id0 = pkt_load16(frame + l3 + 4)
+        seq0 = pkt_load32(frame + pi.l4_off + 4)
+        off = 0
+        while off < payload:
+            n = payload - off
+            if n > mss:
+                n = mss
+            _dp_memcpy(seg, frame, hdr)
+            _dp_memcpy(seg + hdr, frame + hdr + off, n)
+            ip = seg + l3
+            tcp = seg + pi.l4_off
+            pkt_store16(ip + 2, <uint16_t>(hdr - l3 + n))
+            pkt_store16(ip + 4, <uint16_t>(id0 + i))
+            pkt_store16(ip + 10, 0)
+            pkt_store16(ip + 10, csum_finish(csum_ipv4_hdr(ip, pi.l4_off - l3)))
+            pkt_store32(tcp + 4, <uint32_t>(seq0 + off))
+            if off + n < payload:
+                tcp[13] &= ~0x09                 # FIN, PSH only on the last
+            if i > 0:
+                tcp[13] &= ~0x80                 # CWR only on the first
+            tcplen = <int32_t>(hdr - pi.l4_off + n)
+            pkt_store16(tcp + 16, 0)
+            sum = csum_partial(ip + 12, 8, PKT_IPPROTO_TCP + <uint32_t>tcplen)
+            pkt_store16(tcp + 16, csum_finish(csum_partial(tcp, tcplen, sum)))
+            self.dp_handle(seg, hdr + n, in_port, now, NULL, &o)
+            # dp_handle worked on its own copy (self.scratch / self.reply): emit
+            # now, before the next segment reuses them
+            self.dp_emit(&o)
+            off += n
+            i += 1
+        return 0
+
+    cdef void dp_gso_out(self, uint8_t *f, PktInfo *pi, dp_out *out) noexcept nogil:
+        """A GSO super-packet leaves whole: the TCP checksum field becomes the
+        pseudo-header sum of the new addresses (what NEEDS_CSUM expects), and
+        the TX virtio_net_hdr carries the segmentation the kernel will do."""
+        cdef uint8_t *ip = f + pi.l3_off
+        cdef uint32_t tcplen = <uint32_t>(pi.l3_end - pi.l4_off)
+        pkt_store16(f + pi.l4_off + 16, csum_fold(csum_partial(ip + 12, 8, PKT_IPPROTO_TCP + tcplen)))
+        out.gso_type = self.gso_type
+        out.gso_size = self.gso_size
+        out.hdr_len = <uint16_t>(pi.l4_off + ((f[pi.l4_off + 12] >> 4) << 2))
+        out.csum_start = <uint16_t>pi.l4_off
+        out.csum_offset = 16
+        self.gso_frames += 1
+
     cdef int dp_handle(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
-                       dp_out *out) noexcept nogil:
+                       const uint8_t *vnet, dp_out *out) noexcept nogil:
         cdef uint8_t *f = self.scratch + DP_HEADROOM
         cdef int r
+        cdef dp_vnet v
+        cdef uint32_t at
+        _dp_memset(out, 0, sizeof(dp_out))
         out.port = -1
-        self.st.rx += 1
+        self.gso = 0
         if length < PKT_ETH_LEN or length > DP_SCRATCH - DP_HEADROOM:
+            self.st.rx += 1
             r = dp_ret(VERDICT_PASS, 0) if in_port == 0 else dp_ret(VERDICT_DROP, DROP_MALFORMED)
+            self.dp_count(r & 0xff, r >> 8)
+            return r
+        _dp_memcpy(f, frame, length)
+        if vnet != NULL:
+            _dp_memcpy(&v, vnet, sizeof(dp_vnet))
+            if v.gso_type != 0:
+                if (v.gso_type & 0x7f) != 1:     # only TCPV4 super-packets
+                    self.st.rx += 1
+                    self.dp_count(VERDICT_DROP, DROP_UNSUPPORTED)
+                    return dp_ret(VERDICT_DROP, DROP_UNSUPPORTED)
+                self.gso = 1
+                self.gso_type = v.gso_type
+                self.gso_size = v.gso_size
+            elif (v.flags & 1) and <int64_t>v.csum_start + v.csum_offset + 2 <= length:
+                # CHECKSUM_PARTIAL from a local sender: finish it here
+                at = v.csum_start + v.csum_offset
+                pkt_store16(f + at, csum_finish(csum_partial(f + v.csum_start, length - v.csum_start, 0)))
+                if pkt_load16(f + at) == 0 and f[23] == PKT_IPPROTO_UDP:
+                    pkt_store16(f + at, 0xffff)
+        if in_port == 0:
+            r = self.dp_from_underlay(f, length, now, out)
         else:
-            _dp_memcpy(f, frame, length)
-            if in_port == 0:
-                r = self.dp_from_underlay(f, length, now, out)
-            else:
-                r = self.dp_from_pod(f, length, in_port, now, out)
+            r = self.dp_from_pod(f, length, in_port, now, out)
+        if (r & 0xff) == DP_SEGMENT:
+            return r                             # counted per segment
+        self.st.rx += 1
         self.dp_count(r & 0xff, r >> 8)
         return r
 
@@ -404,6 +586,8 @@ cdef class Datapath:
         cdef int64_t ln
         if not n.valid or not n.has_mac:
             return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+        if self.gso:
+            return dp_ret(DP_SEGMENT, 0)
         rc = pkt_ttl_decrement(f, pi)
         if rc:
             return dp_ret(VERDICT_DROP, rc)
@@ -443,6 +627,8 @@ cdef class Datapath:
             return dp_ret(VERDICT_DROP, rc)
         _dp_memcpy(f, self.router_mac, 6)
         _dp_memcpy(f + 6, self.node_mac, 6)
+        if self.gso:
+            self.dp_gso_out(f, pi, out)
         out.port = 0
         out.data = f
         out.length = length
@@ -484,6 +670,8 @@ cdef class Datapath:
         node = dp_lpm4(self.node_ips_c, gw)
         if node == LPM_NONE or not self.nodes[node].has_mac:
             return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+        if self.gso:
+            return dp_ret(DP_SEGMENT, 0)        # the tunnel takes MTU-sized segments
         rc = vxlan_check_mtu(&pi, length, &self.nodes[node].tmpl)
         if rc == DROP_FRAG_NEEDED:
             return self.dp_too_big(f, &pi, in_port, self.mtu - 36 - pi.l3_off, out)
@@ -508,6 +696,8 @@ cdef class Datapath:
                 return dp_ret(VERDICT_DROP, rc)
             _dp_memcpy(f, p.pod_mac, 6)
             _dp_memcpy(f + 6, p.host_mac, 6)
+            if self.gso:
+                self.dp_gso_out(f, pi, out)
             out.port = <int>port
             out.data = f
             out.length = length
@@ -594,6 +784,8 @@ cdef class Datapath:
         # too big for the tunnel back to the pod's node: tell the sender now,
         # quoting the packet as it sent it (from the address it talked to)
         if dp_lpm4(self.local_pods_c, pkt_load32(o.dst)) == LPM_NONE:
+            if self.gso:
+                return dp_ret(DP_SEGMENT, 0)
             node = dp_lpm4(self.pod_nodes_c, pkt_load32(o.dst))
             if node != LPM_NONE and self.nodes[node].has_mac:
                 rc = vxlan_check_mtu(&pi, length, &self.nodes[node].tmpl)

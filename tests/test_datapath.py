@@ -262,3 +262,62 @@ def test_bad_input_raises_cleanly():
         Datapath("nope", MAC[EGRESS], EgressMap(), NatTable())
     with pytest.raises(ValueError):
         n1.add_pod_port(0, APP1, APP1_HOST)
+
+
+def _pseudo(src, dst, length, proto=6):
+    import ipaddress
+
+    s = sum(int.from_bytes(ipaddress.ip_address(a).packed[i:i + 2], "big") for a in (src, dst) for i in (0, 2))
+    s += proto + length
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def _super_packet(dst, payload_len, mss=1400):
+    """A TSO super-packet as a pod's veth hands it over: pseudo-header checksum, virtio_net_hdr."""
+    payload = bytes(i % 251 for i in range(payload_len))
+    pkt = Ether(src=APP1_MAC, dst=APP1_HOST) / IP(src=APP1, dst=dst, flags="DF", id=100) / TCP(
+        sport=40000, dport=80, flags="PA", seq=1000) / payload
+    raw = bytearray(bytes(pkt))
+    tcplen = len(raw) - 34
+    raw[34 + 16:34 + 18] = _pseudo(APP1, dst, tcplen).to_bytes(2, "big")
+    vnet = {"flags": 1, "gso_type": 1, "hdr_len": 54, "gso_size": mss, "csum_start": 34, "csum_offset": 16}
+    return bytes(raw), vnet, payload
+
+
+def test_gso_super_packet_leaves_whole_on_the_masquerade_path():
+    n1 = datapath("node1")
+    frame, vnet, payload = _super_packet(OTHER_SERVER, 20000)
+    [(port, out, vh)] = n1.process_frames(frame, 1, vnet=vnet)
+    assert port == 0 and vh["gso_type"] == 1 and vh["gso_size"] == 1400 and vh["csum_start"] == 34
+    pkt = Ether(out)
+    assert pkt[IP].src == "192.168.1.1" and bytes(pkt[TCP].payload) == payload
+    assert pkt[TCP].chksum == _pseudo("192.168.1.1", OTHER_SERVER, len(out) - 34)
+    assert n1.gso_frames == 1
+
+
+def test_gso_super_packet_is_cut_into_segments_for_the_tunnel():
+    n1 = datapath("node1")
+    frame, vnet, payload = _super_packet(SERVER, 5000)
+    outs = n1.process_frames(frame, 1, vnet=vnet)
+    assert len(outs) == 4 and all(p == 0 and vh is None for p, _, vh in outs)
+    got = b""
+    seqs = []
+    for _, out, _ in outs:
+        inner = check(bytes(Ether(out)[VXLAN].payload))
+        assert inner[IP].src == APP1 and inner[IP].ttl == 63
+        seqs.append(inner[TCP].seq)
+        got += bytes(inner[TCP].payload)
+    assert got == payload and seqs == [1000, 2400, 3800, 5200]
+    assert Ether(bytes(Ether(outs[-1][1])[VXLAN].payload))[TCP].flags == "PA"
+    assert Ether(bytes(Ether(outs[0][1])[VXLAN].payload))[TCP].flags == "A"
+
+
+def test_partial_checksum_is_completed():
+    n1 = datapath("node1")
+    pkt = Ether(src=APP1_MAC, dst=APP1_HOST) / IP(src=APP1, dst=OTHER_SERVER) / UDP(sport=5, dport=7) / b"abc"
+    raw = bytearray(bytes(pkt))
+    raw[34 + 6:34 + 8] = _pseudo(APP1, OTHER_SERVER, 11, 17).to_bytes(2, "big")
+    [(port, out, vh)] = n1.process_frames(bytes(raw), 1, vnet={"flags": 1, "csum_start": 34, "csum_offset": 6})
+    assert vh is None and check(out)[IP].src == "192.168.1.1"
