@@ -66,7 +66,8 @@ def run(quick: bool = False) -> str:
         "",
         f"Small UDP: {PAYLOAD}-byte payloads, one sender, {udp_s} s, rate received. TCP: iperf3 {tcp_s} s. "
         f"Median of {reps} run(s). Load average at start {load:.1f} on {os.cpu_count()} cores. "
-        "Kernel: default veth offloads (GSO). egresscore: tx offloads off, MTU-sized frames.",
+        "Kernel: default veth offloads (GSO end to end). egresscore: PACKET_VNET_HDR, super-packets pass whole "
+        "on the masquerade path and are cut into MTU-sized segments for VXLAN.",
         "",
         "| path | metric | Linux kernel | egresscore | ratio |",
         "|---|---|---:|---:|---:|",

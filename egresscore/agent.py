@@ -105,6 +105,7 @@ class Agent:
         self.vnet_hdr = bool(vnet_hdr)
         # with PACKET_VNET_HDR, TSO/GSO super-packets (up to 64 KiB) pass whole
         self._ring_opts = dict(vnet_hdr=True, tx_frame_size=69632) if vnet_hdr else {}
+        self._ring_opts["retire_ms"] = 1  # TPACKET_V3 hands a block over when full or after this: latency
         self._pod_ifname = pod_ifname
         self._ports = {}  # pod key -> (port, ifname)
         self._node_index = {}
@@ -149,14 +150,18 @@ class Agent:
         except Exception as exc:
             raise AgentError(f"cannot open a ring on {underlay}{self._where()}: {exc}") from exc
         self._rings.append(ring)
-        self.datapath.attach_ring(0, ring)
-        self._sync_pods()
-        if self._refresh_neighbours(probe=True):
-            deadline = time.monotonic() + 1.0  # let the kernel resolve them before the first packet
-            while self._refresh_neighbours() and time.monotonic() < deadline:
-                time.sleep(0.02)
-        if claim:
-            self._install_claims()
+        try:
+            self.datapath.attach_ring(0, ring)
+            self._sync_pods()
+            if self._refresh_neighbours(probe=True):
+                deadline = time.monotonic() + 1.0  # let the kernel resolve them before the first packet
+                while self._refresh_neighbours() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            if claim:
+                self._install_claims()
+        except BaseException:
+            self.close()  # nothing half-installed stays behind
+            raise
 
     # -- small helpers -------------------------------------------------------------
     def _where(self):
