@@ -222,3 +222,46 @@ def test_demo_command_runs(capsys):
     assert main(["demo", "-q"]) == 0
     out = capsys.readouterr().out
     assert "192.168.1.3" in out and "Egress list" in out
+
+
+def test_daemon_reloads_policy_files_on_sighup(lab, tmp_path):
+    """The `egresscore agent` daemon: SIGHUP re-reads the policy file (gateway moved), SIGTERM cleans up."""
+    import subprocess
+
+    import yaml
+
+    from egresscore.demo import start_agents
+
+    for a in list(lab.agents.values()):
+        a.stop()
+    lab.agents.clear()
+    for name in lab.nodes:
+        lab.remove_kernel_egress(nodes=[name]) if lab.kernel_entries else None
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump(_sample()))
+    _, procs = start_agents(lab, str(policy_file), str(tmp_path))
+    try:
+        assert lab.tcp_request("app1", SERVER) == EGRESS_IP
+        moved = _sample()
+        moved["spec"]["egressGateway"] = {"nodeSelector": {"matchLabels": {"node.kubernetes.io/name": "node2"}},
+                                          "egressIP": NODE_IP["node2"]}
+        policy_file.write_text(yaml.safe_dump(moved))
+        for p in procs.values():
+            p.reload()
+        deadline = time.monotonic() + 10
+        seen = None
+        while time.monotonic() < deadline:
+            try:
+                seen = lab.tcp_request("app1", SERVER, timeout=1.0)
+            except Exception:  # noqa: BLE001 - agents converging on the new policy
+                seen = None
+            if seen == NODE_IP["node2"]:
+                break
+            time.sleep(0.3)
+        assert seen == NODE_IP["node2"]
+    finally:
+        lines = {name: p.stop() for name, p in procs.items()}
+    assert all(ls and "stopped" in ls[-1] for ls in lines.values()), lines
+    tables = subprocess.run(["ip", "netns", "exec", lab.nodes["node1"].ns, "nft", "list", "tables"],
+                            capture_output=True, text=True).stdout
+    assert "egresscore" not in tables
