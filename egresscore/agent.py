@@ -36,7 +36,6 @@ run()/step().  Control changes (set_policies, reload, upsert_pod, ...) may come
 from any thread: they are queued and applied by the loop thread between
 batches (directly when no loop runs).
 """
-import ipaddress
 import os
 import queue
 import select
@@ -274,11 +273,7 @@ class Agent:
             self.datapath.set_node_mac(idx, mac)
             if mac is None:
                 missing.append(ip)
-        for key, (port, ifname) in self._ports.items():
-            pod = self.cluster.pods.get(key)
-            ip4 = next((ip for ip in pod.ips if ":" not in ip), None) if pod else None
-            if ip4 in neigh:
-                pass  # the datapath learns pod MACs from their frames
+        # pod MACs: the datapath learns them from the pods' own frames
         self._probes = [p for p in self._probes if p.poll() is None]
         if probe and missing and not self._probes:
             # one UDP datagram to the discard port makes the kernel resolve the address
@@ -297,19 +292,15 @@ class Agent:
         lo, hi = self.nat_port_range
         rules = []
         if pods:
-            rules.append(f'iifname {{ {", ".join(map(repr_q, pods))} }} ip daddr != {{ {", ".join(inside)} }} drop')
-        u = repr_q(self.underlay)
-        rules.append(f"iifname {u} ip daddr {self.node_ip} udp dport {self.datapath_vxlan_port} drop")
+            rules.append(f'iifname {{ {", ".join(map(_nft_quote, pods))} }} ip daddr != {{ {", ".join(inside)} }} drop')
+        u = _nft_quote(self.underlay)
+        rules.append(f"iifname {u} ip daddr {self.node_ip} udp dport {self._vxlan_port} drop")
         rules.append(f"iifname {u} ip daddr {{ {', '.join(mine)} }} meta l4proto {{ tcp, udp }} th dport {lo}-{hi} drop")
         rules.append(f"iifname {u} ip daddr {{ {', '.join(mine)} }} icmp type echo-reply drop")
         body = "\n".join("        " + r for r in rules)
         return (f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
                 f"table ip {NFT_TABLE} {{\n    chain prerouting {{\n"
                 f"        type filter hook prerouting priority raw; policy accept;\n{body}\n    }}\n}}\n")
-
-    @property
-    def datapath_vxlan_port(self):
-        return self._vxlan_port
 
     def _install_claims(self):
         if shutil.which("nft") is None:
@@ -512,7 +503,7 @@ class Agent:
         return False
 
 
-def repr_q(name):
+def _nft_quote(name):
     return '"' + name.replace('"', "") + '"'
 
 

@@ -5,7 +5,6 @@ each in its own thread; the tests share it and restore the seed policy.
 """
 import copy
 import socket
-import struct
 import time
 
 import pytest
