@@ -38,10 +38,13 @@ from ._core import (
     NatRefused,
     NatTable,
     nat_tuples,
+    # fused datapath
+    Datapath,
 )
 from ._bpf import bpf_all, bpf_any, bpf_compile, bpf_dst, bpf_not_outgoing, bpf_vxlan, pcap_available
 from .cluster import Cluster, ClusterError, Interface, Namespace, Node, Pod, load_cluster
 from .compiler import Compiler, Conflict, Problem, Target
+from .agent import Agent, AgentError
 from .policy import EgressPolicy, LabelSelector, PolicyError, load_policies, parse_policy
 
 __all__ = [
@@ -60,6 +63,8 @@ __all__ = [
     "pcap_available",
     # NAT / connection table
     "NatTable", "NatEntry", "NatRefused", "NAT_TUPLE_DTYPE", "nat_tuples",
+    # fused datapath and agent
+    "Datapath", "Agent", "AgentError",
     # control plane
     "load_policies", "parse_policy", "EgressPolicy", "LabelSelector", "PolicyError",
     "Cluster", "Node", "Namespace", "Pod", "Interface", "load_cluster", "ClusterError",
