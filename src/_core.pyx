@@ -9,5 +9,6 @@ and the rings as plain C functions, with no cross-module cimport.
 include "verdict.pxi"
 include "lpm.pyx"
 include "nat.pyx"
+include "flowlog.pyx"
 include "packet.pyx"
 include "ring.pyx"
