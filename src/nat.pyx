@@ -1330,6 +1330,22 @@ cdef class NatTable:
                 got = nat_gc(self.t, t_ns, n)
         return got
 
+    def port_usage(self):
+        """{egress_ip: {"tcp"|"udp"|"icmp": (ports in use, ports in the range)}}:
+        how close each egress IP is to exhaustion (for metrics)."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        cdef nat_pool* p
+        out = {}
+        with self._lock:
+            for i, name in enumerate(self._ext_names):
+                d = {}
+                for k, proto in enumerate(("tcp", "udp", "icmp")):
+                    p = self.t.ext[i].pools[k]
+                    d[proto] = (p.used, p.hi - p.lo + 1)
+                out[name] = d
+        return out
+
     @property
     def flow_log(self):
         """The FlowLog receiving this table's start/end/refusal records, or None."""
