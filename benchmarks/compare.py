@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 
-SECTIONS = ["lpm", "nat", "packet", "ring", "compiler", "lab"]  # README order
+SECTIONS = ["lpm", "nat", "packet", "ring", "compiler", "lab", "agent"]  # README order
 
 
 def machine_summary():

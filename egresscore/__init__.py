@@ -43,12 +43,15 @@ from ._core import (
     FLOW_KIND_NAMES,
     FLOW_RECORD_DTYPE,
     FlowLog,
+    # fused datapath
+    Datapath,
 )
 from ._bpf import bpf_all, bpf_any, bpf_compile, bpf_dst, bpf_not_outgoing, bpf_vxlan, pcap_available
 from .cluster import Cluster, ClusterError, Interface, Namespace, Node, Pod, load_cluster
 from .compiler import Compiler, Conflict, Problem, Target
 from .control import ControlClient, ControlError, ControlServer, default_socket_path
 from .flowlog import CallbackSink, Enricher, FlowLogger, JsonLinesSink, records_to_dicts
+from .agent import Agent, AgentError
 from .policy import EgressPolicy, LabelSelector, PolicyError, load_policies, parse_policy
 
 __all__ = [
@@ -72,6 +75,8 @@ __all__ = [
     "FlowLogger", "Enricher", "JsonLinesSink", "CallbackSink", "records_to_dicts",
     "StatsCollector", "MetricsServer",
     "ControlServer", "ControlClient", "ControlError", "default_socket_path",
+    # fused datapath and agent
+    "Datapath", "Agent", "AgentError",
     # control plane
     "load_policies", "parse_policy", "EgressPolicy", "LabelSelector", "PolicyError",
     "Cluster", "Node", "Namespace", "Pod", "Interface", "load_cluster", "ClusterError",

@@ -297,10 +297,77 @@ def _add_validate(sub):
     v.set_defaults(func=_cmd_validate)
 
 
+
+# ------------------------------------------------------------------- agent
+
+
+def _cmd_agent(args):
+    import signal
+
+    from .agent import Agent, AgentError
+    from .cluster import load_cluster
+
+    cluster = load_cluster(args.cluster)
+    if args.node not in cluster.nodes:
+        raise CLIError(f"no node {args.node!r} in {args.cluster}")
+    try:
+        agent = Agent(args.node, cluster, args.policies, netns=args.netns)
+    except (AgentError, PermissionError) as exc:
+        raise CLIError(str(exc)) from None
+    agent._cluster_path = args.cluster
+    signal.signal(signal.SIGINT, lambda *a: agent._stop.set())
+    signal.signal(signal.SIGTERM, lambda *a: agent._stop.set())
+    signal.signal(signal.SIGHUP, lambda *a: agent.request_reload())
+    print(f"egresscore agent: node {args.node} ({agent.node_ip}), {len(agent.egress_map)} egress entries, "
+          f"pods on {', '.join(i for _, i in agent._ports.values()) or 'none'}: ready", flush=True)
+    try:
+        agent.run()
+    finally:
+        agent.close()
+    c = agent.counters()
+    drops = ", ".join(f"{k} {v}" for k, v in c["drops"].items()) or "none"
+    print(f"egresscore agent: node {args.node} stopped: rx {c['rx']}, tx {c['tx']}, "
+          f"tx_local {c['tx_local']}, drops: {drops}", flush=True)
+    return EXIT_OK
+
+
+def _add_agent(sub):
+    a = sub.add_parser(
+        "agent", help="run this node's egress gateway datapath (daemon)",
+        description="Run the userspace egress gateway for NODE: AF_PACKET rings on the underlay and the pod "
+                    "veths (lxc-<pod>), the egress map compiled from the policies, SNAT, VXLAN to and from the "
+                    "gateway.  SIGHUP re-reads the policy and cluster files; SIGINT/SIGTERM stop it and remove "
+                    "everything it installed (nftables table 'egresscore', ip_local_port_range).",
+    )
+    _add_input_options(a, node_required=True)
+    a.add_argument("--netns", metavar="NAME", help="run on the interfaces of this network namespace")
+    a.set_defaults(func=_cmd_agent)
+
+
+# -------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args):
+    from .demo import run_demo
+
+    return run_demo(quiet=args.quiet)
+
+
+def _add_demo(sub):
+    d = sub.add_parser(
+        "demo", help="the egress gateway end to end in a network-namespace lab (root)",
+        description="Build the lab (three nodes, two pods, a router, external servers in network namespaces), "
+                    "apply examples/egress-sample.yaml, start an agent per node, send TCP, UDP and ping from "
+                    "app1 and app2, print the egress list and the source address each server saw, tear down.",
+    )
+    d.add_argument("-q", "--quiet", action="store_true", help="only the result tables")
+    d.set_defaults(func=_cmd_demo)
+
+
 # -------------------------------------------------------------------- main
 
 
-COMMANDS = [_add_egress, _add_validate, _add_nat, _add_stats]
+COMMANDS = [_add_egress, _add_validate, _add_agent, _add_demo, _add_nat, _add_stats]
 
 
 def _usage(parser):

@@ -83,6 +83,9 @@ cdef extern from "lpm_egress.h" nogil:
         lpm_rcu rcu
         egress_snap* snap[2]
 
+    const egress_snap* egress_map_snap(egress_map* m, int v6)
+    int egress_snap_lookup4(const egress_snap* s, uint32_t src, uint32_t dst,
+                            uint32_t* egress, uint32_t* gateway)
     int egress_map_lookup4(egress_map* m, uint32_t src, uint32_t dst,
                            uint32_t* egress, uint32_t* gateway)
     int egress_map_lookup6(egress_map* m, const uint8_t* src16, const uint8_t* dst16,
@@ -94,6 +97,7 @@ cdef extern from "lpm_egress.h" nogil:
     egress_snap* egress_snap_with(const egress_snap* old, uint64_t hi, uint64_t lo,
                                   lpm_table* tbl, lpm_table** replaced)
     void egress_map_publish(egress_map* m, int v6, egress_snap* s)
+    egress_snap* egress_snap_build(size_t n, const uint64_t* hi, const uint64_t* lo, lpm_table* const* tbl)
     void egress_snap_free(egress_snap* s)
     void egress_map_free_all(egress_map* m)
 
@@ -110,6 +114,7 @@ cdef class EgressMap:
     cdef dict _sources      # (family, source int) -> _EgressSource
     cdef Py_ssize_t _count
     cdef _rebuild_source(self, int family, object src, object state)
+    cdef size_t _build_table(self, int family, dict entries, list order) except? 0
 
 
 # ---- C API for the fused datapath (all nogil, never raise) -----------------
@@ -143,3 +148,36 @@ cdef inline int egress_lookup6(EgressMap m, const uint8_t* src16, const uint8_t*
                                uint8_t* egress16, uint8_t* gateway16) noexcept nogil:
     """Egress policy for 16-byte network-order IPv6 (src, dst): an EGRESS_* status."""
     return egress_map_lookup6(m.c, src16, dst16, egress16, gateway16)
+
+
+# Per-batch read sections: a datapath loop enters once per batch and then
+# looks up without any atomic operation per packet.  Between begin and end
+# the table a lookup sees cannot be freed; keep sections short (one batch).
+# Never acquire the GIL inside a section: writers hold the GIL while they wait
+# for sections to end, so that would deadlock.
+
+cdef inline unsigned lpm_read_begin(LPMTrie t) noexcept nogil:
+    return lpm_rcu_enter(&t.c.rcu)
+
+
+cdef inline void lpm_read_end(LPMTrie t, unsigned section) noexcept nogil:
+    lpm_rcu_exit(&t.c.rcu, section)
+
+
+cdef inline uint32_t lpm4_lookup_in(LPMTrie t, uint32_t addr) noexcept nogil:
+    """Inside lpm_read_begin/end: the value, or LPM_NONE."""
+    return lpm4_table_lookup(lpm_trie_table(t.c), addr)
+
+
+cdef inline unsigned egress_read_begin(EgressMap m) noexcept nogil:
+    return lpm_rcu_enter(&m.c.rcu)
+
+
+cdef inline void egress_read_end(EgressMap m, unsigned section) noexcept nogil:
+    lpm_rcu_exit(&m.c.rcu, section)
+
+
+cdef inline int egress_lookup4_in(EgressMap m, uint32_t src, uint32_t dst,
+                                  uint32_t* egress_ip, uint32_t* gateway_ip) noexcept nogil:
+    """Inside egress_read_begin/end: egress_lookup4 without per-call atomics."""
+    return egress_snap_lookup4(egress_map_snap(m.c, 0), src, dst, egress_ip, gateway_ip)

@@ -1,51 +1,69 @@
 # lpm: longest-prefix match for IPv4 and IPv6, and Cilium's egress policy map.
 #
 # Structure: a poptrie-style compressed multibit trie (Asai & Ohara,
-# SIGCOMM 2015), C code in lpm_core.h.
-#   * The top `dbits` bits of the address index a direct array (IPv4: 8..18
-#     bits, chosen from the table size; IPv6: 10 or 16), then 6-bit strides.
-#     Each internal node is 24 bytes: a 64-bit `vector` marking which of its
-#     64 slots are child nodes, a 64-bit `leafvec` marking where a run of
-#     equal leaf values starts, and two base indices.  Children and leaves
-#     are stored contiguously and found by popcount, so a node costs 24 bytes
-#     plus 4 bytes per distinct leaf run instead of 64 pointers.
+# SIGCOMM 2015); the C code is in lpm_core.h (trie) and lpm_egress.h (map).
+#   * The top `dbits` bits of an address index a direct array (IPv4: 8..18
+#     bits chosen from the table size, IPv6: 10 or 16), then 6-bit strides.
+#     An internal node is 24 bytes: a 64-bit `vector` marking which of its 64
+#     slots are child nodes, a 64-bit `leafvec` marking where a run of equal
+#     leaf values starts, and two base indices.  Children and leaves are
+#     stored contiguously and found by popcount (the POPCNT instruction), so a
+#     node costs 24 bytes plus 4 bytes per distinct leaf run, not 64 pointers.
 #   * Leaf pushing: every leaf holds the value of the longest prefix covering
-#     it, so a lookup is one direct-array read, then one node read per 6 bits
-#     until a leaf: no backtracking.  Random IPv4 lookups into 100k prefixes
-#     end in the direct array ~80% of the time (1 memory access).
-#   * Why not DIR-24-8: its 2^24-entry first level alone is 64 MB (32-bit
-#     entries) and every distinct /25../32 group costs a 256-entry tbl8
-#     (1 KB), which breaks 64 B/prefix at 1M prefixes.  Measured memory of
-#     this structure: see README (about 30-40 B/prefix at 1M random IPv4
-#     prefixes including the sorted prefix store).
+#     it, so a lookup is one direct-array read, then one node per 6 bits until
+#     a leaf, without backtracking.  Random IPv4 lookups into 100k prefixes
+#     end in the direct array ~80% of the time.
+#   * IPv6 tables fold chains of single-child nodes into one 24-byte skip
+#     node that compares up to 60 key bits at once, and a subtree holding a
+#     single prefix (a lone /48 under its /16) into a terminal node that
+#     returns the prefix's value or the inherited one: no leaf read.  Deep
+#     random IPv6 lookups visit ~2 nodes instead of ~5.
+#   * Batch lookups walk 16 keys level by level so their cache misses
+#     overlap; tables of 2 MB or more sit on transparent huge pages.
+#   * Why not DIR-24-8: its first level alone is 2^24 entries (64 MB at 32-bit
+#     entries) and every /24 holding a longer prefix costs a 1 KB tbl8, which
+#     breaks 64 B/prefix at 1M prefixes.  This structure: about 55 B/prefix
+#     at 1M random IPv4 prefixes /8../32, of which 24 B is the prefix store
+#     below and ~31 B the lookup table (README has the measured table).
 #   * Memory: direct 4 B * 2^dbits (1 MB at most for IPv4, 256 KB for IPv6),
-#     nodes 24 B each, leaves 4 B each, plus the source of truth: a sorted
-#     array of 24-byte (key, length, value) entries that gives exact get,
-#     ordered iteration and the input of every rebuild.
-#   * Updates rebuild the compact arrays into a fresh table (O(n), a few ms
-#     at 100k prefixes; the egress map keeps one small table per source so
-#     a policy change rebuilds only that source's table, microseconds) and
-#     publish it with one atomic pointer store.  The old table is freed after
-#     a grace period (two-counter SRCU in lpm_core.h): a lookup running in
-#     another thread (GIL released) sees either the whole old table or the
-#     whole new one, never a half-made update.  Readers never lock.
+#     nodes 24 B each, leaves 4 B each, 1/16 spare room for in-place patches,
+#     plus the source of truth: a sorted array of 24-byte (key, length, value)
+#     entries that gives exact get, ordered iteration and every rebuild's input.
 #
-# Values: unsigned ints 0..2**31-2 (LPM_VALUE_MAX) stored in the leaves, so a
-# batch lookup returns them without touching a Python object.  Store an
-# index into your own list to map prefixes to arbitrary objects.
+# Updates and concurrent readers (a datapath thread doing lookups with the
+# GIL released while the control plane writes):
+#   * update()/update_arrays()/clear() and structural changes rebuild a fresh
+#     table and publish it with one atomic pointer store; the old table is
+#     freed only after a grace period (two-counter SRCU in lpm_core.h), so a
+#     whole lookup_batch sees either the old table or the new one.
+#   * A single insert/replace/delete patches in place: the affected direct
+#     slot's subtree is rebuilt into the table's unused tail and published by
+#     one atomic 32-bit store of the slot (tens of microseconds at 100k
+#     prefixes instead of a ~20 ms rebuild).  Every lookup sees a slot either
+#     before or after the change, never a half-made subtree; a prefix shorter
+#     than dbits spans several slots, published one after another, so a batch
+#     running during that update may see some of its slots already changed
+#     (the same as a BPF LPM map updated under a running datapath).  When the
+#     tail is full, or the table outgrows its direct array, the update falls
+#     back to a full rebuild.  Readers never lock; writers hold the GIL.
 #
-# Host bits: a prefix with host bits set ("10.0.0.1/8") is rejected with
-# ValueError, like ipaddress.ip_network(strict=True): silently masking would
-# hide configuration mistakes in policies.
+# Values: unsigned ints 0..2**31-2 (LPM_MAX_VALUE) stored in the leaves, so a
+# batch lookup returns them without touching a Python object.  Store an index
+# into your own list to map prefixes to arbitrary objects.
+#
+# Host bits: a prefix with host bits set ("10.0.0.1/8") is rejected with a
+# ValueError naming it and the network meant, like ip_network(strict=True):
+# silently masking would hide a mistyped policy.
 
 import ipaddress as _ipaddress
+from operator import index as _operator_index
 from collections import namedtuple as _namedtuple
 
 import numpy as _np
 
 from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memchr, memcpy, strlen
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
@@ -130,11 +148,13 @@ cdef int _parse_addr(object x, int hint, uint64_t* hi, uint64_t* lo) except -1:
         return 6
     if isinstance(x, str):
         return _parse_addr(str(x), hint, hi, lo)
+    if hasattr(x, "__index__") and not isinstance(x, bool):   # NumPy integers
+        return _parse_addr(_operator_index(x), hint, hi, lo)
     raise TypeError(f"expected an IP address (str, ipaddress object, int or packed bytes), "
                     f"got {type(x).__name__}: {x!r}")
 
 
-cdef inline int _host_bits_set(int fam, uint64_t hi, uint64_t lo, unsigned plen) noexcept:
+cdef inline int _host_bits_set(int fam, uint64_t hi, uint64_t lo, unsigned plen) noexcept nogil:
     cdef unsigned width = 32 if fam == 4 else 128
     if plen >= width:
         return 0
@@ -200,9 +220,13 @@ cdef int _parse_prefix(object x, int hint, uint64_t* hi, uint64_t* lo, unsigned*
             raise ValueError(f"{x!r}: a prefix tuple is (address, length)")
         fam = _parse_addr(x[0], hint, hi, lo)
         width = 32 if fam == 4 else 128
-        if not isinstance(x[1], int) or not 0 <= x[1] <= width:
+        try:
+            length = _operator_index(x[1])
+        except TypeError:
+            length = -1
+        if isinstance(x[1], bool) or not 0 <= length <= width:
             raise ValueError(f"{x!r}: prefix length must be an int in 0..{width}")
-        plen[0] = x[1]
+        plen[0] = length
     elif isinstance(x, (_ipaddress.IPv4Interface, _ipaddress.IPv6Interface)):
         raise TypeError(f"{x!r} is an interface (address with host bits); pass its .network")
     else:
@@ -277,12 +301,27 @@ cdef object _as_keys6(object keys, str name, int* as_bytes):
 
 
 def _lpm_value(value):
+    if not isinstance(value, (int, bool)) and hasattr(value, "__index__"):   # NumPy integers
+        value = _operator_index(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"LPMTrie values are ints 0..{LPM_VALUE_MAX}, got "
                         f"{type(value).__name__}: {value!r} (store an index into your own list)")
     if not 0 <= value <= LPM_VALUE_MAX:
         raise ValueError(f"LPMTrie value {value!r} is out of range 0..{LPM_VALUE_MAX}")
     return value
+
+
+def _check_out(out, Py_ssize_t n):
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise TypeError(f"out must be a (values, found) tuple of arrays, got {type(out).__name__}")
+    values, found = out
+    for arr, dt, name in ((values, _np.uint32, "values"), (found, _np.bool_, "found")):
+        if not isinstance(arr, _np.ndarray) or arr.dtype != dt or arr.shape != (n,) \
+                or not arr.flags.c_contiguous or not arr.flags.writeable:
+            raise TypeError(f"out {name} must be a writable contiguous {_np.dtype(dt).name} array "
+                            f"of shape ({n},), got {getattr(arr, 'dtype', type(arr).__name__)} "
+                            f"{getattr(arr, 'shape', '')}")
+    return values, found
 
 
 # ---- LPMTrie ----------------------------------------------------------------
@@ -295,9 +334,10 @@ cdef class LPMTrie:
     or plain addresses (host routes).  Values: ints 0..LPM_MAX_VALUE
     (2**31 - 2) kept in C so lookup_batch returns them without Python
     objects.  Prefixes with host bits set raise ValueError.  Iteration is in
-    (network address, prefix length) order.  Updates are published
-    atomically: a lookup_batch running in another thread sees the table
-    either before or after an update, never in between.
+    (network address, prefix length) order.  A lookup running in another
+    thread (lookup_batch releases the GIL) never sees a half-made update:
+    bulk updates swap whole tables, single updates swap one direct slot at a
+    time (see the notes at the top of lpm.pyx).
     """
 
     def __cinit__(self, family=4, items=None):
@@ -506,6 +546,84 @@ cdef class LPMTrie:
             raise MemoryError()
         free(old_e)
 
+    def update_arrays(self, networks, lengths, values):
+        """Bulk insert from NumPy arrays (one rebuild, no Python object per
+        prefix): networks as lookup_batch takes addresses (IPv4 1-D uint32
+        host order, IPv6 (N, 16) uint8 or (N, 2) uint64), lengths uint8-able
+        ints, values ints 0..LPM_MAX_VALUE.  Same rules as update()."""
+        cdef int as_bytes = 0
+        if self.family == 4:
+            nets = _as_keys4(networks, "networks")
+        else:
+            nets = _as_keys6(networks, "networks", &as_bytes)
+        cdef Py_ssize_t m = nets.shape[0], k
+        lens = _np.ascontiguousarray(lengths)
+        vals = _np.ascontiguousarray(values)
+        if lens.shape != (m,) or vals.shape != (m,):
+            raise ValueError(f"networks ({m}), lengths {lens.shape} and values {vals.shape} must match")
+        if lens.dtype.kind not in "iu" or vals.dtype.kind not in "iu":
+            raise TypeError(f"lengths and values must be integer arrays, got {lens.dtype} and {vals.dtype}")
+        if m == 0:
+            return
+        if lens.min() < 0 or lens.max() > self.c.width:
+            raise ValueError(f"lengths must be in 0..{self.c.width}")
+        if vals.min() < 0 or vals.max() > LPM_VALUE_MAX:
+            raise ValueError(f"values must be in 0..{LPM_VALUE_MAX}")
+        cdef const uint32_t[::1] n4
+        cdef const uint8_t[:, ::1] n8
+        cdef const uint64_t[:, ::1] n64
+        cdef const int64_t[::1] L = lens.astype(_np.int64)
+        cdef const int64_t[::1] V = vals.astype(_np.int64)
+        cdef lpm_seq_entry* add = <lpm_seq_entry*>malloc(m * sizeof(lpm_seq_entry))
+        cdef lpm_entry* merged = NULL
+        cdef size_t out_n = 0
+        cdef uint64_t hi, lo
+        cdef Py_ssize_t bad = -1
+        if add == NULL:
+            raise MemoryError()
+        if self.family == 4:
+            n4 = nets
+        elif as_bytes:
+            n8 = nets
+        else:
+            n64 = nets
+        with nogil:
+            for k in range(m):
+                if self.family == 4:
+                    hi = <uint64_t>n4[k]
+                    lo = 0
+                elif as_bytes:
+                    hi = lpm_load_be64(&n8[k, 0])
+                    lo = lpm_load_be64(&n8[k, 8])
+                else:
+                    hi = n64[k, 0]
+                    lo = n64[k, 1]
+                if _host_bits_set(self.family, hi, lo, <unsigned>L[k]):
+                    bad = k
+                    break
+                add[k].ent.hi = hi << 32 if self.family == 4 else hi
+                add[k].ent.lo = lo
+                add[k].ent.len = <uint32_t>L[k]
+                add[k].ent.val = <uint32_t>V[k]
+                add[k].seq = k
+            if bad < 0:
+                merged = lpm_entries_merge(self.c.e, self.c.n, add, m, &out_n)
+        free(add)
+        if bad >= 0:
+            raise ValueError(f"networks[{bad}] with length {L[bad]} has host bits set")
+        if merged == NULL:
+            raise MemoryError()
+        cdef lpm_entry* old_e = self.c.e
+        cdef size_t old_n = self.c.n, old_cap = self.c.cap
+        self.c.e = merged
+        self.c.n = out_n
+        self.c.cap = out_n + 1
+        if lpm_trie_publish(self.c) < 0:
+            self.c.e, self.c.n, self.c.cap = old_e, old_n, old_cap
+            free(merged)
+            raise MemoryError()
+        free(old_e)
+
     def clear(self):
         free(self.c.e)
         self.c.e = NULL
@@ -514,13 +632,14 @@ cdef class LPMTrie:
         if lpm_trie_publish(self.c) < 0:
             raise MemoryError()
 
-    def lookup_batch(self, addresses):
+    def lookup_batch(self, addresses, out=None):
         """Longest-prefix match of many addresses, GIL released.
 
         IPv4: a 1-D uint32 array of host-order addresses.  IPv6: (N, 16)
         uint8 network-order bytes or (N, 2) uint64 host-order (high, low)
         halves.  Returns (values uint32, found bool); values[i] is
-        LPM_NONE (2**31 - 1) where found[i] is False.
+        LPM_NO_VALUE (2**31 - 1) where found[i] is False.  out=(values,
+        found) reuses caller arrays (a datapath loop allocates nothing).
         """
         cdef int as_bytes = 0
         cdef const uint32_t[::1] k4
@@ -535,8 +654,11 @@ cdef class LPMTrie:
         else:
             keys = _as_keys6(addresses, "addresses", &as_bytes)
         cdef Py_ssize_t n = keys.shape[0]
-        values = _np.empty(n, dtype=_np.uint32)
-        found = _np.empty(n, dtype=_np.bool_)
+        if out is None:
+            values = _np.empty(n, dtype=_np.uint32)
+            found = _np.empty(n, dtype=_np.bool_)
+        else:
+            values, found = _check_out(out, n)
         if n == 0:
             return values, found
         o = values
@@ -655,54 +777,62 @@ cdef class EgressMap:
             free(self.c)
             self.c = NULL
 
-    cdef _rebuild_source(self, int family, object src, object state):
-        """Build `state`'s table and publish a snapshot that uses it."""
-        cdef uint64_t shi, slo, hi, lo
+    cdef size_t _build_table(self, int family, dict entries, list order) except? 0:
+        """An lpm_table* (as size_t, 0 when entries is empty) over one
+        source's destinations; `order` receives the entries by leaf value."""
         cdef size_t i, n
         cdef lpm_entry* e = NULL
         cdef void* vals = NULL
         cdef lpm_table* tbl = NULL
-        cdef lpm_table* replaced = NULL
-        cdef egress_snap* snap
         cdef egress_val4* v4
         cdef egress_val6* v6
-        keys = sorted(state.entries)
-        order = [state.entries[k] for k in keys]
+        keys = sorted(entries)
+        order[:] = [entries[k] for k in keys]
         n = len(order)
+        if n == 0:
+            return 0
+        e = <lpm_entry*>malloc(n * sizeof(lpm_entry))
+        vals = malloc(n * (sizeof(egress_val4) if family == 4 else sizeof(egress_val6)))
+        if e == NULL or vals == NULL:
+            free(e)
+            free(vals)
+            raise MemoryError()
+        v4 = <egress_val4*>vals
+        v6 = <egress_val6*>vals
+        for i in range(n):
+            dst, plen = keys[i]
+            ent = order[i]
+            if family == 4:
+                e[i].hi = <uint64_t>(<uint32_t>dst) << 32
+                e[i].lo = 0
+                v4[i].egress = int(ent.egress_ip)
+                v4[i].gateway = int(ent.gateway_ip)
+            else:
+                _split128(dst, &e[i].hi, &e[i].lo)
+                _split128(int(ent.egress_ip), &v6[i].e_hi, &v6[i].e_lo)
+                _split128(int(ent.gateway_ip), &v6[i].g_hi, &v6[i].g_lo)
+            e[i].len = plen
+            e[i].val = i
+        tbl = lpm_table_build(e, n, 32 if family == 4 else 128)
+        free(e)
+        if tbl == NULL:
+            free(vals)
+            raise MemoryError()
+        tbl.aux = vals
+        tbl.aux_bytes = n * (sizeof(egress_val4) if family == 4 else sizeof(egress_val6))
+        return <size_t>tbl
+
+    cdef _rebuild_source(self, int family, object src, object state):
+        """Build `state`'s table and publish a snapshot that uses it."""
+        cdef uint64_t shi, slo
+        cdef lpm_table* replaced = NULL
+        cdef egress_snap* snap
+        order = []
+        cdef lpm_table* tbl = <lpm_table*>self._build_table(family, state.entries, order)
         if family == 4:
             shi, slo = <uint32_t>src, 0
         else:
             _split128(src, &shi, &slo)
-        if n:
-            e = <lpm_entry*>malloc(n * sizeof(lpm_entry))
-            vals = malloc(n * (sizeof(egress_val4) if family == 4 else sizeof(egress_val6)))
-            if e == NULL or vals == NULL:
-                free(e)
-                free(vals)
-                raise MemoryError()
-            v4 = <egress_val4*>vals
-            v6 = <egress_val6*>vals
-            for i in range(n):
-                dst, plen = keys[i]
-                ent = order[i]
-                if family == 4:
-                    e[i].hi = <uint64_t>(<uint32_t>dst) << 32
-                    e[i].lo = 0
-                    v4[i].egress = int(ent.egress_ip)
-                    v4[i].gateway = int(ent.gateway_ip)
-                else:
-                    _split128(dst, &e[i].hi, &e[i].lo)
-                    _split128(int(ent.egress_ip), &v6[i].e_hi, &v6[i].e_lo)
-                    _split128(int(ent.gateway_ip), &v6[i].g_hi, &v6[i].g_lo)
-                e[i].len = plen
-                e[i].val = i
-            tbl = lpm_table_build(e, n, 32 if family == 4 else 128)
-            free(e)
-            if tbl == NULL:
-                free(vals)
-                raise MemoryError()
-            tbl.aux = vals
-            tbl.aux_bytes = n * (sizeof(egress_val4) if family == 4 else sizeof(egress_val6))
         snap = egress_snap_with(self.c.snap[family == 6], shi, slo, tbl, &replaced)
         if snap == NULL:
             lpm_table_free(tbl)
@@ -711,6 +841,100 @@ cdef class EgressMap:
         lpm_table_free(replaced)
         state.order = order
         state.tbl = <size_t>tbl
+
+    def sync(self, entries):
+        """Make the map hold exactly `entries` (EgressEntry or (source,
+        destination, egress_ip, gateway_ip) tuples), the way Cilium's
+        reconciler diffs its BPF map: only sources whose entries changed get
+        a new table, and each family is published once.  All or nothing.
+        Returns (added, removed, changed) entry counts."""
+        cdef uint64_t* his = NULL
+        cdef uint64_t* los = NULL
+        cdef lpm_table** tbls = NULL
+        cdef egress_snap* snap
+        cdef size_t ki, n
+        desired = {}
+        for item in entries:
+            if not isinstance(item, tuple) or len(item) != 4:
+                raise TypeError(f"sync() wants (source, destination, egress_ip, gateway_ip) tuples, got {item!r}")
+            fam, src, dkey = self._key(item[0], item[1])
+            ip = _IPv4Address if fam == 4 else _IPv6Address
+            net = _IPv4Network(dkey) if fam == 4 else _IPv6Network(dkey)
+            desired.setdefault((fam, src), {})[dkey] = EgressEntry(
+                ip(src), net, self._addr_of(item[2], fam, "egress IP"), self._addr_of(item[3], fam, "gateway IP"))
+        added = removed = changed = 0
+        touched = []
+        for skey in set(self._sources) | set(desired):
+            cur = self._sources[skey].entries if skey in self._sources else {}
+            want = desired.get(skey, {})
+            if cur == want:
+                continue
+            touched.append(skey)
+            added += len(want.keys() - cur.keys())
+            removed += len(cur.keys() - want.keys())
+            changed += sum(1 for d in want.keys() & cur.keys() if want[d] != cur[d])
+        if not touched:
+            return 0, 0, 0
+        built = {}
+        snaps = []
+        try:
+            for skey in touched:
+                order = []
+                t = self._build_table(skey[0], desired.get(skey, {}), order)
+                built[skey] = (t, order)
+            new_sources = {k: v for k, v in self._sources.items() if k not in built}
+            for skey, (t, order) in built.items():
+                if t:
+                    state = _EgressSource()
+                    state.entries = desired[skey]
+                    state.order = order
+                    state.tbl = t
+                    new_sources[skey] = state
+            for fam in (4, 6):
+                if not any(k[0] == fam for k in touched):
+                    snaps.append(None)
+                    continue
+                members = [(k[1], s.tbl) for k, s in new_sources.items() if k[0] == fam]
+                n = len(members)
+                his = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
+                los = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
+                tbls = <lpm_table**>malloc((n + 1) * sizeof(lpm_table*))
+                if his == NULL or los == NULL or tbls == NULL:
+                    raise MemoryError()
+                for ki in range(n):
+                    if fam == 4:
+                        his[ki], los[ki] = <uint32_t>members[ki][0], 0
+                    else:
+                        _split128(members[ki][0], &his[ki], &los[ki])
+                    tbls[ki] = <lpm_table*><size_t>members[ki][1]
+                snap = egress_snap_build(n, his, los, tbls)
+                free(his)
+                free(los)
+                free(tbls)
+                his = los = NULL
+                tbls = NULL
+                if snap == NULL:
+                    raise MemoryError()
+                snaps.append(<size_t>snap)
+        except BaseException:
+            free(his)
+            free(los)
+            free(tbls)
+            for t, _ in built.values():
+                lpm_table_free(<lpm_table*><size_t>t)
+            for sp in snaps:
+                if sp:
+                    egress_snap_free(<egress_snap*><size_t>sp)
+            raise
+        old_tables = [self._sources[k].tbl for k in touched if k in self._sources]
+        for i, fam in enumerate((4, 6)):
+            if snaps[i] is not None:
+                egress_map_publish(self.c, fam == 6, <egress_snap*><size_t>snaps[i])
+        for t in old_tables:
+            lpm_table_free(<lpm_table*><size_t>t)
+        self._sources = new_sources
+        self._count = sum(len(s.entries) for s in new_sources.values())
+        return added, removed, changed
 
     def _key(self, source_ip, destination_cidr):
         cdef uint64_t shi, slo, dhi, dlo
@@ -915,3 +1139,64 @@ cdef class EgressMap:
 
     def __repr__(self):
         return f"EgressMap(entries={self._count})"
+
+
+# ---- probes of the C API (the fused datapath calls these at C level) -------
+
+def _c_lpm4_lookup(LPMTrie t, uint32_t addr):
+    """Test hook: lpm4_lookup through the nogil C API -> value or None."""
+    cdef uint32_t v
+    cdef int ok
+    with nogil:
+        ok = lpm4_lookup(t, addr, &v)
+    return v if ok else None
+
+
+def _c_lpm6_lookup(LPMTrie t, bytes addr16):
+    cdef uint32_t v
+    if len(addr16) != 16:
+        raise ValueError("addr16 must be 16 bytes")
+    cdef const uint8_t* p = addr16
+    cdef int ok
+    with nogil:
+        ok = lpm6_lookup(t, p, &v)
+    return v if ok else None
+
+
+def _c_egress_lookup4(EgressMap m, uint32_t src, uint32_t dst):
+    """Test hook: egress_lookup4 -> (status, egress, gateway)."""
+    cdef uint32_t e = 0, g = 0
+    cdef int st
+    with nogil:
+        st = egress_lookup4(m, src, dst, &e, &g)
+    return st, e, g
+
+
+def _c_egress_lookup6(EgressMap m, bytes src16, bytes dst16):
+    cdef uint8_t e[16]
+    cdef uint8_t g[16]
+    if len(src16) != 16 or len(dst16) != 16:
+        raise ValueError("addresses must be 16 bytes")
+    cdef const uint8_t* s = src16
+    cdef const uint8_t* d = dst16
+    cdef int st
+    with nogil:
+        st = egress_lookup6(m, s, d, e, g)
+    if st == EGRESS_NO_MATCH:
+        return st, None, None
+    return st, bytes(e[:16]), bytes(g[:16])
+
+
+def _c_egress_lookup4_section(EgressMap m, uint32_t[::1] src, uint32_t[::1] dst):
+    """Test hook: a batch through one read section -> (status, egress, gateway) lists."""
+    cdef Py_ssize_t i, n = src.shape[0]
+    cdef uint32_t e, g
+    cdef unsigned sec
+    out = []
+    sec = egress_read_begin(m)
+    for i in range(n):
+        e = g = 0
+        st = egress_lookup4_in(m, src[i], dst[i], &e, &g)
+        out.append((st, e, g))
+    egress_read_end(m, sec)
+    return out

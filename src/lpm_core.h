@@ -25,8 +25,25 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
+#include <sys/mman.h>
+#if defined(__GLIBC__) || defined(__linux__)
+#include <malloc.h>
+#define LPM_HAVE_MALLOC_TRIM 1
+#endif
+
+/* The lookups rank children and leaves with popcount: make it the one
+ * POPCNT instruction (x86-64-v2, every x86 CPU since 2008) rather than
+ * libgcc's bit-twiddling fallback, which costs 3x on the lookup path. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__POPCNT__)
+#pragma GCC push_options
+#pragma GCC target("popcnt")
+#define LPM_POPCNT_PUSHED 1
+#endif
 
 #define LPM_NODE 0x80000000u
+#define LPM_SKIP 0x80000000u   /* in base1: a path-compressed IPv6 node */
+#define LPM_TERM 0x40000000u   /* with LPM_SKIP: the subtree is one prefix
+                                  (so node indices stay below 2^30) */
 #define LPM_NONE 0x7FFFFFFFu
 #define LPM_VALUE_MAX 0x7FFFFFFEu
 
@@ -41,6 +58,8 @@ typedef struct {
     uint32_t dbits;
     uint32_t n_nodes;
     uint32_t n_leaves;
+    uint32_t cap_nodes;     /* allocated; the tail past n_* takes patches */
+    uint32_t cap_leaves;
     uint32_t pad;
     uint32_t *direct;
     lpm_node *nodes;
@@ -97,6 +116,12 @@ static inline unsigned lpm_win(uint64_t hi, uint64_t lo, unsigned off) {
     return (unsigned)(lo << (off - 122)) & 63;
 }
 
+/* nb (1..60) key bits from bit `off`, never straddling the two halves. */
+static inline uint64_t lpm_bits(uint64_t hi, uint64_t lo, unsigned off, unsigned nb) {
+    uint64_t w = off < 64 ? hi << off : lo << (off - 64);
+    return w >> (64 - nb);
+}
+
 static inline uint64_t lpm_rank_mask(unsigned v) {
     return (2ULL << v) - 1;   /* v == 63: 2 << 63 wraps to 0, all ones */
 }
@@ -128,6 +153,17 @@ static inline uint32_t lpm6_table_lookup(const lpm_table *t, uint64_t hi, uint64
     const lpm_node *n = &t->nodes[d & ~LPM_NODE];
     unsigned off = t->dbits;
     for (;;) {
+        if (n->base1 & LPM_SKIP) {
+            /* A chain of single-child nodes folded into one: compare the
+             * key's next 6k bits; a mismatch lands on the chain's leaves. */
+            unsigned nb = (unsigned)(n->leafvec >> 32);
+            int match = lpm_bits(hi, lo, off, nb) == n->vector;
+            if (n->base1 & LPM_TERM) return match ? n->base0 : (uint32_t)n->leafvec;
+            if (!match) return (uint32_t)n->leafvec;
+            off += nb;
+            n = &t->nodes[n->base1 & ~LPM_SKIP];
+            continue;
+        }
         unsigned v = lpm_win(hi, lo, off);
         uint64_t m = lpm_rank_mask(v);
         if ((n->vector >> v) & 1) {
@@ -150,24 +186,55 @@ static inline void lpm_store_be64(uint8_t *p, uint64_t x) {
     memcpy(p, &x, 8);
 }
 
-/* Batch lookups: a group of 8 keys has its direct slots prefetched before
- * any is resolved, so cache misses overlap. */
+/* Batch lookups walk a group of LPM_GROUP keys level by level: each pass
+ * issues one independent load per unfinished key, so the cache misses of a
+ * whole group overlap instead of queueing behind each other (the same idea
+ * as DPDK's lookup_bulk / poptrie's batched walk). */
+#define LPM_GROUP 16
+
 static void lpm4_table_lookup_batch(const lpm_table *t, const uint32_t *keys, size_t n,
                                     uint32_t *out, uint8_t *found) {
-    size_t i = 0, j;
-    unsigned shift = 32 - t->dbits;
-    for (; i + 8 <= n; i += 8) {
-        for (j = 0; j < 8; j++) __builtin_prefetch(&t->direct[keys[i + j] >> shift]);
-        for (j = 0; j < 8; j++) {
-            uint32_t v = lpm4_table_lookup(t, keys[i + j]);
-            out[i + j] = v;
-            found[i + j] = v != LPM_NONE;
+    const unsigned shift = 32 - t->dbits;
+    const uint32_t *direct = t->direct;
+    const lpm_node *nodes = t->nodes;
+    const uint32_t *leaves = t->leaves;
+    size_t i = 0;
+    for (; i < n; i += LPM_GROUP) {
+        size_t g = n - i < LPM_GROUP ? n - i : LPM_GROUP, j;
+        const lpm_node *cur[LPM_GROUP];
+        unsigned pending[LPM_GROUP], np = 0;
+        if (i + 2 * LPM_GROUP <= n)
+            for (j = 0; j < LPM_GROUP; j++) __builtin_prefetch(&direct[keys[i + LPM_GROUP + j] >> shift]);
+        for (j = 0; j < g; j++) {
+            uint32_t d = direct[keys[i + j] >> shift];
+            if (d & LPM_NODE) {
+                cur[j] = &nodes[d & ~LPM_NODE];
+                __builtin_prefetch(cur[j]);
+                pending[np++] = (unsigned)j;
+            } else {
+                out[i + j] = d;
+            }
         }
-    }
-    for (; i < n; i++) {
-        uint32_t v = lpm4_table_lookup(t, keys[i]);
-        out[i] = v;
-        found[i] = v != LPM_NONE;
+        unsigned off = t->dbits;
+        while (np) {
+            unsigned still = 0, p;
+            for (p = 0; p < np; p++) {
+                unsigned j2 = pending[p];
+                const lpm_node *nd = cur[j2];
+                unsigned v = (unsigned)(((uint64_t)keys[i + j2] << 32) >> (58 - off)) & 63;
+                uint64_t m = lpm_rank_mask(v);
+                if ((nd->vector >> v) & 1) {
+                    cur[j2] = &nodes[nd->base1 + __builtin_popcountll(nd->vector & m) - 1];
+                    __builtin_prefetch(cur[j2]);
+                    pending[still++] = j2;
+                } else {
+                    out[i + j2] = leaves[nd->base0 + __builtin_popcountll(nd->leafvec & m) - 1];
+                }
+            }
+            np = still;
+            off += 6;
+        }
+        for (j = 0; j < g; j++) found[i + j] = out[i + j] != LPM_NONE;
     }
 }
 
@@ -175,24 +242,94 @@ static void lpm4_table_lookup_batch(const lpm_table *t, const uint32_t *keys, si
  * 16-byte network-order addresses. */
 static void lpm6_table_lookup_batch(const lpm_table *t, const void *keys, int bytes, size_t n,
                                     uint32_t *out, uint8_t *found) {
-    size_t i;
     const uint64_t *k64 = (const uint64_t *)keys;
     const uint8_t *k8 = (const uint8_t *)keys;
-    for (i = 0; i < n; i++) {
-        uint64_t hi, lo;
-        if (bytes) { hi = lpm_load_be64(k8 + 16 * i); lo = lpm_load_be64(k8 + 16 * i + 8); }
-        else { hi = k64[2 * i]; lo = k64[2 * i + 1]; }
-        if (i + 8 < n) {
-            uint64_t h2 = bytes ? lpm_load_be64(k8 + 16 * (i + 8)) : k64[2 * (i + 8)];
-            __builtin_prefetch(&t->direct[h2 >> (64 - t->dbits)]);
+    const unsigned shift = 64 - t->dbits;
+    const uint32_t *direct = t->direct;
+    const lpm_node *nodes = t->nodes;
+    const uint32_t *leaves = t->leaves;
+    size_t i = 0;
+    for (; i < n; i += LPM_GROUP) {
+        size_t g = n - i < LPM_GROUP ? n - i : LPM_GROUP, j;
+        uint64_t hi[LPM_GROUP], lo[LPM_GROUP];
+        const lpm_node *cur[LPM_GROUP];
+        unsigned off[LPM_GROUP];
+        unsigned pending[LPM_GROUP], np = 0;
+        for (j = 0; j < g; j++) {
+            if (bytes) { hi[j] = lpm_load_be64(k8 + 16 * (i + j)); lo[j] = lpm_load_be64(k8 + 16 * (i + j) + 8); }
+            else { hi[j] = k64[2 * (i + j)]; lo[j] = k64[2 * (i + j) + 1]; }
+            __builtin_prefetch(&direct[hi[j] >> shift]);
         }
-        uint32_t v = lpm6_table_lookup(t, hi, lo);
-        out[i] = v;
-        found[i] = v != LPM_NONE;
+        for (j = 0; j < g; j++) {
+            uint32_t d = direct[hi[j] >> shift];
+            if (d & LPM_NODE) {
+                cur[j] = &nodes[d & ~LPM_NODE];
+                off[j] = t->dbits;
+                __builtin_prefetch(cur[j]);
+                pending[np++] = (unsigned)j;
+            } else {
+                out[i + j] = d;
+            }
+        }
+        while (np) {
+            unsigned still = 0, p;
+            for (p = 0; p < np; p++) {
+                unsigned j2 = pending[p];
+                const lpm_node *nd = cur[j2];
+                if (nd->base1 & LPM_SKIP) {
+                    unsigned nb = (unsigned)(nd->leafvec >> 32);
+                    int match = lpm_bits(hi[j2], lo[j2], off[j2], nb) == nd->vector;
+                    if (nd->base1 & LPM_TERM) {
+                        out[i + j2] = match ? nd->base0 : (uint32_t)nd->leafvec;
+                    } else if (!match) {
+                        out[i + j2] = (uint32_t)nd->leafvec;
+                    } else {
+                        off[j2] += nb;
+                        cur[j2] = &nodes[nd->base1 & ~LPM_SKIP];
+                        __builtin_prefetch(cur[j2]);
+                        pending[still++] = j2;
+                    }
+                    continue;
+                }
+                unsigned v = lpm_win(hi[j2], lo[j2], off[j2]);
+                uint64_t m = lpm_rank_mask(v);
+                if ((nd->vector >> v) & 1) {
+                    cur[j2] = &nodes[nd->base1 + __builtin_popcountll(nd->vector & m) - 1];
+                    off[j2] += 6;
+                    __builtin_prefetch(cur[j2]);
+                    pending[still++] = j2;
+                } else {
+                    out[i + j2] = leaves[nd->base0 + __builtin_popcountll(nd->leafvec & m) - 1];
+                }
+            }
+            np = still;
+        }
+        for (j = 0; j < g; j++) found[i + j] = out[i + j] != LPM_NONE;
     }
 }
 
 /* ---- building ------------------------------------------------------------- */
+
+/* Big arrays go on 2 MB-aligned memory marked MADV_HUGEPAGE: random lookups
+ * into a table of tens of MB otherwise spend most of their time in TLB
+ * misses.  Plain free() releases them. */
+#define LPM_HUGE ((size_t)1 << 21)
+
+static void *lpm_alloc_big(size_t bytes) {
+#ifndef LPM_NO_HUGE
+    if (bytes >= LPM_HUGE) {
+        void *p = NULL;
+        size_t sz = (bytes + LPM_HUGE - 1) & ~(LPM_HUGE - 1);
+        if (posix_memalign(&p, LPM_HUGE, sz) == 0) {
+#ifdef MADV_HUGEPAGE
+            madvise(p, sz, MADV_HUGEPAGE);
+#endif
+            return p;
+        }
+    }
+#endif
+    return malloc(bytes ? bytes : 1);
+}
 
 typedef struct {
     lpm_node *nodes;
@@ -201,11 +338,14 @@ typedef struct {
     uint32_t nl, lcap;
     const lpm_entry *e;
     int oom;
+    int fixed;          /* patching a published table: never realloc */
+    int skip;           /* fold single-child chains (IPv6 tables) */
 } lpm_builder;
 
 static uint32_t lpm_reserve_nodes(lpm_builder *b, uint32_t k) {
     uint32_t at = b->nn;
     if (b->nn + k > b->ncap) {
+        if (b->fixed) { b->oom = 1; return 0; }
         uint32_t cap = b->ncap ? b->ncap : 64;
         while (cap < b->nn + k) cap *= 2;
         lpm_node *p = (lpm_node *)realloc(b->nodes, (size_t)cap * sizeof(lpm_node));
@@ -220,6 +360,7 @@ static uint32_t lpm_reserve_nodes(lpm_builder *b, uint32_t k) {
 
 static void lpm_push_leaf(lpm_builder *b, uint32_t v) {
     if (b->nl == b->lcap) {
+        if (b->fixed) { b->oom = 1; return; }
         uint32_t cap = b->lcap ? b->lcap * 2 : 256;
         uint32_t *p = (uint32_t *)realloc(b->leaves, (size_t)cap * sizeof(uint32_t));
         if (!p) { b->oom = 1; return; }
@@ -239,6 +380,38 @@ static void lpm_build_node(lpm_builder *b, uint32_t idx, size_t i, size_t j,
     unsigned s, t;
     size_t k;
     const lpm_entry *e = b->e;
+    if (b->skip) {
+        /* Path compression: while every entry lies below one slot of the
+         * next stride and none ends inside it, the node would have one
+         * child and 63 leaves of `def`; fold up to 10 such strides (never
+         * across the 64-bit halves) into one skip node. */
+        unsigned minlen = 255, nb = 0, o = off;
+        if (j - i == 1 && e[i].len - off <= 60 && (off >= 64 || e[i].len <= 64)) {
+            /* One prefix below: compare its remaining bits, no leaves. */
+            nb = e[i].len - off;
+            b->nodes[idx].vector = lpm_bits(e[i].hi, e[i].lo, off, nb);
+            b->nodes[idx].leafvec = (uint64_t)def | ((uint64_t)nb << 32);
+            b->nodes[idx].base0 = e[i].val;
+            b->nodes[idx].base1 = LPM_SKIP | LPM_TERM;
+            return;
+        }
+        for (k = i; k < j; k++) if (e[k].len < minlen) minlen = e[k].len;
+        while (nb < 60 && (off < 64 ? o + 6 <= 64 : o + 6 <= 128) && minlen > o + 6
+               && lpm_win(e[i].hi, e[i].lo, o) == lpm_win(e[j - 1].hi, e[j - 1].lo, o)) {
+            nb += 6;
+            o += 6;
+        }
+        if (nb >= 12) {
+            uint32_t child = lpm_reserve_nodes(b, 1);
+            if (b->oom) return;
+            b->nodes[idx].vector = lpm_bits(e[i].hi, e[i].lo, off, nb);
+            b->nodes[idx].leafvec = (uint64_t)def | ((uint64_t)nb << 32);
+            b->nodes[idx].base0 = 0;
+            b->nodes[idx].base1 = LPM_SKIP | child;
+            lpm_build_node(b, child, i, j, off + nb, def);
+            return;
+        }
+    }
     for (s = 0; s < 64; s++) sd[s] = def;
     /* Sorted order paints covering prefixes before the ones they cover. */
     for (k = i; k < j; k++) {
@@ -295,28 +468,34 @@ static void lpm_table_free(lpm_table *t) {
 
 static size_t lpm_table_bytes(const lpm_table *t) {
     if (!t) return 0;
-    return sizeof(lpm_table) + ((size_t)1 << t->dbits) * 4 + (size_t)t->n_nodes * sizeof(lpm_node)
-        + (size_t)t->n_leaves * 4 + t->aux_bytes;
+    return sizeof(lpm_table) + ((size_t)1 << t->dbits) * 4 + (size_t)t->cap_nodes * sizeof(lpm_node)
+        + (size_t)t->cap_leaves * 4 + t->aux_bytes;
 }
 
-/* Build a table from n entries sorted by (hi, lo, len), unique, host bits
- * clear.  width is 32 or 128.  Returns NULL when out of memory. */
-static lpm_table *lpm_table_build(const lpm_entry *e, size_t n, unsigned width) {
-    unsigned dbits;
+/* Direct-array bits for n prefixes: small tables stay small (1 KB for
+ * IPv4), big ones get 2^18 (IPv4) or 2^16 (IPv6) entries. */
+static unsigned lpm_ideal_dbits(size_t n, unsigned width) {
     if (width == 32) {
-        unsigned bl = 0;
+        unsigned bl = 0, dbits;
         while (((size_t)1 << bl) <= n) bl++;
         dbits = bl + 2;
         if (dbits < 8) dbits = 8;
         if (dbits > 18) dbits = 18;
-    } else {
-        dbits = n >= 4096 ? 16 : 10;   /* 16 + 6k hits 64 exactly */
+        return dbits;
     }
+    return n >= 4096 ? 16 : 10;   /* 16 + 6k and 10 + 6k hit 64 exactly */
+}
+
+/* Build a table from n entries sorted by (hi, lo, len), unique, host bits
+ * clear.  width is 32 or 128.  slack: keep spare node/leaf room (1/8 + 256)
+ * for in-place patches.  Returns NULL when out of memory. */
+static lpm_table *lpm_table_build_slack(const lpm_entry *e, size_t n, unsigned width, int slack) {
+    unsigned dbits = lpm_ideal_dbits(n, width);
     lpm_table *t = (lpm_table *)calloc(1, sizeof(lpm_table));
     if (!t) return NULL;
     t->dbits = dbits;
     size_t nd = (size_t)1 << dbits;
-    t->direct = (uint32_t *)malloc(nd * sizeof(uint32_t));
+    t->direct = (uint32_t *)(nd >= 65536 ? lpm_alloc_big(nd * sizeof(uint32_t)) : malloc(nd * sizeof(uint32_t)));
     if (!t->direct) { free(t); return NULL; }
     size_t k, s;
     for (s = 0; s < nd; s++) t->direct[s] = LPM_NONE;
@@ -330,6 +509,7 @@ static lpm_table *lpm_table_build(const lpm_entry *e, size_t n, unsigned width) 
     lpm_builder b;
     memset(&b, 0, sizeof(b));
     b.e = e;
+    b.skip = width == 128;
     k = 0;
     while (k < n) {
         if (e[k].len <= dbits) { k++; continue; }
@@ -350,20 +530,39 @@ static lpm_table *lpm_table_build(const lpm_entry *e, size_t n, unsigned width) 
         free(t);
         return NULL;
     }
-    /* Shrink to size: the table lives long, the builder's slack does not. */
-    if (b.nn && b.nn < b.ncap) {
-        lpm_node *p = (lpm_node *)realloc(b.nodes, (size_t)b.nn * sizeof(lpm_node));
-        if (p) b.nodes = p;
+    /* Size to fit (plus patch room): the builder's doubling slack would
+     * otherwise cost up to 2x. */
+    uint32_t want_n = b.nn + (slack ? b.nn / 16 + 256 : 0);
+    uint32_t want_l = b.nl + (slack ? b.nl / 16 + 1024 : 0);
+    {
+        lpm_node *p = (lpm_node *)lpm_alloc_big((size_t)want_n * sizeof(lpm_node));
+        if (p) {
+            if (b.nn) memcpy(p, b.nodes, (size_t)b.nn * sizeof(lpm_node));
+            free(b.nodes);
+            b.nodes = p;
+            b.ncap = want_n;
+        }
     }
-    if (b.nl && b.nl < b.lcap) {
-        uint32_t *p = (uint32_t *)realloc(b.leaves, (size_t)b.nl * sizeof(uint32_t));
-        if (p) b.leaves = p;
+    {
+        uint32_t *p = (uint32_t *)lpm_alloc_big((size_t)want_l * sizeof(uint32_t));
+        if (p) {
+            if (b.nl) memcpy(p, b.leaves, (size_t)b.nl * sizeof(uint32_t));
+            free(b.leaves);
+            b.leaves = p;
+            b.lcap = want_l;
+        }
     }
     t->nodes = b.nodes;
     t->leaves = b.leaves;
     t->n_nodes = b.nn;
     t->n_leaves = b.nl;
+    t->cap_nodes = b.ncap;
+    t->cap_leaves = b.lcap;
     return t;
+}
+
+static lpm_table *lpm_table_build(const lpm_entry *e, size_t n, unsigned width) {
+    return lpm_table_build_slack(e, n, width, 0);
 }
 
 /* ---- the sorted prefix store (the source of truth) ------------------------ */
@@ -445,7 +644,7 @@ static inline const lpm_table *lpm_trie_table(lpm_trie *t) {
 /* Rebuild the table from the store and publish it; 0 or -1 (out of memory,
  * the old table stays published). */
 static int lpm_trie_publish(lpm_trie *t) {
-    lpm_table *nt = lpm_table_build(t->e, t->n, t->width);
+    lpm_table *nt = lpm_table_build_slack(t->e, t->n, t->width, 1);
     if (!nt) return -1;
     lpm_table *old = t->cur;
     __atomic_store_n(&t->cur, nt, __ATOMIC_SEQ_CST);
@@ -453,7 +652,105 @@ static int lpm_trie_publish(lpm_trie *t) {
         lpm_rcu_sync(&t->rcu);
         lpm_table_free(old);
     }
+#ifdef LPM_HAVE_MALLOC_TRIM
+    /* A big build leaves tens of MB of scratch in the heap's free lists:
+     * hand it back to the OS so the table's RSS is what it uses. */
+    if (t->n >= 65536) malloc_trim(0);
+#endif
     return 0;
+}
+
+
+/* ---- in-place patches: rebuild one direct slot's subtree ------------------
+ * The new subtree is written into the unused tail of the published table's
+ * node and leaf arrays (readers never look there), then one atomic 32-bit
+ * store of the direct entry publishes it.  A lookup sees the slot's old
+ * subtree or its new one, never a mix; old nodes become garbage that the
+ * next full rebuild (when the tail runs out) drops.  Nothing a reader may
+ * hold is ever freed or rewritten, so no grace period is needed.
+ */
+static long lpm_trie_find(const lpm_trie *t, const lpm_entry *key);
+
+/* Longest stored prefix of length <= maxlen covering key (hi, lo). */
+static uint32_t lpm_trie_cover(const lpm_trie *t, uint64_t hi, int maxlen) {
+    int l;
+    for (l = maxlen; l >= 0; l--) {
+        lpm_entry k;
+        k.hi = l ? hi & ~(~0ULL >> l) : 0;
+        k.lo = 0;
+        k.len = (uint32_t)l;
+        k.val = 0;
+        long i = lpm_trie_find(t, &k);
+        if (i >= 0) return t->e[i].val;
+    }
+    return LPM_NONE;
+}
+
+/* Rebuild direct slot u whose leaf-pushed default is def. */
+static int lpm_patch_slot(lpm_trie *t, lpm_table *tb, size_t u, uint32_t def) {
+    unsigned dbits = tb->dbits;
+    lpm_entry first;
+    first.hi = (uint64_t)u << (64 - dbits); first.lo = 0; first.len = dbits + 1; first.val = 0;
+    size_t i = lpm_entries_lower(t->e, t->n, &first), j = i;
+    while (j < t->n && (size_t)(t->e[j].hi >> (64 - dbits)) == u) j++;
+    if (i == j) {
+        __atomic_store_n(&tb->direct[u], def, __ATOMIC_RELEASE);
+        return 0;
+    }
+    lpm_builder b;
+    memset(&b, 0, sizeof(b));
+    b.e = t->e;
+    b.fixed = 1;
+    b.skip = t->width == 128;
+    b.nodes = tb->nodes; b.nn = tb->n_nodes; b.ncap = tb->cap_nodes;
+    b.leaves = tb->leaves; b.nl = tb->n_leaves; b.lcap = tb->cap_leaves;
+    uint32_t idx = lpm_reserve_nodes(&b, 1);
+    if (!b.oom) lpm_build_node(&b, idx, i, j, dbits, def);
+    if (b.oom) return -1;
+    tb->n_nodes = b.nn;
+    tb->n_leaves = b.nl;
+    __atomic_store_n(&tb->direct[u], LPM_NODE | idx, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Apply a change of prefix `key` (already made in the store) to the
+ * published table in place; -1 when a full rebuild is needed instead.
+ * A prefix longer than dbits touches one slot; a shorter one (down to
+ * dbits - 14) repaints the defaults of its slots and rebuilds their
+ * subtrees, each slot published by its own atomic store. */
+static int lpm_trie_patch(lpm_trie *t, const lpm_entry *key) {
+    lpm_table *tb = t->cur;
+    if (!tb || lpm_ideal_dbits(t->n, t->width) != tb->dbits) return -1;
+    unsigned dbits = tb->dbits, L = key->len;
+    size_t s0 = L ? (size_t)(key->hi >> (64 - dbits)) : 0;
+    if (L > dbits) {
+        return lpm_patch_slot(t, tb, s0, lpm_trie_cover(t, key->hi, (int)dbits));
+    }
+    if (dbits - L > 14) return -1;
+    size_t span = (size_t)1 << (dbits - L), u, k;
+    uint32_t *defs = (uint32_t *)malloc(span * sizeof(uint32_t));
+    if (!defs) return -1;
+    uint32_t anc = lpm_trie_cover(t, key->hi, (int)L);
+    for (u = 0; u < span; u++) defs[u] = anc;
+    lpm_entry first = *key;
+    first.len = L + 1;
+    for (k = lpm_entries_lower(t->e, t->n, &first); k < t->n; k++) {
+        size_t s = (size_t)(t->e[k].hi >> (64 - dbits));
+        if (s < s0 || s >= s0 + span) break;
+        if (t->e[k].len > dbits) continue;
+        size_t w = (size_t)1 << (dbits - t->e[k].len);
+        for (u = s; u < s + w; u++) defs[u - s0] = t->e[k].val;
+    }
+    for (u = 0; u < span; u++) {
+        if (lpm_patch_slot(t, tb, s0 + u, defs[u]) < 0) { free(defs); return -1; }
+    }
+    free(defs);
+    return 0;
+}
+
+static int lpm_trie_apply(lpm_trie *t, const lpm_entry *key) {
+    if (lpm_trie_patch(t, key) == 0) return 0;
+    return lpm_trie_publish(t);
 }
 
 /* Insert or replace; returns 1 if inserted, 0 if replaced, -1 on OOM. */
@@ -463,7 +760,7 @@ static int lpm_trie_store(lpm_trie *t, const lpm_entry *key) {
         uint32_t oldv = t->e[i].val;
         t->e[i].val = key->val;
         if (oldv == key->val) return 0;
-        if (lpm_trie_publish(t) < 0) { t->e[i].val = oldv; return -1; }
+        if (lpm_trie_apply(t, key) < 0) { t->e[i].val = oldv; return -1; }
         return 0;
     }
     if (t->n == t->cap) {
@@ -476,7 +773,7 @@ static int lpm_trie_store(lpm_trie *t, const lpm_entry *key) {
     memmove(&t->e[i + 1], &t->e[i], (t->n - i) * sizeof(lpm_entry));
     t->e[i] = *key;
     t->n++;
-    if (lpm_trie_publish(t) < 0) {
+    if (lpm_trie_apply(t, key) < 0) {
         memmove(&t->e[i], &t->e[i + 1], (t->n - i - 1) * sizeof(lpm_entry));
         t->n--;
         return -1;
@@ -491,7 +788,7 @@ static int lpm_trie_delete(lpm_trie *t, const lpm_entry *key) {
     lpm_entry saved = t->e[i];
     memmove(&t->e[i], &t->e[i + 1], (t->n - i - 1) * sizeof(lpm_entry));
     t->n--;
-    if (lpm_trie_publish(t) < 0) {
+    if (lpm_trie_apply(t, key) < 0) {
         memmove(&t->e[i + 1], &t->e[i], (t->n - i) * sizeof(lpm_entry));
         t->e[i] = saved;
         t->n++;
@@ -506,5 +803,9 @@ static long lpm_trie_find(const lpm_trie *t, const lpm_entry *key) {
     if (i < t->n && lpm_entry_cmp(&t->e[i], key) == 0) return (long)i;
     return -1;
 }
+
+#ifdef LPM_POPCNT_PUSHED
+#pragma GCC pop_options
+#endif
 
 #endif

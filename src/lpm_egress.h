@@ -181,6 +181,19 @@ static egress_snap *egress_snap_with(const egress_snap *old, uint64_t hi, uint64
     return s;
 }
 
+/* A fresh snapshot of n sources (hi[i], lo[i]) -> tbl[i]; NULL on OOM. */
+static egress_snap *egress_snap_build(size_t n, const uint64_t *hi, const uint64_t *lo, lpm_table *const *tbl) {
+    unsigned bits = 3;
+    while (((size_t)1 << bits) < 2 * (n + 1)) bits++;
+    egress_snap *s = (egress_snap *)calloc(1, sizeof(egress_snap));
+    if (!s) return NULL;
+    s->bits = bits;
+    s->slots = (egress_slot *)calloc((size_t)1 << bits, sizeof(egress_slot));
+    if (!s->slots) { free(s); return NULL; }
+    for (size_t i = 0; i < n; i++) egress_snap_put(s, hi[i], lo[i], tbl[i]);
+    return s;
+}
+
 /* Publish snapshot s for a family, wait out readers, free the old snapshot
  * (not its tables: the caller frees the one table it replaced). */
 static void egress_map_publish(egress_map *m, int v6, egress_snap *s) {

@@ -28,11 +28,12 @@ cdef enum DropReason:
     DROP_CSUM = 14              # checksum invalid
     DROP_NO_ROUTE = 15          # no neighbour / route for the next hop
     DROP_TX_FULL = 16           # transmit ring had no free frame
-    DROP_REASON_MAX = 17
+    DROP_SPOOFED = 17           # pod sent with a source address that is not its own
+    DROP_REASON_MAX = 18
 
 DROP_REASON_NAMES = (
     "none", "malformed", "unsupported", "ttl_exceeded", "no_gateway",
     "no_egress_ip", "nat_exhausted", "nat_table_full", "no_nat_entry",
     "bad_vxlan", "not_cluster_node", "policy_denied", "frag_needed",
-    "fragment", "bad_checksum", "no_route", "tx_full",
+    "fragment", "bad_checksum", "no_route", "tx_full", "spoofed",
 )

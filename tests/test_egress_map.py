@@ -270,3 +270,79 @@ def test_exports():
     for name in ("EgressMap", "EgressEntry", "GATEWAY_NOT_FOUND_V4", "EXCLUDED_CIDR_V4",
                  "GATEWAY_NOT_FOUND_V6", "EXCLUDED_CIDR_V6", "LPMTrie"):
         assert name in egresscore.__all__ and hasattr(egresscore, name)
+
+
+def test_c_api_for_the_fused_datapath():
+    from egresscore import _core
+
+    em = EgressMap()
+    em.set("10.0.1.93", "203.0.113.0/24", "192.168.1.100", "192.168.1.3")
+    em.set_excluded("10.0.1.93", "203.0.113.128/25")
+    em.set("fd00:10:0:1::93", "2001:db8::/32", "fd00:1::100", "::")
+    assert _core._c_egress_lookup4(em, 0x0A00015D, 0xCB007101) == (1, 0xC0A80164, 0xC0A80103)
+    assert _core._c_egress_lookup4(em, 0x0A00015D, 0xCB007181)[::2] == (2, 1)
+    assert _core._c_egress_lookup4(em, 0x0A00015E, 0xCB007101)[0] == 0
+    src = ipaddress.ip_address("fd00:10:0:1::93").packed
+    st, egress, gateway = _core._c_egress_lookup6(em, src, ipaddress.ip_address("2001:db8::5").packed)
+    assert st == EGRESS_STATUS_NO_GATEWAY and egress == ipaddress.ip_address("fd00:1::100").packed
+    assert gateway == bytes(16)
+    assert _core._c_egress_lookup6(em, src, ipaddress.ip_address("2001:db9::5").packed)[0] == 0
+    t4 = egresscore.LPMTrie(4, {"10.0.0.0/8": 5})
+    assert _core._c_lpm4_lookup(t4, 0x0A010101) == 5 and _core._c_lpm4_lookup(t4, 0x0B000000) is None
+    t6 = egresscore.LPMTrie(6, {"2001:db8::/32": 6})
+    assert _core._c_lpm6_lookup(t6, ipaddress.ip_address("2001:db8::1").packed) == 6
+    assert _core._c_lpm6_lookup(t6, ipaddress.ip_address("2001:db9::1").packed) is None
+
+
+def test_sync_reconciles_to_exactly_the_given_entries():
+    rng = np.random.default_rng(9)
+
+    def desired(k):
+        out = []
+        for i in rng.choice(60, size=k, replace=False).tolist():
+            src = f"10.0.{i % 7}.{i}"
+            plen = int(rng.integers(8, 33))
+            dst = ipaddress.ip_network((int(rng.integers(0, 2**32)) >> (32 - plen) << (32 - plen), plen))
+            gw = ["192.168.1.3", "0.0.0.0", "0.0.0.1"][i % 3]
+            out.append((src, str(dst), "192.168.1.100", gw))
+        out.append(("fd00:10::1", "2001:db8::/32", "fd00:1::100", "fd00:1::3"))
+        return out
+
+    em = EgressMap()
+    em.set("10.0.9.9", "0.0.0.0/0", "192.168.1.100", "192.168.1.3")     # will be removed
+    prev = {("10.0.9.9", "0.0.0.0/0")}
+    for round_ in range(6):
+        want = desired(int(rng.integers(0, 40)))
+        ref = EgressMap()
+        for s, d, e, g in want:
+            ref.set(s, d, e, g)
+        keys = {(s, d) for s, d, _, _ in want}
+        added, removed, changed = em.sync(want)
+        assert em.entries() == ref.entries() and len(em) == len(ref)
+        assert added == len(keys - prev) and removed == len(prev - keys)
+        prev = keys
+        src = np.array([int(ipaddress.ip_address(s)) for s, *_ in want if ":" not in s] * 4, np.uint32)
+        dst = rng.integers(0, 2**32, len(src), dtype=np.uint64).astype(np.uint32)
+        dst[: len(src) // 4] = [int(ipaddress.ip_network(d).network_address) for s, d, *_ in want if ":" not in s]
+        for a, b in zip(em.lookup_batch(src, dst), ref.lookup_batch(src, dst)):
+            assert (a == b).all()
+    assert em.sync(want) == (0, 0, 0)
+    before = len(em)
+    assert em.sync([]) == (0, before, 0) and len(em) == 0 and em.entries() == []
+    with pytest.raises(TypeError, match="tuples"):
+        em.sync(["10.0.0.1"])
+    with pytest.raises(ValueError, match="host bits"):
+        em.sync([("10.0.0.1", "203.0.113.1/24", "192.168.1.3", "192.168.1.3")])
+
+
+def test_c_read_section_matches_batch():
+    from egresscore import _core
+
+    em = EgressMap()
+    em.set("10.0.1.93", "203.0.113.0/24", "192.168.1.100", "192.168.1.3")
+    em.set_excluded("10.0.1.93", "203.0.113.128/25")
+    src = np.array([0x0A00015D, 0x0A00015D, 0x0A00015E], np.uint32)
+    dst = np.array([0xCB007101, 0xCB007181, 0xCB007101], np.uint32)
+    egress, gateway, status = em.lookup_batch(src, dst)
+    assert _core._c_egress_lookup4_section(em, src, dst) == list(zip(status.tolist(), egress.tolist(),
+                                                                      gateway.tolist()))

@@ -23,12 +23,14 @@ class Oracle:
         self.d = {}
 
     def lookup(self, addr):
-        addr = ADDR[self.family](addr)
-        best = None
-        for net, v in self.d.items():
-            if addr in net and (best is None or net.prefixlen > best[0].prefixlen):
-                best = (net, v)
-        return best
+        # Longest first: mask the address to each stored length and probe the dict.
+        w = WIDTH[self.family]
+        addr = int(addr)
+        for plen in sorted({n.prefixlen for n in self.d}, reverse=True):
+            net = NET[self.family]((addr >> (w - plen) << (w - plen) if plen else 0, plen))
+            if net in self.d:
+                return net, self.d[net]
+        return None
 
 
 def bases(family):
@@ -259,3 +261,157 @@ def test_concurrent_lookups_never_see_half_made_updates():
             th.join()
     assert not errors, errors
     assert len(seen) >= 1
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_single_updates_on_a_big_table_patch_in_place(family):
+    """Single inserts/deletes on a table with a wide direct array take the
+    in-place patch path (one slot, or a repaint of many slots for short
+    prefixes) and fall back to a rebuild when the spare tail runs out."""
+    rng = np.random.default_rng(11 + family)
+    w = WIDTH[family]
+    nets = {}
+    while len(nets) < 6000:
+        plen = int(rng.integers(1, 33 if family == 4 else 65))
+        hi = int(rng.integers(0, 2**32)) << (w - 32)
+        if family == 6:
+            hi |= int(rng.integers(0, 2**32)) << (w - 64)
+        nets[NET[family]((hi >> (w - plen) << (w - plen), plen))] = int(rng.integers(0, 1000))
+    t = LPMTrie(family, nets)
+    oracle = Oracle(family)
+    oracle.d = dict(nets)
+    assert t.stats["direct_bits"] == (15 if family == 4 else 16)
+    touched = []
+    for i in range(400):
+        if i % 3 == 2:
+            victim = list(oracle.d)[int(rng.integers(0, len(oracle.d)))]
+            del t[victim]
+            del oracle.d[victim]
+            touched.append(victim)
+            continue
+        plen = int(rng.choice([0, 2, 5, 8, 12, 15, 16, 17, 18, 19, 24, 30, 32]))
+        base = list(nets)[int(rng.integers(0, len(nets)))]
+        a = int(base.network_address)
+        net = NET[family]((a >> (w - plen) << (w - plen) if plen else 0, plen))
+        t[net] = i
+        oracle.d[net] = i
+        touched.append(net)
+    probes = probe_addresses(family, touched + list(nets)[:200], [])
+    check_against(t, oracle, probes)
+
+
+def test_many_single_inserts_exhaust_the_patch_tail():
+    t = LPMTrie(4)
+    oracle = Oracle(4)
+    for i in range(1500):
+        net = ipaddress.IPv4Network(((0x0A000000 + i * 64) & 0xFFFFFFC0, 26 + i % 7))
+        t[net] = i
+        oracle.d[net] = i
+    probes = probe_addresses(4, list(oracle.d)[::5], [])
+    check_against(t, oracle, probes)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_update_arrays_matches_update(family):
+    rng = np.random.default_rng(5)
+    w = WIDTH[family]
+    nets = {}
+    for _ in range(3000):
+        plen = int(rng.integers(0, w + 1))
+        a = int(rng.integers(0, 2**63)) << (w - 63) if family == 6 else int(rng.integers(0, 2**32))
+        nets[NET[family]((a >> (w - plen) << (w - plen) if plen else 0, plen))] = int(rng.integers(0, 99))
+    items = list(nets.items())
+    lens = np.array([n.prefixlen for n, _ in items], dtype=np.uint8)
+    vals = np.array([v for _, v in items], dtype=np.uint32)
+    if family == 4:
+        arr = np.array([int(n.network_address) for n, _ in items], dtype=np.uint32)
+    else:
+        arr = np.frombuffer(b"".join(n.network_address.packed for n, _ in items), np.uint8).reshape(-1, 16)
+    a = LPMTrie(family)
+    a.update_arrays(arr, lens, vals)
+    assert a.items() == LPMTrie(family, nets).items()
+    bad_lens = lens.copy()
+    k = next(i for i, (n, _) in enumerate(items) if int(n.network_address))
+    bad_lens[k] = 0                       # a non-zero network as /0: host bits set
+    with pytest.raises(ValueError, match=rf"networks\[{k}\]"):
+        LPMTrie(family).update_arrays(arr, bad_lens, vals)
+    with pytest.raises(ValueError, match="must match"):
+        LPMTrie(family).update_arrays(arr, lens[:-1], vals)
+
+
+def test_lookup_batch_into_caller_arrays():
+    t = LPMTrie(4, {"10.0.0.0/8": 3})
+    keys = np.array([0x0A000001, 0x0B000001], np.uint32)
+    values = np.zeros(2, np.uint32)
+    found = np.zeros(2, np.bool_)
+    v, f = t.lookup_batch(keys, out=(values, found))
+    assert v is values and f is found and values.tolist() == [3, LPM_NO_VALUE] and found.tolist() == [True, False]
+    with pytest.raises(TypeError, match="out values"):
+        t.lookup_batch(keys, out=(np.zeros(3, np.uint32), found))
+    with pytest.raises(TypeError, match="out found"):
+        t.lookup_batch(keys, out=(values, np.zeros(2, np.uint8)))
+    with pytest.raises(TypeError, match="tuple"):
+        t.lookup_batch(keys, out=values)
+
+
+def test_ipv6_skip_chains_across_the_64_bit_halves():
+    # Lone long prefixes fold into skip nodes; a chain must stop at bit 64.
+    for plen in (65, 70, 100, 127, 128):
+        t = LPMTrie(6, {"2001:db8::/%d" % plen: 1})
+        assert t.lookup("2001:db8::") == 1
+        assert t.lookup("2001:db8:0:0:8000::") is None
+        assert t.lookup("2001:db8::1") == (1 if plen < 128 else None)
+        assert t.lookup("2001:db9::") is None
+    t = LPMTrie(6, {"2001:db8::/128": 1, "::/0": 0})
+    assert t.lookup("2001:db8:0:0:8000::") == 0 and t.lookup("2001:db8::") == 1
+
+
+def test_single_update_patches_under_concurrent_readers():
+    """Readers (GIL released) racing single-update patches, including short
+    prefixes that repaint many direct slots: every lookup returns a value its
+    address had before or after some update, never garbage."""
+    rng = np.random.default_rng(21)
+    base = {}
+    while len(base) < 20000:                       # dbits 16: a wide direct array
+        plen = int(rng.integers(8, 33))
+        a = int(rng.integers(0, 2**32)) >> (32 - plen) << (32 - plen)
+        if (a >> 20) != 0x0A0:                     # keep 10.0.0.0/12 for the race
+            base[(a, plen)] = 1
+    t = LPMTrie(4, base)
+    hosts = [(0x0A000000 + i * 4096 + 1, 24) for i in range(64)]   # /24s inside 10.0.0.0/12
+    allowed = {}
+    probes = []
+    for i, (a, _) in enumerate(hosts):
+        probes.append(a)                           # inside a toggled /24
+        allowed[a] = {1000 + 2 * i, 1001 + 2 * i}
+        probes.append(a + 256)                     # only under the toggled /12 (or a base cover)
+        allowed[a + 256] = {5, 6, t.lookup(a + 256)}
+    keys = np.array(probes, dtype=np.uint32)
+    for i, (a, plen) in enumerate(hosts):
+        t[(a & 0xFFFFFF00, plen)] = 1000 + 2 * i
+    stop = threading.Event()
+    errors = []
+
+    def reader():
+        while not stop.is_set():
+            values, found = t.lookup_batch(keys)
+            for a, v, f in zip(probes, values.tolist(), found.tolist()):
+                if (v if f else None) not in allowed[a]:
+                    errors.append((hex(a), v, f))
+                    return
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for th in threads:
+        th.start()
+    try:
+        for gen in range(30):
+            for i, (a, plen) in enumerate(hosts):
+                t[(a & 0xFFFFFF00, plen)] = 1000 + 2 * i + (gen & 1)
+            t["10.0.0.0/12"] = 5 + (gen & 1)       # 16 slots repainted, subtrees rebuilt
+            if gen % 3 == 2:
+                del t["10.0.0.0/12"]
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    assert not errors, errors[:3]

@@ -1,0 +1,542 @@
+"""The agent: one node's egress gateway, the datapath plus everything around it.
+
+    agent = egresscore.Agent(node="node1", cluster="cluster.yaml",
+                             policies=["policies/"], netns=None)
+    agent.run()          # until agent.stop(), SIGINT or SIGTERM (CLI)
+    agent.counters()     # any time, from any thread
+
+An Agent owns, for its node:
+- the control plane: the cluster model, the policies, a Compiler filling an
+  EgressMap (changes are applied in place while the datapath reads it);
+- the NatTable (masquerade to the node IP and SNAT to this node's egress IPs);
+- the fused Datapath and its AF_PACKET rings: one on the underlay interface
+  (eth0) and one per local pod veth (`lxc-<pod name>` by default);
+- the claims on the kernel stack, removed again by close(): an nftables table
+  `egresscore` (prerouting, priority raw: after the AF_PACKET taps, so the
+  rings still see every packet) that drops what the agent forwards itself, and
+  a kernel `ip_local_port_range` disjoint from the NAT port range.
+
+Neighbour MACs (router, other nodes, pods) and the default route are read with
+pyroute2; missing ones are resolved by a probe (`ping -c 1`, which makes the
+kernel ARP) and read again every second.
+
+Offloads: frames from pods must arrive as plain, fully checksummed, MTU-sized
+frames: turn tx checksumming, TSO and GSO off on the pod side of each veth
+(`egresscore.agent.disable_offloads`, the lab does it for its pods, servers
+and nodes).  PACKET_VNET_HDR (GSO passthrough) is the faster route, not taken
+yet.
+
+Thread model: the datapath and the NAT table have one writer, the thread in
+run()/step().  Control changes (set_policies, reload, upsert_pod, ...) may come
+from any thread: they are queued and applied by the loop thread between
+batches (directly when no loop runs).
+"""
+import ipaddress
+import os
+import queue
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+from pyroute2 import IPRoute
+
+from ._core import Datapath, EgressMap, NatTable, PacketRing
+from .cluster import Cluster, Pod, load_cluster
+from .compiler import Compiler
+from .policy import load_policies
+
+NFT_TABLE = "egresscore"
+DEFAULT_NAT_PORTS = (32768, 65534)
+DEFAULT_KERNEL_PORTS = (20000, 32767)
+PORT_RANGE_SYSCTL = "net.ipv4.ip_local_port_range"
+
+
+def _pod_ifname(pod):
+    return "lxc-" + pod.name
+
+
+class AgentError(RuntimeError):
+    """The agent cannot run on this host (missing interface, address, tool)."""
+
+
+class Agent:
+    """One node's egress gateway agent (see the module docstring).
+
+    node: this node's name in `cluster`; cluster: a Cluster or a cluster YAML
+    path; policies: EgressPolicy objects or policy file/folder paths.
+    netns: run on this network namespace's interfaces (the lab's nodes).
+    """
+
+    def __init__(self, node, cluster, policies=(), *, netns=None, underlay="eth0", vni=2,
+                 vxlan_port=8472, mtu=1500, nat_port_range=DEFAULT_NAT_PORTS,
+                 kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=65536,
+                 pod_ifname=_pod_ifname, claim=True, poll_ms=20):
+        if isinstance(cluster, (str, os.PathLike)):
+            self._cluster_path = os.fspath(cluster)
+            cluster = load_cluster(cluster)
+        else:
+            self._cluster_path = None
+        if not isinstance(cluster, Cluster):
+            raise TypeError(f"cluster must be a Cluster or a path, not {type(cluster).__name__}")
+        if node not in cluster.nodes:
+            raise ValueError(f"node {node!r} is not in the cluster (nodes: {', '.join(sorted(cluster.nodes))})")
+        self._policy_paths, policies = self._policies_from(policies)
+        if nat_port_range[1] >= 65535:
+            raise ValueError("nat_port_range must end at 65534 or below")
+        lo, hi = kernel_port_range
+        if not (hi < nat_port_range[0] or lo > nat_port_range[1]):
+            raise ValueError(f"kernel_port_range {kernel_port_range} overlaps nat_port_range {nat_port_range}")
+        self.node = node
+        self.netns = netns
+        self.underlay = underlay
+        self.nat_port_range = tuple(nat_port_range)
+        self.kernel_port_range = tuple(kernel_port_range)
+        self.claim = claim
+        self.poll_ms = poll_ms
+        self._vxlan_port = vxlan_port
+        self._pod_ifname = pod_ifname
+        self._ports = {}  # pod key -> (port, ifname)
+        self._node_index = {}
+        self._queue = queue.Queue()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._loop_thread = None
+        self._closed = False
+        self._installed_nft = False
+        self._old_port_range = None
+        self._probes = []
+        self._next_refresh = 0.0
+        self._rings = []
+        self.ready = threading.Event()
+
+        me = cluster.nodes[node]
+        if not me.gateway_ip:
+            raise ValueError(f"node {node!r} has no IPv4 internal IP")
+        self.node_ip = me.gateway_ip
+        with self._ipr() as ipr:
+            idx = ipr.link_lookup(ifname=underlay)
+            if not idx:
+                raise AgentError(f"no interface {underlay!r}{self._where()}")
+            self._underlay_index = idx[0]
+            link = ipr.get_links(idx[0])[0]
+            self.node_mac = link.get_attr("IFLA_ADDRESS")
+            local = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2, index=idx[0])]
+        if self.node_ip not in local:
+            raise AgentError(f"{self.node_ip} (node {node}'s internal IP) is not on {underlay}{self._where()}")
+        self.egress_map = EgressMap()
+        self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range)
+        for ip in local:
+            self.nat.add_egress_ip(ip)
+        self._local_ips = set(local)
+        self.datapath = Datapath(self.node_ip, self.node_mac, self.egress_map, self.nat, vni=vni,
+                                 vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range)
+        self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map)
+        self.cluster = self.compiler.cluster
+        self._sync_nodes()
+        try:
+            ring = PacketRing(underlay, netns=netns, ignore_outgoing=True)
+        except Exception as exc:
+            raise AgentError(f"cannot open a ring on {underlay}{self._where()}: {exc}") from exc
+        self._rings.append(ring)
+        self.datapath.attach_ring(0, ring)
+        self._sync_pods()
+        if self._refresh_neighbours(probe=True):
+            deadline = time.monotonic() + 1.0  # let the kernel resolve them before the first packet
+            while self._refresh_neighbours() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if claim:
+            self._install_claims()
+
+    # -- small helpers -------------------------------------------------------------
+    def _where(self):
+        return f" in network namespace {self.netns!r}" if self.netns else ""
+
+    def _ipr(self):
+        return IPRoute(netns=self.netns) if self.netns else IPRoute()
+
+    def _cmd(self, argv):
+        return (["ip", "netns", "exec", self.netns] if self.netns else []) + list(argv)
+
+    @staticmethod
+    def _policies_from(policies):
+        if isinstance(policies, (str, os.PathLike)):
+            policies = [policies]
+        policies = list(policies)
+        if policies and all(isinstance(p, (str, os.PathLike)) for p in policies):
+            paths = [os.fspath(p) for p in policies]
+            result = load_policies(*paths)
+            if result.errors:
+                raise ValueError("; ".join(str(e) for e in result.errors))
+            return paths, result.policies
+        return None, policies
+
+    # -- cluster facts -> datapath ---------------------------------------------------
+    def _sync_nodes(self):
+        names = sorted(self.cluster.nodes)
+        for name, idx in list(self._node_index.items()):
+            if name not in self.cluster.nodes:
+                self.datapath.remove_node(idx)
+                del self._node_index[name]
+        for name in names:
+            n = self.cluster.nodes[name]
+            if not n.gateway_ip:
+                continue
+            if name in self._node_index:
+                idx = self._node_index[name]
+                self.datapath.remove_node(idx)
+            else:
+                used = set(self._node_index.values())
+                idx = next(i for i in range(256) if i not in used)
+            self._node_index[name] = idx
+            self.datapath.add_node(idx, n.gateway_ip, [c for c in n.pod_cidrs if ":" not in c])
+
+    def _sync_pods(self):
+        wanted = {p.key: p for p in self.cluster.pods.values() if p.node == self.node}
+        for key in list(self._ports):
+            if key not in wanted:
+                self._drop_port(key)
+        for key, pod in wanted.items():
+            ip4 = next((ip for ip in pod.ips if ":" not in ip), None)
+            if ip4 is None:
+                continue
+            ifname = self._pod_ifname(pod)
+            if key in self._ports:
+                port, _ = self._ports[key]
+                self.datapath.add_pod_port(port, ip4, self._host_mac(ifname))
+                continue
+            with self._ipr() as ipr:
+                if not ipr.link_lookup(ifname=ifname):
+                    continue  # not plugged yet: picked up by a later sync
+            used = {p for p, _ in self._ports.values()}
+            port = next(i for i in range(1, 64) if i not in used)
+            self.datapath.add_pod_port(port, ip4, self._host_mac(ifname))
+            ring = PacketRing(ifname, netns=self.netns, ignore_outgoing=True, block_size=1 << 16,
+                              block_count=16, tx_frames=256)
+            self._rings.append(ring)
+            self.datapath.attach_ring(port, ring)
+            self._ports[key] = (port, ifname)
+        if self._installed_nft:
+            self._install_claims()
+
+    def _drop_port(self, key):
+        port, _ = self._ports.pop(key)
+        ring = self.datapath.rings_attached.get(port)
+        self.datapath.remove_pod_port(port)
+        if ring is not None:
+            self._rings.remove(ring)
+            ring.close()
+
+    def _host_mac(self, ifname):
+        with self._ipr() as ipr:
+            idx = ipr.link_lookup(ifname=ifname)[0]
+            return ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+
+    def _refresh_neighbours(self, probe=False):
+        """Router and node MACs from the kernel's neighbour table (and default route)."""
+        with self._ipr() as ipr:
+            neigh = {}
+            for n in ipr.get_neighbours(family=2):
+                mac, dst = n.get_attr("NDA_LLADDR"), n.get_attr("NDA_DST")
+                if mac and dst and n["state"] not in (0x20, 0x01):  # not FAILED / INCOMPLETE
+                    neigh[dst] = mac
+            router = None
+            for r in ipr.get_default_routes(family=2):
+                router = r.get_attr("RTA_GATEWAY")
+                if router:
+                    break
+        missing = []
+        self._router_ip = router
+        if router:
+            self.datapath.set_router(neigh.get(router))
+            if router not in neigh:
+                missing.append(router)
+        for name, idx in self._node_index.items():
+            ip = self.cluster.nodes[name].gateway_ip
+            if ip in self._local_ips:
+                continue
+            mac = neigh.get(ip)
+            self.datapath.set_node_mac(idx, mac)
+            if mac is None:
+                missing.append(ip)
+        for key, (port, ifname) in self._ports.items():
+            pod = self.cluster.pods.get(key)
+            ip4 = next((ip for ip in pod.ips if ":" not in ip), None) if pod else None
+            if ip4 in neigh:
+                pass  # the datapath learns pod MACs from their frames
+        self._probes = [p for p in self._probes if p.poll() is None]
+        if probe and missing and not self._probes:
+            # one UDP datagram to the discard port makes the kernel resolve the address
+            code = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                    f"for ip in {missing!r}:\n    s.sendto(b'', (ip, 9))\n")
+            self._probes.append(subprocess.Popen(self._cmd([sys.executable, "-c", code]),
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return missing
+
+    # -- claims on the kernel stack ---------------------------------------------------
+    def _ruleset(self):
+        inside = sorted({c for n in self.cluster.nodes.values() for c in n.pod_cidrs if ":" not in c}
+                        | {n.gateway_ip for n in self.cluster.nodes.values() if n.gateway_ip})
+        pods = sorted(ifname for _, ifname in self._ports.values())
+        mine = sorted(self._local_ips)
+        lo, hi = self.nat_port_range
+        rules = []
+        if pods:
+            rules.append(f'iifname {{ {", ".join(map(repr_q, pods))} }} ip daddr != {{ {", ".join(inside)} }} drop')
+        u = repr_q(self.underlay)
+        rules.append(f"iifname {u} ip daddr {self.node_ip} udp dport {self.datapath_vxlan_port} drop")
+        rules.append(f"iifname {u} ip daddr {{ {', '.join(mine)} }} meta l4proto {{ tcp, udp }} th dport {lo}-{hi} drop")
+        rules.append(f"iifname {u} ip daddr {{ {', '.join(mine)} }} icmp type echo-reply drop")
+        body = "\n".join("        " + r for r in rules)
+        return (f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
+                f"table ip {NFT_TABLE} {{\n    chain prerouting {{\n"
+                f"        type filter hook prerouting priority raw; policy accept;\n{body}\n    }}\n}}\n")
+
+    @property
+    def datapath_vxlan_port(self):
+        return self._vxlan_port
+
+    def _install_claims(self):
+        if shutil.which("nft") is None:
+            raise AgentError("the nft tool is needed to claim traffic from the kernel (apt-get install nftables)")
+        out = subprocess.run(self._cmd(["nft", "-f", "-"]), input=self._ruleset(), text=True,
+                             capture_output=True, timeout=20)
+        if out.returncode:
+            raise AgentError(f"nft refused the claim rules: {out.stderr.strip()}")
+        self._installed_nft = True
+        if self._old_port_range is None:
+            self._old_port_range = self._sysctl_get(PORT_RANGE_SYSCTL)
+            self._sysctl_set(PORT_RANGE_SYSCTL, "%d %d" % self.kernel_port_range)
+
+    def _sysctl_get(self, key):
+        out = subprocess.run(self._cmd(["sysctl", "-n", key]), capture_output=True, text=True, timeout=10)
+        return " ".join(out.stdout.split())
+
+    def _sysctl_set(self, key, value):
+        subprocess.run(self._cmd(["sysctl", "-q", "-w", f"{key}={value}"]), capture_output=True, timeout=10)
+
+    def _remove_claims(self):
+        if self._installed_nft:
+            subprocess.run(self._cmd(["nft", "delete", "table", "ip", NFT_TABLE]), capture_output=True, timeout=20)
+            self._installed_nft = False
+        if self._old_port_range:
+            self._sysctl_set(PORT_RANGE_SYSCTL, self._old_port_range)
+            self._old_port_range = None
+
+    # -- control (any thread) ------------------------------------------------------------
+    def _submit(self, fn, *args):
+        if self._loop_thread is None or self._loop_thread is threading.current_thread():
+            return fn(*args)
+        done = threading.Event()
+        box = {}
+
+        def job():
+            try:
+                box["value"] = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            done.set()
+
+        self._queue.put(job)
+        if not done.wait(10):
+            raise TimeoutError("the agent loop did not apply the change within 10 s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def set_policies(self, policies):
+        """Replace the policy set (EgressPolicy objects or paths); applied in place."""
+        paths, policies = self._policies_from(policies)
+        if paths is not None:
+            self._policy_paths = paths
+        return self._submit(self._set_policies, policies)
+
+    def _set_policies(self, policies):
+        new = {p.name: p for p in policies}
+        for name in [p.name for p in self.compiler.policies]:
+            if name not in new:
+                self.compiler.remove_policy(name)
+        for p in policies:
+            self.compiler.upsert_policy(p)
+        return len(new)
+
+    def reload(self):
+        """Re-read the policy files (and the cluster file) given at start."""
+        return self._submit(self._do_reload)
+
+    def _do_reload(self):
+        if self._cluster_path:
+            fresh = load_cluster(self._cluster_path)
+            for name in list(self.cluster.nodes):
+                if name not in fresh.nodes:
+                    self.compiler.remove_node(name)
+            for n in fresh.nodes.values():
+                if self.cluster.nodes.get(n.name) != n:
+                    self.compiler.upsert_node(n)
+            for key in list(self.cluster.pods):
+                if key not in fresh.pods:
+                    self.compiler.remove_pod(*key)
+            for p in fresh.pods.values():
+                if self.cluster.pods.get(p.key) != p:
+                    self.compiler.upsert_pod(p)
+            self._sync_nodes()
+            self._sync_pods()
+        if self._policy_paths:
+            result = load_policies(*self._policy_paths)
+            self._set_policies(result.policies)
+        self._refresh_neighbours(probe=True)
+
+    def request_reload(self):
+        """Async-signal-safe: reload at the next loop iteration (SIGHUP)."""
+        self._reload.set()
+
+    def upsert_pod(self, pod: Pod):
+        return self._submit(self._upsert_pod, pod)
+
+    def _upsert_pod(self, pod):
+        self.compiler.upsert_pod(pod)
+        self._sync_pods()
+
+    def remove_pod(self, namespace, name):
+        return self._submit(self._remove_pod, namespace, name)
+
+    def _remove_pod(self, namespace, name):
+        self.compiler.remove_pod(namespace, name)
+        self._sync_pods()
+
+    def upsert_node(self, node):
+        return self._submit(self._upsert_node, node)
+
+    def _upsert_node(self, node):
+        self.compiler.upsert_node(node)
+        self._sync_nodes()
+        self._refresh_neighbours(probe=True)
+
+    def counters(self):
+        """Datapath counters (verdicts, drops by reason) plus NAT and ring figures."""
+        out = self.datapath.counters()
+        out["nat_entries"] = len(self.nat)
+        out["egress_entries"] = len(self.egress_map)
+        return out
+
+    # -- the loop ------------------------------------------------------------------------
+    def step(self, timeout=0.0):
+        """One iteration: pending changes, one batch per ring, housekeeping.  Returns frames handled."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            job()
+        if self._reload.is_set():
+            self._reload.clear()
+            self._do_reload()
+        n = self.datapath.poll()
+        if n == 0 and timeout > 0:
+            fds = [r.fileno() for r in self._rings if not r.closed]
+            if fds:
+                select.select(fds, [], [], timeout)
+            n = self.datapath.poll()
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self._next_refresh = now + 1.0
+            self.datapath.gc(4096)
+            self._refresh_neighbours(probe=True)
+        return n
+
+    def run(self):
+        """Forward until stop() (or a signal handler calling it); then close()."""
+        self._loop_thread = threading.current_thread()
+        self.ready.set()
+        try:
+            while not self._stop.is_set():
+                self.step(self.poll_ms / 1000.0)
+        finally:
+            self._loop_thread = None
+            self.close()
+
+    def start(self):
+        """run() in a background thread; returns the thread."""
+        t = threading.Thread(target=self.run, name=f"egresscore-agent-{self.node}", daemon=True)
+        t.start()
+        self.ready.wait(5)
+        self._thread = t
+        return t
+
+    def stop(self):
+        """Ask the loop to end (async-signal-safe); run() cleans up."""
+        self._stop.set()
+        t = getattr(self, "_thread", None)
+        if t is not None and t is not threading.current_thread():
+            t.join(10)
+
+    def close(self):
+        """Remove the claims, close the rings (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._remove_claims()
+        finally:
+            for p in self._probes:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+            for port in list(self.datapath.rings_attached):
+                self.datapath.detach_ring(port)
+            for r in self._rings:
+                r.close()
+            self._rings = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        self.close()
+        return False
+
+
+def repr_q(name):
+    return '"' + name.replace('"', "") + '"'
+
+
+def disable_offloads(ifname, netns=None):
+    """Turn tx checksumming, TSO and GSO off on `ifname` (so the agent gets plain frames)."""
+    from pyroute2.ethtool import Ethtool
+
+    def apply():
+        e = Ethtool()
+        try:
+            feats = e.get_features(ifname)
+            for key in ("tx-checksum-ip-generic", "tx-checksum-ipv4", "tx-tcp-segmentation",
+                        "tx-generic-segmentation", "tx-udp-segmentation", "tx-udp_tnl-segmentation",
+                        "tx-udp_tnl-csum-segmentation", "tx-tcp-ecn-segmentation",
+                        "tx-tcp-mangleid-segmentation", "tx-tcp6-segmentation", "tx-scatter-gather",
+                        "rx-gro"):
+                if key in feats.features:
+                    feats.features[key].enable = False
+            e.set_features(ifname, feats)
+        finally:
+            e.close()
+
+    if netns is None:
+        return apply()
+    from .lab import _ns
+
+    return _ns.call(netns, apply, timeout=30)
+
+
+def prepare_lab(lab):
+    """Lab interfaces (pods, servers, nodes, router) without tx offloads, for the agents."""
+    for pod in lab.pods.values():
+        disable_offloads(pod.ifname, pod.ns)
+    for s in lab.servers.values():
+        disable_offloads("eth0", s.ns)
+    for n in lab.nodes.values():
+        disable_offloads(n.ifname, n.ns)
+    disable_offloads("eth0", lab.router_ns)
+    for s in lab.servers.values():
+        disable_offloads(s.name, lab.router_ns)

@@ -1,0 +1,99 @@
+# datapath declarations: the fused per-batch pipeline (dp_).
+#
+#   RX ring frame -> pkt_parse -> egress map -> NAT -> pkt_nat4 -> VXLAN
+#   encap/decap -> TX ring, all nogil C, one call per batch.
+#
+# Ports: index 0 is the underlay (the node's eth0), 1.. are pod veths
+# (lxc-*).  Addresses in dp_ structs are IPv4, host order.  One thread per
+# Datapath (the NAT table it drives has one writer).
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+
+cdef enum:
+    DP_MAX_PORTS = 64
+    DP_MAX_NODES = 256
+    DP_HEADROOM = 128
+    DP_SCRATCH = 65536 + 256
+    DP_BATCH = 256
+
+cdef struct dp_node:
+    uint32_t ip                 # underlay address
+    uint8_t mac[6]              # its Ethernet address (learned neighbour)
+    uint8_t has_mac
+    uint8_t valid
+    VxlanTmpl tmpl              # outer header towards it (valid with has_mac)
+
+cdef struct dp_port:
+    uint32_t pod_ip             # the pod behind this veth (0: underlay / unknown)
+    uint8_t pod_mac[6]          # learned from the pod's frames (or set)
+    uint8_t host_mac[6]         # our end of the veth
+    uint8_t has_pod_mac
+    uint8_t used
+
+# Counters, readable from Python at any time (Datapath.counters()).
+cdef struct dp_stats:
+    uint64_t rx                 # frames looked at
+    uint64_t passed             # not ours: left to the kernel
+    uint64_t tx                 # sent on the underlay
+    uint64_t tx_local           # delivered to a local pod
+    uint64_t dropped
+    uint64_t encap              # VXLAN to a gateway / back to a pod's node
+    uint64_t decap              # VXLAN accepted
+    uint64_t snat_egress        # SNAT to an egress IP (gateway role)
+    uint64_t masquerade         # SNAT to the node IP (default)
+    uint64_t reverse_nat        # replies translated back
+    uint64_t icmp_too_big       # frag-needed replies sent
+    uint64_t icmp_errors        # ICMP errors translated (RFC 5508)
+    uint64_t tx_errors          # frames lost at transmit (ring full)
+    uint64_t drops[32]          # by DropReason
+
+cdef struct dp_out:
+    int port                    # where the frame goes (-1: nowhere)
+    uint8_t *data
+    int64_t length
+
+cdef class Datapath:
+    cdef uint32_t node_ip
+    cdef uint8_t node_mac[6]
+    cdef uint8_t router_mac[6]
+    cdef uint8_t has_router
+    cdef uint32_t vni
+    cdef uint16_t vxlan_port
+    cdef uint32_t mtu
+    cdef uint16_t nat_lo
+    cdef uint16_t nat_hi
+    cdef int node_ext           # NAT index of the node IP (masquerade)
+    cdef dp_port ports[64]
+    cdef dp_node nodes[256]
+    cdef dp_stats st
+    cdef uint8_t *scratch       # DP_SCRATCH bytes: the frame being worked on
+    cdef uint8_t *reply         # ICMP replies
+    cdef object _rings          # port -> PacketRing (or None)
+    cdef ring_t *rings[64]
+    cdef int n_rings
+    cdef readonly EgressMap egress_map
+    cdef readonly NatTable nat
+    cdef readonly LPMTrie pod_nodes     # pod CIDR -> node index
+    cdef readonly LPMTrie node_ips      # node IP /32 -> node index
+    cdef readonly LPMTrie local_pods    # local pod IP /32 -> port
+    cdef egress_map *em_c
+    cdef nat_table *nat_c
+    cdef lpm_trie *pod_nodes_c
+    cdef lpm_trie *node_ips_c
+    cdef lpm_trie *local_pods_c
+
+    cdef int dp_handle(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
+                       dp_out *out) noexcept nogil
+    cdef int dp_from_pod(self, uint8_t *f, int64_t length, int in_port, uint64_t now,
+                         dp_out *out) noexcept nogil
+    cdef int dp_from_underlay(self, uint8_t *f, int64_t length, uint64_t now,
+                              dp_out *out) noexcept nogil
+    cdef int dp_egress(self, uint8_t *f, int64_t length, PktInfo *pi, uint32_t egress_ip,
+                       bint policy, uint64_t now, dp_out *out) noexcept nogil
+    cdef int dp_to_pod_or_node(self, uint8_t *f, int64_t length, PktInfo *pi,
+                               dp_out *out) noexcept nogil
+    cdef int dp_encap(self, uint8_t *f, int64_t length, PktInfo *pi, int node,
+                      dp_out *out) noexcept nogil
+    cdef int dp_too_big(self, const uint8_t *f, PktInfo *pi, int port, uint32_t mtu,
+                        dp_out *out) noexcept nogil
+    cdef void dp_count(self, int verdict, int reason) noexcept nogil
+    cdef Py_ssize_t dp_poll(self, int max_frames) noexcept nogil

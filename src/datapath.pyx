@@ -1,0 +1,609 @@
+# datapath: the fused egress-gateway pipeline (dp_), one C pass per batch.
+#
+# A Datapath is one node's forwarding state: its underlay address and MACs,
+# the cluster's nodes (pod CIDR -> node, node IP -> node), its local pods
+# (pod IP -> veth port), the egress map and the NAT table.  Per frame:
+#
+#   from a pod (port >= 1), to outside the cluster:
+#       source check (DROP_SPOOFED) -> egress map (src, dst):
+#         match, gateway = this node  -> SNAT to the egress IP -> router
+#         match, gateway elsewhere    -> VXLAN to the gateway node
+#         match, gateway 0.0.0.0      -> DROP_NO_GATEWAY
+#         excluded / no match         -> masquerade to the node IP -> router
+#   from the underlay (port 0):
+#       VXLAN to this node from a cluster node (else DROP_NOT_CLUSTER_NODE):
+#         inner dst is a local pod    -> deliver (a gateway's reply)
+#         else gateway role: the inner source's pod CIDR must belong to the
+#         sender and a policy must send that (pod, dst) here
+#         (DROP_POLICY_DENIED), egress IP set (DROP_NO_EGRESS_IP) -> SNAT
+#       to an egress / node IP, in the NAT port range (or an echo reply):
+#         reverse NAT (DROP_NO_NAT_ENTRY) -> local pod, or VXLAN to its node
+#       ICMP errors about translated flows are translated (RFC 5508).
+#       anything else: not ours, VERDICT_PASS (the kernel has its own copy).
+#
+# Frames are copied once into a scratch buffer with headroom (VXLAN encap
+# writes 50 bytes in front), rewritten there and copied into a TX ring frame.
+# TTL is decremented on every forward; a packet too big for the underlay with
+# DF gets an ICMP fragmentation-needed reply (to the pod, or to the remote
+# sender for replies headed into the tunnel), so PMTUD works through VXLAN.
+# Inner Ethernet addresses in the tunnel are 02:ee:<node IP> (the lab's
+# kernel vxlan MACs), so Linux vxlan devices interoperate both ways.
+#
+# Thread model: one thread drives a Datapath (it is the NAT table's writer).
+from libc.stdlib cimport malloc as _dp_malloc, free as _dp_free
+from libc.string cimport memcpy as _dp_memcpy, memset as _dp_memset
+from posix.time cimport clock_gettime as _dp_clock_gettime, timespec as _dp_timespec, CLOCK_MONOTONIC as _DP_CLOCK_MONOTONIC
+
+import ipaddress as _dp_ipaddress
+
+
+cdef inline uint32_t dp_lpm4(lpm_trie *t, uint32_t addr) noexcept nogil:
+    cdef unsigned idx = lpm_rcu_enter(&t.rcu)
+    cdef uint32_t v = lpm4_table_lookup(lpm_trie_table(t), addr)
+    lpm_rcu_exit(&t.rcu, idx)
+    return v
+
+
+cdef inline void dp_tuple4(nat_tuple *k, uint8_t proto, uint8_t flags, uint32_t src, uint16_t sport,
+                           uint32_t dst, uint16_t dport) noexcept nogil:
+    _dp_memset(k, 0, sizeof(nat_tuple))
+    k.family = 4
+    k.proto = proto
+    k.tcp_flags = flags
+    k.sport = sport
+    k.dport = dport
+    pkt_store32(k.src, src)
+    pkt_store32(k.dst, dst)
+
+
+cdef inline void dp_vxlan_mac(uint8_t *mac, uint32_t ip) noexcept nogil:
+    mac[0] = 0x02
+    mac[1] = 0xee
+    pkt_store32(mac + 2, ip)
+
+
+cdef inline uint64_t dp_now() noexcept nogil:
+    cdef _dp_timespec ts
+    _dp_clock_gettime(_DP_CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+
+
+cdef inline bint dp_mac_differs(const uint8_t *a, const uint8_t *b) noexcept nogil:
+    cdef int i
+    for i in range(6):
+        if a[i] != b[i]:
+            return True
+    return False
+
+
+cdef inline int dp_ret(int verdict, int reason) noexcept nogil:
+    return (reason << 8) | verdict
+
+
+def _dp_ip4(value, what):
+    try:
+        a = _dp_ipaddress.IPv4Address(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"{what} must be an IPv4 address, not {value!r}") from None
+    return int(a)
+
+
+def _dp_mac(value, what):
+    if isinstance(value, (bytes, bytearray)) and len(value) == 6:
+        return bytes(value)
+    try:
+        b = bytes(int(x, 16) for x in str(value).split(":"))
+    except ValueError:
+        b = b""
+    if len(b) != 6:
+        raise ValueError(f"{what} must be a MAC address like 02:00:00:00:00:01, not {value!r}")
+    return b
+
+
+_DP_STAT_NAMES = ("rx", "passed", "tx", "tx_local", "dropped", "encap", "decap", "snat_egress",
+                  "masquerade", "reverse_nat", "icmp_too_big", "icmp_errors", "tx_errors")
+
+
+cdef class Datapath:
+    """One node's fused egress-gateway datapath (see datapath.pyx's header).
+
+    Datapath(node_ip, node_mac, egress_map, nat, *, vni=2, vxlan_port=8472,
+             mtu=1500, nat_port_range=(32768, 65534))
+
+    The NAT table must hold the node IP (masquerade) and this node's egress
+    IPs.  Configure with add_node / set_router / add_pod_port, then either
+    process() frames (tests, embedding) or attach PacketRings and poll().
+    One thread per Datapath.
+    """
+
+    def __cinit__(self):
+        self.scratch = <uint8_t *>_dp_malloc(DP_SCRATCH)
+        self.reply = <uint8_t *>_dp_malloc(2048)
+        if self.scratch == NULL or self.reply == NULL:
+            raise MemoryError("Datapath scratch buffers")
+        _dp_memset(&self.st, 0, sizeof(dp_stats))
+        _dp_memset(self.ports, 0, sizeof(self.ports))
+        _dp_memset(self.nodes, 0, sizeof(self.nodes))
+        _dp_memset(self.rings, 0, sizeof(self.rings))
+
+    def __dealloc__(self):
+        _dp_free(self.scratch)
+        _dp_free(self.reply)
+
+    def __init__(self, node_ip, node_mac, EgressMap egress_map not None, NatTable nat not None, *,
+                 vni=2, vxlan_port=8472, mtu=1500, nat_port_range=(32768, 65534)):
+        self.node_ip = _dp_ip4(node_ip, "node_ip")
+        mac = _dp_mac(node_mac, "node_mac")
+        _dp_memcpy(self.node_mac, <const char *>mac, 6)
+        if not isinstance(vni, int) or not 0 <= vni < 1 << 24:
+            raise ValueError(f"vni must be in 0..16777215, not {vni!r}")
+        if not isinstance(vxlan_port, int) or not 1 <= vxlan_port <= 65535:
+            raise ValueError(f"vxlan_port must be in 1..65535, not {vxlan_port!r}")
+        if not isinstance(mtu, int) or not 576 <= mtu <= 9000:
+            raise ValueError(f"mtu must be in 576..9000, not {mtu!r}")
+        lo, hi = nat_port_range
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError(f"nat_port_range must be (lo, hi) within 1..65535, not {nat_port_range!r}")
+        self.vni = vni
+        self.vxlan_port = vxlan_port
+        self.mtu = mtu
+        self.nat_lo = lo
+        self.nat_hi = hi
+        self.egress_map = egress_map
+        self.nat = nat
+        self.em_c = egress_map.c
+        self.nat_c = nat.t
+        if self.nat_c == NULL or self.em_c == NULL:
+            raise ValueError("egress_map and nat must be initialised tables")
+        self.node_ext = nat.add_egress_ip(str(_dp_ipaddress.IPv4Address(self.node_ip)))
+        self.pod_nodes = LPMTrie(4)
+        self.node_ips = LPMTrie(4)
+        self.local_pods = LPMTrie(4)
+        self.pod_nodes_c = self.pod_nodes.c
+        self.node_ips_c = self.node_ips.c
+        self.local_pods_c = self.local_pods.c
+        self._rings = {}
+        self.ports[0].used = 1
+        _dp_memcpy(self.ports[0].host_mac, self.node_mac, 6)
+
+    # -- configuration (Python, between batches) --------------------------------
+
+    def add_node(self, int index, ip, pod_cidrs=(), mac=None):
+        """Cluster node `index` (0..255): underlay IP, pod CIDRs, MAC (None: not yet known)."""
+        if not 0 <= index < DP_MAX_NODES:
+            raise ValueError(f"node index must be in 0..{DP_MAX_NODES - 1}, not {index}")
+        cdef dp_node *n = &self.nodes[index]
+        n.ip = _dp_ip4(ip, "node ip")
+        n.valid = 1
+        self.node_ips[f"{_dp_ipaddress.IPv4Address(n.ip)}/32"] = index
+        for cidr in pod_cidrs:
+            net = _dp_ipaddress.ip_network(cidr)
+            if net.version == 4:
+                self.pod_nodes[str(net)] = index
+        self.set_node_mac(index, mac)
+
+    def remove_node(self, int index):
+        if not 0 <= index < DP_MAX_NODES or not self.nodes[index].valid:
+            return
+        for key, v in list(self.pod_nodes.items()):
+            if v == index:
+                del self.pod_nodes[key]
+        for key, v in list(self.node_ips.items()):
+            if v == index:
+                del self.node_ips[key]
+        _dp_memset(&self.nodes[index], 0, sizeof(dp_node))
+
+    def set_node_mac(self, int index, mac):
+        """The underlay MAC of node `index` (None: unknown, VXLAN to it is DROP_NO_ROUTE)."""
+        if not 0 <= index < DP_MAX_NODES or not self.nodes[index].valid:
+            raise ValueError(f"no node {index}")
+        cdef dp_node *n = &self.nodes[index]
+        if mac is None:
+            n.has_mac = 0
+            return
+        m = _dp_mac(mac, "node mac")
+        _dp_memcpy(n.mac, <const char *>m, 6)
+        vxlan_tmpl_init(&n.tmpl, self.node_mac, n.mac, self.node_ip, n.ip, self.vni, self.vxlan_port,
+                        64, self.mtu, 32768, 61000)
+        n.has_mac = 1
+
+    def set_router(self, mac):
+        """The MAC of the underlay's default next hop (traffic leaving the cluster)."""
+        if mac is None:
+            self.has_router = 0
+            return
+        m = _dp_mac(mac, "router mac")
+        _dp_memcpy(self.router_mac, <const char *>m, 6)
+        self.has_router = 1
+
+    def add_pod_port(self, int port, pod_ip, host_mac, pod_mac=None):
+        """Veth `port` (1..63) leads to the local pod `pod_ip`; host_mac is our end's MAC."""
+        if not 1 <= port < DP_MAX_PORTS:
+            raise ValueError(f"pod port must be in 1..{DP_MAX_PORTS - 1}, not {port}")
+        cdef dp_port *p = &self.ports[port]
+        old = p.pod_ip
+        if p.used and old:
+            self.local_pods.pop(f"{_dp_ipaddress.IPv4Address(old)}/32", None)
+        p.pod_ip = _dp_ip4(pod_ip, "pod_ip")
+        hm = _dp_mac(host_mac, "host_mac")
+        _dp_memcpy(p.host_mac, <const char *>hm, 6)
+        p.has_pod_mac = 0
+        if pod_mac is not None:
+            pm = _dp_mac(pod_mac, "pod_mac")
+            _dp_memcpy(p.pod_mac, <const char *>pm, 6)
+            p.has_pod_mac = 1
+        p.used = 1
+        self.local_pods[f"{_dp_ipaddress.IPv4Address(p.pod_ip)}/32"] = port
+
+    def remove_pod_port(self, int port):
+        if not 1 <= port < DP_MAX_PORTS or not self.ports[port].used:
+            return
+        self.local_pods.pop(f"{_dp_ipaddress.IPv4Address(self.ports[port].pod_ip)}/32", None)
+        self.detach_ring(port)
+        _dp_memset(&self.ports[port], 0, sizeof(dp_port))
+
+    def attach_ring(self, int port, PacketRing ring not None):
+        """Receive and transmit port `port`'s frames through `ring` (poll())."""
+        if not 0 <= port < DP_MAX_PORTS or not self.ports[port].used:
+            raise ValueError(f"port {port} is not configured")
+        if not (ring.has_rx and ring.has_tx):
+            raise ValueError("the ring must have both RX and TX")
+        self._rings[port] = ring
+        self.rings[port] = &ring.r
+        self.n_rings = max(self.n_rings, port + 1)
+
+    def detach_ring(self, int port):
+        if 0 <= port < DP_MAX_PORTS:
+            self._rings.pop(port, None)
+            self.rings[port] = NULL
+
+    @property
+    def rings_attached(self):
+        return dict(self._rings)
+
+    # -- counters -----------------------------------------------------------------
+
+    def counters(self):
+        """{'rx': .., 'tx': .., ..., 'drops': {reason name: count}} (non-zero drop reasons)."""
+        cdef uint64_t *v = &self.st.rx
+        out = {name: v[i] for i, name in enumerate(_DP_STAT_NAMES)}
+        out["drops"] = {DROP_REASON_NAMES[i]: self.st.drops[i]
+                        for i in range(1, DROP_REASON_MAX) if self.st.drops[i]}
+        return out
+
+    def reset_counters(self):
+        _dp_memset(&self.st, 0, sizeof(dp_stats))
+
+    # -- Python entry points ------------------------------------------------------
+
+    def process(self, frame, int port=0, now=None):
+        """Run one frame received on `port` through the pipeline.
+
+        Returns (verdict, reason, out): verdict 'pass' | 'tx' | 'tx_local' |
+        'drop', the drop reason name ('none' otherwise), and out = (port,
+        bytes) of the frame to transmit or None.  A drop with a reply (ICMP
+        frag-needed) carries the reply in out."""
+        cdef const uint8_t[::1] b = bytes(frame)
+        cdef dp_out o
+        if b.shape[0] == 0:
+            raise ValueError("frame is empty")
+        cdef uint64_t t
+        cdef int r
+        if not 0 <= port < DP_MAX_PORTS or not self.ports[port].used:
+            raise ValueError(f"port {port} is not configured")
+        t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
+        with nogil:
+            r = self.dp_handle(&b[0], b.shape[0], port, t, &o)
+        verdict = ("pass", "tx", "tx_local", "drop")[r & 0xff]
+        out = None
+        if o.port >= 0:
+            out = (o.port, bytes((<char *>o.data)[:o.length]))
+        return verdict, DROP_REASON_NAMES[r >> 8], out
+
+    def poll(self, int max_frames=DP_BATCH):
+        """One batch from every attached ring (GIL released); returns frames handled."""
+        cdef Py_ssize_t n
+        with nogil:
+            n = self.dp_poll(max_frames)
+        return n
+
+    def gc(self, int max_scan=4096, now=None):
+        """Bounded NAT expiry work (call every tick)."""
+        cdef uint64_t t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
+        cdef uint32_t n
+        with nogil:
+            n = nat_gc(self.nat_c, t, max_scan)
+        return n
+
+    # -- the pipeline ---------------------------------------------------------------
+
+    cdef void dp_count(self, int verdict, int reason) noexcept nogil:
+        if verdict == VERDICT_PASS:
+            self.st.passed += 1
+        elif verdict == VERDICT_TX:
+            self.st.tx += 1
+        elif verdict == VERDICT_TX_LOCAL:
+            self.st.tx_local += 1
+        else:
+            self.st.dropped += 1
+            self.st.drops[reason & 31] += 1
+
+    cdef Py_ssize_t dp_poll(self, int max_frames) noexcept nogil:
+        cdef ring_frame_t fr[DP_BATCH]
+        cdef int port, n, i, k
+        cdef Py_ssize_t total = 0
+        cdef dp_out o
+        cdef uint8_t *buf
+        cdef uint32_t room
+        cdef uint64_t now = dp_now()
+        cdef uint8_t dirty[64]
+        if max_frames > DP_BATCH:
+            max_frames = DP_BATCH
+        _dp_memset(dirty, 0, sizeof(dirty))
+        for port in range(self.n_rings):
+            if self.rings[port] == NULL:
+                continue
+            n = ring_rx_batch(self.rings[port], fr, max_frames)
+            for i in range(n):
+                self.dp_handle(fr[i].data, fr[i].len, port, now, &o)
+                if o.port < 0 or self.rings[o.port] == NULL:
+                    continue
+                buf = ring_tx_claim(self.rings[o.port], &room)
+                if buf == NULL:
+                    # flush what is queued and retry once
+                    ring_tx_flush(self.rings[o.port])
+                    buf = ring_tx_claim(self.rings[o.port], &room)
+                if buf == NULL or room < o.length:
+                    self.st.tx_errors += 1
+                    self.st.drops[<int>DROP_TX_FULL] += 1
+                    continue
+                _dp_memcpy(buf, o.data, o.length)
+                ring_tx_commit(self.rings[o.port], <uint32_t>o.length)
+                dirty[o.port] = 1
+            if n:
+                ring_rx_release(self.rings[port])
+            total += n
+        for k in range(self.n_rings):
+            if dirty[k] and self.rings[k] != NULL:
+                ring_tx_flush(self.rings[k])
+        return total
+
+    cdef int dp_handle(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
+                       dp_out *out) noexcept nogil:
+        cdef uint8_t *f = self.scratch + DP_HEADROOM
+        cdef int r
+        out.port = -1
+        self.st.rx += 1
+        if length < PKT_ETH_LEN or length > DP_SCRATCH - DP_HEADROOM:
+            r = dp_ret(VERDICT_PASS, 0) if in_port == 0 else dp_ret(VERDICT_DROP, DROP_MALFORMED)
+        else:
+            _dp_memcpy(f, frame, length)
+            if in_port == 0:
+                r = self.dp_from_underlay(f, length, now, out)
+            else:
+                r = self.dp_from_pod(f, length, in_port, now, out)
+        self.dp_count(r & 0xff, r >> 8)
+        return r
+
+    cdef int dp_too_big(self, const uint8_t *f, PktInfo *pi, int port, uint32_t mtu,
+                        dp_out *out) noexcept nogil:
+        """Queue the ICMP frag-needed reply for the sender of f (back out of `port`)."""
+        cdef int64_t n = pkt_icmp_too_big(f, pi, self.reply, 2048, mtu, NULL)
+        if n > 0:
+            out.port = port
+            out.data = self.reply
+            out.length = n
+            self.st.icmp_too_big += 1
+        return dp_ret(VERDICT_DROP, DROP_FRAG_NEEDED)
+
+    cdef int dp_encap(self, uint8_t *f, int64_t length, PktInfo *pi, int node,
+                      dp_out *out) noexcept nogil:
+        """TTL, inner MACs, VXLAN towards cluster node `node`, out of the underlay."""
+        cdef dp_node *n = &self.nodes[node]
+        cdef int rc
+        cdef int64_t ln
+        if not n.valid or not n.has_mac:
+            return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+        rc = pkt_ttl_decrement(f, pi)
+        if rc:
+            return dp_ret(VERDICT_DROP, rc)
+        dp_vxlan_mac(f, n.ip)
+        dp_vxlan_mac(f + 6, self.node_ip)
+        ln = vxlan_encap_frame(f, length, &n.tmpl, vxlan_src_port(f, pi, &n.tmpl))
+        out.port = 0
+        out.data = f - VXLAN_OVERHEAD
+        out.length = ln
+        self.st.encap += 1
+        return dp_ret(VERDICT_TX, 0)
+
+    cdef int dp_egress(self, uint8_t *f, int64_t length, PktInfo *pi, uint32_t egress_ip,
+                       bint policy, uint64_t now, dp_out *out) noexcept nogil:
+        """SNAT to egress_ip (the node IP: masquerade) and out to the router."""
+        cdef uint8_t a16[16]
+        cdef int ext, rc
+        cdef nat_tuple k, o
+        _dp_memset(a16, 0, 16)
+        pkt_store32(a16, egress_ip)
+        ext = self.node_ext if egress_ip == self.node_ip else nat_ext_find(self.nat_c, 4, a16)
+        if ext < 0:
+            return dp_ret(VERDICT_DROP, DROP_NO_EGRESS_IP)
+        if not self.has_router:
+            return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+        if not pi.has_ports:
+            return dp_ret(VERDICT_DROP, DROP_FRAGMENT if pi.frag == PKT_FRAG_LATER else DROP_UNSUPPORTED)
+        rc = pkt_ttl_decrement(f, pi)
+        if rc:
+            return dp_ret(VERDICT_DROP, rc)
+        dp_tuple4(&k, pi.proto, pi.tcp_flags, pi.src4, pi.sport, pi.dst4, pi.dport)
+        rc = nat_translate_out(self.nat_c, &k, <uint32_t>ext, now, &o)
+        if rc:
+            return dp_ret(VERDICT_DROP, rc)
+        rc = pkt_nat4(f, pi, PKT_NAT_SRC, pkt_load32(o.src), o.sport)
+        if rc:
+            return dp_ret(VERDICT_DROP, rc)
+        _dp_memcpy(f, self.router_mac, 6)
+        _dp_memcpy(f + 6, self.node_mac, 6)
+        out.port = 0
+        out.data = f
+        out.length = length
+        if policy:
+            self.st.snat_egress += 1
+        else:
+            self.st.masquerade += 1
+        return dp_ret(VERDICT_TX, 0)
+
+    cdef int dp_from_pod(self, uint8_t *f, int64_t length, int in_port, uint64_t now,
+                         dp_out *out) noexcept nogil:
+        cdef PktInfo pi
+        cdef dp_port *p = &self.ports[in_port]
+        cdef int rc, status
+        cdef uint32_t egress = 0, gw = 0, node
+        rc = pkt_parse(f, length, &pi)
+        if rc:
+            # ARP and the like are the kernel's (it answers for the pod gateway)
+            return dp_ret(VERDICT_PASS, 0) if rc == DROP_UNSUPPORTED else dp_ret(VERDICT_DROP, rc)
+        if pi.ip_version != 4:
+            return dp_ret(VERDICT_PASS, 0)
+        # inside the cluster (pods, nodes): the kernel routes it
+        if dp_lpm4(self.pod_nodes_c, pi.dst4) != LPM_NONE or dp_lpm4(self.node_ips_c, pi.dst4) != LPM_NONE:
+            return dp_ret(VERDICT_PASS, 0)
+        if pi.src4 != p.pod_ip:
+            return dp_ret(VERDICT_DROP, DROP_SPOOFED)
+        if not p.has_pod_mac or dp_mac_differs(p.pod_mac, f + 6):
+            _dp_memcpy(p.pod_mac, f + 6, 6)
+            p.has_pod_mac = 1
+        status = egress_map_lookup4(self.em_c, pi.src4, pi.dst4, &egress, &gw)
+        if status == EGRESS_NO_GATEWAY:
+            return dp_ret(VERDICT_DROP, DROP_NO_GATEWAY)
+        if status != EGRESS_MATCH:
+            return self.dp_egress(f, length, &pi, self.node_ip, False, now, out)
+        if gw == self.node_ip:
+            if egress == 0:
+                return dp_ret(VERDICT_DROP, DROP_NO_EGRESS_IP)
+            return self.dp_egress(f, length, &pi, egress, True, now, out)
+        node = dp_lpm4(self.node_ips_c, gw)
+        if node == LPM_NONE or not self.nodes[node].has_mac:
+            return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+        rc = vxlan_check_mtu(&pi, length, &self.nodes[node].tmpl)
+        if rc == DROP_FRAG_NEEDED:
+            return self.dp_too_big(f, &pi, in_port, self.mtu - 36 - pi.l3_off, out)
+        if rc:
+            return dp_ret(VERDICT_DROP, rc)
+        return self.dp_encap(f, length, &pi, node, out)
+
+    cdef int dp_to_pod_or_node(self, uint8_t *f, int64_t length, PktInfo *pi,
+                               dp_out *out) noexcept nogil:
+        """Deliver an already translated packet to its pod: the local veth, or
+        VXLAN to the pod's node."""
+        cdef uint32_t port = dp_lpm4(self.local_pods_c, pi.dst4)
+        cdef uint32_t node
+        cdef int rc
+        cdef dp_port *p
+        if port != LPM_NONE:
+            p = &self.ports[port]
+            if not p.has_pod_mac:
+                return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+            rc = pkt_ttl_decrement(f, pi)
+            if rc:
+                return dp_ret(VERDICT_DROP, rc)
+            _dp_memcpy(f, p.pod_mac, 6)
+            _dp_memcpy(f + 6, p.host_mac, 6)
+            out.port = <int>port
+            out.data = f
+            out.length = length
+            return dp_ret(VERDICT_TX_LOCAL, 0)
+        node = dp_lpm4(self.pod_nodes_c, pi.dst4)
+        if node == LPM_NONE:
+            return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+        return self.dp_encap(f, length, pi, node, out)
+
+    cdef int dp_from_underlay(self, uint8_t *f, int64_t length, uint64_t now,
+                              dp_out *out) noexcept nogil:
+        cdef PktInfo pi, ipi
+        cdef VxlanDecapInfo d
+        cdef int rc, status
+        cdef uint32_t sender, src_node, egress = 0, gw = 0, port, node
+        cdef uint8_t *g
+        cdef int64_t glen
+        cdef uint8_t a16[16]
+        cdef nat_tuple k, o
+        rc = pkt_parse(f, length, &pi)
+        if rc or pi.ip_version != 4:
+            return dp_ret(VERDICT_PASS, 0)
+        # ---- VXLAN to this node
+        if (pi.dst4 == self.node_ip and pi.proto == PKT_IPPROTO_UDP and pi.l4_off >= 0
+                and pi.dport == self.vxlan_port):
+            sender = dp_lpm4(self.node_ips_c, pi.src4)
+            if sender == LPM_NONE:
+                return dp_ret(VERDICT_DROP, DROP_NOT_CLUSTER_NODE)
+            rc = vxlan_decap_frame(f, length, self.vxlan_port, self.vni, &d)
+            if rc:
+                return dp_ret(VERDICT_DROP, rc)
+            g = f + d.inner_off
+            glen = d.inner_len
+            rc = pkt_parse(g, glen, &ipi)
+            if rc:
+                return dp_ret(VERDICT_DROP, rc)
+            if ipi.ip_version != 4:
+                return dp_ret(VERDICT_DROP, DROP_UNSUPPORTED)
+            self.st.decap += 1
+            port = dp_lpm4(self.local_pods_c, ipi.dst4)
+            if port != LPM_NONE:
+                # a gateway's reply (or a relayed ICMP error) for a pod here
+                return self.dp_to_pod_or_node(g, glen, &ipi, out)
+            # gateway role: the sender must host the inner source, and a
+            # policy must send (source, destination) to this node
+            src_node = dp_lpm4(self.pod_nodes_c, ipi.src4)
+            if src_node == LPM_NONE or src_node != sender:
+                return dp_ret(VERDICT_DROP, DROP_POLICY_DENIED)
+            status = egress_map_lookup4(self.em_c, ipi.src4, ipi.dst4, &egress, &gw)
+            if status != EGRESS_MATCH or gw != self.node_ip:
+                return dp_ret(VERDICT_DROP, DROP_POLICY_DENIED)
+            if egress == 0:
+                return dp_ret(VERDICT_DROP, DROP_NO_EGRESS_IP)
+            return self.dp_egress(g, glen, &ipi, egress, True, now, out)
+        # ---- replies to an egress IP / the node IP
+        _dp_memset(a16, 0, 16)
+        pkt_store32(a16, pi.dst4)
+        if nat_ext_find(self.nat_c, 4, a16) < 0:
+            return dp_ret(VERDICT_PASS, 0)
+        if pi.icmp_err:
+            if not pi.in_has_ports:
+                return dp_ret(VERDICT_PASS, 0)
+            # the quote is our translated packet: look its flow up as a reply
+            dp_tuple4(&k, pi.in_proto, 0, pi.in_dst4, pi.in_dport, pi.in_src4, pi.in_sport)
+            if nat_peek_in(self.nat_c, &k, now, &o):
+                return dp_ret(VERDICT_PASS, 0)
+            rc = pkt_nat4(f, &pi, PKT_NAT_DST, pkt_load32(o.dst), o.dport)
+            if rc:
+                return dp_ret(VERDICT_DROP, rc)
+            self.st.icmp_errors += 1
+            return self.dp_to_pod_or_node(f, length, &pi, out)
+        if pi.proto == PKT_IPPROTO_ICMP:
+            if pi.icmp_type != 0 or not pi.has_ports:
+                return dp_ret(VERDICT_PASS, 0)      # echo requests etc.: the kernel's
+        elif pi.proto == PKT_IPPROTO_TCP or pi.proto == PKT_IPPROTO_UDP:
+            if pi.l4_off < 0 or pi.dport < self.nat_lo or pi.dport > self.nat_hi:
+                return dp_ret(VERDICT_PASS, 0)
+        else:
+            return dp_ret(VERDICT_PASS, 0)
+        dp_tuple4(&k, pi.proto, pi.tcp_flags, pi.src4, pi.sport, pi.dst4, pi.dport)
+        rc = nat_translate_in(self.nat_c, &k, now, &o)
+        if rc:
+            return dp_ret(VERDICT_DROP, rc)
+        # too big for the tunnel back to the pod's node: tell the sender now,
+        # quoting the packet as it sent it (from the address it talked to)
+        if dp_lpm4(self.local_pods_c, pkt_load32(o.dst)) == LPM_NONE:
+            node = dp_lpm4(self.pod_nodes_c, pkt_load32(o.dst))
+            if node != LPM_NONE and self.nodes[node].has_mac:
+                rc = vxlan_check_mtu(&pi, length, &self.nodes[node].tmpl)
+                if rc == DROP_FRAG_NEEDED:
+                    return self.dp_too_big(f, &pi, 0, self.mtu - 36 - pi.l3_off, out)
+                if rc:
+                    return dp_ret(VERDICT_DROP, rc)
+        rc = pkt_nat4(f, &pi, PKT_NAT_DST, pkt_load32(o.dst), o.dport)
+        if rc:
+            return dp_ret(VERDICT_DROP, rc)
+        self.st.reverse_nat += 1
+        return self.dp_to_pod_or_node(f, length, &pi, out)
+

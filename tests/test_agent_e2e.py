@@ -1,0 +1,224 @@
+"""End to end: egresscore agents on the lab's nodes carry real traffic (root).
+
+One lab (namespaces egc-lab-agente2e-*) with an in-process Agent per node,
+each in its own thread; the tests share it and restore the seed policy.
+"""
+import copy
+import socket
+import struct
+import time
+
+import pytest
+
+from conftest import needs_netns
+
+pytestmark = needs_netns
+
+SERVER, EXCLUDED, OTHER = "203.0.113.10", "203.0.113.200", "198.51.100.10"
+EGRESS_IP = "192.168.1.3"
+NODE_IP = {"node1": "192.168.1.1", "node2": "192.168.1.2", "node3": "192.168.1.3"}
+
+
+def _policies(doc):
+    from egresscore.policy import parse_policy
+
+    return [parse_policy(copy.deepcopy(doc))[0]]
+
+
+def _sample():
+    from egresscore.lab.kernel import SAMPLE_POLICY
+
+    return copy.deepcopy(SAMPLE_POLICY)
+
+
+def _start_agent(lab, name):
+    from egresscore import Agent
+    from egresscore.cluster import Cluster
+
+    agent = Agent(name, Cluster.from_dict(lab.cluster()), _policies(_sample()), netns=lab.nodes[name].ns)
+    agent.start()
+    return agent
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from egresscore.agent import prepare_lab
+    from egresscore.lab import Lab
+
+    with Lab(tag="agente2e") as lab:
+        prepare_lab(lab)
+        lab.agents = {}
+        try:
+            for name in lab.nodes:
+                lab.agents[name] = _start_agent(lab, name)
+            lab.servers_ = lab.start_servers()
+            yield lab
+        finally:
+            for a in lab.agents.values():
+                a.stop()
+                a.close()
+
+
+def set_policy(lab, doc):
+    for a in lab.agents.values():
+        a.set_policies(_policies(doc))
+
+
+def test_sources_seen_by_the_servers(lab):
+    assert lab.tcp_request("app1", SERVER) == EGRESS_IP
+    assert lab.tcp_request("app2", SERVER) == NODE_IP["node2"]
+    assert lab.tcp_request("app1", EXCLUDED) == NODE_IP["node1"]
+    assert lab.tcp_request("app1", OTHER) == NODE_IP["node1"]
+    for pod, dst in (("app1", SERVER), ("app2", SERVER), ("app1", EXCLUDED)):
+        assert lab.udp_echo(pod, dst, count=3) == 3
+        assert lab.ping(pod, dst, count=3) == 3
+    lab.servers_.clear()
+    lab.udp_echo("app1", SERVER, count=1)
+    lab.ping("app1", SERVER, count=1)
+    assert lab.servers_.sources("udp", SERVER) == {EGRESS_IP}
+    assert lab.servers_.sources("icmp", SERVER) == {EGRESS_IP}
+    c3 = lab.agents["node3"].counters()
+    assert c3["snat_egress"] > 0 and c3["decap"] > 0 and c3["encap"] > 0
+
+
+def test_pod_on_the_gateway_node(lab):
+    from egresscore.agent import disable_offloads
+    from egresscore.cluster import Pod
+
+    pod = lab.add_pod("app3", "node3", {"app": "app1"})
+    disable_offloads(pod.ifname, pod.ns)
+    for a in lab.agents.values():
+        a.upsert_pod(Pod("app3", "default", "uid-app3", {"app": "app1"}, (pod.ip,), "node3"))
+    assert lab.tcp_request("app3", SERVER) == EGRESS_IP
+    assert lab.tcp_request("app3", OTHER) == NODE_IP["node3"]
+    assert lab.udp_echo("app3", SERVER) == 3 and lab.ping("app3", SERVER) == 3
+
+
+def test_20_mb_both_ways_intact_with_pmtud_through_vxlan(lab):
+    from egresscore.lab import traffic
+
+    n = 20 << 20
+    before = lab.agents["node3"].counters()["icmp_too_big"]
+    got, ok = lab.call("app1", traffic.tcp_download, SERVER, n, timeout=90)
+    assert (got, ok) == (n, True)
+    # the server's 1500-byte segments do not fit the tunnel back: it was told so
+    assert lab.agents["node3"].counters()["icmp_too_big"] > before
+    before1 = lab.agents["node1"].counters()["icmp_too_big"]
+    got, ok = lab.call("app1", traffic.tcp_upload, SERVER, n, timeout=90)
+    assert (got, ok) == (n, True)
+    assert lab.agents["node1"].counters()["icmp_too_big"] >= before1
+
+
+def test_gateway_moved_at_run_time_then_no_gateway(lab):
+    moved = _sample()
+    moved["spec"]["egressGateway"] = {"nodeSelector": {"matchLabels": {"node.kubernetes.io/name": "node2"}},
+                                      "egressIP": NODE_IP["node2"]}
+    try:
+        set_policy(lab, moved)
+        assert lab.tcp_request("app1", SERVER) == NODE_IP["node2"]
+        nowhere = _sample()
+        nowhere["spec"]["egressGateway"]["nodeSelector"] = {"matchLabels": {"node.kubernetes.io/name": "node9"}}
+        set_policy(lab, nowhere)
+        before = lab.agents["node1"].counters()["drops"].get("no_gateway", 0)
+        with pytest.raises(Exception):
+            lab.tcp_request("app1", SERVER, timeout=1.0)
+        assert lab.ping("app1", SERVER, count=1, timeout=0.5) == 0
+        assert lab.agents["node1"].counters()["drops"]["no_gateway"] > before
+        # traffic the policy does not cover is untouched
+        assert lab.tcp_request("app1", OTHER) == NODE_IP["node1"]
+    finally:
+        set_policy(lab, _sample())
+    assert lab.tcp_request("app1", SERVER) == EGRESS_IP
+
+
+def _send_raw(frame_ip, dst):
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    try:
+        s.sendto(frame_ip, (dst, 0))
+    finally:
+        s.close()
+
+
+def _spoofed_udp(src, dst, sport, dport, payload=b"spoof"):
+    from scapy.layers.inet import IP, UDP
+
+    return bytes(IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / payload)
+
+
+def _vxlan_from_router():
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.layers.vxlan import VXLAN
+
+    inner = Ether(src="02:ee:c0:a8:01:01", dst="02:ee:c0:a8:01:03") / IP(src="10.0.1.93", dst=SERVER) / UDP(
+        sport=4444, dport=7) / b"vx"
+    return bytes(IP(src="192.168.1.254", dst=EGRESS_IP) / UDP(sport=5555, dport=8472) / VXLAN(vni=2, flags=0x08) / inner)
+
+
+def test_spoofing_gets_nothing(lab):
+    lab.servers_.clear()
+    before2 = lab.agents["node2"].counters()["drops"].get("spoofed", 0)
+    before3 = lab.agents["node3"].counters()["drops"].get("not_cluster_node", 0)
+    # app2 pretending to be app1 (whose traffic to SERVER leaves with the egress IP)
+    lab.call("app2", _send_raw, _spoofed_udp("10.0.1.93", SERVER, 4444, 7), SERVER)
+    # a host on the underlay that is not a cluster node tunnelling app1's traffic to the gateway
+    lab.call("router", _send_raw, _vxlan_from_router(), EGRESS_IP)
+    time.sleep(0.5)
+    assert lab.agents["node2"].counters()["drops"].get("spoofed", 0) == before2 + 1
+    assert lab.agents["node3"].counters()["drops"].get("not_cluster_node", 0) == before3 + 1
+    assert not [r for r in lab.servers_.seen("udp") if r["sport"] in (4444,)]
+
+
+def test_unsolicited_inbound_is_dropped_and_counted(lab):
+    before = lab.agents["node3"].counters()["drops"].get("no_nat_entry", 0)
+    lab.call("ext1", _send_raw, _spoofed_udp(SERVER, EGRESS_IP, 7, 40000), EGRESS_IP)
+    time.sleep(0.3)
+    assert lab.agents["node3"].counters()["drops"].get("no_nat_entry", 0) == before + 1
+
+
+def test_interop_with_linux_vxlan_both_ways(lab):
+    """A kernel source node tunnelling to our gateway, then our source node tunnelling to a kernel gateway."""
+    policy = [_sample()]
+    try:
+        lab.agents.pop("node1").stop()
+        lab.install_kernel_egress(policy, nodes=["node1"])
+        assert lab.tcp_request("app1", SERVER) == EGRESS_IP
+        assert lab.ping("app1", SERVER) == 3
+        assert lab.agents["node3"].counters()["decap"] > 0
+        lab.remove_kernel_egress(nodes=["node1"])
+        lab.agents["node1"] = _start_agent(lab, "node1")
+        lab.agents.pop("node3").stop()
+        lab.install_kernel_egress(policy, nodes=["node3"])
+        before = lab.agents["node1"].counters()["decap"]
+        assert lab.tcp_request("app1", SERVER) == EGRESS_IP
+        assert lab.udp_echo("app1", SERVER) == 3
+        assert lab.agents["node1"].counters()["decap"] > before
+    finally:
+        for name in ("node1", "node3"):
+            try:
+                lab.remove_kernel_egress(nodes=[name])
+            except Exception:
+                pass
+
+
+def test_agent_removes_what_it_installed(lab):
+    import subprocess
+
+    ns = lab.nodes["node2"].ns
+    agent = lab.agents.pop("node2")
+    tables = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "tables"], capture_output=True, text=True).stdout
+    assert "egresscore" in tables
+    agent.stop()
+    tables = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "tables"], capture_output=True, text=True).stdout
+    assert "egresscore" not in tables
+    rng = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.ip_local_port_range"],
+                         capture_output=True, text=True).stdout.split()
+    assert rng != ["20000", "32767"]
+
+
+def test_demo_command_runs(capsys):
+    from egresscore.cli import main
+
+    assert main(["demo", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "192.168.1.3" in out and "Egress list" in out
