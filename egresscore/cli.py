@@ -311,15 +311,23 @@ def _cmd_agent(args):
     if args.node not in cluster.nodes:
         raise CLIError(f"no node {args.node!r} in {args.cluster}")
     try:
-        agent = Agent(args.node, cluster, args.policies, netns=args.netns)
+        control = False if args.no_control_socket else (args.control_socket or True)
+        agent = Agent(args.node, cluster, args.policies, netns=args.netns, flow_log=args.flow_log,
+                      flow_drop_rate=args.flow_drop_rate, metrics_port=args.metrics_port,
+                      metrics_addr=args.metrics_addr, control_socket=control)
     except (AgentError, PermissionError) as exc:
         raise CLIError(str(exc)) from None
     agent._cluster_path = args.cluster
     signal.signal(signal.SIGINT, lambda *a: agent._stop.set())
     signal.signal(signal.SIGTERM, lambda *a: agent._stop.set())
     signal.signal(signal.SIGHUP, lambda *a: agent.request_reload())
+    status = sys.stderr if args.flow_log == "-" else sys.stdout   # stdout carries the flow log
+    extra = "".join(f", {what} {where}" for what, where in (
+        ("metrics", agent.metrics.url if agent.metrics else None),
+        ("control socket", agent.control.path if agent.control else None)) if where)
     print(f"egresscore agent: node {args.node} ({agent.node_ip}), {len(agent.egress_map)} egress entries, "
-          f"pods on {', '.join(i for _, i in agent._ports.values()) or 'none'}: ready", flush=True)
+          f"pods on {', '.join(i for _, i in agent._ports.values()) or 'none'}{extra}: ready",
+          file=status, flush=True)
     try:
         agent.run()
     finally:
@@ -327,7 +335,7 @@ def _cmd_agent(args):
     c = agent.counters()
     drops = ", ".join(f"{k} {v}" for k, v in c["drops"].items()) or "none"
     print(f"egresscore agent: node {args.node} stopped: rx {c['rx']}, tx {c['tx']}, "
-          f"tx_local {c['tx_local']}, drops: {drops}", flush=True)
+          f"tx_local {c['tx_local']}, drops: {drops}", file=status, flush=True)
     return EXIT_OK
 
 
@@ -341,6 +349,18 @@ def _add_agent(sub):
     )
     _add_input_options(a, node_required=True)
     a.add_argument("--netns", metavar="NAME", help="run on the interfaces of this network namespace")
+    a.add_argument("--flow-log", metavar="FILE",
+                   help="write flow records (connection start/end, drops) as JSON lines to FILE "
+                        "(rotated at 100 MB), or '-' for stdout; off by default")
+    a.add_argument("--flow-drop-rate", type=float, default=100.0, metavar="N",
+                   help="at most N drop records per second per drop reason (default 100)")
+    a.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on PORT (off by default)")
+    a.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                   help="address of the metrics endpoint (default 127.0.0.1)")
+    a.add_argument("--control-socket", metavar="PATH",
+                   help="the control socket for `egresscore nat list/stats` (default /run/egresscore/NODE.sock)")
+    a.add_argument("--no-control-socket", action="store_true", help="do not open the control socket")
     a.set_defaults(func=_cmd_agent)
 
 

@@ -265,6 +265,8 @@ class FlowLogger:
         self._threads = []
         self._last_warn = 0.0
         self.counters = {"drained": 0, "written": 0, "dropped": 0, "sink_errors": 0}
+        self._by_policy = {}
+        self._policy_lock = threading.Lock()
 
     # ---------------------------------------------------------------- stages
 
@@ -310,6 +312,7 @@ class FlowLogger:
                 batch, offset = self._queue.popleft()
                 self._queued -= len(batch)
             recs = records_to_dicts(batch, node=self.node, enrich=self.enrich, offset=offset)
+            self._account(recs)
             for sink in self.sinks:
                 try:
                     sink.write(recs)
@@ -318,6 +321,38 @@ class FlowLogger:
                     log.exception("flow log sink %r failed", sink)
             written += len(recs)
             self.counters["written"] += len(recs)
+
+    def _account(self, recs):
+        with self._policy_lock:
+            for d in recs:
+                name = d.get("policy")
+                if name is None:
+                    continue
+                c = self._by_policy.get(name)
+                if c is None:
+                    c = self._by_policy[name] = {"connections": 0, "packets_out": 0, "bytes_out": 0,
+                                                 "packets_in": 0, "bytes_in": 0, "drops": 0}
+                kind = d["kind"]
+                if kind == "start":
+                    c["connections"] += 1
+                elif kind == "drop":
+                    c["drops"] += 1
+                else:
+                    for k in ("packets_out", "bytes_out", "packets_in", "bytes_in"):
+                        c[k] += d.get(k, 0)
+
+    def policy_stats(self):
+        """Traffic by policy name, from the records written so far: connections
+        started, packets and bytes each way of those that ended (or reported
+        an update), drop records.  The metrics' per-policy figures."""
+        with self._policy_lock:
+            out = {}
+            for name, c in self._by_policy.items():
+                d = dict(c)
+                d["packets"] = c["packets_out"] + c["packets_in"]
+                d["bytes"] = c["bytes_out"] + c["bytes_in"]
+                out[name] = d
+            return out
 
     def poll(self):
         """One synchronous round: drain the ring and write everything."""

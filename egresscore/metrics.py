@@ -6,7 +6,9 @@ metrics cost nothing between scrapes.  The dict's keys (all optional):
 
     "verdicts":   {verdict name: {"packets": n, "bytes": n}}  forwarded / passed / dropped
     "drops":      {drop reason name: packets}                 (DROP_REASON_NAMES)
-    "policies":   {policy name: {"packets": n, "bytes": n}}   traffic steered by a policy
+    "policies":   {policy name: {"packets": n, "bytes": n, "connections": n}}
+                  traffic steered by a policy (the agent counts it from the flow
+                  records: ended connections' packets and bytes)
     "nat":        NatTable.stats, plus "ports": NatTable.port_usage()
     "egress_map": {"entries": n}  (or the number itself)
     "rings":      {ring name: PacketRing.stats}
@@ -113,14 +115,21 @@ class StatsCollector:
                           "Packets steered by an egress gateway policy", ["policy"])
         by = self._family(CounterMetricFamily, "policy_forward_bytes",
                           "Bytes steered by an egress gateway policy", ["policy"])
+        conns = self._family(CounterMetricFamily, "policy_connections",
+                             "Connections started under an egress gateway policy (flow log)",
+                             ["policy"])
         for name, c in sorted(p.items()):
             if isinstance(c, dict):
                 self._add(pk, c.get("packets", 0), name)
                 self._add(by, c.get("bytes", 0), name)
+                if "connections" in c:
+                    self._add(conns, c["connections"], name)
             else:
                 self._add(pk, c, name)
         yield pk
         yield by
+        if conns.samples:
+            yield conns
 
     def _nat(self, n):
         if not n:

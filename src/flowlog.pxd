@@ -8,6 +8,10 @@
 #   flow_drop(fl, now, reason, family, proto, sport, dport, src, dst, policy)
 #                                     a drop record, through the per-reason
 #                                     token bucket (suppressed ones counted)
+#   flow_drop_allow(fl, reason, now)  the bucket alone (take a token, or count
+#                                     the record as suppressed), then
+#   flow_drop_record(...)             the record without the bucket: for a
+#                                     caller that parses only what it keeps
 #
 # Times are CLOCK_MONOTONIC nanoseconds (the NAT table's clock); the Python
 # side converts them to wall-clock time when it drains.
@@ -83,6 +87,10 @@ cdef int flow_append(flow_log* fl, const flow_record* rec) noexcept nogil
 cdef int flow_drop(flow_log* fl, uint64_t now, uint8_t reason, uint8_t family,
                    uint8_t proto, uint16_t sport, uint16_t dport, const uint8_t* src,
                    const uint8_t* dst, uint16_t policy, uint8_t tcp_flags) noexcept nogil
+cdef bint flow_drop_allow(flow_log* fl, uint8_t reason, uint64_t now) noexcept nogil
+cdef int flow_drop_record(flow_log* fl, uint64_t now, uint8_t reason, uint8_t family,
+                          uint8_t proto, uint16_t sport, uint16_t dport, const uint8_t* src,
+                          const uint8_t* dst, uint16_t policy, uint8_t tcp_flags) noexcept nogil
 
 cdef class FlowLog:
     cdef flow_log* fl

@@ -66,6 +66,17 @@ cdef inline bint _flow_take_token(flow_log* fl, uint8_t reason, uint64_t now) no
     return False
 
 
+cdef bint flow_drop_allow(flow_log* fl, uint8_t reason, uint64_t now) noexcept nogil:
+    """Take a token from the bucket of `reason`; False (and the record counted
+    as suppressed) when it is empty."""
+    if reason >= FLOW_NREASONS:
+        reason = FLOW_NREASONS - 1
+    if not _flow_take_token(fl, reason, now):
+        flow_atomic_add(&fl.suppressed[reason], 1)
+        return False
+    return True
+
+
 cdef int flow_drop(flow_log* fl, uint64_t now, uint8_t reason, uint8_t family,
                    uint8_t proto, uint16_t sport, uint16_t dport, const uint8_t* src,
                    const uint8_t* dst, uint16_t policy, uint8_t tcp_flags) noexcept nogil:
@@ -73,12 +84,17 @@ cdef int flow_drop(flow_log* fl, uint64_t now, uint8_t reason, uint8_t family,
 
     Returns 0 (written), 1 (suppressed by the rate limit, counted) or -1
     (ring full, counted).  src/dst may be NULL (packet too short to tell)."""
-    cdef flow_record r
-    if reason >= FLOW_NREASONS:
-        reason = FLOW_NREASONS - 1
-    if not _flow_take_token(fl, reason, now):
-        flow_atomic_add(&fl.suppressed[reason], 1)
+    if not flow_drop_allow(fl, reason, now):
         return 1
+    return flow_drop_record(fl, now, reason, family, proto, sport, dport, src, dst, policy,
+                            tcp_flags)
+
+
+cdef int flow_drop_record(flow_log* fl, uint64_t now, uint8_t reason, uint8_t family,
+                          uint8_t proto, uint16_t sport, uint16_t dport, const uint8_t* src,
+                          const uint8_t* dst, uint16_t policy, uint8_t tcp_flags) noexcept nogil:
+    """A drop record without the rate limit: 0, or -1 (ring full, counted)."""
+    cdef flow_record r
     memset(&r, 0, sizeof(flow_record))
     r.time = now
     r.kind = FLOW_DROP
