@@ -13,11 +13,11 @@ logged at most every `warn_every` seconds).
 from __future__ import annotations
 
 import collections
-import datetime
 import ipaddress
 import json
 import logging
 import logging.handlers
+import socket
 import sys
 import threading
 import time
@@ -32,14 +32,44 @@ _PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 _NO_POLICY = 0xFFFF
 
 
-def _ip(family, raw):
-    b = bytes(raw)
-    return str(ipaddress.ip_address(b[:4] if family == 4 else b))
+_IP_CACHE = {}
+
+
+def _ip(family, raw16):
+    """Text form of a 16-byte address field (cached: flows repeat addresses)."""
+    key = (family, raw16)
+    text = _IP_CACHE.get(key)
+    if text is None:
+        if len(_IP_CACHE) > 100_000:
+            _IP_CACHE.clear()
+        text = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6,
+                                raw16[:4] if family == 4 else raw16)
+        _IP_CACHE[key] = text
+    return text
 
 
 def _wall_offset():
     """Seconds to add to CLOCK_MONOTONIC to get the Unix time."""
     return time.time() - time.monotonic()
+
+
+_ISO_SEC = {}
+
+
+def _iso(t):
+    sec = int(t)
+    prefix = _ISO_SEC.get(sec)
+    if prefix is None:
+        if len(_ISO_SEC) > 4096:
+            _ISO_SEC.clear()
+        prefix = _ISO_SEC[sec] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+    return f"{prefix}{int((t - sec) * 1e6):06d}Z"
+
+
+_KIND = {k: name for k, name in enumerate(FLOW_KIND_NAMES)}
+_END = {k: name for k, name in enumerate(FLOW_END_REASON_NAMES)}
+_DROP = {k: name for k, name in enumerate(DROP_REASON_NAMES)}
+_ZERO16 = bytes(16)
 
 
 def records_to_dicts(records, *, node=None, enrich=None, offset=None):
@@ -48,49 +78,64 @@ def records_to_dicts(records, *, node=None, enrich=None, offset=None):
     `enrich(d)` (e.g. an Enricher) may add fields in place; `offset` converts
     the records' monotonic times to Unix time (now's offset by default)."""
     off = _wall_offset() if offset is None else offset
+    n = len(records)
+    if n == 0:
+        return []
+    times = (records["time"] / 1e9 + off).tolist()
+    kinds = records["kind"].tolist()
+    fams = records["family"].tolist()
+    reasons = records["reason"].tolist()
+    protos = records["proto"].tolist()
+    sports = records["sport"].tolist()
+    dports = records["dport"].tolist()
+    xports = records["xport"].tolist()
+    policies = records["policy"].tolist()
+    src = records["src"].tobytes()
+    dst = records["dst"].tobytes()
+    xsrc = records["xsrc"].tobytes()
+    gws = records["gateway"].tobytes()
     out = []
-    for r in records:
-        kind = int(r["kind"])
-        fam = int(r["family"])
-        reason = int(r["reason"])
-        proto = int(r["proto"])
-        d = {
-            "time": datetime.datetime.fromtimestamp(int(r["time"]) / 1e9 + off,
-                                                    datetime.timezone.utc)
-                                     .isoformat(timespec="microseconds").replace("+00:00", "Z"),
-            "kind": FLOW_KIND_NAMES[kind] if kind < len(FLOW_KIND_NAMES) else str(kind),
-        }
+    append = out.append
+    for i in range(n):
+        kind = kinds[i]
+        fam = fams[i]
+        d = {"time": _iso(times[i]), "kind": _KIND.get(kind, str(kind))}
         if node is not None:
             d["node"] = node
         if kind == 3:
-            d["reason"] = DROP_REASON_NAMES[reason] if reason < len(DROP_REASON_NAMES) else str(reason)
+            d["reason"] = _DROP.get(reasons[i], str(reasons[i]))
         elif kind == 2:
-            d["reason"] = FLOW_END_REASON_NAMES[reason] if reason < len(FLOW_END_REASON_NAMES) else str(reason)
-        d["proto"] = _PROTO.get(proto, str(proto))
-        if fam in (4, 6):
+            d["reason"] = _END.get(reasons[i], str(reasons[i]))
+        d["proto"] = _PROTO.get(protos[i]) or str(protos[i])
+        if fam == 4 or fam == 6:
+            o = 16 * i
             d["family"] = fam
-            d["src"] = _ip(fam, r["src"])
-            d["sport"] = int(r["sport"])
-            d["dst"] = _ip(fam, r["dst"])
-            d["dport"] = int(r["dport"])
+            d["src"] = _ip(fam, src[o:o + 16])
+            d["sport"] = sports[i]
+            d["dst"] = _ip(fam, dst[o:o + 16])
+            d["dport"] = dports[i]
             if kind != 3:
-                d["egress_ip"] = _ip(fam, r["xsrc"])
-                d["egress_port"] = int(r["xport"])
-            if any(r["gateway"]):
-                d["gateway"] = _ip(fam, r["gateway"])
-        if int(r["policy"]) != _NO_POLICY:
-            d["policy_id"] = int(r["policy"])
-        if kind in (2, 4):
+                d["egress_ip"] = _ip(fam, xsrc[o:o + 16])
+                d["egress_port"] = xports[i]
+            gw = gws[o:o + 16]
+            if gw != _ZERO16:
+                d["gateway"] = _ip(fam, gw)
+        if policies[i] != _NO_POLICY:
+            d["policy_id"] = policies[i]
+        if kind == 2 or kind == 4:
+            r = records[i]
             d["duration"] = round(int(r["duration"]) / 1e9, 3)
             d["packets_out"] = int(r["pkts_out"])
             d["bytes_out"] = int(r["bytes_out"])
             d["packets_in"] = int(r["pkts_in"])
             d["bytes_in"] = int(r["bytes_in"])
-        if kind == 3 and r["tcp_flags"]:
-            d["tcp_flags"] = int(r["tcp_flags"])
+        elif kind == 3:
+            flags = int(records[i]["tcp_flags"])
+            if flags:
+                d["tcp_flags"] = flags
         if enrich is not None:
             enrich(d)
-        out.append(d)
+        append(d)
     return out
 
 
