@@ -32,7 +32,8 @@ Observability (all off by default; egresscore.flowlog, .metrics, .control):
   policy, to stdout (True or "-"), a rotating file (a path), a callback, or
   sink objects; drained by two threads that never make the datapath wait.
 - metrics_port: a Prometheus endpoint on metrics_addr (loopback by default).
-- control_socket: a Unix socket (True: /run/egresscore/<node>.sock) for
+- control_socket: a Unix socket (True: /run/egresscore/<node>.sock, or
+  <node>@<netns>.sock with netns) for
   `egresscore nat list`, `egresscore egress list --node`, `egresscore stats`.
 stats() is the one counters dict behind all three.
 
@@ -207,7 +208,8 @@ class Agent:
             self.metrics = MetricsServer(self.stats, metrics_port, metrics_addr, node=self.node)
             self._services.append(self.metrics.stop)
         if control_socket is not None and control_socket is not False:
-            path = default_socket_path(self.node) if control_socket is True else os.fspath(control_socket)
+            path = (default_socket_path(self.node, self.netns) if control_socket is True
+                    else os.fspath(control_socket))
             handlers = inspection_handlers(egress_map=self.egress_map, stats=self.stats)
             # read the NAT table on the loop thread (its only writer), between batches
             handlers["nat_list"] = lambda: [e._asdict() for e in self._submit(lambda: list(self.nat.entries()))]

@@ -135,6 +135,9 @@ def _add_agent_options(parser):
                         help="the agent's control socket (default /run/egresscore/NODE.sock)")
     if not any(a.dest == "node" for a in parser._actions):
         parser.add_argument("--node", metavar="NAME", help="the node whose agent to ask")
+    if not any(a.dest == "netns" for a in parser._actions):
+        parser.add_argument("--netns", metavar="NAME",
+                            help="the agent runs with --netns NAME (socket NODE@NAME.sock)")
 
 
 def _agent_call(args, cmd, **kw):
@@ -144,7 +147,7 @@ def _agent_call(args, cmd, **kw):
     if path is None:
         if not args.node:
             raise CLIError("give --socket PATH or --node NAME to reach a running agent", EXIT_USAGE)
-        path = default_socket_path(args.node)
+        path = default_socket_path(args.node, getattr(args, "netns", None))
     try:
         return ControlClient(path).call(cmd, **kw)
     except ControlError as exc:

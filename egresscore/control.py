@@ -33,11 +33,16 @@ class ControlError(Exception):
     """The agent answered with an error, or could not be reached."""
 
 
-def default_socket_path(node, directory=SOCKET_DIR):
-    """/run/egresscore/<node>.sock: where an agent for `node` listens."""
-    if not isinstance(node, str) or not node or "/" in node or node.startswith("."):
-        raise ValueError(f"node name {node!r} cannot name a socket file")
-    return os.path.join(directory, f"{node}.sock")
+def default_socket_path(node, netns=None, directory=SOCKET_DIR):
+    """/run/egresscore/<node>.sock: where an agent for `node` listens
+    (<node>@<netns>.sock for an agent running on a network namespace's
+    interfaces, so that several labs on one host do not collide)."""
+    for what, name in (("node", node), ("netns", netns)):
+        if name is None and what == "netns":
+            continue
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise ValueError(f"{what} name {name!r} cannot name a socket file")
+    return os.path.join(directory, f"{node}@{netns}.sock" if netns else f"{node}.sock")
 
 
 def _peer_uid(conn):

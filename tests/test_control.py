@@ -89,6 +89,7 @@ def test_no_agent_and_stale_socket(tmp_path, agent_state):
 
 def test_default_path():
     assert default_socket_path("node3") == "/run/egresscore/node3.sock"
+    assert default_socket_path("node3", "lab-node3") == "/run/egresscore/node3@lab-node3.sock"
     for bad in ("", "../x", "a/b", None):
         with pytest.raises(ValueError):
             default_socket_path(bad)
