@@ -682,14 +682,16 @@ cdef uint32_t nat_gc(nat_table* t, uint64_t now, uint32_t max_scan) noexcept nog
     return collected
 
 cdef uint32_t nat_flush(nat_table* t, uint64_t now) noexcept nogil:
-    """Remove every connection, live or dead; live ones end with reason
-    "eviction", dead ones with theirs.  Returns how many were removed."""
+    """Remove every connection, live or dead; open ones end with reason
+    "eviction", dead or closed (FIN, RST) ones with theirs.  Returns how
+    many were removed."""
     cdef uint32_t i, n = 0
     cdef nat_entry* e
     for i in range(t.capacity):
         e = &t.entries[i]
         if e.state != NAT_STATE_FREE:
-            _nat_collect(t, i, now, FLOW_END_EVICTION if e.expires > now else 0)
+            _nat_collect(t, i, now, FLOW_END_EVICTION
+                         if e.expires > now and e.state != NAT_STATE_CLOSING else 0)
             n += 1
     return n
 

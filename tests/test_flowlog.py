@@ -193,6 +193,13 @@ def test_flush_evicts_live_connections():
     ends = recs[recs["kind"] == END]
     assert len(ends) == 5 and {end_reason(r) for r in ends} == {"eviction"}
     assert (ends["bytes_out"] == 70).all()
+    # a connection already closed by FIN keeps its reason
+    x = t.translate(POD, 9, REMOTE, 80, tcp_flags="FA", now=3.0)
+    t.reverse(REMOTE, 80, *x, tcp_flags="FA", now=3.0)
+    t.translate(POD, 10, REMOTE, 80, tcp_flags="S", now=3.0)
+    t.flush(now=3.5)
+    ends = {int(r["sport"]): end_reason(r) for r in fl.drain() if r["kind"] == END}
+    assert ends == {9: "fin", 10: "eviction"}
 
 
 def test_refusals_make_rate_limited_drop_records():
