@@ -169,7 +169,7 @@ def run(quick: bool = False) -> str:
     lines += [
         "",
         f"Memory: {bytes_per_conn:.1f} bytes per connection at capacity {capacity:,} "
-        f"(entries 64 B, mapping 32 B, three indexes 3 x 8 B, port maps of "
+        f"(entries 72 B, mapping 28 B, three indexes 3 x 8 B, port maps of "
         f"{N_EGRESS} egress IPs), fixed and preallocated.",
     ]
     return "\n".join(lines)

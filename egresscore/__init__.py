@@ -38,12 +38,19 @@ from ._core import (
     NatRefused,
     NatTable,
     nat_tuples,
+    # flow log
+    FLOW_END_REASON_NAMES,
+    FLOW_KIND_NAMES,
+    FLOW_RECORD_DTYPE,
+    FlowLog,
     # fused datapath
     Datapath,
 )
 from ._bpf import bpf_all, bpf_any, bpf_compile, bpf_dst, bpf_not_outgoing, bpf_vxlan, pcap_available
 from .cluster import Cluster, ClusterError, Interface, Namespace, Node, Pod, load_cluster
 from .compiler import Compiler, Conflict, Problem, Target
+from .control import ControlClient, ControlError, ControlServer, default_socket_path
+from .flowlog import CallbackSink, Enricher, FlowLogger, JsonLinesSink, records_to_dicts
 from .agent import Agent, AgentError
 from .policy import EgressPolicy, LabelSelector, PolicyError, load_policies, parse_policy
 
@@ -63,6 +70,11 @@ __all__ = [
     "pcap_available",
     # NAT / connection table
     "NatTable", "NatEntry", "NatRefused", "NAT_TUPLE_DTYPE", "nat_tuples",
+    # flow log, metrics, control socket
+    "FlowLog", "FLOW_RECORD_DTYPE", "FLOW_KIND_NAMES", "FLOW_END_REASON_NAMES",
+    "FlowLogger", "Enricher", "JsonLinesSink", "CallbackSink", "records_to_dicts",
+    "StatsCollector", "MetricsServer",
+    "ControlServer", "ControlClient", "ControlError", "default_socket_path",
     # fused datapath and agent
     "Datapath", "Agent", "AgentError",
     # control plane
@@ -71,3 +83,12 @@ __all__ = [
     "Compiler", "Target", "Conflict", "Problem",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # metrics need prometheus_client (the "metrics" extra): import on first use
+    if name in ("MetricsServer", "StatsCollector"):
+        from . import metrics
+
+        return getattr(metrics, name)
+    raise AttributeError(f"module 'egresscore' has no attribute {name!r}")

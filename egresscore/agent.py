@@ -31,6 +31,17 @@ cannot describe them): prepare_lab turns tx-udp_tnl-segmentation off on the
 lab's nodes.  With vnet_hdr=False, turn tx checksumming, TSO and GSO off on
 the pod side instead (disable_offloads).
 
+Observability (all off by default; egresscore.flowlog, .metrics, .control):
+- flow_log: connection start/end records (from the NAT table) and
+  rate-limited drop records (from the datapath), enriched with the pod and the
+  policy, to stdout (True or "-"), a rotating file (a path), a callback, or
+  sink objects; drained by two threads that never make the datapath wait.
+- metrics_port: a Prometheus endpoint on metrics_addr (loopback by default).
+- control_socket: a Unix socket (True: /run/egresscore/<node>.sock, or
+  <node>@<netns>.sock with netns) for
+  `egresscore nat list`, `egresscore egress list --node`, `egresscore stats`.
+stats() is the one counters dict behind all three.
+
 Thread model: the datapath and the NAT table have one writer, the thread in
 run()/step().  Control changes (set_policies, reload, upsert_pod, ...) may come
 from any thread: they are queued and applied by the loop thread between
@@ -47,9 +58,11 @@ import time
 
 from pyroute2 import IPRoute
 
-from ._core import Datapath, EgressMap, NatTable, PacketRing
+from ._core import Datapath, EgressMap, FlowLog, NatTable, PacketRing
 from .cluster import Cluster, Pod, load_cluster
 from .compiler import Compiler
+from .control import ControlServer, default_socket_path, inspection_handlers
+from .flowlog import CallbackSink, Enricher, FlowLogger, JsonLinesSink
 from .policy import load_policies
 
 NFT_TABLE = "egresscore"
@@ -77,7 +90,9 @@ class Agent:
     def __init__(self, node, cluster, policies=(), *, netns=None, underlay="eth0", vni=2,
                  vxlan_port=8472, mtu=1500, nat_port_range=DEFAULT_NAT_PORTS,
                  kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=65536,
-                 pod_ifname=_pod_ifname, claim=True, poll_ms=20, vnet_hdr=True):
+                 pod_ifname=_pod_ifname, claim=True, poll_ms=20, vnet_hdr=True, nat_timeouts=None,
+                 flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
+                 metrics_port=None, metrics_addr="127.0.0.1", control_socket=None):
         if isinstance(cluster, (str, os.PathLike)):
             self._cluster_path = os.fspath(cluster)
             cluster = load_cluster(cluster)
@@ -118,6 +133,12 @@ class Agent:
         self._probes = []
         self._next_refresh = 0.0
         self._rings = []
+        self._services = []
+        self._changed = False
+        self.flow_log = None
+        self.flow_logger = None
+        self.metrics = None
+        self.control = None
         self.ready = threading.Event()
 
         me = cluster.nodes[node]
@@ -135,7 +156,7 @@ class Agent:
         if self.node_ip not in local:
             raise AgentError(f"{self.node_ip} (node {node}'s internal IP) is not on {underlay}{self._where()}")
         self.egress_map = EgressMap()
-        self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range)
+        self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts)
         for ip in local:
             self.nat.add_egress_ip(ip)
         self._local_ips = set(local)
@@ -158,9 +179,88 @@ class Agent:
                     time.sleep(0.02)
             if claim:
                 self._install_claims()
+            self._start_services(flow_log, flow_log_capacity, flow_drop_rate, metrics_port,
+                                 metrics_addr, control_socket)
         except BaseException:
             self.close()  # nothing half-installed stays behind
             raise
+
+    # -- observability -------------------------------------------------------------
+    @staticmethod
+    def _sinks(spec):
+        if spec is True or spec == "-":
+            return [JsonLinesSink()]
+        if isinstance(spec, (str, os.PathLike)):
+            return [JsonLinesSink(os.fspath(spec))]
+        if isinstance(spec, (list, tuple)):
+            return [s for item in spec for s in Agent._sinks(item)]
+        if hasattr(spec, "write"):
+            return [spec]
+        if callable(spec):
+            return [CallbackSink(spec)]
+        raise TypeError(f"flow_log must be True, '-', a path, a callable or a sink, not {spec!r}")
+
+    def _start_services(self, flow_log, capacity, drop_rate, metrics_port, metrics_addr,
+                        control_socket):
+        if flow_log is not None and flow_log is not False:
+            sinks = self._sinks(flow_log)
+            self.flow_log = FlowLog(capacity, drop_rate=drop_rate)
+            self.datapath.set_flow_log(self.flow_log)
+            self._enricher = Enricher(compiler=self.compiler)
+            self.flow_logger = FlowLogger(self.flow_log, sinks, node=self.node, enrich=self._enricher)
+            self.flow_logger.start()
+            self._services.append(self._stop_flow_log)
+        if metrics_port is not None:
+            from .metrics import MetricsServer
+
+            self.metrics = MetricsServer(self.stats, metrics_port, metrics_addr, node=self.node)
+            self._services.append(self.metrics.stop)
+        if control_socket is not None and control_socket is not False:
+            path = (default_socket_path(self.node, self.netns) if control_socket is True
+                    else os.fspath(control_socket))
+            handlers = inspection_handlers(egress_map=self.egress_map, stats=self.stats)
+            # read the NAT table on the loop thread (its only writer), between batches
+            handlers["nat_list"] = lambda: [e._asdict() for e in self._submit(lambda: list(self.nat.entries()))]
+            self.control = ControlServer(path, handlers).start()
+            self._services.append(self.control.stop)
+
+    def _stop_flow_log(self):
+        # the connections still open end here (reason "eviction"): the log is complete
+        self.nat.flush()
+        self.datapath.set_flow_log(None)
+        self.flow_logger.stop(flush=True)
+
+    def stats(self):
+        """Every counter, as egresscore.metrics and `egresscore stats` read them:
+        verdicts (packets, bytes), drops by reason, the datapath's own counters,
+        the NAT table (with port use per egress IP), the egress map, the rings,
+        the flow log and traffic by policy (from the flow records)."""
+        return self._submit(self._stats)
+
+    def _stats(self):
+        c = self.datapath.counters()
+        nat = self.nat.stats
+        nat["ports"] = self.nat.port_usage()
+        rings = {}
+        for r in self._rings:
+            if not r.closed:
+                try:
+                    rings[r.ifname] = r.stats()
+                except OSError:
+                    pass
+        out = {
+            "node": self.node,
+            "verdicts": c.pop("verdicts"),
+            "drops": c.pop("drops"),
+            "datapath": c,
+            "nat": nat,
+            "egress_map": {"entries": len(self.egress_map)},
+            "rings": rings,
+        }
+        if self.flow_logger is not None:
+            out["flow_log"] = self.flow_logger.stats
+            out["policies"] = self.flow_logger.policy_stats()
+        return out
 
     # -- small helpers -------------------------------------------------------------
     def _where(self):
@@ -434,9 +534,15 @@ class Agent:
             except queue.Empty:
                 break
             job()
+            self._changed = True
         if self._reload.is_set():
             self._reload.clear()
             self._do_reload()
+            self._changed = True
+        if self._changed:
+            self._changed = False
+            if self.flow_logger is not None:
+                self._enricher.refresh()
         n = self.datapath.poll()
         if n == 0 and timeout > 0:
             fds = [r.fileno() for r in self._rings if not r.closed]
@@ -482,6 +588,12 @@ class Agent:
             return
         self._closed = True
         try:
+            for stop in reversed(self._services):
+                try:
+                    stop()
+                except Exception as exc:  # noqa: BLE001 - keep tearing down
+                    print(f"egresscore agent: stopping {stop!r}: {exc}", file=sys.stderr)
+            self._services = []
             self._remove_claims()
         finally:
             for p in self._probes:

@@ -32,10 +32,10 @@ def _warn(message):
 # ---------------------------------------------------------------- shared input
 
 
-def _add_input_options(parser, *, node_required):
-    parser.add_argument("--cluster", required=True, metavar="FILE",
+def _add_input_options(parser, *, node_required, files_required=True):
+    parser.add_argument("--cluster", required=files_required, metavar="FILE",
                         help="YAML cluster file: nodes, namespaces, pods (see examples/cluster.yaml)")
-    parser.add_argument("--policies", required=True, action="extend", nargs="+", metavar="PATH",
+    parser.add_argument("--policies", required=files_required, action="extend", nargs="+", metavar="PATH",
                         help="CiliumEgressGatewayPolicy YAML file(s) or folder(s); may be repeated")
     parser.add_argument("--node", required=node_required, metavar="NAME",
                         help="the node whose view to take" if not node_required else "this host's node name")
@@ -92,6 +92,12 @@ def format_table(rows, header=("Source IP", "Destination CIDR", "Egress IP", "Ga
 def _cmd_egress_list(args):
     from .compiler import Compiler
 
+    if args.socket is not None or (args.cluster is None and args.policies is None):
+        return _egress_list_live(args)
+    if args.cluster is None or args.policies is None:
+        missing = "--policies" if args.policies is None else "--cluster"
+        args.parser.error(f"the following arguments are required: {missing} (or give --socket / "
+                          f"--node alone to ask a running agent)")
     cluster, policies, had_errors = _load_inputs(args)
     compiler = Compiler(cluster, policies, node=args.node)
     for problem in compiler.problems():
@@ -109,6 +115,121 @@ def _cmd_egress_list(args):
     return EXIT_ERROR if had_errors else EXIT_OK
 
 
+def _egress_list_live(args):
+    rows = _agent_call(args, "egress_list")
+    if args.output == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    elif rows:
+        sys.stdout.write(format_table([(r["SourceIP"], r["DestCIDR"], r["EgressIP"], r["GatewayIP"])
+                                       for r in rows]))
+    else:
+        print("No entries found.", file=sys.stderr)
+    return EXIT_OK
+
+
+# ------------------------------------------------------- the running agent
+
+
+def _add_agent_options(parser):
+    parser.add_argument("--socket", metavar="PATH",
+                        help="the agent's control socket (default /run/egresscore/NODE.sock)")
+    if not any(a.dest == "node" for a in parser._actions):
+        parser.add_argument("--node", metavar="NAME", help="the node whose agent to ask")
+    if not any(a.dest == "netns" for a in parser._actions):
+        parser.add_argument("--netns", metavar="NAME",
+                            help="the agent runs with --netns NAME (socket NODE@NAME.sock)")
+
+
+def _agent_call(args, cmd, **kw):
+    from .control import ControlClient, ControlError, default_socket_path
+
+    path = args.socket
+    if path is None:
+        if not args.node:
+            raise CLIError("give --socket PATH or --node NAME to reach a running agent", EXIT_USAGE)
+        path = default_socket_path(args.node, getattr(args, "netns", None))
+    try:
+        return ControlClient(path).call(cmd, **kw)
+    except ControlError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _fmt_endpoint(ip, port):
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def nat_list_lines(entries):
+    """`cilium-dbg bpf nat list` lines (an OUT and an IN line per connection)
+    from the agent's nat_list answer."""
+    lines = []
+    for e in entries:
+        pod = _fmt_endpoint(e["src"], e["sport"])
+        remote = _fmt_endpoint(e["dst"], e["dport"])
+        egress = _fmt_endpoint(e["egress_ip"], e["xport"])
+        tail = (f"Created={int(e['age'])}sec ago Expires={int(e['expires_in'])}sec "
+                f"State={e['state']}")
+        p = e["proto"].upper()
+        lines.append(f"{p} OUT {pod} -> {remote} XLATE_SRC {egress} {tail} "
+                     f"Packets={e.get('pkts_out', 0)} Bytes={e.get('bytes_out', 0)}")
+        lines.append(f"{p} IN {remote} -> {egress} XLATE_DST {pod} {tail} "
+                     f"Packets={e.get('pkts_in', 0)} Bytes={e.get('bytes_in', 0)}")
+    return lines
+
+
+def _cmd_nat_list(args):
+    entries = _agent_call(args, "nat_list")
+    if args.output == "json":
+        sys.stdout.write(json.dumps(entries, indent=2) + "\n")
+    elif entries:
+        sys.stdout.write("\n".join(nat_list_lines(entries)) + "\n")
+    else:
+        print("No entries found.", file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_nat(sub):
+    nat = sub.add_parser("nat", help="the running agent's NAT table",
+                         description="Inspect the NAT (connection) table of a running agent.")
+    nat.set_defaults(func=lambda args: _usage(nat))
+    nsub = nat.add_subparsers(dest="nat_command", metavar="COMMAND")
+    ls = nsub.add_parser("list", aliases=["ls"], help="list connections, like `cilium-dbg bpf nat list`",
+                         description="List the live connections of a running agent (through its control "
+                                     "socket): an OUT and an IN line each, with their packet and byte counts.")
+    _add_agent_options(ls)
+    ls.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format (text)")
+    ls.set_defaults(func=_cmd_nat_list)
+
+
+def _flatten(prefix, value, out):
+    if isinstance(value, dict):
+        for k in sorted(value):
+            _flatten(f"{prefix}.{k}" if prefix else str(k), value[k], out)
+    else:
+        out.append((prefix, value))
+
+
+def _cmd_stats(args):
+    stats = _agent_call(args, "stats")
+    if args.output == "json":
+        sys.stdout.write(json.dumps(stats, indent=2) + "\n")
+        return EXIT_OK
+    rows = []
+    _flatten("", stats, rows)
+    width = max((len(k) for k, _ in rows), default=0)
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+    return EXIT_OK
+
+
+def _add_stats(sub):
+    st = sub.add_parser("stats", help="the running agent's counters",
+                        description="Print the counters of a running agent (verdicts, drops by reason, "
+                                    "NAT table, rings, flow log), read through its control socket.")
+    _add_agent_options(st)
+    st.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format (text)")
+    st.set_defaults(func=_cmd_stats)
+
+
 def _add_egress(sub):
     egress = sub.add_parser("egress", help="the compiled egress map",
                             description="Inspect the egress map compiled from the policies and the cluster.")
@@ -121,11 +242,14 @@ def _add_egress(sub):
                     "without --node every gateway's egress IP is shown as its gateway node sees it).",
         epilog="Gateway IP 'Not Found': no node matches the gateway's nodeSelector (source nodes drop); "
                "'Excluded CIDR': an excludedCIDRs entry (normal masquerade). "
-               "Exit status 1 if a policy was rejected (the others are listed).",
+               "Exit status 1 if a policy was rejected (the others are listed). "
+               "With --socket, or --node without --cluster/--policies, the live map of a running "
+               "agent is listed instead.",
     )
-    _add_input_options(ls, node_required=False)
+    _add_input_options(ls, node_required=False, files_required=False)
+    _add_agent_options(ls)
     ls.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format (table)")
-    ls.set_defaults(func=_cmd_egress_list)
+    ls.set_defaults(func=_cmd_egress_list, parser=ls)
 
 
 # ---------------------------------------------------------------- validate
@@ -190,15 +314,23 @@ def _cmd_agent(args):
     if args.node not in cluster.nodes:
         raise CLIError(f"no node {args.node!r} in {args.cluster}")
     try:
-        agent = Agent(args.node, cluster, args.policies, netns=args.netns)
+        control = False if args.no_control_socket else (args.control_socket or True)
+        agent = Agent(args.node, cluster, args.policies, netns=args.netns, flow_log=args.flow_log,
+                      flow_drop_rate=args.flow_drop_rate, metrics_port=args.metrics_port,
+                      metrics_addr=args.metrics_addr, control_socket=control)
     except (AgentError, PermissionError) as exc:
         raise CLIError(str(exc)) from None
     agent._cluster_path = args.cluster
     signal.signal(signal.SIGINT, lambda *a: agent._stop.set())
     signal.signal(signal.SIGTERM, lambda *a: agent._stop.set())
     signal.signal(signal.SIGHUP, lambda *a: agent.request_reload())
+    status = sys.stderr if args.flow_log == "-" else sys.stdout   # stdout carries the flow log
+    extra = "".join(f", {what} {where}" for what, where in (
+        ("metrics", agent.metrics.url if agent.metrics else None),
+        ("control socket", agent.control.path if agent.control else None)) if where)
     print(f"egresscore agent: node {args.node} ({agent.node_ip}), {len(agent.egress_map)} egress entries, "
-          f"pods on {', '.join(i for _, i in agent._ports.values()) or 'none'}: ready", flush=True)
+          f"pods on {', '.join(i for _, i in agent._ports.values()) or 'none'}{extra}: ready",
+          file=status, flush=True)
     try:
         agent.run()
     finally:
@@ -206,7 +338,7 @@ def _cmd_agent(args):
     c = agent.counters()
     drops = ", ".join(f"{k} {v}" for k, v in c["drops"].items()) or "none"
     print(f"egresscore agent: node {args.node} stopped: rx {c['rx']}, tx {c['tx']}, "
-          f"tx_local {c['tx_local']}, drops: {drops}", flush=True)
+          f"tx_local {c['tx_local']}, drops: {drops}", file=status, flush=True)
     return EXIT_OK
 
 
@@ -220,6 +352,18 @@ def _add_agent(sub):
     )
     _add_input_options(a, node_required=True)
     a.add_argument("--netns", metavar="NAME", help="run on the interfaces of this network namespace")
+    a.add_argument("--flow-log", metavar="FILE",
+                   help="write flow records (connection start/end, drops) as JSON lines to FILE "
+                        "(rotated at 100 MB), or '-' for stdout; off by default")
+    a.add_argument("--flow-drop-rate", type=float, default=100.0, metavar="N",
+                   help="at most N drop records per second per drop reason (default 100)")
+    a.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on PORT (off by default)")
+    a.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                   help="address of the metrics endpoint (default 127.0.0.1)")
+    a.add_argument("--control-socket", metavar="PATH",
+                   help="the control socket for `egresscore nat list/stats` (default /run/egresscore/NODE.sock)")
+    a.add_argument("--no-control-socket", action="store_true", help="do not open the control socket")
     a.set_defaults(func=_cmd_agent)
 
 
@@ -246,7 +390,7 @@ def _add_demo(sub):
 # -------------------------------------------------------------------- main
 
 
-COMMANDS = [_add_egress, _add_validate, _add_agent, _add_demo]
+COMMANDS = [_add_egress, _add_validate, _add_agent, _add_demo, _add_nat, _add_stats]
 
 
 def _usage(parser):

@@ -4,8 +4,10 @@
         --policies examples/egress-sample.yaml [--netns egc-lab-node3]
 
 SIGHUP re-reads the policy files, SIGINT/SIGTERM stop and clean up; the
-counters are printed every few seconds.  (`egresscore agent` is the packaged
-form of the same thing.)
+counters are printed every few seconds, and one line per connection that
+ended (the flow log's callback sink).  --metrics-port serves Prometheus
+metrics on 127.0.0.1.  (`egresscore agent` is the packaged form of the same
+thing.)
 """
 import argparse
 import signal
@@ -20,9 +22,17 @@ def main():
     p.add_argument("--cluster", required=True)
     p.add_argument("--policies", required=True, nargs="+")
     p.add_argument("--netns")
+    p.add_argument("--metrics-port", type=int)
     args = p.parse_args()
 
-    agent = egresscore.Agent(args.node, args.cluster, args.policies, netns=args.netns)
+    def on_flow(rec):                         # runs on the flow log's writer thread
+        if rec["kind"] == "end":
+            print(f"{rec.get('pod', {}).get('name', rec['src'])} {rec['proto']} -> {rec['dst']}:{rec['dport']} "
+                  f"as {rec['egress_ip']} ({rec.get('policy', 'masquerade')}): "
+                  f"{rec['bytes_out']} B out, {rec['bytes_in']} B in, {rec['reason']}", flush=True)
+
+    agent = egresscore.Agent(args.node, args.cluster, args.policies, netns=args.netns,
+                             flow_log=on_flow, metrics_port=args.metrics_port)
     stop = []
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

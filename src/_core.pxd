@@ -1,6 +1,7 @@
 # Declarations of the native core's cdef classes and C structs, one file per
 # concern, so a later module can cimport egresscore._core at C level.
 include "lpm.pxd"
+include "flowlog.pxd"
 include "nat.pxd"
 include "packet.pxd"
 include "ring.pxd"

@@ -9,6 +9,7 @@ and the rings as plain C functions, with no cross-module cimport.
 include "verdict.pxi"
 include "lpm.pyx"
 include "nat.pyx"
+include "flowlog.pyx"
 include "packet.pyx"
 include "ring.pyx"
 include "datapath.pyx"

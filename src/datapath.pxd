@@ -45,6 +45,8 @@ cdef struct dp_stats:
     uint64_t icmp_errors        # ICMP errors translated (RFC 5508)
     uint64_t tx_errors          # frames lost at transmit (ring full)
     uint64_t drops[32]          # by DropReason
+    uint64_t vpkts[4]           # frames by Verdict
+    uint64_t vbytes[4]          # their bytes (as received, Ethernet header included)
 
 cdef struct dp_out:
     int port                    # where the frame goes (-1: nowhere)
@@ -105,6 +107,8 @@ cdef class Datapath:
     cdef lpm_trie *pod_nodes_c
     cdef lpm_trie *node_ips_c
     cdef lpm_trie *local_pods_c
+    cdef flow_log *flog         # drop records go here when not NULL (set_flow_log)
+    cdef object _flow_log
 
     cdef int dp_handle(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
                        const uint8_t *vnet, dp_out *out) noexcept nogil
@@ -127,4 +131,6 @@ cdef class Datapath:
     cdef int dp_too_big(self, const uint8_t *f, PktInfo *pi, int port, uint32_t mtu,
                         dp_out *out) noexcept nogil
     cdef void dp_count(self, int verdict, int reason) noexcept nogil
+    cdef void dp_flow_drop(self, const uint8_t *frame, int64_t length, int in_port, int reason,
+                           uint64_t now) noexcept nogil
     cdef Py_ssize_t dp_poll(self, int max_frames) noexcept nogil

@@ -275,7 +275,26 @@ cdef class Datapath:
         out = {name: v[i] for i, name in enumerate(_DP_STAT_NAMES)}
         out["drops"] = {DROP_REASON_NAMES[i]: self.st.drops[i]
                         for i in range(1, DROP_REASON_MAX) if self.st.drops[i]}
+        out["verdicts"] = {name: {"packets": self.st.vpkts[i], "bytes": self.st.vbytes[i]}
+                           for i, name in enumerate(("pass", "tx", "tx_local", "drop"))}
         return out
+
+    @property
+    def flow_log(self):
+        """The FlowLog receiving drop records (and, through the NAT table,
+        connection start/end records), or None."""
+        return self._flow_log
+
+    def set_flow_log(self, log):
+        """Send flow records to `log` (an egresscore.FlowLog; None: stop).
+
+        The NAT table writes start/end records of connections and refusals;
+        the datapath writes a rate-limited drop record for every other drop."""
+        if log is not None and not isinstance(log, FlowLog):
+            raise TypeError(f"flow log must be a FlowLog or None, not {type(log).__name__}")
+        self.nat.flow_log = log
+        self.flog = NULL if log is None else (<FlowLog>log)._get()
+        self._flow_log = log
 
     def reset_counters(self):
         _dp_memset(&self.st, 0, sizeof(dp_stats))
@@ -565,7 +584,45 @@ cdef class Datapath:
             return r                             # counted per segment
         self.st.rx += 1
         self.dp_count(r & 0xff, r >> 8)
+        self.st.vpkts[r & 3] += 1
+        self.st.vbytes[r & 3] += <uint64_t>length
+        if self.flog != NULL and (r & 0xff) == VERDICT_DROP:
+            self.dp_flow_drop(frame, length, in_port, r >> 8, now)
         return r
+
+    cdef void dp_flow_drop(self, const uint8_t *frame, int64_t length, int in_port, int reason,
+                           uint64_t now) noexcept nogil:
+        """A drop record (rate-limited per reason) with the dropped packet's
+        flow; for VXLAN from the underlay, the inner packet's.  The NAT table
+        already logged its own refusals (exhausted, full)."""
+        cdef PktInfo pi
+        cdef const uint8_t *p = frame
+        cdef int64_t n = length
+        cdef uint8_t src[16]
+        cdef uint8_t dst[16]
+        if reason == DROP_NAT_EXHAUSTED or reason == DROP_NAT_TABLE_FULL:
+            return
+        if not flow_drop_allow(self.flog, <uint8_t>reason, now):
+            return
+        _dp_memset(src, 0, 16)
+        _dp_memset(dst, 0, 16)
+        if pkt_parse(p, n, &pi) or pi.ip_version != 4:
+            flow_drop_record(self.flog, now, <uint8_t>reason, 0, 0, 0, 0, NULL, NULL,
+                             FLOW_NO_POLICY, 0)
+            return
+        if (in_port == 0 and pi.proto == PKT_IPPROTO_UDP and pi.l4_off >= 0
+                and pi.dport == self.vxlan_port and pi.l4_off + 16 + PKT_ETH_LEN < n):
+            p = frame + pi.l4_off + 16          # UDP 8 + VXLAN 8: the inner frame
+            n = length - (pi.l4_off + 16)
+            if pkt_parse(p, n, &pi) or pi.ip_version != 4:
+                p = frame
+                n = length
+                pkt_parse(p, n, &pi)
+        pkt_store32(src, pi.src4)
+        pkt_store32(dst, pi.dst4)
+        flow_drop_record(self.flog, now, <uint8_t>reason, 4, pi.proto,
+                         pi.sport if pi.has_ports else 0, pi.dport if pi.has_ports else 0,
+                         src, dst, FLOW_NO_POLICY, pi.tcp_flags)
 
     cdef int dp_too_big(self, const uint8_t *f, PktInfo *pi, int port, uint32_t mtu,
                         dp_out *out) noexcept nogil:
@@ -619,7 +676,8 @@ cdef class Datapath:
         if rc:
             return dp_ret(VERDICT_DROP, rc)
         dp_tuple4(&k, pi.proto, pi.tcp_flags, pi.src4, pi.sport, pi.dst4, pi.dport)
-        rc = nat_translate_out(self.nat_c, &k, <uint32_t>ext, now, &o)
+        rc = nat_translate_out_len(self.nat_c, &k, <uint32_t>ext, now, &o,
+                                   <uint32_t>(pi.l3_end - pi.l3_off))
         if rc:
             return dp_ret(VERDICT_DROP, rc)
         rc = pkt_nat4(f, pi, PKT_NAT_SRC, pkt_load32(o.src), o.sport)
@@ -778,7 +836,7 @@ cdef class Datapath:
         else:
             return dp_ret(VERDICT_PASS, 0)
         dp_tuple4(&k, pi.proto, pi.tcp_flags, pi.src4, pi.sport, pi.dst4, pi.dport)
-        rc = nat_translate_in(self.nat_c, &k, now, &o)
+        rc = nat_translate_in_len(self.nat_c, &k, now, &o, <uint32_t>(pi.l3_end - pi.l3_off))
         if rc:
             return dp_ret(VERDICT_DROP, rc)
         # too big for the tunnel back to the pod's node: tell the sender now,

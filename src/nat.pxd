@@ -17,6 +17,17 @@
 #                                               cache misses of many tuples
 #                                               overlapped (prefetch pipeline);
 #                                               codes[i] = 0 or a DropReason
+#   nat_translate_out_len / nat_translate_in_len / nat_translate_batch_len /
+#   nat_reverse_batch_len                       the same, also counting each
+#                                               packet and its IP length (lens[i])
+#                                               in the connection's counters
+#   nat_flush(t, now)                           remove every connection (end
+#                                               records with reason "eviction")
+#
+# Flow records: with t.flog set (NatTable.flow_log), a connection's creation
+# appends a FLOW_START record, its collection (expiry, FIN/RST close, flush) a
+# FLOW_END record with its counters, and a refused new flow (exhausted, full)
+# a rate-limited FLOW_DROP record.
 #
 # `now` is CLOCK_MONOTONIC in nanoseconds (NatTable's default Python clock,
 # time.monotonic, is the same clock, so both sides can share a table).  Addresses are 16 bytes in network
@@ -63,6 +74,9 @@ cdef enum:
     # entry flags
     NAT_F_FIN_OUT = 1
     NAT_F_FIN_IN = 2
+    NAT_F_RST = 4               # closed by a RST (for the end record)
+
+    NAT_NO_LEN = 0xffffffff     # packet length unknown: do not count the packet
 
     NAT_DIR_OUT = 0
     NAT_DIR_IN = 1
@@ -84,12 +98,14 @@ cdef packed struct nat_tuple:
     uint8_t src[16]
     uint8_t dst[16]
 
-# One connection, 64 bytes, indexed from both directions.
+# One connection, 72 bytes, indexed from both directions.  The counters are
+# 32-bit bytes and 16-bit packets per direction (index NAT_DIR_OUT/IN): when
+# one would wrap, a FLOW_UPDATE record carries the counts so far and they
+# restart from zero (without a flow log they stop at their maximum).
 cdef struct nat_entry:
     uint8_t src[16]             # pod (internal) address
     uint8_t dst[16]             # remote address
     uint64_t expires            # ns; the entry is dead at or after it
-    uint64_t created            # ns
     uint16_t sport              # pod port / echo id
     uint16_t dport              # remote port (0 for ICMP)
     uint16_t xport              # translated source port / echo id
@@ -99,9 +115,13 @@ cdef struct nat_entry:
     uint8_t proto
     uint8_t state
     uint8_t flags
+    uint32_t created_ms         # creation time, ms modulo 2**32 (ages < 49 days)
+    uint32_t nbytes[2]          # IP bytes by direction
+    uint16_t npkts[2]           # packets by direction
 
 # Endpoint-independent mapping (pod ip, pod port, egress ip, proto) -> xport,
-# shared by all connections from that pod endpoint: 32 bytes.
+# shared by all connections from that pod endpoint: 28 bytes.  A free
+# mapping's next-free link lives in the first 4 bytes of addr.
 cdef struct nat_mapping:
     uint8_t addr[16]
     uint16_t port
@@ -110,7 +130,6 @@ cdef struct nat_mapping:
     uint8_t family
     uint8_t proto
     uint32_t refcnt             # connections using it; 0 = free
-    uint32_t next_free
 
 # Port allocator of one (egress IP, protocol): a 65536-bit map (out-of-range
 # ports pre-set) with a 1024-bit "word full" summary, so finding a free port
@@ -156,6 +175,7 @@ cdef struct nat_table:
     uint64_t expired
     uint64_t gc_runs
     uint64_t drops[32]          # by DropReason
+    flow_log* flog              # flow records go here when not NULL
 
 cdef int nat_translate_out(nat_table* t, const nat_tuple* orig, uint32_t ext,
                            uint64_t now, nat_tuple* out) noexcept nogil
@@ -174,6 +194,18 @@ cdef void nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_t
                               Py_ssize_t n, uint64_t now) noexcept nogil
 cdef void nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
                             uint8_t* codes, Py_ssize_t n, uint64_t now) noexcept nogil
+cdef int nat_translate_out_len(nat_table* t, const nat_tuple* orig, uint32_t ext,
+                               uint64_t now, nat_tuple* out, uint32_t length) noexcept nogil
+cdef int nat_translate_in_len(nat_table* t, const nat_tuple* reply, uint64_t now,
+                              nat_tuple* out, uint32_t length) noexcept nogil
+cdef void nat_translate_batch_len(nat_table* t, const nat_tuple* tin, const uint16_t* ext,
+                                  Py_ssize_t ext_stride, nat_tuple* tout, uint8_t* codes,
+                                  Py_ssize_t n, uint64_t now,
+                                  const uint32_t* lens) noexcept nogil
+cdef void nat_reverse_batch_len(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
+                                uint8_t* codes, Py_ssize_t n, uint64_t now,
+                                const uint32_t* lens) noexcept nogil
+cdef uint32_t nat_flush(nat_table* t, uint64_t now) noexcept nogil
 
 cdef class NatTable:
     cdef nat_table* t
@@ -183,6 +215,7 @@ cdef class NatTable:
     cdef dict _ext_index
     cdef dict _timeouts
     cdef dict _ranges
+    cdef object _flow_log
     cdef uint64_t _now(self, now) except? 0
     cdef int _egress(self, egress_ip, int family) except -1
     cdef void _tuple(self, nat_tuple* k, src, sport, dst, dport, proto, tcp_flags) except *

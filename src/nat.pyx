@@ -290,16 +290,81 @@ cdef inline uint64_t _nat_rand(nat_table* t) noexcept nogil:
 # ---------------------------------------------------------------------------
 # entries
 
+# ---------------------------------------------------------------------------
+# flow records and per-connection counters
+
+cdef inline uint32_t _nat_ms(uint64_t now) noexcept nogil:
+    return <uint32_t>(now // 1000000)
+
+cdef void _nat_flow(nat_table* t, const nat_entry* e, uint8_t kind, uint8_t reason,
+                    uint64_t now) noexcept nogil:
+    """Append a record of connection e (caller checked t.flog)."""
+    cdef flow_record r
+    memset(&r, 0, sizeof(flow_record))
+    r.time = now
+    if kind != FLOW_START:
+        r.duration = <uint64_t>(<uint32_t>(_nat_ms(now) - e.created_ms)) * 1000000
+        r.pkts_out = e.npkts[0]
+        r.pkts_in = e.npkts[1]
+        r.bytes_out = e.nbytes[0]
+        r.bytes_in = e.nbytes[1]
+    r.kind = kind
+    r.reason = reason
+    r.family = e.family
+    r.proto = e.proto
+    r.sport = e.sport
+    r.dport = e.dport
+    memcpy(r.src, e.src, 16)
+    memcpy(r.dst, e.dst, 16)
+    memcpy(r.xsrc, t.ext[e.ext].addr, 16)
+    r.xport = e.xport
+    r.policy = FLOW_NO_POLICY
+    flow_append(t.flog, &r)
+
+cdef inline uint8_t _nat_end_reason(const nat_entry* e) noexcept nogil:
+    if e.flags & NAT_F_RST:
+        return FLOW_END_RST
+    if (e.flags & (NAT_F_FIN_OUT | NAT_F_FIN_IN)) == (NAT_F_FIN_OUT | NAT_F_FIN_IN):
+        return FLOW_END_FIN
+    return FLOW_END_EXPIRY
+
+cdef inline void _nat_count(nat_table* t, nat_entry* e, int d, uint32_t length,
+                            uint64_t now) noexcept nogil:
+    """Count one packet of `length` IP bytes in direction d."""
+    if length == NAT_NO_LEN:
+        return
+    if e.npkts[d] == 0xffff or e.nbytes[d] > 0xffffffffU - length:
+        if t.flog == NULL:              # saturate
+            if e.npkts[d] != 0xffff:
+                e.npkts[d] += 1
+            e.nbytes[d] = 0xffffffffU if e.nbytes[d] > 0xffffffffU - length \
+                else e.nbytes[d] + length
+            return
+        _nat_flow(t, e, FLOW_UPDATE, 0, now)
+        e.npkts[0] = e.npkts[1] = 0
+        e.nbytes[0] = e.nbytes[1] = 0
+    e.npkts[d] += 1
+    e.nbytes[d] += length
+
 cdef inline void _nat_touch(nat_table* t, nat_entry* e, int direction, uint8_t flags,
                             uint64_t now) noexcept nogil:
     """Apply one packet's TCP flags to the state and refresh the expiry."""
     if e.proto == NAT_PROTO_TCP:
         if flags & NAT_TCP_RST:
             e.state = NAT_STATE_CLOSING
+            e.flags |= NAT_F_RST
         elif e.state == NAT_STATE_CLOSING:
             if direction == NAT_DIR_OUT and (flags & (NAT_TCP_SYN | NAT_TCP_ACK)) == NAT_TCP_SYN:
-                e.state = NAT_STATE_SYN_SENT     # port reuse after close
+                # port reuse after close: the old connection ended, a new one starts
+                if t.flog != NULL:
+                    _nat_flow(t, e, FLOW_END, _nat_end_reason(e), now)
+                e.npkts[0] = e.npkts[1] = 0
+                e.nbytes[0] = e.nbytes[1] = 0
+                e.created_ms = _nat_ms(now)
+                e.state = NAT_STATE_SYN_SENT
                 e.flags = 0
+                if t.flog != NULL:
+                    _nat_flow(t, e, FLOW_START, 0, now)
         else:
             if flags & NAT_TCP_FIN:
                 e.flags |= NAT_F_FIN_OUT if direction == NAT_DIR_OUT else NAT_F_FIN_IN
@@ -337,17 +402,21 @@ cdef int nat_update_tcp(nat_table* t, const nat_tuple* k, int direction,
     _nat_touch(t, &t.entries[idx], direction, k.tcp_flags, now)
     return 0
 
-cdef void _nat_collect(nat_table* t, uint32_t idx) noexcept nogil:
-    """Remove entry idx from both indexes; drop its mapping's last reference."""
+cdef void _nat_collect(nat_table* t, uint32_t idx, uint64_t now,
+                       uint8_t reason=0) noexcept nogil:
+    """Remove entry idx from both indexes; drop its mapping's last reference.
+    With a flow log, write its end record (reason 0: from its state)."""
     cdef nat_entry* e = &t.entries[idx]
     cdef nat_mapping* m = &t.mappings[e.mapping]
+    if t.flog != NULL:
+        _nat_flow(t, e, FLOW_END, reason if reason else _nat_end_reason(e), now)
     _nat_index_delete(t, 0, &t.fwd, _nat_entry_hash(t, 0, idx), idx)
     _nat_index_delete(t, 1, &t.rev, _nat_entry_hash(t, 1, idx), idx)
     m.refcnt -= 1
     if m.refcnt == 0:
         _nat_index_delete(t, 2, &t.map, _nat_entry_hash(t, 2, e.mapping), e.mapping)
         _nat_port_put(t.ext[m.ext].pools[_nat_pool_of(m.proto)], m.xport)
-        m.next_free = t.map_free_head
+        memcpy(m.addr, &t.map_free_head, 4)       # next-free link
         t.map_free_head = e.mapping
         t.map_used -= 1
     e.state = NAT_STATE_FREE
@@ -366,9 +435,17 @@ cdef inline void _nat_fill_out(nat_table* t, const nat_entry* e, const nat_tuple
     memcpy(out.src, t.ext[e.ext].addr, 16)
     memcpy(out.dst, e.dst, 16)
 
+cdef inline int _nat_refuse(nat_table* t, const nat_tuple* o, int reason,
+                             uint64_t now) noexcept nogil:
+    t.drops[reason] += 1
+    if t.flog != NULL:
+        flow_drop(t.flog, now, <uint8_t>reason, o.family, o.proto, o.sport, o.dport,
+                  o.src, o.dst, FLOW_NO_POLICY, o.tcp_flags)
+    return reason
+
 cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t h,
                      uint64_t mh, uint32_t ext, uint64_t now, nat_tuple* out,
-                     uint64_t* defer) noexcept nogil:
+                     uint64_t* defer, uint32_t length) noexcept nogil:
     """Create the connection (and its mapping if new).  With `defer`, the
     reply-index insert is left to the caller: defer[0] = its hash (the slot is
     prefetched), defer[1] = entry index + 1; batches insert it a few tuples
@@ -378,14 +455,12 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
     cdef nat_mapping* mp
     cdef nat_entry* e
     if t.free_head == NAT_NONE:
-        t.drops[<int>DROP_NAT_TABLE_FULL] += 1
-        return DROP_NAT_TABLE_FULL
+        return _nat_refuse(t, o, DROP_NAT_TABLE_FULL, now)
     m = _nat_find_map(t, mh, o.family, o.proto, o.sport, <uint16_t>ext, o.src)
     if m == NAT_NONE:
         pool = t.ext[ext].pools[_nat_pool_of(o.proto)]
         if pool.nfree == 0:
-            t.drops[<int>DROP_NAT_EXHAUSTED] += 1
-            return DROP_NAT_EXHAUSTED
+            return _nat_refuse(t, o, DROP_NAT_EXHAUSTED, now)
         xport = o.sport
         if xport < pool.lo or xport > pool.hi or not _nat_port_free(pool, xport):
             start = pool.lo + <uint32_t>((_nat_rand(t) >> 32) % (pool.hi - pool.lo + 1))
@@ -393,7 +468,7 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
         _nat_port_take(pool, xport)
         m = t.map_free_head
         mp = &t.mappings[m]
-        t.map_free_head = mp.next_free
+        memcpy(&t.map_free_head, mp.addr, 4)      # next-free link
         memcpy(mp.addr, o.src, 16)
         mp.port = o.sport
         mp.xport = <uint16_t>xport
@@ -401,7 +476,6 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
         mp.family = o.family
         mp.proto = o.proto
         mp.refcnt = 0
-        mp.next_free = NAT_NONE
         _nat_index_insert(&t.map, mh, m)
         t.map_used += 1
     else:
@@ -420,7 +494,9 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
     e.family = o.family
     e.proto = o.proto
     e.flags = 0
-    e.created = now
+    e.created_ms = _nat_ms(now)
+    e.npkts[0] = e.npkts[1] = 0
+    e.nbytes[0] = e.nbytes[1] = 0
     if o.proto == NAT_PROTO_TCP:
         e.state = NAT_STATE_SYN_SENT
     elif o.proto == NAT_PROTO_UDP:
@@ -437,12 +513,15 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
     t.used += 1
     t.created_count += 1
     _nat_touch(t, e, NAT_DIR_OUT, o.tcp_flags, now)
+    if t.flog != NULL:
+        _nat_flow(t, e, FLOW_START, 0, now)
+    _nat_count(t, e, NAT_DIR_OUT, length, now)
     _nat_fill_out(t, e, o, out)
     return 0
 
 cdef inline int _nat_out_h(nat_table* t, const nat_tuple* o, uint32_t ext, uint64_t now,
                            nat_tuple* out, uint64_t h, uint16_t dport,
-                           uint64_t* defer=NULL) noexcept nogil:
+                           uint64_t* defer=NULL, uint32_t length=NAT_NO_LEN) noexcept nogil:
     cdef uint32_t idx
     cdef nat_entry* e
     t.lookups += 1
@@ -452,13 +531,14 @@ cdef inline int _nat_out_h(nat_table* t, const nat_tuple* o, uint32_t ext, uint6
         if e.expires > now:
             t.hits += 1
             _nat_touch(t, e, NAT_DIR_OUT, o.tcp_flags, now)
+            _nat_count(t, e, NAT_DIR_OUT, length, now)
             _nat_fill_out(t, e, o, out)
             return 0
-        _nat_collect(t, idx)
+        _nat_collect(t, idx, now)
         t.expired += 1
     return _nat_create(t, o, dport, h,
                        _nat_hash_map(t.seed, o.family, o.proto, o.sport, <uint16_t>ext, o.src),
-                       ext, now, out, defer)
+                       ext, now, out, defer, length)
 
 cdef inline int _nat_out_check(nat_table* t, const nat_tuple* o, uint32_t ext) noexcept nogil:
     cdef int err = _nat_check(o)
@@ -470,6 +550,10 @@ cdef inline int _nat_out_check(nat_table* t, const nat_tuple* o, uint32_t ext) n
 
 cdef int nat_translate_out(nat_table* t, const nat_tuple* orig, uint32_t ext,
                            uint64_t now, nat_tuple* out) noexcept nogil:
+    return nat_translate_out_len(t, orig, ext, now, out, NAT_NO_LEN)
+
+cdef int nat_translate_out_len(nat_table* t, const nat_tuple* orig, uint32_t ext,
+                               uint64_t now, nat_tuple* out, uint32_t length) noexcept nogil:
     """SNAT an outgoing packet's tuple through egress IP index `ext`.
 
     Returns 0 and fills `out` (source = egress IP:xport) for a known or new
@@ -483,10 +567,11 @@ cdef int nat_translate_out(nat_table* t, const nat_tuple* orig, uint32_t ext,
     dport = 0 if _nat_is_icmp(orig.proto) else orig.dport
     return _nat_out_h(t, orig, ext, now, out,
                       _nat_hash_fwd(t.seed, orig.family, orig.proto, orig.sport, dport,
-                                    orig.src, orig.dst), dport)
+                                    orig.src, orig.dst), dport, NULL, length)
 
 cdef inline int _nat_in_h(nat_table* t, const nat_tuple* r, uint64_t now, nat_tuple* out,
-                          uint64_t h, uint16_t rport, bint touch=True) noexcept nogil:
+                          uint64_t h, uint16_t rport, bint touch=True,
+                          uint32_t length=NAT_NO_LEN) noexcept nogil:
     cdef uint32_t idx
     cdef nat_entry* e
     t.lookups += 1
@@ -497,6 +582,7 @@ cdef inline int _nat_in_h(nat_table* t, const nat_tuple* r, uint64_t now, nat_tu
             t.hits += 1
             if touch:
                 _nat_touch(t, e, NAT_DIR_IN, r.tcp_flags, now)
+                _nat_count(t, e, NAT_DIR_IN, length, now)
             out.family = r.family
             out.proto = r.proto
             out.tcp_flags = r.tcp_flags
@@ -507,13 +593,17 @@ cdef inline int _nat_in_h(nat_table* t, const nat_tuple* r, uint64_t now, nat_tu
             memcpy(out.dst, e.src, 16)
             return 0
         if touch:
-            _nat_collect(t, idx)
+            _nat_collect(t, idx, now)
             t.expired += 1
     t.drops[<int>DROP_NO_NAT_ENTRY] += 1
     return DROP_NO_NAT_ENTRY
 
 cdef int nat_translate_in(nat_table* t, const nat_tuple* reply, uint64_t now,
                           nat_tuple* out) noexcept nogil:
+    return nat_translate_in_len(t, reply, now, out, NAT_NO_LEN)
+
+cdef int nat_translate_in_len(nat_table* t, const nat_tuple* reply, uint64_t now,
+                              nat_tuple* out, uint32_t length) noexcept nogil:
     """Reverse-translate a reply (remote -> egress IP:xport) towards the pod.
 
     Returns 0 and fills `out` (destination = pod address:port), or
@@ -527,7 +617,7 @@ cdef int nat_translate_in(nat_table* t, const nat_tuple* reply, uint64_t now,
     rport = 0 if _nat_is_icmp(reply.proto) else reply.sport
     return _nat_in_h(t, reply, now, out,
                      _nat_hash_rev(t.seed, reply.family, reply.proto, rport, reply.dport,
-                                   reply.src, reply.dst), rport)
+                                   reply.src, reply.dst), rport, True, length)
 
 cdef int nat_peek_in(nat_table* t, const nat_tuple* reply, uint64_t now,
                      nat_tuple* out) noexcept nogil:
@@ -585,11 +675,25 @@ cdef uint32_t nat_gc(nat_table* t, uint64_t now, uint32_t max_scan) noexcept nog
         t.gc_cursor = i + 1 if i + 1 < t.capacity else 0
         e = &t.entries[i]
         if e.state != NAT_STATE_FREE and e.expires <= now:
-            _nat_collect(t, i)
+            _nat_collect(t, i, now)
             t.expired += 1
             collected += 1
     t.gc_runs += 1
     return collected
+
+cdef uint32_t nat_flush(nat_table* t, uint64_t now) noexcept nogil:
+    """Remove every connection, live or dead; open ones end with reason
+    "eviction", dead or closed (FIN, RST) ones with theirs.  Returns how
+    many were removed."""
+    cdef uint32_t i, n = 0
+    cdef nat_entry* e
+    for i in range(t.capacity):
+        e = &t.entries[i]
+        if e.state != NAT_STATE_FREE:
+            _nat_collect(t, i, now, FLOW_END_EVICTION
+                         if e.expires > now and e.state != NAT_STATE_CLOSING else 0)
+            n += 1
+    return n
 
 # ---------------------------------------------------------------------------
 # batches: a three-stage software pipeline (hash + prefetch slot, prefetch
@@ -613,6 +717,11 @@ cdef inline uint32_t _nat_peek(const nat_index* ix, uint64_t h) noexcept nogil:
 
 cdef void nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
                              uint8_t* codes, Py_ssize_t n, uint64_t now) noexcept nogil:
+    nat_reverse_batch_len(t, tin, tout, codes, n, now, NULL)
+
+cdef void nat_reverse_batch_len(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
+                                uint8_t* codes, Py_ssize_t n, uint64_t now,
+                                const uint32_t* lens) noexcept nogil:
     cdef uint64_t hring[32]
     cdef Py_ssize_t i, j
     cdef uint64_t h
@@ -631,6 +740,7 @@ cdef void nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
             s = _nat_peek(&t.rev, hring[j & 31])
             if s != 0:
                 nat_prefetch_w(&t.entries[(s & 0xffffff) - 1])
+                nat_prefetch_w(<char*>&t.entries[(s & 0xffffff) - 1] + sizeof(nat_entry) - 1)
         j = i - NAT_PF_SLOT
         if j >= 0:
             r = &tin[j]
@@ -639,11 +749,18 @@ cdef void nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
                 codes[j] = DROP_UNSUPPORTED
                 continue
             rport = 0 if _nat_is_icmp(r.proto) else r.sport
-            codes[j] = <uint8_t>_nat_in_h(t, r, now, &tout[j], hring[j & 31], rport)
+            codes[j] = <uint8_t>_nat_in_h(t, r, now, &tout[j], hring[j & 31], rport, True,
+                                          NAT_NO_LEN if lens == NULL else lens[j])
 
 cdef void nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_t* ext,
                                Py_ssize_t ext_stride, nat_tuple* tout, uint8_t* codes,
                                Py_ssize_t n, uint64_t now) noexcept nogil:
+    nat_translate_batch_len(t, tin, ext, ext_stride, tout, codes, n, now, NULL)
+
+cdef void nat_translate_batch_len(nat_table* t, const nat_tuple* tin, const uint16_t* ext,
+                                  Py_ssize_t ext_stride, nat_tuple* tout, uint8_t* codes,
+                                  Py_ssize_t n, uint64_t now,
+                                  const uint32_t* lens) noexcept nogil:
     cdef uint64_t hring[32]
     cdef uint64_t pending[NAT_PF_ENTRY][2]     # deferred reply-index inserts
     cdef Py_ssize_t i, j, k
@@ -668,6 +785,7 @@ cdef void nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_t
             s = _nat_peek(&t.fwd, h)
             if s != 0:
                 nat_prefetch_w(&t.entries[(s & 0xffffff) - 1])
+                nat_prefetch_w(<char*>&t.entries[(s & 0xffffff) - 1] + sizeof(nat_entry) - 1)
             else:
                 # no tag match near home: a new flow.  Fetch the mapping slot,
                 # and the reply slot assuming the pod's port is preserved
@@ -693,7 +811,8 @@ cdef void nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_t
                 codes[j] = <uint8_t>err
                 continue
             dport = 0 if _nat_is_icmp(o.proto) else o.dport
-            codes[j] = <uint8_t>_nat_out_h(t, o, x, now, &tout[j], hring[j & 31], dport, slot)
+            codes[j] = <uint8_t>_nat_out_h(t, o, x, now, &tout[j], hring[j & 31], dport, slot,
+                                           NAT_NO_LEN if lens == NULL else lens[j])
     for k in range(NAT_PF_ENTRY):
         if pending[k][1]:
             _nat_index_insert(&t.rev, pending[k][0], <uint32_t>(pending[k][1] - 1))
@@ -708,13 +827,15 @@ NAT_TUPLE_DTYPE = _np.dtype({
     "offsets": [0, 1, 2, 3, 4, 6, 8, 24],
     "itemsize": 40,
 })
-assert sizeof(nat_tuple) == 40 and sizeof(nat_entry) == 64 and sizeof(nat_mapping) == 32
+assert sizeof(nat_tuple) == 40 and sizeof(nat_entry) == 72 and sizeof(nat_mapping) == 28
 
 NatEntry = _namedtuple(
     "NatEntry",
-    "proto src sport dst dport egress_ip xport state expires_in age")
+    "proto src sport dst dport egress_ip xport state expires_in age "
+    "pkts_out pkts_in bytes_out bytes_in", defaults=(0, 0, 0, 0))
 NatEntry.__doc__ = ("One live connection: pod src:sport -> remote dst:dport, "
-                    "SNATed to egress_ip:xport; times in seconds.")
+                    "SNATed to egress_ip:xport; times in seconds; packets and IP "
+                    "bytes each way (since the last flow-log update record).")
 
 
 class NatRefused(Exception):
@@ -788,6 +909,24 @@ def _nat_flags(value):
     return value
 
 
+def _nat_length(value):
+    if value is None:
+        return 0xFFFFFFFF           # NAT_NO_LEN: do not count
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"length must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 65535:
+        raise ValueError(f"length {value} is out of range 0-65535")
+    return value
+
+
+def _nat_lens(lens, n):
+    if lens is None:
+        return None
+    if (not isinstance(lens, _np.ndarray) or lens.dtype != _np.uint32 or lens.shape != (n,)):
+        raise ValueError("lens must be a uint32 array with one length per tuple")
+    return _np.ascontiguousarray(lens)
+
+
 def _nat_range(value, what):
     try:
         lo, hi = value
@@ -850,7 +989,7 @@ cdef class NatTable:
     def __init__(self, egress_ips=(), *, capacity=65536, port_range=(32768, 65535),
                  port_ranges=None, timeouts=None, clock=_time.monotonic, seed=None):
         cdef nat_table* t
-        cdef uint32_t i, cap
+        cdef uint32_t i, cap, nxt
         cdef uint64_t nslots
         if isinstance(capacity, bool) or not isinstance(capacity, int):
             raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
@@ -897,7 +1036,8 @@ cdef class NatTable:
         t.capacity = cap
         for i in range(cap):
             t.entries[i].mapping = i + 1 if i + 1 < cap else NAT_NONE
-            t.mappings[i].next_free = i + 1 if i + 1 < cap else NAT_NONE
+            nxt = i + 1 if i + 1 < cap else NAT_NONE
+            memcpy(t.mappings[i].addr, &nxt, 4)     # next-free link
         t.free_head = 0
         t.map_free_head = 0
         s = seed & 0xffffffffffffffff
@@ -1063,18 +1203,20 @@ cdef class NatTable:
     # -- per-flow calls --------------------------------------------------------
 
     def translate(self, src, sport, dst, dport, proto="tcp", *, egress_ip=None,
-                  tcp_flags=0, now=None):
+                  tcp_flags=0, now=None, length=None):
         """SNAT an outgoing flow; returns (egress_ip, xport).
 
         Known flows keep their mapping (and egress IP); new flows get one.
+        `length` (IP bytes) counts the packet in the connection's counters.
         Raises NatRefused (reason "nat_exhausted" or "nat_table_full")."""
+        cdef uint32_t ln = _nat_length(length)
         cdef nat_tuple k, out
         self._tuple(&k, src, sport, dst, dport, proto, tcp_flags)
         cdef int ext = self._egress(egress_ip, k.family)
         cdef uint64_t t_ns = self._now(now)
         cdef int rc
         with self._lock:
-            rc = nat_translate_out(self.t, &k, ext, t_ns, &out)
+            rc = nat_translate_out_len(self.t, &k, ext, t_ns, &out, ln)
         if rc:
             raise NatRefused(DROP_REASON_NAMES[rc],
                              f"new flow refused: {DROP_REASON_NAMES[rc]}")
@@ -1084,19 +1226,21 @@ cdef class NatTable:
         return nat_ext_find(self.t, out.family, out.src)
 
     def reverse(self, src, sport, dst, dport, proto="tcp", *, tcp_flags=0, now=None,
-                refresh=True):
+                refresh=True, length=None):
         """Translate a reply remote src:sport -> egress dst:dport back.
 
         Returns (pod_ip, pod_port), or None when no live connection matches
         (the reply is unsolicited; counted as no_nat_entry).  refresh=False
-        leaves the entry untouched (a tuple quoted in an ICMP error)."""
+        leaves the entry untouched (a tuple quoted in an ICMP error).  `length`
+        (IP bytes) counts the packet in the connection's counters."""
+        cdef uint32_t ln = _nat_length(length)
         cdef nat_tuple k, out
         self._tuple(&k, src, sport, dst, dport, proto, tcp_flags)
         cdef uint64_t t_ns = self._now(now)
         cdef int rc
         with self._lock:
             if refresh:
-                rc = nat_translate_in(self.t, &k, t_ns, &out)
+                rc = nat_translate_in_len(self.t, &k, t_ns, &out, ln)
             else:
                 rc = nat_peek_in(self.t, &k, t_ns, &out)
         if rc:
@@ -1144,7 +1288,8 @@ cdef class NatTable:
             str(_ipaddress.ip_address((<char*>e.src)[:n])), e.sport,
             str(_ipaddress.ip_address((<char*>e.dst)[:n])), e.dport,
             self._ext_names[e.ext], e.xport, _NAT_STATE_NAME[e.state],
-            (e.expires - now) / 1e9, (now - e.created) / 1e9 if now > e.created else 0.0)
+            (e.expires - now) / 1e9, <uint32_t>(_nat_ms(now) - e.created_ms) / 1e3,
+            e.npkts[0], e.npkts[1], e.nbytes[0], e.nbytes[1])
 
     def entries(self, now=None):
         """Iterate over live connections (the data of a `nat list` view)."""
@@ -1186,6 +1331,47 @@ cdef class NatTable:
             with nogil:
                 got = nat_gc(self.t, t_ns, n)
         return got
+
+    def port_usage(self):
+        """{egress_ip: {"tcp"|"udp"|"icmp": (ports in use, ports in the range)}}:
+        how close each egress IP is to exhaustion (for metrics)."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        cdef nat_pool* p
+        out = {}
+        with self._lock:
+            for i, name in enumerate(self._ext_names):
+                d = {}
+                for k, proto in enumerate(("tcp", "udp", "icmp")):
+                    p = self.t.ext[i].pools[k]
+                    d[proto] = (p.used, p.hi - p.lo + 1)
+                out[name] = d
+        return out
+
+    @property
+    def flow_log(self):
+        """The FlowLog receiving this table's start/end/refusal records, or None."""
+        return self._flow_log
+
+    @flow_log.setter
+    def flow_log(self, log):
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        if log is not None and not isinstance(log, FlowLog):
+            raise TypeError(f"flow_log must be a FlowLog or None, not {type(log).__name__}")
+        with self._lock:
+            self.t.flog = NULL if log is None else (<FlowLog>log)._get()
+            self._flow_log = log
+
+    def flush(self, *, now=None):
+        """Remove every connection (end records with reason "eviction" for the
+        live ones); returns how many were removed.  For a clean stop."""
+        cdef uint64_t t_ns = self._now(now)
+        cdef uint32_t n
+        with self._lock:
+            with nogil:
+                n = nat_flush(self.t, t_ns)
+        return n
 
     def ports_in_use(self, egress_ip, proto="tcp"):
         """External ports (or echo ids) of `egress_ip` held by live mappings."""
@@ -1237,13 +1423,18 @@ cdef class NatTable:
             raise ValueError("out must not overlap tuples")
         return n, out, codes
 
-    def translate_batch(self, tuples, egress_ip, *, now=None, out=None, codes=None):
+    def translate_batch(self, tuples, egress_ip, *, now=None, out=None, codes=None,
+                        lens=None):
         """SNAT a batch of outgoing tuples; returns (out, codes).
 
         `egress_ip` is one egress IP (address or index) or a uint16 array of
         indexes, one per tuple.  codes[i] is 0 or a drop reason (index into
-        DROP_REASON_NAMES); out[i] is valid where codes[i] == 0."""
+        DROP_REASON_NAMES); out[i] is valid where codes[i] == 0.  `lens`
+        (uint32, IP bytes per tuple) counts the packets in the connections."""
         n, out, codes = self._batch_args(tuples, out, codes)
+        lens_arr = _nat_lens(lens, n)
+        cdef const uint32_t* lp = NULL if lens_arr is None else \
+            <const uint32_t*>cnp.PyArray_DATA(lens_arr)
         cdef uint16_t one
         cdef cnp.ndarray ext_arr
         cdef const uint16_t* ext_p
@@ -1271,15 +1462,18 @@ cdef class NatTable:
         cdef Py_ssize_t cn = n
         with self._lock:
             with nogil:
-                nat_translate_batch(self.t, tin, ext_p, stride, tout, cp, cn, t_ns)
+                nat_translate_batch_len(self.t, tin, ext_p, stride, tout, cp, cn, t_ns, lp)
         return out, codes
 
-    def reverse_batch(self, tuples, *, now=None, out=None, codes=None):
+    def reverse_batch(self, tuples, *, now=None, out=None, codes=None, lens=None):
         """Reverse-translate a batch of replies; returns (out, codes).
 
         codes[i] is 0 (out[i] is addressed to the pod) or a drop reason such
-        as no_nat_entry."""
+        as no_nat_entry.  `lens` as in translate_batch."""
         n, out, codes = self._batch_args(tuples, out, codes)
+        lens_arr = _nat_lens(lens, n)
+        cdef const uint32_t* lp = NULL if lens_arr is None else \
+            <const uint32_t*>cnp.PyArray_DATA(lens_arr)
         cdef uint64_t t_ns = self._now(now)
         cdef const nat_tuple* tin = <const nat_tuple*>cnp.PyArray_DATA(tuples)
         cdef nat_tuple* tout = <nat_tuple*>cnp.PyArray_DATA(out)
@@ -1287,7 +1481,7 @@ cdef class NatTable:
         cdef Py_ssize_t cn = n
         with self._lock:
             with nogil:
-                nat_reverse_batch(self.t, tin, tout, cp, cn, t_ns)
+                nat_reverse_batch_len(self.t, tin, tout, cp, cn, t_ns, lp)
         return out, codes
 
 

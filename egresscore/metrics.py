@@ -1,0 +1,256 @@
+"""Prometheus metrics of an agent, read at scrape time from a stats provider.
+
+Nothing is counted here: the datapath keeps its counters in C and a scrape
+asks `provider()` (e.g. the agent's `counters`) for a fresh dict, so the
+metrics cost nothing between scrapes.  The dict's keys (all optional):
+
+    "verdicts":   {verdict name: {"packets": n, "bytes": n}}  forwarded / passed / dropped
+    "drops":      {drop reason name: packets}                 (DROP_REASON_NAMES)
+    "policies":   {policy name: {"packets": n, "bytes": n, "connections": n}}
+                  traffic steered by a policy (the agent counts it from the flow
+                  records: ended connections' packets and bytes)
+    "nat":        NatTable.stats, plus "ports": NatTable.port_usage()
+    "egress_map": {"entries": n}  (or the number itself)
+    "rings":      {ring name: PacketRing.stats}
+    "flow_log":   FlowLogger.stats (or FlowLog.stats)
+
+Metric names follow Cilium's where one exists (cilium_forward_count_total,
+cilium_drop_count_total, ...), with the prefix egresscore_ and a `node` label.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import CollectorRegistry
+
+__all__ = ["StatsCollector", "MetricsServer"]
+
+log = logging.getLogger("egresscore.metrics")
+
+
+def _n(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+class StatsCollector:
+    """A prometheus_client collector over `provider()` (a callable returning
+    the counters dict described in this module's docstring)."""
+
+    def __init__(self, provider, *, node=None, prefix="egresscore"):
+        if not callable(provider):
+            raise TypeError("provider must be a callable returning a counters dict")
+        self.provider = provider
+        self.node = node
+        self.prefix = prefix
+
+    def describe(self):
+        return []       # metrics vary with the provider: collect at scrape time only
+
+    def _family(self, cls, name, doc, labels=()):
+        base = ["node"] if self.node is not None else []
+        return cls(f"{self.prefix}_{name}", doc, labels=base + list(labels))
+
+    def _add(self, fam, value, *labels):
+        base = [self.node] if self.node is not None else []
+        fam.add_metric(base + [str(x) for x in labels], _n(value))
+
+    def collect(self):
+        try:
+            s = self.provider() or {}
+        except Exception:
+            log.exception("metrics: the stats provider failed")
+            fam = self._family(GaugeMetricFamily, "stats_up", "1 if the agent's counters could be read")
+            self._add(fam, 0)
+            yield fam
+            return
+        up = self._family(GaugeMetricFamily, "stats_up", "1 if the agent's counters could be read")
+        self._add(up, 1)
+        yield up
+        yield from self._verdicts(s.get("verdicts"))
+        yield from self._drops(s.get("drops"))
+        yield from self._policies(s.get("policies"))
+        yield from self._nat(s.get("nat"))
+        yield from self._egress_map(s.get("egress_map"))
+        yield from self._rings(s.get("rings"))
+        yield from self._flow_log(s.get("flow_log"))
+
+    # ------------------------------------------------------------ families
+
+    def _verdicts(self, v):
+        if not v:
+            return
+        pk = self._family(CounterMetricFamily, "forward_count",
+                          "Packets handled by the datapath, by verdict", ["verdict"])
+        by = self._family(CounterMetricFamily, "forward_bytes",
+                          "Bytes handled by the datapath, by verdict", ["verdict"])
+        for name, c in sorted(v.items()):
+            if isinstance(c, dict):
+                self._add(pk, c.get("packets", 0), name)
+                if "bytes" in c:
+                    self._add(by, c["bytes"], name)
+            else:
+                self._add(pk, c, name)
+        yield pk
+        yield by
+
+    def _drops(self, d):
+        if not d:
+            return
+        fam = self._family(CounterMetricFamily, "drop_count",
+                           "Packets dropped by the datapath, by reason", ["reason"])
+        for reason, n in sorted(d.items()):
+            if reason != "none":
+                self._add(fam, n, reason)
+        yield fam
+
+    def _policies(self, p):
+        if not p:
+            return
+        pk = self._family(CounterMetricFamily, "policy_forward_count",
+                          "Packets steered by an egress gateway policy", ["policy"])
+        by = self._family(CounterMetricFamily, "policy_forward_bytes",
+                          "Bytes steered by an egress gateway policy", ["policy"])
+        conns = self._family(CounterMetricFamily, "policy_connections",
+                             "Connections started under an egress gateway policy (flow log)",
+                             ["policy"])
+        for name, c in sorted(p.items()):
+            if isinstance(c, dict):
+                self._add(pk, c.get("packets", 0), name)
+                self._add(by, c.get("bytes", 0), name)
+                if "connections" in c:
+                    self._add(conns, c["connections"], name)
+            else:
+                self._add(pk, c, name)
+        yield pk
+        yield by
+        if conns.samples:
+            yield conns
+
+    def _nat(self, n):
+        if not n:
+            return
+        for key, name, doc in (("entries", "nat_entries", "Connections in the NAT table"),
+                               ("capacity", "nat_capacity", "Connections the NAT table can hold"),
+                               ("mappings", "nat_mappings", "Endpoint-independent SNAT mappings")):
+            if key in n:
+                g = self._family(GaugeMetricFamily, name, doc)
+                self._add(g, n[key])
+                yield g
+        for key, name, doc in (("created", "nat_created", "Connections created"),
+                               ("expired", "nat_expired", "Connections collected after expiry"),
+                               ("gc_runs", "nat_gc_runs", "NAT garbage-collection passes"),
+                               ("lookups", "nat_lookups", "NAT lookups"),
+                               ("hits", "nat_hits", "NAT lookups that found a live connection")):
+            if key in n:
+                c = self._family(CounterMetricFamily, name, doc)
+                self._add(c, n[key])
+                yield c
+        refused = n.get("refused")
+        if refused:
+            c = self._family(CounterMetricFamily, "nat_refused",
+                             "Packets the NAT table refused, by reason (nat_exhausted: no free port)",
+                             ["reason"])
+            for reason, v in sorted(refused.items()):
+                self._add(c, v, reason)
+            yield c
+        ports = n.get("ports")
+        if ports:
+            used = self._family(GaugeMetricFamily, "nat_ports_in_use",
+                                "SNAT ports (echo ids) in use, by egress IP and protocol",
+                                ["egress_ip", "proto"])
+            size = self._family(GaugeMetricFamily, "nat_ports",
+                                "SNAT ports in the range, by egress IP and protocol",
+                                ["egress_ip", "proto"])
+            for ip, by_proto in sorted(ports.items()):
+                for proto, (u, total) in sorted(by_proto.items()):
+                    self._add(used, u, ip, proto)
+                    self._add(size, total, ip, proto)
+            yield used
+            yield size
+
+    def _egress_map(self, e):
+        if e is None:
+            return
+        g = self._family(GaugeMetricFamily, "egress_map_entries", "Entries in the egress policy map")
+        self._add(g, e.get("entries", 0) if isinstance(e, dict) else e)
+        yield g
+
+    def _rings(self, r):
+        if not r:
+            return
+        drops = self._family(CounterMetricFamily, "ring_kernel_drops",
+                             "Packets the kernel dropped because an AF_PACKET ring was full",
+                             ["ring"])
+        pkts = self._family(CounterMetricFamily, "ring_kernel_packets",
+                            "Packets the kernel passed to an AF_PACKET ring", ["ring"])
+        txf = self._family(CounterMetricFamily, "ring_tx_full",
+                           "Frames not sent because the TX ring was full", ["ring"])
+        for name, st in sorted(r.items()):
+            self._add(drops, st.get("kernel_drops", 0), name)
+            self._add(pkts, st.get("kernel_packets", 0), name)
+            self._add(txf, st.get("tx_full", 0), name)
+        yield drops
+        yield pkts
+        yield txf
+
+    def _flow_log(self, f):
+        if not f:
+            return
+        ring = f.get("ring", f)
+        rec = self._family(CounterMetricFamily, "flowlog_records",
+                           "Flow-log records written by the datapath, by kind", ["kind"])
+        for kind, v in sorted(ring.get("appended", {}).items()):
+            self._add(rec, v, kind)
+        yield rec
+        lost = self._family(CounterMetricFamily, "flowlog_lost",
+                            "Flow-log records lost: ring full (ring) or sink too slow (queue)",
+                            ["stage"])
+        self._add(lost, ring.get("lost", 0), "ring")
+        if "dropped" in f:
+            self._add(lost, f["dropped"], "queue")
+        yield lost
+        sup = self._family(CounterMetricFamily, "flowlog_drops_suppressed",
+                           "Drop records left out by the rate limit, by drop reason", ["reason"])
+        for reason, v in sorted(ring.get("suppressed", {}).items()):
+            self._add(sup, v, reason)
+        yield sup
+
+
+class MetricsServer:
+    """Serves StatsCollector(provider) over HTTP (prometheus_client) on
+    addr:port; port 0 picks a free port (see .port).  stop() closes it."""
+
+    def __init__(self, provider, port, addr="127.0.0.1", *, node=None):
+        from prometheus_client import start_http_server
+
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"metrics port must be an int in 0-65535, not {port!r}")
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = StatsCollector(provider, node=node)
+        self.registry.register(self.collector)
+        self._server, self._thread = start_http_server(port, addr, registry=self.registry)
+        self.addr = addr
+        self.port = self._server.server_address[1]
+
+    @property
+    def url(self):
+        host = f"[{self.addr}]" if ":" in self.addr else self.addr
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self):
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=5)
+            self._server = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
