@@ -77,6 +77,13 @@ def build_l3(pr):
     elif kind == "err":
         err = pr["err"]
         quote = build_l3(err["inner"])[: err["k"]]
+        before = err.get("quoted_before_nat")
+        if before is not None:
+            # a quote that cuts the quoted L4 checksum field in half: a NAT
+            # cannot update half a checksum, so those bytes stay as they were
+            off = _l4_csum_offset(before, err["inner"]["ver"])
+            if off < err["k"] < off + 2:
+                quote = quote[:off] + before[off:err["k"]]
         if v6:
             layer = {1: ICMPv6DestUnreach(code=err["code"] % 7), 2: ICMPv6PacketTooBig(mtu=1400),
                      3: ICMPv6TimeExceeded(code=err["code"] % 2)}[err["type"]]
@@ -86,6 +93,17 @@ def build_l3(pr):
     else:
         raise AssertionError(kind)
     return bytes(ip / l4)
+
+
+def _l4_csum_offset(raw, ver):
+    """Offset of the L4 checksum field in an IP packet's bytes."""
+    if ver == 4:
+        off, proto = (raw[0] & 15) * 4, raw[9]
+    else:
+        off, proto = 40, raw[6]
+        while proto in (0, 43, 44, 60):          # extension headers
+            proto, off = raw[off], off + (8 if proto == 44 else (raw[off + 1] + 1) * 8)
+    return off + {6: 16, 17: 6}.get(proto, 2)
 
 
 def build_frame(pr):
@@ -111,6 +129,7 @@ def nat_params(pr, side, addr, port):
         pr["dport"] = port
     if kind == "err":
         # RFC 5508: the quoted packet went the other way
+        pr["err"]["quoted_before_nat"] = build_l3(pr["err"]["inner"])
         pr["err"]["inner"] = nat_params(pr["err"]["inner"], "dst" if side == "src" else "src", addr, port)
     return pr
 
