@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 
-SECTIONS = ["lpm", "nat", "packet", "ring", "compiler", "lab", "agent"]  # README order
+SECTIONS = ["lpm", "nat", "packet", "ring", "compiler", "agent", "flowlog", "lab"]  # README order
 
 
 def machine_summary():
