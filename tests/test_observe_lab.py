@@ -118,7 +118,7 @@ def send_unsolicited(dst, dport):
 @pytest.fixture(scope="module")
 def lab():
     from egresscore import Agent
-    from egresscore.agent import prepare_lab
+    from egresscore.agent import disable_offloads, prepare_lab
     from egresscore.cluster import Cluster
     from egresscore.lab import Lab
     from egresscore.lab.kernel import SAMPLE_POLICY
@@ -128,6 +128,10 @@ def lab():
     os.chmod(sockdir, 0o755)                # so that "nobody" reaches the socket's own directory
     with Lab(tag="observe") as lab:
         prepare_lab(lab)
+        # app1's capture must see packets as they go on the wire, not TSO
+        # super-packets that the agent would cut up after the capture
+        app1 = lab.pods["app1"]
+        disable_offloads(app1.ifname, app1.ns)
         lab.records = []
         lab.agents = {}
         lab.sock = os.path.join(sockdir, "run", "node3.sock")
