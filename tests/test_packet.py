@@ -76,14 +76,7 @@ def build_l3(pr):
               else ICMP(type=0, id=pr["dport"], seq=5) / payload)
     elif kind == "err":
         err = pr["err"]
-        quote = build_l3(err["inner"])[: err["k"]]
-        before = err.get("quoted_before_nat")
-        if before is not None:
-            # a quote that cuts the quoted L4 checksum field in half: a NAT
-            # cannot update half a checksum, so those bytes stay as they were
-            off = _l4_csum_offset(before, err["inner"]["ver"])
-            if off < err["k"] < off + 2:
-                quote = quote[:off] + before[off:err["k"]]
+        quote = _quote(err)
         if v6:
             layer = {1: ICMPv6DestUnreach(code=err["code"] % 7), 2: ICMPv6PacketTooBig(mtu=1400),
                      3: ICMPv6TimeExceeded(code=err["code"] % 2)}[err["type"]]
@@ -104,6 +97,20 @@ def _l4_csum_offset(raw, ver):
         while proto in (0, 43, 44, 60):          # extension headers
             proto, off = raw[off], off + (8 if proto == 44 else (raw[off + 1] + 1) * 8)
     return off + {6: 16, 17: 6}.get(proto, 2)
+
+
+def _quote(err):
+    """The first k bytes of the quoted packet, as the ICMP error carries them.
+    A quote that cuts the quoted L4 checksum in half keeps those bytes as
+    they were before any NAT (a NAT cannot update half a checksum)."""
+    full = build_l3(err["inner"])
+    quote = full[: err["k"]]
+    before = err.get("quoted_before_nat")
+    if before is not None:
+        off = _l4_csum_offset(full, err["inner"]["ver"])
+        if off < err["k"] < off + 2:
+            quote = quote[:off] + before[off:err["k"]]
+    return quote
 
 
 def build_frame(pr):
@@ -129,7 +136,7 @@ def nat_params(pr, side, addr, port):
         pr["dport"] = port
     if kind == "err":
         # RFC 5508: the quoted packet went the other way
-        pr["err"]["quoted_before_nat"] = build_l3(pr["err"]["inner"])
+        pr["err"]["quoted_before_nat"] = _quote(pr["err"])
         pr["err"]["inner"] = nat_params(pr["err"]["inner"], "dst" if side == "src" else "src", addr, port)
     return pr
 
