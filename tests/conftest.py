@@ -15,6 +15,41 @@ def netns_unavailable_reason():
     return None
 
 
+NOBODY = 65534
+
+
+def as_nobody(path, cmd="stats"):
+    """Send one control-socket request to `path` from a forked child running
+    as nobody; returns "connect-error ERRNO" or "answer <the reply line>"."""
+    import socket
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # child: no pytest, no exceptions out
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            try:
+                s.connect(path)
+            except OSError as e:
+                msg = f"connect-error {e.errno}"
+            else:
+                s.sendall(b'{"cmd": "%s"}\n' % cmd.encode())
+                msg = "answer " + s.makefile("rb").readline().decode().strip()
+            os.write(w, msg.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
 needs_netns = pytest.mark.skipif(
     netns_unavailable_reason() is not None, reason=str(netns_unavailable_reason())
 )

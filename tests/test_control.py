@@ -17,9 +17,10 @@ from egresscore import (
 from egresscore.cli import main
 from egresscore.control import inspection_handlers
 
+from conftest import NOBODY, as_nobody
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(HERE, "..", "examples")
-NOBODY = 65534
 
 
 @pytest.fixture
@@ -93,35 +94,6 @@ def test_default_path():
     for bad in ("", "../x", "a/b", None):
         with pytest.raises(ValueError):
             default_socket_path(bad)
-
-
-def as_nobody(path):
-    """Connect to `path` from a forked child running as nobody; what it saw."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                    # child: no pytest, no exceptions out
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(10)
-            try:
-                s.connect(path)
-            except OSError as e:
-                msg = f"connect-error {e.errno}"
-            else:
-                s.sendall(b'{"cmd": "stats"}\n')
-                msg = "answer " + s.makefile("rb").readline().decode().strip()
-            os.write(w, msg.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read().decode()
-    os.waitpid(pid, 0)
-    return out
 
 
 @pytest.fixture

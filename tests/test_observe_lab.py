@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from conftest import needs_netns
+from conftest import as_nobody, needs_netns
 
 pytestmark = needs_netns
 
@@ -26,7 +26,6 @@ SERVER = "203.0.113.10"
 EGRESS_IP = "192.168.1.3"
 APP1 = "10.0.1.93"
 POLICY = "egress-sample"
-NOBODY = 65534
 
 
 # -- run inside app1's namespace ------------------------------------------------------------
@@ -239,44 +238,17 @@ def test_metrics_over_http_show_the_counts(lab):
         r["bytes_out"] + r["bytes_in"] for r in ended) > 0
 
 
-def _as_nobody(path):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(5)
-            try:
-                s.connect(path)
-                s.sendall(b'{"cmd": "nat_list"}\n')
-                msg = "answer " + s.makefile("rb").readline().decode().strip()
-            except OSError as e:
-                msg = f"error {e.errno}"
-            os.write(w, msg.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read().decode()
-    os.waitpid(pid, 0)
-    return out
-
-
 def test_control_socket_refuses_other_users(lab, capsys):
     from egresscore.cli import main
 
-    assert _as_nobody(lab.sock) == "error 13"
+    assert as_nobody(lab.sock, "nat_list") == "connect-error 13"
     st = os.stat(lab.sock)
     assert oct(st.st_mode & 0o777) == "0o600"
     # even with the permissions opened up, the peer credentials say no
     os.chmod(os.path.dirname(lab.sock), 0o755)
     os.chmod(lab.sock, 0o666)
     try:
-        out = _as_nobody(lab.sock)
+        out = as_nobody(lab.sock, "nat_list")
     finally:
         os.chmod(lab.sock, 0o600)
         os.chmod(os.path.dirname(lab.sock), 0o700)
