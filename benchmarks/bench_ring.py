@@ -14,8 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from egresscore import PacketRing  # noqa: E402
-from egresscore._core import _ring_in_netns  # noqa: E402
-from egresscore._ringlab import frame, link_mac, veth_pair  # noqa: E402
+from egresscore._ringlab import frame, link_mac, plain_socket, veth_pair  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 BATCH = 1024
@@ -29,20 +28,13 @@ def pair():
         yield {"na": na, "ia": ia, "nb": nb, "ib": ib, "data": data}
 
 
-def plain(ns, ifname, proto):
-    with _ring_in_netns(ns):
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
-    s.bind((ifname, proto))
-    return s
-
-
 def test_tx_ring_batch(benchmark, pair):
     with PacketRing(pair["ia"], netns=pair["na"], rx=False, tx_frames=4096) as tx:
         assert benchmark(tx.send_batch, pair["data"]) == BATCH
 
 
 def test_tx_plain_socket_batch(benchmark, pair):
-    s = plain(pair["na"], pair["ia"], 0)
+    s = plain_socket(pair["na"], pair["ia"], 0)
     frames = [bytes(row) for row in pair["data"]]
 
     def loop():
@@ -74,7 +66,7 @@ def test_rx_ring_batch(benchmark, pair):
 
 
 def test_rx_plain_socket_batch(benchmark, pair):
-    s = plain(pair["nb"], pair["ib"], 0x88B5)
+    s = plain_socket(pair["nb"], pair["ib"], 0x88B5)
     s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
     buf = bytearray(2048)
     with PacketRing(pair["ia"], netns=pair["na"], rx=False, tx_frames=4096) as tx:

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from egresscore import PacketRing  # noqa: E402
 from egresscore._core import _ring_in_netns  # noqa: E402
-from egresscore._ringlab import link_mac, veth_pair  # noqa: E402
+from egresscore._ringlab import link_mac, plain_socket, veth_pair  # noqa: E402
 
 ETH_P_ALL = 0x0003
 ETHERTYPE = 0x88B5
@@ -131,13 +131,6 @@ class PyV3Ring:
 
 
 # ---- measurements ----------------------------------------------------------
-
-def plain_socket(ns, ifname, proto):
-    with _ring_in_netns(ns):
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
-    s.bind((ifname, proto))
-    return s
-
 
 def tx_plain(p, n):
     s = plain_socket(p["na"], p["ia"], 0)

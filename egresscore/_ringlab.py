@@ -20,7 +20,7 @@ def _sysctl(netns, path, value):
 @contextlib.contextmanager
 def veth_pair(tag=None, mtu=1500):
     """Yield (ns_a, if_a, ns_b, if_b): if_a in ns_a wired to if_b in ns_b."""
-    from pyroute2 import IPRoute, NetNS, netns
+    from pyroute2 import NetNS, netns
     tag = tag or uuid.uuid4().hex[:6]
     ns_a, ns_b = f"{PREFIX}{tag}-a", f"{PREFIX}{tag}-b"
     if_a, if_b = "egcr0", "egcr1"
@@ -63,3 +63,14 @@ def frame(dst, src, seq, size=64, ethertype=0x88B5):
 
 
 __all__ = ["PREFIX", "veth_pair", "link_mac", "frame"]
+
+
+def plain_socket(ns, ifname, proto):
+    """A plain AF_PACKET socket on `ifname` inside `ns`: the benchmarks' peer."""
+    import socket
+
+    from egresscore._core import _ring_in_netns
+    with _ring_in_netns(ns):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+    s.bind((ifname, proto))
+    return s

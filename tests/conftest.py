@@ -1,5 +1,6 @@
+import contextlib
+import copy
 import os
-import shutil
 
 import pytest
 
@@ -62,3 +63,34 @@ from hypothesis import settings as _hyp_settings  # noqa: E402
 _hyp_settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     _hyp_settings.load_profile("ci")
+
+
+def start_agent(lab, name, policy_doc, **kw):
+    """An in-process Agent on lab node `name` for one policy document, started."""
+    from egresscore import Agent
+    from egresscore.cluster import Cluster
+    from egresscore.policy import parse_policy
+
+    policies = [parse_policy(copy.deepcopy(policy_doc))[0]]
+    agent = Agent(name, Cluster.from_dict(lab.cluster()), policies, netns=lab.nodes[name].ns, **kw)
+    try:
+        agent.start()
+    except BaseException:
+        agent.close()
+        raise
+    return agent
+
+
+@contextlib.contextmanager
+def running_agents(lab, policy_doc, per_node=None):
+    """An Agent on every lab node (per_node: extra Agent arguments by node
+    name); all stopped and closed on exit, also when a test fails."""
+    agents = {}
+    try:
+        for name in lab.nodes:
+            agents[name] = start_agent(lab, name, policy_doc, **(per_node or {}).get(name, {}))
+        yield agents
+    finally:
+        for a in agents.values():
+            a.stop()
+            a.close()

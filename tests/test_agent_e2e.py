@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import needs_netns
+from conftest import needs_netns, running_agents, start_agent
 
 pytestmark = needs_netns
 
@@ -31,12 +31,7 @@ def _sample():
 
 
 def _start_agent(lab, name):
-    from egresscore import Agent
-    from egresscore.cluster import Cluster
-
-    agent = Agent(name, Cluster.from_dict(lab.cluster()), _policies(_sample()), netns=lab.nodes[name].ns)
-    agent.start()
-    return agent
+    return start_agent(lab, name, _sample())
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +41,9 @@ def lab():
 
     with Lab(tag="agente2e") as lab:
         prepare_lab(lab)
-        lab.agents = {}
-        try:
-            for name in lab.nodes:
-                lab.agents[name] = _start_agent(lab, name)
+        with running_agents(lab, _sample()) as lab.agents:
             lab.servers_ = lab.start_servers()
             yield lab
-        finally:
-            for a in lab.agents.values():
-                a.stop()
-                a.close()
 
 
 def set_policy(lab, doc):

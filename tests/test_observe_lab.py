@@ -12,13 +12,12 @@ import shutil
 import socket
 import struct
 import tempfile
-import threading
 import time
 import urllib.request
 
 import pytest
 
-from conftest import as_nobody, needs_netns
+from conftest import as_nobody, needs_netns, running_agents
 
 pytestmark = needs_netns
 
@@ -116,12 +115,9 @@ def send_unsolicited(dst, dport):
 
 @pytest.fixture(scope="module")
 def lab():
-    from egresscore import Agent
     from egresscore.agent import disable_offloads, prepare_lab
-    from egresscore.cluster import Cluster
     from egresscore.lab import Lab
     from egresscore.lab.kernel import SAMPLE_POLICY
-    from egresscore.policy import parse_policy
 
     sockdir = tempfile.mkdtemp(prefix="egresscore-observe-")
     os.chmod(sockdir, 0o755)                # so that "nobody" reaches the socket's own directory
@@ -132,24 +128,14 @@ def lab():
         app1 = lab.pods["app1"]
         disable_offloads(app1.ifname, app1.ns)
         lab.records = []
-        lab.agents = {}
         lab.sock = os.path.join(sockdir, "run", "node3.sock")
+        node3 = dict(flow_log=lab.records.append, metrics_port=0, control_socket=lab.sock,
+                     nat_capacity=4096, nat_timeouts={"tcp_closing": 1, "udp": 3})
         try:
-            for name in lab.nodes:
-                policies = [parse_policy(json.loads(json.dumps(SAMPLE_POLICY)))[0]]
-                kw = {}
-                if name == "node3":
-                    kw = dict(flow_log=lab.records.append, metrics_port=0, control_socket=lab.sock,
-                              nat_capacity=4096, nat_timeouts={"tcp_closing": 1, "udp": 3})
-                a = Agent(name, Cluster.from_dict(lab.cluster()), policies, netns=lab.nodes[name].ns, **kw)
-                lab.agents[name] = a
-                a.start()
-            lab.servers_ = lab.start_servers()
-            yield lab
+            with running_agents(lab, SAMPLE_POLICY, {"node3": node3}) as lab.agents:
+                lab.servers_ = lab.start_servers()
+                yield lab
         finally:
-            for a in lab.agents.values():
-                a.stop()
-                a.close()
             shutil.rmtree(sockdir, ignore_errors=True)
 
 
