@@ -25,11 +25,16 @@ partial checksum.  The rings use PACKET_VNET_HDR (vnet_hdr=True, the default):
 each frame comes with its virtio_net_hdr; a partial checksum is completed, a
 TCP super-packet leaving towards the router or a local pod passes whole (the
 kernel segments it on transmit, from the virtio_net_hdr we write), and one
-bound for the VXLAN tunnel is cut into MTU-sized segments in C.  Kernel vxlan
-devices on other nodes must not send UDP-tunnel GSO frames (virtio_net_hdr
-cannot describe them): prepare_lab turns tx-udp_tnl-segmentation off on the
-lab's nodes.  With vnet_hdr=False, turn tx checksumming, TSO and GSO off on
-the pod side instead (disable_offloads).
+bound for the VXLAN tunnel passes whole too, through the tunnel offload
+(tunnel_offload=True, the default): a TX ring on a kernel vxlan device,
+`egc-tnl0`, that the agent creates with a static FDB entry per node
+(egresscore._tunnel).  The kernel encapsulates and cuts the super-packet
+after encapsulation; the receiving agent gets it as one frame and
+decapsulates it whole.  If the device cannot be created (another vxlan
+device holds the VNI and port), the agent says so and cuts tunnel-bound
+super-packets into MTU-sized segments in C instead.  With vnet_hdr=False,
+turn tx checksumming, TSO and GSO off on the pod side instead
+(disable_offloads).
 
 Observability (all off by default; egresscore.flowlog, .metrics, .control):
 - flow_log: connection start/end records (from the NAT table) and
@@ -49,7 +54,6 @@ batches (directly when no loop runs).
 """
 import os
 import queue
-import select
 import shutil
 import subprocess
 import sys
@@ -57,6 +61,7 @@ import threading
 import time
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from ._core import Datapath, EgressMap, FlowLog, NatTable, PacketRing
 from .cluster import Cluster, Pod, load_cluster
@@ -64,6 +69,7 @@ from .compiler import Compiler
 from .control import ControlServer, default_socket_path, inspection_handlers
 from .flowlog import CallbackSink, Enricher, FlowLogger, JsonLinesSink
 from .policy import load_policies
+from ._tunnel import TunnelDevice
 
 NFT_TABLE = "egresscore"
 DEFAULT_NAT_PORTS = (32768, 65534)
@@ -90,7 +96,8 @@ class Agent:
     def __init__(self, node, cluster, policies=(), *, netns=None, underlay="eth0", vni=2,
                  vxlan_port=8472, mtu=1500, nat_port_range=DEFAULT_NAT_PORTS,
                  kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=65536,
-                 pod_ifname=_pod_ifname, claim=True, poll_ms=20, vnet_hdr=True, nat_timeouts=None,
+                 pod_ifname=_pod_ifname, claim=True, poll_ms=20, vnet_hdr=True, tunnel_offload=True,
+                 nat_timeouts=None,
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
                  metrics_port=None, metrics_addr="127.0.0.1", control_socket=None):
         if isinstance(cluster, (str, os.PathLike)):
@@ -117,9 +124,14 @@ class Agent:
         self.poll_ms = poll_ms
         self._vxlan_port = vxlan_port
         self.vnet_hdr = bool(vnet_hdr)
-        # with PACKET_VNET_HDR, TSO/GSO super-packets (up to 64 KiB) pass whole
-        self._ring_opts = dict(vnet_hdr=True, tx_frame_size=69632) if vnet_hdr else {}
-        self._ring_opts["retire_ms"] = 1  # TPACKET_V3 hands a block over when full or after this: latency
+        # RX rings are TPACKET_V2: each frame is handed over as it lands (a
+        # V3 block waits for its retire timer, >= 1 ms per hop: TCP's ACKs
+        # and every request/response would pay it).  Slots hold the largest
+        # frame: with PACKET_VNET_HDR a TSO/GSO super-packet (up to 64 KiB),
+        # which passes whole; else one MTU-sized frame.
+        slot = 69632 if vnet_hdr else (mtu + 256 + 15) & ~15
+        block = 1 << 20 if vnet_hdr else 1 << 18
+        self._ring_opts = dict(vnet_hdr=self.vnet_hdr, rx_frame_size=slot, block_size=block, tx_frame_size=max(slot, 2048))
         self._pod_ifname = pod_ifname
         self._ports = {}  # pod key -> (port, ifname)
         self._node_index = {}
@@ -133,6 +145,10 @@ class Agent:
         self._probes = []
         self._next_refresh = 0.0
         self._rings = []
+        self._tunnel = None
+        self.tunnel_error = None  # why the tunnel offload is off, when it was asked for
+        # written to by control changes and stop(): the datapath's C loop returns at once
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._services = []
         self._changed = False
         self.flow_log = None
@@ -166,12 +182,15 @@ class Agent:
         self.cluster = self.compiler.cluster
         self._sync_nodes()
         try:
-            ring = PacketRing(underlay, netns=netns, ignore_outgoing=True, tx_frames=128, **self._ring_opts)
+            ring = PacketRing(underlay, netns=netns, ignore_outgoing=True, block_count=32, tx_frames=128,
+                              **self._ring_opts)
         except Exception as exc:
             raise AgentError(f"cannot open a ring on {underlay}{self._where()}: {exc}") from exc
         self._rings.append(ring)
         try:
             self.datapath.attach_ring(0, ring)
+            if tunnel_offload and self.vnet_hdr:
+                self._open_tunnel(vni, vxlan_port, mtu)
             self._sync_pods()
             if self._refresh_neighbours(probe=True):
                 deadline = time.monotonic() + 1.0  # let the kernel resolve them before the first packet
@@ -304,6 +323,29 @@ class Agent:
                 idx = next(i for i in range(256) if i not in used)
             self._node_index[name] = idx
             self.datapath.add_node(idx, n.gateway_ip, [c for c in n.pod_cidrs if ":" not in c])
+        if self._tunnel is not None:
+            self._tunnel.set_peers(n.gateway_ip for n in self.cluster.nodes.values() if n.gateway_ip)
+
+    def _open_tunnel(self, vni, port, mtu):
+        """The tunnel offload (egresscore._tunnel); off, with the reason in
+        tunnel_error, when the kernel refuses the device."""
+        dev = TunnelDevice(netns=self.netns, underlay_index=self._underlay_index, local_ip=self.node_ip,
+                           vni=vni, port=port, mtu=mtu)
+        try:
+            dev.create()
+            self._tunnel = dev
+            self._sync_nodes()
+            ring = PacketRing(dev.ifname, netns=self.netns, rx=False, tx_frames=64, vnet_hdr=True,
+                              tx_frame_size=self._ring_opts["tx_frame_size"])
+        except (NetlinkError, OSError) as exc:
+            dev.remove()
+            self._tunnel = None
+            self.tunnel_error = f"no tunnel offload device {dev.ifname}{self._where()}: {exc}"
+            print(f"egresscore agent {self.node}: {self.tunnel_error}; tunnel-bound super-packets "
+                  "are cut into segments instead", file=sys.stderr)
+            return
+        self._rings.append(ring)
+        self.datapath.attach_tunnel(ring)
 
     def _sync_pods(self):
         wanted = {p.key: p for p in self.cluster.pods.values() if p.node == self.node}
@@ -325,8 +367,8 @@ class Agent:
             used = {p for p, _ in self._ports.values()}
             port = next(i for i in range(1, 64) if i not in used)
             self.datapath.add_pod_port(port, ip4, self._host_mac(ifname))
-            ring = PacketRing(ifname, netns=self.netns, ignore_outgoing=True, block_size=1 << 18,
-                              block_count=8, tx_frames=64, **self._ring_opts)
+            ring = PacketRing(ifname, netns=self.netns, ignore_outgoing=True, block_count=16, tx_frames=64,
+                              **self._ring_opts)
             self._rings.append(ring)
             self.datapath.attach_ring(port, ring)
             self._ports[key] = (port, ifname)
@@ -444,6 +486,7 @@ class Agent:
             done.set()
 
         self._queue.put(job)
+        self._wake()
         if not done.wait(10):
             raise TimeoutError("the agent loop did not apply the change within 10 s")
         if "error" in box:
@@ -495,6 +538,13 @@ class Agent:
     def request_reload(self):
         """Async-signal-safe: reload at the next loop iteration (SIGHUP)."""
         self._reload.set()
+        self._wake()
+
+    def _wake(self):
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
 
     def upsert_pod(self, pod: Pod):
         return self._submit(self._upsert_pod, pod)
@@ -527,7 +577,10 @@ class Agent:
 
     # -- the loop ------------------------------------------------------------------------
     def step(self, timeout=0.0):
-        """One iteration: pending changes, one batch per ring, housekeeping.  Returns frames handled."""
+        """One iteration: pending changes, then forwarding, then housekeeping.
+        Returns frames handled.  timeout 0: one batch per ring; > 0: the
+        datapath's own C loop forwards for up to timeout seconds (returning
+        early on a control change or stop())."""
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -543,11 +596,9 @@ class Agent:
             self._changed = False
             if self.flow_logger is not None:
                 self._enricher.refresh()
-        n = self.datapath.poll()
-        if n == 0 and timeout > 0:
-            fds = [r.fileno() for r in self._rings if not r.closed]
-            if fds:
-                select.select(fds, [], [], timeout)
+        if timeout > 0:
+            n = self.datapath.run(timeout, self._wake_r)
+        else:
             n = self.datapath.poll()
         now = time.monotonic()
         if now >= self._next_refresh:
@@ -578,6 +629,7 @@ class Agent:
     def stop(self):
         """Ask the loop to end (async-signal-safe); run() cleans up."""
         self._stop.set()
+        self._wake()
         t = getattr(self, "_thread", None)
         if t is not None and t is not threading.current_thread():
             t.join(10)
@@ -605,6 +657,12 @@ class Agent:
             for r in self._rings:
                 r.close()
             self._rings = []
+            if self._tunnel is not None:
+                self._tunnel.remove()
+                self._tunnel = None
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = -1
 
     def __enter__(self):
         return self
@@ -619,7 +677,6 @@ def _nft_quote(name):
     return '"' + name.replace('"', "") + '"'
 
 
-_TUNNEL_GSO = ("tx-udp_tnl-segmentation", "tx-udp_tnl-csum-segmentation")
 _TX_OFFLOADS = ("tx-checksum-ip-generic", "tx-checksum-ipv4", "tx-tcp-segmentation",
                 "tx-generic-segmentation", "tx-udp-segmentation", "tx-udp_tnl-segmentation",
                 "tx-udp_tnl-csum-segmentation", "tx-tcp-ecn-segmentation",
@@ -649,14 +706,14 @@ def disable_offloads(ifname, netns=None, keys=_TX_OFFLOADS):
 
 
 def prepare_lab(lab, plain=False):
-    """Ready the lab for agents: no UDP-tunnel GSO from the nodes (kernel vxlan interop).
+    """Ready the lab for agents run with vnet_hdr=False (plain=True): tx
+    checksumming, TSO and GSO off everywhere (pods, servers, nodes, router).
 
-    plain=True: tx checksumming, TSO and GSO off everywhere (pods, servers,
-    nodes, router), for agents run with vnet_hdr=False.
+    With vnet_hdr (the default) nothing needs changing: super-packets,
+    UDP-tunnel ones from kernel vxlan devices included, arrive whole with
+    their virtio_net_hdr.
     """
     if not plain:
-        for n in lab.nodes.values():
-            disable_offloads(n.ifname, n.ns, keys=_TUNNEL_GSO)
         return
     for pod in lab.pods.values():
         disable_offloads(pod.ifname, pod.ns)

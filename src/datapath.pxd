@@ -3,8 +3,8 @@
 #   RX ring frame -> pkt_parse -> egress map -> NAT -> pkt_nat4 -> VXLAN
 #   encap/decap -> TX ring, all nogil C, one call per batch.
 #
-# Ports: index 0 is the underlay (the node's eth0), 1.. are pod veths
-# (lxc-*).  Addresses in dp_ structs are IPv4, host order.  One thread per
+# Ports: index 0 is the underlay (the node's eth0), 1..63 are pod veths
+# (lxc-*), DP_TUNNEL_PORT a TX ring on a kernel vxlan device (tunnel offload).  Addresses in dp_ structs are IPv4, host order.  One thread per
 # Datapath (the NAT table it drives has one writer).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 
@@ -14,6 +14,7 @@ cdef enum:
     DP_HEADROOM = 128
     DP_SCRATCH = 65536 + 256
     DP_BATCH = 256
+    DP_TUNNEL_PORT = 64         # TX only: a kernel vxlan device that encapsulates super-packets
 
 cdef struct dp_node:
     uint32_t ip                 # underlay address
@@ -89,9 +90,12 @@ cdef class Datapath:
     cdef uint16_t gso_size
     cdef readonly uint64_t gso_frames      # super-packets passed through whole
     cdef readonly uint64_t gso_segmented   # super-packets cut into segments (for VXLAN)
+    cdef readonly uint64_t gso_tunneled    # super-packets handed whole to the kernel vxlan device
+    cdef uint8_t rx_writable    # frames come from RX slots (poll): super-packets are rewritten in place
+    cdef uint8_t tnl_on         # tunnel offload: tunnel-bound super-packets go to DP_TUNNEL_PORT
     cdef object _rings          # port -> PacketRing (or None)
-    cdef ring_t *rings[64]
-    cdef uint8_t dirty[64]
+    cdef ring_t *rings[65]      # by port, DP_TUNNEL_PORT last
+    cdef uint8_t dirty[65]
     cdef uint8_t *cap_buf       # capture mode (tests): emitted frames land here
     cdef int64_t cap_used
     cdef int cap_n
@@ -118,6 +122,9 @@ cdef class Datapath:
     cdef int dp_segment(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
                         dp_out *outs, int max_outs) noexcept nogil
     cdef void dp_gso_out(self, uint8_t *f, PktInfo *pi, dp_out *out) noexcept nogil
+    cdef int dp_gso_fit(self, const uint8_t *f, PktInfo *pi) noexcept nogil
+    cdef int dp_gso_tunnel(self, uint8_t *f, int64_t length, PktInfo *pi, int node, int back_port,
+                           dp_out *out) noexcept nogil
     cdef int dp_from_pod(self, uint8_t *f, int64_t length, int in_port, uint64_t now,
                          dp_out *out) noexcept nogil
     cdef int dp_from_underlay(self, uint8_t *f, int64_t length, uint64_t now,
@@ -134,3 +141,4 @@ cdef class Datapath:
     cdef void dp_flow_drop(self, const uint8_t *frame, int64_t length, int in_port, int reason,
                            uint64_t now) noexcept nogil
     cdef Py_ssize_t dp_poll(self, int max_frames) noexcept nogil
+    cdef Py_ssize_t dp_run(self, uint64_t ns, int wake_fd) noexcept nogil

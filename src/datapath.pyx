@@ -29,12 +29,36 @@
 # Inner Ethernet addresses in the tunnel are 02:ee:<node IP> (the lab's
 # kernel vxlan MACs), so Linux vxlan devices interoperate both ways.
 #
+# TCP super-packets (GSO, up to 64 KiB, from PACKET_VNET_HDR rings) pass
+# whole where they can: to the router and to local pods with a TX
+# virtio_net_hdr (the kernel cuts them on transmit), and into the tunnel
+# through the tunnel offload: a TX ring on a kernel vxlan device
+# (DP_TUNNEL_PORT, attach_tunnel) whose FDB maps 02:ee:<node IP> to the node.
+# The kernel encapsulates the super-packet as a UDP-tunnel GSO packet and
+# cuts it after encapsulation (in software, or in a NIC that can), as it
+# does for Cilium's BPF datapath when it redirects to cilium_vxlan.  Such
+# packets arrive at the other node's ring as one frame whose virtio_net_hdr
+# describes the inner TCP segmentation, and are decapsulated whole.  Without
+# the offload, a tunnel-bound super-packet is cut into segments here.
+#
 # Thread model: one thread drives a Datapath (it is the NAT table's writer).
 from libc.stdlib cimport malloc as _dp_malloc, free as _dp_free
 from libc.string cimport memcpy as _dp_memcpy, memset as _dp_memset
 from posix.time cimport clock_gettime as _dp_clock_gettime, timespec as _dp_timespec, CLOCK_MONOTONIC as _DP_CLOCK_MONOTONIC
 
 import ipaddress as _dp_ipaddress
+
+
+cdef extern from "<poll.h>" nogil:
+    struct _dp_pollfd "pollfd":
+        int fd
+        short events
+        short revents
+    int _dp_poll "poll"(_dp_pollfd *fds, unsigned long nfds, int timeout)
+    short _DP_POLLIN "POLLIN"
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t _dp_read "read"(int fd, void *buf, size_t n)
 
 
 cdef inline uint32_t dp_lpm4(lpm_trie *t, uint32_t addr) noexcept nogil:
@@ -259,9 +283,42 @@ cdef class Datapath:
         self.n_rings = max(self.n_rings, port + 1)
 
     def detach_ring(self, int port):
-        if 0 <= port < DP_MAX_PORTS:
+        if port == DP_TUNNEL_PORT:
+            self.detach_tunnel()
+        elif 0 <= port < DP_MAX_PORTS:
             self._rings.pop(port, None)
             self.rings[port] = NULL
+
+    TUNNEL_PORT = DP_TUNNEL_PORT
+
+    def attach_tunnel(self, PacketRing ring not None):
+        """Hand tunnel-bound TCP super-packets whole to a kernel vxlan device.
+
+        `ring` is a TX ring with vnet_hdr on a vxlan device (this node's
+        VNI, port and underlay address; no learning) whose FDB has
+        02:ee:<node IP> -> <node IP> for every other node.  Other frames
+        into the tunnel keep the datapath's own encapsulation; the two TX
+        rings are flushed in order, so a flow's packets stay in order."""
+        if not ring.has_tx or not ring.vnet_hdr:
+            raise ValueError("the tunnel ring must have TX and vnet_hdr=True")
+        self._rings[DP_TUNNEL_PORT] = ring
+        self.rings[DP_TUNNEL_PORT] = &ring.r
+        self.tnl_on = 1
+
+    def detach_tunnel(self):
+        self._rings.pop(DP_TUNNEL_PORT, None)
+        self.rings[DP_TUNNEL_PORT] = NULL
+        self.tnl_on = 0
+
+    @property
+    def tunnel_offload(self):
+        """True: tunnel-bound super-packets go whole to TUNNEL_PORT; False: cut here.
+        Settable without a ring for process_frames() (tests)."""
+        return bool(self.tnl_on)
+
+    @tunnel_offload.setter
+    def tunnel_offload(self, bint on):
+        self.tnl_on = on
 
     @property
     def rings_attached(self):
@@ -277,6 +334,7 @@ cdef class Datapath:
                         for i in range(1, DROP_REASON_MAX) if self.st.drops[i]}
         out["verdicts"] = {name: {"packets": self.st.vpkts[i], "bytes": self.st.vbytes[i]}
                            for i, name in enumerate(("pass", "tx", "tx_local", "drop"))}
+        out["gso"] = {"whole": self.gso_frames, "tunneled": self.gso_tunneled, "segmented": self.gso_segmented}
         return out
 
     @property
@@ -377,6 +435,56 @@ cdef class Datapath:
             n = self.dp_poll(max_frames)
         return n
 
+    def run(self, double seconds, int wake_fd=-1):
+        """Forward for up to `seconds` without coming back to Python (GIL
+        released): batches from every ring while frames come, poll() on the
+        rings when none do.  Returns early when wake_fd (a pipe or eventfd;
+        drained here) becomes readable or a signal arrives, so control
+        changes and SIGTERM are not kept waiting.  Returns frames handled."""
+        cdef Py_ssize_t n
+        if not 0 <= seconds <= 3600:
+            raise ValueError(f"seconds must be in 0..3600, not {seconds!r}")
+        with nogil:
+            n = self.dp_run(<uint64_t>(seconds * 1e9), wake_fd)
+        return n
+
+    cdef Py_ssize_t dp_run(self, uint64_t ns, int wake_fd) noexcept nogil:
+        cdef _dp_pollfd fds[DP_MAX_PORTS + 1]
+        cdef int nfds, port, rc, ms
+        cdef uint64_t now = dp_now(), end = now + ns
+        cdef Py_ssize_t total = 0, n
+        cdef char drain[64]
+        while True:
+            n = self.dp_poll(DP_BATCH)
+            total += n
+            now = dp_now()
+            if now >= end:
+                break
+            if n:
+                continue
+            nfds = 0
+            for port in range(self.n_rings):
+                if self.rings[port] != NULL and self.rings[port].rx_block_nr:
+                    fds[nfds].fd = self.rings[port].fd
+                    fds[nfds].events = _DP_POLLIN
+                    fds[nfds].revents = 0
+                    nfds += 1
+            if wake_fd >= 0:
+                fds[nfds].fd = wake_fd
+                fds[nfds].events = _DP_POLLIN
+                fds[nfds].revents = 0
+                nfds += 1
+            ms = <int>((end - now + 999999) // 1000000)
+            rc = _dp_poll(fds, nfds, ms)
+            if rc < 0:
+                break                            # EINTR: a signal handler wants to run
+            if wake_fd >= 0 and fds[nfds - 1].revents:
+                while _dp_read(wake_fd, drain, sizeof(drain)) == sizeof(drain):
+                    pass
+                total += self.dp_poll(DP_BATCH)
+                break
+        return total
+
     def gc(self, int max_scan=4096, now=None):
         """Bounded NAT expiry work (call every tick)."""
         cdef uint64_t t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
@@ -406,18 +514,26 @@ cdef class Datapath:
         if max_frames > DP_BATCH:
             max_frames = DP_BATCH
         _dp_memset(self.dirty, 0, sizeof(self.dirty))
+        self.rx_writable = 1
         for port in range(self.n_rings):
             if self.rings[port] == NULL:
                 continue
             n = ring_rx_batch(self.rings[port], fr, max_frames)
             for i in range(n):
+                if fr[i].len < fr[i].wire_len:
+                    self.st.rx += 1
+                    self.dp_count(VERDICT_DROP, DROP_TRUNCATED)
+                    continue
                 self.dp_rx_frame(fr[i].data, fr[i].len, port, now, fr[i].vnet)
             if n:
                 ring_rx_release(self.rings[port])
             total += n
+        self.rx_writable = 0
         for k in range(self.n_rings):
             if self.dirty[k] and self.rings[k] != NULL:
                 ring_tx_flush(self.rings[k])
+        if self.dirty[DP_TUNNEL_PORT] and self.rings[DP_TUNNEL_PORT] != NULL:
+            ring_tx_flush(self.rings[DP_TUNNEL_PORT])
         return total
 
     cdef void dp_rx_frame(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
@@ -451,7 +567,27 @@ cdef class Datapath:
             return
         if self.rings[o.port] == NULL:
             return
+        # the underlay and the tunnel device both lead to other nodes: what
+        # is queued on one goes out before the other takes a frame (order)
+        if o.port == 0 and self.dirty[DP_TUNNEL_PORT]:
+            ring_tx_flush(self.rings[DP_TUNNEL_PORT])
+            self.dirty[DP_TUNNEL_PORT] = 0
+        elif o.port == DP_TUNNEL_PORT and self.dirty[0] and self.rings[0] != NULL:
+            ring_tx_flush(self.rings[0])
+            self.dirty[0] = 0
         r = self.rings[o.port]
+        if o.gso_type and r.dfd >= 0:
+            # a super-packet: sent straight from where it lies (ring_tx_direct)
+            v.flags = 1 if o.csum_offset else 0
+            v.gso_type = o.gso_type
+            v.hdr_len = o.hdr_len
+            v.gso_size = o.gso_size
+            v.csum_start = o.csum_start
+            v.csum_offset = o.csum_offset
+            if ring_tx_direct(r, &v, o.data, <uint32_t>o.length) < 0:
+                self.st.tx_errors += 1
+                self.st.drops[<int>DROP_TX_FULL] += 1
+            return
         buf = ring_tx_claim(r, &room)
         if buf == NULL:
             ring_tx_flush(r)                     # flush what is queued and retry once
@@ -545,6 +681,42 @@ cdef class Datapath:
         out.csum_offset = 16
         self.gso_frames += 1
 
+    cdef int dp_gso_fit(self, const uint8_t *f, PktInfo *pi) noexcept nogil:
+        """Whether the super-packet's segments fit the tunnel: 0 yes, 1 no and DF
+        set (frag-needed), 2 no and DF clear (cut here, as without the offload)."""
+        cdef int64_t hdr = pi.l4_off + ((f[pi.l4_off + 12] >> 4) << 2)
+        cdef int64_t seg = <int64_t>self.gso_size + hdr - pi.l3_off
+        if seg <= <int64_t>self.mtu - 36 - pi.l3_off:
+            return 0
+        return 1 if pi.df else 2
+
+    cdef int dp_gso_tunnel(self, uint8_t *f, int64_t length, PktInfo *pi, int node, int back_port,
+                           dp_out *out) noexcept nogil:
+        """A super-packet into the tunnel: whole to the kernel vxlan device
+        (DP_TUNNEL_PORT) when the offload is on, else DP_SEGMENT.  Too big for
+        the tunnel with DF: frag-needed back out of back_port."""
+        cdef dp_node *n = &self.nodes[node]
+        cdef int rc
+        if not self.tnl_on:
+            return dp_ret(DP_SEGMENT, 0)
+        rc = self.dp_gso_fit(f, pi)
+        if rc == 1:
+            return self.dp_too_big(f, pi, back_port, self.mtu - 36 - pi.l3_off, out)
+        if rc == 2:
+            return dp_ret(DP_SEGMENT, 0)
+        rc = pkt_ttl_decrement(f, pi)
+        if rc:
+            return dp_ret(VERDICT_DROP, rc)
+        dp_vxlan_mac(f, n.ip)
+        dp_vxlan_mac(f + 6, self.node_ip)
+        self.dp_gso_out(f, pi, out)
+        out.port = DP_TUNNEL_PORT
+        out.data = f
+        out.length = length
+        self.st.encap += 1
+        self.gso_tunneled += 1
+        return dp_ret(VERDICT_TX, 0)
+
     cdef int dp_handle(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
                        const uint8_t *vnet, dp_out *out) noexcept nogil:
         cdef uint8_t *f = self.scratch + DP_HEADROOM
@@ -559,9 +731,17 @@ cdef class Datapath:
             r = dp_ret(VERDICT_PASS, 0) if in_port == 0 else dp_ret(VERDICT_DROP, DROP_MALFORMED)
             self.dp_count(r & 0xff, r >> 8)
             return r
-        _dp_memcpy(f, frame, length)
+        _dp_memset(&v, 0, sizeof(dp_vnet))
         if vnet != NULL:
             _dp_memcpy(&v, vnet, sizeof(dp_vnet))
+        if v.gso_type != 0 and self.rx_writable:
+            # a super-packet is rewritten where it lies (its RX slot) and sent
+            # from there (dp_emit): 64 KiB copies saved.  It needs no headroom:
+            # into the tunnel it goes whole to the vxlan device, or is cut.
+            f = <uint8_t *>frame
+        else:
+            _dp_memcpy(f, frame, length)
+        if vnet != NULL:
             if v.gso_type != 0:
                 if (v.gso_type & 0x7f) != 1:     # only TCPV4 super-packets
                     self.st.rx += 1
@@ -644,7 +824,7 @@ cdef class Datapath:
         if not n.valid or not n.has_mac:
             return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
         if self.gso:
-            return dp_ret(DP_SEGMENT, 0)
+            return self.dp_gso_tunnel(f, length, pi, node, 0, out)
         rc = pkt_ttl_decrement(f, pi)
         if rc:
             return dp_ret(VERDICT_DROP, rc)
@@ -729,7 +909,7 @@ cdef class Datapath:
         if node == LPM_NONE or not self.nodes[node].has_mac:
             return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
         if self.gso:
-            return dp_ret(DP_SEGMENT, 0)        # the tunnel takes MTU-sized segments
+            return self.dp_gso_tunnel(f, length, &pi, node, in_port, out)
         rc = vxlan_check_mtu(&pi, length, &self.nodes[node].tmpl)
         if rc == DROP_FRAG_NEEDED:
             return self.dp_too_big(f, &pi, in_port, self.mtu - 36 - pi.l3_off, out)
@@ -843,14 +1023,20 @@ cdef class Datapath:
         # quoting the packet as it sent it (from the address it talked to)
         if dp_lpm4(self.local_pods_c, pkt_load32(o.dst)) == LPM_NONE:
             if self.gso:
-                return dp_ret(DP_SEGMENT, 0)
-            node = dp_lpm4(self.pod_nodes_c, pkt_load32(o.dst))
-            if node != LPM_NONE and self.nodes[node].has_mac:
-                rc = vxlan_check_mtu(&pi, length, &self.nodes[node].tmpl)
-                if rc == DROP_FRAG_NEEDED:
+                # checked before the translation, so a frag-needed quotes what the sender sent
+                rc = self.dp_gso_fit(f, &pi)
+                if not self.tnl_on or rc == 2:
+                    return dp_ret(DP_SEGMENT, 0)
+                if rc == 1:
                     return self.dp_too_big(f, &pi, 0, self.mtu - 36 - pi.l3_off, out)
-                if rc:
-                    return dp_ret(VERDICT_DROP, rc)
+            else:
+                node = dp_lpm4(self.pod_nodes_c, pkt_load32(o.dst))
+                if node != LPM_NONE and self.nodes[node].has_mac:
+                    rc = vxlan_check_mtu(&pi, length, &self.nodes[node].tmpl)
+                    if rc == DROP_FRAG_NEEDED:
+                        return self.dp_too_big(f, &pi, 0, self.mtu - 36 - pi.l3_off, out)
+                    if rc:
+                        return dp_ret(VERDICT_DROP, rc)
         rc = pkt_nat4(f, &pi, PKT_NAT_DST, pkt_load32(o.dst), o.dport)
         if rc:
             return dp_ret(VERDICT_DROP, rc)

@@ -34,6 +34,7 @@ cdef extern from "ring.h" nogil:
         uint32_t rx_block_size
         uint32_t rx_block_nr
         uint32_t rx_retire_ms
+        uint32_t rx_frame_size
         uint32_t tx_frame_size
         uint32_t tx_frame_nr
         int fanout_group
@@ -47,6 +48,7 @@ cdef extern from "ring.h" nogil:
 
     ctypedef struct ring_t:
         int fd
+        int dfd
         int ifindex
         uint32_t vnet
         size_t map_len
@@ -54,6 +56,7 @@ cdef extern from "ring.h" nogil:
         uint32_t rx_block_size
         uint32_t rx_block_nr
         uint32_t rx_held
+        int v2
         uint32_t tx_frame_size
         uint32_t tx_frame_nr
         uint32_t tx_room
@@ -65,6 +68,7 @@ cdef extern from "ring.h" nogil:
         uint64_t tx_full
         uint64_t tx_errors
         uint64_t tx_dropped
+        uint64_t tx_direct
         uint64_t k_packets
         uint64_t k_drops
         uint64_t k_freeze
@@ -87,6 +91,7 @@ cdef extern from "ring.h" nogil:
     uint8_t *ring_tx_vnet(ring_t *r)                # claimed frame's virtio_net_hdr
     void ring_tx_commit(ring_t *r, uint32_t length)
     int ring_tx_flush(ring_t *r)                    # frames sent, or -errno
+    int ring_tx_direct(ring_t *r, const void *vnet, const uint8_t *data, uint32_t length)  # one large frame now (vnet_hdr rings)
     int ring_tx_wait(ring_t *r, int timeout_ms)     # 1 free, 0 timeout, -errno
     int ring_poll(ring_t *r, short events, int timeout_ms)
     int ring_stats_update(ring_t *r)

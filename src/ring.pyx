@@ -89,6 +89,12 @@ cdef class PacketRing:
 
     PacketRing("eth0", netns="blue", fanout=7) opens the socket inside the
     named namespace, joins fanout group 7 (flow hash), and maps both rings.
+    RX hands over a block of frames when it is full or retire_ms after its
+    first frame: the most frames per wakeup, but a sparse flow waits.  With
+    rx_frame_size > 0 the socket is TPACKET_V2 instead: fixed slots of that
+    size carved from the blocks, each frame handed over as it lands (no
+    wait; for request/response and TCP ACK latency); a frame larger than
+    its slot is cut (its len < wire_len).
     Use it as a context manager: leaving releases the mapping and the socket.
     Batch calls release the GIL; frames are copied out only by recv/recv_into.
     One thread per PacketRing: share an interface between workers with
@@ -97,10 +103,11 @@ cdef class PacketRing:
 
     def __cinit__(self):
         self.r.fd = -1
+        self.r.dfd = -1
         self.frames = NULL
 
     def __init__(self, ifname, *, netns=None, rx=True, tx=True,
-                 block_size=1 << 18, block_count=32, retire_ms=4,
+                 block_size=1 << 18, block_count=32, retire_ms=4, rx_frame_size=0,
                  tx_frame_size=2048, tx_frames=1024,
                  fanout=None, fanout_mode="hash", fanout_defrag=False,
                  qdisc_bypass=False, ignore_outgoing=True, promisc=False,
@@ -128,6 +135,10 @@ cdef class PacketRing:
                 raise ValueError(f"block_count must be in 1..65536, got {block_count}")
             if not 0 <= int(retire_ms) <= 60000:
                 raise ValueError(f"retire_ms must be in 0..60000 (0: kernel default), got {retire_ms}")
+            rx_frame_size = int(rx_frame_size)
+            if rx_frame_size and (rx_frame_size < 256 or rx_frame_size % 16 or rx_frame_size > block_size):
+                raise ValueError(f"rx_frame_size must be 0 (TPACKET_V3 blocks) or a multiple of 16 in "
+                                 f"256..block_size ({block_size}), got {rx_frame_size}")
         if tx:
             if tx_frame_size < RING_TX_DATA_OFF + 64 or tx_frame_size % 16 or tx_frame_size > 1 << 18:
                 raise ValueError(f"tx_frame_size must be a multiple of 16 in {RING_TX_DATA_OFF + 64}..262144, got {tx_frame_size}")
@@ -162,6 +173,7 @@ cdef class PacketRing:
         c.rx_block_size = block_size if rx else 0
         c.rx_block_nr = block_count if rx else 0
         c.rx_retire_ms = int(retire_ms)
+        c.rx_frame_size = rx_frame_size if rx else 0
         c.tx_frame_size = tx_frame_size if tx else 0
         c.tx_frame_nr = tx_frames if tx else 0
         c.fanout_group = -1 if fanout is None else fanout
@@ -533,6 +545,7 @@ cdef class PacketRing:
             "tx_full": self.r.tx_full,
             "tx_errors": self.r.tx_errors,
             "tx_dropped": self.r.tx_dropped,
+            "tx_direct": self.r.tx_direct,
         }
 
 

@@ -29,11 +29,12 @@ cdef enum DropReason:
     DROP_NO_ROUTE = 15          # no neighbour / route for the next hop
     DROP_TX_FULL = 16           # transmit ring had no free frame
     DROP_SPOOFED = 17           # pod sent with a source address that is not its own
-    DROP_REASON_MAX = 18
+    DROP_TRUNCATED = 18         # received cut short: larger than the RX ring's frame slot
+    DROP_REASON_MAX = 19
 
 DROP_REASON_NAMES = (
     "none", "malformed", "unsupported", "ttl_exceeded", "no_gateway",
     "no_egress_ip", "nat_exhausted", "nat_table_full", "no_nat_entry",
     "bad_vxlan", "not_cluster_node", "policy_denied", "frag_needed",
-    "fragment", "bad_checksum", "no_route", "tx_full", "spoofed",
+    "fragment", "bad_checksum", "no_route", "tx_full", "spoofed", "truncated",
 )

@@ -6,7 +6,7 @@ IP 192.168.1.3).  Frames go through both datapaths as the wire would carry
 them, and scapy checks every header and checksum on the way.
 """
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
 from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
@@ -312,6 +312,108 @@ def test_gso_super_packet_is_cut_into_segments_for_the_tunnel():
     assert got == payload and seqs == [1000, 2400, 3800, 5200]
     assert Ether(bytes(Ether(outs[-1][1])[VXLAN].payload))[TCP].flags == "PA"
     assert Ether(bytes(Ether(outs[0][1])[VXLAN].payload))[TCP].flags == "A"
+
+
+def _as_linux_vxlan(inner, src_node, dst_node, vnet):
+    """What a kernel vxlan device's UDP-tunnel GSO packet looks like in the
+    receiving node's ring: one frame, the inner TCP segmentation in its
+    virtio_net_hdr (offsets moved by the 50 outer bytes)."""
+    outer = (Ether(src=MAC[src_node], dst=MAC[dst_node]) / IP(src=src_node, dst=dst_node, flags="DF")
+             / UDP(sport=50000, dport=8472, chksum=0) / VXLAN(flags="Instance", vni=2) / Ether(inner))
+    return bytes(outer), dict(vnet, hdr_len=vnet["hdr_len"] + 50, csum_start=vnet["csum_start"] + 50)
+
+
+def _ip_checksum_ok(frame):
+    pkt = Ether(frame)
+    again = Ether(frame)
+    del again[IP].chksum
+    return Ether(bytes(again))[IP].chksum == pkt[IP].chksum
+
+
+def test_gso_super_packet_goes_whole_through_the_tunnel_offload_and_the_gateway():
+    n1, n3 = datapath("node1"), datapath("node3")
+    n1.tunnel_offload = True
+    frame, vnet, payload = _super_packet(SERVER, 20000)
+    [(port, out, vh)] = n1.process_frames(frame, 1, vnet=vnet)
+    assert port == Datapath.TUNNEL_PORT
+    assert vh == {"flags": 1, "gso_type": 1, "hdr_len": 54, "gso_size": 1400, "csum_start": 34, "csum_offset": 16}
+    inner = Ether(out)
+    # the kernel vxlan device's FDB maps 02:ee:<node IP> to the node
+    assert inner[Ether].dst == "02:ee:c0:a8:01:03" and inner[Ether].src == "02:ee:c0:a8:01:01"
+    assert inner[IP].src == APP1 and inner[IP].ttl == 63 and _ip_checksum_ok(out)
+    assert bytes(inner[TCP].payload) == payload and inner[TCP].chksum == _pseudo(APP1, SERVER, len(out) - 34)
+    assert n1.counters()["gso"] == {"whole": 1, "tunneled": 1, "segmented": 0}
+    assert n1.counters()["encap"] == 1
+    # node3's ring gets the kernel's tunnel super-packet: decap, SNAT, out whole
+    wire, wvh = _as_linux_vxlan(out, "192.168.1.1", "192.168.1.3", vh)
+    [(port, out3, vh3)] = n3.process_frames(wire, 0, vnet=wvh)
+    assert port == 0 and vh3["gso_type"] == 1 and vh3["gso_size"] == 1400 and vh3["csum_start"] == 34
+    pkt = Ether(out3)
+    assert pkt[Ether].dst == ROUTER_MAC and pkt[IP].src == EGRESS and pkt[IP].dst == SERVER
+    assert pkt[IP].ttl == 62 and _ip_checksum_ok(out3)
+    assert bytes(pkt[TCP].payload) == payload and pkt[TCP].chksum == _pseudo(EGRESS, SERVER, len(out3) - 34)
+    assert n3.counters()["decap"] == 1 and n3.counters()["snat_egress"] == 1
+
+
+def test_gso_too_big_for_the_tunnel_gets_frag_needed_from_the_offload():
+    n1 = datapath("node1")
+    n1.tunnel_offload = True
+    frame, vnet, _ = _super_packet(SERVER, 20000, mss=1448)   # 1488-byte segments, the tunnel takes 1450
+    [(port, reply, vh)] = n1.process_frames(frame, 1, vnet=vnet)
+    icmp = check(reply)
+    assert port == 1 and vh is None
+    assert (icmp[ICMP].type, icmp[ICMP].code, icmp[ICMP].nexthopmtu) == (3, 4, 1450)
+    assert icmp[IP].dst == APP1
+    c = n1.counters()
+    assert c["gso"]["tunneled"] == 0 and c["drops"]["frag_needed"] == 1
+
+
+def test_gso_reply_at_the_gateway_goes_whole_into_the_tunnel():
+    n1, n3 = datapath("node1"), datapath("node3")
+    n3.tunnel_offload = True
+    syn = from_app1((SERVER, TCP(sport=40000, dport=80, flags="S", seq=1)))
+    _, _, out = n1.process(syn, 1)
+    _, _, out = n3.process(out[1], 0)
+    xport = Ether(out[1])[TCP].sport
+
+    def download(mss):
+        payload = bytes(i % 249 for i in range(30000))
+        raw = bytearray(bytes(Ether(src=ROUTER_MAC, dst=MAC[EGRESS]) / IP(src=SERVER, dst=EGRESS, flags="DF", ttl=60)
+                              / TCP(sport=80, dport=xport, flags="A", seq=5000, ack=2) / payload))
+        raw[50:52] = _pseudo(SERVER, EGRESS, len(raw) - 34).to_bytes(2, "big")
+        vnet = {"flags": 1, "gso_type": 1, "hdr_len": 54, "gso_size": mss, "csum_start": 34, "csum_offset": 16}
+        return bytes(raw), vnet, payload
+
+    frame, vnet, payload = download(1400)
+    [(port, out, vh)] = n3.process_frames(frame, 0, vnet=vnet)
+    assert port == Datapath.TUNNEL_PORT and vh["gso_size"] == 1400 and vh["csum_start"] == 34
+    inner = Ether(out)
+    assert inner[Ether].dst == "02:ee:c0:a8:01:01" and inner[IP].dst == APP1 and inner[TCP].dport == 40000
+    assert bytes(inner[TCP].payload) == payload and inner[TCP].chksum == _pseudo(SERVER, APP1, len(out) - 34)
+    # too big for the tunnel: the server is told, quoting what it sent (to the egress IP)
+    frame, big_vnet, _ = download(1460)
+    [(port, reply, reply_vh)] = n3.process_frames(frame, 0, vnet=big_vnet)
+    icmp = check(reply)
+    assert port == 0 and reply_vh is None and icmp[IP].dst == SERVER and icmp[ICMP].nexthopmtu == 1450
+    assert icmp[IPerror].dst == EGRESS
+    # node1 delivers the tunnel super-packet to app1 whole
+    wire, wvh = _as_linux_vxlan(out, "192.168.1.3", "192.168.1.1", vh)
+    [(port, out1, vh1)] = n1.process_frames(wire, 0, vnet=wvh)
+    assert port == 1 and vh1["gso_size"] == 1400 and Ether(out1)[IP].dst == APP1
+    assert bytes(Ether(out1)[TCP].payload) == payload
+
+
+def test_gso_without_df_is_cut_even_with_the_offload():
+    n1 = datapath("node1")
+    n1.tunnel_offload = True
+    frame, vnet, payload = _super_packet(SERVER, 3000, mss=1448)
+    raw = bytearray(frame)
+    raw[20] &= ~0x40                       # DF off
+    ip = Ether(bytes(raw))
+    del ip[IP].chksum
+    outs = n1.process_frames(bytes(Ether(bytes(ip))), 1, vnet=vnet)
+    assert outs and all(p == 0 for p, _, _ in outs)
+    assert n1.counters()["gso"]["segmented"] == 1 and n1.counters()["gso"]["tunneled"] == 0
 
 
 def test_partial_checksum_is_completed():

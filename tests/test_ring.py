@@ -90,6 +90,56 @@ def test_tx_ring_delivers_to_plain_socket(pair):
         s.close()
 
 
+def test_v2_slots_hand_each_frame_over_as_it_lands(pair):
+    """rx_frame_size: TPACKET_V2 slots; frames arrive in order, the ring wraps,
+    and a lone frame is handed over at once (no block timer to wait for)."""
+    frames = [frame(pair["mb"], pair["ma"], i, size=60 + (i * 37) % 1455) for i in range(1000)]
+    s = plain_socket(pair["na"], pair["ia"])
+    try:
+        with rx_ring(pair, block_size=1 << 16, block_count=2, rx_frame_size=2048, retire_ms=60000) as rx:
+            s.send(frames[0])
+            assert rx.recv(1, timeout=10) == [frames[0]]   # V3 would hold it for the 60 s timer
+            got = [frames[0]]
+            for i in range(1, len(frames), 50):             # 64 slots: wraps many times
+                for f in frames[i:i + 50]:
+                    s.send(f)
+                got += collect(rx, len(frames[i:i + 50]))
+            assert got == frames
+            st = rx.stats()
+            assert st["rx_frames"] == len(frames) and st["kernel_drops"] == 0
+    finally:
+        s.close()
+
+
+def test_v2_socket_transmits_with_its_own_header(pair):
+    frames = [frame(pair["mb"], pair["ma"], i, size=64 + i % 300) for i in range(300)]
+    with rx_ring(pair, block_size=1 << 16, block_count=8) as rx, \
+            tx_ring(pair, rx=True, rx_frame_size=2048, block_size=1 << 16, block_count=1, tx_frames=32) as tx:
+        assert tx.send(frames) == len(frames)
+        assert collect(rx, len(frames)) == frames
+
+
+def test_datapath_drops_frames_cut_short_by_the_slot(pair):
+    from egresscore import Datapath, EgressMap, NatTable
+
+    dp = Datapath("192.168.1.1", pair["mb"], EgressMap(), NatTable())
+    s = plain_socket(pair["na"], pair["ia"])
+    try:
+        with PacketRing(pair["ib"], netns=pair["nb"], rx_frame_size=512, block_size=4096, block_count=2) as ring:
+            dp.attach_ring(0, ring)
+            s.send(frame(pair["mb"], pair["ma"], 1, size=1000))   # longer than a 512-byte slot
+            s.send(frame(pair["mb"], pair["ma"], 2, size=100))
+            deadline = time.monotonic() + 5
+            while dp.counters()["rx"] < 2 and time.monotonic() < deadline:
+                ring.wait(0.1)
+                dp.poll()
+            c = dp.counters()
+            assert c["rx"] == 2 and c["drops"] == {"truncated": 1} and c["passed"] == 1
+            dp.detach_ring(0)
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("bypass", [False, True])
 def test_ring_to_ring_numpy_batches(pair, bypass):
     n, width = 5000, 64
@@ -263,6 +313,10 @@ def test_clear_errors(pair):
         rx_ring(pair, block_size=1 << 30, block_count=1 << 16)
     with pytest.raises(ValueError, match="block_size"):
         rx_ring(pair, block_size=5000)
+    with pytest.raises(ValueError, match="rx_frame_size"):
+        rx_ring(pair, block_size=4096, rx_frame_size=8192)
+    with pytest.raises(ValueError, match="rx_frame_size"):
+        rx_ring(pair, rx_frame_size=1000)
     with pytest.raises(ValueError, match="fanout_mode"):
         rx_ring(pair, fanout=1, fanout_mode="nope")
     with pytest.raises(ValueError, match="filter"):
