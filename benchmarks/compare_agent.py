@@ -3,8 +3,9 @@
 The lab is built once.  First the kernel baseline (vxlan devices + policy
 routing + nftables SNAT/masquerade, with the veths' default offloads: GSO
 super-packets cross the whole path), then the same nodes with the kernel
-datapath removed, tx offloads off (egresscore.agent.prepare_lab) and one
-`egresscore agent` process per node.  From a pod to an external server:
+datapath removed and one `egresscore agent` process per node (offloads left
+on: the agents' rings take super-packets whole, and hand tunnel-bound ones to
+their kernel vxlan device, the tunnel offload).  From a pod to an external server:
 small-packet UDP rate (18-byte payloads, one Python sender, bounded time,
 rate received by the server) and iperf3 TCP with 1 and 4 streams.  Paths:
 app1 -> 203.0.113.10 (VXLAN to node3, SNAT to the egress IP) and app2 ->
@@ -66,8 +67,8 @@ def run(quick: bool = False) -> str:
         "",
         f"Small UDP: {PAYLOAD}-byte payloads, one sender, {udp_s} s, rate received. TCP: iperf3 {tcp_s} s. "
         f"Median of {reps} run(s). Load average at start {load:.1f} on {os.cpu_count()} cores. "
-        "Kernel: default veth offloads (GSO end to end). egresscore: PACKET_VNET_HDR, super-packets pass whole "
-        "on the masquerade path and are cut into MTU-sized segments for VXLAN.",
+        "Kernel: default veth offloads (GSO end to end). egresscore: TPACKET_V2 RX slots, PACKET_VNET_HDR; "
+        "super-packets pass whole, into the tunnel through the agent's kernel vxlan device (tunnel offload).",
         "",
         "| path | metric | Linux kernel | egresscore | ratio |",
         "|---|---|---:|---:|---:|",

@@ -86,14 +86,50 @@ def test_20_mb_both_ways_intact_with_pmtud_through_vxlan(lab):
 
     n = 20 << 20
     before = lab.agents["node3"].counters()["icmp_too_big"]
+    tunneled3 = lab.agents["node3"].counters()["gso"]["tunneled"]
     got, ok = lab.call("app1", traffic.tcp_download, SERVER, n, timeout=90)
     assert (got, ok) == (n, True)
     # the server's 1500-byte segments do not fit the tunnel back: it was told so
     assert lab.agents["node3"].counters()["icmp_too_big"] > before
+    # the server's super-packets went into the tunnel whole (the kernel vxlan device cut them)
+    assert lab.agents["node3"].counters()["gso"]["tunneled"] > tunneled3
     before1 = lab.agents["node1"].counters()["icmp_too_big"]
+    c1, c3 = lab.agents["node1"].counters()["gso"], lab.agents["node3"].counters()["gso"]
     got, ok = lab.call("app1", traffic.tcp_upload, SERVER, n, timeout=90)
     assert (got, ok) == (n, True)
     assert lab.agents["node1"].counters()["icmp_too_big"] >= before1
+    # app1's super-packets: whole into the tunnel on node1, decapsulated whole on node3
+    assert lab.agents["node1"].counters()["gso"]["tunneled"] > c1["tunneled"]
+    assert lab.agents["node3"].counters()["gso"]["whole"] > c3["whole"]
+    assert lab.agents["node1"].counters()["gso"]["segmented"] == c1["segmented"]
+
+
+def test_without_the_tunnel_device_super_packets_are_cut_and_still_arrive(lab):
+    """Another vxlan device holds the VNI and port: the agent says why it has no
+    tunnel offload and cuts tunnel-bound super-packets itself."""
+    from pyroute2 import IPRoute
+
+    from egresscore.lab import traffic
+
+    ns = lab.nodes["node1"].ns
+    lab.agents.pop("node1").stop()
+    with IPRoute(netns=ns) as ipr:
+        eth = ipr.link_lookup(ifname="eth0")[0]
+        ipr.link("add", ifname="other-vx", kind="vxlan", vxlan_id=2, vxlan_port=8472, vxlan_link=eth,
+                 vxlan_local=NODE_IP["node1"], vxlan_learning=0)
+    try:
+        agent = lab.agents["node1"] = _start_agent(lab, "node1")
+        assert agent.tunnel_error and "egc-tnl0" in agent.tunnel_error
+        got, ok = lab.call("app1", traffic.tcp_upload, SERVER, 4 << 20, timeout=60)
+        assert (got, ok) == (4 << 20, True)
+        gso = agent.counters()["gso"]
+        assert gso["segmented"] > 0 and gso["tunneled"] == 0
+    finally:
+        lab.agents.pop("node1").stop()
+        with IPRoute(netns=ns) as ipr:
+            ipr.link("del", index=ipr.link_lookup(ifname="other-vx")[0])
+        lab.agents["node1"] = _start_agent(lab, "node1")
+    assert lab.agents["node1"].tunnel_error is None
 
 
 def test_gateway_moved_at_run_time_then_no_gateway(lab):
@@ -195,9 +231,12 @@ def test_agent_removes_what_it_installed(lab):
     agent = lab.agents.pop("node2")
     tables = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "tables"], capture_output=True, text=True).stdout
     assert "egresscore" in tables
+    links = lambda: subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True).stdout  # noqa: E731
+    assert "egc-tnl0" in links()
     agent.stop()
     tables = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "tables"], capture_output=True, text=True).stdout
     assert "egresscore" not in tables
+    assert "egc-tnl0" not in links()
     rng = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.ip_local_port_range"],
                          capture_output=True, text=True).stdout.split()
     assert rng != ["20000", "32767"]
