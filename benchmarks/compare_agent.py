@@ -25,8 +25,23 @@ sys.path.insert(0, os.path.dirname(HERE))
 from compare_lab import PATHS, PAYLOAD, _skip_reason, load_average, measure_once  # noqa: E402
 
 LAST = {}  # the last run's medians, for the plot
+SIDES = ("kernel", "egresscore latency", "egresscore batch")
 METRICS = (("udp_pps", "small UDP (pkt/s)", "{:,.0f}"), ("tcp1_gbps", "TCP 1 stream (Gbit/s)", "{:.2f}"),
-           ("tcp4_gbps", "TCP 4 streams (Gbit/s)", "{:.2f}"))
+           ("tcp4_gbps", "TCP 4 streams (Gbit/s)", "{:.2f}"), ("rtt_ms", "ping RTT (ms, lower is better)", "{:.3f}"))
+
+
+def ping_rtt_ms(lab, pod, dst, count=20):
+    """Mean round trip of `count` pings 20 ms apart (sparse traffic: what a
+    request/response or a TCP ACK waits in each datapath)."""
+    out = lab.run(pod, ["ping", "-q", "-c", str(count), "-i", "0.02", dst], check=False).stdout
+    line = next((ln for ln in out.splitlines() if "min/avg/max" in ln), None)
+    if line is None:
+        return float("nan")
+    return float(line.split("=")[1].split("/")[1])
+
+
+def measure(lab, pod, dst, udp_s, tcp_s):
+    return dict(measure_once(lab, pod, dst, udp_s, tcp_s), rtt_ms=ping_rtt_ms(lab, pod, dst))
 
 
 def _medians(samples):
@@ -37,7 +52,6 @@ def run(quick: bool = False) -> str:
     reason = _skip_reason()
     if reason:
         return f"### egresscore agents vs the Linux kernel (lab)\n\nskipped: {reason}\n"
-    from egresscore.agent import prepare_lab
     from egresscore.demo import SAMPLE, start_agents
     from egresscore.lab import Lab
 
@@ -45,39 +59,52 @@ def run(quick: bool = False) -> str:
     udp_s = 1.0 if quick else 2.0
     tcp_s = 1 if quick else 2
     load = load_average()
-    res = {"kernel": {}, "egresscore": {}}
+    samples = {side: {label: [] for label, _, _ in PATHS} for side in SIDES}
+    from egresscore.lab.kernel import SAMPLE_POLICY
+
     with tempfile.TemporaryDirectory(prefix="egc-bench-") as tmp, Lab(datapath="kernel", tag="bagent") as lab:
-        for label, pod, dst in PATHS:
-            res["kernel"][label] = _medians([measure_once(lab, pod, dst, udp_s, tcp_s) for _ in range(reps)])
-        lab.remove_kernel_egress()
-        lab.set_masquerade(False)
-        prepare_lab(lab)
-        _, agents = start_agents(lab, SAMPLE, tmp)
-        try:
+        # the three take turns within each repetition, so a change in the
+        # machine's load hits them alike
+        for rep in range(reps):
+            if rep:
+                lab.install_kernel_egress([SAMPLE_POLICY])  # masquerade included
             for label, pod, dst in PATHS:
-                lab.ping(pod, dst, count=1)  # neighbours warm
-                res["egresscore"][label] = _medians([measure_once(lab, pod, dst, udp_s, tcp_s) for _ in range(reps)])
-        finally:
-            for a in agents.values():
-                a.stop()
+                samples["kernel"][label].append(measure(lab, pod, dst, udp_s, tcp_s))
+            lab.remove_kernel_egress()
+            lab.set_masquerade(False)
+            for side in SIDES[1:]:
+                _, agents = start_agents(lab, SAMPLE, tmp, extra_args=("--ring-mode", side.split()[-1]))
+                try:
+                    for label, pod, dst in PATHS:
+                        lab.ping(pod, dst, count=1)  # neighbours warm
+                        samples[side][label].append(measure(lab, pod, dst, udp_s, tcp_s))
+                finally:
+                    for a in agents.values():
+                        a.stop()
+    res = {side: {label: _medians(v) for label, v in by_path.items()} for side, by_path in samples.items()}
     LAST.clear()
     LAST.update(res)
     lines = [
         "### egresscore agents vs the Linux kernel datapath (same lab, one run)",
         "",
         f"Small UDP: {PAYLOAD}-byte payloads, one sender, {udp_s} s, rate received. TCP: iperf3 {tcp_s} s. "
-        f"Median of {reps} run(s). Load average at start {load:.1f} on {os.cpu_count()} cores. "
-        "Kernel: default veth offloads (GSO end to end). egresscore: TPACKET_V2 RX slots, PACKET_VNET_HDR; "
-        "super-packets pass whole, into the tunnel through the agent's kernel vxlan device (tunnel offload).",
+        f"Median of {reps} run(s), the three alternating. Load average at start {load:.1f} on "
+        f"{os.cpu_count()} cores. Kernel: default veth offloads (GSO end to end). egresscore: PACKET_VNET_HDR, "
+        "super-packets pass whole, into the tunnel through the agent's kernel vxlan device (tunnel offload); "
+        "`--ring-mode latency` (the default: TPACKET_V2, each frame handed over as it lands) and "
+        "`--ring-mode batch` (TPACKET_V3 blocks, at most 1 ms late). Ratios: egresscore / kernel.",
         "",
-        "| path | metric | Linux kernel | egresscore | ratio |",
-        "|---|---|---:|---:|---:|",
+        "| path | metric | Linux kernel | egresscore latency | ratio | egresscore batch | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for label, _, _ in PATHS:
-        k, e = res["kernel"][label], res["egresscore"][label]
+        k = res["kernel"][label]
         for key, name, fmt in METRICS:
-            ratio = e[key] / k[key] if k[key] else float("nan")
-            lines.append(f"| {label} | {name} | {fmt.format(k[key])} | {fmt.format(e[key])} | {ratio:.2f} |")
+            cells = [fmt.format(k[key])]
+            for side in SIDES[1:]:
+                e = res[side][label][key]
+                cells += [fmt.format(e), f"{e / k[key]:.2f}" if k[key] else "nan"]
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -89,11 +116,12 @@ def plot(path):
     import matplotlib.pyplot as plt
 
     labels = [label for label, _, _ in PATHS]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(16, 3.6))
     xs = list(range(len(labels)))
     for ax, (key, title, _) in zip(axes, METRICS):
-        ax.bar([x - 0.2 for x in xs], [LAST["kernel"][lb][key] for lb in labels], 0.4, label="Linux kernel")
-        ax.bar([x + 0.2 for x in xs], [LAST["egresscore"][lb][key] for lb in labels], 0.4, label="egresscore")
+        for i, side in enumerate(SIDES):
+            ax.bar([x + (i - 1) * 0.27 for x in xs], [LAST[side][lb][key] for lb in labels], 0.27,
+                   label="Linux kernel" if side == "kernel" else side)
         ax.set_xticks(xs)
         ax.set_xticklabels(["egress gateway" if "gateway" in lb else "masquerade" for lb in labels])
         ax.set_title(title)

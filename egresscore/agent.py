@@ -10,11 +10,16 @@ An Agent owns, for its node:
   EgressMap (changes are applied in place while the datapath reads it);
 - the NatTable (masquerade to the node IP and SNAT to this node's egress IPs);
 - the fused Datapath and its AF_PACKET rings: one on the underlay interface
-  (eth0) and one per local pod veth (`lxc-<pod name>` by default);
+  (eth0) and one per local pod veth (`lxc-<pod name>` by default), TPACKET_V2
+  so each frame is handed over as it lands (no block timer in the latency);
+  with vnet_hdr the slots are 68 KiB, 32 MiB on the underlay and 16 MiB per
+  pod, room for a TCP sender's burst of 64 KiB super-packets;
+  the loop runs in C (Datapath.run), back in Python every poll_ms only;
 - the claims on the kernel stack, removed again by close(): an nftables table
   `egresscore` (prerouting, priority raw: after the AF_PACKET taps, so the
-  rings still see every packet) that drops what the agent forwards itself, and
-  a kernel `ip_local_port_range` disjoint from the NAT port range.
+  rings still see every packet) that drops what the agent forwards itself, a
+  kernel `ip_local_port_range` disjoint from the NAT port range, and the
+  tunnel offload device `egc-tnl0` (below).
 
 Neighbour MACs (router, other nodes, pods) and the default route are read with
 pyroute2; missing ones are resolved by a probe (`ping -c 1`, which makes the
@@ -24,7 +29,8 @@ Offloads: pods' veths hand over TSO/GSO super-packets (up to 64 KiB) with a
 partial checksum.  The rings use PACKET_VNET_HDR (vnet_hdr=True, the default):
 each frame comes with its virtio_net_hdr; a partial checksum is completed, a
 TCP super-packet leaving towards the router or a local pod passes whole (the
-kernel segments it on transmit, from the virtio_net_hdr we write), and one
+kernel segments it on transmit, from the virtio_net_hdr we write; it is
+rewritten in its RX slot and sent from there with one copy), and one
 bound for the VXLAN tunnel passes whole too, through the tunnel offload
 (tunnel_offload=True, the default): a TX ring on a kernel vxlan device,
 `egc-tnl0`, that the agent creates with a static FDB entry per node
@@ -75,6 +81,7 @@ NFT_TABLE = "egresscore"
 DEFAULT_NAT_PORTS = (32768, 65534)
 DEFAULT_KERNEL_PORTS = (20000, 32767)
 PORT_RANGE_SYSCTL = "net.ipv4.ip_local_port_range"
+RING_MODES = ("latency", "batch")  # RX rings: TPACKET_V2 slots / TPACKET_V3 blocks
 
 
 def _pod_ifname(pod):
@@ -91,12 +98,18 @@ class Agent:
     node: this node's name in `cluster`; cluster: a Cluster or a cluster YAML
     path; policies: EgressPolicy objects or policy file/folder paths.
     netns: run on this network namespace's interfaces (the lab's nodes).
+    ring_mode: "latency" (default; RX frames handed over one by one: about
+    0.1 ms per hop) or "batch" (in blocks, at most 1 ms late: fewer wake-ups,
+    more small packets per CPU second; see the README's agent benchmark).
+    tunnel_offload: hand tunnel-bound TCP super-packets to a kernel vxlan
+    device (egc-tnl0) instead of cutting them here.
     """
 
     def __init__(self, node, cluster, policies=(), *, netns=None, underlay="eth0", vni=2,
                  vxlan_port=8472, mtu=1500, nat_port_range=DEFAULT_NAT_PORTS,
                  kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=65536,
                  pod_ifname=_pod_ifname, claim=True, poll_ms=20, vnet_hdr=True, tunnel_offload=True,
+                 ring_mode="latency",
                  nat_timeouts=None,
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
                  metrics_port=None, metrics_addr="127.0.0.1", control_socket=None):
@@ -124,14 +137,22 @@ class Agent:
         self.poll_ms = poll_ms
         self._vxlan_port = vxlan_port
         self.vnet_hdr = bool(vnet_hdr)
-        # RX rings are TPACKET_V2: each frame is handed over as it lands (a
-        # V3 block waits for its retire timer, >= 1 ms per hop: TCP's ACKs
-        # and every request/response would pay it).  Slots hold the largest
+        if ring_mode not in RING_MODES:
+            raise ValueError(f"ring_mode must be one of {', '.join(RING_MODES)}, not {ring_mode!r}")
+        self.ring_mode = ring_mode
+        # "latency": TPACKET_V2 slots, each frame handed over as it lands.
+        # "batch": TPACKET_V3 blocks handed over when full or after 1 ms: fewer
+        # wake-ups per packet, but a sparse flow's frames (TCP's ACKs, a
+        # request) wait for the timer at every hop.  Slots hold the largest
         # frame: with PACKET_VNET_HDR a TSO/GSO super-packet (up to 64 KiB),
         # which passes whole; else one MTU-sized frame.
         slot = 69632 if vnet_hdr else (mtu + 256 + 15) & ~15
         block = 1 << 20 if vnet_hdr else 1 << 18
-        self._ring_opts = dict(vnet_hdr=self.vnet_hdr, rx_frame_size=slot, block_size=block, tx_frame_size=max(slot, 2048))
+        self._ring_opts = dict(vnet_hdr=self.vnet_hdr, block_size=block, tx_frame_size=max(slot, 2048))
+        if ring_mode == "latency":
+            self._ring_opts["rx_frame_size"] = slot
+        else:
+            self._ring_opts["retire_ms"] = 1
         self._pod_ifname = pod_ifname
         self._ports = {}  # pod key -> (port, ifname)
         self._node_index = {}

@@ -28,14 +28,14 @@ FLOWS = (  # pod, destination, what the policy says
 class AgentProcess:
     """An `egresscore agent` subprocess for one lab node; stop() sends SIGTERM."""
 
-    def __init__(self, node, cluster_file, policy_file, netns, timeout=20.0):
+    def __init__(self, node, cluster_file, policy_file, netns, timeout=20.0, extra_args=()):
         env = dict(os.environ)
         root = os.path.dirname(HERE)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.node = node
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "egresscore", "agent", "--node", node, "--cluster", cluster_file,
-             "--policies", policy_file, "--netns", netns],
+             "--policies", policy_file, "--netns", netns, *extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines = []
         deadline = time.monotonic() + timeout
@@ -64,14 +64,15 @@ class AgentProcess:
         return self.lines
 
 
-def start_agents(lab, policy_file, workdir):
-    """Write the lab's cluster file and start an agent per node; returns {node: AgentProcess}."""
+def start_agents(lab, policy_file, workdir, extra_args=()):
+    """Write the lab's cluster file and start an agent per node (extra_args: more
+    `egresscore agent` options); returns (cluster file, {node: AgentProcess})."""
     cluster_file = os.path.join(workdir, "cluster.yaml")
     with open(cluster_file, "w") as f:
         yaml.safe_dump(lab.cluster(), f)
     agents = {}
     for name, node in lab.nodes.items():
-        agents[name] = lab.track(AgentProcess(name, cluster_file, policy_file, node.ns))
+        agents[name] = lab.track(AgentProcess(name, cluster_file, policy_file, node.ns, extra_args=extra_args))
     return cluster_file, agents
 
 

@@ -684,8 +684,11 @@ cdef class Datapath:
     cdef int dp_gso_fit(self, const uint8_t *f, PktInfo *pi) noexcept nogil:
         """Whether the super-packet's segments fit the tunnel: 0 yes, 1 no and DF
         set (frag-needed), 2 no and DF clear (cut here, as without the offload)."""
-        cdef int64_t hdr = pi.l4_off + ((f[pi.l4_off + 12] >> 4) << 2)
-        cdef int64_t seg = <int64_t>self.gso_size + hdr - pi.l3_off
+        cdef int64_t hdr, seg
+        if pi.proto != PKT_IPPROTO_TCP or pi.l4_off < 0 or pi.l4_off + 20 > pi.l3_end:
+            return 2                             # not a TCP super-packet: dp_segment refuses it
+        hdr = pi.l4_off + ((f[pi.l4_off + 12] >> 4) << 2)
+        seg = <int64_t>self.gso_size + hdr - pi.l3_off
         if seg <= <int64_t>self.mtu - 36 - pi.l3_off:
             return 0
         return 1 if pi.df else 2

@@ -291,3 +291,23 @@ def test_daemon_reloads_policy_files_on_sighup(lab, tmp_path):
     tables = subprocess.run(["ip", "netns", "exec", lab.nodes["node1"].ns, "nft", "list", "tables"],
                             capture_output=True, text=True).stdout
     assert "egresscore" not in tables
+
+
+def test_batch_ring_mode_carries_traffic_too(lab):
+    from egresscore import Agent
+    from egresscore.cluster import Cluster
+    from egresscore.lab import traffic
+
+    with pytest.raises(ValueError, match="ring_mode must be one of latency, batch"):
+        Agent("node1", Cluster.from_dict(lab.cluster()), [], netns=lab.nodes["node1"].ns, ring_mode="fast")
+    lab.agents.pop("node1").stop()
+    try:
+        agent = lab.agents["node1"] = start_agent(lab, "node1", _sample(), ring_mode="batch")
+        assert agent.ring_mode == "batch"
+        assert lab.tcp_request("app1", SERVER) == EGRESS_IP
+        got, ok = lab.call("app1", traffic.tcp_upload, SERVER, 4 << 20, timeout=60)
+        assert (got, ok) == (4 << 20, True)
+        assert agent.counters()["gso"]["tunneled"] > 0
+    finally:
+        lab.agents.pop("node1").stop()
+        lab.agents["node1"] = _start_agent(lab, "node1")
