@@ -444,7 +444,12 @@ class Lab:
 
     # -- datapaths --------------------------------------------------------
     def set_masquerade(self, on=True):
-        """Per-node nftables masquerade of the node's pods leaving the cluster (no egress policy)."""
+        """Per-node nftables masquerade of the node's pods leaving the cluster (no egress policy).
+
+        It replaces the nodes' lab nftables table: with the kernel egress
+        gateway installed, its SNAT rules go too (install_kernel_egress
+        already masquerades).
+        """
         for node in self.nodes.values():
             self.nft(node.name, kernel.masquerade_ruleset(node, CLUSTER_CIDR, enabled=on))
         self.masquerade = bool(on)
