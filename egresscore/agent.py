@@ -168,8 +168,7 @@ class Agent:
         self._rings = []
         self._tunnel = None
         self.tunnel_error = None  # why the tunnel offload is off, when it was asked for
-        # written to by control changes and stop(): the datapath's C loop returns at once
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r = self._wake_w = -1  # the wake pipe, made with the rings
         self._services = []
         self._changed = False
         self.flow_log = None
@@ -209,6 +208,8 @@ class Agent:
             raise AgentError(f"cannot open a ring on {underlay}{self._where()}: {exc}") from exc
         self._rings.append(ring)
         try:
+            # written to by control changes and stop(): the datapath's C loop returns at once
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.datapath.attach_ring(0, ring)
             if tunnel_offload and self.vnet_hdr:
                 self._open_tunnel(vni, vxlan_port, mtu)
@@ -682,7 +683,8 @@ class Agent:
                 self._tunnel.remove()
                 self._tunnel = None
             for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             self._wake_r = self._wake_w = -1
 
     def __enter__(self):
