@@ -597,20 +597,17 @@ cdef class Datapath:
             self.st.drops[<int>DROP_TX_FULL] += 1
             return
         _dp_memcpy(buf, o.data, o.length)
-        vh = ring_tx_vnet(r)
-        if vh != NULL:
-            # hdr_len is how much the kernel copies into the skb; the rest it
-            # maps from the ring as zero-copy pages, which a veth (or any
-            # receive path) must then copy again into a fresh page.  A plain
-            # frame is copied whole: one small copy instead of a page.
-            v.flags = 1 if o.csum_offset else 0          # VIRTIO_NET_HDR_F_NEEDS_CSUM
-            v.gso_type = o.gso_type
-            v.hdr_len = o.hdr_len if o.gso_type else <uint16_t>o.length
-            v.gso_size = o.gso_size
-            v.csum_start = o.csum_start
-            v.csum_offset = o.csum_offset
-            _dp_memcpy(vh, &v, sizeof(dp_vnet))
-        ring_tx_commit(r, <uint32_t>o.length)
+        if o.gso_type or o.csum_offset:
+            vh = ring_tx_vnet(r)
+            if vh != NULL:
+                v.flags = 1 if o.csum_offset else 0          # VIRTIO_NET_HDR_F_NEEDS_CSUM
+                v.gso_type = o.gso_type
+                v.hdr_len = o.hdr_len
+                v.gso_size = o.gso_size
+                v.csum_start = o.csum_start
+                v.csum_offset = o.csum_offset
+                _dp_memcpy(vh, &v, sizeof(dp_vnet))
+        ring_tx_commit(r, <uint32_t>o.length)          # a plain frame: copied whole (ring.h)
         self.dirty[o.port] = 1
 
     cdef int dp_segment(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,

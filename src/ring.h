@@ -536,6 +536,14 @@ static inline uint8_t *ring_tx_vnet(ring_t *r)
 static inline void ring_tx_commit(ring_t *r, uint32_t len)
 {
     uint8_t *f = ring_tx_frame(r, r->tx_cur);
+    if (r->vnet && f[r->tx_off + 1] == 0) {
+        /* Not GSO: hdr_len (bytes the kernel copies into the skb; the rest
+         * it maps from the ring as zero-copy pages, which a veth or any
+         * receive path must then copy again into a fresh page) covers the
+         * whole frame, so a plain frame costs one small copy, not a page. */
+        uint16_t hl = len > 0xffff ? 0xffff : (uint16_t)len;
+        memcpy(f + r->tx_off + 2, &hl, 2);
+    }
     if (r->v2) {
         struct tpacket2_hdr *h = (struct tpacket2_hdr *)f;
         h->tp_len = len + r->vnet;
