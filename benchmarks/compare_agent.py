@@ -1,15 +1,16 @@
 """egresscore agents versus the Linux kernel's own egress datapath, same lab, one run.
 
-The lab is built once.  First the kernel baseline (vxlan devices + policy
-routing + nftables SNAT/masquerade, with the veths' default offloads: GSO
-super-packets cross the whole path), then the same nodes with the kernel
-datapath removed and one `egresscore agent` process per node (offloads left
-on: the agents' rings take super-packets whole, and hand tunnel-bound ones to
-their kernel vxlan device, the tunnel offload).  From a pod to an external server:
-small-packet UDP rate (18-byte payloads, one Python sender, bounded time,
-rate received by the server) and iperf3 TCP with 1 and 4 streams.  Paths:
+The lab is built once.  Each repetition measures, in turn, the kernel
+baseline (vxlan devices + policy routing + nftables SNAT/masquerade, with the
+veths' default offloads: GSO super-packets cross the whole path), then one
+`egresscore agent` process per node with `--ring-mode latency` (the default),
+then with `--ring-mode batch` (offloads left on: the agents' rings take
+super-packets whole and hand tunnel-bound ones to their kernel vxlan device,
+the tunnel offload).  From a pod to an external server: small-packet UDP rate
+(18-byte payloads, one Python sender, bounded time, rate received by the
+server), iperf3 TCP with 1 and 4 streams, and ping round trip.  Paths:
 app1 -> 203.0.113.10 (VXLAN to node3, SNAT to the egress IP) and app2 ->
-203.0.113.10 (per-node masquerade).  Median of several runs.  Needs root:
+203.0.113.10 (per-node masquerade).  Median of the repetitions.  Needs root:
     python benchmarks/compare_agent.py [--quick] [--plot FILE.png]
 """
 import argparse

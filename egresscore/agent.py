@@ -345,6 +345,9 @@ class Agent:
                 idx = next(i for i in range(256) if i not in used)
             self._node_index[name] = idx
             self.datapath.add_node(idx, n.gateway_ip, [c for c in n.pod_cidrs if ":" not in c])
+        self._set_tunnel_peers()
+
+    def _set_tunnel_peers(self):
         if self._tunnel is not None:
             self._tunnel.set_peers(n.gateway_ip for n in self.cluster.nodes.values() if n.gateway_ip)
 
@@ -356,7 +359,7 @@ class Agent:
         try:
             dev.create()
             self._tunnel = dev
-            self._sync_nodes()
+            self._set_tunnel_peers()
             ring = PacketRing(dev.ifname, netns=self.netns, rx=False, tx_frames=64, vnet_hdr=True,
                               tx_frame_size=self._ring_opts["tx_frame_size"])
         except (NetlinkError, OSError) as exc:

@@ -22,7 +22,9 @@
 #       anything else: not ours, VERDICT_PASS (the kernel has its own copy).
 #
 # Frames are copied once into a scratch buffer with headroom (VXLAN encap
-# writes 50 bytes in front), rewritten there and copied into a TX ring frame.
+# writes 50 bytes in front), rewritten there and copied into a TX ring frame;
+# super-packets are rewritten in their RX slot and sent from there
+# (ring_tx_direct).  poll() takes one batch per ring; run() loops in C.
 # TTL is decremented on every forward; a packet too big for the underlay with
 # DF gets an ICMP fragmentation-needed reply (to the pod, or to the remote
 # sender for replies headed into the tunnel), so PMTUD works through VXLAN.
@@ -140,7 +142,8 @@ cdef class Datapath:
 
     The NAT table must hold the node IP (masquerade) and this node's egress
     IPs.  Configure with add_node / set_router / add_pod_port, then either
-    process() frames (tests, embedding) or attach PacketRings and poll().
+    process() frames (tests, embedding) or attach PacketRings and run()
+    (or poll() one batch at a time).
     One thread per Datapath.
     """
 

@@ -743,27 +743,22 @@ cdef int32_t _pkt_port(object port) except -2:
     return port
 
 
+cdef tuple _pkt_addr_pair(int version, uint32_t src4, uint32_t dst4, const uint8_t *ip):
+    """(source, destination) of the IP header at ip, as ipaddress objects."""
+    if version == 4:
+        return _pkt_ipaddress.IPv4Address(src4), _pkt_ipaddress.IPv4Address(dst4)
+    return (_pkt_ipaddress.IPv6Address(bytes(ip[8:24])), _pkt_ipaddress.IPv6Address(bytes(ip[24:40])))
+
+
 def parse(frame):
     """Parse an Ethernet frame; raise PacketDropped for one the datapath drops."""
     cdef _PktBuf b = _PktBuf(frame)
     cdef PktInfo pi
     _pkt_parse_buf(b, &pi)
-    ip = b.p + pi.l3_off
-    if pi.ip_version == 4:
-        src = _pkt_ipaddress.IPv4Address(pi.src4)
-        dst = _pkt_ipaddress.IPv4Address(pi.dst4)
-    else:
-        src = _pkt_ipaddress.IPv6Address(bytes(ip[8:24]))
-        dst = _pkt_ipaddress.IPv6Address(bytes(ip[24:40]))
+    src, dst = _pkt_addr_pair(pi.ip_version, pi.src4, pi.dst4, b.p + pi.l3_off)
     inner = None
     if pi.icmp_err:
-        q = b.p + pi.in_l3_off
-        if pi.ip_version == 4:
-            isrc = _pkt_ipaddress.IPv4Address(pi.in_src4)
-            idst = _pkt_ipaddress.IPv4Address(pi.in_dst4)
-        else:
-            isrc = _pkt_ipaddress.IPv6Address(bytes(q[8:24]))
-            idst = _pkt_ipaddress.IPv6Address(bytes(q[24:40]))
+        isrc, idst = _pkt_addr_pair(pi.ip_version, pi.in_src4, pi.in_dst4, b.p + pi.in_l3_off)
         inner = (pi.in_proto, isrc, idst,
                  pi.in_sport if pi.in_has_ports else None,
                  pi.in_dport if pi.in_has_ports else None)

@@ -1,4 +1,4 @@
-# ring declarations: AF_PACKET TPACKET_V3 rings (src/ring.h holds the C).
+# ring declarations: AF_PACKET TPACKET_V3 (or V2) rings (src/ring.h holds the C).
 #
 # The fused datapath walks RX frames and fills TX frames at C level, nogil:
 #

@@ -529,7 +529,9 @@ cdef class PacketRing:
 
     def stats(self):
         """Counters: the kernel's PACKET_STATISTICS totals (packets seen,
-        drops included; drops for a full ring; queue freezes) and ours."""
+        drops included; drops for a full ring; queue freezes) and ours
+        (rx_blocks counts V3 blocks; tx_direct frames sent by ring_tx_direct,
+        whose full send buffer also counts in tx_full)."""
         self._check_open()
         rc = ring_stats_update(&self.r)
         if rc < 0:

@@ -53,9 +53,10 @@ SAMPLE_POLICY = {
 
 
 def vxlan_mac(node_ip):
-    from .topology import mac_for
+    """02:ee:<node IP>: the inner MAC egresscore's datapath writes for a node."""
+    from .._tunnel import tunnel_mac
 
-    return mac_for(node_ip, 0xEE)
+    return tunnel_mac(node_ip)
 
 
 def _policy_docs(policies):

@@ -194,17 +194,23 @@ class ServerSet:
 
 
 # -- clients (run in a pod namespace) -----------------------------------------------
+def _read_reply(s, timeout):
+    """Everything the server sends until it closes (HTTP/1.0), within timeout."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def tcp_request(dst, port=HTTP_PORT, timeout=3.0, path="/"):
     """GET `path` from dst:port; for `/` returns the source address the server saw."""
     with socket.create_connection((dst, port), timeout=timeout) as s:
         s.sendall(f"GET {path} HTTP/1.0\r\nHost: {dst}\r\n\r\n".encode())
-        data = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = _read_reply(s, timeout)
     head, _, body = data.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.0 200"):
         raise ConnectionError(f"bad reply from {dst}:{port}: {head[:80]!r}")
@@ -222,13 +228,7 @@ def tcp_upload(dst, n, port=HTTP_PORT, timeout=30.0):
     body = _pattern(int(n))
     with socket.create_connection((dst, port), timeout=timeout) as s:
         s.sendall(f"PUT /sha256 HTTP/1.0\r\nHost: {dst}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        data = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = _read_reply(s, timeout)
     got, digest = data.partition(b"\r\n\r\n")[2].decode().split()
     return int(got), digest == hashlib.sha256(body).hexdigest()
 
