@@ -238,7 +238,7 @@ def table(samples, p, m):
     ]
     for key, label, fmt, lower in METRICS:
         k, e = med["kernel"][key], med["egresscore"][key]
-        ratio = f"{e / k:.2f}" if k else "n/a"
+        ratio = f"{e / k:.2f}" if k and "los" not in key else "n/a"  # no ratio of losses
         lines.append(f"| {label}{' (lower is better)' if lower else ''} | {fmt.format(k)} | {fmt.format(e)} | "
                      f"{ratio} |")
     return "\n".join(lines) + "\n", med
