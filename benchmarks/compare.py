@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 
-SECTIONS = ["lpm", "nat", "packet", "ring", "compiler", "agent", "flowlog", "lab"]  # README order
+SECTIONS = ["lpm", "nat", "packet", "ring", "compiler", "agent", "agent_peers", "flowlog", "lab"]  # README order
 
 
 def machine_summary():
@@ -23,7 +23,8 @@ def machine_summary():
                     break
     except OSError:
         pass
-    return f"machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return (f"machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def main(argv=None):

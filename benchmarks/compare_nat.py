@@ -9,13 +9,20 @@ the default port range 32768-65535.  Operations, in batches of BATCH tuples:
   known flows translate_batch of every original tuple again (hits)
 Rates are operations per second of CPU time of the calling thread (this
 machine is shared, so wall-clock rates also suffer from other processes;
-both are printed) and the median of several runs.
+both are printed) and the median of several runs.  The two sides take turns
+in every repetition (a change in the machine's load hits both alike) and run
+with Python's cyclic GC paused: with it on, the model's million new flows
+trigger full collections of its ever larger heap, which halved its rate and
+flattered the ratio (egresscore's table is one C allocation, the GC never
+sees it).  Each repetition builds a fresh table, so new flows include the
+first touch of its preallocated memory, as a gateway's first fill does.
 """
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse      # noqa: E402
+import gc            # noqa: E402
 import statistics    # noqa: E402
 import sys           # noqa: E402
 import time          # noqa: E402
@@ -82,9 +89,17 @@ def _buffers(n):
 
 
 def _timed(fn):
-    w0, c0 = time.perf_counter(), time.thread_time()
-    fn()
-    return time.thread_time() - c0, time.perf_counter() - w0
+    """(CPU seconds of this thread, wall seconds) of one call, the cyclic GC paused."""
+    gc.collect()
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        w0, c0 = time.perf_counter(), time.thread_time()
+        fn()
+        return time.thread_time() - c0, time.perf_counter() - w0
+    finally:
+        if paused:
+            gc.enable()
 
 
 def run_egresscore(arr, ext, order, capacity):
@@ -143,29 +158,37 @@ def run_reference(arr, ext, order, capacity):
 def run(quick: bool = False) -> str:
     n = 100_000 if quick else 1_000_000
     reps = 3 if quick else 5
-    ref_reps = 1 if quick else 3
     capacity = n + n // 20
     arr, ext = workload(n)
     order = np.random.default_rng(2).permutation(n)
-    ours = [run_egresscore(arr, ext, order, capacity) for _ in range(reps)]
+    ours, ref = [], []
+    for _ in range(reps):  # alternating
+        ours.append(run_egresscore(arr, ext, order, capacity))
+        ref.append(run_reference(arr, ext, order, capacity))
     bytes_per_conn = ours[0][1]
-    ref = [run_reference(arr, ext, order, capacity) for _ in range(ref_reps)]
+    try:
+        load = f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        load = "n/a"
     lines = [
         f"### NAT table: {n:,} live TCP connections, {N_EGRESS} egress IPs, batches of {BATCH}",
         "",
-        f"Median of {reps} runs (reference model: {ref_reps}); rate = operations per CPU-second "
-        "of the calling thread (wall-clock rate in brackets; the machine is shared).",
+        f"Median of {reps} alternating runs, cyclic GC paused for both; rate = operations per CPU-second "
+        f"of the calling thread (wall-clock rate in brackets; the machine is shared, load average {load} "
+        f"on {os.cpu_count()} cores); ratio range = lowest and highest of the per-run ratios.",
         "",
-        "| operation | egresscore.NatTable | pure-Python reference model | ratio |",
-        "|---|---:|---:|---:|",
+        "| operation | egresscore.NatTable | pure-Python reference model | ratio | ratio range |",
+        "|---|---:|---:|---:|---:|",
     ]
     for op in ("new flows", "replies", "known flows"):
         cpu = statistics.median(n / r[0][op][0] for r in ours)
         wall = statistics.median(n / r[0][op][1] for r in ours)
         rcpu = statistics.median(n / r[op][0] for r in ref)
         rwall = statistics.median(n / r[op][1] for r in ref)
+        per_run = [r[op][0] / o[0][op][0] for o, r in zip(ours, ref)]
         lines.append(f"| {op} | {cpu / 1e6:.1f} M/s ({wall / 1e6:.1f}) | "
-                     f"{rcpu / 1e6:.2f} M/s ({rwall / 1e6:.2f}) | {cpu / rcpu:.0f}x |")
+                     f"{rcpu / 1e6:.2f} M/s ({rwall / 1e6:.2f}) | {cpu / rcpu:.0f}x | "
+                     f"{min(per_run):.0f}-{max(per_run):.0f}x |")
     lines += [
         "",
         f"Memory: {bytes_per_conn:.1f} bytes per connection at capacity {capacity:,} "
@@ -178,4 +201,9 @@ def run(quick: bool = False) -> str:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="100k connections, fewer runs")
-    print(run(quick=p.parse_args().quick))
+    quick = p.parse_args().quick
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from compare import machine_summary
+
+    print(machine_summary())
+    print(run(quick=quick))

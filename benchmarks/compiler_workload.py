@@ -3,7 +3,8 @@
 Every pod is selected by about one policy (by app label, namespace, or a
 matchExpressions In), each policy has two destination CIDRs and one excluded
 CIDR, a fifth of the policies spread pods over three gateways: about
-3 * N egress map entries.
+3 * N egress map entries.  `cilium_reconcile` is the peer the compiler is
+measured against: Cilium's own reconciliation, step by step, in plain Python.
 """
 
 from egresscore.cluster import Cluster, Interface, Namespace, Node, Pod
@@ -66,25 +67,84 @@ def make_policies(n_policies=100, n_apps=200, n_gateway_nodes=5):
     return out
 
 
-def naive_compile(cluster, policies, view=None):
-    """The reference: Cilium's loop in plain Python (every policy x every endpoint), no index."""
+def cilium_reconcile(cluster, policies, policy_map=None, view=None):
+    """The peer: Cilium's reconciliation (pkg/egressgateway, manager.go reconcileLocked
+    after the k8s sync) rendered step by step in plain Python; returns the policy map.
+
+    Same algorithm, no extra work: the endpoint store (getEndpointMetadata:
+    labels with the namespace's, IPs, the UID hash; Cilium builds it as endpoint
+    events arrive, so it is timed here too), then
+    updatePoliciesMatchedEndpointIDs (every policy x every endpoint, selectors
+    evaluated), updatePoliciesBySourceIP, regenerateGatewayConfigs (first
+    matching node by name, gateways sorted by IP), addMissingEgressRules (dump
+    the map, write each missing or different entry) and removeUnusedEgressRules
+    (dump the map again, keep an entry only if policyMatches finds a policy
+    endpoint and CIDR that produce it).  The map is a Python dict: cheaper than
+    Cilium's BPF map, which costs a syscall per write and per dumped entry.
+    Policies are visited in reverse name order so that, as in egresscore, the
+    name that sorts first writes last and wins a clash (Cilium's own order is
+    Go's random map order).
+    """
     from egresscore.compiler import EXCLUDED_CIDR, Target, fnv1a_32, resolve_gateways
 
-    out = {}
-    pods = sorted(cluster.pods.values(), key=lambda p: p.key)
-    labels = {p.key: cluster.pod_labels(p) for p in pods}
-    for p in sorted(policies, key=lambda p: p.name):
-        gws = resolve_gateways(p, cluster, view)
-        for pod in pods:
-            if not p.matches_labels(labels[pod.key]) or not p.matches_node(cluster.node_labels(pod.node)):
-                continue
-            g = gws[fnv1a_32(pod.uid) % len(gws)] if len(gws) > 1 else gws[0]
-            for ip in pod.ips:
-                v6 = ":" in ip
-                for d in p.destination_cidrs:
-                    if (":" in d) == v6:
-                        out.setdefault((ip, d), g.target6 if v6 else g.target4)
-                for d in p.excluded_cidrs:
-                    if (":" in d) == v6:
-                        out.setdefault((ip, d), Target(g.egress_ip6 if v6 else g.egress_ip4, EXCLUDED_CIDR))
-    return out
+    policy_map = {} if policy_map is None else policy_map
+    # the endpoint store: endpointMetadata per CiliumEndpoint
+    ep_store = {}
+    for key, pod in cluster.pods.items():
+        ep_store[key] = (pod.ips, cluster.pod_labels(pod), cluster.node_labels(pod.node), fnv1a_32(pod.uid))
+    configs = sorted(policies, key=lambda p: p.name, reverse=True)
+    # updatePoliciesMatchedEndpointIDs
+    matched = {}
+    for p in configs:
+        matched[p.name] = {key: ep for key, ep in ep_store.items()
+                           if p.matches_labels(ep[1]) and p.matches_node(ep[2])}
+    # updatePoliciesBySourceIP
+    by_source_ip = {}
+    for p in configs:
+        for ep in matched[p.name].values():
+            for ip in ep[0]:
+                by_source_ip.setdefault(ip, []).append(p)
+    # regenerateGatewayConfigs (resolve_gateways: nodes by name, several gateways sorted by IP)
+    gateways = {p.name: resolve_gateways(p, cluster, view) for p in configs}
+
+    def select_gateway(gws, ep):
+        return gws[0] if len(gws) == 1 else gws[ep[3] % len(gws)]
+
+    def values(p, ep, ip):
+        """forEachEndpointAndCIDR for one endpoint IP: (cidr, value) pairs."""
+        g = select_gateway(gateways[p.name], ep)
+        v6 = ":" in ip
+        for d in p.destination_cidrs:
+            if (":" in d) == v6:
+                yield d, g.target6 if v6 else g.target4
+        for d in p.excluded_cidrs:
+            if (":" in d) == v6:
+                yield d, Target(g.egress_ip6 if v6 else g.egress_ip4, EXCLUDED_CIDR)
+
+    # addMissingEgressRules
+    present = dict(policy_map)
+    for p in configs:
+        for ep in matched[p.name].values():
+            for ip in ep[0]:
+                for d, value in values(p, ep, ip):
+                    if present.get((ip, d)) != value:
+                        policy_map[(ip, d)] = value
+    # removeUnusedEgressRules: policyMatches walks every matched endpoint of the source IP's policies
+    present = dict(policy_map)
+    for (src, cidr), value in present.items():
+        found = False
+        for p in by_source_ip.get(src, ()):
+            for ep in matched[p.name].values():
+                for ip in ep[0]:
+                    if ip != src:
+                        continue
+                    if any(d == cidr and v == value for d, v in values(p, ep, ip)):
+                        found = True
+                        break
+                if found:
+                    break
+            if found:
+                break
+        if not found:
+            del policy_map[(src, cidr)]
+    return policy_map

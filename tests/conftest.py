@@ -1,6 +1,9 @@
 import contextlib
 import copy
+import functools
+import importlib.util
 import os
+import shutil
 
 import pytest
 
@@ -14,6 +17,67 @@ def netns_unavailable_reason():
     if not os.path.isdir("/run") or not os.access("/run", os.W_OK):
         return "cannot write /run/netns"
     return None
+
+
+# The system tools tests (and the lab they build) run, and the Debian package of
+# each: the README's test command installs exactly these.  The agent and the demo
+# need none of them.
+TOOL_PACKAGES = {
+    "nft": "nftables",         # the lab's kernel baseline and Lab.set_masquerade
+    "iperf3": "iperf3",        # Lab.iperf3 (benchmarks)
+    "ping": "iputils-ping",    # benchmarks (the tests use the lab's Python ping)
+    "trafgen": "netsniff-ng",  # benchmarks
+    "setpriv": "util-linux",   # dropping CAP_NET_RAW for one child
+    "gcc": "gcc",              # the bounds-checked build of the malformed corpus
+}
+
+
+def _require(ok, what, package):
+    """Skip the calling test when `what` is missing; with CI=true fail instead, so
+    CI catches an install step the README's test command lacks."""
+    if ok:
+        return
+    msg = f"needs {what} (install {package})"
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{msg}: CI=true, so a missing install step is a failure", pytrace=False)
+    pytest.skip(msg)
+
+
+def require_tool(tool, package=None):
+    """The test needs the program `tool` on PATH (Debian `package`, default from TOOL_PACKAGES)."""
+    package = package or TOOL_PACKAGES.get(tool, tool)
+    _require(shutil.which(tool) is not None, f"the {tool} tool", f"Debian package {package}")
+
+
+def require_module(module, package):
+    """The test needs the Python module `module` (from `package`)."""
+    _require(importlib.util.find_spec(module) is not None, f"the Python module {module}", package)
+
+
+def require_library(available, name, package):
+    """The test needs a shared library (`available`: whether it loaded)."""
+    _require(available, f"the {name} library", f"Debian package {package}")
+
+
+def _checked_first(check):
+    """Decorator factory: run `check()` (a require_* call) before the test."""
+    def wrap(test):
+        @functools.wraps(test)
+        def run(*args, **kwargs):
+            check()
+            return test(*args, **kwargs)
+        return run
+    return wrap
+
+
+def requires_tools(*tools):
+    """Decorator: the test needs these tools (see require_tool)."""
+    return _checked_first(lambda: [require_tool(t) for t in tools])
+
+
+def requires_library(available, name, package):
+    """Decorator: the test needs a library; `available()` says whether it loads."""
+    return _checked_first(lambda: require_library(available(), name, package))
 
 
 NOBODY = 65534

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import needs_netns, running_agents, start_agent
+from conftest import needs_netns, requires_tools, running_agents, start_agent
 
 pytestmark = needs_netns
 
@@ -199,6 +199,7 @@ def test_unsolicited_inbound_is_dropped_and_counted(lab):
     assert lab.agents["node3"].counters()["drops"].get("no_nat_entry", 0) == before + 1
 
 
+@requires_tools("nft")
 def test_interop_with_linux_vxlan_both_ways(lab):
     """A kernel source node tunnelling to our gateway, then our source node tunnelling to a kernel gateway."""
     policy = [_sample()]
@@ -224,6 +225,7 @@ def test_interop_with_linux_vxlan_both_ways(lab):
                 pass
 
 
+@requires_tools("nft")
 def test_agent_removes_what_it_installed(lab):
     import subprocess
 
@@ -275,6 +277,7 @@ def test_batch_ring_mode_carries_traffic_too(lab):
             lab.agents[name] = _start_agent(lab, name)
 
 
+@requires_tools("nft")
 def test_daemon_reloads_policy_files_on_sighup(lab, tmp_path):
     """The `egresscore agent` daemon: SIGHUP re-reads the policy file (gateway moved), SIGTERM cleans up."""
     import subprocess

@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import needs_netns
+from conftest import needs_netns, require_tool, requires_tools
 
 from egresscore.lab import (
     EGRESS_IPS,
@@ -76,6 +76,7 @@ def test_traffic_pattern_is_a_prefix_family():
 # -- namespaces ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def kernel_lab():
+    require_tool("nft")
     with Lab(datapath="kernel", policies=[POLICY]) as lab:
         lab.add_pod("gwpod", "node3", {"app": "app1"})  # selected pod on the gateway node itself
         servers = lab.start_servers()
@@ -189,6 +190,7 @@ def test_signals_tear_down(sig):
 
 
 @needs_netns
+@requires_tools("nft")
 def test_snat_is_observable_without_masquerade():
     with Lab(masquerade=False) as lab:
         servers = lab.start_servers()

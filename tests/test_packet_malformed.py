@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import require_module, require_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANY = None  # any outcome but a crash
@@ -229,8 +230,8 @@ def _asan_runtime():
 
 
 def test_malformed_corpus_under_bounds_checked_asan_build(corpus, tmp_path):
-    if not shutil.which("gcc"):
-        pytest.skip("no C compiler for the checked build")
+    require_tool("gcc")
+    require_module("Cython", "Cython (pip; setup.py builds the checked copy with it)")
     asan = _asan_runtime()
     out = os.path.join(ROOT, "build", "checked-asan" if asan else "checked")
     env = dict(os.environ, EGRESSCORE_CHECKED="1")

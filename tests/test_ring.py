@@ -1,7 +1,6 @@
 """PacketRing over a veth pair across two namespaces (egc-ring-*) that each
 test module creates and removes.  Frames are sent only on that pair."""
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import needs_netns
+from conftest import needs_netns, requires_library, requires_tools
 
 import egresscore
 from egresscore import PacketRing, bpf_dst, bpf_vxlan, pcap_available
@@ -180,7 +179,7 @@ def test_filter_keeps_out_what_it_should(pair):
         assert collect(rx, 20) == other[40:]
 
 
-@pytest.mark.skipif(not pcap_available(), reason="libpcap (libpcap0.8) not installed")
+@requires_library(pcap_available, "libpcap", "libpcap0.8")
 def test_pcap_expression_filter(pair):
     frames = [udp_frame(pair, dport=53 + (i % 2), sport=i) for i in range(40)]
     with rx_ring(pair, filter="udp dst port 53") as rx, tx_ring(pair) as tx:
@@ -336,7 +335,7 @@ def test_clear_errors(pair):
         r.send([b"\0" * 64])
 
 
-@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux) to drop CAP_NET_RAW")
+@requires_tools("setpriv")
 def test_needs_cap_net_raw_message():
     code = ("import sys; sys.path.insert(0, %r)\n"
             "import egresscore\n"

@@ -4,6 +4,7 @@ system has it)."""
 import ipaddress
 
 import pytest
+from conftest import requires_library
 from hypothesis import given, settings, strategies as st
 
 from egresscore import (bpf_all, bpf_any, bpf_compile, bpf_dst, bpf_not_outgoing, bpf_vxlan,
@@ -109,7 +110,7 @@ def test_vxlan_rejects_bad_port():
         bpf_any()
 
 
-needs_pcap = pytest.mark.skipif(not pcap_available(), reason="libpcap (libpcap0.8) not installed")
+needs_pcap = requires_library(pcap_available, "libpcap", "libpcap0.8")
 
 
 @needs_pcap

@@ -15,6 +15,7 @@ observable).  `datapath="kernel"` adds the Linux baseline (vxlan + policy
 routing + nftables SNAT, see kernel.py).
 """
 import atexit
+import contextlib
 import ipaddress
 import json
 import os
@@ -540,21 +541,26 @@ class Lab:
 
         A one-shot iperf3 server is started in the server's namespace for the run.
         """
+        result = self.iperf3_json(pod, dst, ["-t", str(seconds), "-P", str(int(streams))], seconds, port)
+        return result["end"]["sum_received"]["bits_per_second"] / 1e9
+
+    def iperf3_json(self, pod, dst, args, seconds, port=5201):
+        """One iperf3 client run from `pod` against a one-shot server on `dst`
+        (args: more client options, e.g. ["-u", "-b", "10M"]); its parsed --json result."""
+        with self.iperf3_server(dst, port):
+            return self.iperf3_client(pod, dst, args, seconds, port)
+
+    @contextlib.contextmanager
+    def iperf3_server(self, dst, port=5201):
+        """A one-shot iperf3 server on the external server address `dst`, listening when entered."""
         if shutil.which("iperf3") is None:
             raise RuntimeError("iperf3 is not installed (apt-get install iperf3)")
-        server = next((s for s in self.servers.values() if dst in s.addresses), None)
-        if server is None:
-            raise ValueError(f"dst must be an external server address, not {dst!r}")
+        server = self._server_of(dst)
         srv = self.popen(server.name, ["iperf3", "-s", "-1", "-B", dst, "-p", str(port)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             self.call(server.name, traffic.wait_listening, port, 10.0, timeout=15)
-            argv = ["iperf3", "-c", dst, "-p", str(port), "-t", str(seconds), "-P", str(int(streams)), "--json"]
-            out = self.run(pod, argv, timeout=seconds + 20, check=False)
-            result = json.loads(out.stdout)
-            if "error" in result:
-                raise RuntimeError(f"iperf3 from {pod} to {dst}: {result['error']}")
-            return result["end"]["sum_received"]["bits_per_second"] / 1e9
+            yield srv
         finally:
             try:
                 srv.wait(5)
@@ -563,15 +569,31 @@ class Lab:
                 srv.wait()
             self._state.processes.remove(srv)
 
+    def iperf3_client(self, pod, dst, args, seconds, port=5201):
+        """The client half of iperf3_json (a server must listen on `dst`): the parsed --json result."""
+        argv = ["iperf3", "-c", dst, "-p", str(port), *map(str, args), "--json"]
+        out = self.run(pod, argv, timeout=seconds + 20, check=False)
+        try:
+            result = json.loads(out.stdout)
+        except ValueError:
+            raise RuntimeError(f"iperf3 from {pod} to {dst} gave no JSON: {out.stderr.strip()[:200]}") from None
+        if "error" in result:
+            raise RuntimeError(f"iperf3 from {pod} to {dst}: {result['error']}")
+        return result
+
+    def _server_of(self, dst):
+        server = next((s for s in self.servers.values() if dst in s.addresses), None)
+        if server is None:
+            raise ValueError(f"dst must be an external server address, not {dst!r}")
+        return server
+
     def udp_rate(self, pod, dst, seconds=2.0, size=18, port=9000, max_packets=5_000_000):
         """Flood small UDP datagrams from `pod` to the server address `dst` for `seconds`.
 
         Returns {'sent', 'received', 'seconds', 'rx_pps'}: rx_pps is what the
         server received per second between its first and last datagram.
         """
-        server = next((s for s in self.servers.values() if dst in s.addresses), None)
-        if server is None:
-            raise ValueError(f"dst must be an external server address, not {dst!r}")
+        server = self._server_of(dst)
         parent, child = _ns._fork.Pipe()
         proc = _ns.spawn(server.ns, _count_into, child, dst, port, seconds + 5.0)
         child.close()

@@ -345,3 +345,51 @@ def udp_count(addr, port, seconds=10.0, idle=0.5, ready=None):
             if first is None:
                 first = last
     return n, (last - first) if n > 1 else 0.0
+
+
+# -- measuring (peer generators and counters for the lab benchmarks) ------------------
+def udp_frame(src_mac, dst_mac, src_ip, dst_ip, sport, dport, payload=18):
+    """One Ethernet + IPv4 + UDP frame (UDP checksum 0, IPv4 checksum set): what
+    trafgen repeats.  18 bytes of payload make a 64-byte frame with FCS."""
+    mac = lambda m: bytes.fromhex(m.replace(":", ""))  # noqa: E731
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + payload, 0, 0x4000, 64, 17, 0,
+                     socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
+    ip = ip[:10] + struct.pack("!H", _icmp_checksum(ip)) + ip[12:]
+    udp = struct.pack("!HHHH", sport, dport, 8 + payload, 0)
+    return mac(dst_mac) + mac(src_mac) + b"\x08\x00" + ip + udp + bytes(payload)
+
+
+def trafgen_config(frame):
+    """A trafgen packet configuration that sends `frame` over and over."""
+    return "{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n"
+
+
+def link_counters(ifname):
+    """(rx_packets, tx_packets, rx_bytes, tx_bytes, rx_dropped) of an interface of this namespace."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        link = ipr.get_links(ifname=ifname)[0]
+    st = link.get_attr("IFLA_STATS64")
+    return (st["rx_packets"], st["tx_packets"], st["rx_bytes"], st["tx_bytes"], st["rx_dropped"])
+
+
+def cpu_seconds():
+    """Machine CPU seconds spent so far in user, system and softirq, all CPUs (/proc/stat).
+
+    Not per namespace: whatever else runs on the machine is counted too.
+    """
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    user, _nice, system, _idle, _iowait, _irq, softirq = (int(v) for v in fields[1:8])
+    return (user + system + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def ping_times(output):
+    """Round-trip times in ms from iputils ping's per-reply lines (`time=0.123 ms`)."""
+    times = []
+    for line in output.splitlines():
+        at = line.find(" time=")
+        if at >= 0:
+            times.append(float(line[at + 6:].split()[0]))
+    return times

@@ -1,0 +1,285 @@
+"""The egress gateway path with peer traffic generators: the Linux kernel vs egresscore agents, same lab, one run.
+
+Path: app1 (node1) -> VXLAN -> node3 SNAT to the egress IP -> router ->
+203.0.113.10.  Each repetition measures the kernel baseline (vxlan + policy
+routing + nftables SNAT, egresscore/lab/kernel.py), then one `egresscore
+agent` process per node (default options), taking turns:
+- 64-byte UDP flood: trafgen (netsniff-ng) sends a bounded count of one
+  60-byte frame from app1's eth0; delivered = rx_packets of the server
+  namespace's eth0 (pyroute2), sent = app1's eth0 tx_packets, loss = sent -
+  delivered; rate = delivered / trafgen's run time; CPU = machine user +
+  system + softirq seconds of all CPUs (/proc/stat) over the run, per
+  million delivered packets;
+- iperf3 TCP, 1 and 4 streams: received Gbit/s and machine CPU seconds per
+  received GB;
+- ping (iputils): median and p99 of per-reply round trips at 10 ms interval;
+- paced UDP: iperf3 -u at RATE packets/s of 18-byte payloads (64-byte frames)
+  for SECONDS; loss = app1's eth0 tx - the server's eth0 rx (the datapath's
+  loss), and iperf3's own receiver count beside it (which also counts the
+  drops at the iperf3 server's socket).  iperf3 sleeps between its paced
+  bursts; trafgen -b busy-waits and takes a whole core of this 2-core
+  machine away from the datapath under test, so it is not used for pacing.
+Median of the repetitions.  Every load is bounded in packets and seconds and
+stays inside the lab's namespaces.  /proc/stat counts the whole machine:
+other work running meanwhile is counted too (the load average is printed).
+
+Needs root and trafgen, iperf3, ping, nft (Debian: netsniff-ng iperf3
+iputils-ping nftables); says which package is missing and exits 2 otherwise.
+    python benchmarks/compare_agent_peers.py [--quick] [--reps N] [--json FILE]
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # this checkout's egresscore
+
+# tool -> the Debian package that provides it
+TOOLS = {"trafgen": "netsniff-ng", "iperf3": "iperf3", "ping": "iputils-ping", "nft": "nftables"}
+POD, SERVER, DST = "app1", "ext1", "203.0.113.10"
+FLOOD_SPORT, FLOOD_DPORT = 40000, 9
+PAYLOAD = 18  # bytes of UDP payload: 64-byte frames with FCS
+SIDES = ("kernel", "egresscore")
+LAST = {}  # the last run's raw figures
+
+# (key, label, format, lower is better)
+METRICS = (
+    ("flood_kpps", "64-byte UDP flood (trafgen): delivered kpps", "{:,.1f}", False),
+    ("flood_loss_pct", "64-byte UDP flood: loss (sent - delivered) %", "{:.1f}", True),
+    ("flood_cpu_per_mpkt", "64-byte UDP flood: machine CPU s per M delivered", "{:.2f}", True),
+    ("tcp1_gbps", "iperf3 TCP 1 stream: Gbit/s", "{:.2f}", False),
+    ("tcp1_cpu_per_gb", "iperf3 TCP 1 stream: machine CPU s per GB", "{:.2f}", True),
+    ("tcp4_gbps", "iperf3 TCP 4 streams: Gbit/s", "{:.2f}", False),
+    ("tcp4_cpu_per_gb", "iperf3 TCP 4 streams: machine CPU s per GB", "{:.2f}", True),
+    ("ping_median_ms", "ping RTT median (ms)", "{:.3f}", True),
+    ("ping_p99_ms", "ping RTT p99 (ms)", "{:.3f}", True),
+    ("ping_lost", "ping replies missing", "{:.0f}", True),
+    ("iperf3u_sent_kpps", "paced UDP (iperf3 -u): sent kpps", "{:,.1f}", False),
+    ("iperf3u_lost_if", "paced UDP (iperf3 -u): lost packets (sent - delivered, interface counters)", "{:,.0f}",
+     True),
+    ("iperf3u_loss_if_pct", "paced UDP (iperf3 -u): loss % (interface counters)", "{:.3f}", True),
+    ("iperf3u_loss_pct", "paced UDP (iperf3 -u): loss % seen by iperf3 (its socket drops too)", "{:.3f}", True),
+)
+
+
+def missing_tools():
+    """{tool: Debian package} for every tool this benchmark needs and cannot find."""
+    return {tool: pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None}
+
+
+def skip_reason():
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    missing = missing_tools()
+    if missing:
+        return (f"missing {', '.join(sorted(missing))}: apt-get install "
+                f"{' '.join(sorted(set(missing.values())))}")
+    return None
+
+
+def machine():
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "load_average": os.getloadavg()[0]}
+
+
+def _counters(lab):
+    from egresscore.lab import traffic
+
+    return lab.call(POD, traffic.link_counters, "eth0"), lab.call(SERVER, traffic.link_counters, "eth0")
+
+
+def flood(lab, count, seconds, pps=None, key="flood"):
+    """trafgen sends `count` 64-byte frames (at most `seconds`; paced at `pps` if given);
+    delivery counted at the server's eth0."""
+    from egresscore.lab import traffic
+
+    pod = lab.pods[POD]
+    frame = traffic.udp_frame(pod.mac, pod.host_mac, pod.ip, DST, FLOOD_SPORT, FLOOD_DPORT, PAYLOAD)
+    with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="egc-bench-trafgen-") as cfg:
+        cfg.write(traffic.trafgen_config(frame))
+        cfg.flush()
+        argv = ["timeout", str(seconds), "trafgen", "-o", pod.ifname, "-i", cfg.name, "-n", str(count),
+                "-P", "1", "--no-sock-mem", "--notouch-irq"] + (["-b", f"{pps}pps"] if pps else [])
+        (tx0, rx0), cpu0, t0 = _counters(lab), traffic.cpu_seconds(), time.perf_counter()
+        out = lab.run(POD, argv, timeout=seconds + 10, check=False)
+        elapsed = time.perf_counter() - t0
+        time.sleep(0.3)  # frames still in flight through the agents
+        cpu, (tx1, rx1) = traffic.cpu_seconds() - cpu0, _counters(lab)
+    if out.returncode not in (0, 124):  # 124: stopped by timeout, still bounded
+        raise RuntimeError(f"trafgen failed ({out.returncode}): {out.stderr.strip()[-300:]}")
+    sent, delivered = tx1[1] - tx0[1], rx1[0] - rx0[0]
+    return {f"{key}_sent": sent, f"{key}_delivered": delivered, f"{key}_lost": sent - delivered,
+            f"{key}_seconds": elapsed, f"{key}_cpu_seconds": cpu, f"{key}_kpps": delivered / elapsed / 1e3,
+            f"{key}_sent_kpps": sent / elapsed / 1e3,
+            f"{key}_loss_pct": 100.0 * (sent - delivered) / sent if sent else float("nan"),
+            f"{key}_cpu_per_mpkt": cpu / delivered * 1e6 if delivered else float("nan")}
+
+
+def tcp(lab, streams, seconds, key):
+    """iperf3 TCP: received Gbit/s and machine CPU seconds per received GB."""
+    from egresscore.lab import traffic
+
+    with lab.iperf3_server(DST):
+        cpu0 = traffic.cpu_seconds()
+        res = lab.iperf3_client(POD, DST, ["-t", seconds, "-P", streams], seconds)
+        cpu = traffic.cpu_seconds() - cpu0
+    got = res["end"]["sum_received"]
+    return {f"{key}_gbps": got["bits_per_second"] / 1e9, f"{key}_bytes": got["bytes"],
+            f"{key}_cpu_seconds": cpu, f"{key}_cpu_per_gb": cpu / (got["bytes"] / 1e9)}
+
+
+def ping(lab, count):
+    """iputils ping at 10 ms: median and p99 of the per-reply round trips (ms)."""
+    from egresscore.lab import traffic
+
+    out = lab.run(POD, ["ping", "-n", "-i", "0.01", "-W", "1", "-c", str(count), DST],
+                  timeout=count * 0.01 + 30, check=False)
+    times = traffic.ping_times(out.stdout)
+    if len(times) < 2:
+        raise RuntimeError(f"ping from {POD} to {DST}: {len(times)} replies ({out.stderr.strip()[-200:]})")
+    return {"ping_count": count, "ping_replies": len(times), "ping_lost": count - len(times),
+            "ping_median_ms": statistics.median(times), "ping_p99_ms": statistics.quantiles(times, n=100)[98],
+            "ping_max_ms": max(times)}
+
+
+def paced_iperf3(lab, pps, seconds):
+    """iperf3 UDP paced at `pps` 18-byte datagrams/s for `seconds`: loss by iperf3's receiver
+    (its own socket drops included) and by the interface counters."""
+    (tx0, rx0) = _counters(lab)
+    res = lab.iperf3_json(POD, DST, ["-u", "-l", PAYLOAD, "-b", pps * PAYLOAD * 8, "-t", seconds, "-w", "4M"],
+                          seconds)
+    time.sleep(0.3)
+    (tx1, rx1) = _counters(lab)
+    s = res["end"]["sum"]
+    packets, lost = s["packets"], s["lost_packets"]
+    return {"iperf3u_packets": packets, "iperf3u_lost": lost,
+            "iperf3u_loss_pct": 100.0 * lost / packets if packets else float("nan"),
+            "iperf3u_sent_kpps": packets / s["seconds"] / 1e3,
+            "iperf3u_lost_if": (tx1[1] - tx0[1]) - (rx1[0] - rx0[0]),
+            "iperf3u_loss_if_pct": 100.0 * ((tx1[1] - tx0[1]) - (rx1[0] - rx0[0])) / max(1, tx1[1] - tx0[1])}
+
+
+def measure(lab, p):
+    out = {}
+    out.update(flood(lab, p["flood_packets"], p["flood_seconds"]))
+    out.update(tcp(lab, 1, p["tcp_seconds"], "tcp1"))
+    out.update(tcp(lab, 4, p["tcp_seconds"], "tcp4"))
+    out.update(ping(lab, p["ping_count"]))
+    out.update(paced_iperf3(lab, p["paced_pps"], p["paced_seconds"]))
+    return out
+
+
+def params(quick, reps=None):
+    if quick:
+        p = dict(reps=1, flood_packets=300_000, flood_seconds=10, tcp_seconds=2, ping_count=200,
+                 paced_pps=100_000, paced_seconds=3)
+    else:
+        p = dict(reps=3, flood_packets=2_000_000, flood_seconds=30, tcp_seconds=5, ping_count=1000,
+                 paced_pps=100_000, paced_seconds=10)
+    if reps:
+        p["reps"] = reps
+    return p
+
+
+def collect(p):
+    """Run the repetitions; {side: [figures of each repetition]}."""
+    from egresscore.demo import SAMPLE, start_agents
+    from egresscore.lab import Lab
+    from egresscore.lab.kernel import SAMPLE_POLICY
+
+    samples = {side: [] for side in SIDES}
+    with tempfile.TemporaryDirectory(prefix="egc-bench-") as tmp, Lab(datapath="kernel", tag="bpeers") as lab:
+        for rep in range(p["reps"]):
+            if rep:
+                lab.install_kernel_egress([SAMPLE_POLICY])  # masquerade included
+            lab.ping(POD, DST, count=1)  # neighbours resolved
+            samples["kernel"].append(measure(lab, p))
+            lab.remove_kernel_egress()
+            lab.set_masquerade(False)
+            _, agents = start_agents(lab, SAMPLE, tmp)
+            try:
+                lab.ping(POD, DST, count=1)
+                samples["egresscore"].append(measure(lab, p))
+            finally:
+                for a in agents.values():
+                    a.stop()
+    return samples
+
+
+def table(samples, p, m):
+    med = {side: {k: statistics.median(s[k] for s in samples[side]) for k in samples[side][0]} for side in SIDES}
+    lines = [
+        "### Egress gateway path with peer generators: Linux kernel vs egresscore (same lab, one run)",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}; "
+        f"load average {m['load_average']:.1f} at start. Path app1 (node1) -> VXLAN -> node3 SNAT -> "
+        f"{DST}. Median of {p['reps']} repetition(s), kernel and egresscore taking turns. "
+        f"Flood: trafgen, {p['flood_packets']:,} frames of 64 bytes (at most {p['flood_seconds']} s), "
+        f"delivery counted at the server's eth0. TCP: iperf3 {p['tcp_seconds']} s. Ping: "
+        f"{p['ping_count']} at 10 ms. Paced UDP: iperf3 -u, {p['paced_pps']:,} pkt/s of {PAYLOAD}-byte "
+        f"payloads for {p['paced_seconds']} s. CPU: machine user + system + softirq (/proc/stat), all CPUs.",
+        "",
+        "| metric | Linux kernel | egresscore | egresscore / kernel |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, label, fmt, lower in METRICS:
+        k, e = med["kernel"][key], med["egresscore"][key]
+        ratio = f"{e / k:.2f}" if k and "los" not in key else "n/a"  # no ratio of losses
+        lines.append(f"| {label}{' (lower is better)' if lower else ''} | {fmt.format(k)} | {fmt.format(e)} | "
+                     f"{ratio} |")
+    return "\n".join(lines) + "\n", med
+
+
+def run(quick: bool = False, reps=None, json_path=None) -> str:
+    reason = skip_reason()
+    if reason:
+        return f"### Egress gateway path with peer generators\n\nskipped: {reason}\n"
+    p = params(quick, reps)
+    m = machine()
+    samples = collect(p)
+    text, med = table(samples, p, m)
+    LAST.clear()
+    LAST.update(machine=m, params=p, samples=samples, medians=med)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(LAST, f, indent=1)
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one short repetition of each measurement")
+    parser.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
+    parser.add_argument("--json", metavar="FILE", default="agent_peers.json", help="raw figures (default %(default)s)")
+    args = parser.parse_args(argv)
+    reason = skip_reason()
+    if reason:
+        print(f"compare_agent_peers: {reason}", file=sys.stderr)
+        return 2
+    if args.reps is not None and not 1 <= args.reps <= 20:
+        parser.error("--reps must be 1..20")
+    try:
+        print(run(quick=args.quick, reps=args.reps, json_path=args.json))
+    except subprocess.TimeoutExpired as e:
+        print(f"compare_agent_peers: a bounded run overran: {e}", file=sys.stderr)
+        return 1
+    print(f"raw figures: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
