@@ -40,9 +40,7 @@ def test_egress_list_as_seen_from_a_source_node_and_as_json(capsys):
     ]
 
 
-def test_egress_list_sorted_not_found_and_bad_policy_alone(capsys, tmp_path):
-    policies = tmp_path / "p.yaml"
-    policies.write_text(open(SAMPLE).read() + """
+NOWHERE = """
 ---
 apiVersion: cilium.io/v2
 kind: CiliumEgressGatewayPolicy
@@ -51,18 +49,14 @@ spec:
   selectors: [{podSelector: {}}]
   destinationCIDRs: ["198.51.100.0/24"]
   egressGateway: {nodeSelector: {matchLabels: {role: none}}}
----
-apiVersion: cilium.io/v2
-kind: CiliumEgressGatewayPolicy
-metadata: {name: broken}
-spec:
-  selectors: [{podSelector: {}}]
-  destinationCIDRs: ["198.51.100.0/24"]
-  egressGateway: {nodeSelector: {}, interface: eth1, egressIP: 192.168.1.100}
-""")
+"""
+
+
+def test_egress_list_sorted_and_not_found(capsys, tmp_path):
+    policies = tmp_path / "p.yaml"
+    policies.write_text(open(SAMPLE).read() + NOWHERE)
     code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", str(policies))
-    assert code == 1  # a policy was rejected; the others are listed
-    assert "policy 'broken': spec.egressGateway: can't specify both an interface and an egress IP" in err
+    assert code == 0
     assert "policy 'nowhere': no node matches" in err
     lines = out.splitlines()
     assert lines[1:] == [
@@ -73,10 +67,29 @@ spec:
     ]
 
 
+def test_egress_list_rejects_the_whole_set_for_one_bad_document(capsys, tmp_path):
+    """As the agent would: nothing is listed, one line says which document and field."""
+    policies = tmp_path / "p.yaml"
+    policies.write_text(open(SAMPLE).read() + NOWHERE + """
+---
+apiVersion: cilium.io/v2
+kind: CiliumEgressGatewayPolicy
+metadata: {name: broken}
+spec:
+  selectors: [{podSelector: {}}]
+  destinationCIDRs: ["198.51.100.0/24"]
+  egressGateway: {nodeSelector: {}, interface: eth1, egressIP: 192.168.1.100}
+""")
+    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", str(policies))
+    assert (code, out) == (1, "")
+    assert err == (f"egresscore: error: {policies}: document 3 (line 35): policy 'broken': spec.egressGateway: "
+                   "can't specify both an interface and an egress IP\n")
+
+
 def test_no_entries_and_unknown_node(capsys, tmp_path):
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("# nothing\n")
-    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", str(empty))
+    folder = tmp_path / "policies"
+    folder.mkdir()  # an empty folder: no policies (a file removed from a folder removes its policies)
+    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", str(folder))
     assert (code, out, err) == (0, "", "No entries found.\n")
     code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", SAMPLE, "--node", "node9")
     assert code == 1 and "no node 'node9'" in err and "node1, node2, node3" in err
@@ -109,7 +122,7 @@ def test_usage_errors_exit_2(capsys):
 @pytest.mark.parametrize(
     "cluster_text, message",
     [
-        (None, "cannot read"),
+        (None, "cluster.yaml: no such file"),
         ("nodes: [{name: a, internalIP: 1.2.3}]", "'1.2.3' is not an IP address"),
         ("nodes: [", "invalid YAML"),
     ],
