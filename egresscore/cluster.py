@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import yaml
 
-from .files import InputFileError, load_yaml, read_input_file
+from .files import InputFileError, load_yaml, read_input_file, yaml_line_of
 from .policy import NAMESPACE_LABEL_PREFIX, POD_NAMESPACE_LABEL
 
 __all__ = ["Interface", "Node", "Namespace", "Pod", "Cluster", "ClusterError", "load_cluster"]
@@ -411,32 +410,6 @@ def _name(obj, where):
     return name
 
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_STEP_RE = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-
-
-def _line_of(text, field):
-    """The line of `field` ("nodes[1].name") in the YAML `text`, or None."""
-    try:
-        node = yaml.compose(text, Loader=_Loader)
-    except (yaml.YAMLError, RecursionError):
-        return None
-    line = None
-    for key, index in _STEP_RE.findall(field or ""):
-        if index:
-            if not isinstance(node, yaml.SequenceNode) or int(index) >= len(node.value):
-                break
-            node = node.value[int(index)]
-        else:
-            if not isinstance(node, yaml.MappingNode):
-                break
-            node = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
-            if node is None:
-                break
-        line = node.start_mark.line + 1
-    return line
-
-
 def load_cluster(path) -> Cluster:
     """Read a YAML cluster file (a regular file of at most
     egresscore.files.MAX_INPUT_BYTES); ClusterError (a ValueError) names the
@@ -460,7 +433,7 @@ def load_cluster(path) -> Cluster:
         return Cluster.from_dict(data, path)
     except ClusterError as exc:
         if exc.field and exc.line is None:
-            exc.line = _line_of(text, exc.field)
+            exc.line = yaml_line_of(text, exc.field)
         raise
     except (TypeError, AttributeError) as exc:  # defensive: odd shapes
         raise ClusterError(str(exc), file=path) from None

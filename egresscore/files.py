@@ -11,13 +11,15 @@ the agent or the CLI.
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import yaml
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-__all__ = ["MAX_INPUT_BYTES", "MAX_YAML_DEPTH", "InputFileError", "read_input_file", "load_yaml"]
+__all__ = ["MAX_INPUT_BYTES", "MAX_YAML_DEPTH", "InputFileError", "read_input_file", "load_yaml",
+           "yaml_line_of"]
 
 MAX_INPUT_BYTES = 4 << 20  # per file: about 10,000 policies; a real one is a few hundred bytes
 MAX_YAML_DEPTH = 64        # nested sequences/mappings; a policy needs 7
@@ -106,3 +108,30 @@ def load_yaml(text, max_depth=MAX_YAML_DEPTH):
         elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
             depth -= 1
     return yaml.load(text, Loader=_Loader)
+
+
+_STEP_RE = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def yaml_line_of(text, field):
+    """The line (from 1) of `field` ("nodes[1].name", "spec.destinationCIDRs[0]")
+    in the YAML `text`, or of the deepest part of it found; None if none is.
+    For error messages only: `text` must have passed load_yaml (depth)."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except (yaml.YAMLError, RecursionError):
+        return None
+    line = None
+    for key, index in _STEP_RE.findall(field or ""):
+        if index:
+            if not isinstance(node, yaml.SequenceNode) or int(index) >= len(node.value):
+                break
+            node = node.value[int(index)]
+        else:
+            if not isinstance(node, yaml.MappingNode):
+                break
+            node = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+            if node is None:
+                break
+        line = node.start_mark.line + 1
+    return line

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import yaml
 
-from .files import InputFileError, load_yaml, read_input_file
+from .files import InputFileError, load_yaml, read_input_file, yaml_line_of
 
 __all__ = [
     "API_VERSION",
@@ -64,7 +64,11 @@ _DOC_SPLIT_RE = re.compile(r"^---(?:[ \t].*)?$", re.MULTILINE)
 
 
 class PolicyError(ValueError):
-    """A rejected policy document: where it is and what is wrong with it."""
+    """A rejected policy document: where it is and what is wrong with it.
+
+    file, document (from 1), line (of the bad field when it is found, else
+    the document's first line), policy (its name) and path (the field,
+    "spec.destinationCIDRs[0]")."""
 
     def __init__(self, message, *, file=None, document=None, line=None, policy=None, path=None):
         self.message = message
@@ -560,19 +564,22 @@ def load_policies(*paths) -> LoadResult:
                 if doc is None:
                     continue
                 number += 1
-                items = [doc]
+                items, listed = [doc], False
                 if isinstance(doc, Mapping) and doc.get("kind") in LIST_KINDS:
-                    items = doc.get("items")
+                    items, listed = doc.get("items"), True
                     if not isinstance(items, list):
                         errors.append(PolicyError(f"must be a list, not {_kind_of(items)}", file=file,
                                                   document=number, line=line, path="items"))
                         continue
-                for item in items:
+                for i, item in enumerate(items):
                     source = f"{file}: document {number}"
                     try:
                         policy, warns = parse_policy(item, source=source)
                     except PolicyError as exc:
-                        exc.file, exc.document, exc.line = file, number, line
+                        # the line of the bad field, else the document's first line
+                        field = f"items[{i}].{exc.path or ''}" if listed else exc.path
+                        at = yaml_line_of(chunk, field) if field else None
+                        exc.file, exc.document, exc.line = file, number, line + at - 1 if at else line
                         errors.append(exc)
                         continue
                     for w in warns:
