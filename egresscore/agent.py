@@ -53,10 +53,21 @@ Observability (all off by default; egresscore.flowlog, .metrics, .control):
   `egresscore nat list`, `egresscore egress list --node`, `egresscore stats`.
 stats() is the one counters dict behind all three.
 
+Inputs (egresscore.inputs): start, set_policies, reload and SIGHUP load the
+cluster and policy files through one path, all or nothing.  A bad file at
+start is an error and the agent does not start; on reload or set_policies the
+policies and cluster in force keep working, one line on stderr says why, and
+stats()["reloads"] counts accepted and rejected reloads (with the time and
+error of the last rejection; metrics egresscore_config_reloads_total{result}).
+reload() and set_policies() raise InputError; SIGHUP only logs and counts.
+A cluster file may not drop this agent's node nor change its IP.
+
 Thread model: the datapath and the NAT table have one writer, the thread in
 run()/step().  Control changes (set_policies, reload, upsert_pod, ...) may come
 from any thread: they are queued and applied by the loop thread between
-batches (directly when no loop runs).
+batches (directly when no loop runs).  Files are read and parsed on the
+calling thread (for SIGHUP, a short-lived reload thread; with step() and no
+run(), on the thread calling step()), never by the loop thread of run().
 """
 import os
 import queue

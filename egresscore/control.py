@@ -44,6 +44,7 @@ MAX_REQUEST = 64 * 1024   # bytes per request line
 MAX_DEPTH = 32            # nesting of arrays/objects in a request
 MAX_CONNECTIONS = 16      # open at once; one more is answered with an error and closed
 IDLE_TIMEOUT = 30.0       # seconds without a byte from a client (no request running): closed
+LINGER = 1.0              # seconds a connection answered with a final error may still send
 
 
 class ControlError(Exception):
@@ -102,7 +103,7 @@ _BRACKETS_RE = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]')  # a string (skipped)
 class _Conn:
     """One client connection's buffers and state, owned by the selector thread."""
 
-    __slots__ = ("sock", "inbuf", "outbuf", "busy", "closing", "eof", "last", "events")
+    __slots__ = ("sock", "inbuf", "outbuf", "busy", "closing", "eof", "last", "events", "linger", "refused")
 
     def __init__(self, sock, now):
         self.sock = sock
@@ -113,6 +114,8 @@ class _Conn:
         self.eof = False       # the peer closed its side
         self.last = now
         self.events = 0        # what the selector waits for on it (0: not registered)
+        self.linger = None     # closing, reply sent: close at this time (or at the peer's EOF)
+        self.refused = False   # answered with an error at accept (uid, too many connections)
 
 
 class ControlServer:
@@ -142,7 +145,7 @@ class ControlServer:
         self._done = queue.SimpleQueue()  # (conn, reply) from the pool to the selector thread
         self._wake_r = self._wake_w = None
         self.refused = 0   # connections refused: not an allowed uid
-        self.busy = 0      # connections refused: max_connections open
+        self.refused_busy = 0   # connections refused: max_connections open
         self._busy_logged = False
 
     def start(self):
@@ -217,17 +220,23 @@ class ControlServer:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                idle = [c for c in conns if not c.busy and now - c.last >= self.idle_timeout]
-                for c in idle:
-                    self._close(sel, conns, c)
-                deadline = min((c.last + self.idle_timeout for c in conns if not c.busy), default=now + 1.0)
+                deadlines = {c: c.linger if c.linger is not None else c.last + self.idle_timeout
+                             for c in conns if not c.busy}
+                for c, t in deadlines.items():
+                    if now >= t:
+                        self._close(sel, conns, c)
+                deadline = min((t for t in deadlines.values() if t > now), default=now + 1.0)
                 for key, events in sel.select(max(0.0, min(deadline - now, 1.0))):
                     if key.fileobj is self._sock:
                         self._accept(sel, conns)
                     elif key.fileobj is self._wake_r:
                         self._drain_wake()
                     else:
-                        self._io(sel, conns, key.data, events)
+                        try:
+                            self._io(sel, conns, key.data, events)
+                        except Exception:  # a bug must cost one connection, not the server
+                            log.exception("control socket: closing a connection after an error")
+                            self._close(sel, conns, key.data)
                 while True:
                     try:
                         conn, reply = self._done.get_nowait()
@@ -263,31 +272,31 @@ class ControlServer:
             except OSError:
                 sock.close()
                 continue
+            conn = _Conn(sock, time.monotonic())
+            refused = sum(c.refused for c in conns)
             if uid not in self.allow_uids:
                 self.refused += 1
                 log.warning("control socket: refused a connection from uid %d", uid)
-                self._send_and_close(sock, {"ok": False, "error": f"permission denied for uid {uid}"})
-                continue
-            if len(conns) >= self.max_connections:
-                self.busy += 1
+                error = f"permission denied for uid {uid}"
+            elif len(conns) - refused >= self.max_connections:
+                self.refused_busy += 1
                 if not self._busy_logged:   # once per time at the cap, not once per connection
                     self._busy_logged = True
                     log.warning("control socket: %d connections open (the most allowed), refusing more",
-                                len(conns))
-                self._send_and_close(sock, {"ok": False, "error": f"too many connections "
-                                                                   f"(at most {self.max_connections} open)"})
+                                len(conns) - refused)
+                error = f"too many connections (at most {self.max_connections} open)"
+            else:
+                conns.add(conn)
+                self._want(sel, conn, selectors.EVENT_READ)
                 continue
-            conn = _Conn(sock, time.monotonic())
+            if refused >= self.max_connections:     # a flood: no lingering for these
+                sock.close()
+                continue
+            # answer, then linger briefly so that the client's request does not meet a closed socket
+            conn.refused = conn.closing = True
+            self._queue_reply(conn, {"ok": False, "error": error})
             conns.add(conn)
-            self._want(sel, conn, selectors.EVENT_READ)
-
-    @staticmethod
-    def _send_and_close(sock, doc):
-        try:
-            sock.send(_encode(doc))   # one short line into an empty socket buffer: never blocks
-        except OSError:
-            pass
-        sock.close()
+            self._advance(sel, conns, conn)
 
     def _io(self, sel, conns, conn, events):
         conn.last = time.monotonic()
@@ -300,7 +309,7 @@ class ControlServer:
                 self._close(sel, conns, conn)
                 return
             del conn.outbuf[:n]
-        if events & selectors.EVENT_READ and not conn.busy and not conn.closing:
+        if events & selectors.EVENT_READ and not conn.busy:
             try:
                 chunk = conn.sock.recv(65536)
             except (BlockingIOError, InterruptedError):
@@ -310,7 +319,7 @@ class ControlServer:
                 return
             if chunk == b"":
                 conn.eof = True
-            elif chunk:
+            elif chunk and not conn.closing:    # a closing one's input is read and dropped
                 conn.inbuf += chunk
         self._advance(sel, conns, conn)
 
@@ -334,11 +343,16 @@ class ControlServer:
         if conn.eof and not conn.busy and not conn.outbuf:
             self._close(sel, conns, conn)
             return
-        if conn.closing and not conn.outbuf:
-            self._close(sel, conns, conn)
-            return
+        if conn.closing and not conn.outbuf and conn.linger is None:
+            # the error is sent: no more from us; read the peer's rest until it closes (or LINGER)
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._close(sel, conns, conn)
+                return
+            conn.linger = time.monotonic() + LINGER
         events = selectors.EVENT_WRITE if conn.outbuf else 0
-        if not conn.busy and not conn.closing and not conn.eof:
+        if not conn.busy and not conn.eof:
             events |= selectors.EVENT_READ
         self._want(sel, conn, events)
 
@@ -452,6 +466,8 @@ class ControlClient:
                 buf += chunk
         except socket.timeout:
             raise ControlError(f"the agent at {self.path} did not answer in {self.timeout:g} s") from None
+        except OSError as exc:
+            raise ControlError(f"lost the connection to {self.path}: {exc.strerror or exc}") from None
         finally:
             sock.close()
         if not buf:

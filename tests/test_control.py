@@ -227,7 +227,9 @@ def test_connection_cap_and_no_thread_per_connection(tmp_path, agent_state):
         assert threading.active_count() == threads  # idle connections cost no thread
         s5, f5 = _raw(path)
         assert json.loads(f5.readline()) == {"ok": False, "error": "too many connections (at most 4 open)"}
-        assert _closed(s5) and srv.busy == 1
+        assert _closed(s5) and srv.refused_busy == 1
+        with pytest.raises(ControlError, match=r"too many connections \(at most 4 open\)"):
+            ControlClient(path).call("ping")        # the CLI's client says why
         gone, gone_f = idle.pop()
         gone_f.close()
         gone.close()
