@@ -498,12 +498,13 @@ def _split_documents(text):
     """(first line number, text) of each YAML document, so one bad one stays alone."""
     starts = [0] + [m.start() for m in _DOC_SPLIT_RE.finditer(text)]
     out = []
+    line = 1
     for i, start in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else len(text)
         chunk = text[start:end]
-        if start == 0 and not chunk.strip():
-            continue
-        out.append((text.count("\n", 0, start) + 1, chunk))
+        if not (start == 0 and not chunk.strip()):
+            out.append((line, chunk))
+        line += chunk.count("\n")  # counted chunk by chunk: linear in the file's size
     return out
 
 
