@@ -543,10 +543,6 @@ class Agent:
             try:
                 paths, objs = self._policies_from(policies)
                 new = load_inputs(policies=paths).policies if paths is not None else objs
-            except InputError as exc:
-                self._rejected("set_policies", exc)
-                raise
-            try:
                 n = self._submit(self._set_policies, new)
             except Exception as exc:
                 self._rejected("set_policies", exc)
@@ -576,10 +572,6 @@ class Agent:
                 loaded = load_inputs(self._cluster_path, self._policy_paths)
                 if loaded.cluster is not None:
                     self._check_own_node(loaded.cluster)
-            except InputError as exc:
-                self._rejected("reload", exc)
-                raise
-            try:
                 self._submit(self._apply_inputs, loaded)
             except Exception as exc:
                 self._rejected("reload", exc)
@@ -645,9 +637,7 @@ class Agent:
         """SIGHUP: reload, and only log and count the outcome (the agent stays up)."""
         try:
             loaded = self.reload()
-        except InputError:
-            return  # logged and counted by reload()
-        except Exception:  # noqa: BLE001 - already counted; never take the agent down
+        except Exception:  # noqa: BLE001 - logged and counted by reload(); never take the agent down
             return
         n = "unchanged" if loaded.policies is None else len(loaded.policies)
         print(f"egresscore agent {self.node}: reloaded (SIGHUP): policies {n}, "
@@ -710,6 +700,7 @@ class Agent:
             self._reload.clear()
             if self._loop_thread is None:
                 self._reload_on_signal()  # step() driven by the caller: no loop to hand the result to
+                self._changed = True
             else:
                 # files are read and parsed off the datapath thread; the loop applies the result
                 self._reload_thread = threading.Thread(target=self._reload_on_signal, daemon=True,

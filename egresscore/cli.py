@@ -36,7 +36,8 @@ def _warn(message):
 
 def _add_input_options(parser, *, node_required, files_required=True):
     parser.add_argument("--cluster", required=files_required, metavar="FILE",
-                        help="YAML cluster file: nodes, namespaces, pods (see examples/cluster.yaml)")
+                        help="YAML cluster file: nodes, namespaces, pods (see examples/cluster.yaml); a "
+                             f"regular file of at most {MAX_INPUT_BYTES >> 20} MiB")
     parser.add_argument("--policies", required=files_required, action="extend", nargs="+", metavar="PATH",
                         help="CiliumEgressGatewayPolicy YAML file(s) or folder(s); may be repeated.  "
                              f"Regular files of at most {MAX_INPUT_BYTES >> 20} MiB each; one bad file or "
