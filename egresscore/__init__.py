@@ -50,6 +50,7 @@ from ._bpf import bpf_all, bpf_any, bpf_compile, bpf_dst, bpf_not_outgoing, bpf_
 from .cluster import Cluster, ClusterError, Interface, Namespace, Node, Pod, load_cluster
 from .compiler import Compiler, Conflict, Problem, Target
 from .control import ControlClient, ControlError, ControlServer, default_socket_path
+from .inputs import InputError, load_inputs
 from .flowlog import CallbackSink, Enricher, FlowLogger, JsonLinesSink, records_to_dicts
 from .agent import Agent, AgentError
 from .policy import EgressPolicy, LabelSelector, PolicyError, load_policies, parse_policy
@@ -78,6 +79,7 @@ __all__ = [
     # fused datapath and agent
     "Datapath", "Agent", "AgentError",
     # control plane
+    "load_inputs", "InputError",
     "load_policies", "parse_policy", "EgressPolicy", "LabelSelector", "PolicyError",
     "Cluster", "Node", "Namespace", "Pod", "Interface", "load_cluster", "ClusterError",
     "Compiler", "Target", "Conflict", "Problem",

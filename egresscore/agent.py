@@ -53,10 +53,21 @@ Observability (all off by default; egresscore.flowlog, .metrics, .control):
   `egresscore nat list`, `egresscore egress list --node`, `egresscore stats`.
 stats() is the one counters dict behind all three.
 
+Inputs (egresscore.inputs): start, set_policies, reload and SIGHUP load the
+cluster and policy files through one path, all or nothing.  A bad file at
+start is an error and the agent does not start; on reload or set_policies the
+policies and cluster in force keep working, one line on stderr says why, and
+stats()["reloads"] counts accepted and rejected reloads (with the time and
+error of the last rejection; metrics egresscore_config_reloads_total{result}).
+reload() and set_policies() raise InputError; SIGHUP only logs and counts.
+A cluster file may not drop this agent's node nor change its IP.
+
 Thread model: the datapath and the NAT table have one writer, the thread in
 run()/step().  Control changes (set_policies, reload, upsert_pod, ...) may come
 from any thread: they are queued and applied by the loop thread between
-batches (directly when no loop runs).
+batches (directly when no loop runs).  Files are read and parsed on the
+calling thread (for SIGHUP, a short-lived reload thread; with step() and no
+run(), on the thread calling step()), never by the loop thread of run().
 """
 import os
 import queue
@@ -70,11 +81,11 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ._core import Datapath, EgressMap, FlowLog, NatTable, PacketRing
-from .cluster import Cluster, Pod, load_cluster
+from .cluster import Cluster, ClusterError, Pod
 from .compiler import Compiler
 from .control import ControlServer, default_socket_path, inspection_handlers
 from .flowlog import CallbackSink, Enricher, FlowLogger, JsonLinesSink
-from .policy import load_policies
+from .inputs import InputError, check_policies, load_inputs
 from ._tunnel import TunnelDevice
 
 NFT_TABLE = "egresscore"
@@ -113,16 +124,18 @@ class Agent:
                  nat_timeouts=None,
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
                  metrics_port=None, metrics_addr="127.0.0.1", control_socket=None):
-        if isinstance(cluster, (str, os.PathLike)):
-            self._cluster_path = os.fspath(cluster)
-            cluster = load_cluster(cluster)
-        else:
-            self._cluster_path = None
+        # the one loading path (egresscore.inputs): a bad input is an error, the agent does not start
+        self._cluster_path = os.fspath(cluster) if isinstance(cluster, (str, os.PathLike)) else None
+        self._policy_paths, policies = self._policies_from(policies)
+        loaded = load_inputs(self._cluster_path, self._policy_paths)
+        if loaded.cluster is not None:
+            cluster = loaded.cluster
         if not isinstance(cluster, Cluster):
             raise TypeError(f"cluster must be a Cluster or a path, not {type(cluster).__name__}")
         if node not in cluster.nodes:
             raise ValueError(f"node {node!r} is not in the cluster (nodes: {', '.join(sorted(cluster.nodes))})")
-        self._policy_paths, policies = self._policies_from(policies)
+        if loaded.policies is not None:
+            policies = loaded.policies
         if nat_port_range[1] >= 65535:
             raise ValueError("nat_port_range must end at 65534 or below")
         lo, hi = kernel_port_range
@@ -158,7 +171,12 @@ class Agent:
         self._node_index = {}
         self._queue = queue.Queue()
         self._stop = threading.Event()
-        self._reload = threading.Event()
+        self._reload = threading.Event()  # SIGHUP: reload at the next loop iteration
+        self._reload_lock = threading.Lock()  # one reload / set_policies at a time
+        self._reload_thread = None
+        self._reloads = {"accepted": 0, "rejected": 0, "last_accepted_at": None,
+                         "last_rejected_at": None, "last_error": None}
+        self._reloads_lock = threading.Lock()  # guards _reloads (read by stats() from any thread)
         self._loop_thread = None
         self._closed = False
         self._installed_nft = False
@@ -297,6 +315,7 @@ class Agent:
             "nat": nat,
             "egress_map": {"entries": len(self.egress_map)},
             "rings": rings,
+            "reloads": self.reload_stats(),
         }
         if self.flow_logger is not None:
             out["flow_log"] = self.flow_logger.stats
@@ -315,16 +334,13 @@ class Agent:
 
     @staticmethod
     def _policies_from(policies):
+        """(paths, None) for file/folder paths, (None, checked EgressPolicy list) for objects."""
         if isinstance(policies, (str, os.PathLike)):
             policies = [policies]
         policies = list(policies)
         if policies and all(isinstance(p, (str, os.PathLike)) for p in policies):
-            paths = [os.fspath(p) for p in policies]
-            result = load_policies(*paths)
-            if result.errors:
-                raise ValueError("; ".join(str(e) for e in result.errors))
-            return paths, result.policies
-        return None, policies
+            return [os.fspath(p) for p in policies], None
+        return None, check_policies(policies)
 
     # -- cluster facts -> datapath ---------------------------------------------------
     def _sync_nodes(self):
@@ -518,12 +534,23 @@ class Agent:
             raise box["error"]
         return box.get("value")
 
+    # -- reloads: all or nothing (egresscore.inputs) ---------------------------------
     def set_policies(self, policies):
-        """Replace the policy set (EgressPolicy objects or paths); applied in place."""
-        paths, policies = self._policies_from(policies)
-        if paths is not None:
-            self._policy_paths = paths
-        return self._submit(self._set_policies, policies)
+        """Replace the policy set (EgressPolicy objects, or file/folder paths
+        that later reloads re-read); applied in place, all or nothing.  A bad
+        set raises InputError and changes nothing (counted in stats()["reloads"])."""
+        with self._reload_lock:
+            try:
+                paths, objs = self._policies_from(policies)
+                new = load_inputs(policies=paths).policies if paths is not None else objs
+                n = self._submit(self._set_policies, new)
+            except Exception as exc:
+                self._rejected("set_policies", exc)
+                raise
+            if paths is not None:
+                self._policy_paths = paths
+            self._accepted()
+            return n
 
     def _set_policies(self, policies):
         new = {p.name: p for p in policies}
@@ -535,12 +562,38 @@ class Agent:
         return len(new)
 
     def reload(self):
-        """Re-read the policy files (and the cluster file) given at start."""
-        return self._submit(self._do_reload)
+        """Re-read the cluster file and the policy files given at start, all
+        or nothing (rules in egresscore.inputs).  The files are read on the
+        calling thread, the result applied by the loop between batches.  A bad
+        input raises InputError and changes nothing: the policies and cluster
+        in force keep working (counted in stats()["reloads"])."""
+        with self._reload_lock:
+            try:
+                loaded = load_inputs(self._cluster_path, self._policy_paths)
+                if loaded.cluster is not None:
+                    self._check_own_node(loaded.cluster)
+                self._submit(self._apply_inputs, loaded)
+            except Exception as exc:
+                self._rejected("reload", exc)
+                raise
+            self._accepted()
+            return loaded
 
-    def _do_reload(self):
-        if self._cluster_path:
-            fresh = load_cluster(self._cluster_path)
+    def _check_own_node(self, cluster):
+        """A cluster file may not drop this agent's node or change its IP (the datapath is built on it)."""
+        me = cluster.nodes.get(self.node)
+        if me is None:
+            problem = f"this agent's node {self.node!r} is not in it"
+        elif me.gateway_ip != self.node_ip:
+            problem = (f"this agent's node {self.node!r} changed its internal IP from {self.node_ip} to "
+                       f"{me.gateway_ip} (restart the agent to change it)")
+        else:
+            return
+        raise InputError([ClusterError(problem, file=self._cluster_path, field="nodes")])
+
+    def _apply_inputs(self, loaded):
+        fresh = loaded.cluster
+        if fresh is not None:
             for name in list(self.cluster.nodes):
                 if name not in fresh.nodes:
                     self.compiler.remove_node(name)
@@ -555,10 +608,40 @@ class Agent:
                     self.compiler.upsert_pod(p)
             self._sync_nodes()
             self._sync_pods()
-        if self._policy_paths:
-            result = load_policies(*self._policy_paths)
-            self._set_policies(result.policies)
+        if loaded.policies is not None:
+            self._set_policies(loaded.policies)
         self._refresh_neighbours(probe=True)
+
+    def _accepted(self):
+        with self._reloads_lock:
+            self._reloads["accepted"] += 1
+            self._reloads["last_accepted_at"] = time.time()
+
+    def _rejected(self, how, exc):
+        """Count a rejected reload and say why, on one line."""
+        message = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+        with self._reloads_lock:
+            self._reloads["rejected"] += 1
+            self._reloads["last_rejected_at"] = time.time()
+            self._reloads["last_error"] = message
+        print(f"egresscore agent {self.node}: {how} rejected, the policies and cluster in force are kept: "
+              f"{message}", file=sys.stderr, flush=True)
+
+    def reload_stats(self):
+        """{"accepted", "rejected", "last_accepted_at", "last_rejected_at" (Unix
+        time or None), "last_error"}: reloads and set_policies calls so far."""
+        with self._reloads_lock:
+            return dict(self._reloads)
+
+    def _reload_on_signal(self):
+        """SIGHUP: reload, and only log and count the outcome (the agent stays up)."""
+        try:
+            loaded = self.reload()
+        except Exception:  # noqa: BLE001 - logged and counted by reload(); never take the agent down
+            return
+        n = "unchanged" if loaded.policies is None else len(loaded.policies)
+        print(f"egresscore agent {self.node}: reloaded (SIGHUP): policies {n}, "
+              f"{len(self.egress_map)} egress entries", file=sys.stderr, flush=True)
 
     def request_reload(self):
         """Async-signal-safe: reload at the next loop iteration (SIGHUP)."""
@@ -613,10 +696,16 @@ class Agent:
                 break
             job()
             self._changed = True
-        if self._reload.is_set():
+        if self._reload.is_set() and (self._reload_thread is None or not self._reload_thread.is_alive()):
             self._reload.clear()
-            self._do_reload()
-            self._changed = True
+            if self._loop_thread is None:
+                self._reload_on_signal()  # step() driven by the caller: no loop to hand the result to
+                self._changed = True
+            else:
+                # files are read and parsed off the datapath thread; the loop applies the result
+                self._reload_thread = threading.Thread(target=self._reload_on_signal, daemon=True,
+                                                       name=f"egresscore-reload-{self.node}")
+                self._reload_thread.start()
         if self._changed:
             self._changed = False
             if self.flow_logger is not None:

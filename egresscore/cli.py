@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from .files import MAX_INPUT_BYTES
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -34,28 +36,28 @@ def _warn(message):
 
 def _add_input_options(parser, *, node_required, files_required=True):
     parser.add_argument("--cluster", required=files_required, metavar="FILE",
-                        help="YAML cluster file: nodes, namespaces, pods (see examples/cluster.yaml)")
+                        help="YAML cluster file: nodes, namespaces, pods (see examples/cluster.yaml); a "
+                             f"regular file of at most {MAX_INPUT_BYTES >> 20} MiB")
     parser.add_argument("--policies", required=files_required, action="extend", nargs="+", metavar="PATH",
-                        help="CiliumEgressGatewayPolicy YAML file(s) or folder(s); may be repeated")
+                        help="CiliumEgressGatewayPolicy YAML file(s) or folder(s); may be repeated.  "
+                             f"Regular files of at most {MAX_INPUT_BYTES >> 20} MiB each; one bad file or "
+                             "document rejects the whole set")
     parser.add_argument("--node", required=node_required, metavar="NAME",
                         help="the node whose view to take" if not node_required else "this host's node name")
 
 
 def _load_inputs(args):
-    """(cluster, policies, had_policy_errors); bad policies are reported on stderr."""
-    from .cluster import load_cluster
-    from .policy import load_policies
+    """(cluster, policies) through the agent's own loading path
+    (egresscore.inputs: all or nothing; an InputError is reported by main)."""
+    from .inputs import load_inputs
 
-    cluster = load_cluster(args.cluster)
-    result = load_policies(*args.policies)
-    for err in result.errors:
-        _warn(f"error: {err} (policy rejected)")
-    for w in result.warnings:
+    loaded = load_inputs(args.cluster, args.policies)
+    for w in loaded.warnings:
         _warn(f"warning: {w}")
-    if args.node is not None and args.node not in cluster.nodes:
-        known = ", ".join(sorted(cluster.nodes)) or "none"
+    if args.node is not None and args.node not in loaded.cluster.nodes:
+        known = ", ".join(sorted(loaded.cluster.nodes)) or "none"
         raise CLIError(f"no node {args.node!r} in {args.cluster} (nodes: {known})")
-    return cluster, result.policies, bool(result.errors)
+    return loaded.cluster, loaded.policies
 
 
 # ------------------------------------------------------------- egress list
@@ -98,7 +100,7 @@ def _cmd_egress_list(args):
         missing = "--policies" if args.policies is None else "--cluster"
         args.parser.error(f"the following arguments are required: {missing} (or give --socket / "
                           f"--node alone to ask a running agent)")
-    cluster, policies, had_errors = _load_inputs(args)
+    cluster, policies = _load_inputs(args)
     compiler = Compiler(cluster, policies, node=args.node)
     for problem in compiler.problems():
         _warn(f"warning: {problem}")
@@ -112,7 +114,7 @@ def _cmd_egress_list(args):
         sys.stdout.write(format_table(rows))
     else:
         print("No entries found.", file=sys.stderr)
-    return EXIT_ERROR if had_errors else EXIT_OK
+    return EXIT_OK
 
 
 def _egress_list_live(args):
@@ -242,7 +244,8 @@ def _add_egress(sub):
                     "without --node every gateway's egress IP is shown as its gateway node sees it).",
         epilog="Gateway IP 'Not Found': no node matches the gateway's nodeSelector (source nodes drop); "
                "'Excluded CIDR': an excludedCIDRs entry (normal masquerade). "
-               "Exit status 1 if a policy was rejected (the others are listed). "
+               "Exit status 1, with one line per problem and nothing listed, if an input file or document "
+               "is bad: the files are loaded as a running agent would load them, all or nothing. "
                "With --socket, or --node without --cluster/--policies, the live map of a running "
                "agent is listed instead.",
     )
@@ -259,7 +262,7 @@ def _cmd_validate(args):
     from .cluster import ClusterError
     from .compiler import Compiler
 
-    cluster, policies, had_errors = _load_inputs(args)
+    cluster, policies = _load_inputs(args)
     try:
         host = cluster.nodes[args.node].with_host_interfaces(args.netns)
     except ImportError as exc:
@@ -283,9 +286,7 @@ def _cmd_validate(args):
             print(f"ok: policy {policy.name!r}: egress IP {', '.join(ips)} on interface {g.interface}")
     if not served:
         print(f"node {args.node} is the gateway of no egress gateway policy")
-    if failed:
-        return EXIT_ERROR
-    return EXIT_ERROR if had_errors else EXIT_OK
+    return EXIT_ERROR if failed else EXIT_OK
 
 
 def _add_validate(sub):
@@ -293,7 +294,8 @@ def _add_validate(sub):
         "validate", help="check that this host holds the egress IPs it must serve",
         description="For every policy whose gateway is NODE, check with netlink (pyroute2) that the egress IP "
                     "it must SNAT to exists on one of this host's interfaces (or the namespace's, with --netns).",
-        epilog="Exit status 0 if every egress IP is present, 1 otherwise.",
+        epilog="Exit status 0 if every egress IP is present, 1 otherwise or if an input file is bad "
+               "(loaded as the agent loads them: all or nothing).",
     )
     _add_input_options(v, node_required=True)
     v.add_argument("--netns", metavar="NAME", help="read the interfaces of this network namespace instead")
@@ -308,19 +310,14 @@ def _cmd_agent(args):
     import signal
 
     from .agent import Agent, AgentError
-    from .cluster import load_cluster
 
-    cluster = load_cluster(args.cluster)
-    if args.node not in cluster.nodes:
-        raise CLIError(f"no node {args.node!r} in {args.cluster}")
     try:
         control = False if args.no_control_socket else (args.control_socket or True)
-        agent = Agent(args.node, cluster, args.policies, netns=args.netns, flow_log=args.flow_log,
+        agent = Agent(args.node, args.cluster, args.policies, netns=args.netns, flow_log=args.flow_log,
                       flow_drop_rate=args.flow_drop_rate, metrics_port=args.metrics_port,
                       metrics_addr=args.metrics_addr, control_socket=control, ring_mode=args.ring_mode)
     except (AgentError, PermissionError) as exc:
         raise CLIError(str(exc)) from None
-    agent._cluster_path = args.cluster
     signal.signal(signal.SIGINT, lambda *a: agent.stop())
     signal.signal(signal.SIGTERM, lambda *a: agent.stop())
     signal.signal(signal.SIGHUP, lambda *a: agent.request_reload())
@@ -347,8 +344,10 @@ def _add_agent(sub):
         "agent", help="run this node's egress gateway datapath (daemon)",
         description="Run the userspace egress gateway for NODE: AF_PACKET rings on the underlay and the pod "
                     "veths (lxc-<pod>), the egress map compiled from the policies, SNAT, VXLAN to and from the "
-                    "gateway.  SIGHUP re-reads the policy and cluster files; SIGINT/SIGTERM stop it and remove "
-                    "everything it installed (nftables table 'egresscore', ip_local_port_range).",
+                    "gateway.  SIGHUP re-reads the policy and cluster files, all or nothing: a bad file is logged "
+                    "on one line and counted (stats: reloads.rejected), and the policies and cluster in force "
+                    "keep working.  SIGINT/SIGTERM stop it and remove everything it installed (nftables table "
+                    "'egresscore', ip_local_port_range).",
     )
     _add_input_options(a, node_required=True)
     a.add_argument("--netns", metavar="NAME", help="run on the interfaces of this network namespace")
@@ -413,6 +412,8 @@ def _build_parser():
 
 
 def main(argv=None):
+    from .inputs import InputError
+
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -423,6 +424,10 @@ def main(argv=None):
     except CLIError as exc:
         _warn(f"error: {exc}")
         return exc.code
+    except InputError as exc:  # one line per rejected file or document
+        for err in exc.errors:
+            _warn(f"error: {err}")
+        return EXIT_ERROR
     except (ValueError, OSError) as exc:  # bad input files, unreadable paths
         _warn(f"error: {exc}")
         return EXIT_ERROR

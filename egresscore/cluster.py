@@ -13,6 +13,7 @@ from typing import Mapping
 
 import yaml
 
+from .files import InputFileError, load_yaml, read_input_file, yaml_line_of
 from .policy import NAMESPACE_LABEL_PREFIX, POD_NAMESPACE_LABEL
 
 __all__ = ["Interface", "Node", "Namespace", "Pod", "Cluster", "ClusterError", "load_cluster"]
@@ -21,18 +22,34 @@ NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
 
 class ClusterError(ValueError):
-    """A bad cluster file or object: names where and what."""
+    """A bad cluster file or object: the file, the field (e.g. "nodes[1].name"),
+    its line in the file when known, and what is wrong."""
+
+    def __init__(self, message, *, file=None, field=None, line=None):
+        self.message = message
+        self.file = file
+        self.field = field
+        self.line = line
+        super().__init__(message)
+
+    def __str__(self):
+        where = [] if self.file is None else [str(self.file)]
+        if self.line is not None:
+            where.append(f"line {self.line}")
+        if self.field:
+            where.append(self.field)
+        return ": ".join(where + [self.message])
 
 
 def _labels(obj, where) -> dict:
     if obj is None:
         return {}
     if not isinstance(obj, Mapping):
-        raise ClusterError(f"{where}: labels must be a mapping")
+        raise ClusterError("must be a mapping", field=f"{where}.labels")
     out = {}
     for k, v in obj.items():
         if not isinstance(k, str) or not isinstance(v, str):
-            raise ClusterError(f"{where}: label {k!r}: {v!r} must be a string (quote it)")
+            raise ClusterError(f"{v!r} must be a string (quote it)", field=f"{where}.labels.{k}")
         out[k] = v
     return out
 
@@ -294,88 +311,129 @@ class Cluster:
 
     @classmethod
     def from_dict(cls, data, source="cluster") -> "Cluster":
-        if not isinstance(data, Mapping):
-            raise ClusterError(f"{source}: must be a mapping with nodes, namespaces and pods")
-        unknown = set(data) - {"nodes", "namespaces", "pods"}
-        if unknown:
-            raise ClusterError(f"{source}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+        """A Cluster from a cluster file's mapping; ClusterError(file=source, field=...) if bad.
+
+        Duplicates are errors (node names, node internal IPs, namespace names,
+        pod namespace/name, pod IPs): which one was meant cannot be guessed."""
         try:
-            return cls._from_dict(data, source)
+            if not isinstance(data, Mapping):
+                raise ClusterError("must be a mapping with nodes, namespaces and pods")
+            unknown = set(data) - {"nodes", "namespaces", "pods"}
+            if unknown:
+                raise ClusterError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))} "
+                                   "(allowed: nodes, namespaces, pods)", field=str(sorted(map(str, unknown))[0]))
+            return cls._from_dict(data)
         except ClusterError as exc:
-            msg = str(exc)
-            raise ClusterError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+            if exc.file is None:
+                exc.file = source
+            raise
 
     @classmethod
-    def _from_dict(cls, data, source):
+    def _from_dict(cls, data):
         nodes, namespaces, pods = [], [], []
-        for i, n in enumerate(_list(data.get("nodes"), f"{source}: nodes")):
-            where = f"{source}: nodes[{i}]"
+        for i, n in enumerate(_list(data.get("nodes"), "nodes")):
+            where = f"nodes[{i}]"
             _fields(n, where, ("name", "labels", "internalIP", "interfaces", "defaultRouteInterface",
                                "defaultRouteInterfaceV6", "podCIDRs"))
             ifaces = []
             for j, iface in enumerate(_list(n.get("interfaces"), f"{where}.interfaces")):
                 _fields(iface, f"{where}.interfaces[{j}]", ("name", "addresses"))
                 if not isinstance(iface.get("name"), str):
-                    raise ClusterError(f"{where}.interfaces[{j}]: name is required")
-                ifaces.append(Interface(iface["name"], tuple(_list(iface.get("addresses"), f"{where}.interfaces[{j}]"))))
-            nodes.append(Node(
+                    raise ClusterError("is required", field=f"{where}.interfaces[{j}].name")
+                ifaces.append(Interface(iface["name"], tuple(_list(iface.get("addresses"),
+                                                                  f"{where}.interfaces[{j}].addresses"))))
+            nodes.append(_built(where, lambda: Node(
                 _name(n, where), _labels(n.get("labels"), where), n.get("internalIP"), tuple(ifaces),
                 n.get("defaultRouteInterface"), n.get("defaultRouteInterfaceV6"),
                 tuple(_list(n.get("podCIDRs"), f"{where}.podCIDRs")),
-            ))
-        for i, ns in enumerate(_list(data.get("namespaces"), f"{source}: namespaces")):
-            where = f"{source}: namespaces[{i}]"
+            )))
+        for i, ns in enumerate(_list(data.get("namespaces"), "namespaces")):
+            where = f"namespaces[{i}]"
             _fields(ns, where, ("name", "labels"))
-            namespaces.append(Namespace(_name(ns, where), _labels(ns.get("labels"), where)))
-        for i, p in enumerate(_list(data.get("pods"), f"{source}: pods")):
-            where = f"{source}: pods[{i}]"
+            namespaces.append(_built(where, lambda: Namespace(_name(ns, where), _labels(ns.get("labels"), where))))
+        for i, p in enumerate(_list(data.get("pods"), "pods")):
+            where = f"pods[{i}]"
             _fields(p, where, ("name", "namespace", "uid", "labels", "ips", "node"))
-            pods.append(Pod(
+            pods.append(_built(where, lambda: Pod(
                 _name(p, where), str(p.get("namespace") or "default"), str(p.get("uid") or ""),
                 _labels(p.get("labels"), where), tuple(_list(p.get("ips"), f"{where}.ips")), p.get("node"),
-            ))
-        names = [n.name for n in nodes]
-        if len(set(names)) != len(names):
-            raise ClusterError(f"{source}: duplicate node names")
+            )))
+        _unique("nodes", "name", "duplicate node names", [n.name for n in nodes])
+        _unique("nodes", "internalIP", "duplicate node internal IP", [n.internal_ip for n in nodes])
+        _unique("namespaces", "name", "duplicate namespace", [ns.name for ns in namespaces])
+        _unique("pods", "name", "duplicate pod", ["/".join(p.key) for p in pods])
+        _unique("pods", "ips", "duplicate pod IP", [p.ips for p in pods], many=True)
         return cls(nodes, namespaces, pods)
+
+
+def _built(where, make):
+    """make(); a model's own ClusterError gets the field it came from."""
+    try:
+        return make()
+    except ClusterError as exc:
+        if exc.field is None:
+            exc.field = where
+        raise
+
+
+def _unique(section, key, what, values, many=False):
+    seen = {}
+    for i, value in enumerate(values):
+        for v in (value if many else (value,)):
+            if v is None:
+                continue
+            if v in seen:
+                raise ClusterError(f"{what} {v!r} (also in {section}[{seen[v]}])", field=f"{section}[{i}].{key}")
+            seen[v] = i
 
 
 def _list(obj, where):
     if obj is None:
         return []
     if not isinstance(obj, list):
-        raise ClusterError(f"{where}: must be a list")
+        raise ClusterError("must be a list", field=where)
     return obj
 
 
 def _fields(obj, where, allowed):
     if not isinstance(obj, Mapping):
-        raise ClusterError(f"{where}: must be a mapping")
+        raise ClusterError("must be a mapping", field=where)
     for k in obj:
         if k not in allowed:
-            raise ClusterError(f"{where}: unknown field {k!r} (allowed: {', '.join(allowed)})")
+            raise ClusterError(f"unknown field {k!r} (allowed: {', '.join(allowed)})", field=f"{where}.{k}")
 
 
 def _name(obj, where):
     name = obj.get("name")
     if not isinstance(name, str) or not name:
-        raise ClusterError(f"{where}: name is required")
+        raise ClusterError("name is required", field=f"{where}.name")
     return name
 
 
 def load_cluster(path) -> Cluster:
-    """Read a YAML cluster file; ClusterError (a ValueError) names what is wrong."""
+    """Read a YAML cluster file (a regular file of at most
+    egresscore.files.MAX_INPUT_BYTES); ClusterError (a ValueError) names the
+    file, the field and its line.  An empty file is an error (what a
+    half-written edit looks like), not an empty cluster."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except OSError as exc:
-        raise ClusterError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        text = read_input_file(path)
+    except InputFileError as exc:
+        raise ClusterError(exc.message, file=path) from None
+    try:
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ClusterError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ClusterError(f"invalid YAML: {problem}", file=path,
+                           line=mark.line + 1 if mark is not None else None) from None
+    if data is None:
+        raise ClusterError("no cluster document (the file is empty or only comments)", file=path)
     try:
-        return Cluster.from_dict(data if data is not None else {}, path)
+        return Cluster.from_dict(data, path)
+    except ClusterError as exc:
+        if exc.field and exc.line is None:
+            exc.line = yaml_line_of(text, exc.field)
+        raise
     except (TypeError, AttributeError) as exc:  # defensive: odd shapes
-        raise ClusterError(f"{path}: {exc}") from None
+        raise ClusterError(str(exc), file=path) from None

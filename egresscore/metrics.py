@@ -13,6 +13,9 @@ metrics cost nothing between scrapes.  The dict's keys (all optional):
     "egress_map": {"entries": n}  (or the number itself)
     "rings":      {ring name: PacketRing.stats}
     "flow_log":   FlowLogger.stats (or FlowLog.stats)
+    "reloads":    Agent.reload_stats(): {"accepted": n, "rejected": n,
+                  "last_accepted_at": t, "last_rejected_at": t, "last_error": str}
+                  (t: Unix time or None), policy/cluster reloads and set_policies
 
 Metric names follow Cilium's where one exists (cilium_forward_count_total,
 cilium_drop_count_total, ...), with the prefix egresscore_ and a `node` label.
@@ -78,6 +81,7 @@ class StatsCollector:
         yield from self._egress_map(s.get("egress_map"))
         yield from self._rings(s.get("rings"))
         yield from self._flow_log(s.get("flow_log"))
+        yield from self._reloads(s.get("reloads"))
 
     # ------------------------------------------------------------ families
 
@@ -219,6 +223,32 @@ class StatsCollector:
         for reason, v in sorted(ring.get("suppressed", {}).items()):
             self._add(sup, v, reason)
         yield sup
+
+
+    def _reloads(self, r):
+        # named after Prometheus's own prometheus_config_last_reload_* metrics
+        if not r:
+            return
+        c = self._family(CounterMetricFamily, "config_reloads",
+                         "Policy and cluster reloads (reload, SIGHUP, set_policies), by result: a rejected "
+                         "one changed nothing", ["result"])
+        self._add(c, r.get("accepted", 0), "accepted")
+        self._add(c, r.get("rejected", 0), "rejected")
+        yield c
+        acc, rej = r.get("last_accepted_at"), r.get("last_rejected_at")
+        if acc is not None or rej is not None:
+            ok = self._family(GaugeMetricFamily, "config_last_reload_successful",
+                              "1 if the last reload was accepted, 0 if it was rejected")
+            self._add(ok, 1 if rej is None or (acc is not None and acc > rej) else 0)
+            yield ok
+        for value, name, doc in ((acc, "config_last_reload_success_timestamp_seconds",
+                                  "When the last reload was accepted (Unix time)"),
+                                 (rej, "config_last_reload_rejected_timestamp_seconds",
+                                  "When the last reload was rejected (Unix time)")):
+            if value is not None:
+                g = self._family(GaugeMetricFamily, name, doc)
+                self._add(g, value)
+                yield g
 
 
 class MetricsServer:

@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import yaml
 
+from .files import InputFileError, load_yaml, read_input_file, yaml_line_of
+
 __all__ = [
     "API_VERSION",
     "KIND",
@@ -62,7 +64,11 @@ _DOC_SPLIT_RE = re.compile(r"^---(?:[ \t].*)?$", re.MULTILINE)
 
 
 class PolicyError(ValueError):
-    """A rejected policy document: where it is and what is wrong with it."""
+    """A rejected policy document: where it is and what is wrong with it.
+
+    file, document (from 1), line (of the bad field when it is found, else
+    the document's first line), policy (its name) and path (the field,
+    "spec.destinationCIDRs[0]")."""
 
     def __init__(self, message, *, file=None, document=None, line=None, policy=None, path=None):
         self.message = message
@@ -492,19 +498,26 @@ def _split_documents(text):
     """(first line number, text) of each YAML document, so one bad one stays alone."""
     starts = [0] + [m.start() for m in _DOC_SPLIT_RE.finditer(text)]
     out = []
+    line = 1
     for i, start in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else len(text)
         chunk = text[start:end]
-        if start == 0 and not chunk.strip():
-            continue
-        out.append((text.count("\n", 0, start) + 1, chunk))
+        if not (start == 0 and not chunk.strip()):
+            out.append((line, chunk))
+        line += chunk.count("\n")  # counted chunk by chunk: linear in the file's size
     return out
 
 
-def _iter_files(path):
+def _iter_files(path, errors):
+    """The policy files under `path` (a file, or a folder walked in sorted
+    order); a subfolder that cannot be listed is an error, not a gap."""
     if os.path.isdir(path):
         found = []
-        for root, dirs, files in os.walk(path):
+
+        def unreadable(exc):
+            errors.append(PolicyError(f"cannot list folder: {exc.strerror or exc}", file=exc.filename))
+
+        for root, dirs, files in os.walk(path, onerror=unreadable):
             dirs.sort()
             for f in sorted(files):
                 if f.endswith(POLICY_SUFFIXES) and not f.startswith("."):
@@ -513,15 +526,17 @@ def _iter_files(path):
     return [path]
 
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def load_policies(*paths) -> LoadResult:
     """Load every CiliumEgressGatewayPolicy under these files or folders.
 
-    Never raises for bad input: each rejected document is a PolicyError in
-    `errors` and the other documents load.  Duplicate names keep the first
-    definition (files in sorted order) and reject the later one.
+    Never raises for bad input: each rejected document (or unreadable file)
+    is a PolicyError in `errors` and the other documents load.  Files are read
+    with egresscore.files.read_input_file (regular files only, at most
+    MAX_INPUT_BYTES each).  A file with no document (empty, or only comments)
+    is an error: it is what a half-written edit looks like.  Duplicate names
+    keep the first definition (files in sorted order) and reject the later
+    one.  For all-or-nothing loading (the agent, the CLI) see
+    egresscore.inputs.
     """
     policies, errors, warnings = [], [], []
     by_name = {}
@@ -530,17 +545,16 @@ def load_policies(*paths) -> LoadResult:
         if not os.path.exists(path):
             errors.append(PolicyError("no such file or folder", file=path))
             continue
-        for file in _iter_files(path):
+        for file in _iter_files(path, errors):
             try:
-                with open(file, encoding="utf-8") as f:
-                    text = f.read()
-            except (OSError, UnicodeDecodeError) as exc:
-                errors.append(PolicyError(f"cannot read: {exc}", file=file))
+                text = read_input_file(file)
+            except InputFileError as exc:
+                errors.append(PolicyError(exc.message, file=file))
                 continue
             number = 0
             for line, chunk in _split_documents(text):
                 try:
-                    doc = yaml.load(chunk, Loader=_Loader)
+                    doc = load_yaml(chunk)
                 except yaml.YAMLError as exc:
                     number += 1
                     mark = getattr(exc, "problem_mark", None)
@@ -551,15 +565,22 @@ def load_policies(*paths) -> LoadResult:
                 if doc is None:
                     continue
                 number += 1
-                items = [doc]
+                items, listed = [doc], False
                 if isinstance(doc, Mapping) and doc.get("kind") in LIST_KINDS:
-                    items = doc.get("items") if isinstance(doc.get("items"), list) else []
-                for item in items:
+                    items, listed = doc.get("items"), True
+                    if not isinstance(items, list):
+                        errors.append(PolicyError(f"must be a list, not {_kind_of(items)}", file=file,
+                                                  document=number, line=line, path="items"))
+                        continue
+                for i, item in enumerate(items):
                     source = f"{file}: document {number}"
                     try:
                         policy, warns = parse_policy(item, source=source)
                     except PolicyError as exc:
-                        exc.file, exc.document, exc.line = file, number, line
+                        # the line of the bad field, else the document's first line
+                        field = f"items[{i}].{exc.path or ''}" if listed else exc.path
+                        at = yaml_line_of(chunk, field) if field else None
+                        exc.file, exc.document, exc.line = file, number, line + at - 1 if at else line
                         errors.append(exc)
                         continue
                     for w in warns:
@@ -574,4 +595,7 @@ def load_policies(*paths) -> LoadResult:
                         continue
                     by_name[policy.name] = policy
                     policies.append(policy)
+            if number == 0:
+                errors.append(PolicyError("no policy document (the file is empty or only comments; "
+                                          "delete the file to remove its policies)", file=file))
     return LoadResult(policies, errors, warnings)

@@ -40,9 +40,7 @@ def test_egress_list_as_seen_from_a_source_node_and_as_json(capsys):
     ]
 
 
-def test_egress_list_sorted_not_found_and_bad_policy_alone(capsys, tmp_path):
-    policies = tmp_path / "p.yaml"
-    policies.write_text(open(SAMPLE).read() + """
+NOWHERE = """
 ---
 apiVersion: cilium.io/v2
 kind: CiliumEgressGatewayPolicy
@@ -51,18 +49,14 @@ spec:
   selectors: [{podSelector: {}}]
   destinationCIDRs: ["198.51.100.0/24"]
   egressGateway: {nodeSelector: {matchLabels: {role: none}}}
----
-apiVersion: cilium.io/v2
-kind: CiliumEgressGatewayPolicy
-metadata: {name: broken}
-spec:
-  selectors: [{podSelector: {}}]
-  destinationCIDRs: ["198.51.100.0/24"]
-  egressGateway: {nodeSelector: {}, interface: eth1, egressIP: 192.168.1.100}
-""")
+"""
+
+
+def test_egress_list_sorted_and_not_found(capsys, tmp_path):
+    policies = tmp_path / "p.yaml"
+    policies.write_text(open(SAMPLE).read() + NOWHERE)
     code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", str(policies))
-    assert code == 1  # a policy was rejected; the others are listed
-    assert "policy 'broken': spec.egressGateway: can't specify both an interface and an egress IP" in err
+    assert code == 0
     assert "policy 'nowhere': no node matches" in err
     lines = out.splitlines()
     assert lines[1:] == [
@@ -73,10 +67,29 @@ spec:
     ]
 
 
+def test_egress_list_rejects_the_whole_set_for_one_bad_document(capsys, tmp_path):
+    """As the agent would: nothing is listed, one line says which document and field."""
+    policies = tmp_path / "p.yaml"
+    policies.write_text(open(SAMPLE).read() + NOWHERE + """
+---
+apiVersion: cilium.io/v2
+kind: CiliumEgressGatewayPolicy
+metadata: {name: broken}
+spec:
+  selectors: [{podSelector: {}}]
+  destinationCIDRs: ["198.51.100.0/24"]
+  egressGateway: {nodeSelector: {}, interface: eth1, egressIP: 192.168.1.100}
+""")
+    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", str(policies))
+    assert (code, out) == (1, "")
+    assert err == (f"egresscore: error: {policies}: document 3 (line 42): policy 'broken': spec.egressGateway: "
+                   "can't specify both an interface and an egress IP\n")
+
+
 def test_no_entries_and_unknown_node(capsys, tmp_path):
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("# nothing\n")
-    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", str(empty))
+    folder = tmp_path / "policies"
+    folder.mkdir()  # an empty folder: no policies (a file removed from a folder removes its policies)
+    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", str(folder))
     assert (code, out, err) == (0, "", "No entries found.\n")
     code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", SAMPLE, "--node", "node9")
     assert code == 1 and "no node 'node9'" in err and "node1, node2, node3" in err
@@ -109,7 +122,7 @@ def test_usage_errors_exit_2(capsys):
 @pytest.mark.parametrize(
     "cluster_text, message",
     [
-        (None, "cannot read"),
+        (None, "cluster.yaml: no such file"),
         ("nodes: [{name: a, internalIP: 1.2.3}]", "'1.2.3' is not an IP address"),
         ("nodes: [", "invalid YAML"),
     ],
@@ -132,7 +145,7 @@ def test_bad_policy_files_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "egresscore", "egress", "list", "--cluster", CLUSTER,
                            "--policies", str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "document 1 (line 1): kind: 'Pod' is not 'CiliumEgressGatewayPolicy'" in proc.stderr
+    assert "document 1 (line 2): kind: 'Pod' is not 'CiliumEgressGatewayPolicy'" in proc.stderr
     assert "document 2 (line 4): invalid YAML" in proc.stderr
 
 
@@ -164,3 +177,73 @@ def test_validate_unknown_netns_is_a_clean_error(capsys):
     assert code == 1 and "no network namespace named 'egc-ctl-does-not-exist'" in err
     from pyroute2 import netns
     assert "egc-ctl-does-not-exist" not in netns.listnetns()  # reading never creates one
+
+
+def _cli(*argv, timeout=60):
+    return subprocess.run([sys.executable, "-m", "egresscore", *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def _bad_policy_cases():
+    from input_cases import POLICY_CASES
+
+    return POLICY_CASES
+
+
+@pytest.mark.parametrize("case", _bad_policy_cases(), ids=[c[0] for c in _bad_policy_cases()])
+@pytest.mark.parametrize("command", ["egress list", "validate", "folder"])
+def test_each_bad_policy_kind_is_one_line_and_exit_1(tmp_path, case, command):
+    """`egress list` and `validate` (a file, or a folder holding it): one line naming the file, no
+    traceback, nothing listed, never a hang (a FIFO) nor a MemoryError (/dev/zero)."""
+    from input_cases import GOOD_POLICY
+
+    name, make, message, _ = case
+    if command == "folder" and name == "removed":
+        pytest.skip("a file removed from a folder removes its policies (tested in test_inputs)")
+    bad = tmp_path / "p.yaml"
+    bad.write_text(GOOD_POLICY)
+    make(str(bad))
+    target = str(tmp_path) if command == "folder" else str(bad)
+    argv = (["validate", "--node", "node3"] if command == "validate" else ["egress", "list"])
+    proc = _cli(*argv, "--cluster", CLUSTER, "--policies", target)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"egresscore: error: {bad}") and message in line
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "cluster_unknown_field", "cluster_duplicate_node",
+                                  "cluster_broken_yaml"])
+def test_each_bad_cluster_kind_is_one_line_and_exit_1(tmp_path, kind):
+    import yaml
+    from input_cases import CLUSTER_CASES, POLICY_CASES
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(open(CLUSTER).read())
+    cases = {c[0]: c for c in CLUSTER_CASES}
+    if kind in cases:
+        cases[kind][1](str(path), yaml.safe_load(open(CLUSTER)))
+        message = cases[kind][2]
+    else:
+        _, make, message, _ = {c[0]: c for c in POLICY_CASES}[kind]
+        make(str(path))
+    for argv in (["egress", "list"], ["validate", "--node", "node3"]):
+        proc = _cli(*argv, "--cluster", str(path), "--policies", SAMPLE)
+        assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr
+        (line,) = proc.stderr.splitlines()
+        assert line.startswith(f"egresscore: error: {path}: ") and message in line
+
+
+def test_dev_zero_as_policies_is_a_clean_error():
+    proc = _cli("egress", "list", "--cluster", CLUSTER, "--policies", "/dev/zero")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr
+    assert proc.stderr == "egresscore: error: /dev/zero: not a regular file (a character device)\n"
+
+
+def test_agent_with_a_bad_policy_file_does_not_start(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text(open(SAMPLE).read().replace("203.0.113.0/24", "203.0.113.0/33"))
+    proc = _cli("agent", "--node", "node1", "--cluster", CLUSTER, "--policies", str(bad), "--no-control-socket")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr == (f"egresscore: error: {bad}: document 1 (line 15): policy 'egress-sample': "
+                           "spec.destinationCIDRs[0]: '203.0.113.0/33' is not a CIDR\n")

@@ -158,3 +158,125 @@ def test_cli_errors(tmp_path, capsys):
     assert "is the agent running" in capsys.readouterr().err
     assert main(["stats"]) == 2
     assert main(["nat"]) == 2
+
+
+# -- bounds: request size, nesting, connections, idle time, handler errors ---------------
+
+def _raw(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(path)
+    return s, s.makefile("rb")
+
+
+def _closed(sock):
+    """True once the server has closed the connection (read returns EOF)."""
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except socket.timeout:
+        return False
+
+
+@pytest.mark.parametrize("newline", [b"", b"\n"])
+def test_over_long_request_gets_an_error_and_is_closed(server, newline):
+    from egresscore.control import MAX_REQUEST
+
+    s, f = _raw(server.path)
+    try:
+        s.sendall(b'{"cmd": "ping", "pad": "' + b"x" * (MAX_REQUEST + 10) + b'"}' + newline)
+    except BrokenPipeError:
+        pass
+    assert json.loads(f.readline()) == {"ok": False,
+                                        "error": f"request too long (at most {MAX_REQUEST} bytes per line)"}
+    assert _closed(s)
+    assert ControlClient(server.path).call("ping") == "pong"    # the server is fine
+
+
+def test_deeply_nested_request_is_refused_before_parsing(server):
+    from egresscore.control import MAX_DEPTH
+
+    s, f = _raw(server.path)
+    deep = b'{"cmd": "stats", "args": {"x": ' + b"[" * 100000 + b"]" * 100000 + b"}}"
+    s.sendall(deep[:60000] + b"\n")          # within MAX_REQUEST, far deeper than MAX_DEPTH
+    assert json.loads(f.readline()) == {"ok": False,
+                                        "error": f"request is too deeply nested (at most {MAX_DEPTH} levels)"}
+    ok = b'{"cmd": "ping", "args": {"a": ' + b"[" * (MAX_DEPTH - 2) + b"]" * (MAX_DEPTH - 2) + b"}}"
+    s.sendall(ok.replace(b'"ping", "args": {"a"', b'"ping", "x": {"a"') + b"\n")
+    assert json.loads(f.readline()) == {"ok": True, "result": "pong"}    # the same connection still serves
+    s.sendall(b'{"cmd": "ping", "note": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}\n')
+    assert json.loads(f.readline()) == {"ok": True, "result": "pong"}    # brackets in strings do not count
+    s.sendall(b"\xff\xfe garbage\n")
+    assert json.loads(f.readline()) == {"ok": False, "error": "request is not JSON"}
+    s.close()
+
+
+def test_connection_cap_and_no_thread_per_connection(tmp_path, agent_state):
+    import threading
+
+    path = str(tmp_path / "run" / "cap.sock")
+    with ControlServer(path, agent_state, max_connections=4) as srv:
+        ControlClient(path).call("ping")            # the pool threads exist now
+        threads = threading.active_count()
+        idle = [_raw(path) for _ in range(4)]
+        for s, f in idle:                           # each is accepted and served
+            s.sendall(b'{"cmd": "ping"}\n')
+            assert json.loads(f.readline())["ok"] is True
+        assert threading.active_count() == threads  # idle connections cost no thread
+        s5, f5 = _raw(path)
+        assert json.loads(f5.readline()) == {"ok": False, "error": "too many connections (at most 4 open)"}
+        assert _closed(s5) and srv.refused_busy == 1
+        with pytest.raises(ControlError, match=r"too many connections \(at most 4 open\)"):
+            ControlClient(path).call("ping")        # the CLI's client says why
+        gone, gone_f = idle.pop()
+        gone_f.close()
+        gone.close()
+        for _ in range(100):                        # the server notices the close, then has room
+            try:
+                assert ControlClient(path).call("ping") == "pong"
+                break
+            except ControlError:
+                continue
+        else:
+            pytest.fail("no room after a connection closed")
+        for s, _ in idle:
+            s.close()
+
+
+def test_idle_connections_are_closed(tmp_path, agent_state):
+    path = str(tmp_path / "run" / "idle.sock")
+    with ControlServer(path, agent_state, idle_timeout=0.3):
+        s, f = _raw(path)
+        s.sendall(b'{"cmd": "ping"}\n')
+        assert json.loads(f.readline())["ok"] is True
+        assert _closed(s)                           # nothing more sent: closed (within the 10 s read timeout)
+
+
+def test_handler_errors_are_replies_and_a_slow_handler_stalls_nobody(tmp_path, caplog):
+    import threading
+
+    release = threading.Event()
+
+    def boom():
+        raise RuntimeError("broken handler")
+
+    def slow():
+        release.wait(10)
+        return "done"
+
+    path = str(tmp_path / "run" / "h.sock")
+    with ControlServer(path, {"boom": boom, "slow": slow}) as srv:
+        s, f = _raw(path)
+        s.sendall(b'{"cmd": "boom"}\n{"cmd": "ping"}\n')            # pipelined: answered in order
+        assert json.loads(f.readline()) == {"ok": False, "error": "RuntimeError: broken handler"}
+        assert json.loads(f.readline()) == {"ok": True, "result": "pong"}
+        assert sum("control command boom failed" in r.getMessage() for r in caplog.records) == 1
+        slow_sock, slow_f = _raw(path)
+        slow_sock.sendall(b'{"cmd": "slow"}\n')
+        assert ControlClient(srv.path).call("ping") == "pong"      # served while `slow` runs
+        release.set()
+        assert json.loads(slow_f.readline()) == {"ok": True, "result": "done"}
+        s.close()
+        slow_sock.close()

@@ -85,3 +85,20 @@ def test_http_endpoint_on_loopback():
         body = urllib.request.urlopen(m.url, timeout=5).read().decode()
     assert 'egresscore_drop_count_total{node="node3",reason="no_gateway"} 2.0' in body
     assert 'egresscore_nat_entries{node="node3"} 7.0' in body
+
+
+def test_reload_counters():
+    reloads = {"accepted": 3, "rejected": 2, "last_accepted_at": 100.0, "last_rejected_at": 200.5,
+               "last_error": "p.yaml: no such file or folder"}
+    s = samples(lambda: {"reloads": reloads})
+    assert s[("egresscore_config_reloads_total", (("result", "accepted"),))] == 3
+    assert s[("egresscore_config_reloads_total", (("result", "rejected"),))] == 2
+    assert s[("egresscore_config_last_reload_successful", ())] == 0
+    assert s[("egresscore_config_last_reload_rejected_timestamp_seconds", ())] == 200.5
+    assert s[("egresscore_config_last_reload_success_timestamp_seconds", ())] == 100.0
+    reloads.update(last_accepted_at=300.0)
+    assert samples(lambda: {"reloads": reloads})[("egresscore_config_last_reload_successful", ())] == 1
+    fresh = samples(lambda: {"reloads": {"accepted": 0, "rejected": 0, "last_accepted_at": None,
+                                         "last_rejected_at": None, "last_error": None}})
+    assert fresh[("egresscore_config_reloads_total", (("result", "rejected"),))] == 0
+    assert ("egresscore_config_last_reload_successful", ()) not in fresh

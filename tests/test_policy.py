@@ -69,7 +69,7 @@ def test_multi_document_file_rejects_bad_document_alone(tmp_path):
     assert isinstance(err, PolicyError) and isinstance(err, ValueError)
     assert err.file == path and err.document == 2 and err.policy == "bad"
     assert err.path == "spec.egressGateway.egressIP"
-    assert str(err) == (f"{path}: document 2 (line 13): policy 'bad': "
+    assert str(err) == (f"{path}: document 2 (line 25): policy 'bad': "
                         "spec.egressGateway.egressIP: '192.168.1.300' is not an IP address")
 
 
