@@ -13,12 +13,14 @@ it, AddressSanitizer: every frame is copied into an exactly sized malloc
 block first, so any read or write past a frame's end is caught.  That build
 is cached in build/checked-asan (the first run takes a minute).
 """
+import importlib.util
 import os
 import pickle
 import random
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -220,8 +222,14 @@ def test_malformed_corpus_drops_with_the_right_reason(corpus):
     assert not failures, "\n".join(failures[:30])
 
 
+def _compiler():
+    """The C compiler setup.py will use (Python's CC), or None if absent."""
+    cc = (sysconfig.get_config_var("CC") or "gcc").split()[0]
+    return shutil.which(os.environ.get("CC", cc).split()[0]) or shutil.which("gcc")
+
+
 def _asan_runtime():
-    cc = shutil.which("gcc")
+    cc = _compiler()
     if not cc:
         return None
     path = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
@@ -229,8 +237,11 @@ def _asan_runtime():
 
 
 def test_malformed_corpus_under_bounds_checked_asan_build(corpus, tmp_path):
-    if not shutil.which("gcc"):
-        pytest.skip("no C compiler for the checked build")
+    if not _compiler():
+        pytest.skip("no C compiler (Python's CC, or gcc) for the bounds-checked build")
+    missing = [m for m in ("Cython", "setuptools", "numpy") if importlib.util.find_spec(m) is None]
+    assert not missing, (f"the checked build runs setup.py and needs {', '.join(missing)} in this "
+                         f"environment: pip install -e '.[test]'")
     asan = _asan_runtime()
     out = os.path.join(ROOT, "build", "checked-asan" if asan else "checked")
     env = dict(os.environ, EGRESSCORE_CHECKED="1")
