@@ -1609,7 +1609,10 @@ cdef class NatTable:
 
     @property
     def stats(self):
-        """Counters: lookups, hits, created, expired, refused by reason, sizes."""
+        """Counters: lookups, hits, created, expired, refused by reason, sizes;
+        with a per-source limit, the sources holding connections and the
+        refusals by source address (the first 256 sources refused by name,
+        the others summed in refused_other_sources)."""
         if self.t == NULL:
             raise RuntimeError("NatTable was not initialised (__init__ not run)")
         cdef nat_table* t = self.t

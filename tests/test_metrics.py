@@ -85,3 +85,13 @@ def test_http_endpoint_on_loopback():
         body = urllib.request.urlopen(m.url, timeout=5).read().decode()
     assert 'egresscore_drop_count_total{node="node3",reason="no_gateway"} 2.0' in body
     assert 'egresscore_nat_entries{node="node3"} 7.0' in body
+
+
+def test_pod_conn_refusals_by_source():
+    stats = {"nat": {"refused_by_source": {"10.0.1.93": 5, "10.0.2.32": 1}, "refused_other_sources": 2}}
+    s = samples(lambda: stats)
+    assert s[("egresscore_nat_pod_conn_refused_total", (("source", "10.0.1.93"),))] == 5
+    assert s[("egresscore_nat_pod_conn_refused_total", (("source", "10.0.2.32"),))] == 1
+    assert s[("egresscore_nat_pod_conn_refused_total", (("source", "other"),))] == 2
+    assert not any(k[0].startswith("egresscore_nat_pod_conn") for k in samples(lambda: {"nat": {
+        "refused_by_source": {}, "refused_other_sources": 0}}))
