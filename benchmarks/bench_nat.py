@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import egresscore as ec                                   # noqa: E402
-from compare_nat import BATCH, egress_ips, replies_of, workload  # noqa: E402
+from compare_nat import BATCH, GC_BUDGET, churned_table, egress_ips, replies_of, workload  # noqa: E402
 from egresscore._natref import NatRef, tuples_from_array  # noqa: E402
 
 N = int(os.environ.get("EGRESSCORE_BENCH_NAT_N", "1000000"))
@@ -81,6 +81,18 @@ def test_translate_new_flows_batch(benchmark):
             t.translate_batch(a, e, out=out, codes=codes)
     benchmark.pedantic(fill, setup=setup, rounds=3)
     assert len(tables[0]) == len(chunks) * BATCH
+
+
+def test_gc_call_worst_case_1m_live(benchmark):
+    """One Datapath-sized gc call (GC_BUDGET entries examined, every one dead
+    and collected, in random memory order) among N connections: the longest
+    the datapath thread stalls in gc."""
+    order = np.random.default_rng(2).permutation(N)
+    arr, ext = workload(N)
+    t = churned_table(arr, ext, order, N + N // 20)
+    rounds = min(200, N // GC_BUDGET)
+    benchmark.pedantic(lambda: t.gc(GC_BUDGET, now=1061.0), rounds=rounds, iterations=1)
+    assert len(t) == N - rounds * GC_BUDGET
 
 
 def test_reference_model_reverse(benchmark):

@@ -6,6 +6,7 @@ benchmark.  Tuples are (family, proto, tcp_flags, sport, dport, src, dst) with
 16-byte addresses (IPv4 in the first 4 bytes), ports in host order, times in
 nanoseconds; codes are the drop reasons of src/verdict.pxi.
 """
+import ipaddress
 
 OK = 0
 DROP_UNSUPPORTED = 2
@@ -13,6 +14,8 @@ DROP_NO_EGRESS_IP = 5
 DROP_NAT_EXHAUSTED = 6
 DROP_NAT_TABLE_FULL = 7
 DROP_NO_NAT_ENTRY = 8
+DROP_POD_CONN_LIMIT = 19
+REFUSED_SOURCE_SLOTS = 256
 
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
@@ -48,9 +51,10 @@ class _Conn:
 
 class NatRef:
     """The reference table.  `egress` is a list of (family, addr16) and
-    `ranges[i]` a list of three (lo, hi) pairs (tcp, udp, icmp) per egress IP."""
+    `ranges[i]` a list of three (lo, hi) pairs (tcp, udp, icmp) per egress IP.
+    `per_source_limit`: connections one source address may hold (None: any)."""
 
-    def __init__(self, egress, ranges, capacity, seed, timeouts=None):
+    def __init__(self, egress, ranges, capacity, seed, timeouts=None, per_source_limit=None):
         tmo = dict(DEFAULT_TIMEOUTS, **(timeouts or {}))
         self.timeout = {
             SYN_SENT: round(tmo["tcp_syn"] * 1e9),
@@ -72,6 +76,10 @@ class NatRef:
         self.maps = {}      # (family, proto, ext, src, sport) -> [xport, refcnt]
         self.lookups = self.hits = self.created = self.expired = 0
         self.drops = {}
+        self.per_source_limit = per_source_limit
+        self.by_source = {}         # (family, src) -> connections held (dead ones too)
+        self.refused_by_source = {}  # (family, src) -> refusals, the first REFUSED_SOURCE_SLOTS
+        self.refused_other = 0
 
     def add_egress(self, family, addr, ranges):
         self.egress.append((family, addr))
@@ -140,6 +148,11 @@ class NatRef:
         if m[1] == 0:
             del self.maps[mkey]
             self.used_ports[c.ext][_pool_of(c.proto)].discard(m[0])
+        if self.per_source_limit is not None:
+            skey = (c.family, c.src)
+            self.by_source[skey] -= 1
+            if self.by_source[skey] == 0:
+                del self.by_source[skey]
 
     def _ext_index(self, family, addr):
         return self.ext_by_addr.get((family, addr))
@@ -165,6 +178,15 @@ class NatRef:
                 return OK, self._out(c, flags)
             self._collect(key)
             self.expired += 1
+        skey = (family, src)
+        if self.per_source_limit is not None and self.by_source.get(skey, 0) >= self.per_source_limit:
+            if skey in self.refused_by_source:
+                self.refused_by_source[skey] += 1
+            elif len(self.refused_by_source) < REFUSED_SOURCE_SLOTS:
+                self.refused_by_source[skey] = 1
+            else:
+                self.refused_other += 1
+            return self._drop(DROP_POD_CONN_LIMIT)
         if len(self.conns) >= self.capacity:
             return self._drop(DROP_NAT_TABLE_FULL)
         mkey = (family, proto, ext, src, sport)
@@ -182,6 +204,8 @@ class NatRef:
         c.state = SYN_SENT if proto == TCP else UDP_STATE if proto == UDP else ICMP_STATE
         self.conns[key] = c
         self.rev[self._rev_key(c)] = key
+        if self.per_source_limit is not None:
+            self.by_source[skey] = self.by_source.get(skey, 0) + 1
         self.created += 1
         self._touch(c, "out", flags, now)
         return OK, self._out(c, flags)
@@ -222,6 +246,15 @@ class NatRef:
         self.expired += len(dead)
         return len(dead)
 
+    def collect(self, key, now):
+        """Collect the dead entry of fwd key (family, proto, src, sport, dst,
+        dport) as an incremental gc may: the real table's expiry wheel decides
+        which dead entries a bounded call reaches, the model follows it."""
+        c = self.conns[key]
+        assert c.expires <= now, "only a dead entry may be collected"
+        self._collect(key)
+        self.expired += 1
+
     def live(self, now):
         return [c for c in self.conns.values() if c.expires > now]
 
@@ -239,7 +272,12 @@ class NatRef:
                 "no_nat_entry": self.drops.get(DROP_NO_NAT_ENTRY, 0),
                 "unsupported": self.drops.get(DROP_UNSUPPORTED, 0),
                 "no_egress_ip": self.drops.get(DROP_NO_EGRESS_IP, 0),
+                "pod_conn_limit": self.drops.get(DROP_POD_CONN_LIMIT, 0),
             },
+            "per_source_limit": self.per_source_limit,
+            "sources": len(self.by_source),
+            "refused_by_source": {_ip(fam, src): n for (fam, src), n in self.refused_by_source.items()},
+            "refused_other_sources": self.refused_other,
         }
 
     # -- batches (the benchmark peer of translate_batch / reverse_batch) -----
@@ -251,6 +289,10 @@ class NatRef:
     def reverse_many(self, tuples, now):
         reverse = self.reverse
         return [reverse(t, now) for t in tuples]
+
+
+def _ip(family, addr):
+    return str(ipaddress.ip_address(addr[:4] if family == 4 else addr))
 
 
 def tuples_from_array(arr):

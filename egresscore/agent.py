@@ -90,6 +90,10 @@ from ._tunnel import TunnelDevice
 
 NFT_TABLE = "egresscore"
 DEFAULT_NAT_PORTS = (32768, 65534)
+# Connections the NAT table holds: a gateway's worth.  126 bytes each
+# (NatTable.memory_bytes / capacity, indexes included): 126 MB allocated at the
+# default, backed by the kernel only as connections use it.
+DEFAULT_NAT_CAPACITY = 1_000_000
 DEFAULT_KERNEL_PORTS = (20000, 32767)
 PORT_RANGE_SYSCTL = "net.ipv4.ip_local_port_range"
 RING_MODES = ("latency", "batch")  # RX rings: TPACKET_V2 slots / TPACKET_V3 blocks
@@ -114,11 +118,18 @@ class Agent:
     more small packets per CPU second; see the README's agent benchmark).
     tunnel_offload: hand tunnel-bound TCP super-packets to a kernel vxlan
     device (egc-tnl0) instead of cutting them here.
+    nat_capacity: connections the NAT table holds (default 1,000,000, at most
+    16,777,214); 126 bytes each (126 MB allocated at the default), touched
+    only as connections use them: an idle agent stays small.
+    pod_conn_limit: at most this many connections per source (pod) IP (off
+    by default); refusals are counted per pod in stats()["nat"]; 30 bytes
+    more per connection of capacity.
     """
 
     def __init__(self, node, cluster, policies=(), *, netns=None, underlay="eth0", vni=2,
                  vxlan_port=8472, mtu=1500, nat_port_range=DEFAULT_NAT_PORTS,
-                 kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=65536,
+                 kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=DEFAULT_NAT_CAPACITY,
+                 pod_conn_limit=None,
                  pod_ifname=_pod_ifname, claim=True, poll_ms=20, vnet_hdr=True, tunnel_offload=True,
                  ring_mode="latency",
                  nat_timeouts=None,
@@ -210,7 +221,8 @@ class Agent:
         if self.node_ip not in local:
             raise AgentError(f"{self.node_ip} (node {node}'s internal IP) is not on {underlay}{self._where()}")
         self.egress_map = EgressMap()
-        self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts)
+        self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts,
+                            per_source_limit=pod_conn_limit)
         for ip in local:
             self.nat.add_egress_ip(ip)
         self._local_ips = set(local)
@@ -714,10 +726,10 @@ class Agent:
             n = self.datapath.run(timeout, self._wake_r)
         else:
             n = self.datapath.poll()
+        self.datapath.gc()  # bounded NAT expiry work, every return (>= every poll_ms)
         now = time.monotonic()
         if now >= self._next_refresh:
             self._next_refresh = now + 1.0
-            self.datapath.gc(4096)
             self._refresh_neighbours(probe=True)
         return n
 

@@ -309,13 +309,14 @@ def _add_validate(sub):
 def _cmd_agent(args):
     import signal
 
-    from .agent import Agent, AgentError
+    from .agent import DEFAULT_NAT_CAPACITY, Agent, AgentError
 
     try:
         control = False if args.no_control_socket else (args.control_socket or True)
         agent = Agent(args.node, args.cluster, args.policies, netns=args.netns, flow_log=args.flow_log,
                       flow_drop_rate=args.flow_drop_rate, metrics_port=args.metrics_port,
-                      metrics_addr=args.metrics_addr, control_socket=control, ring_mode=args.ring_mode)
+                      metrics_addr=args.metrics_addr, control_socket=control, ring_mode=args.ring_mode,
+                      nat_capacity=args.nat_capacity or DEFAULT_NAT_CAPACITY, pod_conn_limit=args.pod_conn_limit)
     except (AgentError, PermissionError) as exc:
         raise CLIError(str(exc)) from None
     signal.signal(signal.SIGINT, lambda *a: agent.stop())
@@ -337,6 +338,20 @@ def _cmd_agent(args):
     print(f"egresscore agent: node {args.node} stopped: rx {c['rx']}, tx {c['tx']}, "
           f"tx_local {c['tx_local']}, drops: {drops}", file=status, flush=True)
     return EXIT_OK
+
+
+NAT_MAX_CAPACITY = 16_777_214  # the NAT table indexes connections in 24 bits
+
+
+def _count(text, most=None):
+    """An argparse type: a whole number from 1 to `most`."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1 or (most is not None and n > most):
+        raise argparse.ArgumentTypeError(f"{n} is out of range 1-{most}" if most else f"{n} must be at least 1")
+    return n
 
 
 def _add_agent(sub):
@@ -363,6 +378,14 @@ def _add_agent(sub):
     a.add_argument("--control-socket", metavar="PATH",
                    help="the control socket for `egresscore nat list/stats` (default /run/egresscore/NODE.sock)")
     a.add_argument("--no-control-socket", action="store_true", help="do not open the control socket")
+    a.add_argument("--nat-capacity", type=lambda v: _count(v, NAT_MAX_CAPACITY), metavar="N",
+                   help="connections the NAT table holds (default 1000000, at most 16777214): 126 bytes "
+                        "each, 126 MB allocated at the default, backed by the kernel only as connections "
+                        "use it")
+    a.add_argument("--pod-conn-limit", type=_count, metavar="N",
+                   help="at most N connections per source (pod) IP; more are refused (drop reason "
+                        "pod_conn_limit, counted per pod in `egresscore stats`); off by default; "
+                        "30 bytes more per connection of capacity")
     a.add_argument("--ring-mode", choices=("latency", "batch"), default="latency",
                    help="RX rings: 'latency' hands each frame over as it lands (default); 'batch' hands "
                         "over blocks, at most 1 ms late: fewer wake-ups, more small packets per CPU second")

@@ -162,6 +162,16 @@ class StatsCollector:
             for reason, v in sorted(refused.items()):
                 self._add(c, v, reason)
             yield c
+        by_source = n.get("refused_by_source")
+        if by_source or n.get("refused_other_sources"):
+            c = self._family(CounterMetricFamily, "nat_pod_conn_refused",
+                             "New connections refused by the per-pod limit, by source (pod) IP "
+                             "(source \"other\": pods beyond the 256 counted by name)", ["source"])
+            for src, v in sorted((by_source or {}).items()):
+                self._add(c, v, src)
+            if n.get("refused_other_sources"):
+                self._add(c, n["refused_other_sources"], "other")
+            yield c
         ports = n.get("ports")
         if ports:
             used = self._family(GaugeMetricFamily, "nat_ports_in_use",

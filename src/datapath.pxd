@@ -138,6 +138,8 @@ cdef class Datapath:
     cdef int dp_too_big(self, const uint8_t *f, PktInfo *pi, int port, uint32_t mtu,
                         dp_out *out) noexcept nogil
     cdef void dp_count(self, int verdict, int reason) noexcept nogil
+    cdef void dp_done(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
+                      int r) noexcept nogil
     cdef void dp_flow_drop(self, const uint8_t *frame, int64_t length, int in_port, int reason,
                            uint64_t now) noexcept nogil
     cdef Py_ssize_t dp_poll(self, int max_frames) noexcept nogil

@@ -130,6 +130,8 @@ def _dp_mac(value, what):
     return b
 
 
+DP_GC_BUDGET = 1024     # connections one Datapath.gc call examines at most
+
 _DP_STAT_NAMES = ("rx", "passed", "tx", "tx_local", "dropped", "encap", "decap", "snat_egress",
                   "masquerade", "reverse_nat", "icmp_too_big", "icmp_errors", "tx_errors")
 
@@ -391,13 +393,12 @@ cdef class Datapath:
         virtio_net_hdr (dict: flags, gso_type, hdr_len, gso_size, csum_start,
         csum_offset), and return what would be transmitted: a list of
         (port, bytes, vnet dict or None).  A GSO frame bound for the tunnel
-        comes back as several segments."""
-        cdef const uint8_t[::1] b = bytes(frame)
+        comes back as several segments.  Any length is taken, 0 included (a
+        runt is counted as poll() counts it)."""
+        cdef const uint8_t[::1] b = bytes(frame) + b"\0"    # a byte to point at when empty
         cdef dp_vnet v
         cdef uint64_t t
         cdef const uint8_t *vp = NULL
-        if b.shape[0] == 0:
-            raise ValueError("frame is empty")
         if not 0 <= port < DP_MAX_PORTS or not self.ports[port].used:
             raise ValueError(f"port {port} is not configured")
         if vnet is not None:
@@ -417,7 +418,7 @@ cdef class Datapath:
         self.cap_n = 0
         try:
             with nogil:
-                self.dp_rx_frame(&b[0], b.shape[0], port, t, vp)
+                self.dp_rx_frame(&b[0], b.shape[0] - 1, port, t, vp)
             out = []
             for i in range(self.cap_n):
                 o = self.cap_out[i]
@@ -488,8 +489,14 @@ cdef class Datapath:
                 break
         return total
 
-    def gc(self, int max_scan=4096, now=None):
-        """Bounded NAT expiry work (call every tick)."""
+    def gc(self, int max_scan=DP_GC_BUDGET, now=None):
+        """Bounded NAT expiry work: the expiry wheel's due buckets, at most
+        `max_scan` connections examined (collected or re-bucketed), the rest
+        left for the next call.  Call it every loop return (at least every
+        20 ms): a closed flow's port is free within its timeout + ~0.2 s, and
+        one call stalls the datapath thread no longer than max_scan
+        collections (benchmarks/bench_nat.py measures it).  Returns how many
+        connections were collected."""
         cdef uint64_t t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
         cdef uint32_t n
         with nogil:
@@ -524,8 +531,7 @@ cdef class Datapath:
             n = ring_rx_batch(self.rings[port], fr, max_frames)
             for i in range(n):
                 if fr[i].len < fr[i].wire_len:
-                    self.st.rx += 1
-                    self.dp_count(VERDICT_DROP, DROP_TRUNCATED)
+                    self.dp_done(fr[i].data, fr[i].len, port, now, dp_ret(VERDICT_DROP, DROP_TRUNCATED))
                     continue
                 self.dp_rx_frame(fr[i].data, fr[i].len, port, now, fr[i].vnet)
             if n:
@@ -629,13 +635,13 @@ cdef class Datapath:
         cdef int i = 0
         cdef dp_out o
         if pkt_parse(frame, length, &pi) or pi.ip_version != 4 or pi.proto != PKT_IPPROTO_TCP or pi.l4_off < 0:
-            self.dp_count(VERDICT_DROP, DROP_UNSUPPORTED)
+            self.dp_done(frame, length, in_port, now, dp_ret(VERDICT_DROP, DROP_UNSUPPORTED))
             return 0
         hdr = pi.l4_off + ((frame[pi.l4_off + 12] >> 4) << 2)
         l3 = pi.l3_off
         payload = pi.l3_end - hdr
         if mss == 0 or hdr + mss > 9216 or payload <= 0:
-            self.dp_count(VERDICT_DROP, DROP_UNSUPPORTED)
+            self.dp_done(frame, length, in_port, now, dp_ret(VERDICT_DROP, DROP_UNSUPPORTED))
             return 0
         self.gso_segmented += 1
         id0 = pkt_load16(frame + l3 + 4)
@@ -733,9 +739,10 @@ cdef class Datapath:
         out.port = -1
         self.gso = 0
         if length < PKT_ETH_LEN or length > DP_SCRATCH - DP_HEADROOM:
-            self.st.rx += 1
+            # a runt or an oversize frame: not ours from the underlay, a
+            # malformed one from a pod
             r = dp_ret(VERDICT_PASS, 0) if in_port == 0 else dp_ret(VERDICT_DROP, DROP_MALFORMED)
-            self.dp_count(r & 0xff, r >> 8)
+            self.dp_done(frame, length, in_port, now, r)
             return r
         _dp_memset(&v, 0, sizeof(dp_vnet))
         if vnet != NULL:
@@ -750,9 +757,9 @@ cdef class Datapath:
         if vnet != NULL:
             if v.gso_type != 0:
                 if (v.gso_type & 0x7f) != 1:     # only TCPV4 super-packets
-                    self.st.rx += 1
-                    self.dp_count(VERDICT_DROP, DROP_UNSUPPORTED)
-                    return dp_ret(VERDICT_DROP, DROP_UNSUPPORTED)
+                    r = dp_ret(VERDICT_DROP, DROP_UNSUPPORTED)
+                    self.dp_done(frame, length, in_port, now, r)
+                    return r
                 self.gso = 1
                 self.gso_type = v.gso_type
                 self.gso_size = v.gso_size
@@ -767,26 +774,33 @@ cdef class Datapath:
         else:
             r = self.dp_from_pod(f, length, in_port, now, out)
         if (r & 0xff) == DP_SEGMENT:
-            return r                             # counted per segment
+            return r                             # counted per segment (or once if refused)
+        self.dp_done(frame, length, in_port, now, r)
+        return r
+
+    cdef void dp_done(self, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
+                      int r) noexcept nogil:
+        """Count a frame's verdict r (dp_ret), every path's one place: rx =
+        passed + tx + tx_local + dropped, and the per-verdict packets and bytes,
+        hold for every frame (runts, refused super-packets, truncated ones)."""
         self.st.rx += 1
         self.dp_count(r & 0xff, r >> 8)
         self.st.vpkts[r & 3] += 1
         self.st.vbytes[r & 3] += <uint64_t>length
         if self.flog != NULL and (r & 0xff) == VERDICT_DROP:
             self.dp_flow_drop(frame, length, in_port, r >> 8, now)
-        return r
 
     cdef void dp_flow_drop(self, const uint8_t *frame, int64_t length, int in_port, int reason,
                            uint64_t now) noexcept nogil:
         """A drop record (rate-limited per reason) with the dropped packet's
         flow; for VXLAN from the underlay, the inner packet's.  The NAT table
-        already logged its own refusals (exhausted, full)."""
+        already logged its own refusals (exhausted, full, pod limit)."""
         cdef PktInfo pi
         cdef const uint8_t *p = frame
         cdef int64_t n = length
         cdef uint8_t src[16]
         cdef uint8_t dst[16]
-        if reason == DROP_NAT_EXHAUSTED or reason == DROP_NAT_TABLE_FULL:
+        if reason == DROP_NAT_EXHAUSTED or reason == DROP_NAT_TABLE_FULL or reason == DROP_POD_CONN_LIMIT:
             return
         if not flow_drop_allow(self.flog, <uint8_t>reason, now):
             return

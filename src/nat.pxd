@@ -10,7 +10,10 @@
 #   nat_peek_in(t, reply, now, out)             (both for tuples quoted in ICMP errors)
 #   nat_update_tcp(t, tuple, dir, now)          TCP state hook (translate_* call it too)
 #   nat_ext_find(t, family, addr)               egress IP -> index (-1 if unknown)
-#   nat_gc(t, now, max_scan)                    bounded incremental expiry
+#   nat_gc(t, now, max_scan)                    bounded incremental expiry (the
+#                                               timing wheel: at most max_scan
+#                                               entries examined per call)
+#   nat_gc_sweep(t, now)                        every dead entry (a full scan)
 #   nat_translate_batch(t, tin, ext, ext_stride, tout, codes, n, now)
 #   nat_reverse_batch(t, tin, tout, codes, n, now)
 #                                               the same over arrays, with the
@@ -44,12 +47,13 @@ cdef extern from "nat_helpers.h":
     void nat_prefetch(const void* p) nogil
     void nat_prefetch_w(const void* p) nogil
     int nat_ctz64(uint64_t x) nogil
-    void* nat_alloc_big(size_t size) nogil
-    void nat_free_big(void* p) nogil
+    void* nat_alloc_big(size_t size, int huge) nogil
+    void nat_free_big(void* p, size_t size) nogil
     enum: NAT_NONE          # 0xffffffff: no entry / end of a free list
     enum: NAT_TAG_MASK      # 0xff000000: hash tag bits of an index slot
     enum: NAT_PF_SLOT       # batch pipeline distances
     enum: NAT_PF_ENTRY
+    const uint64_t NAT_WHEEL_UNSET  # wheel_cur before the first use
 
 cdef enum:
     NAT_PROTO_ICMP = 1
@@ -85,6 +89,16 @@ cdef enum:
     NAT_MAX_CAPACITY = 16777214 # slot = 8-bit tag | 24-bit entry index + 1
     NAT_NPOOLS = 3              # per egress IP: TCP, UDP, ICMP echo
 
+    # expiry timing wheel: NAT_WHEEL_SLOTS buckets of 2**NAT_WHEEL_SHIFT ns
+    # (134 ms), one revolution = 1100 s; farther expiries wait in the last
+    # bucket and are re-bucketed when it comes due
+    NAT_WHEEL_SHIFT = 27
+    NAT_WHEEL_SLOTS = 8192
+
+    NAT_SRC_V6 = 0x80000000     # nat_src.meta: the address is IPv6
+    NAT_SRC_COUNT = 0x7fffffff  # nat_src.meta: live connections of the source
+    NAT_SRC_REFUSED_SLOTS = 256 # sources whose refusals are counted one by one
+
 # A packet's flow as the datapath sees it; also the dtype of batch arrays
 # (egresscore.NAT_TUPLE_DTYPE, 40 bytes).  For ICMP echo the identifier is
 # sport in requests and dport in replies; the other port is ignored.
@@ -98,7 +112,7 @@ cdef packed struct nat_tuple:
     uint8_t src[16]
     uint8_t dst[16]
 
-# One connection, 72 bytes, indexed from both directions.  The counters are
+# One connection, 80 bytes, indexed from both directions.  The counters are
 # 32-bit bytes and 16-bit packets per direction (index NAT_DIR_OUT/IN): when
 # one would wrap, a FLOW_UPDATE record carries the counts so far and they
 # restart from zero (without a flow log they stop at their maximum).
@@ -118,6 +132,8 @@ cdef struct nat_entry:
     uint32_t created_ms         # creation time, ms modulo 2**32 (ages < 49 days)
     uint32_t nbytes[2]          # IP bytes by direction
     uint16_t npkts[2]           # packets by direction
+    uint32_t wl[2]              # expiry wheel list: next, prev (entry index, or
+                                # capacity + bucket for a bucket's list head)
 
 # Endpoint-independent mapping (pod ip, pod port, egress ip, proto) -> xport,
 # shared by all connections from that pod endpoint: 28 bytes.  A free
@@ -151,6 +167,20 @@ cdef struct nat_index:
     uint32_t* slots
     uint64_t size
 
+# Live connections of one source (pod) address, for the per-source limit:
+# an open-addressing table sized at creation (it never fills: a source with
+# connections holds at least one entry), 20 bytes a slot, meta 0 = empty.
+cdef struct nat_src:
+    uint8_t addr[16]
+    uint32_t meta               # connections | NAT_SRC_V6
+
+# New connections refused to one source by the per-source limit (a fixed
+# table: the first NAT_SRC_REFUSED_SLOTS sources refused, then "other").
+cdef struct nat_src_refusal:
+    uint8_t addr[16]
+    uint32_t family             # 0 = empty slot
+    uint64_t count
+
 cdef struct nat_table:
     nat_entry* entries
     nat_mapping* mappings
@@ -162,7 +192,8 @@ cdef struct nat_table:
     uint32_t free_head
     uint32_t map_free_head
     uint32_t map_used
-    uint32_t gc_cursor
+    uint32_t entries_hwm        # entries [hwm, capacity) never used yet (free)
+    uint32_t mappings_hwm
     uint32_t n_ext
     nat_ext ext[1024]
     uint64_t seed
@@ -174,8 +205,22 @@ cdef struct nat_table:
     uint64_t created_count
     uint64_t expired
     uint64_t gc_runs
+    uint64_t gc_examined        # entries the wheel looked at (collected or moved)
     uint64_t drops[32]          # by DropReason
     flow_log* flog              # flow records go here when not NULL
+    # expiry timing wheel: bucket b's list head is wheel[2*b] (next),
+    # wheel[2*b+1] (prev); wheel_cur is the absolute bucket number (expiry
+    # >> NAT_WHEEL_SHIFT) gc looks at next, NAT_WHEEL_UNSET before any use
+    uint32_t* wheel
+    uint64_t wheel_cur
+    # per-source connection limit (0: off, src == NULL)
+    uint32_t src_limit
+    uint32_t src_used           # sources holding connections
+    nat_src* src
+    uint64_t src_size
+    nat_src_refusal refused_src[256]
+    uint32_t refused_src_used
+    uint64_t refused_src_other  # refusals of sources beyond the table
 
 cdef int nat_translate_out(nat_table* t, const nat_tuple* orig, uint32_t ext,
                            uint64_t now, nat_tuple* out) noexcept nogil
@@ -189,6 +234,7 @@ cdef int nat_update_tcp(nat_table* t, const nat_tuple* k, int direction,
                         uint64_t now) noexcept nogil
 cdef int nat_ext_find(nat_table* t, uint8_t family, const uint8_t* addr) noexcept nogil
 cdef uint32_t nat_gc(nat_table* t, uint64_t now, uint32_t max_scan) noexcept nogil
+cdef uint32_t nat_gc_sweep(nat_table* t, uint64_t now) noexcept nogil
 cdef void nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_t* ext,
                               Py_ssize_t ext_stride, nat_tuple* tout, uint8_t* codes,
                               Py_ssize_t n, uint64_t now) noexcept nogil

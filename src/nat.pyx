@@ -21,10 +21,28 @@
 #   both ways, or RST) 10 s; an outgoing SYN reopens a CLOSING entry.  UDP
 #   300 s (RFC 4787 REQ-5 asks >= 2 min and recommends 5 min; Cilium's 60 s
 #   breaks that).  ICMP echo 60 s.  An entry is dead at `expires`; dead entries
-#   are collected lazily when a lookup meets them and by nat_gc, which scans a
-#   bounded number of slots per call (the agent calls it every tick) or all of
-#   them (full sweep).  A dead entry occupies its slot (and keeps its mapping)
-#   until collected.
+#   are collected lazily when a lookup meets them, by nat_gc (bounded work per
+#   call, below) and by nat_gc_sweep (every entry).  A dead entry occupies its
+#   slot (and keeps its mapping and port) until collected.
+# * Expiry: a timing wheel of NAT_WHEEL_SLOTS buckets of 134 ms, each an
+#   intrusive doubly linked list through the entries.  An entry sits in the
+#   bucket of its expiry or an earlier one: a packet that extends it does not
+#   move it (lazy); when its bucket comes due and it is still alive, nat_gc
+#   moves it to the bucket of its real expiry.  A change to a SHORTER timeout
+#   (FIN both ways, RST) moves it at once.  nat_gc looks at the buckets that
+#   have fully passed, examines at most max_scan entries per call (leftovers
+#   wait for the next call) and costs O(what expires + what is re-bucketed),
+#   whatever the table's size.  Called every 20 ms, it frees a closed flow's
+#   port within its timeout plus ~0.16 s.
+# * Per-source limit (off unless per_source_limit is set): a source (pod)
+#   address holds at most that many connections; a new one beyond it is
+#   refused (DROP_POD_CONN_LIMIT), counted for that source, so one pod cannot
+#   fill the shared table.  A fixed table of sources counts connections (up
+#   on create, down on collect); no allocation per packet.
+# * Memory: the arrays are anonymous mappings the kernel backs on first touch
+#   (entries and mappings are handed out in index order, the indexes are
+#   touched where hashes land), so a large, lightly used table is cheap to
+#   create and to hold.
 #
 # Thread model: a table is single-writer.  The C functions take no lock; the
 # fused datapath gives each worker its own table.  Flows are steered so that a
@@ -114,7 +132,9 @@ cdef inline uint64_t _nat_entry_hash(nat_table* t, int kind, uint32_t idx) noexc
 
 # ---------------------------------------------------------------------------
 # open-addressing index: uint32 slots = 8-bit hash tag | (entry index + 1),
-# linear probing, load <= 0.5, backward-shift deletion (no tombstones).
+# linear probing, 1.5 slots per entry of capacity (load < 2/3 when full:
+# about 5 slots, one cache line, probed for a miss), backward-shift deletion
+# (no tombstones).
 
 cdef inline uint64_t _nat_home(const nat_index* ix, uint64_t h) noexcept nogil:
     return ((h >> 32) * ix.size) >> 32
@@ -288,7 +308,107 @@ cdef inline uint64_t _nat_rand(nat_table* t) noexcept nogil:
     return x * <uint64_t>0x2545F4914F6CDD1DULL
 
 # ---------------------------------------------------------------------------
-# entries
+# expiry wheel: intrusive doubly linked bucket lists (see the header)
+
+cdef inline uint32_t* _nat_link(nat_table* t, uint32_t i) noexcept nogil:
+    """The (next, prev) pair of entry i, or of bucket i - capacity's head."""
+    if i < t.capacity:
+        return t.entries[i].wl
+    return &t.wheel[2 * (i - t.capacity)]
+
+cdef inline void _nat_wheel_unlink(nat_table* t, uint32_t i) noexcept nogil:
+    cdef uint32_t* l = t.entries[i].wl
+    _nat_link(t, l[1])[0] = l[0]
+    _nat_link(t, l[0])[1] = l[1]
+
+cdef inline void _nat_wheel_add(nat_table* t, uint32_t i) noexcept nogil:
+    """Link entry i into the bucket of its expiry, clamped to the wheel's
+    window [wheel_cur, wheel_cur + NAT_WHEEL_SLOTS - 1] (never later than its
+    expiry, so gc meets it no later than due)."""
+    cdef uint64_t b = t.entries[i].expires >> NAT_WHEEL_SHIFT
+    cdef uint32_t s, head
+    if b < t.wheel_cur:
+        b = t.wheel_cur
+    elif b > t.wheel_cur + (NAT_WHEEL_SLOTS - 1):
+        b = t.wheel_cur + (NAT_WHEEL_SLOTS - 1)
+    s = <uint32_t>(b & (NAT_WHEEL_SLOTS - 1))
+    head = t.wheel[2 * s]
+    t.entries[i].wl[0] = head
+    t.entries[i].wl[1] = t.capacity + s
+    _nat_link(t, head)[1] = i
+    t.wheel[2 * s] = i
+
+# ---------------------------------------------------------------------------
+# per-source connection counts (per_source_limit)
+
+cdef inline uint64_t _nat_src_home(nat_table* t, uint8_t family, const uint8_t* addr) noexcept nogil:
+    cdef uint64_t h = nat_hash3(t.seed ^ 0xc2b2ae3d27d4eb4fULL, family,
+                                nat_load64(addr), nat_load64(addr + 8))
+    return ((h >> 32) * t.src_size) >> 32
+
+cdef inline nat_src* _nat_src_find(nat_table* t, uint8_t family, const uint8_t* addr) noexcept nogil:
+    """The slot of source (family, addr): its record, or the empty slot where
+    it goes (meta == 0)."""
+    cdef uint64_t pos = _nat_src_home(t, family, addr)
+    cdef uint32_t fam = NAT_SRC_V6 if family == 6 else 0
+    cdef nat_src* r
+    while True:
+        r = &t.src[pos]
+        if r.meta == 0 or ((r.meta & NAT_SRC_V6) == fam and nat_eq16(r.addr, addr)):
+            return r
+        pos += 1
+        if pos == t.src_size:
+            pos = 0
+
+cdef void _nat_src_release(nat_table* t, uint8_t family, const uint8_t* addr) noexcept nogil:
+    """One connection of the source fewer; its slot is emptied at zero
+    (backward-shift deletion, as the indexes)."""
+    cdef nat_src* r = _nat_src_find(t, family, addr)
+    cdef uint64_t i, j, k
+    if r.meta == 0:
+        return          # not counted (never happens)
+    r.meta -= 1
+    if (r.meta & NAT_SRC_COUNT) != 0:
+        return
+    t.src_used -= 1
+    i = <uint64_t>(r - t.src)
+    j = i
+    while True:
+        j += 1
+        if j == t.src_size:
+            j = 0
+        if t.src[j].meta == 0:
+            break
+        k = _nat_src_home(t, 6 if t.src[j].meta & NAT_SRC_V6 else 4, t.src[j].addr)
+        if i <= j:
+            if i < k and k <= j:
+                continue
+        elif i < k or k <= j:
+            continue
+        t.src[i] = t.src[j]
+        i = j
+    t.src[i].meta = 0
+
+cdef void _nat_src_refused(nat_table* t, uint8_t family, const uint8_t* addr) noexcept nogil:
+    """Count a refusal for the source (first NAT_SRC_REFUSED_SLOTS sources by
+    name, the rest together)."""
+    cdef uint32_t pos = <uint32_t>(nat_hash3(t.seed, family, nat_load64(addr),
+                                             nat_load64(addr + 8)) & (NAT_SRC_REFUSED_SLOTS - 1))
+    cdef nat_src_refusal* r
+    cdef int n
+    for n in range(NAT_SRC_REFUSED_SLOTS):
+        r = &t.refused_src[pos]
+        if r.family == family and nat_eq16(r.addr, addr):
+            r.count += 1
+            return
+        if r.family == 0:
+            r.family = family
+            memcpy(r.addr, addr, 16)
+            r.count = 1
+            t.refused_src_used += 1
+            return
+        pos = (pos + 1) & (NAT_SRC_REFUSED_SLOTS - 1)
+    t.refused_src_other += 1
 
 # ---------------------------------------------------------------------------
 # flow records and per-connection counters
@@ -373,8 +493,17 @@ cdef inline void _nat_touch(nat_table* t, nat_entry* e, int direction, uint8_t f
             elif e.state == NAT_STATE_SYN_SENT and direction == NAT_DIR_IN:
                 e.state = NAT_STATE_ESTABLISHED
     cdef uint64_t expires = now + t.timeout[e.state]
+    cdef uint32_t idx
     if e.expires != expires:        # do not dirty the line for nothing
-        e.expires = expires
+        if expires < e.expires:
+            # a shorter timeout (FIN, RST): into an earlier bucket now, so the
+            # port comes back on time (longer ones are re-bucketed lazily)
+            idx = <uint32_t>(e - t.entries)
+            e.expires = expires
+            _nat_wheel_unlink(t, idx)
+            _nat_wheel_add(t, idx)
+        else:
+            e.expires = expires
 
 cdef int nat_update_tcp(nat_table* t, const nat_tuple* k, int direction,
                         uint64_t now) noexcept nogil:
@@ -410,6 +539,9 @@ cdef void _nat_collect(nat_table* t, uint32_t idx, uint64_t now,
     cdef nat_mapping* m = &t.mappings[e.mapping]
     if t.flog != NULL:
         _nat_flow(t, e, FLOW_END, reason if reason else _nat_end_reason(e), now)
+    _nat_wheel_unlink(t, idx)
+    if t.src_limit:
+        _nat_src_release(t, e.family, e.src)
     _nat_index_delete(t, 0, &t.fwd, _nat_entry_hash(t, 0, idx), idx)
     _nat_index_delete(t, 1, &t.rev, _nat_entry_hash(t, 1, idx), idx)
     m.refcnt -= 1
@@ -454,7 +586,13 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
     cdef uint32_t m, idx, start, xport
     cdef nat_mapping* mp
     cdef nat_entry* e
-    if t.free_head == NAT_NONE:
+    cdef nat_src* sr = NULL
+    if t.src_limit:
+        sr = _nat_src_find(t, o.family, o.src)
+        if (sr.meta & NAT_SRC_COUNT) >= t.src_limit:
+            _nat_src_refused(t, o.family, o.src)
+            return _nat_refuse(t, o, DROP_POD_CONN_LIMIT, now)
+    if t.free_head == NAT_NONE and t.entries_hwm == t.capacity:
         return _nat_refuse(t, o, DROP_NAT_TABLE_FULL, now)
     m = _nat_find_map(t, mh, o.family, o.proto, o.sport, <uint16_t>ext, o.src)
     if m == NAT_NONE:
@@ -467,8 +605,13 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
             xport = _nat_port_find(pool, start)
         _nat_port_take(pool, xport)
         m = t.map_free_head
-        mp = &t.mappings[m]
-        memcpy(&t.map_free_head, mp.addr, 4)      # next-free link
+        if m != NAT_NONE:
+            mp = &t.mappings[m]
+            memcpy(&t.map_free_head, mp.addr, 4)  # next-free link
+        else:
+            m = t.mappings_hwm                    # never used: no more than entries
+            t.mappings_hwm += 1
+            mp = &t.mappings[m]
         memcpy(mp.addr, o.src, 16)
         mp.port = o.sport
         mp.xport = <uint16_t>xport
@@ -482,8 +625,19 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
         mp = &t.mappings[m]
     mp.refcnt += 1
     idx = t.free_head
-    e = &t.entries[idx]
-    t.free_head = e.mapping
+    if idx != NAT_NONE:
+        e = &t.entries[idx]
+        t.free_head = e.mapping
+    else:
+        idx = t.entries_hwm
+        t.entries_hwm += 1
+        e = &t.entries[idx]
+    if sr != NULL:
+        if sr.meta == 0:
+            memcpy(sr.addr, o.src, 16)
+            sr.meta = NAT_SRC_V6 if o.family == 6 else 0
+            t.src_used += 1
+        sr.meta += 1
     memcpy(e.src, o.src, 16)
     memcpy(e.dst, o.dst, 16)
     e.sport = o.sport
@@ -512,7 +666,11 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
         nat_prefetch_w(&t.rev.slots[_nat_home(&t.rev, defer[0])])
     t.used += 1
     t.created_count += 1
+    e.expires = 0
     _nat_touch(t, e, NAT_DIR_OUT, o.tcp_flags, now)
+    if t.wheel_cur == NAT_WHEEL_UNSET:
+        t.wheel_cur = now >> NAT_WHEEL_SHIFT
+    _nat_wheel_add(t, idx)
     if t.flog != NULL:
         _nat_flow(t, e, FLOW_START, 0, now)
     _nat_count(t, e, NAT_DIR_OUT, length, now)
@@ -666,13 +824,45 @@ cdef int nat_ext_find(nat_table* t, uint8_t family, const uint8_t* addr) noexcep
     return -1
 
 cdef uint32_t nat_gc(nat_table* t, uint64_t now, uint32_t max_scan) noexcept nogil:
-    """Collect dead entries among the next `max_scan` slots; returns how many."""
-    cdef uint32_t n = max_scan if max_scan < t.capacity else t.capacity
-    cdef uint32_t k, i, collected = 0
+    """Work through the wheel's buckets that have fully passed: collect their
+    dead entries, move the live ones to the bucket of their expiry.  At most
+    `max_scan` entries are examined (plus at most NAT_WHEEL_SLOTS empty
+    buckets, a load each); the rest waits for the next call.  Returns how many
+    entries were collected."""
+    cdef uint64_t target = now >> NAT_WHEEL_SHIFT
+    cdef uint32_t work = 0, collected = 0, i, s
+    t.gc_runs += 1
+    if t.wheel_cur == NAT_WHEEL_UNSET or t.used == 0:
+        if t.wheel_cur == NAT_WHEEL_UNSET or target > t.wheel_cur:
+            t.wheel_cur = target        # nothing linked: nothing to catch up on
+        return 0
+    if target > t.wheel_cur + NAT_WHEEL_SLOTS:
+        t.wheel_cur = target - NAT_WHEEL_SLOTS    # a revolution visits every bucket
+    while t.wheel_cur < target and work < max_scan:
+        s = <uint32_t>(t.wheel_cur & (NAT_WHEEL_SLOTS - 1))
+        i = t.wheel[2 * s]
+        if i == t.capacity + s:
+            t.wheel_cur += 1            # bucket empty: the next one
+            continue
+        work += 1
+        if t.entries[i].expires <= now:
+            _nat_collect(t, i, now)
+            t.expired += 1
+            collected += 1
+        else:
+            # alive (refreshed since it was bucketed): to a later bucket, never
+            # this one (its expiry lies after now, so after this bucket)
+            _nat_wheel_unlink(t, i)
+            _nat_wheel_add(t, i)
+    t.gc_examined += work
+    return collected
+
+cdef uint32_t nat_gc_sweep(nat_table* t, uint64_t now) noexcept nogil:
+    """Collect every dead entry (a scan of all entries ever used); returns how
+    many.  For tests and tools: its work grows with the table."""
+    cdef uint32_t i, collected = 0
     cdef nat_entry* e
-    for k in range(n):
-        i = t.gc_cursor
-        t.gc_cursor = i + 1 if i + 1 < t.capacity else 0
+    for i in range(t.entries_hwm):
         e = &t.entries[i]
         if e.state != NAT_STATE_FREE and e.expires <= now:
             _nat_collect(t, i, now)
@@ -687,7 +877,7 @@ cdef uint32_t nat_flush(nat_table* t, uint64_t now) noexcept nogil:
     many were removed."""
     cdef uint32_t i, n = 0
     cdef nat_entry* e
-    for i in range(t.capacity):
+    for i in range(t.entries_hwm):
         e = &t.entries[i]
         if e.state != NAT_STATE_FREE:
             _nat_collect(t, i, now, FLOW_END_EVICTION
@@ -827,7 +1017,7 @@ NAT_TUPLE_DTYPE = _np.dtype({
     "offsets": [0, 1, 2, 3, 4, 6, 8, 24],
     "itemsize": 40,
 })
-assert sizeof(nat_tuple) == 40 and sizeof(nat_entry) == 72 and sizeof(nat_mapping) == 28
+assert sizeof(nat_tuple) == 40 and sizeof(nat_entry) == 80 and sizeof(nat_mapping) == 28
 
 NatEntry = _namedtuple(
     "NatEntry",
@@ -852,7 +1042,7 @@ _NAT_STATE_NAME = ("free", "SYN_SENT", "ESTABLISHED", "CLOSING", "UDP", "ICMP")
 _NAT_TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10,
                   "U": 0x20, "E": 0x40, "C": 0x80}
 _NAT_REFUSAL_REASONS = (DROP_NAT_EXHAUSTED, DROP_NAT_TABLE_FULL, DROP_NO_NAT_ENTRY,
-                    DROP_UNSUPPORTED, DROP_NO_EGRESS_IP)
+                        DROP_UNSUPPORTED, DROP_NO_EGRESS_IP, DROP_POD_CONN_LIMIT)
 
 
 def _nat_addr(value, what):
@@ -971,13 +1161,19 @@ cdef class NatTable:
     """SNAT / connection table of a gateway or a masquerading node.
 
     NatTable(egress_ips=(), capacity=65536, port_range=(32768, 65535),
-             port_ranges=None, timeouts=None, clock=time.monotonic, seed=None)
+             port_ranges=None, timeouts=None, clock=time.monotonic, seed=None,
+             per_source_limit=None)
 
     `egress_ips` are the external addresses flows may be translated to (more
     with add_egress_ip); `port_range` applies to every (egress IP, protocol)
     unless `port_ranges` ({"tcp"|"udp"|"icmp": (lo, hi)}) or add_egress_ip say
     otherwise.  `timeouts` overrides DEFAULT_TIMEOUTS (seconds).  `clock()`
     returns monotonic seconds; every method also takes `now=` (seconds).
+    `capacity` (at most 16,777,214: entries are indexed in 24 bits) costs
+    about 127 bytes per connection (memory_bytes), backed by the kernel only
+    as connections use it.  `per_source_limit` N: a source (pod) address
+    holds at most N connections; more are refused ("pod_conn_limit", counted
+    per source in stats); about 30 bytes more per connection of capacity.
     """
 
     DEFAULT_TIMEOUTS = {"tcp_syn": 60.0, "tcp_established": 21600.0,
@@ -987,14 +1183,23 @@ cdef class NatTable:
         self.t = NULL
 
     def __init__(self, egress_ips=(), *, capacity=65536, port_range=(32768, 65535),
-                 port_ranges=None, timeouts=None, clock=_time.monotonic, seed=None):
+                 port_ranges=None, timeouts=None, clock=_time.monotonic, seed=None,
+                 per_source_limit=None):
         cdef nat_table* t
-        cdef uint32_t i, cap, nxt
+        cdef uint32_t i, cap
         cdef uint64_t nslots
         if isinstance(capacity, bool) or not isinstance(capacity, int):
             raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
         if not 1 <= capacity <= NAT_MAX_CAPACITY:
-            raise ValueError(f"capacity {capacity} is out of range 1-{NAT_MAX_CAPACITY}")
+            raise ValueError(f"capacity {capacity} is out of range 1-{NAT_MAX_CAPACITY} "
+                             f"(connections are indexed in 24 bits)")
+        if per_source_limit is not None:
+            if isinstance(per_source_limit, bool) or not isinstance(per_source_limit, int):
+                raise TypeError(f"per_source_limit must be an int or None, "
+                                f"not {type(per_source_limit).__name__}")
+            if not 1 <= per_source_limit <= capacity:
+                raise ValueError(f"per_source_limit {per_source_limit} is out of range "
+                                 f"1-{capacity} (the capacity)")
         if not callable(clock):
             raise TypeError("clock must be a callable returning seconds")
         default = _nat_range(port_range, "port_range")
@@ -1019,27 +1224,34 @@ cdef class NatTable:
         if self.t != NULL:
             raise RuntimeError("NatTable.__init__ called twice")
         cap = capacity
-        nslots = 2 * <uint64_t>cap + 1
+        nslots = _nat_index_slots(cap)
         t = <nat_table*>calloc(1, sizeof(nat_table))
         if t == NULL:
             raise MemoryError("NatTable")
         self.t = t
-        t.entries = <nat_entry*>nat_alloc_big(cap * sizeof(nat_entry))
-        t.mappings = <nat_mapping*>nat_alloc_big(cap * sizeof(nat_mapping))
-        t.fwd.slots = <uint32_t*>nat_alloc_big(nslots * 4)
-        t.rev.slots = <uint32_t*>nat_alloc_big(nslots * 4)
-        t.map.slots = <uint32_t*>nat_alloc_big(nslots * 4)
-        if (t.entries == NULL or t.mappings == NULL or t.fwd.slots == NULL
-                or t.rev.slots == NULL or t.map.slots == NULL):
-            raise MemoryError(f"NatTable of capacity {capacity}")
-        t.fwd.size = t.rev.size = t.map.size = nslots
         t.capacity = cap
-        for i in range(cap):
-            t.entries[i].mapping = i + 1 if i + 1 < cap else NAT_NONE
-            nxt = i + 1 if i + 1 < cap else NAT_NONE
-            memcpy(t.mappings[i].addr, &nxt, 4)     # next-free link
-        t.free_head = 0
-        t.map_free_head = 0
+        t.fwd.size = t.rev.size = t.map.size = nslots
+        # lazily backed: nothing is touched here (entries and mappings are
+        # handed out from index 0 up, then from their free lists)
+        t.entries = <nat_entry*>nat_alloc_big(cap * sizeof(nat_entry), 1)
+        t.mappings = <nat_mapping*>nat_alloc_big(cap * sizeof(nat_mapping), 1)
+        t.fwd.slots = <uint32_t*>nat_alloc_big(nslots * 4, 1)
+        t.rev.slots = <uint32_t*>nat_alloc_big(nslots * 4, 1)
+        t.map.slots = <uint32_t*>nat_alloc_big(nslots * 4, 1)
+        t.wheel = <uint32_t*>calloc(2 * NAT_WHEEL_SLOTS, sizeof(uint32_t))
+        if per_source_limit is not None:
+            t.src_size = _nat_index_slots(cap)
+            t.src = <nat_src*>nat_alloc_big(t.src_size * sizeof(nat_src), 0)
+        if (t.entries == NULL or t.mappings == NULL or t.fwd.slots == NULL
+                or t.rev.slots == NULL or t.map.slots == NULL or t.wheel == NULL
+                or (per_source_limit is not None and t.src == NULL)):
+            raise MemoryError(f"NatTable of capacity {capacity}")
+        t.src_limit = per_source_limit or 0
+        for i in range(NAT_WHEEL_SLOTS):
+            t.wheel[2 * i] = t.wheel[2 * i + 1] = cap + i     # empty: the head itself
+        t.wheel_cur = NAT_WHEEL_UNSET
+        t.free_head = NAT_NONE
+        t.map_free_head = NAT_NONE
         s = seed & 0xffffffffffffffff
         t.seed = (s * 0xff51afd7ed558ccd + 0x632be59bd9b4e5b1) & 0xffffffffffffffff
         t.rng = _nat_rng_seed(s)
@@ -1062,15 +1274,18 @@ cdef class NatTable:
         cdef int k
         if self.t == NULL:
             return
-        for i in range(self.t.n_ext):
+        cdef nat_table* t = self.t
+        for i in range(t.n_ext):
             for k in range(NAT_NPOOLS):
-                free(self.t.ext[i].pools[k])
-        nat_free_big(self.t.entries)
-        nat_free_big(self.t.mappings)
-        nat_free_big(self.t.fwd.slots)
-        nat_free_big(self.t.rev.slots)
-        nat_free_big(self.t.map.slots)
-        free(self.t)
+                free(t.ext[i].pools[k])
+        nat_free_big(t.entries, t.capacity * sizeof(nat_entry))
+        nat_free_big(t.mappings, t.capacity * sizeof(nat_mapping))
+        nat_free_big(t.fwd.slots, t.fwd.size * 4)
+        nat_free_big(t.rev.slots, t.rev.size * 4)
+        nat_free_big(t.map.slots, t.map.size * 4)
+        nat_free_big(t.src, t.src_size * sizeof(nat_src))
+        free(t.wheel)
+        free(t)
         self.t = NULL
 
     # -- configuration -------------------------------------------------------
@@ -1136,13 +1351,24 @@ cdef class NatTable:
 
     @property
     def memory_bytes(self):
-        """Bytes held: entries, mappings, the three indexes and the port pools."""
+        """Bytes allocated: entries, mappings, the three indexes, the expiry
+        wheel, the per-source table and the port pools.  The large arrays are
+        backed by the kernel as they are touched: resident memory starts near
+        zero and grows with use (the indexes are touched where hashes land)."""
         if self.t == NULL:
             raise RuntimeError("NatTable was not initialised (__init__ not run)")
         cdef nat_table* t = self.t
         return (sizeof(nat_table) + t.capacity * (sizeof(nat_entry) + sizeof(nat_mapping))
                 + 4 * (t.fwd.size + t.rev.size + t.map.size)
+                + 8 * NAT_WHEEL_SLOTS + t.src_size * sizeof(nat_src)
                 + t.n_ext * NAT_NPOOLS * sizeof(nat_pool))
+
+    @property
+    def per_source_limit(self):
+        """Connections one source address may hold (None: no limit)."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        return self.t.src_limit or None
 
     def __len__(self):
         """Entries held, including dead ones not collected yet."""
@@ -1295,7 +1521,7 @@ cdef class NatTable:
         """Iterate over live connections (the data of a `nat list` view)."""
         cdef uint64_t t_ns = self._now(now)
         cdef uint32_t i
-        for i in range(self.t.capacity):
+        for i in range(self.t.entries_hwm):
             if self.t.entries[i].state != NAT_STATE_FREE and self.t.entries[i].expires > t_ns:
                 yield self._entry(i, t_ns)
 
@@ -1317,19 +1543,20 @@ cdef class NatTable:
         return "\n".join(lines)
 
     def gc(self, max_scan=None, *, now=None):
-        """Collect dead entries: a full sweep, or the next `max_scan` slots only
-        (bounded work for a datapath tick).  Returns the number collected."""
+        """Collect dead entries: a full sweep (max_scan None), or the expiry
+        wheel's due work with at most `max_scan` entries examined (bounded
+        work for a datapath tick; what is left waits for the next call).
+        Returns the number collected."""
         cdef uint64_t t_ns = self._now(now)
         cdef uint32_t n, got
-        if max_scan is None:
-            n = self.t.capacity
-        else:
+        cdef bint sweep = max_scan is None
+        if not sweep:
             if isinstance(max_scan, bool) or not isinstance(max_scan, int) or max_scan < 0:
                 raise ValueError(f"max_scan must be a non-negative int, not {max_scan!r}")
-            n = min(max_scan, self.t.capacity)
+            n = min(max_scan, 0xffffffff)
         with self._lock:
             with nogil:
-                got = nat_gc(self.t, t_ns, n)
+                got = nat_gc_sweep(self.t, t_ns) if sweep else nat_gc(self.t, t_ns, n)
         return got
 
     def port_usage(self):
@@ -1382,21 +1609,35 @@ cdef class NatTable:
 
     @property
     def stats(self):
-        """Counters: lookups, hits, created, expired, refused by reason, sizes."""
+        """Counters: lookups, hits, created, expired, refused by reason, sizes;
+        with a per-source limit, the sources holding connections and the
+        refusals by source address (the first 256 sources refused by name,
+        the others summed in refused_other_sources)."""
         if self.t == NULL:
             raise RuntimeError("NatTable was not initialised (__init__ not run)")
         cdef nat_table* t = self.t
-        return {
-            "capacity": t.capacity,
-            "entries": t.used,
-            "mappings": t.map_used,
-            "lookups": t.lookups,
-            "hits": t.hits,
-            "created": t.created_count,
-            "expired": t.expired,
-            "gc_runs": t.gc_runs,
-            "refused": {DROP_REASON_NAMES[r]: t.drops[r] for r in _NAT_REFUSAL_REASONS},
-        }
+        cdef uint32_t i
+        by_source = {}
+        with self._lock:
+            for i in range(NAT_SRC_REFUSED_SLOTS):
+                if t.refused_src[i].family:
+                    by_source[_nat_ip_str(t.refused_src[i].family, t.refused_src[i].addr)] = \
+                        t.refused_src[i].count
+            return {
+                "capacity": t.capacity,
+                "entries": t.used,
+                "mappings": t.map_used,
+                "lookups": t.lookups,
+                "hits": t.hits,
+                "created": t.created_count,
+                "expired": t.expired,
+                "gc_runs": t.gc_runs,
+                "refused": {DROP_REASON_NAMES[r]: t.drops[r] for r in _NAT_REFUSAL_REASONS},
+                "per_source_limit": t.src_limit or None,
+                "sources": t.src_used,
+                "refused_by_source": by_source,
+                "refused_other_sources": t.refused_src_other,
+            }
 
     # -- batches -------------------------------------------------------------
 
@@ -1483,6 +1724,15 @@ cdef class NatTable:
             with nogil:
                 nat_reverse_batch_len(self.t, tin, tout, cp, cn, t_ns, lp)
         return out, codes
+
+
+def _nat_index_slots(capacity):
+    """Slots of an index over `capacity` entries: 1.5 per entry (load < 2/3)."""
+    return capacity + capacity // 2 + 1
+
+
+cdef object _nat_ip_str(uint32_t family, const uint8_t* addr):
+    return str(_ipaddress.ip_address((<const char*>addr)[:4 if family == 4 else 16]))
 
 
 def _nat_rng_seed(seed):

@@ -1,5 +1,5 @@
 /* Small C helpers for the NAT table (src/nat.pyx): hashing, prefetch,
- * bit scans and huge-page friendly allocation.  Everything is static inline
+ * bit scans and lazily backed, huge-page friendly allocation.  Everything is static inline
  * so it folds into the one translation unit of egresscore._core. */
 #ifndef EGRESSCORE_NAT_HELPERS_H
 #define EGRESSCORE_NAT_HELPERS_H
@@ -13,6 +13,7 @@
 #define NAT_TAG_MASK 0xff000000u
 #define NAT_PF_SLOT 16
 #define NAT_PF_ENTRY 8
+#define NAT_WHEEL_UNSET UINT64_MAX
 
 /* wyhash-style 64x64->128 multiply folded to 64 bits: fast, well mixed. */
 static inline uint64_t nat_mum(uint64_t a, uint64_t b)
@@ -60,26 +61,31 @@ static inline void nat_prefetch_w(const void *p) { __builtin_prefetch(p, 1, 3); 
 
 static inline int nat_ctz64(uint64_t x) { return __builtin_ctzll(x); }
 
-/* Zeroed, 2 MiB aligned block advised for transparent huge pages: the
- * tables are probed at random, so TLB misses would otherwise double the
- * cost of each lookup.  Returns NULL on failure; free with nat_free_big. */
-static inline void *nat_alloc_big(size_t size)
+/* A zeroed block whose pages the kernel supplies on first touch (anonymous
+ * mmap, no reservation): a table sized for a gateway costs no time and no
+ * resident memory until connections use it.  `huge` advises transparent huge
+ * pages: the tables are probed at random, so TLB misses would otherwise double
+ * the cost of each lookup once they are large and busy.  Returns NULL on
+ * failure; free with nat_free_big(p, the same size). */
+static inline void *nat_alloc_big(size_t size, int huge)
 {
-    void *p = NULL;
-    size_t align = (size >= (1u << 21)) ? (1u << 21) : 64;
-    size_t rounded = (size + align - 1) & ~(align - 1);
-    if (rounded == 0)
-        rounded = align;
-    if (posix_memalign(&p, align, rounded) != 0)
+    void *p;
+    if (size == 0)
+        size = 1;
+    p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED)
         return NULL;
 #ifdef MADV_HUGEPAGE
-    if (align == (1u << 21))
-        madvise(p, rounded, MADV_HUGEPAGE);
+    if (huge && size >= (1u << 21))
+        madvise(p, size, MADV_HUGEPAGE);
 #endif
-    memset(p, 0, rounded);
     return p;
 }
 
-static inline void nat_free_big(void *p) { free(p); }
+static inline void nat_free_big(void *p, size_t size)
+{
+    if (p != NULL)
+        munmap(p, size == 0 ? 1 : size);
+}
 
 #endif

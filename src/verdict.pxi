@@ -30,11 +30,13 @@ cdef enum DropReason:
     DROP_TX_FULL = 16           # transmit ring had no free frame
     DROP_SPOOFED = 17           # pod sent with a source address that is not its own
     DROP_TRUNCATED = 18         # received cut short: larger than the RX ring's frame slot
-    DROP_REASON_MAX = 19
+    DROP_POD_CONN_LIMIT = 19    # new connection refused: its source pod holds its limit
+    DROP_REASON_MAX = 20
 
 DROP_REASON_NAMES = (
     "none", "malformed", "unsupported", "ttl_exceeded", "no_gateway",
     "no_egress_ip", "nat_exhausted", "nat_table_full", "no_nat_entry",
     "bad_vxlan", "not_cluster_node", "policy_denied", "frag_needed",
     "fragment", "bad_checksum", "no_route", "tx_full", "spoofed", "truncated",
+    "pod_conn_limit",
 )

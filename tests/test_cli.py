@@ -247,3 +247,33 @@ def test_agent_with_a_bad_policy_file_does_not_start(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr == (f"egresscore: error: {bad}: document 1 (line 15): policy 'egress-sample': "
                            "spec.destinationCIDRs[0]: '203.0.113.0/33' is not a CIDR\n")
+
+
+def test_agent_nat_capacity_and_pod_limit_flags(capsys, monkeypatch):
+    """--nat-capacity and --pod-conn-limit reach the Agent; bad values are
+    usage errors that name the flag (nothing is started)."""
+    import egresscore.agent as agent_mod
+
+    seen = {}
+
+    class Stop(agent_mod.AgentError):
+        pass
+
+    def fake_agent(node, cluster, policies, **kw):
+        seen.update(kw)
+        raise Stop("stopped by the test")
+
+    monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    base = ("agent", "--node", "node3", "--cluster", CLUSTER, "--policies", SAMPLE, "--no-control-socket")
+    assert run(capsys, *base)[0] == 1
+    assert seen["nat_capacity"] == agent_mod.DEFAULT_NAT_CAPACITY >= 1_000_000 and seen["pod_conn_limit"] is None
+    assert run(capsys, *base, "--nat-capacity", "2000000", "--pod-conn-limit", "500")[0] == 1
+    assert (seen["nat_capacity"], seen["pod_conn_limit"]) == (2_000_000, 500)
+    for flag, value, msg in (("--nat-capacity", "16777215", "out of range 1-16777214"),
+                             ("--nat-capacity", "lots", "not a whole number"),
+                             ("--pod-conn-limit", "0", "must be at least 1")):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, flag, value])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: " in err and msg in err

@@ -102,3 +102,13 @@ def test_reload_counters():
                                          "last_rejected_at": None, "last_error": None}})
     assert fresh[("egresscore_config_reloads_total", (("result", "rejected"),))] == 0
     assert ("egresscore_config_last_reload_successful", ()) not in fresh
+
+
+def test_pod_conn_refusals_by_source():
+    stats = {"nat": {"refused_by_source": {"10.0.1.93": 5, "10.0.2.32": 1}, "refused_other_sources": 2}}
+    s = samples(lambda: stats)
+    assert s[("egresscore_nat_pod_conn_refused_total", (("source", "10.0.1.93"),))] == 5
+    assert s[("egresscore_nat_pod_conn_refused_total", (("source", "10.0.2.32"),))] == 1
+    assert s[("egresscore_nat_pod_conn_refused_total", (("source", "other"),))] == 2
+    assert not any(k[0].startswith("egresscore_nat_pod_conn") for k in samples(lambda: {"nat": {
+        "refused_by_source": {}, "refused_other_sources": 0}}))

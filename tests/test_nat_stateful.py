@@ -1,7 +1,8 @@
 """Stateful property test: NatTable against the pure-Python model
 (egresscore/_natref.py) over random new flows, replies, TCP flags, batches,
-time jumps and GC, with small port ranges and a small capacity so collisions,
-exhaustion and a full table happen often."""
+time jumps and GC (the full sweep and the bounded expiry wheel), with small
+port ranges and a small capacity so collisions, exhaustion and a full table
+happen often; and the same with a per-source connection limit."""
 import ipaddress
 
 import numpy as np
@@ -43,14 +44,17 @@ steps_ms = st.sampled_from([1, 1000, 9990, 10000, 59000, 60000, 61000, 299000, 3
 
 
 class NatMachine(RuleBasedStateMachine):
+    LIMIT = None
+
     def __init__(self):
         super().__init__()
         self.now_ms = 1_000_000
-        self.t = NatTable(capacity=CAPACITY, seed=SEED, clock=lambda: 0.0)
+        self.t = NatTable(capacity=CAPACITY, seed=SEED, clock=lambda: 0.0, per_source_limit=self.LIMIT)
         for ip, ranges in EGRESS:
             self.t.add_egress_ip(ip, **ranges)
         self.m = NatRef([(4 if ":" not in ip else 6, packed(ip)) for ip, _ in EGRESS],
-                        [[r["tcp"], r["udp"], r["icmp"]] for _, r in EGRESS], CAPACITY, SEED)
+                        [[r["tcp"], r["udp"], r["icmp"]] for _, r in EGRESS], CAPACITY, SEED,
+                        per_source_limit=self.LIMIT)
 
     @property
     def now(self):
@@ -148,6 +152,22 @@ class NatMachine(RuleBasedStateMachine):
     def gc(self):
         assert self.t.gc(now=self.now) == self.m.gc(self.now_ns)
 
+    @rule(budget=st.sampled_from([1, 2, 1000]))
+    def gc_wheel(self, budget):
+        """The expiry wheel collects dead entries only, at most `budget`, and
+        with room enough every entry dead for more than a second."""
+        got = self.t.gc(budget, now=self.now)
+        assert got <= budget
+        held = {(PROTO[6 if ":" in e.src else 4][e.proto if e.proto != "icmpv6" else "icmp"],
+                 packed(e.src), e.sport, packed(e.dst), e.dport) for e in self.t.entries(now=0)}
+        gone = [k for k, c in self.m.conns.items()
+                if (c.proto, c.src, c.sport, c.dst, c.dport) not in held]
+        assert len(gone) == got
+        for k in gone:
+            self.m.collect(k, self.now_ns)      # asserts the entry was dead
+        if budget == 1000:
+            assert all(c.expires > self.now_ns - 1_000_000_000 for c in self.m.conns.values())
+
     @invariant()
     def same_counters(self):
         s = self.t.stats
@@ -169,3 +189,15 @@ NatMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestNatAgainstModel = NatMachine.TestCase
+
+
+class NatMachineLimited(NatMachine):
+    """Two pods per family and at most 3 connections each: the limit and
+    the table's capacity (10) both bite."""
+    LIMIT = 3
+
+
+NatMachineLimited.TestCase.settings = settings(
+    max_examples=80, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestNatWithSourceLimitAgainstModel = NatMachineLimited.TestCase

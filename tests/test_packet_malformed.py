@@ -19,6 +19,7 @@ import random
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 from conftest import require_module, require_tool
@@ -221,8 +222,14 @@ def test_malformed_corpus_drops_with_the_right_reason(corpus):
     assert not failures, "\n".join(failures[:30])
 
 
+def _compiler():
+    """The C compiler setup.py will use (Python's CC), or None if absent."""
+    cc = (sysconfig.get_config_var("CC") or "gcc").split()[0]
+    return shutil.which(os.environ.get("CC", cc).split()[0]) or shutil.which("gcc")
+
+
 def _asan_runtime():
-    cc = shutil.which("gcc")
+    cc = _compiler()
     if not cc:
         return None
     path = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
@@ -231,7 +238,8 @@ def _asan_runtime():
 
 def test_malformed_corpus_under_bounds_checked_asan_build(corpus, tmp_path):
     require_tool("gcc")
-    require_module("Cython", "Cython (pip; setup.py builds the checked copy with it)")
+    for module in ("Cython", "setuptools", "numpy"):
+        require_module(module, f"{module} (pip install -e '.[test]'; setup.py builds the checked copy with it)")
     asan = _asan_runtime()
     out = os.path.join(ROOT, "build", "checked-asan" if asan else "checked")
     env = dict(os.environ, EGRESSCORE_CHECKED="1")
