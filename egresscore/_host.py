@@ -79,7 +79,7 @@ def check_netns(name):
     if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
         raise AgentError(f"network namespace name {name!r} is not valid")
     if not os.path.exists(os.path.join(NETNS_DIR, name)):
-        raise AgentError(f"no network namespace {name!r} ({NETNS_DIR}/{name} does not exist)")
+        raise AgentError(f"no network namespace named {name!r} ({NETNS_DIR}/{name} does not exist)")
 
 
 def where(netns):
@@ -556,8 +556,9 @@ class Claims:
             found.append(f"tunnel device {TUNNEL_IF} (removed)")
         if _drop_nft_table():
             found.append(f"nftables table {NFT_TABLE} (removed)")
-        if socket_path and os.path.exists(socket_path):
-            found.append(f"socket file {socket_path}")
+        if socket_path and os.path.exists(socket_path) and not _answers(socket_path):
+            os.unlink(socket_path)
+            found.append(f"socket file {socket_path} (removed)")
         orig = self._state.original
         now = sysctl_get(PORT_RANGE)
         if orig is None and rules:
@@ -647,6 +648,18 @@ class Claims:
             _del_rule(ipr, r)
         self._state.forget()
         self.installed = False
+
+
+def _answers(path):
+    """Whether something listens on Unix socket `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def _drop_nft_table():

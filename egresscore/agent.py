@@ -183,8 +183,8 @@ class Agent:
         if not me.gateway_ip:
             raise ValueError(f"node {node!r} has no IPv4 internal IP")
         self.node_ip = me.gateway_ip
-        socket_path = (default_socket_path(node, netns) if control_socket is True
-                       else os.fspath(control_socket) if control_socket else None)
+        socket_path = (os.fspath(control_socket) if control_socket and control_socket is not True
+                       else default_socket_path(node, netns))
         self._host = HostThread(netns, name=f"egresscore-host-{node}").start()
         try:
             # the lock first: a live agent here is an error before anything is touched
