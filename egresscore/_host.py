@@ -450,60 +450,53 @@ class HostState:
 
 # -- claims ------------------------------------------------------------------------------
 
-def _rule_key(r):
-    """What makes one FIB rule (a dumped fibmsg or our spec dict), comparable."""
-    get = r.get_attr if hasattr(r, "get_attr") else r.get
-    return (get("FRA_PRIORITY") or 0, r["action"], get("FRA_TABLE") or r.get("table", 0) or 0,
-            get("FRA_DST"), r.get("dst_len", 0) if get("FRA_DST") else 0, get("FRA_IIFNAME"),
-            get("FRA_IP_PROTO"), get("FRA_DPORT_RANGE"), get("FRA_GOTO"))
+_SELECTORS = (("FRA_IIFNAME", "iifname"), ("FRA_IP_PROTO", "ip_proto"), ("FRA_DPORT_RANGE", "dport_range"),
+              ("FRA_GOTO", "goto"))
 
 
 def _spec(priority, action, table=0, dst=None, dst_len=0, iifname=None, ip_proto=None, dport=None, goto=None):
-    r = {"FRA_PRIORITY": priority, "action": action, "FRA_TABLE": table, "FRA_DST": dst,
-         "dst_len": dst_len, "FRA_IIFNAME": iifname, "FRA_IP_PROTO": ip_proto,
-         "FRA_DPORT_RANGE": f"{dport[0]}:{dport[1]}" if dport else None, "FRA_GOTO": goto}
-    return r
+    """A rule we want, shaped like a dumped fibmsg (its FRA_ attributes and header fields)."""
+    return {"FRA_PRIORITY": priority, "action": action, "FRA_TABLE": table, "FRA_DST": dst,
+            "dst_len": dst_len, "FRA_IIFNAME": iifname, "FRA_IP_PROTO": ip_proto,
+            "FRA_DPORT_RANGE": f"{dport[0]}:{dport[1]}" if dport else None, "FRA_GOTO": goto}
+
+
+def _rule_kwargs(r):
+    """pyroute2 rule() arguments for a _spec dict or a dumped fibmsg (protocol aside)."""
+    get = r.get_attr if hasattr(r, "get_attr") else r.get
+    kw = {"priority": get("FRA_PRIORITY") or 0, "action": r["action"]}
+    table = get("FRA_TABLE") or r.get("table", 0)
+    if table:
+        kw["table"] = table
+    if get("FRA_DST"):
+        kw.update(dst=get("FRA_DST"), dst_len=r["dst_len"])
+    for key, arg in _SELECTORS:
+        if get(key) is not None:
+            kw[arg] = get(key)
+    return kw
+
+
+def _rule_key(r):
+    return tuple(sorted(_rule_kwargs(r).items()))
 
 
 def _add_rule(ipr, r, protocol=RULE_PROTOCOL):
-    kw = {"priority": r["FRA_PRIORITY"], "action": r["action"], "protocol": protocol}
-    if r["FRA_TABLE"]:
-        kw["table"] = r["FRA_TABLE"]
-    if r["FRA_DST"]:
-        kw.update(dst=r["FRA_DST"], dst_len=r["dst_len"])
-    for key, arg in (("FRA_IIFNAME", "iifname"), ("FRA_IP_PROTO", "ip_proto"),
-                     ("FRA_DPORT_RANGE", "dport_range"), ("FRA_GOTO", "goto")):
-        if r[key] is not None:
-            kw[arg] = r[key]
     try:
-        ipr.rule("add", **kw)
+        ipr.rule("add", protocol=protocol, **_rule_kwargs(r))
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
             raise
 
 
 def _del_rule(ipr, msg):
+    kw = _rule_kwargs(msg)
+    if msg.get_attr("FRA_PROTOCOL") is not None:
+        kw["protocol"] = msg.get_attr("FRA_PROTOCOL")
     try:
-        ipr.rule("del", **_rule_args(msg))
+        ipr.rule("del", **kw)
     except NetlinkError as exc:
         if exc.code not in (errno.ENOENT, errno.ESRCH):
             raise
-
-
-def _rule_args(msg):
-    kw = {"priority": msg.get_attr("FRA_PRIORITY") or 0, "action": msg["action"]}
-    if msg.get_attr("FRA_PROTOCOL") is not None:
-        kw["protocol"] = msg.get_attr("FRA_PROTOCOL")
-    table = msg.get_attr("FRA_TABLE") or msg["table"]
-    if table:
-        kw["table"] = table
-    if msg.get_attr("FRA_DST"):
-        kw.update(dst=msg.get_attr("FRA_DST"), dst_len=msg["dst_len"])
-    for key, arg in (("FRA_IIFNAME", "iifname"), ("FRA_IP_PROTO", "ip_proto"),
-                     ("FRA_DPORT_RANGE", "dport_range"), ("FRA_GOTO", "goto")):
-        if msg.get_attr(key) is not None:
-            kw[arg] = msg.get_attr(key)
-    return kw
 
 
 def _is_local_rule(msg):
@@ -530,7 +523,7 @@ class Claims:
         self._local_ips = sorted(local_ips)
         self._vxlan_port = vxlan_port
         self._nat = tuple(nat_port_range)
-        self._kernel_ports = "%d %d" % tuple(kernel_port_range)
+        self._kernel_ports = "{} {}".format(*kernel_port_range)
         self._local_prio = PRIO_LOCAL
         self._moved = False
         self.installed = False
@@ -607,7 +600,7 @@ class Claims:
                         and (r.get_attr("FRA_PRIORITY") or 0) < PRIO_LOCAL):
                     _del_rule(ipr, r)      # the host's own local rule, now that ours is in place
         keep = {_rule_key(r) for r in wanted} | ({_rule_key(local)} if local else set())
-        for r in have:
+        for r in reversed(have):   # pod blackholes before the gotos that skip them
             if _rule_key(r) not in keep:
                 _del_rule(ipr, r)
         if sysctl_get(PORT_RANGE) != self._kernel_ports:

@@ -15,15 +15,27 @@ An Agent owns, for its node:
   with vnet_hdr the slots are 68 KiB, 32 MiB on the underlay and 16 MiB per
   pod, room for a TCP sender's burst of 64 KiB super-packets;
   the loop runs in C (Datapath.run), back in Python every poll_ms only;
-- the claims on the kernel stack, removed again by close(): an nftables table
-  `egresscore` (prerouting, priority raw: after the AF_PACKET taps, so the
-  rings still see every packet) that drops what the agent forwards itself, a
-  kernel `ip_local_port_range` disjoint from the NAT port range, and the
-  tunnel offload device `egc-tnl0` (below).
+- the host work, on a host thread that lives in the node's namespace
+  (egresscore._host; netlink through pyroute2 and /proc/sys, no system tool,
+  no subprocess): the claims on the kernel stack, removed again by close()
+  (blackhole FIB rules, tagged protocol 236, before the `local` table's rule,
+  which moves from priority 0 to 43: pod traffic leaving the cluster, VXLAN to
+  the node, the NAT port range on every local address; a kernel
+  `ip_local_port_range` disjoint from the NAT port range; the tunnel offload
+  device `egc-tnl0`, below), and the host's originals in a state file,
+  /run/egresscore/<node>[@<netns>].host.json, so that an agent started over a
+  killed one's leftovers takes them over (one line on stderr) and the last one
+  to stop restores the true originals.  A second agent for the same node and
+  namespace is refused (the state file's lock).
 
-Neighbour MACs (router, other nodes, pods) and the default route are read with
-pyroute2; missing ones are resolved by a probe (`ping -c 1`, which makes the
-kernel ARP) and read again every second.
+Neighbour MACs (router, other nodes) and the default route come from netlink
+events (after one dump) on the host thread; missing ones are probed once a
+second with an empty UDP datagram to the discard port (the kernel ARPs).  Each
+change is queued for the loop thread, like control changes, so the datapath
+thread only moves packets: its one blocking call is the ring poll in C.  Pod
+veths are looked up and their rings opened and claimed on the host thread too;
+the loop thread only attaches them.  Pod MACs are learnt by the datapath from
+the pods' own frames.
 
 Offloads: pods' veths hand over TSO/GSO super-packets (up to 64 KiB) with a
 partial checksum.  The rings use PACKET_VNET_HDR (vnet_hdr=True, the default):
@@ -56,7 +68,8 @@ stats() is the one counters dict behind all three.
 Thread model: the datapath and the NAT table have one writer, the thread in
 run()/step().  Control changes (set_policies, reload, upsert_pod, ...) may come
 from any thread: they are queued and applied by the loop thread between
-batches (directly when no loop runs).
+batches (directly when no loop runs).  Host work runs on the host thread and
+hands its datapath writes to the loop thread the same way.
 """
 import os
 import queue
@@ -67,13 +80,22 @@ from time import monotonic as _monotonic
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ._core import Datapath, EgressMap, FlowLog, NatTable, PacketRing
-from ._host import AgentError, Claims, HostState, HostThread, Neighbours, check_netns, link_facts, where
+from ._host import (
+    AgentError,
+    Claims,
+    HostState,
+    HostThread,
+    Neighbours,
+    check_netns,
+    link_facts,
+    where,
+)
+from ._tunnel import TunnelDevice
 from .cluster import Cluster, Pod, load_cluster
 from .compiler import Compiler
 from .control import ControlServer, default_socket_path, inspection_handlers
 from .flowlog import CallbackSink, Enricher, FlowLogger, JsonLinesSink
 from .policy import load_policies
-from ._tunnel import TunnelDevice
 
 DEFAULT_NAT_PORTS = (32768, 65534)
 DEFAULT_KERNEL_PORTS = (20000, 32767)
@@ -90,7 +112,8 @@ class Agent:
 
     node: this node's name in `cluster`; cluster: a Cluster or a cluster YAML
     path; policies: EgressPolicy objects or policy file/folder paths.
-    netns: run on this network namespace's interfaces (the lab's nodes).
+    netns: run on this network namespace's interfaces (the lab's nodes); one
+    that does not exist (/run/netns/NAME) is an AgentError, and nothing is created.
     ring_mode: "latency" (default; RX frames handed over one by one: about
     0.1 ms per hop) or "batch" (in blocks, at most 1 ms late: fewer wake-ups,
     more small packets per CPU second; see the README's agent benchmark).

@@ -14,7 +14,6 @@ import time
 
 import pytest
 import yaml
-
 from conftest import needs_netns, running_agents, start_agent
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -103,7 +102,7 @@ def _connect(dst, port, timeout):
     try:
         s.connect((dst, port))
         return "connected"
-    except socket.timeout:
+    except TimeoutError:
         return "no answer"
     except ConnectionRefusedError:
         return "refused"
