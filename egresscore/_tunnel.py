@@ -5,11 +5,13 @@ give a vxlan device an inner TCP super-packet (PACKET_VNET_HDR).  The vxlan
 device encapsulates it and the kernel cuts the UDP-tunnel GSO packet after
 encapsulation (in software, or in a NIC with tunnel TSO): the way Cilium's
 BPF datapath reaches cilium_vxlan.  The device only transmits; the agent's
-nftables claim drops VXLAN in prerouting, so its UDP socket never decapsulates.
+claim (a blackhole FIB rule, egresscore._host) keeps VXLAN from reaching its
+UDP socket, so it never decapsulates.
 
 The FDB maps 02:ee:<node IP> (the inner destination MAC the datapath writes)
 to each other node; no learning, no default entry, so nothing else leaves.
 """
+import contextlib
 import errno
 
 from pyroute2 import IPRoute
@@ -28,8 +30,9 @@ def tunnel_mac(ip):
 class TunnelDevice:
     """Create, keep the FDB of, and remove the offload vxlan device in a namespace."""
 
-    def __init__(self, *, netns, underlay_index, local_ip, vni, port, mtu, ifname=TUNNEL_IF):
+    def __init__(self, *, netns, underlay_index, local_ip, vni, port, mtu, ifname=TUNNEL_IF, ipr=None):
         self.netns = netns
+        self._own_ipr = ipr  # an open IPRoute to use (the agent's host thread's), else one per call
         self.ifname = ifname
         self.local_ip = local_ip
         self._spec = dict(vxlan_id=vni, vxlan_port=port, vxlan_local=local_ip, vxlan_link=underlay_index,
@@ -39,6 +42,8 @@ class TunnelDevice:
         self.index = None
 
     def _ipr(self):
+        if self._own_ipr is not None:
+            return contextlib.nullcontext(self._own_ipr)
         return IPRoute(netns=self.netns) if self.netns else IPRoute()
 
     def create(self):

@@ -15,15 +15,27 @@ An Agent owns, for its node:
   with vnet_hdr the slots are 68 KiB, 32 MiB on the underlay and 16 MiB per
   pod, room for a TCP sender's burst of 64 KiB super-packets;
   the loop runs in C (Datapath.run), back in Python every poll_ms only;
-- the claims on the kernel stack, removed again by close(): an nftables table
-  `egresscore` (prerouting, priority raw: after the AF_PACKET taps, so the
-  rings still see every packet) that drops what the agent forwards itself, a
-  kernel `ip_local_port_range` disjoint from the NAT port range, and the
-  tunnel offload device `egc-tnl0` (below).
+- the host work, on a host thread that lives in the node's namespace
+  (egresscore._host; netlink through pyroute2 and /proc/sys, no system tool,
+  no subprocess): the claims on the kernel stack, removed again by close()
+  (blackhole FIB rules, tagged protocol 236, before the `local` table's rule,
+  which moves from priority 0 to 43: pod traffic leaving the cluster, VXLAN to
+  the node, the NAT port range on every local address; a kernel
+  `ip_local_port_range` disjoint from the NAT port range; the tunnel offload
+  device `egc-tnl0`, below), and the host's originals in a state file,
+  /run/egresscore/<node>[@<netns>].host.json, so that an agent started over a
+  killed one's leftovers takes them over (one line on stderr) and the last one
+  to stop restores the true originals.  A second agent for the same node and
+  namespace is refused (the state file's lock).
 
-Neighbour MACs (router, other nodes, pods) and the default route are read with
-pyroute2; missing ones are resolved by a probe (`ping -c 1`, which makes the
-kernel ARP) and read again every second.
+Neighbour MACs (router, other nodes) and the default route come from netlink
+events (after one dump) on the host thread; missing ones are probed once a
+second with an empty UDP datagram to the discard port (the kernel ARPs).  Each
+change is queued for the loop thread, like control changes, so the datapath
+thread only moves packets: its one blocking call is the ring poll in C.  Pod
+veths are looked up and their rings opened and claimed on the host thread too;
+the loop thread only attaches them.  Pod MACs are learnt by the datapath from
+the pods' own frames.
 
 Offloads: pods' veths hand over TSO/GSO super-packets (up to 64 KiB) with a
 partial checksum.  The rings use PACKET_VNET_HDR (vnet_hdr=True, the default):
@@ -68,27 +80,35 @@ from any thread: they are queued and applied by the loop thread between
 batches (directly when no loop runs).  Files are read and parsed on the
 calling thread (for SIGHUP, a short-lived reload thread; with step() and no
 run(), on the thread calling step()), never by the loop thread of run().
+Host work runs on the host thread and hands its datapath writes to the loop
+thread the same way.
 """
 import os
 import queue
-import shutil
-import subprocess
 import sys
 import threading
 import time
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ._core import Datapath, EgressMap, FlowLog, NatTable, PacketRing
+from ._host import (
+    AgentError,
+    Claims,
+    HostState,
+    HostThread,
+    Neighbours,
+    check_netns,
+    link_facts,
+    where,
+)
+from ._tunnel import TunnelDevice
 from .cluster import Cluster, ClusterError, Pod
 from .compiler import Compiler
 from .control import ControlServer, default_socket_path, inspection_handlers
 from .flowlog import CallbackSink, Enricher, FlowLogger, JsonLinesSink
 from .inputs import InputError, check_policies, load_inputs
-from ._tunnel import TunnelDevice
 
-NFT_TABLE = "egresscore"
 DEFAULT_NAT_PORTS = (32768, 65534)
 # Connections the NAT table holds: a gateway's worth.  126 bytes each
 # (NatTable.memory_bytes / capacity, indexes included): 126 MB allocated at the
@@ -103,16 +123,13 @@ def _pod_ifname(pod):
     return "lxc-" + pod.name
 
 
-class AgentError(RuntimeError):
-    """The agent cannot run on this host (missing interface, address, tool)."""
-
-
 class Agent:
     """One node's egress gateway agent (see the module docstring).
 
     node: this node's name in `cluster`; cluster: a Cluster or a cluster YAML
     path; policies: EgressPolicy objects or policy file/folder paths.
-    netns: run on this network namespace's interfaces (the lab's nodes).
+    netns: run on this network namespace's interfaces (the lab's nodes); one
+    that does not exist (/run/netns/NAME) is an AgentError, and nothing is created.
     ring_mode: "latency" (default; RX frames handed over one by one: about
     0.1 ms per hop) or "batch" (in blocks, at most 1 ms late: fewer wake-ups,
     more small packets per CPU second; see the README's agent benchmark).
@@ -147,6 +164,7 @@ class Agent:
             raise ValueError(f"node {node!r} is not in the cluster (nodes: {', '.join(sorted(cluster.nodes))})")
         if loaded.policies is not None:
             policies = loaded.policies
+        check_netns(netns)  # before anything: pyroute2 would create a missing namespace
         if nat_port_range[1] >= 65535:
             raise ValueError("nat_port_range must end at 65534 or below")
         lo, hi = kernel_port_range
@@ -190,11 +208,18 @@ class Agent:
         self._reloads_lock = threading.Lock()  # guards _reloads (read by stats() from any thread)
         self._loop_thread = None
         self._closed = False
-        self._installed_nft = False
-        self._old_port_range = None
-        self._probes = []
-        self._next_refresh = 0.0
         self._rings = []
+        self.datapath = None
+        # host work (egresscore._host), on the host thread inside the namespace
+        self._host = self._state = self._claims = self._neighbours = None
+        self._claims_on = False        # host thread: claims are being kept
+        self._claim_inside = []        # host thread: inside destinations for the claims
+        self._claim_pods = set()       # host thread: pod veths claimed
+        # loop thread: the last neighbours the host thread handed over, pods being opened
+        self._router_ip = None
+        self._neigh_macs = {}
+        self._opening = set()
+        self._port_macs = {}           # pod key -> our end's MAC
         self._tunnel = None
         self.tunnel_error = None  # why the tunnel offload is off, when it was asked for
         self._wake_r = self._wake_w = -1  # the wake pipe, made with the rings
@@ -210,46 +235,57 @@ class Agent:
         if not me.gateway_ip:
             raise ValueError(f"node {node!r} has no IPv4 internal IP")
         self.node_ip = me.gateway_ip
-        with self._ipr() as ipr:
-            idx = ipr.link_lookup(ifname=underlay)
-            if not idx:
+        socket_path = (os.fspath(control_socket) if control_socket and control_socket is not True
+                       else default_socket_path(node, netns))
+        self._host = HostThread(netns, name=f"egresscore-host-{node}").start()
+        try:
+            # the lock first: a live agent here is an error before anything is touched
+            self._state = self._host.call(HostState(node, netns).acquire)
+            facts = self._host.call(lambda: link_facts(self._host.ipr, underlay))
+            if facts is None:
                 raise AgentError(f"no interface {underlay!r}{self._where()}")
-            self._underlay_index = idx[0]
-            link = ipr.get_links(idx[0])[0]
-            self.node_mac = link.get_attr("IFLA_ADDRESS")
-            local = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2, index=idx[0])]
-        if self.node_ip not in local:
-            raise AgentError(f"{self.node_ip} (node {node}'s internal IP) is not on {underlay}{self._where()}")
-        self.egress_map = EgressMap()
-        self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts,
-                            per_source_limit=pod_conn_limit)
-        for ip in local:
-            self.nat.add_egress_ip(ip)
-        self._local_ips = set(local)
-        self.datapath = Datapath(self.node_ip, self.node_mac, self.egress_map, self.nat, vni=vni,
-                                 vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range)
-        self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map)
-        self.cluster = self.compiler.cluster
-        self._sync_nodes()
-        try:
-            ring = PacketRing(underlay, netns=netns, ignore_outgoing=True, block_count=32, tx_frames=128,
-                              **self._ring_opts)
-        except Exception as exc:
-            raise AgentError(f"cannot open a ring on {underlay}{self._where()}: {exc}") from exc
-        self._rings.append(ring)
-        try:
+            self._underlay_index, self.node_mac, local = facts
+            if self.node_ip not in local:
+                raise AgentError(f"{self.node_ip} (node {node}'s internal IP) is not on {underlay}{self._where()}")
+            self._claims = Claims(self._host, self._state, underlay=underlay, node_ip=self.node_ip,
+                                  local_ips=local, vxlan_port=vxlan_port, nat_port_range=self.nat_port_range,
+                                  kernel_port_range=self.kernel_port_range)
+            leftovers = self._host.call(self._claims.take_over, socket_path)
+            if leftovers:
+                print(f"egresscore agent {node}: taking over a stopped agent's leftovers{self._where()}: "
+                      f"{leftovers}", file=sys.stderr, flush=True)
+            if not claim:
+                self._host.call(self._claims.remove)  # restore what a crashed agent changed
+            self.egress_map = EgressMap()
+            self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts,
+                                per_source_limit=pod_conn_limit)
+            for ip in local:
+                self.nat.add_egress_ip(ip)
+            self._local_ips = set(local)
+            self.datapath = Datapath(self.node_ip, self.node_mac, self.egress_map, self.nat, vni=vni,
+                                     vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range)
+            self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map)
+            self.cluster = self.compiler.cluster
+            try:
+                ring = self._host.call(lambda: PacketRing(underlay, ignore_outgoing=True, block_count=32,
+                                                          tx_frames=128, **self._ring_opts))
+            except Exception as exc:
+                raise AgentError(f"cannot open a ring on {underlay}{self._where()}: {exc}") from exc
+            self._rings.append(ring)
             # written to by control changes and stop(): the datapath's C loop returns at once
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.datapath.attach_ring(0, ring)
             if tunnel_offload and self.vnet_hdr:
                 self._open_tunnel(vni, vxlan_port, mtu)
+            self._neighbours = Neighbours(self._host, self._underlay_index, self._neighbours_changed)
+            self._host.call(self._neighbours.start)
+            self._claims_on = bool(claim)
+            self._sync_nodes()
             self._sync_pods()
-            if self._refresh_neighbours(probe=True):
-                deadline = time.monotonic() + 1.0  # let the kernel resolve them before the first packet
-                while self._refresh_neighbours() and time.monotonic() < deadline:
-                    time.sleep(0.02)
+            self._neighbours.wait(1.0)  # let the kernel resolve them before the first packet
+            self._settle()
             if claim:
-                self._install_claims()
+                self._host.call(self._host_sync_claims, self._inside())
             self._start_services(flow_log, flow_log_capacity, flow_drop_rate, metrics_port,
                                  metrics_addr, control_socket)
         except BaseException:
@@ -336,13 +372,38 @@ class Agent:
 
     # -- small helpers -------------------------------------------------------------
     def _where(self):
-        return f" in network namespace {self.netns!r}" if self.netns else ""
+        return where(self.netns)
 
-    def _ipr(self):
-        return IPRoute(netns=self.netns) if self.netns else IPRoute()
+    def _to_loop(self, fn, *args):
+        """Queue fn for the loop thread (from the host thread): only it writes the datapath."""
+        def job():
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - a host result must not end the loop
+                print(f"egresscore agent {self.node}: {getattr(fn, '__name__', fn)}: {exc}", file=sys.stderr)
+        self._queue.put(job)
+        self._wake()
 
-    def _cmd(self, argv):
-        return (["ip", "netns", "exec", self.netns] if self.netns else []) + list(argv)
+    def _run_jobs(self):
+        ran = False
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return ran
+            job()
+            ran = True
+
+    def _settle(self):
+        """Wait until the host work queued so far is done and its datapath
+        writes are applied (callers other than the loop thread)."""
+        if self._loop_thread is threading.current_thread():
+            return
+        self._host.call(lambda: None)
+        if self._loop_thread is None:
+            self._run_jobs()
+        else:
+            self._submit(lambda: None)
 
     @staticmethod
     def _policies_from(policies):
@@ -372,26 +433,56 @@ class Agent:
                 used = set(self._node_index.values())
                 idx = next(i for i in range(256) if i not in used)
             self._node_index[name] = idx
-            self.datapath.add_node(idx, n.gateway_ip, [c for c in n.pod_cidrs if ":" not in c])
+            mac = None if n.gateway_ip in self._local_ips else self._neigh_macs.get(n.gateway_ip)
+            self.datapath.add_node(idx, n.gateway_ip, [c for c in n.pod_cidrs if ":" not in c], mac=mac)
         self._set_tunnel_peers()
+        self._watch_neighbours()
+        self._host.post(self._host_sync_claims, self._inside())
 
     def _set_tunnel_peers(self):
         if self._tunnel is not None:
-            self._tunnel.set_peers(n.gateway_ip for n in self.cluster.nodes.values() if n.gateway_ip)
+            self._host.post(self._tunnel.set_peers,
+                            [n.gateway_ip for n in self.cluster.nodes.values() if n.gateway_ip])
+
+    def _inside(self):
+        """The cluster's own destinations (pod CIDRs, node IPs): pod traffic to them stays the kernel's."""
+        return sorted({c for n in self.cluster.nodes.values() for c in n.pod_cidrs if ":" not in c}
+                      | {n.gateway_ip + "/32" for n in self.cluster.nodes.values() if n.gateway_ip})
+
+    # -- neighbours (learnt on the host thread, written here) -----------------------------
+    def _watch_neighbours(self):
+        """Tell the host thread which neighbours the datapath needs (missing ones are probed)."""
+        if self._neighbours is not None:
+            self._host.post(self._neighbours.want, [n.gateway_ip for n in self.cluster.nodes.values()
+                                                    if n.gateway_ip and n.gateway_ip not in self._local_ips])
+
+    def _neighbours_changed(self, router, macs):
+        """Host thread: a new neighbour snapshot, for the loop thread."""
+        self._to_loop(self._apply_neighbours, router, macs)
+
+    def _apply_neighbours(self, router, macs):
+        self._router_ip = router
+        self._neigh_macs = macs
+        self.datapath.set_router(macs.get(router) if router else None)
+        for name, idx in self._node_index.items():
+            ip = self.cluster.nodes[name].gateway_ip
+            if ip not in self._local_ips:
+                self.datapath.set_node_mac(idx, macs.get(ip))
 
     def _open_tunnel(self, vni, port, mtu):
         """The tunnel offload (egresscore._tunnel); off, with the reason in
         tunnel_error, when the kernel refuses the device."""
-        dev = TunnelDevice(netns=self.netns, underlay_index=self._underlay_index, local_ip=self.node_ip,
-                           vni=vni, port=port, mtu=mtu)
+        dev = self._host.call(lambda: TunnelDevice(netns=self.netns, underlay_index=self._underlay_index,
+                                                   local_ip=self.node_ip, vni=vni, port=port, mtu=mtu,
+                                                   ipr=self._host.ipr))
         try:
-            dev.create()
+            self._host.call(dev.create)
             self._tunnel = dev
             self._set_tunnel_peers()
-            ring = PacketRing(dev.ifname, netns=self.netns, rx=False, tx_frames=64, vnet_hdr=True,
-                              tx_frame_size=self._ring_opts["tx_frame_size"])
+            ring = self._host.call(lambda: PacketRing(dev.ifname, rx=False, tx_frames=64, vnet_hdr=True,
+                                                      tx_frame_size=self._ring_opts["tx_frame_size"]))
         except (NetlinkError, OSError) as exc:
-            dev.remove()
+            self._host.call(dev.remove)
             self._tunnel = None
             self.tunnel_error = f"no tunnel offload device {dev.ifname}{self._where()}: {exc}"
             print(f"egresscore agent {self.node}: {self.tunnel_error}; tunnel-bound super-packets "
@@ -405,124 +496,76 @@ class Agent:
         for key in list(self._ports):
             if key not in wanted:
                 self._drop_port(key)
+        opening = []
         for key, pod in wanted.items():
             ip4 = next((ip for ip in pod.ips if ":" not in ip), None)
             if ip4 is None:
                 continue
-            ifname = self._pod_ifname(pod)
             if key in self._ports:
                 port, _ = self._ports[key]
-                self.datapath.add_pod_port(port, ip4, self._host_mac(ifname))
+                self.datapath.add_pod_port(port, ip4, self._port_macs[key])
+            elif key not in self._opening:
+                self._opening.add(key)
+                opening.append((key, self._pod_ifname(pod)))
+        if opening:
+            self._host.post(self._host_open_pods, opening, self._inside())
+
+    def _host_open_pods(self, pods, inside):
+        """Host thread: a ring on each pod veth, the claims for it, then the
+        datapath writes queued for the loop thread (a veth not plugged yet is
+        picked up by a later sync)."""
+        opened = []
+        for key, ifname in pods:
+            facts = link_facts(self._host.ipr, ifname)
+            if facts is None:
+                opened.append((key, ifname, None, None))
                 continue
-            with self._ipr() as ipr:
-                if not ipr.link_lookup(ifname=ifname):
-                    continue  # not plugged yet: picked up by a later sync
+            ring = PacketRing(ifname, ignore_outgoing=True, block_count=16, tx_frames=64, **self._ring_opts)
+            self._claim_pods.add(ifname)
+            opened.append((key, ifname, facts[1], ring))
+        # claimed before the datapath forwards: the kernel never sends a pod's packet out with its own address
+        self._host_sync_claims(inside)
+        self._to_loop(self._attach_pods, opened)
+
+    def _attach_pods(self, opened):
+        for key, ifname, mac, ring in opened:
+            self._opening.discard(key)
+            pod = self.cluster.pods.get(key)
+            ip4 = next((ip for ip in pod.ips if ":" not in ip), None) if pod and pod.node == self.node else None
+            if ring is None:
+                continue
+            if ip4 is None or key in self._ports:   # gone (or attached) meanwhile
+                self._host.post(self._host_close_pod, ifname, ring)
+                continue
             used = {p for p, _ in self._ports.values()}
             port = next(i for i in range(1, 64) if i not in used)
-            self.datapath.add_pod_port(port, ip4, self._host_mac(ifname))
-            ring = PacketRing(ifname, netns=self.netns, ignore_outgoing=True, block_count=16, tx_frames=64,
-                              **self._ring_opts)
+            self.datapath.add_pod_port(port, ip4, mac)
             self._rings.append(ring)
             self.datapath.attach_ring(port, ring)
             self._ports[key] = (port, ifname)
-        if self._installed_nft:
-            self._install_claims()
+            self._port_macs[key] = mac
 
     def _drop_port(self, key):
-        port, _ = self._ports.pop(key)
+        port, ifname = self._ports.pop(key)
+        self._port_macs.pop(key, None)
         ring = self.datapath.rings_attached.get(port)
         self.datapath.remove_pod_port(port)
         if ring is not None:
             self._rings.remove(ring)
+        self._host.post(self._host_close_pod, ifname, ring)
+
+    def _host_close_pod(self, ifname, ring):
+        self._claim_pods.discard(ifname)
+        self._host_sync_claims()
+        if ring is not None:
             ring.close()
 
-    def _host_mac(self, ifname):
-        with self._ipr() as ipr:
-            idx = ipr.link_lookup(ifname=ifname)[0]
-            return ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
-
-    def _refresh_neighbours(self, probe=False):
-        """Router and node MACs from the kernel's neighbour table (and default route)."""
-        with self._ipr() as ipr:
-            neigh = {}
-            for n in ipr.get_neighbours(family=2):
-                mac, dst = n.get_attr("NDA_LLADDR"), n.get_attr("NDA_DST")
-                if mac and dst and n["state"] not in (0x20, 0x01):  # not FAILED / INCOMPLETE
-                    neigh[dst] = mac
-            router = None
-            for r in ipr.get_default_routes(family=2):
-                router = r.get_attr("RTA_GATEWAY")
-                if router:
-                    break
-        missing = []
-        self._router_ip = router
-        if router:
-            self.datapath.set_router(neigh.get(router))
-            if router not in neigh:
-                missing.append(router)
-        for name, idx in self._node_index.items():
-            ip = self.cluster.nodes[name].gateway_ip
-            if ip in self._local_ips:
-                continue
-            mac = neigh.get(ip)
-            self.datapath.set_node_mac(idx, mac)
-            if mac is None:
-                missing.append(ip)
-        # pod MACs: the datapath learns them from the pods' own frames
-        self._probes = [p for p in self._probes if p.poll() is None]
-        if probe and missing and not self._probes:
-            # one UDP datagram to the discard port makes the kernel resolve the address
-            code = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                    f"for ip in {missing!r}:\n    s.sendto(b'', (ip, 9))\n")
-            self._probes.append(subprocess.Popen(self._cmd([sys.executable, "-c", code]),
-                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        return missing
-
-    # -- claims on the kernel stack ---------------------------------------------------
-    def _ruleset(self):
-        inside = sorted({c for n in self.cluster.nodes.values() for c in n.pod_cidrs if ":" not in c}
-                        | {n.gateway_ip for n in self.cluster.nodes.values() if n.gateway_ip})
-        pods = sorted(ifname for _, ifname in self._ports.values())
-        mine = sorted(self._local_ips)
-        lo, hi = self.nat_port_range
-        rules = []
-        if pods:
-            rules.append(f'iifname {{ {", ".join(map(_nft_quote, pods))} }} ip daddr != {{ {", ".join(inside)} }} drop')
-        u = _nft_quote(self.underlay)
-        rules.append(f"iifname {u} ip daddr {self.node_ip} udp dport {self._vxlan_port} drop")
-        rules.append(f"iifname {u} ip daddr {{ {', '.join(mine)} }} meta l4proto {{ tcp, udp }} th dport {lo}-{hi} drop")
-        rules.append(f"iifname {u} ip daddr {{ {', '.join(mine)} }} icmp type echo-reply drop")
-        body = "\n".join("        " + r for r in rules)
-        return (f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
-                f"table ip {NFT_TABLE} {{\n    chain prerouting {{\n"
-                f"        type filter hook prerouting priority raw; policy accept;\n{body}\n    }}\n}}\n")
-
-    def _install_claims(self):
-        if shutil.which("nft") is None:
-            raise AgentError("the nft tool is needed to claim traffic from the kernel (apt-get install nftables)")
-        out = subprocess.run(self._cmd(["nft", "-f", "-"]), input=self._ruleset(), text=True,
-                             capture_output=True, timeout=20)
-        if out.returncode:
-            raise AgentError(f"nft refused the claim rules: {out.stderr.strip()}")
-        self._installed_nft = True
-        if self._old_port_range is None:
-            self._old_port_range = self._sysctl_get(PORT_RANGE_SYSCTL)
-            self._sysctl_set(PORT_RANGE_SYSCTL, "%d %d" % self.kernel_port_range)
-
-    def _sysctl_get(self, key):
-        out = subprocess.run(self._cmd(["sysctl", "-n", key]), capture_output=True, text=True, timeout=10)
-        return " ".join(out.stdout.split())
-
-    def _sysctl_set(self, key, value):
-        subprocess.run(self._cmd(["sysctl", "-q", "-w", f"{key}={value}"]), capture_output=True, timeout=10)
-
-    def _remove_claims(self):
-        if self._installed_nft:
-            subprocess.run(self._cmd(["nft", "delete", "table", "ip", NFT_TABLE]), capture_output=True, timeout=20)
-            self._installed_nft = False
-        if self._old_port_range:
-            self._sysctl_set(PORT_RANGE_SYSCTL, self._old_port_range)
-            self._old_port_range = None
+    def _host_sync_claims(self, inside=None):
+        """Host thread: the claims for the inside destinations and pod veths known now."""
+        if inside is not None:
+            self._claim_inside = inside
+        if self._claims_on:
+            self._claims.sync(self._claim_inside, self._claim_pods)
 
     # -- control (any thread) ------------------------------------------------------------
     def _submit(self, fn, *args):
@@ -622,7 +665,7 @@ class Agent:
             self._sync_pods()
         if loaded.policies is not None:
             self._set_policies(loaded.policies)
-        self._refresh_neighbours(probe=True)
+        self._watch_neighbours()
 
     def _accepted(self):
         with self._reloads_lock:
@@ -667,14 +710,19 @@ class Agent:
             pass
 
     def upsert_pod(self, pod: Pod):
-        return self._submit(self._upsert_pod, pod)
+        """Add or change a pod; returns once its veth (if plugged) is forwarded and claimed."""
+        out = self._submit(self._upsert_pod, pod)
+        self._settle()
+        return out
 
     def _upsert_pod(self, pod):
         self.compiler.upsert_pod(pod)
         self._sync_pods()
 
     def remove_pod(self, namespace, name):
-        return self._submit(self._remove_pod, namespace, name)
+        out = self._submit(self._remove_pod, namespace, name)
+        self._settle()
+        return out
 
     def _remove_pod(self, namespace, name):
         self.compiler.remove_pod(namespace, name)
@@ -686,7 +734,6 @@ class Agent:
     def _upsert_node(self, node):
         self.compiler.upsert_node(node)
         self._sync_nodes()
-        self._refresh_neighbours(probe=True)
 
     def counters(self):
         """Datapath counters (verdicts, drops by reason) plus NAT and ring figures."""
@@ -701,12 +748,7 @@ class Agent:
         Returns frames handled.  timeout 0: one batch per ring; > 0: the
         datapath's own C loop forwards for up to timeout seconds (returning
         early on a control change or stop())."""
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            job()
+        if self._run_jobs():
             self._changed = True
         if self._reload.is_set() and (self._reload_thread is None or not self._reload_thread.is_alive()):
             self._reload.clear()
@@ -726,11 +768,7 @@ class Agent:
             n = self.datapath.run(timeout, self._wake_r)
         else:
             n = self.datapath.poll()
-        self.datapath.gc()  # bounded NAT expiry work, every return (>= every poll_ms)
-        now = time.monotonic()
-        if now >= self._next_refresh:
-            self._next_refresh = now + 1.0
-            self._refresh_neighbours(probe=True)
+        self.datapath.gc()  # bounded NAT expiry work, pure C, every return (>= every poll_ms)
         return n
 
     def run(self):
@@ -761,7 +799,7 @@ class Agent:
             t.join(10)
 
     def close(self):
-        """Remove the claims, close the rings (idempotent)."""
+        """Remove the claims, restore the host, close the rings (idempotent)."""
         if self._closed:
             return
         self._closed = True
@@ -772,24 +810,38 @@ class Agent:
                 except Exception as exc:  # noqa: BLE001 - keep tearing down
                     print(f"egresscore agent: stopping {stop!r}: {exc}", file=sys.stderr)
             self._services = []
-            self._remove_claims()
         finally:
-            for p in self._probes:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
-            for port in list(self.datapath.rings_attached):
-                self.datapath.detach_ring(port)
-            for r in self._rings:
-                r.close()
-            self._rings = []
+            if self.datapath is not None:
+                for port in list(self.datapath.rings_attached):
+                    self.datapath.detach_ring(port)
+            try:
+                if self._host is not None:
+                    self._host.call(self._host_teardown, timeout=30)
+            finally:
+                for r in self._rings:
+                    r.close()
+                self._rings = []
+                if self._host is not None:
+                    self._host.stop()
+                for fd in (self._wake_r, self._wake_w):
+                    if fd >= 0:
+                        os.close(fd)
+                self._wake_r = self._wake_w = -1
+
+    def _host_teardown(self):
+        """Host thread: claims off and the host as it was (state file gone), tunnel device removed."""
+        self._claims_on = False
+        try:
+            if self._neighbours is not None:
+                self._neighbours.close()
+            if self._claims is not None:
+                self._claims.remove()
+        finally:
             if self._tunnel is not None:
                 self._tunnel.remove()
                 self._tunnel = None
-            for fd in (self._wake_r, self._wake_w):
-                if fd >= 0:
-                    os.close(fd)
-            self._wake_r = self._wake_w = -1
+            if self._state is not None:
+                self._state.release()
 
     def __enter__(self):
         return self
@@ -798,10 +850,6 @@ class Agent:
         self.stop()
         self.close()
         return False
-
-
-def _nft_quote(name):
-    return '"' + name.replace('"', "") + '"'
 
 
 _TX_OFFLOADS = ("tx-checksum-ip-generic", "tx-checksum-ipv4", "tx-tcp-segmentation",

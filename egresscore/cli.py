@@ -361,8 +361,9 @@ def _add_agent(sub):
                     "veths (lxc-<pod>), the egress map compiled from the policies, SNAT, VXLAN to and from the "
                     "gateway.  SIGHUP re-reads the policy and cluster files, all or nothing: a bad file is logged "
                     "on one line and counted (stats: reloads.rejected), and the policies and cluster in force "
-                    "keep working.  SIGINT/SIGTERM stop it and remove everything it installed (nftables table "
-                    "'egresscore', ip_local_port_range).",
+                    "keep working.  SIGINT/SIGTERM stop it and remove everything it installed (FIB rules tagged "
+                    "proto 236, ip_local_port_range, egc-tnl0).  Started over a killed agent's leftovers, it "
+                    "takes them over and restores the host's originals when it stops.  Needs no system tool.",
     )
     _add_input_options(a, node_required=True)
     a.add_argument("--netns", metavar="NAME", help="run on the interfaces of this network namespace")

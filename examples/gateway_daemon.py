@@ -48,7 +48,7 @@ def main():
                 print(f"rx {c['rx']} tx {c['tx']} local {c['tx_local']} nat {c['nat_entries']} drops {c['drops']}",
                       flush=True)
     finally:
-        agent.close()                         # nftables table and port range removed
+        agent.close()                         # claims (FIB rules) and port range removed
 
 
 if __name__ == "__main__":

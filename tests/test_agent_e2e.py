@@ -225,23 +225,36 @@ def test_interop_with_linux_vxlan_both_ways(lab):
                 pass
 
 
-@requires_tools("nft")
+def _rules(ns):
+    import subprocess
+
+    return subprocess.run(["ip", "-n", ns, "rule"], capture_output=True, text=True, check=True).stdout
+
+
+def _port_range(lab, name):
+    from egresscore._host import PORT_RANGE, sysctl_get
+
+    return lab.call(name, sysctl_get, PORT_RANGE)
+
+
 def test_agent_removes_what_it_installed(lab):
     import subprocess
 
     ns = lab.nodes["node2"].ns
     agent = lab.agents.pop("node2")
-    tables = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "tables"], capture_output=True, text=True).stdout
-    assert "egresscore" in tables
+    rules = _rules(ns)
+    # the claims: tagged blackhole rules before the local table's rule, moved from priority 0
+    assert "iif lxc-app2 blackhole proto 236" in rules
+    assert "to 192.168.1.2 iif eth0 ipproto udp dport 8472 blackhole proto 236" in rules
+    assert "43:\tfrom all lookup local proto 236" in rules and "0:\tfrom all lookup local" not in rules
+    assert _port_range(lab, "node2") == "20000 32767"
     links = lambda: subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True).stdout  # noqa: E731
     assert "egc-tnl0" in links()
     agent.stop()
-    tables = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "tables"], capture_output=True, text=True).stdout
-    assert "egresscore" not in tables
+    rules = _rules(ns)
+    assert "proto 236" not in rules and rules.startswith("0:\tfrom all lookup local\n")
     assert "egc-tnl0" not in links()
-    rng = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.ip_local_port_range"],
-                         capture_output=True, text=True).stdout.split()
-    assert rng != ["20000", "32767"]
+    assert _port_range(lab, "node2") != "20000 32767"
 
 
 def test_demo_command_runs(capsys):
@@ -277,11 +290,8 @@ def test_batch_ring_mode_carries_traffic_too(lab):
             lab.agents[name] = _start_agent(lab, name)
 
 
-@requires_tools("nft")
 def test_daemon_reloads_policy_files_on_sighup(lab, tmp_path):
     """The `egresscore agent` daemon: SIGHUP re-reads the policy file (gateway moved), SIGTERM cleans up."""
-    import subprocess
-
     import yaml
 
     from egresscore.demo import start_agents
@@ -316,7 +326,5 @@ def test_daemon_reloads_policy_files_on_sighup(lab, tmp_path):
     finally:
         lines = {name: p.stop() for name, p in procs.items()}
     assert all(ls and "stopped" in ls[-1] for ls in lines.values()), lines
-    tables = subprocess.run(["ip", "netns", "exec", lab.nodes["node1"].ns, "nft", "list", "tables"],
-                            capture_output=True, text=True).stdout
-    assert "egresscore" not in tables
+    assert "proto 236" not in _rules(lab.nodes["node1"].ns)
 
