@@ -52,7 +52,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from .control import SOCKET_DIR, _private_dir
-from .lab._ns import NETNS_DIR, setns
+from ._netns import NETNS_DIR, setns
 
 RULE_PROTOCOL = 236              # FRA_PROTOCOL of every rule the agent installs (unassigned in rt_protos)
 PRIO_UNDERLAY, PRIO_INSIDE, PRIO_PODS, PRIO_LOCAL = 40, 41, 42, 43

@@ -52,7 +52,7 @@ decapsulates it whole.  If the device cannot be created (another vxlan
 device holds the VNI and port), the agent says so and cuts tunnel-bound
 super-packets into MTU-sized segments in C instead.  With vnet_hdr=False,
 turn tx checksumming, TSO and GSO off on the pod side instead
-(disable_offloads).
+(egresscore.lab.offloads.disable_offloads).
 
 Observability (all off by default; egresscore.flowlog, .metrics, .control):
 - flow_log: connection start/end records (from the NAT table) and
@@ -369,6 +369,11 @@ class Agent:
             out["flow_log"] = self.flow_logger.stats
             out["policies"] = self.flow_logger.policy_stats()
         return out
+
+    @property
+    def pod_interfaces(self):
+        """The pod veths whose rings the datapath forwards now (loop thread's view)."""
+        return [ifname for _, ifname in list(self._ports.values())]
 
     # -- small helpers -------------------------------------------------------------
     def _where(self):
@@ -850,52 +855,3 @@ class Agent:
         self.stop()
         self.close()
         return False
-
-
-_TX_OFFLOADS = ("tx-checksum-ip-generic", "tx-checksum-ipv4", "tx-tcp-segmentation",
-                "tx-generic-segmentation", "tx-udp-segmentation", "tx-udp_tnl-segmentation",
-                "tx-udp_tnl-csum-segmentation", "tx-tcp-ecn-segmentation",
-                "tx-tcp-mangleid-segmentation", "tx-tcp6-segmentation", "tx-scatter-gather", "rx-gro")
-
-
-def disable_offloads(ifname, netns=None, keys=_TX_OFFLOADS):
-    """Turn offload features `keys` off on `ifname` (default: tx checksumming, TSO, GSO)."""
-    from pyroute2.ethtool import Ethtool
-
-    def apply():
-        e = Ethtool()
-        try:
-            feats = e.get_features(ifname)
-            for key in keys:
-                if key in feats.features:
-                    feats.features[key].enable = False
-            e.set_features(ifname, feats)
-        finally:
-            e.close()
-
-    if netns is None:
-        return apply()
-    from .lab import _ns
-
-    return _ns.call(netns, apply, timeout=30)
-
-
-def prepare_lab(lab, plain=False):
-    """Ready the lab for agents run with vnet_hdr=False (plain=True): tx
-    checksumming, TSO and GSO off everywhere (pods, servers, nodes, router).
-
-    With vnet_hdr (the default) nothing needs changing: super-packets,
-    UDP-tunnel ones from kernel vxlan devices included, arrive whole with
-    their virtio_net_hdr.
-    """
-    if not plain:
-        return
-    for pod in lab.pods.values():
-        disable_offloads(pod.ifname, pod.ns)
-    for s in lab.servers.values():
-        disable_offloads("eth0", s.ns)
-    for n in lab.nodes.values():
-        disable_offloads(n.ifname, n.ns)
-    disable_offloads("eth0", lab.router_ns)
-    for s in lab.servers.values():
-        disable_offloads(s.name, lab.router_ns)

@@ -35,6 +35,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .types import EGRESS_JSON_KEYS, egress_row
+
 __all__ = ["ControlServer", "ControlClient", "ControlError", "default_socket_path"]
 
 log = logging.getLogger("egresscore.control")
@@ -481,19 +483,6 @@ class ControlClient:
         return resp.get("result")
 
 
-def _egress_rows(egress_map):
-    from .cli import GATEWAY_LABELS
-    from .compiler import target_of
-
-    rows = []
-    for e in egress_map.entries():
-        t = target_of(e)
-        rows.append({"SourceIP": str(e.source), "DestCIDR": str(e.destination),
-                     "EgressIP": t.egress_ip,
-                     "GatewayIP": GATEWAY_LABELS.get(t.gateway_ip, t.gateway_ip)})
-    return rows
-
-
 def inspection_handlers(*, nat=None, egress_map=None, stats=None):
     """The read-only commands an agent serves: "nat_list", "egress_list", "stats".
 
@@ -515,7 +504,7 @@ def inspection_handlers(*, nat=None, egress_map=None, stats=None):
 
     def egress_list():
         em = egress_map() if callable(egress_map) and not hasattr(egress_map, "entries") else egress_map
-        return [] if em is None else _egress_rows(em)
+        return [] if em is None else [dict(zip(EGRESS_JSON_KEYS, egress_row(e))) for e in em.entries()]
 
     def stats_():
         return stats() if stats is not None else {}

@@ -36,7 +36,7 @@ def _start_agent(lab, name):
 
 @pytest.fixture(scope="module")
 def lab():
-    from egresscore.agent import prepare_lab
+    from egresscore.lab.offloads import prepare_lab
     from egresscore.lab import Lab
 
     with Lab(tag="agente2e") as lab:
@@ -69,7 +69,7 @@ def test_sources_seen_by_the_servers(lab):
 
 
 def test_pod_on_the_gateway_node(lab):
-    from egresscore.agent import disable_offloads
+    from egresscore.lab.offloads import disable_offloads
     from egresscore.cluster import Pod
 
     pod = lab.add_pod("app3", "node3", {"app": "app1"})

@@ -66,7 +66,7 @@ def _sample():
 def lab():
     if (reason := __import__("conftest").netns_unavailable_reason()) is not None:
         pytest.skip(reason)
-    from egresscore.agent import prepare_lab
+    from egresscore.lab.offloads import prepare_lab
     from egresscore.lab import Lab
 
     with Lab(tag="agenthost") as lab:

@@ -115,7 +115,7 @@ def send_unsolicited(dst, dport):
 
 @pytest.fixture(scope="module")
 def lab():
-    from egresscore.agent import disable_offloads, prepare_lab
+    from egresscore.lab.offloads import disable_offloads, prepare_lab
     from egresscore.lab import Lab
     from egresscore.lab.kernel import SAMPLE_POLICY
 

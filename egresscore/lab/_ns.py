@@ -4,7 +4,6 @@ Namespaces are the bind mounts under /run/netns that `ip netns` and pyroute2
 share.  Code runs inside one in a forked child (setns is per thread, so the
 parent never changes namespace: an interrupt cannot leave it in the wrong one).
 """
-import ctypes
 import fcntl
 import json
 import multiprocessing
@@ -15,24 +14,12 @@ import traceback
 
 from pyroute2 import netns as _netns
 
+from .._netns import NETNS_DIR, setns  # noqa: F401 - part of this module's surface
+
 PREFIX = "egc-lab-"
-NETNS_DIR = "/run/netns"
 LOCK_DIR = "/run/egc-lab"
-CLONE_NEWNET = 0x40000000
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _fork = multiprocessing.get_context("fork")
-
-
-def setns(name):
-    """Move the calling thread into namespace `name` (a /run/netns name)."""
-    fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {name!r} failed: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def create(name):

@@ -19,6 +19,9 @@ import yaml
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.ndmsg import states as _nud
 
+from ..show import egress_table
+from ..types import EXCLUDED_CIDR, GATEWAY_NOT_FOUND
+
 VXLAN_PORT = 8472
 VXLAN_VNI = 2
 VXLAN_IF = "vxlan0"
@@ -30,10 +33,6 @@ TABLE_RETURN = 200  # on gateways: other nodes' pod CIDRs through vxlan0
 RULE_PRIO_BASE = 1000
 RULE_PRIO_RETURN = 2000
 ONLINK = 4  # RTNH_F_ONLINK
-
-# Cilium's sentinels for the egress list (pkg/egressgateway)
-GATEWAY_NOT_FOUND = "0.0.0.0"
-GATEWAY_EXCLUDED = "0.0.0.1"
 
 # the seed's policy on the lab's addresses (= examples/egress-sample.yaml)
 SAMPLE_POLICY = {
@@ -133,7 +132,7 @@ def compile_entries(lab, policies):
                                               gateway=gateway, egress_ip=egress_ip, gateway_ip=gateway_ip)
             for cidr in excluded:
                 mine[(pod.name, cidr)] = dict(pod=pod.name, src=pod.ip, cidr=str(cidr), kind="excluded",
-                                              gateway=None, egress_ip=egress_ip, gateway_ip=GATEWAY_EXCLUDED)
+                                              gateway=None, egress_ip=egress_ip, gateway_ip=EXCLUDED_CIDR)
         for key, entry in mine.items():
             entries.setdefault(key, entry)
     # longest prefix first: ip rules and nft rules are evaluated in order
@@ -142,11 +141,8 @@ def compile_entries(lab, policies):
 
 
 def format_egress_list(entries):
-    """`cilium-dbg bpf egress list`-style text."""
-    rows = [("Source IP", "Destination CIDR", "Egress IP", "Gateway IP")]
-    rows += [(e["src"], e["cidr"], e["egress_ip"], e["gateway_ip"]) for e in entries]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    """`cilium-dbg bpf egress list`-style text of compile_entries' dicts (egresscore.show)."""
+    return egress_table([(e["src"], e["cidr"], e["egress_ip"], e["gateway_ip"]) for e in entries])
 
 
 def masquerade_ruleset(node, cluster_cidr, enabled=True, snat_rules=()):
