@@ -232,7 +232,7 @@ def _rules(ns):
 
 
 def _port_range(lab, name):
-    from egresscore._host import PORT_RANGE, sysctl_get
+    from egresscore.agent.host import PORT_RANGE, sysctl_get
 
     return lab.call(name, sysctl_get, PORT_RANGE)
 

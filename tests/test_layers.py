@@ -23,7 +23,7 @@ LAYERS = {
     0: ["errors", "types", "files", "_netns", "_bpf", "_natref", "_core"],
     1: ["policy", "cluster", "inputs", "compiler"],
     2: ["flowlog", "metrics", "control"],
-    3: ["agent", "_host", "_tunnel"],
+    3: ["agent"],
     4: ["show"],
     5: ["cli", "demo", "__main__", "__init__"],
 }

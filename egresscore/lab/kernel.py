@@ -53,7 +53,7 @@ SAMPLE_POLICY = {
 
 def vxlan_mac(node_ip):
     """02:ee:<node IP>: the inner MAC egresscore's datapath writes for a node."""
-    from .._tunnel import tunnel_mac
+    from ..agent.tunnel import tunnel_mac
 
     return tunnel_mac(node_ip)
 
