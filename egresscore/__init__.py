@@ -53,9 +53,12 @@ from .control import ControlClient, ControlError, ControlServer, default_socket_
 from .inputs import InputError, load_inputs
 from .flowlog import CallbackSink, Enricher, FlowLogger, JsonLinesSink, records_to_dicts
 from .agent import Agent, AgentError
+from .errors import EgressError
 from .policy import EgressPolicy, LabelSelector, PolicyError, load_policies, parse_policy
+from .verdicts import DropReason
 
 __all__ = [
+    "EgressError", "DropReason",
     "DROP_REASON_NAMES",
     # LPM trie and egress map
     "LPMTrie", "LPM_MAX_VALUE", "LPM_NO_VALUE",

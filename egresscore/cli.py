@@ -13,6 +13,7 @@ import json
 import sys
 
 from . import show
+from .errors import EgressError
 from .files import MAX_INPUT_BYTES
 
 EXIT_OK = 0
@@ -20,7 +21,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-class CLIError(Exception):
+class CLIError(EgressError):
     """An error to print on stderr as one line, without a traceback."""
 
     def __init__(self, message, code=EXIT_ERROR):

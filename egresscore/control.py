@@ -35,6 +35,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .errors import ControlError
 from .types import EGRESS_JSON_KEYS, egress_row
 
 __all__ = ["ControlServer", "ControlClient", "ControlError", "default_socket_path"]
@@ -47,10 +48,6 @@ MAX_DEPTH = 32            # nesting of arrays/objects in a request
 MAX_CONNECTIONS = 16      # open at once; one more is answered with an error and closed
 IDLE_TIMEOUT = 30.0       # seconds without a byte from a client (no request running): closed
 LINGER = 1.0              # seconds a connection answered with a final error may still send
-
-
-class ControlError(Exception):
-    """The agent answered with an error, or could not be reached."""
 
 
 def default_socket_path(node, netns=None, directory=SOCKET_DIR):

@@ -54,6 +54,7 @@ from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from .._netns import NETNS_DIR, setns
 from ..control import SOCKET_DIR, _private_dir
+from ..errors import AgentError
 
 RULE_PROTOCOL = 236              # FRA_PROTOCOL of every rule the agent installs (unassigned in rt_protos)
 PRIO_UNDERLAY, PRIO_INSIDE, PRIO_PODS, PRIO_LOCAL = 40, 41, 42, 43
@@ -66,10 +67,6 @@ NFT_TABLE = "egresscore"         # claimed traffic through nftables in older ver
 _RTMGRP_NEIGH, _RTMGRP_IPV4_ROUTE = 0x4, 0x40
 _NUD_INCOMPLETE, _NUD_FAILED = 0x01, 0x20
 _FR_ACT_TO_TBL, _FR_ACT_GOTO, _FR_ACT_BLACKHOLE = 1, 2, 6
-
-
-class AgentError(RuntimeError):
-    """The agent cannot run on this host (missing namespace, interface, address)."""
 
 
 def check_netns(name):
