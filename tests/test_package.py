@@ -20,6 +20,29 @@ def test_cli_without_command_prints_help_and_fails():
     assert "usage: egresscore" in proc.stderr
 
 
+def test_the_public_api_is_about_twenty_names_and_each_resolves():
+    assert 15 <= len(egresscore.__all__) <= 25 and len(set(egresscore.__all__)) == len(egresscore.__all__)
+    for name in egresscore.__all__:
+        assert getattr(egresscore, name) is not None, name
+    for name in ("Agent", "EgressMap", "NatTable", "LPMTrie", "PacketRing", "Datapath", "FlowLog",
+                 "EgressPolicy", "Cluster", "Node", "Pod", "load_inputs", "EgressError", "DropReason"):
+        assert name in egresscore.__all__, name
+
+
+def test_the_rest_stays_importable_from_its_module():
+    from egresscore.compiler import Target
+    from egresscore.control import ControlClient
+    from egresscore.flowlog import FlowLogger
+    from egresscore.policy import load_policies
+
+    assert {"parse", "PacketBatch", "NAT_TUPLE_DTYPE", "Target", "ControlClient"}.isdisjoint(egresscore.__all__)
+    assert egresscore.parse is _core.parse and egresscore.Target is Target
+    assert egresscore.ControlClient is ControlClient and egresscore.FlowLogger is FlowLogger
+    assert egresscore.load_policies is load_policies
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        egresscore.not_a_name  # noqa: B018
+
+
 def test_drop_reason_is_the_core_table():
     from egresscore import DropReason
 
