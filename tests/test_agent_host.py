@@ -1,4 +1,4 @@
-"""The agent's host work (egresscore._host) on real namespaces: the claims,
+"""The agent's host work (egresscore.agent.host) on real namespaces: the claims,
 a datapath thread that makes no host call, neighbours from netlink events,
 recovery after kill -9, a missing --netns.
 
@@ -66,8 +66,8 @@ def _sample():
 def lab():
     if (reason := __import__("conftest").netns_unavailable_reason()) is not None:
         pytest.skip(reason)
-    from egresscore.lab.offloads import prepare_lab
     from egresscore.lab import Lab
+    from egresscore.lab.offloads import prepare_lab
 
     with Lab(tag="agenthost") as lab:
         prepare_lab(lab)
