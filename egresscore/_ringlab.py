@@ -2,36 +2,29 @@
 benchmarks.  Nothing here touches the root namespace's links: the pair is
 created inside the first namespace and its peer moved to the second, both
 namespaces carry the `egc-ring-` prefix and are removed on exit (also on
-error).  IPv6 is off on the pair so no neighbour discovery adds stray frames.
+error; egresscore.lab._ns.scratch).  IPv6 is off on the pair so no neighbour
+discovery adds stray frames.
 """
 import contextlib
 import uuid
 
 PREFIX = "egc-ring-"
-
-
-def _sysctl(netns, path, value):
-    from egresscore._core import _ring_in_netns
-    with _ring_in_netns(netns):
-        with open(f"/proc/sys/{path}", "w") as f:
-            f.write(str(value))
+_NO_IPV6 = {"net.ipv6.conf.default.disable_ipv6": 1, "net.ipv6.conf.all.disable_ipv6": 1}
 
 
 @contextlib.contextmanager
 def veth_pair(tag=None, mtu=1500):
     """Yield (ns_a, if_a, ns_b, if_b): if_a in ns_a wired to if_b in ns_b."""
-    from pyroute2 import NetNS, netns
+    from pyroute2 import NetNS
+
+    from egresscore.lab import _ns
+
     tag = tag or uuid.uuid4().hex[:6]
     ns_a, ns_b = f"{PREFIX}{tag}-a", f"{PREFIX}{tag}-b"
     if_a, if_b = "egcr0", "egcr1"
-    made = []
-    try:
+    with _ns.scratch(ns_a, ns_b):
         for name in (ns_a, ns_b):
-            netns.create(name)
-            made.append(name)
-        for name in (ns_a, ns_b):
-            for key in ("default", "all"):
-                _sysctl(name, f"net/ipv6/conf/{key}/disable_ipv6", 1)
+            _ns.sysctl(name, _NO_IPV6)
         with NetNS(ns_a) as ipr:
             ipr.link("add", ifname=if_a, kind="veth", peer=if_b)
             idx_b = ipr.link_lookup(ifname=if_b)[0]
@@ -43,10 +36,6 @@ def veth_pair(tag=None, mtu=1500):
             idx_b = ipr.link_lookup(ifname=if_b)[0]
             ipr.link("set", index=idx_b, mtu=mtu, state="up")
         yield ns_a, if_a, ns_b, if_b
-    finally:
-        for name in made:
-            with contextlib.suppress(Exception):
-                netns.remove(name)
 
 
 def link_mac(ns, ifname):

@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from . import show
+from .errors import EgressError
 from .files import MAX_INPUT_BYTES
 
 EXIT_OK = 0
@@ -19,7 +21,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-class CLIError(Exception):
+class CLIError(EgressError):
     """An error to print on stderr as one line, without a traceback."""
 
     def __init__(self, message, code=EXIT_ERROR):
@@ -63,34 +65,6 @@ def _load_inputs(args):
 # ------------------------------------------------------------- egress list
 
 
-GATEWAY_LABELS = {"0.0.0.0": "Not Found", "0.0.0.1": "Excluded CIDR"}  # cilium-dbg's mapGatewayIP
-
-
-def egress_rows(compiler):
-    """(source, destination, egress IP, gateway IP) rows as `cilium-dbg bpf egress list` shows them,
-    read back from an egresscore.EgressMap the compiler filled."""
-    from . import EgressMap
-    from .compiler import target_of
-
-    em = EgressMap()
-    compiler.attach(em)
-    rows = []
-    for e in em.entries():
-        t = target_of(e)
-        rows.append((str(e.source), str(e.destination), t.egress_ip, GATEWAY_LABELS.get(t.gateway_ip, t.gateway_ip)))
-    return rows
-
-
-def format_table(rows, header=("Source IP", "Destination CIDR", "Egress IP", "Gateway IP")):
-    """Aligned like Go's tabwriter.NewWriter(out, 5, 0, 3, ' ', 0), as cilium-dbg prints."""
-    lines = [header] + [tuple(r) for r in rows]
-    widths = [max(5, max(len(line[i]) for line in lines) + 3) for i in range(len(header) - 1)]
-    out = []
-    for line in lines:
-        out.append("".join(cell.ljust(w) for cell, w in zip(line, widths)) + line[-1])
-    return "\n".join(out) + "\n"
-
-
 def _cmd_egress_list(args):
     from .compiler import Compiler
 
@@ -106,12 +80,11 @@ def _cmd_egress_list(args):
         _warn(f"warning: {problem}")
     for conflict in compiler.conflicts():
         _warn(f"warning: {conflict}")
-    rows = egress_rows(compiler)
+    rows = show.egress_rows(compiler)
     if args.output == "json":
-        doc = [{"SourceIP": s, "DestCIDR": d, "EgressIP": e, "GatewayIP": g} for s, d, e, g in rows]
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        sys.stdout.write(json.dumps(show.egress_dicts(rows), indent=2) + "\n")
     elif rows:
-        sys.stdout.write(format_table(rows))
+        sys.stdout.write(show.egress_table(rows))
     else:
         print("No entries found.", file=sys.stderr)
     return EXIT_OK
@@ -122,8 +95,7 @@ def _egress_list_live(args):
     if args.output == "json":
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     elif rows:
-        sys.stdout.write(format_table([(r["SourceIP"], r["DestCIDR"], r["EgressIP"], r["GatewayIP"])
-                                       for r in rows]))
+        sys.stdout.write(show.egress_table(show.rows_of_dicts(rows)))
     else:
         print("No entries found.", file=sys.stderr)
     return EXIT_OK
@@ -156,34 +128,12 @@ def _agent_call(args, cmd, **kw):
         raise CLIError(str(exc)) from None
 
 
-def _fmt_endpoint(ip, port):
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def nat_list_lines(entries):
-    """`cilium-dbg bpf nat list` lines (an OUT and an IN line per connection)
-    from the agent's nat_list answer."""
-    lines = []
-    for e in entries:
-        pod = _fmt_endpoint(e["src"], e["sport"])
-        remote = _fmt_endpoint(e["dst"], e["dport"])
-        egress = _fmt_endpoint(e["egress_ip"], e["xport"])
-        tail = (f"Created={int(e['age'])}sec ago Expires={int(e['expires_in'])}sec "
-                f"State={e['state']}")
-        p = e["proto"].upper()
-        lines.append(f"{p} OUT {pod} -> {remote} XLATE_SRC {egress} {tail} "
-                     f"Packets={e.get('pkts_out', 0)} Bytes={e.get('bytes_out', 0)}")
-        lines.append(f"{p} IN {remote} -> {egress} XLATE_DST {pod} {tail} "
-                     f"Packets={e.get('pkts_in', 0)} Bytes={e.get('bytes_in', 0)}")
-    return lines
-
-
 def _cmd_nat_list(args):
     entries = _agent_call(args, "nat_list")
     if args.output == "json":
         sys.stdout.write(json.dumps(entries, indent=2) + "\n")
     elif entries:
-        sys.stdout.write("\n".join(nat_list_lines(entries)) + "\n")
+        sys.stdout.write("\n".join(show.nat_list_lines(entries)) + "\n")
     else:
         print("No entries found.", file=sys.stderr)
     return EXIT_OK
@@ -202,24 +152,13 @@ def _add_nat(sub):
     ls.set_defaults(func=_cmd_nat_list)
 
 
-def _flatten(prefix, value, out):
-    if isinstance(value, dict):
-        for k in sorted(value):
-            _flatten(f"{prefix}.{k}" if prefix else str(k), value[k], out)
-    else:
-        out.append((prefix, value))
-
-
 def _cmd_stats(args):
     stats = _agent_call(args, "stats")
     if args.output == "json":
         sys.stdout.write(json.dumps(stats, indent=2) + "\n")
         return EXIT_OK
-    rows = []
-    _flatten("", stats, rows)
-    width = max((len(k) for k, _ in rows), default=0)
-    for k, v in rows:
-        print(f"{k.ljust(width)}  {v}")
+    for line in show.stats_lines(stats):
+        print(line)
     return EXIT_OK
 
 
@@ -327,7 +266,7 @@ def _cmd_agent(args):
         ("metrics", agent.metrics.url if agent.metrics else None),
         ("control socket", agent.control.path if agent.control else None)) if where)
     print(f"egresscore agent: node {args.node} ({agent.node_ip}), {len(agent.egress_map)} egress entries, "
-          f"pods on {', '.join(i for _, i in agent._ports.values()) or 'none'}{extra}: ready",
+          f"pods on {', '.join(agent.pod_interfaces) or 'none'}{extra}: ready",
           file=status, flush=True)
     try:
         agent.run()

@@ -13,6 +13,7 @@ from typing import Mapping
 
 import yaml
 
+from .errors import EgressError
 from .files import InputFileError, load_yaml, read_input_file, yaml_line_of
 from .policy import NAMESPACE_LABEL_PREFIX, POD_NAMESPACE_LABEL
 
@@ -21,7 +22,7 @@ __all__ = ["Interface", "Node", "Namespace", "Pod", "Cluster", "ClusterError", "
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
 
-class ClusterError(ValueError):
+class ClusterError(EgressError, ValueError):
     """A bad cluster file or object: the file, the field (e.g. "nodes[1].name"),
     its line in the file when known, and what is wrong."""
 

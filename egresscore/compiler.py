@@ -56,6 +56,15 @@ from typing import NamedTuple
 
 from .cluster import Cluster, Namespace, Node, Pod
 from .policy import EgressPolicy
+from .types import (
+    EGRESS_IP_NOT_FOUND_V4,
+    EGRESS_IP_NOT_FOUND_V6,
+    EXCLUDED_CIDR,
+    GATEWAY_NOT_FOUND,
+    Target,
+    map_row,
+    target_of,
+)
 
 __all__ = [
     "GATEWAY_NOT_FOUND",
@@ -71,28 +80,6 @@ __all__ = [
     "resolve_gateways",
     "target_of",
 ]
-
-GATEWAY_NOT_FOUND = "0.0.0.0"  # Cilium's GatewayNotFoundIPv4
-EXCLUDED_CIDR = "0.0.0.1"  # Cilium's ExcludedCIDRIPv4 (also used in the IPv6 map)
-EGRESS_IP_NOT_FOUND_V4 = "0.0.0.0"
-EGRESS_IP_NOT_FOUND_V6 = "::"
-
-
-class Target(NamedTuple):
-    """The value of one egress map entry."""
-
-    egress_ip: str
-    gateway_ip: str
-
-    @property
-    def excluded(self) -> bool:
-        return self.gateway_ip == EXCLUDED_CIDR
-
-    @property
-    def no_gateway(self) -> bool:
-        return self.gateway_ip == GATEWAY_NOT_FOUND
-
-
 
 
 @dataclass(frozen=True)
@@ -399,7 +386,7 @@ class Compiler:
         em = self.egress_map
         desired = self.desired
         if old is None:
-            em.sync([_map_row(key, t) for key, t in desired.items()])
+            em.sync([map_row(key, t) for key, t in desired.items()])
             return
         for key, t in desired.items():
             if old.get(key) != t:
@@ -668,29 +655,8 @@ class Compiler:
         return self._resolve(changed)
 
 
-def _map_row(key, t: Target):
-    """One compiled entry as an EgressMap row (IPv6 entries: IPv4-mapped gateway)."""
-    gw = t.gateway_ip
-    if ":" in key[0]:
-        gw = {EXCLUDED_CIDR: "::1", GATEWAY_NOT_FOUND: "::"}.get(gw, "::ffff:" + gw)
-    return key[0], key[1], t.egress_ip, gw
-
-
 def _write(em, key, t: Target):
     if t.gateway_ip == EXCLUDED_CIDR:
         em.set_excluded(key[0], key[1], t.egress_ip)
     else:
-        em.set(*_map_row(key, t))
-
-
-def target_of(entry) -> Target:
-    """An egresscore.EgressEntry read back as the compiler's Target (IPv4 gateway IP)."""
-    gw = entry.gateway_ip
-    if gw.version == 6:
-        if entry.excluded:
-            return Target(str(entry.egress_ip), EXCLUDED_CIDR)
-        if entry.no_gateway:
-            return Target(str(entry.egress_ip), GATEWAY_NOT_FOUND)
-        if gw.ipv4_mapped is not None:
-            gw = gw.ipv4_mapped
-    return Target(str(entry.egress_ip), str(gw))
+        em.set(*map_row(key, t))

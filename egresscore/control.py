@@ -35,6 +35,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .errors import ControlError
+from .types import EGRESS_JSON_KEYS, egress_row
+
 __all__ = ["ControlServer", "ControlClient", "ControlError", "default_socket_path"]
 
 log = logging.getLogger("egresscore.control")
@@ -45,10 +48,6 @@ MAX_DEPTH = 32            # nesting of arrays/objects in a request
 MAX_CONNECTIONS = 16      # open at once; one more is answered with an error and closed
 IDLE_TIMEOUT = 30.0       # seconds without a byte from a client (no request running): closed
 LINGER = 1.0              # seconds a connection answered with a final error may still send
-
-
-class ControlError(Exception):
-    """The agent answered with an error, or could not be reached."""
 
 
 def default_socket_path(node, netns=None, directory=SOCKET_DIR):
@@ -481,19 +480,6 @@ class ControlClient:
         return resp.get("result")
 
 
-def _egress_rows(egress_map):
-    from .cli import GATEWAY_LABELS
-    from .compiler import target_of
-
-    rows = []
-    for e in egress_map.entries():
-        t = target_of(e)
-        rows.append({"SourceIP": str(e.source), "DestCIDR": str(e.destination),
-                     "EgressIP": t.egress_ip,
-                     "GatewayIP": GATEWAY_LABELS.get(t.gateway_ip, t.gateway_ip)})
-    return rows
-
-
 def inspection_handlers(*, nat=None, egress_map=None, stats=None):
     """The read-only commands an agent serves: "nat_list", "egress_list", "stats".
 
@@ -515,7 +501,7 @@ def inspection_handlers(*, nat=None, egress_map=None, stats=None):
 
     def egress_list():
         em = egress_map() if callable(egress_map) and not hasattr(egress_map, "entries") else egress_map
-        return [] if em is None else _egress_rows(em)
+        return [] if em is None else [dict(zip(EGRESS_JSON_KEYS, egress_row(e))) for e in em.entries()]
 
     def stats_():
         return stats() if stats is not None else {}

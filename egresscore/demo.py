@@ -76,25 +76,19 @@ def start_agents(lab, policy_file, workdir, extra_args=()):
     return cluster_file, agents
 
 
-def _table(rows, header):
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def run_demo(quiet=False, out=None):
     out = out or sys.stdout
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=out, flush=True))
     if os.geteuid() != 0:
         print("egresscore demo: needs root (network namespaces, AF_PACKET)", file=sys.stderr)
         return 1
-    from .agent import prepare_lab
-    from .cli import egress_rows, format_table
     from .cluster import Cluster
     from .compiler import Compiler
     from .lab import Lab
     from .lab.kernel import SAMPLE_POLICY
+    from .lab.offloads import prepare_lab
     from .policy import load_policies
+    from .show import egress_rows, egress_table, format_table
 
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="egresscore-demo-") as tmp, Lab(tag="demo") as lab:
@@ -110,7 +104,7 @@ def run_demo(quiet=False, out=None):
         say(f"agents running on {', '.join(agents)} ({time.monotonic() - t0:.1f} s)")
         policies = load_policies(policy_file).policies
         rows = egress_rows(Compiler(Cluster.from_dict(lab.cluster()), policies))
-        print("\nEgress list (" + os.path.relpath(policy_file) + "):\n" + format_table(rows), file=out)
+        print("\nEgress list (" + os.path.relpath(policy_file) + "):\n" + egress_table(rows), file=out)
         servers = lab.start_servers()
         results = []
         for pod, dst, expect in FLOWS:
@@ -124,7 +118,7 @@ def run_demo(quiet=False, out=None):
             seen = lambda proto: ",".join(sorted(servers.sources(proto, dst))) or "-"  # noqa: E731
             results.append((pod, dst, expect, tcp, f"{seen('udp')} ({udp}/3 echoed)",
                             f"{seen('icmp')} ({icmp}/3 replied)"))
-        print("\nSource address each external server saw:\n" + _table(
+        print("\nSource address each external server saw:\n" + format_table(
             results, ("Pod", "Server", "Expected", "TCP (HTTP GET)", "UDP", "ping")), file=out)
         finals = {name: a.stop() for name, a in agents.items()}
         say("")

@@ -16,6 +16,8 @@ import stat
 
 import yaml
 
+from .errors import EgressError
+
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 __all__ = ["MAX_INPUT_BYTES", "MAX_YAML_DEPTH", "InputFileError", "read_input_file", "load_yaml",
@@ -28,7 +30,7 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSO
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
-class InputFileError(ValueError):
+class InputFileError(EgressError, ValueError):
     """An input file that cannot be read as text: its path and why."""
 
     def __init__(self, path, message):

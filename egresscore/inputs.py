@@ -33,13 +33,14 @@ import os
 from typing import NamedTuple
 
 from .cluster import Cluster, ClusterError, load_cluster
+from .errors import EgressError
 from .files import MAX_INPUT_BYTES
 from .policy import EgressPolicy, PolicyError, load_policies
 
 __all__ = ["InputError", "Inputs", "load_inputs", "check_policies", "MAX_INPUT_BYTES"]
 
 
-class InputError(ValueError):
+class InputError(EgressError, ValueError):
     """Inputs rejected whole: `errors` holds every problem (PolicyError,
     ClusterError); str() is one line, the first problem and how many more."""
 

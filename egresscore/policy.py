@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import yaml
 
+from .errors import EgressError
 from .files import InputFileError, load_yaml, read_input_file, yaml_line_of
 
 __all__ = [
@@ -63,7 +64,7 @@ _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z
 _DOC_SPLIT_RE = re.compile(r"^---(?:[ \t].*)?$", re.MULTILINE)
 
 
-class PolicyError(ValueError):
+class PolicyError(EgressError, ValueError):
     """A rejected policy document: where it is and what is wrong with it.
 
     file, document (from 1), line (of the bad field when it is found, else

@@ -11,6 +11,7 @@ thing.)
 """
 import argparse
 import signal
+import sys
 import time
 
 import egresscore
@@ -31,8 +32,11 @@ def main():
                   f"as {rec['egress_ip']} ({rec.get('policy', 'masquerade')}): "
                   f"{rec['bytes_out']} B out, {rec['bytes_in']} B in, {rec['reason']}", flush=True)
 
-    agent = egresscore.Agent(args.node, args.cluster, args.policies, netns=args.netns,
-                             flow_log=on_flow, metrics_port=args.metrics_port)
+    try:
+        agent = egresscore.Agent(args.node, args.cluster, args.policies, netns=args.netns,
+                                 flow_log=on_flow, metrics_port=args.metrics_port)
+    except egresscore.EgressError as exc:     # bad input (InputError) or host (AgentError): nothing installed
+        sys.exit(f"gateway daemon: {exc}")
     stop = []
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

@@ -1,7 +1,7 @@
 """The EgressMap the compiler tests write into, read back as the compiler's Targets."""
 
 from egresscore import EgressMap  # noqa: F401  (re-exported for the tests)
-from egresscore.compiler import target_of
+from egresscore.types import target_of
 
 
 def map_state(em):

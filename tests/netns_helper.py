@@ -1,7 +1,7 @@
 """A throwaway network namespace with a veth pair (both ends inside it), for tests that read a host with pyroute2.
 
 No interface is ever moved to or bridged with the root namespace; the namespace
-is removed on exit, also when the test fails.
+is removed on exit, also when the test fails (egresscore.lab._ns.scratch).
 """
 
 import contextlib
@@ -12,13 +12,12 @@ PREFIX = "egc-ctl-"
 
 @contextlib.contextmanager
 def dummy_netns(tag, addresses, *, ifname="eth0", gateway=None):
-    from pyroute2 import NetNS, netns
+    from pyroute2 import NetNS
+
+    from egresscore.lab import _ns
 
     name = f"{PREFIX}{tag}-{os.getpid()}"
-    if name in netns.listnetns():
-        netns.remove(name)
-    netns.create(name)
-    try:
+    with _ns.scratch(name):
         with NetNS(name) as ns:
             # this kernel has no dummy driver: a veth pair whose both ends stay here
             ns.link("add", ifname=ifname, kind="veth", peer={"ifname": ifname + "p"})
@@ -31,5 +30,3 @@ def dummy_netns(tag, addresses, *, ifname="eth0", gateway=None):
             if gateway:
                 ns.route("add", dst="0.0.0.0/0", gateway=gateway, oif=idx)
         yield name
-    finally:
-        netns.remove(name)

@@ -36,8 +36,8 @@ def _start_agent(lab, name):
 
 @pytest.fixture(scope="module")
 def lab():
-    from egresscore.agent import prepare_lab
     from egresscore.lab import Lab
+    from egresscore.lab.offloads import prepare_lab
 
     with Lab(tag="agente2e") as lab:
         prepare_lab(lab)
@@ -69,8 +69,8 @@ def test_sources_seen_by_the_servers(lab):
 
 
 def test_pod_on_the_gateway_node(lab):
-    from egresscore.agent import disable_offloads
     from egresscore.cluster import Pod
+    from egresscore.lab.offloads import disable_offloads
 
     pod = lab.add_pod("app3", "node3", {"app": "app1"})
     disable_offloads(pod.ifname, pod.ns)
@@ -232,7 +232,7 @@ def _rules(ns):
 
 
 def _port_range(lab, name):
-    from egresscore._host import PORT_RANGE, sysctl_get
+    from egresscore.agent.host import PORT_RANGE, sysctl_get
 
     return lab.call(name, sysctl_get, PORT_RANGE)
 

@@ -1,4 +1,4 @@
-"""The agent's host work (egresscore._host) on real namespaces: the claims,
+"""The agent's host work (egresscore.agent.host) on real namespaces: the claims,
 a datapath thread that makes no host call, neighbours from netlink events,
 recovery after kill -9, a missing --netns.
 
@@ -66,8 +66,8 @@ def _sample():
 def lab():
     if (reason := __import__("conftest").netns_unavailable_reason()) is not None:
         pytest.skip(reason)
-    from egresscore.agent import prepare_lab
     from egresscore.lab import Lab
+    from egresscore.lab.offloads import prepare_lab
 
     with Lab(tag="agenthost") as lab:
         prepare_lab(lab)
@@ -83,7 +83,7 @@ def _rules(ns):
 
 def _host_state(lab, name):
     """What an agent may change on node `name`: FIB rules, port range, links, files under /run/egresscore."""
-    from egresscore._host import PORT_RANGE, sysctl_get
+    from egresscore.agent.host import PORT_RANGE, sysctl_get
 
     ns = lab.nodes[name].ns
     links = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True, check=True).stdout
@@ -139,7 +139,7 @@ def test_syn_to_an_egress_ip_in_the_nat_range_gets_no_answer_from_the_kernel(lab
 _FORBIDDEN_C = {"fork", "posix_spawn", "waitpid", "setns", "socket", "recv", "recvfrom", "recv_into", "recvmsg",
                 "send", "sendto", "sendmsg", "sendall", "connect", "select", "poll", "epoll", "sleep", "read",
                 "write", "open", "system", "execv", "execve"}
-_FORBIDDEN_FILES = ("pyroute2", "subprocess.py", "multiprocessing", os.sep + "socket.py", "_host.py")
+_FORBIDDEN_FILES = ("pyroute2", "subprocess.py", "multiprocessing", os.sep + "socket.py", os.path.join("agent", "host.py"))
 
 
 class _LoopWatch:
@@ -285,7 +285,7 @@ def test_kill_9_then_start_then_stop_leaves_the_host_as_before(lab, tmp_path):
 
 @needs_netns
 def test_host_thread_reads_the_namespace_sysctl_without_a_fork(lab, monkeypatch):
-    from egresscore._host import PORT_RANGE, HostThread, sysctl_get
+    from egresscore.agent.host import PORT_RANGE, HostThread, sysctl_get
 
     forks = []
     monkeypatch.setattr(os, "fork", lambda: forks.append(threading.current_thread().name) or -1)

@@ -6,7 +6,8 @@ import sys
 import pytest
 from conftest import needs_netns
 
-from egresscore.cli import format_table, main
+from egresscore.cli import main
+from egresscore.show import format_table
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CLUSTER = os.path.join(ROOT, "examples", "cluster.yaml")

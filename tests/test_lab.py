@@ -302,6 +302,24 @@ def test_kernel_policy_errors_are_named(kernel_lab):
 
 
 @needs_netns
+def test_kernel_baseline_entries_match_the_independent_oracle(kernel_lab):
+    """The baseline's egress list comes from the real Compiler; the lab's old hand-written one agrees."""
+    from kernel_oracle import oracle_entries
+
+    lab, _ = kernel_lab
+    nowhere = {"metadata": {"name": "nowhere"}, "spec": {
+        "selectors": [{"podSelector": {"matchLabels": {"app": "app2"}}}],
+        "destinationCIDRs": ["198.51.100.0/24"], "excludedCIDRs": ["198.51.100.0/28"],
+        "egressGateway": {"nodeSelector": {"matchLabels": {"node.kubernetes.io/name": "node9"}}},
+    }}
+    same = copy.deepcopy(POLICY)
+    same["spec"]["excludedCIDRs"] = ["203.0.113.0/24"]
+    for policies in ([POLICY], [POLICY, nowhere], [same], [nowhere]):
+        entries = compile_entries(lab, policies)
+        assert entries and entries == oracle_entries(lab, policies), policies
+
+
+@needs_netns
 def test_add_pod_checks_its_arguments(kernel_lab):
     lab, _ = kernel_lab
     with pytest.raises(ValueError, match="taken"):

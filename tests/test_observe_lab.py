@@ -115,9 +115,9 @@ def send_unsolicited(dst, dport):
 
 @pytest.fixture(scope="module")
 def lab():
-    from egresscore.agent import disable_offloads, prepare_lab
     from egresscore.lab import Lab
     from egresscore.lab.kernel import SAMPLE_POLICY
+    from egresscore.lab.offloads import disable_offloads, prepare_lab
 
     sockdir = tempfile.mkdtemp(prefix="egresscore-observe-")
     os.chmod(sockdir, 0o755)                # so that "nobody" reaches the socket's own directory

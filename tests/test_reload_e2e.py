@@ -34,10 +34,10 @@ def _put(path, text):
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     from egresscore import Agent
-    from egresscore.agent import prepare_lab
     from egresscore.control import default_socket_path
     from egresscore.demo import AgentProcess
     from egresscore.lab import Lab
+    from egresscore.lab.offloads import prepare_lab
 
     work = tmp_path_factory.mktemp("reload")
     with Lab(tag="reload") as lab:

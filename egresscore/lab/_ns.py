@@ -1,10 +1,14 @@
 """Network-namespace primitives: create, remove, enter, run code and commands inside.
 
+The one namespace helper of the project: the lab's namespaces (PREFIX, with
+a lock naming a live lab's), and the throwaway ones of the ring tests, the
+ring benchmarks and the host-reading tests (scratch(), SCRATCH_PREFIXES).
+
 Namespaces are the bind mounts under /run/netns that `ip netns` and pyroute2
 share.  Code runs inside one in a forked child (setns is per thread, so the
 parent never changes namespace: an interrupt cannot leave it in the wrong one).
 """
-import ctypes
+import contextlib
 import fcntl
 import json
 import multiprocessing
@@ -15,24 +19,13 @@ import traceback
 
 from pyroute2 import netns as _netns
 
+from .._netns import NETNS_DIR, setns  # noqa: F401 - part of this module's surface
+
 PREFIX = "egc-lab-"
-NETNS_DIR = "/run/netns"
+SCRATCH_PREFIXES = ("egc-ring-", "egc-ctl-")  # egresscore._ringlab's pairs, tests/netns_helper's hosts
 LOCK_DIR = "/run/egc-lab"
-CLONE_NEWNET = 0x40000000
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _fork = multiprocessing.get_context("fork")
-
-
-def setns(name):
-    """Move the calling thread into namespace `name` (a /run/netns name)."""
-    fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {name!r} failed: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def create(name):
@@ -49,6 +42,29 @@ def remove(name):
         _netns.remove(name)
     except FileNotFoundError:
         pass
+
+
+@contextlib.contextmanager
+def scratch(*names):
+    """Throwaway namespaces `names` (each with one of SCRATCH_PREFIXES) for
+    one with block: one of those names left by a killed run is removed first,
+    and all are removed after, also on error.  Yields the names."""
+    for name in names:
+        if not name.startswith(SCRATCH_PREFIXES):
+            raise ValueError(f"namespace name {name!r} must start with one of {SCRATCH_PREFIXES}")
+    made = []
+    try:
+        present = set(_netns.listnetns())
+        for name in names:
+            if name in present:
+                _netns.remove(name)
+            _netns.create(name)
+            made.append(name)
+        yield names
+    finally:
+        for name in made:
+            with contextlib.suppress(OSError):
+                _netns.remove(name)
 
 
 def lab_namespaces():

@@ -19,6 +19,8 @@ import yaml
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.ndmsg import states as _nud
 
+from ..show import egress_table
+
 VXLAN_PORT = 8472
 VXLAN_VNI = 2
 VXLAN_IF = "vxlan0"
@@ -30,10 +32,6 @@ TABLE_RETURN = 200  # on gateways: other nodes' pod CIDRs through vxlan0
 RULE_PRIO_BASE = 1000
 RULE_PRIO_RETURN = 2000
 ONLINK = 4  # RTNH_F_ONLINK
-
-# Cilium's sentinels for the egress list (pkg/egressgateway)
-GATEWAY_NOT_FOUND = "0.0.0.0"
-GATEWAY_EXCLUDED = "0.0.0.1"
 
 # the seed's policy on the lab's addresses (= examples/egress-sample.yaml)
 SAMPLE_POLICY = {
@@ -54,7 +52,7 @@ SAMPLE_POLICY = {
 
 def vxlan_mac(node_ip):
     """02:ee:<node IP>: the inner MAC egresscore's datapath writes for a node."""
-    from .._tunnel import tunnel_mac
+    from ..agent.tunnel import tunnel_mac
 
     return tunnel_mac(node_ip)
 
@@ -76,77 +74,46 @@ def _policy_docs(policies):
     return docs
 
 
-def _match_labels(selector, labels, what):
-    if not isinstance(selector, dict):
-        raise ValueError(f"{what} must be a mapping")
-    unknown = set(selector) - {"matchLabels"}
-    if unknown:
-        raise ValueError(f"{what}: only matchLabels is supported by the lab baseline, not {sorted(unknown)}")
-    wanted = selector.get("matchLabels") or {}
-    return all(labels.get(k) == str(v) for k, v in wanted.items())
-
-
 def compile_entries(lab, policies):
-    """The egress map the kernel baseline implements, as Cilium would list it.
+    """The egress map the kernel baseline implements, as Cilium would list it:
+    the real Compiler (egresscore.compiler) over the lab's cluster file.
 
     Returns a list of dicts {pod, src, cidr, kind ('gateway'|'excluded'|'drop'),
-    gateway (node name or None), egress_ip, gateway_ip}, one per (pod, CIDR).
+    gateway (node name or None), egress_ip, gateway_ip}, one per (pod, CIDR),
+    longest prefix first (ip rules and nft rules are evaluated in order).  A
+    gateway node without the policy's egress IP is a ValueError naming the
+    policy: the kernel has no "no egress IP" drop to put in its place.
     """
-    entries = {}
+    from ..cluster import Cluster
+    from ..compiler import Compiler
+    from ..policy import parse_policy
+
+    parsed = []
     for name, spec in _policy_docs(policies):
-        selectors = spec.get("selectors") or []
-        if not selectors:
-            raise ValueError(f"policy {name}: needs at least one selector")
-        pods = []
-        for sel in selectors:
-            if set(sel) - {"podSelector"}:
-                raise ValueError(f"policy {name}: only podSelector is supported by the lab baseline")
-            pods += [p for p in lab.pods.values()
-                     if _match_labels(sel.get("podSelector") or {}, p.labels, f"policy {name} podSelector")
-                     and p not in pods]
-        gw_spec = spec.get("egressGateway") or {}
-        gateway = next((n for n in sorted(lab.nodes)
-                        if _match_labels(gw_spec.get("nodeSelector") or {}, lab.nodes[n].labels,
-                                         f"policy {name} nodeSelector")), None)
-        egress_ip = GATEWAY_NOT_FOUND
-        gateway_ip = GATEWAY_NOT_FOUND
-        if gateway is not None:
-            node = lab.nodes[gateway]
-            gateway_ip = node.ip
-            if gw_spec.get("egressIP"):
-                egress_ip = str(ipaddress.ip_address(gw_spec["egressIP"]))
-                if egress_ip != node.ip and egress_ip not in node.egress_ips:
-                    raise ValueError(f"policy {name}: egressIP {egress_ip} is not an address of {gateway}")
-            elif gw_spec.get("interface") not in (None, node.ifname):
-                raise ValueError(f"policy {name}: {gateway} has no interface {gw_spec['interface']!r}")
-            else:
-                egress_ip = node.ip
-        dests = [ipaddress.ip_network(c) for c in spec.get("destinationCIDRs") or []]
-        excluded = [ipaddress.ip_network(c) for c in spec.get("excludedCIDRs") or []]
-        # the first policy to claim a (pod, CIDR) keeps it; inside one policy an excluded
-        # CIDR equal to a destination CIDR wins (Cilium writes excluded entries last)
-        mine = {}
-        for pod in pods:
-            for cidr in dests:
-                kind = "gateway" if gateway is not None else "drop"
-                mine[(pod.name, cidr)] = dict(pod=pod.name, src=pod.ip, cidr=str(cidr), kind=kind,
-                                              gateway=gateway, egress_ip=egress_ip, gateway_ip=gateway_ip)
-            for cidr in excluded:
-                mine[(pod.name, cidr)] = dict(pod=pod.name, src=pod.ip, cidr=str(cidr), kind="excluded",
-                                              gateway=None, egress_ip=egress_ip, gateway_ip=GATEWAY_EXCLUDED)
-        for key, entry in mine.items():
-            entries.setdefault(key, entry)
-    # longest prefix first: ip rules and nft rules are evaluated in order
-    return sorted(entries.values(),
-                  key=lambda e: (-ipaddress.ip_network(e["cidr"]).prefixlen, e["src"], e["cidr"]))
+        doc = {"apiVersion": "cilium.io/v2", "kind": "CiliumEgressGatewayPolicy", "metadata": {"name": name},
+               "spec": spec}
+        parsed.append(parse_policy(doc, source="lab")[0])
+    compiler = Compiler(Cluster.from_dict(lab.cluster(), source="lab"), parsed)
+    for policy in parsed:
+        for g in compiler.gateways(policy.name):
+            if g.problem and g.node is not None:
+                ip = policy.gateways[0].egress_ip if len(policy.gateways) == 1 else None
+                what = f"egressIP {ip} is not an address of {g.node}" if ip else g.problem
+                raise ValueError(f"policy {policy.name}: {what} ({g.problem})")
+    pod_of = {p.ip: p.name for p in lab.pods.values()}
+    node_of = {n.ip: n.name for n in lab.nodes.values()}
+    entries = []
+    for (src, cidr), t in compiler.desired.items():
+        kind = "excluded" if t.excluded else "drop" if t.no_gateway else "gateway"
+        entries.append({"pod": pod_of[src], "src": src, "cidr": cidr, "kind": kind,
+                        "gateway": node_of.get(t.gateway_ip) if kind == "gateway" else None,
+                        "egress_ip": t.egress_ip, "gateway_ip": t.gateway_ip})
+    return sorted(entries, key=lambda e: (-ipaddress.ip_network(e["cidr"]).prefixlen, e["src"], e["cidr"]))
 
 
 def format_egress_list(entries):
-    """`cilium-dbg bpf egress list`-style text."""
-    rows = [("Source IP", "Destination CIDR", "Egress IP", "Gateway IP")]
-    rows += [(e["src"], e["cidr"], e["egress_ip"], e["gateway_ip"]) for e in entries]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    """`cilium-dbg bpf egress list`-style text of compile_entries' dicts (egresscore.show)."""
+    return egress_table([(e["src"], e["cidr"], e["egress_ip"], e["gateway_ip"]) for e in entries])
 
 
 def masquerade_ruleset(node, cluster_cidr, enabled=True, snat_rules=()):

@@ -16,7 +16,7 @@ An Agent owns, for its node:
   pod, room for a TCP sender's burst of 64 KiB super-packets;
   the loop runs in C (Datapath.run), back in Python every poll_ms only;
 - the host work, on a host thread that lives in the node's namespace
-  (egresscore._host; netlink through pyroute2 and /proc/sys, no system tool,
+  (egresscore.agent.host; netlink through pyroute2 and /proc/sys, no system tool,
   no subprocess): the claims on the kernel stack, removed again by close()
   (blackhole FIB rules, tagged protocol 236, before the `local` table's rule,
   which moves from priority 0 to 43: pod traffic leaving the cluster, VXLAN to
@@ -46,15 +46,16 @@ rewritten in its RX slot and sent from there with one copy), and one
 bound for the VXLAN tunnel passes whole too, through the tunnel offload
 (tunnel_offload=True, the default): a TX ring on a kernel vxlan device,
 `egc-tnl0`, that the agent creates with a static FDB entry per node
-(egresscore._tunnel).  The kernel encapsulates and cuts the super-packet
+(egresscore.agent.tunnel).  The kernel encapsulates and cuts the super-packet
 after encapsulation; the receiving agent gets it as one frame and
 decapsulates it whole.  If the device cannot be created (another vxlan
 device holds the VNI and port), the agent says so and cuts tunnel-bound
 super-packets into MTU-sized segments in C instead.  With vnet_hdr=False,
 turn tx checksumming, TSO and GSO off on the pod side instead
-(disable_offloads).
+(egresscore.lab.offloads.disable_offloads).
 
-Observability (all off by default; egresscore.flowlog, .metrics, .control):
+Observability (all off by default; egresscore.flowlog, .metrics, .control, wired by
+egresscore.agent.services):
 - flow_log: connection start/end records (from the NAT table) and
   rate-limited drop records (from the datapath), enriched with the pod and the
   policy, to stdout (True or "-"), a rotating file (a path), a callback, or
@@ -91,23 +92,23 @@ import time
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ._core import Datapath, EgressMap, FlowLog, NatTable, PacketRing
-from ._host import (
+from .._core import Datapath, EgressMap, NatTable
+from ..cluster import Cluster, ClusterError, Pod
+from ..compiler import Compiler
+from ..control import default_socket_path
+from ..inputs import InputError, check_policies, load_inputs
+from .host import (
     AgentError,
-    Claims,
-    HostState,
     HostThread,
     Neighbours,
     check_netns,
     link_facts,
+    set_up_host,
     where,
 )
-from ._tunnel import TunnelDevice
-from .cluster import Cluster, ClusterError, Pod
-from .compiler import Compiler
-from .control import ControlServer, default_socket_path, inspection_handlers
-from .flowlog import CallbackSink, Enricher, FlowLogger, JsonLinesSink
-from .inputs import InputError, check_policies, load_inputs
+from .rings import RING_MODES, RingPlan
+from .services import start_services
+from .tunnel import TunnelDevice
 
 DEFAULT_NAT_PORTS = (32768, 65534)
 # Connections the NAT table holds: a gateway's worth.  126 bytes each
@@ -116,7 +117,7 @@ DEFAULT_NAT_PORTS = (32768, 65534)
 DEFAULT_NAT_CAPACITY = 1_000_000
 DEFAULT_KERNEL_PORTS = (20000, 32767)
 PORT_RANGE_SYSCTL = "net.ipv4.ip_local_port_range"
-RING_MODES = ("latency", "batch")  # RX rings: TPACKET_V2 slots / TPACKET_V3 blocks
+__all__ = ["DEFAULT_KERNEL_PORTS", "DEFAULT_NAT_CAPACITY", "DEFAULT_NAT_PORTS", "RING_MODES", "Agent", "AgentError"]
 
 
 def _pod_ifname(pod):
@@ -155,6 +156,54 @@ class Agent:
         # the one loading path (egresscore.inputs): a bad input is an error, the agent does not start
         self._cluster_path = os.fspath(cluster) if isinstance(cluster, (str, os.PathLike)) else None
         self._policy_paths, policies = self._policies_from(policies)
+        cluster, policies = self._check_arguments(node, cluster, policies, netns, nat_port_range,
+                                                  kernel_port_range)
+        self.node = node
+        self.netns = netns
+        self.underlay = underlay
+        self.nat_port_range = tuple(nat_port_range)
+        self.kernel_port_range = tuple(kernel_port_range)
+        self.claim = claim
+        self.poll_ms = poll_ms
+        self._vxlan_port = vxlan_port
+        self._rings_plan = RingPlan(vnet_hdr=vnet_hdr, mtu=mtu, ring_mode=ring_mode)
+        self.vnet_hdr = self._rings_plan.vnet_hdr
+        self.ring_mode = ring_mode
+        self._pod_ifname = pod_ifname
+        self._init_state()
+        self.node_ip = cluster.nodes[node].gateway_ip
+        socket_path = (os.fspath(control_socket) if control_socket and control_socket is not True
+                       else default_socket_path(node, netns))
+        self._host = HostThread(netns, name=f"egresscore-host-{node}").start()
+        try:
+            host = set_up_host(self._host, node, netns, underlay=underlay, node_ip=self.node_ip,
+                               socket_path=socket_path, claim=claim, vxlan_port=vxlan_port,
+                               nat_port_range=self.nat_port_range, kernel_port_range=self.kernel_port_range)
+            self._state, self._claims = host.state, host.claims
+            self._underlay_index, self.node_mac, local = host.underlay_index, host.node_mac, host.local_ips
+            self.egress_map = EgressMap()
+            self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts,
+                                per_source_limit=pod_conn_limit)
+            for ip in local:
+                self.nat.add_egress_ip(ip)
+            self._local_ips = set(local)
+            self.datapath = Datapath(self.node_ip, self.node_mac, self.egress_map, self.nat, vni=vni,
+                                     vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range)
+            self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map)
+            self.cluster = self.compiler.cluster
+            self._open_underlay(underlay)
+            if tunnel_offload and self.vnet_hdr:
+                self._open_tunnel(vni, vxlan_port, mtu)
+            self._start_forwarding(claim)
+            start_services(self, flow_log=flow_log, capacity=flow_log_capacity, drop_rate=flow_drop_rate,
+                           metrics_port=metrics_port, metrics_addr=metrics_addr, control_socket=control_socket)
+        except BaseException:
+            self.close()  # nothing half-installed stays behind
+            raise
+
+    def _check_arguments(self, node, cluster, policies, netns, nat_port_range, kernel_port_range):
+        """The cluster and policies in force at start, once every argument is
+        checked: a bad one raises before anything is touched."""
         loaded = load_inputs(self._cluster_path, self._policy_paths)
         if loaded.cluster is not None:
             cluster = loaded.cluster
@@ -170,32 +219,12 @@ class Agent:
         lo, hi = kernel_port_range
         if not (hi < nat_port_range[0] or lo > nat_port_range[1]):
             raise ValueError(f"kernel_port_range {kernel_port_range} overlaps nat_port_range {nat_port_range}")
-        self.node = node
-        self.netns = netns
-        self.underlay = underlay
-        self.nat_port_range = tuple(nat_port_range)
-        self.kernel_port_range = tuple(kernel_port_range)
-        self.claim = claim
-        self.poll_ms = poll_ms
-        self._vxlan_port = vxlan_port
-        self.vnet_hdr = bool(vnet_hdr)
-        if ring_mode not in RING_MODES:
-            raise ValueError(f"ring_mode must be one of {', '.join(RING_MODES)}, not {ring_mode!r}")
-        self.ring_mode = ring_mode
-        # "latency": TPACKET_V2 slots, each frame handed over as it lands.
-        # "batch": TPACKET_V3 blocks handed over when full or after 1 ms: fewer
-        # wake-ups per packet, but a sparse flow's frames (TCP's ACKs, a
-        # request) wait for the timer at every hop.  Slots hold the largest
-        # frame: with PACKET_VNET_HDR a TSO/GSO super-packet (up to 64 KiB),
-        # which passes whole; else one MTU-sized frame.
-        slot = 69632 if vnet_hdr else (mtu + 256 + 15) & ~15
-        block = 1 << 20 if vnet_hdr else 1 << 18
-        self._ring_opts = dict(vnet_hdr=self.vnet_hdr, block_size=block, tx_frame_size=max(slot, 2048))
-        if ring_mode == "latency":
-            self._ring_opts["rx_frame_size"] = slot
-        else:
-            self._ring_opts["retire_ms"] = 1
-        self._pod_ifname = pod_ifname
+        if not cluster.nodes[node].gateway_ip:
+            raise ValueError(f"node {node!r} has no IPv4 internal IP")
+        return cluster, policies
+
+    def _init_state(self):
+        """The agent's own state, empty: ports, queues, reload counters, rings, services."""
         self._ports = {}  # pod key -> (port, ifname)
         self._node_index = {}
         self._queue = queue.Queue()
@@ -210,7 +239,7 @@ class Agent:
         self._closed = False
         self._rings = []
         self.datapath = None
-        # host work (egresscore._host), on the host thread inside the namespace
+        # host work (egresscore.agent.host), on the host thread inside the namespace
         self._host = self._state = self._claims = self._neighbours = None
         self._claims_on = False        # host thread: claims are being kept
         self._claim_inside = []        # host thread: inside destinations for the claims
@@ -223,7 +252,7 @@ class Agent:
         self._tunnel = None
         self.tunnel_error = None  # why the tunnel offload is off, when it was asked for
         self._wake_r = self._wake_w = -1  # the wake pipe, made with the rings
-        self._services = []
+        self._services = []            # how to stop the services (egresscore.agent.services), in start order
         self._changed = False
         self.flow_log = None
         self.flow_logger = None
@@ -231,112 +260,29 @@ class Agent:
         self.control = None
         self.ready = threading.Event()
 
-        me = cluster.nodes[node]
-        if not me.gateway_ip:
-            raise ValueError(f"node {node!r} has no IPv4 internal IP")
-        self.node_ip = me.gateway_ip
-        socket_path = (os.fspath(control_socket) if control_socket and control_socket is not True
-                       else default_socket_path(node, netns))
-        self._host = HostThread(netns, name=f"egresscore-host-{node}").start()
+    def _open_underlay(self, underlay):
         try:
-            # the lock first: a live agent here is an error before anything is touched
-            self._state = self._host.call(HostState(node, netns).acquire)
-            facts = self._host.call(lambda: link_facts(self._host.ipr, underlay))
-            if facts is None:
-                raise AgentError(f"no interface {underlay!r}{self._where()}")
-            self._underlay_index, self.node_mac, local = facts
-            if self.node_ip not in local:
-                raise AgentError(f"{self.node_ip} (node {node}'s internal IP) is not on {underlay}{self._where()}")
-            self._claims = Claims(self._host, self._state, underlay=underlay, node_ip=self.node_ip,
-                                  local_ips=local, vxlan_port=vxlan_port, nat_port_range=self.nat_port_range,
-                                  kernel_port_range=self.kernel_port_range)
-            leftovers = self._host.call(self._claims.take_over, socket_path)
-            if leftovers:
-                print(f"egresscore agent {node}: taking over a stopped agent's leftovers{self._where()}: "
-                      f"{leftovers}", file=sys.stderr, flush=True)
-            if not claim:
-                self._host.call(self._claims.remove)  # restore what a crashed agent changed
-            self.egress_map = EgressMap()
-            self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts,
-                                per_source_limit=pod_conn_limit)
-            for ip in local:
-                self.nat.add_egress_ip(ip)
-            self._local_ips = set(local)
-            self.datapath = Datapath(self.node_ip, self.node_mac, self.egress_map, self.nat, vni=vni,
-                                     vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range)
-            self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map)
-            self.cluster = self.compiler.cluster
-            try:
-                ring = self._host.call(lambda: PacketRing(underlay, ignore_outgoing=True, block_count=32,
-                                                          tx_frames=128, **self._ring_opts))
-            except Exception as exc:
-                raise AgentError(f"cannot open a ring on {underlay}{self._where()}: {exc}") from exc
-            self._rings.append(ring)
-            # written to by control changes and stop(): the datapath's C loop returns at once
-            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            self.datapath.attach_ring(0, ring)
-            if tunnel_offload and self.vnet_hdr:
-                self._open_tunnel(vni, vxlan_port, mtu)
-            self._neighbours = Neighbours(self._host, self._underlay_index, self._neighbours_changed)
-            self._host.call(self._neighbours.start)
-            self._claims_on = bool(claim)
-            self._sync_nodes()
-            self._sync_pods()
-            self._neighbours.wait(1.0)  # let the kernel resolve them before the first packet
-            self._settle()
-            if claim:
-                self._host.call(self._host_sync_claims, self._inside())
-            self._start_services(flow_log, flow_log_capacity, flow_drop_rate, metrics_port,
-                                 metrics_addr, control_socket)
-        except BaseException:
-            self.close()  # nothing half-installed stays behind
-            raise
+            ring = self._host.call(lambda: self._rings_plan.underlay(underlay))
+        except Exception as exc:
+            raise AgentError(f"cannot open a ring on {underlay}{self._where()}: {exc}") from exc
+        self._rings.append(ring)
+        # written to by control changes and stop(): the datapath's C loop returns at once
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.datapath.attach_ring(0, ring)
+
+    def _start_forwarding(self, claim):
+        """Neighbours watched, nodes and pods synced, claims on: ready for the first packet."""
+        self._neighbours = Neighbours(self._host, self._underlay_index, self._neighbours_changed)
+        self._host.call(self._neighbours.start)
+        self._claims_on = bool(claim)
+        self._sync_nodes()
+        self._sync_pods()
+        self._neighbours.wait(1.0)  # let the kernel resolve them before the first packet
+        self._settle()
+        if claim:
+            self._host.call(self._host_sync_claims, self._inside())
 
     # -- observability -------------------------------------------------------------
-    @staticmethod
-    def _sinks(spec):
-        if spec is True or spec == "-":
-            return [JsonLinesSink()]
-        if isinstance(spec, (str, os.PathLike)):
-            return [JsonLinesSink(os.fspath(spec))]
-        if isinstance(spec, (list, tuple)):
-            return [s for item in spec for s in Agent._sinks(item)]
-        if hasattr(spec, "write"):
-            return [spec]
-        if callable(spec):
-            return [CallbackSink(spec)]
-        raise TypeError(f"flow_log must be True, '-', a path, a callable or a sink, not {spec!r}")
-
-    def _start_services(self, flow_log, capacity, drop_rate, metrics_port, metrics_addr,
-                        control_socket):
-        if flow_log is not None and flow_log is not False:
-            sinks = self._sinks(flow_log)
-            self.flow_log = FlowLog(capacity, drop_rate=drop_rate)
-            self.datapath.set_flow_log(self.flow_log)
-            self._enricher = Enricher(compiler=self.compiler)
-            self.flow_logger = FlowLogger(self.flow_log, sinks, node=self.node, enrich=self._enricher)
-            self.flow_logger.start()
-            self._services.append(self._stop_flow_log)
-        if metrics_port is not None:
-            from .metrics import MetricsServer
-
-            self.metrics = MetricsServer(self.stats, metrics_port, metrics_addr, node=self.node)
-            self._services.append(self.metrics.stop)
-        if control_socket is not None and control_socket is not False:
-            path = (default_socket_path(self.node, self.netns) if control_socket is True
-                    else os.fspath(control_socket))
-            handlers = inspection_handlers(egress_map=self.egress_map, stats=self.stats)
-            # read the NAT table on the loop thread (its only writer), between batches
-            handlers["nat_list"] = lambda: [e._asdict() for e in self._submit(lambda: list(self.nat.entries()))]
-            self.control = ControlServer(path, handlers).start()
-            self._services.append(self.control.stop)
-
-    def _stop_flow_log(self):
-        # the connections still open end here (reason "eviction"): the log is complete
-        self.nat.flush()
-        self.datapath.set_flow_log(None)
-        self.flow_logger.stop(flush=True)
-
     def stats(self):
         """Every counter, as egresscore.metrics and `egresscore stats` read them:
         verdicts (packets, bytes), drops by reason, the datapath's own counters,
@@ -369,6 +315,11 @@ class Agent:
             out["flow_log"] = self.flow_logger.stats
             out["policies"] = self.flow_logger.policy_stats()
         return out
+
+    @property
+    def pod_interfaces(self):
+        """The pod veths whose rings the datapath forwards now (loop thread's view)."""
+        return [ifname for _, ifname in list(self._ports.values())]
 
     # -- small helpers -------------------------------------------------------------
     def _where(self):
@@ -470,7 +421,7 @@ class Agent:
                 self.datapath.set_node_mac(idx, macs.get(ip))
 
     def _open_tunnel(self, vni, port, mtu):
-        """The tunnel offload (egresscore._tunnel); off, with the reason in
+        """The tunnel offload (egresscore.agent.tunnel); off, with the reason in
         tunnel_error, when the kernel refuses the device."""
         dev = self._host.call(lambda: TunnelDevice(netns=self.netns, underlay_index=self._underlay_index,
                                                    local_ip=self.node_ip, vni=vni, port=port, mtu=mtu,
@@ -479,8 +430,7 @@ class Agent:
             self._host.call(dev.create)
             self._tunnel = dev
             self._set_tunnel_peers()
-            ring = self._host.call(lambda: PacketRing(dev.ifname, rx=False, tx_frames=64, vnet_hdr=True,
-                                                      tx_frame_size=self._ring_opts["tx_frame_size"]))
+            ring = self._host.call(lambda: self._rings_plan.tunnel(dev.ifname))
         except (NetlinkError, OSError) as exc:
             self._host.call(dev.remove)
             self._tunnel = None
@@ -520,7 +470,7 @@ class Agent:
             if facts is None:
                 opened.append((key, ifname, None, None))
                 continue
-            ring = PacketRing(ifname, ignore_outgoing=True, block_count=16, tx_frames=64, **self._ring_opts)
+            ring = self._rings_plan.pod(ifname)
             self._claim_pods.add(ifname)
             opened.append((key, ifname, facts[1], ring))
         # claimed before the datapath forwards: the kernel never sends a pod's packet out with its own address
@@ -850,52 +800,3 @@ class Agent:
         self.stop()
         self.close()
         return False
-
-
-_TX_OFFLOADS = ("tx-checksum-ip-generic", "tx-checksum-ipv4", "tx-tcp-segmentation",
-                "tx-generic-segmentation", "tx-udp-segmentation", "tx-udp_tnl-segmentation",
-                "tx-udp_tnl-csum-segmentation", "tx-tcp-ecn-segmentation",
-                "tx-tcp-mangleid-segmentation", "tx-tcp6-segmentation", "tx-scatter-gather", "rx-gro")
-
-
-def disable_offloads(ifname, netns=None, keys=_TX_OFFLOADS):
-    """Turn offload features `keys` off on `ifname` (default: tx checksumming, TSO, GSO)."""
-    from pyroute2.ethtool import Ethtool
-
-    def apply():
-        e = Ethtool()
-        try:
-            feats = e.get_features(ifname)
-            for key in keys:
-                if key in feats.features:
-                    feats.features[key].enable = False
-            e.set_features(ifname, feats)
-        finally:
-            e.close()
-
-    if netns is None:
-        return apply()
-    from .lab import _ns
-
-    return _ns.call(netns, apply, timeout=30)
-
-
-def prepare_lab(lab, plain=False):
-    """Ready the lab for agents run with vnet_hdr=False (plain=True): tx
-    checksumming, TSO and GSO off everywhere (pods, servers, nodes, router).
-
-    With vnet_hdr (the default) nothing needs changing: super-packets,
-    UDP-tunnel ones from kernel vxlan devices included, arrive whole with
-    their virtio_net_hdr.
-    """
-    if not plain:
-        return
-    for pod in lab.pods.values():
-        disable_offloads(pod.ifname, pod.ns)
-    for s in lab.servers.values():
-        disable_offloads("eth0", s.ns)
-    for n in lab.nodes.values():
-        disable_offloads(n.ifname, n.ns)
-    disable_offloads("eth0", lab.router_ns)
-    for s in lab.servers.values():
-        disable_offloads(s.name, lab.router_ns)

@@ -46,13 +46,15 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
+from typing import NamedTuple
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from .control import SOCKET_DIR, _private_dir
-from .lab._ns import NETNS_DIR, setns
+from .._netns import NETNS_DIR, setns
+from ..control import SOCKET_DIR, _private_dir
+from ..errors import AgentError
 
 RULE_PROTOCOL = 236              # FRA_PROTOCOL of every rule the agent installs (unassigned in rt_protos)
 PRIO_UNDERLAY, PRIO_INSIDE, PRIO_PODS, PRIO_LOCAL = 40, 41, 42, 43
@@ -65,10 +67,6 @@ NFT_TABLE = "egresscore"         # claimed traffic through nftables in older ver
 _RTMGRP_NEIGH, _RTMGRP_IPV4_ROUTE = 0x4, 0x40
 _NUD_INCOMPLETE, _NUD_FAILED = 0x01, 0x20
 _FR_ACT_TO_TBL, _FR_ACT_GOTO, _FR_ACT_BLACKHOLE = 1, 2, 6
-
-
-class AgentError(RuntimeError):
-    """The agent cannot run on this host (missing namespace, interface, address)."""
 
 
 def check_netns(name):
@@ -537,7 +535,7 @@ class Claims:
         """Find what a crashed agent left (tagged rules, egc-tnl0, an old
         nftables table, a socket file, a changed port range); return a one-line
         description, or None when there is nothing."""
-        from ._tunnel import TUNNEL_IF
+        from .tunnel import TUNNEL_IF
 
         found = []
         rules = self.ours()
@@ -674,3 +672,47 @@ def _drop_nft_table():
         return False
     finally:
         nft.close()
+
+
+class HostFacts(NamedTuple):
+    """What an agent's start learnt from and took on the host (set_up_host)."""
+
+    state: HostState
+    claims: Claims
+    underlay_index: int
+    node_mac: str
+    local_ips: list
+
+
+def set_up_host(host, node, netns, *, underlay, node_ip, socket_path, claim, vxlan_port, nat_port_range,
+                kernel_port_range):
+    """An agent's start on the host thread `host`: the node's state lock
+    first (a live agent here is an error before anything is touched), the
+    underlay's facts, a stopped agent's leftovers taken over (one line on
+    stderr); without `claim`, what a crashed agent changed is restored.
+    Raises AgentError; then nothing stays claimed or locked."""
+    state = host.call(HostState(node, netns).acquire)
+    claims = None
+    try:
+        facts = host.call(lambda: link_facts(host.ipr, underlay))
+        if facts is None:
+            raise AgentError(f"no interface {underlay!r}{where(netns)}")
+        underlay_index, node_mac, local = facts
+        if node_ip not in local:
+            raise AgentError(f"{node_ip} (node {node}'s internal IP) is not on {underlay}{where(netns)}")
+        claims = Claims(host, state, underlay=underlay, node_ip=node_ip, local_ips=local, vxlan_port=vxlan_port,
+                        nat_port_range=nat_port_range, kernel_port_range=kernel_port_range)
+        leftovers = host.call(claims.take_over, socket_path)
+        if leftovers:
+            print(f"egresscore agent {node}: taking over a stopped agent's leftovers{where(netns)}: "
+                  f"{leftovers}", file=sys.stderr, flush=True)
+        if not claim:
+            host.call(claims.remove)  # restore what a crashed agent changed
+    except BaseException:
+        try:
+            if claims is not None:
+                host.call(claims.remove)
+        finally:
+            host.call(state.release)
+        raise
+    return HostFacts(state, claims, underlay_index, node_mac, local)

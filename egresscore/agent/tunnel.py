@@ -5,7 +5,7 @@ give a vxlan device an inner TCP super-packet (PACKET_VNET_HDR).  The vxlan
 device encapsulates it and the kernel cuts the UDP-tunnel GSO packet after
 encapsulation (in software, or in a NIC with tunnel TSO): the way Cilium's
 BPF datapath reaches cilium_vxlan.  The device only transmits; the agent's
-claim (a blackhole FIB rule, egresscore._host) keeps VXLAN from reaching its
+claim (a blackhole FIB rule, egresscore.agent.host) keeps VXLAN from reaching its
 UDP socket, so it never decapsulates.
 
 The FDB maps 02:ee:<node IP> (the inner destination MAC the datapath writes)

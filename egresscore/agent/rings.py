@@ -1,0 +1,43 @@
+"""The ring plan: which AF_PACKET ring each of an agent's interfaces gets, and its sizes.
+
+"latency" (the default): TPACKET_V2 RX slots, each frame handed over as it
+lands.  "batch": TPACKET_V3 blocks handed over when full or after 1 ms: fewer
+wake-ups per packet, but a sparse flow's frames (TCP's ACKs, a request) wait
+for the timer at every hop.  Slots hold the largest frame: with
+PACKET_VNET_HDR a TSO/GSO super-packet (up to 64 KiB, in a 68 KiB slot),
+which passes whole; else one MTU-sized frame.  The underlay gets 32 blocks
+(32 MiB with vnet_hdr), each pod veth 16, the tunnel offload device a TX
+ring only.
+"""
+from .._core import PacketRing
+
+RING_MODES = ("latency", "batch")  # RX rings: TPACKET_V2 slots / TPACKET_V3 blocks
+
+
+class RingPlan:
+    """Ring options for one agent (vnet_hdr, MTU, ring mode); opens its rings."""
+
+    def __init__(self, *, vnet_hdr=True, mtu=1500, ring_mode="latency"):
+        if ring_mode not in RING_MODES:
+            raise ValueError(f"ring_mode must be one of {', '.join(RING_MODES)}, not {ring_mode!r}")
+        self.vnet_hdr = bool(vnet_hdr)
+        self.ring_mode = ring_mode
+        slot = 69632 if vnet_hdr else (mtu + 256 + 15) & ~15
+        block = 1 << 20 if vnet_hdr else 1 << 18
+        self.options = {"vnet_hdr": self.vnet_hdr, "block_size": block, "tx_frame_size": max(slot, 2048)}
+        if ring_mode == "latency":
+            self.options["rx_frame_size"] = slot
+        else:
+            self.options["retire_ms"] = 1
+
+    def underlay(self, ifname):
+        """The underlay's RX/TX ring (eth0): VXLAN, SNATed traffic and replies."""
+        return PacketRing(ifname, ignore_outgoing=True, block_count=32, tx_frames=128, **self.options)
+
+    def pod(self, ifname):
+        """A pod veth's RX/TX ring."""
+        return PacketRing(ifname, ignore_outgoing=True, block_count=16, tx_frames=64, **self.options)
+
+    def tunnel(self, ifname):
+        """The TX ring on the tunnel offload device (egresscore.agent.tunnel): super-packets whole."""
+        return PacketRing(ifname, rx=False, tx_frames=64, vnet_hdr=True, tx_frame_size=self.options["tx_frame_size"])

@@ -1,0 +1,87 @@
+"""Rows and tables: the one renderer of what the CLI, the demo and the lab print.
+
+Tables are aligned like Go's tabwriter.NewWriter(out, 5, 0, 3, ' ', 0), as
+cilium-dbg prints them; the egress list, the NAT list and the stats lines
+are built here from the data the compiler, the egress map or a running
+agent's control socket hand over.
+"""
+from ._core import EgressMap
+from .types import EGRESS_JSON_KEYS, egress_row
+
+EGRESS_HEADER = ("Source IP", "Destination CIDR", "Egress IP", "Gateway IP")
+
+
+def format_table(rows, header):
+    """Aligned like Go's tabwriter.NewWriter(out, 5, 0, 3, ' ', 0), as cilium-dbg prints."""
+    lines = [tuple(header)] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(5, max(len(line[i]) for line in lines) + 3) for i in range(len(header) - 1)]
+    out = []
+    for line in lines:
+        out.append("".join(cell.ljust(w) for cell, w in zip(line, widths)) + line[-1])
+    return "\n".join(out) + "\n"
+
+
+def egress_table(rows):
+    """`cilium-dbg bpf egress list` text of (source, destination, egress IP, gateway IP) rows."""
+    return format_table(rows, EGRESS_HEADER)
+
+
+def egress_map_rows(egress_map):
+    """The rows of an egresscore.EgressMap, as `cilium-dbg bpf egress list` shows them."""
+    return [egress_row(e) for e in egress_map.entries()]
+
+
+def egress_rows(compiler):
+    """(source, destination, egress IP, gateway IP) rows as `cilium-dbg bpf egress list` shows them,
+    read back from an egresscore.EgressMap the compiler filled."""
+    em = EgressMap()
+    compiler.attach(em)
+    return egress_map_rows(em)
+
+
+def egress_dicts(rows):
+    """The rows as cilium-dbg's JSON objects (SourceIP, DestCIDR, EgressIP, GatewayIP)."""
+    return [dict(zip(EGRESS_JSON_KEYS, r)) for r in rows]
+
+
+def rows_of_dicts(dicts):
+    """egress_dicts' inverse: a running agent's egress_list answer as rows."""
+    return [tuple(d[k] for k in EGRESS_JSON_KEYS) for d in dicts]
+
+
+def _fmt_endpoint(ip, port):
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def nat_list_lines(entries):
+    """`cilium-dbg bpf nat list` lines (an OUT and an IN line per connection)
+    from the agent's nat_list answer."""
+    lines = []
+    for e in entries:
+        pod = _fmt_endpoint(e["src"], e["sport"])
+        remote = _fmt_endpoint(e["dst"], e["dport"])
+        egress = _fmt_endpoint(e["egress_ip"], e["xport"])
+        tail = (f"Created={int(e['age'])}sec ago Expires={int(e['expires_in'])}sec "
+                f"State={e['state']}")
+        p = e["proto"].upper()
+        lines.append(f"{p} OUT {pod} -> {remote} XLATE_SRC {egress} {tail} "
+                     f"Packets={e.get('pkts_out', 0)} Bytes={e.get('bytes_out', 0)}")
+        lines.append(f"{p} IN {remote} -> {egress} XLATE_DST {pod} {tail} "
+                     f"Packets={e.get('pkts_in', 0)} Bytes={e.get('bytes_in', 0)}")
+    return lines
+
+
+def _flatten(prefix, value, out):
+    if isinstance(value, dict):
+        for k in sorted(value):
+            _flatten(f"{prefix}.{k}" if prefix else str(k), value[k], out)
+    else:
+        out.append((prefix, value))
+
+
+def stats_lines(stats):
+    """The agent's stats dict as `dotted.key  value` lines, keys sorted and aligned."""
+    rows = []
+    _flatten("", stats, rows)
+    width = max((len(k) for k, _ in rows), default=0)
+    return [f"{k.ljust(width)}  {v}" for k, v in rows]
