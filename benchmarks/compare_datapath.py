@@ -48,13 +48,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from egresscore._core import Datapath, EgressMap, NatTable  # noqa: E402
+from egresscore._core import Datapath, EgressMap, NatTable
 
 BATCH = 256                 # frames per ring per poll() in the agent (DP_BATCH)
 N_PODS = 50
 N_SERVERS = 4
 NODES = [("192.168.1.1", "10.0.1.0/24"), ("192.168.1.2", "10.0.2.0/24"), ("192.168.1.3", "10.0.3.0/24")]
-NODE_MAC = {ip: "02:ec:c0:a8:01:%02x" % int(ip.rsplit(".", 1)[1]) for ip, _ in NODES}
+NODE_MAC = {ip: f"02:ec:c0:a8:01:{int(ip.rsplit('.', 1)[1]):02x}" for ip, _ in NODES}
 ROUTER_MAC = "02:ec:c0:a8:01:fe"
 NODE1, GATEWAY = "192.168.1.1", "192.168.1.3"
 EGRESS_IP = "192.168.1.100"
@@ -80,7 +80,7 @@ SNAT_PATH = PATHS[1][0]
 
 def pod(k):
     """The k-th pod of node1 (k from 0): its address, MAC, host-side MAC and veth port."""
-    return f"10.0.1.{10 + k}", "02:ec:0a:00:01:%02x" % (10 + k), "02:ed:0a:00:01:%02x" % (10 + k), k + 1
+    return f"10.0.1.{10 + k}", f"02:ec:0a:00:01:{10 + k:02x}", f"02:ed:0a:00:01:{10 + k:02x}", k + 1
 
 
 def udp_frame(src_mac, dst_mac, src, dst, sport, dport, ttl=64):
@@ -242,9 +242,10 @@ class Workload:
         return self.floor[next(kind for p, _, kind, *_ in PATHS if p == name)]
 
 
-def cpu_seconds(fn):
+def cpu_seconds(fn, *args):
+    """CPU seconds of this thread spent in fn(*args)."""
     t0 = time.thread_time()
-    fn()
+    fn(*args)
     return time.thread_time() - t0
 
 
@@ -255,8 +256,8 @@ def measure_datapath(wl, reps):
     for _ in range(reps):
         for name, *_ in PATHS:
             dp, work, floor = wl.node_of(name), wl.work[name], wl.floor_of(name)
-            t = cpu_seconds(lambda: feed(dp, work))
-            f = cpu_seconds(lambda: feed(dp, floor))
+            t = cpu_seconds(feed, dp, work)
+            f = cpu_seconds(feed, dp, floor)
             runs[name].append((t * 1e9 / wl.n, f * 1e9 / wl.n))
     return {name: (statistics.median(t for t, _ in r), statistics.median(f for _, f in r),
                    statistics.median(t - f for t, f in r)) for name, r in runs.items()}
@@ -313,14 +314,15 @@ def run(quick: bool = False) -> str:
     lines = [
         f"### Fused Datapath per path: {' and '.join(f'{n:,}' for n in sizes)} flows, batches of {BATCH}",
         "",
-        f"ns per frame of one core's CPU time, median of {reps} runs; 106-byte UDP frames (64-byte payload; "
-        f"156 bytes in VXLAN). process() = one Datapath.process() call per frame; floor = the same call on a "
-        f"runt; pipeline = process() - floor (still includes building the returned frame: an upper bound "
-        f"of the C work, so its Mpps per core is a lower bound). Stages: the old benchmarks' per-operation "
-        f"figures at the same number of flows, same run, summed as the path uses them.",
+        (f"ns per frame of one core's CPU time, median of {reps} runs; 106-byte UDP frames (64-byte payload; "
+         f"156 bytes in VXLAN), one prebuilt frame per flow, flows in random order. process() = one "
+         f"Datapath.process() call per frame; floor = the same call on a runt; pipeline = process() - floor "
+         f"(it still includes building the returned frame and runs between Python calls that cool the caches: "
+         f"an upper bound of the C work, so its Mpps per core is a lower bound). Stages: the old benchmarks' "
+         f"per-operation figures at the same number of flows, same run, summed as the path uses them."),
         "",
-        "| path | flows | process() ns/frame | floor ns | pipeline ns/frame | Mpps per core | "
-        "sum of stages ns | stages |",
+        ("| path | flows | process() ns/frame | floor ns | pipeline ns/frame | Mpps per core | "
+         "sum of stages ns | stages |"),
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     snat = []
