@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 
-SECTIONS = ["lpm", "nat", "packet", "ring", "compiler", "agent", "agent_peers", "flowlog", "lab"]  # README order
+SECTIONS = ["lpm", "nat", "packet", "datapath", "ring", "compiler", "agent", "agent_peers", "flowlog", "lab"]  # README order
 
 
 def machine_summary():

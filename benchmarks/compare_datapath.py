@@ -1,0 +1,359 @@
+"""The fused Datapath, path by path, beside the per-stage figures of the old benchmarks, one run.
+
+Two nodes of the lab's cluster in memory: node1 (192.168.1.1) hosts N_PODS
+pods (10.0.1.10.., one veth port each), node3 (192.168.1.3) is their egress
+gateway (the seed policy: 203.0.113.0/24 minus .128/25, egress IP
+192.168.1.100).  Prebuilt frames (dpkt builds them once, outside the timing;
+UDP with a 64-byte payload) take each path through the real Datapath:
+
+  pod -> remote gateway  node1: egress map hit, VXLAN encap to node3
+  gateway SNAT           node3: VXLAN from node1, decap, policy check, SNAT
+                         to the egress IP, out to the router
+  reply                  node3: server -> egress IP, reverse NAT, VXLAN back
+                         to node1
+  masquerade             node1: pod -> a non-policy destination, SNAT to the
+                         node IP, out to the router
+  drop (no NAT entry)    node3 with an empty NAT table: the replies again,
+                         each dropped with no_nat_entry (for contrast)
+
+Many flows (FLOWS: N_PODS pods x ports x 4 servers; the NAT table then
+holds one connection per flow), fed in the agent's batches of BATCH frames
+with one clock reading per batch, flows in a random order (not the order
+they were created in, so NAT entries are not met in memory order).  Every
+path is checked once before timing: every frame's verdict, the output's
+addresses, and the counters.  The timed passes meet known flows.
+
+Without rings, frames enter through Datapath.process(), one Python call per
+frame.  That call costs more than the C pipeline behind it, so each path is
+timed beside the same call on a 10-byte runt (the Datapath counts it and
+returns at once: the call floor); "pipeline" = path - floor, which still
+includes building the returned frame as a Python bytes object (an upper
+bound of the C work, so its Mpps is a lower bound).  Beside them, measured
+in the same run with the old benchmarks' code: EgressMap.lookup_batch on the
+same flows, NatTable.translate_batch / reverse_batch (compare_nat's workload
+and runner at the same number of connections) and PacketBatch.relay
+(compare_packet's frames and runner), summed as each path uses them.
+Times are CPU seconds of this thread (time.thread_time; the machine is
+shared), median of several runs.
+"""
+import os
+import socket
+import statistics
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from egresscore._core import Datapath, EgressMap, NatTable
+
+BATCH = 256                 # frames per ring per poll() in the agent (DP_BATCH)
+N_PODS = 50
+N_SERVERS = 4
+NODES = [("192.168.1.1", "10.0.1.0/24"), ("192.168.1.2", "10.0.2.0/24"), ("192.168.1.3", "10.0.3.0/24")]
+NODE_MAC = {ip: f"02:ec:c0:a8:01:{int(ip.rsplit('.', 1)[1]):02x}" for ip, _ in NODES}
+ROUTER_MAC = "02:ec:c0:a8:01:fe"
+NODE1, GATEWAY = "192.168.1.1", "192.168.1.3"
+EGRESS_IP = "192.168.1.100"
+POLICY_CIDR, EXCLUDED_CIDR = "203.0.113.0/24", "203.0.113.128/25"
+POLICY_SERVERS = [f"203.0.113.{10 + i}" for i in range(N_SERVERS)]
+OTHER_SERVERS = [f"198.51.100.{10 + i}" for i in range(N_SERVERS)]
+NAT_PORTS = (32768, 65534)
+PAYLOAD = bytes(range(64))
+RUNT = bytes(10)            # shorter than an Ethernet header: counted, nothing else
+T0 = 1000.0                 # the clock (seconds) at the first batch
+TARGET_MPPS = 15.0          # issue 17: gateway SNAT path, per core
+
+PATHS = (  # name, node, port kind, expected (verdict, reason), output port
+    ("pod -> remote gateway (egress map hit, VXLAN encap)", "node1", "pod", ("tx", "none"), 0),
+    ("gateway SNAT (VXLAN in, decap, SNAT, out to the router)", "node3", "underlay", ("tx", "none"), 0),
+    ("reply (reverse NAT, VXLAN back to node1)", "node3", "underlay", ("tx", "none"), 0),
+    ("masquerade (pod -> non-policy destination)", "node1", "pod", ("tx", "none"), 0),
+    ("drop: reply without a NAT entry (no_nat_entry)", "empty node3", "underlay",
+     ("drop", "no_nat_entry"), None),
+)
+SNAT_PATH = PATHS[1][0]
+
+
+def pod(k):
+    """The k-th pod of node1 (k from 0): its address, MAC, host-side MAC and veth port."""
+    return f"10.0.1.{10 + k}", f"02:ec:0a:00:01:{10 + k:02x}", f"02:ed:0a:00:01:{10 + k:02x}", k + 1
+
+
+def udp_frame(src_mac, dst_mac, src, dst, sport, dport, ttl=64):
+    """Ethernet/IPv4/UDP with PAYLOAD, checksums filled in by dpkt."""
+    import dpkt
+    udp = dpkt.udp.UDP(sport=sport, dport=dport, data=PAYLOAD)
+    udp.ulen = len(udp)
+    ip = dpkt.ip.IP(src=socket.inet_aton(src), dst=socket.inet_aton(dst), p=17, ttl=ttl, data=udp)
+    return bytes(dpkt.ethernet.Ethernet(src=bytes.fromhex(src_mac.replace(":", "")),
+                                        dst=bytes.fromhex(dst_mac.replace(":", "")),
+                                        type=dpkt.ethernet.ETH_TYPE_IP, data=ip))
+
+
+def flows(n):
+    """n flows (pod index, pod port, server index): N_PODS pods x ports x N_SERVERS
+    servers, so the mappings (pod, port) stay within one egress IP's ports."""
+    per_pod = N_PODS * N_SERVERS
+    return [(i % N_PODS, 10000 + i // per_pod, (i // N_PODS) % N_SERVERS) for i in range(n)]
+
+
+def egress_map(view):
+    """The seed policy for every pod; node1 does not know the egress IP (0.0.0.0)."""
+    em = EgressMap()
+    for k in range(N_PODS):
+        em.set(pod(k)[0], POLICY_CIDR, EGRESS_IP if view == "node3" else "0.0.0.0", GATEWAY)
+        em.set_excluded(pod(k)[0], EXCLUDED_CIDR)
+    return em
+
+
+def datapath(view, capacity):
+    """(Datapath, its EgressMap, its NatTable) of node1 or node3."""
+    ip = NODE1 if view == "node1" else GATEWAY
+    em = egress_map(view)
+    nat = NatTable([EGRESS_IP] if view == "node3" else [], capacity=capacity, port_range=NAT_PORTS, seed=7)
+    dp = Datapath(ip, NODE_MAC[ip], em, nat, nat_port_range=NAT_PORTS)
+    for i, (nip, cidr) in enumerate(NODES):
+        dp.add_node(i, nip, [cidr], NODE_MAC[nip])
+    dp.set_router(ROUTER_MAC)
+    if view == "node1":
+        for k in range(N_PODS):
+            addr, mac, host_mac, port = pod(k)
+            dp.add_pod_port(port, addr, host_mac, mac)
+    return dp, em, nat
+
+
+def feed(dp, work, check=None):
+    """One pass over work [(frame, port)] as the agent feeds it: batches of
+    BATCH with one clock reading each.  check(i, result) sees every result."""
+    proc = dp.process
+    for b in range(0, len(work), BATCH):
+        now = T0 + b * 1e-6
+        if check is None:
+            for frame, port in work[b:b + BATCH]:
+                proc(frame, port, now)
+        else:
+            for i in range(b, min(b + BATCH, len(work))):
+                check(i, proc(work[i][0], work[i][1], now))
+
+
+def _ip(frame, at):
+    return socket.inet_ntoa(frame[at:at + 4])
+
+
+class Workload:
+    """The datapaths and the prebuilt frames of every path for n flows, each
+    path checked once (verdicts, output addresses, counters)."""
+
+    def __init__(self, n, seed=1):
+        self.n = n
+        cap = n + n // 4 + 1024
+        self.tables = {view: datapath(view.split()[-1], cap) for view in ("node1", "node3", "empty node3")}
+        self.dps = {view: dp for view, (dp, _, _) in self.tables.items()}
+        fl = flows(n)
+        order = np.random.default_rng(seed).permutation(n).tolist()
+        pods = [pod(k) for k in range(N_PODS)]
+        to_gw = [(udp_frame(pods[k][1], pods[k][2], pods[k][0], POLICY_SERVERS[s], sp, 53), pods[k][3])
+                 for k, sp, s in fl]
+        masq = [(udp_frame(pods[k][1], pods[k][2], pods[k][0], OTHER_SERVERS[s], sp, 53), pods[k][3])
+                for k, sp, s in fl]
+        outs = {}
+        tunnel = self._check(PATHS[0], to_gw, outs)
+        # the gateway meets node1's VXLAN frames as the wire carries them
+        self._check(PATHS[1], [(f, 0) for f in tunnel], outs)
+        xports = [int.from_bytes(f[34:36], "big") for f in outs[PATHS[1][0]]]
+        replies = [(udp_frame(ROUTER_MAC, NODE_MAC[GATEWAY], POLICY_SERVERS[s], EGRESS_IP, 53, x), 0)
+                   for (_, _, s), x in zip(fl, xports)]
+        self._check(PATHS[2], replies, outs)
+        self._check(PATHS[3], masq, outs)
+        self._check(PATHS[4], replies, outs)
+        self._check_outputs(fl, outs, xports)
+        # timed passes: the flows in another order than they were created in
+        self.work = {PATHS[0][0]: [to_gw[i] for i in order],
+                     PATHS[1][0]: [(tunnel[i], 0) for i in order],
+                     PATHS[2][0]: [replies[i] for i in order],
+                     PATHS[3][0]: [masq[i] for i in order],
+                     PATHS[4][0]: [replies[i] for i in order]}
+        self.floor = {kind: [(RUNT, port) for _, port in self.work[name]]
+                      for name, _, kind, _, _ in PATHS[:2]}
+        # stage inputs: the egress map lookups this gateway does for these flows
+        self.lookup_src = np.array([int.from_bytes(socket.inet_aton(pods[k][0]), "big") for k, _, _ in fl],
+                                   np.uint32)
+        self.lookup_dst = np.array([int.from_bytes(socket.inet_aton(POLICY_SERVERS[s]), "big")
+                                    for _, _, s in fl], np.uint32)
+
+    def _check(self, path, work, outs):
+        name, node, _, want, out_port = path
+        dp = self.dps[node]
+        dp.reset_counters()
+        got = []
+
+        def check(i, result):
+            assert result[:2] == want, (name, i, result[:2])
+            if out_port is None:
+                assert result[2] is None, (name, i)
+            else:
+                assert result[2][0] == out_port, (name, i, result[2][0])
+                got.append(result[2][1])
+
+        feed(dp, work, check)
+        c = dp.counters()
+        n = len(work)
+        verdict = {"tx": "tx", "drop": "dropped"}[want[0]]
+        assert c["rx"] == c[verdict] == n, (name, c)
+        expect = {PATHS[0][0]: {"encap": n},
+                  PATHS[1][0]: {"decap": n, "snat_egress": n},
+                  PATHS[2][0]: {"reverse_nat": n, "encap": n},
+                  PATHS[3][0]: {"masquerade": n},
+                  PATHS[4][0]: {}}[name]
+        for key in ("encap", "decap", "snat_egress", "masquerade", "reverse_nat"):
+            assert c[key] == expect.get(key, 0), (name, key, c)
+        assert c["drops"] == ({want[1]: n} if want[0] == "drop" else {}), (name, c["drops"])
+        outs[name] = got
+        return got
+
+    def _check_outputs(self, fl, outs, xports):
+        """Where each path's frames went: outer and inner addresses (offsets of
+        Ethernet/IPv4 without options: 26 src, 30 dst; VXLAN's inner IPv4 at 64)."""
+        n = self.n
+        for (k, _, s), f in zip(fl, outs[PATHS[0][0]]):
+            assert (_ip(f, 26), _ip(f, 30), int.from_bytes(f[36:38], "big")) == (NODE1, GATEWAY, 8472)
+            assert (_ip(f, 50 + 26), _ip(f, 50 + 30)) == (pod(k)[0], POLICY_SERVERS[s])
+        for (k, _, s), f in zip(fl, outs[PATHS[1][0]]):
+            assert f[:6] == bytes.fromhex(ROUTER_MAC.replace(":", ""))
+            assert (_ip(f, 26), _ip(f, 30)) == (EGRESS_IP, POLICY_SERVERS[s])
+        assert len(set(zip(xports, (s for _, _, s in fl)))) == n       # one reply tuple per flow
+        for (k, sp, s), f in zip(fl, outs[PATHS[2][0]]):
+            assert (_ip(f, 26), _ip(f, 30)) == (GATEWAY, NODE1)
+            assert (_ip(f, 50 + 26), _ip(f, 50 + 30), int.from_bytes(f[50 + 36:50 + 38], "big")) == (
+                POLICY_SERVERS[s], pod(k)[0], sp)
+        for (k, _, s), f in zip(fl, outs[PATHS[3][0]]):
+            assert (_ip(f, 26), _ip(f, 30)) == (NODE1, OTHER_SERVERS[s])
+        nat = {view: t[2] for view, t in self.tables.items()}
+        assert len(nat["node3"]) == len(nat["node1"]) == n and len(nat["empty node3"]) == 0
+
+    def node_of(self, name):
+        return self.dps[next(node for p, node, *_ in PATHS if p == name)]
+
+    def floor_of(self, name):
+        return self.floor[next(kind for p, _, kind, *_ in PATHS if p == name)]
+
+
+def cpu_seconds(fn, *args):
+    """CPU seconds of this thread spent in fn(*args)."""
+    t0 = time.thread_time()
+    fn(*args)
+    return time.thread_time() - t0
+
+
+def measure_datapath(wl, reps):
+    """{path: (ns/frame through process(), ns/frame of the call floor, pipeline
+    ns/frame)}, each the median of `reps` runs; path and floor alternate."""
+    runs = {name: [] for name, *_ in PATHS}
+    for _ in range(reps):
+        for name, *_ in PATHS:
+            dp, work, floor = wl.node_of(name), wl.work[name], wl.floor_of(name)
+            t = cpu_seconds(feed, dp, work)
+            f = cpu_seconds(feed, dp, floor)
+            runs[name].append((t * 1e9 / wl.n, f * 1e9 / wl.n))
+    return {name: (statistics.median(t for t, _ in r), statistics.median(f for _, f in r),
+                   statistics.median(t - f for t, f in r)) for name, r in runs.items()}
+
+
+def measure_stages(wl, reps):
+    """ns per operation of the stages the old benchmarks time, at wl.n flows."""
+    import compare_nat as cn
+    import compare_packet as cp
+    em = wl.tables["node3"][1]
+    src, dst = wl.lookup_src, wl.lookup_dst
+    lookups = max(1, 1_000_000 // wl.n)
+    lk = [cpu_seconds(lambda: [em.lookup_batch(src, dst) for _ in range(lookups)]) * 1e9 / (wl.n * lookups)
+          for _ in range(reps)]
+    arr, ext = cn.workload(wl.n)
+    order = np.random.default_rng(2).permutation(wl.n)
+    nat = [cn.run_egresscore(arr, ext, order, wl.n + wl.n // 20)[0] for _ in range(reps)]
+    frames = cp.make_frames(1024)
+    batch, tmpl = cp.egresscore_setup(frames)
+    rounds = 200
+    relay = [cpu_seconds(lambda: [cp.egresscore_relay(batch, tmpl) for _ in range(rounds)]) * 1e9
+             / (len(frames) * rounds) for _ in range(reps)]
+    assert batch.counts() == {}, batch.counts()
+    return {"EgressMap.lookup_batch": statistics.median(lk),
+            "NatTable.translate_batch (known flows)": statistics.median(
+                r["known flows"][0] * 1e9 / wl.n for r in nat),
+            "NatTable.translate_batch (new flows)": statistics.median(r["new flows"][0] * 1e9 / wl.n for r in nat),
+            "NatTable.reverse_batch (replies)": statistics.median(r["replies"][0] * 1e9 / wl.n for r in nat),
+            "PacketBatch.relay (decap, reverse SNAT, encap)": statistics.median(relay)}
+
+
+STAGES_OF = {  # which old stages a path's work is made of (relay stands for the packet work)
+    PATHS[0][0]: ("EgressMap.lookup_batch", "PacketBatch.relay (decap, reverse SNAT, encap)"),
+    PATHS[1][0]: ("EgressMap.lookup_batch", "NatTable.translate_batch (known flows)",
+                  "PacketBatch.relay (decap, reverse SNAT, encap)"),
+    PATHS[2][0]: ("NatTable.reverse_batch (replies)", "PacketBatch.relay (decap, reverse SNAT, encap)"),
+    PATHS[3][0]: ("EgressMap.lookup_batch", "NatTable.translate_batch (known flows)",
+                  "PacketBatch.relay (decap, reverse SNAT, encap)"),
+    PATHS[4][0]: (),
+}
+SHORT = {"EgressMap.lookup_batch": "lookup", "NatTable.translate_batch (known flows)": "translate",
+         "NatTable.reverse_batch (replies)": "reverse", "PacketBatch.relay (decap, reverse SNAT, encap)": "relay"}
+
+
+def run(quick: bool = False) -> str:
+    sizes = (1_000, 10_000) if quick else (1_000, 100_000)
+    reps = 3 if quick else 7
+    results = []
+    for n in sizes:
+        wl = Workload(n)
+        measure_datapath(wl, 1)                       # warm up
+        results.append((n, measure_datapath(wl, reps), measure_stages(wl, reps)))
+        del wl
+    lines = [
+        f"### Fused Datapath per path: {' and '.join(f'{n:,}' for n in sizes)} flows, batches of {BATCH}",
+        "",
+        (f"ns per frame of one core's CPU time, median of {reps} runs; 106-byte UDP frames (64-byte payload; "
+         f"156 bytes in VXLAN), one prebuilt frame per flow, flows in random order. process() = one "
+         f"Datapath.process() call per frame; floor = the same call on a runt; pipeline = process() - floor "
+         f"(it still includes building the returned frame and runs between Python calls that cool the caches: "
+         f"an upper bound of the C work, so its Mpps per core is a lower bound). Stages: the old benchmarks' "
+         f"per-operation figures at the same number of flows, same run, summed as the path uses them."),
+        "",
+        ("| path | flows | process() ns/frame | floor ns | pipeline ns/frame | Mpps per core | "
+         "sum of stages ns | stages |"),
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    snat = []
+    for n, dp, st in results:
+        for name, *_ in PATHS:
+            t, f, p = dp[name]
+            used = STAGES_OF[name]
+            total = f"{sum(st[s] for s in used):,.0f}" if used else "–"
+            mpps = f"{1e3 / p:.1f}" if p > 0 else "n/a"
+            lines.append(f"| {name} | {n:,} | {t:,.0f} | {f:,.0f} | {p:,.0f} | {mpps} | {total} | "
+                         f"{' + '.join(SHORT[s] for s in used) or '–'} |")
+            if name == SNAT_PATH:
+                snat.append((n, p))
+    lines += ["", "| old stage (per operation) | flows | ns/op | M ops/s |", "|---|---:|---:|---:|"]
+    for n, _, st in results:
+        for s, v in st.items():
+            lines.append(f"| {s} | {n:,} | {v:,.1f} | {1e3 / v:.1f} |")
+    lines += ["", "Gateway SNAT path through the real Datapath: "
+              + ", ".join(f"{1e3 / p:.1f} Mpps per core at {n:,} flows (pipeline, lower bound)" if p > 0
+                          else f"n/a at {n:,} flows" for n, p in snat)
+              + f"; issue 17 target: {TARGET_MPPS:.0f} Mpps per core ({1e3 / TARGET_MPPS:.0f} ns/frame)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from compare import machine_summary
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1k and 10k flows, fewer runs")
+    quick = ap.parse_args().quick
+    print(machine_summary())
+    print(run(quick=quick))
