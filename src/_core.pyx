@@ -6,7 +6,8 @@ datapath (datapath.pyx) calls the LPM trie, the NAT table, the packet engine
 and the rings as plain C functions, with no cross-module cimport.
 """
 
-include "verdict.pxi"
+include "includes/drop_reasons.pxi"
+include "includes/addr.pxi"
 include "lpm.pyx"
 include "nat.pyx"
 include "flowlog.pyx"

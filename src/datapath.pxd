@@ -45,7 +45,7 @@ cdef struct dp_stats:
     uint64_t icmp_too_big       # frag-needed replies sent
     uint64_t icmp_errors        # ICMP errors translated (RFC 5508)
     uint64_t tx_errors          # frames lost at transmit (ring full)
-    uint64_t drops[32]          # by DropReason
+    uint64_t drops[DROP_REASON_MAX]     # by DropReason
     uint64_t vpkts[4]           # frames by Verdict
     uint64_t vbytes[4]          # their bytes (as received, Ethernet header included)
 

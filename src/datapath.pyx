@@ -48,7 +48,6 @@ from libc.stdlib cimport malloc as _dp_malloc, free as _dp_free
 from libc.string cimport memcpy as _dp_memcpy, memset as _dp_memset
 from posix.time cimport clock_gettime as _dp_clock_gettime, timespec as _dp_timespec, CLOCK_MONOTONIC as _DP_CLOCK_MONOTONIC
 
-import ipaddress as _dp_ipaddress
 
 
 cdef extern from "<poll.h>" nogil:
@@ -78,14 +77,14 @@ cdef inline void dp_tuple4(nat_tuple *k, uint8_t proto, uint8_t flags, uint32_t 
     k.tcp_flags = flags
     k.sport = sport
     k.dport = dport
-    pkt_store32(k.src, src)
-    pkt_store32(k.dst, dst)
+    be_store32(k.src, src)
+    be_store32(k.dst, dst)
 
 
 cdef inline void dp_vxlan_mac(uint8_t *mac, uint32_t ip) noexcept nogil:
     mac[0] = 0x02
     mac[1] = 0xee
-    pkt_store32(mac + 2, ip)
+    be_store32(mac + 2, ip)
 
 
 cdef inline uint64_t dp_now() noexcept nogil:
@@ -108,26 +107,6 @@ cdef enum:
 
 cdef inline int dp_ret(int verdict, int reason) noexcept nogil:
     return (reason << 8) | verdict
-
-
-def _dp_ip4(value, what):
-    try:
-        a = _dp_ipaddress.IPv4Address(value)
-    except (ValueError, TypeError):
-        raise ValueError(f"{what} must be an IPv4 address, not {value!r}") from None
-    return int(a)
-
-
-def _dp_mac(value, what):
-    if isinstance(value, (bytes, bytearray)) and len(value) == 6:
-        return bytes(value)
-    try:
-        b = bytes(int(x, 16) for x in str(value).split(":"))
-    except ValueError:
-        b = b""
-    if len(b) != 6:
-        raise ValueError(f"{what} must be a MAC address like 02:00:00:00:00:01, not {value!r}")
-    return b
 
 
 DP_GC_BUDGET = 1024     # connections one Datapath.gc call examines at most
@@ -167,8 +146,8 @@ cdef class Datapath:
 
     def __init__(self, node_ip, node_mac, EgressMap egress_map not None, NatTable nat not None, *,
                  vni=2, vxlan_port=8472, mtu=1500, nat_port_range=(32768, 65534)):
-        self.node_ip = _dp_ip4(node_ip, "node_ip")
-        mac = _dp_mac(node_mac, "node_mac")
+        self.node_ip = addr_v4(node_ip, "node_ip")
+        mac = mac_bytes(node_mac, "node_mac")
         _dp_memcpy(self.node_mac, <const char *>mac, 6)
         if not isinstance(vni, int) or not 0 <= vni < 1 << 24:
             raise ValueError(f"vni must be in 0..16777215, not {vni!r}")
@@ -190,7 +169,7 @@ cdef class Datapath:
         self.nat_c = nat.t
         if self.nat_c == NULL or self.em_c == NULL:
             raise ValueError("egress_map and nat must be initialised tables")
-        self.node_ext = nat.add_egress_ip(str(_dp_ipaddress.IPv4Address(self.node_ip)))
+        self.node_ext = nat.add_egress_ip(str(_ipaddress.IPv4Address(self.node_ip)))
         self.pod_nodes = LPMTrie(4)
         self.node_ips = LPMTrie(4)
         self.local_pods = LPMTrie(4)
@@ -208,11 +187,11 @@ cdef class Datapath:
         if not 0 <= index < DP_MAX_NODES:
             raise ValueError(f"node index must be in 0..{DP_MAX_NODES - 1}, not {index}")
         cdef dp_node *n = &self.nodes[index]
-        n.ip = _dp_ip4(ip, "node ip")
+        n.ip = addr_v4(ip, "node ip")
         n.valid = 1
-        self.node_ips[f"{_dp_ipaddress.IPv4Address(n.ip)}/32"] = index
+        self.node_ips[f"{_ipaddress.IPv4Address(n.ip)}/32"] = index
         for cidr in pod_cidrs:
-            net = _dp_ipaddress.ip_network(cidr)
+            net = _ipaddress.ip_network(cidr)
             if net.version == 4:
                 self.pod_nodes[str(net)] = index
         self.set_node_mac(index, mac)
@@ -236,7 +215,7 @@ cdef class Datapath:
         if mac is None:
             n.has_mac = 0
             return
-        m = _dp_mac(mac, "node mac")
+        m = mac_bytes(mac, "node mac")
         _dp_memcpy(n.mac, <const char *>m, 6)
         vxlan_tmpl_init(&n.tmpl, self.node_mac, n.mac, self.node_ip, n.ip, self.vni, self.vxlan_port,
                         64, self.mtu, 32768, 61000)
@@ -247,7 +226,7 @@ cdef class Datapath:
         if mac is None:
             self.has_router = 0
             return
-        m = _dp_mac(mac, "router mac")
+        m = mac_bytes(mac, "router mac")
         _dp_memcpy(self.router_mac, <const char *>m, 6)
         self.has_router = 1
 
@@ -258,22 +237,22 @@ cdef class Datapath:
         cdef dp_port *p = &self.ports[port]
         old = p.pod_ip
         if p.used and old:
-            self.local_pods.pop(f"{_dp_ipaddress.IPv4Address(old)}/32", None)
-        p.pod_ip = _dp_ip4(pod_ip, "pod_ip")
-        hm = _dp_mac(host_mac, "host_mac")
+            self.local_pods.pop(f"{_ipaddress.IPv4Address(old)}/32", None)
+        p.pod_ip = addr_v4(pod_ip, "pod_ip")
+        hm = mac_bytes(host_mac, "host_mac")
         _dp_memcpy(p.host_mac, <const char *>hm, 6)
         p.has_pod_mac = 0
         if pod_mac is not None:
-            pm = _dp_mac(pod_mac, "pod_mac")
+            pm = mac_bytes(pod_mac, "pod_mac")
             _dp_memcpy(p.pod_mac, <const char *>pm, 6)
             p.has_pod_mac = 1
         p.used = 1
-        self.local_pods[f"{_dp_ipaddress.IPv4Address(p.pod_ip)}/32"] = port
+        self.local_pods[f"{_ipaddress.IPv4Address(p.pod_ip)}/32"] = port
 
     def remove_pod_port(self, int port):
         if not 1 <= port < DP_MAX_PORTS or not self.ports[port].used:
             return
-        self.local_pods.pop(f"{_dp_ipaddress.IPv4Address(self.ports[port].pod_ip)}/32", None)
+        self.local_pods.pop(f"{_ipaddress.IPv4Address(self.ports[port].pod_ip)}/32", None)
         self.detach_ring(port)
         _dp_memset(&self.ports[port], 0, sizeof(dp_port))
 
@@ -514,7 +493,7 @@ cdef class Datapath:
             self.st.tx_local += 1
         else:
             self.st.dropped += 1
-            self.st.drops[reason & 31] += 1
+            self.st.drops[drop_slot(reason)] += 1
 
     cdef Py_ssize_t dp_poll(self, int max_frames) noexcept nogil:
         cdef ring_frame_t fr[DP_BATCH]
@@ -644,8 +623,8 @@ cdef class Datapath:
             self.dp_done(frame, length, in_port, now, dp_ret(VERDICT_DROP, DROP_UNSUPPORTED))
             return 0
         self.gso_segmented += 1
-        id0 = pkt_load16(frame + l3 + 4)
-        seq0 = pkt_load32(frame + pi.l4_off + 4)
+        id0 = be_load16(frame + l3 + 4)
+        seq0 = be_load32(frame + pi.l4_off + 4)
         off = 0
         while off < payload:
             n = payload - off
@@ -655,19 +634,19 @@ cdef class Datapath:
             _dp_memcpy(seg + hdr, frame + hdr + off, n)
             ip = seg + l3
             tcp = seg + pi.l4_off
-            pkt_store16(ip + 2, <uint16_t>(hdr - l3 + n))
-            pkt_store16(ip + 4, <uint16_t>(id0 + i))
-            pkt_store16(ip + 10, 0)
-            pkt_store16(ip + 10, csum_finish(csum_ipv4_hdr(ip, pi.l4_off - l3)))
-            pkt_store32(tcp + 4, <uint32_t>(seq0 + off))
+            be_store16(ip + 2, <uint16_t>(hdr - l3 + n))
+            be_store16(ip + 4, <uint16_t>(id0 + i))
+            be_store16(ip + 10, 0)
+            be_store16(ip + 10, csum_finish(csum_ipv4_hdr(ip, pi.l4_off - l3)))
+            be_store32(tcp + 4, <uint32_t>(seq0 + off))
             if off + n < payload:
                 tcp[13] &= ~0x09                 # FIN, PSH only on the last
             if i > 0:
                 tcp[13] &= ~0x80                 # CWR only on the first
             tcplen = <int32_t>(hdr - pi.l4_off + n)
-            pkt_store16(tcp + 16, 0)
+            be_store16(tcp + 16, 0)
             sum = csum_partial(ip + 12, 8, PKT_IPPROTO_TCP + <uint32_t>tcplen)
-            pkt_store16(tcp + 16, csum_finish(csum_partial(tcp, tcplen, sum)))
+            be_store16(tcp + 16, csum_finish(csum_partial(tcp, tcplen, sum)))
             self.dp_handle(seg, hdr + n, in_port, now, NULL, &o)
             # dp_handle worked on its own copy (self.scratch / self.reply): emit
             # now, before the next segment reuses them
@@ -682,7 +661,7 @@ cdef class Datapath:
         the TX virtio_net_hdr carries the segmentation the kernel will do."""
         cdef uint8_t *ip = f + pi.l3_off
         cdef uint32_t tcplen = <uint32_t>(pi.l3_end - pi.l4_off)
-        pkt_store16(f + pi.l4_off + 16, csum_fold(csum_partial(ip + 12, 8, PKT_IPPROTO_TCP + tcplen)))
+        be_store16(f + pi.l4_off + 16, csum_fold(csum_partial(ip + 12, 8, PKT_IPPROTO_TCP + tcplen)))
         out.gso_type = self.gso_type
         out.gso_size = self.gso_size
         out.hdr_len = <uint16_t>(pi.l4_off + ((f[pi.l4_off + 12] >> 4) << 2))
@@ -766,9 +745,9 @@ cdef class Datapath:
             elif (v.flags & 1) and <int64_t>v.csum_start + v.csum_offset + 2 <= length:
                 # CHECKSUM_PARTIAL from a local sender: finish it here
                 at = v.csum_start + v.csum_offset
-                pkt_store16(f + at, csum_finish(csum_partial(f + v.csum_start, length - v.csum_start, 0)))
-                if pkt_load16(f + at) == 0 and f[23] == PKT_IPPROTO_UDP:
-                    pkt_store16(f + at, 0xffff)
+                be_store16(f + at, csum_finish(csum_partial(f + v.csum_start, length - v.csum_start, 0)))
+                if be_load16(f + at) == 0 and f[23] == PKT_IPPROTO_UDP:
+                    be_store16(f + at, 0xffff)
         if in_port == 0:
             r = self.dp_from_underlay(f, length, now, out)
         else:
@@ -818,8 +797,8 @@ cdef class Datapath:
                 p = frame
                 n = length
                 pkt_parse(p, n, &pi)
-        pkt_store32(src, pi.src4)
-        pkt_store32(dst, pi.dst4)
+        be_store32(src, pi.src4)
+        be_store32(dst, pi.dst4)
         flow_drop_record(self.flog, now, <uint8_t>reason, 4, pi.proto,
                          pi.sport if pi.has_ports else 0, pi.dport if pi.has_ports else 0,
                          src, dst, FLOW_NO_POLICY, pi.tcp_flags)
@@ -864,7 +843,7 @@ cdef class Datapath:
         cdef int ext, rc
         cdef nat_tuple k, o
         _dp_memset(a16, 0, 16)
-        pkt_store32(a16, egress_ip)
+        be_store32(a16, egress_ip)
         ext = self.node_ext if egress_ip == self.node_ip else nat_ext_find(self.nat_c, 4, a16)
         if ext < 0:
             return dp_ret(VERDICT_DROP, DROP_NO_EGRESS_IP)
@@ -880,7 +859,7 @@ cdef class Datapath:
                                    <uint32_t>(pi.l3_end - pi.l3_off))
         if rc:
             return dp_ret(VERDICT_DROP, rc)
-        rc = pkt_nat4(f, pi, PKT_NAT_SRC, pkt_load32(o.src), o.sport)
+        rc = pkt_nat4(f, pi, PKT_NAT_SRC, be_load32(o.src), o.sport)
         if rc:
             return dp_ret(VERDICT_DROP, rc)
         _dp_memcpy(f, self.router_mac, 6)
@@ -1012,7 +991,7 @@ cdef class Datapath:
             return self.dp_egress(g, glen, &ipi, egress, True, now, out)
         # ---- replies to an egress IP / the node IP
         _dp_memset(a16, 0, 16)
-        pkt_store32(a16, pi.dst4)
+        be_store32(a16, pi.dst4)
         if nat_ext_find(self.nat_c, 4, a16) < 0:
             return dp_ret(VERDICT_PASS, 0)
         if pi.icmp_err:
@@ -1022,7 +1001,7 @@ cdef class Datapath:
             dp_tuple4(&k, pi.in_proto, 0, pi.in_dst4, pi.in_dport, pi.in_src4, pi.in_sport)
             if nat_peek_in(self.nat_c, &k, now, &o):
                 return dp_ret(VERDICT_PASS, 0)
-            rc = pkt_nat4(f, &pi, PKT_NAT_DST, pkt_load32(o.dst), o.dport)
+            rc = pkt_nat4(f, &pi, PKT_NAT_DST, be_load32(o.dst), o.dport)
             if rc:
                 return dp_ret(VERDICT_DROP, rc)
             self.st.icmp_errors += 1
@@ -1041,7 +1020,7 @@ cdef class Datapath:
             return dp_ret(VERDICT_DROP, rc)
         # too big for the tunnel back to the pod's node: tell the sender now,
         # quoting the packet as it sent it (from the address it talked to)
-        if dp_lpm4(self.local_pods_c, pkt_load32(o.dst)) == LPM_NONE:
+        if dp_lpm4(self.local_pods_c, be_load32(o.dst)) == LPM_NONE:
             if self.gso:
                 # checked before the translation, so a frag-needed quotes what the sender sent
                 rc = self.dp_gso_fit(f, &pi)
@@ -1050,14 +1029,14 @@ cdef class Datapath:
                 if rc == 1:
                     return self.dp_too_big(f, &pi, 0, self.mtu - 36 - pi.l3_off, out)
             else:
-                node = dp_lpm4(self.pod_nodes_c, pkt_load32(o.dst))
+                node = dp_lpm4(self.pod_nodes_c, be_load32(o.dst))
                 if node != LPM_NONE and self.nodes[node].has_mac:
                     rc = vxlan_check_mtu(&pi, length, &self.nodes[node].tmpl)
                     if rc == DROP_FRAG_NEEDED:
                         return self.dp_too_big(f, &pi, 0, self.mtu - 36 - pi.l3_off, out)
                     if rc:
                         return dp_ret(VERDICT_DROP, rc)
-        rc = pkt_nat4(f, &pi, PKT_NAT_DST, pkt_load32(o.dst), o.dport)
+        rc = pkt_nat4(f, &pi, PKT_NAT_DST, be_load32(o.dst), o.dport)
         if rc:
             return dp_ret(VERDICT_DROP, rc)
         self.st.reverse_nat += 1

@@ -569,7 +569,7 @@ cdef inline void _nat_fill_out(nat_table* t, const nat_entry* e, const nat_tuple
 
 cdef inline int _nat_refuse(nat_table* t, const nat_tuple* o, int reason,
                              uint64_t now) noexcept nogil:
-    t.drops[reason] += 1
+    t.drops[drop_slot(reason)] += 1
     if t.flog != NULL:
         flow_drop(t.flog, now, <uint8_t>reason, o.family, o.proto, o.sport, o.dport,
                   o.src, o.dst, FLOW_NO_POLICY, o.tcp_flags)
@@ -1045,17 +1045,7 @@ _NAT_REFUSAL_REASONS = (DROP_NAT_EXHAUSTED, DROP_NAT_TABLE_FULL, DROP_NO_NAT_ENT
                         DROP_UNSUPPORTED, DROP_NO_EGRESS_IP, DROP_POD_CONN_LIMIT)
 
 
-def _nat_addr(value, what):
-    """(family, 16 packed bytes) of an IPv4/IPv6 address given as str/bytes/object."""
-    if isinstance(value, (_ipaddress.IPv4Address, _ipaddress.IPv6Address)):
-        ip = value
-    else:
-        try:
-            ip = _ipaddress.ip_address(value)
-        except (ValueError, TypeError):
-            raise ValueError(f"{what}: {value!r} is not an IPv4 or IPv6 address") from None
-    packed = ip.packed
-    return (4 if ip.version == 4 else 6), packed + bytes(16 - len(packed))
+
 
 
 def _nat_port(value, what):
@@ -1142,8 +1132,8 @@ def nat_tuples(rows):
         if not 5 <= len(row) <= 6:
             raise ValueError(f"row {i}: expected (src, sport, dst, dport, proto[, tcp_flags])")
         src, sport, dst, dport, proto = row[:5]
-        fs, ps = _nat_addr(src, f"row {i} src")
-        fd, pd = _nat_addr(dst, f"row {i} dst")
+        fs, ps = addr_packed16(src, f"row {i} src")
+        fd, pd = addr_packed16(dst, f"row {i} dst")
         if fs != fd:
             raise ValueError(f"row {i}: src and dst are of different address families")
         arr[i] = (fs, _nat_proto(proto, fs), _nat_flags(row[5] if len(row) == 6 else 0), 0,
@@ -1233,15 +1223,15 @@ cdef class NatTable:
         t.fwd.size = t.rev.size = t.map.size = nslots
         # lazily backed: nothing is touched here (entries and mappings are
         # handed out from index 0 up, then from their free lists)
-        t.entries = <nat_entry*>nat_alloc_big(cap * sizeof(nat_entry), 1)
-        t.mappings = <nat_mapping*>nat_alloc_big(cap * sizeof(nat_mapping), 1)
-        t.fwd.slots = <uint32_t*>nat_alloc_big(nslots * 4, 1)
-        t.rev.slots = <uint32_t*>nat_alloc_big(nslots * 4, 1)
-        t.map.slots = <uint32_t*>nat_alloc_big(nslots * 4, 1)
+        t.entries = <nat_entry*>egc_alloc_big(cap * sizeof(nat_entry), 1)
+        t.mappings = <nat_mapping*>egc_alloc_big(cap * sizeof(nat_mapping), 1)
+        t.fwd.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
+        t.rev.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
+        t.map.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
         t.wheel = <uint32_t*>calloc(2 * NAT_WHEEL_SLOTS, sizeof(uint32_t))
         if per_source_limit is not None:
             t.src_size = _nat_index_slots(cap)
-            t.src = <nat_src*>nat_alloc_big(t.src_size * sizeof(nat_src), 0)
+            t.src = <nat_src*>egc_alloc_big(t.src_size * sizeof(nat_src), 0)
         if (t.entries == NULL or t.mappings == NULL or t.fwd.slots == NULL
                 or t.rev.slots == NULL or t.map.slots == NULL or t.wheel == NULL
                 or (per_source_limit is not None and t.src == NULL)):
@@ -1278,12 +1268,12 @@ cdef class NatTable:
         for i in range(t.n_ext):
             for k in range(NAT_NPOOLS):
                 free(t.ext[i].pools[k])
-        nat_free_big(t.entries, t.capacity * sizeof(nat_entry))
-        nat_free_big(t.mappings, t.capacity * sizeof(nat_mapping))
-        nat_free_big(t.fwd.slots, t.fwd.size * 4)
-        nat_free_big(t.rev.slots, t.rev.size * 4)
-        nat_free_big(t.map.slots, t.map.size * 4)
-        nat_free_big(t.src, t.src_size * sizeof(nat_src))
+        egc_free_big(t.entries, t.capacity * sizeof(nat_entry))
+        egc_free_big(t.mappings, t.capacity * sizeof(nat_mapping))
+        egc_free_big(t.fwd.slots, t.fwd.size * 4)
+        egc_free_big(t.rev.slots, t.rev.size * 4)
+        egc_free_big(t.map.slots, t.map.size * 4)
+        egc_free_big(t.src, t.src_size * sizeof(nat_src))
         free(t.wheel)
         free(t)
         self.t = NULL
@@ -1298,7 +1288,7 @@ cdef class NatTable:
         index unchanged."""
         if self.t == NULL:
             raise RuntimeError("NatTable was not initialised (__init__ not run)")
-        family, packed = _nat_addr(ip, "egress IP")
+        family, packed = addr_packed16(ip, "egress IP")
         name = str(_ipaddress.ip_address(packed[:4] if family == 4 else packed))
         if name in self._ext_index:
             return self._ext_index[name]
@@ -1402,7 +1392,7 @@ cdef class NatTable:
                 raise ValueError(f"egress IP index {egress_ip} is not configured")
             idx = egress_ip
         else:
-            fam, packed = _nat_addr(egress_ip, "egress_ip")
+            fam, packed = addr_packed16(egress_ip, "egress_ip")
             name = str(_ipaddress.ip_address(packed[:4] if fam == 4 else packed))
             if name not in self._ext_index:
                 raise ValueError(f"egress_ip {name} is not configured in this table")
@@ -1413,8 +1403,8 @@ cdef class NatTable:
         return idx
 
     cdef void _tuple(self, nat_tuple* k, src, sport, dst, dport, proto, tcp_flags) except *:
-        fs, ps = _nat_addr(src, "src")
-        fd, pd = _nat_addr(dst, "dst")
+        fs, ps = addr_packed16(src, "src")
+        fd, pd = addr_packed16(dst, "dst")
         if fs != fd:
             raise ValueError(f"src {src} and dst {dst} are of different address families")
         memset(k, 0, sizeof(nat_tuple))
@@ -1533,9 +1523,9 @@ cdef class NatTable:
         lines = []
         for e in self.entries(now):
             fam = 6 if ":" in e.src else 4
-            pod = _nat_fmt(fam, _nat_addr(e.src, "")[1], e.sport)
-            remote = _nat_fmt(fam, _nat_addr(e.dst, "")[1], e.dport)
-            egress = _nat_fmt(fam, _nat_addr(e.egress_ip, "")[1], e.xport)
+            pod = _nat_fmt(fam, addr_packed16(e.src, "")[1], e.sport)
+            remote = _nat_fmt(fam, addr_packed16(e.dst, "")[1], e.dport)
+            egress = _nat_fmt(fam, addr_packed16(e.egress_ip, "")[1], e.xport)
             tail = f"Created={int(e.age)}sec ago Expires={int(e.expires_in)}sec State={e.state}"
             p = e.proto.upper()
             lines.append(f"{p} OUT {pod} -> {remote} XLATE_SRC {egress} {tail}")
@@ -1602,7 +1592,7 @@ cdef class NatTable:
 
     def ports_in_use(self, egress_ip, proto="tcp"):
         """External ports (or echo ids) of `egress_ip` held by live mappings."""
-        fam, _ = _nat_addr(egress_ip, "egress_ip")
+        fam, _ = addr_packed16(egress_ip, "egress_ip")
         idx = self._egress(egress_ip, fam)
         p = _nat_proto(proto, fam)
         return self.t.ext[idx].pools[_nat_pool_of(p)].used
@@ -1692,7 +1682,7 @@ cdef class NatTable:
                     raise ValueError(f"egress IP index {egress_ip} is not configured")
                 one = egress_ip
             else:
-                fam, _ = _nat_addr(egress_ip, "egress_ip")
+                fam, _ = addr_packed16(egress_ip, "egress_ip")
                 one = self._egress(egress_ip, fam)
             ext_p = &one
             stride = 0

@@ -22,7 +22,6 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memmove, memset
 
 import collections as _pkt_collections
-import ipaddress as _pkt_ipaddress
 
 import numpy as _pkt_np
 
@@ -71,7 +70,7 @@ cdef int _pkt_ip6_ext(const uint8_t *buf, int32_t off, int32_t end, uint8_t *nh,
             if off + 8 > end:
                 return DROP_MALFORMED
             hl = 8
-            fo = pkt_load16(buf + off + 2)
+            fo = be_load16(buf + off + 2)
             if fo & 0xfff8:
                 frag[0] = PKT_FRAG_LATER
                 nh[0] = buf[off]
@@ -109,9 +108,9 @@ cdef int _pkt_parse_quote(const uint8_t *buf, int32_t off, int32_t end, PktInfo 
         if ihl < 20 or off + ihl > end:
             return DROP_MALFORMED
         pi.in_proto = buf[off + 9]
-        pi.in_src4 = pkt_load32(buf + off + 12)
-        pi.in_dst4 = pkt_load32(buf + off + 16)
-        if (pkt_load16(buf + off + 6) & 0x1fff) == 0:
+        pi.in_src4 = be_load32(buf + off + 12)
+        pi.in_dst4 = be_load32(buf + off + 16)
+        if (be_load16(buf + off + 6) & 0x1fff) == 0:
             l4 = off + ihl
     else:
         if off + 40 > end or (buf[off] >> 4) != 6:
@@ -129,17 +128,17 @@ cdef int _pkt_parse_quote(const uint8_t *buf, int32_t off, int32_t end, PktInfo 
     pi.in_l4_off = l4
     p = pi.in_proto
     if p == PKT_IPPROTO_TCP or p == PKT_IPPROTO_UDP:
-        pi.in_sport = pkt_load16(buf + l4)
-        pi.in_dport = pkt_load16(buf + l4 + 2)
+        pi.in_sport = be_load16(buf + l4)
+        pi.in_dport = be_load16(buf + l4 + 2)
         pi.in_has_ports = 1
     elif (p == PKT_IPPROTO_ICMP and pi.ip_version == 4) or \
          (p == PKT_IPPROTO_ICMPV6 and pi.ip_version == 6):
         side = _pkt_echo_side(pi.ip_version, buf[l4])
         if side == PKT_NAT_SRC:
-            pi.in_sport = pkt_load16(buf + l4 + 4)
+            pi.in_sport = be_load16(buf + l4 + 4)
             pi.in_has_ports = 1
         elif side == PKT_NAT_DST:
-            pi.in_dport = pkt_load16(buf + l4 + 4)
+            pi.in_dport = be_load16(buf + l4 + 4)
             pi.in_has_ports = 1
     return 0
 
@@ -154,18 +153,18 @@ cdef int _pkt_parse_l4(const uint8_t *buf, int32_t end, PktInfo *pi) noexcept no
         doff = (buf[l4 + 12] >> 4) * 4
         if doff < 20 or l4 + doff > end:
             return DROP_MALFORMED
-        pi.sport = pkt_load16(buf + l4)
-        pi.dport = pkt_load16(buf + l4 + 2)
+        pi.sport = be_load16(buf + l4)
+        pi.dport = be_load16(buf + l4 + 2)
         pi.tcp_flags = buf[l4 + 13]
         pi.has_ports = 1
     elif p == PKT_IPPROTO_UDP:
         if l4 + 8 > end:
             return DROP_MALFORMED
-        ulen = pkt_load16(buf + l4 + 4)
+        ulen = be_load16(buf + l4 + 4)
         if pi.frag == PKT_FRAG_NONE and (ulen < 8 or l4 + ulen > end):
             return DROP_MALFORMED
-        pi.sport = pkt_load16(buf + l4)
-        pi.dport = pkt_load16(buf + l4 + 2)
+        pi.sport = be_load16(buf + l4)
+        pi.dport = be_load16(buf + l4 + 2)
         pi.has_ports = 1
     elif (p == PKT_IPPROTO_ICMP and pi.ip_version == 4) or \
          (p == PKT_IPPROTO_ICMPV6 and pi.ip_version == 6):
@@ -176,10 +175,10 @@ cdef int _pkt_parse_l4(const uint8_t *buf, int32_t end, PktInfo *pi) noexcept no
         pi.icmp_code = buf[l4 + 1]
         side = _pkt_echo_side(pi.ip_version, t)
         if side == PKT_NAT_SRC:
-            pi.sport = pkt_load16(buf + l4 + 4)
+            pi.sport = be_load16(buf + l4 + 4)
             pi.has_ports = 1
         elif side == PKT_NAT_DST:
-            pi.dport = pkt_load16(buf + l4 + 4)
+            pi.dport = be_load16(buf + l4 + 4)
             pi.has_ports = 1
         elif _pkt_icmp_is_error(pi.ip_version, t):
             return _pkt_parse_quote(buf, l4 + 8, end, pi)
@@ -198,13 +197,13 @@ cdef int pkt_parse(const uint8_t *buf, int64_t length, PktInfo *pi) noexcept nog
     if length < PKT_ETH_LEN or length > PKT_MAX_FRAME:
         return DROP_MALFORMED
     l3 = PKT_ETH_LEN
-    et = pkt_load16(buf + 12)
+    et = be_load16(buf + 12)
     if et == PKT_ETH_P_8021Q or et == PKT_ETH_P_8021AD:
         if length < PKT_ETH_LEN + 4:
             return DROP_MALFORMED
         pi.has_vlan = 1
-        pi.vlan_tci = pkt_load16(buf + 14)
-        et = pkt_load16(buf + 16)
+        pi.vlan_tci = be_load16(buf + 14)
+        et = be_load16(buf + 16)
         l3 = PKT_ETH_LEN + 4
         if et == PKT_ETH_P_8021Q or et == PKT_ETH_P_8021AD:
             return DROP_UNSUPPORTED             # stacked tags (QinQ)
@@ -214,7 +213,7 @@ cdef int pkt_parse(const uint8_t *buf, int64_t length, PktInfo *pi) noexcept nog
         if length < l3 + 20 or (buf[l3] >> 4) != 4:
             return DROP_MALFORMED
         ihl = (buf[l3] & 0xf) * 4
-        tot = pkt_load16(buf + l3 + 2)
+        tot = be_load16(buf + l3 + 2)
         if ihl < 20 or tot < ihl or l3 + tot > length:
             return DROP_MALFORMED
         if csum_fold(csum_ipv4_hdr(buf + l3, ihl)) != 0xffff:
@@ -223,14 +222,14 @@ cdef int pkt_parse(const uint8_t *buf, int64_t length, PktInfo *pi) noexcept nog
         pi.ip_version = 4
         pi.ttl = buf[l3 + 8]
         pi.proto = buf[l3 + 9]
-        fo = pkt_load16(buf + l3 + 6)
+        fo = be_load16(buf + l3 + 6)
         pi.df = (fo >> 14) & 1
         if fo & 0x1fff:
             pi.frag = PKT_FRAG_LATER
         elif fo & 0x2000:
             pi.frag = PKT_FRAG_FIRST
-        pi.src4 = pkt_load32(buf + l3 + 12)
-        pi.dst4 = pkt_load32(buf + l3 + 16)
+        pi.src4 = be_load32(buf + l3 + 12)
+        pi.dst4 = be_load32(buf + l3 + 16)
         pi.l3_end = end
         if pi.frag == PKT_FRAG_LATER:
             return 0
@@ -238,7 +237,7 @@ cdef int pkt_parse(const uint8_t *buf, int64_t length, PktInfo *pi) noexcept nog
     elif et == PKT_ETH_P_IPV6:
         if length < l3 + 40 or (buf[l3] >> 4) != 6:
             return DROP_MALFORMED
-        end = l3 + 40 + <int32_t>pkt_load16(buf + l3 + 4)
+        end = l3 + 40 + <int32_t>be_load16(buf + l3 + 4)
         if end > length:
             return DROP_MALFORMED
         pi.ip_version = 6
@@ -396,9 +395,9 @@ cdef int pkt_ttl_decrement(uint8_t *buf, PktInfo *pi) noexcept nogil:
     if pi.ttl <= 1:
         return DROP_TTL_EXCEEDED
     if pi.ip_version == 4:
-        old = pkt_load16(ip + 8)
+        old = be_load16(ip + 8)
         ip[8] -= 1
-        csum_apply(ip + 10, csum_delta16(old, pkt_load16(ip + 8)))
+        csum_apply(ip + 10, csum_delta16(old, be_load16(ip + 8)))
     elif pi.ip_version == 6:
         ip[7] -= 1
     else:
@@ -448,7 +447,7 @@ cdef int64_t pkt_icmp_too_big(const uint8_t *buf, const PktInfo *pi, uint8_t *ou
         memset(ip, 0, 28)
         ip[0] = 0x45
         ip[1] = 0xc0                             # internetwork control
-        pkt_store16(ip + 2, <uint16_t>(28 + q))
+        be_store16(ip + 2, <uint16_t>(28 + q))
         ip[8] = 64
         ip[9] = PKT_IPPROTO_ICMP
         if src != NULL:
@@ -456,13 +455,13 @@ cdef int64_t pkt_icmp_too_big(const uint8_t *buf, const PktInfo *pi, uint8_t *ou
         else:
             memcpy(ip + 12, ip0 + 16, 4)
         memcpy(ip + 16, ip0 + 12, 4)
-        pkt_store16(ip + 10, csum_finish(csum_partial(ip, 20, 0)))
+        be_store16(ip + 10, csum_finish(csum_partial(ip, 20, 0)))
         icmp = ip + 20
         icmp[0] = 3
         icmp[1] = 4
-        pkt_store16(icmp + 6, <uint16_t>(mtu if mtu < 0xffff else 0xffff))
+        be_store16(icmp + 6, <uint16_t>(mtu if mtu < 0xffff else 0xffff))
         memcpy(icmp + 8, ip0, q)
-        pkt_store16(icmp + 2, csum_finish(csum_partial(icmp, 8 + q, 0)))
+        be_store16(icmp + 2, csum_finish(csum_partial(icmp, 8 + q, 0)))
         return n
     # IPv6, RFC 4443 2.4 (e): never to an unspecified or multicast source
     if ip0[8] == 0xff:
@@ -481,7 +480,7 @@ cdef int64_t pkt_icmp_too_big(const uint8_t *buf, const PktInfo *pi, uint8_t *ou
         return 0
     memset(ip, 0, 48)
     ip[0] = 0x60
-    pkt_store16(ip + 4, <uint16_t>(8 + q))
+    be_store16(ip + 4, <uint16_t>(8 + q))
     ip[6] = PKT_IPPROTO_ICMPV6
     ip[7] = 64
     if src != NULL:
@@ -491,10 +490,10 @@ cdef int64_t pkt_icmp_too_big(const uint8_t *buf, const PktInfo *pi, uint8_t *ou
     memcpy(ip + 24, ip0 + 8, 16)
     icmp = ip + 40
     icmp[0] = 2
-    pkt_store32(icmp + 4, mtu)
+    be_store32(icmp + 4, mtu)
     memcpy(icmp + 8, ip0, q)
     sum = csum_partial(ip + 8, 32, 0) + <uint32_t>(8 + q) + PKT_IPPROTO_ICMPV6
-    pkt_store16(icmp + 2, csum_finish(csum_partial(icmp, 8 + q, sum)))
+    be_store16(icmp + 2, csum_finish(csum_partial(icmp, 8 + q, sum)))
     return n
 
 
@@ -520,18 +519,18 @@ cdef void vxlan_tmpl_init(VxlanTmpl *t, const uint8_t *src_mac, const uint8_t *d
     memset(t, 0, sizeof(VxlanTmpl))
     memcpy(h, dst_mac, 6)
     memcpy(h + 6, src_mac, 6)
-    pkt_store16(h + 12, PKT_ETH_P_IP)
+    be_store16(h + 12, PKT_ETH_P_IP)
     h[14] = 0x45
-    pkt_store16(h + 20, 0x4000)                  # DF
+    be_store16(h + 20, 0x4000)                  # DF
     h[22] = ttl
     h[23] = PKT_IPPROTO_UDP
-    pkt_store32(h + 26, src4)
-    pkt_store32(h + 30, dst4)
+    be_store32(h + 26, src4)
+    be_store32(h + 30, dst4)
     # checksum of the header with total length 0; encap adds the length
-    pkt_store16(h + 24, csum_finish(csum_partial(h + 14, 20, 0)))
-    pkt_store16(h + 36, port)
+    be_store16(h + 24, csum_finish(csum_partial(h + 14, 20, 0)))
+    be_store16(h + 36, port)
     h[42] = VXLAN_FLAG_I
-    pkt_store32(h + 46, (vni & 0xffffff) << 8)
+    be_store32(h + 46, (vni & 0xffffff) << 8)
     t.port_min = port_min
     t.port_max = port_max
     t.mtu = mtu
@@ -553,11 +552,11 @@ cdef uint16_t vxlan_src_port(const uint8_t *buf, const PktInfo *pi, const VxlanT
     elif pi.ip_version == 6:
         ip = buf + pi.l3_off
         for i in range(4):
-            a ^= pkt_load32(ip + 8 + 4 * i)
-            b ^= pkt_load32(ip + 24 + 4 * i)
+            a ^= be_load32(ip + 8 + 4 * i)
+            b ^= be_load32(ip + 24 + 4 * i)
     else:
-        a = pkt_load32(buf) ^ pkt_load16(buf + 4)
-        b = pkt_load32(buf + 6) ^ pkt_load16(buf + 10)
+        a = be_load32(buf) ^ be_load16(buf + 4)
+        b = be_load32(buf + 6) ^ be_load16(buf + 10)
     x = (((<uint64_t>a << 32) | b) * 0x9E3779B97F4A7C15ULL) ^ \
         ((((<uint64_t>pi.sport << 24) | (<uint64_t>pi.dport << 8) | pi.proto) + 1) * 0xC2B2AE3D27D4EB4FULL)
     x ^= x >> 29
@@ -576,10 +575,10 @@ cdef int64_t vxlan_encap_frame(uint8_t *frame, int64_t length, const VxlanTmpl *
     cdef uint8_t *o = frame - VXLAN_OVERHEAD
     cdef uint16_t tot = <uint16_t>(length + 36)
     memcpy(o, t.hdr, VXLAN_OVERHEAD)
-    pkt_store16(o + 16, tot)
+    be_store16(o + 16, tot)
     csum_apply(o + 24, csum_delta16(0, tot))
-    pkt_store16(o + 34, sport)
-    pkt_store16(o + 38, <uint16_t>(length + 16))
+    be_store16(o + 34, sport)
+    be_store16(o + 38, <uint16_t>(length + 16))
     return length + VXLAN_OVERHEAD
 
 
@@ -591,11 +590,11 @@ cdef int vxlan_decap_frame(const uint8_t *buf, int64_t length, uint16_t port, in
     cdef const uint8_t *vx
     cdef uint32_t v
     if (length >= VXLAN_OVERHEAD + PKT_ETH_LEN and length <= PKT_MAX_FRAME and
-            pkt_load16(buf + 12) == PKT_ETH_P_IP and buf[14] == 0x45 and
-            buf[23] == PKT_IPPROTO_UDP and (pkt_load16(buf + 20) & 0x3fff) == 0):
+            be_load16(buf + 12) == PKT_ETH_P_IP and buf[14] == 0x45 and
+            buf[23] == PKT_IPPROTO_UDP and (be_load16(buf + 20) & 0x3fff) == 0):
         # fast path, the common underlay: untagged, unfragmented IPv4/UDP
         # without options.  Same checks, same verdicts as pkt_parse below.
-        tot = pkt_load16(buf + 16)
+        tot = be_load16(buf + 16)
         if tot < 20 or PKT_ETH_LEN + tot > length:
             return DROP_MALFORMED
         if csum_fold(csum_ipv4_hdr(buf + 14, 20)) != 0xffff:
@@ -603,14 +602,14 @@ cdef int vxlan_decap_frame(const uint8_t *buf, int64_t length, uint16_t port, in
         l4 = PKT_ETH_LEN + 20
         if tot < 28:
             return DROP_MALFORMED
-        ulen = pkt_load16(buf + l4 + 4)
+        ulen = be_load16(buf + l4 + 4)
         if ulen < 8 or 20 + ulen > tot:
             return DROP_MALFORMED
-        if pkt_load16(buf + l4 + 2) != port:
+        if be_load16(buf + l4 + 2) != port:
             return DROP_BAD_VXLAN
-        out.outer_src4 = pkt_load32(buf + 26)
-        out.outer_dst4 = pkt_load32(buf + 30)
-        out.outer_sport = pkt_load16(buf + l4)
+        out.outer_src4 = be_load32(buf + 26)
+        out.outer_dst4 = be_load32(buf + 30)
+        out.outer_sport = be_load16(buf + l4)
     else:
         rc = pkt_parse(buf, length, &pi)
         if rc:
@@ -622,7 +621,7 @@ cdef int vxlan_decap_frame(const uint8_t *buf, int64_t length, uint16_t port, in
         if pi.dport != port:
             return DROP_BAD_VXLAN
         l4 = pi.l4_off
-        ulen = pkt_load16(buf + l4 + 4)          # parse checked l4 + ulen <= l3_end
+        ulen = be_load16(buf + l4 + 4)          # parse checked l4 + ulen <= l3_end
         out.outer_src4 = pi.src4
         out.outer_dst4 = pi.dst4
         out.outer_sport = pi.sport
@@ -633,7 +632,7 @@ cdef int vxlan_decap_frame(const uint8_t *buf, int64_t length, uint16_t port, in
     # zero (RFC 7348 says "ignore": a deliberate, stricter choice).
     if vx[0] != VXLAN_FLAG_I or vx[1] or vx[2] or vx[3] or vx[7]:
         return DROP_BAD_VXLAN
-    v = pkt_load32(vx + 4) >> 8
+    v = be_load32(vx + 4) >> 8
     if vni >= 0 and v != vni:
         return DROP_BAD_VXLAN
     if ulen < 8 + VXLAN_HDR_LEN + PKT_ETH_LEN:
@@ -710,31 +709,6 @@ cdef inline int _pkt_parse_buf(_PktBuf b, PktInfo *pi) except -1:
     return 0
 
 
-def _pkt_addr(value, what):
-    """ipaddress object from str/int/bytes/ipaddress."""
-    if isinstance(value, (_pkt_ipaddress.IPv4Address, _pkt_ipaddress.IPv6Address)):
-        return value
-    try:
-        if isinstance(value, (bytes, bytearray)):
-            return _pkt_ipaddress.ip_address(bytes(value))
-        return _pkt_ipaddress.ip_address(value)
-    except (ValueError, TypeError):
-        raise ValueError(f"{what} must be an IPv4 or IPv6 address, got {value!r}") from None
-
-
-def _pkt_mac(value, what):
-    if isinstance(value, (bytes, bytearray)) and len(value) == 6:
-        return bytes(value)
-    if isinstance(value, str):
-        parts = value.replace("-", ":").split(":")
-        if len(parts) == 6:
-            try:
-                return bytes(int(x, 16) for x in parts)
-            except ValueError:
-                pass
-    raise ValueError(f"{what} must be a MAC address like 'aa:bb:cc:dd:ee:ff', got {value!r}")
-
-
 cdef int32_t _pkt_port(object port) except -2:
     if port is None:
         return -1
@@ -746,8 +720,8 @@ cdef int32_t _pkt_port(object port) except -2:
 cdef tuple _pkt_addr_pair(int version, uint32_t src4, uint32_t dst4, const uint8_t *ip):
     """(source, destination) of the IP header at ip, as ipaddress objects."""
     if version == 4:
-        return _pkt_ipaddress.IPv4Address(src4), _pkt_ipaddress.IPv4Address(dst4)
-    return (_pkt_ipaddress.IPv6Address(bytes(ip[8:24])), _pkt_ipaddress.IPv6Address(bytes(ip[24:40])))
+        return _ipaddress.IPv4Address(src4), _ipaddress.IPv4Address(dst4)
+    return (_ipaddress.IPv6Address(bytes(ip[8:24])), _ipaddress.IPv6Address(bytes(ip[24:40])))
 
 
 def parse(frame):
@@ -782,7 +756,7 @@ cdef bytes _pkt_nat_py(frame, int side, addr, port):
     cdef int rc
     cdef int32_t p = _pkt_port(port)
     cdef bytes a16
-    a = _pkt_addr(addr, "addr")
+    a = addr_object(addr, "addr")
     _pkt_parse_buf(b, &pi)
     if a.version != pi.ip_version:
         raise ValueError(f"addr {a} is IPv{a.version} but the frame is IPv{pi.ip_version}")
@@ -833,7 +807,7 @@ def icmp_too_big(frame, mtu, src=None):
         raise ValueError(f"mtu must be an int >= 68, got {mtu!r}")
     _pkt_parse_buf(b, &pi)
     if src is not None:
-        a = _pkt_addr(src, "src")
+        a = addr_object(src, "src")
         if a.version != pi.ip_version:
             raise ValueError(f"src {a} is IPv{a.version} but the frame is IPv{pi.ip_version}")
         s = a.packed
@@ -855,10 +829,10 @@ cdef class VxlanTemplate:
 
     def __init__(self, src_mac, dst_mac, src_ip, dst_ip, vni, *, port=VXLAN_DEFAULT_PORT,
                  ttl=64, mtu=1500, port_range=(32768, 60999)):
-        smac = _pkt_mac(src_mac, "src_mac")
-        dmac = _pkt_mac(dst_mac, "dst_mac")
-        s = _pkt_addr(src_ip, "src_ip")
-        d = _pkt_addr(dst_ip, "dst_ip")
+        smac = mac_bytes(src_mac, "src_mac")
+        dmac = mac_bytes(dst_mac, "dst_mac")
+        s = addr_object(src_ip, "src_ip")
+        d = addr_object(dst_ip, "dst_ip")
         if s.version != 4 or d.version != 4:
             raise ValueError("src_ip and dst_ip must be IPv4 (the underlay is IPv4)")
         if not isinstance(vni, int) or not 0 <= vni < (1 << 24):
@@ -953,13 +927,6 @@ def vxlan_decap(frame, port=VXLAN_DEFAULT_PORT, vni=None):
 
 # --------------------------------------------------------------------------
 # Batch API: frames in one NumPy array, one nogil loop per step
-
-cdef inline uint32_t _pkt_v4(object value, str what) except? 0:
-    a = _pkt_addr(value, what)
-    if a.version != 4:
-        raise ValueError(f"{what} must be IPv4 in a batch, got {a}")
-    return int(a)
-
 
 cdef class PacketBatch:
     """N frames for batch processing without Python per packet.
@@ -1154,8 +1121,8 @@ cdef class PacketBatch:
         cdef const int32_t *pp = &pt0
         cdef Py_ssize_t a_step = 0, p_step = 0
         # one value for all frames stays a C scalar (stride 0); arrays give one per frame
-        if isinstance(addr, (str, int, bytes, _pkt_ipaddress.IPv4Address, _pkt_ipaddress.IPv6Address)):
-            a0 = _pkt_v4(addr, "addr")
+        if isinstance(addr, (str, int, bytes, _ipaddress.IPv4Address, _ipaddress.IPv6Address)):
+            a0 = addr_v4(addr, "addr")
         else:
             a = _pkt_np.ascontiguousarray(addr, dtype=_pkt_np.uint32)
             if a.shape[0] != self.n or _pkt_np.ndim(addr) != 1:
@@ -1219,7 +1186,7 @@ cdef class PacketBatch:
             raise ValueError(f"vxlan_port must be an int in 1..65535, got {vxlan_port!r}")
         if vni is not None and (not isinstance(vni, int) or not 0 <= vni < (1 << 24)):
             raise ValueError(f"vni must be None or an int in 0..2**24-1, got {vni!r}")
-        a0 = _pkt_v4(addr, "addr")
+        a0 = addr_v4(addr, "addr")
         uport = vxlan_port
         want = -1 if vni is None else vni
         with nogil:
