@@ -38,7 +38,7 @@
 # host order.  A table is single-writer: see "Thread model" in nat.pyx.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 
-cdef extern from "nat_helpers.h":
+cdef extern from "nat/nat_helpers.h":
     uint64_t nat_hash3(uint64_t seed, uint64_t w0, uint64_t w1, uint64_t w2) nogil
     uint64_t nat_hash5(uint64_t seed, uint64_t w0, uint64_t w1, uint64_t w2,
                        uint64_t w3, uint64_t w4) nogil

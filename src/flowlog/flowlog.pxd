@@ -17,7 +17,7 @@
 # side converts them to wall-clock time when it drains.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 
-cdef extern from "flow_ring.h":
+cdef extern from "flowlog/flow_ring.h":
     int64_t flow_ring_claim(uint64_t* enq, uint64_t* seq, uint64_t mask) nogil
     void flow_ring_publish(uint64_t* seq, uint64_t mask, uint64_t pos) nogil
     int flow_ring_ready(uint64_t* seq, uint64_t mask, uint64_t pos) nogil

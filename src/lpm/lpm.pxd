@@ -3,7 +3,7 @@
 # datapath calls the inline nogil functions at the bottom.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
-cdef extern from "lpm_core.h" nogil:
+cdef extern from "lpm/lpm_core.h" nogil:
     const uint32_t LPM_NODE
     const uint32_t LPM_NONE
     const uint32_t LPM_VALUE_MAX
@@ -57,7 +57,7 @@ cdef extern from "lpm_core.h" nogil:
     long lpm_trie_find(const lpm_trie* t, const lpm_entry* key)
 
 
-cdef extern from "lpm_egress.h" nogil:
+cdef extern from "lpm/lpm_egress.h" nogil:
     const int EGRESS_NO_MATCH
     const int EGRESS_MATCH
     const int EGRESS_EXCLUDED
