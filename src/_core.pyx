@@ -6,7 +6,8 @@ datapath calls the LPM trie, the NAT table, the packet engine and the rings
 as plain C functions, with no cross-module cimport.  The tree:
 
   includes/  shared C: byte order, checksums, the allocator, address/MAC
-             conversion, verdicts and the drop-reason table (drop_reasons.def)
+             conversion, verdicts and the drop-reason table (drop_reasons.def),
+             the one map from C error codes to exceptions (errors.pxi)
   lpm/       the poptrie-style LPM trie and the egress policy map
   nat/       index, port pools, conntrack with its timing wheel, batches, NatTable
   flowlog/   the flow-record ring and FlowLog
@@ -18,6 +19,7 @@ as plain C functions, with no cross-module cimport.  The tree:
 
 include "includes/drop_reasons.pxi"
 include "includes/addr.pxi"
+include "includes/errors.pxi"
 include "lpm/lpm.pyx"
 include "nat/index.pyx"
 include "nat/ports.pyx"

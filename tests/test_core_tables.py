@@ -8,6 +8,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
+import egresscore
 from egresscore import _core
 from egresscore import Datapath, EgressMap, NatTable, PacketBatch, VxlanTemplate
 
@@ -71,3 +72,17 @@ def test_one_address_parser_names_the_argument_and_the_family():
     nat = NatTable()
     for ip in ("192.168.1.100", 0xC0A80165, bytes([192, 168, 1, 102]), "2001:db8::5"):
         nat.add_egress_ip(ip)
+
+
+def test_c_errors_map_to_exceptions_in_one_place():
+    """errno -> OSError subclass / MemoryError / ValueError; drop codes ->
+    PacketDropped or NatRefused (src/includes/errors.pxi)."""
+    with pytest.raises(egresscore.PacketDropped) as e:
+        egresscore.parse(b"\x00" * 10)
+    assert e.value.reason == _core.DROP_REASON_NAMES[e.value.code] == "malformed"
+    nat = NatTable(capacity=1)
+    nat.add_egress_ip("192.168.1.100")
+    nat.translate("10.0.1.5", 1000, "203.0.113.1", 80, "udp", egress_ip="192.168.1.100", now=1.0)
+    with pytest.raises(egresscore.NatRefused) as r:
+        nat.translate("10.0.1.6", 1000, "203.0.113.1", 80, "udp", egress_ip="192.168.1.100", now=1.0)
+    assert r.value.reason == "nat_table_full"

@@ -87,7 +87,7 @@ cdef class Datapath:
         self.c.reply = <uint8_t *>_dp_malloc(2048)
         self.c.segbuf = <uint8_t *>_dp_malloc(9216 + 128)
         if self.c.scratch == NULL or self.c.reply == NULL or self.c.segbuf == NULL:
-            raise MemoryError("Datapath scratch buffers")
+            raise no_memory("Datapath scratch buffers")
         _dp_memset(&self.c.st, 0, sizeof(dp_stats))
         _dp_memset(self.c.ports, 0, sizeof(self.c.ports))
         _dp_memset(self.c.nodes, 0, sizeof(self.c.nodes))
@@ -347,7 +347,7 @@ cdef class Datapath:
         t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
         self.c.cap_buf = <uint8_t *>_dp_malloc(1 << 20)
         if self.c.cap_buf == NULL:
-            raise MemoryError("capture buffer")
+            raise no_memory("capture buffer")
         self.c.cap_used = 0
         self.c.cap_n = 0
         self.c.emit = dp_capture

@@ -146,12 +146,12 @@ cdef class FlowLog:
             cap <<= 1
         fl = <flow_log*>calloc(1, sizeof(flow_log))
         if fl == NULL:
-            raise MemoryError("FlowLog")
+            raise no_memory("FlowLog")
         self.fl = fl
         fl.recs = <flow_record*>calloc(cap, sizeof(flow_record))
         fl.seq = <uint64_t*>calloc(cap, sizeof(uint64_t))
         if fl.recs == NULL or fl.seq == NULL:
-            raise MemoryError(f"FlowLog of capacity {cap}")
+            raise no_memory(f"FlowLog of capacity {cap}")
         for i in range(cap):
             fl.seq[i] = i
         fl.mask = cap - 1

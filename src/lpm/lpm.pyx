@@ -259,10 +259,10 @@ cdef class LPMTrie:
         self.family = _family_arg(family)
         self.c = <lpm_trie*>calloc(1, sizeof(lpm_trie))
         if self.c == NULL:
-            raise MemoryError()
+            raise no_memory("LPM table")
         self.c.width = 32 if self.family == 4 else 128
         if lpm_trie_publish(self.c) < 0:
-            raise MemoryError()
+            raise no_memory("LPM table")
 
     def __init__(self, family=4, items=None):
         if items is not None:
@@ -302,7 +302,7 @@ cdef class LPMTrie:
         self._entry(prefix, &e)
         e.val = _lpm_value(value)
         if lpm_trie_store(self.c, &e) < 0:
-            raise MemoryError()
+            raise no_memory("LPM table")
 
     def __getitem__(self, prefix):
         cdef lpm_entry e
@@ -326,7 +326,7 @@ cdef class LPMTrie:
         if r == 0:
             raise KeyError(prefix)
         if r < 0:
-            raise MemoryError()
+            raise no_memory("LPM table")
 
     def pop(self, prefix, *default):
         """Remove `prefix` and return its value (or default if absent)."""
@@ -339,7 +339,7 @@ cdef class LPMTrie:
             raise KeyError(prefix)
         v = self.c.e[i].val
         if lpm_trie_delete(self.c, &e) < 0:
-            raise MemoryError()
+            raise no_memory("LPM table")
         return v
 
     def lookup(self, address, default=None):
@@ -436,7 +436,7 @@ cdef class LPMTrie:
         cdef lpm_seq_entry* add = <lpm_seq_entry*>malloc(m * sizeof(lpm_seq_entry))
         cdef lpm_entry* merged
         if add == NULL:
-            raise MemoryError()
+            raise no_memory("LPM table")
         try:
             for k in range(m):
                 pair = items[k]
@@ -447,7 +447,7 @@ cdef class LPMTrie:
                 add[k].seq = k
             merged = lpm_entries_merge(self.c.e, self.c.n, add, m, &out_n)
             if merged == NULL:
-                raise MemoryError()
+                raise no_memory("LPM table")
         finally:
             free(add)
         cdef lpm_entry* old_e = self.c.e
@@ -458,7 +458,7 @@ cdef class LPMTrie:
         if lpm_trie_publish(self.c) < 0:
             self.c.e, self.c.n, self.c.cap = old_e, old_n, old_cap
             free(merged)
-            raise MemoryError()
+            raise no_memory("LPM table")
         free(old_e)
 
     def update_arrays(self, networks, lengths, values):
@@ -495,7 +495,7 @@ cdef class LPMTrie:
         cdef uint64_t hi, lo
         cdef Py_ssize_t bad = -1
         if add == NULL:
-            raise MemoryError()
+            raise no_memory("LPM table")
         if self.family == 4:
             n4 = nets
         elif as_bytes:
@@ -529,7 +529,7 @@ cdef class LPMTrie:
         if bad >= 0:
             raise ValueError(f"networks[{bad}] with length {L[bad]} has host bits set")
         if merged == NULL:
-            raise MemoryError()
+            raise no_memory("LPM table")
         cdef lpm_entry* old_e = self.c.e
         cdef size_t old_n = self.c.n, old_cap = self.c.cap
         self.c.e = merged
@@ -538,7 +538,7 @@ cdef class LPMTrie:
         if lpm_trie_publish(self.c) < 0:
             self.c.e, self.c.n, self.c.cap = old_e, old_n, old_cap
             free(merged)
-            raise MemoryError()
+            raise no_memory("LPM table")
         free(old_e)
 
     def clear(self):
@@ -547,7 +547,7 @@ cdef class LPMTrie:
         self.c.n = 0
         self.c.cap = 0
         if lpm_trie_publish(self.c) < 0:
-            raise MemoryError()
+            raise no_memory("LPM table")
 
     def lookup_batch(self, addresses, out=None):
         """Longest-prefix match of many addresses, GIL released.
@@ -684,7 +684,7 @@ cdef class EgressMap:
     def __cinit__(self):
         self.c = <egress_map*>calloc(1, sizeof(egress_map))
         if self.c == NULL:
-            raise MemoryError()
+            raise no_memory("LPM table")
         self._sources = {}
         self._count = 0
 
@@ -713,7 +713,7 @@ cdef class EgressMap:
         if e == NULL or vals == NULL:
             free(e)
             free(vals)
-            raise MemoryError()
+            raise no_memory("LPM table")
         v4 = <egress_val4*>vals
         v6 = <egress_val6*>vals
         for i in range(n):
@@ -734,7 +734,7 @@ cdef class EgressMap:
         free(e)
         if tbl == NULL:
             free(vals)
-            raise MemoryError()
+            raise no_memory("LPM table")
         tbl.aux = vals
         tbl.aux_bytes = n * (sizeof(egress_val4) if family == 4 else sizeof(egress_val6))
         return <size_t>tbl
@@ -753,7 +753,7 @@ cdef class EgressMap:
         snap = egress_snap_with(self.c.snap[family == 6], shi, slo, tbl, &replaced)
         if snap == NULL:
             lpm_table_free(tbl)
-            raise MemoryError()
+            raise no_memory("LPM table")
         egress_map_publish(self.c, family == 6, snap)
         lpm_table_free(replaced)
         state.order = order
@@ -817,7 +817,7 @@ cdef class EgressMap:
                 los = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
                 tbls = <lpm_table**>malloc((n + 1) * sizeof(lpm_table*))
                 if his == NULL or los == NULL or tbls == NULL:
-                    raise MemoryError()
+                    raise no_memory("LPM table")
                 for ki in range(n):
                     if fam == 4:
                         his[ki], los[ki] = <uint32_t>members[ki][0], 0
@@ -831,7 +831,7 @@ cdef class EgressMap:
                 his = los = NULL
                 tbls = NULL
                 if snap == NULL:
-                    raise MemoryError()
+                    raise no_memory("LPM table")
                 snaps.append(<size_t>snap)
         except BaseException:
             free(his)

@@ -21,14 +21,6 @@ NatEntry.__doc__ = ("One live connection: pod src:sport -> remote dst:dport, "
                     "bytes each way (since the last flow-log update record).")
 
 
-class NatRefused(Exception):
-    """A new flow was refused; `.reason` is its drop-reason name."""
-
-    def __init__(self, reason, message):
-        super().__init__(message)
-        self.reason = reason
-
-
 _NAT_PROTO_BY_NAME = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
 _NAT_PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 _NAT_STATE_NAME = ("free", "SYN_SENT", "ESTABLISHED", "CLOSING", "UDP", "ICMP")
@@ -210,7 +202,7 @@ cdef class NatTable:
         nslots = _nat_index_slots(cap)
         t = <nat_table*>calloc(1, sizeof(nat_table))
         if t == NULL:
-            raise MemoryError("NatTable")
+            raise no_memory("NatTable")
         self.t = t
         t.capacity = cap
         t.fwd.size = t.rev.size = t.map.size = nslots
@@ -228,7 +220,7 @@ cdef class NatTable:
         if (t.entries == NULL or t.mappings == NULL or t.fwd.slots == NULL
                 or t.rev.slots == NULL or t.map.slots == NULL or t.wheel == NULL
                 or (per_source_limit is not None and t.src == NULL)):
-            raise MemoryError(f"NatTable of capacity {capacity}")
+            raise no_memory(f"NatTable of capacity {capacity}")
         t.src_limit = per_source_limit or 0
         for i in range(NAT_WHEEL_SLOTS):
             t.wheel[2 * i] = t.wheel[2 * i + 1] = cap + i     # empty: the head itself
@@ -304,7 +296,7 @@ cdef class NatTable:
                 while k > 0:
                     k -= 1
                     free(pools[k])
-                raise MemoryError("egress IP port pools")
+                raise no_memory("egress IP port pools")
             _nat_pool_init(pools[k], ranges[key][0], ranges[key][1])
         with self._lock:
             t.ext[i].family = family
@@ -427,8 +419,7 @@ cdef class NatTable:
         with self._lock:
             rc = nat_translate_out_len(self.t, &k, ext, t_ns, &out, ln)
         if rc:
-            raise NatRefused(DROP_REASON_NAMES[rc],
-                             f"new flow refused: {DROP_REASON_NAMES[rc]}")
+            raise nat_refused(rc)
         return self._ext_names[self._ext_of(&out)], out.sport
 
     cdef int _ext_of(self, nat_tuple* out) noexcept:

@@ -17,18 +17,6 @@ dport), else None."""
 _PKT_FRAG_NAMES = ("none", "first", "later")
 
 
-class PacketDropped(ValueError):
-    """The datapath would drop this frame; .reason names the drop reason
-    (one of DROP_REASON_NAMES), .code is its number.  .reply holds the ICMP
-    too-big frame to send back when the reason is frag_needed, else None."""
-
-    def __init__(self, code, what="frame", reply=None):
-        self.code = int(code)
-        self.reason = DROP_REASON_NAMES[self.code]
-        self.reply = reply
-        super().__init__(f"{what} dropped: {self.reason}")
-
-
 cdef class _PktBuf:
     """A private copy of a frame with headroom in front, exactly sized (so a
     sanitizer build catches any read past the end)."""
@@ -45,7 +33,7 @@ cdef class _PktBuf:
         self.n = view.shape[0]
         self.mem = <uint8_t *>malloc(headroom + self.n if headroom + self.n > 0 else 1)
         if self.mem == NULL:
-            raise MemoryError()
+            raise no_memory("frame buffer")
         self.p = self.mem + headroom
         if self.n:
             memcpy(self.p, &view[0], self.n)
@@ -60,7 +48,7 @@ cdef class _PktBuf:
 cdef inline int _pkt_parse_buf(_PktBuf b, PktInfo *pi) except -1:
     cdef int rc = pkt_parse(b.p, b.n, pi)
     if rc:
-        raise PacketDropped(rc)
+        raise drop_error(rc)
     return 0
 
 
@@ -121,7 +109,7 @@ cdef bytes _pkt_nat_py(frame, int side, addr, port):
         a16 = a.packed
         rc = pkt_nat6(b.p, &pi, side, a16, p)
     if rc:
-        raise PacketDropped(rc)
+        raise drop_error(rc)
     return b.out()
 
 
@@ -145,7 +133,7 @@ def ttl_decrement(frame):
     _pkt_parse_buf(b, &pi)
     rc = pkt_ttl_decrement(b.p, &pi)
     if rc:
-        raise PacketDropped(rc)
+        raise drop_error(rc)
     return b.out()
 
 
@@ -217,7 +205,7 @@ cdef class VxlanTemplate:
         cdef _PktBuf b = _PktBuf(frame)
         cdef PktInfo pi
         if b.n < PKT_ETH_LEN:
-            raise PacketDropped(DROP_MALFORMED)
+            raise drop_error(DROP_MALFORMED)
         pkt_parse(b.p, b.n, &pi)
         return vxlan_src_port(b.p, &pi, &self.t)
 
@@ -257,9 +245,9 @@ def vxlan_encap(frame, VxlanTemplate template not None):
     rc = _pkt_encap_prepare(b.p, b.n, &pi, &template.t)
     if rc == DROP_FRAG_NEEDED:
         n = pkt_icmp_too_big(b.p, &pi, reply, sizeof(reply), _pkt_too_big_mtu(&pi, &template.t), NULL)
-        raise PacketDropped(rc, reply=(<char *>reply)[:n] if n else None)
+        raise drop_error(rc, "frame", (<char *>reply)[:n] if n else None)
     if rc:
-        raise PacketDropped(rc)
+        raise drop_error(rc)
     n = vxlan_encap_frame(b.p, b.n, &template.t, vxlan_src_port(b.p, &pi, &template.t))
     return (<char *>b.mem)[:n]
 
@@ -276,5 +264,5 @@ def vxlan_decap(frame, port=VXLAN_DEFAULT_PORT, vni=None):
         raise ValueError(f"vni must be None or an int in 0..2**24-1, got {vni!r}")
     rc = vxlan_decap_frame(b.p, b.n, port, -1 if vni is None else vni, &d)
     if rc:
-        raise PacketDropped(rc)
+        raise drop_error(rc)
     return d.vni, (<char *>b.p)[d.inner_off:d.inner_off + d.inner_len]

@@ -49,7 +49,7 @@ cdef class PacketBatch:
         self._info = <PktInfo *>calloc(n, sizeof(PktInfo))
         self._parsed = <uint8_t *>calloc(n, 1)
         if self._info == NULL or self._parsed == NULL:
-            raise MemoryError()
+            raise no_memory("PacketBatch")
 
     def __dealloc__(self):
         free(self._info)
