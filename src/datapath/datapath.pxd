@@ -4,8 +4,9 @@
 #   encap/decap -> TX ring, all nogil C, one call per batch.
 #
 # Ports: index 0 is the underlay (the node's eth0), 1..63 are pod veths
-# (lxc-*), DP_TUNNEL_PORT a TX ring on a kernel vxlan device (tunnel offload).  Addresses in dp_ structs are IPv4, host order.  One thread per
-# Datapath (the NAT table it drives has one writer).
+# (lxc-*), DP_TUNNEL_PORT a TX ring on a kernel vxlan device (tunnel offload).
+# Addresses in dp_ structs are IPv4, host order.  One thread per Datapath (the
+# NAT table it drives has one writer).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 
 cdef enum:

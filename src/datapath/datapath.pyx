@@ -48,6 +48,20 @@
 # Files: stages.pyx (shared steps), egress.pyx (from pods), ingress.pyx (from
 # the underlay), emit.pyx (batch, TX, segmentation); this file: the
 # Datapath class (configuration, counters, the loop) over one dp_ctx.
+from libc.stdlib cimport malloc as _dp_malloc, free as _dp_free
+
+cdef extern from "<poll.h>" nogil:
+    struct _dp_pollfd "pollfd":
+        int fd
+        short events
+        short revents
+    int _dp_poll "poll"(_dp_pollfd *fds, unsigned long nfds, int timeout)
+    short _DP_POLLIN "POLLIN"
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t _dp_read "read"(int fd, void *buf, size_t n)
+
+
 DP_GC_BUDGET = 1024     # connections one Datapath.gc call examines at most
 
 _DP_STAT_NAMES = ("rx", "passed", "tx", "tx_local", "dropped", "encap", "decap", "snat_egress",

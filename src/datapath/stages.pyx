@@ -1,22 +1,9 @@
 # datapath/stages: the steps both directions share, over the one context
 # struct (dp_ctx): counting a verdict, SNAT out to the router, VXLAN towards
 # a node, delivery to a pod, ICMP too-big replies and GSO super-packets.
-from libc.stdlib cimport malloc as _dp_malloc, free as _dp_free
 from libc.string cimport memcpy as _dp_memcpy, memset as _dp_memset
-from posix.time cimport clock_gettime as _dp_clock_gettime, timespec as _dp_timespec, CLOCK_MONOTONIC as _DP_CLOCK_MONOTONIC
-
-
-
-cdef extern from "<poll.h>" nogil:
-    struct _dp_pollfd "pollfd":
-        int fd
-        short events
-        short revents
-    int _dp_poll "poll"(_dp_pollfd *fds, unsigned long nfds, int timeout)
-    short _DP_POLLIN "POLLIN"
-
-cdef extern from "<unistd.h>" nogil:
-    ssize_t _dp_read "read"(int fd, void *buf, size_t n)
+from posix.time cimport (clock_gettime as _dp_clock_gettime, timespec as _dp_timespec,
+                         CLOCK_MONOTONIC as _DP_CLOCK_MONOTONIC)
 
 
 cdef inline uint32_t dp_lpm4(lpm_trie *t, uint32_t addr) noexcept nogil:
