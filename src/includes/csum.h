@@ -10,7 +10,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
-#include "pkt_bytes.h"
+#include "byteorder.h"
 
 /* Fold a 32-bit one's-complement accumulator to 16 bits. */
 static inline uint16_t csum_fold(uint32_t sum)
@@ -25,12 +25,12 @@ static inline uint32_t csum_partial(const uint8_t *p, size_t n, uint32_t sum)
 {
     uint64_t acc = sum;
     while (n >= 4) {
-        acc += pkt_load32(p);
+        acc += be_load32(p);
         p += 4;
         n -= 4;
     }
     if (n >= 2) {
-        acc += pkt_load16(p);
+        acc += be_load16(p);
         p += 2;
         n -= 2;
     }
@@ -46,8 +46,8 @@ static inline uint32_t csum_ipv4_hdr(const uint8_t *p, size_t ihl)
 {
     if (ihl != 20)
         return csum_partial(p, ihl, 0);
-    uint64_t acc = (uint64_t)pkt_load32(p) + pkt_load32(p + 4) + pkt_load32(p + 8)
-                 + pkt_load32(p + 12) + pkt_load32(p + 16);
+    uint64_t acc = (uint64_t)be_load32(p) + be_load32(p + 4) + be_load32(p + 8)
+                 + be_load32(p + 12) + be_load32(p + 16);
     acc = (acc & 0xffffffffu) + (acc >> 32);
     acc = (acc & 0xffffffffu) + (acc >> 32);
     return (uint32_t)acc;
@@ -74,15 +74,15 @@ static inline uint32_t csum_delta32(uint32_t old, uint32_t new_)
 /* Store a 16-bit word at p and return its checksum delta. */
 static inline uint32_t csum_set16(uint8_t *p, uint16_t new_)
 {
-    uint16_t old = pkt_load16(p);
-    pkt_store16(p, new_);
+    uint16_t old = be_load16(p);
+    be_store16(p, new_);
     return csum_delta16(old, new_);
 }
 
 static inline uint32_t csum_set32(uint8_t *p, uint32_t new_)
 {
-    uint32_t old = pkt_load32(p);
-    pkt_store32(p, new_);
+    uint32_t old = be_load32(p);
+    be_store32(p, new_);
     return csum_delta32(old, new_);
 }
 
@@ -91,7 +91,7 @@ static inline uint32_t csum_set_bytes(uint8_t *p, const uint8_t *src, size_t n)
 {
     uint32_t d = 0;
     for (size_t i = 0; i + 1 < n; i += 2)
-        d += csum_set16(p + i, pkt_load16(src + i));
+        d += csum_set16(p + i, be_load16(src + i));
     return d;
 }
 
@@ -99,9 +99,9 @@ static inline uint32_t csum_set_bytes(uint8_t *p, const uint8_t *src, size_t n)
  * delta so a checksum covering this field (an ICMP error's) can follow. */
 static inline uint32_t csum_apply(uint8_t *field, uint32_t delta)
 {
-    uint16_t old = pkt_load16(field);
+    uint16_t old = be_load16(field);
     uint16_t new_ = (uint16_t)~csum_fold((uint32_t)(uint16_t)~old + csum_fold(delta));
-    pkt_store16(field, new_);
+    be_store16(field, new_);
     return csum_delta16(old, new_);
 }
 
@@ -109,13 +109,13 @@ static inline uint32_t csum_apply(uint8_t *field, uint32_t delta)
  * sent as 0xffff (RFC 768). */
 static inline uint32_t csum_apply_udp(uint8_t *field, uint32_t delta)
 {
-    uint16_t old = pkt_load16(field);
+    uint16_t old = be_load16(field);
     if (old == 0)
         return 0;
     uint16_t new_ = (uint16_t)~csum_fold((uint32_t)(uint16_t)~old + csum_fold(delta));
     if (new_ == 0)
         new_ = 0xffff;
-    pkt_store16(field, new_);
+    be_store16(field, new_);
     return csum_delta16(old, new_);
 }
 

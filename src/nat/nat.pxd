@@ -38,7 +38,7 @@
 # host order.  A table is single-writer: see "Thread model" in nat.pyx.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 
-cdef extern from "nat_helpers.h":
+cdef extern from "nat/nat_helpers.h":
     uint64_t nat_hash3(uint64_t seed, uint64_t w0, uint64_t w1, uint64_t w2) nogil
     uint64_t nat_hash5(uint64_t seed, uint64_t w0, uint64_t w1, uint64_t w2,
                        uint64_t w3, uint64_t w4) nogil
@@ -47,8 +47,6 @@ cdef extern from "nat_helpers.h":
     void nat_prefetch(const void* p) nogil
     void nat_prefetch_w(const void* p) nogil
     int nat_ctz64(uint64_t x) nogil
-    void* nat_alloc_big(size_t size, int huge) nogil
-    void nat_free_big(void* p, size_t size) nogil
     enum: NAT_NONE          # 0xffffffff: no entry / end of a free list
     enum: NAT_TAG_MASK      # 0xff000000: hash tag bits of an index slot
     enum: NAT_PF_SLOT       # batch pipeline distances
@@ -206,7 +204,7 @@ cdef struct nat_table:
     uint64_t expired
     uint64_t gc_runs
     uint64_t gc_examined        # entries the wheel looked at (collected or moved)
-    uint64_t drops[32]          # by DropReason
+    uint64_t drops[DROP_REASON_MAX]     # by DropReason
     flow_log* flog              # flow records go here when not NULL
     # expiry timing wheel: bucket b's list head is wheel[2*b] (next),
     # wheel[2*b+1] (prev); wheel_cur is the absolute bucket number (expiry

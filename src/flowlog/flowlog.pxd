@@ -17,7 +17,7 @@
 # side converts them to wall-clock time when it drains.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 
-cdef extern from "flow_ring.h":
+cdef extern from "flowlog/flow_ring.h":
     int64_t flow_ring_claim(uint64_t* enq, uint64_t* seq, uint64_t mask) nogil
     void flow_ring_publish(uint64_t* seq, uint64_t mask, uint64_t pos) nogil
     int flow_ring_ready(uint64_t* seq, uint64_t mask, uint64_t pos) nogil
@@ -41,7 +41,6 @@ cdef enum:
     FLOW_END_EVICTION = 4       # removed while alive (table flushed / stopped)
 
     FLOW_NO_POLICY = 0xffff
-    FLOW_NREASONS = 32
 
 # One record, 128 bytes (egresscore.FLOW_RECORD_DTYPE).  Addresses are 16
 # bytes in network order (IPv4 in the first 4), ports in host order.  Counts
@@ -79,9 +78,9 @@ cdef struct flow_log:
     # drop records: a token bucket per DropReason, credit in ns
     uint64_t drop_interval      # ns of credit one record costs; 0 = no drop records
     uint64_t drop_burst         # credit cap (burst * interval)
-    uint64_t credit[32]
-    uint64_t last[32]
-    uint64_t suppressed[32]     # drop records refused by the bucket, by reason
+    uint64_t credit[DROP_REASON_MAX]
+    uint64_t last[DROP_REASON_MAX]
+    uint64_t suppressed[DROP_REASON_MAX]    # drop records refused by the bucket, by reason
 
 cdef int flow_append(flow_log* fl, const flow_record* rec) noexcept nogil
 cdef int flow_drop(flow_log* fl, uint64_t now, uint8_t reason, uint8_t family,

@@ -65,94 +65,14 @@ from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memchr, memcpy, strlen
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
-cdef extern from "Python.h":
-    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
-
-cdef extern from "arpa/inet.h" nogil:
-    int inet_pton(int af, const char* src, void* dst)
-
-cdef extern from "sys/socket.h":
-    int AF_INET
-    int AF_INET6
-
-_IPv4Address = _ipaddress.IPv4Address
-_IPv6Address = _ipaddress.IPv6Address
 _IPv4Network = _ipaddress.IPv4Network
 _IPv6Network = _ipaddress.IPv6Network
 
 LPM_MAX_VALUE = LPM_VALUE_MAX
 LPM_NO_VALUE = LPM_NONE
-_MASK64 = (1 << 64) - 1
 
 
 # ---- parsing addresses and prefixes at the Python boundary ----------------
-
-cdef int _parse_ip_chars(const char* s, Py_ssize_t n, uint64_t* hi, uint64_t* lo) noexcept:
-    """Parse a NUL-terminated address: 4 (hi = host-order IPv4), 6, or 0."""
-    cdef uint8_t buf[16]
-    if <Py_ssize_t>strlen(s) != n:
-        return 0
-    if memchr(s, 58, n) == NULL:
-        if inet_pton(AF_INET, s, buf) != 1:
-            return 0
-        hi[0] = (<uint64_t>buf[0] << 24) | (<uint64_t>buf[1] << 16) | (<uint64_t>buf[2] << 8) | buf[3]
-        lo[0] = 0
-        return 4
-    if inet_pton(AF_INET6, s, buf) != 1:
-        return 0
-    hi[0] = lpm_load_be64(buf)
-    lo[0] = lpm_load_be64(buf + 8)
-    return 6
-
-
-cdef inline void _split128(object x, uint64_t* hi, uint64_t* lo):
-    hi[0] = <uint64_t>(x >> 64)
-    lo[0] = <uint64_t>(x & _MASK64)
-
-
-cdef int _parse_addr(object x, int hint, uint64_t* hi, uint64_t* lo) except -1:
-    """Family (4 or 6) of an address given as str, ipaddress object, int or
-    packed bytes; IPv4 comes back as hi = host-order address, lo = 0.  An
-    int is read in the `hint` family (0: IPv4 if it fits in 32 bits)."""
-    cdef Py_ssize_t n
-    cdef const char* s
-    cdef int fam
-    if type(x) is str:
-        s = PyUnicode_AsUTF8AndSize(x, &n)
-        fam = _parse_ip_chars(s, n, hi, lo) if n < 64 else 0
-        if fam == 0:
-            raise ValueError(f"{x!r} is not a valid IP address")
-        return fam
-    if isinstance(x, _IPv4Address):
-        hi[0] = <uint32_t>int(x)
-        lo[0] = 0
-        return 4
-    if isinstance(x, _IPv6Address):
-        _split128(int(x), hi, lo)
-        return 6
-    if isinstance(x, int) and not isinstance(x, bool):
-        if x < 0 or x >= (1 << 128) or (hint == 4 and x >= (1 << 32)):
-            raise ValueError(f"{x!r} is out of range for an IPv{hint or 6} address")
-        if hint == 4 or (hint == 0 and x < (1 << 32)):
-            hi[0] = <uint32_t>x
-            lo[0] = 0
-            return 4
-        _split128(x, hi, lo)
-        return 6
-    if isinstance(x, (bytes, bytearray)) and len(x) in (4, 16):
-        if len(x) == 4:
-            hi[0] = int.from_bytes(x, "big")
-            lo[0] = 0
-            return 4
-        _split128(int.from_bytes(x, "big"), hi, lo)
-        return 6
-    if isinstance(x, str):
-        return _parse_addr(str(x), hint, hi, lo)
-    if hasattr(x, "__index__") and not isinstance(x, bool):   # NumPy integers
-        return _parse_addr(_operator_index(x), hint, hi, lo)
-    raise TypeError(f"expected an IP address (str, ipaddress object, int or packed bytes), "
-                    f"got {type(x).__name__}: {x!r}")
-
 
 cdef inline int _host_bits_set(int fam, uint64_t hi, uint64_t lo, unsigned plen) noexcept nogil:
     cdef unsigned width = 32 if fam == 4 else 128
@@ -184,7 +104,7 @@ cdef int _parse_prefix(object x, int hint, uint64_t* hi, uint64_t* lo, unsigned*
         s = PyUnicode_AsUTF8AndSize(x, &n)
         slash = <const char*>memchr(s, 47, n)
         if slash == NULL:
-            fam = _parse_ip_chars(s, n, hi, lo) if n < 64 else 0
+            fam = addr_parse_chars(s, n, hi, lo) if n < 64 else 0
             if fam == 0:
                 raise ValueError(f"{x!r} is not a valid IP prefix")
             plen[0] = 32 if fam == 4 else 128
@@ -194,7 +114,7 @@ cdef int _parse_prefix(object x, int hint, uint64_t* hi, uint64_t* lo, unsigned*
             raise ValueError(f"{x!r} is not a valid IP prefix")
         memcpy(buf, s, alen)
         buf[alen] = 0
-        fam = _parse_ip_chars(buf, alen, hi, lo)
+        fam = addr_parse_chars(buf, alen, hi, lo)
         if fam == 0:
             raise ValueError(f"{x!r} is not a valid IP prefix: bad address")
         L = 0
@@ -212,13 +132,13 @@ cdef int _parse_prefix(object x, int hint, uint64_t* hi, uint64_t* lo, unsigned*
         plen[0] = x.prefixlen
         return 4
     elif isinstance(x, _IPv6Network):
-        _split128(int(x.network_address), hi, lo)
+        addr_split128(int(x.network_address), hi, lo)
         plen[0] = x.prefixlen
         return 6
     elif isinstance(x, tuple):
         if len(x) != 2:
             raise ValueError(f"{x!r}: a prefix tuple is (address, length)")
-        fam = _parse_addr(x[0], hint, hi, lo)
+        fam = addr_parse(x[0], hint, hi, lo)
         width = 32 if fam == 4 else 128
         try:
             length = _operator_index(x[1])
@@ -231,7 +151,7 @@ cdef int _parse_prefix(object x, int hint, uint64_t* hi, uint64_t* lo, unsigned*
         raise TypeError(f"{x!r} is an interface (address with host bits); pass its .network")
     else:
         try:
-            fam = _parse_addr(x, hint, hi, lo)
+            fam = addr_parse(x, hint, hi, lo)
         except TypeError:
             raise TypeError(f"expected an IP prefix (str, ip_network, (address, length) or an address), "
                             f"got {type(x).__name__}: {x!r}") from None
@@ -249,11 +169,6 @@ cdef object _masked_network(int fam, uint64_t hi, uint64_t lo, unsigned plen):
     x = (<object>hi << 64) | lo
     return _IPv6Network((x >> (128 - plen) << (128 - plen), plen))
 
-
-cdef object _ip_object(int fam, uint64_t hi, uint64_t lo):
-    if fam == 4:
-        return _IPv4Address(<uint32_t>hi)
-    return _IPv6Address((<object>hi << 64) | lo)
 
 
 cdef object _ip_int(int fam, uint64_t hi, uint64_t lo):
@@ -344,10 +259,10 @@ cdef class LPMTrie:
         self.family = _family_arg(family)
         self.c = <lpm_trie*>calloc(1, sizeof(lpm_trie))
         if self.c == NULL:
-            raise MemoryError()
+            raise no_memory("LPM table")
         self.c.width = 32 if self.family == 4 else 128
         if lpm_trie_publish(self.c) < 0:
-            raise MemoryError()
+            raise no_memory("LPM table")
 
     def __init__(self, family=4, items=None):
         if items is not None:
@@ -387,7 +302,7 @@ cdef class LPMTrie:
         self._entry(prefix, &e)
         e.val = _lpm_value(value)
         if lpm_trie_store(self.c, &e) < 0:
-            raise MemoryError()
+            raise no_memory("LPM table")
 
     def __getitem__(self, prefix):
         cdef lpm_entry e
@@ -411,7 +326,7 @@ cdef class LPMTrie:
         if r == 0:
             raise KeyError(prefix)
         if r < 0:
-            raise MemoryError()
+            raise no_memory("LPM table")
 
     def pop(self, prefix, *default):
         """Remove `prefix` and return its value (or default if absent)."""
@@ -424,7 +339,7 @@ cdef class LPMTrie:
             raise KeyError(prefix)
         v = self.c.e[i].val
         if lpm_trie_delete(self.c, &e) < 0:
-            raise MemoryError()
+            raise no_memory("LPM table")
         return v
 
     def lookup(self, address, default=None):
@@ -432,7 +347,7 @@ cdef class LPMTrie:
         cdef uint64_t hi, lo
         cdef uint32_t v
         cdef unsigned idx
-        cdef int fam = _parse_addr(address, self.family, &hi, &lo)
+        cdef int fam = addr_parse(address, self.family, &hi, &lo)
         if fam != self.family:
             raise _wrong_family(address, fam, self.family, "address")
         idx = lpm_rcu_enter(&self.c.rcu)
@@ -521,7 +436,7 @@ cdef class LPMTrie:
         cdef lpm_seq_entry* add = <lpm_seq_entry*>malloc(m * sizeof(lpm_seq_entry))
         cdef lpm_entry* merged
         if add == NULL:
-            raise MemoryError()
+            raise no_memory("LPM table")
         try:
             for k in range(m):
                 pair = items[k]
@@ -532,7 +447,7 @@ cdef class LPMTrie:
                 add[k].seq = k
             merged = lpm_entries_merge(self.c.e, self.c.n, add, m, &out_n)
             if merged == NULL:
-                raise MemoryError()
+                raise no_memory("LPM table")
         finally:
             free(add)
         cdef lpm_entry* old_e = self.c.e
@@ -543,7 +458,7 @@ cdef class LPMTrie:
         if lpm_trie_publish(self.c) < 0:
             self.c.e, self.c.n, self.c.cap = old_e, old_n, old_cap
             free(merged)
-            raise MemoryError()
+            raise no_memory("LPM table")
         free(old_e)
 
     def update_arrays(self, networks, lengths, values):
@@ -580,7 +495,7 @@ cdef class LPMTrie:
         cdef uint64_t hi, lo
         cdef Py_ssize_t bad = -1
         if add == NULL:
-            raise MemoryError()
+            raise no_memory("LPM table")
         if self.family == 4:
             n4 = nets
         elif as_bytes:
@@ -593,8 +508,8 @@ cdef class LPMTrie:
                     hi = <uint64_t>n4[k]
                     lo = 0
                 elif as_bytes:
-                    hi = lpm_load_be64(&n8[k, 0])
-                    lo = lpm_load_be64(&n8[k, 8])
+                    hi = be_load64(&n8[k, 0])
+                    lo = be_load64(&n8[k, 8])
                 else:
                     hi = n64[k, 0]
                     lo = n64[k, 1]
@@ -614,7 +529,7 @@ cdef class LPMTrie:
         if bad >= 0:
             raise ValueError(f"networks[{bad}] with length {L[bad]} has host bits set")
         if merged == NULL:
-            raise MemoryError()
+            raise no_memory("LPM table")
         cdef lpm_entry* old_e = self.c.e
         cdef size_t old_n = self.c.n, old_cap = self.c.cap
         self.c.e = merged
@@ -623,7 +538,7 @@ cdef class LPMTrie:
         if lpm_trie_publish(self.c) < 0:
             self.c.e, self.c.n, self.c.cap = old_e, old_n, old_cap
             free(merged)
-            raise MemoryError()
+            raise no_memory("LPM table")
         free(old_e)
 
     def clear(self):
@@ -632,7 +547,7 @@ cdef class LPMTrie:
         self.c.n = 0
         self.c.cap = 0
         if lpm_trie_publish(self.c) < 0:
-            raise MemoryError()
+            raise no_memory("LPM table")
 
     def lookup_batch(self, addresses, out=None):
         """Longest-prefix match of many addresses, GIL released.
@@ -769,7 +684,7 @@ cdef class EgressMap:
     def __cinit__(self):
         self.c = <egress_map*>calloc(1, sizeof(egress_map))
         if self.c == NULL:
-            raise MemoryError()
+            raise no_memory("LPM table")
         self._sources = {}
         self._count = 0
 
@@ -798,7 +713,7 @@ cdef class EgressMap:
         if e == NULL or vals == NULL:
             free(e)
             free(vals)
-            raise MemoryError()
+            raise no_memory("LPM table")
         v4 = <egress_val4*>vals
         v6 = <egress_val6*>vals
         for i in range(n):
@@ -810,16 +725,16 @@ cdef class EgressMap:
                 v4[i].egress = int(ent.egress_ip)
                 v4[i].gateway = int(ent.gateway_ip)
             else:
-                _split128(dst, &e[i].hi, &e[i].lo)
-                _split128(int(ent.egress_ip), &v6[i].e_hi, &v6[i].e_lo)
-                _split128(int(ent.gateway_ip), &v6[i].g_hi, &v6[i].g_lo)
+                addr_split128(dst, &e[i].hi, &e[i].lo)
+                addr_split128(int(ent.egress_ip), &v6[i].e_hi, &v6[i].e_lo)
+                addr_split128(int(ent.gateway_ip), &v6[i].g_hi, &v6[i].g_lo)
             e[i].len = plen
             e[i].val = i
         tbl = lpm_table_build(e, n, 32 if family == 4 else 128)
         free(e)
         if tbl == NULL:
             free(vals)
-            raise MemoryError()
+            raise no_memory("LPM table")
         tbl.aux = vals
         tbl.aux_bytes = n * (sizeof(egress_val4) if family == 4 else sizeof(egress_val6))
         return <size_t>tbl
@@ -834,11 +749,11 @@ cdef class EgressMap:
         if family == 4:
             shi, slo = <uint32_t>src, 0
         else:
-            _split128(src, &shi, &slo)
+            addr_split128(src, &shi, &slo)
         snap = egress_snap_with(self.c.snap[family == 6], shi, slo, tbl, &replaced)
         if snap == NULL:
             lpm_table_free(tbl)
-            raise MemoryError()
+            raise no_memory("LPM table")
         egress_map_publish(self.c, family == 6, snap)
         lpm_table_free(replaced)
         state.order = order
@@ -902,12 +817,12 @@ cdef class EgressMap:
                 los = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
                 tbls = <lpm_table**>malloc((n + 1) * sizeof(lpm_table*))
                 if his == NULL or los == NULL or tbls == NULL:
-                    raise MemoryError()
+                    raise no_memory("LPM table")
                 for ki in range(n):
                     if fam == 4:
                         his[ki], los[ki] = <uint32_t>members[ki][0], 0
                     else:
-                        _split128(members[ki][0], &his[ki], &los[ki])
+                        addr_split128(members[ki][0], &his[ki], &los[ki])
                     tbls[ki] = <lpm_table*><size_t>members[ki][1]
                 snap = egress_snap_build(n, his, los, tbls)
                 free(his)
@@ -916,7 +831,7 @@ cdef class EgressMap:
                 his = los = NULL
                 tbls = NULL
                 if snap == NULL:
-                    raise MemoryError()
+                    raise no_memory("LPM table")
                 snaps.append(<size_t>snap)
         except BaseException:
             free(his)
@@ -944,7 +859,7 @@ cdef class EgressMap:
         cdef int fs, fd
         if isinstance(source_ip, str) and "/" in source_ip:
             raise ValueError(f"source {source_ip!r} must be an IP address, not a prefix")
-        fs = _parse_addr(source_ip, 0, &shi, &slo)
+        fs = addr_parse(source_ip, 0, &shi, &slo)
         fd = _parse_prefix(destination_cidr, fs, &dhi, &dlo, &plen)
         if fs != fd:
             raise ValueError(f"source {source_ip!r} is IPv{fs} but destination "
@@ -953,10 +868,10 @@ cdef class EgressMap:
 
     def _addr_of(self, x, int fam, str what):
         cdef uint64_t hi, lo
-        cdef int f = _parse_addr(x, fam, &hi, &lo)
+        cdef int f = addr_parse(x, fam, &hi, &lo)
         if f != fam:
             raise ValueError(f"{what} {x!r} is IPv{f} but the entry is IPv{fam}")
-        return _ip_object(f, hi, lo)
+        return addr_object_of(f, hi, lo)
 
     def _put(self, source_ip, destination_cidr, egress_obj, gateway_obj):
         fam, src, dkey = self._key(source_ip, destination_cidr)
@@ -1037,8 +952,8 @@ cdef class EgressMap:
         """The entry for exact source and longest destination prefix, or None.
         Check .excluded / .no_gateway (or .status) before redirecting."""
         cdef uint64_t shi, slo, dhi, dlo
-        cdef int fs = _parse_addr(source_ip, 0, &shi, &slo)
-        cdef int fd = _parse_addr(destination_ip, fs, &dhi, &dlo)
+        cdef int fs = addr_parse(source_ip, 0, &shi, &slo)
+        cdef int fd = addr_parse(destination_ip, fs, &dhi, &dlo)
         cdef uint32_t v
         cdef lpm_table* tbl
         if fs != fd:

@@ -3,7 +3,7 @@
 # datapath calls the inline nogil functions at the bottom.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
-cdef extern from "lpm_core.h" nogil:
+cdef extern from "lpm/lpm_core.h" nogil:
     const uint32_t LPM_NODE
     const uint32_t LPM_NONE
     const uint32_t LPM_VALUE_MAX
@@ -45,8 +45,6 @@ cdef extern from "lpm_core.h" nogil:
                                  uint32_t* out, uint8_t* found)
     void lpm6_table_lookup_batch(const lpm_table* t, const void* keys, int as_bytes, size_t n,
                                  uint32_t* out, uint8_t* found)
-    uint64_t lpm_load_be64(const uint8_t* p)
-    void lpm_store_be64(uint8_t* p, uint64_t x)
     lpm_table* lpm_table_build(const lpm_entry* e, size_t n, unsigned width)
     void lpm_table_free(lpm_table* t)
     size_t lpm_table_bytes(const lpm_table* t)
@@ -59,7 +57,7 @@ cdef extern from "lpm_core.h" nogil:
     long lpm_trie_find(const lpm_trie* t, const lpm_entry* key)
 
 
-cdef extern from "lpm_egress.h" nogil:
+cdef extern from "lpm/lpm_egress.h" nogil:
     const int EGRESS_NO_MATCH
     const int EGRESS_MATCH
     const int EGRESS_EXCLUDED
@@ -131,8 +129,8 @@ cdef inline int lpm4_lookup(LPMTrie t, uint32_t addr, uint32_t* value) noexcept 
 cdef inline int lpm6_lookup(LPMTrie t, const uint8_t* addr16, uint32_t* value) noexcept nogil:
     """Longest-prefix match of a 16-byte network-order IPv6 address."""
     cdef unsigned idx = lpm_rcu_enter(&t.c.rcu)
-    cdef uint32_t v = lpm6_table_lookup(lpm_trie_table(t.c), lpm_load_be64(addr16),
-                                        lpm_load_be64(addr16 + 8))
+    cdef uint32_t v = lpm6_table_lookup(lpm_trie_table(t.c), be_load64(addr16),
+                                        be_load64(addr16 + 8))
     lpm_rcu_exit(&t.c.rcu, idx)
     value[0] = v
     return v != LPM_NONE

@@ -1,5 +1,5 @@
 /* Small C helpers for the NAT table (src/nat.pyx): hashing, prefetch,
- * bit scans and lazily backed, huge-page friendly allocation.  Everything is static inline
+ * bit scans (tables come from includes/alloc.h).  Everything is static inline
  * so it folds into the one translation unit of egresscore._core. */
 #ifndef EGRESSCORE_NAT_HELPERS_H
 #define EGRESSCORE_NAT_HELPERS_H
@@ -7,7 +7,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #define NAT_NONE 0xffffffffu
 #define NAT_TAG_MASK 0xff000000u
@@ -60,32 +59,5 @@ static inline void nat_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 static inline void nat_prefetch_w(const void *p) { __builtin_prefetch(p, 1, 3); }
 
 static inline int nat_ctz64(uint64_t x) { return __builtin_ctzll(x); }
-
-/* A zeroed block whose pages the kernel supplies on first touch (anonymous
- * mmap, no reservation): a table sized for a gateway costs no time and no
- * resident memory until connections use it.  `huge` advises transparent huge
- * pages: the tables are probed at random, so TLB misses would otherwise double
- * the cost of each lookup once they are large and busy.  Returns NULL on
- * failure; free with nat_free_big(p, the same size). */
-static inline void *nat_alloc_big(size_t size, int huge)
-{
-    void *p;
-    if (size == 0)
-        size = 1;
-    p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED)
-        return NULL;
-#ifdef MADV_HUGEPAGE
-    if (huge && size >= (1u << 21))
-        madvise(p, size, MADV_HUGEPAGE);
-#endif
-    return p;
-}
-
-static inline void nat_free_big(void *p, size_t size)
-{
-    if (p != NULL)
-        munmap(p, size == 0 ? 1 : size);
-}
 
 #endif

@@ -14,7 +14,7 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
-cdef extern from "ring.h" nogil:
+cdef extern from "ring/ring.h" nogil:
     struct sock_filter:
         uint16_t code
         uint8_t jt

@@ -28,6 +28,8 @@
 #include <sys/mman.h>
 #if defined(__GLIBC__) || defined(__linux__)
 #include <malloc.h>
+#include "alloc.h"
+#include "byteorder.h"
 #define LPM_HAVE_MALLOC_TRIM 1
 #endif
 
@@ -175,17 +177,6 @@ static inline uint32_t lpm6_table_lookup(const lpm_table *t, uint64_t hi, uint64
     }
 }
 
-static inline uint64_t lpm_load_be64(const uint8_t *p) {
-    uint64_t x;
-    memcpy(&x, p, 8);
-    return __builtin_bswap64(x);
-}
-
-static inline void lpm_store_be64(uint8_t *p, uint64_t x) {
-    x = __builtin_bswap64(x);
-    memcpy(p, &x, 8);
-}
-
 /* Batch lookups walk a group of LPM_GROUP keys level by level: each pass
  * issues one independent load per unfinished key, so the cache misses of a
  * whole group overlap instead of queueing behind each other (the same idea
@@ -256,7 +247,7 @@ static void lpm6_table_lookup_batch(const lpm_table *t, const void *keys, int by
         unsigned off[LPM_GROUP];
         unsigned pending[LPM_GROUP], np = 0;
         for (j = 0; j < g; j++) {
-            if (bytes) { hi[j] = lpm_load_be64(k8 + 16 * (i + j)); lo[j] = lpm_load_be64(k8 + 16 * (i + j) + 8); }
+            if (bytes) { hi[j] = be_load64(k8 + 16 * (i + j)); lo[j] = be_load64(k8 + 16 * (i + j) + 8); }
             else { hi[j] = k64[2 * (i + j)]; lo[j] = k64[2 * (i + j) + 1]; }
             __builtin_prefetch(&direct[hi[j] >> shift]);
         }
@@ -310,26 +301,11 @@ static void lpm6_table_lookup_batch(const lpm_table *t, const void *keys, int by
 
 /* ---- building ------------------------------------------------------------- */
 
-/* Big arrays go on 2 MB-aligned memory marked MADV_HUGEPAGE: random lookups
- * into a table of tens of MB otherwise spend most of their time in TLB
- * misses.  Plain free() releases them. */
-#define LPM_HUGE ((size_t)1 << 21)
-
-static void *lpm_alloc_big(size_t bytes) {
-#ifndef LPM_NO_HUGE
-    if (bytes >= LPM_HUGE) {
-        void *p = NULL;
-        size_t sz = (bytes + LPM_HUGE - 1) & ~(LPM_HUGE - 1);
-        if (posix_memalign(&p, LPM_HUGE, sz) == 0) {
-#ifdef MADV_HUGEPAGE
-            madvise(p, sz, MADV_HUGEPAGE);
-#endif
-            return p;
-        }
-    }
-#endif
-    return malloc(bytes ? bytes : 1);
-}
+/* The table's three arrays come from egc_alloc_big (includes/alloc.h), huge
+ * pages advised: random lookups into a table of tens of MB otherwise spend
+ * most of their time in TLB misses.  lpm_table_free gives them back with the
+ * sizes they were allocated with (direct: 1 << dbits, nodes and leaves: their
+ * capacities). */
 
 typedef struct {
     lpm_node *nodes;
@@ -459,9 +435,9 @@ static void lpm_build_node(lpm_builder *b, uint32_t idx, size_t i, size_t j,
 
 static void lpm_table_free(lpm_table *t) {
     if (!t) return;
-    free(t->direct);
-    free(t->nodes);
-    free(t->leaves);
+    egc_free_big(t->direct, ((size_t)1 << t->dbits) * sizeof(uint32_t));
+    egc_free_big(t->nodes, (size_t)t->cap_nodes * sizeof(lpm_node));
+    egc_free_big(t->leaves, (size_t)t->cap_leaves * sizeof(uint32_t));
     free(t->aux);
     free(t);
 }
@@ -495,7 +471,7 @@ static lpm_table *lpm_table_build_slack(const lpm_entry *e, size_t n, unsigned w
     if (!t) return NULL;
     t->dbits = dbits;
     size_t nd = (size_t)1 << dbits;
-    t->direct = (uint32_t *)(nd >= 65536 ? lpm_alloc_big(nd * sizeof(uint32_t)) : malloc(nd * sizeof(uint32_t)));
+    t->direct = (uint32_t *)egc_alloc_big(nd * sizeof(uint32_t), 1);
     if (!t->direct) { free(t); return NULL; }
     size_t k, s;
     for (s = 0; s < nd; s++) t->direct[s] = LPM_NONE;
@@ -526,7 +502,7 @@ static lpm_table *lpm_table_build_slack(const lpm_entry *e, size_t n, unsigned w
     if (b.oom) {
         free(b.nodes);
         free(b.leaves);
-        free(t->direct);
+        egc_free_big(t->direct, nd * sizeof(uint32_t));
         free(t);
         return NULL;
     }
@@ -535,22 +511,26 @@ static lpm_table *lpm_table_build_slack(const lpm_entry *e, size_t n, unsigned w
     uint32_t want_n = b.nn + (slack ? b.nn / 16 + 256 : 0);
     uint32_t want_l = b.nl + (slack ? b.nl / 16 + 1024 : 0);
     {
-        lpm_node *p = (lpm_node *)lpm_alloc_big((size_t)want_n * sizeof(lpm_node));
-        if (p) {
-            if (b.nn) memcpy(p, b.nodes, (size_t)b.nn * sizeof(lpm_node));
+        /* the builder's arrays (realloc'd) are copied into the table's own */
+        lpm_node *p = (lpm_node *)egc_alloc_big((size_t)want_n * sizeof(lpm_node), 1);
+        uint32_t *q = (uint32_t *)egc_alloc_big((size_t)want_l * sizeof(uint32_t), 1);
+        if (!p || !q) {
+            egc_free_big(p, (size_t)want_n * sizeof(lpm_node));
+            egc_free_big(q, (size_t)want_l * sizeof(uint32_t));
             free(b.nodes);
-            b.nodes = p;
-            b.ncap = want_n;
-        }
-    }
-    {
-        uint32_t *p = (uint32_t *)lpm_alloc_big((size_t)want_l * sizeof(uint32_t));
-        if (p) {
-            if (b.nl) memcpy(p, b.leaves, (size_t)b.nl * sizeof(uint32_t));
             free(b.leaves);
-            b.leaves = p;
-            b.lcap = want_l;
+            egc_free_big(t->direct, nd * sizeof(uint32_t));
+            free(t);
+            return NULL;
         }
+        if (b.nn) memcpy(p, b.nodes, (size_t)b.nn * sizeof(lpm_node));
+        if (b.nl) memcpy(q, b.leaves, (size_t)b.nl * sizeof(uint32_t));
+        free(b.nodes);
+        free(b.leaves);
+        b.nodes = p;
+        b.ncap = want_n;
+        b.leaves = q;
+        b.lcap = want_l;
     }
     t->nodes = b.nodes;
     t->leaves = b.leaves;

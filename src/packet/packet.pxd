@@ -3,30 +3,10 @@
 #
 # Every function here is a nogil C function over a raw frame pointer and its
 # length; none allocates, none raises.  Functions that can refuse a packet
-# return 0 or a DropReason code from verdict.pxi.  The fused datapath calls
+# return 0 or a DropReason code (includes/drop_reasons.def).  The fused datapath calls
 # them per packet; packet.pyx wraps them in a batch API and a small Python
 # surface.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
-
-cdef extern from "pkt_bytes.h" nogil:
-    uint16_t pkt_load16(const uint8_t *p)
-    uint32_t pkt_load32(const uint8_t *p)
-    void pkt_store16(uint8_t *p, uint16_t v)
-    void pkt_store32(uint8_t *p, uint32_t v)
-    const int EGRESSCORE_CHECKED
-
-cdef extern from "csum.h" nogil:
-    uint16_t csum_fold(uint32_t sum)
-    uint32_t csum_partial(const uint8_t *p, size_t n, uint32_t sum)
-    uint16_t csum_finish(uint32_t sum)
-    uint32_t csum_ipv4_hdr(const uint8_t *p, size_t ihl)
-    uint32_t csum_delta16(uint16_t old, uint16_t new_)
-    uint32_t csum_delta32(uint32_t old, uint32_t new_)
-    uint32_t csum_set16(uint8_t *p, uint16_t new_)
-    uint32_t csum_set32(uint8_t *p, uint32_t new_)
-    uint32_t csum_set_bytes(uint8_t *p, const uint8_t *src, size_t n)
-    uint32_t csum_apply(uint8_t *field, uint32_t delta)
-    uint32_t csum_apply_udp(uint8_t *field, uint32_t delta)
 
 cdef enum:
     PKT_ETH_LEN = 14

@@ -69,8 +69,7 @@ cdef inline bint _flow_take_token(flow_log* fl, uint8_t reason, uint64_t now) no
 cdef bint flow_drop_allow(flow_log* fl, uint8_t reason, uint64_t now) noexcept nogil:
     """Take a token from the bucket of `reason`; False (and the record counted
     as suppressed) when it is empty."""
-    if reason >= FLOW_NREASONS:
-        reason = FLOW_NREASONS - 1
+    reason = <uint8_t>drop_slot(reason)
     if not _flow_take_token(fl, reason, now):
         flow_atomic_add(&fl.suppressed[reason], 1)
         return False
@@ -147,12 +146,12 @@ cdef class FlowLog:
             cap <<= 1
         fl = <flow_log*>calloc(1, sizeof(flow_log))
         if fl == NULL:
-            raise MemoryError("FlowLog")
+            raise no_memory("FlowLog")
         self.fl = fl
         fl.recs = <flow_record*>calloc(cap, sizeof(flow_record))
         fl.seq = <uint64_t*>calloc(cap, sizeof(uint64_t))
         if fl.recs == NULL or fl.seq == NULL:
-            raise MemoryError(f"FlowLog of capacity {cap}")
+            raise no_memory(f"FlowLog of capacity {cap}")
         for i in range(cap):
             fl.seq[i] = i
         fl.mask = cap - 1
@@ -185,7 +184,7 @@ cdef class FlowLog:
         cdef uint64_t interval = 0 if rate == 0 else max(1, <uint64_t>(1e9 / rate))
         fl.drop_interval = interval
         fl.drop_burst = <uint64_t>(burst * interval)
-        for r in range(FLOW_NREASONS):
+        for r in range(<int>DROP_REASON_MAX):
             fl.credit[r] = fl.drop_burst
             fl.last[r] = 0
 
@@ -236,7 +235,7 @@ cdef class FlowLog:
         rec["reason"] = reason
         for name, value in fields.items():
             if name in ("src", "dst", "xsrc", "gateway"):
-                fam, packed = _nat_addr(value, name)
+                fam, packed = addr_packed16(value, name)
                 rec[name] = _np.frombuffer(packed, _np.uint8)
                 rec["family"] = fam
             else:
@@ -247,8 +246,8 @@ cdef class FlowLog:
     def _drop(self, reason, src, sport, dst, dport, proto=17, *, now):
         """flow_drop from Python (tests): 0 written, 1 suppressed, -1 ring full."""
         cdef flow_log* fl = self._get()
-        fs, ps = _nat_addr(src, "src")
-        fd, pd = _nat_addr(dst, "dst")
+        fs, ps = addr_packed16(src, "src")
+        fd, pd = addr_packed16(dst, "dst")
         cdef bytes bs = ps, bd = pd
         return flow_drop(fl, <uint64_t>round(now * 1e9), reason, fs, proto, sport, dport,
                          <const uint8_t*><char*>bs, <const uint8_t*><char*>bd,

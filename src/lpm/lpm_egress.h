@@ -97,14 +97,14 @@ static inline int egress_map_lookup6(egress_map *m, const uint8_t *src16, const 
                                      uint8_t *egress16, uint8_t *gateway16) {
     egress_val6 v;
     unsigned idx = lpm_rcu_enter(&m->rcu);
-    int r = egress_snap_lookup6(egress_map_snap(m, 1), lpm_load_be64(src16), lpm_load_be64(src16 + 8),
-                                lpm_load_be64(dst16), lpm_load_be64(dst16 + 8), &v);
+    int r = egress_snap_lookup6(egress_map_snap(m, 1), be_load64(src16), be_load64(src16 + 8),
+                                be_load64(dst16), be_load64(dst16 + 8), &v);
     lpm_rcu_exit(&m->rcu, idx);
     if (r != EGRESS_NO_MATCH) {
-        lpm_store_be64(egress16, v.e_hi);
-        lpm_store_be64(egress16 + 8, v.e_lo);
-        lpm_store_be64(gateway16, v.g_hi);
-        lpm_store_be64(gateway16 + 8, v.g_lo);
+        be_store64(egress16, v.e_hi);
+        be_store64(egress16 + 8, v.e_lo);
+        be_store64(gateway16, v.g_hi);
+        be_store64(gateway16 + 8, v.g_lo);
     }
     return r;
 }
@@ -130,12 +130,12 @@ static void egress_map_lookup6_batch(egress_map *m, const uint8_t *src, const ui
         egress_val6 v;
         memset(&v, 0, sizeof(v));
         const uint8_t *a = src + 16 * i, *b = dst + 16 * i;
-        status[i] = (uint8_t)egress_snap_lookup6(s, lpm_load_be64(a), lpm_load_be64(a + 8),
-                                                 lpm_load_be64(b), lpm_load_be64(b + 8), &v);
-        lpm_store_be64(egress + 16 * i, v.e_hi);
-        lpm_store_be64(egress + 16 * i + 8, v.e_lo);
-        lpm_store_be64(gateway + 16 * i, v.g_hi);
-        lpm_store_be64(gateway + 16 * i + 8, v.g_lo);
+        status[i] = (uint8_t)egress_snap_lookup6(s, be_load64(a), be_load64(a + 8),
+                                                 be_load64(b), be_load64(b + 8), &v);
+        be_store64(egress + 16 * i, v.e_hi);
+        be_store64(egress + 16 * i + 8, v.e_lo);
+        be_store64(gateway + 16 * i, v.g_hi);
+        be_store64(gateway + 16 * i + 8, v.g_lo);
     }
     lpm_rcu_exit(&m->rcu, idx);
 }

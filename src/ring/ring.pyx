@@ -45,9 +45,9 @@ class _ring_in_netns:
                 e = ctypes.get_errno()
                 _ring_os.close(self.saved)
                 self.saved = -1
-                if e == _ring_errno.EPERM:
-                    raise PermissionError(f"entering netns {self.name!r} needs CAP_SYS_ADMIN")
-                raise OSError(e, f"setns({self.name!r}): {_ring_os.strerror(e)}")
+                raise errno_error(e, f"setns({self.name!r})",
+                                  "entering a network namespace needs CAP_SYS_ADMIN"
+                                  if e == _ring_errno.EPERM else "")
         finally:
             _ring_os.close(target)
         self.libc = libc
@@ -59,7 +59,8 @@ class _ring_in_netns:
             _ring_os.close(self.saved)
             self.saved = -1
             if rc != 0:
-                raise OSError("could not return to the original network namespace")
+                import ctypes
+                raise errno_error(ctypes.get_errno(), "could not return to the original network namespace")
         return False
 
 
@@ -168,7 +169,7 @@ cdef class PacketRing:
             free(self.frames)
         self.frames = <ring_frame_t *>malloc(sizeof(ring_frame_t) * batch)
         if self.frames == NULL:
-            raise MemoryError("PacketRing: no memory for the batch scratch array")
+            raise no_memory("PacketRing batch scratch array")
         self.batch = batch
         c.rx_block_size = block_size if rx else 0
         c.rx_block_nr = block_count if rx else 0
@@ -201,22 +202,20 @@ cdef class PacketRing:
             e = -rc
             step = (<bytes>self.r.err_where).decode() if self.r.err_where != NULL else "open"
             if e in (_ring_errno.EPERM, _ring_errno.EACCES):
-                raise PermissionError(
-                    e, f"{step} on {ifname!r}{where}: AF_PACKET sockets need CAP_NET_RAW "
-                       f"(run as root or grant the capability)")
+                raise errno_error(e, f"{step} on {ifname!r}{where}",
+                                  "AF_PACKET sockets need CAP_NET_RAW (run as root or grant the capability)")
             if e == _ring_errno.ENOMEM:
-                raise MemoryError(
-                    f"ring too large: {step} could not get RX {rx_bytes >> 20} MiB + "
-                    f"TX {tx_bytes >> 20} MiB; lower block_size/block_count/tx_frames")
+                raise errno_error(e, f"ring too large: {step} could not get RX {rx_bytes >> 20} MiB + "
+                                     f"TX {tx_bytes >> 20} MiB", "lower block_size/block_count/tx_frames")
             if e in (_ring_errno.ENODEV, _ring_errno.ENXIO):
                 raise ValueError(f"interface {ifname!r} not found{where} ({step})")
             if step == "SO_ATTACH_FILTER":
-                raise ValueError(f"filter: the kernel rejected the BPF program ({_ring_os.strerror(e)})")
+                raise errno_input_error(e, "filter: the kernel rejected the BPF program")
             if step == "PACKET_FANOUT":
-                raise ValueError(
-                    f"fanout group {fanout} on {ifname!r}: {_ring_os.strerror(e)} "
-                    f"(a group has one mode; members need the same mode and flags)")
-            raise OSError(e, f"{step} on {ifname!r}{where}: {_ring_os.strerror(e)}")
+                raise errno_input_error(e, f"fanout group {fanout} on {ifname!r}",
+                                        f"{_ring_os.strerror(e)} (a group has one mode; members need "
+                                        f"the same mode and flags)")
+            raise errno_error(e, f"{step} on {ifname!r}{where}")
 
     def __dealloc__(self):
         ring_close(&self.r)
@@ -285,7 +284,7 @@ cdef class PacketRing:
             PyErr_CheckSignals()
             return False
         if rc < 0:
-            raise OSError(-rc, f"poll on {self.ifname!r}: {_ring_os.strerror(-rc)}")
+            raise errno_error(-rc, f"poll on {self.ifname!r}")
         return rc > 0
 
     def recv(self, int max_frames=256, timeout=0, bint vnet=False):
@@ -342,7 +341,7 @@ cdef class PacketRing:
         if rc == -EINTR:
             PyErr_CheckSignals()
         elif rc < 0:
-            raise OSError(-rc, f"poll on {self.ifname!r}: {_ring_os.strerror(-rc)}")
+            raise errno_error(-rc, f"poll on {self.ifname!r}")
         return got
 
     def drain(self, int max_frames=1 << 30, timeout=0):
@@ -363,7 +362,7 @@ cdef class PacketRing:
         if rc == -EINTR:
             PyErr_CheckSignals()
         elif rc < 0:
-            raise OSError(-rc, f"poll on {self.ifname!r}: {_ring_os.strerror(-rc)}")
+            raise errno_error(-rc, f"poll on {self.ifname!r}")
         return got
 
     def forward(self, PacketRing out not None, int max_frames=1 << 30, timeout=0):
@@ -406,7 +405,7 @@ cdef class PacketRing:
         if rc == -EINTR:
             PyErr_CheckSignals()
         elif rc < 0:
-            raise OSError(-rc, f"forward {self.ifname!r} -> {out.ifname!r}: {_ring_os.strerror(-rc)}")
+            raise errno_error(-rc, f"forward {self.ifname!r} -> {out.ifname!r}")
         return got
 
     # ---- transmit -----------------------------------------------------
@@ -506,7 +505,7 @@ cdef class PacketRing:
         if rc == -EINTR:
             PyErr_CheckSignals()
             return
-        raise OSError(-rc, f"sendto on {self.ifname!r}: {_ring_os.strerror(-rc)}")
+        raise errno_error(-rc, f"sendto on {self.ifname!r}")
 
     def flush(self):
         """Send every committed frame now; returns how many went."""
@@ -525,7 +524,7 @@ cdef class PacketRing:
         rc = ring_set_filter(&self.r, <const sock_filter *><const char *>prog,
                              <uint16_t>(len(prog) // 8))
         if rc < 0:
-            raise ValueError(f"filter: the kernel rejected the BPF program ({_ring_os.strerror(-rc)})")
+            raise errno_input_error(-rc, "filter: the kernel rejected the BPF program")
 
     def stats(self):
         """Counters: the kernel's PACKET_STATISTICS totals (packets seen,
@@ -535,7 +534,7 @@ cdef class PacketRing:
         self._check_open()
         rc = ring_stats_update(&self.r)
         if rc < 0:
-            raise OSError(-rc, f"PACKET_STATISTICS: {_ring_os.strerror(-rc)}")
+            raise errno_error(-rc, f"PACKET_STATISTICS")
         return {
             "kernel_packets": self.r.k_packets,
             "kernel_drops": self.r.k_drops,

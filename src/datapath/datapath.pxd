@@ -1,0 +1,122 @@
+# datapath declarations: the fused per-batch pipeline (dp_).
+#
+#   RX ring frame -> pkt_parse -> egress map -> NAT -> pkt_nat4 -> VXLAN
+#   encap/decap -> TX ring, all nogil C, one call per batch.
+#
+# Ports: index 0 is the underlay (the node's eth0), 1..63 are pod veths
+# (lxc-*), DP_TUNNEL_PORT a TX ring on a kernel vxlan device (tunnel offload).
+# Addresses in dp_ structs are IPv4, host order.  One thread per Datapath (the
+# NAT table it drives has one writer).
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+
+cdef enum:
+    DP_MAX_PORTS = 64
+    DP_MAX_NODES = 256
+    DP_HEADROOM = 128
+    DP_SCRATCH = 65536 + 256
+    DP_BATCH = 256
+    DP_TUNNEL_PORT = 64         # TX only: a kernel vxlan device that encapsulates super-packets
+
+cdef struct dp_node:
+    uint32_t ip                 # underlay address
+    uint8_t mac[6]              # its Ethernet address (learned neighbour)
+    uint8_t has_mac
+    uint8_t valid
+    VxlanTmpl tmpl              # outer header towards it (valid with has_mac)
+
+cdef struct dp_port:
+    uint32_t pod_ip             # the pod behind this veth (0: underlay / unknown)
+    uint8_t pod_mac[6]          # learned from the pod's frames (or set)
+    uint8_t host_mac[6]         # our end of the veth
+    uint8_t has_pod_mac
+    uint8_t used
+
+# Counters, readable from Python at any time (Datapath.counters()).
+cdef struct dp_stats:
+    uint64_t rx                 # frames looked at
+    uint64_t passed             # not ours: left to the kernel
+    uint64_t tx                 # sent on the underlay
+    uint64_t tx_local           # delivered to a local pod
+    uint64_t dropped
+    uint64_t encap              # VXLAN to a gateway / back to a pod's node
+    uint64_t decap              # VXLAN accepted
+    uint64_t snat_egress        # SNAT to an egress IP (gateway role)
+    uint64_t masquerade         # SNAT to the node IP (default)
+    uint64_t reverse_nat        # replies translated back
+    uint64_t icmp_too_big       # frag-needed replies sent
+    uint64_t icmp_errors        # ICMP errors translated (RFC 5508)
+    uint64_t tx_errors          # frames lost at transmit (ring full)
+    uint64_t drops[DROP_REASON_MAX]     # by DropReason
+    uint64_t vpkts[4]           # frames by Verdict
+    uint64_t vbytes[4]          # their bytes (as received, Ethernet header included)
+
+cdef struct dp_out:
+    int port                    # where the frame goes (-1: nowhere)
+    uint8_t *data
+    int64_t length
+    uint8_t gso_type            # virtio_net_hdr for the TX frame (0: plain frame)
+    uint16_t gso_size
+    uint16_t hdr_len
+    uint16_t csum_start         # NEEDS_CSUM when csum_offset != 0
+    uint16_t csum_offset
+
+# struct virtio_net_hdr (PACKET_VNET_HDR), host byte order
+cdef packed struct dp_vnet:
+    uint8_t flags
+    uint8_t gso_type
+    uint16_t hdr_len
+    uint16_t gso_size
+    uint16_t csum_start
+    uint16_t csum_offset
+
+cdef struct dp_ctx:
+    # one node's forwarding state: every stage (egress, ingress, emit) works on it
+    uint32_t node_ip
+    uint8_t node_mac[6]
+    uint8_t router_mac[6]
+    uint8_t has_router
+    uint32_t vni
+    uint16_t vxlan_port
+    uint32_t mtu
+    uint16_t nat_lo
+    uint16_t nat_hi
+    int node_ext  # NAT index of the node IP (masquerade)
+    dp_port ports[64]
+    dp_node nodes[256]
+    dp_stats st
+    uint8_t * scratch  # DP_SCRATCH bytes: the frame being worked on
+    uint8_t * reply  # ICMP replies
+    uint8_t * segbuf  # one TCP segment cut from a GSO frame
+    uint8_t gso  # the frame being handled is a GSO super-packet
+    uint8_t gso_type
+    uint16_t gso_size
+    uint64_t gso_frames  # super-packets passed through whole
+    uint64_t gso_segmented  # super-packets cut into segments (for VXLAN)
+    uint64_t gso_tunneled  # super-packets handed whole to the kernel vxlan device
+    uint8_t rx_writable  # frames come from RX slots (poll): super-packets are rewritten in place
+    uint8_t tnl_on  # tunnel offload: tunnel-bound super-packets go to DP_TUNNEL_PORT
+    ring_t * rings[65]  # by port, DP_TUNNEL_PORT last
+    uint8_t dirty[65]
+    uint8_t * cap_buf  # capture mode (tests): emitted frames land here
+    int64_t cap_used
+    int cap_n
+    dp_out cap_out[256]
+    int n_rings
+    egress_map * em_c
+    nat_table * nat_c
+    lpm_trie * pod_nodes_c
+    lpm_trie * node_ips_c
+    lpm_trie * local_pods_c
+    flow_log * flog  # drop records go here when not NULL (set_flow_log)
+    void (*emit)(dp_ctx *c, dp_out *o) noexcept nogil   # dp_emit, or dp_capture (process_frames)
+
+cdef class Datapath:
+    cdef dp_ctx c
+    cdef object _rings          # port -> PacketRing (or None)
+    cdef readonly EgressMap egress_map
+    cdef readonly NatTable nat
+    cdef readonly LPMTrie pod_nodes     # pod CIDR -> node index
+    cdef readonly LPMTrie node_ips      # node IP /32 -> node index
+    cdef readonly LPMTrie local_pods    # local pod IP /32 -> port
+    cdef object _flow_log
+    cdef Py_ssize_t dp_run(self, uint64_t ns, int wake_fd) noexcept nogil

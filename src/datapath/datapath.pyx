@@ -1,0 +1,456 @@
+# datapath: the fused egress-gateway pipeline (dp_), one C pass per batch.
+#
+# A Datapath is one node's forwarding state: its underlay address and MACs,
+# the cluster's nodes (pod CIDR -> node, node IP -> node), its local pods
+# (pod IP -> veth port), the egress map and the NAT table.  Per frame:
+#
+#   from a pod (port >= 1), to outside the cluster:
+#       source check (DROP_SPOOFED) -> egress map (src, dst):
+#         match, gateway = this node  -> SNAT to the egress IP -> router
+#         match, gateway elsewhere    -> VXLAN to the gateway node
+#         match, gateway 0.0.0.0      -> DROP_NO_GATEWAY
+#         excluded / no match         -> masquerade to the node IP -> router
+#   from the underlay (port 0):
+#       VXLAN to this node from a cluster node (else DROP_NOT_CLUSTER_NODE):
+#         inner dst is a local pod    -> deliver (a gateway's reply)
+#         else gateway role: the inner source's pod CIDR must belong to the
+#         sender and a policy must send that (pod, dst) here
+#         (DROP_POLICY_DENIED), egress IP set (DROP_NO_EGRESS_IP) -> SNAT
+#       to an egress / node IP, in the NAT port range (or an echo reply):
+#         reverse NAT (DROP_NO_NAT_ENTRY) -> local pod, or VXLAN to its node
+#       ICMP errors about translated flows are translated (RFC 5508).
+#       anything else: not ours, VERDICT_PASS (the kernel has its own copy).
+#
+# Frames are copied once into a scratch buffer with headroom (VXLAN encap
+# writes 50 bytes in front), rewritten there and copied into a TX ring frame;
+# super-packets are rewritten in their RX slot and sent from there
+# (ring_tx_direct).  poll() takes one batch per ring; run() loops in C.
+# TTL is decremented on every forward; a packet too big for the underlay with
+# DF gets an ICMP fragmentation-needed reply (to the pod, or to the remote
+# sender for replies headed into the tunnel), so PMTUD works through VXLAN.
+# Inner Ethernet addresses in the tunnel are 02:ee:<node IP> (the lab's
+# kernel vxlan MACs), so Linux vxlan devices interoperate both ways.
+#
+# TCP super-packets (GSO, up to 64 KiB, from PACKET_VNET_HDR rings) pass
+# whole where they can: to the router and to local pods with a TX
+# virtio_net_hdr (the kernel cuts them on transmit), and into the tunnel
+# through the tunnel offload: a TX ring on a kernel vxlan device
+# (DP_TUNNEL_PORT, attach_tunnel) whose FDB maps 02:ee:<node IP> to the node.
+# The kernel encapsulates the super-packet as a UDP-tunnel GSO packet and
+# cuts it after encapsulation (in software, or in a NIC that can), as it
+# does for Cilium's BPF datapath when it redirects to cilium_vxlan.  Such
+# packets arrive at the other node's ring as one frame whose virtio_net_hdr
+# describes the inner TCP segmentation, and are decapsulated whole.  Without
+# the offload, a tunnel-bound super-packet is cut into segments here.
+#
+# Thread model: one thread drives a Datapath (it is the NAT table's writer).
+#
+# Files: stages.pyx (shared steps), egress.pyx (from pods), ingress.pyx (from
+# the underlay), emit.pyx (batch, TX, segmentation); this file: the
+# Datapath class (configuration, counters, the loop) over one dp_ctx.
+from libc.stdlib cimport malloc as _dp_malloc, free as _dp_free
+
+cdef extern from "<poll.h>" nogil:
+    struct _dp_pollfd "pollfd":
+        int fd
+        short events
+        short revents
+    int _dp_poll "poll"(_dp_pollfd *fds, unsigned long nfds, int timeout)
+    short _DP_POLLIN "POLLIN"
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t _dp_read "read"(int fd, void *buf, size_t n)
+
+
+DP_GC_BUDGET = 1024     # connections one Datapath.gc call examines at most
+
+_DP_STAT_NAMES = ("rx", "passed", "tx", "tx_local", "dropped", "encap", "decap", "snat_egress",
+                  "masquerade", "reverse_nat", "icmp_too_big", "icmp_errors", "tx_errors")
+
+
+cdef class Datapath:
+    """One node's fused egress-gateway datapath (see datapath.pyx's header).
+
+    Datapath(node_ip, node_mac, egress_map, nat, *, vni=2, vxlan_port=8472,
+             mtu=1500, nat_port_range=(32768, 65534))
+
+    The NAT table must hold the node IP (masquerade) and this node's egress
+    IPs.  Configure with add_node / set_router / add_pod_port, then either
+    process() frames (tests, embedding) or attach PacketRings and run()
+    (or poll() one batch at a time).
+    One thread per Datapath.
+    """
+
+    @property
+    def gso_frames(self):
+        """Super-packets passed through whole."""
+        return self.c.gso_frames
+
+    @property
+    def gso_segmented(self):
+        """Super-packets cut into segments (for VXLAN)."""
+        return self.c.gso_segmented
+
+    @property
+    def gso_tunneled(self):
+        """Super-packets handed whole to the kernel vxlan device."""
+        return self.c.gso_tunneled
+
+    def __cinit__(self):
+        self.c.scratch = <uint8_t *>_dp_malloc(DP_SCRATCH)
+        self.c.reply = <uint8_t *>_dp_malloc(2048)
+        self.c.segbuf = <uint8_t *>_dp_malloc(9216 + 128)
+        if self.c.scratch == NULL or self.c.reply == NULL or self.c.segbuf == NULL:
+            raise no_memory("Datapath scratch buffers")
+        _dp_memset(&self.c.st, 0, sizeof(dp_stats))
+        _dp_memset(self.c.ports, 0, sizeof(self.c.ports))
+        _dp_memset(self.c.nodes, 0, sizeof(self.c.nodes))
+        _dp_memset(self.c.rings, 0, sizeof(self.c.rings))
+        self.c.emit = dp_emit
+
+    def __dealloc__(self):
+        _dp_free(self.c.scratch)
+        _dp_free(self.c.reply)
+        _dp_free(self.c.segbuf)
+
+    def __init__(self, node_ip, node_mac, EgressMap egress_map not None, NatTable nat not None, *,
+                 vni=2, vxlan_port=8472, mtu=1500, nat_port_range=(32768, 65534)):
+        self.c.node_ip = addr_v4(node_ip, "node_ip")
+        mac = mac_bytes(node_mac, "node_mac")
+        _dp_memcpy(self.c.node_mac, <const char *>mac, 6)
+        if not isinstance(vni, int) or not 0 <= vni < 1 << 24:
+            raise ValueError(f"vni must be in 0..16777215, not {vni!r}")
+        if not isinstance(vxlan_port, int) or not 1 <= vxlan_port <= 65535:
+            raise ValueError(f"vxlan_port must be in 1..65535, not {vxlan_port!r}")
+        if not isinstance(mtu, int) or not 576 <= mtu <= 9000:
+            raise ValueError(f"mtu must be in 576..9000, not {mtu!r}")
+        lo, hi = nat_port_range
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError(f"nat_port_range must be (lo, hi) within 1..65535, not {nat_port_range!r}")
+        self.c.vni = vni
+        self.c.vxlan_port = vxlan_port
+        self.c.mtu = mtu
+        self.c.nat_lo = lo
+        self.c.nat_hi = hi
+        self.egress_map = egress_map
+        self.nat = nat
+        self.c.em_c = egress_map.c
+        self.c.nat_c = nat.t
+        if self.c.nat_c == NULL or self.c.em_c == NULL:
+            raise ValueError("egress_map and nat must be initialised tables")
+        self.c.node_ext = nat.add_egress_ip(str(_ipaddress.IPv4Address(self.c.node_ip)))
+        self.pod_nodes = LPMTrie(4)
+        self.node_ips = LPMTrie(4)
+        self.local_pods = LPMTrie(4)
+        self.c.pod_nodes_c = self.pod_nodes.c
+        self.c.node_ips_c = self.node_ips.c
+        self.c.local_pods_c = self.local_pods.c
+        self._rings = {}
+        self.c.ports[0].used = 1
+        _dp_memcpy(self.c.ports[0].host_mac, self.c.node_mac, 6)
+
+    # -- configuration (Python, between batches) --------------------------------
+
+    def add_node(self, int index, ip, pod_cidrs=(), mac=None):
+        """Cluster node `index` (0..255): underlay IP, pod CIDRs, MAC (None: not yet known)."""
+        if not 0 <= index < DP_MAX_NODES:
+            raise ValueError(f"node index must be in 0..{DP_MAX_NODES - 1}, not {index}")
+        cdef dp_node *n = &self.c.nodes[index]
+        n.ip = addr_v4(ip, "node ip")
+        n.valid = 1
+        self.node_ips[f"{_ipaddress.IPv4Address(n.ip)}/32"] = index
+        for cidr in pod_cidrs:
+            net = _ipaddress.ip_network(cidr)
+            if net.version == 4:
+                self.pod_nodes[str(net)] = index
+        self.set_node_mac(index, mac)
+
+    def remove_node(self, int index):
+        if not 0 <= index < DP_MAX_NODES or not self.c.nodes[index].valid:
+            return
+        for key, v in list(self.pod_nodes.items()):
+            if v == index:
+                del self.pod_nodes[key]
+        for key, v in list(self.node_ips.items()):
+            if v == index:
+                del self.node_ips[key]
+        _dp_memset(&self.c.nodes[index], 0, sizeof(dp_node))
+
+    def set_node_mac(self, int index, mac):
+        """The underlay MAC of node `index` (None: unknown, VXLAN to it is DROP_NO_ROUTE)."""
+        if not 0 <= index < DP_MAX_NODES or not self.c.nodes[index].valid:
+            raise ValueError(f"no node {index}")
+        cdef dp_node *n = &self.c.nodes[index]
+        if mac is None:
+            n.has_mac = 0
+            return
+        m = mac_bytes(mac, "node mac")
+        _dp_memcpy(n.mac, <const char *>m, 6)
+        vxlan_tmpl_init(&n.tmpl, self.c.node_mac, n.mac, self.c.node_ip, n.ip, self.c.vni, self.c.vxlan_port,
+                        64, self.c.mtu, 32768, 61000)
+        n.has_mac = 1
+
+    def set_router(self, mac):
+        """The MAC of the underlay's default next hop (traffic leaving the cluster)."""
+        if mac is None:
+            self.c.has_router = 0
+            return
+        m = mac_bytes(mac, "router mac")
+        _dp_memcpy(self.c.router_mac, <const char *>m, 6)
+        self.c.has_router = 1
+
+    def add_pod_port(self, int port, pod_ip, host_mac, pod_mac=None):
+        """Veth `port` (1..63) leads to the local pod `pod_ip`; host_mac is our end's MAC."""
+        if not 1 <= port < DP_MAX_PORTS:
+            raise ValueError(f"pod port must be in 1..{DP_MAX_PORTS - 1}, not {port}")
+        cdef dp_port *p = &self.c.ports[port]
+        old = p.pod_ip
+        if p.used and old:
+            self.local_pods.pop(f"{_ipaddress.IPv4Address(old)}/32", None)
+        p.pod_ip = addr_v4(pod_ip, "pod_ip")
+        hm = mac_bytes(host_mac, "host_mac")
+        _dp_memcpy(p.host_mac, <const char *>hm, 6)
+        p.has_pod_mac = 0
+        if pod_mac is not None:
+            pm = mac_bytes(pod_mac, "pod_mac")
+            _dp_memcpy(p.pod_mac, <const char *>pm, 6)
+            p.has_pod_mac = 1
+        p.used = 1
+        self.local_pods[f"{_ipaddress.IPv4Address(p.pod_ip)}/32"] = port
+
+    def remove_pod_port(self, int port):
+        if not 1 <= port < DP_MAX_PORTS or not self.c.ports[port].used:
+            return
+        self.local_pods.pop(f"{_ipaddress.IPv4Address(self.c.ports[port].pod_ip)}/32", None)
+        self.detach_ring(port)
+        _dp_memset(&self.c.ports[port], 0, sizeof(dp_port))
+
+    def attach_ring(self, int port, PacketRing ring not None):
+        """Receive and transmit port `port`'s frames through `ring` (poll())."""
+        if not 0 <= port < DP_MAX_PORTS or not self.c.ports[port].used:
+            raise ValueError(f"port {port} is not configured")
+        if not (ring.has_rx and ring.has_tx):
+            raise ValueError("the ring must have both RX and TX")
+        self._rings[port] = ring
+        self.c.rings[port] = &ring.r
+        self.c.n_rings = max(self.c.n_rings, port + 1)
+
+    def detach_ring(self, int port):
+        if port == DP_TUNNEL_PORT:
+            self.detach_tunnel()
+        elif 0 <= port < DP_MAX_PORTS:
+            self._rings.pop(port, None)
+            self.c.rings[port] = NULL
+
+    TUNNEL_PORT = DP_TUNNEL_PORT
+
+    def attach_tunnel(self, PacketRing ring not None):
+        """Hand tunnel-bound TCP super-packets whole to a kernel vxlan device.
+
+        `ring` is a TX ring with vnet_hdr on a vxlan device (this node's
+        VNI, port and underlay address; no learning) whose FDB has
+        02:ee:<node IP> -> <node IP> for every other node.  Other frames
+        into the tunnel keep the datapath's own encapsulation; the two TX
+        rings are flushed in order, so a flow's packets stay in order."""
+        if not ring.has_tx or not ring.vnet_hdr:
+            raise ValueError("the tunnel ring must have TX and vnet_hdr=True")
+        self._rings[DP_TUNNEL_PORT] = ring
+        self.c.rings[DP_TUNNEL_PORT] = &ring.r
+        self.c.tnl_on = 1
+
+    def detach_tunnel(self):
+        self._rings.pop(DP_TUNNEL_PORT, None)
+        self.c.rings[DP_TUNNEL_PORT] = NULL
+        self.c.tnl_on = 0
+
+    @property
+    def tunnel_offload(self):
+        """True: tunnel-bound super-packets go whole to TUNNEL_PORT; False: cut here.
+        Settable without a ring for process_frames() (tests)."""
+        return bool(self.c.tnl_on)
+
+    @tunnel_offload.setter
+    def tunnel_offload(self, bint on):
+        self.c.tnl_on = on
+
+    @property
+    def rings_attached(self):
+        return dict(self._rings)
+
+    # -- counters -----------------------------------------------------------------
+
+    def counters(self):
+        """{'rx': .., 'tx': .., ..., 'drops': {reason name: count}} (non-zero drop reasons)."""
+        cdef uint64_t *v = &self.c.st.rx
+        out = {name: v[i] for i, name in enumerate(_DP_STAT_NAMES)}
+        out["drops"] = {DROP_REASON_NAMES[i]: self.c.st.drops[i]
+                        for i in range(1, DROP_REASON_MAX) if self.c.st.drops[i]}
+        out["verdicts"] = {name: {"packets": self.c.st.vpkts[i], "bytes": self.c.st.vbytes[i]}
+                           for i, name in enumerate(("pass", "tx", "tx_local", "drop"))}
+        out["gso"] = {"whole": self.c.gso_frames, "tunneled": self.c.gso_tunneled, "segmented": self.c.gso_segmented}
+        return out
+
+    @property
+    def flow_log(self):
+        """The FlowLog receiving drop records (and, through the NAT table,
+        connection start/end records), or None."""
+        return self._flow_log
+
+    def set_flow_log(self, log):
+        """Send flow records to `log` (an egresscore.FlowLog; None: stop).
+
+        The NAT table writes start/end records of connections and refusals;
+        the datapath writes a rate-limited drop record for every other drop."""
+        if log is not None and not isinstance(log, FlowLog):
+            raise TypeError(f"flow log must be a FlowLog or None, not {type(log).__name__}")
+        self.nat.flow_log = log
+        self.c.flog = NULL if log is None else (<FlowLog>log)._get()
+        self._flow_log = log
+
+    def reset_counters(self):
+        _dp_memset(&self.c.st, 0, sizeof(dp_stats))
+
+    # -- Python entry points ------------------------------------------------------
+
+    def process(self, frame, int port=0, now=None):
+        """Run one frame received on `port` through the pipeline.
+
+        Returns (verdict, reason, out): verdict 'pass' | 'tx' | 'tx_local' |
+        'drop', the drop reason name ('none' otherwise), and out = (port,
+        bytes) of the frame to transmit or None.  A drop with a reply (ICMP
+        frag-needed) carries the reply in out."""
+        cdef const uint8_t[::1] b = bytes(frame)
+        cdef dp_out o
+        if b.shape[0] == 0:
+            raise ValueError("frame is empty")
+        cdef uint64_t t
+        cdef int r
+        if not 0 <= port < DP_MAX_PORTS or not self.c.ports[port].used:
+            raise ValueError(f"port {port} is not configured")
+        t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
+        with nogil:
+            r = dp_handle(&self.c, &b[0], b.shape[0], port, t, NULL, &o)
+        verdict = ("pass", "tx", "tx_local", "drop")[r & 0xff]
+        out = None
+        if o.port >= 0:
+            out = (o.port, bytes((<char *>o.data)[:o.length]))
+        return verdict, DROP_REASON_NAMES[r >> 8], out
+
+    def process_frames(self, frame, int port=0, vnet=None, now=None):
+        """Run one received frame as poll() does, with an optional
+        virtio_net_hdr (dict: flags, gso_type, hdr_len, gso_size, csum_start,
+        csum_offset), and return what would be transmitted: a list of
+        (port, bytes, vnet dict or None).  A GSO frame bound for the tunnel
+        comes back as several segments.  Any length is taken, 0 included (a
+        runt is counted as poll() counts it)."""
+        cdef const uint8_t[::1] b = bytes(frame) + b"\0"    # a byte to point at when empty
+        cdef dp_vnet v
+        cdef uint64_t t
+        cdef const uint8_t *vp = NULL
+        if not 0 <= port < DP_MAX_PORTS or not self.c.ports[port].used:
+            raise ValueError(f"port {port} is not configured")
+        if vnet is not None:
+            d = dict(vnet)
+            v.flags = d.get("flags", 0)
+            v.gso_type = d.get("gso_type", 0)
+            v.hdr_len = d.get("hdr_len", 0)
+            v.gso_size = d.get("gso_size", 0)
+            v.csum_start = d.get("csum_start", 0)
+            v.csum_offset = d.get("csum_offset", 0)
+            vp = <const uint8_t *>&v
+        t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
+        self.c.cap_buf = <uint8_t *>_dp_malloc(1 << 20)
+        if self.c.cap_buf == NULL:
+            raise no_memory("capture buffer")
+        self.c.cap_used = 0
+        self.c.cap_n = 0
+        self.c.emit = dp_capture
+        try:
+            with nogil:
+                dp_rx_frame(&self.c, &b[0], b.shape[0] - 1, port, t, vp)
+            out = []
+            for i in range(self.c.cap_n):
+                o = self.c.cap_out[i]
+                vh = None
+                if o.gso_type or o.csum_offset:
+                    vh = {"flags": 1 if o.csum_offset else 0, "gso_type": o.gso_type, "hdr_len": o.hdr_len,
+                          "gso_size": o.gso_size, "csum_start": o.csum_start, "csum_offset": o.csum_offset}
+                out.append((o.port, bytes((<char *>o.data)[:o.length]), vh))
+            return out
+        finally:
+            self.c.emit = dp_emit
+            _dp_free(self.c.cap_buf)
+            self.c.cap_buf = NULL
+
+    def poll(self, int max_frames=DP_BATCH):
+        """One batch from every attached ring (GIL released); returns frames handled."""
+        cdef Py_ssize_t n
+        with nogil:
+            n = dp_poll(&self.c, max_frames)
+        return n
+
+    def run(self, double seconds, int wake_fd=-1):
+        """Forward for up to `seconds` without coming back to Python (GIL
+        released): batches from every ring while frames come, poll() on the
+        rings when none do.  Returns early when wake_fd (a pipe or eventfd;
+        drained here) becomes readable or a signal arrives, so control
+        changes and SIGTERM are not kept waiting.  Returns frames handled."""
+        cdef Py_ssize_t n
+        if not 0 <= seconds <= 3600:
+            raise ValueError(f"seconds must be in 0..3600, not {seconds!r}")
+        with nogil:
+            n = self.dp_run(<uint64_t>(seconds * 1e9), wake_fd)
+        return n
+
+    cdef Py_ssize_t dp_run(self, uint64_t ns, int wake_fd) noexcept nogil:
+        cdef _dp_pollfd fds[DP_MAX_PORTS + 1]
+        cdef int nfds, port, rc, ms
+        cdef uint64_t now = dp_now(), end = now + ns
+        cdef Py_ssize_t total = 0, n
+        cdef char drain[64]
+        while True:
+            n = dp_poll(&self.c, DP_BATCH)
+            total += n
+            now = dp_now()
+            if now >= end:
+                break
+            if n:
+                continue
+            nfds = 0
+            for port in range(self.c.n_rings):
+                if self.c.rings[port] != NULL and self.c.rings[port].rx_block_nr:
+                    fds[nfds].fd = self.c.rings[port].fd
+                    fds[nfds].events = _DP_POLLIN
+                    fds[nfds].revents = 0
+                    nfds += 1
+            if wake_fd >= 0:
+                fds[nfds].fd = wake_fd
+                fds[nfds].events = _DP_POLLIN
+                fds[nfds].revents = 0
+                nfds += 1
+            ms = <int>((end - now + 999999) // 1000000)
+            rc = _dp_poll(fds, nfds, ms)
+            if rc < 0:
+                break                            # EINTR: a signal handler wants to run
+            if wake_fd >= 0 and fds[nfds - 1].revents:
+                while _dp_read(wake_fd, drain, sizeof(drain)) == sizeof(drain):
+                    pass
+                total += dp_poll(&self.c, DP_BATCH)
+                break
+        return total
+
+    def gc(self, int max_scan=DP_GC_BUDGET, now=None):
+        """Bounded NAT expiry work: the expiry wheel's due buckets, at most
+        `max_scan` connections examined (collected or re-bucketed), the rest
+        left for the next call.  Call it every loop return (at least every
+        20 ms): a closed flow's port is free within its timeout + ~0.2 s, and
+        one call stalls the datapath thread no longer than max_scan
+        collections (benchmarks/bench_nat.py measures it).  Returns how many
+        connections were collected."""
+        cdef uint64_t t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
+        cdef uint32_t n
+        with nogil:
+            n = nat_gc(self.c.nat_c, t, max_scan)
+        return n
+
+    # -- the pipeline ---------------------------------------------------------------

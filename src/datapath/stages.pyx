@@ -1,0 +1,273 @@
+# datapath/stages: the steps both directions share, over the one context
+# struct (dp_ctx): counting a verdict, SNAT out to the router, VXLAN towards
+# a node, delivery to a pod, ICMP too-big replies and GSO super-packets.
+from libc.string cimport memcpy as _dp_memcpy, memset as _dp_memset
+from posix.time cimport (clock_gettime as _dp_clock_gettime, timespec as _dp_timespec,
+                         CLOCK_MONOTONIC as _DP_CLOCK_MONOTONIC)
+
+
+cdef inline uint32_t dp_lpm4(lpm_trie *t, uint32_t addr) noexcept nogil:
+    cdef unsigned idx = lpm_rcu_enter(&t.rcu)
+    cdef uint32_t v = lpm4_table_lookup(lpm_trie_table(t), addr)
+    lpm_rcu_exit(&t.rcu, idx)
+    return v
+
+
+cdef inline void dp_tuple4(nat_tuple *k, uint8_t proto, uint8_t flags, uint32_t src, uint16_t sport,
+                           uint32_t dst, uint16_t dport) noexcept nogil:
+    _dp_memset(k, 0, sizeof(nat_tuple))
+    k.family = 4
+    k.proto = proto
+    k.tcp_flags = flags
+    k.sport = sport
+    k.dport = dport
+    be_store32(k.src, src)
+    be_store32(k.dst, dst)
+
+
+cdef inline void dp_vxlan_mac(uint8_t *mac, uint32_t ip) noexcept nogil:
+    mac[0] = 0x02
+    mac[1] = 0xee
+    be_store32(mac + 2, ip)
+
+
+cdef inline uint64_t dp_now() noexcept nogil:
+    cdef _dp_timespec ts
+    _dp_clock_gettime(_DP_CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+
+
+cdef inline bint dp_mac_differs(const uint8_t *a, const uint8_t *b) noexcept nogil:
+    cdef int i
+    for i in range(6):
+        if a[i] != b[i]:
+            return True
+    return False
+
+
+cdef enum:
+    DP_SEGMENT = 0xfe             # internal: cut the GSO frame and handle each segment
+
+
+cdef inline int dp_ret(int verdict, int reason) noexcept nogil:
+    return (reason << 8) | verdict
+
+
+cdef void dp_count(dp_ctx *c, int verdict, int reason) noexcept nogil:
+    if verdict == VERDICT_PASS:
+        c.st.passed += 1
+    elif verdict == VERDICT_TX:
+        c.st.tx += 1
+    elif verdict == VERDICT_TX_LOCAL:
+        c.st.tx_local += 1
+    else:
+        c.st.dropped += 1
+        c.st.drops[drop_slot(reason)] += 1
+
+
+cdef void dp_done(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
+                  int r) noexcept nogil:
+    """Count a frame's verdict r (dp_ret), every path's one place: rx =
+    passed + tx + tx_local + dropped, and the per-verdict packets and bytes,
+    hold for every frame (runts, refused super-packets, truncated ones)."""
+    c.st.rx += 1
+    dp_count(c, r & 0xff, r >> 8)
+    c.st.vpkts[r & 3] += 1
+    c.st.vbytes[r & 3] += <uint64_t>length
+    if c.flog != NULL and (r & 0xff) == VERDICT_DROP:
+        dp_flow_drop(c, frame, length, in_port, r >> 8, now)
+
+
+cdef void dp_flow_drop(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port, int reason,
+                       uint64_t now) noexcept nogil:
+    """A drop record (rate-limited per reason) with the dropped packet's
+    flow; for VXLAN from the underlay, the inner packet's.  The NAT table
+    already logged its own refusals (exhausted, full, pod limit)."""
+    cdef PktInfo pi
+    cdef const uint8_t *p = frame
+    cdef int64_t n = length
+    cdef uint8_t src[16]
+    cdef uint8_t dst[16]
+    if reason == DROP_NAT_EXHAUSTED or reason == DROP_NAT_TABLE_FULL or reason == DROP_POD_CONN_LIMIT:
+        return
+    if not flow_drop_allow(c.flog, <uint8_t>reason, now):
+        return
+    _dp_memset(src, 0, 16)
+    _dp_memset(dst, 0, 16)
+    if pkt_parse(p, n, &pi) or pi.ip_version != 4:
+        flow_drop_record(c.flog, now, <uint8_t>reason, 0, 0, 0, 0, NULL, NULL,
+                         FLOW_NO_POLICY, 0)
+        return
+    if (in_port == 0 and pi.proto == PKT_IPPROTO_UDP and pi.l4_off >= 0
+            and pi.dport == c.vxlan_port and pi.l4_off + 16 + PKT_ETH_LEN < n):
+        p = frame + pi.l4_off + 16          # UDP 8 + VXLAN 8: the inner frame
+        n = length - (pi.l4_off + 16)
+        if pkt_parse(p, n, &pi) or pi.ip_version != 4:
+            p = frame
+            n = length
+            pkt_parse(p, n, &pi)
+    be_store32(src, pi.src4)
+    be_store32(dst, pi.dst4)
+    flow_drop_record(c.flog, now, <uint8_t>reason, 4, pi.proto,
+                     pi.sport if pi.has_ports else 0, pi.dport if pi.has_ports else 0,
+                     src, dst, FLOW_NO_POLICY, pi.tcp_flags)
+
+
+cdef int dp_too_big(dp_ctx *c, const uint8_t *f, PktInfo *pi, int port, uint32_t mtu,
+                    dp_out *out) noexcept nogil:
+    """Queue the ICMP frag-needed reply for the sender of f (back out of `port`)."""
+    cdef int64_t n = pkt_icmp_too_big(f, pi, c.reply, 2048, mtu, NULL)
+    if n > 0:
+        out.port = port
+        out.data = c.reply
+        out.length = n
+        c.st.icmp_too_big += 1
+    return dp_ret(VERDICT_DROP, DROP_FRAG_NEEDED)
+
+
+cdef void dp_gso_out(dp_ctx *c, uint8_t *f, PktInfo *pi, dp_out *out) noexcept nogil:
+    """A GSO super-packet leaves whole: the TCP checksum field becomes the
+    pseudo-header sum of the new addresses (what NEEDS_CSUM expects), and
+    the TX virtio_net_hdr carries the segmentation the kernel will do."""
+    cdef uint8_t *ip = f + pi.l3_off
+    cdef uint32_t tcplen = <uint32_t>(pi.l3_end - pi.l4_off)
+    be_store16(f + pi.l4_off + 16, csum_fold(csum_partial(ip + 12, 8, PKT_IPPROTO_TCP + tcplen)))
+    out.gso_type = c.gso_type
+    out.gso_size = c.gso_size
+    out.hdr_len = <uint16_t>(pi.l4_off + ((f[pi.l4_off + 12] >> 4) << 2))
+    out.csum_start = <uint16_t>pi.l4_off
+    out.csum_offset = 16
+    c.gso_frames += 1
+
+
+cdef int dp_gso_fit(dp_ctx *c, const uint8_t *f, PktInfo *pi) noexcept nogil:
+    """Whether the super-packet's segments fit the tunnel: 0 yes, 1 no and DF
+    set (frag-needed), 2 no and DF clear (cut here, as without the offload)."""
+    cdef int64_t hdr, seg
+    if pi.proto != PKT_IPPROTO_TCP or pi.l4_off < 0 or pi.l4_off + 20 > pi.l3_end:
+        return 2                             # not a TCP super-packet: dp_segment refuses it
+    hdr = pi.l4_off + ((f[pi.l4_off + 12] >> 4) << 2)
+    seg = <int64_t>c.gso_size + hdr - pi.l3_off
+    if seg <= <int64_t>vxlan_inner_mtu(c.mtu, pi):
+        return 0
+    return 1 if pi.df else 2
+
+
+cdef int dp_gso_tunnel(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, int node, int back_port,
+                       dp_out *out) noexcept nogil:
+    """A super-packet into the tunnel: whole to the kernel vxlan device
+    (DP_TUNNEL_PORT) when the offload is on, else DP_SEGMENT.  Too big for
+    the tunnel with DF: frag-needed back out of back_port."""
+    cdef dp_node *n = &c.nodes[node]
+    cdef int rc
+    if not c.tnl_on:
+        return dp_ret(DP_SEGMENT, 0)
+    rc = dp_gso_fit(c, f, pi)
+    if rc == 1:
+        return dp_too_big(c, f, pi, back_port, vxlan_inner_mtu(c.mtu, pi), out)
+    if rc == 2:
+        return dp_ret(DP_SEGMENT, 0)
+    rc = pkt_ttl_decrement(f, pi)
+    if rc:
+        return dp_ret(VERDICT_DROP, rc)
+    dp_vxlan_mac(f, n.ip)
+    dp_vxlan_mac(f + 6, c.node_ip)
+    dp_gso_out(c, f, pi, out)
+    out.port = DP_TUNNEL_PORT
+    out.data = f
+    out.length = length
+    c.st.encap += 1
+    c.gso_tunneled += 1
+    return dp_ret(VERDICT_TX, 0)
+
+
+cdef int dp_encap(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, int node,
+                  dp_out *out) noexcept nogil:
+    """TTL, inner MACs, VXLAN towards cluster node `node`, out of the underlay."""
+    cdef dp_node *n = &c.nodes[node]
+    cdef int rc
+    cdef int64_t ln
+    if not n.valid or not n.has_mac:
+        return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+    if c.gso:
+        return dp_gso_tunnel(c, f, length, pi, node, 0, out)
+    rc = pkt_ttl_decrement(f, pi)
+    if rc:
+        return dp_ret(VERDICT_DROP, rc)
+    dp_vxlan_mac(f, n.ip)
+    dp_vxlan_mac(f + 6, c.node_ip)
+    ln = vxlan_encap_frame(f, length, &n.tmpl, vxlan_src_port(f, pi, &n.tmpl))
+    out.port = 0
+    out.data = f - VXLAN_OVERHEAD
+    out.length = ln
+    c.st.encap += 1
+    return dp_ret(VERDICT_TX, 0)
+
+
+cdef int dp_egress(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint32_t egress_ip,
+                   bint policy, uint64_t now, dp_out *out) noexcept nogil:
+    """SNAT to egress_ip (the node IP: masquerade) and out to the router."""
+    cdef uint8_t a16[16]
+    cdef int ext, rc
+    cdef nat_tuple k, o
+    _dp_memset(a16, 0, 16)
+    be_store32(a16, egress_ip)
+    ext = c.node_ext if egress_ip == c.node_ip else nat_ext_find(c.nat_c, 4, a16)
+    if ext < 0:
+        return dp_ret(VERDICT_DROP, DROP_NO_EGRESS_IP)
+    if not c.has_router:
+        return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+    if not pi.has_ports:
+        return dp_ret(VERDICT_DROP, DROP_FRAGMENT if pi.frag == PKT_FRAG_LATER else DROP_UNSUPPORTED)
+    rc = pkt_ttl_decrement(f, pi)
+    if rc:
+        return dp_ret(VERDICT_DROP, rc)
+    dp_tuple4(&k, pi.proto, pi.tcp_flags, pi.src4, pi.sport, pi.dst4, pi.dport)
+    rc = nat_translate_out_len(c.nat_c, &k, <uint32_t>ext, now, &o,
+                               <uint32_t>(pi.l3_end - pi.l3_off))
+    if rc:
+        return dp_ret(VERDICT_DROP, rc)
+    rc = pkt_nat4(f, pi, PKT_NAT_SRC, be_load32(o.src), o.sport)
+    if rc:
+        return dp_ret(VERDICT_DROP, rc)
+    _dp_memcpy(f, c.router_mac, 6)
+    _dp_memcpy(f + 6, c.node_mac, 6)
+    if c.gso:
+        dp_gso_out(c, f, pi, out)
+    out.port = 0
+    out.data = f
+    out.length = length
+    if policy:
+        c.st.snat_egress += 1
+    else:
+        c.st.masquerade += 1
+    return dp_ret(VERDICT_TX, 0)
+
+
+cdef int dp_to_pod_or_node(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi,
+                           dp_out *out) noexcept nogil:
+    """Deliver an already translated packet to its pod: the local veth, or
+    VXLAN to the pod's node."""
+    cdef uint32_t port = dp_lpm4(c.local_pods_c, pi.dst4)
+    cdef uint32_t node
+    cdef int rc
+    cdef dp_port *p
+    if port != LPM_NONE:
+        p = &c.ports[port]
+        if not p.has_pod_mac:
+            return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+        rc = pkt_ttl_decrement(f, pi)
+        if rc:
+            return dp_ret(VERDICT_DROP, rc)
+        _dp_memcpy(f, p.pod_mac, 6)
+        _dp_memcpy(f + 6, p.host_mac, 6)
+        if c.gso:
+            dp_gso_out(c, f, pi, out)
+        out.port = <int>port
+        out.data = f
+        out.length = length
+        return dp_ret(VERDICT_TX_LOCAL, 0)
+    node = dp_lpm4(c.pod_nodes_c, pi.dst4)
+    if node == LPM_NONE:
+        return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+    return dp_encap(c, f, length, pi, node, out)

@@ -1,0 +1,67 @@
+# nat/ports: the per-egress-IP port pools (bitmap of free external ports).
+
+# ---------------------------------------------------------------------------
+# port pools
+
+cdef inline bint _nat_port_free(const nat_pool* p, uint32_t port) noexcept nogil:
+    return ((p.bits[port >> 6] >> (port & 63)) & 1) == 0
+
+cdef inline void _nat_port_take(nat_pool* p, uint32_t port) noexcept nogil:
+    cdef uint32_t w = port >> 6
+    p.bits[w] |= (<uint64_t>1) << (port & 63)
+    if p.bits[w] == <uint64_t>0xffffffffffffffffULL:
+        p.full[w >> 6] |= (<uint64_t>1) << (w & 63)
+    p.nfree -= 1
+    p.used += 1
+
+cdef inline void _nat_port_put(nat_pool* p, uint32_t port) noexcept nogil:
+    cdef uint32_t w = port >> 6
+    p.bits[w] &= ~((<uint64_t>1) << (port & 63))
+    p.full[w >> 6] &= ~((<uint64_t>1) << (w & 63))
+    p.nfree += 1
+    p.used -= 1
+
+cdef uint32_t _nat_port_find(const nat_pool* p, uint32_t start) noexcept nogil:
+    """First free port at or after `start`, circularly; NAT_NONE if none.
+
+    Out-of-range ports are pre-set in the map, so the circular order over all
+    65536 ports visits the range in circular order from `start`."""
+    cdef uint32_t w = start >> 6
+    cdef uint64_t bits = ~p.bits[w] & ((<uint64_t>0xffffffffffffffffULL) << (start & 63))
+    cdef uint32_t cw, sw, wi
+    cdef uint64_t fb
+    cdef int n
+    if bits:
+        return (w << 6) | nat_ctz64(bits)
+    cw = (w + 1) & 1023
+    for n in range(17):
+        sw = cw >> 6
+        fb = ~p.full[sw] & ((<uint64_t>0xffffffffffffffffULL) << (cw & 63))
+        if fb:
+            wi = (sw << 6) | nat_ctz64(fb)
+            return (wi << 6) | nat_ctz64(~p.bits[wi])
+        cw = ((sw + 1) & 15) << 6
+    return NAT_NONE
+
+cdef void _nat_pool_init(nat_pool* p, uint32_t lo, uint32_t hi) noexcept nogil:
+    cdef uint32_t port, w
+    memset(p, 0, sizeof(nat_pool))
+    p.lo = lo
+    p.hi = hi
+    for port in range(65536):
+        if port < lo or port > hi:
+            p.bits[port >> 6] |= (<uint64_t>1) << (port & 63)
+    for w in range(1024):
+        if p.bits[w] == <uint64_t>0xffffffffffffffffULL:
+            p.full[w >> 6] |= (<uint64_t>1) << (w & 63)
+    p.nfree = hi - lo + 1
+    p.used = 0
+
+cdef inline uint64_t _nat_rand(nat_table* t) noexcept nogil:
+    # xorshift64*: cheap, and reproduced bit for bit by the Python model
+    cdef uint64_t x = t.rng
+    x ^= x >> 12
+    x ^= x << 25
+    x ^= x >> 27
+    t.rng = x
+    return x * <uint64_t>0x2545F4914F6CDD1DULL

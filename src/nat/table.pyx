@@ -1,0 +1,715 @@
+# nat/table: NatTable, the Python class over the C table.
+
+# ---------------------------------------------------------------------------
+# Python surface
+
+NAT_TUPLE_DTYPE = _np.dtype({
+    "names": ["family", "proto", "tcp_flags", "_pad", "sport", "dport", "src", "dst"],
+    "formats": [_np.uint8, _np.uint8, _np.uint8, _np.uint8, "<u2", "<u2",
+                (_np.uint8, 16), (_np.uint8, 16)],
+    "offsets": [0, 1, 2, 3, 4, 6, 8, 24],
+    "itemsize": 40,
+})
+assert sizeof(nat_tuple) == 40 and sizeof(nat_entry) == 80 and sizeof(nat_mapping) == 28
+
+NatEntry = _namedtuple(
+    "NatEntry",
+    "proto src sport dst dport egress_ip xport state expires_in age "
+    "pkts_out pkts_in bytes_out bytes_in", defaults=(0, 0, 0, 0))
+NatEntry.__doc__ = ("One live connection: pod src:sport -> remote dst:dport, "
+                    "SNATed to egress_ip:xport; times in seconds; packets and IP "
+                    "bytes each way (since the last flow-log update record).")
+
+
+_NAT_PROTO_BY_NAME = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+_NAT_PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+_NAT_STATE_NAME = ("free", "SYN_SENT", "ESTABLISHED", "CLOSING", "UDP", "ICMP")
+_NAT_TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10,
+                  "U": 0x20, "E": 0x40, "C": 0x80}
+_NAT_REFUSAL_REASONS = (DROP_NAT_EXHAUSTED, DROP_NAT_TABLE_FULL, DROP_NO_NAT_ENTRY,
+                        DROP_UNSUPPORTED, DROP_NO_EGRESS_IP, DROP_POD_CONN_LIMIT)
+
+
+
+
+
+def _nat_port(value, what):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{what} {value} is out of range 0-65535")
+    return value
+
+
+def _nat_proto(value, family):
+    if isinstance(value, str):
+        p = _NAT_PROTO_BY_NAME.get(value.lower())
+        if p is None:
+            raise ValueError(f"proto {value!r} is not one of tcp, udp, icmp, icmpv6")
+        if p == 1 and family == 6:
+            p = 58
+    elif isinstance(value, int) and not isinstance(value, bool):
+        p = value
+    else:
+        raise TypeError(f"proto must be a name or a number, not {type(value).__name__}")
+    if p not in _NAT_PROTO_NAME:
+        raise ValueError(f"proto {value!r} is not supported (tcp, udp, icmp echo only)")
+    if (p == 1 and family == 6) or (p == 58 and family == 4):
+        raise ValueError(f"proto {_NAT_PROTO_NAME[p]} does not match IPv{family} addresses")
+    return p
+
+
+def _nat_flags(value):
+    if isinstance(value, str):
+        bits = 0
+        for ch in value.upper():
+            if ch not in _NAT_TCP_FLAG_BITS:
+                raise ValueError(f"tcp_flags {value!r}: unknown flag {ch!r} (use FSRPAUEC)")
+            bits |= _NAT_TCP_FLAG_BITS[ch]
+        return bits
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"tcp_flags must be an int or a string like 'SA', not {type(value).__name__}")
+    if not 0 <= value <= 255:
+        raise ValueError(f"tcp_flags {value} is out of range 0-255")
+    return value
+
+
+def _nat_length(value):
+    if value is None:
+        return 0xFFFFFFFF           # NAT_NO_LEN: do not count
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"length must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 65535:
+        raise ValueError(f"length {value} is out of range 0-65535")
+    return value
+
+
+def _nat_lens(lens, n):
+    if lens is None:
+        return None
+    if (not isinstance(lens, _np.ndarray) or lens.dtype != _np.uint32 or lens.shape != (n,)):
+        raise ValueError("lens must be a uint32 array with one length per tuple")
+    return _np.ascontiguousarray(lens)
+
+
+def _nat_range(value, what):
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a (low, high) pair, not {value!r}") from None
+    lo = _nat_port(lo, f"{what} low")
+    hi = _nat_port(hi, f"{what} high")
+    if lo > hi:
+        raise ValueError(f"{what} ({lo}, {hi}) is empty: low > high")
+    if lo == 0:
+        raise ValueError(f"{what} must not include port 0")
+    return lo, hi
+
+
+def nat_tuples(rows):
+    """A NAT_TUPLE_DTYPE array from rows (src, sport, dst, dport, proto[, tcp_flags]).
+
+    For building batches in tests and tools; the datapath fills the array
+    from packets directly."""
+    rows = list(rows)
+    arr = _np.zeros(len(rows), dtype=NAT_TUPLE_DTYPE)
+    for i, row in enumerate(rows):
+        if not 5 <= len(row) <= 6:
+            raise ValueError(f"row {i}: expected (src, sport, dst, dport, proto[, tcp_flags])")
+        src, sport, dst, dport, proto = row[:5]
+        fs, ps = addr_packed16(src, f"row {i} src")
+        fd, pd = addr_packed16(dst, f"row {i} dst")
+        if fs != fd:
+            raise ValueError(f"row {i}: src and dst are of different address families")
+        arr[i] = (fs, _nat_proto(proto, fs), _nat_flags(row[5] if len(row) == 6 else 0), 0,
+                  _nat_port(sport, f"row {i} sport"), _nat_port(dport, f"row {i} dport"),
+                  _np.frombuffer(ps, _np.uint8), _np.frombuffer(pd, _np.uint8))
+    return arr
+
+
+def _nat_fmt(family, packed, port):
+    ip = _ipaddress.ip_address(bytes(packed[:4] if family == 4 else packed[:16]))
+    return f"{ip}:{port}" if family == 4 else f"[{ip}]:{port}"
+
+
+cdef class NatTable:
+    """SNAT / connection table of a gateway or a masquerading node.
+
+    NatTable(egress_ips=(), capacity=65536, port_range=(32768, 65535),
+             port_ranges=None, timeouts=None, clock=time.monotonic, seed=None,
+             per_source_limit=None)
+
+    `egress_ips` are the external addresses flows may be translated to (more
+    with add_egress_ip); `port_range` applies to every (egress IP, protocol)
+    unless `port_ranges` ({"tcp"|"udp"|"icmp": (lo, hi)}) or add_egress_ip say
+    otherwise.  `timeouts` overrides DEFAULT_TIMEOUTS (seconds).  `clock()`
+    returns monotonic seconds; every method also takes `now=` (seconds).
+    `capacity` (at most 16,777,214: entries are indexed in 24 bits) costs
+    about 127 bytes per connection (memory_bytes), backed by the kernel only
+    as connections use it.  `per_source_limit` N: a source (pod) address
+    holds at most N connections; more are refused ("pod_conn_limit", counted
+    per source in stats); about 30 bytes more per connection of capacity.
+    """
+
+    DEFAULT_TIMEOUTS = {"tcp_syn": 60.0, "tcp_established": 21600.0,
+                        "tcp_closing": 10.0, "udp": 300.0, "icmp": 60.0}
+
+    def __cinit__(self, *args, **kwargs):
+        self.t = NULL
+
+    def __init__(self, egress_ips=(), *, capacity=65536, port_range=(32768, 65535),
+                 port_ranges=None, timeouts=None, clock=_time.monotonic, seed=None,
+                 per_source_limit=None):
+        cdef nat_table* t
+        cdef uint32_t i, cap
+        cdef uint64_t nslots
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
+        if not 1 <= capacity <= NAT_MAX_CAPACITY:
+            raise ValueError(f"capacity {capacity} is out of range 1-{NAT_MAX_CAPACITY} "
+                             f"(connections are indexed in 24 bits)")
+        if per_source_limit is not None:
+            if isinstance(per_source_limit, bool) or not isinstance(per_source_limit, int):
+                raise TypeError(f"per_source_limit must be an int or None, "
+                                f"not {type(per_source_limit).__name__}")
+            if not 1 <= per_source_limit <= capacity:
+                raise ValueError(f"per_source_limit {per_source_limit} is out of range "
+                                 f"1-{capacity} (the capacity)")
+        if not callable(clock):
+            raise TypeError("clock must be a callable returning seconds")
+        default = _nat_range(port_range, "port_range")
+        ranges = {"tcp": default, "udp": default, "icmp": default}
+        for name, rng in (port_ranges or {}).items():
+            if name not in ranges:
+                raise ValueError(f"port_ranges key {name!r} is not one of tcp, udp, icmp")
+            ranges[name] = _nat_range(rng, f"port_ranges[{name!r}]")
+        tmo = dict(self.DEFAULT_TIMEOUTS)
+        for name, val in (timeouts or {}).items():
+            if name not in tmo:
+                raise ValueError(f"timeouts key {name!r} is not one of {sorted(tmo)}")
+            if (isinstance(val, bool) or not isinstance(val, (int, float))
+                    or not 0 < val <= 10 * 365 * 86400):
+                raise ValueError(f"timeouts[{name!r}] must be a positive number of seconds "
+                                 f"(at most 10 years)")
+            tmo[name] = float(val)
+        if seed is None:
+            seed = int.from_bytes(_os.urandom(8), "little")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError("seed must be an int")
+        if self.t != NULL:
+            raise RuntimeError("NatTable.__init__ called twice")
+        cap = capacity
+        nslots = _nat_index_slots(cap)
+        t = <nat_table*>calloc(1, sizeof(nat_table))
+        if t == NULL:
+            raise no_memory("NatTable")
+        self.t = t
+        t.capacity = cap
+        t.fwd.size = t.rev.size = t.map.size = nslots
+        # lazily backed: nothing is touched here (entries and mappings are
+        # handed out from index 0 up, then from their free lists)
+        t.entries = <nat_entry*>egc_alloc_big(cap * sizeof(nat_entry), 1)
+        t.mappings = <nat_mapping*>egc_alloc_big(cap * sizeof(nat_mapping), 1)
+        t.fwd.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
+        t.rev.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
+        t.map.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
+        t.wheel = <uint32_t*>calloc(2 * NAT_WHEEL_SLOTS, sizeof(uint32_t))
+        if per_source_limit is not None:
+            t.src_size = _nat_index_slots(cap)
+            t.src = <nat_src*>egc_alloc_big(t.src_size * sizeof(nat_src), 0)
+        if (t.entries == NULL or t.mappings == NULL or t.fwd.slots == NULL
+                or t.rev.slots == NULL or t.map.slots == NULL or t.wheel == NULL
+                or (per_source_limit is not None and t.src == NULL)):
+            raise no_memory(f"NatTable of capacity {capacity}")
+        t.src_limit = per_source_limit or 0
+        for i in range(NAT_WHEEL_SLOTS):
+            t.wheel[2 * i] = t.wheel[2 * i + 1] = cap + i     # empty: the head itself
+        t.wheel_cur = NAT_WHEEL_UNSET
+        t.free_head = NAT_NONE
+        t.map_free_head = NAT_NONE
+        s = seed & 0xffffffffffffffff
+        t.seed = (s * 0xff51afd7ed558ccd + 0x632be59bd9b4e5b1) & 0xffffffffffffffff
+        t.rng = _nat_rng_seed(s)
+        t.timeout[NAT_STATE_SYN_SENT] = <uint64_t>round(tmo["tcp_syn"] * 1e9)
+        t.timeout[NAT_STATE_ESTABLISHED] = <uint64_t>round(tmo["tcp_established"] * 1e9)
+        t.timeout[NAT_STATE_CLOSING] = <uint64_t>round(tmo["tcp_closing"] * 1e9)
+        t.timeout[NAT_STATE_UDP] = <uint64_t>round(tmo["udp"] * 1e9)
+        t.timeout[NAT_STATE_ICMP] = <uint64_t>round(tmo["icmp"] * 1e9)
+        self._timeouts = tmo
+        self._ranges = ranges
+        self._clock = clock
+        self._lock = _threading.Lock()
+        self._ext_names = []
+        self._ext_index = {}
+        for ip in egress_ips:
+            self.add_egress_ip(ip)
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        cdef int k
+        if self.t == NULL:
+            return
+        cdef nat_table* t = self.t
+        for i in range(t.n_ext):
+            for k in range(NAT_NPOOLS):
+                free(t.ext[i].pools[k])
+        egc_free_big(t.entries, t.capacity * sizeof(nat_entry))
+        egc_free_big(t.mappings, t.capacity * sizeof(nat_mapping))
+        egc_free_big(t.fwd.slots, t.fwd.size * 4)
+        egc_free_big(t.rev.slots, t.rev.size * 4)
+        egc_free_big(t.map.slots, t.map.size * 4)
+        egc_free_big(t.src, t.src_size * sizeof(nat_src))
+        free(t.wheel)
+        free(t)
+        self.t = NULL
+
+    # -- configuration -------------------------------------------------------
+
+    def add_egress_ip(self, ip, port_range=None, *, tcp=None, udp=None, icmp=None):
+        """Add an egress IP and return its index (the `ext` of the C API).
+
+        `port_range` overrides the table's range for all protocols; `tcp`,
+        `udp`, `icmp` override it per protocol.  Adding a known IP returns its
+        index unchanged."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        family, packed = addr_packed16(ip, "egress IP")
+        name = str(_ipaddress.ip_address(packed[:4] if family == 4 else packed))
+        if name in self._ext_index:
+            return self._ext_index[name]
+        ranges = dict(self._ranges)
+        if port_range is not None:
+            r = _nat_range(port_range, "port_range")
+            ranges = {"tcp": r, "udp": r, "icmp": r}
+        for key, val in (("tcp", tcp), ("udp", udp), ("icmp", icmp)):
+            if val is not None:
+                ranges[key] = _nat_range(val, key)
+        cdef nat_table* t = self.t
+        if t.n_ext >= NAT_MAX_EXT:
+            raise ValueError(f"a table holds at most {NAT_MAX_EXT} egress IPs")
+        cdef uint32_t i = t.n_ext
+        cdef int k
+        cdef nat_pool* pools[3]
+        for k, key in enumerate(("tcp", "udp", "icmp")):
+            pools[k] = <nat_pool*>calloc(1, sizeof(nat_pool))
+            if pools[k] == NULL:
+                while k > 0:
+                    k -= 1
+                    free(pools[k])
+                raise no_memory("egress IP port pools")
+            _nat_pool_init(pools[k], ranges[key][0], ranges[key][1])
+        with self._lock:
+            t.ext[i].family = family
+            memcpy(t.ext[i].addr, <const char*>packed, 16)
+            for k in range(3):
+                t.ext[i].pools[k] = pools[k]
+            t.n_ext = i + 1
+        self._ext_names.append(name)
+        self._ext_index[name] = i
+        return i
+
+    @property
+    def egress_ips(self):
+        """Egress IPs in index order."""
+        return list(self._ext_names)
+
+    @property
+    def capacity(self):
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        return self.t.capacity
+
+    @property
+    def timeouts(self):
+        """Timeouts in seconds by state."""
+        return dict(self._timeouts)
+
+    @property
+    def memory_bytes(self):
+        """Bytes allocated: entries, mappings, the three indexes, the expiry
+        wheel, the per-source table and the port pools.  The large arrays are
+        backed by the kernel as they are touched: resident memory starts near
+        zero and grows with use (the indexes are touched where hashes land)."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        cdef nat_table* t = self.t
+        return (sizeof(nat_table) + t.capacity * (sizeof(nat_entry) + sizeof(nat_mapping))
+                + 4 * (t.fwd.size + t.rev.size + t.map.size)
+                + 8 * NAT_WHEEL_SLOTS + t.src_size * sizeof(nat_src)
+                + t.n_ext * NAT_NPOOLS * sizeof(nat_pool))
+
+    @property
+    def per_source_limit(self):
+        """Connections one source address may hold (None: no limit)."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        return self.t.src_limit or None
+
+    def __len__(self):
+        """Entries held, including dead ones not collected yet."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        return self.t.used
+
+    # -- helpers -------------------------------------------------------------
+
+    cdef uint64_t _now(self, now) except? 0:
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        if now is None:
+            now = self._clock()
+        if isinstance(now, bool) or not isinstance(now, (int, float)) or not now >= 0:
+            raise ValueError(f"now must be a non-negative number of seconds, not {now!r}")
+        return <uint64_t>round(now * 1e9)
+
+    cdef int _egress(self, egress_ip, int family) except -1:
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        if egress_ip is None:
+            found = [i for i, n in enumerate(self._ext_names)
+                     if self.t.ext[i].family == family]
+            if len(found) != 1:
+                raise ValueError(f"egress_ip is required: the table has {len(found)} "
+                                 f"IPv{family} egress IPs")
+            return found[0]
+        if isinstance(egress_ip, int) and not isinstance(egress_ip, bool):
+            if not 0 <= egress_ip < self.t.n_ext:
+                raise ValueError(f"egress IP index {egress_ip} is not configured")
+            idx = egress_ip
+        else:
+            fam, packed = addr_packed16(egress_ip, "egress_ip")
+            name = str(_ipaddress.ip_address(packed[:4] if fam == 4 else packed))
+            if name not in self._ext_index:
+                raise ValueError(f"egress_ip {name} is not configured in this table")
+            idx = self._ext_index[name]
+        if self.t.ext[idx].family != family:
+            raise ValueError(f"egress_ip {self._ext_names[idx]} is not IPv{family} "
+                             f"like the flow")
+        return idx
+
+    cdef void _tuple(self, nat_tuple* k, src, sport, dst, dport, proto, tcp_flags) except *:
+        fs, ps = addr_packed16(src, "src")
+        fd, pd = addr_packed16(dst, "dst")
+        if fs != fd:
+            raise ValueError(f"src {src} and dst {dst} are of different address families")
+        memset(k, 0, sizeof(nat_tuple))
+        k.family = fs
+        k.proto = _nat_proto(proto, fs)
+        k.tcp_flags = _nat_flags(tcp_flags)
+        k.sport = _nat_port(sport, "sport")
+        k.dport = _nat_port(dport, "dport")
+        memcpy(k.src, <const char*>ps, 16)
+        memcpy(k.dst, <const char*>pd, 16)
+
+    # -- per-flow calls --------------------------------------------------------
+
+    def translate(self, src, sport, dst, dport, proto="tcp", *, egress_ip=None,
+                  tcp_flags=0, now=None, length=None):
+        """SNAT an outgoing flow; returns (egress_ip, xport).
+
+        Known flows keep their mapping (and egress IP); new flows get one.
+        `length` (IP bytes) counts the packet in the connection's counters.
+        Raises NatRefused (reason "nat_exhausted" or "nat_table_full")."""
+        cdef uint32_t ln = _nat_length(length)
+        cdef nat_tuple k, out
+        self._tuple(&k, src, sport, dst, dport, proto, tcp_flags)
+        cdef int ext = self._egress(egress_ip, k.family)
+        cdef uint64_t t_ns = self._now(now)
+        cdef int rc
+        with self._lock:
+            rc = nat_translate_out_len(self.t, &k, ext, t_ns, &out, ln)
+        if rc:
+            raise nat_refused(rc)
+        return self._ext_names[self._ext_of(&out)], out.sport
+
+    cdef int _ext_of(self, nat_tuple* out) noexcept:
+        return nat_ext_find(self.t, out.family, out.src)
+
+    def reverse(self, src, sport, dst, dport, proto="tcp", *, tcp_flags=0, now=None,
+                refresh=True, length=None):
+        """Translate a reply remote src:sport -> egress dst:dport back.
+
+        Returns (pod_ip, pod_port), or None when no live connection matches
+        (the reply is unsolicited; counted as no_nat_entry).  refresh=False
+        leaves the entry untouched (a tuple quoted in an ICMP error).  `length`
+        (IP bytes) counts the packet in the connection's counters."""
+        cdef uint32_t ln = _nat_length(length)
+        cdef nat_tuple k, out
+        self._tuple(&k, src, sport, dst, dport, proto, tcp_flags)
+        cdef uint64_t t_ns = self._now(now)
+        cdef int rc
+        with self._lock:
+            if refresh:
+                rc = nat_translate_in_len(self.t, &k, t_ns, &out, ln)
+            else:
+                rc = nat_peek_in(self.t, &k, t_ns, &out)
+        if rc:
+            return None
+        return str(_ipaddress.ip_address((<char*>out.dst)[:4 if out.family == 4 else 16])), out.dport
+
+    def update_tcp(self, src, sport, dst, dport, tcp_flags, *, direction="out", now=None):
+        """Apply a TCP packet's flags to its connection without translating it.
+
+        The tuple is the original one for direction "out", the reply
+        (remote -> egress IP:xport) for "in".  Returns False if no live
+        connection matches."""
+        if direction not in ("out", "in"):
+            raise ValueError(f"direction must be 'out' or 'in', not {direction!r}")
+        cdef nat_tuple k
+        self._tuple(&k, src, sport, dst, dport, "tcp", tcp_flags)
+        cdef uint64_t t_ns = self._now(now)
+        cdef int rc
+        with self._lock:
+            rc = nat_update_tcp(self.t, &k, NAT_DIR_OUT if direction == "out" else NAT_DIR_IN,
+                                t_ns)
+        return rc == 0
+
+    def get(self, src, sport, dst, dport, proto="tcp", *, now=None):
+        """The live entry of an original tuple, or None (no refresh, no counters)."""
+        cdef nat_tuple k
+        self._tuple(&k, src, sport, dst, dport, proto, 0)
+        cdef uint64_t t_ns = self._now(now)
+        cdef uint16_t dp = 0 if _nat_is_icmp(k.proto) else k.dport
+        cdef uint32_t idx
+        with self._lock:
+            idx = _nat_find_fwd(self.t, _nat_hash_fwd(self.t.seed, k.family, k.proto, k.sport,
+                                                      dp, k.src, k.dst),
+                                k.family, k.proto, k.sport, dp, k.src, k.dst)
+            if idx == NAT_NONE or self.t.entries[idx].expires <= t_ns:
+                return None
+            return self._entry(idx, t_ns)
+
+    cdef object _entry(self, uint32_t idx, uint64_t now):
+        cdef nat_entry* e = &self.t.entries[idx]
+        fam = e.family
+        n = 4 if fam == 4 else 16
+        return NatEntry(
+            _NAT_PROTO_NAME[e.proto],
+            str(_ipaddress.ip_address((<char*>e.src)[:n])), e.sport,
+            str(_ipaddress.ip_address((<char*>e.dst)[:n])), e.dport,
+            self._ext_names[e.ext], e.xport, _NAT_STATE_NAME[e.state],
+            (e.expires - now) / 1e9, <uint32_t>(_nat_ms(now) - e.created_ms) / 1e3,
+            e.npkts[0], e.npkts[1], e.nbytes[0], e.nbytes[1])
+
+    def entries(self, now=None):
+        """Iterate over live connections (the data of a `nat list` view)."""
+        cdef uint64_t t_ns = self._now(now)
+        cdef uint32_t i
+        for i in range(self.t.entries_hwm):
+            if self.t.entries[i].state != NAT_STATE_FREE and self.t.entries[i].expires > t_ns:
+                yield self._entry(i, t_ns)
+
+    def __iter__(self):
+        return self.entries()
+
+    def nat_list(self, now=None):
+        """Text like `cilium-dbg bpf nat list`: an OUT and an IN line per connection."""
+        lines = []
+        for e in self.entries(now):
+            fam = 6 if ":" in e.src else 4
+            pod = _nat_fmt(fam, addr_packed16(e.src, "")[1], e.sport)
+            remote = _nat_fmt(fam, addr_packed16(e.dst, "")[1], e.dport)
+            egress = _nat_fmt(fam, addr_packed16(e.egress_ip, "")[1], e.xport)
+            tail = f"Created={int(e.age)}sec ago Expires={int(e.expires_in)}sec State={e.state}"
+            p = e.proto.upper()
+            lines.append(f"{p} OUT {pod} -> {remote} XLATE_SRC {egress} {tail}")
+            lines.append(f"{p} IN {remote} -> {egress} XLATE_DST {pod} {tail}")
+        return "\n".join(lines)
+
+    def gc(self, max_scan=None, *, now=None):
+        """Collect dead entries: a full sweep (max_scan None), or the expiry
+        wheel's due work with at most `max_scan` entries examined (bounded
+        work for a datapath tick; what is left waits for the next call).
+        Returns the number collected."""
+        cdef uint64_t t_ns = self._now(now)
+        cdef uint32_t n, got
+        cdef bint sweep = max_scan is None
+        if not sweep:
+            if isinstance(max_scan, bool) or not isinstance(max_scan, int) or max_scan < 0:
+                raise ValueError(f"max_scan must be a non-negative int, not {max_scan!r}")
+            n = min(max_scan, 0xffffffff)
+        with self._lock:
+            with nogil:
+                got = nat_gc_sweep(self.t, t_ns) if sweep else nat_gc(self.t, t_ns, n)
+        return got
+
+    def port_usage(self):
+        """{egress_ip: {"tcp"|"udp"|"icmp": (ports in use, ports in the range)}}:
+        how close each egress IP is to exhaustion (for metrics)."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        cdef nat_pool* p
+        out = {}
+        with self._lock:
+            for i, name in enumerate(self._ext_names):
+                d = {}
+                for k, proto in enumerate(("tcp", "udp", "icmp")):
+                    p = self.t.ext[i].pools[k]
+                    d[proto] = (p.used, p.hi - p.lo + 1)
+                out[name] = d
+        return out
+
+    @property
+    def flow_log(self):
+        """The FlowLog receiving this table's start/end/refusal records, or None."""
+        return self._flow_log
+
+    @flow_log.setter
+    def flow_log(self, log):
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        if log is not None and not isinstance(log, FlowLog):
+            raise TypeError(f"flow_log must be a FlowLog or None, not {type(log).__name__}")
+        with self._lock:
+            self.t.flog = NULL if log is None else (<FlowLog>log)._get()
+            self._flow_log = log
+
+    def flush(self, *, now=None):
+        """Remove every connection (end records with reason "eviction" for the
+        live ones); returns how many were removed.  For a clean stop."""
+        cdef uint64_t t_ns = self._now(now)
+        cdef uint32_t n
+        with self._lock:
+            with nogil:
+                n = nat_flush(self.t, t_ns)
+        return n
+
+    def ports_in_use(self, egress_ip, proto="tcp"):
+        """External ports (or echo ids) of `egress_ip` held by live mappings."""
+        fam, _ = addr_packed16(egress_ip, "egress_ip")
+        idx = self._egress(egress_ip, fam)
+        p = _nat_proto(proto, fam)
+        return self.t.ext[idx].pools[_nat_pool_of(p)].used
+
+    @property
+    def stats(self):
+        """Counters: lookups, hits, created, expired, refused by reason, sizes;
+        with a per-source limit, the sources holding connections and the
+        refusals by source address (the first 256 sources refused by name,
+        the others summed in refused_other_sources)."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        cdef nat_table* t = self.t
+        cdef uint32_t i
+        by_source = {}
+        with self._lock:
+            for i in range(NAT_SRC_REFUSED_SLOTS):
+                if t.refused_src[i].family:
+                    by_source[_nat_ip_str(t.refused_src[i].family, t.refused_src[i].addr)] = \
+                        t.refused_src[i].count
+            return {
+                "capacity": t.capacity,
+                "entries": t.used,
+                "mappings": t.map_used,
+                "lookups": t.lookups,
+                "hits": t.hits,
+                "created": t.created_count,
+                "expired": t.expired,
+                "gc_runs": t.gc_runs,
+                "refused": {DROP_REASON_NAMES[r]: t.drops[r] for r in _NAT_REFUSAL_REASONS},
+                "per_source_limit": t.src_limit or None,
+                "sources": t.src_used,
+                "refused_by_source": by_source,
+                "refused_other_sources": t.refused_src_other,
+            }
+
+    # -- batches -------------------------------------------------------------
+
+    def _batch_args(self, tuples, out, codes):
+        if not isinstance(tuples, _np.ndarray) or tuples.dtype != NAT_TUPLE_DTYPE:
+            raise TypeError("tuples must be a NumPy array of egresscore.NAT_TUPLE_DTYPE")
+        if tuples.ndim != 1 or not tuples.flags.c_contiguous:
+            raise ValueError("tuples must be a one-dimensional C-contiguous array")
+        n = tuples.shape[0]
+        if out is None:
+            out = _np.zeros(n, dtype=NAT_TUPLE_DTYPE)
+        elif (not isinstance(out, _np.ndarray) or out.dtype != NAT_TUPLE_DTYPE
+              or out.shape != (n,) or not out.flags.c_contiguous or not out.flags.writeable):
+            raise ValueError("out must be a writable C-contiguous NAT_TUPLE_DTYPE array "
+                             "the length of tuples")
+        if codes is None:
+            codes = _np.zeros(n, dtype=_np.uint8)
+        elif (not isinstance(codes, _np.ndarray) or codes.dtype != _np.uint8
+              or codes.shape != (n,) or not codes.flags.c_contiguous
+              or not codes.flags.writeable):
+            raise ValueError("codes must be a writable C-contiguous uint8 array "
+                             "the length of tuples")
+        if _np.shares_memory(out, tuples):
+            raise ValueError("out must not overlap tuples")
+        return n, out, codes
+
+    def translate_batch(self, tuples, egress_ip, *, now=None, out=None, codes=None,
+                        lens=None):
+        """SNAT a batch of outgoing tuples; returns (out, codes).
+
+        `egress_ip` is one egress IP (address or index) or a uint16 array of
+        indexes, one per tuple.  codes[i] is 0 or a drop reason (index into
+        DROP_REASON_NAMES); out[i] is valid where codes[i] == 0.  `lens`
+        (uint32, IP bytes per tuple) counts the packets in the connections."""
+        n, out, codes = self._batch_args(tuples, out, codes)
+        lens_arr = _nat_lens(lens, n)
+        cdef const uint32_t* lp = NULL if lens_arr is None else \
+            <const uint32_t*>cnp.PyArray_DATA(lens_arr)
+        cdef uint16_t one
+        cdef cnp.ndarray ext_arr
+        cdef const uint16_t* ext_p
+        cdef Py_ssize_t stride
+        if isinstance(egress_ip, _np.ndarray):
+            if egress_ip.dtype != _np.uint16 or egress_ip.shape != (n,):
+                raise ValueError("egress_ip array must be uint16 with one index per tuple")
+            ext_arr = _np.ascontiguousarray(egress_ip)
+            ext_p = <const uint16_t*>cnp.PyArray_DATA(ext_arr)
+            stride = 1
+        else:
+            if isinstance(egress_ip, int) and not isinstance(egress_ip, bool):
+                if not 0 <= egress_ip < self.t.n_ext:
+                    raise ValueError(f"egress IP index {egress_ip} is not configured")
+                one = egress_ip
+            else:
+                fam, _ = addr_packed16(egress_ip, "egress_ip")
+                one = self._egress(egress_ip, fam)
+            ext_p = &one
+            stride = 0
+        cdef uint64_t t_ns = self._now(now)
+        cdef const nat_tuple* tin = <const nat_tuple*>cnp.PyArray_DATA(tuples)
+        cdef nat_tuple* tout = <nat_tuple*>cnp.PyArray_DATA(out)
+        cdef uint8_t* cp = <uint8_t*>cnp.PyArray_DATA(codes)
+        cdef Py_ssize_t cn = n
+        with self._lock:
+            with nogil:
+                nat_translate_batch_len(self.t, tin, ext_p, stride, tout, cp, cn, t_ns, lp)
+        return out, codes
+
+    def reverse_batch(self, tuples, *, now=None, out=None, codes=None, lens=None):
+        """Reverse-translate a batch of replies; returns (out, codes).
+
+        codes[i] is 0 (out[i] is addressed to the pod) or a drop reason such
+        as no_nat_entry.  `lens` as in translate_batch."""
+        n, out, codes = self._batch_args(tuples, out, codes)
+        lens_arr = _nat_lens(lens, n)
+        cdef const uint32_t* lp = NULL if lens_arr is None else \
+            <const uint32_t*>cnp.PyArray_DATA(lens_arr)
+        cdef uint64_t t_ns = self._now(now)
+        cdef const nat_tuple* tin = <const nat_tuple*>cnp.PyArray_DATA(tuples)
+        cdef nat_tuple* tout = <nat_tuple*>cnp.PyArray_DATA(out)
+        cdef uint8_t* cp = <uint8_t*>cnp.PyArray_DATA(codes)
+        cdef Py_ssize_t cn = n
+        with self._lock:
+            with nogil:
+                nat_reverse_batch_len(self.t, tin, tout, cp, cn, t_ns, lp)
+        return out, codes
+
+
+def _nat_index_slots(capacity):
+    """Slots of an index over `capacity` entries: 1.5 per entry (load < 2/3)."""
+    return capacity + capacity // 2 + 1
+
+
+cdef object _nat_ip_str(uint32_t family, const uint8_t* addr):
+    return str(_ipaddress.ip_address((<const char*>addr)[:4 if family == 4 else 16]))
+
+
+def _nat_rng_seed(seed):
+    """Initial xorshift state of a table seeded with `seed` (never zero)."""
+    x = (seed * 0x9E3779B97F4A7C15 + 0x7F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    return x or 1
