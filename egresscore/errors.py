@@ -9,9 +9,9 @@ Each class keeps the builtin base it always had (ValueError for bad input,
 RuntimeError for the host), so `except ValueError` callers keep working.  The
 classes that carry context (PolicyError, ClusterError, InputError,
 InputFileError, CLIError) live with the code that fills it in and derive from
-EgressError; the core's exceptions (PacketDropped, NatRefused) come from
-src/.  Imports nothing from the package, so every layer (and the core) may
-use it.
+EgressError; the core's exceptions (PacketDropped, NatRefused) are defined
+on it in src/includes/errors.pxi.  Imports nothing from the package, so
+every layer (and the core) may use it.
 """
 
 __all__ = ["AgentError", "ControlError", "EgressError"]

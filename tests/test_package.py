@@ -65,7 +65,8 @@ def test_every_error_is_an_egress_error_and_keeps_its_builtin_base():
 
     for cls, base in ((egresscore.AgentError, RuntimeError), (egresscore.ClusterError, ValueError),
                       (egresscore.PolicyError, ValueError), (egresscore.InputError, ValueError),
-                      (InputFileError, ValueError), (ControlError, Exception), (CLIError, Exception)):
+                      (InputFileError, ValueError), (ControlError, Exception), (CLIError, Exception),
+                      (_core.PacketDropped, ValueError), (_core.NatRefused, Exception)):
         assert issubclass(cls, egresscore.EgressError) and issubclass(cls, base), cls
     with pytest.raises(egresscore.EgressError, match="no network namespace"):
         egresscore.Agent("node1", _cluster(), netns="egc-no-such-namespace")

@@ -14,8 +14,10 @@
 import os as _errors_os
 import errno as _errors_errno
 
+from egresscore.errors import EgressError as _EgressError   # the package's one error root (imports nothing)
 
-class PacketDropped(ValueError):
+
+class PacketDropped(_EgressError, ValueError):
     """The datapath would drop this frame; .reason names the drop reason
     (one of DROP_REASON_NAMES), .code is its number.  .reply holds the ICMP
     too-big frame to send back when the reason is frag_needed, else None."""
@@ -27,7 +29,7 @@ class PacketDropped(ValueError):
         super().__init__(f"{what} dropped: {self.reason}")
 
 
-class NatRefused(Exception):
+class NatRefused(_EgressError):
     """A new flow was refused; `.reason` is its drop-reason name."""
 
     def __init__(self, reason, message):
