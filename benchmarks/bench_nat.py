@@ -12,8 +12,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import egresscore as ec                                   # noqa: E402
 from compare_nat import BATCH, GC_BUDGET, churned_table, egress_ips, replies_of, workload  # noqa: E402
+
+import egresscore as ec  # noqa: E402
 from egresscore._natref import NatRef, tuples_from_array  # noqa: E402
 
 N = int(os.environ.get("EGRESSCORE_BENCH_NAT_N", "1000000"))

@@ -10,7 +10,8 @@ import os
 import platform
 import sys
 
-SECTIONS = ["lpm", "nat", "packet", "datapath", "ring", "compiler", "agent", "agent_peers", "flowlog", "lab"]  # README order
+# README order
+SECTIONS = ["lpm", "nat", "packet", "datapath", "ring", "compiler", "agent", "agent_peers", "flowlog", "lab"]
 
 
 def machine_summary():

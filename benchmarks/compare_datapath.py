@@ -48,7 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from egresscore._core import Datapath, EgressMap, NatTable
+from egresscore._core import Datapath, EgressMap, NatTable  # noqa: E402 - after the sys.path set-up
 
 BATCH = 256                 # frames per ring per poll() in the agent (DP_BATCH)
 N_PODS = 50

@@ -3,7 +3,8 @@
 IPv4: 100,000 distinct random prefixes /8../32 (seed 1) plus a default route,
 1,000,000 uniformly random lookups.  IPv6: 100,000 distinct random prefixes
 /16../64 (seed 2), 1,000,000 uniformly random lookups, and 1,000,000 lookups
-of addresses inside random stored prefixes (deep walks).  Rates are medians of several runs; per-call lookups take address
+of addresses inside random stored prefixes (deep walks).  Rates are medians of several runs; per-call lookups
+take address
 strings (what a control plane holds); batch lookups take NumPy arrays.
 Memory: RSS growth while building, and bytes/prefix for 1,000,000 IPv4
 prefixes.  Run alone: python benchmarks/compare_lpm.py [--quick]
@@ -26,7 +27,6 @@ except ImportError:  # run from a checkout without an install
 
 import pytricia
 import radix
-
 
 try:
     import ctypes
@@ -180,7 +180,7 @@ def run(quick: bool = False) -> str:
                  f"{rx_rss / 2**20:.1f}", f"{pt_rss / max(eg_rss, 1):.1f}x smaller"))
     rows.append(("IPv4 single insert, median / p99 (µs)", f"{eg_up[0]:.0f} / {eg_up[1]:.0f}",
                  f"{pt_up[0]:.1f} / {pt_up[1]:.1f}", f"{rx_up[0]:.1f} / {rx_up[1]:.1f}", ""))
-    del pt, rx, eg
+    pt = rx = eg = None  # freed before the big tables (the lambdas above hold the names)
     gc.collect()
 
     # ---- IPv6 ----
@@ -232,7 +232,7 @@ def run(quick: bool = False) -> str:
     rows.append(("IPv6 build (s)", f"{eg6_build:.2f}", f"{pt6_build:.2f}", "", f"{pt6_build / eg6_build:.1f}x faster"))
     rows.append(("IPv6 RSS growth (MB)", f"{eg6_rss / 2**20:.1f}", f"{pt6_rss / 2**20:.1f}", "",
                  f"{pt6_rss / max(eg6_rss, 1):.1f}x smaller"))
-    del eg6, pt6
+    eg6 = pt6 = None
     gc.collect()
 
     # ---- memory at 1M IPv4 prefixes ----

@@ -25,17 +25,17 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse      # noqa: E402
-import gc            # noqa: E402
-import statistics    # noqa: E402
-import sys           # noqa: E402
-import time          # noqa: E402
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
-import numpy as np   # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import egresscore as ec                                  # noqa: E402
+import egresscore as ec  # noqa: E402
 from egresscore._natref import NatRef, tuples_from_array  # noqa: E402
 
 BATCH = 1024

@@ -34,9 +34,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from egresscore._core import _ring_in_netns  # noqa: E402
 
 from egresscore import PacketRing  # noqa: E402
-from egresscore._core import _ring_in_netns  # noqa: E402
 from egresscore._ringlab import link_mac, plain_socket, veth_pair  # noqa: E402
 
 ETH_P_ALL = 0x0003

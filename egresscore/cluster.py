@@ -120,7 +120,8 @@ class Node:
         if self.internal_ip is not None:
             object.__setattr__(self, "internal_ip", _ip(self.internal_ip, f"node {self.name}: internalIP"))
         ifaces = tuple(
-            i if isinstance(i, Interface) else Interface(i["name"], tuple(i.get("addresses", ()))) for i in self.interfaces
+            i if isinstance(i, Interface) else Interface(i["name"], tuple(i.get("addresses", ())))
+            for i in self.interfaces
         )
         ifaces = tuple(
             Interface(i.name, tuple(_iface_addr(a, f"node {self.name}: interface {i.name}") for a in i.addresses))

@@ -8,7 +8,6 @@ import socket
 import time
 
 import pytest
-
 from conftest import needs_netns, requires_tools, running_agents, start_agent
 
 pytestmark = needs_netns
@@ -175,7 +174,8 @@ def _vxlan_from_router():
 
     inner = Ether(src="02:ee:c0:a8:01:01", dst="02:ee:c0:a8:01:03") / IP(src="10.0.1.93", dst=SERVER) / UDP(
         sport=4444, dport=7) / b"vx"
-    return bytes(IP(src="192.168.1.254", dst=EGRESS_IP) / UDP(sport=5555, dport=8472) / VXLAN(vni=2, flags=0x08) / inner)
+    return bytes(IP(src="192.168.1.254", dst=EGRESS_IP) / UDP(sport=5555, dport=8472)
+                 / VXLAN(vni=2, flags=0x08) / inner)
 
 
 def test_spoofing_gets_nothing(lab):

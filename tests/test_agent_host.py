@@ -139,7 +139,8 @@ def test_syn_to_an_egress_ip_in_the_nat_range_gets_no_answer_from_the_kernel(lab
 _FORBIDDEN_C = {"fork", "posix_spawn", "waitpid", "setns", "socket", "recv", "recvfrom", "recv_into", "recvmsg",
                 "send", "sendto", "sendmsg", "sendall", "connect", "select", "poll", "epoll", "sleep", "read",
                 "write", "open", "system", "execv", "execve"}
-_FORBIDDEN_FILES = ("pyroute2", "subprocess.py", "multiprocessing", os.sep + "socket.py", os.path.join("agent", "host.py"))
+_FORBIDDEN_FILES = ("pyroute2", "subprocess.py", "multiprocessing", os.sep + "socket.py",
+                    os.path.join("agent", "host.py"))
 
 
 class _LoopWatch:

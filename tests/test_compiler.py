@@ -1,6 +1,7 @@
 import os
 
 import pytest
+from egressmap_helper import EgressMap, map_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,8 +15,6 @@ from egresscore.compiler import (
     resolve_gateways,
 )
 from egresscore.policy import load_policies, parse_policy
-
-from egressmap_helper import EgressMap, map_state
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 

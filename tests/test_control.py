@@ -1,23 +1,29 @@
 """The agent's control socket: owner-only access, the JSON protocol, the CLI."""
 import json
 import os
-import socket
-import stat
 import pathlib
 import re
 import shutil
+import socket
+import stat
 import tempfile
 
 import pytest
+from conftest import NOBODY, as_nobody
 
 from egresscore import (
-    Compiler, ControlClient, ControlError, ControlServer, EgressMap, NatTable, default_socket_path,
-    load_cluster, load_policies,
+    Compiler,
+    ControlClient,
+    ControlError,
+    ControlServer,
+    EgressMap,
+    NatTable,
+    default_socket_path,
+    load_cluster,
+    load_policies,
 )
 from egresscore.cli import main
 from egresscore.control import inspection_handlers
-
-from conftest import NOBODY, as_nobody
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(HERE, "..", "examples")

@@ -9,8 +9,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 import egresscore
-from egresscore import _core
-from egresscore import Datapath, EgressMap, NatTable, PacketBatch, VxlanTemplate
+from egresscore import Datapath, EgressMap, NatTable, PacketBatch, VxlanTemplate, _core
 
 DEF = os.path.join(os.path.dirname(__file__), os.pardir, "src", "includes", "drop_reasons.def")
 

@@ -140,7 +140,8 @@ def test_pod_on_the_gateway_node_is_snated_locally():
     verdict, _, out = n3.process(frame, 1)
     pkt = check(out[1])
     assert verdict == "tx" and pkt[IP].src == EGRESS and VXLAN not in pkt
-    reply = bytes(Ether(src=ROUTER_MAC, dst=MAC[EGRESS]) / IP(src=SERVER, dst=EGRESS) / UDP(sport=7, dport=pkt[UDP].sport))
+    reply = bytes(Ether(src=ROUTER_MAC, dst=MAC[EGRESS]) / IP(src=SERVER, dst=EGRESS)
+                  / UDP(sport=7, dport=pkt[UDP].sport))
     verdict, _, out = n3.process(reply, 0)
     assert (verdict, out[0]) == ("tx_local", 1) and Ether(out[1])[IP].dst == POD3
 
@@ -172,14 +173,17 @@ def test_spoofed_source_is_dropped():
 def test_gateway_refuses_vxlan_from_outside_the_cluster_and_unselected_pods():
     n3 = datapath("node3")
     inner = Ether(src="02:ee:c0:a8:01:01", dst="02:ee:c0:a8:01:03") / IP(src=APP1, dst=SERVER) / UDP(sport=1, dport=7)
-    outside = Ether(src=ROUTER_MAC, dst=MAC[EGRESS]) / IP(src="192.168.1.50", dst=EGRESS) / UDP(sport=5, dport=8472) / VXLAN(vni=2, flags=0x08) / inner
+    outside = (Ether(src=ROUTER_MAC, dst=MAC[EGRESS]) / IP(src="192.168.1.50", dst=EGRESS) / UDP(sport=5, dport=8472)
+               / VXLAN(vni=2, flags=0x08) / inner)
     assert n3.process(bytes(outside), 0)[:2] == ("drop", "not_cluster_node")
     # app2 is not selected by any policy
     inner2 = Ether(src="02:ee:c0:a8:01:02", dst="02:ee:c0:a8:01:03") / IP(src=APP2, dst=SERVER) / UDP(sport=1, dport=7)
-    frame = Ether(src=MAC["192.168.1.2"], dst=MAC[EGRESS]) / IP(src="192.168.1.2", dst=EGRESS) / UDP(sport=5, dport=8472) / VXLAN(vni=2, flags=0x08) / inner2
+    frame = (Ether(src=MAC["192.168.1.2"], dst=MAC[EGRESS]) / IP(src="192.168.1.2", dst=EGRESS)
+             / UDP(sport=5, dport=8472) / VXLAN(vni=2, flags=0x08) / inner2)
     assert n3.process(bytes(frame), 0)[:2] == ("drop", "policy_denied")
     # node2 claiming app1's address (app1 lives on node1)
-    frame = Ether(src=MAC["192.168.1.2"], dst=MAC[EGRESS]) / IP(src="192.168.1.2", dst=EGRESS) / UDP(sport=5, dport=8472) / VXLAN(vni=2, flags=0x08) / inner
+    frame = (Ether(src=MAC["192.168.1.2"], dst=MAC[EGRESS]) / IP(src="192.168.1.2", dst=EGRESS)
+             / UDP(sport=5, dport=8472) / VXLAN(vni=2, flags=0x08) / inner)
     assert n3.process(bytes(frame), 0)[:2] == ("drop", "policy_denied")
 
 

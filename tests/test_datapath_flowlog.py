@@ -5,12 +5,11 @@ node3 is the seed policy's gateway."""
 import ipaddress
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
-from scapy.layers.vxlan import VXLAN
+from test_datapath import APP1, EGRESS, MAC, ROUTER_MAC, SERVER, datapath, egress_map, from_app1
 
 from egresscore import DROP_REASON_NAMES, FLOW_END_REASON_NAMES, FLOW_KIND_NAMES, FlowLog
-from test_datapath import APP1, EGRESS, MAC, ROUTER_MAC, SERVER, datapath, egress_map, from_app1
 
 
 def ip(rec, field):

@@ -4,12 +4,19 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import egresscore
 from egresscore import (
-    DROP_REASON_NAMES, FLOW_END_REASON_NAMES, FLOW_KIND_NAMES, FLOW_RECORD_DTYPE, FlowLog,
-    NatRefused, NatTable, nat_tuples,
+    DROP_REASON_NAMES,
+    FLOW_END_REASON_NAMES,
+    FLOW_KIND_NAMES,
+    FLOW_RECORD_DTYPE,
+    FlowLog,
+    NatRefused,
+    NatTable,
+    nat_tuples,
 )
 
 EGRESS = "192.168.1.100"

@@ -4,15 +4,22 @@ import io
 import json
 import logging
 import os
-import threading
 import time
 
-import numpy as np
 import pytest
 
 from egresscore import (
-    CallbackSink, Compiler, Enricher, FlowLog, FlowLogger, JsonLinesSink, NatTable,
-    load_cluster, load_policies, nat_tuples, records_to_dicts,
+    CallbackSink,
+    Compiler,
+    Enricher,
+    FlowLog,
+    FlowLogger,
+    JsonLinesSink,
+    NatTable,
+    load_cluster,
+    load_policies,
+    nat_tuples,
+    records_to_dicts,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -5,13 +5,12 @@ import threading
 
 import pytest
 import yaml
+from input_cases import CLUSTER_CASES, GOOD_POLICY, POLICY_CASES, policy_text
 
 from egresscore.cluster import ClusterError
 from egresscore.files import MAX_INPUT_BYTES, InputFileError, read_input_file
 from egresscore.inputs import InputError, check_policies, load_inputs
 from egresscore.policy import PolicyError, parse_policy
-
-from input_cases import CLUSTER_CASES, GOOD_POLICY, POLICY_CASES, policy_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLUSTER = os.path.join(HERE, "..", "examples", "cluster.yaml")

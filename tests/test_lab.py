@@ -19,12 +19,12 @@ from egresscore.lab import (
     PREFIX,
     SAMPLE_POLICY,
     Lab,
+    _ns,
     compile_entries,
     format_egress_list,
     mac_for,
     traffic,
 )
-from egresscore.lab import _ns
 
 IN_POLICY = "203.0.113.10"  # in 203.0.113.0/24, outside the excluded /25
 EXCLUDED = "203.0.113.200"  # in the excluded 203.0.113.128/25
@@ -160,7 +160,7 @@ def test_a_killed_labs_namespaces_are_removed_by_the_next_lab():
         proc.kill()  # no chance to clean up
         proc.wait()
     assert PREFIX + "dead-node1" in lab_namespaces()
-    with Lab() as lab:
+    with Lab():
         assert not [n for n in lab_namespaces() if n.startswith(PREFIX + "dead-")]
     assert lab_namespaces() == []
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import egresscore
-from egresscore import NAT_TUPLE_DTYPE, DROP_REASON_NAMES, NatRefused, NatTable, nat_tuples
+from egresscore import DROP_REASON_NAMES, NAT_TUPLE_DTYPE, NatRefused, NatTable, nat_tuples
 
 EGRESS = "192.168.1.100"
 EGRESS2 = "192.168.1.101"
@@ -391,7 +391,8 @@ def test_bad_input_raises_and_changes_nothing(clock, args, kwargs, exc, words):
     ({"capacity": 0}, ValueError), ({"capacity": 1.5}, TypeError),
     ({"capacity": 2 ** 25}, ValueError), ({"port_range": (2000, 1000)}, ValueError),
     ({"port_range": (0, 1000)}, ValueError), ({"port_range": 5}, TypeError),
-    ({"port_ranges": {"sctp": (1, 2)}}, ValueError), ({"timeouts": {"udp": 0}}, ValueError), ({"timeouts": {"udp": 1e12}}, ValueError),
+    ({"port_ranges": {"sctp": (1, 2)}}, ValueError), ({"timeouts": {"udp": 0}}, ValueError),
+    ({"timeouts": {"udp": 1e12}}, ValueError),
     ({"timeouts": {"tcp_fin": 1}}, ValueError), ({"clock": 5}, TypeError),
 ])
 def test_bad_construction(kwargs, exc):

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from egresscore import NAT_TUPLE_DTYPE, DROP_REASON_NAMES, NatRefused, NatTable
+from egresscore import DROP_REASON_NAMES, NAT_TUPLE_DTYPE, NatRefused, NatTable
 from egresscore._natref import STATE_NAMES, NatRef
 
 EGRESS = [("192.168.1.100", {"tcp": (40000, 40005), "udp": (40000, 40002), "icmp": (1, 3)}),

@@ -16,7 +16,6 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import as_nobody, needs_netns, running_agents
 
 pytestmark = needs_netns

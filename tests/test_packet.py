@@ -292,7 +292,8 @@ def test_ttl_one_is_dropped_ttl_exceeded(ver):
 
 
 def test_later_fragment_is_parsed_but_not_translated():
-    frame = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="10.0.1.5", dst="203.0.113.9", frag=100, proto=17) / Raw(b"x" * 40))
+    frame = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="10.0.1.5", dst="203.0.113.9", frag=100, proto=17)
+                  / Raw(b"x" * 40))
     info = egresscore.parse(frame)
     assert info.frag == "later" and info.sport is None and info.l4_offset is None
     with pytest.raises(PacketDropped) as e:

@@ -30,8 +30,22 @@ ANY = None  # any outcome but a crash
 
 def valid_frames():
     """Valid frames (name, bytes) covering the parser's paths."""
-    from scapy.all import (ICMP, IP, TCP, UDP, VXLAN, Dot1Q, Ether, ICMPv6DestUnreach, ICMPv6EchoRequest,
-                           IPOption_Router_Alert, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, Raw)
+    from scapy.all import (
+        ICMP,
+        IP,
+        TCP,
+        UDP,
+        VXLAN,
+        Dot1Q,
+        Ether,
+        ICMPv6DestUnreach,
+        ICMPv6EchoRequest,
+        IPOption_Router_Alert,
+        IPv6,
+        IPv6ExtHdrDestOpt,
+        IPv6ExtHdrFragment,
+        Raw,
+    )
     e = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
     ip = IP(src="10.0.1.93", dst="203.0.113.9", flags="DF")
     ip6 = IPv6(src="fd00:10::93", dst="2001:db8::9")
@@ -101,7 +115,8 @@ def build_corpus():
     for doff in (0, 4, 15):
         items.append(("parse", bytes(e / IP(src="10.0.1.93", dst="203.0.113.9") / TCP(dataofs=doff)), {"malformed"}))
     # IPv6 payload length beyond the frame
-    items.append(("parse", bytes(Ether(type=0x86DD) / Raw(b"\x60" + b"\x00" * 3 + b"\x04\x00\x11\x40" + b"\x00" * 32)), {"malformed"}))
+    v6_header = b"\x60" + b"\x00" * 3 + b"\x04\x00\x11\x40" + b"\x00" * 32
+    items.append(("parse", bytes(Ether(type=0x86DD) / Raw(v6_header)), {"malformed"}))
     # not IP / stacked VLAN tags
     items.append(("parse", bytes(Ether(type=0x0806) / Raw(b"\x00" * 28)), {"unsupported"}))
     items.append(("parse", bytes(Ether(type=0x8100) / Raw(b"\x00\x01\x81\x00\x00\x02\x08\x00" + udp[14:])),

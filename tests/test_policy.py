@@ -137,9 +137,11 @@ def test_list_kinds_and_missing_path(tmp_path):
         (lambda d: d["spec"].update(selectors=[{"nodeSelector": {}}]), "spec.selectors[0]", "needs a podSelector"),
         (lambda d: d["spec"].update(selectors=[{"podSelector": {"matchLabels": {"a": True}}}]),
          "spec.selectors[0].podSelector.matchLabels.a", "must be a string"),
-        (lambda d: d["spec"].update(selectors=[{"podSelector": {"matchExpressions": [{"key": "a", "operator": "Is"}]}}]),
+        (lambda d: d["spec"].update(
+            selectors=[{"podSelector": {"matchExpressions": [{"key": "a", "operator": "Is"}]}}]),
          "spec.selectors[0].podSelector.matchExpressions[0].operator", "'Is' is not one of"),
-        (lambda d: d["spec"].update(selectors=[{"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}]),
+        (lambda d: d["spec"].update(
+            selectors=[{"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}]),
          "spec.selectors[0].podSelector.matchExpressions[0].values", "must be non-empty"),
         (lambda d: d["spec"].update(
             selectors=[{"podSelector": {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]}}]),

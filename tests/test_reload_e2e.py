@@ -12,7 +12,6 @@ import time
 
 import pytest
 import yaml
-
 from conftest import needs_netns
 from input_cases import CLUSTER_CASES, GOOD_POLICY, POLICY_CASES, policy_text
 

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 from conftest import needs_netns, requires_library, requires_tools
+from egresscore._core import _ring_in_netns
 
 import egresscore
 from egresscore import PacketRing, bpf_dst, bpf_vxlan, pcap_available
-from egresscore._core import _ring_in_netns
 from egresscore._ringlab import frame, link_mac, veth_pair
 
 pytestmark = needs_netns

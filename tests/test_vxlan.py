@@ -2,13 +2,11 @@
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scapy.all import ICMP, IP, UDP, VXLAN, Ether, ICMPv6PacketTooBig, IPv6, Raw  # noqa: E402
+from test_packet import build_frame, nat_params, packet_params
 
 import egresscore
 from egresscore import PacketBatch, PacketDropped, VxlanTemplate
-
-from test_packet import build_frame, nat_params, packet_params
-
-from scapy.all import ICMP, IP, UDP, VXLAN, Ether, ICMPv6PacketTooBig, IPv6, Raw  # noqa: E402
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -241,7 +239,8 @@ def test_relay_one_pass_equals_the_separate_steps(prs, ttl):
 
 def test_relay_answers_too_big_and_validates_arguments():
     big = bytes(Ether(src="02:00:00:00:00:0a", dst="02:00:00:00:00:0b")
-                / IP(src="203.0.113.9", dst="192.168.1.100", flags="DF") / UDP(sport=53, dport=40000) / Raw(b"b" * 1460))
+                / IP(src="203.0.113.9", dst="192.168.1.100", flags="DF") / UDP(sport=53, dport=40000)
+                / Raw(b"b" * 1460))
     batch = PacketBatch.from_frames([scapy_vxlan(big, 50000, vni=2)], frame_size=2048, headroom=0)
     batch.relay(template(mtu=1500), "10.0.1.93", 1234)
     assert egresscore.DROP_REASON_NAMES[batch.reasons[0]] == "frag_needed"

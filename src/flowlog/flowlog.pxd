@@ -30,8 +30,8 @@ cdef enum:
     FLOW_START = 1              # a connection was created (first packet translated)
     FLOW_END = 2                # a connection ended: see the end reason
     FLOW_DROP = 3               # a packet was dropped: reason is a DropReason
-    FLOW_UPDATE = 4             # interim counts of a live connection (its
-                                # counters were about to wrap and were reset)
+    # interim counts of a live connection (its counters were about to wrap and were reset)
+    FLOW_UPDATE = 4
     FLOW_NKINDS = 5
 
     # end reasons (records of kind FLOW_END)

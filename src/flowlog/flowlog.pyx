@@ -12,7 +12,7 @@
 # exact with one producer and approximate with several (its updates are not
 # atomic: a race can let one extra record through or refuse one).
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
 
@@ -247,7 +247,7 @@ cdef class FlowLog:
         """flow_drop from Python (tests): 0 written, 1 suppressed, -1 ring full."""
         cdef flow_log* fl = self._get()
         fs, ps = addr_packed16(src, "src")
-        fd, pd = addr_packed16(dst, "dst")
+        _, pd = addr_packed16(dst, "dst")
         cdef bytes bs = ps, bd = pd
         return flow_drop(fl, <uint64_t>round(now * 1e9), reason, fs, proto, sport, dport,
                          <const uint8_t*><char*>bs, <const uint8_t*><char*>bd,

@@ -62,7 +62,7 @@ from collections import namedtuple as _namedtuple
 import numpy as _np
 
 from libc.stdlib cimport malloc, free, calloc
-from libc.string cimport memchr, memcpy, strlen
+from libc.string cimport memchr, memcpy
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
 _IPv4Network = _ipaddress.IPv4Network
@@ -168,7 +168,6 @@ cdef object _masked_network(int fam, uint64_t hi, uint64_t lo, unsigned plen):
         return _IPv4Network(((<uint32_t>hi) >> (32 - plen) << (32 - plen) if plen else 0, plen))
     x = (<object>hi << 64) | lo
     return _IPv6Network((x >> (128 - plen) << (128 - plen), plen))
-
 
 
 cdef object _ip_int(int fam, uint64_t hi, uint64_t lo):
@@ -295,7 +294,6 @@ cdef class LPMTrie:
         if self.family == 4:
             return _IPv4Network((<uint32_t>(e.hi >> 32), e.len))
         return _IPv6Network(((<object>e.hi << 64) | e.lo, e.len))
-
 
     def __setitem__(self, prefix, value):
         cdef lpm_entry e
@@ -1043,9 +1041,6 @@ cdef class EgressMap:
 
     def clear(self):
         """Remove every entry (published atomically per family)."""
-        cdef lpm_table* tbl
-        cdef egress_snap* empty
-        cdef lpm_table* replaced
         for fam in (0, 1):
             old_tables = [s.tbl for k, s in self._sources.items() if k[0] == (6 if fam else 4)]
             egress_map_publish(self.c, fam, NULL)

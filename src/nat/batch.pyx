@@ -10,8 +10,8 @@ cdef inline uint32_t _nat_peek(const nat_index* ix, uint64_t h) noexcept nogil:
     cdef uint64_t pos = _nat_home(ix, h)
     cdef uint32_t tag = _nat_tag(h)
     cdef uint32_t s
-    cdef int k
-    for k in range(4):
+    cdef int _probe
+    for _probe in range(4):
         s = ix.slots[pos]
         if s == 0 or (s & NAT_TAG_MASK) == tag:
             return s
@@ -21,7 +21,7 @@ cdef inline uint32_t _nat_peek(const nat_index* ix, uint64_t h) noexcept nogil:
     return 0
 
 cdef void nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
-                             uint8_t* codes, Py_ssize_t n, uint64_t now) noexcept nogil:
+                            uint8_t* codes, Py_ssize_t n, uint64_t now) noexcept nogil:
     nat_reverse_batch_len(t, tin, tout, codes, n, now, NULL)
 
 cdef void nat_reverse_batch_len(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
@@ -58,8 +58,8 @@ cdef void nat_reverse_batch_len(nat_table* t, const nat_tuple* tin, nat_tuple* t
                                           NAT_NO_LEN if lens == NULL else lens[j])
 
 cdef void nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_t* ext,
-                               Py_ssize_t ext_stride, nat_tuple* tout, uint8_t* codes,
-                               Py_ssize_t n, uint64_t now) noexcept nogil:
+                              Py_ssize_t ext_stride, nat_tuple* tout, uint8_t* codes,
+                              Py_ssize_t n, uint64_t now) noexcept nogil:
     nat_translate_batch_len(t, tin, ext, ext_stride, tout, codes, n, now, NULL)
 
 cdef void nat_translate_batch_len(nat_table* t, const nat_tuple* tin, const uint16_t* ext,

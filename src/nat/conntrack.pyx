@@ -11,9 +11,9 @@ cdef inline uint32_t* _nat_link(nat_table* t, uint32_t i) noexcept nogil:
     return &t.wheel[2 * (i - t.capacity)]
 
 cdef inline void _nat_wheel_unlink(nat_table* t, uint32_t i) noexcept nogil:
-    cdef uint32_t* l = t.entries[i].wl
-    _nat_link(t, l[1])[0] = l[0]
-    _nat_link(t, l[0])[1] = l[1]
+    cdef uint32_t* link = t.entries[i].wl
+    _nat_link(t, link[1])[0] = link[0]
+    _nat_link(t, link[0])[1] = link[1]
 
 cdef inline void _nat_wheel_add(nat_table* t, uint32_t i) noexcept nogil:
     """Link entry i into the bucket of its expiry, clamped to the wheel's
@@ -89,8 +89,8 @@ cdef void _nat_src_refused(nat_table* t, uint8_t family, const uint8_t* addr) no
     cdef uint32_t pos = <uint32_t>(nat_hash3(t.seed, family, nat_load64(addr),
                                              nat_load64(addr + 8)) & (NAT_SRC_REFUSED_SLOTS - 1))
     cdef nat_src_refusal* r
-    cdef int n
-    for n in range(NAT_SRC_REFUSED_SLOTS):
+    cdef int _probe
+    for _probe in range(NAT_SRC_REFUSED_SLOTS):
         r = &t.refused_src[pos]
         if r.family == family and nat_eq16(r.addr, addr):
             r.count += 1
@@ -262,7 +262,7 @@ cdef inline void _nat_fill_out(nat_table* t, const nat_entry* e, const nat_tuple
     memcpy(out.dst, e.dst, 16)
 
 cdef inline int _nat_refuse(nat_table* t, const nat_tuple* o, int reason,
-                             uint64_t now) noexcept nogil:
+                            uint64_t now) noexcept nogil:
     t.drops[drop_slot(reason)] += 1
     if t.flog != NULL:
         flow_drop(t.flog, now, <uint8_t>reason, o.family, o.proto, o.sport, o.dport,

@@ -55,18 +55,9 @@
 # take a per-table lock, so one NatTable may also be shared by threads; batch
 # calls hold it for the whole batch and release the GIL.
 
-import ipaddress as _ipaddress
-import threading as _threading
-import time as _time
-from collections import namedtuple as _namedtuple
-import os as _os
-
-import numpy as _np
 cimport numpy as cnp
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.string cimport memcpy, memset
-from libc.stdlib cimport calloc, free
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cnp.import_array()
 

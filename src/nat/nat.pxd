@@ -84,7 +84,7 @@ cdef enum:
     NAT_DIR_IN = 1
 
     NAT_MAX_EXT = 1024          # egress IPs per table
-    NAT_MAX_CAPACITY = 16777214 # slot = 8-bit tag | 24-bit entry index + 1
+    NAT_MAX_CAPACITY = 16777214  # slot = 8-bit tag | 24-bit entry index + 1
     NAT_NPOOLS = 3              # per egress IP: TCP, UDP, ICMP echo
 
     # expiry timing wheel: NAT_WHEEL_SLOTS buckets of 2**NAT_WHEEL_SHIFT ns
@@ -95,7 +95,7 @@ cdef enum:
 
     NAT_SRC_V6 = 0x80000000     # nat_src.meta: the address is IPv6
     NAT_SRC_COUNT = 0x7fffffff  # nat_src.meta: live connections of the source
-    NAT_SRC_REFUSED_SLOTS = 256 # sources whose refusals are counted one by one
+    NAT_SRC_REFUSED_SLOTS = 256  # sources whose refusals are counted one by one
 
 # A packet's flow as the datapath sees it; also the dtype of batch arrays
 # (egresscore.NAT_TUPLE_DTYPE, 40 bytes).  For ICMP echo the identifier is
@@ -130,8 +130,8 @@ cdef struct nat_entry:
     uint32_t created_ms         # creation time, ms modulo 2**32 (ages < 49 days)
     uint32_t nbytes[2]          # IP bytes by direction
     uint16_t npkts[2]           # packets by direction
-    uint32_t wl[2]              # expiry wheel list: next, prev (entry index, or
-                                # capacity + bucket for a bucket's list head)
+    # expiry wheel list: next, prev (entry index, or capacity + bucket for a bucket's list head)
+    uint32_t wl[2]
 
 # Endpoint-independent mapping (pod ip, pod port, egress ip, proto) -> xport,
 # shared by all connections from that pod endpoint: 28 bytes.  A free

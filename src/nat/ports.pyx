@@ -30,11 +30,11 @@ cdef uint32_t _nat_port_find(const nat_pool* p, uint32_t start) noexcept nogil:
     cdef uint64_t bits = ~p.bits[w] & ((<uint64_t>0xffffffffffffffffULL) << (start & 63))
     cdef uint32_t cw, sw, wi
     cdef uint64_t fb
-    cdef int n
+    cdef int _word
     if bits:
         return (w << 6) | nat_ctz64(bits)
     cw = (w + 1) & 1023
-    for n in range(17):
+    for _word in range(17):
         sw = cw >> 6
         fb = ~p.full[sw] & ((<uint64_t>0xffffffffffffffffULL) << (cw & 63))
         if fb:

@@ -1,5 +1,13 @@
 # nat/table: NatTable, the Python class over the C table.
 
+import ipaddress as _ipaddress
+import os as _os
+import threading as _threading
+import time as _time
+from collections import namedtuple as _namedtuple
+
+import numpy as _np
+
 # ---------------------------------------------------------------------------
 # Python surface
 
@@ -25,12 +33,9 @@ _NAT_PROTO_BY_NAME = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
 _NAT_PROTO_NAME = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 _NAT_STATE_NAME = ("free", "SYN_SENT", "ESTABLISHED", "CLOSING", "UDP", "ICMP")
 _NAT_TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10,
-                  "U": 0x20, "E": 0x40, "C": 0x80}
+                      "U": 0x20, "E": 0x40, "C": 0x80}
 _NAT_REFUSAL_REASONS = (DROP_NAT_EXHAUSTED, DROP_NAT_TABLE_FULL, DROP_NO_NAT_ENTRY,
                         DROP_UNSUPPORTED, DROP_NO_EGRESS_IP, DROP_POD_CONN_LIMIT)
-
-
-
 
 
 def _nat_port(value, what):
@@ -366,7 +371,7 @@ cdef class NatTable:
         if self.t == NULL:
             raise RuntimeError("NatTable was not initialised (__init__ not run)")
         if egress_ip is None:
-            found = [i for i, n in enumerate(self._ext_names)
+            found = [i for i in range(len(self._ext_names))
                      if self.t.ext[i].family == family]
             if len(found) != 1:
                 raise ValueError(f"egress_ip is required: the table has {len(found)} "

@@ -1,6 +1,8 @@
 # --------------------------------------------------------------------------
 # Python surface: small, for tests and embedding (the datapath uses the C API)
 
+import collections as _pkt_collections
+
 PacketInfo = _pkt_collections.namedtuple(
     "PacketInfo",
     "ip_version src dst proto sport dport ttl frag df vlan icmp_type icmp_code "

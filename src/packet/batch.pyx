@@ -1,6 +1,10 @@
 # --------------------------------------------------------------------------
 # Batch API: frames in one NumPy array, one nogil loop per step
 
+from libc.string cimport memmove
+
+import numpy as _pkt_np
+
 cdef class PacketBatch:
     """N frames for batch processing without Python per packet.
 
@@ -9,7 +13,8 @@ cdef class PacketBatch:
     outer header.  Each step (decap, snat/dnat, ttl_decrement, encap) runs
     one loop with the GIL released over the frames not yet dropped, in
     place; relay() does decap + NAT + encap in one loop.  Addresses in a
-    batch are IPv4 (the C functions also do IPv6).  One thread per batch.  Per frame: verdicts[i] (VERDICT_PASS until encap makes it
+    batch are IPv4 (the C functions also do IPv6).  One thread per batch.
+    Per frame: verdicts[i] (VERDICT_PASS until encap makes it
     VERDICT_TX, VERDICT_DROP with reasons[i]); counters[r] counts drops per
     reason r (DROP_REASON_NAMES).  A frame dropped with frag_needed holds the
     ICMP too-big reply for its sender (length 0 when none may be sent)."""

@@ -54,7 +54,7 @@ cdef struct PktInfo:
     uint8_t icmp_err        # ICMP/ICMPv6 error with a parsed embedded packet
     uint8_t tcp_flags
     uint16_t sport          # TCP/UDP ports; ICMP echo request: id as sport,
-    uint16_t dport          #   echo reply: id as dport (as Cilium's NAT does)
+    uint16_t dport          # echo reply: id as dport (as Cilium's NAT does)
     uint32_t src4           # IPv4 addresses (0 for IPv6: read l3_off + 8/24)
     uint32_t dst4
     # the packet quoted in an ICMP error (icmp_err == 1)
@@ -130,7 +130,7 @@ cdef int64_t vxlan_encap_frame(uint8_t *frame, int64_t length, const VxlanTmpl *
 # accepts any VNI.  Returns 0 or DROP_MALFORMED / DROP_UNSUPPORTED /
 # DROP_CSUM / DROP_FRAGMENT / DROP_BAD_VXLAN (port, flags, reserved bits, VNI).
 cdef int vxlan_decap_frame(const uint8_t *buf, int64_t length, uint16_t port, int64_t vni,
-                     VxlanDecapInfo *out) noexcept nogil
+                           VxlanDecapInfo *out) noexcept nogil
 
 cdef class VxlanTemplate:
     cdef VxlanTmpl t

@@ -17,13 +17,8 @@
 #
 # All functions here are nogil C over (pointer, length); the Python surface at
 # the end of the file copies its input, calls them, and raises on a drop.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
-from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memcpy, memmove, memset
-
-import collections as _pkt_collections
-
-import numpy as _pkt_np
+from libc.stdint cimport uint8_t, uint16_t, int32_t, int64_t
+from libc.string cimport memset
 
 
 # --------------------------------------------------------------------------
@@ -56,12 +51,12 @@ cdef int _pkt_ip6_ext(const uint8_t *buf, int32_t off, int32_t end, uint8_t *nh,
     """Walk IPv6 extension headers from `off` (next header nh[0]) up to `end`.
     Sets nh[0] to the upper-layer protocol, l4[0] to its offset (-1 behind a
     later fragment) and frag[0]."""
-    cdef int i
+    cdef int _hop
     cdef uint8_t h = nh[0]
     cdef int32_t hl
     cdef uint16_t fo
     frag[0] = PKT_FRAG_NONE
-    for i in range(8):
+    for _hop in range(8):
         if h == 0 or h == 43 or h == 60:       # hop-by-hop, routing, destination
             if off + 8 > end:
                 return DROP_MALFORMED

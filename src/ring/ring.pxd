@@ -91,7 +91,8 @@ cdef extern from "ring/ring.h" nogil:
     uint8_t *ring_tx_vnet(ring_t *r)                # claimed frame's virtio_net_hdr
     void ring_tx_commit(ring_t *r, uint32_t length)
     int ring_tx_flush(ring_t *r)                    # frames sent, or -errno
-    int ring_tx_direct(ring_t *r, const void *vnet, const uint8_t *data, uint32_t length)  # one large frame now (vnet_hdr rings)
+    # one large frame now (vnet_hdr rings)
+    int ring_tx_direct(ring_t *r, const void *vnet, const uint8_t *data, uint32_t length)
     int ring_tx_wait(ring_t *r, int timeout_ms)     # 1 free, 0 timeout, -errno
     int ring_poll(ring_t *r, short events, int timeout_ms)
     int ring_stats_update(ring_t *r)

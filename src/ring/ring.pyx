@@ -142,7 +142,8 @@ cdef class PacketRing:
                                  f"256..block_size ({block_size}), got {rx_frame_size}")
         if tx:
             if tx_frame_size < RING_TX_DATA_OFF + 64 or tx_frame_size % 16 or tx_frame_size > 1 << 18:
-                raise ValueError(f"tx_frame_size must be a multiple of 16 in {RING_TX_DATA_OFF + 64}..262144, got {tx_frame_size}")
+                raise ValueError(f"tx_frame_size must be a multiple of 16 in {RING_TX_DATA_OFF + 64}..262144, "
+                                 f"got {tx_frame_size}")
             if not 1 <= tx_frames <= 1 << 20:
                 raise ValueError(f"tx_frames must be in 1..1048576, got {tx_frames}")
         if fanout_mode not in _RING_FANOUT_MODES:
@@ -534,7 +535,7 @@ cdef class PacketRing:
         self._check_open()
         rc = ring_stats_update(&self.r)
         if rc < 0:
-            raise errno_error(-rc, f"PACKET_STATISTICS")
+            raise errno_error(-rc, "PACKET_STATISTICS")
         return {
             "kernel_packets": self.r.k_packets,
             "kernel_drops": self.r.k_drops,
