@@ -165,22 +165,54 @@ def test_a_killed_labs_namespaces_are_removed_by_the_next_lab():
     assert lab_namespaces() == []
 
 
-@needs_netns
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signals_tear_down(sig):
+def _lab_child(prelude=""):
+    """A Python child that builds a Lab, says "up" and sleeps.  Its SIGINT and
+    SIGTERM start at their defaults, as in a shell's foreground job: a run
+    started from a background job of a non-interactive shell (a CI script's
+    `cmd &`) inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler; `prelude` may set other dispositions."""
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        {prelude}
         sys.path.insert(0, {ROOT!r})
         from egresscore.lab import Lab
         with Lab() as lab:
             print("up", flush=True)
             time.sleep(30)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+
+
+@needs_netns
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_tear_down(sig):
+    proc = _lab_child()
     try:
         assert proc.stdout.readline().strip() == "up"
         assert lab_namespaces()
         proc.send_signal(sig)
+        proc.wait(15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert lab_namespaces() == []
+
+
+@needs_netns
+def test_an_ignored_sigint_stays_ignored():
+    """A lab in a process that ignores SIGINT (a background job) leaves it
+    ignored, as Python does; SIGTERM still tears it down."""
+    proc = _lab_child("signal.signal(signal.SIGINT, signal.SIG_IGN)")
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        proc.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(1.0)
+        assert lab_namespaces()
+        proc.send_signal(signal.SIGTERM)
         proc.wait(15)
     finally:
         if proc.poll() is None:

@@ -110,6 +110,10 @@ class Lab:
     policies: CiliumEgressGatewayPolicy documents (dicts) for the kernel datapath;
     default: the seed's policy on the lab's addresses (kernel.SAMPLE_POLICY).
     tag: runs several labs side by side (namespaces egc-lab-<tag>-*).
+    SIGINT, SIGTERM and SIGHUP unwind the `with` block and tear down; a signal
+    the process inherited as ignored stays ignored (a background job of a
+    non-interactive shell ignores SIGINT, and Python keeps that), so there
+    SIGTERM is the one that stops it.
     """
 
     def __init__(self, datapath=None, *, masquerade=False, policies=None, pods=DEFAULT_PODS,
@@ -238,7 +242,8 @@ class Lab:
             self._built = False
 
     def _install_signal_handlers(self):
-        """SIGTERM (and SIGHUP) become KeyboardInterrupt, so `with` blocks unwind and tear down."""
+        """SIGTERM (and SIGHUP) become KeyboardInterrupt, so `with` blocks unwind and tear down
+        (SIGINT already is one, unless inherited ignored); an ignored or handled signal is left alone."""
         if threading.current_thread() is not threading.main_thread():
             return
 

@@ -6,8 +6,12 @@
  *   over when full or after rx_retire_ms.  Throughput; but a sparse flow's
  *   frames wait up to the retire timeout (>= 1 ms) in the open block.
  * - TPACKET_V2 (rx_frame_size > 0): fixed frame slots, each handed over (and
- *   the poller woken) as it lands.  Latency; larger packets are cut to the
- *   slot (len < wire_len), so slots are sized for the largest packet.
+ *   the poller woken) as it lands.  Latency; a packet larger than its slot
+ *   is cut (len < wire_len), unless rx_copy_size > 0: then the kernel also
+ *   queues it whole on the socket (PACKET_COPY_THRESH, TP_STATUS_COPY on
+ *   the slot) and the batch reads it into a buffer of that size.  So slots
+ *   sized for the common frame hold many thousands of them (a burst), and
+ *   the rare super-packet still passes whole, at one recv() more.
  * The socket has one version, so TX uses the same header kind as RX.
  *
  * RX (V3): the kernel fills whole blocks and flips block_status to TP_STATUS_USER.
@@ -38,6 +42,7 @@
 #include <linux/if_packet.h>
 #include <poll.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -74,6 +79,7 @@ typedef struct ring_cfg {
     uint32_t rx_block_nr;
     uint32_t rx_retire_ms;
     uint32_t rx_frame_size;   /* > 0: TPACKET_V2 slots of this size; 0: V3 blocks */
+    uint32_t rx_copy_size;    /* V2, > 0: larger frames whole through the socket, up to this */
     uint32_t tx_frame_size;   /* 0 = no TX ring */
     uint32_t tx_frame_nr;
     int fanout_group;         /* < 0: no fanout */
@@ -104,6 +110,8 @@ typedef struct ring {
     uint8_t *rx_next;        /* next frame of the open block, NULL if none */
     int v2;                  /* TPACKET_V2: rx_* count frame slots, not blocks */
     uint32_t rx_frame_size, rx_fpb;
+    uint8_t *rx_big;         /* V2: the buffer a frame larger than its slot is read into */
+    uint32_t rx_big_size;
     /* TX */
     uint8_t *tx;
     uint32_t tx_frame_size, tx_frame_nr, tx_fpb, tx_block_size, tx_room;
@@ -112,6 +120,8 @@ typedef struct ring {
     uint32_t tx_pending;     /* committed since the last successful flush */
     /* counters */
     uint64_t rx_frames, rx_blocks;
+    uint64_t rx_copied;      /* frames larger than their slot, read whole from the socket */
+    uint64_t rx_copy_lost;   /* such frames the kernel could not queue (receive buffer full) */
     uint64_t tx_frames, tx_flushes, tx_full, tx_errors;
     uint64_t tx_dropped;     /* frames given up on: the TX ring (send buffer) stayed full */
     uint64_t tx_direct;      /* frames sent by ring_tx_direct */
@@ -158,6 +168,8 @@ static inline void ring_close(ring_t *r)
     r->dfd = -1;
     if (r->map != NULL && r->map != MAP_FAILED)
         munmap(r->map, r->map_len);
+    free(r->rx_big);
+    r->rx_big = NULL;
     r->map = NULL;
     r->rx = r->tx = NULL;
     if (r->fd >= 0)
@@ -196,6 +208,27 @@ static inline int ring_open_direct(ring_t *r, const ring_cfg_t *c)
         r->err_where = "bind (direct send)";
         return -errno;
     }
+    return 0;
+}
+
+/* V2 slots smaller than the largest frame: the kernel queues a frame that
+ * does not fit whole on the socket as well (PACKET_COPY_THRESH) and marks
+ * its cut slot TP_STATUS_COPY.  The receive buffer holds a few dozen
+ * super-packets (SO_RCVBUFFORCE needs CAP_NET_ADMIN; else what SO_RCVBUF
+ * grants); beyond that a large frame arrives cut and is counted. */
+static inline int ring_open_copy(ring_t *r, const ring_cfg_t *c)
+{
+    int one = 1, rcvbuf = 8 << 20, rc;
+    if ((rc = ring_setopt(r, SOL_PACKET, PACKET_COPY_THRESH, &one, sizeof(one), "PACKET_COPY_THRESH")))
+        return rc;
+    if (setsockopt(r->fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof(rcvbuf)) < 0)
+        setsockopt(r->fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
+    r->rx_big = malloc(c->rx_copy_size);
+    if (r->rx_big == NULL) {
+        r->err_where = "the RX copy buffer";
+        return -ENOMEM;
+    }
+    r->rx_big_size = c->rx_copy_size;
     return 0;
 }
 
@@ -246,6 +279,8 @@ static inline int ring_open(ring_t *r, const ring_cfg_t *c)
             q.tp_retire_blk_tov = c->rx_retire_ms;
         }
         if ((rc = ring_setopt(r, SOL_PACKET, PACKET_RX_RING, &q, sizeof(q), "PACKET_RX_RING")))
+            goto fail;
+        if (r->v2 && c->rx_copy_size > c->rx_frame_size && (rc = ring_open_copy(r, c)))
             goto fail;
         r->rx_block_size = c->rx_block_size;
         r->rx_block_nr = c->rx_block_nr;
@@ -376,24 +411,48 @@ static inline int ring_rx_ready(ring_t *r)
 
 /* Fill out[0..n) with views of up to max ready frames, in arrival order.
  * Views stay valid until ring_rx_release().  Returns n (0: nothing ready). */
+/* Read the whole frame behind a TP_STATUS_COPY slot into rx_big; the view
+ * points there.  Nothing queued (cannot happen while slots and queue stay
+ * in step): the cut view stays, len < wire_len, and is counted. */
+static inline void ring_rx_copy(ring_t *r, ring_frame_t *f)
+{
+    ssize_t got = recv(r->fd, r->rx_big, r->rx_big_size, MSG_DONTWAIT | MSG_TRUNC);
+    if (got < (ssize_t)r->vnet) {
+        r->rx_copy_lost++;
+        return;
+    }
+    f->vnet = r->vnet ? r->rx_big : NULL;
+    f->data = r->rx_big + r->vnet;
+    f->wire_len = (uint32_t)got - r->vnet;   /* MSG_TRUNC: the frame's real length */
+    f->len = (uint32_t)(got < (ssize_t)r->rx_big_size ? got : (ssize_t)r->rx_big_size) - r->vnet;
+    r->rx_copied++;
+}
+
 static inline int ring_rx_batch_v2(ring_t *r, ring_frame_t *out, int max)
 {
     int n = 0;
     uint32_t units = ring_rx_units(r);
     while (n < max && r->rx_held < units) {
         struct tpacket2_hdr *h = ring_rx_slot(r, r->rx_cur);
-        if (!(__atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
+        uint32_t st = __atomic_load_n(&h->tp_status, __ATOMIC_ACQUIRE);
+        if (!(st & TP_STATUS_USER))
             break;
         out[n].data = (const uint8_t *)h + h->tp_mac;
         out[n].vnet = r->vnet ? out[n].data - r->vnet : NULL;
         out[n].len = h->tp_snaplen;
         out[n].wire_len = h->tp_len;
-        out[n].status = h->tp_status;
+        out[n].status = st;
         out[n].vlan_tci = (uint16_t)h->tp_vlan_tci;
         out[n].pkttype = 0;
         n++;
         r->rx_held++;
         r->rx_cur = r->rx_cur + 1 == units ? 0 : r->rx_cur + 1;
+        if ((st & TP_STATUS_COPY) && r->rx_big != NULL) {
+            /* the whole frame is the next one queued on the socket; one
+             * buffer, so it ends the batch (valid until the release) */
+            ring_rx_copy(r, &out[n - 1]);
+            break;
+        }
     }
     r->rx_frames += (uint64_t)n;
     return n;

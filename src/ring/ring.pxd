@@ -35,6 +35,7 @@ cdef extern from "ring/ring.h" nogil:
         uint32_t rx_block_nr
         uint32_t rx_retire_ms
         uint32_t rx_frame_size
+        uint32_t rx_copy_size
         uint32_t tx_frame_size
         uint32_t tx_frame_nr
         int fanout_group
@@ -63,6 +64,8 @@ cdef extern from "ring/ring.h" nogil:
         uint32_t tx_pending
         uint64_t rx_frames
         uint64_t rx_blocks
+        uint64_t rx_copied
+        uint64_t rx_copy_lost
         uint64_t tx_frames
         uint64_t tx_flushes
         uint64_t tx_full

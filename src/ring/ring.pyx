@@ -95,7 +95,10 @@ cdef class PacketRing:
     rx_frame_size > 0 the socket is TPACKET_V2 instead: fixed slots of that
     size carved from the blocks, each frame handed over as it lands (no
     wait; for request/response and TCP ACK latency); a frame larger than
-    its slot is cut (its len < wire_len).
+    its slot is cut (its len < wire_len), unless rx_copy_size is larger
+    than the slot: then such a frame is read whole from the socket (up to
+    rx_copy_size bytes), so small slots absorb a long burst of small frames
+    and a super-packet still passes (stats: rx_copied, rx_copy_lost).
     Use it as a context manager: leaving releases the mapping and the socket.
     Batch calls release the GIL; frames are copied out only by recv/recv_into.
     One thread per PacketRing: share an interface between workers with
@@ -108,7 +111,7 @@ cdef class PacketRing:
         self.frames = NULL
 
     def __init__(self, ifname, *, netns=None, rx=True, tx=True,
-                 block_size=1 << 18, block_count=32, retire_ms=4, rx_frame_size=0,
+                 block_size=1 << 18, block_count=32, retire_ms=4, rx_frame_size=0, rx_copy_size=0,
                  tx_frame_size=2048, tx_frames=1024,
                  fanout=None, fanout_mode="hash", fanout_defrag=False,
                  qdisc_bypass=False, ignore_outgoing=True, promisc=False,
@@ -140,6 +143,10 @@ cdef class PacketRing:
             if rx_frame_size and (rx_frame_size < 256 or rx_frame_size % 16 or rx_frame_size > block_size):
                 raise ValueError(f"rx_frame_size must be 0 (TPACKET_V3 blocks) or a multiple of 16 in "
                                  f"256..block_size ({block_size}), got {rx_frame_size}")
+            rx_copy_size = int(rx_copy_size)
+            if rx_copy_size and (not rx_frame_size or not rx_frame_size < rx_copy_size <= 1 << 18):
+                raise ValueError(f"rx_copy_size must be 0 or, with rx_frame_size > 0, in "
+                                 f"rx_frame_size+1..262144, got {rx_copy_size}")
         if tx:
             if tx_frame_size < RING_TX_DATA_OFF + 64 or tx_frame_size % 16 or tx_frame_size > 1 << 18:
                 raise ValueError(f"tx_frame_size must be a multiple of 16 in {RING_TX_DATA_OFF + 64}..262144, "
@@ -176,6 +183,7 @@ cdef class PacketRing:
         c.rx_block_nr = block_count if rx else 0
         c.rx_retire_ms = int(retire_ms)
         c.rx_frame_size = rx_frame_size if rx else 0
+        c.rx_copy_size = rx_copy_size if rx else 0
         c.tx_frame_size = tx_frame_size if tx else 0
         c.tx_frame_nr = tx_frames if tx else 0
         c.fanout_group = -1 if fanout is None else fanout
@@ -530,7 +538,8 @@ cdef class PacketRing:
     def stats(self):
         """Counters: the kernel's PACKET_STATISTICS totals (packets seen,
         drops included; drops for a full ring; queue freezes) and ours
-        (rx_blocks counts V3 blocks; tx_direct frames sent by ring_tx_direct,
+        (rx_blocks counts V3 blocks; rx_copied frames larger than their V2
+        slot read whole, rx_copy_lost those the kernel could not queue; tx_direct frames sent by ring_tx_direct,
         whose full send buffer also counts in tx_full)."""
         self._check_open()
         rc = ring_stats_update(&self.r)
@@ -542,6 +551,8 @@ cdef class PacketRing:
             "kernel_freezes": self.r.k_freeze,
             "rx_frames": self.r.rx_frames,
             "rx_blocks": self.r.rx_blocks,
+            "rx_copied": self.r.rx_copied,
+            "rx_copy_lost": self.r.rx_copy_lost,
             "tx_frames": self.r.tx_frames,
             "tx_flushes": self.r.tx_flushes,
             "tx_full": self.r.tx_full,
