@@ -88,7 +88,8 @@ def kernel_lab():
 def test_build_and_teardown_leave_nothing():
     with Lab() as lab:
         names = set(lab_namespaces())
-        expected = {PREFIX + n for n in ("lan", "router", "node1", "node2", "node3", "ext1", "ext2", "app1", "app2")}
+        expected = {PREFIX + n for n in ("lan", "router", "node1", "node2", "node3", "node4", "ext1", "ext2",
+                                            "app1", "app2")}
         assert expected <= names
         facts = lab.cluster_facts()
     assert lab_namespaces() == []
