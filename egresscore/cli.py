@@ -385,7 +385,7 @@ def _cmd_demo(args):
 def _add_demo(sub):
     d = sub.add_parser(
         "demo", help="the egress gateway end to end in a network-namespace lab (root)",
-        description="Build the lab (three nodes, two pods, a router, external servers in network namespaces), "
+        description="Build the lab (four nodes, two pods, a router, external servers in network namespaces), "
                     "apply examples/egress-sample.yaml, start an agent per node, send TCP, UDP and ping from "
                     "app1 and app2, print the egress list and the source address each server saw, tear down.",
     )
