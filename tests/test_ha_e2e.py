@@ -54,7 +54,8 @@ def lab(tmp_path_factory):
         lab.agents = {}
         try:
             for name in ("node1", "node4"):
-                lab.agents[name] = Agent(name, lab.cluster_file, [HA_POLICY], netns=lab.nodes[name].ns)
+                lab.agents[name] = Agent(name, lab.cluster_file, [HA_POLICY], netns=lab.nodes[name].ns,
+                                         control_socket=True)
                 lab.agents[name].start()
             lab.servers_ = lab.start_servers()
             # agents started one after another: each sees the others answer within a few rounds
@@ -66,7 +67,7 @@ def lab(tmp_path_factory):
                 a.close()
 
 
-def test_kill_9_of_the_gateway_agent_fails_over_to_node4_within_a_second(lab):
+def test_kill_9_of_the_gateway_agent_fails_over_to_node4_within_a_second(lab, capsys):
     from egresscore.lab.ha import stream_through_failover
 
     node1, node4 = lab.agents["node1"], lab.agents["node4"]
@@ -89,6 +90,14 @@ def test_kill_9_of_the_gateway_agent_fails_over_to_node4_within_a_second(lab):
     rows = {g["node"]: g for g in node1.gateway_health()["gateways"]}
     assert (rows["node3"]["state"], rows["node3"]["why"], rows["node4"]["state"]) == ("down", "probes", "up")
     assert node1.stats()["gateway_health"]["down"] == ["node3"]
+    # `egresscore egress list` on node1 (its control socket): the map through node4, node3 listed down
+    from egresscore.cli import main
+
+    capsys.readouterr()
+    assert main(["egress", "list", "--node", "node1", "--netns", lab.nodes["node1"].ns]) == 0
+    out = capsys.readouterr().out
+    assert "10.0.1.93   203.0.113.0/24     0.0.0.0     192.168.1.4" in out
+    assert "node3          192.168.1.3   down    probes" in out and "node4          192.168.1.4   up" in out
     # new connections take node4 too; traffic the policy does not cover is untouched
     assert lab.tcp_request("app1", SERVER) == NODE4
     assert lab.tcp_request("app1", OTHER) == "192.168.1.1"
