@@ -289,6 +289,7 @@ class Compiler:
         self.cluster = cluster if cluster is not None else Cluster()
         self.node = node
         self._down = frozenset(down)
+        self.generation = 0   # bumped by every change: tells a reader its cached view is stale
         self._policies = {}
         for p in policies:
             self._policies[p.name] = p
@@ -370,6 +371,7 @@ class Compiler:
                 gc.enable()
 
     def _compile(self):
+        self.generation += 1
         self._names = sorted(self.cluster.nodes)
         self._labels = {}
         self._index = defaultdict(set)
@@ -540,6 +542,7 @@ class Compiler:
 
     def _resolve(self, changed) -> int:
         """Recompute the winners of `changed` keys; write the map; count writes."""
+        self.generation += 1
         contrib = self._contrib
         desired = self.desired
         em = self.egress_map

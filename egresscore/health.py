@@ -29,6 +29,7 @@ bytes, and a 64-bit round number that the pong echoes.
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -48,6 +49,8 @@ HEARTBEAT_PORT = 4799
 _MAGIC = b"EGCH"
 _PING, _PONG = 1, 2
 _FMT = struct.Struct("!4sB3xQ")
+# errors a UDP socket reports for an earlier datagram (an ICMP error came back): read on
+_TRANSIENT = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN)
 
 
 class LivenessError(EgressError, ValueError):
@@ -195,8 +198,10 @@ class Prober:
                 data, (ip, _) = self.sock.recvfrom(64)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:     # an ICMP error queued on the socket: the next read goes on
-                continue
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:     # an ICMP error queued on the socket: read on
+                    continue
+                return
             if len(data) != _FMT.size:
                 continue
             magic, kind, rnd = _FMT.unpack(data)
@@ -238,8 +243,10 @@ class Responder:
                     data, addr = self.sock.recvfrom(64)
                 except (BlockingIOError, InterruptedError):
                     break
-                except OSError:
-                    continue
+                except OSError as exc:
+                    if exc.errno in _TRANSIENT:
+                        continue
+                    return
                 if len(data) == _FMT.size:
                     magic, kind, rnd = _FMT.unpack(data)
                     if magic == _MAGIC and kind == _PING:

@@ -285,6 +285,7 @@ class Agent:
         self.health = None
         self.responder = None
         self._candidates = {}          # gateway candidates {name: ip}, this node included
+        self._candidates_gen = None    # the compiler generation they were computed at
         self.flow_log = None
         self.flow_logger = None
         self.metrics = None
@@ -340,7 +341,11 @@ class Agent:
         self._services.append(self.health.stop)
 
     def _update_health_targets(self):
-        """The nodes to probe: every gateway candidate but this node (compile lock held)."""
+        """The nodes to probe: every gateway candidate but this node (compile
+        lock held); recomputed only when the compiler changed."""
+        if self._candidates_gen == self.compiler.generation:
+            return
+        self._candidates_gen = self.compiler.generation
         self._candidates = self.compiler.gateway_candidates()
         if self.health is not None:
             self.health.set_targets({n: ip for n, ip in self._candidates.items() if n != self.node})
@@ -431,11 +436,12 @@ class Agent:
         self._queue.put(job)
         self._wake()
 
-    def _run_jobs(self):
+    def _run_jobs(self, wait=False):
         """Run the queued control jobs, holding the compile lock; when the
         health thread holds it, they wait for the next iteration (it wakes
-        the loop when done): the loop thread never waits for a recompile."""
-        if self._queue.empty() or not self._compile_lock.acquire(blocking=False):
+        the loop when done): the loop thread never waits for a recompile
+        (`wait`: a caller that is not the datapath thread does)."""
+        if self._queue.empty() or not self._compile_lock.acquire(blocking=wait):
             return False
         ran = False
         try:
@@ -459,7 +465,7 @@ class Agent:
             return
         self._host.call(lambda: None)
         if self._loop_thread is None:
-            self._run_jobs()
+            self._run_jobs(wait=True)
         else:
             self._submit(lambda: None)
 
