@@ -139,6 +139,24 @@ def test_prober_ignores_foreign_and_stale_answers():
         p.read()
         p.close_round()
         assert p.down() == frozenset()
+        late = data
+        p.set_targets({"gw": "127.0.0.1"})
+        for _ in range(2):                       # two rounds unanswered but for a late pong of the one before
+            p.send()
+            data, addr = fake.recvfrom(64)
+            fake.sendto(late[:4] + b"\x02" + late[5:], addr)
+            late = data
+            time.sleep(0.05)
+            p.read()
+            p.close_round()
+        assert p.down() == frozenset()
+        p.send()                                 # a pong two rounds old no longer counts
+        fake.recvfrom(64)
+        fake.sendto(late[:4] + b"\x02" + (int.from_bytes(late[8:], "big") - 1).to_bytes(8, "big"), addr)
+        time.sleep(0.05)
+        p.read()
+        p.close_round()
+        assert p.down() == {"gw"}
     finally:
         fake.close()
         p.sock.close()

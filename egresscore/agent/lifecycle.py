@@ -197,6 +197,10 @@ class Agent:
         self._liveness = list(liveness)
         if probe_interval <= 0 or probe_misses < 1 or probe_rises < 1:
             raise ValueError("probe_interval must be positive, probe_misses and probe_rises at least 1")
+        if nat_port_range[0] <= heartbeat_port <= nat_port_range[1] or heartbeat_port == vxlan_port:
+            # the claims blackhole those ports: heartbeats would never reach the responder
+            raise ValueError(f"heartbeat_port {heartbeat_port} must be outside nat_port_range {nat_port_range} "
+                             f"and not the VXLAN port")
         self.node_ip = cluster.nodes[node].gateway_ip
         socket_path = (os.fspath(control_socket) if control_socket and control_socket is not True
                        else default_socket_path(node, netns))
