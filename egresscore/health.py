@@ -235,9 +235,12 @@ class Responder:
 
     def _run(self):
         self.sock.setblocking(False)
+        poller = select.poll()      # not select(): an agent's process may hold more than 1024 descriptors
+        poller.register(self.sock, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
         while True:
-            r, _, _ = select.select([self.sock, self._stop_r], [], [])
-            if self._stop_r in r:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._stop_r in ready:
                 return
             while True:
                 try:
@@ -317,41 +320,50 @@ class GatewayHealth:
             down |= p.down()
         down = frozenset(down)
         if down != self._down:
+            self.on_change(down)      # raises: the change is tried again next round
             self._down = down
             self.changes += 1
             self.last_change = (time.time(), down)
-            self.on_change(down)
         return down
 
     def _run(self):
         p = self.prober
+        poller = select.poll()      # not select(): the agent's process may hold more than 1024 descriptors
+        if p is not None:
+            poller.register(p.sock, select.POLLIN)
         next_round = time.monotonic()
         while not self._stop.is_set():
-            with self._lock:
-                targets, self._targets = self._targets, None
-            if targets is not None and p is not None:
-                p.set_targets(targets)
-            if p is not None:
-                p.send()
-            next_round += self.interval
-            while True:
-                left = next_round - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    break
-                if p is None:
-                    self._stop.wait(left)
-                    continue
-                r, _, _ = select.select([p.sock], [], [], left)
-                if r:
-                    p.read()
-            if p is not None:
-                p.close_round()
             try:
-                self.evaluate()
-            except Exception as exc:  # noqa: BLE001 - health must keep running
+                next_round = self._round(p, poller, next_round)
+            except Exception as exc:  # noqa: BLE001 - health must keep running: say why, go on
                 print(f"egresscore health: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            if time.monotonic() - next_round > 10 * self.interval:   # fell far behind (suspended): resync
+                self._stop.wait(self.interval)
                 next_round = time.monotonic()
+
+    def _round(self, p, poller, next_round):
+        """One probe round: send, read until the round ends, account, evaluate."""
+        with self._lock:
+            targets, self._targets = self._targets, None
+        if targets is not None and p is not None:
+            p.set_targets(targets)
+        if p is not None:
+            p.send()
+        next_round += self.interval
+        while True:
+            left = next_round - time.monotonic()
+            if left <= 0 or self._stop.is_set():
+                break
+            if p is None:
+                self._stop.wait(left)
+                continue
+            if poller.poll(left * 1000):
+                p.read()
+        if p is not None:
+            p.close_round()
+        self.evaluate()
+        if time.monotonic() - next_round > 10 * self.interval:   # fell far behind (suspended): resync
+            next_round = time.monotonic()
+        return next_round
 
     def state(self, candidates) -> list:
         """[{node, ip, state, why}] for `candidates` ({name: ip}), sorted by name."""

@@ -5,6 +5,7 @@ Responder answers real UDP heartbeats from a Prober driven by GatewayHealth's
 own thread; stopping the responder makes its node down after the miss count,
 starting it again brings it back after the rise count.
 """
+import os
 import socket
 import threading
 import time
@@ -160,3 +161,46 @@ def test_prober_ignores_foreign_and_stale_answers():
     finally:
         fake.close()
         p.sock.close()
+
+
+def test_probing_works_in_a_process_holding_more_than_1024_descriptors():
+    """An agent's process holds many rings and sockets: no select() (FD_SETSIZE) anywhere."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.dup(0) for _ in range(1100)]
+    port = _free_port()
+    gw = Responder(Responder.open_socket("127.0.0.1", port)).start()
+    assert gw.sock.fileno() > 1024
+    changes = []
+    health = GatewayHealth(changes.append, prober=_prober(port, misses=2, rises=1), interval=0.03)
+    health.set_targets({"gw": "127.0.0.1"})
+    health.start()
+    try:
+        assert _wait(lambda: health.prober.received >= 3, 2.0), health.prober.received
+        gw.stop()
+        assert _wait(lambda: health.down == {"gw"}, 2.0)
+    finally:
+        health.stop()
+        gw.stop()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_failing_recompile_is_tried_again_next_round():
+    calls = []
+
+    def on_change(down):
+        calls.append(down)
+        if len(calls) == 1:
+            raise RuntimeError("compile failed")
+
+    health = GatewayHealth(on_change, liveness=[StaticLiveness({"node3"})], interval=0.02)
+    with pytest.raises(RuntimeError):
+        health.evaluate()
+    assert health.down == frozenset()              # not taken as applied
+    assert health.evaluate() == {"node3"} and health.down == {"node3"} and len(calls) == 2
