@@ -166,6 +166,10 @@ class Prober:
     def down(self) -> frozenset:
         return frozenset(self._down)
 
+    def missed(self, name) -> int:
+        """Rounds in a row `name` has not answered (0 for a node not probed)."""
+        return self._miss.get(name, 0)
+
     def close_round(self):
         """Account the round that ends now: who answered, who missed."""
         for name in self._targets:
@@ -366,13 +370,15 @@ class GatewayHealth:
         return next_round
 
     def state(self, candidates) -> list:
-        """[{node, ip, state, why}] for `candidates` ({name: ip}), sorted by name."""
+        """[{node, ip, state, why, missed}] for `candidates` ({name: ip}), sorted by
+        name; missed: the rounds in a row without an answer, now."""
         probe = self.prober.down() if self.prober is not None else frozenset()
         live = frozenset().union(*(p.down() for p in self.liveness)) if self.liveness else frozenset()
         out = []
         for name in sorted(candidates):
             why = [w for w, s in (("probes", probe), ("liveness", live)) if name in s]
+            missed = self.prober.missed(name) if self.prober is not None else 0
             out.append({"node": name, "ip": candidates[name], "state": "down" if name in self._down else "up",
-                        "why": ", ".join(why)})
+                        "why": ", ".join(why), "missed": missed})
         return out
 

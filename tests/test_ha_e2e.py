@@ -59,7 +59,9 @@ def lab(tmp_path_factory):
                 lab.agents[name].start()
             lab.servers_ = lab.start_servers()
             # agents started one after another: each sees the others answer within a few rounds
-            _wait(lambda: all(_down(a) == set() for a in lab.agents.values()), 5.0, "every gateway up")
+            _wait(lambda: all(g["state"] == "up" and not g.get("missed")
+                              for a in lab.agents.values() for g in a.gateway_health()["gateways"]),
+                  5.0, "every gateway up and answering")
             yield lab
         finally:
             for a in lab.agents.values():

@@ -71,6 +71,7 @@ def test_a_gateway_that_stops_answering_is_down_after_the_misses_and_back_after_
         assert 0.09 <= when - t0 <= 0.4, when - t0
         rows = {r["node"]: r for r in health.state({"node3": "127.0.0.1", "node4": "127.0.0.2"})}
         assert (rows["node3"]["state"], rows["node3"]["why"]) == ("down", "probes")
+        assert rows["node3"]["missed"] >= 3 and rows["node4"]["missed"] == 0
         assert rows["node4"]["state"] == "up"
         seen.clear()
         gw1 = Responder(Responder.open_socket("127.0.0.1", port)).start()

@@ -340,6 +340,7 @@ class Agent:
         prober = Prober(self._host.call(probe_socket), port=port, misses=misses, rises=rises)
         self.health = GatewayHealth(self._health_changed, prober=prober, liveness=self._liveness,
                                     interval=interval, name=f"egresscore-health-{self.node}")
+        self._candidates_gen = None     # computed before there was a prober: hand them over now
         self._update_health_targets()
         self.health.start()
         self._services.append(self.health.stop)
