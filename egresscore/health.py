@@ -10,7 +10,8 @@ Compiler.set_down):
 - direct probes (Prober): this node sends a small UDP heartbeat to every
   gateway it may use, over the underlay, every `interval` seconds (10 per
   second by default); a gateway that misses `misses` rounds in a row (3) is
-  down, one that answers `rises` rounds in a row (2) is up again.  The
+  down, one that answers `rises` rounds in a row (2) is up again (a pong one
+  round late still counts).  The
   gateway's agent answers with a Responder: a plain UDP socket on the node IP
   and HEARTBEAT_PORT.  Nodes start up (as Cilium assumes them): a gateway that
   is dead when this agent starts is found within `misses` rounds.
