@@ -75,7 +75,10 @@ def _cmd_egress_list(args):
         args.parser.error(f"the following arguments are required: {missing} (or give --socket / "
                           f"--node alone to ask a running agent)")
     cluster, policies = _load_inputs(args)
-    compiler = Compiler(cluster, policies, node=args.node)
+    unknown = sorted(set(args.down or ()) - set(cluster.nodes))
+    if unknown:
+        raise CLIError(f"--down: no node {', '.join(map(repr, unknown))} in {args.cluster}")
+    compiler = Compiler(cluster, policies, node=args.node, down=args.down or ())
     for problem in compiler.problems():
         _warn(f"warning: {problem}")
     for conflict in compiler.conflicts():
@@ -85,6 +88,8 @@ def _cmd_egress_list(args):
         sys.stdout.write(json.dumps(show.egress_dicts(rows), indent=2) + "\n")
     elif rows:
         sys.stdout.write(show.egress_table(rows))
+        if args.down:
+            sys.stdout.write(show.gateway_health_table(show.offline_gateway_health(compiler)))
     else:
         print("No entries found.", file=sys.stderr)
     return EXIT_OK
@@ -94,10 +99,16 @@ def _egress_list_live(args):
     rows = _agent_call(args, "egress_list")
     if args.output == "json":
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-    elif rows:
+        return EXIT_OK
+    if rows:
         sys.stdout.write(show.egress_table(show.rows_of_dicts(rows)))
     else:
         print("No entries found.", file=sys.stderr)
+    try:
+        health = _agent_call(args, "gateway_health")
+    except CLIError:      # an agent without gateway health: the egress list alone
+        return EXIT_OK
+    sys.stdout.write(show.gateway_health_table(health))
     return EXIT_OK
 
 
@@ -186,10 +197,13 @@ def _add_egress(sub):
                "Exit status 1, with one line per problem and nothing listed, if an input file or document "
                "is bad: the files are loaded as a running agent would load them, all or nothing. "
                "With --socket, or --node without --cluster/--policies, the live map of a running "
-               "agent is listed instead.",
+               "agent is listed instead, followed by its gateways and which of them are down.",
     )
     _add_input_options(ls, node_required=False, files_required=False)
     _add_agent_options(ls)
+    ls.add_argument("--down", action="append", metavar="NODE",
+                    help="compile as if NODE were down (gateway health: the next matching node takes its "
+                         "place); may be repeated; with --cluster/--policies only")
     ls.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format (table)")
     ls.set_defaults(func=_cmd_egress_list, parser=ls)
 
@@ -249,13 +263,20 @@ def _cmd_agent(args):
     import signal
 
     from .agent import DEFAULT_NAT_CAPACITY, Agent, AgentError
+    from .health import FileLiveness, LivenessError
 
+    try:
+        liveness = [FileLiveness(args.liveness_file)] if args.liveness_file else []
+    except LivenessError as exc:
+        raise CLIError(f"--liveness-file: {exc}") from None
     try:
         control = False if args.no_control_socket else (args.control_socket or True)
         agent = Agent(args.node, args.cluster, args.policies, netns=args.netns, flow_log=args.flow_log,
                       flow_drop_rate=args.flow_drop_rate, metrics_port=args.metrics_port,
                       metrics_addr=args.metrics_addr, control_socket=control, ring_mode=args.ring_mode,
-                      nat_capacity=args.nat_capacity or DEFAULT_NAT_CAPACITY, pod_conn_limit=args.pod_conn_limit)
+                      nat_capacity=args.nat_capacity or DEFAULT_NAT_CAPACITY, pod_conn_limit=args.pod_conn_limit,
+                      gateway_health=args.gateway_health == "on", liveness=liveness,
+                      probe_interval=args.probe_interval, probe_misses=args.probe_misses)
     except (AgentError, PermissionError) as exc:
         raise CLIError(str(exc)) from None
     signal.signal(signal.SIGINT, lambda *a: agent.stop())
@@ -293,6 +314,17 @@ def _count(text, most=None):
     return n
 
 
+def _seconds(text):
+    """An argparse type: a positive number of seconds (at most 60)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < v <= 60:
+        raise argparse.ArgumentTypeError(f"{v} is out of range (0, 60]")
+    return v
+
+
 def _add_agent(sub):
     a = sub.add_parser(
         "agent", help="run this node's egress gateway datapath (daemon)",
@@ -326,6 +358,15 @@ def _add_agent(sub):
                    help="at most N connections per source (pod) IP; more are refused (drop reason "
                         "pod_conn_limit, counted per pod in `egresscore stats`); off by default; "
                         "30 bytes more per connection of capacity")
+    a.add_argument("--gateway-health", choices=("on", "off"), default="on",
+                   help="'on' (default): gateways are chosen by Cilium's rules over the nodes that are up "
+                        "(UDP heartbeats on port 4799 and --liveness-file); 'off': Cilium's exact choice")
+    a.add_argument("--liveness-file", metavar="FILE",
+                   help="YAML/JSON {down: [node, ...]}: nodes whose liveness has expired, re-read when it changes")
+    a.add_argument("--probe-interval", type=_seconds, default=0.1, metavar="SECONDS",
+                   help="heartbeat rounds to each gateway candidate (default 0.1: 10 a second)")
+    a.add_argument("--probe-misses", type=_count, default=3, metavar="N",
+                   help="a gateway missing N rounds in a row is down (default 3)")
     a.add_argument("--ring-mode", choices=("latency", "batch"), default="latency",
                    help="RX rings: 'latency' hands each frame over as it lands (default); 'batch' hands "
                         "over blocks, at most 1 ms late: fewer wake-ups, more small packets per CPU second")
@@ -344,7 +385,7 @@ def _cmd_demo(args):
 def _add_demo(sub):
     d = sub.add_parser(
         "demo", help="the egress gateway end to end in a network-namespace lab (root)",
-        description="Build the lab (three nodes, two pods, a router, external servers in network namespaces), "
+        description="Build the lab (four nodes, two pods, a router, external servers in network namespaces), "
                     "apply examples/egress-sample.yaml, start an agent per node, send TCP, UDP and ping from "
                     "app1 and app2, print the egress list and the source address each server saw, tear down.",
     )

@@ -16,6 +16,16 @@ sorted by gateway IP and each pod gets
 gateways[fnv1a_32(CiliumEndpoint UID) % len(gateways)] (forEachEndpointAndCIDR);
 our Pod.uid plays the CiliumEndpoint UID.
 
+Gateway health (an egresscore extension; egresscore.health says which nodes
+are down): with a set of down nodes, the same rules run over the nodes that
+are up.  A down node is skipped and the next matching node by name takes its
+place, with its own egress IP (resolved as on that node); a gateway of
+`egressGateways` whose matching nodes are all down is skipped like one that
+matches no node, so pods re-pin over the rest; nothing up -> "Not Found"
+(source nodes drop, "no gateway").  No down set (the default, and the agent's
+--gateway-health=off) is Cilium's exact behaviour.  `set_down` rewrites only
+the entries of the policies whose gateways changed.
+
 Egress IP (deriveFromPolicyGatewayConfig), resolved on the gateway node only:
 `egressIP` if one of the node's interfaces holds it; `interface`: its first
 address of each needed family; neither: the first address of the interface
@@ -51,7 +61,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from .cluster import Cluster, Namespace, Node, Pod
@@ -92,6 +102,7 @@ class ResolvedGateway:
     egress_ip6: str
     interface: str | None = None
     problem: str | None = None
+    skipped: tuple = ()  # matching nodes passed over because they are down (gateway health)
 
     @property
     def target4(self) -> Target:
@@ -208,18 +219,24 @@ def _derive_egress(policy: EgressPolicy, gw, node: Node):
     return e4, e6, ifname, None
 
 
-def resolve_gateways(policy: EgressPolicy, cluster: Cluster, view: str | None = None, node_names=None) -> tuple:
-    """The policy's gateways, in the order placement hashes over."""
+def resolve_gateways(policy: EgressPolicy, cluster: Cluster, view: str | None = None, node_names=None,
+                     down=frozenset()) -> tuple:
+    """The policy's gateways, in the order placement hashes over; nodes in
+    `down` are passed over (gateway health; empty: Cilium's exact rules)."""
     names = node_names if node_names is not None else sorted(cluster.nodes)
     out = []
     for gw in policy.gateways:
         resolved = None
+        skipped = []
         for name in names:
             node = cluster.nodes[name]
             if not gw.node_selector.matches(node.labels):
                 continue
             gip = node.gateway_ip
             if gip is None:  # Cilium skips a node without an IPv4 node IP
+                continue
+            if name in down:
+                skipped.append(name)
                 continue
             if view is None or view == name:
                 e4, e6, ifname, problem = _derive_egress(policy, gw, node)
@@ -234,11 +251,15 @@ def resolve_gateways(policy: EgressPolicy, cluster: Cluster, view: str | None = 
                 resolved = ResolvedGateway(gip, name, EGRESS_IP_NOT_FOUND_V4, EGRESS_IP_NOT_FOUND_V6)
             break
         if resolved is None:
+            sel = gw.node_selector.to_dict() or "{}"
+            why = (f"every node matching nodeSelector {sel} is down ({', '.join(skipped)})" if skipped
+                   else f"no node matches nodeSelector {sel}")
             resolved = ResolvedGateway(
                 GATEWAY_NOT_FOUND, None, EGRESS_IP_NOT_FOUND_V4, EGRESS_IP_NOT_FOUND_V6,
-                problem=(f"no node matches nodeSelector {gw.node_selector.to_dict() or '{}'}"
-                         ": source nodes drop this traffic (no gateway)"),
+                problem=f"{why}: source nodes drop this traffic (no gateway)",
             )
+        if skipped:
+            resolved = replace(resolved, skipped=tuple(skipped))
         out.append(resolved)
     if len(out) > 1:
         found = [g for g in out if g.node is not None]
@@ -263,9 +284,12 @@ class Compiler:
     entries whose value changed, in place: the datapath keeps reading.
     """
 
-    def __init__(self, cluster: Cluster | None = None, policies=(), *, node: str | None = None, egress_map=None):
+    def __init__(self, cluster: Cluster | None = None, policies=(), *, node: str | None = None, egress_map=None,
+                 down=()):
         self.cluster = cluster if cluster is not None else Cluster()
         self.node = node
+        self._down = frozenset(down)
+        self.generation = 0   # bumped by every change: tells a reader its cached view is stale
         self._policies = {}
         for p in policies:
             self._policies[p.name] = p
@@ -283,6 +307,22 @@ class Compiler:
     def gateways(self, policy_name) -> tuple:
         """The resolved gateways of a policy (sorted as placement uses them)."""
         return self._gateways[policy_name]
+
+    @property
+    def down(self) -> frozenset:
+        """The nodes gateway selection passes over (empty: Cilium's exact rules)."""
+        return self._down
+
+    def gateway_candidates(self) -> dict:
+        """{node name: gateway IP} of every node that matches some policy's
+        gateway nodeSelector, up or down: the nodes whose health matters."""
+        out = {}
+        for p in self._policies.values():
+            for gw in p.gateways:
+                for name, n in self.cluster.nodes.items():
+                    if n.gateway_ip and name not in out and gw.node_selector.matches(n.labels):
+                        out[name] = n.gateway_ip
+        return out
 
     def matched_pods(self, policy_name) -> list:
         return [self.cluster.pods[k] for k in sorted(self._matched.get(policy_name, ()))]
@@ -331,6 +371,7 @@ class Compiler:
                 gc.enable()
 
     def _compile(self):
+        self.generation += 1
         self._names = sorted(self.cluster.nodes)
         self._labels = {}
         self._index = defaultdict(set)
@@ -398,7 +439,7 @@ class Compiler:
     # ------------------------------------------------------------- internals
 
     def _prepare_policy(self, policy):
-        self._gateways[policy.name] = resolve_gateways(policy, self.cluster, self.node, self._names)
+        self._gateways[policy.name] = resolve_gateways(policy, self.cluster, self.node, self._names, self._down)
         dst4, dst6 = _split_family(policy.destination_cidrs)
         ex4, ex6 = _split_family(policy.excluded_cidrs)
         self._prepared[policy.name] = (dst4, dst6, ex4, ex6)
@@ -501,6 +542,7 @@ class Compiler:
 
     def _resolve(self, changed) -> int:
         """Recompute the winners of `changed` keys; write the map; count writes."""
+        self.generation += 1
         contrib = self._contrib
         desired = self.desired
         em = self.egress_map
@@ -624,13 +666,23 @@ class Compiler:
         del self.cluster.nodes[name]
         return self._nodes_changed()
 
-    def _nodes_changed(self):
+    def set_down(self, down) -> int:
+        """The nodes that are down now (gateway health): the gateways are
+        re-chosen and only the policies whose gateways changed are rewritten;
+        returns the number of map entries written."""
+        down = frozenset(down)
+        if down == self._down:
+            return 0
+        self._down = down
+        return self._nodes_changed(relabelled=False)
+
+    def _nodes_changed(self, relabelled=True):
         self._names = sorted(self.cluster.nodes)
         changed = set()
         for name in sorted(self._policies):
             policy = self._policies[name]
-            gws = resolve_gateways(policy, self.cluster, self.node, self._names)
-            if gws != self._gateways.get(name) or policy.node_selectors:
+            gws = resolve_gateways(policy, self.cluster, self.node, self._names, self._down)
+            if gws != self._gateways.get(name) or (relabelled and policy.node_selectors):
                 self._drop_policy(name, changed)
                 self._place_policy(policy, changed)
         return self._resolve(changed)

@@ -16,6 +16,8 @@ metrics cost nothing between scrapes.  The dict's keys (all optional):
     "reloads":    Agent.reload_stats(): {"accepted": n, "rejected": n,
                   "last_accepted_at": t, "last_rejected_at": t, "last_error": str}
                   (t: Unix time or None), policy/cluster reloads and set_policies
+    "gateway_health": Agent.gateway_health(): {"gateways": [{node, ip, state}],
+                  "probes": {"sent": n, "received": n, "answered": n}}
 
 Metric names follow Cilium's where one exists (cilium_forward_count_total,
 cilium_drop_count_total, ...), with the prefix egresscore_ and a `node` label.
@@ -82,6 +84,7 @@ class StatsCollector:
         yield from self._rings(s.get("rings"))
         yield from self._flow_log(s.get("flow_log"))
         yield from self._reloads(s.get("reloads"))
+        yield from self._gateway_health(s.get("gateway_health"))
 
     # ------------------------------------------------------------ families
 
@@ -259,6 +262,26 @@ class StatsCollector:
                 g = self._family(GaugeMetricFamily, name, doc)
                 self._add(g, value)
                 yield g
+
+
+    def _gateway_health(self, h):
+        if not h:
+            return
+        up = self._family(GaugeMetricFamily, "gateway_up",
+                          "1 if gateway selection counts this gateway candidate as up (probes and liveness), "
+                          "0 if it passes it over", ["gateway", "gateway_ip"])
+        for g in h.get("gateways", ()):
+            if g.get("state") in ("up", "down"):
+                self._add(up, 1 if g["state"] == "up" else 0, g["node"], g["ip"])
+        yield up
+        probes = h.get("probes") or {}
+        hb = self._family(CounterMetricFamily, "gateway_heartbeats",
+                          "Gateway heartbeats: sent and answered (received) by this node's prober, and "
+                          "answered for other nodes (answered)", ["kind"])
+        for kind in ("sent", "received", "answered"):
+            if kind in probes:
+                self._add(hb, probes[kind], kind)
+        yield hb
 
 
 class MetricsServer:

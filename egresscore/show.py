@@ -26,6 +26,27 @@ def egress_table(rows):
     return format_table(rows, EGRESS_HEADER)
 
 
+GATEWAY_HEALTH_HEADER = ("Gateway node", "Node IP", "State", "Why")
+
+
+def gateway_health_table(health):
+    """The gateway candidates of an agent's gateway_health answer (or of
+    `--down`), as a table under the egress list: which gateways are down."""
+    rows = [(g["node"], g["ip"], g["state"], g.get("why") or "-") for g in health.get("gateways", ())]
+    if not rows:
+        return ""
+    title = "Gateways" + ("" if health.get("enabled", True) else " (gateway health off: Cilium's choice)")
+    return f"\n{title}:\n" + format_table(rows, GATEWAY_HEALTH_HEADER)
+
+
+def offline_gateway_health(compiler):
+    """gateway_health_table's input for a compiler with a `down` set (egress list --down)."""
+    down = compiler.down
+    return {"enabled": True, "gateways": [
+        {"node": n, "ip": ip, "state": "down" if n in down else "up", "why": "--down" if n in down else ""}
+        for n, ip in sorted(compiler.gateway_candidates().items())]}
+
+
 def egress_map_rows(egress_map):
     """The rows of an egresscore.EgressMap, as `cilium-dbg bpf egress list` shows them."""
     return [egress_row(e) for e in egress_map.entries()]

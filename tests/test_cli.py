@@ -281,3 +281,28 @@ def test_agent_nat_capacity_and_pod_limit_flags(capsys, monkeypatch):
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert f"argument {flag}: " in err and msg in err
+
+
+HA = os.path.join(ROOT, "examples", "egress-ha.yaml")
+
+
+def test_egress_list_with_a_down_gateway_shows_the_next_one_and_who_is_down(capsys):
+    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", HA)
+    assert code == 0 and "10.0.1.93   203.0.113.0/24     192.168.1.3   192.168.1.3" in out
+    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", HA, "--down", "node3")
+    assert code == 0 and err == ""
+    assert out == (
+        "Source IP   Destination CIDR   Egress IP     Gateway IP\n"
+        "10.0.1.93   203.0.113.0/24     192.168.1.4   192.168.1.4\n"
+        "10.0.1.93   203.0.113.128/25   192.168.1.4   Excluded CIDR\n"
+        "\n"
+        "Gateways:\n"
+        "Gateway node   Node IP       State   Why\n"
+        "node3          192.168.1.3   down    --down\n"
+        "node4          192.168.1.4   up      -\n"
+    )
+    code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", HA,
+                         "--down", "node3", "--down", "node4")
+    assert code == 0 and "Not Found" in out and "every node matching nodeSelector" in err
+    code, _, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", HA, "--down", "node7")
+    assert code == 1 and "--down: no node 'node7'" in err

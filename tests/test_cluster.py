@@ -10,7 +10,7 @@ EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
 def test_example_cluster_follows_the_lab_address_plan():
     c = load_cluster(os.path.join(EXAMPLES, "cluster.yaml"))
-    assert c.node_names() == ["node1", "node2", "node3"]
+    assert c.node_names() == ["node1", "node2", "node3", "node4"]
     for i, name in enumerate(c.node_names(), 1):
         n = c.nodes[name]
         assert n.internal_ip == n.gateway_ip == f"192.168.1.{i}"
@@ -19,6 +19,8 @@ def test_example_cluster_follows_the_lab_address_plan():
     node3 = c.nodes["node3"]
     assert {f"192.168.1.{i}" for i in range(100, 110)} <= node3.all_ips()
     assert node3.interface_with_ip("192.168.1.100").name == "eth0"
+    assert {f"192.168.1.{i}" for i in range(110, 120)} <= c.nodes["node4"].all_ips()
+    assert [n for n in c.node_names() if c.nodes[n].labels.get("egress-gateway") == "true"] == ["node3", "node4"]
     app1 = c.pods[("default", "app1")]
     assert app1.labels == {"app": "app1"} and app1.node == "node1" and app1.ips == ("10.0.1.93",)
     assert c.pods[("default", "app2")].labels == {"app": "app2"}

@@ -1,4 +1,5 @@
 import os
+from dataclasses import replace
 
 import pytest
 from egressmap_helper import EgressMap, map_state
@@ -362,6 +363,15 @@ def oracle(cluster, policies, view=None):
     return out
 
 
+def _without_ips(cluster, down):
+    """The oracle's view of down nodes: Cilium passes over a node without an IPv4 node IP, the same way."""
+    out = cluster.copy()
+    for name in down:
+        if name in out.nodes:
+            out.nodes[name] = replace(out.nodes[name], internal_ip=None)
+    return out
+
+
 NODE_POOL = [
     node("n1", "192.168.1.1", labels={"gw": "y"}),
     node("n2", "192.168.1.2", "192.168.1.100/24", labels={"gw": "y", "zone": "a"}),
@@ -400,6 +410,7 @@ op_st = st.one_of(
     st.tuples(st.just("remove_node"), st.sampled_from(["n1", "n2", "n3", "n4"])),
     st.tuples(st.just("upsert_policy"), st.sampled_from(POLICY_POOL)),
     st.tuples(st.just("remove_policy"), st.sampled_from(["p-a", "p-b", "p-c", "p-d"])),
+    st.tuples(st.just("set_down"), st.frozensets(st.sampled_from(["n1", "n2", "n3", "n4"]))),
     st.tuples(st.just("upsert_namespace"),
               st.builds(Namespace, st.sampled_from(["ns1", "ns2"]),
                         st.sampled_from([{}, {"team": "t1"}, {"team": "t2"}]))),
@@ -417,8 +428,103 @@ def test_incremental_equals_full_recompile(ops, view):
             getattr(c, op)(*args)
         except KeyError:
             assert op.startswith("remove")
-    full = Compiler(c.cluster.copy(), c.policies, node=view)
+    full = Compiler(c.cluster.copy(), c.policies, node=view, down=c.down)
     assert c.desired == full.desired
-    assert c.desired == oracle(c.cluster, c.policies, view)
+    assert c.desired == oracle(_without_ips(c.cluster, c.down), c.policies, view)
     assert map_state(em) == c.desired
     assert sorted(map(str, c.conflicts())) == sorted(map(str, full.conflicts()))
+
+
+# --- gateway health: Cilium's rules over the nodes that are up ------------------------
+
+
+def _ha_cluster(*pods):
+    nodes = [node("node1", "192.168.1.1"), node("node2", "192.168.1.2"),
+             node("node3", "192.168.1.3", labels={"egress-gateway": "true"}),
+             node("node4", "192.168.1.4", "192.168.1.110/24", labels={"egress-gateway": "true"})]
+    pods = [Pod("app1", "default", "uid-app1", {"app": "app1"}, ("10.0.1.93",), "node1"), *pods]
+    return Cluster(nodes, [Namespace("default")], pods)
+
+
+HA_GW = {"nodeSelector": {"matchLabels": {"egress-gateway": "true"}}, "interface": "eth0"}
+KEY = ("10.0.1.93", "203.0.113.0/24")
+
+
+def test_a_down_gateway_is_skipped_for_the_next_matching_node_with_its_own_egress_ip():
+    em = EgressMap()
+    c = Compiler(_ha_cluster(), [policy(gw=HA_GW)], egress_map=em)
+    assert c.desired[KEY] == Target("192.168.1.3", "192.168.1.3")
+    assert c.set_down({"node3"}) == 1
+    # node4's egress IP from its own interface: the first address of eth0
+    assert c.desired[KEY] == Target("192.168.1.4", "192.168.1.4")
+    assert map_state(em) == c.desired
+    (g,) = c.gateways("p")
+    assert (g.node, g.skipped, g.problem) == ("node4", ("node3",), None)
+    assert c.set_down({"node3"}) == 0                      # no change, no write
+    assert c.set_down(set()) == 1                          # node3 is back: it is first by name again
+    assert c.desired[KEY] == Target("192.168.1.3", "192.168.1.3") and map_state(em) == c.desired
+
+
+def test_every_matching_node_down_is_no_gateway_and_says_why():
+    c = Compiler(_ha_cluster(), [policy(gw=HA_GW)])
+    c.set_down({"node3", "node4"})
+    assert c.desired[KEY] == Target("0.0.0.0", GATEWAY_NOT_FOUND)
+    assert [str(p) for p in c.problems()] == [
+        "policy 'p': every node matching nodeSelector {'matchLabels': {'egress-gateway': 'true'}} is down "
+        "(node3, node4): source nodes drop this traffic (no gateway)"]
+
+
+def test_source_node_view_keeps_cilium_egress_ip_rules_after_failover():
+    """On node1 the egress IP stays unknown (0.0.0.0); on node4 it is node4's own, once node3 is down."""
+    on1, on4 = (Compiler(_ha_cluster(), [policy(gw=HA_GW)], node=n) for n in ("node1", "node4"))
+    assert on4.desired[KEY] == Target("0.0.0.0", "192.168.1.3")
+    for c in (on1, on4):
+        c.set_down({"node3"})
+    assert on1.desired[KEY] == Target("0.0.0.0", "192.168.1.4")
+    assert on4.desired[KEY] == Target("192.168.1.4", "192.168.1.4")
+
+
+def test_egress_gateways_repin_over_the_gateways_that_are_up():
+    pods = [Pod(f"p{i}", uid=f"uid-{i}", labels={"app": "app1"}, ips=(f"10.0.1.{i}",), node="node1")
+            for i in range(1, 30)]
+    cluster = _ha_cluster(*pods)
+    gws = [{"nodeSelector": {"matchLabels": {"name": n}}} for n in ("node2", "node3", "node4")]
+    c = Compiler(cluster, [policy(gws=gws)])
+    up = ["192.168.1.2", "192.168.1.3", "192.168.1.4"]
+    for pod in pods:
+        assert c.desired[(pod.ips[0], "203.0.113.0/24")].gateway_ip == up[fnv1a_32(pod.uid) % 3]
+    c.set_down({"node3"})
+    up = ["192.168.1.2", "192.168.1.4"]
+    assert [g.gateway_ip for g in c.gateways("p")] == up
+    for pod in pods:
+        assert c.desired[(pod.ips[0], "203.0.113.0/24")].gateway_ip == up[fnv1a_32(pod.uid) % 2]
+
+
+def test_health_change_rewrites_only_the_affected_policies():
+    cluster = _ha_cluster(Pod("app2", "default", "uid-app2", {"app": "app2"}, ("10.0.2.32",), "node2"))
+    seed = policy("seed", pods={"app": "app2"}, gw={"nodeSelector": {"matchLabels": {"name": "node2"}},
+                                                     "egressIP": "192.168.1.2"})
+    writes = []
+
+    class Recording:
+        def __init__(self, em):
+            self.em = em
+
+        def sync(self, rows):
+            self.em.sync(rows)
+
+        def set(self, *a):
+            writes.append(a)
+            self.em.set(*a)
+
+        set_excluded = remove = set
+
+    c = Compiler(cluster, [policy("ha", gw=HA_GW), seed], egress_map=Recording(EgressMap()))
+    assert c.set_down({"node3"}) == 1
+    assert writes == [("10.0.1.93", "203.0.113.0/24", "192.168.1.4", "192.168.1.4")]  # app2's entry untouched
+    assert c.gateway_candidates() == {"node2": "192.168.1.2", "node3": "192.168.1.3", "node4": "192.168.1.4"}
+
+
+def test_without_a_down_set_the_choice_is_ciliums():
+    c = Compiler(_ha_cluster(), [policy(gw=HA_GW)], down=())
+    assert c.down == frozenset() and c.desired[KEY].gateway_ip == "192.168.1.3"

@@ -88,13 +88,17 @@ def kernel_lab():
 def test_build_and_teardown_leave_nothing():
     with Lab() as lab:
         names = set(lab_namespaces())
-        expected = {PREFIX + n for n in ("lan", "router", "node1", "node2", "node3", "ext1", "ext2", "app1", "app2")}
+        expected = {PREFIX + n for n in ("lan", "router", "node1", "node2", "node3", "node4", "ext1", "ext2",
+                                            "app1", "app2")}
         assert expected <= names
         facts = lab.cluster_facts()
     assert lab_namespaces() == []
-    assert [n["internalIP"] for n in facts["nodes"]] == ["192.168.1.1", "192.168.1.2", "192.168.1.3"]
-    assert [n["podCIDR"] for n in facts["nodes"]] == ["10.0.1.0/24", "10.0.2.0/24", "10.0.3.0/24"]
+    assert [n["internalIP"] for n in facts["nodes"]] == ["192.168.1.1", "192.168.1.2", "192.168.1.3",
+                                                         "192.168.1.4"]
+    assert [n["podCIDR"] for n in facts["nodes"]] == ["10.0.1.0/24", "10.0.2.0/24", "10.0.3.0/24", "10.0.4.0/24"]
     assert facts["nodes"][2]["egressIPs"] == list(EGRESS_IPS)
+    assert facts["nodes"][3]["egressIPs"] == [f"192.168.1.{i}" for i in range(110, 120)]
+    assert [n["name"] for n in facts["nodes"] if n["labels"].get("egress-gateway") == "true"] == ["node3", "node4"]
     assert facts["nodes"][0]["labels"]["node.kubernetes.io/name"] == "node1"
     pods = {p["name"]: p for p in facts["pods"]}
     assert pods["app1"]["node"] == "node1" and pods["app1"]["ip"].startswith("10.0.1.")

@@ -112,3 +112,17 @@ def test_pod_conn_refusals_by_source():
     assert s[("egresscore_nat_pod_conn_refused_total", (("source", "other"),))] == 2
     assert not any(k[0].startswith("egresscore_nat_pod_conn") for k in samples(lambda: {"nat": {
         "refused_by_source": {}, "refused_other_sources": 0}}))
+
+
+def test_gateway_health_series():
+    health = {"enabled": True, "down": ["node3"],
+              "gateways": [{"node": "node3", "ip": "192.168.1.3", "state": "down", "why": "probes"},
+                           {"node": "node4", "ip": "192.168.1.4", "state": "up", "why": ""}],
+              "probes": {"sent": 40, "received": 31, "answered": 7}}
+    s = samples(lambda: {"gateway_health": health})
+    assert s[("egresscore_gateway_up", (("gateway", "node3"), ("gateway_ip", "192.168.1.3")))] == 0
+    assert s[("egresscore_gateway_up", (("gateway", "node4"), ("gateway_ip", "192.168.1.4")))] == 1
+    assert s[("egresscore_gateway_heartbeats_total", (("kind", "received"),))] == 31
+    off = samples(lambda: {"gateway_health": {"enabled": False, "gateways": [
+        {"node": "node3", "ip": "192.168.1.3", "state": "not probed"}], "probes": {}}})
+    assert not any(k[0] == "egresscore_gateway_up" for k in off)

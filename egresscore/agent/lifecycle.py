@@ -54,6 +54,17 @@ super-packets into MTU-sized segments in C instead.  With vnet_hdr=False,
 turn tx checksumming, TSO and GSO off on the pod side instead
 (egresscore.lab.offloads.disable_offloads).
 
+Gateway health (egresscore.health; gateway_health=True by default): the
+agent answers heartbeats on its node IP, UDP HEARTBEAT_PORT (4799), on its own
+thread, and probes every node that matches some policy's gateway selector
+(10 rounds a second, down after 3 missed rounds, up after 2 answered ones),
+on a health thread that also asks the liveness providers.  A change of the
+down set recompiles there (Compiler.set_down: only the affected policies'
+entries are rewritten, in place, while the datapath reads the map); the loop
+thread runs its own control jobs only when it can take the compile lock
+without waiting.  gateway_health=False is Cilium's exact choice (the agent
+still answers heartbeats).  gateway_health() says who is down and why.
+
 Observability (all off by default; egresscore.flowlog, .metrics, .control, wired by
 egresscore.agent.services):
 - flow_log: connection start/end records (from the NAT table) and
@@ -86,6 +97,7 @@ thread the same way.
 """
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -96,6 +108,7 @@ from .._core import Datapath, EgressMap, NatTable
 from ..cluster import Cluster, ClusterError, Pod
 from ..compiler import Compiler
 from ..control import default_socket_path
+from ..health import HEARTBEAT_PORT, GatewayHealth, LivenessProvider, Prober, Responder
 from ..inputs import InputError, check_policies, load_inputs
 from .host import (
     AgentError,
@@ -142,6 +155,11 @@ class Agent:
     pod_conn_limit: at most this many connections per source (pod) IP (off
     by default); refusals are counted per pod in stats()["nat"]; 30 bytes
     more per connection of capacity.
+    gateway_health: choose gateways over the nodes that are up (default);
+    False: Cilium's exact choice.  liveness: LivenessProvider(s) consulted
+    besides the probes; probe_interval (s), probe_misses, probe_rises: the
+    heartbeat rounds (egresscore.health); heartbeat_port: UDP port answered
+    and probed.
     """
 
     def __init__(self, node, cluster, policies=(), *, netns=None, underlay="eth0", vni=2,
@@ -152,7 +170,9 @@ class Agent:
                  ring_mode="latency",
                  nat_timeouts=None,
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
-                 metrics_port=None, metrics_addr="127.0.0.1", control_socket=None):
+                 metrics_port=None, metrics_addr="127.0.0.1", control_socket=None,
+                 gateway_health=True, liveness=(), probe_interval=0.1, probe_misses=3, probe_rises=2,
+                 heartbeat_port=HEARTBEAT_PORT):
         # the one loading path (egresscore.inputs): a bad input is an error, the agent does not start
         self._cluster_path = os.fspath(cluster) if isinstance(cluster, (str, os.PathLike)) else None
         self._policy_paths, policies = self._policies_from(policies)
@@ -171,6 +191,16 @@ class Agent:
         self.ring_mode = ring_mode
         self._pod_ifname = pod_ifname
         self._init_state()
+        self.gateway_health_on = bool(gateway_health)
+        if isinstance(liveness, LivenessProvider):
+            liveness = [liveness]
+        self._liveness = list(liveness)
+        if probe_interval <= 0 or probe_misses < 1 or probe_rises < 1:
+            raise ValueError("probe_interval must be positive, probe_misses and probe_rises at least 1")
+        if nat_port_range[0] <= heartbeat_port <= nat_port_range[1] or heartbeat_port == vxlan_port:
+            # the claims blackhole those ports: heartbeats would never reach the responder
+            raise ValueError(f"heartbeat_port {heartbeat_port} must be outside nat_port_range {nat_port_range} "
+                             f"and not the VXLAN port")
         self.node_ip = cluster.nodes[node].gateway_ip
         socket_path = (os.fspath(control_socket) if control_socket and control_socket is not True
                        else default_socket_path(node, netns))
@@ -195,6 +225,7 @@ class Agent:
             if tunnel_offload and self.vnet_hdr:
                 self._open_tunnel(vni, vxlan_port, mtu)
             self._start_forwarding(claim)
+            self._start_health(heartbeat_port, probe_interval, probe_misses, probe_rises)
             start_services(self, flow_log=flow_log, capacity=flow_log_capacity, drop_rate=flow_drop_rate,
                            metrics_port=metrics_port, metrics_addr=metrics_addr, control_socket=control_socket)
         except BaseException:
@@ -254,6 +285,11 @@ class Agent:
         self._wake_r = self._wake_w = -1  # the wake pipe, made with the rings
         self._services = []            # how to stop the services (egresscore.agent.services), in start order
         self._changed = False
+        self._compile_lock = threading.Lock()  # the compiler: loop thread jobs vs the health thread
+        self.health = None
+        self.responder = None
+        self._candidates = {}          # gateway candidates {name: ip}, this node included
+        self._candidates_gen = None    # the compiler generation they were computed at
         self.flow_log = None
         self.flow_logger = None
         self.metrics = None
@@ -281,6 +317,75 @@ class Agent:
         self._settle()
         if claim:
             self._host.call(self._host_sync_claims, self._inside())
+
+    # -- gateway health (egresscore.health) ------------------------------------------------
+    def _start_health(self, port, interval, misses, rises):
+        """The heartbeat responder (always) and, with gateway health on, the
+        health thread probing the gateway candidates; sockets opened inside
+        the node's namespace, on the host thread."""
+        try:
+            sock = self._host.call(Responder.open_socket, self.node_ip, port)
+        except OSError as exc:
+            raise AgentError(f"cannot answer heartbeats on {self.node_ip}:{port}{self._where()}: {exc}") from exc
+        self.responder = Responder(sock, name=f"egresscore-heartbeat-{self.node}").start()
+        self._services.append(self.responder.stop)
+        if not self.gateway_health_on:
+            return
+
+        def probe_socket():
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            s.bind((self.node_ip, 0))
+            return s
+
+        prober = Prober(self._host.call(probe_socket), port=port, misses=misses, rises=rises)
+        self.health = GatewayHealth(self._health_changed, prober=prober, liveness=self._liveness,
+                                    interval=interval, name=f"egresscore-health-{self.node}")
+        self._candidates_gen = None     # computed before there was a prober: hand them over now
+        self._update_health_targets()
+        self.health.start()
+        self._services.append(self.health.stop)
+
+    def _update_health_targets(self):
+        """The nodes to probe: every gateway candidate but this node (compile
+        lock held); recomputed only when the compiler changed."""
+        if self._candidates_gen == self.compiler.generation:
+            return
+        self._candidates_gen = self.compiler.generation
+        self._candidates = self.compiler.gateway_candidates()
+        if self.health is not None:
+            self.health.set_targets({n: ip for n, ip in self._candidates.items() if n != self.node})
+
+    def _health_changed(self, down):
+        """Health thread: the down set moved; recompile here (never on the datapath thread)."""
+        down = frozenset(down) - {self.node}
+        t0 = time.monotonic()
+        with self._compile_lock:
+            n = self.compiler.set_down(down)
+        ms = (time.monotonic() - t0) * 1000
+        print(f"egresscore agent {self.node}: gateways down: {', '.join(sorted(down)) or 'none'} "
+              f"({n} egress entries rewritten in {ms:.1f} ms)", file=sys.stderr, flush=True)
+        self._to_loop(self._mark_changed)
+
+    def _mark_changed(self):
+        self._changed = True
+
+    def gateway_health(self):
+        """{"enabled", "down", "gateways": [{node, ip, state, why}], "probes"}: what
+        gateway selection passes over now, and why (any thread)."""
+        cands = dict(self._candidates)
+        if self.health is None:
+            rows = [{"node": n, "ip": ip, "state": "up" if n == self.node else "not probed", "why": ""}
+                    for n, ip in sorted(cands.items())]
+            return {"enabled": False, "down": [], "gateways": rows, "probes": {}}
+        rows = self.health.state(cands)
+        for r in rows:
+            if r["node"] == self.node:
+                r["state"], r["why"] = "up", "this node"
+        p = self.health.prober
+        return {"enabled": True, "down": sorted(self.compiler.down), "gateways": rows,
+                "probes": {"sent": p.sent, "received": p.received, "interval_s": self.health.interval,
+                           "misses": p.misses, "rises": p.rises, "port": p.port,
+                           "answered": self.responder.answered if self.responder else 0}}
 
     # -- observability -------------------------------------------------------------
     def stats(self):
@@ -310,6 +415,7 @@ class Agent:
             "egress_map": {"entries": len(self.egress_map)},
             "rings": rings,
             "reloads": self.reload_stats(),
+            "gateway_health": self.gateway_health(),
         }
         if self.flow_logger is not None:
             out["flow_log"] = self.flow_logger.stats
@@ -335,15 +441,27 @@ class Agent:
         self._queue.put(job)
         self._wake()
 
-    def _run_jobs(self):
+    def _run_jobs(self, wait=False):
+        """Run the queued control jobs, holding the compile lock; when the
+        health thread holds it, they wait for the next iteration (it wakes
+        the loop when done): the loop thread never waits for a recompile
+        (`wait`: a caller that is not the datapath thread does)."""
+        if self._queue.empty() or not self._compile_lock.acquire(blocking=wait):
+            return False
         ran = False
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return ran
-            job()
-            ran = True
+        try:
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                job()
+                ran = True
+            if ran:
+                self._update_health_targets()
+        finally:
+            self._compile_lock.release()
+        return ran
 
     def _settle(self):
         """Wait until the host work queued so far is done and its datapath
@@ -352,7 +470,7 @@ class Agent:
             return
         self._host.call(lambda: None)
         if self._loop_thread is None:
-            self._run_jobs()
+            self._run_jobs(wait=True)
         else:
             self._submit(lambda: None)
 
@@ -519,8 +637,13 @@ class Agent:
 
     # -- control (any thread) ------------------------------------------------------------
     def _submit(self, fn, *args):
-        if self._loop_thread is None or self._loop_thread is threading.current_thread():
+        if self._loop_thread is threading.current_thread():
             return fn(*args)
+        if self._loop_thread is None:
+            with self._compile_lock:
+                out = fn(*args)
+                self._update_health_targets()
+            return out
         done = threading.Event()
         box = {}
 

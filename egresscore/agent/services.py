@@ -52,6 +52,7 @@ def start_services(agent, *, flow_log=None, capacity=65536, drop_rate=100.0, met
                 else os.fspath(control_socket))
         handlers = inspection_handlers(egress_map=agent.egress_map, stats=agent.stats)
         # read the NAT table on the loop thread (its only writer), between batches
+        handlers["gateway_health"] = agent.gateway_health
         handlers["nat_list"] = lambda: [e._asdict() for e in agent._submit(lambda: list(agent.nat.entries()))]
         agent.control = ControlServer(path, handlers).start()
         agent._services.append(agent.control.stop)

@@ -1,11 +1,15 @@
-"""The lab: the seed's three-node cluster built in network namespaces.
+"""The lab: the seed's three-node cluster, plus a second gateway, in network namespaces.
 
-    app1 (10.0.1.93)   app2 (10.0.2.32)                      ext1: 203.0.113.10, .200
-        | lxc-app1         | lxc-app2                            |
-      node1              node2              node3            router (.254) -- ext2: 198.51.100.10
-    192.168.1.1        192.168.1.2        192.168.1.3 (+ .100-.109)  |
-        +------------------+-------- br0 ----+-------------------+
-                          (bridge in egc-lab-lan)
+    app1 (10.0.1.93)   app2 (10.0.2.32)                                        ext1: 203.0.113.10, .200
+        | lxc-app1         | lxc-app2                                              |
+      node1              node2          node3                node4             router (.254) -- ext2: 198.51.100.10
+    192.168.1.1        192.168.1.2    192.168.1.3            192.168.1.4            |
+                                      (+ .100-.109)          (+ .110-.119)          |
+        +------------------+--------------+---- br0 ------------+-------------------+
+                                  (bridge in egc-lab-lan)
+
+node3 and node4 carry the label egress-gateway: "true" (the HA sample policy,
+examples/egress-ha.yaml, selects both); the seed's policy names node3 alone.
 
 Every piece lives in a namespace named `egc-lab-*`; nothing touches the root
 namespace, so the lab has no path off the machine.  Nodes route the other
@@ -32,9 +36,11 @@ from . import _ns, kernel, traffic
 UNDERLAY = ipaddress.ip_network("192.168.1.0/24")
 ROUTER_IP = "192.168.1.254"
 CLUSTER_CIDR = ipaddress.ip_network("10.0.0.0/16")
-NODE_NAMES = ("node1", "node2", "node3")
+NODE_NAMES = ("node1", "node2", "node3", "node4")
 EGRESS_NODE = "node3"
 EGRESS_IPS = tuple(f"192.168.1.{i}" for i in range(100, 110))
+# the gateways (label egress-gateway: "true") and their extra egress IPs
+GATEWAY_EGRESS_IPS = {"node3": EGRESS_IPS, "node4": tuple(f"192.168.1.{i}" for i in range(110, 120))}
 DEFAULT_PODS = (
     ("app1", "node1", {"app": "app1"}, "10.0.1.93"),
     ("app2", "node2", {"app": "app2"}, "10.0.2.32"),
@@ -378,8 +384,8 @@ class Lab:
             name=name, ns=ns, ip=ip, pod_cidr=f"10.0.{i}.0/24", mac=mac_for(ip),
             pod_gateway=f"10.0.{i}.1",
             labels={"node.kubernetes.io/name": name, "kubernetes.io/hostname": name,
-                    **({"egress-gateway": "true"} if name == EGRESS_NODE else {})},
-            egress_ips=EGRESS_IPS if name == EGRESS_NODE else (),
+                    **({"egress-gateway": "true"} if name in GATEWAY_EGRESS_IPS else {})},
+            egress_ips=GATEWAY_EGRESS_IPS.get(name, ()),
         )
         self._plug_lan(ns, "p-" + name, ip)
         _ns.sysctl(ns, _forwarding_sysctls())

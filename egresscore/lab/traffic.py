@@ -347,6 +347,45 @@ def udp_count(addr, port, seconds=10.0, idle=0.5, ready=None):
     return n, (last - first) if n > 1 else 0.0
 
 
+def udp_stream(dst, port, seconds=5.0, interval=0.01, sport=0):
+    """One datagram every `interval` s for `seconds` (bounded), each carrying its
+    sequence number, from one socket (one flow); returns how many were sent."""
+    n = min(int(seconds / interval), 100_000)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        if sport:
+            s.bind(("0.0.0.0", sport))
+        start = time.monotonic()
+        for i in range(n):
+            delay = start + i * interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            try:
+                s.sendto(i.to_bytes(4, "big"), (dst, port))
+            except OSError:
+                pass
+    return n
+
+
+def udp_arrivals(conn, addr, port, seconds):
+    """Record every datagram arriving on addr:port for `seconds`: sends
+    "ready", then [(CLOCK_MONOTONIC time, source IP, sequence number)] over
+    `conn` (the clock is the machine's, so times compare across namespaces)."""
+    out = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.bind((addr, port))
+        s.settimeout(0.2)
+        conn.send("ready")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                data, (src, _) = s.recvfrom(64)
+            except socket.timeout:
+                continue
+            out.append((time.monotonic(), src, int.from_bytes(data[:4], "big")))
+    conn.send(out)
+
+
 # -- measuring (peer generators and counters for the lab benchmarks) ------------------
 def udp_frame(src_mac, dst_mac, src_ip, dst_ip, sport, dport, payload=18):
     """One Ethernet + IPv4 + UDP frame (UDP checksum 0, IPv4 checksum set): what

@@ -1,0 +1,207 @@
+"""Gateway health (egresscore.health): heartbeats with miss counts, liveness providers.
+
+On loopback in this process's network namespace (no root needed): a real
+Responder answers real UDP heartbeats from a Prober driven by GatewayHealth's
+own thread; stopping the responder makes its node down after the miss count,
+starting it again brings it back after the rise count.
+"""
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from egresscore.health import (
+    FileLiveness,
+    GatewayHealth,
+    LivenessError,
+    Prober,
+    Responder,
+    StaticLiveness,
+)
+
+
+def _free_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _prober(port, **kw):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    return Prober(s, port=port, **kw)
+
+
+def _wait(cond, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def test_a_gateway_that_stops_answering_is_down_after_the_misses_and_back_after_the_rises():
+    port = _free_port()
+    gw1 = Responder(Responder.open_socket("127.0.0.1", port)).start()
+    gw2 = Responder(Responder.open_socket("127.0.0.2", port)).start()
+    changes = []
+    seen = threading.Event()
+
+    def on_change(down):
+        changes.append((time.monotonic(), down))
+        seen.set()
+
+    health = GatewayHealth(on_change, prober=_prober(port, misses=3, rises=2), interval=0.05)
+    health.set_targets({"node3": "127.0.0.1", "node4": "127.0.0.2"})
+    health.start()
+    try:
+        assert _wait(lambda: gw1.answered >= 3 and gw2.answered >= 3, 2.0)
+        assert health.down == frozenset() and changes == []       # both answer: nobody down
+        t0 = time.monotonic()
+        gw1.stop()
+        assert seen.wait(2.0)
+        when, down = changes[-1]
+        assert down == {"node3"}
+        # three missed rounds of 50 ms: no sooner than 2 rounds, no later than ~5
+        assert 0.09 <= when - t0 <= 0.4, when - t0
+        rows = {r["node"]: r for r in health.state({"node3": "127.0.0.1", "node4": "127.0.0.2"})}
+        assert (rows["node3"]["state"], rows["node3"]["why"]) == ("down", "probes")
+        assert rows["node3"]["missed"] >= 3 and rows["node4"]["missed"] == 0
+        assert rows["node4"]["state"] == "up"
+        seen.clear()
+        gw1 = Responder(Responder.open_socket("127.0.0.1", port)).start()
+        assert seen.wait(2.0)
+        assert changes[-1][1] == frozenset()
+        assert health.prober.received > 0 and health.prober.sent >= health.prober.received
+    finally:
+        health.stop()
+        gw1.stop()
+        gw2.stop()
+
+
+def test_liveness_providers_join_the_probes_and_a_removed_target_forgets_its_state(tmp_path):
+    path = tmp_path / "liveness.yaml"
+    path.write_text("down: [node4]\n")
+    live = FileLiveness(path)
+    changes = []
+    health = GatewayHealth(changes.append, liveness=[live, StaticLiveness({"node9"})], interval=0.02)
+    assert health.evaluate() == {"node4", "node9"} and changes == [{"node4", "node9"}]
+    path.write_text("down: []\n")
+    assert health.evaluate() == {"node9"}
+    path.write_text("down: {node4: x}\n")            # bad: the last good set stays, one line says why
+    assert health.evaluate() == {"node9"} and len(changes) == 2
+    p = _prober(_free_port(), misses=1, rises=1)
+    p.set_targets({"a": "127.0.0.1"})
+    p.send()
+    p.close_round()
+    assert p.down() == {"a"}
+    p.set_targets({})
+    assert p.down() == frozenset()
+    p.sock.close()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("down: node3\n", "down: must be a list of node names"),
+    ("up: [node3]\n", "must be a mapping with one field, down"),
+    ("down: [\n", "invalid YAML"),
+])
+def test_a_bad_liveness_file_at_start_is_an_error_naming_it(tmp_path, text, message):
+    path = tmp_path / "live.yaml"
+    path.write_text(text)
+    with pytest.raises(LivenessError, match=message) as info:
+        FileLiveness(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(LivenessError, match="No such file"):
+        FileLiveness(tmp_path / "missing.yaml")
+
+
+def test_prober_ignores_foreign_and_stale_answers():
+    port = _free_port()
+    p = _prober(port, misses=1, rises=1)
+    p.set_targets({"gw": "127.0.0.1"})
+    fake = Responder.open_socket("127.0.0.1", port)
+    try:
+        p.send()
+        data, addr = fake.recvfrom(64)
+        fake.sendto(b"junk", addr)
+        fake.sendto(data[:4] + b"\x02" + data[5:8] + (999).to_bytes(8, "big"), addr)   # wrong round
+        time.sleep(0.05)
+        p.read()
+        p.close_round()
+        assert p.down() == {"gw"}
+        p.send()
+        data, addr = fake.recvfrom(64)
+        fake.sendto(data[:4] + b"\x02" + data[5:], addr)                                 # a true pong
+        time.sleep(0.05)
+        p.read()
+        p.close_round()
+        assert p.down() == frozenset()
+        late = data
+        p.set_targets({"gw": "127.0.0.1"})
+        for _ in range(2):                       # two rounds unanswered but for a late pong of the one before
+            p.send()
+            data, addr = fake.recvfrom(64)
+            fake.sendto(late[:4] + b"\x02" + late[5:], addr)
+            late = data
+            time.sleep(0.05)
+            p.read()
+            p.close_round()
+        assert p.down() == frozenset()
+        p.send()                                 # a pong two rounds old no longer counts
+        fake.recvfrom(64)
+        fake.sendto(late[:4] + b"\x02" + (int.from_bytes(late[8:], "big") - 1).to_bytes(8, "big"), addr)
+        time.sleep(0.05)
+        p.read()
+        p.close_round()
+        assert p.down() == {"gw"}
+    finally:
+        fake.close()
+        p.sock.close()
+
+
+def test_probing_works_in_a_process_holding_more_than_1024_descriptors():
+    """An agent's process holds many rings and sockets: no select() (FD_SETSIZE) anywhere."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.dup(0) for _ in range(1100)]
+    port = _free_port()
+    gw = Responder(Responder.open_socket("127.0.0.1", port)).start()
+    assert gw.sock.fileno() > 1024
+    changes = []
+    health = GatewayHealth(changes.append, prober=_prober(port, misses=2, rises=1), interval=0.03)
+    health.set_targets({"gw": "127.0.0.1"})
+    health.start()
+    try:
+        assert _wait(lambda: health.prober.received >= 3, 2.0), health.prober.received
+        gw.stop()
+        assert _wait(lambda: health.down == {"gw"}, 2.0)
+    finally:
+        health.stop()
+        gw.stop()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_failing_recompile_is_tried_again_next_round():
+    calls = []
+
+    def on_change(down):
+        calls.append(down)
+        if len(calls) == 1:
+            raise RuntimeError("compile failed")
+
+    health = GatewayHealth(on_change, liveness=[StaticLiveness({"node3"})], interval=0.02)
+    with pytest.raises(RuntimeError):
+        health.evaluate()
+    assert health.down == frozenset()              # not taken as applied
+    assert health.evaluate() == {"node3"} and health.down == {"node3"} and len(calls) == 2
