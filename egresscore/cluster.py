@@ -501,8 +501,8 @@ class Cluster:
         _unique("nodes", "internalIP", "duplicate node internal IP", [n.internal_ip for n in nodes])
         _unique("namespaces", "name", "duplicate namespace", [ns.name for ns in namespaces])
         _unique("pods", "name", "duplicate pod", ["/".join(p.key) for p in pods])
-        _unique("pods", "uid", "duplicate pod uid", [p.uid for p in pods])
         _unique("pods", "ips", "duplicate pod IP", [p.ips for p in pods], many=True)
+        _unique("pods", "uid", "duplicate pod uid", [p.uid for p in pods])
         return cls(nodes, namespaces, pods)
 
 
