@@ -384,8 +384,58 @@ class Pod:
 
 
 class PodTable(dict):
-    """Pods by uid; `table[(namespace, name)]` also finds one by name (the
-    newest of that name), for callers that name pods as people do."""
+    """Pods by uid, with an index by (namespace, name): `table[(namespace,
+    name)]` also finds one by name (the newest of that name), for callers
+    that name pods as people do; `named()` lists them all."""
+
+    def __init__(self, pods=()):
+        super().__init__()
+        self._named = {}
+        for uid, pod in dict(pods).items():
+            self[uid] = pod
+
+    def __setitem__(self, uid, pod):
+        old = dict.get(self, uid)
+        if old is not None:
+            self._unname(old, uid)
+        super().__setitem__(uid, pod)
+        self._named.setdefault(pod.key, {})[uid] = None
+
+    def __delitem__(self, uid):
+        self._unname(dict.__getitem__(self, uid), uid)
+        super().__delitem__(uid)
+
+    def _unname(self, pod, uid):
+        uids = self._named.get(pod.key)
+        if uids is not None:
+            uids.pop(uid, None)
+            if not uids:
+                del self._named[pod.key]
+
+    def pop(self, uid, *default):
+        if uid in self:
+            pod = self[uid]
+            del self[uid]
+            return pod
+        if default:
+            return default[0]
+        raise KeyError(uid)
+
+    def clear(self):
+        super().clear()
+        self._named.clear()
+
+    def update(self, *args, **kw):
+        for uid, pod in dict(*args, **kw).items():
+            self[uid] = pod
+
+    def setdefault(self, uid, pod=None):
+        if uid not in self:
+            self[uid] = pod
+        return self[uid]
+
+    def popitem(self):
+        raise TypeError("PodTable.popitem is not supported (use pop(uid))")
 
     def __missing__(self, key):
         if isinstance(key, tuple) and len(key) == 2:
@@ -397,7 +447,7 @@ class PodTable(dict):
     def named(self, namespace, name) -> list:
         """The pods (oldest first) called namespace/name: several while a
         recreated pod's predecessor is not deleted yet."""
-        return [p for p in self.values() if p.name == name and p.namespace == namespace]
+        return [dict.__getitem__(self, uid) for uid in self._named.get((namespace, name), ())]
 
 
 class Cluster:

@@ -184,3 +184,20 @@ def test_egress_gateways_ignores_the_singular_entirely_even_when_malformed():
     assert c.desired == {("10.0.1.5", DST): GW}
     with pytest.raises(ValueError, match="egressGateway"):  # alone, the singular is parsed as before
         cegp(egressGateway={"nodeSelector": {"matchLabels": {"name": "gw"}}, "egressIP": "not-an-ip"})
+
+
+def test_pod_table_keeps_its_name_index_through_every_change():
+    c = Cluster()
+    a = Pod("web", "default", "u1")
+    b = Pod("web", "default", "u2")
+    c.pods["u1"] = a
+    c.pods.update({"u2": b})
+    assert c.pods.named("default", "web") == [a, b] and c.pods[("default", "web")] is b
+    c.pods["u2"] = Pod("web2", "default", "u2")  # renamed under the same uid
+    assert c.pods.named("default", "web") == [a] and c.pods.named("default", "web2")[0].uid == "u2"
+    del c.pods["u1"]
+    assert c.pods.named("default", "web") == [] and c.pods.pop("u2").name == "web2" and not c.pods
+    assert c.pods.pop("nope", None) is None
+    with pytest.raises(KeyError):
+        c.pods[("default", "web")]
+    assert Cluster(pods=[a, b]).copy().pods.named("default", "web") == [a, b]
