@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -17,9 +18,122 @@ from .errors import EgressError
 from .files import InputFileError, load_yaml, read_input_file, yaml_line_of
 from .policy import NAMESPACE_LABEL_PREFIX, POD_NAMESPACE_LABEL
 
-__all__ = ["Interface", "Node", "Namespace", "Pod", "Cluster", "ClusterError", "load_cluster"]
+__all__ = ["Interface", "Node", "Namespace", "Pod", "Cluster", "ClusterError", "LabelFilter", "load_cluster"]
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+SERVICE_ACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
+CLUSTER_LABEL = "io.cilium.k8s.policy.cluster"
+DEFAULT_CLUSTER_NAME = "default"  # Cilium's --cluster-name default
+# a pod's own labels under these keys would pose as what Cilium derives (its namespace, its
+# namespace's labels, its service account, its cluster): dropped, as Cilium sanitizes pod labels
+_RESERVED_PREFIXES = (NAMESPACE_LABEL_PREFIX, "io.cilium.k8s.policy.")
+
+# Cilium's default identity-relevant label prefixes (pkg/labelsfilter/filter.go,
+# defaultLabelPrefixCfg); "!" ignores.  Regular expressions matched at the start of the key.
+DEFAULT_LABEL_PREFIXES = (
+    "reserved:.*",
+    re.escape(POD_NAMESPACE_LABEL),
+    re.escape(NAMESPACE_LABEL_PREFIX.rstrip(".")),
+    re.escape("app.kubernetes.io"),
+    re.escape(CLUSTER_LABEL),
+    r"!io\.kubernetes",
+    r"!kubernetes\.io",
+    "!" + re.escape("statefulset.kubernetes.io/pod-name"),
+    "!" + re.escape("apps.kubernetes.io/pod-index"),
+    "!" + re.escape("batch.kubernetes.io/job-completion-index"),
+    r"!.*beta\.kubernetes\.io",
+    r"!k8s\.io",
+    "!pod-template-generation",
+    "!pod-template-hash",
+    "!controller-revision-hash",
+    "!annotation.*",
+    "!etcd_node",
+)
+
+
+class LabelFilter:
+    """Which labels are identity-relevant, as Cilium's label filter decides.
+
+    Rules are Cilium's `--labels` strings, `[source:][!]regexp`, matched at
+    the start of a label key; `!` ignores.  A key is kept when no ignore rule
+    matches and no user rule includes (the default list alone), or when the
+    longest matching include is longer than the shortest matching ignore.  A
+    user include rule (like Cilium's) turns the filter into an allow list.
+    `extra` is added to the default list (as `--labels` is); `defaults=False`
+    starts from nothing (every label kept unless `extra` says otherwise).
+    Sources: egresscore's labels are all Kubernetes labels, so rules with
+    source `k8s`, `any` or none apply and other sources match nothing."""
+
+    def __init__(self, extra=(), *, defaults=True):
+        self.rules = []
+        self.allow_list = False
+        for i, spec in enumerate(tuple(DEFAULT_LABEL_PREFIXES if defaults else ()) + tuple(extra)):
+            rule = _label_rule(spec)
+            self.rules.append(rule)
+            if i >= (len(DEFAULT_LABEL_PREFIXES) if defaults else 0) and not rule[0]:
+                self.allow_list = True
+        self._cache = {}
+
+    def keep(self, key: str) -> bool:
+        kept = self._cache.get(key)
+        if kept is None:
+            included = ignored = 0
+            for ignore, expr in self.rules:
+                if expr is None:
+                    continue
+                m = expr.match(key)
+                if m is None:
+                    continue
+                if ignore:
+                    if ignored == 0 or m.end() < ignored:
+                        ignored = m.end()
+                elif m.end() > included:
+                    included = m.end()
+            kept = (not self.allow_list and ignored == 0) or included > ignored
+            if len(self._cache) < 65536:
+                self._cache[key] = kept
+        return kept
+
+    def filter(self, labels: Mapping) -> dict:
+        keep = self.keep
+        return {k: v for k, v in labels.items() if keep(k)}
+
+
+def _label_rule(spec):
+    """(ignore, compiled regexp or None for another source) from "[source:][!]prefix"."""
+    if not isinstance(spec, str) or not spec:
+        raise ClusterError(f"label rule {spec!r} must be a non-empty string like 'k8s:!pod-template-hash'",
+                           field="labels")
+    source, sep, prefix = spec.partition(":")
+    if not sep:
+        source, prefix = "", spec
+    ignore = prefix.startswith("!")
+    if ignore:
+        prefix = prefix[1:]
+    if not prefix:
+        raise ClusterError(f"label rule {spec!r} has no prefix", field="labels")
+    try:
+        expr = re.compile(prefix)
+    except re.error as exc:
+        raise ClusterError(f"label rule {spec!r}: bad regular expression: {exc}", field="labels") from None
+    return ignore, (expr if source in ("", "k8s", "any") else None)
+
+
+def identity_labels(pod, namespace, *, label_filter=None, cluster_name=None) -> dict:
+    """The labels Cilium's selectors see for `pod` (its identity labels): its
+    own labels less those posing as derived ones, its namespace's labels under
+    io.cilium.k8s.namespace.labels., io.kubernetes.pod.namespace, its service
+    account and cluster (when known); then `label_filter`, if given."""
+    labels = {k: v for k, v in pod.labels.items()
+              if k != POD_NAMESPACE_LABEL and not k.startswith(_RESERVED_PREFIXES)}
+    labels[POD_NAMESPACE_LABEL] = pod.namespace
+    for k, v in namespace.labels.items():
+        labels[NAMESPACE_LABEL_PREFIX + k] = v
+    if pod.service_account:
+        labels[SERVICE_ACCOUNT_LABEL] = pod.service_account
+    if cluster_name:
+        labels[CLUSTER_LABEL] = cluster_name
+    return label_filter.filter(labels) if label_filter is not None else labels
 
 
 class ClusterError(EgressError, ValueError):
@@ -242,7 +356,10 @@ class Namespace:
 
 @dataclass(frozen=True)
 class Pod:
-    """A pod (Cilium endpoint): its uid places it among several gateways."""
+    """A pod (Cilium endpoint), keyed by its uid (as Cilium keys endpoints:
+    a recreated pod's late delete does not remove the new one); the uid also
+    places it among several gateways.  Without one (a cluster file may omit
+    it) the uid is "namespace/name"."""
 
     name: str
     namespace: str = "default"
@@ -250,6 +367,7 @@ class Pod:
     labels: Mapping = field(default_factory=dict)
     ips: tuple = ()
     node: str | None = None
+    service_account: str = ""
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -261,22 +379,90 @@ class Pod:
 
     @property
     def key(self):
+        """(namespace, name): how people name a pod; not unique over time (see uid)."""
         return (self.namespace, self.name)
 
 
+class PodTable(dict):
+    """Pods by uid, with an index by (namespace, name): `table[(namespace,
+    name)]` also finds one by name (the newest of that name), for callers
+    that name pods as people do; `named()` lists them all."""
+
+    def __init__(self, pods=()):
+        super().__init__()
+        self._named = {}
+        for uid, pod in dict(pods).items():
+            self[uid] = pod
+
+    def __setitem__(self, uid, pod):
+        old = dict.get(self, uid)
+        if old is not None:
+            self._unname(old, uid)
+        super().__setitem__(uid, pod)
+        self._named.setdefault(pod.key, {})[uid] = None
+
+    def __delitem__(self, uid):
+        self._unname(dict.__getitem__(self, uid), uid)
+        super().__delitem__(uid)
+
+    def _unname(self, pod, uid):
+        uids = self._named.get(pod.key)
+        if uids is not None:
+            uids.pop(uid, None)
+            if not uids:
+                del self._named[pod.key]
+
+    def pop(self, uid, *default):
+        if uid in self:
+            pod = self[uid]
+            del self[uid]
+            return pod
+        if default:
+            return default[0]
+        raise KeyError(uid)
+
+    def clear(self):
+        super().clear()
+        self._named.clear()
+
+    def update(self, *args, **kw):
+        for uid, pod in dict(*args, **kw).items():
+            self[uid] = pod
+
+    def setdefault(self, uid, pod=None):
+        if uid not in self:
+            self[uid] = pod
+        return self[uid]
+
+    def popitem(self):
+        raise TypeError("PodTable.popitem is not supported (use pop(uid))")
+
+    def __missing__(self, key):
+        if isinstance(key, tuple) and len(key) == 2:
+            found = self.named(*key)
+            if found:
+                return found[-1]
+        raise KeyError(key)
+
+    def named(self, namespace, name) -> list:
+        """The pods (oldest first) called namespace/name: several while a
+        recreated pod's predecessor is not deleted yet."""
+        return [dict.__getitem__(self, uid) for uid in self._named.get((namespace, name), ())]
+
+
 class Cluster:
-    """Nodes, namespaces and pods; mutated by the compiler's incremental calls."""
+    """Nodes, namespaces and pods (by uid); mutated by the compiler's incremental calls."""
 
     def __init__(self, nodes=(), namespaces=(), pods=()):
         self.nodes = {}
         self.namespaces = {}
-        self.pods = {}
+        self.pods = PodTable()
         for n in nodes:
             self.nodes[n.name] = n
         for ns in namespaces:
             self.namespaces[ns.name] = ns
         for p in pods:
-            self.pods[p.key] = p
+            self.pods[p.uid] = p
 
     def node_names(self):
         return sorted(self.nodes)
@@ -285,13 +471,12 @@ class Cluster:
         ns = self.namespaces.get(name)
         return ns if ns is not None else Namespace(name)
 
-    def pod_labels(self, pod: Pod) -> dict:
-        """The labels Cilium's selectors see for a pod: its own, its namespace's, the namespace name."""
-        labels = dict(pod.labels)
-        labels[POD_NAMESPACE_LABEL] = pod.namespace
-        for k, v in self.namespace(pod.namespace).labels.items():
-            labels[NAMESPACE_LABEL_PREFIX + k] = v
-        return labels
+    def pod_labels(self, pod: Pod, *, label_filter=None, cluster_name=None) -> dict:
+        """The labels Cilium's selectors see for a pod (`identity_labels`): its
+        own, its namespace's, the namespace name, its service account; the
+        cluster name and the label filter when given (the compiler gives both)."""
+        return identity_labels(pod, self.namespace(pod.namespace), label_filter=label_filter,
+                               cluster_name=cluster_name)
 
     def node_labels(self, name) -> dict:
         node = self.nodes.get(name)
@@ -306,7 +491,8 @@ class Cluster:
             "namespaces": [{"name": ns.name, "labels": dict(ns.labels)} for ns in self.namespaces.values()],
             "pods": [
                 {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": dict(p.labels),
-                 "ips": list(p.ips), "node": p.node}
+                 "ips": list(p.ips), "node": p.node,
+                 **({"serviceAccountName": p.service_account} if p.service_account else {})}
                 for p in self.pods.values()
             ],
         }
@@ -355,16 +541,18 @@ class Cluster:
             namespaces.append(_built(where, lambda: Namespace(_name(ns, where), _labels(ns.get("labels"), where))))
         for i, p in enumerate(_list(data.get("pods"), "pods")):
             where = f"pods[{i}]"
-            _fields(p, where, ("name", "namespace", "uid", "labels", "ips", "node"))
+            _fields(p, where, ("name", "namespace", "uid", "labels", "ips", "node", "serviceAccountName"))
             pods.append(_built(where, lambda: Pod(
                 _name(p, where), str(p.get("namespace") or "default"), str(p.get("uid") or ""),
                 _labels(p.get("labels"), where), tuple(_list(p.get("ips"), f"{where}.ips")), p.get("node"),
+                str(p.get("serviceAccountName") or ""),
             )))
         _unique("nodes", "name", "duplicate node names", [n.name for n in nodes])
         _unique("nodes", "internalIP", "duplicate node internal IP", [n.internal_ip for n in nodes])
         _unique("namespaces", "name", "duplicate namespace", [ns.name for ns in namespaces])
         _unique("pods", "name", "duplicate pod", ["/".join(p.key) for p in pods])
         _unique("pods", "ips", "duplicate pod IP", [p.ips for p in pods], many=True)
+        _unique("pods", "uid", "duplicate pod uid", [p.uid for p in pods])
         return cls(nodes, namespaces, pods)
 
 

@@ -26,6 +26,15 @@ matches no node, so pods re-pin over the rest; nothing up -> "Not Found"
 --gateway-health=off) is Cilium's exact behaviour.  `set_down` rewrites only
 the entries of the policies whose gateways changed.
 
+Pod identity, as Cilium's: pods are keyed by uid throughout (a recreated pod
+and its predecessor coexist until the predecessor's delete arrives, and that
+late delete removes only the predecessor's entries).  Selectors see a pod's
+identity labels (egresscore.cluster.identity_labels): its own labels less
+those posing as derived ones, io.kubernetes.pod.namespace, its namespace's
+labels under io.cilium.k8s.namespace.labels., io.cilium.k8s.policy.serviceaccount
+and io.cilium.k8s.policy.cluster, through Cilium's default label filter
+(`label_filter`, like Cilium's --labels: egresscore.cluster.LabelFilter).
+
 Egress IP (deriveFromPolicyGatewayConfig), resolved on the gateway node only:
 `egressIP` if one of the node's interfaces holds it; `interface`: its first
 address of each needed family; neither: the first address of the interface
@@ -64,7 +73,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from .cluster import Cluster, Namespace, Node, Pod
+from .cluster import DEFAULT_CLUSTER_NAME, Cluster, LabelFilter, Namespace, Node, Pod
 from .policy import EgressPolicy
 from .types import (
     EGRESS_IP_NOT_FOUND_V4,
@@ -282,14 +291,18 @@ class Compiler:
     `desired` maps (source IP, destination CIDR) -> Target.  With an attached
     EgressMap, every change (pod, node, namespace, policy) rewrites only the
     entries whose value changed, in place: the datapath keeps reading.
+    `label_filter` (a LabelFilter; default Cilium's default filter) and
+    `cluster_name` (io.cilium.k8s.policy.cluster) shape the labels selectors see.
     """
 
     def __init__(self, cluster: Cluster | None = None, policies=(), *, node: str | None = None, egress_map=None,
-                 down=()):
+                 down=(), label_filter: LabelFilter | None = None, cluster_name: str = DEFAULT_CLUSTER_NAME):
         self.cluster = cluster if cluster is not None else Cluster()
         self.node = node
         self._down = frozenset(down)
         self.generation = 0   # bumped by every change: tells a reader its cached view is stale
+        self.label_filter = label_filter if label_filter is not None else LabelFilter()
+        self.cluster_name = cluster_name
         self._policies = {}
         for p in policies:
             self._policies[p.name] = p
@@ -325,7 +338,13 @@ class Compiler:
         return out
 
     def matched_pods(self, policy_name) -> list:
-        return [self.cluster.pods[k] for k in sorted(self._matched.get(policy_name, ()))]
+        """The pods a policy selects, by namespace, name and uid."""
+        order = self._order
+        return [self.cluster.pods[k] for k in sorted(self._matched.get(policy_name, ()), key=order.__getitem__)]
+
+    def pod_labels(self, pod: Pod) -> dict:
+        """The identity labels this compiler's selectors see for `pod`."""
+        return self.cluster.pod_labels(pod, label_filter=self.label_filter, cluster_name=self.cluster_name)
 
     def problems(self) -> list:
         """Gateways without a node or without an egress IP, per policy."""
@@ -374,6 +393,7 @@ class Compiler:
         self.generation += 1
         self._names = sorted(self.cluster.nodes)
         self._labels = {}
+        self._order = {}  # uid -> (namespace, name, uid): the deterministic order among a key's writers
         self._index = defaultdict(set)
         self._identity_cache = {}
         self._gateways = {}
@@ -384,11 +404,13 @@ class Compiler:
         self._contrib = {}
         self._multi = set()
         self.desired = {}
-        labels_of = self.cluster.pod_labels
+        labels_of = self.pod_labels
         index = self._index
+        order = self._order
         for key, pod in self.cluster.pods.items():
             labels = labels_of(pod)
             self._labels[key] = labels
+            order[key] = (pod.namespace, pod.name, key)
             for item in labels.items():
                 index[item].add(key)
         for name in sorted(self._policies):
@@ -501,7 +523,7 @@ class Compiler:
         dst4, dst6, ex4, ex6 = self._prepared[pname]
         gws = self._gateways[pname]
         g = gws[0] if len(gws) == 1 else gws[fnv1a_32(pod.uid) % len(gws)]
-        writer = (pname, pod.key)
+        writer = (pname, self._order[pod.uid])
         contrib = self._contrib
         keys = []
         for ip in pod.ips:
@@ -525,7 +547,7 @@ class Compiler:
             changed.update(keys)
 
     def _remove_contrib(self, pname, pkey, changed):
-        writer = (pname, pkey)
+        writer = (pname, self._order[pkey])
         keys = self._owned.pop(writer, ())
         contrib = self._contrib
         for key in keys:
@@ -565,13 +587,15 @@ class Compiler:
         return writes
 
     def _index_pod(self, pod):
-        labels = self.cluster.pod_labels(pod)
-        self._labels[pod.key] = labels
+        labels = self.pod_labels(pod)
+        self._labels[pod.uid] = labels
+        self._order[pod.uid] = (pod.namespace, pod.name, pod.uid)
         for item in labels.items():
-            self._index[item].add(pod.key)
+            self._index[item].add(pod.uid)
         return labels
 
     def _unindex_pod(self, key):
+        self._order.pop(key, None)
         labels = self._labels.pop(key, None)
         if labels:
             for item in labels.items():
@@ -591,9 +615,9 @@ class Compiler:
         labels = self._index_pod(pod)
         names = self._policies_for_pod(pod, labels)
         if names:
-            self._pod_policies[pod.key] = names
+            self._pod_policies[pod.uid] = names
             for pname in names:
-                self._matched[pname].add(pod.key)
+                self._matched[pname].add(pod.uid)
                 self._add_contrib(pname, pod, changed)
 
     def _drop_policy(self, name, changed):
@@ -619,22 +643,37 @@ class Compiler:
     # ----------------------------------------------------------- incremental
 
     def upsert_pod(self, pod: Pod) -> int:
-        """Add or replace a pod; returns the number of map entries written."""
+        """Add or replace a pod (by uid); returns the number of map entries written.
+
+        A pod of the same namespace/name but another uid is another pod (a
+        recreated one): both stay until each one's own removal."""
         changed = set()
-        if pod.key in self.cluster.pods:
-            self._drop_pod(pod.key, changed)
-        self.cluster.pods[pod.key] = pod
+        if pod.uid in self.cluster.pods:
+            self._drop_pod(pod.uid, changed)
+        self.cluster.pods[pod.uid] = pod
         self._place_pod(pod, changed)
         return self._resolve(changed)
 
-    def remove_pod(self, namespace: str, name: str) -> int:
-        """Remove a pod (KeyError if unknown)."""
-        key = (namespace, name)
-        if key not in self.cluster.pods:
-            raise KeyError(f"no pod {namespace}/{name}")
+    def remove_pod(self, namespace: str | None = None, name: str | None = None, *, uid: str | None = None) -> int:
+        """Remove a pod by uid: `remove_pod(uid=UID)` or `remove_pod(UID)`; or
+        `remove_pod(namespace, name)`: every pod of that name (a cluster file's
+        pods, keyed "namespace/name").  KeyError if there is none."""
+        if uid is None and name is None:
+            uid = namespace
+        if uid is not None:
+            if name is not None:
+                raise TypeError("remove_pod: give a uid or a namespace and name, not both")
+            if uid not in self.cluster.pods:
+                raise KeyError(f"no pod with uid {uid}")
+            keys = [uid]
+        else:
+            keys = [p.uid for p in self.cluster.pods.named(namespace, name)]
+            if not keys:
+                raise KeyError(f"no pod {namespace}/{name}")
         changed = set()
-        self._drop_pod(key, changed)
-        del self.cluster.pods[key]
+        for key in keys:
+            self._drop_pod(key, changed)
+            del self.cluster.pods[key]
         return self._resolve(changed)
 
     def upsert_namespace(self, namespace: Namespace) -> int:
@@ -651,7 +690,7 @@ class Compiler:
     def _rematch_namespace(self, name):
         changed = set()
         for pod in [p for p in self.cluster.pods.values() if p.namespace == name]:
-            self._drop_pod(pod.key, changed)
+            self._drop_pod(pod.uid, changed)
             self._place_pod(pod, changed)
         return self._resolve(changed)
 

@@ -443,8 +443,7 @@ def _parse_spec(spec, warnings):
         for i, gw in enumerate(plural):
             gateways.append(_parse_gateway(gw, f"spec.egressGateways[{i}]"))
     if gateways:
-        if spec.get("egressGateway") is not None:
-            _parse_gateway(spec["egressGateway"], "spec.egressGateway")  # still must be valid
+        if spec.get("egressGateway") is not None:  # not even parsed, as in Cilium's ParseCEGP
             warnings.append("spec.egressGateway is ignored because spec.egressGateways is set (as in Cilium)")
     else:
         if spec.get("egressGateway") is None:

@@ -560,7 +560,7 @@ class Agent:
         self.datapath.attach_tunnel(ring)
 
     def _sync_pods(self):
-        wanted = {p.key: p for p in self.cluster.pods.values() if p.node == self.node}
+        wanted = {p.uid: p for p in self.cluster.pods.values() if p.node == self.node}
         for key in list(self._ports):
             if key not in wanted:
                 self._drop_port(key)
@@ -730,9 +730,9 @@ class Agent:
                     self.compiler.upsert_node(n)
             for key in list(self.cluster.pods):
                 if key not in fresh.pods:
-                    self.compiler.remove_pod(*key)
+                    self.compiler.remove_pod(uid=key)
             for p in fresh.pods.values():
-                if self.cluster.pods.get(p.key) != p:
+                if self.cluster.pods.get(p.uid) != p:
                     self.compiler.upsert_pod(p)
             self._sync_nodes()
             self._sync_pods()
@@ -792,13 +792,14 @@ class Agent:
         self.compiler.upsert_pod(pod)
         self._sync_pods()
 
-    def remove_pod(self, namespace, name):
-        out = self._submit(self._remove_pod, namespace, name)
+    def remove_pod(self, namespace=None, name=None, *, uid=None):
+        """Remove a pod by uid (`uid=`), or every pod named namespace/name (Compiler.remove_pod)."""
+        out = self._submit(self._remove_pod, namespace, name, uid)
         self._settle()
         return out
 
-    def _remove_pod(self, namespace, name):
-        self.compiler.remove_pod(namespace, name)
+    def _remove_pod(self, namespace, name, uid):
+        self.compiler.remove_pod(namespace, name, uid=uid)
         self._sync_pods()
 
     def upsert_node(self, node):
