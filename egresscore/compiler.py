@@ -371,6 +371,16 @@ class Compiler:
             self._sync_map(None)
         return desired
 
+    def reset(self, cluster: Cluster, policies) -> dict:
+        """Replace every node, namespace, pod and policy and recompile in full
+        (one publish per family with an attached map): a source's full resync.
+        `self.cluster` stays the same object."""
+        self.cluster.nodes = dict(cluster.nodes)
+        self.cluster.namespaces = dict(cluster.namespaces)
+        self.cluster.pods = dict(cluster.pods)
+        self._policies = {p.name: p for p in policies}
+        return self.compile()
+
     def attach(self, egress_map):
         """Write the desired state into `egress_map` (replacing what it held) and keep it in sync."""
         self.egress_map = egress_map
