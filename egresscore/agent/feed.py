@@ -277,3 +277,62 @@ class SourceRunner:
 
 class SourceStartError(EgressError, RuntimeError):
     """A cluster source that could not give the agent its first snapshot (the address and why)."""
+
+
+class CompilingSink:
+    """A SourceSink that only compiles: a Compiler over an EgressMap, no
+    datapath (tests, benchmarks, tools).  node: the view (None: cluster-wide)."""
+
+    def __init__(self, node=None, egress_map=None):
+        from .._core import EgressMap
+        from ..compiler import Compiler
+
+        self.egress_map = egress_map if egress_map is not None else EgressMap()
+        self.compiler = Compiler(node=node, egress_map=self.egress_map)
+        self.feed = Feed(self.compiler)
+        self.stats = FeedStats()
+        self.errors = []
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.version = 0
+
+    def _done(self, **kw):
+        self.stats.update(last_change_at=FeedStats.now(), **kw)
+        self.version += 1
+        self.changed.notify_all()
+
+    def resync(self, snapshot):
+        with self.lock:
+            self.feed.reconcile(Cluster(snapshot.nodes, snapshot.namespaces, snapshot.pods), list(snapshot.policies))
+            self._done(connected=True, resyncs=1, last_revision=snapshot.revision)
+
+    def apply(self, changes):
+        with self.lock:
+            n = 0
+            for ch in changes:
+                try:
+                    n += bool(self.feed.apply(ch))
+                except Exception as exc:  # noqa: BLE001 - one bad change never stops the others
+                    self.rejected(f"{ch.kind}s/{ch.key}", exc)
+            self._done(connected=True, changes_applied=n, last_revision=changes[-1].revision if changes else "")
+
+    def disconnected(self, reason):
+        self.stats.update(connected=False, disconnects=1, last_error=str(reason))
+
+    def connected(self, revision):
+        self.stats.update(connected=True, last_revision=str(revision))
+
+    def rejected(self, key, error):
+        self.errors.append((key, error))
+        self.stats.update(objects_rejected=1, last_error=f"{key}: {error}")
+
+    def wait(self, predicate, timeout=10.0):
+        """Wait until predicate() (called under the lock) is true; returns its last value."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while True:
+                value = predicate()
+                left = deadline - time.monotonic()
+                if value or left <= 0:
+                    return value
+                self.changed.wait(min(left, 0.1))

@@ -291,6 +291,7 @@ class EtcdSource(Source):
         self._live = set()
         self._lock = threading.Lock()
         self._resp = None
+        self.watching = threading.Event()  # set while a watch stream is established
         self.stats = {"resyncs": 0, "compactions": 0, "disconnects": 0, "resumes": 0, "retries": 0}
 
     @classmethod
@@ -317,6 +318,7 @@ class EtcdSource(Source):
             if not state["connected"]:
                 self.stats["resumes"] += 1
             state["connected"], state["delay"] = True, self.backoff[0]
+            self.watching.set()
             connected = getattr(sink, "connected", None)
             if connected is not None:
                 connected(str(self.revision))
@@ -330,9 +332,11 @@ class EtcdSource(Source):
                         listed = True
                     self._watch(sink, stop, up)
                 except _Compacted:
+                    self.watching.clear()
                     self.stats["compactions"] += 1
                     listed = False
                 except Exception as exc:  # noqa: BLE001 - any failure: keep the state, back off, retry
+                    self.watching.clear()
                     if stop.is_set():
                         break
                     if state["connected"]:
