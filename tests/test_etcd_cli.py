@@ -2,8 +2,10 @@
 import json
 
 import pytest
-from etcd_helper import etcd_server  # noqa: F401 - the fixture
-from etcd_helper import EtcdServer
+from etcd_helper import (
+    EtcdServer,
+    etcd_server,  # noqa: F401 - the fixture
+)
 
 pytest.importorskip("etcd3gw")
 
