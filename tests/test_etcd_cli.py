@@ -44,3 +44,19 @@ def test_agent_with_an_unreachable_store_names_it_and_does_not_fall_back(tmp_pat
     err = capsys.readouterr().err
     assert code == 1 and f"127.0.0.1:{server.port}" in err and "unreachable" in err
     assert main(["agent", "--node", "node1", "--source", server.url, "--cluster", "examples/cluster.yaml"]) == 2
+
+
+def test_source_counters_in_the_metrics():
+    pytest.importorskip("prometheus_client")
+    from egresscore.metrics import StatsCollector
+
+    stats = {"source": {"name": "etcd", "connected": True, "disconnects": 2, "resyncs": 3, "changes_applied": 7,
+                        "objects_rejected": 1, "last_revision": "42"}}
+    got = {(s.name, s.labels.get("source")): s.value for m in StatsCollector(lambda: stats, node="n1").collect()
+           for s in m.samples}
+    assert got[("egresscore_source_connected", "etcd")] == 1
+    assert got[("egresscore_source_disconnects_total", "etcd")] == 2
+    assert got[("egresscore_source_resyncs_total", "etcd")] == 3
+    assert got[("egresscore_source_changes_applied_total", "etcd")] == 7
+    assert got[("egresscore_source_objects_rejected_total", "etcd")] == 1
+    assert got[("egresscore_source_last_revision", "etcd")] == 42

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from conftest import needs_netns
-from etcd_helper import EtcdServer
+from etcd_helper import server as EtcdServer
 
 pytestmark = needs_netns
 pytest.importorskip("etcd3gw")
