@@ -121,3 +121,21 @@ def test_etcd_down_keeps_forwarding_and_the_agents_converge_after(lab):
     lab.store.delete("policies", "moved")
     _converged(lab, (EGRESS_IP, EGRESS_IP))
     assert lab.store.live_nodes() >= {"node1", "node2", "node3"}
+
+
+def test_a_malformed_object_is_rejected_alone_and_counted_once(lab, capfd):
+    key = lab.store.key("policies", "egress-sample")
+    lab.store.put_raw(key, b'{"apiVersion": "cilium.io/v2", "kind": "CiliumEgressGatewayPolicy",'
+                           b' "metadata": {"name": "egress-sample"}, "spec": {"destinationCIDRs": ["x"]}}')
+    deadline = time.monotonic() + 10
+    while any(a.stats()["source"]["objects_rejected"] < 1 for a in lab.agents.values()):
+        assert time.monotonic() < deadline, "not every agent counted the rejection"
+        time.sleep(0.05)
+    assert lab.tcp_request("app1", SERVER) == EGRESS_IP, "the last good version stays in force"
+    err = capfd.readouterr().err
+    assert err.count(f"{key} rejected") == len(lab.agents), err
+    from egresscore.lab.kernel import SAMPLE_POLICY
+
+    lab.store.put("policies", SAMPLE_POLICY)
+    _converged(lab, (EGRESS_IP, EGRESS_IP))
+    assert lab.agents["node1"].stats()["source"]["objects_rejected"] == 1
