@@ -514,6 +514,8 @@ class Compiler:
         contrib = self._contrib
         desired = self.desired
         em = self.egress_map
+        if em is not None and len(changed) > _BATCH:
+            return self._resolve_batch(changed)
         writes = 0
         for key in changed:
             c = contrib.get(key)
@@ -531,6 +533,26 @@ class Compiler:
                     _write(em, key, new)
                 writes += 1
         return writes
+
+    def _resolve_batch(self, changed) -> int:
+        """_resolve for many keys: one EgressMap.update (one publish per family,
+        new and changed entries in the same step as removals)."""
+        contrib, desired = self._contrib, self.desired
+        sets, removes = [], []
+        for key in changed:
+            c = contrib.get(key)
+            if not c:
+                if key in desired:
+                    del desired[key]
+                    removes.append(key)
+                continue
+            new = c[min(c)] if len(c) > 1 else next(iter(c.values()))
+            if desired.get(key) != new:
+                desired[key] = new
+                sets.append(map_row(key, new))
+        if sets or removes:
+            self.egress_map.update(sets, removes)
+        return len(sets) + len(removes)
 
     def _index_pod(self, pod):
         labels = self.cluster.pod_labels(pod)
@@ -663,6 +685,9 @@ class Compiler:
         del self._policies[name]
         self._identity_cache = {}
         return self._resolve(changed)
+
+
+_BATCH = 8  # more changed keys than this: one EgressMap.update instead of a write each
 
 
 def _write(em, key, t: Target):
