@@ -133,9 +133,11 @@ class EtcdStore:
     def revision(self) -> int:
         return int(self._post("/kv/range", {"key": _b64(self.root), "count_only": True})["header"]["revision"])
 
-    def list(self, revision=None, page=PAGE):
-        """(revision, [(key, value bytes, mod revision)]) of every key under the root, at one revision."""
-        start, end = self.root.encode(), _range_end(self.root.encode())
+    def list(self, revision=None, page=PAGE, under=""):
+        """(revision, [(key, value bytes, mod revision)]) of every key under the root (or the root's
+        `under` folder, e.g. "policies/"), at one revision."""
+        start = (self.root + under).encode()
+        end = _range_end(start)
         out = []
         while True:
             body = {"key": _b64(start), "range_end": _b64(end), "limit": page}
@@ -155,7 +157,7 @@ class EtcdStore:
     def get(self, kind):
         """The documents of one kind ("policies", "nodes", "pods", "namespaces"), by key."""
         kind = _plural(kind)
-        _, items = self.list()
+        _, items = self.list(under=f"{kind}/")
         out = []
         for key, raw, _ in items:
             parts = self.split(key)
@@ -168,9 +170,13 @@ class EtcdStore:
 
     def live_nodes(self) -> set:
         """The nodes whose agents hold a live lease (leases/<node>)."""
-        _, items = self.list()
-        return {self.split(k)[1][0] for k, _, _ in items if (self.split(k) or ("",))[0] == "leases"
-                and self.split(k)[1]}
+        _, items = self.list(under="leases/")
+        out = set()
+        for key, _, _ in items:
+            names = self.split(key)[1]
+            if names and names[0]:
+                out.add(names[0])
+        return out
 
     # -- writes --------------------------------------------------------------------------
     def put(self, kind, doc) -> str:
