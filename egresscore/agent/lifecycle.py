@@ -180,7 +180,9 @@ class Agent:
             if runner is not None:
                 runner.stop()
             raise
-        if runner is not None:
+        if runner is None:
+            self._source_stats.update(address=f"files {self._cluster_path or '(objects)'}", connected=True)
+        else:
             self._source = runner
             self._source_stats.update(name=source.name, address=source.describe(), connected=True, resyncs=1,
                                       last_revision=snap.revision, last_change_at=FeedStats.now())
