@@ -265,19 +265,25 @@ def _cmd_agent(args):
     from .agent import DEFAULT_NAT_CAPACITY, Agent, AgentError
     from .health import FileLiveness, LivenessError
 
+    source = _source(args)
+    if source is None and (not args.cluster or not args.policies):
+        raise CLIError("--cluster and --policies are required with --source file", EXIT_USAGE)
+    if source is not None and (args.cluster or args.policies):
+        raise CLIError(f"--cluster and --policies are for --source file, not {args.source}", EXIT_USAGE)
     try:
         liveness = [FileLiveness(args.liveness_file)] if args.liveness_file else []
     except LivenessError as exc:
         raise CLIError(f"--liveness-file: {exc}") from None
     try:
         control = False if args.no_control_socket else (args.control_socket or True)
-        agent = Agent(args.node, args.cluster, args.policies, netns=args.netns, flow_log=args.flow_log,
+        agent = Agent(args.node, args.cluster, args.policies or (), source=source, netns=args.netns,
+                      flow_log=args.flow_log,
                       flow_drop_rate=args.flow_drop_rate, metrics_port=args.metrics_port,
                       metrics_addr=args.metrics_addr, control_socket=control, ring_mode=args.ring_mode,
                       nat_capacity=args.nat_capacity or DEFAULT_NAT_CAPACITY, pod_conn_limit=args.pod_conn_limit,
                       gateway_health=args.gateway_health == "on", liveness=liveness,
                       probe_interval=args.probe_interval, probe_misses=args.probe_misses)
-    except (AgentError, PermissionError) as exc:
+    except (AgentError, PermissionError, EgressError) as exc:
         raise CLIError(str(exc)) from None
     signal.signal(signal.SIGINT, lambda *a: agent.stop())
     signal.signal(signal.SIGTERM, lambda *a: agent.stop())
@@ -298,6 +304,24 @@ def _cmd_agent(args):
     print(f"egresscore agent: node {args.node} stopped: rx {c['rx']}, tx {c['tx']}, "
           f"tx_local {c['tx_local']}, drops: {drops}", file=status, flush=True)
     return EXIT_OK
+
+
+def _source(args):
+    """The --source of `egresscore agent`: None for the files (the Agent's own path)."""
+    spec = args.source
+    if spec in ("file", "files"):
+        return None
+    if spec.startswith("etcd://"):
+        from .sources.etcd import EtcdSource
+
+        return EtcdSource.from_url(spec, cluster=args.cluster_name, node=args.node)
+    if spec in ("kubernetes", "k8s"):
+        try:
+            from .sources.kubernetes import KubernetesSource
+        except ImportError as exc:
+            raise CLIError(f"--source kubernetes: {exc}") from None
+        return KubernetesSource()
+    raise CLIError(f"--source {spec!r}: use file, etcd://HOST:PORT[/prefix] or kubernetes", EXIT_USAGE)
 
 
 NAT_MAX_CAPACITY = 16_777_214  # the NAT table indexes connections in 24 bits
@@ -336,7 +360,13 @@ def _add_agent(sub):
                     "proto 236, ip_local_port_range, egc-tnl0).  Started over a killed agent's leftovers, it "
                     "takes them over and restores the host's originals when it stops.  Needs no system tool.",
     )
-    _add_input_options(a, node_required=True)
+    _add_input_options(a, node_required=True, files_required=False)
+    a.add_argument("--source", default="file", metavar="file|etcd://HOST:PORT[/prefix]|kubernetes",
+                   help="where the cluster and policies come from: the --cluster and --policies files "
+                        "(default), etcd (the key layout is in egresscore.sources.etcd; an unreachable store "
+                        "is an error, never a fallback to files), or the Kubernetes API")
+    a.add_argument("--cluster-name", default="default", metavar="NAME",
+                   help="the cluster's name in the store's keys (<prefix>/v1/NAME/...; default 'default')")
     a.add_argument("--netns", metavar="NAME", help="run on the interfaces of this network namespace")
     a.add_argument("--flow-log", metavar="FILE",
                    help="write flow records (connection start/end, drops) as JSON lines to FILE "
@@ -373,13 +403,83 @@ def _add_agent(sub):
     a.set_defaults(func=_cmd_agent)
 
 
+# ------------------------------------------------- the store: apply, delete, get
+
+
+def _store(args):
+    from .sources.etcd import EtcdStore
+
+    return EtcdStore.from_url(args.store, cluster=args.cluster_name)
+
+
+def _add_store_options(p):
+    import os
+
+    p.add_argument("--store", default=os.environ.get("EGRESSCORE_STORE", "etcd://127.0.0.1:2379"),
+                   metavar="etcd://HOST:PORT[/prefix]", help="the cluster store (default $EGRESSCORE_STORE or "
+                   "etcd://127.0.0.1:2379)")
+    p.add_argument("--cluster-name", default="default", metavar="NAME", help="the cluster's name in the keys")
+
+
+def _cmd_apply(args):
+    store = _store(args)
+    for path in args.file:
+        for key in store.apply_file(path):
+            print(f"{key[len(store.root):]} configured")
+    return EXIT_OK
+
+
+def _cmd_delete(args):
+    store = _store(args)
+    if not store.delete(args.kind, args.name, args.namespace):
+        raise CLIError(f"{args.kind} {args.name!r} not found in {store.address}")
+    print(f"{args.kind} {args.name!r} deleted")
+    return EXIT_OK
+
+
+def _cmd_get(args):
+    store = _store(args)
+    items = store.get(args.kind)
+    if args.output == "json":
+        print(json.dumps([doc for _, doc in items], indent=2, sort_keys=True))
+        return EXIT_OK
+    rows = [(key[len(store.root):].split("/", 1)[1], doc.get("error", "")) for key, doc in items]
+    width = max([len(r[0]) for r in rows] + [4])
+    print(f"{'NAME':<{width}}  PROBLEM")
+    for name, problem in rows:
+        print(f"{name:<{width}}  {problem}".rstrip())
+    return EXIT_OK
+
+
+def _add_store(sub):
+    a = sub.add_parser("apply", help="write policies and cluster objects from a file into the store (kubectl-style)",
+                       description="Every CiliumEgressGatewayPolicy document and every node, namespace and pod "
+                                   "of a cluster file in FILE, checked whole first (one bad object: nothing is "
+                                   "written), then written to the store; agents following it apply them.")
+    a.add_argument("-f", "--file", action="append", required=True, metavar="FILE")
+    _add_store_options(a)
+    a.set_defaults(func=_cmd_apply)
+    d = sub.add_parser("delete", help="delete one object from the store")
+    d.add_argument("kind", choices=("policy", "node", "pod", "namespace", "policies", "nodes", "pods", "namespaces"))
+    d.add_argument("name")
+    d.add_argument("-n", "--namespace", default="default", help="a pod's namespace (default 'default')")
+    _add_store_options(d)
+    d.set_defaults(func=_cmd_delete)
+    g = sub.add_parser("get", help="list the objects of one kind in the store")
+    g.add_argument("kind", choices=("policies", "nodes", "pods", "namespaces", "policy", "node", "pod",
+                                    "namespace"))
+    g.add_argument("-o", "--output", choices=("names", "json"), default="names")
+    _add_store_options(g)
+    g.set_defaults(func=_cmd_get)
+
+
 # -------------------------------------------------------------------- demo
 
 
 def _cmd_demo(args):
     from .demo import run_demo
 
-    return run_demo(quiet=args.quiet)
+    return run_demo(quiet=args.quiet, store=args.store)
 
 
 def _add_demo(sub):
@@ -390,13 +490,17 @@ def _add_demo(sub):
                     "app1 and app2, print the egress list and the source address each server saw, tear down.",
     )
     d.add_argument("-q", "--quiet", action="store_true", help="only the result tables")
+    d.add_argument("--store", choices=("files", "etcd"), default="files",
+                   help="etcd: start an etcd on 127.0.0.1 for the lab, load the cluster and policy into it, run "
+                        "the agents on it (--source etcd://), then `egresscore apply` a second policy and "
+                        "`egresscore delete` it while app1's requests run, and show the source address change")
     d.set_defaults(func=_cmd_demo)
 
 
 # -------------------------------------------------------------------- main
 
 
-COMMANDS = [_add_egress, _add_validate, _add_agent, _add_demo, _add_nat, _add_stats]
+COMMANDS = [_add_egress, _add_validate, _add_agent, _add_demo, _add_nat, _add_stats, _add_store]
 
 
 def _usage(parser):
@@ -432,7 +536,7 @@ def main(argv=None):
         for err in exc.errors:
             _warn(f"error: {err}")
         return EXIT_ERROR
-    except (ValueError, OSError) as exc:  # bad input files, unreadable paths
+    except (ValueError, OSError, EgressError) as exc:  # bad input files, unreadable paths, a store away
         _warn(f"error: {exc}")
         return EXIT_ERROR
     except KeyboardInterrupt:

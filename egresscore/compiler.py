@@ -73,7 +73,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from .cluster import DEFAULT_CLUSTER_NAME, Cluster, LabelFilter, Namespace, Node, Pod
+from .cluster import DEFAULT_CLUSTER_NAME, Cluster, LabelFilter, Namespace, Node, Pod, PodTable
 from .policy import EgressPolicy
 from .types import (
     EGRESS_IP_NOT_FOUND_V4,
@@ -434,6 +434,16 @@ class Compiler:
             self._sync_map(None)
         return desired
 
+    def reset(self, cluster: Cluster, policies) -> dict:
+        """Replace every node, namespace, pod and policy and recompile in full
+        (one publish per family with an attached map): a source's full resync.
+        `self.cluster` stays the same object."""
+        self.cluster.nodes = dict(cluster.nodes)
+        self.cluster.namespaces = dict(cluster.namespaces)
+        self.cluster.pods = PodTable(cluster.pods)
+        self._policies = {p.name: p for p in policies}
+        return self.compile()
+
     def attach(self, egress_map):
         """Write the desired state into `egress_map` (replacing what it held) and keep it in sync."""
         self.egress_map = egress_map
@@ -568,6 +578,8 @@ class Compiler:
         contrib = self._contrib
         desired = self.desired
         em = self.egress_map
+        if em is not None and len(changed) > _BATCH:
+            return self._resolve_batch(changed)
         writes = 0
         for key in changed:
             c = contrib.get(key)
@@ -585,6 +597,26 @@ class Compiler:
                     _write(em, key, new)
                 writes += 1
         return writes
+
+    def _resolve_batch(self, changed) -> int:
+        """_resolve for many keys: one EgressMap.update (one publish per family,
+        new and changed entries in the same step as removals)."""
+        contrib, desired = self._contrib, self.desired
+        sets, removes = [], []
+        for key in changed:
+            c = contrib.get(key)
+            if not c:
+                if key in desired:
+                    del desired[key]
+                    removes.append(key)
+                continue
+            new = c[min(c)] if len(c) > 1 else next(iter(c.values()))
+            if desired.get(key) != new:
+                desired[key] = new
+                sets.append(map_row(key, new))
+        if sets or removes:
+            self.egress_map.update(sets, removes)
+        return len(sets) + len(removes)
 
     def _index_pod(self, pod):
         labels = self.pod_labels(pod)
@@ -744,6 +776,9 @@ class Compiler:
         del self._policies[name]
         self._identity_cache = {}
         return self._resolve(changed)
+
+
+_BATCH = 8  # more changed keys than this: one EgressMap.update instead of a write each
 
 
 def _write(em, key, t: Target):

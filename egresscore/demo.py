@@ -28,14 +28,15 @@ FLOWS = (  # pod, destination, what the policy says
 class AgentProcess:
     """An `egresscore agent` subprocess for one lab node; stop() sends SIGTERM."""
 
-    def __init__(self, node, cluster_file, policy_file, netns, timeout=20.0, extra_args=()):
+    def __init__(self, node, cluster_file, policy_file, netns, timeout=20.0, extra_args=(), source=None):
         env = dict(os.environ)
         root = os.path.dirname(HERE)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.node = node
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "egresscore", "agent", "--node", node, "--cluster", cluster_file,
-             "--policies", policy_file, "--netns", netns, *extra_args],
+            [sys.executable, "-m", "egresscore", "agent", "--node", node,
+             *(("--cluster", cluster_file, "--policies", policy_file) if source is None else ("--source", source)),
+             "--netns", netns, *extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines = []
         deadline = time.monotonic() + timeout
@@ -64,19 +65,71 @@ class AgentProcess:
         return self.lines
 
 
-def start_agents(lab, policy_file, workdir, extra_args=()):
+def start_agents(lab, policy_file, workdir, extra_args=(), source=None):
     """Write the lab's cluster file and start an agent per node (extra_args: more
-    `egresscore agent` options); returns (cluster file, {node: AgentProcess})."""
+    `egresscore agent` options; source: `--source` instead of the files);
+    returns (cluster file, {node: AgentProcess})."""
     cluster_file = os.path.join(workdir, "cluster.yaml")
     with open(cluster_file, "w") as f:
         yaml.safe_dump(lab.cluster(), f)
     agents = {}
     for name, node in lab.nodes.items():
-        agents[name] = lab.track(AgentProcess(name, cluster_file, policy_file, node.ns, extra_args=extra_args))
+        agents[name] = lab.track(AgentProcess(name, cluster_file, policy_file, node.ns, extra_args=extra_args,
+                                              source=source))
     return cluster_file, agents
 
 
-def run_demo(quiet=False, out=None):
+MOVED = {"apiVersion": "cilium.io/v2", "kind": "CiliumEgressGatewayPolicy", "metadata": {"name": "egress-moved"},
+         "spec": {"selectors": [{"podSelector": {"matchLabels": {"app": "app1"}}}],
+                  "destinationCIDRs": ["203.0.113.0/28"],
+                  "egressGateway": {"nodeSelector": {"matchLabels": {"node.kubernetes.io/name": "node3"}},
+                                    "egressIP": "192.168.1.100"}}}
+
+
+def _cli(*args):
+    """`egresscore ARGS` as its own process (what an operator types), not waited for."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.dirname(HERE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.Popen([sys.executable, "-m", "egresscore", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def store_changes(lab, store_args, workdir, out, n=40, every=0.1):
+    """While app1 keeps making requests to 203.0.113.10, `egresscore apply` a second policy
+    (203.0.113.0/28 via 192.168.1.100), then `egresscore delete` it; returns the sources seen in order."""
+    moved = os.path.join(workdir, "egress-moved.yaml")
+    with open(moved, "w") as f:
+        yaml.safe_dump(MOVED, f)
+    seen, steps, procs = [], {}, []
+    t0 = time.monotonic()
+    for i in range(n):
+        if i == n // 4:
+            procs.append(_cli("apply", "-f", moved, *store_args))
+            steps[i] = "apply -f egress-moved.yaml"
+        if i == 5 * n // 8:
+            procs.append(_cli("delete", "policy", "egress-moved", *store_args))
+            steps[i] = "delete policy egress-moved"
+        try:
+            src = lab.tcp_request("app1", "203.0.113.10", timeout=2.0)
+        except Exception as exc:  # noqa: BLE001 - shown
+            src = f"failed ({type(exc).__name__})"
+        seen.append((time.monotonic() - t0, steps.get(i, ""), src))
+        time.sleep(every)
+    for p in procs:
+        p.communicate(timeout=20)
+    rows, last = [], None
+    for t, step, src in seen:
+        if step or src != last:
+            rows.append((f"{t:.1f} s", step, src))
+        last = src
+    from .show import format_table
+
+    print("\nWhile app1 sends a request to 203.0.113.10 every 0.1 s, the store changes (egresscore apply/delete):\n"
+          + format_table(rows, ("Time", "Store change", "Source the server saw")), file=out)
+    return [src for _, _, src in seen]
+
+
+def run_demo(quiet=False, out=None, store="files"):
     out = out or sys.stdout
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=out, flush=True))
     if os.geteuid() != 0:
@@ -100,7 +153,20 @@ def run_demo(quiet=False, out=None):
         say(f"lab up: nodes {', '.join(f'{n.name} {n.ip}' for n in lab.nodes.values())}; "
             f"pods {', '.join(f'{p.name} {p.ip} on {p.node}' for p in lab.pods.values())}")
         prepare_lab(lab)
-        _, agents = start_agents(lab, policy_file, tmp)
+        source = etcd = None
+        if store == "etcd":  # the lab's control plane: an etcd on 127.0.0.1 holding the cluster and the policy
+            from .lab.etcd import EtcdServer
+            from .sources.etcd import EtcdStore
+
+            etcd = lab.track(EtcdServer(tmp).start())
+            source = f"{etcd.url}/egresscore"
+            store_args = ("--store", source, "--cluster-name", "default")
+            c = Cluster.from_dict(lab.cluster())
+            keys = EtcdStore.from_url(source).put_many(
+                [("nodes", n) for n in c.nodes.values()] + [("namespaces", n) for n in c.namespaces.values()]
+                + [("pods", p) for p in c.pods.values()] + [("policies", SAMPLE_POLICY)])
+            say(f"etcd on 127.0.0.1:{etcd.port}: {len(keys)} objects under egresscore/v1/default/")
+        _, agents = start_agents(lab, policy_file, tmp, source=source)
         say(f"agents running on {', '.join(agents)} ({time.monotonic() - t0:.1f} s)")
         policies = load_policies(policy_file).policies
         rows = egress_rows(Compiler(Cluster.from_dict(lab.cluster()), policies))
@@ -120,6 +186,11 @@ def run_demo(quiet=False, out=None):
                             f"{seen('icmp')} ({icmp}/3 replied)"))
         print("\nSource address each external server saw:\n" + format_table(
             results, ("Pod", "Server", "Expected", "TCP (HTTP GET)", "UDP", "ping")), file=out)
+        moved_ok = True
+        if etcd is not None:
+            sources = store_changes(lab, store_args, tmp, out)
+            moved_ok = ("192.168.1.100" in sources and sources[0] == sources[-1] == "192.168.1.3"
+                        and set(sources) <= {"192.168.1.3", "192.168.1.100"})
         finals = {name: a.stop() for name, a in agents.items()}
         say("")
         for name, lines in finals.items():
@@ -127,4 +198,4 @@ def run_demo(quiet=False, out=None):
     say(f"\nlab torn down; {time.monotonic() - t0:.1f} s in all")
     ok = all(r[3] == ("192.168.1.3" if r[2].startswith("egress") else
                       {"app1": "192.168.1.1", "app2": "192.168.1.2"}[r[0]]) for r in results)
-    return 0 if ok else 1
+    return 0 if ok and moved_ok else 1

@@ -18,6 +18,9 @@ metrics cost nothing between scrapes.  The dict's keys (all optional):
                   (t: Unix time or None), policy/cluster reloads and set_policies
     "gateway_health": Agent.gateway_health(): {"gateways": [{node, ip, state}],
                   "probes": {"sent": n, "received": n, "answered": n}}
+    "source":     Agent's cluster-state source (egresscore.agent.feed.FeedStats): name,
+                  connected, disconnects, resyncs, changes_applied, objects_rejected,
+                  last_revision
 
 Metric names follow Cilium's where one exists (cilium_forward_count_total,
 cilium_drop_count_total, ...), with the prefix egresscore_ and a `node` label.
@@ -85,6 +88,7 @@ class StatsCollector:
         yield from self._flow_log(s.get("flow_log"))
         yield from self._reloads(s.get("reloads"))
         yield from self._gateway_health(s.get("gateway_health"))
+        yield from self._source(s.get("source"))
 
     # ------------------------------------------------------------ families
 
@@ -262,6 +266,29 @@ class StatsCollector:
                 g = self._family(GaugeMetricFamily, name, doc)
                 self._add(g, value)
                 yield g
+
+    def _source(self, src):
+        """The cluster-state source (egresscore.sources): connection, resyncs, changes, rejections."""
+        if not src:
+            return
+        name = src.get("name", "files")
+        up = self._family(GaugeMetricFamily, "source_connected", "1 while the cluster-state source is connected",
+                          ["source"])
+        self._add(up, 1 if src.get("connected") else 0, name)
+        yield up
+        for key, doc in (("disconnects", "Times the source lost its store (the state in force was kept)"),
+                         ("resyncs", "Full snapshots reconciled (start, compaction, relist)"),
+                         ("changes_applied", "Object changes applied incrementally"),
+                         ("objects_rejected", "Objects left out: malformed, too large, or this node made invalid")):
+            c = self._family(CounterMetricFamily, f"source_{key}", doc, ["source"])
+            self._add(c, src.get(key, 0), name)
+            yield c
+        rev = str(src.get("last_revision") or "")
+        if rev.isdigit():
+            g = self._family(GaugeMetricFamily, "source_last_revision", "The store revision last applied",
+                             ["source"])
+            self._add(g, int(rev), name)
+            yield g
 
 
     def _gateway_health(self, h):

@@ -54,17 +54,6 @@ super-packets into MTU-sized segments in C instead.  With vnet_hdr=False,
 turn tx checksumming, TSO and GSO off on the pod side instead
 (egresscore.lab.offloads.disable_offloads).
 
-Gateway health (egresscore.health; gateway_health=True by default): the
-agent answers heartbeats on its node IP, UDP HEARTBEAT_PORT (4799), on its own
-thread, and probes every node that matches some policy's gateway selector
-(10 rounds a second, down after 3 missed rounds, up after 2 answered ones),
-on a health thread that also asks the liveness providers.  A change of the
-down set recompiles there (Compiler.set_down: only the affected policies'
-entries are rewritten, in place, while the datapath reads the map); the loop
-thread runs its own control jobs only when it can take the compile lock
-without waiting.  gateway_health=False is Cilium's exact choice (the agent
-still answers heartbeats).  gateway_health() says who is down and why.
-
 Observability (all off by default; egresscore.flowlog, .metrics, .control, wired by
 egresscore.agent.services):
 - flow_log: connection start/end records (from the NAT table) and
@@ -85,6 +74,17 @@ stats()["reloads"] counts accepted and rejected reloads (with the time and
 error of the last rejection; metrics egresscore_config_reloads_total{result}).
 reload() and set_policies() raise InputError; SIGHUP only logs and counts.
 A cluster file may not drop this agent's node nor change its IP.
+
+Gateway health (egresscore.health; gateway_health=True by default): the
+agent answers heartbeats on its node IP, UDP HEARTBEAT_PORT (4799), on its own
+thread, and probes every node that matches some policy's gateway selector
+(10 rounds a second, down after 3 missed rounds, up after 2 answered ones),
+on a health thread that also asks the liveness providers.  A change of the
+down set recompiles there (Compiler.set_down: only the affected policies'
+entries are rewritten, in place, while the datapath reads the map), under
+the control lock as every control change; the loop thread only receives
+results.  gateway_health=False is Cilium's exact choice (the agent still
+answers heartbeats).  gateway_health() says who is down and why.
 
 Thread model: the datapath and the NAT table have one writer, the thread in
 run()/step().  Control changes (set_policies, reload, upsert_pod, ...) may come
@@ -110,6 +110,7 @@ from ..compiler import Compiler
 from ..control import default_socket_path
 from ..health import HEARTBEAT_PORT, GatewayHealth, LivenessProvider, Prober, Responder
 from ..inputs import InputError, check_policies, load_inputs
+from .feed import Feed, FeedStats, OwnNodeError, SourceRunner, check_own_node
 from .host import (
     AgentError,
     HostThread,
@@ -142,6 +143,11 @@ class Agent:
 
     node: this node's name in `cluster`; cluster: a Cluster or a cluster YAML
     path; policies: EgressPolicy objects or policy file/folder paths.
+    source: instead of cluster and policies, a cluster-state source
+    (egresscore.sources: FilesSource, EtcdSource, KubernetesSource): the agent
+    is built on its first snapshot (a source that fails first, or sends none
+    within source_timeout seconds, is a SourceStartError naming its address)
+    and then follows it as a SourceSink (resync, apply) on the source's thread.
     netns: run on this network namespace's interfaces (the lab's nodes); one
     that does not exist (/run/netns/NAME) is an AgentError, and nothing is created.
     ring_mode: "latency" (default; RX frames handed over one by one: about
@@ -162,7 +168,7 @@ class Agent:
     and probed.
     """
 
-    def __init__(self, node, cluster, policies=(), *, netns=None, underlay="eth0", vni=2,
+    def __init__(self, node, cluster=None, policies=(), *, netns=None, underlay="eth0", vni=2,
                  vxlan_port=8472, mtu=1500, nat_port_range=DEFAULT_NAT_PORTS,
                  kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=DEFAULT_NAT_CAPACITY,
                  pod_conn_limit=None,
@@ -172,7 +178,42 @@ class Agent:
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
                  metrics_port=None, metrics_addr="127.0.0.1", control_socket=None,
                  gateway_health=True, liveness=(), probe_interval=0.1, probe_misses=3, probe_rises=2,
-                 heartbeat_port=HEARTBEAT_PORT):
+                 heartbeat_port=HEARTBEAT_PORT, source=None, source_timeout=10.0):
+        runner = None
+        if source is not None:  # the first snapshot is the cluster and policies at start (no file fallback)
+            if cluster is not None or policies:
+                raise TypeError("give either a source or a cluster and policies, not both")
+            runner = SourceRunner(source)
+            snap = runner.start(source_timeout)
+            cluster, policies = Cluster(snap.nodes, snap.namespaces, snap.pods), list(snap.policies)
+        try:
+            self._build(node, cluster, policies, runner, netns=netns, underlay=underlay, vni=vni,
+                        vxlan_port=vxlan_port, mtu=mtu, nat_port_range=nat_port_range,
+                        kernel_port_range=kernel_port_range, nat_capacity=nat_capacity,
+                        pod_conn_limit=pod_conn_limit, pod_ifname=pod_ifname, claim=claim, poll_ms=poll_ms,
+                        vnet_hdr=vnet_hdr, tunnel_offload=tunnel_offload, ring_mode=ring_mode,
+                        nat_timeouts=nat_timeouts, flow_log=flow_log, flow_log_capacity=flow_log_capacity,
+                        flow_drop_rate=flow_drop_rate, metrics_port=metrics_port, metrics_addr=metrics_addr,
+                        control_socket=control_socket,
+                        health=dict(gateway_health=gateway_health, liveness=liveness,
+                                    probe_interval=probe_interval, probe_misses=probe_misses,
+                                    probe_rises=probe_rises, heartbeat_port=heartbeat_port))
+        except BaseException:
+            if runner is not None:
+                runner.stop()
+            raise
+        if runner is None:
+            self._source_stats.update(address=f"files {self._cluster_path or '(objects)'}", connected=True)
+        else:
+            self._source = runner
+            self._source_stats.update(name=source.name, address=source.describe(), connected=True, resyncs=1,
+                                      last_revision=snap.revision, last_change_at=FeedStats.now())
+            runner.attach(self)
+
+    def _build(self, node, cluster, policies, runner, *, netns, underlay, vni, vxlan_port, mtu, nat_port_range,
+               kernel_port_range, nat_capacity, pod_conn_limit, pod_ifname, claim, poll_ms, vnet_hdr,
+               tunnel_offload, ring_mode, nat_timeouts, flow_log, flow_log_capacity, flow_drop_rate,
+               metrics_port, metrics_addr, control_socket, health):
         # the one loading path (egresscore.inputs): a bad input is an error, the agent does not start
         self._cluster_path = os.fspath(cluster) if isinstance(cluster, (str, os.PathLike)) else None
         self._policy_paths, policies = self._policies_from(policies)
@@ -191,10 +232,13 @@ class Agent:
         self.ring_mode = ring_mode
         self._pod_ifname = pod_ifname
         self._init_state()
-        self.gateway_health_on = bool(gateway_health)
+        self.gateway_health_on = bool(health["gateway_health"])
+        liveness = health["liveness"]
         if isinstance(liveness, LivenessProvider):
             liveness = [liveness]
         self._liveness = list(liveness)
+        probe_interval, probe_misses = health["probe_interval"], health["probe_misses"]
+        probe_rises, heartbeat_port = health["probe_rises"], health["heartbeat_port"]
         if probe_interval <= 0 or probe_misses < 1 or probe_rises < 1:
             raise ValueError("probe_interval must be positive, probe_misses and probe_rises at least 1")
         if nat_port_range[0] <= heartbeat_port <= nat_port_range[1] or heartbeat_port == vxlan_port:
@@ -221,6 +265,7 @@ class Agent:
                                      vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range)
             self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map)
             self.cluster = self.compiler.cluster
+            self._feed = Feed(self.compiler)
             self._open_underlay(underlay)
             if tunnel_offload and self.vnet_hdr:
                 self._open_tunnel(vni, vxlan_port, mtu)
@@ -284,8 +329,12 @@ class Agent:
         self.tunnel_error = None  # why the tunnel offload is off, when it was asked for
         self._wake_r = self._wake_w = -1  # the wake pipe, made with the rings
         self._services = []            # how to stop the services (egresscore.agent.services), in start order
-        self._changed = False
-        self._compile_lock = threading.Lock()  # the compiler: loop thread jobs vs the health thread
+        self._control = threading.RLock()  # one control change at a time, on the thread that makes it
+        self._node_rows = {}           # loop thread: node name -> (IPv4, pod CIDRs) in the datapath
+        self._wanted = {}              # loop thread: pod key -> (IPv4, veth) the datapath should forward
+        self._feed = None              # egresscore.agent.feed.Feed over the compiler
+        self._source = None            # the cluster-state source (egresscore.sources), when one feeds us
+        self._source_stats = FeedStats("files", "")
         self.health = None
         self.responder = None
         self._candidates = {}          # gateway candidates {name: ip}, this node included
@@ -311,81 +360,11 @@ class Agent:
         self._neighbours = Neighbours(self._host, self._underlay_index, self._neighbours_changed)
         self._host.call(self._neighbours.start)
         self._claims_on = bool(claim)
-        self._sync_nodes()
-        self._sync_pods()
+        self._publish()
         self._neighbours.wait(1.0)  # let the kernel resolve them before the first packet
         self._settle()
         if claim:
             self._host.call(self._host_sync_claims, self._inside())
-
-    # -- gateway health (egresscore.health) ------------------------------------------------
-    def _start_health(self, port, interval, misses, rises):
-        """The heartbeat responder (always) and, with gateway health on, the
-        health thread probing the gateway candidates; sockets opened inside
-        the node's namespace, on the host thread."""
-        try:
-            sock = self._host.call(Responder.open_socket, self.node_ip, port)
-        except OSError as exc:
-            raise AgentError(f"cannot answer heartbeats on {self.node_ip}:{port}{self._where()}: {exc}") from exc
-        self.responder = Responder(sock, name=f"egresscore-heartbeat-{self.node}").start()
-        self._services.append(self.responder.stop)
-        if not self.gateway_health_on:
-            return
-
-        def probe_socket():
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            s.bind((self.node_ip, 0))
-            return s
-
-        prober = Prober(self._host.call(probe_socket), port=port, misses=misses, rises=rises)
-        self.health = GatewayHealth(self._health_changed, prober=prober, liveness=self._liveness,
-                                    interval=interval, name=f"egresscore-health-{self.node}")
-        self._candidates_gen = None     # computed before there was a prober: hand them over now
-        self._update_health_targets()
-        self.health.start()
-        self._services.append(self.health.stop)
-
-    def _update_health_targets(self):
-        """The nodes to probe: every gateway candidate but this node (compile
-        lock held); recomputed only when the compiler changed."""
-        if self._candidates_gen == self.compiler.generation:
-            return
-        self._candidates_gen = self.compiler.generation
-        self._candidates = self.compiler.gateway_candidates()
-        if self.health is not None:
-            self.health.set_targets({n: ip for n, ip in self._candidates.items() if n != self.node})
-
-    def _health_changed(self, down):
-        """Health thread: the down set moved; recompile here (never on the datapath thread)."""
-        down = frozenset(down) - {self.node}
-        t0 = time.monotonic()
-        with self._compile_lock:
-            n = self.compiler.set_down(down)
-        ms = (time.monotonic() - t0) * 1000
-        print(f"egresscore agent {self.node}: gateways down: {', '.join(sorted(down)) or 'none'} "
-              f"({n} egress entries rewritten in {ms:.1f} ms)", file=sys.stderr, flush=True)
-        self._to_loop(self._mark_changed)
-
-    def _mark_changed(self):
-        self._changed = True
-
-    def gateway_health(self):
-        """{"enabled", "down", "gateways": [{node, ip, state, why}], "probes"}: what
-        gateway selection passes over now, and why (any thread)."""
-        cands = dict(self._candidates)
-        if self.health is None:
-            rows = [{"node": n, "ip": ip, "state": "up" if n == self.node else "not probed", "why": ""}
-                    for n, ip in sorted(cands.items())]
-            return {"enabled": False, "down": [], "gateways": rows, "probes": {}}
-        rows = self.health.state(cands)
-        for r in rows:
-            if r["node"] == self.node:
-                r["state"], r["why"] = "up", "this node"
-        p = self.health.prober
-        return {"enabled": True, "down": sorted(self.compiler.down), "gateways": rows,
-                "probes": {"sent": p.sent, "received": p.received, "interval_s": self.health.interval,
-                           "misses": p.misses, "rises": p.rises, "port": p.port,
-                           "answered": self.responder.answered if self.responder else 0}}
 
     # -- observability -------------------------------------------------------------
     def stats(self):
@@ -416,6 +395,7 @@ class Agent:
             "rings": rings,
             "reloads": self.reload_stats(),
             "gateway_health": self.gateway_health(),
+            "source": self._source_stats.snapshot(),
         }
         if self.flow_logger is not None:
             out["flow_log"] = self.flow_logger.stats
@@ -441,27 +421,15 @@ class Agent:
         self._queue.put(job)
         self._wake()
 
-    def _run_jobs(self, wait=False):
-        """Run the queued control jobs, holding the compile lock; when the
-        health thread holds it, they wait for the next iteration (it wakes
-        the loop when done): the loop thread never waits for a recompile
-        (`wait`: a caller that is not the datapath thread does)."""
-        if self._queue.empty() or not self._compile_lock.acquire(blocking=wait):
-            return False
+    def _run_jobs(self):
         ran = False
-        try:
-            while True:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                job()
-                ran = True
-            if ran:
-                self._update_health_targets()
-        finally:
-            self._compile_lock.release()
-        return ran
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return ran
+            job()
+            ran = True
 
     def _settle(self):
         """Wait until the host work queued so far is done and its datapath
@@ -470,7 +438,7 @@ class Agent:
             return
         self._host.call(lambda: None)
         if self._loop_thread is None:
-            self._run_jobs(wait=True)
+            self._run_jobs()
         else:
             self._submit(lambda: None)
 
@@ -484,47 +452,143 @@ class Agent:
             return [os.fspath(p) for p in policies], None
         return None, check_policies(policies)
 
+    # -- gateway health (egresscore.health) ------------------------------------------------
+    def _start_health(self, port, interval, misses, rises):
+        """The heartbeat responder (always) and, with gateway health on, the
+        health thread probing the gateway candidates; sockets opened inside
+        the node's namespace, on the host thread."""
+        try:
+            sock = self._host.call(Responder.open_socket, self.node_ip, port)
+        except OSError as exc:
+            raise AgentError(f"cannot answer heartbeats on {self.node_ip}:{port}{self._where()}: {exc}") from exc
+        self.responder = Responder(sock, name=f"egresscore-heartbeat-{self.node}").start()
+        self._services.append(self.responder.stop)
+        if not self.gateway_health_on:
+            return
+
+        def probe_socket():
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            s.bind((self.node_ip, 0))
+            return s
+
+        prober = Prober(self._host.call(probe_socket), port=port, misses=misses, rises=rises)
+        self.health = GatewayHealth(self._health_changed, prober=prober, liveness=self._liveness,
+                                    interval=interval, name=f"egresscore-health-{self.node}")
+        self._candidates_gen = None     # computed before there was a prober: hand them over now
+        self._update_health_targets()
+        self.health.start()
+        self._services.append(self.health.stop)
+
+    def _update_health_targets(self):
+        """The nodes to probe: every gateway candidate but this node (control
+        lock held); recomputed only when the compiler changed."""
+        if self._candidates_gen == self.compiler.generation:
+            return
+        self._candidates_gen = self.compiler.generation
+        self._candidates = self.compiler.gateway_candidates()
+        if self.health is not None:
+            self.health.set_targets({n: ip for n, ip in self._candidates.items() if n != self.node})
+
+    def _health_changed(self, down):
+        """Health thread: the down set moved; recompile here (never on the datapath thread)."""
+        down = frozenset(down) - {self.node}
+        t0 = time.monotonic()
+        with self._control:
+            n = self.compiler.set_down(down)
+            self._update_health_targets()
+            if self.flow_logger is not None:
+                self._enricher.refresh()
+        ms = (time.monotonic() - t0) * 1000
+        print(f"egresscore agent {self.node}: gateways down: {', '.join(sorted(down)) or 'none'} "
+              f"({n} egress entries rewritten in {ms:.1f} ms)", file=sys.stderr, flush=True)
+
+    def gateway_health(self):
+        """{"enabled", "down", "gateways": [{node, ip, state, why}], "probes"}: what
+        gateway selection passes over now, and why (any thread)."""
+        cands = dict(self._candidates)
+        if self.health is None:
+            rows = [{"node": n, "ip": ip, "state": "up" if n == self.node else "not probed", "why": ""}
+                    for n, ip in sorted(cands.items())]
+            return {"enabled": False, "down": [], "gateways": rows, "probes": {}}
+        rows = self.health.state(cands)
+        for r in rows:
+            if r["node"] == self.node:
+                r["state"], r["why"] = "up", "this node"
+        p = self.health.prober
+        return {"enabled": True, "down": sorted(self.compiler.down), "gateways": rows,
+                "probes": {"sent": p.sent, "received": p.received, "interval_s": self.health.interval,
+                           "misses": p.misses, "rises": p.rises, "port": p.port,
+                           "answered": self.responder.answered if self.responder else 0}}
+
     # -- cluster facts -> datapath ---------------------------------------------------
-    def _sync_nodes(self):
-        names = sorted(self.cluster.nodes)
+    # The control thread (under self._control) computes the facts from the
+    # compiler's cluster; the loop thread only writes them into the datapath.
+    def _commit(self, fn, *args, nodes=True, pods=True):
+        """Run the control change fn(*args) on this thread (the compiler
+        writes the egress map in place: it publishes every change atomically
+        for the datapath's lock-free readers), then hand the loop the node
+        rows and pod ports that follow from it."""
+        with self._control:
+            out = fn(*args)
+            self._publish(nodes=nodes, pods=pods)
+            return out
+
+    def _publish(self, nodes=True, pods=True):
+        """Control thread: the datapath's facts (node rows, local pod ports) to the loop, the rest to the host."""
+        if nodes:
+            self._publish_nodes(self.cluster.nodes)
+        if pods:
+            wanted = {}
+            for p in self.cluster.pods.values():
+                if p.node == self.node:
+                    ip4 = next((ip for ip in p.ips if ":" not in ip), None)
+                    if ip4 is not None:
+                        wanted[p.uid] = (ip4, self._pod_ifname(p))
+            self._submit(self._apply_pods, wanted, self._inside())
+        if self.flow_logger is not None:
+            self._enricher.refresh()
+        self._update_health_targets()
+
+    def _publish_nodes(self, nodes):
+        """Control thread: node rows for the loop; tunnel peers, neighbours and claims for the host."""
+        rows = {n.name: (n.gateway_ip, tuple(c for c in n.pod_cidrs if ":" not in c))
+                for n in nodes.values() if n.gateway_ip}
+        self._submit(self._apply_nodes, rows)
+        ips = [ip for ip, _ in rows.values()]
+        if self._tunnel is not None:
+            self._host.post(self._tunnel.set_peers, ips)
+        if self._neighbours is not None:
+            self._host.post(self._neighbours.want, [ip for ip in ips if ip not in self._local_ips])
+        self._host.post(self._host_sync_claims, self._inside(nodes))
+
+    def _apply_nodes(self, rows):
+        """Loop thread: the datapath's node table to `rows` (changed rows only)."""
         for name, idx in list(self._node_index.items()):
-            if name not in self.cluster.nodes:
+            if name not in rows:
                 self.datapath.remove_node(idx)
                 del self._node_index[name]
-        for name in names:
-            n = self.cluster.nodes[name]
-            if not n.gateway_ip:
-                continue
+        for name in sorted(rows):
             if name in self._node_index:
+                if self._node_rows.get(name) == rows[name]:
+                    continue
                 idx = self._node_index[name]
                 self.datapath.remove_node(idx)
             else:
                 used = set(self._node_index.values())
                 idx = next(i for i in range(256) if i not in used)
+            ip, cidrs = rows[name]
             self._node_index[name] = idx
-            mac = None if n.gateway_ip in self._local_ips else self._neigh_macs.get(n.gateway_ip)
-            self.datapath.add_node(idx, n.gateway_ip, [c for c in n.pod_cidrs if ":" not in c], mac=mac)
-        self._set_tunnel_peers()
-        self._watch_neighbours()
-        self._host.post(self._host_sync_claims, self._inside())
+            mac = None if ip in self._local_ips else self._neigh_macs.get(ip)
+            self.datapath.add_node(idx, ip, cidrs, mac=mac)
+        self._node_rows = dict(rows)
 
-    def _set_tunnel_peers(self):
-        if self._tunnel is not None:
-            self._host.post(self._tunnel.set_peers,
-                            [n.gateway_ip for n in self.cluster.nodes.values() if n.gateway_ip])
-
-    def _inside(self):
+    def _inside(self, nodes=None):
         """The cluster's own destinations (pod CIDRs, node IPs): pod traffic to them stays the kernel's."""
-        return sorted({c for n in self.cluster.nodes.values() for c in n.pod_cidrs if ":" not in c}
-                      | {n.gateway_ip + "/32" for n in self.cluster.nodes.values() if n.gateway_ip})
+        nodes = (self.cluster.nodes if nodes is None else nodes).values()
+        return sorted({c for n in nodes for c in n.pod_cidrs if ":" not in c}
+                      | {n.gateway_ip + "/32" for n in nodes if n.gateway_ip})
 
     # -- neighbours (learnt on the host thread, written here) -----------------------------
-    def _watch_neighbours(self):
-        """Tell the host thread which neighbours the datapath needs (missing ones are probed)."""
-        if self._neighbours is not None:
-            self._host.post(self._neighbours.want, [n.gateway_ip for n in self.cluster.nodes.values()
-                                                    if n.gateway_ip and n.gateway_ip not in self._local_ips])
-
     def _neighbours_changed(self, router, macs):
         """Host thread: a new neighbour snapshot, for the loop thread."""
         self._to_loop(self._apply_neighbours, router, macs)
@@ -534,7 +598,7 @@ class Agent:
         self._neigh_macs = macs
         self.datapath.set_router(macs.get(router) if router else None)
         for name, idx in self._node_index.items():
-            ip = self.cluster.nodes[name].gateway_ip
+            ip = self._node_rows[name][0]
             if ip not in self._local_ips:
                 self.datapath.set_node_mac(idx, macs.get(ip))
 
@@ -547,7 +611,7 @@ class Agent:
         try:
             self._host.call(dev.create)
             self._tunnel = dev
-            self._set_tunnel_peers()
+            self._host.post(dev.set_peers, [n.gateway_ip for n in self.cluster.nodes.values() if n.gateway_ip])
             ring = self._host.call(lambda: self._rings_plan.tunnel(dev.ifname))
         except (NetlinkError, OSError) as exc:
             self._host.call(dev.remove)
@@ -559,24 +623,23 @@ class Agent:
         self._rings.append(ring)
         self.datapath.attach_tunnel(ring)
 
-    def _sync_pods(self):
-        wanted = {p.uid: p for p in self.cluster.pods.values() if p.node == self.node}
+    def _apply_pods(self, wanted, inside):
+        """Loop thread: forward exactly the local pods in `wanted` (key -> (IPv4, veth));
+        new ones are opened on the host thread and attached later."""
+        self._wanted = wanted
         for key in list(self._ports):
             if key not in wanted:
                 self._drop_port(key)
         opening = []
-        for key, pod in wanted.items():
-            ip4 = next((ip for ip in pod.ips if ":" not in ip), None)
-            if ip4 is None:
-                continue
+        for key, (ip4, ifname) in wanted.items():
             if key in self._ports:
                 port, _ = self._ports[key]
                 self.datapath.add_pod_port(port, ip4, self._port_macs[key])
             elif key not in self._opening:
                 self._opening.add(key)
-                opening.append((key, self._pod_ifname(pod)))
+                opening.append((key, ifname))
         if opening:
-            self._host.post(self._host_open_pods, opening, self._inside())
+            self._host.post(self._host_open_pods, opening, inside)
 
     def _host_open_pods(self, pods, inside):
         """Host thread: a ring on each pod veth, the claims for it, then the
@@ -598,8 +661,7 @@ class Agent:
     def _attach_pods(self, opened):
         for key, ifname, mac, ring in opened:
             self._opening.discard(key)
-            pod = self.cluster.pods.get(key)
-            ip4 = next((ip for ip in pod.ips if ":" not in ip), None) if pod and pod.node == self.node else None
+            ip4 = self._wanted.get(key, (None,))[0]
             if ring is None:
                 continue
             if ip4 is None or key in self._ports:   # gone (or attached) meanwhile
@@ -637,13 +699,8 @@ class Agent:
 
     # -- control (any thread) ------------------------------------------------------------
     def _submit(self, fn, *args):
-        if self._loop_thread is threading.current_thread():
+        if self._loop_thread is None or self._loop_thread is threading.current_thread():
             return fn(*args)
-        if self._loop_thread is None:
-            with self._compile_lock:
-                out = fn(*args)
-                self._update_health_targets()
-            return out
         done = threading.Event()
         box = {}
 
@@ -671,7 +728,7 @@ class Agent:
             try:
                 paths, objs = self._policies_from(policies)
                 new = load_inputs(policies=paths).policies if paths is not None else objs
-                n = self._submit(self._set_policies, new)
+                n = self._commit(self._set_policies, new, nodes=False, pods=False)
             except Exception as exc:
                 self._rejected("set_policies", exc)
                 raise
@@ -700,7 +757,7 @@ class Agent:
                 loaded = load_inputs(self._cluster_path, self._policy_paths)
                 if loaded.cluster is not None:
                     self._check_own_node(loaded.cluster)
-                self._submit(self._apply_inputs, loaded)
+                self._commit(self._apply_inputs, loaded)
             except Exception as exc:
                 self._rejected("reload", exc)
                 raise
@@ -709,36 +766,15 @@ class Agent:
 
     def _check_own_node(self, cluster):
         """A cluster file may not drop this agent's node or change its IP (the datapath is built on it)."""
-        me = cluster.nodes.get(self.node)
-        if me is None:
-            problem = f"this agent's node {self.node!r} is not in it"
-        elif me.gateway_ip != self.node_ip:
-            problem = (f"this agent's node {self.node!r} changed its internal IP from {self.node_ip} to "
-                       f"{me.gateway_ip} (restart the agent to change it)")
-        else:
-            return
-        raise InputError([ClusterError(problem, file=self._cluster_path, field="nodes")])
+        try:
+            check_own_node(self.node, self.node_ip, cluster.nodes.get(self.node))
+        except OwnNodeError as exc:
+            raise InputError([ClusterError(exc.message, file=self._cluster_path, field="nodes")]) from None
 
     def _apply_inputs(self, loaded):
-        fresh = loaded.cluster
-        if fresh is not None:
-            for name in list(self.cluster.nodes):
-                if name not in fresh.nodes:
-                    self.compiler.remove_node(name)
-            for n in fresh.nodes.values():
-                if self.cluster.nodes.get(n.name) != n:
-                    self.compiler.upsert_node(n)
-            for key in list(self.cluster.pods):
-                if key not in fresh.pods:
-                    self.compiler.remove_pod(uid=key)
-            for p in fresh.pods.values():
-                if self.cluster.pods.get(p.uid) != p:
-                    self.compiler.upsert_pod(p)
-            self._sync_nodes()
-            self._sync_pods()
-        if loaded.policies is not None:
-            self._set_policies(loaded.policies)
-        self._watch_neighbours()
+        """Control thread: the cluster and policies of a reload, reconciled (egresscore.agent.feed)."""
+        fresh = loaded.cluster if loaded.cluster is not None else self.cluster.copy()
+        self._feed.reconcile(fresh, loaded.policies, before_nodes=self._publish_nodes)
 
     def _accepted(self):
         with self._reloads_lock:
@@ -784,30 +820,90 @@ class Agent:
 
     def upsert_pod(self, pod: Pod):
         """Add or change a pod; returns once its veth (if plugged) is forwarded and claimed."""
-        out = self._submit(self._upsert_pod, pod)
+        out = self._commit(self._feed._upsert_pod, pod, nodes=False)
         self._settle()
         return out
-
-    def _upsert_pod(self, pod):
-        self.compiler.upsert_pod(pod)
-        self._sync_pods()
 
     def remove_pod(self, namespace=None, name=None, *, uid=None):
-        """Remove a pod by uid (`uid=`), or every pod named namespace/name (Compiler.remove_pod)."""
-        out = self._submit(self._remove_pod, namespace, name, uid)
+        """Remove a pod by uid (`uid=`), or every pod named namespace/name
+        (Compiler.remove_pod); KeyError if there is none."""
+        if uid is not None:
+            if name is not None:
+                raise TypeError("remove_pod: give a uid or a namespace and name, not both")
+            pods = [self.cluster.pods[uid]] if uid in self.cluster.pods else []
+        else:
+            pods = list(self.cluster.pods.named(namespace, name))
+        if not pods:
+            raise KeyError(f"no pod {uid if uid is not None else f'{namespace}/{name}'}")
+        out = 0
+        for pod in pods:
+            out = self._commit(self._feed._remove_pod, pod, nodes=False)
         self._settle()
         return out
 
-    def _remove_pod(self, namespace, name, uid):
-        self.compiler.remove_pod(namespace, name, uid=uid)
-        self._sync_pods()
-
     def upsert_node(self, node):
-        return self._submit(self._upsert_node, node)
+        """Add or change a node (not this agent's own IP: OwnNodeError)."""
+        if node.name == self.node:
+            check_own_node(self.node, self.node_ip, node)
+        with self._control:
+            self._publish_nodes({**self.cluster.nodes, node.name: node})  # make before break
+            return self._commit(self.compiler.upsert_node, node, pods=False)
 
-    def _upsert_node(self, node):
-        self.compiler.upsert_node(node)
-        self._sync_nodes()
+    # -- the agent as a SourceSink (egresscore.sources.base); called on the source's thread --
+    def resync(self, snapshot):
+        """Reconcile to a source's full snapshot: what it lacks is removed.
+        This agent's own node stays as it is when the snapshot drops it or
+        changes its IP (rejected alone, counted)."""
+        fresh = Cluster(snapshot.nodes, snapshot.namespaces, snapshot.pods)
+        try:
+            check_own_node(self.node, self.node_ip, fresh.nodes.get(self.node))
+        except OwnNodeError as exc:
+            self.rejected(f"nodes/{self.node}", exc)
+            fresh.nodes[self.node] = self.cluster.nodes[self.node]
+        self._commit(self._feed.reconcile, fresh, list(snapshot.policies), before_nodes=self._publish_nodes)
+        self._source_stats.update(connected=True, resyncs=1, last_revision=snapshot.revision,
+                                  last_change_at=FeedStats.now())
+
+    def apply(self, changes):
+        """A batch of a source's changes, in order, in one publish to the
+        datapath; a change that cannot be applied is rejected alone."""
+        applied = 0
+        nodes = pods = False
+        with self._control:
+            for ch in changes:
+                try:
+                    if ch.kind == "node" and ch.key == self.node:
+                        check_own_node(self.node, self.node_ip, ch.obj if ch.op == "upsert" else None)
+                    if self._feed.apply(ch, before_nodes=self._publish_nodes):
+                        applied += 1
+                        nodes = nodes or ch.kind == "node"
+                        pods = pods or ch.kind in ("pod", "node")
+                except Exception as exc:  # noqa: BLE001 - one bad change never stops the others
+                    self.rejected(f"{ch.kind}s/{ch.key}", exc)
+            self._publish(nodes=nodes, pods=pods)
+        revision = changes[-1].revision if changes else None
+        self._source_stats.update(connected=True, changes_applied=applied, last_change_at=FeedStats.now(),
+                                  **({"last_revision": revision} if revision else {}))
+        return applied
+
+    def disconnected(self, reason):
+        """The source lost its store: the state in force stays in force."""
+        self._source_stats.update(connected=False, disconnects=1, last_error=str(reason))
+        if self._source_stats.first_report("<disconnected>", str(reason)):
+            print(f"egresscore agent {self.node}: source {self._source_stats.snapshot()['address']} "
+                  f"disconnected, the state in force is kept: {reason}", file=sys.stderr, flush=True)
+
+    def connected(self, revision):
+        """The source reached its store again and follows it from `revision` (no resync needed)."""
+        self._source_stats.update(connected=True, last_revision=str(revision))
+
+    def rejected(self, key, error):
+        """One object was left out (malformed, too large, or this node's own
+        node made invalid); logged once per key and error, counted."""
+        self._source_stats.update(objects_rejected=1, last_error=f"{key}: {error}")
+        if self._source_stats.first_report(key, str(error)):
+            print(f"egresscore agent {self.node}: {key} rejected, the rest is applied: {error}",
+                  file=sys.stderr, flush=True)
 
     def counters(self):
         """Datapath counters (verdicts, drops by reason) plus NAT and ring figures."""
@@ -822,22 +918,16 @@ class Agent:
         Returns frames handled.  timeout 0: one batch per ring; > 0: the
         datapath's own C loop forwards for up to timeout seconds (returning
         early on a control change or stop())."""
-        if self._run_jobs():
-            self._changed = True
+        self._run_jobs()
         if self._reload.is_set() and (self._reload_thread is None or not self._reload_thread.is_alive()):
             self._reload.clear()
             if self._loop_thread is None:
                 self._reload_on_signal()  # step() driven by the caller: no loop to hand the result to
-                self._changed = True
             else:
                 # files are read and parsed off the datapath thread; the loop applies the result
                 self._reload_thread = threading.Thread(target=self._reload_on_signal, daemon=True,
                                                        name=f"egresscore-reload-{self.node}")
                 self._reload_thread.start()
-        if self._changed:
-            self._changed = False
-            if self.flow_logger is not None:
-                self._enricher.refresh()
         if timeout > 0:
             n = self.datapath.run(timeout, self._wake_r)
         else:
@@ -877,6 +967,8 @@ class Agent:
         if self._closed:
             return
         self._closed = True
+        if self._source is not None:
+            self._source.stop()  # no control change after this
         try:
             for stop in reversed(self._services):
                 try:

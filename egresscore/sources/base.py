@@ -29,12 +29,14 @@ class Change:
     `key` names the object in its kind: a node's name, a namespace's name, a
     pod's UID (Cilium keys endpoints by UID, so a recreated pod's late delete
     does not remove the new one) and a policy's name.  `obj` is the parsed
-    object for an upsert and None for a delete."""
+    object for an upsert and None for a delete.  `revision`: the store's
+    version that made the change ("" when the source has none)."""
 
     kind: Kind
     op: Op
     key: str
     obj: Node | Namespace | Pod | EgressPolicy | None = None
+    revision: str = ""
 
 
 class Snapshot(NamedTuple):
@@ -62,6 +64,10 @@ class SourceSink(Protocol):
 
     def rejected(self, key: str, error: Exception) -> None:
         """One object was malformed or too large and was left out."""
+
+    def connected(self, revision: str) -> None:
+        """Optional (sources call it when the sink has it): the store is
+        reached again and followed from `revision` on, without a resync."""
 
 
 class Source(abc.ABC):

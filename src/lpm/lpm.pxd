@@ -94,6 +94,8 @@ cdef extern from "lpm/lpm_egress.h" nogil:
                                   uint8_t* egress, uint8_t* gateway, uint8_t* status)
     egress_snap* egress_snap_with(const egress_snap* old, uint64_t hi, uint64_t lo,
                                   lpm_table* tbl, lpm_table** replaced)
+    egress_snap* egress_snap_with_many(const egress_snap* old, size_t k, const uint64_t* hi, const uint64_t* lo,
+                                       lpm_table* const* tbl, lpm_table** replaced)
     void egress_map_publish(egress_map* m, int v6, egress_snap* s)
     egress_snap* egress_snap_build(size_t n, const uint64_t* hi, const uint64_t* lo, lpm_table* const* tbl)
     void egress_snap_free(egress_snap* s)

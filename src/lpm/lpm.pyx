@@ -899,6 +899,114 @@ cdef class EgressMap:
         if old is None:
             self._count += 1
 
+    def update(self, sets=(), removes=()):
+        """Many writes at once: `sets` are (source, destination, egress IP,
+        gateway IP) rows as sync() takes them (the excluded and no-gateway
+        sentinels included), `removes` (source, destination) pairs of present
+        entries (KeyError otherwise).  Each touched source's table is rebuilt
+        once and each family published once, copying the source index once
+        instead of once per write (a policy that moves 100 pods' entries in a
+        map of 100,000 sources).  All or nothing."""
+        cdef uint64_t* his = NULL
+        cdef uint64_t* los = NULL
+        cdef lpm_table** tbls = NULL
+        cdef lpm_table** repl = NULL
+        cdef egress_snap* snap
+        cdef size_t ki, n
+        backup = {}
+        for item in sets:
+            fam, src, dkey = self._key(item[0], item[1])
+            ip = _IPv4Address if fam == 4 else _IPv6Address
+            net = _IPv4Network(dkey) if fam == 4 else _IPv6Network(dkey)
+            entry = EgressEntry(ip(src), net, self._addr_of(item[2], fam, "egress IP"),
+                                self._addr_of(item[3], fam, "gateway IP"))
+            skey = (fam, src)
+            state = self._sources.get(skey)
+            if skey not in backup:
+                backup[skey] = None if state is None else dict(state.entries)
+            if state is None:
+                state = _EgressSource()
+                self._sources[skey] = state
+            state.entries[dkey] = entry
+        try:
+            for src_ip, dst in removes:
+                fam, src, dkey = self._key(src_ip, dst)
+                skey = (fam, src)
+                state = self._sources.get(skey)
+                if state is None or dkey not in state.entries:
+                    raise KeyError(f"no egress entry for source {src_ip} destination {dst}")
+                if skey not in backup:
+                    backup[skey] = dict(state.entries)
+                del state.entries[dkey]
+        except BaseException:
+            self._restore(backup)
+            raise
+        if not backup:
+            return 0
+        before = sum(len(v) for v in backup.values() if v is not None)
+        after = sum(len(self._sources[k].entries) for k in backup)
+        built = []
+        try:
+            for skey in backup:
+                state = self._sources[skey]
+                order = []
+                built.append((skey, self._build_table(skey[0], state.entries, order), order))
+            for fam in (4, 6):
+                mine = [b for b in built if b[0][0] == fam]
+                if not mine:
+                    continue
+                n = len(mine)
+                his = <uint64_t*>malloc(n * sizeof(uint64_t))
+                los = <uint64_t*>malloc(n * sizeof(uint64_t))
+                tbls = <lpm_table**>malloc(n * sizeof(lpm_table*))
+                repl = <lpm_table**>malloc(n * sizeof(lpm_table*))
+                if his == NULL or los == NULL or tbls == NULL or repl == NULL:
+                    raise no_memory("LPM table")
+                for ki in range(n):
+                    if fam == 4:
+                        his[ki], los[ki] = <uint32_t>mine[ki][0][1], 0
+                    else:
+                        addr_split128(mine[ki][0][1], &his[ki], &los[ki])
+                    tbls[ki] = <lpm_table*><size_t>mine[ki][1]
+                snap = egress_snap_with_many(self.c.snap[fam == 6], n, his, los, tbls, repl)
+                if snap == NULL:
+                    raise no_memory("LPM table")
+                egress_map_publish(self.c, fam == 6, snap)
+                for ki in range(n):
+                    lpm_table_free(repl[ki])
+                for skey, t, order in mine:
+                    state = self._sources[skey]
+                    state.tbl = t
+                    state.order = order
+                    if not state.entries:
+                        del self._sources[skey]
+                mine_keys = {b[0] for b in mine}
+                built = [b for b in built if b[0] not in mine_keys]
+                free(his)
+                free(los)
+                free(tbls)
+                free(repl)
+                his = los = NULL
+                tbls = repl = NULL
+        except BaseException:
+            free(his)
+            free(los)
+            free(tbls)
+            free(repl)
+            for _, t, _ in built:
+                lpm_table_free(<lpm_table*><size_t>t)
+            self._restore({k: v for k, v in backup.items() if k in {b[0] for b in built}})
+            raise
+        self._count += after - before
+        return len(sets) + len(removes)
+
+    def _restore(self, backup):
+        for skey, entries in backup.items():
+            if entries is None:
+                self._sources.pop(skey, None)
+            else:
+                self._sources[skey].entries = entries
+
     def set(self, source_ip, destination_cidr, egress_ip, gateway_ip):
         """Insert or replace the entry for (source IP, destination CIDR).
 

@@ -194,6 +194,50 @@ static egress_snap *egress_snap_build(size_t n, const uint64_t *hi, const uint64
     return s;
 }
 
+/* A copy of `old` in which each of k distinct sources (hi[i], lo[i]) maps to
+ * tbl[i] (NULL: removed), in one pass over `old`: a batch of writes copies
+ * the index once, not once per write.  replaced[i] receives the table each
+ * displaced.  NULL on out of memory. */
+static egress_snap *egress_snap_with_many(const egress_snap *old, size_t k, const uint64_t *hi,
+                                          const uint64_t *lo, lpm_table *const *tbl, lpm_table **replaced) {
+    size_t n = (old ? old->n : 0) + k;
+    unsigned bits = 3;
+    while (((size_t)1 << bits) < 2 * (n + 1)) bits++;
+    egress_snap *s = (egress_snap *)calloc(1, sizeof(egress_snap));
+    lpm_table **marks = (lpm_table **)malloc((k ? k : 1) * sizeof(lpm_table *));
+    egress_snap *idx = NULL;
+    if (!s || !marks) goto oom;
+    s->bits = bits;
+    s->slots = (egress_slot *)calloc((size_t)1 << bits, sizeof(egress_slot));
+    if (!s->slots) goto oom;
+    for (size_t i = 0; i < k; i++) {
+        marks[i] = (lpm_table *)(uintptr_t)(i + 1);  /* the slot's "table" is the update's index + 1 */
+        replaced[i] = NULL;
+    }
+    idx = egress_snap_build(k, hi, lo, marks);
+    if (!idx) goto oom;
+    if (old) {
+        for (size_t j = 0; j < ((size_t)1 << old->bits); j++) {
+            const egress_slot *sl = &old->slots[j];
+            if (!sl->tbl) continue;
+            const egress_slot *u = egress_snap_find(idx, sl->hi, sl->lo);
+            if (u) { replaced[(uintptr_t)u->tbl - 1] = sl->tbl; continue; }
+            egress_snap_put(s, sl->hi, sl->lo, sl->tbl);
+        }
+    }
+    for (size_t i = 0; i < k; i++)
+        if (tbl[i]) egress_snap_put(s, hi[i], lo[i], tbl[i]);
+    free(idx->slots);
+    free(idx);
+    free(marks);
+    return s;
+oom:
+    if (idx) { free(idx->slots); free(idx); }
+    free(marks);
+    if (s) { free(s->slots); free(s); }
+    return NULL;
+}
+
 /* Publish snapshot s for a family, wait out readers, free the old snapshot
  * (not its tables: the caller frees the one table it replaced). */
 static void egress_map_publish(egress_map *m, int v6, egress_snap *s) {
