@@ -68,8 +68,9 @@ def run_batch(dp, frames, port, max_out=None, out_bytes=None):
 
 def run_each(dp, frames, port):
     results = []
-    for f in frames:
-        verdict, reason, out = dp.process(f, port, NOW)
+    ports = [port] * len(frames) if isinstance(port, int) else port
+    for f, p in zip(frames, ports):
+        verdict, reason, out = dp.process(f, p, NOW)
         results.append((verdict, reason, [] if out is None else [out]))
     return results
 
@@ -111,6 +112,23 @@ def test_gateway_snat_and_reply():
     got = same("node3", replies, 0, setup=[(f, 0) for f in tunnel])
     assert {(v, r, o[0][0]) for v, r, o in got} == {("tx", "none", 0)}
     assert all(Ether(o[0][1])[IP].dst == "192.168.1.1" for _, _, o in got)    # VXLAN back to node1
+
+
+def test_frames_of_several_ports_in_one_call():
+    ref = twin("node1")
+    sent = to_server(OTHER_SERVER, 20)
+    xports = [Ether(ref.process(f, 1, NOW)[2][1])[UDP].sport for f in sent]
+    replies = [bytes(Ether(src=ROUTER_MAC, dst=MAC["192.168.1.1"]) / IP(src=OTHER_SERVER, dst="192.168.1.1")
+                     / UDP(sport=53, dport=x) / b"answer") for x in xports]
+    frames = [f for pair in zip(sent, replies) for f in pair]
+    ports = [1, 0] * len(sent)
+    a, b = twin("node1"), twin("node1")
+    each, batch = run_each(a, frames, ports), run_batch(b, frames, np.array(ports, np.int32))
+    assert batch == each
+    assert [(v, o[0][0]) for v, _, o in batch] == [("tx", 0), ("tx_local", 1)] * len(sent)
+    assert b.counters() == a.counters()
+    with pytest.raises(ValueError, match="each of the 40 frames"):
+        run_batch(b, frames, np.array(ports[:-1], np.int32))
 
 
 def test_drops_replies_to_drops_and_passes():
@@ -155,7 +173,7 @@ def test_bad_arrays_are_refused_naming_the_problem():
         dp.process_batch(data, offsets, lengths[:1], verdicts, out, meta, port=1)
     with pytest.raises(ValueError, match="4 columns"):
         dp.process_batch(data, offsets, lengths, verdicts, out, np.zeros((2, 3), np.int64), port=1)
-    with pytest.raises(ValueError, match="port 5"):
+    with pytest.raises(ValueError, match="port 5 .frame 0. is not configured"):
         dp.process_batch(data, offsets, lengths, verdicts, out, meta, port=5)
     with pytest.raises((ValueError, TypeError)):
         dp.process_batch(data, offsets.astype(np.int32), lengths, verdicts, out, meta, port=1)

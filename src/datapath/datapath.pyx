@@ -388,10 +388,12 @@ cdef class Datapath:
             _dp_free(sink.buf)
 
     def process_batch(self, const uint8_t[::1] frames, const int64_t[::1] offsets, const int64_t[::1] lengths,
-                      int32_t[::1] verdicts, uint8_t[::1] out, int64_t[:, ::1] out_meta, int port=0, now=None):
+                      int32_t[::1] verdicts, uint8_t[::1] out, int64_t[:, ::1] out_meta, port=0, now=None):
         """Run frames received on `port` through the ring loop's per-batch
         step (dp_rx_frames, GIL released, no Python per frame), with the
-        output going to `out` instead of a TX ring.
+        output going to `out` instead of a TX ring.  `port` is one port for
+        all frames, or an int32 array of each frame's port (each run of one
+        port is a batch, as one ring's is).
 
         Frame i is frames[offsets[i]:offsets[i] + lengths[i]] (NumPy arrays:
         uint8, int64, int64).  verdicts[i] (int32) gets its code: verdict =
@@ -408,12 +410,24 @@ cdef class Datapath:
         cdef bint fixed = now is not None
         cdef uint64_t t = <uint64_t>(float(now) * 1e9) if fixed else 0
         cdef uint8_t dummy = 0
+        cdef int32_t one
+        cdef const int32_t[::1] ports
+        cdef Py_ssize_t step = 0
         if lengths.shape[0] != n or verdicts.shape[0] < n:
             raise ValueError(f"offsets, lengths and verdicts must cover the same {n} frames")
         if out_meta.shape[1] != 4:
             raise ValueError(f"out_meta must have 4 columns, not {out_meta.shape[1]}")
-        if not 0 <= port < DP_MAX_PORTS or not self.c.ports[port].used:
-            raise ValueError(f"port {port} is not configured")
+        if isinstance(port, int):
+            one = port if 0 <= port < DP_MAX_PORTS else -1
+            ports = <int32_t[:1]>&one
+        else:
+            ports = port
+            step = 1
+            if ports.shape[0] != n:
+                raise ValueError(f"ports must give the port of each of the {n} frames")
+        for i in range(ports.shape[0]):
+            if not 0 <= ports[i] < DP_MAX_PORTS or not self.c.ports[ports[i]].used:
+                raise ValueError(f"port {port if step == 0 else ports[i]} (frame {i}) is not configured")
         for i in range(n):
             if offsets[i] < 0 or lengths[i] < 0 or lengths[i] > 0xffffffff or offsets[i] + lengths[i] > frames.shape[0]:
                 raise ValueError(f"frame {i} (offset {offsets[i]}, length {lengths[i]}) is outside frames")
@@ -434,13 +448,15 @@ cdef class Datapath:
             with nogil:
                 b = 0
                 while b < n:
-                    m = min(n - b, DP_BATCH)
+                    m = 1
+                    while m < DP_BATCH and b + m < n and ports[(b + m) * step] == ports[b * step]:
+                        m += 1
                     for k in range(m):
                         fr[k].data = &frames[offsets[b + k]] if lengths[b + k] else &dummy
                         fr[k].vnet = NULL
                         fr[k].len = <uint32_t>lengths[b + k]
                         fr[k].wire_len = fr[k].len
-                    dp_rx_frames(&self.c, fr, <int>m, port, t if fixed else dp_now(), &verdicts[b])
+                    dp_rx_frames(&self.c, fr, <int>m, ports[b * step], t if fixed else dp_now(), &verdicts[b])
                     b += m
                 for k in range(sink.n):
                     out_meta[k, 0] = sink.frame[k]
