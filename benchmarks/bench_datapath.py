@@ -1,13 +1,14 @@
 """pytest-benchmark suite of the fused Datapath, path by path (python -m pytest benchmarks/bench_datapath.py).
 
-Per call: one batch of BATCH prebuilt frames through Datapath.process(), as
-the agent feeds them (one clock reading per batch), for each path of
-benchmarks/compare_datapath.py (pod to remote gateway, gateway SNAT, reply,
-masquerade, no_nat_entry drop) at each number of flows, and the same call on
-runts (the Python call floor).  Divide by BATCH (extra_info) for ns per
-frame.  The workload checks every path's verdicts and counters before any
-timing.  The side-by-side table (pipeline = path - floor, Mpps per core, the
-old per-stage figures) is compare_datapath.py.
+Per call: one pass of prebuilt frames through Datapath.process_batch (the
+ring loop's per-batch step, no Python per frame; CALL frames a call), for
+each path of benchmarks/compare_datapath.py (pod to remote gateway, gateway
+SNAT, reply, masquerade, no_nat_entry drop) at each number of flows, and the
+same frames through Datapath.process(), one Python call per frame (the old
+figure).  Divide by frames_per_call (extra_info) for ns per frame.  The
+workload checks every path's verdicts, outputs and counters, both ways, before
+any timing.  The side-by-side table with the old per-stage figures is
+compare_datapath.py.
 Set EGRESSCORE_BENCH_DP_FLOWS (comma-separated; default 1000,100000).
 """
 import os
@@ -30,39 +31,28 @@ def workload(request):
     return cd.Workload(request.param)
 
 
-def _batches(work):
-    """A callable feeding the next BATCH frames of work on every call (cycling)."""
-    chunks = [work[i:i + cd.BATCH] for i in range(0, len(work), cd.BATCH)]
-    state = {"i": 0}
-
-    def next_batch(dp):
-        i = state["i"]
-        state["i"] = (i + 1) % len(chunks)
-        cd.feed(dp, chunks[i])
-    return next_batch, len(chunks[0])
+def _checked(benchmark, dp, path, n):
+    c = dp.counters()
+    _, _, _, (verdict, reason), _ = path
+    counted = {"tx": "tx", "drop": "dropped"}[verdict]
+    assert c["rx"] == c[counted] > 0 and c["tx_errors"] == 0, c     # the timed frames took the path
+    assert c["drops"] == ({reason: c["rx"]} if verdict == "drop" else {}), c["drops"]
+    benchmark.extra_info.update(frames_per_call=n)
 
 
 @pytest.mark.parametrize("path", cd.PATHS, ids=PATH_IDS)
-def test_datapath_path(benchmark, workload, path):
-    name, _, _, (verdict, reason), _ = path
-    dp = workload.node_of(name)
+def test_datapath_batch(benchmark, workload, path):
+    dp, pk = workload.node_of(path[0]), workload.packed[path[0]]
     dp.reset_counters()
-    next_batch, per_call = _batches(workload.work[name])
-    benchmark(next_batch, dp)
-    c = dp.counters()
-    counted = {"tx": "tx", "drop": "dropped"}[verdict]
-    assert c["rx"] == c[counted] > 0, c                     # the timed frames took the path
-    assert c["drops"] == ({reason: c["rx"]} if verdict == "drop" else {}), c["drops"]
-    benchmark.extra_info.update(frames_per_call=per_call, flows=workload.n)
+    benchmark(cd.feed_batch, dp, pk)
+    _checked(benchmark, dp, path, pk.n)
+    benchmark.extra_info.update(flows=workload.n, frames_per_process_batch=cd.CALL)
 
 
-@pytest.mark.parametrize("kind", ["pod", "underlay"])
-def test_call_floor(benchmark, workload, kind):
-    name = cd.PATHS[0][0] if kind == "pod" else cd.PATHS[1][0]
-    dp = workload.node_of(name)
+@pytest.mark.parametrize("path", cd.PATHS, ids=PATH_IDS)
+def test_datapath_process_per_frame(benchmark, workload, path):
+    dp, work = workload.node_of(path[0]), workload.work[path[0]]
     dp.reset_counters()
-    next_batch, per_call = _batches(workload.floor_of(name))
-    benchmark(next_batch, dp)
-    c = dp.counters()
-    assert c["rx"] > 0 and c["tx"] == c["tx_local"] == 0, c   # runts: counted, nothing sent
-    benchmark.extra_info.update(frames_per_call=per_call, flows=workload.n)
+    benchmark(cd.feed, dp, work)
+    _checked(benchmark, dp, path, len(work))
+    benchmark.extra_info.update(flows=workload.n)

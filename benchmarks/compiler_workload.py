@@ -85,7 +85,7 @@ def cilium_reconcile(cluster, policies, policy_map=None, view=None):
     name that sorts first writes last and wins a clash (Cilium's own order is
     Go's random map order).
     """
-    from egresscore.compiler import EXCLUDED_CIDR, Target, fnv1a_32, resolve_gateways
+    from egresscore.compiler import EXCLUDED_CIDR, EgressEntry, fnv1a_32, resolve_gateways
 
     policy_map = {} if policy_map is None else policy_map
     # the endpoint store: endpointMetadata per CiliumEndpoint
@@ -116,10 +116,10 @@ def cilium_reconcile(cluster, policies, policy_map=None, view=None):
         v6 = ":" in ip
         for d in p.destination_cidrs:
             if (":" in d) == v6:
-                yield d, g.target6 if v6 else g.target4
+                yield d, EgressEntry(ip, d, g.egress_ip6 if v6 else g.egress_ip4, g.gateway_ip)
         for d in p.excluded_cidrs:
             if (":" in d) == v6:
-                yield d, Target(g.egress_ip6 if v6 else g.egress_ip4, EXCLUDED_CIDR)
+                yield d, EgressEntry(ip, d, g.egress_ip6 if v6 else g.egress_ip4, EXCLUDED_CIDR)
 
     # addMissingEgressRules
     present = dict(policy_map)

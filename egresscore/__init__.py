@@ -52,7 +52,7 @@ _FROM_MODULES = {
     ),
     "._bpf": ("bpf_all", "bpf_any", "bpf_compile", "bpf_dst", "bpf_not_outgoing", "bpf_vxlan", "pcap_available"),
     ".cluster": ("Interface", "load_cluster"),
-    ".compiler": ("Target", "Conflict", "Problem"),
+    ".compiler": ("Conflict", "Problem"),
     ".control": ("ControlClient", "ControlError", "ControlServer", "default_socket_path"),
     ".flowlog": ("CallbackSink", "Enricher", "FlowLogger", "JsonLinesSink", "records_to_dicts"),
     ".metrics": ("MetricsServer", "StatsCollector"),  # needs prometheus_client (the "metrics" extra)

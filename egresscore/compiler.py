@@ -80,9 +80,7 @@ from .types import (
     EGRESS_IP_NOT_FOUND_V6,
     EXCLUDED_CIDR,
     GATEWAY_NOT_FOUND,
-    Target,
-    map_row,
-    target_of,
+    EgressEntry,
 )
 
 __all__ = [
@@ -90,14 +88,13 @@ __all__ = [
     "EXCLUDED_CIDR",
     "EGRESS_IP_NOT_FOUND_V4",
     "EGRESS_IP_NOT_FOUND_V6",
-    "Target",
+    "EgressEntry",
     "ResolvedGateway",
     "Conflict",
     "Problem",
     "Compiler",
     "fnv1a_32",
     "resolve_gateways",
-    "target_of",
 ]
 
 
@@ -113,23 +110,6 @@ class ResolvedGateway:
     problem: str | None = None
     skipped: tuple = ()  # matching nodes passed over because they are down (gateway health)
 
-    @property
-    def target4(self) -> Target:
-        return Target(self.egress_ip4, self.gateway_ip)
-
-    @property
-    def target6(self) -> Target:
-        return Target(self.egress_ip6, self.gateway_ip)
-
-    @property
-    def excluded4(self) -> Target:
-        """Cilium writes the policy's egress IP into excluded entries too."""
-        return Target(self.egress_ip4, EXCLUDED_CIDR)
-
-    @property
-    def excluded6(self) -> Target:
-        return Target(self.egress_ip6, EXCLUDED_CIDR)
-
 
 class Conflict(NamedTuple):
     """Several writers for one key: who won (deterministically) and who lost."""
@@ -137,8 +117,8 @@ class Conflict(NamedTuple):
     source: str
     destination: str
     policy: str
-    target: Target
-    others: tuple  # ((policy, Target), ...)
+    target: EgressEntry
+    others: tuple  # ((policy, EgressEntry), ...)
 
     def __str__(self):
         lost = ", ".join(f"{p!r} ({_show(t)})" for p, t in self.others)
@@ -156,7 +136,7 @@ class Problem(NamedTuple):
         return f"policy {self.policy!r}: {self.message}"
 
 
-def _show(t: Target) -> str:
+def _show(t: EgressEntry) -> str:
     if t.excluded:
         return "excluded"
     return f"egress {t.egress_ip} via {t.gateway_ip}"
@@ -288,7 +268,7 @@ def _split_family(cidrs):
 class Compiler:
     """Keeps the desired egress map for a cluster and its policies, in sync.
 
-    `desired` maps (source IP, destination CIDR) -> Target.  With an attached
+    `desired` maps (source IP, destination CIDR) -> EgressEntry.  With an attached
     EgressMap, every change (pod, node, namespace, policy) rewrites only the
     entries whose value changed, in place: the datapath keeps reading.
     `label_filter` (a LabelFilter; default Cilium's default filter) and
@@ -459,11 +439,11 @@ class Compiler:
         em = self.egress_map
         desired = self.desired
         if old is None:
-            em.sync([map_row(key, t) for key, t in desired.items()])
+            em.sync(desired.values())
             return
         for key, t in desired.items():
             if old.get(key) != t:
-                _write(em, key, t)
+                _write(em, t)
         for key in old:
             if key not in desired:
                 em.remove(key[0], key[1])
@@ -538,12 +518,14 @@ class Compiler:
         keys = []
         for ip in pod.ips:
             if ":" in ip:
-                dsts, exs, t, tx = dst6, ex6, g.target6, g.excluded6
+                dsts, exs, egress = dst6, ex6, g.egress_ip6
             else:
-                dsts, exs, t, tx = dst4, ex4, g.target4, g.excluded4
-            for cidrs, value in ((dsts, t), (exs, tx)):
+                dsts, exs, egress = dst4, ex4, g.egress_ip4
+            # Cilium writes the policy's egress IP into excluded entries too
+            for cidrs, gw in ((dsts, g.gateway_ip), (exs, EXCLUDED_CIDR)):
                 for d in cidrs:
                     key = (ip, d)
+                    value = EgressEntry(ip, d, egress, gw)
                     c = contrib.get(key)
                     if c is None:
                         contrib[key] = {writer: value}
@@ -594,7 +576,7 @@ class Compiler:
             if desired.get(key) != new:
                 desired[key] = new
                 if em is not None:
-                    _write(em, key, new)
+                    _write(em, new)
                 writes += 1
         return writes
 
@@ -613,7 +595,7 @@ class Compiler:
             new = c[min(c)] if len(c) > 1 else next(iter(c.values()))
             if desired.get(key) != new:
                 desired[key] = new
-                sets.append(map_row(key, new))
+                sets.append(new)
         if sets or removes:
             self.egress_map.update(sets, removes)
         return len(sets) + len(removes)
@@ -781,8 +763,8 @@ class Compiler:
 _BATCH = 8  # more changed keys than this: one EgressMap.update instead of a write each
 
 
-def _write(em, key, t: Target):
-    if t.gateway_ip == EXCLUDED_CIDR:
-        em.set_excluded(key[0], key[1], t.egress_ip)
+def _write(em, e: EgressEntry):
+    if e.gateway_ip == EXCLUDED_CIDR:
+        em.set_excluded(e.source, e.destination, e.egress_ip)
     else:
-        em.set(*map_row(key, t))
+        em.set(*e)

@@ -36,7 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import ControlError
-from .types import EGRESS_JSON_KEYS, egress_row
+from .types import EGRESS_JSON_KEYS
 
 __all__ = ["ControlServer", "ControlClient", "ControlError", "default_socket_path"]
 
@@ -501,7 +501,7 @@ def inspection_handlers(*, nat=None, egress_map=None, stats=None):
 
     def egress_list():
         em = egress_map() if callable(egress_map) and not hasattr(egress_map, "entries") else egress_map
-        return [] if em is None else [dict(zip(EGRESS_JSON_KEYS, egress_row(e))) for e in em.entries()]
+        return [] if em is None else [dict(zip(EGRESS_JSON_KEYS, e.row())) for e in em.entries()]
 
     def stats_():
         return stats() if stats is not None else {}

@@ -6,7 +6,7 @@ are built here from the data the compiler, the egress map or a running
 agent's control socket hand over.
 """
 from ._core import EgressMap
-from .types import EGRESS_JSON_KEYS, egress_row
+from .types import EGRESS_JSON_KEYS
 
 EGRESS_HEADER = ("Source IP", "Destination CIDR", "Egress IP", "Gateway IP")
 
@@ -49,7 +49,7 @@ def offline_gateway_health(compiler):
 
 def egress_map_rows(egress_map):
     """The rows of an egresscore.EgressMap, as `cilium-dbg bpf egress list` shows them."""
-    return [egress_row(e) for e in egress_map.entries()]
+    return [e.row() for e in egress_map.entries()]
 
 
 def egress_rows(compiler):

@@ -43,6 +43,42 @@ def test_cilium_sentinels():
             EGRESS_STATUS_NO_GATEWAY) == (0, 1, 2, 3)
 
 
+def test_one_definition_of_the_sentinels_and_the_entry_type():
+    from egresscore import _core, compiler, types
+
+    # the core's constants are made from egresscore.types, and its C raw values match them
+    assert str(GATEWAY_NOT_FOUND_V4) == types.GATEWAY_NOT_FOUND and str(EXCLUDED_CIDR_V4) == types.EXCLUDED_CIDR
+    assert str(GATEWAY_NOT_FOUND_V6) == types.GATEWAY_NOT_FOUND_V6 and str(EXCLUDED_CIDR_V6) == types.EXCLUDED_CIDR_V6
+    assert int(ipaddress.ip_address(types.GATEWAY_NOT_FOUND)) == _core.EGRESS_GATEWAY_RAW_NOT_FOUND
+    assert int(ipaddress.ip_address(types.EXCLUDED_CIDR)) == _core.EGRESS_GATEWAY_RAW_EXCLUDED
+    assert int(ipaddress.ip_address(types.EXCLUDED_CIDR_V6)) == _core.EGRESS_GATEWAY_RAW_EXCLUDED
+    assert (types.EGRESS_STATUS_NO_MATCH, types.EGRESS_STATUS_MATCH, types.EGRESS_STATUS_EXCLUDED,
+            types.EGRESS_STATUS_NO_GATEWAY) == (EGRESS_STATUS_NO_MATCH, EGRESS_STATUS_MATCH,
+                                                EGRESS_STATUS_EXCLUDED, EGRESS_STATUS_NO_GATEWAY)
+    assert EgressEntry is types.EgressEntry is compiler.EgressEntry
+    # the compiler's form of an IPv6 entry (an IPv4 gateway, Cilium's sentinels) goes in as it is
+    em = EgressMap()
+    em.set("fd00::5", "2001:db8::/32", "fd00:1::100", "192.168.1.3")
+    em.set("fd00::5", "2001:db8:1::/48", "fd00:1::100", types.EXCLUDED_CIDR)
+    em.set("fd00::6", "2001:db8::/32", "::", types.GATEWAY_NOT_FOUND)
+    hit, ex, ng = em.lookup("fd00::5", "2001:db8::1"), em.lookup("fd00::5", "2001:db8:1::1"), em.lookup(
+        "fd00::6", "2001:db8::1")
+    assert hit.row() == ("fd00::5", "2001:db8::/32", "fd00:1::100", "192.168.1.3") and hit.status == 1
+    assert hit.gateway_ip == ipaddress.ip_address("::ffff:192.168.1.3")     # one family per entry
+    assert ex.listed() == ("fd00::5", "2001:db8:1::/48", "fd00:1::100", types.EXCLUDED_CIDR)
+    assert ex.excluded and ex.row()[3] == "Excluded CIDR" and ng.no_gateway and ng.row()[3] == "Not Found"
+    _, gateway, status = em.lookup_batch(
+        np.frombuffer(ipaddress.ip_address("fd00::5").packed * 2 + ipaddress.ip_address("fd00::6").packed,
+                      np.uint8).reshape(3, 16),
+        np.frombuffer(b"".join(ipaddress.ip_address(a).packed for a in ("2001:db8::1", "2001:db8:1::1",
+                                                                         "2001:db8::1")), np.uint8).reshape(3, 16))
+    assert bytes(gateway[0]) == ipaddress.ip_address("::ffff:192.168.1.3").packed
+    assert bytes(gateway[1]) == EXCLUDED_CIDR_V6.packed and bytes(gateway[2]) == GATEWAY_NOT_FOUND_V6.packed
+    assert list(status) == [1, 2, 3]
+    with pytest.raises(ValueError, match="gateway IP 'fd00::1' is IPv6 but the entry is IPv4"):
+        em.set("10.0.1.5", "203.0.113.0/24", "192.168.1.3", "fd00::1")
+
+
 def test_seed_example():
     em = EgressMap()
     em.set("10.0.1.93", "203.0.113.0/24", "192.168.1.3", "192.168.1.3")

@@ -3,11 +3,14 @@ import pytest
 from egressmap_helper import EgressMap, map_state
 
 from egresscore.cluster import Cluster, ClusterError, Interface, LabelFilter, Namespace, Node, Pod
-from egresscore.compiler import Compiler, Target
+from egresscore.compiler import Compiler
 from egresscore.policy import parse_policy
+from egresscore.types import EgressEntry
 
 DST = "203.0.113.0/24"
-GW = Target("192.168.1.3", "192.168.1.3")
+def gw(src, dst):
+    """The entry of `src` to `dst` through node3, egress IP 192.168.1.3."""
+    return EgressEntry(src, dst, "192.168.1.3", "192.168.1.3")
 
 
 def cegp(name="p", selectors=None, **spec):
@@ -37,11 +40,11 @@ def test_recreated_pod_keeps_its_entries_when_the_old_delete_arrives_late():
     new = Pod("web-0", "default", "uid-new", {"app": "web"}, ("10.0.1.6",), "node1")
     em = EgressMap()
     c = Compiler(cluster(old), [cegp()], egress_map=em)
-    assert c.desired == {("10.0.1.5", DST): GW}
+    assert c.desired == {("10.0.1.5", DST): gw("10.0.1.5", DST)}
     c.upsert_pod(new)  # the new pod's add is seen before the old pod's delete
     assert sources(c) == {"10.0.1.5", "10.0.1.6"}
     c.remove_pod(uid="uid-old")  # the late delete of the predecessor
-    assert c.desired == {("10.0.1.6", DST): GW}
+    assert c.desired == {("10.0.1.6", DST): gw("10.0.1.6", DST)}
     assert map_state(em) == map_state_of(c)
     assert [p.uid for p in c.matched_pods("p")] == ["uid-new"]
     # the same end state as compiling from scratch
@@ -55,7 +58,7 @@ def test_recreated_pod_with_the_same_ip_keeps_it_after_the_late_delete():
                                              destinationCIDRs=["198.51.100.0/24"])])
     c.upsert_pod(new)
     c.remove_pod("uid-old")  # one positional argument is a uid
-    assert c.desired == {("10.0.1.5", "198.51.100.0/24"): GW}
+    assert c.desired == {("10.0.1.5", "198.51.100.0/24"): gw("10.0.1.5", "198.51.100.0/24")}
 
 
 def map_state_of(c):
@@ -158,7 +161,7 @@ def test_selector_on_a_filtered_label_selects_nothing_unless_the_filter_is_chang
     by_tier = cegp("t", [{"podSelector": {"matchLabels": {"tier": "front"}}}])
     by_app = cegp("a", [{"podSelector": {"matchLabels": {"app": "web"}}}], destinationCIDRs=["198.51.100.0/24"])
     c = Compiler(cluster(pod, tiered), [by_tier, by_app], label_filter=only_tier)
-    assert c.desired == {("10.0.1.6", DST): GW}
+    assert c.desired == {("10.0.1.6", DST): gw("10.0.1.6", DST)}
     # an extra ignore rule keeps the rest
     no_tier = LabelFilter(["!tier"])
     assert not no_tier.keep("tier") and no_tier.keep("app")
@@ -181,7 +184,7 @@ def test_egress_gateways_ignores_the_singular_entirely_even_when_malformed():
              egressGateway={"nodeSelector": {"matchLabels": {"name": "gw"}}, "egressIP": "not-an-ip"})
     assert len(p.gateways) == 1 and p.gateways[0].egress_ip == "192.168.1.3"
     c = Compiler(cluster(Pod("a", "default", "u1", {"app": "web"}, ("10.0.1.5",), "node1")), [p])
-    assert c.desired == {("10.0.1.5", DST): GW}
+    assert c.desired == {("10.0.1.5", DST): gw("10.0.1.5", DST)}
     with pytest.raises(ValueError, match="egressGateway"):  # alone, the singular is parsed as before
         cegp(egressGateway={"nodeSelector": {"matchLabels": {"name": "gw"}}, "egressIP": "not-an-ip"})
 

@@ -30,13 +30,13 @@ def test_the_public_api_is_about_twenty_names_and_each_resolves():
 
 
 def test_the_rest_stays_importable_from_its_module():
-    from egresscore.compiler import Target
+    from egresscore.compiler import EgressEntry
     from egresscore.control import ControlClient
     from egresscore.flowlog import FlowLogger
     from egresscore.policy import load_policies
 
-    assert {"parse", "PacketBatch", "NAT_TUPLE_DTYPE", "Target", "ControlClient"}.isdisjoint(egresscore.__all__)
-    assert egresscore.parse is _core.parse and egresscore.Target is Target
+    assert {"parse", "PacketBatch", "NAT_TUPLE_DTYPE", "EgressEntry", "ControlClient"}.isdisjoint(egresscore.__all__)
+    assert egresscore.parse is _core.parse and egresscore.EgressEntry is EgressEntry
     assert egresscore.ControlClient is ControlClient and egresscore.FlowLogger is FlowLogger
     assert egresscore.load_policies is load_policies
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):

@@ -7,7 +7,7 @@
 # (lxc-*), DP_TUNNEL_PORT a TX ring on a kernel vxlan device (tunnel offload).
 # Addresses in dp_ structs are IPv4, host order.  One thread per Datapath (the
 # NAT table it drives has one writer).
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 
 cdef enum:
     DP_MAX_PORTS = 64
@@ -69,6 +69,18 @@ cdef packed struct dp_vnet:
     uint16_t csum_start
     uint16_t csum_offset
 
+# Where c.emit = dp_capture puts output frames (process_frames, process_batch)
+# instead of a TX ring: packed into buf, one dp_out each (data points into buf).
+cdef struct dp_sink:
+    uint8_t *buf
+    int64_t size
+    int64_t used
+    dp_out *outs
+    int32_t *frame              # the input frame each output came from (NULL: not kept)
+    int n
+    int max
+    int cur                     # the input frame being handled (dp_rx_frames counts)
+
 cdef struct dp_ctx:
     # one node's forwarding state: every stage (egress, ingress, emit) works on it
     uint32_t node_ip
@@ -97,10 +109,7 @@ cdef struct dp_ctx:
     uint8_t tnl_on  # tunnel offload: tunnel-bound super-packets go to DP_TUNNEL_PORT
     ring_t * rings[65]  # by port, DP_TUNNEL_PORT last
     uint8_t dirty[65]
-    uint8_t * cap_buf  # capture mode (tests): emitted frames land here
-    int64_t cap_used
-    int cap_n
-    dp_out cap_out[256]
+    dp_sink * sink  # capture mode (process_frames, process_batch): emitted frames land here
     int n_rings
     egress_map * em_c
     nat_table * nat_c

@@ -359,18 +359,23 @@ cdef class Datapath:
             v.csum_offset = d.get("csum_offset", 0)
             vp = <const uint8_t *>&v
         t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
-        self.c.cap_buf = <uint8_t *>_dp_malloc(1 << 20)
-        if self.c.cap_buf == NULL:
+        cdef dp_out outs[256]
+        cdef dp_sink sink
+        _dp_memset(&sink, 0, sizeof(dp_sink))
+        sink.buf = <uint8_t *>_dp_malloc(1 << 20)
+        if sink.buf == NULL:
             raise no_memory("capture buffer")
-        self.c.cap_used = 0
-        self.c.cap_n = 0
+        sink.size = 1 << 20
+        sink.outs = outs
+        sink.max = 256
+        self.c.sink = &sink
         self.c.emit = dp_capture
         try:
             with nogil:
                 dp_rx_frame(&self.c, &b[0], b.shape[0] - 1, port, t, vp)
             out = []
-            for i in range(self.c.cap_n):
-                o = self.c.cap_out[i]
+            for i in range(sink.n):
+                o = outs[i]
                 vh = None
                 if o.gso_type or o.csum_offset:
                     vh = {"flags": 1 if o.csum_offset else 0, "gso_type": o.gso_type, "hdr_len": o.hdr_len,
@@ -379,8 +384,91 @@ cdef class Datapath:
             return out
         finally:
             self.c.emit = dp_emit
-            _dp_free(self.c.cap_buf)
-            self.c.cap_buf = NULL
+            self.c.sink = NULL
+            _dp_free(sink.buf)
+
+    def process_batch(self, const uint8_t[::1] frames, const int64_t[::1] offsets, const int64_t[::1] lengths,
+                      int32_t[::1] verdicts, uint8_t[::1] out, int64_t[:, ::1] out_meta, port=0, now=None):
+        """Run frames received on `port` through the ring loop's per-batch
+        step (dp_rx_frames, GIL released, no Python per frame), with the
+        output going to `out` instead of a TX ring.  `port` is one port for
+        all frames, or an int32 array of each frame's port (each run of one
+        port is a batch, as one ring's is).
+
+        Frame i is frames[offsets[i]:offsets[i] + lengths[i]] (NumPy arrays:
+        uint8, int64, int64).  verdicts[i] (int32) gets its code: verdict =
+        code & 0xff (0 pass, 1 tx, 2 tx_local, 3 drop), reason = code >> 8 (a
+        DropReason).  Output frames are packed into `out` (uint8); row j of
+        out_meta (int64, shape (max outputs, 4)) is (input frame, port,
+        offset in out, length).  Outputs that do not fit are counted as a
+        full TX ring's (tx_errors, tx_full).  The clock is read once per
+        DP_BATCH frames, as poll() does, unless `now` (seconds) is given.
+        Returns the number of outputs."""
+        cdef Py_ssize_t n = offsets.shape[0], i, b, k, m
+        cdef ring_frame_t fr[DP_BATCH]
+        cdef dp_sink sink
+        cdef bint fixed = now is not None
+        cdef uint64_t t = <uint64_t>(float(now) * 1e9) if fixed else 0
+        cdef uint8_t dummy = 0
+        cdef int32_t one
+        cdef const int32_t[::1] ports
+        cdef Py_ssize_t step = 0
+        if lengths.shape[0] != n or verdicts.shape[0] < n:
+            raise ValueError(f"offsets, lengths and verdicts must cover the same {n} frames")
+        if out_meta.shape[1] != 4:
+            raise ValueError(f"out_meta must have 4 columns, not {out_meta.shape[1]}")
+        if isinstance(port, int):
+            one = port if 0 <= port < DP_MAX_PORTS else -1
+            ports = <int32_t[:1]>&one
+        else:
+            ports = port
+            step = 1
+            if ports.shape[0] != n:
+                raise ValueError(f"ports must give the port of each of the {n} frames")
+        for i in range(ports.shape[0]):
+            if not 0 <= ports[i] < DP_MAX_PORTS or not self.c.ports[ports[i]].used:
+                raise ValueError(f"port {port if step == 0 else ports[i]} (frame {i}) is not configured")
+        for i in range(n):
+            if offsets[i] < 0 or lengths[i] < 0 or lengths[i] > 0xffffffff or offsets[i] + lengths[i] > frames.shape[0]:
+                raise ValueError(f"frame {i} (offset {offsets[i]}, length {lengths[i]}) is outside frames")
+        _dp_memset(&sink, 0, sizeof(dp_sink))
+        sink.buf = &out[0] if out.shape[0] else &dummy
+        sink.size = out.shape[0]
+        sink.max = out_meta.shape[0]
+        sink.cur = -1
+        sink.outs = <dp_out *>_dp_malloc(sizeof(dp_out) * (sink.max + 1))
+        sink.frame = <int32_t *>_dp_malloc(sizeof(int32_t) * (sink.max + 1))
+        if sink.outs == NULL or sink.frame == NULL:
+            _dp_free(sink.outs)
+            _dp_free(sink.frame)
+            raise no_memory("process_batch outputs")
+        self.c.sink = &sink
+        self.c.emit = dp_capture
+        try:
+            with nogil:
+                b = 0
+                while b < n:
+                    m = 1
+                    while m < DP_BATCH and b + m < n and ports[(b + m) * step] == ports[b * step]:
+                        m += 1
+                    for k in range(m):
+                        fr[k].data = &frames[offsets[b + k]] if lengths[b + k] else &dummy
+                        fr[k].vnet = NULL
+                        fr[k].len = <uint32_t>lengths[b + k]
+                        fr[k].wire_len = fr[k].len
+                    dp_rx_frames(&self.c, fr, <int>m, ports[b * step], t if fixed else dp_now(), &verdicts[b])
+                    b += m
+                for k in range(sink.n):
+                    out_meta[k, 0] = sink.frame[k]
+                    out_meta[k, 1] = sink.outs[k].port
+                    out_meta[k, 2] = sink.outs[k].data - sink.buf
+                    out_meta[k, 3] = sink.outs[k].length
+            return sink.n
+        finally:
+            self.c.emit = dp_emit
+            self.c.sink = NULL
+            _dp_free(sink.outs)
+            _dp_free(sink.frame)
 
     def poll(self, int max_frames=DP_BATCH):
         """One batch from every attached ring (GIL released); returns frames handled."""

@@ -1,10 +1,11 @@
 # datapath/emit: one batch from the rings through the stages and into the
-# TX rings: dp_handle picks the direction, dp_emit queues the output (or
-# dp_capture, the test path of process_frames), dp_segment cuts super-packets.
+# TX rings: dp_rx_frames handles one port's batch, dp_handle picks the
+# direction, dp_emit queues the output (or dp_capture, into a caller's buffer:
+# process_frames, process_batch), dp_segment cuts super-packets.
 
 cdef Py_ssize_t dp_poll(dp_ctx *c, int max_frames) noexcept nogil:
     cdef ring_frame_t fr[DP_BATCH]
-    cdef int port, n, i, k
+    cdef int port, n, k
     cdef Py_ssize_t total = 0
     cdef uint64_t now = dp_now()
     if max_frames > DP_BATCH:
@@ -15,11 +16,7 @@ cdef Py_ssize_t dp_poll(dp_ctx *c, int max_frames) noexcept nogil:
         if c.rings[port] == NULL:
             continue
         n = ring_rx_batch(c.rings[port], fr, max_frames)
-        for i in range(n):
-            if fr[i].len < fr[i].wire_len:
-                dp_done(c, fr[i].data, fr[i].len, port, now, dp_ret(VERDICT_DROP, DROP_TRUNCATED))
-                continue
-            dp_rx_frame(c, fr[i].data, fr[i].len, port, now, fr[i].vnet)
+        dp_rx_frames(c, fr, n, port, now, NULL)
         if n:
             ring_rx_release(c.rings[port])
         total += n
@@ -32,17 +29,37 @@ cdef Py_ssize_t dp_poll(dp_ctx *c, int max_frames) noexcept nogil:
     return total
 
 
-cdef void dp_rx_frame(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
-                      const uint8_t *vnet) noexcept nogil:
+cdef void dp_rx_frames(dp_ctx *c, const ring_frame_t *fr, int n, int port, uint64_t now,
+                       int32_t *verdicts) noexcept nogil:
+    """n frames received on `port`: the loop's step for one ring's batch
+    (dp_poll), and process_batch's over caller arrays (same frames, same
+    path).  verdicts (or NULL) gets each frame's dp_ret code."""
+    cdef int i, r
+    for i in range(n):
+        if c.sink != NULL:
+            c.sink.cur += 1
+        if fr[i].len < fr[i].wire_len:
+            r = dp_ret(VERDICT_DROP, DROP_TRUNCATED)
+            dp_done(c, fr[i].data, fr[i].len, port, now, r)
+        else:
+            r = dp_rx_frame(c, fr[i].data, fr[i].len, port, now, fr[i].vnet)
+        if verdicts != NULL:
+            verdicts[i] = r
+
+
+cdef int dp_rx_frame(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
+                     const uint8_t *vnet) noexcept nogil:
     """One received frame: handle it; a GSO frame bound for the tunnel is cut
-    into segments first, each handled as a frame of its own."""
+    into segments first, each handled as a frame of its own.  Returns the
+    dp_ret code (DP_SEGMENT for a frame cut into segments)."""
     cdef dp_out o
     cdef int r
     r = dp_handle(c, frame, length, in_port, now, vnet, &o)
     if (r & 0xff) == DP_SEGMENT:
         dp_segment(c, frame, length, in_port, now, NULL, 0)
-        return
+        return r
     c.emit(c, &o)
+    return r
 
 
 cdef int dp_handle(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
@@ -151,16 +168,23 @@ cdef void dp_emit(dp_ctx *c, dp_out *o) noexcept nogil:
 
 
 cdef void dp_capture(dp_ctx *c, dp_out *o) noexcept nogil:
-    """c.emit while process_frames() runs (tests): output frames are copied
-    to the capture buffer instead of a TX ring, so dp_emit carries no test path."""
+    """c.emit while process_frames() or process_batch() runs: output frames
+    are copied to c.sink instead of a TX ring, so dp_emit carries no test
+    path.  A full sink counts as a full TX ring does."""
+    cdef dp_sink *s = c.sink
     if o.port < 0:
         return
-    if c.cap_n < 256 and c.cap_used + o.length <= (1 << 20):
-        c.cap_out[c.cap_n] = o[0]
-        c.cap_out[c.cap_n].data = c.cap_buf + c.cap_used
-        _dp_memcpy(c.cap_buf + c.cap_used, o.data, o.length)
-        c.cap_used += o.length
-        c.cap_n += 1
+    if s.n >= s.max or s.used + o.length > s.size:
+        c.st.tx_errors += 1
+        c.st.drops[<int>DROP_TX_FULL] += 1
+        return
+    s.outs[s.n] = o[0]
+    s.outs[s.n].data = s.buf + s.used
+    _dp_memcpy(s.buf + s.used, o.data, o.length)
+    s.used += o.length
+    if s.frame != NULL:
+        s.frame[s.n] = s.cur
+    s.n += 1
 
 
 cdef int dp_segment(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port, uint64_t now,

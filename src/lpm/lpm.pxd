@@ -62,6 +62,8 @@ cdef extern from "lpm/lpm_egress.h" nogil:
     const int EGRESS_MATCH
     const int EGRESS_EXCLUDED
     const int EGRESS_NO_GATEWAY
+    const int EGRESS_GW_NOT_FOUND
+    const int EGRESS_GW_EXCLUDED
 
     ctypedef struct egress_snap:
         uint32_t bits

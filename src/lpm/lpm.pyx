@@ -57,9 +57,9 @@
 
 import ipaddress as _ipaddress
 from operator import index as _operator_index
-from collections import namedtuple as _namedtuple
 
 import numpy as _np
+from egresscore import types as _types
 
 from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memchr, memcpy
@@ -616,42 +616,23 @@ cdef class LPMTrie:
 
 # ---- the egress policy map --------------------------------------------------
 
-GATEWAY_NOT_FOUND_V4 = _IPv4Address("0.0.0.0")
-EXCLUDED_CIDR_V4 = _IPv4Address("0.0.0.1")
-EGRESS_IP_NOT_FOUND_V4 = _IPv4Address("0.0.0.0")
-GATEWAY_NOT_FOUND_V6 = _IPv6Address("::")
-EXCLUDED_CIDR_V6 = _IPv6Address("::1")
-EGRESS_IP_NOT_FOUND_V6 = _IPv6Address("::")
+# The sentinels and the entry type are egresscore.types' (one definition);
+# the C side's raw gateway values (lpm_egress.h) are checked equal by a test.
+GATEWAY_NOT_FOUND_V4 = _IPv4Address(_types.GATEWAY_NOT_FOUND)
+EXCLUDED_CIDR_V4 = _IPv4Address(_types.EXCLUDED_CIDR)
+EGRESS_IP_NOT_FOUND_V4 = _IPv4Address(_types.EGRESS_IP_NOT_FOUND_V4)
+GATEWAY_NOT_FOUND_V6 = _IPv6Address(_types.GATEWAY_NOT_FOUND_V6)
+EXCLUDED_CIDR_V6 = _IPv6Address(_types.EXCLUDED_CIDR_V6)
+EGRESS_IP_NOT_FOUND_V6 = _IPv6Address(_types.EGRESS_IP_NOT_FOUND_V6)
+EGRESS_GATEWAY_RAW_NOT_FOUND = EGRESS_GW_NOT_FOUND
+EGRESS_GATEWAY_RAW_EXCLUDED = EGRESS_GW_EXCLUDED
 
 EGRESS_STATUS_NO_MATCH = EGRESS_NO_MATCH
 EGRESS_STATUS_MATCH = EGRESS_MATCH
 EGRESS_STATUS_EXCLUDED = EGRESS_EXCLUDED
 EGRESS_STATUS_NO_GATEWAY = EGRESS_NO_GATEWAY
 
-
-class EgressEntry(_namedtuple("EgressEntry", "source destination egress_ip gateway_ip")):
-    """One egress map entry, like a line of `cilium-dbg bpf egress list`:
-    ipaddress objects (source address, destination network, egress IP,
-    gateway IP)."""
-    __slots__ = ()
-
-    @property
-    def excluded(self):
-        """An excluded-CIDR entry (gateway 0.0.0.1 / ::1): leave the traffic
-        on the default path."""
-        return int(self.gateway_ip) == 1
-
-    @property
-    def no_gateway(self):
-        """A policy matched but no gateway node exists (gateway 0.0.0.0 /
-        ::): the datapath drops the traffic."""
-        return int(self.gateway_ip) == 0
-
-    @property
-    def status(self):
-        """The EGRESS_STATUS_* a lookup that lands on this entry returns."""
-        g = int(self.gateway_ip)
-        return EGRESS_NO_GATEWAY if g == 0 else EGRESS_EXCLUDED if g == 1 else EGRESS_MATCH
+EgressEntry = _types.EgressEntry
 
 
 class _EgressSource:
@@ -776,7 +757,7 @@ cdef class EgressMap:
             ip = _IPv4Address if fam == 4 else _IPv6Address
             net = _IPv4Network(dkey) if fam == 4 else _IPv6Network(dkey)
             desired.setdefault((fam, src), {})[dkey] = EgressEntry(
-                ip(src), net, self._addr_of(item[2], fam, "egress IP"), self._addr_of(item[3], fam, "gateway IP"))
+                ip(src), net, self._addr_of(item[2], fam, "egress IP"), self._gateway_of(item[3], fam))
         added = removed = changed = 0
         touched = []
         for skey in set(self._sources) | set(desired):
@@ -869,6 +850,20 @@ cdef class EgressMap:
         cdef int f = addr_parse(x, fam, &hi, &lo)
         if f != fam:
             raise ValueError(f"{what} {x!r} is IPv{f} but the entry is IPv{fam}")
+        return addr_object_of(f, hi, lo)
+
+    def _gateway_of(self, x, int fam):
+        """A gateway IP in the entry's family.  An IPv6 entry also takes an
+        IPv4 one (the compiler's form, as Cilium lists its IPv6 map): kept as
+        ::ffff:a.b.c.d, the sentinels 0.0.0.0 / 0.0.0.1 as :: / ::1."""
+        cdef uint64_t hi, lo
+        cdef int f = addr_parse(x, fam if isinstance(x, int) else 0, &hi, &lo)
+        if f == 4 and fam == 6:
+            if hi != EGRESS_GW_NOT_FOUND and hi != EGRESS_GW_EXCLUDED:
+                hi |= 0xffff00000000
+            return _IPv6Address(hi)
+        if f != fam:
+            raise ValueError(f"gateway IP {x!r} is IPv{f} but the entry is IPv{fam}")
         return addr_object_of(f, hi, lo)
 
     def _put(self, source_ip, destination_cidr, egress_obj, gateway_obj):
@@ -1010,12 +1005,14 @@ cdef class EgressMap:
     def set(self, source_ip, destination_cidr, egress_ip, gateway_ip):
         """Insert or replace the entry for (source IP, destination CIDR).
 
-        All four in one family; str, ipaddress objects or ints.  A gateway of
-        GATEWAY_NOT_FOUND_V4/V6 means "matched, no gateway: drop".
+        All four in one family (an IPv6 entry's gateway may be IPv4, as
+        Cilium's); str, ipaddress objects or ints.  A gateway of
+        GATEWAY_NOT_FOUND_V4/V6 means "matched, no gateway: drop",
+        EXCLUDED_CIDR_V4/V6 an excluded CIDR.
         """
         fam, _, _ = self._key(source_ip, destination_cidr)
         self._put(source_ip, destination_cidr, self._addr_of(egress_ip, fam, "egress IP"),
-                  self._addr_of(gateway_ip, fam, "gateway IP"))
+                  self._gateway_of(gateway_ip, fam))
 
     def set_excluded(self, source_ip, destination_cidr, egress_ip=None):
         """Mark destination_cidr as excluded for source_ip (Cilium's

@@ -18,6 +18,10 @@
 #define EGRESS_EXCLUDED 2     /* excluded CIDR (gateway 0.0.0.1 / ::1): default path */
 #define EGRESS_NO_GATEWAY 3   /* policy matched, gateway 0.0.0.0 / ::: drop */
 
+/* The gateway sentinels as stored (egresscore/types.py's strings, as numbers). */
+#define EGRESS_GW_NOT_FOUND 0 /* GatewayNotFoundIPv4 0.0.0.0 / :: */
+#define EGRESS_GW_EXCLUDED 1  /* ExcludedCIDRIPv4 0.0.0.1 / ::1 */
+
 typedef struct {
     uint64_t hi, lo;        /* IPv4: hi = host-order source, lo = 0 */
     lpm_table *tbl;         /* NULL: empty slot */
@@ -64,8 +68,8 @@ static inline int egress_snap_lookup4(const egress_snap *s, uint32_t src, uint32
     const egress_val4 *val = (const egress_val4 *)sl->tbl->aux + v;
     *egress = val->egress;
     *gateway = val->gateway;
-    if (val->gateway == 0) return EGRESS_NO_GATEWAY;
-    if (val->gateway == 1) return EGRESS_EXCLUDED;
+    if (val->gateway == EGRESS_GW_NOT_FOUND) return EGRESS_NO_GATEWAY;
+    if (val->gateway == EGRESS_GW_EXCLUDED) return EGRESS_EXCLUDED;
     return EGRESS_MATCH;
 }
 
@@ -76,8 +80,8 @@ static inline int egress_snap_lookup6(const egress_snap *s, uint64_t src_hi, uin
     uint32_t v = lpm6_table_lookup(sl->tbl, dst_hi, dst_lo);
     if (v == LPM_NONE) return EGRESS_NO_MATCH;
     *out = ((const egress_val6 *)sl->tbl->aux)[v];
-    if (out->g_hi == 0 && out->g_lo == 0) return EGRESS_NO_GATEWAY;
-    if (out->g_hi == 0 && out->g_lo == 1) return EGRESS_EXCLUDED;
+    if (out->g_hi == 0 && out->g_lo == EGRESS_GW_NOT_FOUND) return EGRESS_NO_GATEWAY;
+    if (out->g_hi == 0 && out->g_lo == EGRESS_GW_EXCLUDED) return EGRESS_EXCLUDED;
     return EGRESS_MATCH;
 }
 
