@@ -24,6 +24,18 @@ def _parse_path(path):
 parsing.parse_path = _parse_path
 
 
+def _drop(server):
+    """Close the listening sockets and abort every open connection (a dying API
+    server's resets), so kmock's orderly shutdown has no watch to wait for."""
+    runner = server.runner
+    for site in runner.sites:
+        if site._server is not None:  # aiohttp keeps the asyncio.Server private
+            site._server.close()
+    for handler in list(runner.server.connections):
+        if handler.transport is not None:
+            handler.transport.abort()
+
+
 class Emulator:
     """The emulator with its server on 127.0.0.1 (a free port); `kubeconfig(path)` writes a kubeconfig for it."""
 
@@ -57,6 +69,7 @@ class Emulator:
             assert srv.host == "127.0.0.1", srv.host
             self._ready.set()
             await self._stop.wait()
+            _drop(srv.server)
 
     def call(self, fn, *args):
         """Run fn(*args) (sync) on the emulator's loop thread."""
@@ -72,6 +85,9 @@ class Emulator:
                 "current-context": "emulator"}
 
     def close(self):
+        """Stop the server abruptly: open connections are reset, not drained."""
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+        if self._thread.is_alive():
+            raise RuntimeError("kmock emulator did not stop within 10 s")

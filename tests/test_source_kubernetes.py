@@ -251,6 +251,46 @@ def test_disconnect_backs_off_keeps_state_and_resyncs(running, emulator):
         back.close()
 
 
+def test_watch_ended_by_server_timeout_resumes_from_last_version(emulator, running):
+    api, start = running
+    def timed_out(request):
+        # the server ends the watch at timeoutSeconds, after a bookmark with the version it had reached
+        meta = {"resourceVersion": "77"}
+        return {"type": "BOOKMARK", "object": {"apiVersion": "v1", "kind": "Pod", "metadata": meta}}
+
+    emulator.call(lambda: emulator.kmock["watch", kmock.resource("v1/pods")][:1] << timed_out)
+    sink, src = start(watch_timeout=5)
+    sink.wait(lambda s: s.of("resync"))
+    api.create(pod("web-1", "uid-2", "10.0.1.6"))
+    sink.wait(lambda s: any(c.key == "uid-2" for c in changes(s, "pod")))
+    requests = emulator.call(lambda: list(emulator.kmock["watch", kmock.resource("v1/pods")]))
+    first, second = (dict(r.params) for r in requests[:2])
+    assert 5 <= int(first["timeoutSeconds"]) < 10 and second["timeoutSeconds"] == first["timeoutSeconds"]
+    assert second["resourceVersion"] == "77"  # resumed where the ended watch was, not relisted
+    assert src.resyncs == 1 and src.disconnects == 0 and sink.of("disconnected") == []
+
+
+def test_silent_server_ends_the_watch_by_read_timeout(running):
+    # kmock ignores timeoutSeconds and sends nothing on a quiet watch: a server gone silent
+    _api, start = running
+    sink, src = start(watch_timeout=1, read_timeout=2.5, backoff=0.1, max_backoff=0.1)
+    sink.wait(lambda s: s.of("resync"))
+    began = time.monotonic()
+    sink.wait(lambda s: s.of("disconnected"))
+    took = sink.events[[e[0] for e in sink.events].index("disconnected")][2] - began
+    assert 2.0 <= took < 6, took
+    assert "ReadTimeout" in sink.of("disconnected")[0]
+    sink.wait(lambda s: len(s.of("resync")) >= 2)  # backed off and relisted
+
+
+def test_timeouts_are_validated():
+    with pytest.raises(ValueError, match="watch_timeout"):
+        KubernetesSource(watch_timeout=0)
+    with pytest.raises(ValueError, match="read_timeout"):
+        KubernetesSource(watch_timeout=10, read_timeout=15)
+    assert KubernetesSource(watch_timeout=10).read_timeout == 50
+
+
 def test_malformed_object_is_rejected_alone(running):
     api, start = running
     api.create(pod("good", "uid-g", "10.0.1.5"))

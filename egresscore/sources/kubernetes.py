@@ -3,7 +3,8 @@
 Lists the four kinds (a `Snapshot`), then watches each from its list's
 resourceVersion, with lightkube (the `kubernetes` extra).  A watch that
 answers 410 Gone (the version is too old) relists all four and hands a fresh
-snapshot (the sink reconciles); a lost connection calls `sink.disconnected`,
+snapshot (the sink reconciles); a lost or silent connection (see the class
+docstring for the watch and read timeouts) calls `sink.disconnected`,
 backs off (doubling, capped) and relists.  Every object is converted here to
 egresscore's types with the existing parsers; one that is malformed or over
 `max_object_bytes` is reported with `sink.rejected("kind namespace/name",
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import random
 import threading
 import time
 from typing import Any, Mapping
@@ -212,12 +214,29 @@ class KubernetesSource(Source):
     `kubeconfig`: a kubeconfig path (with `context`), or None for the
     in-cluster service account.  `config`: a lightkube KubeConfig instead.
     Backoff after a lost connection: `backoff` seconds, doubling up to
-    `max_backoff`.  Counters: `resyncs`, `disconnects`, `rejects`."""
+    `max_backoff`.  Counters: `resyncs`, `disconnects`, `rejects`.
+
+    A dead or silent API server is noticed as client-go's reflector does:
+    each watch asks the server to end it after `timeoutSeconds`, drawn from
+    [`watch_timeout`, 2 x `watch_timeout`) (spreading the agents' rewatches),
+    and lightkube then rewatches from the last resourceVersion (no
+    disconnect, no resync).  A watch connection that delivers no byte for
+    `read_timeout` seconds (default 2 x `watch_timeout` + 30, longer than
+    any healthy server's silence) ends with a read timeout: that, like any
+    connection error, counts a disconnect, backs off and relists."""
 
     name = "kubernetes"
 
     def __init__(self, kubeconfig=None, *, context=None, config=None, backoff=0.5, max_backoff=30.0,
-                 max_object_bytes=MAX_OBJECT_BYTES, list_chunk=500):
+                 max_object_bytes=MAX_OBJECT_BYTES, list_chunk=500, watch_timeout=150.0, read_timeout=None):
+        if not watch_timeout >= 1:
+            raise ValueError(f"watch_timeout: {watch_timeout!r} must be at least 1 second")
+        if read_timeout is None:
+            read_timeout = 2 * watch_timeout + 30
+        if not read_timeout > 2 * watch_timeout:
+            raise ValueError(f"read_timeout: {read_timeout!r} must exceed the longest watch, 2 x watch_timeout")
+        self.watch_timeout = watch_timeout
+        self.read_timeout = read_timeout
         self._kubeconfig = kubeconfig
         self._context = context
         self._config = config
@@ -247,7 +266,13 @@ class KubernetesSource(Source):
             config = config.get(context_name=self._context)
         import httpx2
 
-        return AsyncClient(config=config, timeout=httpx2.Timeout(10.0, read=None))
+        client = AsyncClient(config=config, timeout=httpx2.Timeout(10.0))
+        # lightkube gives watches a timeout of their own with no read limit; a silent server must end a watch
+        generic = getattr(client, "_client", None)
+        if not isinstance(getattr(generic, "_watch_timeout", None), httpx2.Timeout):
+            raise RuntimeError("this lightkube has no watch timeout to set (lightkube 1.x expected)")
+        generic._watch_timeout = httpx2.Timeout(10.0, read=self.read_timeout)
+        return client
 
     # ------------------------------------------------------------------ run
 
@@ -329,8 +354,10 @@ class KubernetesSource(Source):
 
         kw = {"namespace": ALL_NS} if kind == "pod" else {}
         version = self.revisions.get(kind)
+        server_timeout = int(self.watch_timeout * (1 + random.random()))
         try:
-            async for typ, obj in client.watch(res[kind], resource_version=version, **kw):
+            async for typ, obj in client.watch(res[kind], resource_version=version, server_timeout=server_timeout,
+                                               **kw):
                 rv = obj.metadata.resourceVersion
                 if rv:
                     self.revisions[kind] = rv
