@@ -103,6 +103,7 @@ from .host import (
     Neighbours,
     check_netns,
     link_facts,
+    nat_state_path,
     set_up_host,
     where,
 )
@@ -142,6 +143,12 @@ class Agent:
     pod_conn_limit: at most this many connections per source (pod) IP (off
     by default); refusals are counted per pod in stats()["nat"]; 30 bytes
     more per connection of capacity.
+    nat_state: where the NAT table lives so that its connections outlive the
+    agent (True, the default: /run/egresscore/<node>[@<netns>].nat; a path;
+    False: in anonymous memory, lost with the process).  An agent started on
+    it adopts the connections of the one before (killed, or stopped with
+    stop(keep_state=True)); a file it cannot use is set aside and the table
+    starts empty (one line on stderr either way).
     """
 
     def __init__(self, node, cluster, policies=(), *, netns=None, underlay="eth0", vni=2,
@@ -150,7 +157,7 @@ class Agent:
                  pod_conn_limit=None,
                  pod_ifname=_pod_ifname, claim=True, poll_ms=20, vnet_hdr=True, tunnel_offload=True,
                  ring_mode="latency",
-                 nat_timeouts=None,
+                 nat_timeouts=None, nat_state=True,
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
                  metrics_port=None, metrics_addr="127.0.0.1", control_socket=None):
         # the one loading path (egresscore.inputs): a bad input is an error, the agent does not start
@@ -183,7 +190,10 @@ class Agent:
             self._underlay_index, self.node_mac, local = host.underlay_index, host.node_mac, host.local_ips
             self.egress_map = EgressMap()
             self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts,
-                                per_source_limit=pod_conn_limit)
+                                per_source_limit=pod_conn_limit,
+                                state_path=nat_state_path(node, netns, nat_state))
+            if self.nat.state is not None:
+                print(f"egresscore agent {node}: {self.nat.state['message']}", file=sys.stderr, flush=True)
             for ip in local:
                 self.nat.add_egress_ip(ip)
             self._local_ips = set(local)
@@ -198,6 +208,7 @@ class Agent:
             start_services(self, flow_log=flow_log, capacity=flow_log_capacity, drop_rate=flow_drop_rate,
                            metrics_port=metrics_port, metrics_addr=metrics_addr, control_socket=control_socket)
         except BaseException:
+            self._keep_nat_file = True  # an adopted table stays for the next try
             self.close()  # nothing half-installed stays behind
             raise
 
@@ -237,6 +248,9 @@ class Agent:
         self._reloads_lock = threading.Lock()  # guards _reloads (read by stats() from any thread)
         self._loop_thread = None
         self._closed = False
+        self._keep_state = False       # close(): leave the NAT state file and the claims to the next agent
+        self._keep_nat_file = False    # close() after a failed start: leave the NAT state file
+        self.nat = None
         self._rings = []
         self.datapath = None
         # host work (egresscore.agent.host), on the host thread inside the namespace
@@ -740,16 +754,25 @@ class Agent:
         self._thread = t
         return t
 
-    def stop(self):
-        """Ask the loop to end (async-signal-safe); run() cleans up."""
+    def stop(self, keep_state=False):
+        """Ask the loop to end (async-signal-safe); run() cleans up.  With
+        keep_state, as close(keep_state=True): the next agent takes over."""
+        self._keep_state = self._keep_state or bool(keep_state)
         self._stop.set()
         self._wake()
         t = getattr(self, "_thread", None)
         if t is not None and t is not threading.current_thread():
             t.join(10)
 
-    def close(self):
-        """Remove the claims, restore the host, close the rings (idempotent)."""
+    def close(self, keep_state=None):
+        """Remove the claims, restore the host, close the rings (idempotent).
+
+        keep_state=True (or stop(keep_state=True) before): an upgrade's stop.
+        The NAT state file and the kernel claims stay as they are (the kernel
+        keeps off the agent's traffic, answering nothing), and the next agent
+        adopts both; open connections are not ended in the flow log."""
+        if keep_state is not None:
+            self._keep_state = bool(keep_state)
         if self._closed:
             return
         self._closed = True
@@ -784,7 +807,7 @@ class Agent:
         try:
             if self._neighbours is not None:
                 self._neighbours.close()
-            if self._claims is not None:
+            if self._claims is not None and not self._keep_state:
                 self._claims.remove()
         finally:
             if self._tunnel is not None:
@@ -792,6 +815,8 @@ class Agent:
                 self._tunnel = None
             if self._state is not None:
                 self._state.release()
+            if self.nat is not None and not (self._keep_state or self._keep_nat_file):
+                self.nat.discard_state()   # a clean stop keeps no connections
 
     def __enter__(self):
         return self
