@@ -273,3 +273,20 @@ def test_adoption_after_churn_reuses_free_slots(tmp_path, clock):
     for k in keys[1::2]:
         assert t2.translate(*k) == got[k]
     assert t2.stats["entries"] == 500
+
+
+def test_agent_state_path_and_cli_options():
+    import argparse
+
+    from egresscore.agent.host import nat_state_path
+    from egresscore.cli import _add_agent
+
+    assert nat_state_path("node3") == "/run/egresscore/node3.nat"
+    assert nat_state_path("node3", "egc-lab-node3") == "/run/egresscore/node3@egc-lab-node3.nat"
+    assert nat_state_path("node3", None, "/dev/shm/x.nat") == "/dev/shm/x.nat"
+    assert nat_state_path("node3", None, False) is None
+    p = argparse.ArgumentParser()
+    _add_agent(p.add_subparsers())
+    a = p.parse_args(["agent", "--node", "n", "--cluster", "c", "--policies", "p", "--keep-state",
+                      "--nat-state", "/dev/shm/n.nat"])
+    assert a.keep_state and a.nat_state == "/dev/shm/n.nat" and not a.no_nat_state

@@ -92,7 +92,7 @@ import time
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .._core import Datapath, EgressMap, NatTable
+from .._core import Datapath, EgressMap, NatStateError, NatTable
 from ..cluster import Cluster, ClusterError, Pod
 from ..compiler import Compiler
 from ..control import default_socket_path
@@ -189,9 +189,12 @@ class Agent:
             self._state, self._claims = host.state, host.claims
             self._underlay_index, self.node_mac, local = host.underlay_index, host.node_mac, host.local_ips
             self.egress_map = EgressMap()
-            self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts,
-                                per_source_limit=pod_conn_limit,
-                                state_path=nat_state_path(node, netns, nat_state))
+            try:
+                self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts,
+                                    per_source_limit=pod_conn_limit,
+                                    state_path=nat_state_path(node, netns, nat_state))
+            except NatStateError as exc:   # held by another process, or not creatable
+                raise AgentError(str(exc)) from None
             if self.nat.state is not None:
                 print(f"egresscore agent {node}: {self.nat.state['message']}", file=sys.stderr, flush=True)
             for ip in local:
