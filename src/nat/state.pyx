@@ -19,7 +19,7 @@ import logging as _st_logging
 import os as _st_os
 
 from libc.errno cimport errno
-from posix.mman cimport MADV_REMOVE, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, madvise, mmap, munmap
+from posix.mman cimport MADV_HUGEPAGE, MADV_REMOVE, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, madvise, mmap, munmap
 
 _st_log = _st_logging.getLogger("egresscore.nat.state")
 
@@ -414,6 +414,7 @@ cdef char* _nat_state_mmap(int fd, size_t size, str path) except NULL:
     cdef void* p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
     if p == MAP_FAILED:
         raise errno_error(errno, f"NAT state file {path}: mapping {size} bytes")
+    madvise(p, size, MADV_HUGEPAGE)     # honoured on tmpfs when shmem_enabled says "advise"
     return <char*>p
 
 
