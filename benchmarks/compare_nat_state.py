@@ -22,7 +22,10 @@ import tempfile
 import time
 
 import numpy as np
-from egresscore._core import NatTable, nat_tuples
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from egresscore._core import NatTable, nat_tuples  # noqa: E402
 
 CAPACITY = 1_000_000
 EGRESS = [f"192.0.2.{i}" for i in range(1, 9)]
