@@ -290,3 +290,22 @@ def test_agent_state_path_and_cli_options():
     a = p.parse_args(["agent", "--node", "n", "--cluster", "c", "--policies", "p", "--keep-state",
                       "--nat-state", "/dev/shm/n.nat"])
     assert a.keep_state and a.nat_state == "/dev/shm/n.nat" and not a.no_nat_state
+
+
+def test_insert_one_replicated_connection(clock):
+    """NatTable.insert (nat_state_insert): a connection made elsewhere is
+    checked like an adopted one, then translates both ways; a clash is refused."""
+    t = NatTable([EGRESS], capacity=64, port_range=(40000, 40099), clock=clock)
+    assert t.insert("10.0.0.1", 5555, REMOTE, 443, egress_ip=EGRESS, xport=40050, expires_in=100)
+    assert t.translate("10.0.0.1", 5555, REMOTE, 443) == (EGRESS, 40050)
+    assert t.reverse(REMOTE, 443, EGRESS, 40050) == ("10.0.0.1", 5555)
+    assert t.translate("10.0.0.1", 5555, "198.51.100.7", 80)[1] == 40050       # EIM: the same mapping
+    with pytest.raises(ValueError, match="invalid here"):                       # another endpoint's port
+        t.insert("10.0.0.2", 1, REMOTE, 443, egress_ip=EGRESS, xport=40050, expires_in=100)
+    with pytest.raises(ValueError, match="invalid here"):                       # outside the range
+        t.insert("10.0.0.3", 1, REMOTE, 443, egress_ip=EGRESS, xport=39999, expires_in=100)
+    with pytest.raises(ValueError, match="invalid here"):                       # longer than its timeout
+        t.insert("10.0.0.4", 1, REMOTE, 53, "udp", egress_ip=EGRESS, xport=40001, expires_in=3600)
+    assert len(t) == 2 and t.ports_in_use(EGRESS) == 1
+    clock.t += 101
+    assert t.gc() == 2 and t.ports_in_use(EGRESS) == 0

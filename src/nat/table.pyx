@@ -425,6 +425,47 @@ cdef class NatTable:
         expired ones dropped, adopt_ms."""
         return None if self._state is None else dict(self._state.status)
 
+    def insert(self, src, sport, dst, dport, proto="tcp", *, egress_ip, xport, state=None, expires_in,
+               now=None):
+        """Insert one connection made elsewhere (a replicated record): checked
+        and linked as an adopted entry is (nat_state_insert).  `state` is a
+        state name (default ESTABLISHED for TCP, else the protocol's), times
+        in seconds.  Raises ValueError naming why it was not inserted."""
+        cdef nat_tuple k
+        cdef nat_entry e
+        self._tuple(&k, src, sport, dst, dport, proto, 0)
+        cdef int ext = self._egress(egress_ip, k.family)
+        cdef uint64_t t_ns = self._now(now)
+        cdef int rc
+        if state is None:
+            state = {6: "ESTABLISHED", 17: "UDP"}.get(k.proto, "ICMP")
+        if state not in _NAT_STATE_NAME[1:]:
+            raise ValueError(f"state {state!r} is not one of {', '.join(_NAT_STATE_NAME[1:])}")
+        if (isinstance(expires_in, bool) or not isinstance(expires_in, (int, float))
+                or not 0 < expires_in <= 10 * 365 * 86400):
+            raise ValueError(f"expires_in {expires_in!r} must be a positive number of seconds")
+        memset(&e, 0, sizeof(nat_entry))
+        memcpy(e.src, k.src, 16)
+        memcpy(e.dst, k.dst, 16)
+        e.family = k.family
+        e.proto = k.proto
+        e.sport = k.sport
+        e.dport = 0 if _nat_is_icmp(k.proto) else k.dport
+        e.xport = _nat_port(xport, "xport")
+        e.ext = ext
+        e.state = _NAT_STATE_NAME.index(state)
+        e.expires = t_ns + <uint64_t>round(expires_in * 1e9)
+        e.created_ms = _nat_ms(t_ns)
+        with self._lock:
+            rc = nat_state_insert(self.t, &e, t_ns)
+        if rc != NAT_ADOPT_OK:
+            why = {NAT_ADOPT_FULL: "the table is full", NAT_ADOPT_EXPIRED: "it has expired"}.get(
+                rc, "it is invalid here (state, port range, expiry beyond its timeout, or a port or flow "
+                    "already taken)")
+            raise ValueError(f"connection {_nat_fmt(k.family, k.src[:16], k.sport)} -> "
+                             f"{_nat_fmt(k.family, k.dst[:16], k.dport)} not inserted: {why}")
+        return True
+
     def discard_state(self):
         """Remove the state file (a clean stop that keeps no state): the table
         goes on working from its mapping until it is freed."""
