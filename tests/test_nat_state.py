@@ -307,5 +307,6 @@ def test_insert_one_replicated_connection(clock):
     with pytest.raises(ValueError, match="invalid here"):                       # longer than its timeout
         t.insert("10.0.0.4", 1, REMOTE, 53, "udp", egress_ip=EGRESS, xport=40001, expires_in=3600)
     assert len(t) == 2 and t.ports_in_use(EGRESS) == 1
-    clock.t += 101
-    assert t.gc() == 2 and t.ports_in_use(EGRESS) == 0
+    clock.t += 61              # the second (SYN_SENT, 60 s) dies; the inserted one, refreshed, lives on
+    assert t.gc() == 1 and t.ports_in_use(EGRESS) == 1
+    assert t.get("10.0.0.1", 5555, REMOTE, 443).state == "ESTABLISHED"
