@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from egresscore._core import NatTable, nat_tuples  # noqa: E402
 
 CAPACITY = 1_000_000
-EGRESS = [f"192.0.2.{i}" for i in range(1, 9)]
+EGRESS = [f"192.0.2.{i}" for i in range(1, 33)]   # 32 x 64512 ports: room for 1M pod endpoints
 
 
 def flows(n, seed=16):
