@@ -1,7 +1,7 @@
 """Adoption of a NAT state file (issue 16): a 1M-connection table taken over by a new table, one run.
 
 A table of capacity 1,000,000 in a state file on tmpfs (/dev/shm) is filled
-with N connections (TCP, pods 10.x.y.z on random ports, 8 egress IPs,
+with N connections (TCP, pods 10.x.y.z on random ports, 32 egress IPs,
 established), then closed as a kill leaves it (the arrays stay in the file;
 the lock goes with the process).  A new NatTable on the same file adopts it:
 every entry checked, the indexes, mappings, port bitmaps, wheel and free
