@@ -282,11 +282,12 @@ def _cmd_agent(args):
                       metrics_addr=args.metrics_addr, control_socket=control, ring_mode=args.ring_mode,
                       nat_capacity=args.nat_capacity or DEFAULT_NAT_CAPACITY, pod_conn_limit=args.pod_conn_limit,
                       gateway_health=args.gateway_health == "on", liveness=liveness,
-                      probe_interval=args.probe_interval, probe_misses=args.probe_misses)
+                      probe_interval=args.probe_interval, probe_misses=args.probe_misses,
+                      nat_state=False if args.no_nat_state else (args.nat_state or True))
     except (AgentError, PermissionError, EgressError) as exc:
         raise CLIError(str(exc)) from None
     signal.signal(signal.SIGINT, lambda *a: agent.stop())
-    signal.signal(signal.SIGTERM, lambda *a: agent.stop())
+    signal.signal(signal.SIGTERM, lambda *a: agent.stop(keep_state=args.keep_state))
     signal.signal(signal.SIGHUP, lambda *a: agent.request_reload())
     status = sys.stderr if args.flow_log == "-" else sys.stdout   # stdout carries the flow log
     extra = "".join(f", {what} {where}" for what, where in (
@@ -397,6 +398,14 @@ def _add_agent(sub):
                    help="heartbeat rounds to each gateway candidate (default 0.1: 10 a second)")
     a.add_argument("--probe-misses", type=_count, default=3, metavar="N",
                    help="a gateway missing N rounds in a row is down (default 3)")
+    a.add_argument("--nat-state", metavar="PATH",
+                   help="keep the NAT table in this file so connections outlive the agent (default "
+                        "/run/egresscore/NODE.nat): a restarted agent adopts them")
+    a.add_argument("--no-nat-state", action="store_true",
+                   help="keep the NAT table in process memory only: a restart loses every connection")
+    a.add_argument("--keep-state", action="store_true",
+                   help="on SIGTERM, leave the NAT state file and the kernel claims for the next agent (an "
+                        "upgrade: stop, start the new one, which adopts them); SIGINT still removes everything")
     a.add_argument("--ring-mode", choices=("latency", "batch"), default="latency",
                    help="RX rings: 'latency' hands each frame over as it lands (default); 'batch' hands "
                         "over blocks, at most 1 ms late: fewer wake-ups, more small packets per CPU second")

@@ -264,6 +264,7 @@ def test_kill_9_then_start_then_stop_leaves_the_host_as_before(lab, tmp_path):
         assert "proto 236" in left["rules"] and "egc-tnl0" in left["links"]
         assert left["port_range"] == "20000 32767"
         assert f"node3@{ns}.sock" in left["files"] and f"node3@{ns}.host.json" in left["files"]
+        assert f"node3@{ns}.nat" in left["files"]          # the NAT table, for the next agent to adopt
         old_nft = lab.call("node3", _add_old_nft_table)
         for _ in range(2):   # crash twice: the original range survives any number of crashes
             second = lab.track(AgentProcess("node3", str(cluster_file), str(policy_file), ns))
@@ -271,6 +272,7 @@ def test_kill_9_then_start_then_stop_leaves_the_host_as_before(lab, tmp_path):
             assert len(said) == 1 and "FIB rules" in said[0] and "egc-tnl0" in said[0], second.lines
             assert f"the original {before['port_range']} is kept" in said[0]
             assert ("nftables table egresscore" in said[0]) == old_nft
+            assert any(f"node3@{ns}.nat: adopted" in line for line in second.lines), second.lines
             old_nft = False
             assert lab.tcp_request("app1", SERVER) == EGRESS_IP
             os.kill(second.proc.pid, signal.SIGKILL)

@@ -446,6 +446,20 @@ class HostState:
             self._fd = -1
 
 
+def nat_state_path(node, netns=None, setting=True, directory=SOCKET_DIR):
+    """The NAT state file of the node's agent (the `nat_state` argument):
+    True: <directory>/<node>[@<netns>].nat, beside the host state; a path:
+    that path; False or None: no file."""
+    if setting is None or setting is False:
+        return None
+    if setting is True:
+        base = f"{node}@{netns}" if netns else node
+        if "/" in base or base.startswith("."):
+            raise AgentError(f"node name {node!r} cannot name a state file")
+        return os.path.join(directory, base + ".nat")
+    return os.fspath(setting)
+
+
 # -- claims ------------------------------------------------------------------------------
 
 _SELECTORS = (("FRA_IIFNAME", "iifname"), ("FRA_IP_PROTO", "ip_proto"), ("FRA_DPORT_RANGE", "dport_range"),

@@ -104,7 +104,7 @@ import time
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .._core import Datapath, EgressMap, NatTable
+from .._core import Datapath, EgressMap, NatStateError, NatTable
 from ..cluster import Cluster, ClusterError, Pod
 from ..compiler import Compiler
 from ..control import default_socket_path
@@ -117,6 +117,7 @@ from .host import (
     Neighbours,
     check_netns,
     link_facts,
+    nat_state_path,
     set_up_host,
     where,
 )
@@ -166,6 +167,12 @@ class Agent:
     besides the probes; probe_interval (s), probe_misses, probe_rises: the
     heartbeat rounds (egresscore.health); heartbeat_port: UDP port answered
     and probed.
+    nat_state: where the NAT table lives so that its connections outlive the
+    agent (True, the default: /run/egresscore/<node>[@<netns>].nat; a path;
+    False: in anonymous memory, lost with the process).  An agent started on
+    it adopts the connections of the one before (killed, or stopped with
+    stop(keep_state=True)); a file it cannot use is set aside and the table
+    starts empty (one line on stderr either way).
     """
 
     def __init__(self, node, cluster=None, policies=(), *, netns=None, underlay="eth0", vni=2,
@@ -174,7 +181,7 @@ class Agent:
                  pod_conn_limit=None,
                  pod_ifname=_pod_ifname, claim=True, poll_ms=20, vnet_hdr=True, tunnel_offload=True,
                  ring_mode="latency",
-                 nat_timeouts=None,
+                 nat_timeouts=None, nat_state=True,
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
                  metrics_port=None, metrics_addr="127.0.0.1", control_socket=None,
                  gateway_health=True, liveness=(), probe_interval=0.1, probe_misses=3, probe_rises=2,
@@ -192,9 +199,9 @@ class Agent:
                         kernel_port_range=kernel_port_range, nat_capacity=nat_capacity,
                         pod_conn_limit=pod_conn_limit, pod_ifname=pod_ifname, claim=claim, poll_ms=poll_ms,
                         vnet_hdr=vnet_hdr, tunnel_offload=tunnel_offload, ring_mode=ring_mode,
-                        nat_timeouts=nat_timeouts, flow_log=flow_log, flow_log_capacity=flow_log_capacity,
-                        flow_drop_rate=flow_drop_rate, metrics_port=metrics_port, metrics_addr=metrics_addr,
-                        control_socket=control_socket,
+                        nat_timeouts=nat_timeouts, nat_state=nat_state, flow_log=flow_log,
+                        flow_log_capacity=flow_log_capacity, flow_drop_rate=flow_drop_rate,
+                        metrics_port=metrics_port, metrics_addr=metrics_addr, control_socket=control_socket,
                         health=dict(gateway_health=gateway_health, liveness=liveness,
                                     probe_interval=probe_interval, probe_misses=probe_misses,
                                     probe_rises=probe_rises, heartbeat_port=heartbeat_port))
@@ -212,7 +219,7 @@ class Agent:
 
     def _build(self, node, cluster, policies, runner, *, netns, underlay, vni, vxlan_port, mtu, nat_port_range,
                kernel_port_range, nat_capacity, pod_conn_limit, pod_ifname, claim, poll_ms, vnet_hdr,
-               tunnel_offload, ring_mode, nat_timeouts, flow_log, flow_log_capacity, flow_drop_rate,
+               tunnel_offload, ring_mode, nat_timeouts, nat_state, flow_log, flow_log_capacity, flow_drop_rate,
                metrics_port, metrics_addr, control_socket, health):
         # the one loading path (egresscore.inputs): a bad input is an error, the agent does not start
         self._cluster_path = os.fspath(cluster) if isinstance(cluster, (str, os.PathLike)) else None
@@ -256,8 +263,14 @@ class Agent:
             self._state, self._claims = host.state, host.claims
             self._underlay_index, self.node_mac, local = host.underlay_index, host.node_mac, host.local_ips
             self.egress_map = EgressMap()
-            self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts,
-                                per_source_limit=pod_conn_limit)
+            try:
+                self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts,
+                                    per_source_limit=pod_conn_limit,
+                                    state_path=nat_state_path(node, netns, nat_state))
+            except NatStateError as exc:   # held by another process, or not creatable
+                raise AgentError(str(exc)) from None
+            if self.nat.state is not None:
+                print(f"egresscore agent {node}: {self.nat.state['message']}", file=sys.stderr, flush=True)
             for ip in local:
                 self.nat.add_egress_ip(ip)
             self._local_ips = set(local)
@@ -274,6 +287,7 @@ class Agent:
             start_services(self, flow_log=flow_log, capacity=flow_log_capacity, drop_rate=flow_drop_rate,
                            metrics_port=metrics_port, metrics_addr=metrics_addr, control_socket=control_socket)
         except BaseException:
+            self._keep_nat_file = True  # an adopted table stays for the next try
             self.close()  # nothing half-installed stays behind
             raise
 
@@ -313,6 +327,9 @@ class Agent:
         self._reloads_lock = threading.Lock()  # guards _reloads (read by stats() from any thread)
         self._loop_thread = None
         self._closed = False
+        self._keep_state = False       # close(): leave the NAT state file and the claims to the next agent
+        self._keep_nat_file = False    # close() after a failed start: leave the NAT state file
+        self.nat = None
         self._rings = []
         self.datapath = None
         # host work (egresscore.agent.host), on the host thread inside the namespace
@@ -954,16 +971,25 @@ class Agent:
         self._thread = t
         return t
 
-    def stop(self):
-        """Ask the loop to end (async-signal-safe); run() cleans up."""
+    def stop(self, keep_state=False):
+        """Ask the loop to end (async-signal-safe); run() cleans up.  With
+        keep_state, as close(keep_state=True): the next agent takes over."""
+        self._keep_state = self._keep_state or bool(keep_state)
         self._stop.set()
         self._wake()
         t = getattr(self, "_thread", None)
         if t is not None and t is not threading.current_thread():
             t.join(10)
 
-    def close(self):
-        """Remove the claims, restore the host, close the rings (idempotent)."""
+    def close(self, keep_state=None):
+        """Remove the claims, restore the host, close the rings (idempotent).
+
+        keep_state=True (or stop(keep_state=True) before): an upgrade's stop.
+        The NAT state file and the kernel claims stay as they are (the kernel
+        keeps off the agent's traffic, answering nothing), and the next agent
+        adopts both; open connections are not ended in the flow log."""
+        if keep_state is not None:
+            self._keep_state = bool(keep_state)
         if self._closed:
             return
         self._closed = True
@@ -1000,7 +1026,7 @@ class Agent:
         try:
             if self._neighbours is not None:
                 self._neighbours.close()
-            if self._claims is not None:
+            if self._claims is not None and not self._keep_state:
                 self._claims.remove()
         finally:
             if self._tunnel is not None:
@@ -1008,6 +1034,8 @@ class Agent:
                 self._tunnel = None
             if self._state is not None:
                 self._state.release()
+            if self.nat is not None and not (self._keep_state or self._keep_nat_file):
+                self.nat.discard_state()   # a clean stop keeps no connections
 
     def __enter__(self):
         return self

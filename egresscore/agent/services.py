@@ -59,7 +59,9 @@ def start_services(agent, *, flow_log=None, capacity=65536, drop_rate=100.0, met
 
 
 def _stop_flow_log(agent):
-    # the connections still open end here (reason "eviction"): the log is complete
-    agent.nat.flush()
+    # the connections still open end here (reason "eviction"): the log is complete;
+    # kept for the next agent (keep_state), they go on and end in its log
+    if not agent._keep_state:
+        agent.nat.flush()
     agent.datapath.set_flow_log(None)
     agent.flow_logger.stop(flush=True)

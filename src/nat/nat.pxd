@@ -260,8 +260,14 @@ cdef class NatTable:
     cdef dict _timeouts
     cdef dict _ranges
     cdef object _flow_log
+    cdef object _state          # _NatStateFile when the table lives in a file (nat/state.pyx)
+    cdef char* _smap            # its MAP_SHARED mapping, _smap_size bytes
+    cdef size_t _smap_size
     cdef uint64_t _now(self, now) except? 0
     cdef int _egress(self, egress_ip, int family) except -1
     cdef void _tuple(self, nat_tuple* k, src, sport, dst, dport, proto, tcp_flags) except *
     cdef int _ext_of(self, nat_tuple* out) noexcept
     cdef object _entry(self, uint32_t idx, uint64_t now)
+    cdef list _state_map(self, object path, uint32_t cap, object ranges, uint64_t seed, uint64_t now)
+    cdef void _state_adopt(self, list exts, uint64_t now)
+    cdef void _state_write_config(self, object ranges)

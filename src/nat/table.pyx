@@ -154,6 +154,11 @@ cdef class NatTable:
     as connections use it.  `per_source_limit` N: a source (pod) address
     holds at most N connections; more are refused ("pod_conn_limit", counted
     per source in stats); about 30 bytes more per connection of capacity.
+    `state_path`: keep every array in that file, mapped shared, so the
+    connections outlive the process: a table made later on the same path
+    (same boot, same capacity) adopts them, checking each (see `state`); a
+    file it cannot use is set aside as PATH.rejected and the table starts
+    empty.  The file is locked while the table lives.
     """
 
     DEFAULT_TIMEOUTS = {"tcp_syn": 60.0, "tcp_established": 21600.0,
@@ -164,10 +169,11 @@ cdef class NatTable:
 
     def __init__(self, egress_ips=(), *, capacity=65536, port_range=(32768, 65535),
                  port_ranges=None, timeouts=None, clock=_time.monotonic, seed=None,
-                 per_source_limit=None):
+                 per_source_limit=None, state_path=None):
         cdef nat_table* t
         cdef uint32_t i, cap
         cdef uint64_t nslots
+        cdef list adopt = None
         if isinstance(capacity, bool) or not isinstance(capacity, int):
             raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
         if not 1 <= capacity <= NAT_MAX_CAPACITY:
@@ -211,27 +217,7 @@ cdef class NatTable:
         self.t = t
         t.capacity = cap
         t.fwd.size = t.rev.size = t.map.size = nslots
-        # lazily backed: nothing is touched here (entries and mappings are
-        # handed out from index 0 up, then from their free lists)
-        t.entries = <nat_entry*>egc_alloc_big(cap * sizeof(nat_entry), 1)
-        t.mappings = <nat_mapping*>egc_alloc_big(cap * sizeof(nat_mapping), 1)
-        t.fwd.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
-        t.rev.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
-        t.map.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
-        t.wheel = <uint32_t*>calloc(2 * NAT_WHEEL_SLOTS, sizeof(uint32_t))
-        if per_source_limit is not None:
-            t.src_size = _nat_index_slots(cap)
-            t.src = <nat_src*>egc_alloc_big(t.src_size * sizeof(nat_src), 0)
-        if (t.entries == NULL or t.mappings == NULL or t.fwd.slots == NULL
-                or t.rev.slots == NULL or t.map.slots == NULL or t.wheel == NULL
-                or (per_source_limit is not None and t.src == NULL)):
-            raise no_memory(f"NatTable of capacity {capacity}")
         t.src_limit = per_source_limit or 0
-        for i in range(NAT_WHEEL_SLOTS):
-            t.wheel[2 * i] = t.wheel[2 * i + 1] = cap + i     # empty: the head itself
-        t.wheel_cur = NAT_WHEEL_UNSET
-        t.free_head = NAT_NONE
-        t.map_free_head = NAT_NONE
         s = seed & 0xffffffffffffffff
         t.seed = (s * 0xff51afd7ed558ccd + 0x632be59bd9b4e5b1) & 0xffffffffffffffff
         t.rng = _nat_rng_seed(s)
@@ -246,6 +232,34 @@ cdef class NatTable:
         self._lock = _threading.Lock()
         self._ext_names = []
         self._ext_index = {}
+        if state_path is not None:
+            # every array in one shared file (nat/state.pyx); adopt what it holds
+            adopt = self._state_map(state_path, cap, ranges, seed, self._now(None))
+        else:
+            # lazily backed: nothing is touched here (entries and mappings are
+            # handed out from index 0 up, then from their free lists)
+            t.entries = <nat_entry*>egc_alloc_big(cap * sizeof(nat_entry), 1)
+            t.mappings = <nat_mapping*>egc_alloc_big(cap * sizeof(nat_mapping), 1)
+            t.fwd.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
+            t.rev.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
+            t.map.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
+            t.wheel = <uint32_t*>calloc(2 * NAT_WHEEL_SLOTS, sizeof(uint32_t))
+            if per_source_limit is not None:
+                t.src_size = _nat_index_slots(cap)
+                t.src = <nat_src*>egc_alloc_big(t.src_size * sizeof(nat_src), 0)
+            if (t.entries == NULL or t.mappings == NULL or t.fwd.slots == NULL
+                    or t.rev.slots == NULL or t.map.slots == NULL or t.wheel == NULL
+                    or (per_source_limit is not None and t.src == NULL)):
+                raise no_memory(f"NatTable of capacity {capacity}")
+        for i in range(NAT_WHEEL_SLOTS):
+            t.wheel[2 * i] = t.wheel[2 * i + 1] = cap + i     # empty: the head itself
+        t.wheel_cur = NAT_WHEEL_UNSET
+        t.free_head = NAT_NONE
+        t.map_free_head = NAT_NONE
+        if state_path is not None:
+            if adopt is not None:
+                self._state_adopt(adopt, self._now(None))
+            self._state_write_config(ranges)
         for ip in egress_ips:
             self.add_egress_ip(ip)
 
@@ -255,6 +269,17 @@ cdef class NatTable:
         if self.t == NULL:
             return
         cdef nat_table* t = self.t
+        if self._smap != NULL or self._state is not None:
+            # the arrays live in the file: unmap them (the file stays for the next
+            # process).  A C test: a cycle's clear may have set _state to None.
+            if self._smap != NULL:
+                _nat_state_munmap(self._smap, self._smap_size)
+                self._smap = NULL
+            if self._state is not None:
+                self._state.close()
+            free(t)
+            self.t = NULL
+            return
         for i in range(t.n_ext):
             for k in range(NAT_NPOOLS):
                 free(t.ext[i].pools[k])
@@ -267,6 +292,185 @@ cdef class NatTable:
         free(t.wheel)
         free(t)
         self.t = NULL
+
+    # -- the state file (nat/state.pyx) ---------------------------------------
+
+    cdef list _state_map(self, object path, uint32_t cap, object ranges, uint64_t seed, uint64_t now):
+        """Open, check and map the state file; point the table's arrays into
+        it.  Returns the file's egress IP records to adopt, or None when the
+        table starts empty (no file, or a refused one: state says why)."""
+        cdef nat_table* t = self.t
+        cdef nat_state_hdr hdr
+        cdef nat_state_hdr* h
+        st = _NatStateFile(path)
+        regions, size = _nat_state_regions(cap)
+        st.regions = regions
+        self._state = st
+        have = st.open()
+        reason = None
+        exts = None
+        if have:
+            raw = _st_os.pread(st.fd, NAT_STATE_HDR_SIZE, 0)
+            if len(raw) < NAT_STATE_HDR_SIZE:
+                reason = f"truncated: {have} bytes, shorter than the {NAT_STATE_HDR_SIZE}-byte header"
+            else:
+                memcpy(&hdr, <const char*>raw, sizeof(nat_state_hdr))
+                reason = _nat_state_check(&hdr, have, cap, size, _nat_boot_id(), now)
+            if reason is None:
+                rawx = _st_os.pread(st.fd, hdr.n_ext * sizeof(nat_state_ext), regions["ext"][0])
+                reason = _nat_state_ext_check(<const nat_state_ext*><const char*>rawx, hdr.n_ext)
+            if reason is not None:
+                st.reject(reason)
+            else:
+                st.old_timeout = [hdr.timeout[k] for k in range(NAT_NSTATES)]
+                exts = []
+                for i in range(hdr.n_ext):
+                    rec = rawx[i * sizeof(nat_state_ext):(i + 1) * sizeof(nat_state_ext)]
+                    exts.append(rec)
+        if exts is None:
+            st.fresh(size)
+        self._smap = _nat_state_mmap(st.fd, size, st.path)
+        self._smap_size = size
+        t.entries = <nat_entry*>_st_at(self._smap, regions["entries"])
+        t.mappings = <nat_mapping*>_st_at(self._smap, regions["mappings"])
+        t.fwd.slots = <uint32_t*>_st_at(self._smap, regions["fwd"])
+        t.rev.slots = <uint32_t*>_st_at(self._smap, regions["rev"])
+        t.map.slots = <uint32_t*>_st_at(self._smap, regions["map"])
+        t.wheel = <uint32_t*>_st_at(self._smap, regions["wheel"])
+        if t.src_limit:
+            t.src_size = _nat_index_slots(cap)
+            t.src = <nat_src*>_st_at(self._smap, regions["src"])
+        h = <nat_state_hdr*>self._smap
+        if exts is None:
+            # a new header: the magic last, so a kill while writing leaves no valid file
+            h.version = NAT_STATE_VERSION
+            h.hdr_size = NAT_STATE_HDR_SIZE
+            h.layout = NAT_STATE_LAYOUT
+            h.file_size = size
+            boot = _nat_boot_id()
+            memcpy(h.boot_id, <const char*>boot, len(boot))
+            h.created_unix_ns = _time.time_ns()
+            h.created_mono_ns = now
+            h.capacity = cap
+            h.index_slots = h.src_slots = _nat_index_slots(cap)
+            magic = NAT_STATE_MAGIC
+            memcpy(h.magic, <const char*>magic, 8)
+            if st.status["reason"] is None:
+                st.status["message"] = f"NAT state file {st.path}: new, the table starts empty"
+                _st_log.info("%s", st.status["message"])
+        return exts
+
+    cdef void _state_adopt(self, list exts, uint64_t now):
+        """Take over the file's connections: its egress IPs at their indexes,
+        then every derived structure rebuilt from the entries (checked one by
+        one; nat_state_rebuild)."""
+        cdef nat_table* t = self.t
+        cdef nat_state_ext x
+        cdef nat_pool* pool
+        cdef uint64_t maxt[6]
+        cdef uint64_t counts[5]
+        cdef uint32_t i, scan
+        cdef int k
+        st = self._state
+        started = _time.perf_counter()
+        for reg in ("fwd", "rev", "map", "src"):
+            _nat_state_clear(self._smap, st.regions[reg])
+        for i, rec in enumerate(exts):
+            memcpy(&x, <const char*>rec, sizeof(nat_state_ext))
+            t.ext[i].family = x.family
+            memcpy(t.ext[i].addr, x.addr, 16)
+            for k in range(NAT_NPOOLS):
+                pool = <nat_pool*>_st_at(self._smap, st.regions["pools"]) + NAT_NPOOLS * i + k
+                _nat_pool_init(pool, x.lo[k], x.hi[k])
+                t.ext[i].pools[k] = pool
+            name = _nat_ip_str(x.family, x.addr)
+            self._ext_names.append(name)
+            self._ext_index[name] = i
+        t.n_ext = len(exts)
+        for k in range(NAT_NSTATES):
+            maxt[k] = max(st.old_timeout[k], t.timeout[k]) + 1000000000
+        off, nbytes = st.regions["entries"]
+        scan = min(t.capacity, (_nat_state_data_end(st.fd, off, off + nbytes) - off + sizeof(nat_entry) - 1)
+                   // sizeof(nat_entry))
+        memset(counts, 0, sizeof(counts))
+        with nogil:
+            nat_state_rebuild(t, now, maxt, scan, counts)
+        (<nat_state_hdr*>self._smap).adopted_count += 1
+        ms = (_time.perf_counter() - started) * 1e3
+        status = st.status
+        status.update(adopted=True, connections=counts[NAT_ADOPT_OK], invalid=counts[NAT_ADOPT_INVALID],
+                      expired=counts[NAT_ADOPT_EXPIRED], adopt_ms=ms)
+        status["message"] = (f"NAT state file {st.path}: adopted {counts[NAT_ADOPT_OK]} connections "
+                             f"in {ms:.1f} ms ({counts[NAT_ADOPT_INVALID]} invalid and "
+                             f"{counts[NAT_ADOPT_EXPIRED]} expired dropped)")
+        (_st_log.warning if counts[NAT_ADOPT_INVALID] else _st_log.info)("%s", status["message"])
+
+    cdef void _state_write_config(self, object ranges):
+        """The configuration in force, into the header (the next process checks against it)."""
+        cdef nat_state_hdr* h = <nat_state_hdr*>self._smap
+        cdef int k
+        h.seed = self.t.seed
+        for k in range(NAT_NSTATES):
+            h.timeout[k] = self.t.timeout[k]
+        h.src_limit = self.t.src_limit
+        for k, key in enumerate(("tcp", "udp", "icmp")):
+            h.port_lo[k] = ranges[key][0]
+            h.port_hi[k] = ranges[key][1]
+
+    @property
+    def state(self):
+        """How the state file was taken (None without state_path): path,
+        adopted (bool), reason (why a file was refused, or None), message
+        (one line saying what happened), connections adopted, invalid and
+        expired ones dropped, adopt_ms."""
+        return None if self._state is None else dict(self._state.status)
+
+    def insert(self, src, sport, dst, dport, proto="tcp", *, egress_ip, xport, state=None, expires_in,
+               now=None):
+        """Insert one connection made elsewhere (a replicated record): checked
+        and linked as an adopted entry is (nat_state_insert).  `state` is a
+        state name (default ESTABLISHED for TCP, else the protocol's), times
+        in seconds.  Raises ValueError naming why it was not inserted."""
+        cdef nat_tuple k
+        cdef nat_entry e
+        self._tuple(&k, src, sport, dst, dport, proto, 0)
+        cdef int ext = self._egress(egress_ip, k.family)
+        cdef uint64_t t_ns = self._now(now)
+        cdef int rc
+        if state is None:
+            state = {6: "ESTABLISHED", 17: "UDP"}.get(k.proto, "ICMP")
+        if state not in _NAT_STATE_NAME[1:]:
+            raise ValueError(f"state {state!r} is not one of {', '.join(_NAT_STATE_NAME[1:])}")
+        if (isinstance(expires_in, bool) or not isinstance(expires_in, (int, float))
+                or not 0 < expires_in <= 10 * 365 * 86400):
+            raise ValueError(f"expires_in {expires_in!r} must be a positive number of seconds")
+        memset(&e, 0, sizeof(nat_entry))
+        memcpy(e.src, k.src, 16)
+        memcpy(e.dst, k.dst, 16)
+        e.family = k.family
+        e.proto = k.proto
+        e.sport = k.sport
+        e.dport = 0 if _nat_is_icmp(k.proto) else k.dport
+        e.xport = _nat_port(xport, "xport")
+        e.ext = ext
+        e.state = _NAT_STATE_NAME.index(state)
+        e.expires = t_ns + <uint64_t>round(expires_in * 1e9)
+        e.created_ms = _nat_ms(t_ns)
+        with self._lock:
+            rc = nat_state_insert(self.t, &e, t_ns)
+        if rc != NAT_ADOPT_OK:
+            why = {NAT_ADOPT_FULL: "the table is full", NAT_ADOPT_EXPIRED: "it has expired"}.get(
+                rc, "it is invalid here (state, port range, expiry beyond its timeout, or a port or flow "
+                    "already taken)")
+            raise ValueError(f"connection {_nat_fmt(k.family, k.src[:16], k.sport)} -> "
+                             f"{_nat_fmt(k.family, k.dst[:16], k.dport)} not inserted: {why}")
+        return True
+
+    def discard_state(self):
+        """Remove the state file (a clean stop that keeps no state): the table
+        goes on working from its mapping until it is freed."""
+        if self._state is not None:
+            self._state.discard()
 
     # -- configuration -------------------------------------------------------
 
@@ -295,20 +499,34 @@ cdef class NatTable:
         cdef uint32_t i = t.n_ext
         cdef int k
         cdef nat_pool* pools[3]
+        cdef nat_state_ext* rec = NULL
         for k, key in enumerate(("tcp", "udp", "icmp")):
-            pools[k] = <nat_pool*>calloc(1, sizeof(nat_pool))
+            if self._smap != NULL:      # the file's pools of index i
+                pools[k] = <nat_pool*>_st_at(self._smap, self._state.regions["pools"]) + NAT_NPOOLS * i + k
+            else:
+                pools[k] = <nat_pool*>calloc(1, sizeof(nat_pool))
             if pools[k] == NULL:
                 while k > 0:
                     k -= 1
                     free(pools[k])
                 raise no_memory("egress IP port pools")
             _nat_pool_init(pools[k], ranges[key][0], ranges[key][1])
+        if self._smap != NULL:          # the record first, then the count (a kill between leaves no half IP)
+            rec = <nat_state_ext*>_st_at(self._smap, self._state.regions["ext"]) + i
+            memset(rec, 0, sizeof(nat_state_ext))
+            rec.family = family
+            memcpy(rec.addr, <const char*>packed, 16)
+            for k, key in enumerate(("tcp", "udp", "icmp")):
+                rec.lo[k] = ranges[key][0]
+                rec.hi[k] = ranges[key][1]
         with self._lock:
             t.ext[i].family = family
             memcpy(t.ext[i].addr, <const char*>packed, 16)
             for k in range(3):
                 t.ext[i].pools[k] = pools[k]
             t.n_ext = i + 1
+            if rec != NULL:
+                (<nat_state_hdr*>self._smap).n_ext = i + 1
         self._ext_names.append(name)
         self._ext_index[name] = i
         return i

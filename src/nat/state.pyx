@@ -1,0 +1,437 @@
+# nat/state: a NatTable kept in a shared-memory file, so that its connections
+# outlive the process (NatTable(state_path=...)).
+#
+# One file, mapped MAP_SHARED, holds every array the datapath writes (header,
+# egress IP records, entries, mappings, the three indexes, the wheel, the
+# per-source table, the port pools of up to NAT_MAX_EXT egress IPs); holes
+# are never backed, so a big, lightly used table costs what it holds.  The
+# nat_table struct itself (pointers, counters) stays in process memory.
+#
+# A process killed mid-update may leave any index, list or bitmap half
+# written, so adoption trusts only the entries: nat_state_rebuild clears
+# every derived region and re-links each entry that passes nat_state_link's
+# checks, dropping (and counting) the others.  nat_state_insert is the same
+# check and link for one entry from elsewhere (a replication stream).
+
+import errno as _st_errno
+import fcntl as _st_fcntl
+import logging as _st_logging
+import os as _st_os
+
+from libc.errno cimport errno
+from posix.mman cimport MADV_HUGEPAGE, MADV_REMOVE, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, madvise, mmap, munmap
+
+_st_log = _st_logging.getLogger("egresscore.nat.state")
+
+NAT_STATE_MAGIC = b"EGCNAT\0\0"
+
+
+class NatStateError(_EgressError):
+    """A state file that cannot be used at all (held by another process, not
+    creatable); a bad one is discarded instead (NatTable.state says why)."""
+
+
+# ---------------------------------------------------------------------------
+# entry validation and linking (C, nogil)
+
+cdef inline bint _nat_v4_clean(uint8_t family, const uint8_t* a) noexcept nogil:
+    return family == 6 or (nat_load64(a + 8) == 0 and (nat_load64(a) >> 32) == 0)
+
+
+cdef int nat_state_link(nat_table* t, uint32_t idx, uint64_t now,
+                        const uint64_t* max_timeout) noexcept nogil:
+    """Check entry idx (in place) and link it into the rebuilt table: indexes,
+    mapping (found or made), port bitmap, per-source count, wheel.  Returns
+    NAT_ADOPT_OK, or NAT_ADOPT_FREE/EXPIRED/INVALID with nothing linked.
+    `max_timeout[state]` bounds a believable expiry (now + it)."""
+    cdef nat_entry* e = &t.entries[idx]
+    cdef nat_pool* pool
+    cdef nat_mapping* mp
+    cdef nat_src* sr
+    cdef uint64_t h, mh
+    cdef uint32_t m
+    cdef uint8_t st = e.state
+    if st == NAT_STATE_FREE:
+        return NAT_ADOPT_FREE
+    if st >= NAT_NSTATES:
+        return NAT_ADOPT_INVALID
+    if e.family == 4:
+        if e.proto != NAT_PROTO_TCP and e.proto != NAT_PROTO_UDP and e.proto != NAT_PROTO_ICMP:
+            return NAT_ADOPT_INVALID
+    elif e.family == 6:
+        if e.proto != NAT_PROTO_TCP and e.proto != NAT_PROTO_UDP and e.proto != NAT_PROTO_ICMPV6:
+            return NAT_ADOPT_INVALID
+    else:
+        return NAT_ADOPT_INVALID
+    if e.proto == NAT_PROTO_TCP:
+        if st != NAT_STATE_SYN_SENT and st != NAT_STATE_ESTABLISHED and st != NAT_STATE_CLOSING:
+            return NAT_ADOPT_INVALID
+    elif e.proto == NAT_PROTO_UDP:
+        if st != NAT_STATE_UDP:
+            return NAT_ADOPT_INVALID
+    elif st != NAT_STATE_ICMP or e.dport != 0:
+        return NAT_ADOPT_INVALID
+    if (e.flags & ~(NAT_F_FIN_OUT | NAT_F_FIN_IN | NAT_F_RST)) != 0:
+        return NAT_ADOPT_INVALID
+    if not _nat_v4_clean(e.family, e.src) or not _nat_v4_clean(e.family, e.dst):
+        return NAT_ADOPT_INVALID
+    if e.ext >= t.n_ext or t.ext[e.ext].family != e.family:
+        return NAT_ADOPT_INVALID
+    pool = t.ext[e.ext].pools[_nat_pool_of(e.proto)]
+    if e.xport < pool.lo or e.xport > pool.hi:
+        return NAT_ADOPT_INVALID
+    if e.expires <= now:
+        return NAT_ADOPT_EXPIRED
+    if e.expires - now > max_timeout[st]:
+        return NAT_ADOPT_INVALID
+    h = _nat_hash_fwd(t.seed, e.family, e.proto, e.sport, e.dport, e.src, e.dst)
+    if _nat_find_fwd(t, h, e.family, e.proto, e.sport, e.dport, e.src, e.dst) != NAT_NONE:
+        return NAT_ADOPT_INVALID                     # the same flow twice
+    # endpoint-independent mapping: every connection of (pod address, port,
+    # egress IP, proto) has one xport, and no other endpoint holds it
+    mh = _nat_hash_map(t.seed, e.family, e.proto, e.sport, e.ext, e.src)
+    m = _nat_find_map(t, mh, e.family, e.proto, e.sport, e.ext, e.src)
+    if m != NAT_NONE:
+        mp = &t.mappings[m]
+        if mp.xport != e.xport:
+            return NAT_ADOPT_INVALID
+    else:
+        if not _nat_port_free(pool, e.xport):
+            return NAT_ADOPT_INVALID                 # another endpoint's port
+        if t.mappings_hwm >= t.capacity:
+            return NAT_ADOPT_INVALID                 # never: at most one per entry
+        m = t.mappings_hwm
+        t.mappings_hwm += 1
+        mp = &t.mappings[m]
+        memcpy(mp.addr, e.src, 16)
+        mp.port = e.sport
+        mp.xport = e.xport
+        mp.ext = e.ext
+        mp.family = e.family
+        mp.proto = e.proto
+        mp.refcnt = 0
+        _nat_port_take(pool, e.xport)
+        _nat_index_insert(&t.map, mh, m)
+        t.map_used += 1
+    mp.refcnt += 1
+    e.mapping = m
+    if t.src_limit:
+        sr = _nat_src_find(t, e.family, e.src)
+        if sr.meta == 0:
+            memcpy(sr.addr, e.src, 16)
+            sr.meta = NAT_SRC_V6 if e.family == 6 else 0
+            t.src_used += 1
+        sr.meta += 1
+    _nat_index_insert(&t.fwd, h, idx)
+    _nat_index_insert(&t.rev, _nat_entry_hash(t, 1, idx), idx)
+    _nat_wheel_add(t, idx)
+    t.used += 1
+    return NAT_ADOPT_OK
+
+
+cdef void nat_state_rebuild(nat_table* t, uint64_t now, const uint64_t* max_timeout,
+                            uint32_t scan, uint64_t* counts) noexcept nogil:
+    """Rebuild everything but the entries from the entries [0, scan) (the
+    caller has cleared the indexes, the wheel and the per-source table and
+    re-initialised the pools).  counts[NAT_ADOPT_*] += entries of each kind."""
+    cdef uint32_t i, last = 0
+    cdef int rc
+    t.used = t.map_used = t.src_used = 0
+    t.mappings_hwm = 0
+    t.map_free_head = NAT_NONE
+    t.free_head = NAT_NONE
+    t.wheel_cur = now >> NAT_WHEEL_SHIFT
+    for i in range(scan):
+        if i + NAT_PF_ENTRY < scan:
+            nat_prefetch(&t.entries[i + NAT_PF_ENTRY])
+        rc = nat_state_link(t, i, now, max_timeout)
+        counts[rc] += 1
+        if rc == NAT_ADOPT_OK:
+            last = i + 1
+        elif rc != NAT_ADOPT_FREE:
+            memset(&t.entries[i], 0, sizeof(nat_entry))
+    t.entries_hwm = last
+    i = last
+    while i > 0:                                     # free list, lowest index first
+        i -= 1
+        if t.entries[i].state == NAT_STATE_FREE:
+            t.entries[i].mapping = t.free_head
+            t.free_head = i
+    # entries [last, scan) that were free or dropped are zero-state: never used again
+    # before the high-water mark reaches them
+
+
+cdef int nat_state_insert(nat_table* t, const nat_entry* e, uint64_t now) noexcept nogil:
+    """Insert one connection from outside (a replication record): checked and
+    linked as at adoption, against the table's own timeouts.  Returns
+    NAT_ADOPT_OK, NAT_ADOPT_FULL, or NAT_ADOPT_INVALID/EXPIRED (nothing kept)."""
+    cdef uint32_t idx
+    cdef bint from_hwm = False
+    cdef int rc
+    if e.state == NAT_STATE_FREE:
+        return NAT_ADOPT_INVALID
+    idx = t.free_head
+    if idx != NAT_NONE:
+        t.free_head = t.entries[idx].mapping
+    elif t.entries_hwm < t.capacity:
+        idx = t.entries_hwm
+        t.entries_hwm += 1
+        from_hwm = True
+    else:
+        return NAT_ADOPT_FULL
+    if t.wheel_cur == NAT_WHEEL_UNSET:
+        t.wheel_cur = now >> NAT_WHEEL_SHIFT
+    memcpy(&t.entries[idx], e, sizeof(nat_entry))
+    rc = nat_state_link(t, idx, now, t.timeout)
+    if rc == NAT_ADOPT_OK:
+        t.created_count += 1
+        return rc
+    memset(&t.entries[idx], 0, sizeof(nat_entry))
+    if from_hwm:
+        t.entries_hwm -= 1
+    else:
+        t.entries[idx].mapping = t.free_head
+        t.free_head = idx
+    return rc
+
+
+# ---------------------------------------------------------------------------
+# the file: layout, header, open / create / adopt (Python, at table creation)
+
+cdef inline uint64_t _st_page(uint64_t x) noexcept nogil:
+    return (x + 4095) & ~(<uint64_t>4095)
+
+
+def _nat_state_regions(capacity):
+    """{region: (offset, bytes)} and the file size for a table of `capacity`."""
+    nslots = _nat_index_slots(capacity)
+    off = NAT_STATE_HDR_SIZE
+    regions = {}
+    for name, size in (("ext", NAT_MAX_EXT * sizeof(nat_state_ext)),
+                       ("entries", capacity * sizeof(nat_entry)),
+                       ("mappings", capacity * sizeof(nat_mapping)),
+                       ("fwd", nslots * 4), ("rev", nslots * 4), ("map", nslots * 4),
+                       ("wheel", 2 * NAT_WHEEL_SLOTS * 4),
+                       ("src", nslots * sizeof(nat_src)),
+                       ("pools", NAT_MAX_EXT * NAT_NPOOLS * sizeof(nat_pool))):
+        regions[name] = (off, size)
+        off = _st_page(off + size)
+    return regions, off
+
+
+def _nat_state_layout():
+    """Checksum (FNV-1a 64) of the sizes and field offsets the file depends
+    on, as this build compiled them: a build whose structs differ refuses
+    another's file."""
+    cdef nat_entry e
+    cdef nat_mapping m
+    cdef nat_pool p
+    cdef nat_src s
+    cdef nat_state_hdr hd
+    cdef nat_state_ext x
+    cdef char* b = <char*>&e
+    cdef list vals
+    cdef object h, v, byte
+    vals = [NAT_STATE_VERSION, NAT_STATE_HDR_SIZE, NAT_MAX_EXT, NAT_NPOOLS, NAT_NSTATES,
+            NAT_WHEEL_SLOTS, NAT_WHEEL_SHIFT,
+            sizeof(nat_entry), <char*>&e.src - b, <char*>&e.dst - b, <char*>&e.expires - b,
+            <char*>&e.sport - b, <char*>&e.dport - b, <char*>&e.xport - b, <char*>&e.ext - b,
+            <char*>&e.mapping - b, <char*>&e.family - b, <char*>&e.proto - b,
+            <char*>&e.state - b, <char*>&e.flags - b, <char*>&e.created_ms - b,
+            <char*>&e.nbytes - b, <char*>&e.npkts - b, <char*>&e.wl - b]
+    b = <char*>&m
+    vals += [sizeof(nat_mapping), <char*>&m.addr - b, <char*>&m.port - b, <char*>&m.xport - b,
+             <char*>&m.ext - b, <char*>&m.family - b, <char*>&m.proto - b, <char*>&m.refcnt - b]
+    b = <char*>&p
+    vals += [sizeof(nat_pool), <char*>&p.lo - b, <char*>&p.hi - b, <char*>&p.nfree - b,
+             <char*>&p.used - b, <char*>&p.bits - b, <char*>&p.full - b]
+    b = <char*>&s
+    vals += [sizeof(nat_src), <char*>&s.addr - b, <char*>&s.meta - b]
+    b = <char*>&hd
+    vals += [sizeof(nat_state_hdr), <char*>&hd.layout - b, <char*>&hd.boot_id - b,
+             <char*>&hd.capacity - b, <char*>&hd.n_ext - b, <char*>&hd.timeout - b,
+             <char*>&hd.port_hi - b]
+    b = <char*>&x
+    vals += [sizeof(nat_state_ext), <char*>&x.addr - b, <char*>&x.lo - b, <char*>&x.hi - b]
+    h = 0xcbf29ce484222325
+    for v in vals:
+        for byte in int(v).to_bytes(8, "little"):
+            h = ((h ^ byte) * 0x100000001b3) & 0xffffffffffffffff
+    return h
+
+
+NAT_STATE_LAYOUT = _nat_state_layout()
+
+
+def _nat_boot_id():
+    """This boot's id: CLOCK_MONOTONIC (the expiry clock) restarts with it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read().strip()[:39]
+    except OSError:
+        return b"unknown"
+
+
+cdef str _nat_state_check(const nat_state_hdr* h, uint64_t size, uint32_t capacity,
+                          uint64_t expect_size, bytes boot, uint64_t now):
+    """Why the header cannot be adopted by a table of `capacity`, or None."""
+    if bytes(h.magic[:8]) != NAT_STATE_MAGIC:
+        return f"bad magic {bytes(h.magic[:8])!r} (not a NAT state file)"
+    if h.version != NAT_STATE_VERSION:
+        return f"format version {h.version}, this build reads version {NAT_STATE_VERSION}"
+    if h.layout != NAT_STATE_LAYOUT:
+        return (f"layout checksum {h.layout:#018x} differs from this build's {NAT_STATE_LAYOUT:#018x} "
+                f"(written by a build with other structs)")
+    if h.hdr_size != NAT_STATE_HDR_SIZE:
+        return f"header size {h.hdr_size}, expected {NAT_STATE_HDR_SIZE}"
+    file_boot = bytes(h.boot_id[:40]).rstrip(b"\0")
+    if file_boot != boot:
+        return (f"written under boot {file_boot.decode(errors='replace')!r}, this is boot "
+                f"{boot.decode(errors='replace')!r} (expiry times are on the old boot's monotonic clock)")
+    if h.capacity != capacity:
+        return f"capacity {h.capacity}, this table asks for {capacity} (a table is not resized)"
+    if h.index_slots != _nat_index_slots(capacity) or h.src_slots != h.index_slots:
+        return f"index sizes {h.index_slots}/{h.src_slots} do not match capacity {capacity}"
+    if h.file_size != expect_size:
+        return f"header says {h.file_size} bytes, a table of capacity {capacity} needs {expect_size}"
+    if size < expect_size:
+        return f"truncated: {size} bytes, a table of capacity {capacity} needs {expect_size}"
+    if size > expect_size:
+        return f"{size} bytes, longer than the {expect_size} a table of capacity {capacity} needs"
+    if h.n_ext > NAT_MAX_EXT:
+        return f"{h.n_ext} egress IPs recorded, at most {NAT_MAX_EXT}"
+    if h.created_mono_ns > now:
+        return f"created at monotonic {h.created_mono_ns} ns, after now ({now} ns)"
+    for k in range(NAT_NSTATES):
+        if h.timeout[k] > <uint64_t>(10 * 365 * 86400) * 1000000000:
+            return f"timeout of state {k} is {h.timeout[k]} ns (corrupt)"
+    return None
+
+
+cdef str _nat_state_ext_check(const nat_state_ext* x, uint32_t n):
+    """Why the egress IP records [0, n) are unusable, or None."""
+    cdef uint32_t i
+    cdef int k
+    cdef set seen = set()
+    cdef tuple key
+    for i in range(n):
+        if x[i].family not in (4, 6) or not _nat_v4_clean(x[i].family, x[i].addr):
+            return f"egress IP record {i} is corrupt (family {x[i].family})"
+        key = (x[i].family, bytes(x[i].addr[:16]))
+        if key in seen:
+            return f"egress IP record {i} repeats {_nat_ip_str(x[i].family, x[i].addr)}"
+        seen.add(key)
+        for k in range(NAT_NPOOLS):
+            if not 1 <= x[i].lo[k] <= x[i].hi[k] <= 65535:
+                return f"egress IP record {i} has port range {x[i].lo[k]}-{x[i].hi[k]}"
+    return None
+
+
+def _nat_state_data_end(fd, start, end):
+    """Offset past the last byte of data (not a hole) in [start, end): the
+    entries are handed out from index 0, so holes after them are never read."""
+    last = start
+    pos = start
+    try:
+        while pos < end:
+            data = _st_os.lseek(fd, pos, _st_os.SEEK_DATA)
+            if data >= end:
+                break
+            hole = _st_os.lseek(fd, data, _st_os.SEEK_HOLE)
+            last = min(hole, end)
+            pos = hole
+    except OSError as exc:
+        if exc.errno == _st_errno.ENXIO:      # no data after pos
+            return last
+        return end                             # no SEEK_DATA here: scan it all
+    return last
+
+
+class _NatStateFile:
+    """The open state file: its descriptor (locked for the table's life) and
+    what happened at open (NatTable.state)."""
+
+    def __init__(self, path):
+        self.path = _st_os.fspath(path)
+        self.fd = -1
+        self.status = {"path": self.path, "adopted": False, "reason": None, "message": "",
+                       "connections": 0, "invalid": 0, "expired": 0, "adopt_ms": 0.0}
+
+    def open(self):
+        """Open (creating) and lock the file; its size."""
+        parent = _st_os.path.dirname(self.path)
+        if parent:
+            _st_os.makedirs(parent, mode=0o700, exist_ok=True)
+        try:
+            self.fd = _st_os.open(self.path, _st_os.O_RDWR | _st_os.O_CREAT | _st_os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise NatStateError(f"NAT state file {self.path}: cannot open: {exc.strerror}") from None
+        try:
+            _st_fcntl.flock(self.fd, _st_fcntl.LOCK_EX | _st_fcntl.LOCK_NB)
+        except OSError:
+            _st_os.close(self.fd)
+            self.fd = -1
+            raise NatStateError(f"NAT state file {self.path} is in use by another process "
+                                f"(locked): one table per file") from None
+        return _st_os.fstat(self.fd).st_size
+
+    def reject(self, reason):
+        """Set the bad file aside (PATH.rejected) and open a fresh one."""
+        _st_os.close(self.fd)
+        self.fd = -1
+        try:
+            _st_os.replace(self.path, self.path + ".rejected")
+        except OSError:
+            _st_os.unlink(self.path)
+        self.status["reason"] = reason
+        self.status["message"] = (f"NAT state file {self.path} refused: {reason}; set aside as "
+                                  f"{self.path}.rejected, the table starts empty")
+        _st_log.warning("%s", self.status["message"])
+        return self.open()
+
+    def fresh(self, size):
+        """Empty the file and size it (sparse: nothing is backed)."""
+        _st_os.ftruncate(self.fd, 0)
+        _st_os.ftruncate(self.fd, size)
+
+    def close(self):
+        if self.fd >= 0:
+            _st_os.close(self.fd)
+            self.fd = -1
+
+    __del__ = close
+
+    def discard(self):
+        """Remove the file (a clean stop that does not keep the state)."""
+        try:
+            _st_os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+cdef char* _nat_state_mmap(int fd, size_t size, str path) except NULL:
+    """The whole file mapped shared (readable, writable)."""
+    cdef void* p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+    if p == MAP_FAILED:
+        raise errno_error(errno, f"NAT state file {path}: mapping {size} bytes")
+    madvise(p, size, MADV_HUGEPAGE)     # honoured on tmpfs when shmem_enabled says "advise"
+    return <char*>p
+
+
+cdef void _nat_state_munmap(char* p, size_t size) noexcept:
+    munmap(p, size)
+
+
+cdef inline char* _st_at(char* base, object region):
+    """The address of a region (offset, bytes) of the mapping at base."""
+    return base + <size_t>region[0]
+
+
+cdef void _nat_state_clear(char* base, object region) noexcept:
+    """Zero a page-aligned region of the shared mapping, dropping its pages
+    (MADV_REMOVE punches the file's backing; memset where it cannot)."""
+    off, size = region
+    cdef uint64_t o = off
+    cdef uint64_t n = _st_page(size)
+    if n and madvise(base + o, n, MADV_REMOVE) != 0:
+        memset(base + o, 0, size)
