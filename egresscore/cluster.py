@@ -530,7 +530,7 @@ class Cluster:
                     raise ClusterError("is required", field=f"{where}.interfaces[{j}].name")
                 ifaces.append(Interface(iface["name"], tuple(_list(iface.get("addresses"),
                                                                   f"{where}.interfaces[{j}].addresses"))))
-            nodes.append(_built(where, lambda: Node(
+            nodes.append(built_at(where, lambda: Node(
                 _name(n, where), _labels(n.get("labels"), where), n.get("internalIP"), tuple(ifaces),
                 n.get("defaultRouteInterface"), n.get("defaultRouteInterfaceV6"),
                 tuple(_list(n.get("podCIDRs"), f"{where}.podCIDRs")),
@@ -538,11 +538,11 @@ class Cluster:
         for i, ns in enumerate(_list(data.get("namespaces"), "namespaces")):
             where = f"namespaces[{i}]"
             _fields(ns, where, ("name", "labels"))
-            namespaces.append(_built(where, lambda: Namespace(_name(ns, where), _labels(ns.get("labels"), where))))
+            namespaces.append(built_at(where, lambda: Namespace(_name(ns, where), _labels(ns.get("labels"), where))))
         for i, p in enumerate(_list(data.get("pods"), "pods")):
             where = f"pods[{i}]"
             _fields(p, where, ("name", "namespace", "uid", "labels", "ips", "node", "serviceAccountName"))
-            pods.append(_built(where, lambda: Pod(
+            pods.append(built_at(where, lambda: Pod(
                 _name(p, where), str(p.get("namespace") or "default"), str(p.get("uid") or ""),
                 _labels(p.get("labels"), where), tuple(_list(p.get("ips"), f"{where}.ips")), p.get("node"),
                 str(p.get("serviceAccountName") or ""),
@@ -556,8 +556,9 @@ class Cluster:
         return cls(nodes, namespaces, pods)
 
 
-def _built(where, make):
-    """make(); a model's own ClusterError gets the field it came from."""
+def built_at(where, make):
+    """make(); a model's own ClusterError (which names no field) gets the field
+    it came from (the cluster file's loader and the sources share this)."""
     try:
         return make()
     except ClusterError as exc:

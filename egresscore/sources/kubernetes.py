@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Any, Mapping
 
-from egresscore.cluster import ClusterError, Namespace, Node, Pod
+from egresscore.cluster import ClusterError, Namespace, Node, Pod, built_at
 from egresscore.policy import API_VERSION, KIND, PolicyError, parse_policy
 from egresscore.sources.base import Change, Snapshot, Source, SourceSink
 
@@ -119,16 +119,6 @@ def _str(obj, where, *, required=True) -> str:
     return obj
 
 
-def _field(make, where):
-    """make(); a model's own ClusterError (which names no field) gets `where`."""
-    try:
-        return make()
-    except ClusterError as exc:
-        if exc.field is None:
-            exc.field = where
-        raise
-
-
 def _node(obj) -> Node:
     meta = _map(obj.get("metadata"), "metadata")
     spec = _map(obj.get("spec"), "spec")
@@ -143,9 +133,9 @@ def _node(obj) -> Node:
     cidrs = _list(spec.get("podCIDRs"), "spec.podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
     name = _str(meta.get("name"), "metadata.name")
     labels = _str_map(meta.get("labels"), "metadata.labels")
-    node = _field(lambda: Node(name, labels, chosen[1]), f"status.addresses[{chosen[0]}].address")
+    node = built_at(f"status.addresses[{chosen[0]}].address", lambda: Node(name, labels, chosen[1]))
     if cidrs:
-        node = _field(lambda: Node(name, labels, chosen[1], pod_cidrs=tuple(str(c) for c in cidrs)), "spec.podCIDRs")
+        node = built_at("spec.podCIDRs", lambda: Node(name, labels, chosen[1], pod_cidrs=tuple(str(c) for c in cidrs)))
     return node
 
 
@@ -170,7 +160,7 @@ def _pod(obj) -> Pod | None:
         ips.append(_str(status.get("podIP"), "status.podIP"))
     node = _str(spec.get("nodeName"), "spec.nodeName", required=False) or None
     sa = _str(spec.get("serviceAccountName") or spec.get("serviceAccount"), "spec.serviceAccountName", required=False)
-    pod = _field(lambda: Pod(name, namespace, uid, labels, tuple(ips), node, sa), "status.podIPs")
+    pod = built_at("status.podIPs", lambda: Pod(name, namespace, uid, labels, tuple(ips), node, sa))
     if spec.get("hostNetwork") is True or status.get("phase") in ("Succeeded", "Failed") or not pod.ips:
         return None
     return pod
