@@ -87,9 +87,13 @@ results.  gateway_health=False is Cilium's exact choice (the agent still
 answers heartbeats).  gateway_health() says who is down and why.
 
 Thread model: the datapath and the NAT table have one writer, the thread in
-run()/step().  Control changes (set_policies, reload, upsert_pod, ...) may come
-from any thread: they are queued and applied by the loop thread between
-batches (directly when no loop runs).  Files are read and parsed on the
+run()/step().  Control changes (set_policies, reload, upsert_pod, a source's
+snapshots and changes, a gateway-health change) may come from any thread:
+they are compiled on that thread under the control lock (the compiler writes
+the egress map in place, each write published atomically for the datapath's
+lock-free readers), and only their results for the datapath (node rows, pod
+ports) are queued for the loop thread between batches (applied directly when
+no loop runs).  Files are read and parsed on the
 calling thread (for SIGHUP, a short-lived reload thread; with step() and no
 run(), on the thread calling step()), never by the loop thread of run().
 Host work runs on the host thread and hands its datapath writes to the loop
