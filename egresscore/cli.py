@@ -274,6 +274,7 @@ def _cmd_agent(args):
         liveness = [FileLiveness(args.liveness_file)] if args.liveness_file else []
     except LivenessError as exc:
         raise CLIError(f"--liveness-file: {exc}") from None
+    label_filter = _label_filter(args.labels)
     try:
         control = False if args.no_control_socket else (args.control_socket or True)
         agent = Agent(args.node, args.cluster, args.policies or (), source=source, netns=args.netns,
@@ -283,7 +284,8 @@ def _cmd_agent(args):
                       nat_capacity=args.nat_capacity or DEFAULT_NAT_CAPACITY, pod_conn_limit=args.pod_conn_limit,
                       gateway_health=args.gateway_health == "on", liveness=liveness,
                       probe_interval=args.probe_interval, probe_misses=args.probe_misses,
-                      nat_state=False if args.no_nat_state else (args.nat_state or True))
+                      nat_state=False if args.no_nat_state else (args.nat_state or True),
+                      label_filter=label_filter, cluster_name=args.cluster_name)
     except (AgentError, PermissionError, EgressError) as exc:
         raise CLIError(str(exc)) from None
     signal.signal(signal.SIGINT, lambda *a: agent.stop())
@@ -307,6 +309,16 @@ def _cmd_agent(args):
     return EXIT_OK
 
 
+def _label_filter(rules):
+    """--labels RULE...: Cilium's default label filter plus these rules (as Cilium's --labels)."""
+    from .cluster import ClusterError, LabelFilter
+
+    try:
+        return LabelFilter(rules or ())
+    except ClusterError as exc:
+        raise CLIError(f"--labels: {exc}", EXIT_USAGE) from None
+
+
 def _source(args):
     """The --source of `egresscore agent`: None for the files (the Agent's own path)."""
     spec = args.source
@@ -321,7 +333,10 @@ def _source(args):
             from .sources.kubernetes import KubernetesSource
         except ImportError as exc:
             raise CLIError(f"--source kubernetes: {exc}") from None
-        return KubernetesSource()
+        try:
+            return KubernetesSource(args.kubeconfig, context=args.context)
+        except (ValueError, OSError) as exc:
+            raise CLIError(f"--source kubernetes: {exc}") from None
     raise CLIError(f"--source {spec!r}: use file, etcd://HOST:PORT[/prefix] or kubernetes", EXIT_USAGE)
 
 
@@ -367,7 +382,14 @@ def _add_agent(sub):
                         "(default), etcd (the key layout is in egresscore.sources.etcd; an unreachable store "
                         "is an error, never a fallback to files), or the Kubernetes API")
     a.add_argument("--cluster-name", default="default", metavar="NAME",
-                   help="the cluster's name in the store's keys (<prefix>/v1/NAME/...; default 'default')")
+                   help="the cluster's name: in the store's keys (<prefix>/v1/NAME/...) and as the "
+                        "io.cilium.k8s.policy.cluster label selectors see (default 'default')")
+    a.add_argument("--kubeconfig", metavar="FILE",
+                   help="--source kubernetes: this kubeconfig (default: the in-cluster service account)")
+    a.add_argument("--context", metavar="NAME", help="--source kubernetes: this kubeconfig context")
+    a.add_argument("--labels", action="append", metavar="RULE",
+                   help="identity label rule added to Cilium's default filter, as Cilium's --labels: "
+                        "'[source:][!]regexp' (e.g. 'k8s:!team', 'k8s:app'); repeatable")
     a.add_argument("--netns", metavar="NAME", help="run on the interfaces of this network namespace")
     a.add_argument("--flow-log", metavar="FILE",
                    help="write flow records (connection start/end, drops) as JSON lines to FILE "

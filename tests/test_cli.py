@@ -283,6 +283,31 @@ def test_agent_nat_capacity_and_pod_limit_flags(capsys, monkeypatch):
         assert f"argument {flag}: " in err and msg in err
 
 
+
+def test_agent_labels_and_cluster_name_reach_the_compiler(capsys, monkeypatch):
+    """--labels adds rules to Cilium's default label filter and --cluster-name
+    names the cluster selectors see; a bad rule is a usage error naming --labels."""
+    import egresscore.agent as agent_mod
+
+    seen = {}
+
+    def fake_agent(node, cluster, policies, **kw):
+        seen.update(kw)
+        raise agent_mod.AgentError("stopped by the test")
+
+    monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    base = ("agent", "--node", "node3", "--cluster", CLUSTER, "--policies", SAMPLE, "--no-control-socket")
+    assert run(capsys, *base)[0] == 1
+    default = seen["label_filter"]
+    assert seen["cluster_name"] == "default"
+    assert default.keep("app") and not default.keep("pod-template-hash")
+    assert run(capsys, *base, "--labels", "k8s:!team", "--cluster-name", "prod")[0] == 1
+    assert seen["cluster_name"] == "prod"
+    assert not seen["label_filter"].keep("team") and seen["label_filter"].keep("app")
+    code, _, err = run(capsys, *base, "--labels", "k8s:!")
+    assert code == 2 and err.startswith("egresscore: error: --labels: ") and "has no prefix" in err
+
+
 HA = os.path.join(ROOT, "examples", "egress-ha.yaml")
 
 

@@ -109,7 +109,7 @@ import time
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .._core import Datapath, EgressMap, NatStateError, NatTable
-from ..cluster import Cluster, ClusterError, Pod
+from ..cluster import DEFAULT_CLUSTER_NAME, Cluster, ClusterError, Pod
 from ..compiler import Compiler
 from ..control import default_socket_path
 from ..health import HEARTBEAT_PORT, GatewayHealth, LivenessProvider, Prober, Responder
@@ -177,6 +177,9 @@ class Agent:
     it adopts the connections of the one before (killed, or stopped with
     stop(keep_state=True)); a file it cannot use is set aside and the table
     starts empty (one line on stderr either way).
+    label_filter (a cluster.LabelFilter; default Cilium's default filter) and
+    cluster_name (io.cilium.k8s.policy.cluster): the identity labels the
+    policies' selectors see, as Compiler takes them.
     """
 
     def __init__(self, node, cluster=None, policies=(), *, netns=None, underlay="eth0", vni=2,
@@ -189,7 +192,8 @@ class Agent:
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
                  metrics_port=None, metrics_addr="127.0.0.1", control_socket=None,
                  gateway_health=True, liveness=(), probe_interval=0.1, probe_misses=3, probe_rises=2,
-                 heartbeat_port=HEARTBEAT_PORT, source=None, source_timeout=10.0):
+                 heartbeat_port=HEARTBEAT_PORT, source=None, source_timeout=10.0,
+                 label_filter=None, cluster_name=DEFAULT_CLUSTER_NAME):
         runner = None
         if source is not None:  # the first snapshot is the cluster and policies at start (no file fallback)
             if cluster is not None or policies:
@@ -208,7 +212,8 @@ class Agent:
                         metrics_port=metrics_port, metrics_addr=metrics_addr, control_socket=control_socket,
                         health=dict(gateway_health=gateway_health, liveness=liveness,
                                     probe_interval=probe_interval, probe_misses=probe_misses,
-                                    probe_rises=probe_rises, heartbeat_port=heartbeat_port))
+                                    probe_rises=probe_rises, heartbeat_port=heartbeat_port),
+                        identity=dict(label_filter=label_filter, cluster_name=cluster_name))
         except BaseException:
             if runner is not None:
                 runner.stop()
@@ -224,7 +229,7 @@ class Agent:
     def _build(self, node, cluster, policies, runner, *, netns, underlay, vni, vxlan_port, mtu, nat_port_range,
                kernel_port_range, nat_capacity, pod_conn_limit, pod_ifname, claim, poll_ms, vnet_hdr,
                tunnel_offload, ring_mode, nat_timeouts, nat_state, flow_log, flow_log_capacity, flow_drop_rate,
-               metrics_port, metrics_addr, control_socket, health):
+               metrics_port, metrics_addr, control_socket, health, identity):
         # the one loading path (egresscore.inputs): a bad input is an error, the agent does not start
         self._cluster_path = os.fspath(cluster) if isinstance(cluster, (str, os.PathLike)) else None
         self._policy_paths, policies = self._policies_from(policies)
@@ -280,7 +285,7 @@ class Agent:
             self._local_ips = set(local)
             self.datapath = Datapath(self.node_ip, self.node_mac, self.egress_map, self.nat, vni=vni,
                                      vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range)
-            self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map)
+            self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map, **identity)
             self.cluster = self.compiler.cluster
             self._feed = Feed(self.compiler)
             self._open_underlay(underlay)
