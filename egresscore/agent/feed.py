@@ -47,12 +47,6 @@ class Feed:
     def __init__(self, compiler):
         self.compiler = compiler
 
-    def _remove_pod(self, pod):
-        self.compiler.remove_pod(uid=pod.uid)
-
-    def _upsert_pod(self, pod):
-        self.compiler.upsert_pod(pod)
-
     def reconcile(self, fresh: Cluster, policies, *, before_nodes=None) -> int:
         """Bring the compiler to exactly `fresh` and `policies` (None: keep
         the policies); returns the number of objects that changed.
@@ -83,7 +77,7 @@ class Feed:
             compiler.reset(fresh, policies if policies is not None else compiler.policies)
             return n
         for p in gone_pods:
-            self._remove_pod(p)
+            compiler.remove_pod(uid=p.uid)
         for name in gone_pol:
             compiler.remove_policy(name)
         for name in gone_ns:
@@ -97,7 +91,7 @@ class Feed:
         for p in changed_pol:
             compiler.upsert_policy(p)
         for p in changed_pods:
-            self._upsert_pod(p)
+            compiler.upsert_pod(p)
         return n
 
     def apply(self, change, *, before_nodes=None) -> bool:
@@ -105,43 +99,23 @@ class Feed:
         unknown object deleted, a late delete of a replaced pod)."""
         compiler = self.compiler
         cluster = compiler.cluster
-        kind, op, obj = change.kind, change.op, change.obj
+        kind, key = change.kind, change.key
+        if kind not in ("pod", "node", "namespace", "policy"):
+            raise ValueError(f"unknown kind {kind!r}")
+        if change.op == "upsert":
+            if kind == "node" and before_nodes is not None:
+                before_nodes({**cluster.nodes, change.obj.name: change.obj})
+            getattr(compiler, f"upsert_{kind}")(change.obj)
+            return True
+        present = {"pod": cluster.pods, "node": cluster.nodes, "namespace": cluster.namespaces,
+                   "policy": {p.name for p in compiler.policies}}[kind]
+        if key not in present:  # unknown, or the late delete of a pod already replaced (pods: by UID)
+            return False
         if kind == "pod":
-            if op == "upsert":
-                self._upsert_pod(obj)
-                return True
-            pod = cluster.pods.get(change.key)
-            if pod is None:  # unknown, or a late delete of a pod already replaced
-                return False
-            self._remove_pod(pod)
-            return True
-        if kind == "node":
-            if op == "upsert":
-                if before_nodes is not None:
-                    before_nodes({**cluster.nodes, obj.name: obj})
-                compiler.upsert_node(obj)
-                return True
-            if change.key not in cluster.nodes:
-                return False
-            compiler.remove_node(change.key)
-            return True
-        if kind == "namespace":
-            if op == "upsert":
-                compiler.upsert_namespace(obj)
-                return True
-            if change.key not in cluster.namespaces:
-                return False
-            compiler.remove_namespace(change.key)
-            return True
-        if kind == "policy":
-            if op == "upsert":
-                compiler.upsert_policy(obj)
-                return True
-            if change.key not in {p.name for p in compiler.policies}:
-                return False
-            compiler.remove_policy(change.key)
-            return True
-        raise ValueError(f"unknown kind {kind!r}")
+            compiler.remove_pod(uid=key)
+        else:
+            getattr(compiler, f"remove_{kind}")(key)
+        return True
 
 
 class FeedStats:

@@ -846,7 +846,7 @@ class Agent:
 
     def upsert_pod(self, pod: Pod):
         """Add or change a pod; returns once its veth (if plugged) is forwarded and claimed."""
-        out = self._commit(self._feed._upsert_pod, pod, nodes=False)
+        out = self._commit(self.compiler.upsert_pod, pod, nodes=False)
         self._settle()
         return out
 
@@ -863,7 +863,7 @@ class Agent:
             raise KeyError(f"no pod {uid if uid is not None else f'{namespace}/{name}'}")
         out = 0
         for pod in pods:
-            out = self._commit(self._feed._remove_pod, pod, nodes=False)
+            out = self._commit(self.compiler.remove_pod, pod.uid, nodes=False)
         self._settle()
         return out
 
