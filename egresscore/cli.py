@@ -284,6 +284,7 @@ def _cmd_agent(args):
                       nat_capacity=args.nat_capacity or DEFAULT_NAT_CAPACITY, pod_conn_limit=args.pod_conn_limit,
                       gateway_health=args.gateway_health == "on", liveness=liveness,
                       probe_interval=args.probe_interval, probe_misses=args.probe_misses,
+                      stateful_failover=args.stateful_failover,
                       nat_state=False if args.no_nat_state else (args.nat_state or True),
                       label_filter=label_filter, cluster_name=args.cluster_name)
     except (AgentError, PermissionError, EgressError) as exc:
@@ -420,6 +421,10 @@ def _add_agent(sub):
                    help="heartbeat rounds to each gateway candidate (default 0.1: 10 a second)")
     a.add_argument("--probe-misses", type=_count, default=3, metavar="N",
                    help="a gateway missing N rounds in a row is down (default 3)")
+    a.add_argument("--stateful-failover", action="store_true",
+                   help="floating egress IPs (a policy's fixed egressIP that no node records and several "
+                        "nodes match): the first node up holds it and replicates its connections to the next "
+                        "(UDP 4800), which takes the address and the connections over when it fails")
     a.add_argument("--nat-state", metavar="PATH",
                    help="keep the NAT table in this file so connections outlive the agent (default "
                         "/run/egresscore/NODE.nat): a restarted agent adopts them")

@@ -26,6 +26,14 @@ matches no node, so pods re-pin over the rest; nothing up -> "Not Found"
 --gateway-health=off) is Cilium's exact behaviour.  `set_down` rewrites only
 the entries of the policies whose gateways changed.
 
+Held addresses (an egresscore extension for stateful failover,
+egresscore.agent.failover): `set_held({IP: interface})` tells the compiler
+of a node view which addresses the node holds beyond those its cluster
+record lists (a floating `egressIP` its agent added on takeover).  Resolution
+is unchanged: an `egressIP` resolves when an interface of the node holds it,
+as in Cilium, which reads the node's interfaces; egresscore's cluster record
+is read once, so the agent says what it added.
+
 Pod identity, as Cilium's: pods are keyed by uid throughout (a recreated pod
 and its predecessor coexist until the predecessor's delete arrives, and that
 late delete removes only the predecessor's entries).  Selectors see a pod's
@@ -73,7 +81,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from .cluster import DEFAULT_CLUSTER_NAME, Cluster, LabelFilter, Namespace, Node, Pod, PodTable
+from .cluster import DEFAULT_CLUSTER_NAME, Cluster, Interface, LabelFilter, Namespace, Node, Pod, PodTable
 from .policy import EgressPolicy
 from .types import (
     EGRESS_IP_NOT_FOUND_V4,
@@ -208,10 +216,31 @@ def _derive_egress(policy: EgressPolicy, gw, node: Node):
     return e4, e6, ifname, None
 
 
+def _holding(node: Node, held) -> Node:
+    """`node` with the addresses it holds beyond its recorded interfaces
+    (`held`: {IP: interface}, a floating egress IP it took over) appended to
+    those interfaces, so the egress IP resolves as Cilium resolves it: from
+    the addresses on the node's interfaces."""
+    extra = {ip: dev for ip, dev in held.items() if node.interface_with_ip(ip) is None}
+    if not extra:
+        return node
+    ifaces = list(node.interfaces)
+    for ip, dev in sorted(extra.items()):
+        addr = f"{ip}/{128 if ':' in ip else 32}"
+        at = next((k for k, i in enumerate(ifaces) if i.name == dev), None)
+        if at is None:
+            ifaces.append(Interface(dev, (addr,)))
+        else:
+            ifaces[at] = Interface(dev, ifaces[at].addresses + (addr,))
+    return replace(node, interfaces=tuple(ifaces))
+
+
 def resolve_gateways(policy: EgressPolicy, cluster: Cluster, view: str | None = None, node_names=None,
-                     down=frozenset()) -> tuple:
+                     down=frozenset(), held=None) -> tuple:
     """The policy's gateways, in the order placement hashes over; nodes in
-    `down` are passed over (gateway health; empty: Cilium's exact rules)."""
+    `down` are passed over (gateway health; empty: Cilium's exact rules);
+    `held` ({IP: interface}) are addresses the view node holds beyond its
+    recorded interfaces (Compiler.set_held)."""
     names = node_names if node_names is not None else sorted(cluster.nodes)
     out = []
     for gw in policy.gateways:
@@ -228,6 +257,8 @@ def resolve_gateways(policy: EgressPolicy, cluster: Cluster, view: str | None = 
                 skipped.append(name)
                 continue
             if view is None or view == name:
+                if held and view == name:
+                    node = _holding(node, held)
                 e4, e6, ifname, problem = _derive_egress(policy, gw, node)
                 if problem is not None:
                     problem += ": the gateway drops this traffic (no egress IP)"
@@ -280,6 +311,7 @@ class Compiler:
         self.cluster = cluster if cluster is not None else Cluster()
         self.node = node
         self._down = frozenset(down)
+        self._held = {}
         self.generation = 0   # bumped by every change: tells a reader its cached view is stale
         self.label_filter = label_filter if label_filter is not None else LabelFilter()
         self.cluster_name = cluster_name
@@ -451,7 +483,8 @@ class Compiler:
     # ------------------------------------------------------------- internals
 
     def _prepare_policy(self, policy):
-        self._gateways[policy.name] = resolve_gateways(policy, self.cluster, self.node, self._names, self._down)
+        self._gateways[policy.name] = resolve_gateways(policy, self.cluster, self.node, self._names, self._down,
+                                                       self._held)
         dst4, dst6 = _split_family(policy.destination_cidrs)
         ex4, ex6 = _split_family(policy.excluded_cidrs)
         self._prepared[policy.name] = (dst4, dst6, ex4, ex6)
@@ -729,12 +762,29 @@ class Compiler:
         self._down = down
         return self._nodes_changed(relabelled=False)
 
+    @property
+    def held(self) -> dict:
+        """{IP: interface} the view node holds beyond its recorded interfaces."""
+        return dict(self._held)
+
+    def set_held(self, held) -> int:
+        """Addresses the view node holds now beyond its recorded interfaces
+        ({IP: interface}: a floating egress IP this node's agent took over,
+        egresscore.agent.failover); a policy's `egressIP` among them resolves
+        on this node as if the node's interface listed it.  Returns the
+        number of map entries written."""
+        held = dict(held)
+        if held == self._held:
+            return 0
+        self._held = held
+        return self._nodes_changed(relabelled=False)
+
     def _nodes_changed(self, relabelled=True):
         self._names = sorted(self.cluster.nodes)
         changed = set()
         for name in sorted(self._policies):
             policy = self._policies[name]
-            gws = resolve_gateways(policy, self.cluster, self.node, self._names, self._down)
+            gws = resolve_gateways(policy, self.cluster, self.node, self._names, self._down, self._held)
             if gws != self._gateways.get(name) or (relabelled and policy.node_selectors):
                 self._drop_policy(name, changed)
                 self._place_policy(policy, changed)

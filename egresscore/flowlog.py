@@ -310,6 +310,9 @@ class FlowLogger:
         self._threads = []
         self._last_warn = 0.0
         self.counters = {"drained": 0, "written": 0, "dropped": 0, "sink_errors": 0}
+        # fn(batch) for each raw batch, on the drain thread, before the queue (state
+        # replication reads connection starts and ends here); must not block
+        self.taps = []
         self._by_policy = {}
         self._policy_lock = threading.Lock()
 
@@ -325,6 +328,8 @@ class FlowLogger:
                 return taken
             taken += n
             self.counters["drained"] += n
+            for tap in self.taps:
+                tap(batch)
             with self._cond:
                 if self._queued + n > self.queue_records:
                     self.counters["dropped"] += n

@@ -576,6 +576,11 @@ class Claims:
             found.append(f"port range {now} (the original {orig['port_range']} is kept in {self._state.path})")
         return ", ".join(found) or None
 
+    def set_local_ips(self, ips):
+        """The local addresses whose NAT range is claimed (a floating egress
+        IP taken over or given back); the next sync() applies them."""
+        self._local_ips = sorted(set(ips))
+
     # rules
     def _wanted(self, inside, pods):
         lo, hi = self._nat

@@ -114,6 +114,7 @@ from ..compiler import Compiler
 from ..control import default_socket_path
 from ..health import HEARTBEAT_PORT, GatewayHealth, LivenessProvider, Prober, Responder
 from ..inputs import InputError, check_policies, load_inputs
+from ..replication import REPLICATION_PORT
 from .feed import Feed, FeedStats, OwnNodeError, SourceRunner, check_own_node
 from .host import (
     AgentError,
@@ -180,6 +181,11 @@ class Agent:
     label_filter (a cluster.LabelFilter; default Cilium's default filter) and
     cluster_name (io.cilium.k8s.policy.cluster): the identity labels the
     policies' selectors see, as Compiler takes them.
+    stateful_failover: floating egress IPs (a fixed egressIP no node records,
+    matched by several nodes) held by the first node up and replicated to
+    the next, which takes them and their connections over
+    (egresscore.agent.failover; needs gateway health); replication_port:
+    its UDP port on the node IP.
     """
 
     def __init__(self, node, cluster=None, policies=(), *, netns=None, underlay="eth0", vni=2,
@@ -193,7 +199,8 @@ class Agent:
                  metrics_port=None, metrics_addr="127.0.0.1", control_socket=None,
                  gateway_health=True, liveness=(), probe_interval=0.1, probe_misses=3, probe_rises=2,
                  heartbeat_port=HEARTBEAT_PORT, source=None, source_timeout=10.0,
-                 label_filter=None, cluster_name=DEFAULT_CLUSTER_NAME):
+                 label_filter=None, cluster_name=DEFAULT_CLUSTER_NAME, stateful_failover=False,
+                 replication_port=REPLICATION_PORT):
         runner = None
         if source is not None:  # the first snapshot is the cluster and policies at start (no file fallback)
             if cluster is not None or policies:
@@ -212,7 +219,8 @@ class Agent:
                         metrics_port=metrics_port, metrics_addr=metrics_addr, control_socket=control_socket,
                         health=dict(gateway_health=gateway_health, liveness=liveness,
                                     probe_interval=probe_interval, probe_misses=probe_misses,
-                                    probe_rises=probe_rises, heartbeat_port=heartbeat_port),
+                                    probe_rises=probe_rises, heartbeat_port=heartbeat_port,
+                                    stateful_failover=stateful_failover, replication_port=replication_port),
                         identity=dict(label_filter=label_filter, cluster_name=cluster_name))
         except BaseException:
             if runner is not None:
@@ -295,6 +303,8 @@ class Agent:
             self._start_health(heartbeat_port, probe_interval, probe_misses, probe_rises)
             start_services(self, flow_log=flow_log, capacity=flow_log_capacity, drop_rate=flow_drop_rate,
                            metrics_port=metrics_port, metrics_addr=metrics_addr, control_socket=control_socket)
+            if health["stateful_failover"]:
+                self._start_failover(health["replication_port"])
         except BaseException:
             self._keep_nat_file = True  # an adopted table stays for the next try
             self.close()  # nothing half-installed stays behind
@@ -362,6 +372,7 @@ class Agent:
         self._source = None            # the cluster-state source (egresscore.sources), when one feeds us
         self._source_stats = FeedStats("files", "")
         self.health = None
+        self.failover = None
         self.responder = None
         self._candidates = {}          # gateway candidates {name: ip}, this node included
         self._candidates_gen = None    # the compiler generation they were computed at
@@ -421,6 +432,7 @@ class Agent:
             "rings": rings,
             "reloads": self.reload_stats(),
             "gateway_health": self.gateway_health(),
+            **({"failover": self.failover.stats()} if self.failover is not None else {}),
             "source": self._source_stats.snapshot(),
         }
         if self.flow_logger is not None:
@@ -505,6 +517,25 @@ class Agent:
         self.health.start()
         self._services.append(self.health.stop)
 
+    def _start_failover(self, port):
+        """Floating egress IPs and their replication (egresscore.agent.failover)."""
+        if not self.gateway_health_on:
+            raise AgentError("stateful_failover needs gateway_health: the standby takes over when health says "
+                             "the active is down")
+        if port == self._vxlan_port or self.nat_port_range[0] <= port <= self.nat_port_range[1]:
+            raise ValueError(f"replication_port {port} must be outside nat_port_range {self.nat_port_range} "
+                             f"and not the VXLAN port")
+        from .failover import StatefulFailover
+
+        try:
+            fo = StatefulFailover(self, port=port)
+        except OSError as exc:
+            raise AgentError(f"cannot replicate on {self.node_ip}:{port}{self._where()}: {exc}") from exc
+        self._services.append(fo.stop)
+        with self._control:
+            fo.update()
+        self.failover = fo.start()
+
     def _update_health_targets(self):
         """The nodes to probe: every gateway candidate but this node (control
         lock held); recomputed only when the compiler changed."""
@@ -522,6 +553,8 @@ class Agent:
         with self._control:
             n = self.compiler.set_down(down)
             self._update_health_targets()
+            if self.failover is not None:
+                self.failover.update()     # a standby whose active is down takes its floating IPs
             if self.flow_logger is not None:
                 self._enricher.refresh()
         ms = (time.monotonic() - t0) * 1000
@@ -574,6 +607,8 @@ class Agent:
         if self.flow_logger is not None:
             self._enricher.refresh()
         self._update_health_targets()
+        if self.failover is not None:
+            self.failover.update()
 
     def _publish_nodes(self, nodes):
         """Control thread: node rows for the loop; tunnel peers, neighbours and claims for the host."""

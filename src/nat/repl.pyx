@@ -1,0 +1,202 @@
+# nat/repl: a NatTable's side of state replication (egresscore.replication).
+#
+# Replication records are fixed 60-byte structs (REPL_RECORD_DTYPE): one
+# connection's identity and translation, nothing else.  The active gateway
+# turns the flow log's start/end records into them (in NumPy, no Python per
+# record) and exports its live connections for a full resync; the standby
+# applies them to its own table.  All three calls here write or walk the
+# table in C under its lock, so the caller must be the table's one writer
+# (the agent's loop thread, between batches): the datapath's C loop takes no
+# lock.  They are bounded by their arguments (one datagram's records, one
+# export chunk), so the loop thread is held for microseconds.
+
+REPL_RECORD_DTYPE = _np.dtype({
+    "names": ["op", "family", "proto", "state", "sport", "dport", "xport", "src", "dst", "xsrc"],
+    "formats": [_np.uint8, _np.uint8, _np.uint8, _np.uint8, "<u2", "<u2", "<u2",
+                (_np.uint8, 16), (_np.uint8, 16), (_np.uint8, 16)],
+    "offsets": [0, 1, 2, 3, 4, 6, 8, 12, 28, 44],
+    "itemsize": 60,
+})
+
+cdef enum:
+    REPL_ADD = 1
+    REPL_DEL = 2
+
+REPL_OP_ADD = REPL_ADD
+REPL_OP_DEL = REPL_DEL
+
+
+cdef packed struct repl_record:
+    uint8_t op                  # REPL_OP_ADD / REPL_OP_DEL
+    uint8_t family
+    uint8_t proto
+    uint8_t state               # the active's state (informational: TCP is kept ESTABLISHED)
+    uint16_t sport
+    uint16_t dport
+    uint16_t xport
+    uint16_t _pad
+    uint8_t src[16]
+    uint8_t dst[16]
+    uint8_t xsrc[16]            # the egress IP
+
+
+cdef uint32_t _repl_without_log(nat_table* t, uint32_t idx, uint64_t now) noexcept nogil:
+    """Collect entry idx without an end record: a replicated connection that
+    ends here did not end on this node."""
+    cdef flow_log* fl = t.flog
+    t.flog = NULL
+    _nat_collect(t, idx, now)
+    t.flog = fl
+    return 1
+
+
+cdef void _repl_apply(nat_table* t, const repl_record* r, Py_ssize_t n, uint64_t now,
+                      uint64_t* counts) noexcept nogil:
+    """counts: [added, removed, known (refreshed), not found, unknown egress IP, invalid, full]."""
+    cdef Py_ssize_t i
+    cdef nat_entry e
+    cdef nat_entry* e2
+    cdef int ext, rc
+    cdef uint8_t st
+    cdef uint16_t dp
+    cdef uint32_t idx
+    for i in range(n):
+        if r[i].family != 4 and r[i].family != 6:
+            counts[5] += 1
+            continue
+        dp = 0 if _nat_is_icmp(r[i].proto) else r[i].dport
+        idx = _nat_find_fwd(t, _nat_hash_fwd(t.seed, r[i].family, r[i].proto, r[i].sport, dp,
+                                             r[i].src, r[i].dst),
+                            r[i].family, r[i].proto, r[i].sport, dp, r[i].src, r[i].dst)
+        if r[i].op == REPL_DEL:
+            if idx == NAT_NONE or t.entries[idx].xport != r[i].xport:
+                counts[3] += 1
+            else:
+                counts[1] += _repl_without_log(t, idx, now)
+            continue
+        if r[i].op != REPL_ADD:
+            counts[5] += 1
+            continue
+        if idx != NAT_NONE:
+            # known (a resync or refresh repeats it): the active still has it, so
+            # its expiry starts over (later expiries are re-bucketed lazily)
+            e2 = &t.entries[idx]
+            if e2.xport == r[i].xport and e2.expires < now + t.timeout[e2.state]:
+                e2.expires = now + t.timeout[e2.state]
+            counts[2] += 1
+            continue
+        ext = nat_ext_find(t, r[i].family, r[i].xsrc)
+        if ext < 0:
+            counts[4] += 1
+            continue
+        if r[i].proto == NAT_PROTO_TCP:
+            st = NAT_STATE_ESTABLISHED     # until its end record (or takeover traffic) says otherwise
+        elif r[i].proto == NAT_PROTO_UDP:
+            st = NAT_STATE_UDP
+        else:
+            st = NAT_STATE_ICMP
+        memset(&e, 0, sizeof(nat_entry))
+        memcpy(e.src, r[i].src, 16)
+        memcpy(e.dst, r[i].dst, 16)
+        e.family = r[i].family
+        e.proto = r[i].proto
+        e.sport = r[i].sport
+        e.dport = dp
+        e.xport = r[i].xport
+        e.ext = <uint16_t>ext
+        e.state = st
+        e.expires = now + t.timeout[st]
+        e.created_ms = _nat_ms(now)
+        rc = nat_state_insert(t, &e, now)
+        if rc == NAT_ADOPT_OK:
+            counts[0] += 1
+        elif rc == NAT_ADOPT_FULL:
+            counts[6] += 1
+        else:
+            counts[5] += 1
+
+
+def nat_repl_apply(NatTable table, records, now=None):
+    """Apply REPL_RECORD_DTYPE records to `table` (call on its one writer):
+    {added, removed, known, not_found, unknown_egress_ip, invalid, full}.
+    An add becomes an inactive connection (ESTABLISHED for TCP, with the
+    table's timeout; one already there has its expiry started over), a
+    delete removes it without an end record."""
+    cdef cnp.ndarray arr = _np.ascontiguousarray(records, dtype=REPL_RECORD_DTYPE)
+    cdef uint64_t counts[7]
+    cdef uint64_t t_ns = table._now(now)
+    cdef const repl_record* r = <const repl_record*>cnp.PyArray_DATA(arr)
+    cdef Py_ssize_t n = arr.shape[0]
+    memset(counts, 0, sizeof(counts))
+    with table._lock:
+        with nogil:
+            _repl_apply(table.t, r, n, t_ns, counts)
+    return dict(zip(("added", "removed", "known", "not_found", "unknown_egress_ip", "invalid", "full"),
+                    [counts[k] for k in range(7)]))
+
+
+def nat_repl_export(NatTable table, egress_ips, Py_ssize_t start, Py_ssize_t max_scan, now=None):
+    """Live connections of the given egress IPs among entries [start,
+    start + max_scan), as REPL_OP_ADD records; returns (records, next start),
+    next start None at the end of the table.  One chunk of a full resync."""
+    cdef nat_table* t = table.t
+    cdef uint64_t t_ns = table._now(now)
+    cdef uint8_t want[NAT_MAX_EXT]
+    cdef Py_ssize_t i, end, k = 0
+    cdef uint64_t hwm
+    cdef nat_entry* e
+    cdef repl_record* o
+    cdef bytes packed
+    memset(want, 0, sizeof(want))
+    for ip in egress_ips:
+        fam, packed = addr_packed16(ip, "egress IP")
+        i = nat_ext_find(t, fam, <const uint8_t*><char*>packed)
+        if i >= 0:
+            want[i] = 1
+    if start < 0 or max_scan < 1:
+        raise ValueError("start must be >= 0 and max_scan >= 1")
+    out = _np.zeros(max_scan, dtype=REPL_RECORD_DTYPE)
+    o = <repl_record*>cnp.PyArray_DATA(out)
+    with table._lock:
+        hwm = t.entries_hwm
+        end = start + max_scan
+        if end > <Py_ssize_t>hwm:
+            end = <Py_ssize_t>hwm
+        with nogil:
+            for i in range(start, end):
+                e = &t.entries[i]
+                if e.state == NAT_STATE_FREE or e.expires <= t_ns or not want[e.ext]:
+                    continue
+                o[k].op = REPL_ADD
+                o[k].family = e.family
+                o[k].proto = e.proto
+                o[k].state = e.state
+                o[k].sport = e.sport
+                o[k].dport = e.dport
+                o[k].xport = e.xport
+                memcpy(o[k].src, e.src, 16)
+                memcpy(o[k].dst, e.dst, 16)
+                memcpy(o[k].xsrc, t.ext[e.ext].addr, 16)
+                k += 1
+        nxt = None if end >= <Py_ssize_t>hwm else end
+    return out[:k].copy(), nxt
+
+
+def nat_repl_clear(NatTable table, egress_ip, now=None):
+    """Remove every connection of `egress_ip` without end records (a standby
+    dropping what a resync replaces); returns how many."""
+    cdef nat_table* t = table.t
+    cdef uint64_t t_ns = table._now(now)
+    cdef uint32_t i, n = 0
+    cdef bytes packed
+    cdef int ext
+    fam, packed = addr_packed16(egress_ip, "egress IP")
+    ext = nat_ext_find(t, fam, <const uint8_t*><char*>packed)
+    if ext < 0:
+        return 0
+    with table._lock:
+        with nogil:
+            for i in range(t.entries_hwm):
+                if t.entries[i].state != NAT_STATE_FREE and t.entries[i].ext == ext:
+                    n += _repl_without_log(t, i, t_ns)
+    return n
