@@ -11,7 +11,7 @@ in UDP datagrams over the underlay on REPLICATION_PORT.
 The wire.  Every datagram starts with a 32-byte header
 
     magic b"EGCR" | version 1 | kind | family | 0 | count (u32) |
-    stream epoch (u32) | 0 (u32) | sequence (u64) | oldest record time (u64)
+    stream epoch (u32) | sequence (u64) | oldest record time (u64)
 
 (network order).  kind DATA carries `count` records of one family: 24 bytes
 for IPv4 (op, proto, state, 0, sport, dport, xport, 0, pod address, remote
@@ -38,6 +38,7 @@ lost on the underlay costs a resync.
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -46,7 +47,7 @@ import time
 
 import numpy as np
 
-from ._core import REPL_RECORD_DTYPE
+from ._core import REPL_DATAGRAM_BYTES, REPL_RECORD_DTYPE, repl_encode_log
 
 __all__ = ["REPLICATION_PORT", "REPL_RECORD_DTYPE", "Receiver", "Sender", "decode", "encode",
            "from_flow_records"]
@@ -55,9 +56,11 @@ REPLICATION_PORT = 4800
 MAGIC = b"EGCR"
 VERSION = 1
 DATA, RESET, RESYNC = 1, 2, 3
-_HDR = struct.Struct("!4sBBBxIIIQQ")
+_HDR = struct.Struct("!4sBBBxIIQQ")
 HEADER_SIZE = _HDR.size
 MAX_DATAGRAM = 1400          # under the underlay's MTU: never fragmented
+GSO_DATAGRAMS = 44           # datagrams one send hands the kernel (UDP_SEGMENT), under 64 KB
+_SOL_UDP, _UDP_SEGMENT = 17, 103
 _FLOW_START, _FLOW_END = 1, 2
 _OP_ADD, _OP_DEL = 1, 2
 
@@ -119,7 +122,7 @@ def encode(records, *, epoch, seq, t0=0):
                 wire[name] = part[name]
             for name in ("src", "dst", "xsrc"):
                 wire[name] = part[name][:, :w]
-            out.append((seq, _HDR.pack(MAGIC, VERSION, DATA, fam, len(part), epoch, 0, seq, t0) + wire.tobytes()))
+            out.append((seq, _HDR.pack(MAGIC, VERSION, DATA, fam, len(part), epoch, seq, t0) + wire.tobytes()))
             seq += 1
     return out
 
@@ -128,7 +131,7 @@ def header(data):
     """(kind, family, count, epoch, seq, t0) of a datagram, or None when it is not one of ours."""
     if len(data) < HEADER_SIZE:
         return None
-    magic, version, kind, fam, count, epoch, _, seq, t0 = _HDR.unpack_from(data)
+    magic, version, kind, fam, count, epoch, seq, t0 = _HDR.unpack_from(data)
     if magic != MAGIC or version != VERSION or kind not in (DATA, RESET, RESYNC):
         return None
     return kind, fam, count, epoch, seq, t0
@@ -154,12 +157,12 @@ def decode(data, fam, count):
 def _reset_datagram(egress_ips, *, epoch, seq):
     fam = 4
     body = b"".join(_packed16(ip)[1] for ip in egress_ips)
-    return _HDR.pack(MAGIC, VERSION, RESET, fam, len(egress_ips), epoch, 0, seq, 0) + body
+    return _HDR.pack(MAGIC, VERSION, RESET, fam, len(egress_ips), epoch, seq, 0) + body
 
 
 def resync_request(epoch):
     """The standby's 'resync me' (the epoch it last followed, 0 for none)."""
-    return _HDR.pack(MAGIC, VERSION, RESYNC, 0, 0, epoch, 0, 0, 0)
+    return _HDR.pack(MAGIC, VERSION, RESYNC, 0, 0, epoch, 0, 0)
 
 
 class Sender:
@@ -173,7 +176,45 @@ class Sender:
         self.epoch = epoch if epoch is not None else (int.from_bytes(os.urandom(4), "little") or 1)
         self.seq = 0
         self.target = None
+        self.gso = True              # UDP_SEGMENT until the kernel refuses it
+        self._buf = {fam: bytearray(GSO_DATAGRAMS * REPL_DATAGRAM_BYTES[fam]) for fam in (4, 6)}
         self.counters = {"datagrams": 0, "records": 0, "bytes": 0, "send_errors": 0, "resets": 0}
+
+    def send_log(self, flow_log, egress_ips):
+        """Drain `flow_log` and send the starts and ends of `egress_ips` (C:
+        repl_encode_log, then one send per GSO_DATAGRAMS datagrams of a
+        family); returns the records drained.  The one consumer of that ring."""
+        drained = 0
+        ips = sorted(egress_ips)
+        while True:
+            n4, n6, grams, taken, kept = repl_encode_log(flow_log, ips, self.epoch, self.seq,
+                                                         self._buf[4], self._buf[6])
+            drained += taken
+            if self.target is not None:
+                self.seq += grams
+                self.counters["records"] += kept
+                for fam, n in ((4, n4), (6, n6)):
+                    if n:
+                        self._send_many(memoryview(self._buf[fam])[:n], REPL_DATAGRAM_BYTES[fam])
+            if not taken or (n4 < len(self._buf[4]) and n6 < len(self._buf[6])):
+                return drained
+
+    def _send_many(self, data, size):
+        """Datagrams of `size` bytes (the last shorter) in one send when the kernel segments them."""
+        count = -(-len(data) // size)
+        if count > 1 and self.gso:
+            try:
+                self.sock.sendmsg([data], [(_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", size))], 0, self.target)
+                self.counters["datagrams"] += count
+                self.counters["bytes"] += len(data)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    self.counters["send_errors"] += 1
+                    return
+                self.gso = False
+        for off in range(0, len(data), size):
+            self._send(data[off:off + size])
 
     def _send(self, data):
         if self.target is None:

@@ -73,31 +73,14 @@ def lab(tmp_path_factory):
 
 
 def _through_failure(lab, fail):
-    """Download, upload and UDP churn from app1 while fail() (returning its
-    time.monotonic()) takes node3 out; the results."""
+    """The transfers and the churn from app1 while fail() takes node3 out (egresscore.lab.stateful)."""
     from egresscore.lab import stateful as st
 
     node4 = lab.agents["node4"]
     _wait(lambda: _synced(node4, NODE3), 5.0, "node4 synced to node3")
     assert node4.failover.standby_for == {st.FLOATING_EGRESS_IP: NODE3}
     assert lab.tcp_request("app1", SERVER) == st.FLOATING_EGRESS_IP
-    lab.servers_.clear()
-    ext = lab.ns(lab._server_of(SERVER).name)
-    app1 = lab.ns("app1")
-    t0 = time.monotonic()
-    pairs = st.spawn(ext, st.udp_pairs, SERVER, st.CHURN_PORT, 12.0)
-    assert pairs[1].poll(10) and pairs[1].recv() == "ready"
-    down = st.spawn(app1, st.paced_download, SERVER, SIZE, RATE)
-    up = st.spawn(app1, st.paced_upload, SERVER, SIZE, RATE)
-    churn = st.spawn(app1, st.udp_churn, SERVER, st.CHURN_PORT, 1.5, 0.005, t0 + 5.0)
-    time.sleep(1.5)
-    failed_at = fail()
-    res_down = st.collect(*down, 40)
-    res_up = st.collect(*up, 40)
-    opened = st.collect(*churn, 20)
-    seen = st.collect(*pairs, 20)
-    tcp = [r for r in lab.servers_.seen("tcp", SERVER)]
-    return failed_at, res_down, res_up, st.churn_losses(opened, seen, failed_at), tcp
+    return st.transfers_through_failure(lab, fail, server=SERVER, size=SIZE, rate=RATE)
 
 
 def _check(lab, failed_at, res_down, res_up, losses, tcp, what):

@@ -328,6 +328,15 @@ class StatefulFailover:
                 for dst in self._senders:
                     self._resync[dst] = [0, True]     # events lost: the standby needs the table again
 
+    def _check_lost(self):
+        lost = self.flow_log.stats["lost"]
+        if lost != self._ring_lost:          # records the ring could not take: the standby misses them
+            self._ring_lost = lost
+            self.counters["ring_lost"] = lost
+            with self._lock:
+                for dst in self._senders:
+                    self._resync[dst] = [0, True]
+
     def _drain(self):
         if self.flow_log is not None:
             while True:
@@ -336,13 +345,7 @@ class StatefulFailover:
                     self._tap(b)
                 if len(b) < 8192:
                     break
-            lost = self.flow_log.stats["lost"]
-            if lost != self._ring_lost:
-                self._ring_lost = lost
-                self.counters["ring_lost"] = lost
-                with self._lock:
-                    for dst in self._senders:
-                        self._resync[dst] = [0, True]
+            self._check_lost()
         with self._qlock:
             batches = list(self._events)
             self._events.clear()
@@ -365,11 +368,17 @@ class StatefulFailover:
         for active in actives:
             if not self.receiver.synced(active):
                 self.receiver.ask(active, 0)          # joined, or fell behind: until a reset comes
-        for b in self._drain():
-            for dst, s in senders.items():
-                recs, t0 = from_flow_records(b, targets.get(dst, ()))
-                if len(recs):
-                    s.send(recs, t0)
+        if self.flow_log is not None and len(senders) == 1 and not self._events:
+            # the usual case: our own ring, one standby: drained and encoded in C
+            (dst, s), = senders.items()
+            s.send_log(self.flow_log, targets.get(dst, ()))
+            self._check_lost()
+        else:
+            for b in self._drain():
+                for dst, s in senders.items():
+                    recs, t0 = from_flow_records(b, targets.get(dst, ()))
+                    if len(recs):
+                        s.send(recs, t0)
         for dst, (start, reset) in resync.items():
             s = senders.get(dst)
             if s is None:

@@ -19,6 +19,7 @@ Times are CLOCK_MONOTONIC, one clock for every namespace of the machine.
 import hashlib
 import socket
 import time
+from typing import NamedTuple
 
 from . import _ns, traffic
 
@@ -195,3 +196,38 @@ def collect(proc, parent, timeout):
         if proc.is_alive():
             proc.kill()
             proc.join(2)
+
+
+class Failure(NamedTuple):
+    failed_at: float
+    download: dict          # paced_download's result
+    upload: dict            # paced_upload's result
+    losses: list            # churn_losses rows
+    tcp: list               # the server's TCP records {src, sport, ...} of the two transfers
+
+
+def transfers_through_failure(lab, fail, *, pod="app1", server="203.0.113.10", size=20_000_000, rate=5_000_000,
+                              before=1.5, churn_seconds=1.5, churn_interval=0.005):
+    """A paced download and upload of `size` bytes and the UDP churn from
+    `pod` while fail() (returning its time.monotonic()) takes the gateway
+    out `before` s into them; a Failure.  The servers' records are cleared
+    first (lab.servers_)."""
+    lab.servers_.clear()
+    ext = lab.ns(lab._server_of(server).name)
+    ns = lab.ns(pod)
+    t0 = time.monotonic()
+    transfer = size / rate
+    pairs = spawn(ext, udp_pairs, server, CHURN_PORT, transfer + 8.0)
+    if not pairs[1].poll(10) or pairs[1].recv() != "ready":
+        raise RuntimeError("the churn receiver did not start")
+    down = spawn(ns, paced_download, server, size, rate)
+    up = spawn(ns, paced_upload, server, size, rate)
+    churn = spawn(ns, udp_churn, server, CHURN_PORT, churn_seconds, churn_interval, t0 + transfer + 1.0)
+    time.sleep(before)
+    failed_at = fail()
+    res_down = collect(*down, transfer + 30)
+    res_up = collect(*up, transfer + 30)
+    opened = collect(*churn, transfer + 20)
+    seen = collect(*pairs, transfer + 20)
+    return Failure(failed_at, res_down, res_up, churn_losses(opened, seen, failed_at),
+                   list(lab.servers_.seen("tcp", server)))
