@@ -116,6 +116,7 @@ class StatefulFailover:
         self._refreshed = {}            # standby node IP -> time.monotonic() of the last walk's start
         self._gateways = frozenset()
         self._down_seen = frozenset()
+        self._key = None                # what the roles were computed from
         self._lock = threading.Lock()   # roles: written under the control lock, read by the thread
         self._events = collections.deque()
         self._queued = 0
@@ -170,8 +171,12 @@ class StatefulFailover:
         a = self.agent
         comp = a.compiler
         down = comp.down
-        floating = floating_egress_ips(comp)
         nodes = comp.cluster.nodes
+        # pod changes publish too: the roles depend only on the policies, the nodes and who is down
+        key = (down, tuple(comp.policies), tuple(nodes.items()))
+        if key == self._key:
+            return
+        floating = floating_egress_ips(comp)
         owned, standby_for, targets = set(), {}, {}
         for ip, names in floating.items():
             up = [n for n in names if n not in down]
@@ -219,6 +224,7 @@ class StatefulFailover:
         for active in set(standby_for.values()):
             if not self.receiver.synced(active):
                 self.receiver.ask(active, 0)
+        self._key = key
 
     def _ensure_nat(self, ip):
         a = self.agent
