@@ -350,3 +350,94 @@ def test_send_log_sends_segmented_datagrams_the_receiver_takes_in_order():
     finally:
         tx.close()
         rxs.close()
+
+
+class _FakeHost:
+    """The agent's host thread, inline: pyroute2 calls recorded."""
+
+    def __init__(self):
+        self.addrs = []
+        self.ipr = self
+
+    def call(self, fn, *args, timeout=None):
+        return fn(*args)
+
+    def post(self, fn, *args):
+        return fn(*args)
+
+    def addr(self, op, **kw):
+        self.addrs.append((op, kw["address"]))
+
+
+class _FakeClaims:
+    def __init__(self):
+        self._local_ips = ["192.168.1.4"]
+
+    def set_local_ips(self, ips):
+        self._local_ips = sorted(ips)
+
+
+class _FakeAgent:
+    """What StatefulFailover uses of an Agent, without namespaces."""
+
+    def __init__(self, node, down):
+        from egresscore import Compiler
+
+        self.node, self.node_ip, self.node_mac, self.underlay = node, "127.0.0.1", "02:00:00:00:00:04", "lo"
+        self._underlay_index = 1
+        self._host, self._claims = _FakeHost(), _FakeClaims()
+        self.compiler = Compiler(_ha_cluster(), [_stateful_policy()], node=node, down=down)
+        self.nat = NatTable([f"192.168.1.{node[-1]}"])
+        self.flow_logger, self.flow_log, self._keep_state = None, None, False
+        self.datapath = type("D", (), {"set_flow_log": lambda self, log: None})()
+        self.synced_claims = 0
+
+    def _submit(self, fn, *args):
+        return fn(*args)
+
+    def _host_sync_claims(self):
+        self.synced_claims += 1
+
+
+def test_roles_the_standby_holds_the_ip_in_its_table_and_takes_it_when_the_active_is_down(monkeypatch):
+    from egresscore.agent import failover as F
+
+    monkeypatch.setattr(F.StatefulFailover, "_garp", lambda self, ip: None)   # no raw socket here
+    a = _FakeAgent("node4", down=())
+    fo = F.StatefulFailover(a, port=0, garp_times=(0.0,))
+    try:
+        fo.update()
+        assert fo.standby_for == {X: "192.168.1.3"} and fo.owned == set()
+        assert X in a.nat.egress_ips and a._host.addrs == [] and a.compiler.held == {}
+        # node3 down: node4 holds the address, claims it, resolves it, and has no standby to stream to
+        a.compiler.set_down({"node3"})
+        fo.update()
+        assert fo.owned == {X} and fo.standby_for == {} and a._host.addrs == [("add", X)]
+        assert X in a._claims._local_ips and a.compiler.held == {X: "lo"}
+        (e,) = a.compiler.desired.values()
+        assert (str(e.egress_ip), str(e.gateway_ip)) == (X, "192.168.1.4")
+        # node3 back: node4 gives the address back and stands by again
+        a.compiler.set_down(())
+        fo.update()
+        assert fo.owned == set() and fo.standby_for == {X: "192.168.1.3"}
+        assert a._host.addrs[-1] == ("del", X) and X not in a._claims._local_ips and a.compiler.held == {}
+    finally:
+        fo.stop()
+
+
+def test_roles_the_active_streams_to_the_next_node_up():
+    from egresscore.agent import failover as F
+
+    a = _FakeAgent("node3", down=())
+    a._host.post = lambda fn, *args: None
+    fo = F.StatefulFailover(a, port=0, garp_times=(0.0,))
+    fo._garp = lambda ip: None
+    try:
+        fo.update()
+        assert fo.owned == {X} and set(fo._senders) == {"192.168.1.4"}
+        assert fo._resync == {"192.168.1.4": [0, True]}     # a new standby: a full resync first
+        a.compiler.set_down({"node4"})
+        fo.update()
+        assert fo.owned == {X} and fo._senders == {}        # no standby up: nothing to stream to
+    finally:
+        fo.stop()
