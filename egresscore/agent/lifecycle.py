@@ -86,6 +86,12 @@ the control lock as every control change; the loop thread only receives
 results.  gateway_health=False is Cilium's exact choice (the agent still
 answers heartbeats).  gateway_health() says who is down and why.
 
+Stateful failover (egresscore.agent.failover; stateful_failover=True): the
+floating egress IPs move with the health layer's choice, and the active
+gateway's connections are replicated to its standby on UDP REPLICATION_PORT
+(4800) from a replication thread; the table writes that replication needs
+(the standby's applies, the active's export chunks) are loop-thread jobs.
+
 Thread model: the datapath and the NAT table have one writer, the thread in
 run()/step().  Control changes (set_policies, reload, upsert_pod, a source's
 snapshots and changes, a gateway-health change) may come from any thread:
