@@ -365,6 +365,9 @@ class Agent:
         self.responder = None
         self._candidates = {}          # gateway candidates {name: ip}, this node included
         self._candidates_gen = None    # the compiler generation they were computed at
+        self._spill = {}               # the NAT's spill chains in force {egress IP: [egress IPs]}
+        self._spill_gen = None         # the compiler generation they were computed at
+        self._spill_missing = set()    # extra egress IPs the NAT does not hold (said once)
         self.flow_log = None
         self.flow_logger = None
         self.metrics = None
@@ -522,11 +525,38 @@ class Agent:
         with self._control:
             n = self.compiler.set_down(down)
             self._update_health_targets()
+            self._update_spill()
             if self.flow_logger is not None:
                 self._enricher.refresh()
         ms = (time.monotonic() - t0) * 1000
         print(f"egresscore agent {self.node}: gateways down: {', '.join(sorted(down)) or 'none'} "
               f"({n} egress entries rewritten in {ms:.1f} ms)", file=sys.stderr, flush=True)
+
+    # -- spill to extra egress IPs (policy annotation egresscore.io/extra-egress-ips) -------
+    def _update_spill(self):
+        """Control thread: the NAT's spill chains from the policies this node is
+        the gateway of (Compiler.spill_chains), set on the loop thread when they
+        change.  Only addresses the NAT table holds (this node's, claimed at
+        start) are used; one line on stderr names any other."""
+        if self._spill_gen == self.compiler.generation or self.nat is None:
+            return
+        self._spill_gen = self.compiler.generation
+        known = set(self.nat.egress_ips)
+        chains, missing = {}, set()
+        for ip, extra in self.compiler.spill_chains().items():
+            if ip not in known:
+                continue
+            missing.update(x for x in extra if x not in known)
+            usable = [x for x in extra if x in known]
+            if usable:
+                chains[ip] = usable
+        if missing - self._spill_missing:
+            print(f"egresscore agent {self.node}: extra egress IPs {', '.join(sorted(missing))} were not on this "
+                  f"node when the agent started: not used", file=sys.stderr, flush=True)
+        self._spill_missing = missing
+        if chains != self._spill:
+            self._submit(self.nat.set_spill, chains)
+            self._spill = chains
 
     def gateway_health(self):
         """{"enabled", "down", "gateways": [{node, ip, state, why}], "probes"}: what
@@ -574,6 +604,7 @@ class Agent:
         if self.flow_logger is not None:
             self._enricher.refresh()
         self._update_health_targets()
+        self._update_spill()
 
     def _publish_nodes(self, nodes):
         """Control thread: node rows for the loop; tunnel peers, neighbours and claims for the host."""

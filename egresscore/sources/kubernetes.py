@@ -168,8 +168,11 @@ def _pod(obj) -> Pod | None:
 
 def _policy(obj):
     meta = _map(obj.get("metadata"), "metadata")
+    metadata = {"name": meta.get("name")}
+    if meta.get("annotations") is not None:  # egresscore.io/extra-egress-ips (egresscore.policy)
+        metadata["annotations"] = meta["annotations"]
     doc = {"apiVersion": obj.get("apiVersion", API_VERSION), "kind": obj.get("kind", KIND),
-           "metadata": {"name": meta.get("name")}, "spec": obj.get("spec")}
+           "metadata": metadata, "spec": obj.get("spec")}
     policy, _warnings = parse_policy(doc, source="kubernetes")
     return policy
 
