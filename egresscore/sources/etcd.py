@@ -25,7 +25,8 @@ revision compacted meanwhile means a full list and resync.  A malformed or
 oversized value is `rejected` alone (its key and field); the last good
 version of that key stays in force.  With `node`, the source keeps
 `leases/<node>` alive under a lease it refreshes (the node's liveness);
-live_nodes() reads them.
+live_nodes() reads them and liveness() is the agents' liveness provider
+(EtcdLiveness: a node whose lease key is gone is down), from the same watch.
 """
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ import time
 from urllib.parse import urlsplit
 
 from ..errors import EgressError
+from ..health import LivenessProvider
 from .base import Change, Snapshot, Source
 from .objects import KINDS, MAX_OBJECT_BYTES, ObjectError, decode_document, object_document, parse_object
 
-__all__ = ["DEFAULT_PREFIX", "MAX_OBJECT_BYTES", "EtcdError", "EtcdSource", "EtcdStore", "parse_url"]
+__all__ = ["DEFAULT_PREFIX", "MAX_OBJECT_BYTES", "EtcdError", "EtcdLiveness", "EtcdSource", "EtcdStore", "parse_url"]
 
 DEFAULT_PREFIX = "egresscore"
 DEFAULT_CLUSTER = "default"
@@ -275,6 +277,22 @@ class EtcdStore:
         self._post("/kv/put", {"key": _b64(key), "value": _b64(json.dumps(doc)), "lease": lease_id})
 
 
+class EtcdLiveness(LivenessProvider):
+    """Down: the nodes in the store whose agent holds no live lease (its
+    `leases/<node>` key, under a lease the agent refreshes, is gone: revoked
+    by a clean stop, or expired `lease_ttl` seconds after the agent last
+    refreshed it).  A view over the source's one watch (no request of its
+    own, nothing per gateway): down() reads a set the watch keeps.  A node
+    with no agent at all is down too (nothing could SNAT there).  While the
+    store is unreachable the last state seen stays (the probes still run)."""
+
+    def __init__(self, source: EtcdSource):
+        self.source = source
+
+    def down(self):
+        return self.source._down()
+
+
 def _plural(kind):
     kind = {"node": "nodes", "namespace": "namespaces", "ns": "namespaces", "pod": "pods", "policy": "policies",
             "cegp": "policies", "ciliumegressgatewaypolicy": "policies"}.get(kind.lower(), kind.lower())
@@ -295,6 +313,8 @@ class EtcdSource(Source):
         self.revision = 0
         self._good = {}        # etcd key -> (kind, change key, object): the last good version in force
         self._live = set()
+        self._nodes = set()        # node names in the store (their keys), as the watch saw them
+        self._down_set = frozenset()   # _nodes - _live, kept with them
         self._lock = threading.Lock()
         self._resp = None
         self.watching = threading.Event()  # set while a watch stream is established
@@ -312,6 +332,14 @@ class EtcdSource(Source):
         """The nodes holding a live lease, as this source's watch last saw them."""
         with self._lock:
             return set(self._live)
+
+    def liveness(self):
+        """The agents' leases as a liveness provider (EtcdLiveness over this source's watch)."""
+        return EtcdLiveness(self)
+
+    def _down(self) -> frozenset:
+        with self._lock:
+            return self._down_set
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, sink, stop):
@@ -367,8 +395,11 @@ class EtcdSource(Source):
                 good[key] = self._good[key]  # a bad new value: the last good one stays
         live = {names[0] for k, _, _ in items if (p := self.store.split(k)) and p[0] == "leases"
                 for names in [p[1]] if names}
+        nodes = {names[0] for k, _, _ in items if (p := self.store.split(k)) and p[0] == "nodes"
+                 for names in [p[1]] if names}
         with self._lock:
-            self._live = live
+            self._live, self._nodes = live, nodes
+            self._down_set = frozenset(nodes - live)
         self._good = good
         by = {"node": [], "namespace": [], "pod": [], "policy": []}
         for kind, _, obj in good.values():
@@ -446,13 +477,16 @@ class EtcdSource(Source):
             rev = int(kv.get("mod_revision", 0))
             top = max(top, rev)
             parts = self.store.split(key)
-            if parts is not None and parts[0] == "leases":
+            if parts is not None and parts[0] in ("leases", "nodes") and parts[1]:
+                track = self._live if parts[0] == "leases" else self._nodes
                 with self._lock:
                     if ev.get("type") == "DELETE":
-                        self._live.discard(parts[1][0] if parts[1] else "")
-                    elif parts[1]:
-                        self._live.add(parts[1][0])
-                continue
+                        track.discard(parts[1][0])
+                    else:
+                        track.add(parts[1][0])
+                    self._down_set = frozenset(self._nodes - self._live)
+                if parts[0] == "leases":
+                    continue
             if ev.get("type") == "DELETE":
                 old = self._good.pop(key, None)
                 if old is not None:
