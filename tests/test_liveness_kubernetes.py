@@ -198,3 +198,21 @@ def test_tracker_ages_leases_on_its_own_clock():
     assert t.down() == {"node3", "node8"} and t.rejects == 1
     t.resync([obj(wall[0], node="node9")])     # node3 is gone from the list: deleted
     assert t.down() == {"node3", "node8"}
+
+
+def test_the_agent_takes_the_sources_own_liveness_for_auto(tmp_path):
+    from egresscore.agent import Agent
+    from egresscore.health import StaticLiveness
+    from egresscore.sources.files import FilesSource
+    from egresscore.sources.k8s_lease import LeaseLiveness
+
+    src = KubernetesSource(str(tmp_path / "kubeconfig"))
+    static = StaticLiveness({"node9"})
+    got = Agent._liveness_of(["auto", static], src, "node1")
+    assert isinstance(got[0], LeaseLiveness) and got[1] is static
+    assert src.node == "node1"                       # the source publishes this node's Lease
+    assert Agent._liveness_of("auto", None, "node1") == []
+    assert Agent._liveness_of("auto", FilesSource("examples/cluster.yaml", ["examples/egress-ha.yaml"]),
+                              "node1") == []
+    with pytest.raises(ValueError, match="'etcd' is not 'auto'"):
+        Agent._liveness_of(["etcd"], src, "node1")
