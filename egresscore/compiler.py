@@ -344,6 +344,8 @@ class Compiler:
         one of them lists, in the order of the first by name (a policy's
         traffic never leaves with an address it did not list)."""
         chains = {}
+        if not any(p.extra_egress_ips for p in self._policies.values()):
+            return chains       # the common case, cheap: the agent asks after every change
         for name in sorted(self._gateways):
             policy = self._policies[name]
             for g in self._gateways[name]:

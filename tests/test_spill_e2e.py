@@ -55,3 +55,33 @@ def test_new_connections_continue_on_the_second_egress_ip_and_are_seen_with_it(l
     with pytest.raises(Exception):  # noqa: B017 - the pod's connect times out (its SYNs are dropped)
         lab.tcp_request("app1", SERVER, timeout=1.0)
     assert node3.stats()["nat"]["refused"]["nat_exhausted"] >= 1
+
+
+def test_the_chain_follows_policy_edits_and_an_address_not_on_the_node_turns_it_off(lab):
+    from egresscore.policy import parse_policy
+
+    node3 = lab.agents["node3"]
+
+    def edit(annotation):
+        doc = copy.deepcopy(SPILL)
+        if annotation is None:
+            del doc["metadata"]["annotations"]
+        else:
+            doc["metadata"]["annotations"]["egresscore.io/extra-egress-ips"] = annotation
+        for a in lab.agents.values():
+            a.set_policies([parse_policy(doc)[0]])
+
+    def chain():
+        return node3.stats()["nat"]["spill"].get(FIRST, {}).get("spill_to", [])
+
+    try:
+        edit("192.168.1.102,192.168.1.101")
+        assert chain() == ["192.168.1.102", SECOND]
+        edit("192.168.1.102,192.168.1.150")       # .150 is no address of node3: no spill at all there
+        assert chain() == []
+        assert any("192.168.1.150 is not an address of node node3" in str(p) for p in node3.compiler.problems())
+        edit(None)
+        assert chain() == []
+    finally:
+        edit(SECOND)
+    assert chain() == [SECOND]
