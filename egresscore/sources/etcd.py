@@ -271,6 +271,13 @@ class EtcdStore:
     def revoke(self, lease_id):
         self._post("/kv/lease/revoke", {"ID": lease_id})
 
+    def delete_lease(self, node) -> bool:
+        """Delete a node's liveness key: its agent is down for every other agent
+        (EtcdLiveness) until it puts the key back, within a third of its lease
+        TTL (tests; an operator forcing a failover check)."""
+        key = f"{self.root}leases/{node}"
+        return int(self._post("/kv/deleterange", {"key": _b64(key)}).get("deleted", 0)) > 0
+
     def put_lease(self, node, lease_id):
         key = f"{self.root}leases/{node}"
         doc = {"node": node, "pid": os.getpid(), "since": time.time()}
@@ -318,6 +325,7 @@ class EtcdSource(Source):
         self._lock = threading.Lock()
         self._resp = None
         self.watching = threading.Event()  # set while a watch stream is established
+        self._relet = threading.Event()    # our liveness key was deleted: grant and put it again
         self.stats = {"resyncs": 0, "compactions": 0, "disconnects": 0, "resumes": 0, "retries": 0}
 
     @classmethod
@@ -482,6 +490,8 @@ class EtcdSource(Source):
                 with self._lock:
                     if ev.get("type") == "DELETE":
                         track.discard(parts[1][0])
+                        if parts[0] == "leases" and parts[1][0] == self.node:
+                            self._relet.set()   # our key went while our lease lives: the keeper puts it back
                     else:
                         track.add(parts[1][0])
                     self._down_set = frozenset(self._nodes - self._live)
@@ -521,7 +531,8 @@ class EtcdSource(Source):
 
     def _keep_lease(self, stop):
         """The liveness key under a lease refreshed every TTL/3; a failure breaks the watch too (a
-        store that stopped answering is a lost store).  On stop the lease is revoked."""
+        store that stopped answering is a lost store); a key deleted under a live lease is put
+        back under a new one.  On stop the lease is revoked."""
         lease = None
         store = EtcdStore(  # its own HTTP session: the watch owns the other
                           self.store.host, self.store.port, prefix=self.store.prefix, cluster=self.store.cluster,
@@ -530,6 +541,11 @@ class EtcdSource(Source):
             while True:
                 if self.node is not None:
                     try:
+                        if self._relet.is_set():
+                            self._relet.clear()
+                            if lease is not None:
+                                store.revoke(lease)
+                                lease = None
                         if lease is None:
                             lease = store.grant(self.lease_ttl)
                             store.put_lease(self.node, lease)
