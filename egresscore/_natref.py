@@ -80,6 +80,12 @@ class NatRef:
         self.by_source = {}         # (family, src) -> connections held (dead ones too)
         self.refused_by_source = {}  # (family, src) -> refusals, the first REFUSED_SOURCE_SLOTS
         self.refused_other = 0
+        self.spill = {}             # ext -> [ext, ...]: its spill chain (NatTable.set_spill)
+        self.spilled_in = {}        # ext -> mappings placed on it because an earlier IP was full
+
+    def set_spill(self, chains):
+        """{ext: [ext, ...]} replacing every chain (indexes, checked by the caller)."""
+        self.spill = {e: list(c) for e, c in chains.items() if c}
 
     def add_egress(self, family, addr, ranges):
         self.egress.append((family, addr))
@@ -118,6 +124,10 @@ class NatRef:
             if p not in used:
                 return p
         return None  # unreachable
+
+    def _full(self, ext, proto):
+        lo, hi = self.ranges[ext][_pool_of(proto)]
+        return len(self.used_ports[ext][_pool_of(proto)]) == hi - lo + 1
 
     def _touch(self, c, direction, flags, now):
         if c.proto == TCP:
@@ -191,10 +201,20 @@ class NatRef:
             return self._drop(DROP_NAT_TABLE_FULL)
         mkey = (family, proto, ext, src, sport)
         m = self.maps.get(mkey)
+        if m is None:       # the endpoint's mapping on a spill IP is its mapping
+            for x in self.spill.get(ext, ()):
+                m = self.maps.get((family, proto, x, src, sport))
+                if m is not None:
+                    ext, mkey = x, (family, proto, x, src, sport)
+                    break
         if m is None:
+            if self._full(ext, proto):      # the first IP of the chain with a free port
+                ext = next((x for x in self.spill.get(ext, ()) if not self._full(x, proto)), None)
+                if ext is None:
+                    return self._drop(DROP_NAT_EXHAUSTED)
+                self.spilled_in[ext] = self.spilled_in.get(ext, 0) + 1
+                mkey = (family, proto, ext, src, sport)
             xport = self._alloc_port(ext, proto, sport)
-            if xport is None:
-                return self._drop(DROP_NAT_EXHAUSTED)
             self.used_ports[ext][_pool_of(proto)].add(xport)
             m = self.maps[mkey] = [xport, 0]
         m[1] += 1
@@ -278,6 +298,9 @@ class NatRef:
             "sources": len(self.by_source),
             "refused_by_source": {_ip(fam, src): n for (fam, src), n in self.refused_by_source.items()},
             "refused_other_sources": self.refused_other,
+            "spill": {_ip(*self.egress[e]): {"spill_to": [_ip(*self.egress[x]) for x in self.spill.get(e, ())],
+                                             "spilled_in": self.spilled_in.get(e, 0)}
+                      for e in range(len(self.egress)) if self.spill.get(e) or self.spilled_in.get(e)},
         }
 
     # -- batches (the benchmark peer of translate_batch / reverse_batch) -----

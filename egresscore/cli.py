@@ -263,17 +263,14 @@ def _cmd_agent(args):
     import signal
 
     from .agent import DEFAULT_NAT_CAPACITY, Agent, AgentError
-    from .health import FileLiveness, LivenessError
+    from .health import FileLiveness, LivenessError, StaticLiveness
 
     source = _source(args)
     if source is None and (not args.cluster or not args.policies):
         raise CLIError("--cluster and --policies are required with --source file", EXIT_USAGE)
     if source is not None and (args.cluster or args.policies):
         raise CLIError(f"--cluster and --policies are for --source file, not {args.source}", EXIT_USAGE)
-    try:
-        liveness = [FileLiveness(args.liveness_file)] if args.liveness_file else []
-    except LivenessError as exc:
-        raise CLIError(f"--liveness-file: {exc}") from None
+    liveness = _liveness(args, FileLiveness, StaticLiveness, LivenessError)
     label_filter = _label_filter(args.labels)
     try:
         control = False if args.no_control_socket else (args.control_socket or True)
@@ -320,6 +317,26 @@ def _label_filter(rules):
         raise CLIError(f"--labels: {exc}", EXIT_USAGE) from None
 
 
+def _liveness(args, FileLiveness, StaticLiveness, LivenessError):
+    """The agent's liveness providers from --liveness (auto: the source's own), --liveness-file and --down."""
+    if args.liveness == "file" and not args.liveness_file:
+        raise CLIError("--liveness file needs --liveness-file FILE", EXIT_USAGE)
+    if args.liveness == "static" and not args.down:
+        raise CLIError("--liveness static needs --down NODE[,NODE...]", EXIT_USAGE)
+    out = ["auto"] if args.liveness == "auto" else []
+    if args.liveness_file:
+        try:
+            out.append(FileLiveness(args.liveness_file))
+        except LivenessError as exc:
+            raise CLIError(f"--liveness-file: {exc}") from None
+    if args.down:
+        names = [n.strip() for n in args.down.split(",")]
+        if not all(names):
+            raise CLIError(f"--down {args.down!r}: a comma-separated list of node names", EXIT_USAGE)
+        out.append(StaticLiveness(names))
+    return out
+
+
 def _source(args):
     """The --source of `egresscore agent`: None for the files (the Agent's own path)."""
     spec = args.source
@@ -335,7 +352,8 @@ def _source(args):
         except ImportError as exc:
             raise CLIError(f"--source kubernetes: {exc}") from None
         try:
-            return KubernetesSource(args.kubeconfig, context=args.context)
+            return KubernetesSource(args.kubeconfig, context=args.context, node=args.node,
+                                    lease_namespace=args.lease_namespace, lease_duration=args.lease_duration)
         except (ValueError, OSError) as exc:
             raise CLIError(f"--source kubernetes: {exc}") from None
     raise CLIError(f"--source {spec!r}: use file, etcd://HOST:PORT[/prefix] or kubernetes", EXIT_USAGE)
@@ -388,6 +406,12 @@ def _add_agent(sub):
     a.add_argument("--kubeconfig", metavar="FILE",
                    help="--source kubernetes: this kubeconfig (default: the in-cluster service account)")
     a.add_argument("--context", metavar="NAME", help="--source kubernetes: this kubeconfig context")
+    a.add_argument("--lease-namespace", default="kube-node-lease", metavar="NS",
+                   help="--source kubernetes: the namespace of the agents' Leases egresscore-NODE "
+                        "(default kube-node-lease)")
+    a.add_argument("--lease-duration", type=_count, default=10, metavar="SECONDS",
+                   help="--source kubernetes: this agent's Lease leaseDurationSeconds (default 10; renewed "
+                        "every third of it)")
     a.add_argument("--labels", action="append", metavar="RULE",
                    help="identity label rule added to Cilium's default filter, as Cilium's --labels: "
                         "'[source:][!]regexp' (e.g. 'k8s:!team', 'k8s:app'); repeatable")
@@ -414,9 +438,16 @@ def _add_agent(sub):
                         "30 bytes more per connection of capacity")
     a.add_argument("--gateway-health", choices=("on", "off"), default="on",
                    help="'on' (default): gateways are chosen by Cilium's rules over the nodes that are up "
-                        "(UDP heartbeats on port 4799 and --liveness-file); 'off': Cilium's exact choice")
+                        "(UDP heartbeats on port 4799 and --liveness); 'off': Cilium's exact choice")
+    a.add_argument("--liveness", choices=("auto", "file", "static", "probes"), default="auto",
+                   help="where gateways' liveness comes from, besides the probes (a gateway is down when "
+                        "either says so): 'auto' (default): the source's own (etcd: the node's lease key; "
+                        "kubernetes: its Lease egresscore-NODE; file: none); 'file': --liveness-file; "
+                        "'static': --down; 'probes': the probes alone")
     a.add_argument("--liveness-file", metavar="FILE",
                    help="YAML/JSON {down: [node, ...]}: nodes whose liveness has expired, re-read when it changes")
+    a.add_argument("--down", metavar="NODE[,NODE...]",
+                   help="nodes to count as down (drained by hand), with any --liveness")
     a.add_argument("--probe-interval", type=_seconds, default=0.1, metavar="SECONDS",
                    help="heartbeat rounds to each gateway candidate (default 0.1: 10 a second)")
     a.add_argument("--probe-misses", type=_count, default=3, metavar="N",

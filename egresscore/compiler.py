@@ -82,7 +82,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from .cluster import DEFAULT_CLUSTER_NAME, Cluster, Interface, LabelFilter, Namespace, Node, Pod, PodTable
-from .policy import EgressPolicy
+from .policy import EXTRA_EGRESS_IPS, EgressPolicy
 from .types import (
     EGRESS_IP_NOT_FOUND_V4,
     EGRESS_IP_NOT_FOUND_V6,
@@ -117,6 +117,8 @@ class ResolvedGateway:
     interface: str | None = None
     problem: str | None = None
     skipped: tuple = ()  # matching nodes passed over because they are down (gateway health)
+    extra_ips: tuple = ()  # the policy's extra egress IPs on this gateway (spill), checked on its node
+    extra_problem: str | None = None  # why they are not used there
 
 
 class Conflict(NamedTuple):
@@ -233,6 +235,19 @@ def _holding(node: Node, held) -> Node:
         else:
             ifaces[at] = Interface(dev, ifaces[at].addresses + (addr,))
     return replace(node, interfaces=tuple(ifaces))
+def _extra_ips(policy: EgressPolicy, node: Node, primary) -> dict:
+    """The policy's extra egress IPs on its gateway `node` (the spill chain
+    of its egress IP), or why none is used: every one must be an address of
+    the node; one that is not turns the whole annotation off there (the
+    egress IP alone carries the traffic: never an address the node does not
+    hold)."""
+    held = node.all_ips()
+    missing = [ip for ip in policy.extra_egress_ips if ip not in held]
+    if missing:
+        return {"extra_problem": (f"metadata.annotations.{EXTRA_EGRESS_IPS}: {', '.join(missing)} "
+                                  f"{'is' if len(missing) == 1 else 'are'} not an address of node {node.name}: "
+                                  f"no spill, the egress IP alone is used")}
+    return {"extra_ips": tuple(ip for ip in policy.extra_egress_ips if ip not in primary)}
 
 
 def resolve_gateways(policy: EgressPolicy, cluster: Cluster, view: str | None = None, node_names=None,
@@ -267,6 +282,8 @@ def resolve_gateways(policy: EgressPolicy, cluster: Cluster, view: str | None = 
                 if problem is not None:  # both families unresolved, as in Cilium
                     resolved = ResolvedGateway(gip, name, EGRESS_IP_NOT_FOUND_V4, EGRESS_IP_NOT_FOUND_V6,
                                                ifname, problem)
+                elif policy.extra_egress_ips:
+                    resolved = replace(resolved, **_extra_ips(policy, node, (e4, e6)))
             else:  # only the gateway node itself knows its egress IP
                 resolved = ResolvedGateway(gip, name, EGRESS_IP_NOT_FOUND_V4, EGRESS_IP_NOT_FOUND_V6)
             break
@@ -349,6 +366,31 @@ class Compiler:
                         out[name] = n.gateway_ip
         return out
 
+    def spill_chains(self) -> dict:
+        """{egress IP: (extra egress IP, ...)} of the policies this node is
+        the gateway of (the EXTRA_EGRESS_IPS annotation, resolved here): the
+        NAT's spill chains (NatTable.set_spill).  The NAT spills per egress
+        IP, so policies sharing an egress IP share its chain: the IPs every
+        one of them lists, in the order of the first by name (a policy's
+        traffic never leaves with an address it did not list)."""
+        chains = {}
+        if not any(p.extra_egress_ips for p in self._policies.values()):
+            return chains       # the common case, cheap: the agent asks after every change
+        for name in sorted(self._gateways):
+            policy = self._policies[name]
+            for g in self._gateways[name]:
+                if g.node is None or (self.node is not None and g.node != self.node):
+                    continue
+                for primary in (g.egress_ip4, g.egress_ip6):
+                    if primary in (EGRESS_IP_NOT_FOUND_V4, EGRESS_IP_NOT_FOUND_V6):
+                        continue
+                    if (4 if ":" not in primary else 6) not in policy.families:
+                        continue
+                    mine = tuple(ip for ip in g.extra_ips if (":" in ip) == (":" in primary))
+                    key = (g.node, primary)
+                    chains[key] = mine if key not in chains else tuple(ip for ip in chains[key] if ip in mine)
+        return {primary: c for (_, primary), c in sorted(chains.items()) if c}
+
     def matched_pods(self, policy_name) -> list:
         """The pods a policy selects, by namespace, name and uid."""
         order = self._order
@@ -364,9 +406,10 @@ class Compiler:
         for name in sorted(self._gateways):
             seen = set()
             for g in self._gateways[name]:
-                if g.problem and g.problem not in seen:
-                    seen.add(g.problem)
-                    out.append(Problem(name, g.problem))
+                for problem in (g.problem, g.extra_problem):
+                    if problem and problem not in seen:
+                        seen.add(problem)
+                        out.append(Problem(name, problem))
         return out
 
     def conflicts(self) -> list:

@@ -3,10 +3,13 @@
 Two inputs, one answer (the set of nodes that are down, handed to
 Compiler.set_down):
 
-- a LivenessProvider: where the cluster keeps each agent's liveness (an etcd
-  lease, a Kubernetes Lease; those plug in with their sources).  Here the
-  interface and two providers: StaticLiveness (a fixed set) and FileLiveness
-  (a YAML/JSON file `down: [node, ...]`, re-read when it changes);
+- a LivenessProvider: where the cluster keeps each agent's liveness.  The
+  stores' own come with their sources (Source.liveness(): EtcdLiveness, a
+  node whose lease key is gone, in egresscore.sources.etcd; LeaseLiveness, a
+  node whose Lease egresscore-<node> is not renewed in time, in
+  egresscore.sources.k8s_lease).  Here the interface and two providers:
+  StaticLiveness (a fixed set) and FileLiveness (a YAML/JSON file
+  `down: [node, ...]`, re-read when it changes);
 - direct probes (Prober): this node sends a small UDP heartbeat to every
   gateway it may use, over the underlay, every `interval` seconds (10 per
   second by default); a gateway that misses `misses` rounds in a row (3) is

@@ -193,6 +193,14 @@ class StatsCollector:
                     self._add(size, total, ip, proto)
             yield used
             yield size
+        spill = n.get("spill")
+        if spill:
+            c = self._family(CounterMetricFamily, "nat_spilled_mappings",
+                             "New SNAT mappings placed on this egress IP because the policy's egress IP had no "
+                             "free port (egresscore.io/extra-egress-ips)", ["egress_ip"])
+            for ip, s in sorted(spill.items()):
+                self._add(c, s.get("spilled_in", 0), ip)
+            yield c
 
     def _egress_map(self, e):
         if e is None:

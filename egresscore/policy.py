@@ -37,6 +37,7 @@ __all__ = [
     "API_VERSION",
     "KIND",
     "MAX_GATEWAYS",
+    "EXTRA_EGRESS_IPS",
     "POD_NAMESPACE_LABEL",
     "NAMESPACE_LABEL_PREFIX",
     "LabelSelector",
@@ -55,6 +56,11 @@ API_VERSION = "cilium.io/v2"
 KIND = "CiliumEgressGatewayPolicy"
 LIST_KINDS = ("List", "CiliumEgressGatewayPolicyList")
 MAX_GATEWAYS = 64  # EGRESS_GW_HA_MAX_GATEWAY_NODES / the CRD's maxItems
+# An egresscore extension that keeps the CRD as Cilium reads it: more egress IPs
+# on the gateway node, comma-separated, used in order when the egress IP has no
+# free port for a new connection (egresscore.NatTable.set_spill).
+EXTRA_EGRESS_IPS = "egresscore.io/extra-egress-ips"
+MAX_EXTRA_EGRESS_IPS = 8  # per family (the NAT's NAT_MAX_SPILL)
 POD_NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 NAMESPACE_LABEL_PREFIX = "io.cilium.k8s.namespace.labels."
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
@@ -323,6 +329,7 @@ class EgressPolicy:
     excluded_cidrs: tuple = ()
     gateways: tuple = ()  # (EgressGateway, ...): egressGateways, else (egressGateway,)
     source: str = ""  # "file: document N", for messages
+    extra_egress_ips: tuple = ()  # EXTRA_EGRESS_IPS annotation: spill IPs on the gateway node, in order
     endpoint_selectors: tuple = field(init=False, repr=False, compare=False)
     node_selectors: tuple = field(init=False, repr=False, compare=False)
 
@@ -458,6 +465,38 @@ def _parse_spec(spec, warnings):
     )
 
 
+def _parse_extra_egress_ips(meta, families, gateways) -> tuple:
+    """The EXTRA_EGRESS_IPS annotation: distinct addresses of the policy's
+    families, none an egressIP of the policy; whether each is on the
+    gateway node is checked where it is resolved (egresscore.compiler)."""
+    ann = meta.get("annotations")
+    if ann is None:
+        return ()
+    _expect_map(ann, "metadata.annotations")
+    raw = ann.get(EXTRA_EGRESS_IPS)
+    if raw is None:
+        return ()
+    path = f"metadata.annotations.{EXTRA_EGRESS_IPS}"
+    _expect_str(raw, path)
+    out = []
+    for i, part in enumerate(raw.split(",")):
+        if not part.strip():
+            raise _FieldError(f"{path}[{i}]", "is empty (a comma-separated list of IP addresses)")
+        ip = _parse_ip(part, f"{path}[{i}]")
+        if ip.version not in families:
+            raise _FieldError(f"{path}[{i}]", f"{ip} is IPv{ip.version}, but the policy has no IPv{ip.version} "
+                              "destinationCIDRs (an extra egress IP must be of its egress IP's family)")
+        if str(ip) in out:
+            raise _FieldError(f"{path}[{i}]", f"{ip} is listed twice")
+        if any(gw.egress_ip == str(ip) for gw in gateways):
+            raise _FieldError(f"{path}[{i}]", f"{ip} is the policy's egressIP already")
+        out.append(str(ip))
+    for v in (4, 6):
+        if sum(1 for a in out if (":" in a) == (v == 6)) > MAX_EXTRA_EGRESS_IPS:
+            raise _FieldError(path, f"lists more than {MAX_EXTRA_EGRESS_IPS} IPv{v} addresses")
+    return tuple(out)
+
+
 def parse_policy(doc: Any, *, source: str = "") -> tuple:
     """One parsed YAML document as (EgressPolicy, warnings); PolicyError if bad.
 
@@ -489,9 +528,10 @@ def parse_policy(doc: Any, *, source: str = "") -> tuple:
             raise _FieldError("spec", "is required")
         warnings = []
         rules, dst, excl, gws = _parse_spec(doc["spec"], warnings)
+        extra = _parse_extra_egress_ips(meta, frozenset(6 if ":" in c else 4 for c in dst), gws)
     except _FieldError as exc:
         raise PolicyError(exc.message, policy=name, path=exc.path or None) from None
-    return EgressPolicy(name, rules, dst, excl, gws, source=source), warnings
+    return EgressPolicy(name, rules, dst, excl, gws, source=source, extra_egress_ips=extra), warnings
 
 
 def _split_documents(text):

@@ -10,7 +10,8 @@ import threading
 import kmock
 from kmock._internal import parsing
 
-RESOURCES = (("cilium.io/v2", "ciliumegressgatewaypolicies"), ("v1", "nodes"), ("v1", "namespaces"), ("v1", "pods"))
+RESOURCES = (("cilium.io/v2", "ciliumegressgatewaypolicies"), ("v1", "nodes"), ("v1", "namespaces"), ("v1", "pods"),
+             ("coordination.k8s.io/v1", "leases"))
 _kmock_parse_path = parsing.parse_path
 
 

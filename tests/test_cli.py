@@ -331,3 +331,34 @@ def test_egress_list_with_a_down_gateway_shows_the_next_one_and_who_is_down(caps
     assert code == 0 and "Not Found" in out and "every node matching nodeSelector" in err
     code, _, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", HA, "--down", "node7")
     assert code == 1 and "--down: no node 'node7'" in err
+
+
+def test_agent_liveness_options_pick_the_providers(capsys, monkeypatch, tmp_path):
+    """--liveness auto (default) asks for the source's own liveness; file and
+    static add theirs; a mode without its input is a usage error naming it."""
+    import egresscore.agent as agent_mod
+    from egresscore.health import FileLiveness, StaticLiveness
+
+    seen = {}
+
+    def fake_agent(node, cluster, policies, **kw):
+        seen.update(kw)
+        raise agent_mod.AgentError("stopped by the test")
+
+    monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    base = ("agent", "--node", "node1", "--cluster", CLUSTER, "--policies", HA, "--no-control-socket")
+    assert run(capsys, *base)[0] == 1
+    assert seen["liveness"] == ["auto"]
+    assert run(capsys, *base, "--liveness", "probes")[0] == 1
+    assert seen["liveness"] == []
+    down = tmp_path / "down.yaml"
+    down.write_text("down: [node3]\n")
+    assert run(capsys, *base, "--liveness", "file", "--liveness-file", str(down), "--down", "node4, node2")[0] == 1
+    file_p, static_p = seen["liveness"]
+    assert isinstance(file_p, FileLiveness) and file_p.down() == {"node3"}
+    assert isinstance(static_p, StaticLiveness) and static_p.down() == {"node4", "node2"}
+    for extra, msg in ((("--liveness", "file"), "--liveness file needs --liveness-file"),
+                       (("--liveness", "static"), "--liveness static needs --down"),
+                       (("--down", "node3,,node4"), "--down 'node3,,node4'")):
+        code, _, err = run(capsys, *base, *extra)
+        assert code == 2 and msg in err

@@ -9,6 +9,7 @@ import copy
 import time
 
 import pytest
+import yaml
 from conftest import needs_netns
 from etcd_helper import server as EtcdServer
 
@@ -139,3 +140,37 @@ def test_a_malformed_object_is_rejected_alone_and_counted_once(lab, capfd):
     lab.store.put("policies", SAMPLE_POLICY)
     _converged(lab, (EGRESS_IP, EGRESS_IP))
     assert lab.agents["node1"].stats()["source"]["objects_rejected"] == 1
+
+
+def test_a_gateway_whose_lease_key_is_gone_is_passed_over_although_its_probes_answer(lab):
+    """Liveness from the store joins the probes (down when either says so):
+    node3's key deleted, node1's agent passes node3 over for node4 (the HA
+    policy's next gateway) while node3 still answers heartbeats; node3's agent
+    puts its key back (within TTL/3) and new connections return to node3."""
+
+    other = "198.51.100.10"
+    with open("examples/egress-ha.yaml") as f:
+        ha = yaml.safe_load(f)
+    ha["spec"]["destinationCIDRs"] = ["198.51.100.0/24"]
+    ha["spec"].pop("excludedCIDRs", None)
+    node1 = lab.agents["node1"]
+
+    def wait(cond, what, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    lab.store.put("policies", ha)
+    try:
+        wait(lambda: lab.tcp_request("app1", other) == "192.168.1.3", "the HA policy through node3")
+        assert lab.store.delete_lease("node3")
+        wait(lambda: "node3" in node1.gateway_health()["down"], "node3 down by liveness")
+        row = next(g for g in node1.gateway_health()["gateways"] if g["node"] == "node3")
+        assert row["why"] == "liveness"                  # its probes still answer
+        assert lab.tcp_request("app1", other) == "192.168.1.4"
+        wait(lambda: "node3" in lab.store.live_nodes() and "node3" not in node1.gateway_health()["down"],
+             "node3's agent put its key back")
+        assert lab.tcp_request("app1", other) == "192.168.1.3"
+    finally:
+        lab.store.delete("policies", "egress-ha")

@@ -114,6 +114,15 @@ def test_pod_conn_refusals_by_source():
         "refused_by_source": {}, "refused_other_sources": 0}}))
 
 
+def test_spilled_mappings_by_egress_ip():
+    stats = {"nat": {"spill": {"192.168.1.100": {"spill_to": ["192.168.1.101"], "spilled_in": 0},
+                               "192.168.1.101": {"spill_to": [], "spilled_in": 4}}}}
+    s = samples(lambda: stats)
+    assert s[("egresscore_nat_spilled_mappings_total", (("egress_ip", "192.168.1.101"),))] == 4
+    assert s[("egresscore_nat_spilled_mappings_total", (("egress_ip", "192.168.1.100"),))] == 0
+    assert not any(k[0].startswith("egresscore_nat_spilled") for k in samples(lambda: {"nat": {"spill": {}}}))
+
+
 def test_gateway_health_series():
     health = {"enabled": True, "down": ["node3"],
               "gateways": [{"node": "node3", "ip": "192.168.1.3", "state": "down", "why": "probes"},

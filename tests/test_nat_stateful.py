@@ -2,7 +2,8 @@
 (egresscore/_natref.py) over random new flows, replies, TCP flags, batches,
 time jumps and GC (the full sweep and the bounded expiry wheel), with small
 port ranges and a small capacity so collisions, exhaustion and a full table
-happen often; and the same with a per-source connection limit."""
+happen often; the same with a per-source connection limit; and with spill
+chains (egress IP 0 spills to 3 then 4, the IPv6 one to 5)."""
 import ipaddress
 
 import numpy as np
@@ -15,7 +16,11 @@ from egresscore._natref import STATE_NAMES, NatRef
 
 EGRESS = [("192.168.1.100", {"tcp": (40000, 40005), "udp": (40000, 40002), "icmp": (1, 3)}),
           ("192.168.1.101", {"tcp": (32768, 65535), "udp": (32768, 65535), "icmp": (32768, 65535)}),
-          ("2001:db8::100", {"tcp": (40000, 40003), "udp": (40000, 40003), "icmp": (40000, 40003)})]
+          ("2001:db8::100", {"tcp": (40000, 40003), "udp": (40000, 40003), "icmp": (40000, 40003)}),
+          # spill IPs (NatMachineSpill): as small, so their chains fill too
+          ("192.168.1.102", {"tcp": (40000, 40002), "udp": (40000, 40001), "icmp": (1, 2)}),
+          ("192.168.1.103", {"tcp": (40010, 40011), "udp": (40010, 40010), "icmp": (5, 5)}),
+          ("2001:db8::101", {"tcp": (40000, 40001), "udp": (40000, 40001), "icmp": (40000, 40001)})]
 PODS = {4: ["10.0.1.1", "10.0.1.2"], 6: ["fd00::1", "fd00::2"]}
 REMOTES = {4: ["203.0.113.1", "198.51.100.2"], 6: ["2001:db8::a", "2001:db8::b"]}
 EXT_OF = {4: [0, 1], 6: [2]}
@@ -189,6 +194,24 @@ NatMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestNatAgainstModel = NatMachine.TestCase
+
+
+class NatMachineSpill(NatMachine):
+    """The small egress IPs spill: new mappings move on down the chain when
+    one is full, an endpoint keeps its mapping across the chain, and
+    refusals come only when the whole chain is full."""
+    CHAINS = {0: [3, 4], 2: [5]}
+
+    def __init__(self):
+        super().__init__()
+        self.t.set_spill({EGRESS[e][0]: [EGRESS[x][0] for x in c] for e, c in self.CHAINS.items()})
+        self.m.set_spill(self.CHAINS)
+
+
+NatMachineSpill.TestCase.settings = settings(
+    max_examples=120, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestNatWithSpillAgainstModel = NatMachineSpill.TestCase
 
 
 class NatMachineLimited(NatMachine):

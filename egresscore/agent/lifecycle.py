@@ -79,7 +79,11 @@ Gateway health (egresscore.health; gateway_health=True by default): the
 agent answers heartbeats on its node IP, UDP HEARTBEAT_PORT (4799), on its own
 thread, and probes every node that matches some policy's gateway selector
 (10 rounds a second, down after 3 missed rounds, up after 2 answered ones),
-on a health thread that also asks the liveness providers.  A change of the
+on a health thread that also asks the liveness providers (by default the
+source's own: with etcd, a node whose lease key is gone; with Kubernetes, a
+node whose Lease egresscore-<node> is not renewed within its duration;
+egresscore.sources).  A gateway is down when its liveness expired or its
+probes failed.  A change of the
 down set recompiles there (Compiler.set_down: only the affected policies'
 entries are rewritten, in place, while the datapath reads the map), under
 the control lock as every control change; the loop thread only receives
@@ -91,6 +95,11 @@ floating egress IPs move with the health layer's choice, and the active
 gateway's connections are replicated to its standby on UDP REPLICATION_PORT
 (4800) from a replication thread; the table writes that replication needs
 (the standby's applies, the active's export chunks) are loop-thread jobs.
+Spill (policy annotation egresscore.io/extra-egress-ips): on a gateway, the
+NAT's spill chains follow the compiled policies (Compiler.spill_chains), set
+on the loop thread when they change: a new connection whose egress IP has no
+free port takes one on the next extra IP (NatTable.set_spill);
+stats()["nat"]["spill"] and the per-IP port use show it.
 
 Thread model: the datapath and the NAT table have one writer, the thread in
 run()/step().  Control changes (set_policies, reload, upsert_pod, a source's
@@ -175,7 +184,8 @@ class Agent:
     more per connection of capacity.
     gateway_health: choose gateways over the nodes that are up (default);
     False: Cilium's exact choice.  liveness: LivenessProvider(s) consulted
-    besides the probes; probe_interval (s), probe_misses, probe_rises: the
+    besides the probes, and "auto" (the default) for the source's own: its
+    etcd leases, its Kubernetes Leases (files: none); probe_interval (s), probe_misses, probe_rises: the
     heartbeat rounds (egresscore.health); heartbeat_port: UDP port answered
     and probed.
     nat_state: where the NAT table lives so that its connections outlive the
@@ -203,10 +213,11 @@ class Agent:
                  nat_timeouts=None, nat_state=True,
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
                  metrics_port=None, metrics_addr="127.0.0.1", control_socket=None,
-                 gateway_health=True, liveness=(), probe_interval=0.1, probe_misses=3, probe_rises=2,
+                 gateway_health=True, liveness="auto", probe_interval=0.1, probe_misses=3, probe_rises=2,
                  heartbeat_port=HEARTBEAT_PORT, source=None, source_timeout=10.0,
                  label_filter=None, cluster_name=DEFAULT_CLUSTER_NAME, stateful_failover=False,
                  replication_port=REPLICATION_PORT):
+        liveness = self._liveness_of(liveness, source, node, gateway_health)
         runner = None
         if source is not None:  # the first snapshot is the cluster and policies at start (no file fallback)
             if cluster is not None or policies:
@@ -240,6 +251,31 @@ class Agent:
                                       last_revision=snap.revision, last_change_at=FeedStats.now())
             runner.attach(self)
 
+    @staticmethod
+    def _liveness_of(liveness, source, node, wanted=True):
+        """The liveness providers: "auto" is the source's own (etcd leases,
+        Kubernetes Leases; none for files), asked for before the source runs
+        (a Kubernetes source then also watches the Leases); a source without
+        a node of its own publishes this one's liveness."""
+        if isinstance(liveness, (LivenessProvider, str)):
+            liveness = [liveness]
+        out = []
+        for p in liveness:
+            if isinstance(p, str):
+                if p != "auto":
+                    raise ValueError(f"liveness: {p!r} is not 'auto' nor a LivenessProvider")
+                if source is not None:
+                    if getattr(source, "node", node) is None:
+                        source.node = node
+                    own = source.liveness() if wanted else None
+                    if own is not None:
+                        out.append(own)
+            elif isinstance(p, LivenessProvider):
+                out.append(p)
+            else:
+                raise TypeError(f"liveness: {type(p).__name__} is not a LivenessProvider")
+        return out
+
     def _build(self, node, cluster, policies, runner, *, netns, underlay, vni, vxlan_port, mtu, nat_port_range,
                kernel_port_range, nat_capacity, pod_conn_limit, pod_ifname, claim, poll_ms, vnet_hdr,
                tunnel_offload, ring_mode, nat_timeouts, nat_state, flow_log, flow_log_capacity, flow_drop_rate,
@@ -263,10 +299,7 @@ class Agent:
         self._pod_ifname = pod_ifname
         self._init_state()
         self.gateway_health_on = bool(health["gateway_health"])
-        liveness = health["liveness"]
-        if isinstance(liveness, LivenessProvider):
-            liveness = [liveness]
-        self._liveness = list(liveness)
+        self._liveness = list(health["liveness"])
         probe_interval, probe_misses = health["probe_interval"], health["probe_misses"]
         probe_rises, heartbeat_port = health["probe_rises"], health["heartbeat_port"]
         if probe_interval <= 0 or probe_misses < 1 or probe_rises < 1:
@@ -382,6 +415,9 @@ class Agent:
         self.responder = None
         self._candidates = {}          # gateway candidates {name: ip}, this node included
         self._candidates_gen = None    # the compiler generation they were computed at
+        self._spill = {}               # the NAT's spill chains in force {egress IP: [egress IPs]}
+        self._spill_gen = None         # the compiler generation they were computed at
+        self._spill_missing = set()    # extra egress IPs the NAT does not hold (said once)
         self.flow_log = None
         self.flow_logger = None
         self.metrics = None
@@ -561,11 +597,38 @@ class Agent:
             self._update_health_targets()
             if self.failover is not None:
                 self.failover.update()     # a standby whose active is down takes its floating IPs
+            self._update_spill()
             if self.flow_logger is not None:
                 self._enricher.refresh()
         ms = (time.monotonic() - t0) * 1000
         print(f"egresscore agent {self.node}: gateways down: {', '.join(sorted(down)) or 'none'} "
               f"({n} egress entries rewritten in {ms:.1f} ms)", file=sys.stderr, flush=True)
+
+    # -- spill to extra egress IPs (policy annotation egresscore.io/extra-egress-ips) -------
+    def _update_spill(self):
+        """Control thread: the NAT's spill chains from the policies this node is
+        the gateway of (Compiler.spill_chains), set on the loop thread when they
+        change.  Only addresses the NAT table holds (this node's, claimed at
+        start) are used; one line on stderr names any other."""
+        if self._spill_gen == self.compiler.generation or self.nat is None:
+            return
+        self._spill_gen = self.compiler.generation
+        known = set(self.nat.egress_ips)
+        chains, missing = {}, set()
+        for ip, extra in self.compiler.spill_chains().items():
+            if ip not in known:
+                continue
+            missing.update(x for x in extra if x not in known)
+            usable = [x for x in extra if x in known]
+            if usable:
+                chains[ip] = usable
+        if missing - self._spill_missing:
+            print(f"egresscore agent {self.node}: extra egress IPs {', '.join(sorted(missing))} were not on this "
+                  f"node when the agent started: not used", file=sys.stderr, flush=True)
+        self._spill_missing = missing
+        if chains != self._spill:
+            self._submit(self.nat.set_spill, chains)
+            self._spill = chains
 
     def gateway_health(self):
         """{"enabled", "down", "gateways": [{node, ip, state, why}], "probes"}: what
@@ -615,6 +678,7 @@ class Agent:
         self._update_health_targets()
         if self.failover is not None:
             self.failover.update()
+        self._update_spill()
 
     def _publish_nodes(self, nodes):
         """Control thread: node rows for the loop; tunnel peers, neighbours and claims for the host."""

@@ -83,3 +83,8 @@ class Source(abc.ABC):
     def describe(self) -> str:
         """Where the source reads from, for logs and `stats()`."""
         return self.name
+
+    def liveness(self):
+        """The agents' liveness as this store keeps it (a health.LivenessProvider
+        over this source's own watch), or None: the store keeps none (files)."""
+        return None

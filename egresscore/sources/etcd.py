@@ -25,7 +25,8 @@ revision compacted meanwhile means a full list and resync.  A malformed or
 oversized value is `rejected` alone (its key and field); the last good
 version of that key stays in force.  With `node`, the source keeps
 `leases/<node>` alive under a lease it refreshes (the node's liveness);
-live_nodes() reads them.
+live_nodes() reads them and liveness() is the agents' liveness provider
+(EtcdLiveness: a node whose lease key is gone is down), from the same watch.
 """
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ import time
 from urllib.parse import urlsplit
 
 from ..errors import EgressError
+from ..health import LivenessProvider
 from .base import Change, Snapshot, Source
 from .objects import KINDS, MAX_OBJECT_BYTES, ObjectError, decode_document, object_document, parse_object
 
-__all__ = ["DEFAULT_PREFIX", "MAX_OBJECT_BYTES", "EtcdError", "EtcdSource", "EtcdStore", "parse_url"]
+__all__ = ["DEFAULT_PREFIX", "MAX_OBJECT_BYTES", "EtcdError", "EtcdLiveness", "EtcdSource", "EtcdStore", "parse_url"]
 
 DEFAULT_PREFIX = "egresscore"
 DEFAULT_CLUSTER = "default"
@@ -269,10 +271,33 @@ class EtcdStore:
     def revoke(self, lease_id):
         self._post("/kv/lease/revoke", {"ID": lease_id})
 
+    def delete_lease(self, node) -> bool:
+        """Delete a node's liveness key: its agent is down for every other agent
+        (EtcdLiveness) until it puts the key back, within a third of its lease
+        TTL (tests; an operator forcing a failover check)."""
+        key = f"{self.root}leases/{node}"
+        return int(self._post("/kv/deleterange", {"key": _b64(key)}).get("deleted", 0)) > 0
+
     def put_lease(self, node, lease_id):
         key = f"{self.root}leases/{node}"
         doc = {"node": node, "pid": os.getpid(), "since": time.time()}
         self._post("/kv/put", {"key": _b64(key), "value": _b64(json.dumps(doc)), "lease": lease_id})
+
+
+class EtcdLiveness(LivenessProvider):
+    """Down: the nodes in the store whose agent holds no live lease (its
+    `leases/<node>` key, under a lease the agent refreshes, is gone: revoked
+    by a clean stop, or expired `lease_ttl` seconds after the agent last
+    refreshed it).  A view over the source's one watch (no request of its
+    own, nothing per gateway): down() reads a set the watch keeps.  A node
+    with no agent at all is down too (nothing could SNAT there).  While the
+    store is unreachable the last state seen stays (the probes still run)."""
+
+    def __init__(self, source: EtcdSource):
+        self.source = source
+
+    def down(self):
+        return self.source._down()
 
 
 def _plural(kind):
@@ -295,9 +320,12 @@ class EtcdSource(Source):
         self.revision = 0
         self._good = {}        # etcd key -> (kind, change key, object): the last good version in force
         self._live = set()
+        self._nodes = set()        # node names in the store (their keys), as the watch saw them
+        self._down_set = frozenset()   # _nodes - _live, kept with them
         self._lock = threading.Lock()
         self._resp = None
         self.watching = threading.Event()  # set while a watch stream is established
+        self._relet = threading.Event()    # our liveness key was deleted: grant and put it again
         self.stats = {"resyncs": 0, "compactions": 0, "disconnects": 0, "resumes": 0, "retries": 0}
 
     @classmethod
@@ -312,6 +340,14 @@ class EtcdSource(Source):
         """The nodes holding a live lease, as this source's watch last saw them."""
         with self._lock:
             return set(self._live)
+
+    def liveness(self):
+        """The agents' leases as a liveness provider (EtcdLiveness over this source's watch)."""
+        return EtcdLiveness(self)
+
+    def _down(self) -> frozenset:
+        with self._lock:
+            return self._down_set
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, sink, stop):
@@ -367,8 +403,11 @@ class EtcdSource(Source):
                 good[key] = self._good[key]  # a bad new value: the last good one stays
         live = {names[0] for k, _, _ in items if (p := self.store.split(k)) and p[0] == "leases"
                 for names in [p[1]] if names}
+        nodes = {names[0] for k, _, _ in items if (p := self.store.split(k)) and p[0] == "nodes"
+                 for names in [p[1]] if names}
         with self._lock:
-            self._live = live
+            self._live, self._nodes = live, nodes
+            self._down_set = frozenset(nodes - live)
         self._good = good
         by = {"node": [], "namespace": [], "pod": [], "policy": []}
         for kind, _, obj in good.values():
@@ -446,13 +485,18 @@ class EtcdSource(Source):
             rev = int(kv.get("mod_revision", 0))
             top = max(top, rev)
             parts = self.store.split(key)
-            if parts is not None and parts[0] == "leases":
+            if parts is not None and parts[0] in ("leases", "nodes") and parts[1]:
+                track = self._live if parts[0] == "leases" else self._nodes
                 with self._lock:
                     if ev.get("type") == "DELETE":
-                        self._live.discard(parts[1][0] if parts[1] else "")
-                    elif parts[1]:
-                        self._live.add(parts[1][0])
-                continue
+                        track.discard(parts[1][0])
+                        if parts[0] == "leases" and parts[1][0] == self.node:
+                            self._relet.set()   # our key went while our lease lives: the keeper puts it back
+                    else:
+                        track.add(parts[1][0])
+                    self._down_set = frozenset(self._nodes - self._live)
+                if parts[0] == "leases":
+                    continue
             if ev.get("type") == "DELETE":
                 old = self._good.pop(key, None)
                 if old is not None:
@@ -487,7 +531,8 @@ class EtcdSource(Source):
 
     def _keep_lease(self, stop):
         """The liveness key under a lease refreshed every TTL/3; a failure breaks the watch too (a
-        store that stopped answering is a lost store).  On stop the lease is revoked."""
+        store that stopped answering is a lost store); a key deleted under a live lease is put
+        back under a new one.  On stop the lease is revoked."""
         lease = None
         store = EtcdStore(  # its own HTTP session: the watch owns the other
                           self.store.host, self.store.port, prefix=self.store.prefix, cluster=self.store.cluster,
@@ -496,6 +541,11 @@ class EtcdSource(Source):
             while True:
                 if self.node is not None:
                     try:
+                        if self._relet.is_set():
+                            self._relet.clear()
+                            if lease is not None:
+                                store.revoke(lease)
+                                lease = None
                         if lease is None:
                             lease = store.grant(self.lease_ttl)
                             store.put_lease(self.node, lease)

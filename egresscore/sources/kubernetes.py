@@ -11,6 +11,12 @@ egresscore's types with the existing parsers; one that is malformed or over
 error naming the field)` and left out alone (a malformed update leaves the
 last good version in force).
 
+Liveness (egresscore.sources.k8s_lease): with `node`, the source keeps
+that node's coordination.k8s.io/v1 Lease `egresscore-<node>` in
+`lease_namespace` renewed, as kubelet keeps its node Lease; liveness()
+watches every agent's Lease: one not renewed within its
+leaseDurationSeconds is a node that is down.
+
 Pods as Cilium sees them: keyed by metadata.uid; a pod without an IP, with
 hostNetwork (Cilium makes no endpoint for it: its IP is the node's) or done
 (phase Succeeded/Failed: its IP is released) is not an endpoint, so its
@@ -35,13 +41,15 @@ from egresscore.cluster import ClusterError, Namespace, Node, Pod, built_at
 from egresscore.policy import API_VERSION, KIND, PolicyError, parse_policy
 from egresscore.sources.base import Change, Snapshot, Source, SourceSink
 
-__all__ = ["KubernetesSource", "MAX_OBJECT_BYTES", "convert"]
+__all__ = ["LEASE_DURATION", "LEASE_NAMESPACE", "KubernetesSource", "MAX_OBJECT_BYTES", "convert"]
 
 MAX_OBJECT_BYTES = 512 * 1024
 """The largest object accepted, as compact JSON.  Real pods, nodes and
 policies are a few KiB; the API server's own ceiling is etcd's 1.5 MiB."""
 
 KINDS = ("node", "namespace", "pod", "policy")
+LEASE_NAMESPACE = "kube-node-lease"   # beside kubelet's node Leases; ours are egresscore-<node>
+LEASE_DURATION = 10                   # seconds (leaseDurationSeconds); renewed every third of it
 
 
 class _Meta:
@@ -58,7 +66,8 @@ class _Meta:
 
 @functools.cache
 def _resources():
-    """lightkube generic resources for the four kinds (one set per process: lightkube registers them)."""
+    """lightkube generic resources for the four kinds and the agents' Leases (one set per process:
+    lightkube registers them)."""
     from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 
     out = {
@@ -67,6 +76,7 @@ def _resources():
         "node": create_global_resource("", "v1", "Node", "nodes"),
         "namespace": create_global_resource("", "v1", "Namespace", "namespaces"),
         "pod": create_namespaced_resource("", "v1", "Pod", "pods"),
+        "lease": create_namespaced_resource("coordination.k8s.io", "v1", "Lease", "leases"),  # k8s_lease
     }
     for res in out.values():
         res.metadata = property(lambda self: _Meta(self.get("metadata")))
@@ -168,8 +178,11 @@ def _pod(obj) -> Pod | None:
 
 def _policy(obj):
     meta = _map(obj.get("metadata"), "metadata")
+    metadata = {"name": meta.get("name")}
+    if meta.get("annotations") is not None:  # egresscore.io/extra-egress-ips (egresscore.policy)
+        metadata["annotations"] = meta["annotations"]
     doc = {"apiVersion": obj.get("apiVersion", API_VERSION), "kind": obj.get("kind", KIND),
-           "metadata": {"name": meta.get("name")}, "spec": obj.get("spec")}
+           "metadata": metadata, "spec": obj.get("spec")}
     policy, _warnings = parse_policy(doc, source="kubernetes")
     return policy
 
@@ -218,7 +231,10 @@ class KubernetesSource(Source):
     name = "kubernetes"
 
     def __init__(self, kubeconfig=None, *, context=None, config=None, backoff=0.5, max_backoff=30.0,
-                 max_object_bytes=MAX_OBJECT_BYTES, list_chunk=500, watch_timeout=150.0, read_timeout=None):
+                 max_object_bytes=MAX_OBJECT_BYTES, list_chunk=500, watch_timeout=150.0, read_timeout=None,
+                 node=None, lease_namespace=LEASE_NAMESPACE, lease_duration=LEASE_DURATION):
+        if not lease_duration >= 1:
+            raise ValueError(f"lease_duration: {lease_duration!r} must be at least 1 second")
         if not watch_timeout >= 1:
             raise ValueError(f"watch_timeout: {watch_timeout!r} must be at least 1 second")
         if read_timeout is None:
@@ -238,6 +254,10 @@ class KubernetesSource(Source):
         self.disconnects = 0
         self.rejects = 0
         self.revisions = {}  # kind -> last resourceVersion seen
+        self.node = node
+        self.lease_namespace = lease_namespace
+        self.lease_duration = int(lease_duration)
+        self._leases = None  # liveness(): the agents' Leases (egresscore.sources.k8s_lease.LeaseTracker)
 
     def describe(self) -> str:
         where = self._kubeconfig or ("config" if self._config is not None else "in-cluster")
@@ -266,10 +286,33 @@ class KubernetesSource(Source):
 
     # ------------------------------------------------------------------ run
 
+    def liveness(self):
+        """The agents' Leases as a liveness provider (call before run()): this
+        source then also watches the Leases in `lease_namespace` (see
+        egresscore.sources.k8s_lease)."""
+        from .k8s_lease import LeaseLiveness, LeaseTracker
+
+        if self._leases is None:
+            self._leases = LeaseTracker()
+        return LeaseLiveness(self._leases)
+
     def run(self, sink: SourceSink, stop: threading.Event) -> None:
         asyncio.run(self._run(sink, stop))
 
     async def _run(self, sink, stop):
+        from .k8s_lease import keep_lease, watch_leases
+
+        tasks = []
+        if self.node is not None:    # this node's liveness: its Lease, renewed (and deleted on stop)
+            tasks.append(asyncio.ensure_future(keep_lease(self, stop)))
+        if self._leases is not None:
+            tasks.append(asyncio.ensure_future(watch_leases(self, self._leases, stop)))
+        try:
+            await self._follow(sink, stop)
+        finally:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _follow(self, sink, stop):
         from lightkube import ApiError
 
         res = _resources()

@@ -272,7 +272,9 @@ cdef inline int _nat_refuse(nat_table* t, const nat_tuple* o, int reason,
 cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t h,
                      uint64_t mh, uint32_t ext, uint64_t now, nat_tuple* out,
                      uint64_t* defer, uint32_t length) noexcept nogil:
-    """Create the connection (and its mapping if new).  With `defer`, the
+    """Create the connection (and its mapping if new: on `ext`, or on the
+    first IP of ext's spill chain with a free port when ext has none; the
+    endpoint's mapping on a spill IP is reused first).  With `defer`, the
     reply-index insert is left to the caller: defer[0] = its hash (the slot is
     prefetched), defer[1] = entry index + 1; batches insert it a few tuples
     later, when the slot is in cache."""
@@ -289,10 +291,16 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
     if t.free_head == NAT_NONE and t.entries_hwm == t.capacity:
         return _nat_refuse(t, o, DROP_NAT_TABLE_FULL, now)
     m = _nat_find_map(t, mh, o.family, o.proto, o.sport, <uint16_t>ext, o.src)
+    if m == NAT_NONE and t.ext[ext].nspill:
+        m = _nat_spill_find_map(t, o, &ext, &mh)
     if m == NAT_NONE:
         pool = t.ext[ext].pools[_nat_pool_of(o.proto)]
         if pool.nfree == 0:
-            return _nat_refuse(t, o, DROP_NAT_EXHAUSTED, now)
+            # full: the next egress IP of its spill chain with a free port, if any
+            ext = _nat_spill_pool(t, o, ext, &mh) if t.ext[ext].nspill else NAT_NONE
+            if ext == NAT_NONE:
+                return _nat_refuse(t, o, DROP_NAT_EXHAUSTED, now)
+            pool = t.ext[ext].pools[_nat_pool_of(o.proto)]
         xport = o.sport
         if xport < pool.lo or xport > pool.hi or not _nat_port_free(pool, xport):
             start = pool.lo + <uint32_t>((_nat_rand(t) >> 32) % (pool.hi - pool.lo + 1))
@@ -410,8 +418,10 @@ cdef int nat_translate_out_len(nat_table* t, const nat_tuple* orig, uint32_t ext
 
     Returns 0 and fills `out` (source = egress IP:xport) for a known or new
     connection; DROP_UNSUPPORTED (family/protocol), DROP_NO_EGRESS_IP (bad
-    index or family), DROP_NAT_TABLE_FULL or DROP_NAT_EXHAUSTED otherwise, and
-    then `out` is untouched.  An existing connection keeps its egress IP."""
+    index or family), DROP_NAT_TABLE_FULL or DROP_NAT_EXHAUSTED (no free port
+    on `ext` nor on any IP of its spill chain) otherwise, and then `out` is
+    untouched.  An existing connection keeps its egress IP; a new one may
+    leave through a spill IP of `ext` (out.src says which)."""
     cdef int err = _nat_out_check(t, orig, ext)
     cdef uint16_t dport
     if err:

@@ -86,6 +86,7 @@ cdef enum:
     NAT_MAX_EXT = 1024          # egress IPs per table
     NAT_MAX_CAPACITY = 16777214  # slot = 8-bit tag | 24-bit entry index + 1
     NAT_NPOOLS = 3              # per egress IP: TCP, UDP, ICMP echo
+    NAT_MAX_SPILL = 8           # egress IPs one egress IP spills to (nat_ext.spill)
 
     # expiry timing wheel: NAT_WHEEL_SLOTS buckets of 2**NAT_WHEEL_SHIFT ns
     # (134 ms), one revolution = 1100 s; farther expiries wait in the last
@@ -156,10 +157,17 @@ cdef struct nat_pool:
     uint64_t bits[1024]
     uint64_t full[16]
 
+# One egress IP.  Spill (an egresscore extension, configured by the agent
+# from the policies; not kept in the state file): a new mapping whose egress
+# IP has no free port in its pool is placed on the first of spill[0..nspill)
+# that has one; an endpoint's existing mapping on any of them is reused.
 cdef struct nat_ext:
     uint8_t family
     uint8_t addr[16]
     nat_pool* pools[3]
+    uint16_t nspill
+    uint16_t spill[NAT_MAX_SPILL]
+    uint64_t spilled_in         # mappings placed here because an earlier IP was full
 
 cdef struct nat_index:
     uint32_t* slots

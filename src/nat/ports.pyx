@@ -65,3 +65,43 @@ cdef inline uint64_t _nat_rand(nat_table* t) noexcept nogil:
     x ^= x >> 27
     t.rng = x
     return x * <uint64_t>0x2545F4914F6CDD1DULL
+
+# ---------------------------------------------------------------------------
+# spill: more egress IPs for one (nat_ext.spill, set by NatTable.set_spill)
+
+cdef uint32_t _nat_spill_find_map(nat_table* t, const nat_tuple* o, uint32_t* ext,
+                                  uint64_t* mh) noexcept nogil:
+    """The endpoint's mapping on one of *ext's spill IPs, or NAT_NONE.
+
+    Endpoint-independent mapping holds across the chain: a pod port that
+    spilled keeps its egress IP and port for every destination while it
+    has a connection.  On a hit *ext and *mh become that IP's."""
+    cdef const nat_ext* x = &t.ext[ext[0]]
+    cdef uint32_t i, m
+    cdef uint16_t s
+    cdef uint64_t h
+    for i in range(x.nspill):
+        s = x.spill[i]
+        h = _nat_hash_map(t.seed, o.family, o.proto, o.sport, s, o.src)
+        m = _nat_find_map(t, h, o.family, o.proto, o.sport, s, o.src)
+        if m != NAT_NONE:
+            ext[0] = s
+            mh[0] = h
+            return m
+    return NAT_NONE
+
+cdef uint32_t _nat_spill_pool(nat_table* t, const nat_tuple* o, uint32_t ext,
+                              uint64_t* mh) noexcept nogil:
+    """The first spill IP of `ext` (whose own pool is full) with a free port
+    for o's protocol, or NAT_NONE when every one is full too; *mh becomes
+    the mapping hash on it."""
+    cdef const nat_ext* x = &t.ext[ext]
+    cdef uint32_t i
+    cdef uint16_t s
+    for i in range(x.nspill):
+        s = x.spill[i]
+        if t.ext[s].pools[_nat_pool_of(o.proto)].nfree:
+            mh[0] = _nat_hash_map(t.seed, o.family, o.proto, o.sport, s, o.src)
+            t.ext[s].spilled_in += 1
+            return s
+    return NAT_NONE

@@ -531,6 +531,67 @@ cdef class NatTable:
         self._ext_index[name] = i
         return i
 
+    def set_spill(self, chains):
+        """The spill chains, replacing all: {egress IP: [egress IPs, ...]}.
+
+        A new connection through an egress IP with no free port for its
+        protocol takes its port from the first IP of the chain with one
+        (refused as nat_exhausted only when every one is full); an endpoint
+        (pod address, port) with a mapping on any IP of the chain keeps it
+        (endpoint-independent mapping).  Each IP must be configured here,
+        of the same family, at most NAT_MAX_SPILL (8) per IP, no repeats nor
+        the IP itself.  Connections already made keep their IP.  Checked
+        whole first: a bad chain changes nothing."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        if not hasattr(chains, "items"):
+            raise TypeError(f"chains must be a mapping of egress IP to a list of egress IPs, "
+                            f"not {type(chains).__name__}")
+        plan = {}
+        for ip, spill in chains.items():
+            fam, _ = addr_packed16(ip, "spill chain egress IP")
+            i = self._egress(ip, fam)
+            if isinstance(spill, (str, bytes)):
+                raise TypeError(f"spill chain of {ip}: must be a list of egress IPs, not a string")
+            idx = []
+            for j, s in enumerate(spill):
+                sfam, _ = addr_packed16(s, f"spill chain of {ip}[{j}]")
+                if sfam != fam:
+                    raise ValueError(f"spill chain of {ip}[{j}]: {s} is not IPv{fam} like {ip}")
+                k = self._egress(s, sfam)
+                if k == i or k in idx:
+                    raise ValueError(f"spill chain of {ip}[{j}]: {s} is repeated")
+                idx.append(k)
+            if len(idx) > NAT_MAX_SPILL:
+                raise ValueError(f"spill chain of {ip}: {len(idx)} egress IPs, at most {NAT_MAX_SPILL}")
+            if i in plan:
+                raise ValueError(f"spill chain of {ip}: given twice")
+            plan[i] = idx
+        cdef uint32_t e
+        cdef int n
+        with self._lock:
+            for e in range(self.t.n_ext):
+                idx = plan.get(e, ())
+                for n, k in enumerate(idx):
+                    self.t.ext[e].spill[n] = k
+                self.t.ext[e].nspill = len(idx)
+
+    @property
+    def spill(self):
+        """{egress IP: {"spill_to": [egress IPs], "spilled_in": mappings placed
+        on it because an earlier IP was full}} for every IP with either."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        cdef nat_ext* x
+        out = {}
+        with self._lock:
+            for i, name in enumerate(self._ext_names):
+                x = &self.t.ext[i]
+                if x.nspill or x.spilled_in:
+                    out[name] = {"spill_to": [self._ext_names[x.spill[k]] for k in range(x.nspill)],
+                                 "spilled_in": x.spilled_in}
+        return out
+
     @property
     def egress_ips(self):
         """Egress IPs in index order."""
@@ -809,7 +870,8 @@ cdef class NatTable:
         """Counters: lookups, hits, created, expired, refused by reason, sizes;
         with a per-source limit, the sources holding connections and the
         refusals by source address (the first 256 sources refused by name,
-        the others summed in refused_other_sources)."""
+        the others summed in refused_other_sources); spill: the spill chains
+        and the mappings each IP took by spilling (see set_spill)."""
         if self.t == NULL:
             raise RuntimeError("NatTable was not initialised (__init__ not run)")
         cdef nat_table* t = self.t
@@ -820,7 +882,7 @@ cdef class NatTable:
                 if t.refused_src[i].family:
                     by_source[_nat_ip_str(t.refused_src[i].family, t.refused_src[i].addr)] = \
                         t.refused_src[i].count
-            return {
+            out = {
                 "capacity": t.capacity,
                 "entries": t.used,
                 "mappings": t.map_used,
@@ -835,6 +897,8 @@ cdef class NatTable:
                 "refused_by_source": by_source,
                 "refused_other_sources": t.refused_src_other,
             }
+        out["spill"] = self.spill
+        return out
 
     # -- batches -------------------------------------------------------------
 
