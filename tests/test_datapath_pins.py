@@ -10,13 +10,13 @@ make-before-break off (Cilium's: every packet follows the map).
 """
 import numpy as np
 import pytest
+from egresscore._core import GatewayPins
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 from test_datapath_batch import run_batch, run_each
 
 from egresscore import Datapath, EgressMap, NatTable
-from egresscore._core import GatewayPins
 
 NODES = [("192.168.1.1", "10.0.1.0/24"), ("192.168.1.2", "10.0.2.0/24"), ("192.168.1.3", "10.0.3.0/24"),
          ("192.168.1.4", "10.0.4.0/24")]
@@ -125,7 +125,7 @@ def test_a_connection_keeps_its_gateway_when_the_map_moves_and_a_new_one_takes_t
 
 
 def test_process_batch_and_process_agree_with_pins_on():
-    a, b = node("node1"), node("node1")
+    a, b = node("node1", capacity=1 << 15), node("node1", capacity=1 << 15)   # 512 KiB: prefetched ahead
     old = [udp(10000 + i) for i in range(FLOWS)] + [tcp(3000 + i, "S") for i in range(20)]
     assert run_batch(b, old, 1) == run_each(a, old, 1)
     for dp in (a, b):

@@ -488,7 +488,7 @@ cdef class Datapath:
             raise no_memory("process_batch outputs")
         self.c.sink = &sink
         self.c.emit = dp_capture
-        self.c.pin_ahead = self.c.pins != NULL
+        self.c.pin_ahead = self.c.pins != NULL and self.c.pins.prefetch
         try:
             with nogil:
                 b = 0

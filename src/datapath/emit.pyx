@@ -35,10 +35,11 @@ cdef void dp_rx_frames(dp_ctx *c, const ring_frame_t *fr, int n, int port, uint6
     (dp_poll), and process_batch's over caller arrays (same frames, same
     path).  verdicts (or NULL) gets each frame's dp_ret code.  From a pod
     with make-before-break on, each frame's pin bucket is prefetched
-    DP_PIN_AHEAD frames ahead (the first ones by the caller when
-    c.pin_ahead: process_batch, whose batches may be short)."""
+    DP_PIN_AHEAD frames ahead when the table outgrows the caches (the first
+    ones by the caller when c.pin_ahead: process_batch, whose batches may
+    be short)."""
     cdef int i, r
-    cdef bint pins = c.pins != NULL and port != 0
+    cdef bint pins = c.pins != NULL and port != 0 and c.pins.prefetch
     if pins and not c.pin_ahead:
         for i in range(min(n, DP_PIN_AHEAD)):
             dp_pin_prefetch(c, fr[i].data, fr[i].len)

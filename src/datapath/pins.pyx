@@ -12,7 +12,7 @@
 # Both only while c.pins is set (Datapath.set_make_before_break).
 
 cdef enum:
-    DP_PIN_AHEAD = 8            # frames ahead whose pin bucket is prefetched
+    DP_PIN_AHEAD = 16            # frames ahead whose pin bucket is prefetched
 
 
 cdef inline bint dp_pin_usable(dp_ctx *c, uint32_t node) noexcept nogil:
@@ -26,7 +26,7 @@ cdef inline uint32_t dp_pin_pick(dp_ctx *c, const PktInfo *pi, uint32_t node, ui
     """The connection's gateway (node index): its live, usable pin, else
     `node` (the egress map's choice now), which becomes its pin (*rec)."""
     cdef uint32_t p = gwpin_pick(c.pins, gwpin_key0(pi.src4, pi.dst4), gwpin_key1(pi.proto, pi.sport, pi.dport),
-                                 pi.tcp_flags if pi.proto == PKT_IPPROTO_TCP else 0, now, node, rec)
+                                 pi.tcp_flags, now, node, rec)      # flags: 0 unless TCP (pkt_parse)
     if p != node and not dp_pin_usable(c, p):
         gwpin_repin(c.pins, rec[0], node)
         return node

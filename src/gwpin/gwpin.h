@@ -45,6 +45,7 @@
 #define GWPIN_SEEN_SHIFT 48
 #define GWPIN_SEEN_MASK (0xffffULL << GWPIN_SEEN_SHIFT)
 #define GWPIN_MAX_RECORDS (1u << 24)
+#define GWPIN_PREFETCH_BYTES (256u << 10)     /* smaller tables stay in cache: no prefetch */
 
 #define GWPIN_TCP_FIN 0x01
 #define GWPIN_TCP_SYN 0x02
@@ -65,6 +66,7 @@ typedef struct {
     uint64_t mask;              /* buckets - 1 (a power of two) */
     uint64_t seed;
     uint32_t tmo[4];            /* ticks: TCP open, TCP closing, UDP, ICMP */
+    uint32_t prefetch;          /* the table outgrows the caches: the batch loop prefetches buckets */
     uint64_t cursor;            /* gwpin_sweep's next bucket */
     uint64_t used;              /* records held (live or not yet swept) */
     /* counters */
@@ -97,7 +99,13 @@ static inline uint64_t gwpin_hash(const gwpin_table *t, uint64_t k0, uint64_t k1
 
 static inline void gwpin_prefetch(const gwpin_table *t, uint64_t k0, uint64_t k1)
 {
-    __builtin_prefetch(&t->b[gwpin_hash(t, k0, k1) & t->mask], 1, 3);
+    const void *p = &t->b[gwpin_hash(t, k0, k1) & t->mask];
+#if defined(__x86_64__)
+    /* as asm: GCC dropped the builtin here (inlined into the batch loop) */
+    __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p));
+#else
+    __builtin_prefetch(p, 0, 3);
+#endif
 }
 
 static inline uint32_t gwpin_tick(uint64_t now_ns)
@@ -204,7 +212,11 @@ static inline uint32_t gwpin_pick(gwpin_table *t, uint64_t k0, uint64_t k1, uint
     }
     *rec = r;
     w = r->k1;
-    if (__builtin_expect(gwpin_age(w, (uint32_t)tick) <= gwpin_tmo(t, w), 1) &&
+    /* a steady flow: seen this tick already, no flag that changes its state */
+    if (__builtin_expect((w >> GWPIN_SEEN_SHIFT) == tick &&
+                         !(flags & (GWPIN_TCP_FIN | GWPIN_TCP_RST | GWPIN_TCP_SYN)), 1))
+        return gwpin_node(w);
+    if (gwpin_age(w, (uint32_t)tick) <= gwpin_tmo(t, w) &&
             !((w & GWPIN_CLOSING) && (flags & (GWPIN_TCP_SYN | GWPIN_TCP_ACK)) == GWPIN_TCP_SYN)) {
         nw = (w & ~GWPIN_SEEN_MASK) | (tick << GWPIN_SEEN_SHIFT) | close;
         if (nw != w)

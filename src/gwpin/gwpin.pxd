@@ -18,6 +18,7 @@ cdef extern from "gwpin/gwpin.h" nogil:
     enum: GWPIN_TICK_SHIFT
     enum: GWPIN_MAX_TICKS
     enum: GWPIN_MAX_RECORDS
+    enum: GWPIN_PREFETCH_BYTES
     const uint64_t GWPIN_CLOSING
     ctypedef struct gwpin_rec:
         uint64_t k0
@@ -29,6 +30,7 @@ cdef extern from "gwpin/gwpin.h" nogil:
         uint64_t mask
         uint64_t seed
         uint32_t tmo[4]
+        uint32_t prefetch
         uint64_t cursor
         uint64_t used
         uint64_t pinned

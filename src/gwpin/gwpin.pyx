@@ -64,6 +64,7 @@ cdef class GatewayPins:
         if self.t.b == NULL:
             raise no_memory(f"GatewayPins of {records} records")
         self.t.mask = buckets - 1
+        self.t.prefetch = self._bytes > GWPIN_PREFETCH_BYTES
         self.t.seed = (seed * 0x9e3779b97f4a7c15 + 0x2545f4914f6cdd1d) & 0xffffffffffffffff
         self._timeouts = {}
         for i, name in enumerate(_GWPIN_KINDS):
