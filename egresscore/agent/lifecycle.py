@@ -558,8 +558,9 @@ class Agent:
     def _flush_pins(self, ips):
         """Loop thread: drop the pins on gateways `ips` (down): their connections follow the map now."""
         n = sum(self.datapath.flush_gateway(ip) for ip in ips)
-        print(f"egresscore agent {self.node}: {n} connections pinned to {', '.join(ips)} (down) released",
-              file=sys.stderr, flush=True)
+        if n:
+            print(f"egresscore agent {self.node}: {n} connections pinned to {', '.join(ips)} (down) released",
+                  file=sys.stderr, flush=True)
 
     def gateway_health(self):
         """{"enabled", "down", "gateways": [{node, ip, state, why}], "probes"}: what
