@@ -7,7 +7,8 @@ another gateway: the download completes intact through the gateway it
 started on, and a connection opened after the edit is seen by the server
 from the new gateway's address.  Then an `egressGateways` list of two
 gateways grows to three, which moves app1 (FNV placement of its UID) to the
-third: the transfers running across the change complete intact.
+third: the transfers running across the change complete intact.  Last, a
+gateway found down releases its pinned connections at once.
 """
 import hashlib
 import os
@@ -182,3 +183,23 @@ def test_growing_egress_gateways_from_two_to_three_breaks_no_connection(lab):
     assert seen == [NODE3, NODE3, NODE4], seen
     drops = {n: a.counters()["drops"] for n, a in lab.agents.items()}
     assert all(d.get("policy_denied", 0) == 0 for d in drops.values()), drops
+
+
+def test_a_gateway_found_down_releases_its_pinned_connections_at_once(lab):
+    node1 = lab.agents["node1"]
+    _set_policies(lab, HA_POLICY)
+    assert lab.udp_echo("app1", SERVER, count=2) == 2          # a UDP flow pinned to node3 (300 s idle timeout)
+    pinned = [r for r in node1.datapath.pins.records() if r["proto"] == 17 and r["node"] == 2]
+    assert pinned, node1.datapath.pins.records()
+    before = node1.counters()["pins"]["flushed"]
+    views = [lab.agents["node1"], lab.agents["node4"]]       # the source node and the standby agree node3 is down
+    try:
+        for a in views:
+            a._health_changed(frozenset({"node3"}))           # what the health thread does when node3 stops answering
+        _wait(lambda: node1.counters()["pins"]["flushed"] >= before + len(pinned), 2.0, "node3's pins released")
+        assert not [r for r in node1.datapath.pins.records() if r["node"] == 2]
+        assert _gateway(lab) == NODE4 and lab.tcp_request("app1", SERVER) == NODE4
+    finally:
+        for a in views:
+            a._health_changed(frozenset())
+    assert _gateway(lab) == NODE3
