@@ -262,7 +262,7 @@ def _add_validate(sub):
 def _cmd_agent(args):
     import signal
 
-    from .agent import DEFAULT_NAT_CAPACITY, Agent, AgentError
+    from .agent import DEFAULT_NAT_CAPACITY, DEFAULT_PIN_CAPACITY, Agent, AgentError
     from .health import FileLiveness, LivenessError, StaticLiveness
 
     source = _source(args)
@@ -283,7 +283,9 @@ def _cmd_agent(args):
                       probe_interval=args.probe_interval, probe_misses=args.probe_misses,
                       stateful_failover=args.stateful_failover,
                       nat_state=False if args.no_nat_state else (args.nat_state or True),
-                      label_filter=label_filter, cluster_name=args.cluster_name)
+                      label_filter=label_filter, cluster_name=args.cluster_name,
+                      make_before_break=args.make_before_break,
+                      pin_capacity=args.pin_capacity or DEFAULT_PIN_CAPACITY)
     except (AgentError, PermissionError, EgressError) as exc:
         raise CLIError(str(exc)) from None
     signal.signal(signal.SIGINT, lambda *a: agent.stop())
@@ -360,6 +362,14 @@ def _source(args):
 
 
 NAT_MAX_CAPACITY = 16_777_214  # the NAT table indexes connections in 24 bits
+
+
+def _pin_count(text):
+    """An argparse type: a pin table's capacity (4 to 2**24)."""
+    n = _count(text, 1 << 24)
+    if n < 4:
+        raise argparse.ArgumentTypeError(f"{n} is out of range 4-{1 << 24}")
+    return n
 
 
 def _count(text, most=None):
@@ -444,6 +454,13 @@ def _add_agent(sub):
                         "either says so): 'auto' (default): the source's own (etcd: the node's lease key; "
                         "kubernetes: its Lease egresscore-NODE; file: none); 'file': --liveness-file; "
                         "'static': --down; 'probes': the probes alone")
+    a.add_argument("--make-before-break", action="store_true",
+                   help="connections keep the gateway they started on when a policy edit or a change of "
+                        "the gateway set moves their pod (until they end or idle out; a gateway that goes "
+                        "down releases them at once); new connections take the new gateway. Off by default "
+                        "(one lookup per packet from a pod); turn it on on every node")
+    a.add_argument("--pin-capacity", type=_pin_count, metavar="N",
+                   help="with --make-before-break: connections remembered (default 65536, 16 bytes each)")
     a.add_argument("--liveness-file", metavar="FILE",
                    help="YAML/JSON {down: [node, ...]}: nodes whose liveness has expired, re-read when it changes")
     a.add_argument("--down", metavar="NODE[,NODE...]",

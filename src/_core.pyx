@@ -10,11 +10,13 @@ as plain C functions, with no cross-module cimport.  The tree:
              the one map from C error codes to exceptions (errors.pxi)
   lpm/       the poptrie-style LPM trie and the egress policy map
   nat/       index, port pools, conntrack with its timing wheel, batches, NatTable
+  gwpin/     the gateway each connection started on (make-before-break), GatewayPins
   flowlog/   the flow-record ring and FlowLog
   packet/    parse, rewrite, ICMP, VXLAN, the Python surface, PacketBatch
   ring/      AF_PACKET TPACKET_V3 rings (PacketRing)
-  datapath/  the fused pipeline: shared stages, egress (from pods), ingress
-             (from the underlay), emit, and the Datapath class, over dp_ctx
+  datapath/  the fused pipeline: shared stages, make-before-break (pins),
+             egress (from pods), ingress (from the underlay), emit, and the
+             Datapath class, over dp_ctx
 """
 
 include "includes/drop_reasons.pxi"
@@ -27,6 +29,7 @@ include "nat/conntrack.pyx"
 include "nat/batch.pyx"
 include "nat/state.pyx"
 include "nat/table.pyx"
+include "gwpin/gwpin.pyx"
 include "flowlog/flowlog.pyx"
 include "nat/repl.pyx"
 include "packet/parse.pyx"
@@ -37,6 +40,7 @@ include "packet/api.pyx"
 include "packet/batch.pyx"
 include "ring/ring.pyx"
 include "datapath/stages.pyx"
+include "datapath/pins.pyx"
 include "datapath/egress.pyx"
 include "datapath/ingress.pyx"
 include "datapath/emit.pyx"

@@ -14,8 +14,10 @@ from .lifecycle import (
     DEFAULT_KERNEL_PORTS,
     DEFAULT_NAT_CAPACITY,
     DEFAULT_NAT_PORTS,
+    DEFAULT_PIN_CAPACITY,
     Agent,
 )
 from .rings import RING_MODES
 
-__all__ = ["DEFAULT_KERNEL_PORTS", "DEFAULT_NAT_CAPACITY", "DEFAULT_NAT_PORTS", "RING_MODES", "Agent", "AgentError"]
+__all__ = ["DEFAULT_KERNEL_PORTS", "DEFAULT_NAT_CAPACITY", "DEFAULT_NAT_PORTS", "DEFAULT_PIN_CAPACITY", "RING_MODES",
+           "Agent", "AgentError"]

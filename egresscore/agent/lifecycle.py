@@ -100,6 +100,12 @@ NAT's spill chains follow the compiled policies (Compiler.spill_chains), set
 on the loop thread when they change: a new connection whose egress IP has no
 free port takes one on the next extra IP (NatTable.set_spill);
 stats()["nat"]["spill"] and the per-IP port use show it.
+Make-before-break (make_before_break=True): the datapath pins each
+connection from a local pod to the gateway it started on, and as a gateway
+keeps translating connections it has a NAT entry for after the map moved
+them away; when the health thread finds a gateway down, the loop thread
+drops that gateway's pins (Datapath.flush_gateway) right after the
+recompile, so its connections take the next gateway at their next packet.
 
 Thread model: the datapath and the NAT table have one writer, the thread in
 run()/step().  Control changes (set_policies, reload, upsert_pod, a source's
@@ -150,9 +156,11 @@ DEFAULT_NAT_PORTS = (32768, 65534)
 # (NatTable.memory_bytes / capacity, indexes included): 126 MB allocated at the
 # default, backed by the kernel only as connections use it.
 DEFAULT_NAT_CAPACITY = 1_000_000
+DEFAULT_PIN_CAPACITY = 65536    # make-before-break: connections from this node's pods that keep their gateway
 DEFAULT_KERNEL_PORTS = (20000, 32767)
 PORT_RANGE_SYSCTL = "net.ipv4.ip_local_port_range"
-__all__ = ["DEFAULT_KERNEL_PORTS", "DEFAULT_NAT_CAPACITY", "DEFAULT_NAT_PORTS", "RING_MODES", "Agent", "AgentError"]
+__all__ = ["DEFAULT_KERNEL_PORTS", "DEFAULT_NAT_CAPACITY", "DEFAULT_NAT_PORTS", "DEFAULT_PIN_CAPACITY", "RING_MODES",
+           "Agent", "AgentError"]
 
 
 def _pod_ifname(pod):
@@ -188,6 +196,14 @@ class Agent:
     etcd leases, its Kubernetes Leases (files: none); probe_interval (s), probe_misses, probe_rises: the
     heartbeat rounds (egresscore.health); heartbeat_port: UDP port answered
     and probed.
+    make_before_break: when a pod's gateway changes while the old one is up
+    (a policy edit, a label change, a gateway added), its connections keep
+    the old gateway until they end or idle out (the NAT timeouts) and new
+    ones take the new (Datapath.set_make_before_break; off by default: one
+    pin lookup per packet from a pod, see the README's datapath figures);
+    a gateway that goes down releases its connections at once.  Turn it on
+    on every node: a gateway keeps translating the connections it holds
+    only with it.  pin_capacity: connections remembered (16 bytes each).
     nat_state: where the NAT table lives so that its connections outlive the
     agent (True, the default: /run/egresscore/<node>[@<netns>].nat; a path;
     False: in anonymous memory, lost with the process).  An agent started on
@@ -216,7 +232,7 @@ class Agent:
                  gateway_health=True, liveness="auto", probe_interval=0.1, probe_misses=3, probe_rises=2,
                  heartbeat_port=HEARTBEAT_PORT, source=None, source_timeout=10.0,
                  label_filter=None, cluster_name=DEFAULT_CLUSTER_NAME, stateful_failover=False,
-                 replication_port=REPLICATION_PORT):
+                 replication_port=REPLICATION_PORT, make_before_break=False, pin_capacity=DEFAULT_PIN_CAPACITY):
         liveness = self._liveness_of(liveness, source, node, gateway_health)
         runner = None
         if source is not None:  # the first snapshot is the cluster and policies at start (no file fallback)
@@ -237,7 +253,8 @@ class Agent:
                         health=dict(gateway_health=gateway_health, liveness=liveness,
                                     probe_interval=probe_interval, probe_misses=probe_misses,
                                     probe_rises=probe_rises, heartbeat_port=heartbeat_port,
-                                    stateful_failover=stateful_failover, replication_port=replication_port),
+                                    stateful_failover=stateful_failover, replication_port=replication_port,
+                                    make_before_break=make_before_break, pin_capacity=pin_capacity),
                         identity=dict(label_filter=label_filter, cluster_name=cluster_name))
         except BaseException:
             if runner is not None:
@@ -332,6 +349,8 @@ class Agent:
             self._local_ips = set(local)
             self.datapath = Datapath(self.node_ip, self.node_mac, self.egress_map, self.nat, vni=vni,
                                      vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range)
+            if health["make_before_break"]:
+                self.datapath.set_make_before_break(True, capacity=health["pin_capacity"])
             self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map, **identity)
             self.cluster = self.compiler.cluster
             self._feed = Feed(self.compiler)
@@ -589,10 +608,13 @@ class Agent:
             self.health.set_targets({n: ip for n, ip in self._candidates.items() if n != self.node})
 
     def _health_changed(self, down):
-        """Health thread: the down set moved; recompile here (never on the datapath thread)."""
+        """Health thread: the down set moved; recompile here (never on the datapath thread).
+        With make-before-break, the pins on a gateway now down are dropped
+        next (on the loop thread, woken): its connections move at once."""
         down = frozenset(down) - {self.node}
         t0 = time.monotonic()
         with self._control:
+            gone = down - self.compiler.down
             n = self.compiler.set_down(down)
             self._update_health_targets()
             if self.failover is not None:
@@ -600,9 +622,19 @@ class Agent:
             self._update_spill()
             if self.flow_logger is not None:
                 self._enricher.refresh()
+            ips = sorted(self._candidates[g] for g in gone if g in self._candidates)
         ms = (time.monotonic() - t0) * 1000
         print(f"egresscore agent {self.node}: gateways down: {', '.join(sorted(down)) or 'none'} "
               f"({n} egress entries rewritten in {ms:.1f} ms)", file=sys.stderr, flush=True)
+        if ips and self.datapath.make_before_break:
+            self._to_loop(self._flush_pins, ips)
+
+    def _flush_pins(self, ips):
+        """Loop thread: drop the pins on gateways `ips` (down): their connections follow the map now."""
+        n = sum(self.datapath.flush_gateway(ip) for ip in ips)
+        if n:
+            print(f"egresscore agent {self.node}: {n} connections pinned to {', '.join(ips)} (down) released",
+                  file=sys.stderr, flush=True)
 
     # -- spill to extra egress IPs (policy annotation egresscore.io/extra-egress-ips) -------
     def _update_spill(self):

@@ -117,6 +117,8 @@ cdef struct dp_ctx:
     lpm_trie * node_ips_c
     lpm_trie * local_pods_c
     flow_log * flog  # drop records go here when not NULL (set_flow_log)
+    gwpin_table * pins  # make-before-break when not NULL (set_make_before_break)
+    uint8_t pin_ahead  # the caller prefetched the first pins of each dp_rx_frames batch
     void (*emit)(dp_ctx *c, dp_out *o) noexcept nogil   # dp_emit, or dp_capture (process_frames)
 
 cdef class Datapath:
@@ -128,4 +130,5 @@ cdef class Datapath:
     cdef readonly LPMTrie node_ips      # node IP /32 -> node index
     cdef readonly LPMTrie local_pods    # local pod IP /32 -> port
     cdef object _flow_log
+    cdef readonly GatewayPins pins      # make-before-break (None: off)
     cdef Py_ssize_t dp_run(self, uint64_t ns, int wake_fd) noexcept nogil

@@ -156,7 +156,10 @@ cdef class Datapath:
         if not 0 <= index < DP_MAX_NODES:
             raise ValueError(f"node index must be in 0..{DP_MAX_NODES - 1}, not {index}")
         cdef dp_node *n = &self.c.nodes[index]
-        n.ip = addr_v4(ip, "node ip")
+        new_ip = addr_v4(ip, "node ip")
+        if n.valid and n.ip != new_ip and self.pins is not None:
+            self.pins.flush_node(index)          # pins name the node by index: not another node's
+        n.ip = new_ip
         n.valid = 1
         self.node_ips[f"{_ipaddress.IPv4Address(n.ip)}/32"] = index
         for cidr in pod_cidrs:
@@ -175,6 +178,8 @@ cdef class Datapath:
             if v == index:
                 del self.node_ips[key]
         _dp_memset(&self.c.nodes[index], 0, sizeof(dp_node))
+        if self.pins is not None:
+            self.pins.flush_node(index)
 
     def set_node_mac(self, int index, mac):
         """The underlay MAC of node `index` (None: unknown, VXLAN to it is DROP_NO_ROUTE)."""
@@ -288,6 +293,8 @@ cdef class Datapath:
         out["verdicts"] = {name: {"packets": self.c.st.vpkts[i], "bytes": self.c.st.vbytes[i]}
                            for i, name in enumerate(("pass", "tx", "tx_local", "drop"))}
         out["gso"] = {"whole": self.c.gso_frames, "tunneled": self.c.gso_tunneled, "segmented": self.c.gso_segmented}
+        if self.pins is not None:
+            out["pins"] = self.pins.stats()
         return out
 
     @property
@@ -306,6 +313,43 @@ cdef class Datapath:
         self.nat.flow_log = log
         self.c.flog = NULL if log is None else (<FlowLog>log)._get()
         self._flow_log = log
+
+    # -- make-before-break ------------------------------------------------------------
+
+    def set_make_before_break(self, bint on=True, capacity=GWPIN_DEFAULT_CAPACITY, seed=None):
+        """Make-before-break on (a new, empty GatewayPins of `capacity` records
+        with the NAT table's timeouts) or off (pins dropped).  On, a connection
+        from a local pod keeps the gateway it started on while that gateway is
+        usable and its pin lives (idle timeouts as the NAT table's), when the
+        egress map now chooses another; as a gateway, this node keeps
+        translating connections it has a live NAT entry for when the map no
+        longer sends them here (new connections still need the map).  Costs
+        one pin lookup per packet from a pod (benchmarks/compare_datapath.py).
+        Call on the datapath's thread (between batches)."""
+        if not on:
+            self.c.pins = NULL
+            self.pins = None
+            return
+        pins = GatewayPins(capacity, {k: v for k, v in self.nat.timeouts.items() if k != "tcp_syn"}, seed)
+        self.pins = pins
+        self.c.pins = pins.t
+
+    @property
+    def make_before_break(self):
+        return self.pins is not None
+
+    def flush_gateway(self, ip):
+        """Drop the pins on gateway `ip` (a cluster node's underlay IP): it is
+        down, so its connections move to the map's choice at their next
+        packet.  Returns how many were dropped (0 when off or not a node).
+        Call on the datapath's thread (between batches)."""
+        addr = addr_v4(ip, "gateway ip")
+        if self.pins is None:
+            return 0
+        index = self.node_ips.get(f"{_ipaddress.IPv4Address(addr)}/32")
+        if index is None:
+            return 0
+        return self.pins.flush_node(index)
 
     def reset_counters(self):
         _dp_memset(&self.c.st, 0, sizeof(dp_stats))
@@ -404,7 +448,7 @@ cdef class Datapath:
         full TX ring's (tx_errors, tx_full).  The clock is read once per
         DP_BATCH frames, as poll() does, unless `now` (seconds) is given.
         Returns the number of outputs."""
-        cdef Py_ssize_t n = offsets.shape[0], i, b, k, m
+        cdef Py_ssize_t n = offsets.shape[0], i, b, k, m, pf = 0
         cdef ring_frame_t fr[DP_BATCH]
         cdef dp_sink sink
         cdef bint fixed = now is not None
@@ -444,6 +488,7 @@ cdef class Datapath:
             raise no_memory("process_batch outputs")
         self.c.sink = &sink
         self.c.emit = dp_capture
+        self.c.pin_ahead = self.c.pins != NULL and self.c.pins.prefetch
         try:
             with nogil:
                 b = 0
@@ -456,6 +501,14 @@ cdef class Datapath:
                         fr[k].vnet = NULL
                         fr[k].len = <uint32_t>lengths[b + k]
                         fr[k].wire_len = fr[k].len
+                    if self.c.pin_ahead:
+                        # pins DP_PIN_AHEAD frames ahead across batches (one-port runs may be short)
+                        pf = max(pf, b)
+                        while pf < n and pf < b + DP_PIN_AHEAD:
+                            if ports[pf * step] != 0:
+                                dp_pin_prefetch(&self.c, &frames[offsets[pf]] if lengths[pf] else &dummy,
+                                                <uint32_t>lengths[pf])
+                            pf += 1
                     dp_rx_frames(&self.c, fr, <int>m, ports[b * step], t if fixed else dp_now(), &verdicts[b])
                     b += m
                 for k in range(sink.n):
@@ -467,6 +520,7 @@ cdef class Datapath:
         finally:
             self.c.emit = dp_emit
             self.c.sink = NULL
+            self.c.pin_ahead = 0
             _dp_free(sink.outs)
             _dp_free(sink.frame)
 
@@ -533,12 +587,15 @@ cdef class Datapath:
         left for the next call.  Call it every loop return (at least every
         20 ms): a closed flow's port is free within its timeout + ~0.2 s, and
         one call stalls the datapath thread no longer than max_scan
-        collections (benchmarks/bench_nat.py measures it).  Returns how many
-        connections were collected."""
+        collections (benchmarks/bench_nat.py measures it).  With
+        make-before-break on, also the expired pins of max_scan // 4 pin
+        buckets.  Returns how many connections were collected."""
         cdef uint64_t t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
         cdef uint32_t n
         with nogil:
             n = nat_gc(self.c.nat_c, t, max_scan)
+            if self.c.pins != NULL:
+                gwpin_sweep(self.c.pins, t, <uint64_t>max_scan // 4 + 1)
         return n
 
     # -- the pipeline ---------------------------------------------------------------

@@ -33,9 +33,19 @@ cdef void dp_rx_frames(dp_ctx *c, const ring_frame_t *fr, int n, int port, uint6
                        int32_t *verdicts) noexcept nogil:
     """n frames received on `port`: the loop's step for one ring's batch
     (dp_poll), and process_batch's over caller arrays (same frames, same
-    path).  verdicts (or NULL) gets each frame's dp_ret code."""
+    path).  verdicts (or NULL) gets each frame's dp_ret code.  From a pod
+    with make-before-break on, each frame's pin bucket is prefetched
+    DP_PIN_AHEAD frames ahead when the table outgrows the caches (the first
+    ones by the caller when c.pin_ahead: process_batch, whose batches may
+    be short)."""
     cdef int i, r
+    cdef bint pins = c.pins != NULL and port != 0 and c.pins.prefetch
+    if pins and not c.pin_ahead:
+        for i in range(min(n, DP_PIN_AHEAD)):
+            dp_pin_prefetch(c, fr[i].data, fr[i].len)
     for i in range(n):
+        if pins and i + DP_PIN_AHEAD < n:
+            dp_pin_prefetch(c, fr[i + DP_PIN_AHEAD].data, fr[i + DP_PIN_AHEAD].len)
         if c.sink != NULL:
             c.sink.cur += 1
         if fr[i].len < fr[i].wire_len:

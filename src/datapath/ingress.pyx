@@ -1,7 +1,9 @@
 # datapath/ingress: frames from the underlay (port 0), in three stages over
 # the one context struct, chosen by dp_from_underlay:
 #   dp_in_vxlan        VXLAN to this node: decapsulate; a reply for a local
-#                      pod is delivered, else the gateway role (SNAT out)
+#                      pod is delivered, else the gateway role (SNAT out;
+#                      with make-before-break, also a connection the map no
+#                      longer sends here that has a live NAT entry)
 #   dp_in_icmp_error   an ICMP error quoting a translated flow (RFC 5508)
 #   dp_in_reverse_nat  a reply to an egress / node IP: reverse NAT, then to
 #                      the pod (locally or through the tunnel)
@@ -41,7 +43,13 @@ cdef int dp_in_vxlan(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint64_
         return dp_ret(VERDICT_DROP, DROP_POLICY_DENIED)
     status = egress_map_lookup4(c.em_c, ipi.src4, ipi.dst4, &egress, &gw)
     if status != EGRESS_MATCH or gw != c.node_ip:
-        return dp_ret(VERDICT_DROP, DROP_POLICY_DENIED)
+        # make-before-break: a connection translated here already keeps
+        # flowing (to its own entry's egress IP); a new one needs the map
+        egress = dp_nat_kept4(c, &ipi, now) if c.pins != NULL else 0
+        if egress == 0:
+            return dp_ret(VERDICT_DROP, DROP_POLICY_DENIED)
+        c.pins.kept_nat += 1
+        return dp_egress(c, g, glen, &ipi, egress, True, now, out)
     if egress == 0:
         return dp_ret(VERDICT_DROP, DROP_NO_EGRESS_IP)
     return dp_egress(c, g, glen, &ipi, egress, True, now, out)
