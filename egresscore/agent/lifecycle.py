@@ -114,6 +114,7 @@ from ..compiler import Compiler
 from ..control import default_socket_path
 from ..health import HEARTBEAT_PORT, GatewayHealth, LivenessProvider, Prober, Responder
 from ..inputs import InputError, check_policies, load_inputs
+from ..policystats import PolicyCounters
 from .feed import Feed, FeedStats, OwnNodeError, SourceRunner, check_own_node
 from .host import (
     AgentError,
@@ -286,6 +287,9 @@ class Agent:
             self.datapath = Datapath(self.node_ip, self.node_mac, self.egress_map, self.nat, vni=vni,
                                      vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range)
             self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map, **identity)
+            self.policy_counters = PolicyCounters(self.datapath.policy_counters, self.compiler, node=node,
+                                                  port_usage=self.nat.port_usage)
+            self.compiler.on_policy_id = self.policy_counters.on_policy_id
             self.cluster = self.compiler.cluster
             self._feed = Feed(self.compiler)
             self._open_underlay(underlay)
@@ -397,7 +401,9 @@ class Agent:
         """Every counter, as egresscore.metrics and `egresscore stats` read them:
         verdicts (packets, bytes), drops by reason, the datapath's own counters,
         the NAT table (with port use per egress IP), the egress map, the rings,
-        the flow log and traffic by policy (from the flow records)."""
+        the flow log and traffic by policy (from the flow records), and the
+        datapath's own per-policy counters (policy_counters: by policy name,
+        egresscore.policystats)."""
         return self._submit(self._stats)
 
     def _stats(self):
@@ -418,6 +424,7 @@ class Agent:
             "datapath": c,
             "nat": nat,
             "egress_map": {"entries": len(self.egress_map)},
+            "policy_counters": self.policy_counters.by_policy(),
             "rings": rings,
             "reloads": self.reload_stats(),
             "gateway_health": self.gateway_health(),
