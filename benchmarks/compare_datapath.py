@@ -113,12 +113,15 @@ def flows(n):
     return [(i % N_PODS, 10000 + i // per_pod, (i // N_PODS) % N_SERVERS) for i in range(n)]
 
 
+POLICY_ID = 1               # the entries' policy id, as the compiler writes it (0: no per-policy counting)
+
+
 def egress_map(view):
     """The seed policy for every pod; node1 does not know the egress IP (0.0.0.0)."""
     em = EgressMap()
     for k in range(N_PODS):
-        em.set(pod(k)[0], POLICY_CIDR, EGRESS_IP if view == "node3" else "0.0.0.0", GATEWAY)
-        em.set_excluded(pod(k)[0], EXCLUDED_CIDR)
+        em.set(pod(k)[0], POLICY_CIDR, EGRESS_IP if view == "node3" else "0.0.0.0", GATEWAY, POLICY_ID)
+        em.set_excluded(pod(k)[0], EXCLUDED_CIDR, policy_id=POLICY_ID)
     return em
 
 

@@ -83,10 +83,20 @@ def _cmd_egress_list(args):
         _warn(f"warning: {problem}")
     for conflict in compiler.conflicts():
         _warn(f"warning: {conflict}")
-    rows = show.egress_rows(compiler)
+    em = show.EgressMap()
+    compiler.attach(em)
+    entries = em.entries()
+    rows = [e.row() for e in entries]
     if args.output == "json":
-        sys.stdout.write(json.dumps(show.egress_dicts(rows), indent=2) + "\n")
+        names = {i: n for n, i in compiler.policy_ids.items()}
+        dicts = show.egress_dicts(rows)
+        if args.show_policy:
+            dicts = [dict(d, PolicyID=e.policy_id, Policy=names.get(e.policy_id)) for d, e in zip(dicts, entries)]
+        sys.stdout.write(json.dumps(dicts, indent=2) + "\n")
     elif rows:
+        if args.show_policy:
+            rows = show.egress_policy_rows(rows, [e.policy_id for e in entries],
+                                           {i: n for n, i in compiler.policy_ids.items()})
         sys.stdout.write(show.egress_table(rows))
         if args.down:
             sys.stdout.write(show.gateway_health_table(show.offline_gateway_health(compiler)))
@@ -101,7 +111,11 @@ def _egress_list_live(args):
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return EXIT_OK
     if rows:
-        sys.stdout.write(show.egress_table(show.rows_of_dicts(rows)))
+        table = show.rows_of_dicts(rows)
+        if args.show_policy:
+            table = show.egress_policy_rows(table, [d.get("PolicyID", 0) for d in rows],
+                                            {d.get("PolicyID"): d.get("Policy") for d in rows})
+        sys.stdout.write(show.egress_table(table))
     else:
         print("No entries found.", file=sys.stderr)
     try:
@@ -168,6 +182,9 @@ def _cmd_stats(args):
     if args.output == "json":
         sys.stdout.write(json.dumps(stats, indent=2) + "\n")
         return EXIT_OK
+    if args.by_policy:
+        sys.stdout.write(show.policy_stats_table(stats.get("policy_counters") or {}))
+        return EXIT_OK
     for line in show.stats_lines(stats):
         print(line)
     return EXIT_OK
@@ -179,6 +196,9 @@ def _add_stats(sub):
                                     "NAT table, rings, flow log), read through its control socket.")
     _add_agent_options(st)
     st.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format (text)")
+    st.add_argument("--by-policy", action="store_true",
+                    help="a table of the datapath's per-policy counters: connections opened and live, packets "
+                         "and bytes redirected, SNATed and replied, drops by reason, each egress IP's port use")
     st.set_defaults(func=_cmd_stats)
 
 
@@ -205,6 +225,10 @@ def _add_egress(sub):
                     help="compile as if NODE were down (gateway health: the next matching node takes its "
                          "place); may be repeated; with --cluster/--policies only")
     ls.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format (table)")
+    ls.add_argument("--show-policy", action="store_true",
+                    help="add a column with the policy that wrote each entry and its policy id (the number the "
+                         "datapath counts it under; in JSON the PolicyID and Policy keys, which a running "
+                         "agent's list always has)")
     ls.set_defaults(func=_cmd_egress_list, parser=ls)
 
 

@@ -63,6 +63,11 @@ Deliberate differences from Cilium, and why:
   so an IPv6 entry stores its IPv4 gateway IP as an IPv4-mapped address
   (::ffff:192.168.1.3) and the sentinels as :: / ::1; `desired` and
   `egress list` show the IPv4 gateway as Cilium does.
+- Policy ids (an egresscore extension): every policy gets a small number,
+  carried in its entries (EgressEntry.policy_id) so the datapath counts
+  traffic per policy in C.  A policy keeps its id as long as it exists
+  (across recompiles, resets and edits); a removed policy's id is reused,
+  oldest freed first, only by a policy added later (`policy_ids`).
 - With several gateways sharing one gateway IP, ties keep spec order (a stable
   sort); Go's slices.SortFunc is stable only for up to 12 elements.
 - IPv6 link-local addresses are never picked as an interface's first IPv6.
@@ -77,7 +82,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -88,6 +93,7 @@ from .types import (
     EGRESS_IP_NOT_FOUND_V6,
     EXCLUDED_CIDR,
     GATEWAY_NOT_FOUND,
+    POLICY_ID_MAX,
     EgressEntry,
 )
 
@@ -335,6 +341,10 @@ class Compiler:
         self._policies = {}
         for p in policies:
             self._policies[p.name] = p
+        self._policy_ids = {}       # policy name -> id (1..POLICY_ID_MAX)
+        self._free_ids = deque()    # ids of removed policies, oldest freed first
+        self._next_id = 1
+        self.on_policy_id = None    # called (name, id) when a policy gets its id
         self.egress_map = None
         self.compile()
         if egress_map is not None:
@@ -345,6 +355,35 @@ class Compiler:
     @property
     def policies(self) -> list:
         return [self._policies[n] for n in sorted(self._policies)]
+
+    @property
+    def policy_ids(self) -> dict:
+        """{policy name: policy id}: the number its entries carry and the
+        datapath counts it under (stable while the policy exists)."""
+        return dict(self._policy_ids)
+
+    def policy_id(self, policy_name) -> int:
+        """The id of a policy (KeyError if there is none of that name)."""
+        return self._policy_ids[policy_name]
+
+    def _assign_id(self, name):
+        if name in self._policy_ids:
+            return
+        if self._free_ids:
+            pid = self._free_ids.popleft()
+        elif self._next_id <= POLICY_ID_MAX:
+            pid = self._next_id
+            self._next_id += 1
+        else:
+            pid = POLICY_ID_MAX  # more policies than ids: the rest share the last (counted together)
+        self._policy_ids[name] = pid
+        if self.on_policy_id is not None:
+            self.on_policy_id(name, pid)
+
+    def _release_id(self, name):
+        pid = self._policy_ids.pop(name, None)
+        if pid is not None and (pid != POLICY_ID_MAX or POLICY_ID_MAX not in self._policy_ids.values()):
+            self._free_ids.append(pid)
 
     def gateways(self, policy_name) -> tuple:
         """The resolved gateways of a policy (sorted as placement uses them)."""
@@ -421,7 +460,7 @@ class Compiler:
                 continue
             writers = sorted(c.items())
             (wp, _), wt = writers[0]
-            others = tuple((p, t) for (p, _), t in writers[1:] if t != wt)
+            others = tuple((p, t) for (p, _), t in writers[1:] if t[:4] != wt[:4])
             if others:
                 out.append(Conflict(key[0], key[1], wp, wt, others))
         return out
@@ -459,6 +498,10 @@ class Compiler:
         self._contrib = {}
         self._multi = set()
         self.desired = {}
+        for name in [n for n in self._policy_ids if n not in self._policies]:
+            self._release_id(name)
+        for name in sorted(self._policies):
+            self._assign_id(name)
         labels_of = self.pod_labels
         index = self._index
         order = self._order
@@ -589,6 +632,7 @@ class Compiler:
         dst4, dst6, ex4, ex6 = self._prepared[pname]
         gws = self._gateways[pname]
         g = gws[0] if len(gws) == 1 else gws[fnv1a_32(pod.uid) % len(gws)]
+        pid = self._policy_ids[pname]
         writer = (pname, self._order[pod.uid])
         contrib = self._contrib
         keys = []
@@ -601,7 +645,7 @@ class Compiler:
             for cidrs, gw in ((dsts, g.gateway_ip), (exs, EXCLUDED_CIDR)):
                 for d in cidrs:
                     key = (ip, d)
-                    value = EgressEntry(ip, d, egress, gw)
+                    value = EgressEntry(ip, d, egress, gw, pid)
                     c = contrib.get(key)
                     if c is None:
                         contrib[key] = {writer: value}
@@ -839,6 +883,7 @@ class Compiler:
         if policy.name in self._policies:
             self._drop_policy(policy.name, changed)
         self._policies[policy.name] = policy
+        self._assign_id(policy.name)
         self._identity_cache = {}
         self._place_policy(policy, changed)
         return self._resolve(changed)
@@ -850,7 +895,9 @@ class Compiler:
         self._drop_policy(name, changed)
         del self._policies[name]
         self._identity_cache = {}
-        return self._resolve(changed)
+        writes = self._resolve(changed)
+        self._release_id(name)
+        return writes
 
 
 _BATCH = 8  # more changed keys than this: one EgressMap.update instead of a write each
@@ -858,6 +905,6 @@ _BATCH = 8  # more changed keys than this: one EgressMap.update instead of a wri
 
 def _write(em, e: EgressEntry):
     if e.gateway_ip == EXCLUDED_CIDR:
-        em.set_excluded(e.source, e.destination, e.egress_ip)
+        em.set_excluded(e.source, e.destination, e.egress_ip, e.policy_id)
     else:
         em.set(*e)

@@ -480,12 +480,13 @@ class ControlClient:
         return resp.get("result")
 
 
-def inspection_handlers(*, nat=None, egress_map=None, stats=None):
+def inspection_handlers(*, nat=None, egress_map=None, stats=None, policy_names=None):
     """The read-only commands an agent serves: "nat_list", "egress_list", "stats".
 
     `nat` is a NatTable, a list of them, or a callable returning either;
     `egress_map` an EgressMap or a callable returning one; `stats` a callable
-    returning the counters dict."""
+    returning the counters dict; `policy_names` a callable returning {policy
+    id: name} (egress_list's PolicyID and Policy keys)."""
 
     def _tables():
         t = nat() if callable(nat) and not hasattr(nat, "entries") else nat
@@ -501,7 +502,13 @@ def inspection_handlers(*, nat=None, egress_map=None, stats=None):
 
     def egress_list():
         em = egress_map() if callable(egress_map) and not hasattr(egress_map, "entries") else egress_map
-        return [] if em is None else [dict(zip(EGRESS_JSON_KEYS, e.row())) for e in em.entries()]
+        if em is None:
+            return []
+        if policy_names is None:
+            return [dict(zip(EGRESS_JSON_KEYS, e.row())) for e in em.entries()]
+        names = policy_names()
+        return [dict(zip(EGRESS_JSON_KEYS, e.row()), PolicyID=e.policy_id, Policy=names.get(e.policy_id))
+                for e in em.entries()]
 
     def stats_():
         return stats() if stats is not None else {}

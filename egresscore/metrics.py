@@ -9,6 +9,12 @@ metrics cost nothing between scrapes.  The dict's keys (all optional):
     "policies":   {policy name: {"packets": n, "bytes": n, "connections": n}}
                   traffic steered by a policy (the agent counts it from the flow
                   records: ended connections' packets and bytes)
+    "policy_counters": {policy name: {"redirect" | "egress" | "reply":
+                  {"packets": n, "bytes": n}, "drops": {reason: n},
+                  "connections_opened": n, "connections_live": n,
+                  "egress_ips": {ip: {proto: (in use, in range)}}}}
+                  the datapath's own per-policy counters, counted in C
+                  (egresscore.policystats.PolicyCounters.by_policy)
     "nat":        NatTable.stats, plus "ports": NatTable.port_usage()
     "egress_map": {"entries": n}  (or the number itself)
     "rings":      {ring name: PacketRing.stats}
@@ -82,6 +88,7 @@ class StatsCollector:
         yield from self._verdicts(s.get("verdicts"))
         yield from self._drops(s.get("drops"))
         yield from self._policies(s.get("policies"))
+        yield from self._policy_counters(s.get("policy_counters"))
         yield from self._nat(s.get("nat"))
         yield from self._egress_map(s.get("egress_map"))
         yield from self._rings(s.get("rings"))
@@ -141,6 +148,47 @@ class StatsCollector:
         yield by
         if conns.samples:
             yield conns
+
+    def _policy_counters(self, p):
+        """The datapath's per-policy counters: direction redirect (source
+        node, through the tunnel to the gateway), egress (gateway, SNATed to
+        the destination), reply (gateway, back to the pod); bytes as the
+        pod's interface counts them."""
+        if not p:
+            return
+        pk = self._family(CounterMetricFamily, "policy_packets",
+                          "Packets of an egress gateway policy, by direction (redirect: source node to the "
+                          "gateway; egress: SNATed to the destination; reply: back to the pod)",
+                          ["policy", "direction"])
+        by = self._family(CounterMetricFamily, "policy_bytes",
+                          "Bytes of an egress gateway policy (pod-side frames), by direction",
+                          ["policy", "direction"])
+        opened = self._family(CounterMetricFamily, "policy_connections_opened",
+                              "Connections SNATed under an egress gateway policy", ["policy"])
+        live = self._family(GaugeMetricFamily, "policy_connections_live",
+                            "Connections of an egress gateway policy in the NAT table", ["policy"])
+        drops = self._family(CounterMetricFamily, "policy_drops",
+                             "Packets of an egress gateway policy dropped, by reason", ["policy", "reason"])
+        used = self._family(GaugeMetricFamily, "policy_egress_ip_ports_in_use",
+                            "SNAT ports in use on an egress IP of the policy (shared by the policies using "
+                            "that IP), by protocol", ["policy", "egress_ip", "proto"])
+        size = self._family(GaugeMetricFamily, "policy_egress_ip_ports",
+                            "SNAT ports in the range of an egress IP of the policy, by protocol",
+                            ["policy", "egress_ip", "proto"])
+        for name, c in sorted(p.items()):
+            for d in ("redirect", "egress", "reply"):
+                v = c.get(d) or {}
+                self._add(pk, v.get("packets", 0), name, d)
+                self._add(by, v.get("bytes", 0), name, d)
+            self._add(opened, c.get("connections_opened", 0), name)
+            self._add(live, c.get("connections_live", 0), name)
+            for reason, n in sorted((c.get("drops") or {}).items()):
+                self._add(drops, n, name, reason)
+            for ip, by_proto in sorted((c.get("egress_ips") or {}).items()):
+                for proto, (u, total) in sorted(by_proto.items()):
+                    self._add(used, u, name, ip, proto)
+                    self._add(size, total, name, ip, proto)
+        yield from (pk, by, opened, live, drops, used, size)
 
     def _nat(self, n):
         if not n:

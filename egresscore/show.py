@@ -9,6 +9,7 @@ from ._core import EgressMap
 from .types import EGRESS_JSON_KEYS
 
 EGRESS_HEADER = ("Source IP", "Destination CIDR", "Egress IP", "Gateway IP")
+EGRESS_POLICY_HEADER = EGRESS_HEADER + ("Policy (ID)",)
 
 
 def format_table(rows, header):
@@ -22,8 +23,9 @@ def format_table(rows, header):
 
 
 def egress_table(rows):
-    """`cilium-dbg bpf egress list` text of (source, destination, egress IP, gateway IP) rows."""
-    return format_table(rows, EGRESS_HEADER)
+    """`cilium-dbg bpf egress list` text of (source, destination, egress IP, gateway IP) rows;
+    rows with a fifth column (egress_policy_rows) get a Policy (ID) column."""
+    return format_table(rows, EGRESS_POLICY_HEADER if rows and len(rows[0]) == 5 else EGRESS_HEADER)
 
 
 GATEWAY_HEALTH_HEADER = ("Gateway node", "Node IP", "State", "Why")
@@ -98,6 +100,32 @@ def _flatten(prefix, value, out):
             _flatten(f"{prefix}.{k}" if prefix else str(k), value[k], out)
     else:
         out.append((prefix, value))
+
+
+POLICY_STATS_HEADER = ("Policy", "ID", "Egress IPs (TCP ports in use)", "Opened", "Live", "Redirect pkts/bytes",
+                       "Egress pkts/bytes", "Reply pkts/bytes", "Drops")
+
+
+def policy_stats_table(by_policy):
+    """`egresscore stats --by-policy`: one row per policy of an agent's
+    policy_counters (the datapath's per-policy counters)."""
+    rows = []
+    for name in sorted(by_policy):
+        c = by_policy[name]
+        ips = ", ".join(f"{ip} ({(ports.get('tcp') or (0, 0))[0]}/{(ports.get('tcp') or (0, 0))[1]})"
+                        for ip, ports in sorted((c.get("egress_ips") or {}).items())) or "-"
+        dirs = [f"{(c.get(d) or {}).get('packets', 0)}/{(c.get(d) or {}).get('bytes', 0)}"
+                for d in ("redirect", "egress", "reply")]
+        drops = ", ".join(f"{r}={n}" for r, n in sorted((c.get("drops") or {}).items())) or "-"
+        rows.append((name, c.get("id", "-"), ips, c.get("connections_opened", 0), c.get("connections_live", 0),
+                     *dirs, drops))
+    return format_table(rows, POLICY_STATS_HEADER)
+
+
+def egress_policy_rows(rows, policy_ids, names):
+    """Egress rows with the policy that wrote each entry appended: `names`
+    maps a policy id to its name (0: written by hand, "-")."""
+    return [(*r, f"{names.get(pid, '?')} ({pid})" if pid else "-") for r, pid in zip(rows, policy_ids)]
 
 
 def stats_lines(stats):

@@ -26,6 +26,8 @@ __all__ = [
     "GATEWAY_LABELS",
     "GATEWAY_NOT_FOUND",
     "GATEWAY_NOT_FOUND_V6",
+    "POLICY_ID_MAX",
+    "POLICY_ID_NONE",
 ]
 
 GATEWAY_NOT_FOUND = "0.0.0.0"  # Cilium's GatewayNotFoundIPv4: a policy matched, no gateway node
@@ -42,6 +44,13 @@ EGRESS_IP_NOT_FOUND_V6 = "::"
 GATEWAY_LABELS = {GATEWAY_NOT_FOUND: "Not Found", EXCLUDED_CIDR: "Excluded CIDR"}
 EGRESS_JSON_KEYS = ("SourceIP", "DestCIDR", "EgressIP", "GatewayIP")
 
+# an entry's policy id: the compiler's small number for the policy that wrote
+# it (stable while the policy exists), carried by the egress map so the
+# datapath counts traffic per policy; 0 is "none" (entries written by hand),
+# 0xffff the flow log's "no policy"
+POLICY_ID_NONE = 0
+POLICY_ID_MAX = 0xfffe
+
 # what a lookup finds (EgressMap.lookup_batch's status; the core's EGRESS_STATUS_*)
 EGRESS_STATUS_NO_MATCH = 0  # no policy: default path (masquerade)
 EGRESS_STATUS_MATCH = 1  # redirect to the gateway, SNAT to the egress IP
@@ -55,15 +64,17 @@ _EXCLUDED = (EXCLUDED_CIDR, EXCLUDED_CIDR_V6)
 class EgressEntry(NamedTuple):
     """One egress map entry, like a line of `cilium-dbg bpf egress list`:
     the key (source IP, destination CIDR) and the value (egress IP, gateway
-    IP or a sentinel).  The compiler makes them of strings (an IPv6 entry's
-    gateway IPv4, as Cilium lists it), egresscore.EgressMap returns them of
-    ipaddress objects, all four in the entry's family (listed() reads them
-    back as the compiler's)."""
+    IP or a sentinel), and the id of the policy that wrote it (0: none).
+    The compiler makes them of strings (an IPv6 entry's gateway IPv4, as
+    Cilium lists it), egresscore.EgressMap returns them of ipaddress
+    objects, all four in the entry's family (listed() reads them back as the
+    compiler's)."""
 
     source: object
     destination: object
     egress_ip: object
     gateway_ip: object
+    policy_id: int = POLICY_ID_NONE
 
     @property
     def excluded(self) -> bool:
@@ -91,7 +102,7 @@ class EgressEntry(NamedTuple):
         if g.version == 6:
             g = (EXCLUDED_CIDR if self.excluded else GATEWAY_NOT_FOUND if self.no_gateway
                  else g.ipv4_mapped or g)
-        return EgressEntry(str(self.source), str(self.destination), str(self.egress_ip), str(g))
+        return EgressEntry(str(self.source), str(self.destination), str(self.egress_ip), str(g), self.policy_id)
 
     def row(self):
         """(source IP, destination CIDR, egress IP, gateway IP) strings as

@@ -42,6 +42,17 @@ def policy(name="p", *, pods=None, dst=("203.0.113.0/24",), excl=(), gw=None, gw
     return p
 
 
+def entry(*fields, policy_id=1):
+    """An expected entry of a test's first policy: ids are handed out in name order from 1."""
+    return EgressEntry(*fields, policy_id)
+
+
+def renumbered(desired, ids, to_ids):
+    """`desired` with policy ids `ids` ({name: id}) given as `to_ids` has them."""
+    names = {i: n for n, i in ids.items()}
+    return {k: v._replace(policy_id=to_ids[names[v.policy_id]]) for k, v in desired.items()}
+
+
 def lab(*extra_pods):
     nodes = [node("node1", "192.168.1.1"), node("node2", "192.168.1.2"),
              node("node3", "192.168.1.3", *(f"192.168.1.{i}/24" for i in range(100, 110)))]
@@ -58,16 +69,16 @@ def test_seed_example_reproduces_the_seed():
     policies = load_policies(os.path.join(EXAMPLES, "egress-sample.yaml")).policies
     c = Compiler(cluster, policies)
     assert c.desired == {
-        ("10.0.1.93", "203.0.113.0/24"): EgressEntry("10.0.1.93", "203.0.113.0/24", "192.168.1.3", "192.168.1.3"),
-        ("10.0.1.93", "203.0.113.128/25"): EgressEntry(  # as Cilium writes it
+        ("10.0.1.93", "203.0.113.0/24"): entry("10.0.1.93", "203.0.113.0/24", "192.168.1.3", "192.168.1.3"),
+        ("10.0.1.93", "203.0.113.128/25"): entry(  # as Cilium writes it
             "10.0.1.93", "203.0.113.128/25", "192.168.1.3", EXCLUDED_CIDR),
     }
     assert c.problems() == [] and c.conflicts() == []
     # as Cilium's agents see it: only the gateway node knows the egress IP
     on_node1 = Compiler(cluster, policies, node="node1").desired
-    assert on_node1[("10.0.1.93", "203.0.113.0/24")] == EgressEntry(
+    assert on_node1[("10.0.1.93", "203.0.113.0/24")] == entry(
         "10.0.1.93", "203.0.113.0/24", "0.0.0.0", "192.168.1.3")
-    assert on_node1[("10.0.1.93", "203.0.113.128/25")] == EgressEntry(
+    assert on_node1[("10.0.1.93", "203.0.113.128/25")] == entry(
         "10.0.1.93", "203.0.113.128/25", "0.0.0.0", EXCLUDED_CIDR)
     on_node3 = Compiler(cluster, policies, node="node3").desired
     assert on_node3 == c.desired
@@ -105,14 +116,14 @@ def test_node_without_ipv4_internal_ip_is_skipped():
     cluster.nodes["node3"] = Node("node3", {"name": "node3", "gw": "y"}, "192.168.1.3",
                                   (Interface("eth0", ("192.168.1.3/24",)),), "eth0")
     c = Compiler(cluster, [policy(gw={"nodeSelector": {"matchLabels": {"gw": "y"}}})])
-    assert c.desired[("10.0.1.93", "203.0.113.0/24")] == EgressEntry(
+    assert c.desired[("10.0.1.93", "203.0.113.0/24")] == entry(
         "10.0.1.93", "203.0.113.0/24", "192.168.1.3", "192.168.1.3")
 
 
 def test_no_matching_node_gives_gateway_not_found_and_a_problem():
     c = Compiler(lab(), [policy(gw={"nodeSelector": {"matchLabels": {"name": "node9"}}, "egressIP": "1.2.3.4"})])
     t = c.desired[("10.0.1.93", "203.0.113.0/24")]
-    assert t == EgressEntry("10.0.1.93", "203.0.113.0/24", "0.0.0.0", GATEWAY_NOT_FOUND) and t.no_gateway
+    assert t == entry("10.0.1.93", "203.0.113.0/24", "0.0.0.0", GATEWAY_NOT_FOUND) and t.no_gateway
     (problem,) = c.problems()
     assert problem.policy == "p" and "no node matches" in problem.message and "no gateway" in problem.message
 
@@ -146,11 +157,11 @@ def test_egress_ip_resolution(gw, dst, expected4, expected6):
     p = policy(dst=dst, gw={"nodeSelector": {"matchLabels": {"name": "node3"}}, **gw})
     c = Compiler(cluster, [p])
     if expected4:
-        assert c.desired[("10.0.1.5", "203.0.113.0/24")] == EgressEntry(
+        assert c.desired[("10.0.1.5", "203.0.113.0/24")] == entry(
             "10.0.1.5", "203.0.113.0/24", expected4, "192.168.1.3")
     if expected6:
         # IPv6 entries keep the IPv4 node IP as gateway (the tunnel underlay is IPv4)
-        assert c.desired[("fd00::5", "2001:db8:ff::/48")] == EgressEntry(
+        assert c.desired[("fd00::5", "2001:db8:ff::/48")] == entry(
             "fd00::5", "2001:db8:ff::/48", expected6, "192.168.1.3")
     if expected4 == "0.0.0.0":
         (problem,) = c.problems()
@@ -163,7 +174,7 @@ def test_interface_without_needed_family_and_mismatched_default_routes():
                       [Pod("a", uid="u", labels={"app": "app1"}, ips=("fd00::5",), node="node3")])
     c = Compiler(cluster, [policy(dst=("2001:db8:ff::/48", "203.0.113.0/24"),
                                   gw={"nodeSelector": {"matchLabels": {"name": "node3"}}})])
-    assert c.desired[("fd00::5", "2001:db8:ff::/48")] == EgressEntry("fd00::5", "2001:db8:ff::/48", "::", "192.168.1.3")
+    assert c.desired[("fd00::5", "2001:db8:ff::/48")] == entry("fd00::5", "2001:db8:ff::/48", "::", "192.168.1.3")
     assert "doesn't match IPv4 default route interface" in c.problems()[0].message
 
 
@@ -186,7 +197,7 @@ def test_egress_gateways_place_each_pod_by_uid_hash_over_gateways_sorted_by_ip()
     assert [g.gateway_ip for g in c.gateways("p")] == by_ip
     for pod in pods:
         want = by_ip[fnv1a_32(pod.uid) % 3]
-        assert c.desired[(pod.ips[0], "203.0.113.0/24")] == EgressEntry(pod.ips[0], "203.0.113.0/24", want, want)
+        assert c.desired[(pod.ips[0], "203.0.113.0/24")] == entry(pod.ips[0], "203.0.113.0/24", want, want)
     assert len({c.desired[(p.ips[0], "203.0.113.0/24")].gateway_ip for p in pods}) == 3
 
 
@@ -248,7 +259,7 @@ def test_excluded_cidrs_and_families():
     c = Compiler(lab(pod), [p])
     d = c.desired
     assert d[("10.0.1.5", "203.0.113.128/25")].excluded
-    assert d[("fd00::5", "2001:db8:1::/48")] == EgressEntry("fd00::5", "2001:db8:1::/48", "::", EXCLUDED_CIDR)
+    assert d[("fd00::5", "2001:db8:1::/48")] == entry("fd00::5", "2001:db8:1::/48", "::", EXCLUDED_CIDR)
     em = EgressMap()
     c.attach(em)
     assert map_state(em) == d
@@ -258,7 +269,7 @@ def test_excluded_cidrs_and_families():
     assert ("10.0.1.5", "2001:db8::/32") not in d and ("fd00::5", "203.0.113.0/24") not in d
     assert len([k for k in d if k[0] in pod.ips]) == 4
     # the v4 egress IP sits on an interface without IPv6: both families unresolved, as in Cilium
-    assert d[("10.0.1.5", "203.0.113.0/24")] == EgressEntry("10.0.1.5", "203.0.113.0/24", "0.0.0.0", "192.168.1.3")
+    assert d[("10.0.1.5", "203.0.113.0/24")] == entry("10.0.1.5", "203.0.113.0/24", "0.0.0.0", "192.168.1.3")
 
 
 def test_excluded_equal_to_destination_wins_inside_a_policy():
@@ -345,7 +356,8 @@ def test_incremental_updates_touch_only_affected_entries():
     assert em.writes == []
     c.upsert_node(node("node3", "192.168.1.33"))  # 192.168.1.3 gone: egress IP unresolved (0.0.0.0)
     assert sorted(w[0] for w in em.writes) == ["excluded"] * 11 + ["set"] * 11
-    assert map_state(em) == c.desired == Compiler(c.cluster.copy(), c.policies).desired
+    full = Compiler(c.cluster.copy(), c.policies)
+    assert map_state(em) == c.desired == renumbered(full.desired, full.policy_ids, c.policy_ids)
     with pytest.raises(KeyError):
         c.remove_pod("default", "nope")
 
@@ -353,9 +365,12 @@ def test_incremental_updates_touch_only_affected_entries():
 # --- property: incremental == full recompile == a plain oracle ------------------------------------
 
 
-def oracle(cluster, policies, view=None):
-    """Cilium's semantics spelled out plainly: every policy, every pod, first writer by name wins."""
+def oracle(cluster, policies, view=None, ids=None):
+    """Cilium's semantics spelled out plainly: every policy, every pod, first writer by name wins;
+    `ids` the policy ids ({name: id}; default: 1, 2, ... in name order)."""
     out = {}
+    if ids is None:
+        ids = {p.name: i for i, p in enumerate(sorted(policies, key=lambda p: p.name), 1)}
     for p in sorted(policies, key=lambda p: p.name):
         gws = resolve_gateways(p, cluster, view)
         for pod in sorted(cluster.pods.values(), key=lambda p: p.key):
@@ -369,10 +384,12 @@ def oracle(cluster, policies, view=None):
                 v6 = ":" in ip
                 for d in p.destination_cidrs:
                     if (":" in d) == v6:
-                        mine[(ip, d)] = EgressEntry(ip, d, g.egress_ip6 if v6 else g.egress_ip4, g.gateway_ip)
+                        mine[(ip, d)] = EgressEntry(ip, d, g.egress_ip6 if v6 else g.egress_ip4, g.gateway_ip,
+                                                    ids[p.name])
                 for d in p.excluded_cidrs:
                     if (":" in d) == v6:
-                        mine[(ip, d)] = EgressEntry(ip, d, g.egress_ip6 if v6 else g.egress_ip4, EXCLUDED_CIDR)
+                        mine[(ip, d)] = EgressEntry(ip, d, g.egress_ip6 if v6 else g.egress_ip4, EXCLUDED_CIDR,
+                                                    ids[p.name])
             for key, t in mine.items():
                 out.setdefault(key, t)
     return out
@@ -444,8 +461,8 @@ def test_incremental_equals_full_recompile(ops, view):
         except KeyError:
             assert op.startswith("remove")
     full = Compiler(c.cluster.copy(), c.policies, node=view, down=c.down)
-    assert c.desired == full.desired
-    assert c.desired == oracle(_without_ips(c.cluster, c.down), c.policies, view)
+    assert c.desired == renumbered(full.desired, full.policy_ids, c.policy_ids)
+    assert c.desired == oracle(_without_ips(c.cluster, c.down), c.policies, view, c.policy_ids)
     assert map_state(em) == c.desired
     assert sorted(map(str, c.conflicts())) == sorted(map(str, full.conflicts()))
 
@@ -468,22 +485,22 @@ KEY = ("10.0.1.93", "203.0.113.0/24")
 def test_a_down_gateway_is_skipped_for_the_next_matching_node_with_its_own_egress_ip():
     em = EgressMap()
     c = Compiler(_ha_cluster(), [policy(gw=HA_GW)], egress_map=em)
-    assert c.desired[KEY] == EgressEntry(*KEY, "192.168.1.3", "192.168.1.3")
+    assert c.desired[KEY] == entry(*KEY, "192.168.1.3", "192.168.1.3")
     assert c.set_down({"node3"}) == 1
     # node4's egress IP from its own interface: the first address of eth0
-    assert c.desired[KEY] == EgressEntry(*KEY, "192.168.1.4", "192.168.1.4")
+    assert c.desired[KEY] == entry(*KEY, "192.168.1.4", "192.168.1.4")
     assert map_state(em) == c.desired
     (g,) = c.gateways("p")
     assert (g.node, g.skipped, g.problem) == ("node4", ("node3",), None)
     assert c.set_down({"node3"}) == 0                      # no change, no write
     assert c.set_down(set()) == 1                          # node3 is back: it is first by name again
-    assert c.desired[KEY] == EgressEntry(*KEY, "192.168.1.3", "192.168.1.3") and map_state(em) == c.desired
+    assert c.desired[KEY] == entry(*KEY, "192.168.1.3", "192.168.1.3") and map_state(em) == c.desired
 
 
 def test_every_matching_node_down_is_no_gateway_and_says_why():
     c = Compiler(_ha_cluster(), [policy(gw=HA_GW)])
     c.set_down({"node3", "node4"})
-    assert c.desired[KEY] == EgressEntry(*KEY, "0.0.0.0", GATEWAY_NOT_FOUND)
+    assert c.desired[KEY] == entry(*KEY, "0.0.0.0", GATEWAY_NOT_FOUND)
     assert [str(p) for p in c.problems()] == [
         "policy 'p': every node matching nodeSelector {'matchLabels': {'egress-gateway': 'true'}} is down "
         "(node3, node4): source nodes drop this traffic (no gateway)"]
@@ -492,11 +509,11 @@ def test_every_matching_node_down_is_no_gateway_and_says_why():
 def test_source_node_view_keeps_cilium_egress_ip_rules_after_failover():
     """On node1 the egress IP stays unknown (0.0.0.0); on node4 it is node4's own, once node3 is down."""
     on1, on4 = (Compiler(_ha_cluster(), [policy(gw=HA_GW)], node=n) for n in ("node1", "node4"))
-    assert on4.desired[KEY] == EgressEntry(*KEY, "0.0.0.0", "192.168.1.3")
+    assert on4.desired[KEY] == entry(*KEY, "0.0.0.0", "192.168.1.3")
     for c in (on1, on4):
         c.set_down({"node3"})
-    assert on1.desired[KEY] == EgressEntry(*KEY, "0.0.0.0", "192.168.1.4")
-    assert on4.desired[KEY] == EgressEntry(*KEY, "192.168.1.4", "192.168.1.4")
+    assert on1.desired[KEY] == entry(*KEY, "0.0.0.0", "192.168.1.4")
+    assert on4.desired[KEY] == entry(*KEY, "192.168.1.4", "192.168.1.4")
 
 
 def test_egress_gateways_repin_over_the_gateways_that_are_up():
@@ -536,7 +553,8 @@ def test_health_change_rewrites_only_the_affected_policies():
 
     c = Compiler(cluster, [policy("ha", gw=HA_GW), seed], egress_map=Recording(EgressMap()))
     assert c.set_down({"node3"}) == 1
-    assert writes == [("10.0.1.93", "203.0.113.0/24", "192.168.1.4", "192.168.1.4")]  # app2's entry untouched
+    # app2's entry untouched
+    assert writes == [("10.0.1.93", "203.0.113.0/24", "192.168.1.4", "192.168.1.4", c.policy_id("ha"))]
     assert c.gateway_candidates() == {"node2": "192.168.1.2", "node3": "192.168.1.3", "node4": "192.168.1.4"}
 
 

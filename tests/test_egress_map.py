@@ -65,7 +65,7 @@ def test_one_definition_of_the_sentinels_and_the_entry_type():
         "fd00::6", "2001:db8::1")
     assert hit.row() == ("fd00::5", "2001:db8::/32", "fd00:1::100", "192.168.1.3") and hit.status == 1
     assert hit.gateway_ip == ipaddress.ip_address("::ffff:192.168.1.3")     # one family per entry
-    assert ex.listed() == ("fd00::5", "2001:db8:1::/48", "fd00:1::100", types.EXCLUDED_CIDR)
+    assert ex.listed() == ("fd00::5", "2001:db8:1::/48", "fd00:1::100", types.EXCLUDED_CIDR, 0)
     assert ex.excluded and ex.row()[3] == "Excluded CIDR" and ng.no_gateway and ng.row()[3] == "Not Found"
     _, gateway, status = em.lookup_batch(
         np.frombuffer(ipaddress.ip_address("fd00::5").packed * 2 + ipaddress.ip_address("fd00::6").packed,

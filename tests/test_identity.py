@@ -8,9 +8,10 @@ from egresscore.policy import parse_policy
 from egresscore.types import EgressEntry
 
 DST = "203.0.113.0/24"
-def gw(src, dst):
-    """The entry of `src` to `dst` through node3, egress IP 192.168.1.3."""
-    return EgressEntry(src, dst, "192.168.1.3", "192.168.1.3")
+def gw(src, dst, policy_id=1):
+    """The entry of `src` to `dst` through node3, egress IP 192.168.1.3, of the
+    policy with `policy_id` (ids are handed out in name order from 1)."""
+    return EgressEntry(src, dst, "192.168.1.3", "192.168.1.3", policy_id)
 
 
 def cegp(name="p", selectors=None, **spec):
@@ -58,7 +59,7 @@ def test_recreated_pod_with_the_same_ip_keeps_it_after_the_late_delete():
                                              destinationCIDRs=["198.51.100.0/24"])])
     c.upsert_pod(new)
     c.remove_pod("uid-old")  # one positional argument is a uid
-    assert c.desired == {("10.0.1.5", "198.51.100.0/24"): gw("10.0.1.5", "198.51.100.0/24")}
+    assert c.desired == {("10.0.1.5", "198.51.100.0/24"): gw("10.0.1.5", "198.51.100.0/24", c.policy_id("q"))}
 
 
 def map_state_of(c):
@@ -161,7 +162,7 @@ def test_selector_on_a_filtered_label_selects_nothing_unless_the_filter_is_chang
     by_tier = cegp("t", [{"podSelector": {"matchLabels": {"tier": "front"}}}])
     by_app = cegp("a", [{"podSelector": {"matchLabels": {"app": "web"}}}], destinationCIDRs=["198.51.100.0/24"])
     c = Compiler(cluster(pod, tiered), [by_tier, by_app], label_filter=only_tier)
-    assert c.desired == {("10.0.1.6", DST): gw("10.0.1.6", DST)}
+    assert c.desired == {("10.0.1.6", DST): gw("10.0.1.6", DST, c.policy_id("t"))}
     # an extra ignore rule keeps the rest
     no_tier = LabelFilter(["!tier"])
     assert not no_tier.keep("tier") and no_tier.keep("app")

@@ -22,7 +22,7 @@ PKG = os.path.join(ROOT, "egresscore")
 LAYERS = {
     0: ["errors", "types", "files", "verdicts", "_netns", "_bpf", "_natref", "_core"],
     1: ["policy", "cluster", "inputs", "compiler"],
-    2: ["flowlog", "metrics", "control", "sources", "health", "replication"],
+    2: ["flowlog", "metrics", "control", "sources", "health", "replication", "policystats"],
     3: ["agent"],
     4: ["show"],
     5: ["cli", "demo", "__main__", "__init__"],

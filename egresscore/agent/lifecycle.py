@@ -136,6 +136,7 @@ from ..control import default_socket_path
 from ..health import HEARTBEAT_PORT, GatewayHealth, LivenessProvider, Prober, Responder
 from ..inputs import InputError, check_policies, load_inputs
 from ..replication import REPLICATION_PORT
+from ..policystats import PolicyCounters
 from .feed import Feed, FeedStats, OwnNodeError, SourceRunner, check_own_node
 from .host import (
     AgentError,
@@ -352,6 +353,9 @@ class Agent:
             if health["make_before_break"]:
                 self.datapath.set_make_before_break(True, capacity=health["pin_capacity"])
             self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map, **identity)
+            self.policy_counters = PolicyCounters(self.datapath.policy_counters, self.compiler, node=node,
+                                                  port_usage=self.nat.port_usage)
+            self.compiler.on_policy_id = self.policy_counters.on_policy_id
             self.cluster = self.compiler.cluster
             self._feed = Feed(self.compiler)
             self._open_underlay(underlay)
@@ -469,7 +473,9 @@ class Agent:
         """Every counter, as egresscore.metrics and `egresscore stats` read them:
         verdicts (packets, bytes), drops by reason, the datapath's own counters,
         the NAT table (with port use per egress IP), the egress map, the rings,
-        the flow log and traffic by policy (from the flow records)."""
+        the flow log and traffic by policy (from the flow records), and the
+        datapath's own per-policy counters (policy_counters: by policy name,
+        egresscore.policystats)."""
         return self._submit(self._stats)
 
     def _stats(self):
@@ -490,6 +496,7 @@ class Agent:
             "datapath": c,
             "nat": nat,
             "egress_map": {"entries": len(self.egress_map)},
+            "policy_counters": self.policy_counters.by_policy(),
             "rings": rings,
             "reloads": self.reload_stats(),
             "gateway_health": self.gateway_health(),

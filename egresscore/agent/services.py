@@ -50,7 +50,8 @@ def start_services(agent, *, flow_log=None, capacity=65536, drop_rate=100.0, met
     if control_socket is not None and control_socket is not False:
         path = (default_socket_path(agent.node, agent.netns) if control_socket is True
                 else os.fspath(control_socket))
-        handlers = inspection_handlers(egress_map=agent.egress_map, stats=agent.stats)
+        handlers = inspection_handlers(egress_map=agent.egress_map, stats=agent.stats,
+                                       policy_names=lambda: {i: n for n, i in agent.compiler.policy_ids.items()})
         # read the NAT table on the loop thread (its only writer), between batches
         handlers["gateway_health"] = agent.gateway_health
         handlers["nat_list"] = lambda: [e._asdict() for e in agent._submit(lambda: list(agent.nat.entries()))]

@@ -50,6 +50,23 @@ cdef struct dp_stats:
     uint64_t vpkts[4]           # frames by Verdict
     uint64_t vbytes[4]          # their bytes (as received, Ethernet header included)
 
+# Per-policy counters (Datapath.policy_counters()), one record per policy
+# slot (includes/policy.pxd), counted when a frame's verdict is known
+# (dp_done) for the policy its stage found: the egress map entry's on the
+# source node and for the gateway's SNAT, the NAT entry's for replies.
+# Bytes are the frame as the pod sends or receives it (Ethernet header
+# included, no VXLAN), so they compare with the pod interface's counters.
+cdef enum:
+    DP_POL_REDIRECT = 0         # source node: sent through the tunnel to the gateway
+    DP_POL_EGRESS = 1           # gateway: SNATed to the egress IP, out to the destination
+    DP_POL_REPLY = 2            # gateway: a reply reverse-NATed, back to the pod
+    DP_POL_DIRS = 3
+
+cdef struct dp_policy:
+    uint64_t pkts[3]            # forwarded frames by DP_POL_*
+    uint64_t bytes[3]
+    uint64_t drops[DROP_REASON_MAX]     # frames of the policy dropped, by DropReason
+
 cdef struct dp_out:
     int port                    # where the frame goes (-1: nowhere)
     uint8_t *data
@@ -119,6 +136,10 @@ cdef struct dp_ctx:
     flow_log * flog  # drop records go here when not NULL (set_flow_log)
     gwpin_table * pins  # make-before-break when not NULL (set_make_before_break)
     uint8_t pin_ahead  # the caller prefetched the first pins of each dp_rx_frames batch
+    dp_policy * pol  # POLICY_SLOTS records (per-policy counters)
+    uint32_t cur_pol  # the frame being handled: its policy id (0: none), set by its stage
+    uint32_t cur_pol_dir  # its DP_POL_* direction
+    int64_t cur_pol_len  # the bytes to count for it
     void (*emit)(dp_ctx *c, dp_out *o) noexcept nogil   # dp_emit, or dp_capture (process_frames)
 
 cdef class Datapath:

@@ -48,7 +48,7 @@
 # Files: stages.pyx (shared steps), egress.pyx (from pods), ingress.pyx (from
 # the underlay), emit.pyx (batch, TX, segmentation); this file: the
 # Datapath class (configuration, counters, the loop) over one dp_ctx.
-from libc.stdlib cimport malloc as _dp_malloc, free as _dp_free
+from libc.stdlib cimport malloc as _dp_malloc, calloc as _dp_calloc, free as _dp_free
 
 cdef extern from "<poll.h>" nogil:
     struct _dp_pollfd "pollfd":
@@ -100,7 +100,8 @@ cdef class Datapath:
         self.c.scratch = <uint8_t *>_dp_malloc(DP_SCRATCH)
         self.c.reply = <uint8_t *>_dp_malloc(2048)
         self.c.segbuf = <uint8_t *>_dp_malloc(9216 + 128)
-        if self.c.scratch == NULL or self.c.reply == NULL or self.c.segbuf == NULL:
+        self.c.pol = <dp_policy *>_dp_calloc(POLICY_SLOTS, sizeof(dp_policy))
+        if self.c.scratch == NULL or self.c.reply == NULL or self.c.segbuf == NULL or self.c.pol == NULL:
             raise no_memory("Datapath scratch buffers")
         _dp_memset(&self.c.st, 0, sizeof(dp_stats))
         _dp_memset(self.c.ports, 0, sizeof(self.c.ports))
@@ -112,6 +113,7 @@ cdef class Datapath:
         _dp_free(self.c.scratch)
         _dp_free(self.c.reply)
         _dp_free(self.c.segbuf)
+        _dp_free(self.c.pol)
 
     def __init__(self, node_ip, node_mac, EgressMap egress_map not None, NatTable nat not None, *,
                  vni=2, vxlan_port=8472, mtu=1500, nat_port_range=(32768, 65534)):
@@ -350,9 +352,49 @@ cdef class Datapath:
         if index is None:
             return 0
         return self.pins.flush_node(index)
+    def policy_counters(self, slots=None):
+        """Per-policy counters of the policy slots that saw traffic (or of
+        the given `slots`, each present even when zero):
+        {slot: {"redirect" | "egress" | "reply": {"packets": n, "bytes": n},
+        "drops": {reason name: n}, "connections_opened": n,
+        "connections_live": n}}.  Slot N is policy id N (the egress map's)
+        up to POLICY_COUNTED_SLOTS (4096); slot 0 sums every larger id.
+        redirect: frames a pod here sent through the tunnel to its gateway;
+        egress: frames SNATed here to the policy's egress IP; reply: replies
+        translated back to the pod; bytes are the pod-side frames (Ethernet
+        header included, no VXLAN).  Connections come from the NAT table
+        (opened and live under the policy); drops are the policy's frames
+        dropped, by reason."""
+        cdef Py_ssize_t i, d, k
+        cdef dp_policy *p
+        cdef uint64_t any_
+        conns = self.nat.policy_connections()
+        wanted = None if slots is None else {int(x) for x in slots}
+        if wanted is not None and not all(0 <= x < POLICY_SLOTS for x in wanted):
+            raise ValueError(f"policy slots are 0..{POLICY_SLOTS - 1}, not {sorted(wanted)!r}")
+        out = {}
+        for i in (range(POLICY_SLOTS) if wanted is None else sorted(wanted)):
+            p = &self.c.pol[i]
+            any_ = 0
+            for d in range(DP_POL_DIRS):
+                any_ |= p.pkts[d]
+            for k in range(DROP_REASON_MAX):
+                any_ |= p.drops[k]
+            if not any_ and i not in conns and wanted is None:
+                continue
+            opened, live = conns.get(i, (0, 0))
+            rec = {name: {"packets": p.pkts[d], "bytes": p.bytes[d]}
+                   for d, name in enumerate(("redirect", "egress", "reply"))}
+            rec["drops"] = {DROP_REASON_NAMES[k]: p.drops[k] for k in range(1, DROP_REASON_MAX) if p.drops[k]}
+            rec["connections_opened"] = opened
+            rec["connections_live"] = live
+            out[i] = rec
+        return out
 
     def reset_counters(self):
+        """Zero the datapath's counters, the per-policy ones included (not the NAT table's)."""
         _dp_memset(&self.c.st, 0, sizeof(dp_stats))
+        _dp_memset(self.c.pol, 0, POLICY_SLOTS * sizeof(dp_policy))
 
     # -- Python entry points ------------------------------------------------------
 

@@ -49,6 +49,7 @@ cdef void dp_rx_frames(dp_ctx *c, const ring_frame_t *fr, int n, int port, uint6
         if c.sink != NULL:
             c.sink.cur += 1
         if fr[i].len < fr[i].wire_len:
+            c.cur_pol = 0
             r = dp_ret(VERDICT_DROP, DROP_TRUNCATED)
             dp_done(c, fr[i].data, fr[i].len, port, now, r)
         else:
@@ -81,6 +82,7 @@ cdef int dp_handle(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port,
     _dp_memset(out, 0, sizeof(dp_out))
     out.port = -1
     c.gso = 0
+    c.cur_pol = 0
     if length < PKT_ETH_LEN or length > DP_SCRATCH - DP_HEADROOM:
         # a runt or an oversize frame: not ours from the underlay, a
         # malformed one from a pod
@@ -153,6 +155,7 @@ cdef void dp_emit(dp_ctx *c, dp_out *o) noexcept nogil:
         if ring_tx_direct(r, &v, o.data, <uint32_t>o.length) < 0:
             c.st.tx_errors += 1
             c.st.drops[<int>DROP_TX_FULL] += 1
+            dp_policy_tx_full(c)
         return
     buf = ring_tx_claim(r, &room)
     if buf == NULL:
@@ -161,6 +164,7 @@ cdef void dp_emit(dp_ctx *c, dp_out *o) noexcept nogil:
     if buf == NULL or room < o.length:
         c.st.tx_errors += 1
         c.st.drops[<int>DROP_TX_FULL] += 1
+        dp_policy_tx_full(c)
         return
     _dp_memcpy(buf, o.data, o.length)
     if o.gso_type or o.csum_offset:
@@ -187,6 +191,7 @@ cdef void dp_capture(dp_ctx *c, dp_out *o) noexcept nogil:
     if s.n >= s.max or s.used + o.length > s.size:
         c.st.tx_errors += 1
         c.st.drops[<int>DROP_TX_FULL] += 1
+        dp_policy_tx_full(c)
         return
     s.outs[s.n] = o[0]
     s.outs[s.n].data = s.buf + s.used

@@ -41,7 +41,7 @@ cdef int dp_in_vxlan(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint64_
     src_node = dp_lpm4(c.pod_nodes_c, ipi.src4)
     if src_node == LPM_NONE or src_node != sender:
         return dp_ret(VERDICT_DROP, DROP_POLICY_DENIED)
-    status = egress_map_lookup4(c.em_c, ipi.src4, ipi.dst4, &egress, &gw)
+    status = dp_policy_lookup4(c, ipi.src4, ipi.dst4, &egress, &gw, glen)
     if status != EGRESS_MATCH or gw != c.node_ip:
         # make-before-break: a connection translated here already keeps
         # flowing (to its own entry's egress IP); a new one needs the map
@@ -79,7 +79,7 @@ cdef int dp_in_reverse_nat(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, u
     reply): reverse NAT (DROP_NO_NAT_ENTRY), then to the pod."""
     cdef nat_tuple k, o
     cdef int rc
-    cdef uint32_t node
+    cdef uint32_t node, pol = 0
     if pi.proto == PKT_IPPROTO_ICMP:
         if pi.icmp_type != 0 or not pi.has_ports:
             return dp_ret(VERDICT_PASS, 0)      # echo requests etc.: the kernel's
@@ -89,9 +89,13 @@ cdef int dp_in_reverse_nat(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, u
     else:
         return dp_ret(VERDICT_PASS, 0)
     dp_tuple4(&k, pi.proto, pi.tcp_flags, pi.src4, pi.sport, pi.dst4, pi.dport)
-    rc = nat_translate_in_len(c.nat_c, &k, now, &o, <uint32_t>(pi.l3_end - pi.l3_off))
+    rc = nat_translate_in_pol(c.nat_c, &k, now, &o, <uint32_t>(pi.l3_end - pi.l3_off), &pol)
     if rc:
         return dp_ret(VERDICT_DROP, rc)
+    if pol != 0:
+        c.cur_pol = pol                     # the connection's policy: the reply counts to it
+        c.cur_pol_dir = DP_POL_REPLY
+        c.cur_pol_len = length
     # too big for the tunnel back to the pod's node: tell the sender now,
     # quoting the packet as it sent it (from the address it talked to)
     if dp_lpm4(c.local_pods_c, be_load32(o.dst)) == LPM_NONE:

@@ -1,6 +1,7 @@
 # datapath/stages: the steps both directions share, over the one context
-# struct (dp_ctx): counting a verdict, SNAT out to the router, VXLAN towards
-# a node, delivery to a pod, ICMP too-big replies and GSO super-packets.
+# struct (dp_ctx): counting a verdict (and its policy's), SNAT out to the
+# router, VXLAN towards a node, delivery to a pod, ICMP too-big replies and
+# GSO super-packets.
 from libc.string cimport memcpy as _dp_memcpy, memset as _dp_memset
 from posix.time cimport (clock_gettime as _dp_clock_gettime, timespec as _dp_timespec,
                          CLOCK_MONOTONIC as _DP_CLOCK_MONOTONIC)
@@ -65,15 +66,49 @@ cdef void dp_count(dp_ctx *c, int verdict, int reason) noexcept nogil:
         c.st.drops[drop_slot(reason)] += 1
 
 
+cdef inline int dp_policy_lookup4(dp_ctx *c, uint32_t src, uint32_t dst, uint32_t *egress,
+                                  uint32_t *gw, int64_t length) noexcept nogil:
+    """egress_map_lookup4 that also makes a matched (or no-gateway) entry's
+    policy the frame's, for the per-policy counters: redirected when the
+    gateway is another node, SNATed here when it is this one; `length` is
+    the frame as the pod sent it."""
+    cdef uint32_t pol = 0
+    cdef int status = egress_map_lookup4p(c.em_c, src, dst, egress, gw, &pol)
+    if pol != 0 and (status == EGRESS_MATCH or status == EGRESS_NO_GATEWAY):
+        c.cur_pol = pol
+        c.cur_pol_dir = DP_POL_EGRESS if gw[0] == c.node_ip else DP_POL_REDIRECT
+        c.cur_pol_len = length
+    return status
+
+
+cdef inline void dp_policy_done(dp_ctx *c, int r) noexcept nogil:
+    """Count verdict r to the frame's policy (c.cur_pol, not 0)."""
+    cdef dp_policy *p = &c.pol[policy_slot(c.cur_pol)]
+    if (r & 0xff) == VERDICT_DROP:
+        p.drops[drop_slot(r >> 8)] += 1
+    elif (r & 0xff) != VERDICT_PASS:
+        p.pkts[c.cur_pol_dir] += 1
+        p.bytes[c.cur_pol_dir] += <uint64_t>c.cur_pol_len
+
+
+cdef inline void dp_policy_tx_full(dp_ctx *c) noexcept nogil:
+    """A forwarded frame lost at transmit: also its policy's tx_full drop."""
+    if c.cur_pol != 0:
+        c.pol[policy_slot(c.cur_pol)].drops[<int>DROP_TX_FULL] += 1
+
+
 cdef void dp_done(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
                   int r) noexcept nogil:
     """Count a frame's verdict r (dp_ret), every path's one place: rx =
     passed + tx + tx_local + dropped, and the per-verdict packets and bytes,
-    hold for every frame (runts, refused super-packets, truncated ones)."""
+    hold for every frame (runts, refused super-packets, truncated ones); and
+    the frame's policy's, when its stage found one."""
     c.st.rx += 1
     dp_count(c, r & 0xff, r >> 8)
     c.st.vpkts[r & 3] += 1
     c.st.vbytes[r & 3] += <uint64_t>length
+    if c.cur_pol != 0:
+        dp_policy_done(c, r)
     if c.flog != NULL and (r & 0xff) == VERDICT_DROP:
         dp_flow_drop(c, frame, length, in_port, r >> 8, now)
 
@@ -223,7 +258,7 @@ cdef int dp_egress(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint32_t 
     if rc:
         return dp_ret(VERDICT_DROP, rc)
     dp_tuple4(&k, pi.proto, pi.tcp_flags, pi.src4, pi.sport, pi.dst4, pi.dport)
-    rc = nat_translate_out_len(c.nat_c, &k, <uint32_t>ext, now, &o,
+    rc = nat_translate_out_pol(c.nat_c, &k, <uint32_t>ext, c.cur_pol if policy else 0, now, &o,
                                <uint32_t>(pi.l3_end - pi.l3_off))
     if rc:
         return dp_ret(VERDICT_DROP, rc)

@@ -72,12 +72,14 @@ cdef extern from "lpm/lpm_egress.h" nogil:
     ctypedef struct egress_val4:
         uint32_t egress
         uint32_t gateway
+        uint32_t policy
 
     ctypedef struct egress_val6:
         uint64_t e_hi
         uint64_t e_lo
         uint64_t g_hi
         uint64_t g_lo
+        uint32_t policy
 
     ctypedef struct egress_map:
         lpm_rcu rcu
@@ -88,12 +90,14 @@ cdef extern from "lpm/lpm_egress.h" nogil:
                             uint32_t* egress, uint32_t* gateway)
     int egress_map_lookup4(egress_map* m, uint32_t src, uint32_t dst,
                            uint32_t* egress, uint32_t* gateway)
+    int egress_map_lookup4p(egress_map* m, uint32_t src, uint32_t dst,
+                            uint32_t* egress, uint32_t* gateway, uint32_t* policy)
     int egress_map_lookup6(egress_map* m, const uint8_t* src16, const uint8_t* dst16,
                            uint8_t* egress16, uint8_t* gateway16)
     void egress_map_lookup4_batch(egress_map* m, const uint32_t* src, const uint32_t* dst, size_t n,
-                                  uint32_t* egress, uint32_t* gateway, uint8_t* status)
+                                  uint32_t* egress, uint32_t* gateway, uint8_t* status, uint32_t* policy)
     void egress_map_lookup6_batch(egress_map* m, const uint8_t* src, const uint8_t* dst, size_t n,
-                                  uint8_t* egress, uint8_t* gateway, uint8_t* status)
+                                  uint8_t* egress, uint8_t* gateway, uint8_t* status, uint32_t* policy)
     egress_snap* egress_snap_with(const egress_snap* old, uint64_t hi, uint64_t lo,
                                   lpm_table* tbl, lpm_table** replaced)
     egress_snap* egress_snap_with_many(const egress_snap* old, size_t k, const uint64_t* hi, const uint64_t* lo,

@@ -635,6 +635,20 @@ EGRESS_STATUS_NO_GATEWAY = EGRESS_NO_GATEWAY
 EgressEntry = _types.EgressEntry
 
 
+POLICY_ID_MAX = _types.POLICY_ID_MAX
+
+
+def _policy_id(value, key):
+    """An entry's policy id, checked: an int in 0..POLICY_ID_MAX (the
+    datapath's counters and the flow log hold it in 16 bits)."""
+    if not isinstance(value, (int, bool)) and hasattr(value, "__index__"):   # NumPy integers
+        value = _operator_index(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _types.POLICY_ID_MAX:
+        raise ValueError(f"egress entry {key!r}: policy_id must be an int in 0..{_types.POLICY_ID_MAX}, "
+                         f"not {value!r}")
+    return value
+
+
 class _EgressSource:
     __slots__ = ("entries", "order", "tbl")
 
@@ -703,10 +717,12 @@ cdef class EgressMap:
                 e[i].lo = 0
                 v4[i].egress = int(ent.egress_ip)
                 v4[i].gateway = int(ent.gateway_ip)
+                v4[i].policy = ent.policy_id
             else:
                 addr_split128(dst, &e[i].hi, &e[i].lo)
                 addr_split128(int(ent.egress_ip), &v6[i].e_hi, &v6[i].e_lo)
                 addr_split128(int(ent.gateway_ip), &v6[i].g_hi, &v6[i].g_lo)
+                v6[i].policy = ent.policy_id
             e[i].len = plen
             e[i].val = i
         tbl = lpm_table_build(e, n, 32 if family == 4 else 128)
@@ -740,7 +756,7 @@ cdef class EgressMap:
 
     def sync(self, entries):
         """Make the map hold exactly `entries` (EgressEntry or (source,
-        destination, egress_ip, gateway_ip) tuples), the way Cilium's
+        destination, egress_ip, gateway_ip[, policy_id]) tuples), the way Cilium's
         reconciler diffs its BPF map: only sources whose entries changed get
         a new table, and each family is published once.  All or nothing.
         Returns (added, removed, changed) entry counts."""
@@ -751,13 +767,15 @@ cdef class EgressMap:
         cdef size_t ki, n
         desired = {}
         for item in entries:
-            if not isinstance(item, tuple) or len(item) != 4:
-                raise TypeError(f"sync() wants (source, destination, egress_ip, gateway_ip) tuples, got {item!r}")
+            if not isinstance(item, tuple) or not 4 <= len(item) <= 5:
+                raise TypeError(f"sync() wants (source, destination, egress_ip, gateway_ip[, policy_id]) tuples, "
+                                f"got {item!r}")
             fam, src, dkey = self._key(item[0], item[1])
             ip = _IPv4Address if fam == 4 else _IPv6Address
             net = _IPv4Network(dkey) if fam == 4 else _IPv6Network(dkey)
             desired.setdefault((fam, src), {})[dkey] = EgressEntry(
-                ip(src), net, self._addr_of(item[2], fam, "egress IP"), self._gateway_of(item[3], fam))
+                ip(src), net, self._addr_of(item[2], fam, "egress IP"), self._gateway_of(item[3], fam),
+                _policy_id(item[4], item) if len(item) == 5 else 0)
         added = removed = changed = 0
         touched = []
         for skey in set(self._sources) | set(desired):
@@ -866,11 +884,11 @@ cdef class EgressMap:
             raise ValueError(f"gateway IP {x!r} is IPv{f} but the entry is IPv{fam}")
         return addr_object_of(f, hi, lo)
 
-    def _put(self, source_ip, destination_cidr, egress_obj, gateway_obj):
+    def _put(self, source_ip, destination_cidr, egress_obj, gateway_obj, policy_id):
         fam, src, dkey = self._key(source_ip, destination_cidr)
         ip = _IPv4Address if fam == 4 else _IPv6Address
         net = _IPv4Network(dkey) if fam == 4 else _IPv6Network(dkey)
-        entry = EgressEntry(ip(src), net, egress_obj, gateway_obj)
+        entry = EgressEntry(ip(src), net, egress_obj, gateway_obj, policy_id)
         skey = (fam, src)
         state = self._sources.get(skey)
         created = state is None
@@ -896,8 +914,8 @@ cdef class EgressMap:
 
     def update(self, sets=(), removes=()):
         """Many writes at once: `sets` are (source, destination, egress IP,
-        gateway IP) rows as sync() takes them (the excluded and no-gateway
-        sentinels included), `removes` (source, destination) pairs of present
+        gateway IP[, policy id]) rows as sync() takes them (the excluded and
+        no-gateway sentinels included), `removes` (source, destination) pairs of present
         entries (KeyError otherwise).  Each touched source's table is rebuilt
         once and each family published once, copying the source index once
         instead of once per write (a policy that moves 100 pods' entries in a
@@ -914,7 +932,8 @@ cdef class EgressMap:
             ip = _IPv4Address if fam == 4 else _IPv6Address
             net = _IPv4Network(dkey) if fam == 4 else _IPv6Network(dkey)
             entry = EgressEntry(ip(src), net, self._addr_of(item[2], fam, "egress IP"),
-                                self._addr_of(item[3], fam, "gateway IP"))
+                                self._addr_of(item[3], fam, "gateway IP"),
+                                _policy_id(item[4], item) if len(item) > 4 else 0)
             skey = (fam, src)
             state = self._sources.get(skey)
             if skey not in backup:
@@ -1002,29 +1021,31 @@ cdef class EgressMap:
             else:
                 self._sources[skey].entries = entries
 
-    def set(self, source_ip, destination_cidr, egress_ip, gateway_ip):
+    def set(self, source_ip, destination_cidr, egress_ip, gateway_ip, policy_id=0):
         """Insert or replace the entry for (source IP, destination CIDR).
 
         All four in one family (an IPv6 entry's gateway may be IPv4, as
         Cilium's); str, ipaddress objects or ints.  A gateway of
         GATEWAY_NOT_FOUND_V4/V6 means "matched, no gateway: drop",
-        EXCLUDED_CIDR_V4/V6 an excluded CIDR.
+        EXCLUDED_CIDR_V4/V6 an excluded CIDR.  policy_id (0..POLICY_ID_MAX,
+        0: none) is the number the datapath counts the entry's traffic under.
         """
         fam, _, _ = self._key(source_ip, destination_cidr)
         self._put(source_ip, destination_cidr, self._addr_of(egress_ip, fam, "egress IP"),
-                  self._gateway_of(gateway_ip, fam))
+                  self._gateway_of(gateway_ip, fam), _policy_id(policy_id, (source_ip, destination_cidr)))
 
-    def set_excluded(self, source_ip, destination_cidr, egress_ip=None):
+    def set_excluded(self, source_ip, destination_cidr, egress_ip=None, policy_id=0):
         """Mark destination_cidr as excluded for source_ip (Cilium's
         excludedCIDRs): gateway EXCLUDED_CIDR_V4/V6, traffic stays on the
         default path.  egress_ip defaults to 0.0.0.0 / ::."""
+        pid = _policy_id(policy_id, (source_ip, destination_cidr))
         fam, _, _ = self._key(source_ip, destination_cidr)
         if egress_ip is None:
             egress = EGRESS_IP_NOT_FOUND_V4 if fam == 4 else EGRESS_IP_NOT_FOUND_V6
         else:
             egress = self._addr_of(egress_ip, fam, "egress IP")
         self._put(source_ip, destination_cidr, egress,
-                  EXCLUDED_CIDR_V4 if fam == 4 else EXCLUDED_CIDR_V6)
+                  EXCLUDED_CIDR_V4 if fam == 4 else EXCLUDED_CIDR_V6, pid)
 
     def remove(self, source_ip, destination_cidr):
         """Remove the entry; KeyError naming the key if absent."""
@@ -1072,7 +1093,7 @@ cdef class EgressMap:
             v = lpm6_table_lookup(tbl, dhi, dlo)
         return None if v == LPM_NONE else state.order[v]
 
-    def lookup_batch(self, sources, destinations):
+    def lookup_batch(self, sources, destinations, *, policy_ids=False):
         """Look up many (source, destination) pairs at once, GIL released.
 
         IPv4: two 1-D uint32 arrays of host-order addresses -> (egress_ips
@@ -1081,6 +1102,7 @@ cdef class EgressMap:
         status uint8).  status: 0 no match (default path), 1 match (redirect
         to gateway_ips, SNAT to egress_ips), 2 excluded CIDR (default path),
         3 matched but no gateway (drop).  Addresses are 0 where status is 0.
+        policy_ids=True adds a fourth array: each entry's policy id (uint32).
         """
         cdef int as_bytes = 0
         cdef const uint32_t[::1] s4, d4
@@ -1088,6 +1110,8 @@ cdef class EgressMap:
         cdef uint32_t[::1] e4, g4
         cdef uint8_t[:, ::1] e6, g6
         cdef uint8_t[::1] st
+        cdef uint32_t[::1] pv
+        cdef uint32_t* pp = NULL
         cdef Py_ssize_t n
         if isinstance(sources, _np.ndarray) and sources.ndim == 2:
             sources = _as_keys6(sources, "sources", &as_bytes)
@@ -1110,18 +1134,22 @@ cdef class EgressMap:
         else:
             egress = _np.zeros(n, dtype=_np.uint32)
             gateway = _np.zeros(n, dtype=_np.uint32)
+        pol = _np.zeros(n, dtype=_np.uint32) if policy_ids else None
         if n == 0:
-            return egress, gateway, status
+            return (egress, gateway, status, pol) if policy_ids else (egress, gateway, status)
         st = status
+        if policy_ids:
+            pv = pol
+            pp = &pv[0]
         if v6:
             s6, d6, e6, g6 = sources, destinations, egress, gateway
             with nogil:
-                egress_map_lookup6_batch(self.c, &s6[0, 0], &d6[0, 0], n, &e6[0, 0], &g6[0, 0], &st[0])
+                egress_map_lookup6_batch(self.c, &s6[0, 0], &d6[0, 0], n, &e6[0, 0], &g6[0, 0], &st[0], pp)
         else:
             s4, d4, e4, g4 = sources, destinations, egress, gateway
             with nogil:
-                egress_map_lookup4_batch(self.c, &s4[0], &d4[0], n, &e4[0], &g4[0], &st[0])
-        return egress, gateway, status
+                egress_map_lookup4_batch(self.c, &s4[0], &d4[0], n, &e4[0], &g4[0], &st[0], pp)
+        return (egress, gateway, status, pol) if policy_ids else (egress, gateway, status)
 
     def entries(self):
         """All entries sorted by (family, source IP, destination network): the

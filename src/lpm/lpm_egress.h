@@ -2,7 +2,9 @@
  *
  * A snapshot is an open-addressing hash table (linear probing, load <= 1/2)
  * from source IP to an immutable lpm_table over destination prefixes whose
- * leaf values index the table's aux array of (egress IP, gateway IP).
+ * leaf values index the table's aux array of (egress IP, gateway IP, policy
+ * id: the compiler's small number for the policy that wrote the entry, 0 for
+ * none, which the datapath's per-policy counters are indexed by).
  * Updates build a new snapshot (sharing the unchanged per-source tables),
  * publish it with one atomic store and free what it replaced after an
  * lpm_rcu_sync grace period.
@@ -33,8 +35,8 @@ typedef struct {
     egress_slot *slots;
 } egress_snap;
 
-typedef struct { uint32_t egress, gateway; } egress_val4;
-typedef struct { uint64_t e_hi, e_lo, g_hi, g_lo; } egress_val6;
+typedef struct { uint32_t egress, gateway, policy; } egress_val4;
+typedef struct { uint64_t e_hi, e_lo, g_hi, g_lo; uint32_t policy, _pad; } egress_val6;
 
 typedef struct {
     lpm_rcu rcu;
@@ -58,9 +60,9 @@ static inline const egress_slot *egress_snap_find(const egress_snap *s, uint64_t
     }
 }
 
-/* Returns an EGRESS_* status; egress/gateway are set unless EGRESS_NO_MATCH. */
-static inline int egress_snap_lookup4(const egress_snap *s, uint32_t src, uint32_t dst,
-                                      uint32_t *egress, uint32_t *gateway) {
+/* Returns an EGRESS_* status; egress/gateway/policy are set unless EGRESS_NO_MATCH. */
+static inline int egress_snap_lookup4p(const egress_snap *s, uint32_t src, uint32_t dst,
+                                       uint32_t *egress, uint32_t *gateway, uint32_t *policy) {
     const egress_slot *sl = egress_snap_find(s, src, 0);
     if (!sl) return EGRESS_NO_MATCH;
     uint32_t v = lpm4_table_lookup(sl->tbl, dst);
@@ -68,9 +70,16 @@ static inline int egress_snap_lookup4(const egress_snap *s, uint32_t src, uint32
     const egress_val4 *val = (const egress_val4 *)sl->tbl->aux + v;
     *egress = val->egress;
     *gateway = val->gateway;
+    *policy = val->policy;
     if (val->gateway == EGRESS_GW_NOT_FOUND) return EGRESS_NO_GATEWAY;
     if (val->gateway == EGRESS_GW_EXCLUDED) return EGRESS_EXCLUDED;
     return EGRESS_MATCH;
+}
+
+static inline int egress_snap_lookup4(const egress_snap *s, uint32_t src, uint32_t dst,
+                                      uint32_t *egress, uint32_t *gateway) {
+    uint32_t policy;
+    return egress_snap_lookup4p(s, src, dst, egress, gateway, &policy);
 }
 
 static inline int egress_snap_lookup6(const egress_snap *s, uint64_t src_hi, uint64_t src_lo,
@@ -89,12 +98,19 @@ static inline const egress_snap *egress_map_snap(egress_map *m, int v6) {
     return __atomic_load_n(&m->snap[v6], __ATOMIC_ACQUIRE);
 }
 
-static inline int egress_map_lookup4(egress_map *m, uint32_t src, uint32_t dst,
-                                     uint32_t *egress, uint32_t *gateway) {
+/* egress_map_lookup4 that also gives the entry's policy id (0: none). */
+static inline int egress_map_lookup4p(egress_map *m, uint32_t src, uint32_t dst,
+                                      uint32_t *egress, uint32_t *gateway, uint32_t *policy) {
     unsigned idx = lpm_rcu_enter(&m->rcu);
-    int r = egress_snap_lookup4(egress_map_snap(m, 0), src, dst, egress, gateway);
+    int r = egress_snap_lookup4p(egress_map_snap(m, 0), src, dst, egress, gateway, policy);
     lpm_rcu_exit(&m->rcu, idx);
     return r;
+}
+
+static inline int egress_map_lookup4(egress_map *m, uint32_t src, uint32_t dst,
+                                     uint32_t *egress, uint32_t *gateway) {
+    uint32_t policy;
+    return egress_map_lookup4p(m, src, dst, egress, gateway, &policy);
 }
 
 static inline int egress_map_lookup6(egress_map *m, const uint8_t *src16, const uint8_t *dst16,
@@ -113,21 +129,23 @@ static inline int egress_map_lookup6(egress_map *m, const uint8_t *src16, const 
     return r;
 }
 
+/* policy (or NULL) receives each entry's policy id, 0 where status is EGRESS_NO_MATCH. */
 static void egress_map_lookup4_batch(egress_map *m, const uint32_t *src, const uint32_t *dst, size_t n,
-                                     uint32_t *egress, uint32_t *gateway, uint8_t *status) {
+                                     uint32_t *egress, uint32_t *gateway, uint8_t *status, uint32_t *policy) {
     unsigned idx = lpm_rcu_enter(&m->rcu);
     const egress_snap *s = egress_map_snap(m, 0);
     for (size_t i = 0; i < n; i++) {
-        uint32_t e = 0, g = 0;
-        status[i] = (uint8_t)egress_snap_lookup4(s, src[i], dst[i], &e, &g);
+        uint32_t e = 0, g = 0, p = 0;
+        status[i] = (uint8_t)egress_snap_lookup4p(s, src[i], dst[i], &e, &g, &p);
         egress[i] = e;
         gateway[i] = g;
+        if (policy) policy[i] = p;
     }
     lpm_rcu_exit(&m->rcu, idx);
 }
 
 static void egress_map_lookup6_batch(egress_map *m, const uint8_t *src, const uint8_t *dst, size_t n,
-                                     uint8_t *egress, uint8_t *gateway, uint8_t *status) {
+                                     uint8_t *egress, uint8_t *gateway, uint8_t *status, uint32_t *policy) {
     unsigned idx = lpm_rcu_enter(&m->rcu);
     const egress_snap *s = egress_map_snap(m, 1);
     for (size_t i = 0; i < n; i++) {
@@ -140,6 +158,7 @@ static void egress_map_lookup6_batch(egress_map *m, const uint8_t *src, const ui
         be_store64(egress + 16 * i + 8, v.e_lo);
         be_store64(gateway + 16 * i, v.g_hi);
         be_store64(gateway + 16 * i + 8, v.g_lo);
+        if (policy) policy[i] = v.policy;
     }
     lpm_rcu_exit(&m->rcu, idx);
 }

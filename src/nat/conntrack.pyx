@@ -2,6 +2,24 @@
 # per-connection state machine with translate out/in (nat.pyx rules at the top of nat/index.pyx).
 
 # ---------------------------------------------------------------------------
+# the policy id packed into a live entry (see nat_entry in nat.pxd)
+
+cdef inline uint32_t _nat_e_mapping(const nat_entry* e) noexcept nogil:
+    """A live entry's mapping index."""
+    return e.mapping & NAT_MAP_MASK
+
+cdef inline uint32_t _nat_e_policy(const nat_entry* e) noexcept nogil:
+    """A live entry's policy id (0: none)."""
+    return (e.mapping >> 24) | (<uint32_t>(e.flags >> 3) << 8)
+
+cdef inline void _nat_e_set_mapping(nat_entry* e, uint32_t m, uint32_t policy) noexcept nogil:
+    """Make a live entry's mapping index m and its policy id `policy`."""
+    if policy > NAT_POLICY_STORED:
+        policy = NAT_POLICY_STORED
+    e.mapping = m | ((policy & 0xff) << 24)
+    e.flags = <uint8_t>((e.flags & NAT_F_MASK) | ((policy >> 8) << 3))
+
+# ---------------------------------------------------------------------------
 # expiry wheel: intrusive doubly linked bucket lists (see the header)
 
 cdef inline uint32_t* _nat_link(nat_table* t, uint32_t i) noexcept nogil:
@@ -132,7 +150,7 @@ cdef void _nat_flow(nat_table* t, const nat_entry* e, uint8_t kind, uint8_t reas
     memcpy(r.dst, e.dst, 16)
     memcpy(r.xsrc, t.ext[e.ext].addr, 16)
     r.xport = e.xport
-    r.policy = FLOW_NO_POLICY
+    r.policy = <uint16_t>_nat_e_policy(e) if _nat_e_policy(e) else FLOW_NO_POLICY
     flow_append(t.flog, &r)
 
 cdef inline uint8_t _nat_end_reason(const nat_entry* e) noexcept nogil:
@@ -176,7 +194,9 @@ cdef inline void _nat_touch(nat_table* t, nat_entry* e, int direction, uint8_t f
                 e.nbytes[0] = e.nbytes[1] = 0
                 e.created_ms = _nat_ms(now)
                 e.state = NAT_STATE_SYN_SENT
-                e.flags = 0
+                e.flags &= ~NAT_F_MASK
+                if _nat_e_policy(e):
+                    t.pol[policy_slot(_nat_e_policy(e))].opened += 1
                 if t.flog != NULL:
                     _nat_flow(t, e, FLOW_START, 0, now)
         else:
@@ -230,20 +250,23 @@ cdef void _nat_collect(nat_table* t, uint32_t idx, uint64_t now,
     """Remove entry idx from both indexes; drop its mapping's last reference.
     With a flow log, write its end record (reason 0: from its state)."""
     cdef nat_entry* e = &t.entries[idx]
-    cdef nat_mapping* m = &t.mappings[e.mapping]
+    cdef uint32_t mi = _nat_e_mapping(e)
+    cdef nat_mapping* m = &t.mappings[mi]
     if t.flog != NULL:
         _nat_flow(t, e, FLOW_END, reason if reason else _nat_end_reason(e), now)
     _nat_wheel_unlink(t, idx)
+    if _nat_e_policy(e):
+        t.pol[policy_slot(_nat_e_policy(e))].live -= 1
     if t.src_limit:
         _nat_src_release(t, e.family, e.src)
     _nat_index_delete(t, 0, &t.fwd, _nat_entry_hash(t, 0, idx), idx)
     _nat_index_delete(t, 1, &t.rev, _nat_entry_hash(t, 1, idx), idx)
     m.refcnt -= 1
     if m.refcnt == 0:
-        _nat_index_delete(t, 2, &t.map, _nat_entry_hash(t, 2, e.mapping), e.mapping)
+        _nat_index_delete(t, 2, &t.map, _nat_entry_hash(t, 2, mi), mi)
         _nat_port_put(t.ext[m.ext].pools[_nat_pool_of(m.proto)], m.xport)
         memcpy(m.addr, &t.map_free_head, 4)       # next-free link
-        t.map_free_head = e.mapping
+        t.map_free_head = mi
         t.map_used -= 1
     e.state = NAT_STATE_FREE
     e.mapping = t.free_head
@@ -271,10 +294,11 @@ cdef inline int _nat_refuse(nat_table* t, const nat_tuple* o, int reason,
 
 cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t h,
                      uint64_t mh, uint32_t ext, uint64_t now, nat_tuple* out,
-                     uint64_t* defer, uint32_t length) noexcept nogil:
+                     uint64_t* defer, uint32_t length, uint32_t policy=0) noexcept nogil:
     """Create the connection (and its mapping if new: on `ext`, or on the
     first IP of ext's spill chain with a free port when ext has none; the
-    endpoint's mapping on a spill IP is reused first).  With `defer`, the
+    endpoint's mapping on a spill IP is reused first), counted to `policy`
+    (0: none).  With `defer`, the
     reply-index insert is left to the caller: defer[0] = its hash (the slot is
     prefetched), defer[1] = entry index + 1; batches insert it a few tuples
     later, when the slot is in cache."""
@@ -346,13 +370,16 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
     e.dport = dport
     e.xport = mp.xport
     e.ext = <uint16_t>ext
-    e.mapping = m
     e.family = o.family
     e.proto = o.proto
     e.flags = 0
+    _nat_e_set_mapping(e, m, policy)
     e.created_ms = _nat_ms(now)
     e.npkts[0] = e.npkts[1] = 0
     e.nbytes[0] = e.nbytes[1] = 0
+    if policy:
+        t.pol[policy_slot(_nat_e_policy(e))].opened += 1
+        t.pol[policy_slot(_nat_e_policy(e))].live += 1
     if o.proto == NAT_PROTO_TCP:
         e.state = NAT_STATE_SYN_SENT
     elif o.proto == NAT_PROTO_UDP:
@@ -381,7 +408,8 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
 
 cdef inline int _nat_out_h(nat_table* t, const nat_tuple* o, uint32_t ext, uint64_t now,
                            nat_tuple* out, uint64_t h, uint16_t dport,
-                           uint64_t* defer=NULL, uint32_t length=NAT_NO_LEN) noexcept nogil:
+                           uint64_t* defer=NULL, uint32_t length=NAT_NO_LEN,
+                           uint32_t policy=0) noexcept nogil:
     cdef uint32_t idx
     cdef nat_entry* e
     t.lookups += 1
@@ -398,7 +426,7 @@ cdef inline int _nat_out_h(nat_table* t, const nat_tuple* o, uint32_t ext, uint6
         t.expired += 1
     return _nat_create(t, o, dport, h,
                        _nat_hash_map(t.seed, o.family, o.proto, o.sport, <uint16_t>ext, o.src),
-                       ext, now, out, defer, length)
+                       ext, now, out, defer, length, policy)
 
 cdef inline int _nat_out_check(nat_table* t, const nat_tuple* o, uint32_t ext) noexcept nogil:
     cdef int err = _nat_check(o)
@@ -422,6 +450,13 @@ cdef int nat_translate_out_len(nat_table* t, const nat_tuple* orig, uint32_t ext
     on `ext` nor on any IP of its spill chain) otherwise, and then `out` is
     untouched.  An existing connection keeps its egress IP; a new one may
     leave through a spill IP of `ext` (out.src says which)."""
+    return nat_translate_out_pol(t, orig, ext, 0, now, out, length)
+
+cdef int nat_translate_out_pol(nat_table* t, const nat_tuple* orig, uint32_t ext, uint32_t policy,
+                               uint64_t now, nat_tuple* out, uint32_t length) noexcept nogil:
+    """nat_translate_out_len whose new connection is opened under policy id
+    `policy` (0: none).  An existing connection keeps the policy it was
+    opened under, as it keeps its egress IP."""
     cdef int err = _nat_out_check(t, orig, ext)
     cdef uint16_t dport
     if err:
@@ -429,11 +464,11 @@ cdef int nat_translate_out_len(nat_table* t, const nat_tuple* orig, uint32_t ext
     dport = 0 if _nat_is_icmp(orig.proto) else orig.dport
     return _nat_out_h(t, orig, ext, now, out,
                       _nat_hash_fwd(t.seed, orig.family, orig.proto, orig.sport, dport,
-                                    orig.src, orig.dst), dport, NULL, length)
+                                    orig.src, orig.dst), dport, NULL, length, policy)
 
 cdef inline int _nat_in_h(nat_table* t, const nat_tuple* r, uint64_t now, nat_tuple* out,
                           uint64_t h, uint16_t rport, bint touch=True,
-                          uint32_t length=NAT_NO_LEN) noexcept nogil:
+                          uint32_t length=NAT_NO_LEN, uint32_t* policy=NULL) noexcept nogil:
     cdef uint32_t idx
     cdef nat_entry* e
     t.lookups += 1
@@ -453,6 +488,8 @@ cdef inline int _nat_in_h(nat_table* t, const nat_tuple* r, uint64_t now, nat_tu
             out.dport = e.sport
             memcpy(out.src, r.src, 16)
             memcpy(out.dst, e.src, 16)
+            if policy != NULL:
+                policy[0] = _nat_e_policy(e)
             return 0
         if touch:
             _nat_collect(t, idx, now)
@@ -471,6 +508,12 @@ cdef int nat_translate_in_len(nat_table* t, const nat_tuple* reply, uint64_t now
     Returns 0 and fills `out` (destination = pod address:port), or
     DROP_UNSUPPORTED / DROP_NO_NAT_ENTRY (unknown or expired connection: an
     unsolicited inbound packet)."""
+    return nat_translate_in_pol(t, reply, now, out, length, NULL)
+
+cdef int nat_translate_in_pol(nat_table* t, const nat_tuple* reply, uint64_t now,
+                              nat_tuple* out, uint32_t length, uint32_t* policy) noexcept nogil:
+    """nat_translate_in_len that also sets *policy (when not NULL) to the
+    connection's policy id on success."""
     cdef int err = _nat_check(reply)
     cdef uint16_t rport
     if err:
@@ -479,7 +522,7 @@ cdef int nat_translate_in_len(nat_table* t, const nat_tuple* reply, uint64_t now
     rport = 0 if _nat_is_icmp(reply.proto) else reply.sport
     return _nat_in_h(t, reply, now, out,
                      _nat_hash_rev(t.seed, reply.family, reply.proto, rport, reply.dport,
-                                   reply.src, reply.dst), rport, True, length)
+                                   reply.src, reply.dst), rport, True, length, policy)
 
 cdef int nat_peek_in(nat_table* t, const nat_tuple* reply, uint64_t now,
                      nat_tuple* out) noexcept nogil:

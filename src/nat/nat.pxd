@@ -26,6 +26,19 @@
 #                                               in the connection's counters
 #   nat_flush(t, now)                           remove every connection (end
 #                                               records with reason "eviction")
+#   nat_translate_out_pol(t, orig, ext, policy, now, out, length)
+#                                               nat_translate_out_len for the
+#                                               datapath: a new connection is
+#                                               counted to `policy` (t.pol)
+#   nat_translate_in_pol(t, reply, now, out, length, policy)
+#                                               nat_translate_in_len that also
+#                                               gives the connection's policy id
+#   _nat_e_policy(e)                            an entry's policy id
+#
+# Per-policy connections: every connection carries the policy id it was
+# opened under (0: none, e.g. masquerade); t.pol[policy_slot(id)] counts the
+# connections opened (in this process) and those live (recounted when a
+# state file is adopted).
 #
 # Flow records: with t.flog set (NatTable.flow_log), a connection's creation
 # appends a FLOW_START record, its collection (expiry, FIN/RST close, flush) a
@@ -77,6 +90,9 @@ cdef enum:
     NAT_F_FIN_OUT = 1
     NAT_F_FIN_IN = 2
     NAT_F_RST = 4               # closed by a RST (for the end record)
+    NAT_F_MASK = 7              # the flag bits (above them: the policy id's high bits)
+    NAT_MAP_MASK = 0xffffff     # a live entry's mapping index (above it: the policy id's low byte)
+    NAT_POLICY_STORED = 8191    # the largest policy id an entry holds as it is
 
     NAT_NO_LEN = 0xffffffff     # packet length unknown: do not count the packet
 
@@ -133,6 +149,13 @@ cdef struct nat_entry:
     uint16_t npkts[2]           # packets by direction
     # expiry wheel list: next, prev (entry index, or capacity + bucket for a bucket's list head)
     uint32_t wl[2]
+# The policy id a connection was opened under (0: none; replies and the
+# close count to it) is packed into bits the entry does not use, to stay at
+# 80 bytes: its low 8 bits in the top byte of `mapping` (a live entry's
+# mapping index is 24 bits), its high 5 bits in the top of `flags` (the
+# NAT_F_* bits are the low 3).  13 bits: ids above NAT_POLICY_STORED are
+# kept as NAT_POLICY_STORED (counted in the overflow slot).  Read and write
+# them through _nat_e_mapping / _nat_e_policy / _nat_e_set_mapping (nat/conntrack.pyx).
 
 # Endpoint-independent mapping (pod ip, pod port, egress ip, proto) -> xport,
 # shared by all connections from that pod endpoint: 28 bytes.  A free
@@ -187,6 +210,11 @@ cdef struct nat_src_refusal:
     uint32_t family             # 0 = empty slot
     uint64_t count
 
+# Connections of one policy slot (includes/policy.pxd).
+cdef struct nat_policy_conns:
+    uint64_t opened             # connections created under the policy
+    uint64_t live               # of them (and of adopted ones) not yet collected
+
 cdef struct nat_table:
     nat_entry* entries
     nat_mapping* mappings
@@ -227,6 +255,7 @@ cdef struct nat_table:
     nat_src_refusal refused_src[256]
     uint32_t refused_src_used
     uint64_t refused_src_other  # refusals of sources beyond the table
+    nat_policy_conns* pol       # POLICY_SLOTS records, by policy_slot(entry policy)
 
 cdef int nat_translate_out(nat_table* t, const nat_tuple* orig, uint32_t ext,
                            uint64_t now, nat_tuple* out) noexcept nogil
@@ -258,6 +287,10 @@ cdef void nat_reverse_batch_len(nat_table* t, const nat_tuple* tin, nat_tuple* t
                                 uint8_t* codes, Py_ssize_t n, uint64_t now,
                                 const uint32_t* lens) noexcept nogil
 cdef uint32_t nat_flush(nat_table* t, uint64_t now) noexcept nogil
+cdef int nat_translate_out_pol(nat_table* t, const nat_tuple* orig, uint32_t ext, uint32_t policy,
+                               uint64_t now, nat_tuple* out, uint32_t length) noexcept nogil
+cdef int nat_translate_in_pol(nat_table* t, const nat_tuple* reply, uint64_t now,
+                              nat_tuple* out, uint32_t length, uint32_t* policy) noexcept nogil
 
 cdef class NatTable:
     cdef nat_table* t

@@ -6,7 +6,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef enum:
-    NAT_STATE_VERSION = 1
+    NAT_STATE_VERSION = 2       # 2: entries carry their policy id (in mapping's and flags' top bits)
     NAT_STATE_HDR_SIZE = 4096
 
     # nat_state_link / nat_state_insert results

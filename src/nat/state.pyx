@@ -71,7 +71,7 @@ cdef int nat_state_link(nat_table* t, uint32_t idx, uint64_t now,
             return NAT_ADOPT_INVALID
     elif st != NAT_STATE_ICMP or e.dport != 0:
         return NAT_ADOPT_INVALID
-    if (e.flags & ~(NAT_F_FIN_OUT | NAT_F_FIN_IN | NAT_F_RST)) != 0:
+    if (e.flags & NAT_F_MASK & ~(NAT_F_FIN_OUT | NAT_F_FIN_IN | NAT_F_RST)) != 0:
         return NAT_ADOPT_INVALID
     if not _nat_v4_clean(e.family, e.src) or not _nat_v4_clean(e.family, e.dst):
         return NAT_ADOPT_INVALID
@@ -114,7 +114,7 @@ cdef int nat_state_link(nat_table* t, uint32_t idx, uint64_t now,
         _nat_index_insert(&t.map, mh, m)
         t.map_used += 1
     mp.refcnt += 1
-    e.mapping = m
+    _nat_e_set_mapping(e, m, _nat_e_policy(e))       # the policy id stays
     if t.src_limit:
         sr = _nat_src_find(t, e.family, e.src)
         if sr.meta == 0:
@@ -126,6 +126,8 @@ cdef int nat_state_link(nat_table* t, uint32_t idx, uint64_t now,
     _nat_index_insert(&t.rev, _nat_entry_hash(t, 1, idx), idx)
     _nat_wheel_add(t, idx)
     t.used += 1
+    if _nat_e_policy(e):
+        t.pol[policy_slot(_nat_e_policy(e))].live += 1
     return NAT_ADOPT_OK
 
 

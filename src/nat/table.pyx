@@ -19,14 +19,17 @@ NAT_TUPLE_DTYPE = _np.dtype({
     "itemsize": 40,
 })
 assert sizeof(nat_tuple) == 40 and sizeof(nat_entry) == 80 and sizeof(nat_mapping) == 28
+_NAT_ENTRY_SIZE = sizeof(nat_entry)
+POLICY_COUNTED_SLOTS = POLICY_COUNTED
 
 NatEntry = _namedtuple(
     "NatEntry",
     "proto src sport dst dport egress_ip xport state expires_in age "
-    "pkts_out pkts_in bytes_out bytes_in", defaults=(0, 0, 0, 0))
+    "pkts_out pkts_in bytes_out bytes_in policy_id", defaults=(0, 0, 0, 0, 0))
 NatEntry.__doc__ = ("One live connection: pod src:sport -> remote dst:dport, "
                     "SNATed to egress_ip:xport; times in seconds; packets and IP "
-                    "bytes each way (since the last flow-log update record).")
+                    "bytes each way (since the last flow-log update record); the "
+                    "policy id it was opened under (0: none).")
 
 
 _NAT_PROTO_BY_NAME = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
@@ -215,6 +218,9 @@ cdef class NatTable:
         if t == NULL:
             raise no_memory("NatTable")
         self.t = t
+        t.pol = <nat_policy_conns*>calloc(POLICY_SLOTS, sizeof(nat_policy_conns))
+        if t.pol == NULL:
+            raise no_memory("NatTable")
         t.capacity = cap
         t.fwd.size = t.rev.size = t.map.size = nslots
         t.src_limit = per_source_limit or 0
@@ -277,6 +283,7 @@ cdef class NatTable:
                 self._smap = NULL
             if self._state is not None:
                 self._state.close()
+            free(t.pol)
             free(t)
             self.t = NULL
             return
@@ -290,6 +297,7 @@ cdef class NatTable:
         egc_free_big(t.map.slots, t.map.size * 4)
         egc_free_big(t.src, t.src_size * sizeof(nat_src))
         free(t.wheel)
+        free(t.pol)
         free(t)
         self.t = NULL
 
@@ -426,11 +434,12 @@ cdef class NatTable:
         return None if self._state is None else dict(self._state.status)
 
     def insert(self, src, sport, dst, dport, proto="tcp", *, egress_ip, xport, state=None, expires_in,
-               now=None):
+               now=None, policy_id=0):
         """Insert one connection made elsewhere (a replicated record): checked
         and linked as an adopted entry is (nat_state_insert).  `state` is a
         state name (default ESTABLISHED for TCP, else the protocol's), times
-        in seconds.  Raises ValueError naming why it was not inserted."""
+        in seconds, `policy_id` the policy it counts to (0: none).  Raises
+        ValueError naming why it was not inserted."""
         cdef nat_tuple k
         cdef nat_entry e
         self._tuple(&k, src, sport, dst, dport, proto, 0)
@@ -456,6 +465,9 @@ cdef class NatTable:
         e.state = _NAT_STATE_NAME.index(state)
         e.expires = t_ns + <uint64_t>round(expires_in * 1e9)
         e.created_ms = _nat_ms(t_ns)
+        if isinstance(policy_id, bool) or not isinstance(policy_id, int) or not 0 <= policy_id <= 0xfffe:
+            raise ValueError(f"policy_id {policy_id!r} must be an int in 0..65534")
+        _nat_e_set_mapping(&e, 0, policy_id)
         with self._lock:
             rc = nat_state_insert(self.t, &e, t_ns)
         if rc != NAT_ADOPT_OK:
@@ -617,7 +629,8 @@ cdef class NatTable:
         if self.t == NULL:
             raise RuntimeError("NatTable was not initialised (__init__ not run)")
         cdef nat_table* t = self.t
-        return (sizeof(nat_table) + t.capacity * (sizeof(nat_entry) + sizeof(nat_mapping))
+        return (sizeof(nat_table) + POLICY_SLOTS * sizeof(nat_policy_conns)
+                + t.capacity * (sizeof(nat_entry) + sizeof(nat_mapping))
                 + 4 * (t.fwd.size + t.rev.size + t.map.size)
                 + 8 * NAT_WHEEL_SLOTS + t.src_size * sizeof(nat_src)
                 + t.n_ext * NAT_NPOOLS * sizeof(nat_pool))
@@ -773,7 +786,7 @@ cdef class NatTable:
             str(_ipaddress.ip_address((<char*>e.dst)[:n])), e.dport,
             self._ext_names[e.ext], e.xport, _NAT_STATE_NAME[e.state],
             (e.expires - now) / 1e9, <uint32_t>(_nat_ms(now) - e.created_ms) / 1e3,
-            e.npkts[0], e.npkts[1], e.nbytes[0], e.nbytes[1])
+            e.npkts[0], e.npkts[1], e.nbytes[0], e.nbytes[1], _nat_e_policy(e))
 
     def entries(self, now=None):
         """Iterate over live connections (the data of a `nat list` view)."""
@@ -832,6 +845,18 @@ cdef class NatTable:
                     d[proto] = (p.used, p.hi - p.lo + 1)
                 out[name] = d
         return out
+
+    def policy_connections(self):
+        """{slot: (opened, live)} of the policy slots with connections: what
+        the datapath's per-policy counters take from the NAT table.  Slot N
+        is policy id N for ids up to POLICY_COUNTED_SLOTS (4096); slot 0
+        sums every larger id.  Opened counts this process's creations, live
+        also the connections adopted from a state file."""
+        if self.t == NULL:
+            raise RuntimeError("NatTable was not initialised (__init__ not run)")
+        cdef uint32_t i
+        cdef nat_policy_conns* p = self.t.pol
+        return {i: (p[i].opened, p[i].live) for i in range(POLICY_SLOTS) if p[i].opened or p[i].live}
 
     @property
     def flow_log(self):
