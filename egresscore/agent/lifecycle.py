@@ -135,8 +135,8 @@ from ..compiler import Compiler
 from ..control import default_socket_path
 from ..health import HEARTBEAT_PORT, GatewayHealth, LivenessProvider, Prober, Responder
 from ..inputs import InputError, check_policies, load_inputs
-from ..replication import REPLICATION_PORT
 from ..policystats import PolicyCounters
+from ..replication import REPLICATION_PORT
 from .feed import Feed, FeedStats, OwnNodeError, SourceRunner, check_own_node
 from .host import (
     AgentError,

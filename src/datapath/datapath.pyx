@@ -352,6 +352,7 @@ cdef class Datapath:
         if index is None:
             return 0
         return self.pins.flush_node(index)
+
     def policy_counters(self, slots=None):
         """Per-policy counters of the policy slots that saw traffic (or of
         the given `slots`, each present even when zero):
