@@ -358,9 +358,9 @@ def _count(text, most=None):
 
 def _sched_arg(which):
     """An argparse type for --rt-priority / --cpu, checked as the Agent checks them."""
-    from .agent.sched import check_sched
-
     def parse(text):
+        from .agent.sched import check_sched
+
         try:
             v = int(text)
         except ValueError:
