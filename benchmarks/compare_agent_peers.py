@@ -19,18 +19,27 @@ agent` process per node (default options), taking turns:
   drops at the iperf3 server's socket).  iperf3 sleeps between its paced
   bursts; trafgen -b busy-waits and takes a whole core of this 2-core
   machine away from the datapath under test, so it is not used for pacing.
-Median of the repetitions.  Every load is bounded in packets and seconds and
-stays inside the lab's namespaces.  /proc/stat counts the whole machine:
+Median of the repetitions.  --only picks some of the measurements (e.g.
+`--only ping,paced`, to keep a run short); --agent-args gives the agents more
+options and --also ARGS adds another egresscore column with those options,
+measured in the same repetitions (an A/B under the same load).  After each
+egresscore paced run the agents' ring counters (kernel drops per interface,
+TX ring full) and the kernel's input-backlog drops (/proc/net/softnet_stat,
+machine-wide) go into the raw figures (--json), so a loss can be placed.
+Every load is bounded in packets and seconds and stays inside the lab's
+namespaces.  /proc/stat counts the whole machine:
 other work running meanwhile is counted too (the load average is printed).
 
 Needs root and trafgen, iperf3, ping, nft (Debian: netsniff-ng iperf3
 iputils-ping nftables); says which package is missing and exits 2 otherwise.
     python benchmarks/compare_agent_peers.py [--quick] [--reps N] [--json FILE]
+        [--only flood,tcp,ping,paced] [--agent-args "ARGS"] [--also "ARGS"]...
 """
 import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -47,7 +56,8 @@ TOOLS = {"trafgen": "netsniff-ng", "iperf3": "iperf3", "ping": "iputils-ping", "
 POD, SERVER, DST = "app1", "ext1", "203.0.113.10"
 FLOOD_SPORT, FLOOD_DPORT = 40000, 9
 PAYLOAD = 18  # bytes of UDP payload: 64-byte frames with FCS
-SIDES = ("kernel", "egresscore")
+SIDES = ("kernel", "egresscore")  # and one "egresscore ARGS" per --also
+PARTS = ("flood", "tcp", "ping", "paced")
 LAST = {}  # the last run's raw figures
 
 # (key, label, format, lower is better)
@@ -67,6 +77,7 @@ METRICS = (
      True),
     ("iperf3u_loss_if_pct", "paced UDP (iperf3 -u): loss % (interface counters)", "{:.3f}", True),
     ("iperf3u_loss_pct", "paced UDP (iperf3 -u): loss % seen by iperf3 (its socket drops too)", "{:.3f}", True),
+    ("iperf3u_cpu_per_mpkt", "paced UDP: machine CPU s per M delivered (sender included)", "{:.2f}", True),
 )
 
 
@@ -159,31 +170,79 @@ def ping(lab, count):
 def paced_iperf3(lab, pps, seconds):
     """iperf3 UDP paced at `pps` 18-byte datagrams/s for `seconds`: loss by iperf3's receiver
     (its own socket drops included) and by the interface counters."""
-    (tx0, rx0) = _counters(lab)
+    from egresscore.lab import traffic
+
+    (tx0, rx0), cpu0 = _counters(lab), traffic.cpu_seconds()
     res = lab.iperf3_json(POD, DST, ["-u", "-l", PAYLOAD, "-b", pps * PAYLOAD * 8, "-t", seconds, "-w", "4M"],
                           seconds)
     time.sleep(0.3)
-    (tx1, rx1) = _counters(lab)
+    (tx1, rx1), cpu = _counters(lab), traffic.cpu_seconds() - cpu0
     s = res["end"]["sum"]
     packets, lost = s["packets"], s["lost_packets"]
     return {"iperf3u_packets": packets, "iperf3u_lost": lost,
             "iperf3u_loss_pct": 100.0 * lost / packets if packets else float("nan"),
             "iperf3u_sent_kpps": packets / s["seconds"] / 1e3,
             "iperf3u_lost_if": (tx1[1] - tx0[1]) - (rx1[0] - rx0[0]),
-            "iperf3u_loss_if_pct": 100.0 * ((tx1[1] - tx0[1]) - (rx1[0] - rx0[0])) / max(1, tx1[1] - tx0[1])}
+            "iperf3u_loss_if_pct": 100.0 * ((tx1[1] - tx0[1]) - (rx1[0] - rx0[0])) / max(1, tx1[1] - tx0[1]),
+            "iperf3u_cpu_seconds": cpu,
+            "iperf3u_cpu_per_mpkt": cpu / (rx1[0] - rx0[0]) * 1e6 if rx1[0] > rx0[0] else float("nan")}
 
 
-def measure(lab, p):
+def ring_counters(lab, agents):
+    """{node: {interface: (kernel drops, tx full, tx frames, tx flushes)}} from each agent's control socket."""
+    from egresscore.control import ControlClient, ControlError, default_socket_path
+
     out = {}
-    out.update(flood(lab, p["flood_packets"], p["flood_seconds"]))
-    out.update(tcp(lab, 1, p["tcp_seconds"], "tcp1"))
-    out.update(tcp(lab, 4, p["tcp_seconds"], "tcp4"))
-    out.update(ping(lab, p["ping_count"]))
-    out.update(paced_iperf3(lab, p["paced_pps"], p["paced_seconds"]))
+    for name, node in lab.nodes.items():
+        if name not in agents:
+            continue
+        try:
+            rings = ControlClient(default_socket_path(name, node.ns), timeout=5).call("stats")["rings"]
+        except (ControlError, KeyError, TypeError):
+            continue
+        out[name] = {ifname: (r["kernel_drops"], r["tx_full"], r["tx_frames"], r["tx_flushes"])
+                     for ifname, r in rings.items()}
     return out
 
 
-def params(quick, reps=None):
+def softnet_dropped():
+    """Frames the kernel dropped at its per-CPU input backlogs (netdev_max_backlog), all CPUs:
+    /proc/net/softnet_stat's second column (machine-wide, not per namespace)."""
+    with open("/proc/net/softnet_stat") as f:
+        return sum(int(line.split()[1], 16) for line in f if line.strip())
+
+
+def _ring_delta(before, after):
+    """Each interface's counts over the run: {"node/if": [drops, tx full, tx frames, tx flushes]}
+    (frames / flushes: frames sent per TX kick, about the frames taken per wake-up)."""
+    out = {}
+    for node, rings in after.items():
+        for ifname, now in rings.items():
+            then = before.get(node, {}).get(ifname, (0, 0, 0, 0))
+            out[f"{node}/{ifname}"] = [a - b for a, b in zip(now, then)]
+    return out
+
+
+def measure(lab, p, agents=None):
+    out = {}
+    parts = p["parts"]
+    if "flood" in parts:
+        out.update(flood(lab, p["flood_packets"], p["flood_seconds"]))
+    if "tcp" in parts:
+        out.update(tcp(lab, 1, p["tcp_seconds"], "tcp1"))
+        out.update(tcp(lab, 4, p["tcp_seconds"], "tcp4"))
+    if "ping" in parts:
+        out.update(ping(lab, p["ping_count"]))
+    if "paced" in parts:
+        before, backlog = ring_counters(lab, agents) if agents else {}, softnet_dropped()
+        out.update(paced_iperf3(lab, p["paced_pps"], p["paced_seconds"]))
+        out["iperf3u_backlog_drops"] = softnet_dropped() - backlog
+        if agents:
+            out["iperf3u_ring_drops"] = _ring_delta(before, ring_counters(lab, agents))
+    return out
+
+
+def params(quick, reps=None, parts=PARTS):
     if quick:
         p = dict(reps=1, flood_packets=300_000, flood_seconds=10, tcp_seconds=2, ping_count=200,
                  paced_pps=100_000, paced_seconds=3)
@@ -192,16 +251,25 @@ def params(quick, reps=None):
                  paced_pps=100_000, paced_seconds=10)
     if reps:
         p["reps"] = reps
+    p["parts"] = tuple(parts)
     return p
 
 
-def collect(p):
+def sides(agent_args=(), also=()):
+    """{side name: the agents' extra options (None: the kernel)}."""
+    out = {"kernel": None, "egresscore": list(agent_args)}
+    for args in also:
+        out[f"egresscore {' '.join(args)}"] = list(args)
+    return out
+
+
+def collect(p, variants):
     """Run the repetitions; {side: [figures of each repetition]}."""
     from egresscore.demo import SAMPLE, start_agents
     from egresscore.lab import Lab
     from egresscore.lab.kernel import SAMPLE_POLICY
 
-    samples = {side: [] for side in SIDES}
+    samples = {side: [] for side in variants}
     with tempfile.TemporaryDirectory(prefix="egc-bench-") as tmp, Lab(datapath="kernel", tag="bpeers") as lab:
         for rep in range(p["reps"]):
             if rep:
@@ -210,18 +278,28 @@ def collect(p):
             samples["kernel"].append(measure(lab, p))
             lab.remove_kernel_egress()
             lab.set_masquerade(False)
-            _, agents = start_agents(lab, SAMPLE, tmp)
-            try:
-                lab.ping(POD, DST, count=1)
-                samples["egresscore"].append(measure(lab, p))
-            finally:
-                for a in agents.values():
-                    a.stop()
+            for side, args in variants.items():
+                if args is None:
+                    continue
+                _, agents = start_agents(lab, SAMPLE, tmp, extra_args=args)
+                try:
+                    lab.ping(POD, DST, count=1)
+                    samples[side].append(measure(lab, p, agents))
+                finally:
+                    for a in agents.values():
+                        a.stop()
     return samples
 
 
+def _median(values):
+    values = list(values)
+    return statistics.median(values) if all(isinstance(v, (int, float)) for v in values) else values
+
+
 def table(samples, p, m):
-    med = {side: {k: statistics.median(s[k] for s in samples[side]) for k in samples[side][0]} for side in SIDES}
+    names = list(samples)
+    med = {side: {k: _median(s[k] for s in samples[side]) for k in samples[side][0]} for side in names}
+    extra = names[2:]
     lines = [
         "### Egress gateway path with peer generators: Linux kernel vs egresscore (same lab, one run)",
         "",
@@ -231,26 +309,40 @@ def table(samples, p, m):
         f"Flood: trafgen, {p['flood_packets']:,} frames of 64 bytes (at most {p['flood_seconds']} s), "
         f"delivery counted at the server's eth0. TCP: iperf3 {p['tcp_seconds']} s. Ping: "
         f"{p['ping_count']} at 10 ms. Paced UDP: iperf3 -u, {p['paced_pps']:,} pkt/s of {PAYLOAD}-byte "
-        f"payloads for {p['paced_seconds']} s. CPU: machine user + system + softirq (/proc/stat), all CPUs.",
+        f"payloads for {p['paced_seconds']} s. CPU: machine user + system + softirq (/proc/stat), all CPUs."
+        + (f" Measured: {', '.join(p['parts'])}." if tuple(p["parts"]) != PARTS else ""),
         "",
-        "| metric | Linux kernel | egresscore | egresscore / kernel |",
-        "|---|---:|---:|---:|",
+        "| metric | Linux kernel | egresscore | egresscore / kernel |" + "".join(f" {s} | ratio |" for s in extra),
+        "|---|---:|---:|---:|" + "---:|---:|" * len(extra),
     ]
-    for key, label, fmt, lower in METRICS:
-        k, e = med["kernel"][key], med["egresscore"][key]
+
+    def cells(key, fmt, side):
+        k, e = med["kernel"][key], med[side][key]
         ratio = f"{e / k:.2f}" if k and "los" not in key else "n/a"  # no ratio of losses
-        lines.append(f"| {label}{' (lower is better)' if lower else ''} | {fmt.format(k)} | {fmt.format(e)} | "
-                     f"{ratio} |")
+        return f" {fmt.format(e)} | {ratio} |"
+
+    for key, label, fmt, lower in METRICS:
+        if key not in med["kernel"]:
+            continue
+        lines.append(f"| {label}{' (lower is better)' if lower else ''} | {fmt.format(med['kernel'][key])} |"
+                     + "".join(cells(key, fmt, side) for side in names[1:]))
+    runs = [f"{side}: " + ", ".join(f"{s[key]:{fmt[2:-1]}}" for s in samples[side])
+            for key, _, fmt, _ in METRICS if key in ("ping_p99_ms", "iperf3u_loss_if_pct") and key in med["kernel"]
+            for side in names]
+    if runs and p["reps"] > 1:
+        lines += ["", "Each repetition (ping p99 ms, paced loss %): " + "; ".join(runs) + "."]
     return "\n".join(lines) + "\n", med
 
 
-def run(quick: bool = False, reps=None, json_path=None) -> str:
+def run(quick: bool = False, reps=None, json_path=None, parts=PARTS, agent_args=(), also=()) -> str:
     reason = skip_reason()
     if reason:
         return f"### Egress gateway path with peer generators\n\nskipped: {reason}\n"
-    p = params(quick, reps)
+    p = params(quick, reps, parts)
     m = machine()
-    samples = collect(p)
+    variants = sides(agent_args, also)
+    p["agent_args"] = {side: args for side, args in variants.items() if args is not None}
+    samples = collect(p, variants)
     text, med = table(samples, p, m)
     LAST.clear()
     LAST.update(machine=m, params=p, samples=samples, medians=med)
@@ -260,11 +352,25 @@ def run(quick: bool = False, reps=None, json_path=None) -> str:
     return text
 
 
+def _parts(text):
+    parts = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in parts if x not in PARTS]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"--only takes some of {','.join(PARTS)}, not {text!r}")
+    return parts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one short repetition of each measurement")
     parser.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
     parser.add_argument("--json", metavar="FILE", default="agent_peers.json", help="raw figures (default %(default)s)")
+    parser.add_argument("--only", metavar="PARTS", type=_parts, default=PARTS,
+                        help=f"comma-separated measurements among {','.join(PARTS)} (default all)")
+    parser.add_argument("--agent-args", metavar="ARGS", type=shlex.split, default=[],
+                        help="more `egresscore agent` options for the egresscore side (one string)")
+    parser.add_argument("--also", metavar="ARGS", type=shlex.split, action="append", default=[],
+                        help="one more egresscore column with these agent options (repeatable)")
     args = parser.parse_args(argv)
     reason = skip_reason()
     if reason:
@@ -273,7 +379,8 @@ def main(argv=None):
     if args.reps is not None and not 1 <= args.reps <= 20:
         parser.error("--reps must be 1..20")
     try:
-        print(run(quick=args.quick, reps=args.reps, json_path=args.json))
+        print(run(quick=args.quick, reps=args.reps, json_path=args.json, parts=args.only,
+                  agent_args=args.agent_args, also=args.also))
     except subprocess.TimeoutExpired as e:
         print(f"compare_agent_peers: a bounded run overran: {e}", file=sys.stderr)
         return 1

@@ -286,7 +286,7 @@ def _add_validate(sub):
 def _cmd_agent(args):
     import signal
 
-    from .agent import DEFAULT_NAT_CAPACITY, DEFAULT_PIN_CAPACITY, Agent, AgentError
+    from .agent import DEFAULT_NAT_CAPACITY, DEFAULT_PIN_CAPACITY, DEFAULT_RT_PRIORITY, Agent, AgentError
     from .health import FileLiveness, LivenessError, StaticLiveness
 
     source = _source(args)
@@ -309,7 +309,9 @@ def _cmd_agent(args):
                       nat_state=False if args.no_nat_state else (args.nat_state or True),
                       label_filter=label_filter, cluster_name=args.cluster_name,
                       make_before_break=args.make_before_break,
-                      pin_capacity=args.pin_capacity or DEFAULT_PIN_CAPACITY)
+                      pin_capacity=args.pin_capacity or DEFAULT_PIN_CAPACITY,
+                      rt_priority=DEFAULT_RT_PRIORITY if args.rt_priority is None else args.rt_priority,
+                      cpu=args.cpu)
     except (AgentError, PermissionError, EgressError) as exc:
         raise CLIError(str(exc)) from None
     signal.signal(signal.SIGINT, lambda *a: agent.stop())
@@ -405,6 +407,23 @@ def _count(text, most=None):
     if n < 1 or (most is not None and n > most):
         raise argparse.ArgumentTypeError(f"{n} is out of range 1-{most}" if most else f"{n} must be at least 1")
     return n
+
+
+def _sched_arg(which):
+    """An argparse type for --rt-priority / --cpu, checked as the Agent checks them."""
+    def parse(text):
+        from .agent.sched import check_sched
+
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        try:
+            check_sched(v, None) if which == "rt_priority" else check_sched(0, v)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return v
+    return parse
 
 
 def _seconds(text):
@@ -508,6 +527,12 @@ def _add_agent(sub):
     a.add_argument("--ring-mode", choices=("latency", "batch"), default="latency",
                    help="RX rings: 'latency' hands each frame over as it lands (default); 'batch' hands "
                         "over blocks, at most 1 ms late: fewer wake-ups, more small packets per CPU second")
+    a.add_argument("--rt-priority", type=_sched_arg("rt_priority"), metavar="N",
+                   help="SCHED_FIFO priority of the datapath thread alone (default 10; 0: normal "
+                        "scheduling), so a woken loop does not wait behind other work; it blocks in poll() when "
+                        "idle, and kernel.sched_rt_runtime_us bounds it; not permitted: one line, normal priority")
+    a.add_argument("--cpu", type=_sched_arg("cpu"), metavar="N",
+                   help="pin the datapath thread to CPU N (default: not pinned)")
     a.set_defaults(func=_cmd_agent)
 
 

@@ -4,6 +4,7 @@
 - host: host set-up on a thread inside the node's namespace (claims,
   sysctls, neighbours, the state file kept across crashes);
 - rings: the ring plan (which ring each interface gets, and its sizes);
+- sched: the datapath thread's scheduling (SCHED_FIFO, a CPU);
 - services: flow log, metrics endpoint and control socket wiring;
 - tunnel: the kernel vxlan device that carries tunnel-bound super-packets.
 
@@ -18,6 +19,8 @@ from .lifecycle import (
     Agent,
 )
 from .rings import RING_MODES
+from .sched import DEFAULT_RT_PRIORITY
 
-__all__ = ["DEFAULT_KERNEL_PORTS", "DEFAULT_NAT_CAPACITY", "DEFAULT_NAT_PORTS", "DEFAULT_PIN_CAPACITY", "RING_MODES",
+__all__ = ["DEFAULT_KERNEL_PORTS", "DEFAULT_NAT_CAPACITY", "DEFAULT_NAT_PORTS", "DEFAULT_PIN_CAPACITY",
+           "DEFAULT_RT_PRIORITY", "RING_MODES",
            "Agent", "AgentError"]

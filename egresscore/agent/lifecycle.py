@@ -14,7 +14,9 @@ An Agent owns, for its node:
   so each frame is handed over as it lands (no block timer in the latency);
   with vnet_hdr the slots are 68 KiB, 32 MiB on the underlay and 16 MiB per
   pod, room for a TCP sender's burst of 64 KiB super-packets;
-  the loop runs in C (Datapath.run), back in Python every poll_ms only;
+  the loop runs in C (Datapath.run), back in Python every poll_ms only; the
+  thread in run() alone is SCHED_FIFO, priority 10 (rt_priority,
+  egresscore.agent.sched), so a woken loop does not wait for a core;
 - the host work, on a host thread that lives in the node's namespace
   (egresscore.agent.host; netlink through pyroute2 and /proc/sys, no system tool,
   no subprocess): the claims on the kernel stack, removed again by close()
@@ -149,6 +151,7 @@ from .host import (
     where,
 )
 from .rings import RING_MODES, RingPlan
+from .sched import DEFAULT_RT_PRIORITY, ThreadSched
 from .services import start_services
 from .tunnel import TunnelDevice
 
@@ -219,6 +222,10 @@ class Agent:
     the next, which takes them and their connections over
     (egresscore.agent.failover; needs gateway health); replication_port:
     its UDP port on the node IP.
+    rt_priority: SCHED_FIFO priority of the datapath thread alone (default
+    10; 0: normal scheduling), so that a woken loop does not wait behind
+    other work; cpu: pin that thread to this CPU (default: not pinned).
+    Not permitted: one line on stderr, normal priority (egresscore.agent.sched).
     """
 
     def __init__(self, node, cluster=None, policies=(), *, netns=None, underlay="eth0", vni=2,
@@ -233,8 +240,11 @@ class Agent:
                  gateway_health=True, liveness="auto", probe_interval=0.1, probe_misses=3, probe_rises=2,
                  heartbeat_port=HEARTBEAT_PORT, source=None, source_timeout=10.0,
                  label_filter=None, cluster_name=DEFAULT_CLUSTER_NAME, stateful_failover=False,
-                 replication_port=REPLICATION_PORT, make_before_break=False, pin_capacity=DEFAULT_PIN_CAPACITY):
+                 replication_port=REPLICATION_PORT, make_before_break=False, pin_capacity=DEFAULT_PIN_CAPACITY,
+                 rt_priority=DEFAULT_RT_PRIORITY, cpu=None):
         liveness = self._liveness_of(liveness, source, node, gateway_health)
+        # the datapath thread's scheduling (egresscore.agent.sched), checked before any work
+        self._sched = ThreadSched(rt_priority, cpu, label=f"egresscore agent {node}")
         runner = None
         if source is not None:  # the first snapshot is the cluster and policies at start (no file fallback)
             if cluster is not None or policies:
@@ -502,6 +512,7 @@ class Agent:
             "gateway_health": self.gateway_health(),
             **({"failover": self.failover.stats()} if self.failover is not None else {}),
             "source": self._source_stats.snapshot(),
+            "datapath_thread": self._sched.stats(),
         }
         if self.flow_logger is not None:
             out["flow_log"] = self.flow_logger.stats
@@ -1108,11 +1119,13 @@ class Agent:
     def run(self):
         """Forward until stop() (or a signal handler calling it); then close()."""
         self._loop_thread = threading.current_thread()
+        self._sched.apply()  # SCHED_FIFO / CPU for this thread only (egresscore.agent.sched)
         self.ready.set()
         try:
             while not self._stop.is_set():
                 self.step(self.poll_ms / 1000.0)
         finally:
+            self._sched.restore()
             self._loop_thread = None
             self.close()
 
