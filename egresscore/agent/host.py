@@ -524,7 +524,11 @@ class Claims:
 
     sync(inside, pods) makes the rules what they must be for those inside
     destinations and pod veths, adding before deleting so no packet slips
-    through; remove() puts the host back as the HostState file says it was."""
+    through; remove() puts the host back as the HostState file says it was.
+    Rules taken over from a stopped agent are only added to until settle():
+    a starting agent syncs before its pod veths are open, and deleting a
+    leftover pod blackhole then would let the kernel forward that pod's
+    packets with the pod's own address."""
 
     def __init__(self, host, state, *, underlay, node_ip, local_ips, vxlan_port, nat_port_range,
                  kernel_port_range):
@@ -538,6 +542,7 @@ class Claims:
         self._kernel_ports = "{} {}".format(*kernel_port_range)
         self._local_prio = PRIO_LOCAL
         self._moved = False
+        self._inherited = False    # take_over found rules: sync deletes none until settle()
         self.installed = False
 
     # leftovers
@@ -555,6 +560,7 @@ class Claims:
         rules = self.ours()
         if rules:
             found.append(f"{len(rules)} FIB rules (protocol {RULE_PROTOCOL})")
+            self._inherited = True
         ipr = self._host.ipr
         for idx in ipr.link_lookup(ifname=TUNNEL_IF):
             ipr.link("del", index=idx)
@@ -618,10 +624,15 @@ class Claims:
                     _del_rule(ipr, r)      # the host's own local rule, now that ours is in place
         keep = {_rule_key(r) for r in wanted} | ({_rule_key(local)} if local else set())
         for r in reversed(have):   # pod blackholes before the gotos that skip them
-            if _rule_key(r) not in keep:
+            if _rule_key(r) not in keep and not self._inherited:
                 _del_rule(ipr, r)
         if sysctl_get(PORT_RANGE) != self._kernel_ports:
             sysctl_set(PORT_RANGE, self._kernel_ports)
+
+    def settle(self):
+        """The agent forwards for every pod it has: leftover rules it does not
+        want may go at the next sync."""
+        self._inherited = False
 
     def _begin(self):
         """Record the originals (once per host, kept across crashes), then the first change."""
@@ -657,7 +668,7 @@ class Claims:
         for r in self.ours():
             _del_rule(ipr, r)
         self._state.forget()
-        self.installed = False
+        self.installed = self._inherited = False
 
 
 def _answers(path):

@@ -476,7 +476,7 @@ class Agent:
         self._neighbours.wait(1.0)  # let the kernel resolve them before the first packet
         self._settle()
         if claim:
-            self._host.call(self._host_sync_claims, self._inside())
+            self._host.call(self._host_settle_claims, self._inside())
 
     # -- observability -------------------------------------------------------------
     def stats(self):
@@ -870,6 +870,12 @@ class Agent:
         self._host_sync_claims()
         if ring is not None:
             ring.close()
+
+    def _host_settle_claims(self, inside):
+        """Host thread: the pods known at start are claimed; leftovers of a
+        stopped agent that no pod needs go now (Claims.settle)."""
+        self._claims.settle()
+        self._host_sync_claims(inside)
 
     def _host_sync_claims(self, inside=None):
         """Host thread: the claims for the inside destinations and pod veths known now."""

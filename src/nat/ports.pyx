@@ -44,15 +44,24 @@ cdef uint32_t _nat_port_find(const nat_pool* p, uint32_t start) noexcept nogil:
     return NAT_NONE
 
 cdef void _nat_pool_init(nat_pool* p, uint32_t lo, uint32_t hi) noexcept nogil:
-    cdef uint32_t port, w
+    """An empty pool of ports [lo, hi]: every other port pre-set, a word at a time."""
+    cdef uint32_t w, base
+    cdef uint64_t inside
     memset(p, 0, sizeof(nat_pool))
     p.lo = lo
     p.hi = hi
-    for port in range(65536):
-        if port < lo or port > hi:
-            p.bits[port >> 6] |= (<uint64_t>1) << (port & 63)
     for w in range(1024):
-        if p.bits[w] == <uint64_t>0xffffffffffffffffULL:
+        base = w << 6
+        if base + 63 < lo or base > hi:
+            inside = 0
+        else:
+            inside = <uint64_t>0xffffffffffffffffULL
+            if lo > base:
+                inside &= (<uint64_t>0xffffffffffffffffULL) << (lo - base)
+            if hi < base + 63:
+                inside &= (<uint64_t>0xffffffffffffffffULL) >> (base + 63 - hi)
+        p.bits[w] = ~inside
+        if inside == 0:
             p.full[w >> 6] |= (<uint64_t>1) << (w & 63)
     p.nfree = hi - lo + 1
     p.used = 0

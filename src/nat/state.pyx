@@ -38,17 +38,35 @@ cdef inline bint _nat_v4_clean(uint8_t family, const uint8_t* a) noexcept nogil:
     return family == 6 or (nat_load64(a + 8) == 0 and (nat_load64(a) >> 32) == 0)
 
 
+cdef inline void _nat_state_hashes(nat_table* t, const nat_entry* e, uint64_t* hs) noexcept nogil:
+    """The entry's forward, reply and mapping hashes, whatever its bytes (a
+    garbage egress index gives reply hash 0: the entry is refused anyway)."""
+    hs[0] = _nat_hash_fwd(t.seed, e.family, e.proto, e.sport, e.dport, e.src, e.dst)
+    hs[1] = 0
+    if e.ext < t.n_ext:
+        hs[1] = _nat_hash_rev(t.seed, e.family, e.proto, e.dport, e.xport, e.dst, t.ext[e.ext].addr)
+    hs[2] = _nat_hash_map(t.seed, e.family, e.proto, e.sport, e.ext, e.src)
+
+
 cdef int nat_state_link(nat_table* t, uint32_t idx, uint64_t now,
                         const uint64_t* max_timeout) noexcept nogil:
     """Check entry idx (in place) and link it into the rebuilt table: indexes,
     mapping (found or made), port bitmap, per-source count, wheel.  Returns
     NAT_ADOPT_OK, or NAT_ADOPT_FREE/EXPIRED/INVALID with nothing linked.
     `max_timeout[state]` bounds a believable expiry (now + it)."""
+    cdef uint64_t hs[3]
+    _nat_state_hashes(t, &t.entries[idx], hs)
+    return _nat_state_link_h(t, idx, now, max_timeout, hs)
+
+
+cdef int _nat_state_link_h(nat_table* t, uint32_t idx, uint64_t now,
+                           const uint64_t* max_timeout, const uint64_t* hs) noexcept nogil:
+    """nat_state_link with the entry's hashes computed (_nat_state_hashes)."""
     cdef nat_entry* e = &t.entries[idx]
     cdef nat_pool* pool
     cdef nat_mapping* mp
     cdef nat_src* sr
-    cdef uint64_t h, mh
+    cdef uint64_t h = hs[0], mh = hs[2]
     cdef uint32_t m
     cdef uint8_t st = e.state
     if st == NAT_STATE_FREE:
@@ -84,12 +102,10 @@ cdef int nat_state_link(nat_table* t, uint32_t idx, uint64_t now,
         return NAT_ADOPT_EXPIRED
     if e.expires - now > max_timeout[st]:
         return NAT_ADOPT_INVALID
-    h = _nat_hash_fwd(t.seed, e.family, e.proto, e.sport, e.dport, e.src, e.dst)
     if _nat_find_fwd(t, h, e.family, e.proto, e.sport, e.dport, e.src, e.dst) != NAT_NONE:
         return NAT_ADOPT_INVALID                     # the same flow twice
     # endpoint-independent mapping: every connection of (pod address, port,
     # egress IP, proto) has one xport, and no other endpoint holds it
-    mh = _nat_hash_map(t.seed, e.family, e.proto, e.sport, e.ext, e.src)
     m = _nat_find_map(t, mh, e.family, e.proto, e.sport, e.ext, e.src)
     if m != NAT_NONE:
         mp = &t.mappings[m]
@@ -123,7 +139,7 @@ cdef int nat_state_link(nat_table* t, uint32_t idx, uint64_t now,
             t.src_used += 1
         sr.meta += 1
     _nat_index_insert(&t.fwd, h, idx)
-    _nat_index_insert(&t.rev, _nat_entry_hash(t, 1, idx), idx)
+    _nat_index_insert(&t.rev, hs[1], idx)
     _nat_wheel_add(t, idx)
     t.used += 1
     if _nat_e_policy(e):
@@ -135,32 +151,75 @@ cdef void nat_state_rebuild(nat_table* t, uint64_t now, const uint64_t* max_time
                             uint32_t scan, uint64_t* counts) noexcept nogil:
     """Rebuild everything but the entries from the entries [0, scan) (the
     caller has cleared the indexes, the wheel and the per-source table and
-    re-initialised the pools).  counts[NAT_ADOPT_*] += entries of each kind."""
-    cdef uint32_t i, last = 0
+    re-initialised the pools).  counts[NAT_ADOPT_*] += entries of each kind.
+
+    One pass, a software pipeline as in the batch translation: entry i is
+    hashed and its three index slots (and per-source slot) prefetched,
+    entry i - NAT_PF_ENTRY's mapping is prefetched from its map slot, and
+    entry i - NAT_PF_SLOT is checked and linked from cached lines.  The free
+    list (lowest index first) is threaded on the way."""
+    cdef uint64_t ring[32][3]
+    cdef uint64_t* hs
+    cdef uint64_t i, j
+    cdef uint32_t s, last = 0
+    cdef uint32_t tail = NAT_NONE, tail_last = NAT_NONE
+    cdef nat_entry* e
     cdef int rc
     t.used = t.map_used = t.src_used = 0
     t.mappings_hwm = 0
     t.map_free_head = NAT_NONE
     t.free_head = NAT_NONE
     t.wheel_cur = now >> NAT_WHEEL_SHIFT
-    for i in range(scan):
-        if i + NAT_PF_ENTRY < scan:
-            nat_prefetch(&t.entries[i + NAT_PF_ENTRY])
-        rc = nat_state_link(t, i, now, max_timeout)
+    for i in range(<uint64_t>scan + NAT_PF_SLOT):
+        if i < scan:
+            if i + NAT_PF_SLOT < scan:
+                nat_prefetch(&t.entries[i + NAT_PF_SLOT])
+                nat_prefetch(<char*>&t.entries[i + NAT_PF_SLOT] + sizeof(nat_entry) - 1)
+            e = &t.entries[i]
+            hs = ring[i & 31]
+            if e.state != NAT_STATE_FREE:
+                _nat_state_hashes(t, e, hs)
+                nat_prefetch_w(&t.fwd.slots[_nat_home(&t.fwd, hs[0])])
+                nat_prefetch_w(&t.rev.slots[_nat_home(&t.rev, hs[1])])
+                nat_prefetch_w(&t.map.slots[_nat_home(&t.map, hs[2])])
+                if e.ext < t.n_ext:
+                    nat_prefetch_w(&t.ext[e.ext].pools[_nat_pool_of(e.proto)].bits[e.xport >> 6])
+                if t.src_limit:
+                    nat_prefetch_w(&t.src[_nat_src_home(t, e.family, e.src)])
+        j = i - NAT_PF_ENTRY
+        if NAT_PF_ENTRY <= i and j < scan and t.entries[j].state != NAT_STATE_FREE:
+            s = _nat_peek(&t.map, ring[j & 31][2])
+            if s != 0:
+                nat_prefetch_w(&t.mappings[(s & 0xffffff) - 1])
+        j = i - NAT_PF_SLOT
+        if i < NAT_PF_SLOT:
+            continue
+        e = &t.entries[j]
+        if e.state == NAT_STATE_FREE:
+            rc = NAT_ADOPT_FREE
+        else:
+            rc = _nat_state_link_h(t, <uint32_t>j, now, max_timeout, ring[j & 31])
         counts[rc] += 1
         if rc == NAT_ADOPT_OK:
-            last = i + 1
-        elif rc != NAT_ADOPT_FREE:
-            memset(&t.entries[i], 0, sizeof(nat_entry))
+            last = <uint32_t>j + 1
+            tail_last = tail
+            continue
+        if rc != NAT_ADOPT_FREE:
+            memset(e, 0, sizeof(nat_entry))
+        # a free slot: appended to the free list (cut back to below `last` at the end)
+        e.mapping = NAT_NONE
+        if tail == NAT_NONE:
+            t.free_head = <uint32_t>j
+        else:
+            t.entries[tail].mapping = <uint32_t>j
+        tail = <uint32_t>j
     t.entries_hwm = last
-    i = last
-    while i > 0:                                     # free list, lowest index first
-        i -= 1
-        if t.entries[i].state == NAT_STATE_FREE:
-            t.entries[i].mapping = t.free_head
-            t.free_head = i
-    # entries [last, scan) that were free or dropped are zero-state: never used again
-    # before the high-water mark reaches them
+    # entries [last, scan) that were free or dropped are zero-state: handed out
+    # again by the high-water mark, not the free list
+    if tail_last == NAT_NONE:
+        t.free_head = NAT_NONE
+    else:
+        t.entries[tail_last].mapping = NAT_NONE
 
 
 cdef int nat_state_insert(nat_table* t, const nat_entry* e, uint64_t now) noexcept nogil:
