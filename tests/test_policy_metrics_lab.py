@@ -126,7 +126,8 @@ def test_per_policy_counts_equal_what_the_pods_interface_carried(lab):
     assert n3["connections_opened"] - n3_before["connections_opened"] == 2
     assert n3["id"] == lab.agents["node3"].compiler.policy_id(POLICY)
     assert "192.168.1.3" in n3["egress_ips"] and n3["egress_ips"]["192.168.1.3"]["udp"][1] > 0
-    assert n1["drops"] == n3["drops"] == {}
+    # nothing of the exchange was dropped (the warm-up may meet a gateway not yet probed up)
+    assert n1["drops"] == n1_before["drops"] and n3["drops"] == n3_before["drops"]
 
 
 def test_stats_by_policy_and_egress_list_through_the_control_socket(lab, capsys, tmp_path):
