@@ -108,20 +108,10 @@ def paced_upload(conn, dst, n, rate, port=traffic.HTTP_PORT, timeout=30.0):
 def udp_pairs(conn, addr, port, seconds):
     """Server side of udp_churn: sends "ready", then {flow id: [(phase, time, src, sport)]}."""
     seen = {}
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        s.bind((addr, port))
-        s.settimeout(0.2)
-        conn.send("ready")
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                data, (src, sport) = s.recvfrom(64)
-            except socket.timeout:
-                continue
-            if len(data) == 5:
-                seen.setdefault(int.from_bytes(data[1:5], "big"), []).append(
-                    (data[:1].decode(), time.monotonic(), src, sport))
+    for data, src, sport in traffic.datagrams_for(conn, addr, port, seconds):
+        if len(data) == 5:
+            seen.setdefault(int.from_bytes(data[1:5], "big"), []).append(
+                (data[:1].decode(), time.monotonic(), src, sport))
     conn.send(seen)
 
 

@@ -366,11 +366,9 @@ def udp_stream(dst, port, seconds=5.0, interval=0.01, sport=0):
     return n
 
 
-def udp_arrivals(conn, addr, port, seconds):
-    """Record every datagram arriving on addr:port for `seconds`: sends
-    "ready", then [(CLOCK_MONOTONIC time, source IP, sequence number)] over
-    `conn` (the clock is the machine's, so times compare across namespaces)."""
-    out = []
+def datagrams_for(conn, addr, port, seconds):
+    """Yield (data, source IP, source port) of every datagram (up to 64 bytes)
+    arriving on addr:port for `seconds`, after sending "ready" over `conn`."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.bind((addr, port))
@@ -379,11 +377,18 @@ def udp_arrivals(conn, addr, port, seconds):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
-                data, (src, _) = s.recvfrom(64)
+                data, (src, sport) = s.recvfrom(64)
             except socket.timeout:
                 continue
-            out.append((time.monotonic(), src, int.from_bytes(data[:4], "big")))
-    conn.send(out)
+            yield data, src, sport
+
+
+def udp_arrivals(conn, addr, port, seconds):
+    """Record every datagram arriving on addr:port for `seconds`: sends
+    "ready", then [(CLOCK_MONOTONIC time, source IP, sequence number)] over
+    `conn` (the clock is the machine's, so times compare across namespaces)."""
+    conn.send([(time.monotonic(), src, int.from_bytes(data[:4], "big"))
+               for data, src, _ in datagrams_for(conn, addr, port, seconds)])
 
 
 # -- measuring (peer generators and counters for the lab benchmarks) ------------------
