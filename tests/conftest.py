@@ -4,6 +4,7 @@ import functools
 import importlib.util
 import os
 import shutil
+import time
 
 import pytest
 
@@ -148,11 +149,23 @@ def start_agent(lab, name, policy_doc, **kw):
 @contextlib.contextmanager
 def running_agents(lab, policy_doc, per_node=None):
     """An Agent on every lab node (per_node: extra Agent arguments by node
-    name); all stopped and closed on exit, also when a test fails."""
+    name); all stopped and closed on exit, also when a test fails.  Yields
+    once every agent has probed its gateways up: until then a source node
+    drops "no gateway", and a test's first SYN would be lost and resent."""
     agents = {}
     try:
         for name in lab.nodes:
             agents[name] = start_agent(lab, name, policy_doc, **(per_node or {}).get(name, {}))
+        # all up for 0.5 s: longer than the probes' miss count (3 rounds of 0.1 s),
+        # so a miss from before the last agent started has shown up by then
+        deadline, since = time.monotonic() + 10, time.monotonic()
+        while time.monotonic() - since < 0.5:
+            if any(a.gateway_health()["down"] for a in agents.values()):
+                since = time.monotonic()
+            if time.monotonic() > deadline:
+                raise AssertionError("gateways still down after 10 s: " + ", ".join(
+                    f"{n}: {a.gateway_health()['down']}" for n, a in agents.items()))
+            time.sleep(0.05)
         yield agents
     finally:
         for a in agents.values():

@@ -12,7 +12,9 @@ def _rows(rng, n):
         dst = f"203.0.{rng.randrange(8)}.0/{rng.choice((24, 25, 26))}"
         dst = dst if not dst.endswith("/25") else dst.replace(".0/25", ".128/25")
         out.append((src, dst, "192.168.1.3", rng.choice(("192.168.1.3", "0.0.0.0", "0.0.0.1"))))
-    v6 = [(f"fd00:10:1::{rng.randrange(1, 30):x}", "2001:db8::/32", "fd00:192:168:1::100", "::ffff:192.168.1.3")
+    # an IPv6 entry takes an IPv4 gateway (the compiler's form, IPv4 underlay) and the IPv4 sentinels
+    v6 = [(f"fd00:10:1::{rng.randrange(1, 30):x}", "2001:db8::/32", "fd00:192:168:1::100",
+           rng.choice(("::ffff:192.168.1.3", "192.168.1.3", "0.0.0.0", "0.0.0.1")))
           for _ in range(n // 4)]
     return out + v6
 

@@ -932,7 +932,7 @@ cdef class EgressMap:
             ip = _IPv4Address if fam == 4 else _IPv6Address
             net = _IPv4Network(dkey) if fam == 4 else _IPv6Network(dkey)
             entry = EgressEntry(ip(src), net, self._addr_of(item[2], fam, "egress IP"),
-                                self._addr_of(item[3], fam, "gateway IP"),
+                                self._gateway_of(item[3], fam),
                                 _policy_id(item[4], item) if len(item) > 4 else 0)
             skey = (fam, src)
             state = self._sources.get(skey)
