@@ -13,18 +13,25 @@ agent` process per node (default options), taking turns:
 - iperf3 TCP, 1 and 4 streams: received Gbit/s and machine CPU seconds per
   received GB;
 - ping (iputils): median and p99 of per-reply round trips at 10 ms interval;
-- paced UDP: iperf3 -u at RATE packets/s of 18-byte payloads (64-byte frames)
-  for SECONDS; loss = app1's eth0 tx - the server's eth0 rx (the datapath's
-  loss), and iperf3's own receiver count beside it (which also counts the
-  drops at the iperf3 server's socket).  iperf3 sleeps between its paced
-  bursts; trafgen -b busy-waits and takes a whole core of this 2-core
-  machine away from the datapath under test, so it is not used for pacing.
+- paced UDP: RATE packets/s of 18-byte payloads (64-byte frames) for
+  SECONDS, split over --paced-streams iperf3 -u clients (default 2) run at
+  SCHED_FIFO --paced-rt (default 5: ahead of other work on the machine,
+  behind the agents' datapath threads at 10); offered = app1's eth0 tx over
+  the clients' send time, delivered = the server's eth0 rx, loss = the
+  difference (the datapath's loss), iperf3's own receiver count beside it
+  (which also counts the drops at the iperf3 servers' sockets).  Why so: one
+  iperf3 at normal priority got 31-66 kpps out, not 100 (on the kernel path
+  its send carries each packet through the whole path in its own softirq:
+  one sender at SCHED_FIFO got 38-42 kpps out, two 100); iperf3 catches up
+  after a stall (its rate is an average since the start).  trafgen cannot
+  pace: -b sends the second's whole count at full speed and then sleeps
+  out the second, and -t sleeps once per packet (17-23 kpps at -t 5-10us).
 Median of the repetitions.  --only picks some of the measurements (e.g.
 `--only ping,paced`, to keep a run short); --agent-args gives the agents more
 options and --also ARGS adds another egresscore column with those options,
 measured in the same repetitions (an A/B under the same load).  After each
 egresscore paced run the agents' ring counters (kernel drops per interface,
-TX ring full) and the kernel's input-backlog drops (/proc/net/softnet_stat,
+TX ring full), the agents' drop reasons (`stats`) and the kernel's input-backlog drops (/proc/net/softnet_stat,
 machine-wide) go into the raw figures (--json), so a loss can be placed.
 Every load is bounded in packets and seconds and stays inside the lab's
 namespaces.  /proc/stat counts the whole machine:
@@ -36,6 +43,7 @@ iputils-ping nftables); says which package is missing and exits 2 otherwise.
         [--only flood,tcp,ping,paced] [--agent-args "ARGS"] [--also "ARGS"]...
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -58,6 +66,8 @@ FLOOD_SPORT, FLOOD_DPORT = 40000, 9
 PAYLOAD = 18  # bytes of UDP payload: 64-byte frames with FCS
 SIDES = ("kernel", "egresscore")  # and one "egresscore ARGS" per --also
 PARTS = ("flood", "tcp", "ping", "paced")
+PACED_STREAMS = 2  # iperf3 clients the paced rate is split over (one sender cannot offer 100 kpps)
+PACED_RT_PRIORITY = 5  # their SCHED_FIFO priority: above other work, below the agents' datapath threads (10)
 LAST = {}  # the last run's raw figures
 
 # (key, label, format, lower is better)
@@ -72,7 +82,9 @@ METRICS = (
     ("ping_median_ms", "ping RTT median (ms)", "{:.3f}", True),
     ("ping_p99_ms", "ping RTT p99 (ms)", "{:.3f}", True),
     ("ping_lost", "ping replies missing", "{:.0f}", True),
-    ("iperf3u_sent_kpps", "paced UDP (iperf3 -u): sent kpps", "{:,.1f}", False),
+    ("iperf3u_sent", "paced UDP (iperf3 -u): sent (app1's eth0 tx)", "{:,.0f}", False),
+    ("iperf3u_sent_kpps", "paced UDP (iperf3 -u): sent kpps (offered)", "{:,.1f}", False),
+    ("iperf3u_delivered", "paced UDP (iperf3 -u): delivered (the server's eth0 rx)", "{:,.0f}", False),
     ("iperf3u_lost_if", "paced UDP (iperf3 -u): lost packets (sent - delivered, interface counters)", "{:,.0f}",
      True),
     ("iperf3u_loss_if_pct", "paced UDP (iperf3 -u): loss % (interface counters)", "{:.3f}", True),
@@ -167,25 +179,68 @@ def ping(lab, count):
             "ping_max_ms": max(times)}
 
 
-def paced_iperf3(lab, pps, seconds):
-    """iperf3 UDP paced at `pps` 18-byte datagrams/s for `seconds`: loss by iperf3's receiver
-    (its own socket drops included) and by the interface counters."""
+def paced_iperf3(lab, pps, seconds, streams=PACED_STREAMS, rt_priority=PACED_RT_PRIORITY):
+    """`streams` iperf3 UDP clients in parallel, each paced at pps/streams 18-byte datagrams/s
+    for `seconds` (ports 5201.., one one-shot server each), under SCHED_FIFO `rt_priority`
+    (chrt; 0: normal scheduling).  Offered = app1's eth0 tx over the run; delivered = the
+    server's eth0 rx; iperf3's own receiver count beside them (its socket drops too)."""
     from egresscore.lab import traffic
 
-    (tx0, rx0), cpu0 = _counters(lab), traffic.cpu_seconds()
-    res = lab.iperf3_json(POD, DST, ["-u", "-l", PAYLOAD, "-b", pps * PAYLOAD * 8, "-t", seconds, "-w", "4M"],
-                          seconds)
-    time.sleep(0.3)
-    (tx1, rx1), cpu = _counters(lab), traffic.cpu_seconds() - cpu0
-    s = res["end"]["sum"]
-    packets, lost = s["packets"], s["lost_packets"]
-    return {"iperf3u_packets": packets, "iperf3u_lost": lost,
+    rate = pps // streams * PAYLOAD * 8  # bit/s of payload per stream
+    prefix = ["chrt", "-f", str(rt_priority)] if rt_priority else []
+    with contextlib.ExitStack() as stack:
+        for k in range(streams):
+            stack.enter_context(lab.iperf3_server(DST, 5201 + k))
+        (tx0, rx0), cpu0, t0 = _counters(lab), traffic.cpu_seconds(), time.perf_counter()
+        procs = [lab.popen(POD, prefix + ["iperf3", "-c", DST, "-p", str(5201 + k), "-u", "-l", str(PAYLOAD),
+                                          "-b", str(rate), "-t", str(seconds), "-w", "4M", "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for k in range(streams)]
+        outs = [proc.communicate(timeout=seconds + 20)[0] for proc in procs]
+        elapsed = time.perf_counter() - t0
+        time.sleep(0.3)  # datagrams still in flight through the agents
+        (tx1, rx1), cpu = _counters(lab), traffic.cpu_seconds() - cpu0
+    ends = []
+    for out in outs:
+        try:
+            ends.append(json.loads(out)["end"]["sum"])
+        except (ValueError, KeyError):
+            raise RuntimeError(f"paced iperf3 from {POD} gave no result: {out.strip()[-200:]}") from None
+    packets, lost = sum(e["packets"] for e in ends), sum(e["lost_packets"] for e in ends)
+    duration = max(e["seconds"] for e in ends)  # the clients' own send time
+    sent, delivered = tx1[1] - tx0[1], rx1[0] - rx0[0]
+    return {"iperf3u_streams": streams, "iperf3u_rt_priority": rt_priority, "iperf3u_seconds": duration,
+            "iperf3u_wall_seconds": elapsed, "iperf3u_packets": packets, "iperf3u_lost": lost,
             "iperf3u_loss_pct": 100.0 * lost / packets if packets else float("nan"),
-            "iperf3u_sent_kpps": packets / s["seconds"] / 1e3,
-            "iperf3u_lost_if": (tx1[1] - tx0[1]) - (rx1[0] - rx0[0]),
-            "iperf3u_loss_if_pct": 100.0 * ((tx1[1] - tx0[1]) - (rx1[0] - rx0[0])) / max(1, tx1[1] - tx0[1]),
+            "iperf3u_sent": sent, "iperf3u_delivered": delivered,
+            "iperf3u_sent_kpps": sent / duration / 1e3,
+            "iperf3u_lost_if": sent - delivered,
+            "iperf3u_loss_if_pct": 100.0 * (sent - delivered) / max(1, sent),
             "iperf3u_cpu_seconds": cpu,
-            "iperf3u_cpu_per_mpkt": cpu / (rx1[0] - rx0[0]) * 1e6 if rx1[0] > rx0[0] else float("nan")}
+            "iperf3u_cpu_per_mpkt": cpu / delivered * 1e6 if delivered else float("nan")}
+
+
+def agent_drops(lab, agents):
+    """{node: {drop reason: frames}} from each agent's `stats` (where the datapath itself dropped)."""
+    from egresscore.control import ControlClient, ControlError, default_socket_path
+
+    out = {}
+    for name, node in lab.nodes.items():
+        if name not in agents:
+            continue
+        try:
+            drops = ControlClient(default_socket_path(name, node.ns), timeout=5).call("stats")["drops"]
+        except (ControlError, KeyError, TypeError):
+            continue
+        out[name] = {reason: n for reason, n in drops.items() if isinstance(n, int)}
+    return out
+
+
+def _drops_delta(before, after):
+    """{"node/reason": frames} that grew over the run."""
+    return {f"{node}/{reason}": n - before.get(node, {}).get(reason, 0)
+            for node, drops in after.items() for reason, n in drops.items()
+            if n != before.get(node, {}).get(reason, 0)}
 
 
 def ring_counters(lab, agents):
@@ -235,14 +290,16 @@ def measure(lab, p, agents=None):
         out.update(ping(lab, p["ping_count"]))
     if "paced" in parts:
         before, backlog = ring_counters(lab, agents) if agents else {}, softnet_dropped()
-        out.update(paced_iperf3(lab, p["paced_pps"], p["paced_seconds"]))
+        drops = agent_drops(lab, agents) if agents else {}
+        out.update(paced_iperf3(lab, p["paced_pps"], p["paced_seconds"], p["paced_streams"], p["paced_rt"]))
         out["iperf3u_backlog_drops"] = softnet_dropped() - backlog
         if agents:
             out["iperf3u_ring_drops"] = _ring_delta(before, ring_counters(lab, agents))
+            out["iperf3u_agent_drops"] = _drops_delta(drops, agent_drops(lab, agents))
     return out
 
 
-def params(quick, reps=None, parts=PARTS):
+def params(quick, reps=None, parts=PARTS, paced_streams=PACED_STREAMS, paced_rt=PACED_RT_PRIORITY):
     if quick:
         p = dict(reps=1, flood_packets=300_000, flood_seconds=10, tcp_seconds=2, ping_count=200,
                  paced_pps=100_000, paced_seconds=3)
@@ -251,6 +308,7 @@ def params(quick, reps=None, parts=PARTS):
                  paced_pps=100_000, paced_seconds=10)
     if reps:
         p["reps"] = reps
+    p["paced_streams"], p["paced_rt"] = paced_streams, paced_rt
     p["parts"] = tuple(parts)
     return p
 
@@ -308,8 +366,10 @@ def table(samples, p, m):
         f"{DST}. Median of {p['reps']} repetition(s), kernel and egresscore taking turns. "
         f"Flood: trafgen, {p['flood_packets']:,} frames of 64 bytes (at most {p['flood_seconds']} s), "
         f"delivery counted at the server's eth0. TCP: iperf3 {p['tcp_seconds']} s. Ping: "
-        f"{p['ping_count']} at 10 ms. Paced UDP: iperf3 -u, {p['paced_pps']:,} pkt/s of {PAYLOAD}-byte "
-        f"payloads for {p['paced_seconds']} s. CPU: machine user + system + softirq (/proc/stat), all CPUs."
+        f"{p['ping_count']} at 10 ms. Paced UDP: {p['paced_streams']} iperf3 -u clients, "
+        f"{p['paced_pps']:,} pkt/s of {PAYLOAD}-byte payloads in all for {p['paced_seconds']} s, "
+        f"SCHED_FIFO {p['paced_rt']} (0: normal), sent = app1's eth0 tx, "
+        f"delivered = the server's eth0 rx. CPU: machine user + system + softirq (/proc/stat), all CPUs."
         + (f" Measured: {', '.join(p['parts'])}." if tuple(p["parts"]) != PARTS else ""),
         "",
         "| metric | Linux kernel | egresscore | egresscore / kernel |" + "".join(f" {s} | ratio |" for s in extra),
@@ -331,14 +391,19 @@ def table(samples, p, m):
             for side in names]
     if runs and p["reps"] > 1:
         lines += ["", "Each repetition (ping p99 ms, paced loss %): " + "; ".join(runs) + "."]
+    placed = [f"{side}: " + ", ".join(json.dumps(s["iperf3u_agent_drops"], sort_keys=True) for s in samples[side])
+              for side in names[1:] if "iperf3u_agent_drops" in samples[side][0]]
+    if placed:
+        lines += ["", "Paced UDP, the agents' drop reasons per repetition (`stats`): " + "; ".join(placed) + "."]
     return "\n".join(lines) + "\n", med
 
 
-def run(quick: bool = False, reps=None, json_path=None, parts=PARTS, agent_args=(), also=()) -> str:
+def run(quick: bool = False, reps=None, json_path=None, parts=PARTS, agent_args=(), also=(),
+        paced_streams=PACED_STREAMS, paced_rt=PACED_RT_PRIORITY) -> str:
     reason = skip_reason()
     if reason:
         return f"### Egress gateway path with peer generators\n\nskipped: {reason}\n"
-    p = params(quick, reps, parts)
+    p = params(quick, reps, parts, paced_streams, paced_rt)
     m = machine()
     variants = sides(agent_args, also)
     p["agent_args"] = {side: args for side, args in variants.items() if args is not None}
@@ -371,6 +436,11 @@ def main(argv=None):
                         help="more `egresscore agent` options for the egresscore side (one string)")
     parser.add_argument("--also", metavar="ARGS", type=shlex.split, action="append", default=[],
                         help="one more egresscore column with these agent options (repeatable)")
+    parser.add_argument("--paced-streams", metavar="N", type=int, default=PACED_STREAMS,
+                        help="iperf3 clients the paced rate is split over (default %(default)s)")
+    parser.add_argument("--paced-rt", metavar="PRIO", type=int, default=PACED_RT_PRIORITY,
+                        help="their SCHED_FIFO priority, 0: normal scheduling (default %(default)s, "
+                             "below the agents' datapath threads at 10)")
     args = parser.parse_args(argv)
     reason = skip_reason()
     if reason:
@@ -378,9 +448,12 @@ def main(argv=None):
         return 2
     if args.reps is not None and not 1 <= args.reps <= 20:
         parser.error("--reps must be 1..20")
+    if not 1 <= args.paced_streams <= 8 or not 0 <= args.paced_rt <= 99:
+        parser.error("--paced-streams must be 1..8 and --paced-rt 0..99")
     try:
         print(run(quick=args.quick, reps=args.reps, json_path=args.json, parts=args.only,
-                  agent_args=args.agent_args, also=args.also))
+                  agent_args=args.agent_args, also=args.also, paced_streams=args.paced_streams,
+                  paced_rt=args.paced_rt))
     except subprocess.TimeoutExpired as e:
         print(f"compare_agent_peers: a bounded run overran: {e}", file=sys.stderr)
         return 1

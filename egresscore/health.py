@@ -223,9 +223,10 @@ class Prober:
 class Responder:
     """Answers heartbeats on (ip, port): each ping goes back as a pong, on its own thread."""
 
-    def __init__(self, sock, name="egresscore-heartbeat"):
+    def __init__(self, sock, name="egresscore-heartbeat", on_start=None):
         self.sock = sock
         self.answered = 0
+        self.on_start = on_start    # called first on the thread (the agent sets its scheduling)
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -242,6 +243,8 @@ class Responder:
         return self
 
     def _run(self):
+        if self.on_start is not None:
+            self.on_start()
         self.sock.setblocking(False)
         poller = select.poll()      # not select(): an agent's process may hold more than 1024 descriptors
         poller.register(self.sock, select.POLLIN)
@@ -285,10 +288,12 @@ class GatewayHealth:
     it changes (the agent recompiles there, never on its datapath thread).
     set_targets() may be called from any thread."""
 
-    def __init__(self, on_change, *, prober=None, liveness=(), interval=0.1, name="egresscore-health"):
+    def __init__(self, on_change, *, prober=None, liveness=(), interval=0.1, name="egresscore-health",
+                 on_start=None):
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.on_change = on_change
+        self.on_start = on_start    # called first on the thread (the agent sets its scheduling)
         self.prober = prober
         self.liveness = list(liveness)
         self.interval = interval
@@ -335,6 +340,8 @@ class GatewayHealth:
         return down
 
     def _run(self):
+        if self.on_start is not None:
+            self.on_start()
         p = self.prober
         poller = select.poll()      # not select(): the agent's process may hold more than 1024 descriptors
         if p is not None:

@@ -570,6 +570,14 @@ class Agent:
         return None, check_policies(policies)
 
     # -- gateway health (egresscore.health) ------------------------------------------------
+    def _health_sched(self, what):
+        """The heartbeat threads' scheduling: one SCHED_FIFO priority below the datapath
+        thread's (none if it has none), so a loaded host (real-time senders, the datapath
+        threads) cannot starve them into missed heartbeats and a gateway marked down; each
+        sleeps between 100 ms rounds and does a few syscalls per round."""
+        prio = max(1, self._sched.rt_priority - 1) if self._sched.rt_priority else 0
+        return ThreadSched(prio, None, label=f"egresscore agent {self.node}", thread=f"the {what} thread").apply
+
     def _start_health(self, port, interval, misses, rises):
         """The heartbeat responder (always) and, with gateway health on, the
         health thread probing the gateway candidates; sockets opened inside
@@ -578,7 +586,8 @@ class Agent:
             sock = self._host.call(Responder.open_socket, self.node_ip, port)
         except OSError as exc:
             raise AgentError(f"cannot answer heartbeats on {self.node_ip}:{port}{self._where()}: {exc}") from exc
-        self.responder = Responder(sock, name=f"egresscore-heartbeat-{self.node}").start()
+        self.responder = Responder(sock, name=f"egresscore-heartbeat-{self.node}",
+                                   on_start=self._health_sched("heartbeat responder")).start()
         self._services.append(self.responder.stop)
         if not self.gateway_health_on:
             return
@@ -590,7 +599,8 @@ class Agent:
 
         prober = Prober(self._host.call(probe_socket), port=port, misses=misses, rises=rises)
         self.health = GatewayHealth(self._health_changed, prober=prober, liveness=self._liveness,
-                                    interval=interval, name=f"egresscore-health-{self.node}")
+                                    interval=interval, name=f"egresscore-health-{self.node}",
+                                    on_start=self._health_sched("gateway health"))
         self._candidates_gen = None     # computed before there was a prober: hand them over now
         self._update_health_targets()
         self.health.start()

@@ -8,8 +8,13 @@ once, ahead of builds and generators, but below the kernel's threaded IRQ
 handlers (priority 50).
 
 Only the thread calling apply() changes (its own TID: the loop thread of
-Agent.run()), never the process, so the control, host, health and source
-threads stay SCHED_OTHER; SCHED_RESET_ON_FORK makes any thread it starts
+Agent.run()), never the process, so the control, host and source threads
+stay SCHED_OTHER; the two heartbeat threads (gateway health's prober and the
+responder, egresscore.health) take one priority below the loop's, since a
+heartbeat starved for 3 rounds marks a live gateway down (measured: a paced
+100 kpps stream lost 56-66% as no_gateway with them at normal priority);
+they sleep between 100 ms rounds, though a down-set change recompiles on
+the prober's thread at that priority; SCHED_RESET_ON_FORK makes any thread it starts
 (a SIGHUP reload thread) SCHED_OTHER again.  A runaway guard: the loop
 blocks in poll() on its rings whenever a batch comes back empty (an idle
 agent takes no CPU), and the kernel's RT throttling is the backstop:
@@ -53,9 +58,11 @@ def rt_throttle():
 class ThreadSched:
     """The datapath thread's scheduling: apply() on that thread, restore() on the same thread after."""
 
-    def __init__(self, rt_priority=DEFAULT_RT_PRIORITY, cpu=None, *, label="egresscore agent"):
+    def __init__(self, rt_priority=DEFAULT_RT_PRIORITY, cpu=None, *, label="egresscore agent",
+                 thread="the datapath thread"):
         self.rt_priority, self.cpu = check_sched(rt_priority, cpu)
         self.label = label
+        self.thread = thread
         self.tid = None
         self.applied = {"policy": "other", "priority": 0, "cpu": None}
         self._saved = None
@@ -72,14 +79,14 @@ class ThreadSched:
             except OSError as exc:
                 why = ("not permitted (needs CAP_SYS_NICE or RLIMIT_RTPRIO)" if exc.errno == errno.EPERM
                        else os.strerror(exc.errno or 0))
-                self._log(f"SCHED_FIFO priority {self.rt_priority} for the datapath thread {why}; "
+                self._log(f"SCHED_FIFO priority {self.rt_priority} for {self.thread} {why}; "
                           f"it runs at normal priority")
         if self.cpu is not None:
             try:
                 os.sched_setaffinity(tid, {self.cpu})
                 self.applied["cpu"] = self.cpu
             except OSError as exc:
-                self._log(f"cannot pin the datapath thread to CPU {self.cpu}: {os.strerror(exc.errno or 0)}")
+                self._log(f"cannot pin {self.thread} to CPU {self.cpu}: {os.strerror(exc.errno or 0)}")
         return self
 
     def restore(self):
