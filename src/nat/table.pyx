@@ -157,8 +157,9 @@ cdef class NatTable:
     as connections use it.  `per_source_limit` N: a source (pod) address
     holds at most N connections; more are refused ("pod_conn_limit", counted
     per source in stats); about 30 bytes more per connection of capacity.
-    `state_path`: keep every array in that file, mapped shared, so the
-    connections outlive the process: a table made later on the same path
+    `state_path`: keep the connections (the entries) in that file, mapped
+    shared, so they outlive the process (what is derived from them stays in
+    process memory and is rebuilt): a table made later on the same path
     (same boot, same capacity) adopts them, checking each (see `state`); a
     file it cannot use is set aside as PATH.rejected and the table starts
     empty.  The file is locked while the table lives.
