@@ -2,7 +2,7 @@
 
 A table of capacity 1,000,000 in a state file on tmpfs (/dev/shm) is filled
 with N connections (TCP, pods 10.x.y.z on random ports, 32 egress IPs,
-SYN sent), then closed as a kill leaves it (the arrays stay in the file;
+SYN sent), then closed as a kill leaves it (the entries stay in the file;
 the lock goes with the process).  A new NatTable on the same file adopts it:
 every entry checked, the indexes, mappings, port bitmaps, wheel and free
 list rebuilt.  Printed beside it, from the same run: creating an empty table

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import compare_datapath as cd  # noqa: E402 - after sys.path
 from egresscore._core import FlowLog, NatTable, nat_repl_apply  # noqa: E402
 
-from egresscore.replication import Receiver, Sender, from_flow_records  # noqa: E402
+from egresscore.replication import Receiver, Sender, enable_gro, from_flow_records, recv_datagrams  # noqa: E402
 
 RATE = 100_000              # new connections per second
 ROUND = 0.01                # s: the replication thread's interval
@@ -69,7 +69,7 @@ def gateway(n):
     return dp, nat, log
 
 
-def one_run(pk, seconds, path="c"):
+def one_run(pk, seconds, path="c", gro=True):
     """(datapath CPU s, replication CPU s, standby CPU s, connections, records, datagrams, bytes, standby table)."""
     n = pk.n
     per = int(RATE * ROUND)
@@ -77,6 +77,8 @@ def one_run(pk, seconds, path="c"):
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
+    if gro:
+        enable_gro(rx)
     rx.bind(("127.0.0.1", 0))
     rx.setblocking(False)
     sender = Sender(tx)
@@ -108,10 +110,11 @@ def one_run(pk, seconds, path="c"):
         t2 = time.thread_time()
         while True:                               # the standby (another node in the agent)
             try:
-                data, (src, _) = rx.recvfrom(2048)
+                grams, (src, _) = recv_datagrams(rx)
             except BlockingIOError:
                 break
-            recv.datagram(data, src, gateways, mine)
+            for data in grams:
+                recv.datagram(data, src, gateways, mine)
         for a in applied:
             nat_repl_apply(standby, a, now=now)
         applied.clear()
@@ -141,9 +144,10 @@ def run(quick=False):
     n = int(RATE * seconds)
     pk = tunnel_frames(n)
     one_run(pk, min(seconds, 0.2))                 # warm up
-    runs, nruns, eruns = [], [], []
+    runs, nruns, eruns, gruns = [], [], [], []
     for _ in range(reps):
         runs.append(one_run(pk, seconds, "c"))
+        gruns.append(one_run(pk, seconds, "c", gro=False))
         nruns.append(one_run(pk, seconds, "numpy"))
         eruns.append(one_run(pk, seconds, "encode"))
     conns = runs[0][3]
@@ -151,8 +155,10 @@ def run(quick=False):
     repl_us = statistics.median(r[1] for r in runs) * 1e6 / conns
     np_us = statistics.median(r[1] for r in nruns) * 1e6 / conns
     enc_us = statistics.median(r[1] for r in eruns) * 1e6 / conns
-    sb_us = statistics.median(r[2] for r in runs + nruns) * 1e6 / conns
-    dp_us = statistics.median(r[0] for r in runs + nruns + eruns) * 1e6 / conns
+    nogro_us = statistics.median(r[1] for r in gruns) * 1e6 / conns
+    sb_us = statistics.median(r[2] for r in runs) * 1e6 / conns
+    sb_nogro_us = statistics.median(r[2] for r in gruns) * 1e6 / conns
+    dp_us = statistics.median(r[0] for r in runs + nruns + eruns + gruns) * 1e6 / conns
     rec, grams, nbytes = runs[0][4], runs[0][5], runs[0][6]
     ratio = repl_us / dp_us
     lines = [
@@ -162,8 +168,9 @@ def run(quick=False):
         (f"CPU of one core per new connection (time.thread_time), rounds of {ROUND * 1000:.0f} ms: the datapath "
          f"takes each connection's first frame (VXLAN in, SNAT, a flow record) and expires the connections of "
          f"{EXPIRE} s ago; replication drains the flow log and sends the starts and ends to a UDP socket on "
-         f"loopback (on loopback the sender's CPU also pays the receiving kernel's work); the standby reads, "
-         f"checks and applies them."),
+         f"loopback (on loopback the sender's CPU also pays the receiving kernel's work: with UDP_GRO on the "
+         f"standby's socket a GSO send stays one buffer to the socket, without it the kernel segments it and "
+         f"queues each datagram); the standby reads, checks and applies them."),
         "",
         "| work | µs per connection | CPU at 100k conn/s | share of the datapath |",
         "|---|---:|---:|---:|",
@@ -172,10 +179,14 @@ def run(quick=False):
         f"{repl_us:.3f} | {repl_us * RATE / 1e4:.1f}% | {ratio * 100:.1f}% |",
         f"| of which the drain and the encoding (no send) | {enc_us:.3f} | {enc_us * RATE / 1e4:.1f}% | "
         f"{enc_us / dp_us * 100:.1f}% |",
+        f"| the same, the standby's socket without UDP_GRO (each datagram segmented and queued alone) | "
+        f"{nogro_us:.3f} | {nogro_us * RATE / 1e4:.1f}% | {nogro_us / dp_us * 100:.1f}% |",
         f"| replication on the active: batches in NumPy (when a flow logger drains the ring) | "
         f"{np_us:.3f} | {np_us * RATE / 1e4:.1f}% | {np_us / dp_us * 100:.1f}% |",
-        f"| the standby (receive, check, apply) | {sb_us:.3f} | {sb_us * RATE / 1e4:.1f}% | "
+        f"| the standby (receive with UDP_GRO, check, apply) | {sb_us:.3f} | {sb_us * RATE / 1e4:.1f}% | "
         f"{sb_us / dp_us * 100:.1f}% |",
+        f"| the standby without UDP_GRO | {sb_nogro_us:.3f} | {sb_nogro_us * RATE / 1e4:.1f}% | "
+        f"{sb_nogro_us / dp_us * 100:.1f}% |",
         "",
         (f"{rec:,} records (starts and ends) in {grams:,} datagrams, {nbytes / (conns / RATE) / 1e6:.1f} MB/s on "
          f"the underlay ({nbytes / rec:.1f} bytes a record with headers). The standby keeps up with "

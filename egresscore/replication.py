@@ -49,8 +49,8 @@ import numpy as np
 
 from ._core import REPL_DATAGRAM_BYTES, REPL_RECORD_DTYPE, repl_encode_log
 
-__all__ = ["REPLICATION_PORT", "REPL_RECORD_DTYPE", "Receiver", "Sender", "decode", "encode",
-           "from_flow_records"]
+__all__ = ["REPLICATION_PORT", "REPL_RECORD_DTYPE", "Receiver", "Sender", "decode", "enable_gro", "encode",
+           "from_flow_records", "recv_datagrams"]
 
 REPLICATION_PORT = 4800
 MAGIC = b"EGCR"
@@ -60,7 +60,8 @@ _HDR = struct.Struct("!4sBBBxIIQQ")
 HEADER_SIZE = _HDR.size
 MAX_DATAGRAM = 1400          # under the underlay's MTU: never fragmented
 GSO_DATAGRAMS = 44           # datagrams one send hands the kernel (UDP_SEGMENT), under 64 KB
-_SOL_UDP, _UDP_SEGMENT = 17, 103
+_SOL_UDP, _UDP_SEGMENT, _UDP_GRO = 17, 103, 104
+_GRO_CMSG = socket.CMSG_SPACE(4)
 _FLOW_START, _FLOW_END = 1, 2
 _OP_ADD, _OP_DEL = 1, 2
 
@@ -125,6 +126,32 @@ def encode(records, *, epoch, seq, t0=0):
             out.append((seq, _HDR.pack(MAGIC, VERSION, DATA, fam, len(part), epoch, seq, t0) + wire.tobytes()))
             seq += 1
     return out
+
+
+def enable_gro(sock):
+    """Ask the kernel to hand `sock` a sender's GSO datagrams (and, from a
+    NIC, runs of one flow's datagrams) coalesced, one buffer per run
+    (UDP_GRO): one receive, and no segmentation on loopback or veth, for up
+    to GSO_DATAGRAMS datagrams.  Read it with recv_datagrams.  False when
+    the kernel refuses (each datagram then arrives alone)."""
+    try:
+        sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def recv_datagrams(sock):
+    """One receive from `sock` -> ([datagram, ...], (src ip, port)): a
+    coalesced buffer (UDP_GRO) is split at the segment size the kernel
+    gives; raises what recvmsg raises (BlockingIOError when empty)."""
+    data, anc, _, addr = sock.recvmsg(65535, _GRO_CMSG)
+    for level, kind, val in anc:
+        if level == _SOL_UDP and kind == _UDP_GRO and len(val) >= 4:
+            size = struct.unpack_from("=i", val)[0]          # the kernel's int gso_size
+            if 0 < size < len(data):
+                return [data[i:i + size] for i in range(0, len(data), size)], addr
+    return [data], addr
 
 
 def header(data):

@@ -352,6 +352,43 @@ def test_send_log_sends_segmented_datagrams_the_receiver_takes_in_order():
         rxs.close()
 
 
+@pytest.mark.parametrize("gro", [True, False])
+def test_send_log_with_gro_on_the_standby_socket_gives_every_datagram_in_order(gro):
+    a, b = _active(2000), _standby()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rxs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rxs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    if gro and not R.enable_gro(rxs):
+        pytest.skip("this kernel refuses UDP_GRO")
+    rxs.bind(("127.0.0.1", 0))
+    rxs.settimeout(0.5)
+    try:
+        s = R.Sender(tx)
+        s.target = rxs.getsockname()
+        s.reset([X, X6])
+        assert s.send_log(a.flow_log, [X, X6]) == 2002
+        rx, got, reads = Rx(), [], 0
+        while len(got) < s.counters["datagrams"]:
+            grams, (src, _) = R.recv_datagrams(rxs)
+            reads += 1
+            got += grams
+        assert len(got) == s.counters["datagrams"]
+        assert sum(len(g) for g in got) == s.counters["bytes"]
+        for data in got:
+            assert len(data) <= R.MAX_DATAGRAM
+            assert rx.r.datagram(data, src, {"127.0.0.1"}, {X, X6}) is None      # in sequence, whole
+        if gro and s.gso:
+            assert reads < len(got)           # coalesced: fewer receives than datagrams
+        else:
+            assert reads == len(got)
+        for r in rx.applied:
+            nat_repl_apply(b, r, now=100.0)
+        assert _conns(b, {X, X6}) == _conns(a, {X, X6}) and len(b) == 2001
+    finally:
+        tx.close()
+        rxs.close()
+
+
 class _FakeHost:
     """The agent's host thread, inline: pyroute2 calls recorded."""
 

@@ -52,8 +52,10 @@ from ..replication import (
     LagWindow,
     Receiver,
     Sender,
+    enable_gro,
     from_flow_records,
     header,
+    recv_datagrams,
     resync_request,
 )
 
@@ -144,6 +146,7 @@ class StatefulFailover:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        enable_gro(s)       # an active's GSO send arrives as one buffer (recv_datagrams splits it)
         s.bind((self.agent.node_ip, self.port))
         s.setblocking(False)
         return s
@@ -414,21 +417,22 @@ class StatefulFailover:
             gateways, mine = self._gateways, set(self.standby_for)
         for _ in range(4096):
             try:
-                data, (src, _) = self.sock.recvfrom(2048)
+                grams, (src, _) = recv_datagrams(self.sock)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 continue
-            h = header(data)
-            if h is not None and h[0] == RESYNC:
-                with self._lock:
-                    if src in self._senders:
-                        self._resync[src] = [0, True]
-                        self.counters["resync_requests_received"] += 1
-                    else:
-                        self.counters["resync_requests_refused"] += 1
-                continue
-            self.receiver.datagram(data, src, gateways, mine)
+            for data in grams:
+                h = header(data)
+                if h is not None and h[0] == RESYNC:
+                    with self._lock:
+                        if src in self._senders:
+                            self._resync[src] = [0, True]
+                            self.counters["resync_requests_received"] += 1
+                        else:
+                            self.counters["resync_requests_refused"] += 1
+                    continue
+                self.receiver.datagram(data, src, gateways, mine)
 
     def _run(self):
         poller = select.poll()

@@ -310,5 +310,5 @@ cdef class NatTable:
     cdef int _ext_of(self, nat_tuple* out) noexcept
     cdef object _entry(self, uint32_t idx, uint64_t now)
     cdef list _state_map(self, object path, uint32_t cap, object ranges, uint64_t seed, uint64_t now)
-    cdef void _state_adopt(self, list exts, uint64_t now)
+    cdef int _state_adopt(self, list exts, uint64_t now) except -1
     cdef void _state_write_config(self, object ranges)

@@ -1,12 +1,14 @@
 # nat/state: the NAT table in a shared-memory file (nat/state.pyx).
 #
 # The file is one MAP_SHARED mapping: a 4 KiB header, the egress IP records,
-# then the table's arrays at page-aligned offsets computed from the capacity
-# (nat_state_layout in state.pyx).  No pointer is ever stored in it.
+# then the entries, at page-aligned offsets computed from the capacity
+# (_nat_state_regions in state.pyx).  No pointer is ever stored in it.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef enum:
-    NAT_STATE_VERSION = 2       # 2: entries carry their policy id (in mapping's and flags' top bits)
+    # version 2: entries carry their policy id (in mapping's and flags' top bits);
+    # 3: the file holds only the entries (everything else is rebuilt in memory)
+    NAT_STATE_VERSION = 3
     NAT_STATE_HDR_SIZE = 4096
 
     # nat_state_link / nat_state_insert results
@@ -33,7 +35,7 @@ cdef struct nat_state_hdr:
     uint32_t n_ext              # egress IP records in use (written after the record)
     uint64_t index_slots
     uint64_t src_slots
-    uint64_t seed               # the running table's hash seed (indexes are rebuilt anyway)
+    uint64_t seed               # the running table's hash seed (informational: indexes are rebuilt)
     uint64_t timeout[6]         # ns by state, of the writer
     uint32_t src_limit
     uint32_t port_lo[3]         # the table's default ranges (tcp, udp, icmp)

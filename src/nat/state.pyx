@@ -1,17 +1,23 @@
 # nat/state: a NatTable kept in a shared-memory file, so that its connections
 # outlive the process (NatTable(state_path=...)).
 #
-# One file, mapped MAP_SHARED, holds every array the datapath writes (header,
-# egress IP records, entries, mappings, the three indexes, the wheel, the
-# per-source table, the port pools of up to NAT_MAX_EXT egress IPs); holes
-# are never backed, so a big, lightly used table costs what it holds.  The
-# nat_table struct itself (pointers, counters) stays in process memory.
+# One file, mapped MAP_SHARED, holds what the other structures are derived
+# from: the header, the egress IP records and the entries (holes are never
+# backed, so a big, lightly used table costs what it holds).  Everything
+# derived from the entries (mappings, the three indexes, the wheel, the
+# per-source table, the port pools) and the nat_table struct itself stay in
+# process memory, anonymous and with huge pages.
 #
-# A process killed mid-update may leave any index, list or bitmap half
-# written, so adoption trusts only the entries: nat_state_rebuild clears
-# every derived region and re-links each entry that passes nat_state_link's
-# checks, dropping (and counting) the others.  nat_state_insert is the same
-# check and link for one entry from elsewhere (a replication stream).
+# A process killed mid-update may leave any entry half written, so adoption
+# trusts nothing but what it checks: nat_state_rebuild builds every derived
+# structure afresh from the entries, re-linking each one that passes
+# nat_state_link's checks and dropping (and counting) the others.  Keeping the
+# derived structures out of the file is what makes that cheap: their random
+# writes land on huge pages (a 1M-connection table: 18 MB of indexes and 28 MB
+# of mappings, a few dozen TLB entries), where in a tmpfs file (4 KiB pages:
+# shmem_enabled is "never" by default) every one of them missed the TLB.
+# nat_state_insert is the same check and link for one entry from elsewhere
+# (a replication stream).
 
 import errno as _st_errno
 import fcntl as _st_fcntl
@@ -19,7 +25,17 @@ import logging as _st_logging
 import os as _st_os
 
 from libc.errno cimport errno
-from posix.mman cimport MADV_HUGEPAGE, MADV_REMOVE, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, madvise, mmap, munmap
+cdef extern from *:
+    """
+    #include <sys/mman.h>
+    #ifndef MADV_POPULATE_WRITE
+    #define MADV_POPULATE_WRITE 23
+    #endif
+    #define EGC_MADV_POPULATE_WRITE MADV_POPULATE_WRITE
+    """
+    int EGC_MADV_POPULATE_WRITE
+
+from posix.mman cimport MADV_HUGEPAGE, MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, madvise, mmap, munmap
 
 _st_log = _st_logging.getLogger("egresscore.nat.state")
 
@@ -149,9 +165,9 @@ cdef int _nat_state_link_h(nat_table* t, uint32_t idx, uint64_t now,
 
 cdef void nat_state_rebuild(nat_table* t, uint64_t now, const uint64_t* max_timeout,
                             uint32_t scan, uint64_t* counts) noexcept nogil:
-    """Rebuild everything but the entries from the entries [0, scan) (the
-    caller has cleared the indexes, the wheel and the per-source table and
-    re-initialised the pools).  counts[NAT_ADOPT_*] += entries of each kind.
+    """Build everything but the entries from the entries [0, scan) (the
+    caller gives empty indexes, wheel and per-source table, in process
+    memory, and initialised pools).  counts[NAT_ADOPT_*] += entries of each kind.
 
     One pass, a software pipeline as in the batch translation: entry i is
     hashed and its three index slots (and per-source slot) prefetched,
@@ -265,16 +281,10 @@ cdef inline uint64_t _st_page(uint64_t x) noexcept nogil:
 
 def _nat_state_regions(capacity):
     """{region: (offset, bytes)} and the file size for a table of `capacity`."""
-    nslots = _nat_index_slots(capacity)
     off = NAT_STATE_HDR_SIZE
     regions = {}
     for name, size in (("ext", NAT_MAX_EXT * sizeof(nat_state_ext)),
-                       ("entries", capacity * sizeof(nat_entry)),
-                       ("mappings", capacity * sizeof(nat_mapping)),
-                       ("fwd", nslots * 4), ("rev", nslots * 4), ("map", nslots * 4),
-                       ("wheel", 2 * NAT_WHEEL_SLOTS * 4),
-                       ("src", nslots * sizeof(nat_src)),
-                       ("pools", NAT_MAX_EXT * NAT_NPOOLS * sizeof(nat_pool))):
+                       ("entries", capacity * sizeof(nat_entry))):
         regions[name] = (off, size)
         off = _st_page(off + size)
     return regions, off
@@ -488,11 +498,9 @@ cdef inline char* _st_at(char* base, object region):
     return base + <size_t>region[0]
 
 
-cdef void _nat_state_clear(char* base, object region) noexcept:
-    """Zero a page-aligned region of the shared mapping, dropping its pages
-    (MADV_REMOVE punches the file's backing; memset where it cannot)."""
-    off, size = region
-    cdef uint64_t o = off
-    cdef uint64_t n = _st_page(size)
-    if n and madvise(base + o, n, MADV_REMOVE) != 0:
-        memset(base + o, 0, size)
+cdef void _nat_state_populate(char* base, uint64_t off, uint64_t size) noexcept:
+    """Map [off, off + size) of the shared mapping writable in one call
+    (backing holes); a kernel without MADV_POPULATE_WRITE faults them later."""
+    cdef uint64_t o = off & ~(<uint64_t>4095)
+    if size:
+        madvise(base + o, _st_page(off + size) - o, EGC_MADV_POPULATE_WRITE)

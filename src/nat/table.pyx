@@ -157,8 +157,9 @@ cdef class NatTable:
     as connections use it.  `per_source_limit` N: a source (pod) address
     holds at most N connections; more are refused ("pod_conn_limit", counted
     per source in stats); about 30 bytes more per connection of capacity.
-    `state_path`: keep every array in that file, mapped shared, so the
-    connections outlive the process: a table made later on the same path
+    `state_path`: keep the connections (the entries) in that file, mapped
+    shared, so they outlive the process (what is derived from them stays in
+    process memory and is rebuilt): a table made later on the same path
     (same boot, same capacity) adopts them, checking each (see `state`); a
     file it cannot use is set aside as PATH.rejected and the table starts
     empty.  The file is locked while the table lives.
@@ -238,25 +239,26 @@ cdef class NatTable:
         self._lock = _threading.Lock()
         self._ext_names = []
         self._ext_index = {}
+        # lazily backed: nothing is touched here (entries and mappings are
+        # handed out from index 0 up, then from their free lists).  With a
+        # state file the entries are the file's (nat/state.pyx); everything
+        # derived from them stays in process memory, with huge pages
         if state_path is not None:
-            # every array in one shared file (nat/state.pyx); adopt what it holds
             adopt = self._state_map(state_path, cap, ranges, seed, self._now(None))
         else:
-            # lazily backed: nothing is touched here (entries and mappings are
-            # handed out from index 0 up, then from their free lists)
             t.entries = <nat_entry*>egc_alloc_big(cap * sizeof(nat_entry), 1)
-            t.mappings = <nat_mapping*>egc_alloc_big(cap * sizeof(nat_mapping), 1)
-            t.fwd.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
-            t.rev.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
-            t.map.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
-            t.wheel = <uint32_t*>calloc(2 * NAT_WHEEL_SLOTS, sizeof(uint32_t))
-            if per_source_limit is not None:
-                t.src_size = _nat_index_slots(cap)
-                t.src = <nat_src*>egc_alloc_big(t.src_size * sizeof(nat_src), 0)
-            if (t.entries == NULL or t.mappings == NULL or t.fwd.slots == NULL
-                    or t.rev.slots == NULL or t.map.slots == NULL or t.wheel == NULL
-                    or (per_source_limit is not None and t.src == NULL)):
-                raise no_memory(f"NatTable of capacity {capacity}")
+        t.mappings = <nat_mapping*>egc_alloc_big(cap * sizeof(nat_mapping), 1)
+        t.fwd.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
+        t.rev.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
+        t.map.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
+        t.wheel = <uint32_t*>calloc(2 * NAT_WHEEL_SLOTS, sizeof(uint32_t))
+        if per_source_limit is not None:
+            t.src_size = _nat_index_slots(cap)
+            t.src = <nat_src*>egc_alloc_big(t.src_size * sizeof(nat_src), 0)
+        if (t.entries == NULL or t.mappings == NULL or t.fwd.slots == NULL
+                or t.rev.slots == NULL or t.map.slots == NULL or t.wheel == NULL
+                or (per_source_limit is not None and t.src == NULL)):
+            raise no_memory(f"NatTable of capacity {capacity}")
         for i in range(NAT_WHEEL_SLOTS):
             t.wheel[2 * i] = t.wheel[2 * i + 1] = cap + i     # empty: the head itself
         t.wheel_cur = NAT_WHEEL_UNSET
@@ -276,21 +278,18 @@ cdef class NatTable:
             return
         cdef nat_table* t = self.t
         if self._smap != NULL or self._state is not None:
-            # the arrays live in the file: unmap them (the file stays for the next
+            # the entries live in the file: unmap them (the file stays for the next
             # process).  A C test: a cycle's clear may have set _state to None.
             if self._smap != NULL:
                 _nat_state_munmap(self._smap, self._smap_size)
                 self._smap = NULL
             if self._state is not None:
                 self._state.close()
-            free(t.pol)
-            free(t)
-            self.t = NULL
-            return
+        else:
+            egc_free_big(t.entries, t.capacity * sizeof(nat_entry))
         for i in range(t.n_ext):
             for k in range(NAT_NPOOLS):
                 free(t.ext[i].pools[k])
-        egc_free_big(t.entries, t.capacity * sizeof(nat_entry))
         egc_free_big(t.mappings, t.capacity * sizeof(nat_mapping))
         egc_free_big(t.fwd.slots, t.fwd.size * 4)
         egc_free_big(t.rev.slots, t.rev.size * 4)
@@ -340,14 +339,6 @@ cdef class NatTable:
         self._smap = _nat_state_mmap(st.fd, size, st.path)
         self._smap_size = size
         t.entries = <nat_entry*>_st_at(self._smap, regions["entries"])
-        t.mappings = <nat_mapping*>_st_at(self._smap, regions["mappings"])
-        t.fwd.slots = <uint32_t*>_st_at(self._smap, regions["fwd"])
-        t.rev.slots = <uint32_t*>_st_at(self._smap, regions["rev"])
-        t.map.slots = <uint32_t*>_st_at(self._smap, regions["map"])
-        t.wheel = <uint32_t*>_st_at(self._smap, regions["wheel"])
-        if t.src_limit:
-            t.src_size = _nat_index_slots(cap)
-            t.src = <nat_src*>_st_at(self._smap, regions["src"])
         h = <nat_state_hdr*>self._smap
         if exts is None:
             # a new header: the magic last, so a kill while writing leaves no valid file
@@ -368,10 +359,10 @@ cdef class NatTable:
                 _st_log.info("%s", st.status["message"])
         return exts
 
-    cdef void _state_adopt(self, list exts, uint64_t now):
-        """Take over the file's connections: its egress IPs at their indexes,
-        then every derived structure rebuilt from the entries (checked one by
-        one; nat_state_rebuild)."""
+    cdef int _state_adopt(self, list exts, uint64_t now) except -1:
+        """Take over the file's connections: its egress IPs at their indexes
+        (port pools in memory), then every derived structure, empty in process
+        memory, built from the entries (checked one by one; nat_state_rebuild)."""
         cdef nat_table* t = self.t
         cdef nat_state_ext x
         cdef nat_pool* pool
@@ -381,25 +372,26 @@ cdef class NatTable:
         cdef int k
         st = self._state
         started = _time.perf_counter()
-        for reg in ("fwd", "rev", "map", "src"):
-            _nat_state_clear(self._smap, st.regions[reg])
+        off, nbytes = st.regions["entries"]
+        scan = min(t.capacity, (_nat_state_data_end(st.fd, off, off + nbytes) - off + sizeof(nat_entry) - 1)
+                   // sizeof(nat_entry))
+        _nat_state_populate(self._smap, off, <uint64_t>scan * sizeof(nat_entry))
         for i, rec in enumerate(exts):
             memcpy(&x, <const char*>rec, sizeof(nat_state_ext))
             t.ext[i].family = x.family
             memcpy(t.ext[i].addr, x.addr, 16)
+            t.n_ext = i + 1                 # its pools are freed with the table from here on
             for k in range(NAT_NPOOLS):
-                pool = <nat_pool*>_st_at(self._smap, st.regions["pools"]) + NAT_NPOOLS * i + k
+                pool = <nat_pool*>calloc(1, sizeof(nat_pool))
+                if pool == NULL:
+                    raise no_memory("egress IP port pools")
                 _nat_pool_init(pool, x.lo[k], x.hi[k])
                 t.ext[i].pools[k] = pool
             name = _nat_ip_str(x.family, x.addr)
             self._ext_names.append(name)
             self._ext_index[name] = i
-        t.n_ext = len(exts)
         for k in range(NAT_NSTATES):
             maxt[k] = max(st.old_timeout[k], t.timeout[k]) + 1000000000
-        off, nbytes = st.regions["entries"]
-        scan = min(t.capacity, (_nat_state_data_end(st.fd, off, off + nbytes) - off + sizeof(nat_entry) - 1)
-                   // sizeof(nat_entry))
         memset(counts, 0, sizeof(counts))
         with nogil:
             nat_state_rebuild(t, now, maxt, scan, counts)
@@ -412,6 +404,7 @@ cdef class NatTable:
                              f"in {ms:.1f} ms ({counts[NAT_ADOPT_INVALID]} invalid and "
                              f"{counts[NAT_ADOPT_EXPIRED]} expired dropped)")
         (_st_log.warning if counts[NAT_ADOPT_INVALID] else _st_log.info)("%s", status["message"])
+        return 0
 
     cdef void _state_write_config(self, object ranges):
         """The configuration in force, into the header (the next process checks against it)."""
@@ -513,10 +506,7 @@ cdef class NatTable:
         cdef nat_pool* pools[3]
         cdef nat_state_ext* rec = NULL
         for k, key in enumerate(("tcp", "udp", "icmp")):
-            if self._smap != NULL:      # the file's pools of index i
-                pools[k] = <nat_pool*>_st_at(self._smap, self._state.regions["pools"]) + NAT_NPOOLS * i + k
-            else:
-                pools[k] = <nat_pool*>calloc(1, sizeof(nat_pool))
+            pools[k] = <nat_pool*>calloc(1, sizeof(nat_pool))
             if pools[k] == NULL:
                 while k > 0:
                     k -= 1
