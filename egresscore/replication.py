@@ -18,7 +18,11 @@ for IPv4 (op, proto, state, 0, sport, dport, xport, 0, pod address, remote
 address, egress IP) and 60 for IPv6 (16-byte addresses); RESET (a full
 resync begins: drop what you hold for these egress IPs) carries `count`
 16-byte egress IPs; RESYNC (standby -> active: please resync) carries
-nothing.  A stream is (sender, epoch): a sender picks a random epoch at
+nothing; PULL (a node about to take egress IPs back -> the node that holds
+them or stands by for them: send me your connections of these) carries
+`count` egress IPs, and is answered by a stream of its own: RESET, the
+connections as DATA, then DONE (the export is complete; `count` egress
+IPs).  A stream is (sender, epoch): a sender picks a random epoch at
 start, and every DATA or RESET datagram takes the next sequence number.
 
 Fail closed on the standby (Receiver): a datagram from an address that is
@@ -55,7 +59,7 @@ __all__ = ["REPLICATION_PORT", "REPL_RECORD_DTYPE", "Receiver", "Sender", "decod
 REPLICATION_PORT = 4800
 MAGIC = b"EGCR"
 VERSION = 1
-DATA, RESET, RESYNC = 1, 2, 3
+DATA, RESET, RESYNC, PULL, DONE = 1, 2, 3, 4, 5
 _HDR = struct.Struct("!4sBBBxIIQQ")
 HEADER_SIZE = _HDR.size
 MAX_DATAGRAM = 1400          # under the underlay's MTU: never fragmented
@@ -159,7 +163,7 @@ def header(data):
     if len(data) < HEADER_SIZE:
         return None
     magic, version, kind, fam, count, epoch, seq, t0 = _HDR.unpack_from(data)
-    if magic != MAGIC or version != VERSION or kind not in (DATA, RESET, RESYNC):
+    if magic != MAGIC or version != VERSION or kind not in (DATA, RESET, RESYNC, PULL, DONE):
         return None
     return kind, fam, count, epoch, seq, t0
 
@@ -181,10 +185,22 @@ def decode(data, fam, count):
     return out
 
 
-def _reset_datagram(egress_ips, *, epoch, seq):
+def _reset_datagram(egress_ips, *, epoch, seq, kind=RESET):
     fam = 4
     body = b"".join(_packed16(ip)[1] for ip in egress_ips)
-    return _HDR.pack(MAGIC, VERSION, RESET, fam, len(egress_ips), epoch, seq, 0) + body
+    return _HDR.pack(MAGIC, VERSION, kind, fam, len(egress_ips), epoch, seq, 0) + body
+
+
+def pull_request(egress_ips):
+    """'Send me your connections of these egress IPs' (a node about to take them back)."""
+    return _reset_datagram(sorted(egress_ips), epoch=0, seq=0, kind=PULL)
+
+
+def egress_ips_of(data, count):
+    """The `count` egress IPs (text) of a RESET, PULL or DONE datagram, or None when its size is wrong."""
+    if len(data) != HEADER_SIZE + 16 * count:
+        return None
+    return [_text16(data[HEADER_SIZE + 16 * i:HEADER_SIZE + 16 * (i + 1)]) for i in range(count)]
 
 
 def resync_request(epoch):
@@ -271,24 +287,35 @@ class Sender:
         self.seq += 1
         self.counters["resets"] += 1
 
+    def done(self, egress_ips):
+        """End an export of `egress_ips` (an answer to a PULL): everything was sent."""
+        if self.target is None:
+            return
+        self._send(_reset_datagram(sorted(egress_ips), epoch=self.epoch, seq=self.seq, kind=DONE))
+        self.seq += 1
+
 
 class Receiver:
     """The standby side: checks every datagram, hands good records to `apply`.
 
-    Receiver(apply, request, *, max_pending=65536, resync_every=0.5)
+    Receiver(apply, reset, request, *, max_pending=65536, resync_every=0.5, finished=None)
 
     datagram(data, src_ip, gateways, egress_ips) takes one datagram from
     `src_ip`; `gateways` is the set of cluster gateway IPs, `egress_ips` the
     egress IPs this node is standby for.  Good records go to apply(records,
     t0, done) (done(n) must be called once they are applied: the pending
     count); a reset goes to apply as reset(egress_ips).  When it falls
-    behind, request(src_ip, epoch) asks the active for a resync."""
+    behind, request(src_ip, epoch) asks the active for a resync.  A DONE
+    (the end of an export asked for with PULL) goes to finished(src_ip,
+    egress_ips), in sequence like the records before it."""
 
     REASONS = ("not_gateway", "malformed", "other_stream", "out_of_sequence", "gap", "foreign_egress_ip",
                "overflow")
 
-    def __init__(self, apply, reset, request, *, max_pending=65536, resync_every=0.5, clock=time.monotonic):
+    def __init__(self, apply, reset, request, *, max_pending=65536, resync_every=0.5, clock=time.monotonic,
+                 finished=None):
         self.apply = apply
+        self.finished = finished
         self.reset = reset
         self.request = request
         self.max_pending = max_pending
@@ -299,7 +326,7 @@ class Receiver:
         self._lock = threading.Lock()
         self.pending = 0
         self.dropped = dict.fromkeys(self.REASONS, 0)
-        self.counters = {"datagrams": 0, "records": 0, "resets": 0, "resync_requests": 0}
+        self.counters = {"datagrams": 0, "records": 0, "resets": 0, "resync_requests": 0, "done": 0}
 
     def done(self, n):
         with self._lock:
@@ -322,13 +349,13 @@ class Receiver:
         if src not in gateways:
             return self._drop("not_gateway")
         h = header(data)
-        if h is None or h[0] == RESYNC:
+        if h is None or h[0] in (RESYNC, PULL):
             return self._drop("malformed")
         kind, fam, count, epoch, seq, t0 = h
-        if kind == RESET:                   # checked whole before it counts in the sequence
-            if len(data) != HEADER_SIZE + 16 * count:
+        if kind in (RESET, DONE):           # checked whole before it counts in the sequence
+            ips = egress_ips_of(data, count)
+            if ips is None:
                 return self._drop("malformed")
-            ips = [_text16(data[HEADER_SIZE + 16 * i:HEADER_SIZE + 16 * (i + 1)]) for i in range(count)]
         else:
             recs = decode(data, fam, count)
             if recs is None:
@@ -352,6 +379,11 @@ class Receiver:
             s[2] = True
             self.counters["resets"] += 1
             self.reset([ip for ip in ips if ip in egress_ips])
+            return None
+        if kind == DONE:
+            self.counters["done"] += 1
+            if s[2] and self.finished is not None:     # a complete export: its reset and every record since
+                self.finished(src, [ip for ip in ips if ip in egress_ips])
             return None
         good = _select(recs, egress_ips)
         if len(good) < len(recs):

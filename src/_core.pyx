@@ -9,7 +9,8 @@ as plain C functions, with no cross-module cimport.  The tree:
              conversion, verdicts and the drop-reason table (drop_reasons.def),
              the one map from C error codes to exceptions (errors.pxi)
   lpm/       the poptrie-style LPM trie and the egress policy map
-  nat/       index, port pools, conntrack with its timing wheel, batches, NatTable
+  nat/       index, port pools, conntrack with its timing wheel, batches, the state
+             file and its seal, NatTable
   gwpin/     the gateway each connection started on (make-before-break), GatewayPins
   flowlog/   the flow-record ring and FlowLog
   packet/    parse, rewrite, ICMP, VXLAN, the Python surface, PacketBatch
@@ -28,6 +29,7 @@ include "nat/ports.pyx"
 include "nat/conntrack.pyx"
 include "nat/batch.pyx"
 include "nat/state.pyx"
+include "nat/seal.pyx"
 include "nat/table.pyx"
 include "gwpin/gwpin.pyx"
 include "flowlog/flowlog.pyx"

@@ -125,16 +125,40 @@ def test_kill_9_of_the_active_gateway_keeps_transfers_on_the_same_egress_ip_and_
     assert fo["dropped"]["not_gateway"] == 0 and fo["applied"]["added"] >= 150, fo
 
 
-def test_node3_comes_back_and_node4_stands_by_again(lab):
+def test_node3_comes_back_under_traffic_and_node4s_connections_survive(lab):
+    """Failback: transfers carried by node4 (after the kill above) while node3's
+    agent starts again; node3 pulls node4's connections before it takes the
+    address back, so they go on through node3 with the same egress IP and port."""
+    from egresscore.lab import stateful as st
+
     node4 = lab.agents["node4"]
     if node4.failover is None or not node4.failover.owned:
         pytest.skip("needs the failover of the test before")
-    lab.node3 = lab.start_node3()
+    assert lab.tcp_request("app1", SERVER) == st.FLOATING_EGRESS_IP
+
+    def come_back():
+        t = time.monotonic()
+        lab.node3 = lab.start_node3()
+        return t
+
+    failed_at, res_down, res_up, losses, tcp = st.transfers_through_failure(lab, come_back, server=SERVER,
+                                                                            size=SIZE, rate=RATE)
+    for r in (res_down, res_up):
+        assert r["error"] is None and r["intact"], r
+        assert r["started"] < failed_at < r["ended"] - 0.5, (r, failed_at)
+    ports = {r["sport"] for r in tcp if r["src"] == st.FLOATING_EGRESS_IP}
+    assert len(tcp) == 2 and len(ports) == 2, tcp
     _wait(lambda: not node4.failover.owned and node4.failover.standby_for, 5.0, "node4 hands the IP back")
     _wait(lambda: _synced(node4, NODE3), 5.0, "node4 synced to node3 again")
     with lab.ipr("node4") as ipr:
         held = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2)]
     assert "192.168.1.120" not in held
+    rows = dict((w, (n, lost)) for w, n, lost in losses)
+    n1, lost1 = rows[1.0]
+    n02, lost02 = rows[0.2]
+    assert n1 >= 150 and lost1 - lost02 == 0, losses
+    print(f"\nfailback: stall download {res_down['stall']:.3f} s, upload {res_up['stall']:.3f} s; flows lost by age "
+          f"at node3's start: " + ", ".join(f"<{w * 1000:.0f} ms {lost}/{n}" for w, n, lost in losses))
 
 
 def test_underlay_link_down_of_the_active_gateway_keeps_transfers(lab):

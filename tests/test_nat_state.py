@@ -308,3 +308,178 @@ def test_insert_one_replicated_connection(clock):
     clock.t += 61              # the second (SYN_SENT, 60 s) dies; the inserted one, refreshed, lives on
     assert t.gc() == 1 and t.ports_in_use(EGRESS) == 1
     assert t.get("10.0.0.1", 5555, REMOTE, 443).state == "ESTABLISHED"
+
+
+# -- bad state (issue 16, item 4): truncation mid-entry, another port range, flipped bytes, the seal ----------
+
+# nat_state_hdr's fields (offset, bytes): the first and the last byte of each are flipped
+_HDR = {"magic": (0, 8), "version": (8, 4), "hdr_size": (12, 4), "layout": (16, 8), "file_size": (24, 8),
+        "boot_id": (32, 40), "created_unix": (72, 8), "created_mono": (80, 8), "adopted": (88, 8),
+        "capacity": (96, 4), "n_ext": (100, 4), "index_slots": (104, 8), "src_slots": (112, 8), "seed": (120, 8),
+        "timeouts": (128, 48), "src_limit": (176, 4), "port_lo": (180, 12), "port_hi": (192, 12)}
+HDR_BYTES = sorted({o for off, n in _HDR.values() for o in (off, off + n - 1)} | {off + 3 for off, _ in _HDR.values()})
+IDENTITY = range(80, 96)  # created_mono_ns, adopted_count: what ties a seal to its file
+
+
+def _same_or_gone(t2, got):
+    """Every connection of t2 is one of `got` with its mapping, and translates
+    both ways as before: nothing translates with garbage.  Returns how many."""
+    kept = 0
+    for (src, sport, dst, dport, proto), (eip, xport) in got.items():
+        e = t2.get(src, sport, dst, dport, proto)
+        if e is None:
+            continue
+        kept += 1
+        assert (e.egress_ip, e.xport) == (eip, xport)
+        assert t2.reverse(dst, dport if proto != "icmp" else 0, eip, xport, proto) == (src, sport)
+    assert kept == len(t2)
+    return kept
+
+
+def _sealed_copy(path, t, tmp_path, name="sealed.nat"):
+    """A clean stop's file: sealed by its table, then copied with its seal."""
+    s = t.seal_state()
+    assert s["entries"] == 370 and s["groups"] == 6 and os.path.exists(str(path) + ".seal")
+    dst = copy_of(path, tmp_path, name)
+    shutil.copyfile(str(path) + ".seal", str(dst) + ".seal")
+    return dst
+
+
+def test_truncated_mid_entry_is_refused(tmp_path, clock, flows):
+    path, t, _ = flows
+    snap = copy_of(path, tmp_path)
+    off, _ = _nat_state_regions(4096)[0]["entries"]
+    os.truncate(snap, off + 37 * 80 + 17)           # the 38th entry cut in two
+    _refused(tmp_path, clock, snap, ["truncated"])
+
+
+def test_another_port_range_is_refused(tmp_path, clock, flows):
+    """The agent claims the new range from the kernel: the file's ports, in the old one, would not be."""
+    path, t, _ = flows
+    snap = copy_of(path, tmp_path)
+    t2 = table(snap, clock, port_range=(40000, 41999))
+    st = t2.state
+    assert not st["adopted"] and len(t2) == 0
+    assert "tcp ports 40000-40999" in st["reason"] and "40000-41999" in st["reason"], st
+    assert "starts empty" in st["message"] and os.path.exists(str(snap) + ".rejected")
+    assert t2.translate("10.0.0.1", 1234, REMOTE, 80)[0] == EGRESS
+
+
+def test_every_flipped_header_byte_is_refused_or_harmless(tmp_path, clock, flows):
+    """A crash's file (no seal): each of the header's bytes flipped in turn is
+    either refused with a reason (the table starts empty) or changes nothing
+    a connection depends on (adopted, each one translating as before)."""
+    path, t, got = flows
+    base = copy_of(path, tmp_path, "base.nat")
+    refused = harmless = 0
+    for off in HDR_BYTES:
+        snap = tmp_path / f"h{off}.nat"
+        shutil.copyfile(base, snap)
+        with open(snap, "r+b") as f:
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 0x10]))
+        t2 = table(snap, clock)
+        st = t2.state
+        if st["adopted"]:
+            assert st["sealed"] is False and "checked entry by entry" in st["message"]
+            _same_or_gone(t2, got)
+            harmless += 1
+        else:
+            assert st["reason"] and "starts empty" in st["message"] and len(t2) == 0
+            refused += 1
+        del t2
+    assert refused > len(HDR_BYTES) // 2 and harmless > 0, (refused, harmless)
+
+
+def test_a_sealed_file_refuses_any_flipped_header_byte(tmp_path, clock, flows):
+    path, t, got = flows
+    base = _sealed_copy(path, t, tmp_path, "base.nat")
+    for off in HDR_BYTES:
+        snap = tmp_path / f"s{off}.nat"
+        shutil.copyfile(base, snap)
+        shutil.copyfile(str(base) + ".seal", str(snap) + ".seal")
+        with open(snap, "r+b") as f:
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 0x01]))
+        t2 = table(snap, clock)
+        st = t2.state
+        assert not os.path.exists(str(snap) + ".seal")             # taken at open, whatever it says
+        if off in IDENTITY and st["adopted"]:   # the seal is not this file's: ignored, entries checked one by one
+            assert "seal is of another file" in st["message"], (off, st)
+            assert _same_or_gone(t2, got) == len(got)
+        else:
+            assert not st["adopted"] and st["reason"] and len(t2) == 0, (off, st)
+        del t2
+
+
+def test_a_sealed_file_with_a_flipped_egress_record_byte_is_refused(tmp_path, clock, flows):
+    path, t, _ = flows
+    snap = _sealed_copy(path, t, tmp_path)
+    with open(snap, "r+b") as f:
+        f.seek(_nat_state_regions(4096)[0]["ext"][0] + 20)         # inside record 0's port range
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x01]))
+    _refused(tmp_path, clock, snap, ["egress IP records' checksum"])
+
+
+def test_a_clean_stops_seal_is_verified_and_removed(tmp_path, clock, flows):
+    path, t, got = flows
+    snap = _sealed_copy(path, t, tmp_path)
+    t2 = table(snap, clock)
+    st = t2.state
+    assert st["adopted"] and st["sealed"] and st["corrupt"] == 0 and st["connections"] == len(got)
+    assert "sealed at a clean stop: checksums verified" in st["message"]
+    assert not os.path.exists(str(snap) + ".seal")      # the file changes from now on: a crash leaves no seal
+    assert _same_or_gone(t2, got) == len(got)
+
+
+@pytest.mark.parametrize("field,at", [("pod address", 3), ("remote address", 17), ("expiry", 34),
+                                      ("pod port", 40), ("remote port", 42), ("egress port", 44),
+                                      ("counters", 79)])
+def test_a_flipped_entry_byte_in_a_sealed_file_drops_its_group_only(tmp_path, clock, flows, field, at):
+    """A byte the entry checks cannot catch (another pod address, another
+    port that is free) would translate with garbage: the seal catches it."""
+    path, t, got = flows
+    snap = _sealed_copy(path, t, tmp_path)
+    off, _ = _nat_state_regions(4096)[0]["entries"]
+    victim = 100                                       # group 1: entries 64-127
+    with open(snap, "r+b") as f:
+        f.seek(off + victim * 80 + at)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x04]))
+    t2 = table(snap, clock)
+    st = t2.state
+    assert st["adopted"] and st["sealed"] and st["corrupt"] == 64, st
+    assert "1 group(s) of 64 entries failed their checksum, 64 corrupt entries dropped" in st["message"]
+    assert _same_or_gone(t2, got) == len(got) - 64 == st["connections"]
+
+
+def test_a_flipped_byte_in_a_free_slot_above_the_sealed_high_water_mark_is_dropped(tmp_path, clock, flows):
+    path, t, got = flows
+    snap = _sealed_copy(path, t, tmp_path)
+    off, _ = _nat_state_regions(4096)[0]["entries"]
+    with open(snap, "r+b") as f:                     # entry 400 (never used) made to look like a live one
+        f.seek(off + 370 * 80)
+        f.write(open(snap, "rb").read()[off:off + 80])
+    t2 = table(snap, clock)
+    assert t2.state["corrupt"] == 1 and _same_or_gone(t2, got) == len(got)
+
+
+def test_a_corrupt_seal_is_ignored_and_said_so(tmp_path, clock, flows):
+    path, t, got = flows
+    snap = _sealed_copy(path, t, tmp_path)
+    with open(str(snap) + ".seal", "r+b") as f:
+        f.seek(50)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    t2 = table(snap, clock)
+    st = t2.state
+    assert st["adopted"] and st["sealed"] is False and "seal is corrupt (ignored)" in st["message"]
+    assert _same_or_gone(t2, got) == len(got)

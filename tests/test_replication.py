@@ -1,6 +1,8 @@
 """NAT state replication in memory: records, wire, sequence checks, the table side."""
+import queue
 import socket
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -189,7 +191,8 @@ def test_malformed_datagrams_are_dropped():
     bad[R.HEADER_SIZE] = 9                                            # no such op
     assert rx.feed(bytes(bad)) == "malformed"
     assert rx.feed(R.resync_request(4)) == "malformed"                 # a request is not data
-    assert rx.r.dropped["malformed"] == 4 and rx.applied == []
+    assert rx.feed(R.pull_request([X])) == "malformed"                 # nor is a pull
+    assert rx.r.dropped["malformed"] == 5 and rx.applied == []
     assert rx.feed(good) is None                                      # the stream goes on
 
 
@@ -428,9 +431,18 @@ class _FakeAgent:
         self.flow_logger, self.flow_log, self._keep_state = None, None, False
         self.datapath = type("D", (), {"set_flow_log": lambda self, log: None})()
         self.synced_claims = 0
+        self._queue = queue.Queue()          # the loop thread's jobs, run by run_jobs()
+        self._control = threading.RLock()
 
     def _submit(self, fn, *args):
         return fn(*args)
+
+    def _wake(self):
+        pass
+
+    def run_jobs(self):
+        while not self._queue.empty():
+            self._queue.get()()
 
     def _host_sync_claims(self):
         self.synced_claims += 1
@@ -471,6 +483,11 @@ def test_roles_the_active_streams_to_the_next_node_up():
     fo._garp = lambda ip: None
     try:
         fo.update()
+        # node3 starts while node4 is up: it first pulls what node4 may hold (failback, below)
+        assert fo.owned == set() and fo.stats()["pulling"] == {X: "192.168.1.4"} and fo._senders == {}
+        fo._pulling[X][1] = 0.0                               # no answer: given up on at its deadline
+        fo._check_pulls()
+        assert fo.counters["pull_timeouts"] == 1
         assert fo.owned == {X} and set(fo._senders) == {"192.168.1.4"}
         assert fo._resync == {"192.168.1.4": [0, True]}     # a new standby: a full resync first
         a.compiler.set_down({"node4"})
@@ -478,3 +495,90 @@ def test_roles_the_active_streams_to_the_next_node_up():
         assert fo.owned == {X} and fo._senders == {}        # no standby up: nothing to stream to
     finally:
         fo.stop()
+
+
+def test_failback_the_returning_active_pulls_the_connections_before_it_takes_the_ip(monkeypatch):
+    """node4 holds X (node3 was down) and carries connections; node3 comes back:
+    it pulls them (PULL -> RESET, records, DONE), applies them, then holds X
+    and translates them with node4's egress ports; node4 stands by again."""
+    from egresscore.agent import failover as F
+
+    monkeypatch.setattr(F.StatefulFailover, "_garp", lambda self, ip: None)
+    a4 = _FakeAgent("node4", down={"node3"})
+    fo4 = F.StatefulFailover(a4, port=0, garp_times=(0.0,))
+    a3 = _FakeAgent("node3", down=())
+    a3._host.post = lambda fn, *args: None
+    fo3 = F.StatefulFailover(a3, port=0, garp_times=(0.0,))
+    rxs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rxs.bind(("127.0.0.1", 0))
+    rxs.settimeout(1.0)
+    try:
+        fo4.update()
+        assert fo4.owned == {X}
+        carried = {20000 + i: a4.nat.translate("10.0.1.93", 20000 + i, "203.0.113.10", 80, "tcp", egress_ip=X)[1]
+                   for i in range(300)}
+        # node3's stale copy of one of them (adopted from its state file) is replaced, not kept
+        a3.nat.add_egress_ip(X)
+        a3.nat.insert("10.0.1.93", 20000, "203.0.113.10", 80, egress_ip=X, xport=carried[20001], expires_in=100)
+        fo3.update()
+        assert fo3.owned == set() and fo3.stats()["pulling"] == {X: "192.168.1.4"} and a3.compiler.held == {}
+        # node4 gets the PULL from node3 (a gateway) and answers on a stream of its own
+        data = R.pull_request([X])
+        fo4._answer_pull(data, R.header(data), "192.168.1.3")
+        fo4._answer_pull(data, R.header(data), "192.168.1.3")     # a repeat while answering: one answer
+        assert fo4.counters["pulls_received"] == 1
+        fo4._pulls["192.168.1.3"][0].target = rxs.getsockname()
+        fo4.chunk = 128
+        while fo4._pulls:
+            fo4._round_pulls()
+        assert fo4.counters["pulls_answered"] == 1
+        grams = []
+        while True:
+            try:
+                grams.append(rxs.recv(2048))
+            except socket.timeout:
+                break
+        kinds = [R.header(g)[0] for g in grams]
+        assert kinds[0] == R.RESET and kinds[-1] == R.DONE and set(kinds[1:-1]) == {R.DATA}
+        for g in grams:
+            assert fo3.receiver.datagram(g, "192.168.1.4", {"192.168.1.3", "192.168.1.4"},
+                                         {X} | set(fo3.standby_for)) is None
+        assert fo3.owned == set()                 # not before the records are applied
+        a3.run_jobs()
+        fo3._check_pulls()
+        assert fo3.counters["pulls_completed"] == 1 and fo3.owned == {X} and a3.compiler.held == {X: "lo"}
+        assert a3._host.addrs == [("add", X)] and set(fo3._senders) == {"192.168.1.4"}
+        for sport, xport in carried.items():
+            assert a3.nat.reverse("203.0.113.10", 80, X, xport, "tcp") == ("10.0.1.93", sport)
+        assert len(_conns(a3.nat, {X})) == 300
+        # a PULL from a host that is not a gateway is refused
+        fo4._answer_pull(data, R.header(data), "192.168.1.1")
+        assert fo4.counters["pulls_refused"] == 1 and not fo4._pulls
+        # node4 sees node3 up: it gives the address back and stands by
+        a4.compiler.set_down(())
+        fo4.update()
+        assert fo4.owned == set() and fo4.standby_for == {X: "192.168.1.3"}
+    finally:
+        rxs.close()
+        fo3.stop()
+        fo4.stop()
+
+
+def test_a_done_after_a_gap_does_not_finish_the_pull():
+    done = []
+    rx = R.Receiver(lambda r, t0: None, lambda ips: None, lambda src, e: None, finished=lambda s, ips: done.append(ips))
+    s = R.Sender(None, epoch=9)
+    sent = []
+    s.sock = type("S", (), {"sendto": lambda self, d, t: sent.append(d)})()
+    s.target = (ACTIVE, 1)
+    s.reset([X])
+    s.send(R.from_flow_records(_active(3).flow_log.drain(), [X])[0], 0)
+    s.done([X])
+    assert rx.datagram(sent[0], ACTIVE, GATEWAYS, {X}) is None
+    assert rx.datagram(sent[2], ACTIVE, GATEWAYS, {X}) == "gap"        # the records' datagram lost
+    assert done == [] and not rx.synced(ACTIVE)
+    rx2 = R.Receiver(lambda r, t0: None, lambda ips: None, lambda src, e: None,
+                     finished=lambda s, ips: done.append(ips))
+    for d in sent:
+        assert rx2.datagram(d, ACTIVE, GATEWAYS, {X}) is None
+    assert done == [[X]]

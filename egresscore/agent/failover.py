@@ -20,7 +20,16 @@ name), the first is the active gateway and the second its standby:
 - when the active is declared down, the standby is the first node up: it
   takes the address over as above and translates the replicated
   connections with the same egress IP and port.  The source nodes switch to
-  it through gateway health; a node that is neither gives the address back.
+  it through gateway health; a node that is neither gives the address back;
+- failback: a node that becomes the active for an address it was not the
+  standby for (it comes back, and a node after it in the order may have
+  held the address meanwhile) first pulls that node's connections of the
+  address (PULL; the answer is a stream of its own: RESET, the connections,
+  DONE), applies them, and only then takes the address, at most
+  `pull_timeout` s later (then without them, saying so).  The other node
+  gives the address up as soon as it sees the returning node up, and keeps
+  translating the replies the router still sends it until the gratuitous
+  ARP moves them.
 
 Threads.  One replication thread (never the datapath's) drains the flow
 records (or receives them from the flow logger's drain), encodes, sends,
@@ -30,10 +39,12 @@ jobs between batches, each bounded (one datagram's records, one chunk).
 Role changes run on the thread that changed the health or the cluster,
 under the agent's control lock.
 
-Not covered: a gateway that comes back takes its floating IP back (Cilium's
-order) without the connections made through the standby meanwhile
-(replication runs from the active to the standby only), and a standby that
-was not synced when the active died has only what it received.
+Not covered: a standby that was not synced when the active died has only
+what it received; connections the other node opens between its answer to
+the PULL and its seeing the returning node up are not pulled; a partition
+that leaves both nodes believing they are active (split brain) leaves the
+router's last ARP answer in charge, and when it heals the node that comes
+first in the order keeps the address without the other's connections.
 """
 from __future__ import annotations
 
@@ -47,19 +58,25 @@ import time
 
 from .._core import FlowLog, nat_repl_apply, nat_repl_clear, nat_repl_export
 from ..replication import (
+    PULL,
     REPLICATION_PORT,
     RESYNC,
     LagWindow,
     Receiver,
     Sender,
+    egress_ips_of,
     enable_gro,
     from_flow_records,
     header,
+    pull_request,
     recv_datagrams,
     resync_request,
 )
 
 __all__ = ["StatefulFailover", "floating_egress_ips", "gratuitous_arp"]
+
+PULL_TIMEOUT = 1.0          # s a returning node waits for the connections it pulls before it takes the IP
+PULL_EVERY = 0.2            # s between two PULL requests while no answer is complete
 
 _ETH_P_ARP = 0x0806
 
@@ -103,8 +120,9 @@ class StatefulFailover:
     stats() says what it holds and what it counted."""
 
     def __init__(self, agent, *, port=REPLICATION_PORT, interval=0.01, chunk=4096, max_pending=65536,
-                 refresh_every=60.0, garp_times=(0.0, 0.1, 0.3, 0.7, 1.5)):
+                 refresh_every=60.0, garp_times=(0.0, 0.1, 0.3, 0.7, 1.5), pull_timeout=PULL_TIMEOUT):
         self.agent = agent
+        self.pull_timeout = pull_timeout
         self.refresh_every = refresh_every
         self.port = port
         self.interval = interval
@@ -124,6 +142,9 @@ class StatefulFailover:
         self._queued = 0
         self._qlock = threading.Lock()
         self._holding = set()           # host thread: the addresses added
+        self._pulling = {}              # floating IP -> [node IP pulled from, deadline, done, next request]
+        self._pulled = set()            # floating IPs pulled (or given up on): taken at the next update
+        self._pulls = {}                # node IP -> [Sender, floating IPs, next export index] (answers to PULL)
         self._max_queue = max_pending
         self._ring_lost = 0
         self.lag = LagWindow()
@@ -132,7 +153,8 @@ class StatefulFailover:
         self.takeovers = []             # (time.monotonic(), IP, ms to hold it)
         self._stop = threading.Event()
         self.sock = agent._host.call(self._open_socket)
-        self.receiver = Receiver(self._apply, self._reset, self._request, max_pending=max_pending)
+        self.receiver = Receiver(self._apply, self._reset, self._request, max_pending=max_pending,
+                                 finished=self._pull_finished)
         self._epoch = Sender(self.sock).epoch   # one epoch for every stream of this agent
         if agent.flow_logger is not None:       # the flow logger drains the ring: take its batches
             self.flow_log = None
@@ -180,18 +202,24 @@ class StatefulFailover:
         if key == self._key:
             return
         floating = floating_egress_ips(comp)
-        owned, standby_for, targets = set(), {}, {}
+        owned, standby_for, targets, pull = set(), {}, {}, {}
         for ip, names in floating.items():
             up = [n for n in names if n not in down]
             if not up:
                 continue
             active, standby = up[0], (up[1] if len(up) > 1 else None)
             if active == a.node:
+                if (ip not in self.owned and ip not in self.standby_for and ip not in self._pulled
+                        and standby is not None):
+                    # this node comes back: the standby may have held the address meanwhile
+                    pull[ip] = nodes[standby].gateway_ip
+                    continue
                 owned.add(ip)
                 if standby is not None:
                     targets.setdefault(nodes[standby].gateway_ip, set()).add(ip)
             elif standby == a.node:
                 standby_for[ip] = nodes[active].gateway_ip
+        self._pulled &= owned
         gateways = frozenset(ip for ip in comp.gateway_candidates().values())
         if down != self._down_seen:
             # a node came back (or went): it may have held our address meanwhile, and the
@@ -209,9 +237,20 @@ class StatefulFailover:
             comp.set_held({ip: a.underlay for ip in owned})
         for ip in sorted(set(standby_for) - set(self.standby_for) - owned):
             self._ensure_nat(ip)
-        for ip in sorted((set(self.standby_for) | self.owned) - set(standby_for) - owned):
+        for ip in sorted(set(pull) - set(self._pulling)):
+            self._ensure_nat(ip)
+        for ip in sorted((set(self.standby_for) | self.owned | set(self._pulling)) - set(standby_for) - owned
+                         - set(pull)):
             a._submit(nat_repl_clear, a.nat, ip)      # neither role now: its replicated connections go
         with self._lock:
+            now = time.monotonic()
+            for ip in set(self._pulling) - set(pull):
+                del self._pulling[ip]
+            for ip, src in pull.items():
+                if self._pulling.get(ip, (None,))[0] != src:
+                    self._pulling[ip] = [src, now + self.pull_timeout, False, now]
+                    print(f"egresscore agent {a.node}: pulling the connections of floating egress IP {ip} "
+                          f"from {src} before holding it", file=sys.stderr, flush=True)
             old_targets = self._targets
             self.owned, self.standby_for, self._targets, self._gateways = owned, standby_for, targets, gateways
             for dst, ips in targets.items():
@@ -227,7 +266,100 @@ class StatefulFailover:
         for active in set(standby_for.values()):
             if not self.receiver.synced(active):
                 self.receiver.ask(active, 0)
+        self._send_pulls()
         self._key = key
+
+    # -- failback: pull before taking ---------------------------------------------------
+    def _send_pulls(self):
+        """PULL to each node pulled from whose answer is due (at most every PULL_EVERY s)."""
+        now = time.monotonic()
+        with self._lock:
+            due = {}
+            for ip, p in self._pulling.items():
+                if not p[2] and now >= p[3]:
+                    due.setdefault(p[0], []).append(ip)
+                    p[3] = now + PULL_EVERY
+        for src, ips in due.items():
+            try:
+                self.sock.sendto(pull_request(ips), (src, self.port))
+                self.counters["pulls_sent"] += 1
+            except OSError:
+                self.counters["send_errors"] += 1
+
+    def _pull_finished(self, src, ips):
+        """Receiver: `src`'s export is complete; once its records are applied
+        (a job queued after them on the loop thread), the pulls from it are done."""
+        def job():
+            with self._lock:
+                for p in self._pulling.values():
+                    if p[0] == src:
+                        p[2] = True
+
+        self.agent._queue.put(job)
+        self.agent._wake()
+
+    def _check_pulls(self):
+        """Replication thread: take the addresses whose pull is done or overdue."""
+        now = time.monotonic()
+        with self._lock:
+            ready = [ip for ip, p in self._pulling.items() if p[2] or now >= p[1]]
+        if not ready:
+            self._send_pulls()
+            return
+        a = self.agent
+        with a._control:
+            with self._lock:
+                for ip in ready:
+                    p = self._pulling.pop(ip, None)
+                    if p is None:
+                        continue
+                    self._pulled.add(ip)
+                    if p[2]:
+                        self.counters["pulls_completed"] += 1
+                    else:
+                        self.counters["pull_timeouts"] += 1
+                        print(f"egresscore agent {a.node}: no complete answer from {p[0]} within "
+                              f"{self.pull_timeout} s: holding {ip} without its connections there",
+                              file=sys.stderr, flush=True)
+            self._key = None
+            self.update()
+
+    def _answer_pull(self, data, h, src):
+        """A node about to take floating IPs back asks for our connections of them."""
+        ips = egress_ips_of(data, h[2])
+        with self._lock:
+            if ips is None or src not in self._gateways:
+                self.counters["pulls_refused"] += 1
+                return
+            have = sorted(set(ips) & (self.owned | set(self.standby_for)))
+            cur = self._pulls.get(src)
+            if cur is not None and cur[1] == have:
+                return                                 # a repeat while its answer is under way
+            s = Sender(self.sock)                      # a stream (epoch) of its own
+            s.target = (src, self.port)
+            self._pulls[src] = [s, have, 0]
+            self.counters["pulls_received"] += 1
+
+    def _round_pulls(self):
+        with self._lock:
+            pulls = {d: list(v) for d, v in self._pulls.items()}
+        for dst, (s, ips, start) in pulls.items():
+            if start == 0:
+                s.reset(ips)
+            recs, nxt = ([], None) if not ips else self.agent._submit(nat_repl_export, self.agent.nat, ips,
+                                                                        start, self.chunk)
+            if len(recs):
+                s.send(recs, 0)
+            with self._lock:
+                cur = self._pulls.get(dst)
+                if cur is None or cur[0] is not s:
+                    continue                           # asked again meanwhile: that answer goes on
+                if nxt is None:
+                    s.done(ips)
+                    del self._pulls[dst]
+                    self.counters["pulls_answered"] += 1
+                else:
+                    cur[2] = nxt
 
     def _ensure_nat(self, ip):
         a = self.agent
@@ -415,6 +547,9 @@ class StatefulFailover:
     def _receive(self):
         with self._lock:
             gateways, mine = self._gateways, set(self.standby_for)
+            pulling = {}
+            for ip, p in self._pulling.items():
+                pulling.setdefault(p[0], set()).add(ip)
         for _ in range(4096):
             try:
                 grams, (src, _) = recv_datagrams(self.sock)
@@ -424,6 +559,9 @@ class StatefulFailover:
                 continue
             for data in grams:
                 h = header(data)
+                if h is not None and h[0] == PULL:
+                    self._answer_pull(data, h, src)
+                    continue
                 if h is not None and h[0] == RESYNC:
                     with self._lock:
                         if src in self._senders:
@@ -432,7 +570,7 @@ class StatefulFailover:
                         else:
                             self.counters["resync_requests_refused"] += 1
                     continue
-                self.receiver.datagram(data, src, gateways, mine)
+                self.receiver.datagram(data, src, gateways, mine | pulling[src] if src in pulling else mine)
 
     def _run(self):
         poller = select.poll()
@@ -447,6 +585,9 @@ class StatefulFailover:
             try:
                 self._receive()
                 self._round()
+                self._round_pulls()
+                if self._pulling:
+                    self._check_pulls()
             except Exception as exc:  # noqa: BLE001 - replication must keep running: say why, go on
                 self.counters["errors"] += 1
                 print(f"egresscore replication {self.agent.node}: {type(exc).__name__}: {exc}",
@@ -458,7 +599,9 @@ class StatefulFailover:
             senders = {d: dict(s.counters, seq=s.seq, egress_ips=sorted(self._targets.get(d, ())))
                        for d, s in self._senders.items()}
             resync = {d: v[0] for d, v in self._resync.items()}
-        return {"owned": sorted(self.owned), "standby_for": dict(self.standby_for), "senders": senders,
+            pulling = {ip: p[0] for ip, p in self._pulling.items()}
+        return {"owned": sorted(self.owned), "standby_for": dict(self.standby_for), "pulling": pulling,
+                "senders": senders,
                 "resyncs_under_way": resync, "received": dict(self.receiver.counters),
                 "dropped": dict(self.receiver.dropped), "pending": self.receiver.pending,
                 "applied": dict(self.applied), "lag": self.lag.summary(), "counters": dict(self.counters),

@@ -1188,6 +1188,7 @@ class Agent:
             if self.datapath is not None:
                 for port in list(self.datapath.rings_attached):
                     self.datapath.detach_ring(port)
+            self._seal_nat()
             try:
                 if self._host is not None:
                     self._host.call(self._host_teardown, timeout=30)
@@ -1201,6 +1202,18 @@ class Agent:
                     if fd >= 0:
                         os.close(fd)
                 self._wake_r = self._wake_w = -1
+
+    def _seal_nat(self):
+        """A stop that keeps the state: nothing writes the table any more, so seal
+        its file (checksums the next agent verifies: NatTable.seal_state)."""
+        if not self._keep_state or self.nat is None or self.nat.state is None:
+            return
+        try:
+            s = self.nat.seal_state()
+            print(f"egresscore agent {self.node}: NAT state sealed for the next agent ({s['entries']} entries, "
+                  f"{s['groups']} checksums, {s['ms']:.1f} ms)", file=sys.stderr, flush=True)
+        except Exception as exc:  # noqa: BLE001 - unsealed, the next agent checks entry by entry
+            print(f"egresscore agent {self.node}: NAT state not sealed: {exc}", file=sys.stderr, flush=True)
 
     def _host_teardown(self):
         """Host thread: claims off and the host as it was (state file gone), tunnel device removed."""

@@ -21,6 +21,7 @@ namespaces.
 """
 import hashlib
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -238,6 +239,24 @@ def flow_clients(dst, seconds, rate):
 
 
 # -- one measurement ------------------------------------------------------------------
+def agent_restart(agents, name, start, how="kill", stopped=None):
+    """restart() for flows_through_restart: stop the `egresscore agent`
+    process agents[name] (`how`: "kill" SIGKILL, "term" SIGTERM), call
+    stopped(old process) if given (what it left behind is still in place),
+    then agents[name] = start(name) (it returns once the new agent is ready)."""
+    def restart():
+        old = agents[name]
+        if how == "kill":
+            old.proc.kill()
+        else:
+            old.proc.send_signal(signal.SIGTERM)
+        old.proc.wait(15)
+        if stopped is not None:
+            stopped(old)
+        agents[name] = start(name)
+    return restart
+
+
 def flows_through_restart(lab, restart, *, pod="app1", server=SERVER, before=1.5, seconds=7.0, rate=1 << 20):
     """Run the four flows from `pod` to `server`, call restart() after `before`
     s (it returns once the new agent forwards), and wait for the flows to end;

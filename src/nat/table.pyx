@@ -314,6 +314,7 @@ cdef class NatTable:
         st.regions = regions
         self._state = st
         have = st.open()
+        seal = _nat_seal_take(st)          # nat/seal.pyx: the file changes from now on
         reason = None
         exts = None
         if have:
@@ -326,6 +327,8 @@ cdef class NatTable:
             if reason is None:
                 rawx = _st_os.pread(st.fd, hdr.n_ext * sizeof(nat_state_ext), regions["ext"][0])
                 reason = _nat_state_ext_check(<const nat_state_ext*><const char*>rawx, hdr.n_ext)
+            if reason is None:
+                reason = _nat_state_ranges_check(raw, ranges) or _nat_seal_check(st, seal, raw, rawx, cap)
             if reason is not None:
                 st.reject(reason)
             else:
@@ -392,6 +395,7 @@ cdef class NatTable:
             self._ext_index[name] = i
         for k in range(NAT_NSTATES):
             maxt[k] = max(st.old_timeout[k], t.timeout[k]) + 1000000000
+        corrupt = nat_seal_apply(t, st, scan)     # a sealed file: groups failing their checksum dropped
         memset(counts, 0, sizeof(counts))
         with nogil:
             nat_state_rebuild(t, now, maxt, scan, counts)
@@ -402,8 +406,8 @@ cdef class NatTable:
                       expired=counts[NAT_ADOPT_EXPIRED], adopt_ms=ms)
         status["message"] = (f"NAT state file {st.path}: adopted {counts[NAT_ADOPT_OK]} connections "
                              f"in {ms:.1f} ms ({counts[NAT_ADOPT_INVALID]} invalid and "
-                             f"{counts[NAT_ADOPT_EXPIRED]} expired dropped)")
-        (_st_log.warning if counts[NAT_ADOPT_INVALID] else _st_log.info)("%s", status["message"])
+                             f"{counts[NAT_ADOPT_EXPIRED]} expired dropped{st.seal_note})")
+        (_st_log.warning if counts[NAT_ADOPT_INVALID] or corrupt else _st_log.info)("%s", status["message"])
         return 0
 
     cdef void _state_write_config(self, object ranges):
@@ -470,6 +474,13 @@ cdef class NatTable:
             raise ValueError(f"connection {_nat_fmt(k.family, k.src[:16], k.sport)} -> "
                              f"{_nat_fmt(k.family, k.dst[:16], k.dport)} not inserted: {why}")
         return True
+
+    def seal_state(self):
+        """Seal the state file for the next table (nat/seal.pyx): checksums of
+        its header, egress IP records and entries, in PATH.seal.  Call once
+        nothing writes the table any more (a clean stop that keeps the state);
+        a dict (path, entries, groups, ms)."""
+        return nat_seal_write(self)
 
     def discard_state(self):
         """Remove the state file (a clean stop that keeps no state): the table
