@@ -654,7 +654,7 @@ class Compiler:
             for cidrs, gw in ((dsts, g.gateway_ip), (exs, EXCLUDED_CIDR)):
                 for d in cidrs:
                     key = (ip, d)
-                    value = EgressEntry(ip, d, egress, gw, pid)
+                    value = _new_tuple(EgressEntry, (ip, d, egress, gw, pid))   # EgressEntry(...), without its __new__
                     c = contrib.get(key)
                     if c is None:       # one writer: (writer, value), no dict per key
                         contrib[key] = (writer, value)
@@ -949,6 +949,8 @@ class Compiler:
         self._release_id(name)
         return writes
 
+
+_new_tuple = tuple.__new__
 
 _BATCH = 8  # more changed keys than this: one EgressMap.update instead of a write each
 
