@@ -391,6 +391,10 @@ class PodTable(dict):
     def __init__(self, pods=()):
         super().__init__()
         self._named = {}
+        if type(pods) is PodTable:   # a copy (a full resync's): no per-pod bookkeeping to redo
+            dict.update(self, pods)
+            self._named = {k: dict(v) for k, v in pods._named.items()}
+            return
         for uid, pod in dict(pods).items():
             self[uid] = pod
 

@@ -456,7 +456,7 @@ class Compiler:
         out = []
         for key in sorted(self._multi):
             c = self._contrib.get(key)
-            if not c or len(c) < 2:
+            if type(c) is not dict or len(c) < 2:
                 continue
             writers = sorted(c.items())
             (wp, _), wt = writers[0]
@@ -486,10 +486,18 @@ class Compiler:
     def _compile(self):
         self.generation += 1
         self._names = sorted(self.cluster.nodes)
-        self._labels = {}
+        # Pods are indexed by identity (their identity labels, shared by the
+        # pods that carry the same set): selectors are matched once per
+        # identity, and one labels dict serves all its pods.
+        self._ident_by_key = {}     # (namespace, service account, own labels) -> identity id
+        self._ident_by_labels = {}  # frozenset(identity labels) -> identity id
+        self._idents = {}           # identity id -> identity labels (one dict, never mutated)
+        self._ident_pods = {}       # identity id -> {uid}
+        self._pod_ident = {}        # uid -> identity id
+        self._next_ident = 1
         self._order = {}  # uid -> (namespace, name, uid): the deterministic order among a key's writers
-        self._index = defaultdict(set)
-        self._identity_cache = {}
+        self._index = defaultdict(set)  # (label key, value) -> {identity id}
+        self._identity_cache = {}       # identity id -> names of the policies whose pod selectors match
         self._gateways = {}
         self._prepared = {}
         self._matched = {}
@@ -502,15 +510,15 @@ class Compiler:
             self._release_id(name)
         for name in sorted(self._policies):
             self._assign_id(name)
-        labels_of = self.pod_labels
-        index = self._index
+        ident_of = self._ident_of
         order = self._order
+        pod_ident = self._pod_ident
+        ident_pods = self._ident_pods
         for key, pod in self.cluster.pods.items():
-            labels = labels_of(pod)
-            self._labels[key] = labels
+            i = ident_of(pod)
+            pod_ident[key] = i
+            ident_pods[i].add(key)
             order[key] = (pod.namespace, pod.name, key)
-            for item in labels.items():
-                index[item].add(key)
         for name in sorted(self._policies):
             self._prepare_policy(self._policies[name])
         contrib = self._contrib
@@ -523,11 +531,7 @@ class Compiler:
                 self._add_contrib(name, pods[pkey], None)
         desired = self.desired
         for key, c in contrib.items():
-            if len(c) == 1:
-                for t in c.values():
-                    desired[key] = t
-            else:
-                desired[key] = c[min(c)]
+            desired[key] = c[1] if type(c) is tuple else c[min(c)]
         if self.egress_map is not None:
             self._sync_map(None)
         return desired
@@ -576,7 +580,7 @@ class Compiler:
         self._prepared[policy.name] = (dst4, dst6, ex4, ex6)
 
     def _match_policy(self, policy) -> set:
-        labels = self._labels
+        labels = self._idents
         index = self._index
         result = set()
         for parts in policy.endpoint_selectors:
@@ -595,25 +599,30 @@ class Compiler:
                         cands = s
             if cands is None:
                 cands = labels.keys()
-            for pkey in cands:
-                if pkey in result:
+            for ident in cands:
+                if ident in result:
                     continue
-                lab = labels[pkey]
+                lab = labels[ident]
                 for sel in parts:
                     if not sel.matches(lab):
                         break
                 else:
-                    result.add(pkey)
+                    result.add(ident)
+        ident_pods = self._ident_pods
+        if len(result) == 1:
+            result = set(ident_pods[next(iter(result))])
+        else:
+            result = set().union(*(ident_pods[i] for i in result))
         if policy.node_selectors and result:
             pods = self.cluster.pods
             node_labels = self.cluster.node_labels
             result = {k for k in result if policy.matches_node(node_labels(pods[k].node))}
         return result
 
-    def _policies_for_pod(self, pod, labels) -> set:
-        ident = frozenset(labels.items())
+    def _policies_for_pod(self, pod, ident) -> set:
         names = self._identity_cache.get(ident)
         if names is None:
+            labels = self._idents[ident]
             names = tuple(n for n, p in self._policies.items() if p.matches_labels(labels))
             self._identity_cache[ident] = names
         out = set()
@@ -645,13 +654,17 @@ class Compiler:
             for cidrs, gw in ((dsts, g.gateway_ip), (exs, EXCLUDED_CIDR)):
                 for d in cidrs:
                     key = (ip, d)
-                    value = EgressEntry(ip, d, egress, gw, pid)
+                    value = _new_tuple(EgressEntry, (ip, d, egress, gw, pid))   # EgressEntry(...), without its __new__
                     c = contrib.get(key)
-                    if c is None:
-                        contrib[key] = {writer: value}
-                    else:
-                        if writer not in c and c:
+                    if c is None:       # one writer: (writer, value), no dict per key
+                        contrib[key] = (writer, value)
+                    elif type(c) is tuple:
+                        if c[0] == writer:
+                            contrib[key] = (writer, value)
+                        else:
+                            contrib[key] = {c[0]: c[1], writer: value}
                             self._multi.add(key)
+                    else:
                         c[writer] = value
                     keys.append(key)
         self._owned[writer] = keys
@@ -666,11 +679,17 @@ class Compiler:
             c = contrib.get(key)
             if c is None:
                 continue
+            if type(c) is tuple:
+                if c[0] == writer:
+                    del contrib[key]
+                    self._multi.discard(key)
+                continue
             c.pop(writer, None)
-            if not c:
-                del contrib[key]
+            if len(c) == 1:
+                contrib[key] = next(iter(c.items()))
                 self._multi.discard(key)
-            elif len(c) == 1:
+            elif not c:
+                del contrib[key]
                 self._multi.discard(key)
         changed.update(keys)
 
@@ -692,7 +711,7 @@ class Compiler:
                         em.remove(key[0], key[1])
                     writes += 1
                 continue
-            new = c[min(c)] if len(c) > 1 else next(iter(c.values()))
+            new = c[1] if type(c) is tuple else c[min(c)]
             if desired.get(key) != new:
                 desired[key] = new
                 if em is not None:
@@ -712,7 +731,7 @@ class Compiler:
                     del desired[key]
                     removes.append(key)
                 continue
-            new = c[min(c)] if len(c) > 1 else next(iter(c.values()))
+            new = c[1] if type(c) is tuple else c[min(c)]
             if desired.get(key) != new:
                 desired[key] = new
                 sets.append(new)
@@ -720,24 +739,54 @@ class Compiler:
             self.egress_map.update(sets, removes)
         return len(sets) + len(removes)
 
-    def _index_pod(self, pod):
+    def _ident_of(self, pod) -> int:
+        """The identity id of `pod`'s identity labels (made on first sight)."""
+        key = (pod.namespace, pod.service_account, tuple(pod.labels.items()))
+        i = self._ident_by_key.get(key)
+        if i is not None and i in self._idents:
+            return i
         labels = self.pod_labels(pod)
-        self._labels[pod.uid] = labels
-        self._order[pod.uid] = (pod.namespace, pod.name, pod.uid)
+        fs = frozenset(labels.items())
+        i = self._ident_by_labels.get(fs)
+        if i is None:
+            i = self._next_ident
+            self._next_ident += 1
+            self._ident_by_labels[fs] = i
+            self._idents[i] = labels
+            self._ident_pods[i] = set()
+            for item in labels.items():
+                self._index[item].add(i)
+        self._ident_by_key[key] = i
+        return i
+
+    def _forget_ident(self, i):
+        """Drop identity i, which no pod carries any more."""
+        labels = self._idents.pop(i)
+        del self._ident_pods[i]
+        del self._ident_by_labels[frozenset(labels.items())]
+        self._identity_cache.pop(i, None)
         for item in labels.items():
-            self._index[item].add(pod.uid)
-        return labels
+            s = self._index.get(item)
+            if s is not None:
+                s.discard(i)
+                if not s:
+                    del self._index[item]
+
+    def _index_pod(self, pod):
+        i = self._ident_of(pod)
+        self._pod_ident[pod.uid] = i
+        self._ident_pods[i].add(pod.uid)
+        self._order[pod.uid] = (pod.namespace, pod.name, pod.uid)
+        return i
 
     def _unindex_pod(self, key):
         self._order.pop(key, None)
-        labels = self._labels.pop(key, None)
-        if labels:
-            for item in labels.items():
-                s = self._index.get(item)
-                if s is not None:
-                    s.discard(key)
-                    if not s:
-                        del self._index[item]
+        i = self._pod_ident.pop(key, None)
+        if i is not None:
+            pods = self._ident_pods[i]
+            pods.discard(key)
+            if not pods:
+                self._forget_ident(i)
 
     def _drop_pod(self, key, changed):
         for pname in self._pod_policies.pop(key, ()):
@@ -746,8 +795,8 @@ class Compiler:
         self._unindex_pod(key)
 
     def _place_pod(self, pod, changed):
-        labels = self._index_pod(pod)
-        names = self._policies_for_pod(pod, labels)
+        ident = self._index_pod(pod)
+        names = self._policies_for_pod(pod, ident)
         if names:
             self._pod_policies[pod.uid] = names
             for pname in names:
@@ -822,6 +871,7 @@ class Compiler:
         return self._rematch_namespace(name)
 
     def _rematch_namespace(self, name):
+        self._ident_by_key = {}   # keyed by namespace name: its labels changed
         changed = set()
         for pod in [p for p in self.cluster.pods.values() if p.namespace == name]:
             self._drop_pod(pod.uid, changed)
@@ -899,6 +949,8 @@ class Compiler:
         self._release_id(name)
         return writes
 
+
+_new_tuple = tuple.__new__
 
 _BATCH = 8  # more changed keys than this: one EgressMap.update instead of a write each
 

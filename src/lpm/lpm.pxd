@@ -65,27 +65,67 @@ cdef extern from "lpm/lpm_egress.h" nogil:
     const int EGRESS_GW_NOT_FOUND
     const int EGRESS_GW_EXCLUDED
 
-    ctypedef struct egress_snap:
-        uint32_t bits
-        uint32_t n
-
-    ctypedef struct egress_val4:
+    ctypedef struct egress_row4:
+        uint32_t dst
+        uint32_t plen
         uint32_t egress
         uint32_t gateway
         uint32_t policy
 
-    ctypedef struct egress_val6:
+    ctypedef struct egress_row6:
+        uint64_t d_hi
+        uint64_t d_lo
         uint64_t e_hi
         uint64_t e_lo
         uint64_t g_hi
         uint64_t g_lo
+        uint32_t plen
         uint32_t policy
+
+    ctypedef struct egress_src:
+        uint32_t n
+        uint32_t v6
+        lpm_table* tbl
+
+    ctypedef struct egress_slot:
+        uint64_t hi
+        uint64_t lo
+        egress_src* src
+
+    ctypedef struct egress_snap:
+        uint32_t bits
+        uint32_t n
+        egress_slot* slots
 
     ctypedef struct egress_map:
         lpm_rcu rcu
         egress_snap* snap[2]
 
+    ctypedef struct egress_wrow:
+        uint64_t s_hi
+        uint64_t s_lo
+        uint64_t d_hi
+        uint64_t d_lo
+        uint64_t e_hi
+        uint64_t e_lo
+        uint64_t g_hi
+        uint64_t g_lo
+        uint32_t plen
+        uint32_t policy
+        uint32_t v6
+        uint32_t op
+        uint64_t seq
+
+    egress_src* EGRESS_TOMB
+    egress_row4* EGRESS_ROWS4(const egress_src* s)
+    egress_row6* EGRESS_ROWS6(const egress_src* s)
+
     const egress_snap* egress_map_snap(egress_map* m, int v6)
+    const egress_src* egress_snap_find(const egress_snap* s, uint64_t hi, uint64_t lo)
+    long egress_src_match4(const egress_src* s, uint32_t dst)
+    long egress_src_match6(const egress_src* s, uint64_t hi, uint64_t lo)
+    long egress_src_find_row(const egress_src* s, uint64_t d_hi, uint64_t d_lo, uint32_t plen)
+    size_t egress_src_bytes(const egress_src* s)
     int egress_snap_lookup4(const egress_snap* s, uint32_t src, uint32_t dst,
                             uint32_t* egress, uint32_t* gateway)
     int egress_map_lookup4(egress_map* m, uint32_t src, uint32_t dst,
@@ -98,13 +138,10 @@ cdef extern from "lpm/lpm_egress.h" nogil:
                                   uint32_t* egress, uint32_t* gateway, uint8_t* status, uint32_t* policy)
     void egress_map_lookup6_batch(egress_map* m, const uint8_t* src, const uint8_t* dst, size_t n,
                                   uint8_t* egress, uint8_t* gateway, uint8_t* status, uint32_t* policy)
-    egress_snap* egress_snap_with(const egress_snap* old, uint64_t hi, uint64_t lo,
-                                  lpm_table* tbl, lpm_table** replaced)
-    egress_snap* egress_snap_with_many(const egress_snap* old, size_t k, const uint64_t* hi, const uint64_t* lo,
-                                       lpm_table* const* tbl, lpm_table** replaced)
-    void egress_map_publish(egress_map* m, int v6, egress_snap* s)
-    egress_snap* egress_snap_build(size_t n, const uint64_t* hi, const uint64_t* lo, lpm_table* const* tbl)
-    void egress_snap_free(egress_snap* s)
+    void egress_wrows_sort(egress_wrow* w, size_t n)
+    int egress_map_sync_rows(egress_map* m, const egress_wrow* w, size_t n, size_t* counts)
+    long egress_map_update_rows(egress_map* m, const egress_wrow* w, size_t n, long* delta)
+    void egress_map_clear(egress_map* m)
     void egress_map_free_all(egress_map* m)
 
 
@@ -117,10 +154,10 @@ cdef class LPMTrie:
 
 cdef class EgressMap:
     cdef egress_map* c
-    cdef dict _sources      # (family, source int) -> _EgressSource
     cdef Py_ssize_t _count
-    cdef _rebuild_source(self, int family, object src, object state)
-    cdef size_t _build_table(self, int family, dict entries, list order) except? 0
+    cdef int _row(self, object item, egress_wrow* w, int op) except -1
+    cdef long _write(self, egress_wrow* w, size_t n) except? -9
+    cdef object _entry(self, int v6, uint64_t s_hi, uint64_t s_lo, const egress_src* es, long i)
 
 
 # ---- C API for the fused datapath (all nogil, never raise) -----------------

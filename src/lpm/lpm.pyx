@@ -636,6 +636,7 @@ EgressEntry = _types.EgressEntry
 
 
 POLICY_ID_MAX = _types.POLICY_ID_MAX
+cdef long long POLICY_ID_MAX_C = _types.POLICY_ID_MAX
 
 
 def _policy_id(value, key):
@@ -649,25 +650,19 @@ def _policy_id(value, key):
     return value
 
 
-class _EgressSource:
-    __slots__ = ("entries", "order", "tbl")
-
-    def __init__(self):
-        self.entries = {}   # (dst int, plen) -> EgressEntry
-        self.order = []     # EgressEntry by leaf value of the published table
-        self.tbl = 0        # lpm_table* of the published table
-
-
 cdef class EgressMap:
     """Cilium's egress policy map: (source IP, destination CIDR) ->
     (egress IP, gateway IP), exact source and longest destination prefix,
     IPv4 and IPv6 side by side.
 
-    Layout: a hash table from source IP to a small per-source LPM table of
-    destination prefixes (not one LPM over source||destination as in
-    Cilium's BPF map: an exact source match is one hash probe, and a change
-    rebuilds only that source's table, microseconds).  Every update is
-    published atomically; lookups never see a half-made update.
+    Layout: a hash table from source IP to that source's rows (destination
+    prefix, egress IP, gateway IP, policy id), kept in C only: no Python
+    object per entry (get/lookup/entries make EgressEntry objects on
+    demand).  Not one LPM over source||destination as in Cilium's BPF map:
+    an exact source match is one hash probe, and a change rewrites only that
+    source's rows, swapped into its slot with one atomic store (the cost of
+    a change does not grow with the map).  Lookups never see a half-made
+    update of a source.
 
     Gateway sentinels follow Cilium (pkg/egressgateway): gateway 0.0.0.0 /
     :: means a policy matched but no gateway node exists (status 3, drop);
@@ -678,7 +673,6 @@ cdef class EgressMap:
         self.c = <egress_map*>calloc(1, sizeof(egress_map))
         if self.c == NULL:
             raise no_memory("LPM table")
-        self._sources = {}
         self._count = 0
 
     def __dealloc__(self):
@@ -687,339 +681,157 @@ cdef class EgressMap:
             free(self.c)
             self.c = NULL
 
-    cdef size_t _build_table(self, int family, dict entries, list order) except? 0:
-        """An lpm_table* (as size_t, 0 when entries is empty) over one
-        source's destinations; `order` receives the entries by leaf value."""
-        cdef size_t i, n
-        cdef lpm_entry* e = NULL
-        cdef void* vals = NULL
-        cdef lpm_table* tbl = NULL
-        cdef egress_val4* v4
-        cdef egress_val6* v6
-        keys = sorted(entries)
-        order[:] = [entries[k] for k in keys]
-        n = len(order)
-        if n == 0:
+    cdef int _row(self, object item, egress_wrow* w, int op) except -1:
+        """Parse (source, destination[, egress IP, gateway IP[, policy id]])
+        into *w (op 0: a set, all four or five; op 1: a remove, the key)."""
+        cdef uint64_t hi, lo
+        cdef unsigned plen
+        cdef int fs, fd, f
+        cdef Py_ssize_t n
+        cdef const char* s
+        source_ip = item[0]
+        destination_cidr = item[1]
+        if type(source_ip) is str:
+            s = PyUnicode_AsUTF8AndSize(source_ip, &n)
+            if memchr(s, 47, n) != NULL:
+                raise ValueError(f"source {source_ip!r} must be an IP address, not a prefix")
+        elif isinstance(source_ip, str) and "/" in source_ip:
+            raise ValueError(f"source {source_ip!r} must be an IP address, not a prefix")
+        fs = addr_parse(source_ip, 0, &w.s_hi, &w.s_lo)
+        fd = _parse_prefix(destination_cidr, fs, &w.d_hi, &w.d_lo, &plen)
+        if fs != fd:
+            raise ValueError(f"source {source_ip!r} is IPv{fs} but destination "
+                             f"{destination_cidr!r} is IPv{fd}")
+        w.plen = plen
+        w.v6 = fs == 6
+        w.op = op
+        w.e_hi = w.e_lo = w.g_hi = w.g_lo = 0
+        w.policy = 0
+        if op:
             return 0
-        e = <lpm_entry*>malloc(n * sizeof(lpm_entry))
-        vals = malloc(n * (sizeof(egress_val4) if family == 4 else sizeof(egress_val6)))
-        if e == NULL or vals == NULL:
-            free(e)
-            free(vals)
-            raise no_memory("LPM table")
-        v4 = <egress_val4*>vals
-        v6 = <egress_val6*>vals
-        for i in range(n):
-            dst, plen = keys[i]
-            ent = order[i]
-            if family == 4:
-                e[i].hi = <uint64_t>(<uint32_t>dst) << 32
-                e[i].lo = 0
-                v4[i].egress = int(ent.egress_ip)
-                v4[i].gateway = int(ent.gateway_ip)
-                v4[i].policy = ent.policy_id
-            else:
-                addr_split128(dst, &e[i].hi, &e[i].lo)
-                addr_split128(int(ent.egress_ip), &v6[i].e_hi, &v6[i].e_lo)
-                addr_split128(int(ent.gateway_ip), &v6[i].g_hi, &v6[i].g_lo)
-                v6[i].policy = ent.policy_id
-            e[i].len = plen
-            e[i].val = i
-        tbl = lpm_table_build(e, n, 32 if family == 4 else 128)
-        free(e)
-        if tbl == NULL:
-            free(vals)
-            raise no_memory("LPM table")
-        tbl.aux = vals
-        tbl.aux_bytes = n * (sizeof(egress_val4) if family == 4 else sizeof(egress_val6))
-        return <size_t>tbl
-
-    cdef _rebuild_source(self, int family, object src, object state):
-        """Build `state`'s table and publish a snapshot that uses it."""
-        cdef uint64_t shi, slo
-        cdef lpm_table* replaced = NULL
-        cdef egress_snap* snap
-        order = []
-        cdef lpm_table* tbl = <lpm_table*>self._build_table(family, state.entries, order)
-        if family == 4:
-            shi, slo = <uint32_t>src, 0
+        x = item[2]
+        f = addr_parse(x, fs, &w.e_hi, &w.e_lo)
+        if f != fs:
+            raise ValueError(f"egress IP {x!r} is IPv{f} but the entry is IPv{fs}")
+        x = item[3]
+        f = addr_parse(x, fs if isinstance(x, int) else 0, &hi, &lo)
+        if f == 4 and fs == 6:
+            # an IPv6 entry's IPv4 gateway (the compiler's form, as Cilium
+            # lists its IPv6 map): kept as ::ffff:a.b.c.d, the sentinels
+            # 0.0.0.0 / 0.0.0.1 as :: / ::1
+            if hi != EGRESS_GW_NOT_FOUND and hi != EGRESS_GW_EXCLUDED:
+                hi |= 0xffff00000000
+            w.g_hi, w.g_lo = 0, hi
+        elif f != fs:
+            raise ValueError(f"gateway IP {x!r} is IPv{f} but the entry is IPv{fs}")
         else:
-            addr_split128(src, &shi, &slo)
-        snap = egress_snap_with(self.c.snap[family == 6], shi, slo, tbl, &replaced)
-        if snap == NULL:
-            lpm_table_free(tbl)
+            w.g_hi, w.g_lo = hi, lo
+        if len(item) > 4:
+            p = item[4]
+            if type(p) is int and 0 <= <long long>p <= POLICY_ID_MAX_C:
+                w.policy = <uint32_t>p
+            else:
+                w.policy = _policy_id(p, item)
+        return 0
+
+    cdef long _write(self, egress_wrow* w, size_t n) except? -9:
+        """Apply n parsed sets/removes (sorted here) in one batch: the rows
+        written, or -2 - j when the j-th (sorted) removes an absent key."""
+        cdef long delta = 0
+        cdef long r
+        egress_wrows_sort(w, n)
+        r = egress_map_update_rows(self.c, w, n, &delta)
+        if r == -1:
             raise no_memory("LPM table")
-        egress_map_publish(self.c, family == 6, snap)
-        lpm_table_free(replaced)
-        state.order = order
-        state.tbl = <size_t>tbl
+        if r < -1:
+            return r
+        self._count += delta
+        return 0
+
+    cdef object _entry(self, int v6, uint64_t s_hi, uint64_t s_lo, const egress_src* es, long i):
+        cdef const egress_row4* r4
+        cdef const egress_row6* r6
+        if not v6:
+            r4 = EGRESS_ROWS4(es) + i
+            return EgressEntry(_IPv4Address(<uint32_t>s_hi), _IPv4Network((r4.dst, r4.plen)),
+                               _IPv4Address(r4.egress), _IPv4Address(r4.gateway), r4.policy)
+        r6 = EGRESS_ROWS6(es) + i
+        return EgressEntry(_IPv6Address((<object>s_hi << 64) | s_lo),
+                           _IPv6Network(((<object>r6.d_hi << 64) | r6.d_lo, r6.plen)),
+                           _IPv6Address((<object>r6.e_hi << 64) | r6.e_lo),
+                           _IPv6Address((<object>r6.g_hi << 64) | r6.g_lo), r6.policy)
 
     def sync(self, entries):
         """Make the map hold exactly `entries` (EgressEntry or (source,
         destination, egress_ip, gateway_ip[, policy_id]) tuples), the way Cilium's
         reconciler diffs its BPF map: only sources whose entries changed get
-        a new table, and each family is published once.  All or nothing.
+        new rows, and each family that changed is published once.  Parsed
+        and compared in C (no Python object per row).  All or nothing.
         Returns (added, removed, changed) entry counts."""
-        cdef uint64_t* his = NULL
-        cdef uint64_t* los = NULL
-        cdef lpm_table** tbls = NULL
-        cdef egress_snap* snap
-        cdef size_t ki, n
-        desired = {}
-        for item in entries:
-            if not isinstance(item, tuple) or not 4 <= len(item) <= 5:
-                raise TypeError(f"sync() wants (source, destination, egress_ip, gateway_ip[, policy_id]) tuples, "
-                                f"got {item!r}")
-            fam, src, dkey = self._key(item[0], item[1])
-            ip = _IPv4Address if fam == 4 else _IPv6Address
-            net = _IPv4Network(dkey) if fam == 4 else _IPv6Network(dkey)
-            desired.setdefault((fam, src), {})[dkey] = EgressEntry(
-                ip(src), net, self._addr_of(item[2], fam, "egress IP"), self._gateway_of(item[3], fam),
-                _policy_id(item[4], item) if len(item) == 5 else 0)
-        added = removed = changed = 0
-        touched = []
-        for skey in set(self._sources) | set(desired):
-            cur = self._sources[skey].entries if skey in self._sources else {}
-            want = desired.get(skey, {})
-            if cur == want:
-                continue
-            touched.append(skey)
-            added += len(want.keys() - cur.keys())
-            removed += len(cur.keys() - want.keys())
-            changed += sum(1 for d in want.keys() & cur.keys() if want[d] != cur[d])
-        if not touched:
-            return 0, 0, 0
-        built = {}
-        snaps = []
+        cdef size_t n, i = 0
+        cdef size_t counts[3]
+        cdef egress_wrow* w
+        cdef int r
+        if not isinstance(entries, (list, tuple)):
+            entries = list(entries)
+        n = len(entries)
+        w = <egress_wrow*>malloc((n + 1) * sizeof(egress_wrow))
+        if w == NULL:
+            raise no_memory("LPM table")
         try:
-            for skey in touched:
-                order = []
-                t = self._build_table(skey[0], desired.get(skey, {}), order)
-                built[skey] = (t, order)
-            new_sources = {k: v for k, v in self._sources.items() if k not in built}
-            for skey, (t, order) in built.items():
-                if t:
-                    state = _EgressSource()
-                    state.entries = desired[skey]
-                    state.order = order
-                    state.tbl = t
-                    new_sources[skey] = state
-            for fam in (4, 6):
-                if not any(k[0] == fam for k in touched):
-                    snaps.append(None)
-                    continue
-                members = [(k[1], s.tbl) for k, s in new_sources.items() if k[0] == fam]
-                n = len(members)
-                his = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
-                los = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
-                tbls = <lpm_table**>malloc((n + 1) * sizeof(lpm_table*))
-                if his == NULL or los == NULL or tbls == NULL:
-                    raise no_memory("LPM table")
-                for ki in range(n):
-                    if fam == 4:
-                        his[ki], los[ki] = <uint32_t>members[ki][0], 0
-                    else:
-                        addr_split128(members[ki][0], &his[ki], &los[ki])
-                    tbls[ki] = <lpm_table*><size_t>members[ki][1]
-                snap = egress_snap_build(n, his, los, tbls)
-                free(his)
-                free(los)
-                free(tbls)
-                his = los = NULL
-                tbls = NULL
-                if snap == NULL:
-                    raise no_memory("LPM table")
-                snaps.append(<size_t>snap)
-        except BaseException:
-            free(his)
-            free(los)
-            free(tbls)
-            for t, _ in built.values():
-                lpm_table_free(<lpm_table*><size_t>t)
-            for sp in snaps:
-                if sp:
-                    egress_snap_free(<egress_snap*><size_t>sp)
-            raise
-        old_tables = [self._sources[k].tbl for k in touched if k in self._sources]
-        for i, fam in enumerate((4, 6)):
-            if snaps[i] is not None:
-                egress_map_publish(self.c, fam == 6, <egress_snap*><size_t>snaps[i])
-        for t in old_tables:
-            lpm_table_free(<lpm_table*><size_t>t)
-        self._sources = new_sources
-        self._count = sum(len(s.entries) for s in new_sources.values())
-        return added, removed, changed
-
-    def _key(self, source_ip, destination_cidr):
-        cdef uint64_t shi, slo, dhi, dlo
-        cdef unsigned plen
-        cdef int fs, fd
-        if isinstance(source_ip, str) and "/" in source_ip:
-            raise ValueError(f"source {source_ip!r} must be an IP address, not a prefix")
-        fs = addr_parse(source_ip, 0, &shi, &slo)
-        fd = _parse_prefix(destination_cidr, fs, &dhi, &dlo, &plen)
-        if fs != fd:
-            raise ValueError(f"source {source_ip!r} is IPv{fs} but destination "
-                             f"{destination_cidr!r} is IPv{fd}")
-        return fs, _ip_int(fs, shi, slo), (_ip_int(fd, dhi, dlo), plen)
-
-    def _addr_of(self, x, int fam, str what):
-        cdef uint64_t hi, lo
-        cdef int f = addr_parse(x, fam, &hi, &lo)
-        if f != fam:
-            raise ValueError(f"{what} {x!r} is IPv{f} but the entry is IPv{fam}")
-        return addr_object_of(f, hi, lo)
-
-    def _gateway_of(self, x, int fam):
-        """A gateway IP in the entry's family.  An IPv6 entry also takes an
-        IPv4 one (the compiler's form, as Cilium lists its IPv6 map): kept as
-        ::ffff:a.b.c.d, the sentinels 0.0.0.0 / 0.0.0.1 as :: / ::1."""
-        cdef uint64_t hi, lo
-        cdef int f = addr_parse(x, fam if isinstance(x, int) else 0, &hi, &lo)
-        if f == 4 and fam == 6:
-            if hi != EGRESS_GW_NOT_FOUND and hi != EGRESS_GW_EXCLUDED:
-                hi |= 0xffff00000000
-            return _IPv6Address(hi)
-        if f != fam:
-            raise ValueError(f"gateway IP {x!r} is IPv{f} but the entry is IPv{fam}")
-        return addr_object_of(f, hi, lo)
-
-    def _put(self, source_ip, destination_cidr, egress_obj, gateway_obj, policy_id):
-        fam, src, dkey = self._key(source_ip, destination_cidr)
-        ip = _IPv4Address if fam == 4 else _IPv6Address
-        net = _IPv4Network(dkey) if fam == 4 else _IPv6Network(dkey)
-        entry = EgressEntry(ip(src), net, egress_obj, gateway_obj, policy_id)
-        skey = (fam, src)
-        state = self._sources.get(skey)
-        created = state is None
-        if created:
-            state = _EgressSource()
-            self._sources[skey] = state
-        old = state.entries.get(dkey)
-        if old == entry:
-            return
-        state.entries[dkey] = entry
-        try:
-            self._rebuild_source(fam, src, state)
-        except BaseException:
-            if old is None:
-                del state.entries[dkey]
-            else:
-                state.entries[dkey] = old
-            if created:
-                del self._sources[skey]
-            raise
-        if old is None:
-            self._count += 1
+            for item in entries:
+                if not isinstance(item, tuple) or not 4 <= len(item) <= 5:
+                    raise TypeError(f"sync() wants (source, destination, egress_ip, gateway_ip[, policy_id]) "
+                                    f"tuples, got {item!r}")
+                self._row(item, &w[i], 0)
+                w[i].seq = i
+                i += 1
+            egress_wrows_sort(w, n)
+            counts[0] = counts[1] = counts[2] = 0
+            r = egress_map_sync_rows(self.c, w, n, counts)
+            if r < 0:
+                raise no_memory("LPM table")
+        finally:
+            free(w)
+        self._count += <Py_ssize_t>counts[0] - <Py_ssize_t>counts[1]
+        return counts[0], counts[1], counts[2]
 
     def update(self, sets=(), removes=()):
         """Many writes at once: `sets` are (source, destination, egress IP,
         gateway IP[, policy id]) rows as sync() takes them (the excluded and
         no-gateway sentinels included), `removes` (source, destination) pairs of present
-        entries (KeyError otherwise).  Each touched source's table is rebuilt
-        once and each family published once, copying the source index once
-        instead of once per write (a policy that moves 100 pods' entries in a
-        map of 100,000 sources).  All or nothing."""
-        cdef uint64_t* his = NULL
-        cdef uint64_t* los = NULL
-        cdef lpm_table** tbls = NULL
-        cdef lpm_table** repl = NULL
-        cdef egress_snap* snap
-        cdef size_t ki, n
-        backup = {}
-        for item in sets:
-            fam, src, dkey = self._key(item[0], item[1])
-            ip = _IPv4Address if fam == 4 else _IPv6Address
-            net = _IPv4Network(dkey) if fam == 4 else _IPv6Network(dkey)
-            entry = EgressEntry(ip(src), net, self._addr_of(item[2], fam, "egress IP"),
-                                self._gateway_of(item[3], fam),
-                                _policy_id(item[4], item) if len(item) > 4 else 0)
-            skey = (fam, src)
-            state = self._sources.get(skey)
-            if skey not in backup:
-                backup[skey] = None if state is None else dict(state.entries)
-            if state is None:
-                state = _EgressSource()
-                self._sources[skey] = state
-            state.entries[dkey] = entry
-        try:
-            for src_ip, dst in removes:
-                fam, src, dkey = self._key(src_ip, dst)
-                skey = (fam, src)
-                state = self._sources.get(skey)
-                if state is None or dkey not in state.entries:
-                    raise KeyError(f"no egress entry for source {src_ip} destination {dst}")
-                if skey not in backup:
-                    backup[skey] = dict(state.entries)
-                del state.entries[dkey]
-        except BaseException:
-            self._restore(backup)
-            raise
-        if not backup:
+        entries (KeyError otherwise).  Each touched source gets its new rows
+        once and one grace period covers the batch (a policy that moves 100
+        pods' entries in a map of 100,000 sources).  Sets apply before
+        removes.  All or nothing."""
+        cdef size_t ns, n, i = 0
+        cdef egress_wrow* w
+        cdef long r
+        sets = sets if isinstance(sets, (list, tuple)) else list(sets)
+        removes = removes if isinstance(removes, (list, tuple)) else list(removes)
+        ns = len(sets)
+        n = ns + len(removes)
+        if n == 0:
             return 0
-        before = sum(len(v) for v in backup.values() if v is not None)
-        after = sum(len(self._sources[k].entries) for k in backup)
-        built = []
+        w = <egress_wrow*>malloc(n * sizeof(egress_wrow))
+        if w == NULL:
+            raise no_memory("LPM table")
         try:
-            for skey in backup:
-                state = self._sources[skey]
-                order = []
-                built.append((skey, self._build_table(skey[0], state.entries, order), order))
-            for fam in (4, 6):
-                mine = [b for b in built if b[0][0] == fam]
-                if not mine:
-                    continue
-                n = len(mine)
-                his = <uint64_t*>malloc(n * sizeof(uint64_t))
-                los = <uint64_t*>malloc(n * sizeof(uint64_t))
-                tbls = <lpm_table**>malloc(n * sizeof(lpm_table*))
-                repl = <lpm_table**>malloc(n * sizeof(lpm_table*))
-                if his == NULL or los == NULL or tbls == NULL or repl == NULL:
-                    raise no_memory("LPM table")
-                for ki in range(n):
-                    if fam == 4:
-                        his[ki], los[ki] = <uint32_t>mine[ki][0][1], 0
-                    else:
-                        addr_split128(mine[ki][0][1], &his[ki], &los[ki])
-                    tbls[ki] = <lpm_table*><size_t>mine[ki][1]
-                snap = egress_snap_with_many(self.c.snap[fam == 6], n, his, los, tbls, repl)
-                if snap == NULL:
-                    raise no_memory("LPM table")
-                egress_map_publish(self.c, fam == 6, snap)
-                for ki in range(n):
-                    lpm_table_free(repl[ki])
-                for skey, t, order in mine:
-                    state = self._sources[skey]
-                    state.tbl = t
-                    state.order = order
-                    if not state.entries:
-                        del self._sources[skey]
-                mine_keys = {b[0] for b in mine}
-                built = [b for b in built if b[0] not in mine_keys]
-                free(his)
-                free(los)
-                free(tbls)
-                free(repl)
-                his = los = NULL
-                tbls = repl = NULL
-        except BaseException:
-            free(his)
-            free(los)
-            free(tbls)
-            free(repl)
-            for _, t, _ in built:
-                lpm_table_free(<lpm_table*><size_t>t)
-            self._restore({k: v for k, v in backup.items() if k in {b[0] for b in built}})
-            raise
-        self._count += after - before
-        return len(sets) + len(removes)
-
-    def _restore(self, backup):
-        for skey, entries in backup.items():
-            if entries is None:
-                self._sources.pop(skey, None)
-            else:
-                self._sources[skey].entries = entries
+            for item in sets:
+                self._row(item, &w[i], 0)
+                w[i].seq = i
+                i += 1
+            for item in removes:
+                self._row(item, &w[i], 1)
+                w[i].seq = i
+                i += 1
+            r = self._write(w, n)
+            if r < -1:
+                src_ip, dst = removes[w[-2 - r].seq - ns]
+                raise KeyError(f"no egress entry for source {src_ip} destination {dst}")
+        finally:
+            free(w)
+        return n
 
     def set(self, source_ip, destination_cidr, egress_ip, gateway_ip, policy_id=0):
         """Insert or replace the entry for (source IP, destination CIDR).
@@ -1030,47 +842,46 @@ cdef class EgressMap:
         EXCLUDED_CIDR_V4/V6 an excluded CIDR.  policy_id (0..POLICY_ID_MAX,
         0: none) is the number the datapath counts the entry's traffic under.
         """
-        fam, _, _ = self._key(source_ip, destination_cidr)
-        self._put(source_ip, destination_cidr, self._addr_of(egress_ip, fam, "egress IP"),
-                  self._gateway_of(gateway_ip, fam), _policy_id(policy_id, (source_ip, destination_cidr)))
+        cdef egress_wrow w
+        pid = _policy_id(policy_id, (source_ip, destination_cidr))
+        self._row((source_ip, destination_cidr, egress_ip, gateway_ip, pid), &w, 0)
+        w.seq = 0
+        self._write(&w, 1)
 
     def set_excluded(self, source_ip, destination_cidr, egress_ip=None, policy_id=0):
         """Mark destination_cidr as excluded for source_ip (Cilium's
         excludedCIDRs): gateway EXCLUDED_CIDR_V4/V6, traffic stays on the
         default path.  egress_ip defaults to 0.0.0.0 / ::."""
+        cdef egress_wrow w
         pid = _policy_id(policy_id, (source_ip, destination_cidr))
-        fam, _, _ = self._key(source_ip, destination_cidr)
+        self._row((source_ip, destination_cidr), &w, 1)
+        fam = 6 if w.v6 else 4
         if egress_ip is None:
-            egress = EGRESS_IP_NOT_FOUND_V4 if fam == 4 else EGRESS_IP_NOT_FOUND_V6
-        else:
-            egress = self._addr_of(egress_ip, fam, "egress IP")
-        self._put(source_ip, destination_cidr, egress,
-                  EXCLUDED_CIDR_V4 if fam == 4 else EXCLUDED_CIDR_V6, pid)
+            egress_ip = EGRESS_IP_NOT_FOUND_V4 if fam == 4 else EGRESS_IP_NOT_FOUND_V6
+        self._row((source_ip, destination_cidr, egress_ip, EXCLUDED_CIDR_V4 if fam == 4 else EXCLUDED_CIDR_V6,
+                   pid), &w, 0)
+        w.seq = 0
+        self._write(&w, 1)
 
     def remove(self, source_ip, destination_cidr):
         """Remove the entry; KeyError naming the key if absent."""
-        fam, src, dkey = self._key(source_ip, destination_cidr)
-        skey = (fam, src)
-        state = self._sources.get(skey)
-        if state is None or dkey not in state.entries:
+        cdef egress_wrow w
+        self._row((source_ip, destination_cidr), &w, 1)
+        w.seq = 0
+        if self._write(&w, 1) < -1:
             raise KeyError(f"no egress entry for source {source_ip} destination {destination_cidr}")
-        old = state.entries.pop(dkey)
-        try:
-            self._rebuild_source(fam, src, state)
-        except BaseException:
-            state.entries[dkey] = old
-            raise
-        self._count -= 1
-        if not state.entries:
-            del self._sources[skey]
 
     def get(self, source_ip, destination_cidr, default=None):
         """The entry stored exactly for (source IP, destination CIDR)."""
-        fam, src, dkey = self._key(source_ip, destination_cidr)
-        state = self._sources.get((fam, src))
-        if state is None:
+        cdef egress_wrow w
+        cdef const egress_src* es
+        cdef long i
+        self._row((source_ip, destination_cidr), &w, 1)
+        es = egress_snap_find(self.c.snap[w.v6], w.s_hi, w.s_lo)
+        if es == NULL:
             return default
-        return state.entries.get(dkey, default)
+        i = egress_src_find_row(es, w.d_hi, w.d_lo, w.plen)
+        return default if i < 0 else self._entry(w.v6, w.s_hi, w.s_lo, es, i)
 
     def lookup(self, source_ip, destination_ip):
         """The entry for exact source and longest destination prefix, or None.
@@ -1078,20 +889,16 @@ cdef class EgressMap:
         cdef uint64_t shi, slo, dhi, dlo
         cdef int fs = addr_parse(source_ip, 0, &shi, &slo)
         cdef int fd = addr_parse(destination_ip, fs, &dhi, &dlo)
-        cdef uint32_t v
-        cdef lpm_table* tbl
+        cdef const egress_src* es
+        cdef long i
         if fs != fd:
             raise ValueError(f"source {source_ip!r} is IPv{fs} but destination "
                              f"{destination_ip!r} is IPv{fd}")
-        state = self._sources.get((fs, _ip_int(fs, shi, slo)))
-        if state is None:
+        es = egress_snap_find(self.c.snap[fs == 6], shi, slo)
+        if es == NULL:
             return None
-        tbl = <lpm_table*><size_t>state.tbl
-        if fs == 4:
-            v = lpm4_table_lookup(tbl, <uint32_t>dhi)
-        else:
-            v = lpm6_table_lookup(tbl, dhi, dlo)
-        return None if v == LPM_NONE else state.order[v]
+        i = egress_src_match4(es, <uint32_t>dhi) if fs == 4 else egress_src_match6(es, dhi, dlo)
+        return None if i < 0 else self._entry(fs == 6, shi, slo, es, i)
 
     def lookup_batch(self, sources, destinations, *, policy_ids=False):
         """Look up many (source, destination) pairs at once, GIL released.
@@ -1154,12 +961,41 @@ cdef class EgressMap:
     def entries(self):
         """All entries sorted by (family, source IP, destination network): the
         order `egresscore egress list` prints."""
+        cdef const egress_snap* s
+        cdef const egress_slot* sl
+        cdef const egress_src* es
+        cdef size_t x
+        cdef long i
         out = []
-        for skey in sorted(self._sources):
-            state = self._sources[skey]
-            for dkey in sorted(state.entries):
-                out.append(state.entries[dkey])
+        for fam in (0, 1):
+            s = self.c.snap[fam]
+            if s == NULL:
+                continue
+            found = []
+            for x in range((<size_t>1) << s.bits):
+                sl = &s.slots[x]
+                if sl.src != NULL and sl.src != EGRESS_TOMB:
+                    found.append((sl.hi, sl.lo, <size_t>sl.src))
+            found.sort()
+            for hi, lo, p in found:
+                es = <const egress_src*><size_t>p
+                for i in range(es.n):
+                    out.append(self._entry(fam, hi, lo, es, i))
         return out
+
+    @property
+    def nbytes(self):
+        """C memory the map's rows, LPM tables and slot tables hold."""
+        cdef const egress_snap* s
+        cdef size_t x, total = 0
+        for fam in (0, 1):
+            s = self.c.snap[fam]
+            if s == NULL:
+                continue
+            total += sizeof(egress_snap) + ((<size_t>1) << s.bits) * sizeof(egress_slot)
+            for x in range((<size_t>1) << s.bits):
+                total += egress_src_bytes(s.slots[x].src)
+        return total
 
     def __iter__(self):
         return iter(self.entries())
@@ -1174,12 +1010,7 @@ cdef class EgressMap:
 
     def clear(self):
         """Remove every entry (published atomically per family)."""
-        for fam in (0, 1):
-            old_tables = [s.tbl for k, s in self._sources.items() if k[0] == (6 if fam else 4)]
-            egress_map_publish(self.c, fam, NULL)
-            for t in old_tables:
-                lpm_table_free(<lpm_table*><size_t>t)
-        self._sources.clear()
+        egress_map_clear(self.c)
         self._count = 0
 
     def __repr__(self):
