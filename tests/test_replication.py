@@ -330,33 +330,9 @@ def test_the_c_encoder_writes_what_the_reference_encoder_writes(n):
     assert all(R.header(g)[3] == 3 and R.header(g)[5] > 0 for g in grams)
 
 
-def test_send_log_sends_segmented_datagrams_the_receiver_takes_in_order():
-    a, b = _active(2000), _standby()
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rxs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rxs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    rxs.bind(("127.0.0.1", 0))
-    rxs.settimeout(0.5)
-    try:
-        s = R.Sender(tx)
-        s.target = rxs.getsockname()
-        s.reset([X, X6])
-        assert s.send_log(a.flow_log, [X, X6]) == 2002
-        rx = Rx()
-        for _ in range(s.counters["datagrams"]):           # the reset and the records' datagrams
-            data, _ = rxs.recvfrom(2048)
-            assert len(data) <= R.MAX_DATAGRAM
-            assert rx.r.datagram(data, "127.0.0.1", {"127.0.0.1"}, {X, X6}) is None
-        for r in rx.applied:
-            nat_repl_apply(b, r, now=100.0)
-        assert _conns(b, {X, X6}) == _conns(a, {X, X6}) and len(b) == 2001
-    finally:
-        tx.close()
-        rxs.close()
-
-
 @pytest.mark.parametrize("gro", [True, False])
 def test_send_log_with_gro_on_the_standby_socket_gives_every_datagram_in_order(gro):
+    """Segmented datagrams, whole and in order, read one by one (gro=False) or coalesced."""
     a, b = _active(2000), _standby()
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rxs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
