@@ -52,7 +52,9 @@ def lab(tmp_path_factory):
             lab.agents = {}
             try:
                 for name in lab.nodes:
-                    src = EtcdSource.from_url(etcd.url, cluster="lab", node=name, backoff=(0.1, 0.5), lease_ttl=3)
+                    # lease TTL 30 s: an agent refreshes (and puts a deleted key back) every 10 s, the
+                    # window in which the lease test must see new connections go through node4
+                    src = EtcdSource.from_url(etcd.url, cluster="lab", node=name, backoff=(0.1, 0.5), lease_ttl=30)
                     lab.agents[name] = Agent(name, source=src, netns=lab.nodes[name].ns)
                     lab.agents[name].start()
                 lab.servers_ = lab.start_servers()
@@ -177,7 +179,7 @@ def test_a_gateway_whose_lease_key_is_gone_is_passed_over_although_its_probes_an
              "node3's reason: liveness")
         wait(lambda: through() == "192.168.1.4", "new connections through node4")
         wait(lambda: "node3" in lab.store.live_nodes() and "node3" not in node1.gateway_health()["down"],
-             "node3's agent put its key back")
+             "node3's agent put its key back", timeout=15.0)
         assert lab.tcp_request("app1", other) == "192.168.1.3"
     finally:
         lab.store.delete("policies", "egress-ha")
