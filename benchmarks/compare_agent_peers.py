@@ -220,8 +220,8 @@ def paced_iperf3(lab, pps, seconds, streams=PACED_STREAMS, rt_priority=PACED_RT_
             "iperf3u_cpu_per_mpkt": cpu / delivered * 1e6 if delivered else float("nan")}
 
 
-def agent_drops(lab, agents):
-    """{node: {drop reason: frames}} from each agent's `stats` (where the datapath itself dropped)."""
+def _agent_stats(lab, agents):
+    """{node: its agent's `stats` reply} over each agent's control socket (nodes that do not answer left out)."""
     from egresscore.control import ControlClient, ControlError, default_socket_path
 
     out = {}
@@ -229,11 +229,16 @@ def agent_drops(lab, agents):
         if name not in agents:
             continue
         try:
-            drops = ControlClient(default_socket_path(name, node.ns), timeout=5).call("stats")["drops"]
-        except (ControlError, KeyError, TypeError):
+            out[name] = ControlClient(default_socket_path(name, node.ns), timeout=5).call("stats")
+        except ControlError:
             continue
-        out[name] = {reason: n for reason, n in drops.items() if isinstance(n, int)}
     return out
+
+
+def agent_drops(lab, agents):
+    """{node: {drop reason: frames}} from each agent's `stats` (where the datapath itself dropped)."""
+    return {name: {reason: n for reason, n in st["drops"].items() if isinstance(n, int)}
+            for name, st in _agent_stats(lab, agents).items() if isinstance(st.get("drops"), dict)}
 
 
 def _drops_delta(before, after):
@@ -245,19 +250,9 @@ def _drops_delta(before, after):
 
 def ring_counters(lab, agents):
     """{node: {interface: (kernel drops, tx full, tx frames, tx flushes)}} from each agent's control socket."""
-    from egresscore.control import ControlClient, ControlError, default_socket_path
-
-    out = {}
-    for name, node in lab.nodes.items():
-        if name not in agents:
-            continue
-        try:
-            rings = ControlClient(default_socket_path(name, node.ns), timeout=5).call("stats")["rings"]
-        except (ControlError, KeyError, TypeError):
-            continue
-        out[name] = {ifname: (r["kernel_drops"], r["tx_full"], r["tx_frames"], r["tx_flushes"])
-                     for ifname, r in rings.items()}
-    return out
+    return {name: {ifname: (r["kernel_drops"], r["tx_full"], r["tx_frames"], r["tx_flushes"])
+                   for ifname, r in st["rings"].items()}
+            for name, st in _agent_stats(lab, agents).items() if isinstance(st.get("rings"), dict)}
 
 
 def softnet_dropped():
