@@ -497,3 +497,36 @@ def test_the_checksum_oracle_catches_a_wrong_checksum():
     bad[14 + 40 + 16] ^= 0x01                    # the TCP checksum
     with pytest.raises(AssertionError, match="TCP.chksum"):
         check(bytes(bad))
+
+
+def test_the_agents_ipv6_facts_come_from_the_cluster_model():
+    from egresscore.agent import ipv6
+    from egresscore.cluster import Node, Pod
+    nodes = {f"node{n}": Node(f"node{n}", {}, f"192.168.1.{n}",
+                              ({"name": "eth0", "addresses": [f"192.168.1.{n}/24", f"fe80::{n}/64",
+                                                              f"fd00:192:168:1::{n}/64"]},),
+                              pod_cidrs=(f"10.0.{n}.0/24", f"fd00:10:{n}::/64")) for n in (1, 2, 3)}
+    nodes["v4only"] = Node("v4only", {}, "192.168.1.7", ({"name": "eth0", "addresses": ["192.168.1.7/24"]},),
+                           pod_cidrs=("10.0.7.0/24",))
+    rows = ipv6.node_rows(nodes)
+    assert rows["node1"] == ("192.168.1.1", ("10.0.1.0/24", "fd00:10:1::/64"), "fd00:192:168:1::1")
+    assert rows["v4only"] == ("192.168.1.7", ("10.0.7.0/24",), None)
+    assert ipv6.pod_cidrs6(nodes["node3"]) == ("fd00:10:3::/64",)
+    # the default-route interface when the underlay has no global IPv6 address
+    other = Node("n", {}, "192.168.1.9", ({"name": "eth0", "addresses": ["192.168.1.9/24", "fe80::9/64"]},
+                                          {"name": "eth1", "addresses": ["2001:db8:9::9/64"]}),
+                 default_route_interface_v6="eth1")
+    assert ipv6.node_ip6(other) == "2001:db8:9::9"
+    app1 = Pod("app1", ips=(APP1, APP1_6), node="node1")
+    assert ipv6.pod_ip6(app1) == APP1_6 and ipv6.pod_ip6(Pod("p", ips=(APP1,))) is None
+    # wired as the agent would: the pipeline works end to end from these facts
+    em = egress_map("node1")
+    dp = Datapath("192.168.1.1", MAC["192.168.1.1"], em, NatTable(), node_ip6=ipv6.node_ip6(nodes["node1"]))
+    for i, name in enumerate(sorted(rows)):
+        ip, cidrs, ip6 = rows[name]
+        dp.add_node(i, ip, cidrs, MAC.get(ip, "02:00:00:00:00:07"), ip6=ip6)
+    dp.set_router(ROUTER_MAC)
+    dp.add_pod_port(1, APP1, APP1_HOST, APP1_MAC, pod_ip6=ipv6.pod_ip6(app1))
+    verdict, _, out = dp.process(from_app1(SERVER6, UDP(sport=40021, dport=9)), 1)
+    assert verdict == "tx" and inner(out[1])[IPv6].src == APP1_6
+    assert dp.process(from_app1("fd00:10:2::5", UDP(sport=1, dport=9)), 1)[0] == "pass"
