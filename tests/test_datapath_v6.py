@@ -530,3 +530,125 @@ def test_the_agents_ipv6_facts_come_from_the_cluster_model():
     verdict, _, out = dp.process(from_app1(SERVER6, UDP(sport=40021, dport=9)), 1)
     assert verdict == "tx" and inner(out[1])[IPv6].src == APP1_6
     assert dp.process(from_app1("fd00:10:2::5", UDP(sport=1, dport=9)), 1)[0] == "pass"
+
+
+def test_ipv6_drop_records_and_connection_records_name_the_ipv6_flow():
+    import ipaddress
+
+    from egresscore import DROP_REASON_NAMES, FLOW_KIND_NAMES, FlowLog
+
+    def a6(rec, field):
+        return str(ipaddress.ip_address(bytes(rec[field])))
+
+    n1, n3 = datapath("node1"), datapath("node3")
+    fl1, fl3 = FlowLog(16), FlowLog(16)
+    n1.set_flow_log(fl1)
+    n3.set_flow_log(fl3)
+    assert n1.process(from_app1(SERVER6, UDP(sport=40022, dport=9), src=APP2_6), 1, now=1.0)[1] == "spoofed"
+    (r,) = fl1.drain()
+    assert (DROP_REASON_NAMES[r["reason"]], r["family"], a6(r, "src"), a6(r, "dst"), r["sport"]) == (
+        "spoofed", 6, APP2_6, SERVER6, 40022)
+    # VXLAN from outside the cluster: the inner IPv6 flow
+    inner_frame = Ether() / IPv6(src=APP1_6, dst=SERVER6) / UDP(sport=40023, dport=9)
+    assert n3.process(_vxlan(inner_frame, "192.168.1.9"), 0, now=1.0)[1] == "not_cluster_node"
+    # a connection's start record, translated to the IPv6 egress IP
+    _, _, out = n1.process(from_app1(SERVER6, UDP(sport=40024, dport=9)), 1, now=1.0)
+    assert n3.process(out[1], 0, now=1.0)[0] == "tx"
+    drop, start = fl3.drain()
+    assert DROP_REASON_NAMES[drop["reason"]] == "not_cluster_node" and drop["family"] == 6
+    assert (a6(drop, "src"), a6(drop, "dst"), drop["sport"]) == (APP1_6, SERVER6, 40023)
+    assert FLOW_KIND_NAMES[start["kind"]] == "start" and start["family"] == 6
+    assert (a6(start, "src"), a6(start, "xsrc"), start["xport"]) == (APP1_6, EGRESS6, 40024)
+
+
+def datapath_u6(view, em=None, mtu=1500):
+    """A node whose tunnel runs over the IPv6 underlay (underlay6=True)."""
+    ip = {"node1": "192.168.1.1", "node3": "192.168.1.3"}[view]
+    nat = NatTable(port_range=(32768, 65534))
+    if view == "node3":
+        nat.add_egress_ip(EGRESS6)
+        nat.add_egress_ip("192.168.1.100")
+    if em is None:
+        em = egress_map(view)
+        em.set(APP1, "203.0.113.0/24", "192.168.1.100" if view == "node3" else "0.0.0.0", "192.168.1.3")
+    dp = Datapath(ip, MAC[ip], em, nat, mtu=mtu, node_ip6=NODE6[ip], underlay6=True)
+    for i, (nip, nip6, cidrs) in enumerate(NODES):
+        dp.add_node(i, nip, cidrs, MAC[nip], ip6=nip6)
+    dp.set_router(ROUTER_MAC)
+    if view == "node1":
+        dp.add_pod_port(1, APP1, APP1_HOST, APP1_MAC, pod_ip6=APP1_6)
+    return dp
+
+
+def outer6(frame, src, dst):
+    """The VXLAN-in-IPv6 frame, its outer UDP checksum verified by check()."""
+    pkt = check(frame)
+    o = pkt[IPv6]
+    assert o.nh == 17
+    assert (o.src, o.dst, o.hlim, pkt[UDP].dport, pkt[VXLAN].vni, pkt[VXLAN].flags) == (src, dst, 64, 8472, 2, 0x08)
+    assert pkt[UDP].chksum != 0 and o.plen == len(frame) - 14 - 40
+    return Ether(bytes(pkt[VXLAN].payload))
+
+
+@pytest.mark.parametrize("family", [6, 4])
+def test_vxlan_over_the_ipv6_underlay_both_ways(family):
+    n1, n3 = datapath_u6("node1"), datapath_u6("node3")
+    assert n1.underlay6 and not datapath("node1").underlay6
+    if family == 6:
+        req = from_app1(SERVER6, TCP(sport=40030, dport=80, flags="S") / b"six")
+        server, egress, L3 = SERVER6, EGRESS6, IPv6
+    else:
+        req = bytes(Ether(src=APP1_MAC, dst=APP1_HOST) / IP(src=APP1, dst="203.0.113.10") / TCP(
+            sport=40030, dport=80, flags="S") / b"four")
+        server, egress, L3 = "203.0.113.10", "192.168.1.100", IP
+    verdict, reason, out = n1.process(req, 1)
+    assert (verdict, reason) == ("tx", "none")
+    i = outer6(out[1], NODE6["192.168.1.1"], NODE6["192.168.1.3"])
+    assert i[Ether].dst == "02:ee:c0:a8:01:03" and i[L3].dst == server
+    verdict, reason, out = n3.process(out[1], 0)
+    assert (verdict, reason) == ("tx", "none")
+    snat = check(out[1])
+    assert snat[L3].src == egress and snat[TCP].sport == 40030
+    reply = bytes(Ether(src=ROUTER_MAC, dst=MAC["192.168.1.3"]) / L3(src=server, dst=egress)
+                  / TCP(sport=80, dport=40030, flags="SA"))
+    verdict, reason, out = n3.process(reply, 0)
+    assert (verdict, reason) == ("tx", "none")
+    assert outer6(out[1], NODE6["192.168.1.3"], NODE6["192.168.1.1"])[L3].dst == (APP1_6 if family == 6 else APP1)
+    verdict, reason, out = n1.process(out[1], 0)
+    assert (verdict, reason, out[0]) == ("tx_local", "none", 1)
+    assert check(out[1])[TCP].dport == 40030
+    assert n1.counters()["encap"] == n1.counters()["decap"] == 1
+
+
+def test_ipv6_underlay_takes_a_linux_style_frame_and_refuses_strangers():
+    n3 = datapath_u6("node3")
+    inner_frame = (Ether(src="02:ee:c0:a8:01:01", dst="02:ee:c0:a8:01:03") / IPv6(src=APP1_6, dst=SERVER6)
+                   / UDP(sport=40031, dport=9) / b"k")
+    linux = bytes(Ether(src=MAC["192.168.1.1"], dst=MAC["192.168.1.3"])
+                  / IPv6(src=NODE6["192.168.1.1"], dst=NODE6["192.168.1.3"])
+                  / UDP(sport=51000, dport=8472) / VXLAN(vni=2, flags=0x08) / inner_frame)
+    assert n3.process(linux, 0)[:2] == ("tx", "none")
+    s = Ether(linux)
+    s[IPv6].src = "fd00:192:168:1::9"
+    del s[UDP].chksum
+    assert n3.process(bytes(s), 0)[:2] == ("drop", "not_cluster_node")
+    # VXLAN over IPv6 to a node without underlay6 is not ours
+    assert datapath("node3").process(linux, 0)[0] == "pass"
+
+
+def test_ipv6_underlay_mtu_and_arguments():
+    n1 = datapath_u6("node1")
+    # 1500 - 70: the largest inner IPv6 packet is 1430 bytes
+    assert n1.process(from_app1(SERVER6, UDP(sport=40032, dport=9) / (b"x" * (1430 - 48))), 1)[0] == "tx"
+    _, reason, out = n1.process(from_app1(SERVER6, UDP(sport=40032, dport=9) / (b"x" * (1431 - 48))), 1)
+    assert reason == "frag_needed" and check(out[1])[ICMPv6PacketTooBig].mtu == 1430
+    assert datapath_u6("node1", mtu=1350).process(
+        from_app1(SERVER6, UDP(sport=40033, dport=9) / (b"x" * (1280 - 48))), 1)[0] == "tx"
+    with pytest.raises(ValueError, match="1350"):
+        datapath_u6("node1", mtu=1349)
+    with pytest.raises(ValueError, match="node_ip6"):
+        Datapath("192.168.1.1", MAC["192.168.1.1"], EgressMap(), NatTable(), underlay6=True)
+    # a node without an IPv6 address is out of reach
+    n1.remove_node(2)
+    n1.add_node(2, "192.168.1.3", NODES[2][2], MAC["192.168.1.3"])
+    assert n1.process(from_app1(SERVER6, UDP(sport=40034, dport=9)), 1)[:2] == ("drop", "no_route")

@@ -25,6 +25,7 @@ cdef struct dp_node:
     VxlanTmpl tmpl              # outer header towards it (valid with has_mac)
     uint8_t ip6[16]             # its IPv6 underlay address (has_ip6; datapath/v6.pyx)
     uint8_t has_ip6
+    Vxlan6Tmpl tmpl6            # outer IPv6 header towards it (with dp_ctx.underlay6)
 
 cdef struct dp_port:
     uint32_t pod_ip             # the pod behind this veth (0: underlay / unknown)
@@ -154,6 +155,7 @@ cdef struct dp_ctx:
     lpm_trie * pod_nodes6_c  # IPv6 pod CIDR -> node index
     lpm_trie * node_ips6_c  # node IPv6 /128 -> node index
     lpm_trie * local_pods6_c  # local pod IPv6 /128 -> port
+    uint8_t underlay6  # VXLAN over the IPv6 underlay (nodes' ip6); mtu is then the underlay's - 20
 
 cdef class Datapath:
     cdef dp_ctx c

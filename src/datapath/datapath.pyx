@@ -89,6 +89,9 @@ cdef class Datapath:
     without it every IPv6 frame is left to the kernel.  IPv6 pods, pod
     CIDRs and node addresses come with add_pod_port(pod_ip6=),
     add_node(pod_cidrs with IPv6 ones, ip6=) and set_router6().
+    underlay6=True (with node_ip6) carries VXLAN over the nodes' IPv6
+    addresses instead of their IPv4 ones (a node without ip6 is then
+    unreachable: no_route); the tunnel offload is then refused.
     Configure with add_node / set_router / add_pod_port, then either
     process() frames (tests, embedding) or attach PacketRings and run()
     (or poll() one batch at a time).
@@ -130,7 +133,8 @@ cdef class Datapath:
         _dp_free(self.c.pol)
 
     def __init__(self, node_ip, node_mac, EgressMap egress_map not None, NatTable nat not None, *,
-                 vni=2, vxlan_port=8472, mtu=1500, nat_port_range=(32768, 65534), node_ip6=None):
+                 vni=2, vxlan_port=8472, mtu=1500, nat_port_range=(32768, 65534), node_ip6=None,
+                 underlay6=False):
         self.c.node_ip = addr_v4(node_ip, "node_ip")
         mac = mac_bytes(node_mac, "node_mac")
         _dp_memcpy(self.c.node_mac, <const char *>mac, 6)
@@ -167,10 +171,16 @@ cdef class Datapath:
         self.c.pod_nodes6_c = self.pod_nodes6.c
         self.c.node_ips6_c = self.node_ips6.c
         self.c.local_pods6_c = self.local_pods6.c
+        if underlay6 and node_ip6 is None:
+            raise ValueError("underlay6 (VXLAN over IPv6) needs node_ip6")
         if node_ip6 is not None:
-            if mtu < 1280 + VXLAN_OVERHEAD:
-                raise ValueError(f"an IPv6 datapath needs mtu >= {1280 + VXLAN_OVERHEAD} (the IPv6 minimum "
+            over = VXLAN6_OVERHEAD if underlay6 else VXLAN_OVERHEAD
+            if mtu < 1280 + over:
+                raise ValueError(f"an IPv6 datapath needs mtu >= {1280 + over} (the IPv6 minimum "
                                  f"1280 through VXLAN), not {mtu}")
+            if underlay6:
+                self.c.underlay6 = 1
+                self.c.mtu = mtu - (VXLAN6_OVERHEAD - VXLAN_OVERHEAD)
             packed = _dp_addr6(node_ip6, "node_ip6")
             _dp_memcpy(self.c.node_ip6, <const char *>packed, 16)
             self.c.node_ext6 = nat.add_egress_ip(str(_ipaddress.IPv6Address(packed)))
@@ -180,6 +190,11 @@ cdef class Datapath:
         _dp_memcpy(self.c.ports[0].host_mac, self.c.node_mac, 6)
 
     # -- configuration (Python, between batches) --------------------------------
+
+    @property
+    def underlay6(self):
+        """True: VXLAN between nodes runs over their IPv6 addresses."""
+        return bool(self.c.underlay6)
 
     @property
     def node_ip6(self):
@@ -241,6 +256,9 @@ cdef class Datapath:
         _dp_memcpy(n.mac, <const char *>m, 6)
         vxlan_tmpl_init(&n.tmpl, self.c.node_mac, n.mac, self.c.node_ip, n.ip, self.c.vni, self.c.vxlan_port,
                         64, self.c.mtu, 32768, 61000)
+        if self.c.underlay6 and n.has_ip6:
+            vxlan6_tmpl_init(&n.tmpl6, self.c.node_mac, n.mac, self.c.node_ip6, n.ip6, self.c.vni,
+                             self.c.vxlan_port, 64, self.c.mtu + VXLAN6_OVERHEAD - VXLAN_OVERHEAD, 32768, 61000)
         n.has_mac = 1
 
     def set_router(self, mac):
@@ -335,6 +353,8 @@ cdef class Datapath:
         rings are flushed in order, so a flow's packets stay in order."""
         if not ring.has_tx or not ring.vnet_hdr:
             raise ValueError("the tunnel ring must have TX and vnet_hdr=True")
+        if self.c.underlay6:
+            raise ValueError("the tunnel offload is IPv4's: not with underlay6")
         self._rings[DP_TUNNEL_PORT] = ring
         self.c.rings[DP_TUNNEL_PORT] = &ring.r
         self.c.tnl_on = 1

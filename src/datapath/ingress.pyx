@@ -12,15 +12,21 @@
 cdef int dp_in_vxlan(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint64_t now,
                      dp_out *out) noexcept nogil:
     """VXLAN from a cluster node (else DROP_NOT_CLUSTER_NODE), decapsulated."""
+    cdef uint32_t sender = dp_lpm4(c.node_ips_c, pi.src4)
+    if sender == LPM_NONE:
+        return dp_ret(VERDICT_DROP, DROP_NOT_CLUSTER_NODE)
+    return dp_in_vxlan_from(c, f, length, sender, now, out)
+
+
+cdef int dp_in_vxlan_from(dp_ctx *c, uint8_t *f, int64_t length, uint32_t sender, uint64_t now,
+                          dp_out *out) noexcept nogil:
+    """VXLAN from cluster node `sender` (over either underlay), decapsulated."""
     cdef PktInfo ipi
     cdef VxlanDecapInfo d
     cdef int rc, status
-    cdef uint32_t sender, src_node, egress = 0, gw = 0, port
+    cdef uint32_t src_node, egress = 0, gw = 0, port
     cdef uint8_t *g
     cdef int64_t glen
-    sender = dp_lpm4(c.node_ips_c, pi.src4)
-    if sender == LPM_NONE:
-        return dp_ret(VERDICT_DROP, DROP_NOT_CLUSTER_NODE)
     rc = vxlan_decap_frame(f, length, c.vxlan_port, c.vni, &d)
     if rc:
         return dp_ret(VERDICT_DROP, rc)

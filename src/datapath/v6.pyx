@@ -30,6 +30,13 @@
 # pins are IPv4-only: with them on, IPv6 connections follow the map.
 # Packet-too-big for the tunnel reports the inner MTU, never below 1280
 # (the Datapath refuses an underlay MTU under 1280 + VXLAN_OVERHEAD).
+#
+# VXLAN over an IPv6 underlay (Datapath(underlay6=True), an option): the
+# tunnel between nodes runs over their IPv6 addresses (add_node ip6=), for
+# IPv4 and IPv6 pods alike (dp_encap6, packet/vxlan6.pyx); VXLAN in IPv6 to
+# node_ip6 from a node's IPv6 address is decapsulated as over IPv4
+# (dp_in_vxlan_from).  The 20 extra bytes of the outer header are taken off
+# c.mtu, so every "fits the tunnel" check stays the IPv4 one.
 
 cdef extern from "datapath/dp6.h" nogil:
     int dp_egress_lookup6p(egress_map *m, const uint8_t *src16, const uint8_t *dst16,
@@ -289,11 +296,41 @@ cdef int dp_in_reverse_nat6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, 
 cdef int dp_from_underlay6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint64_t now,
                            dp_out *out) noexcept nogil:
     """Pick the ingress stage of an IPv6 frame from the underlay."""
+    cdef uint32_t sender
+    if (c.underlay6 and pi.proto == PKT_IPPROTO_UDP and pi.l4_off >= 0 and pi.dport == c.vxlan_port
+            and dp_eq16(f + pi.l3_off + 24, c.node_ip6)):
+        # VXLAN over the IPv6 underlay, from a cluster node only
+        sender = dp_lpm6(c.node_ips6_c, f + pi.l3_off + 8)
+        if sender == LPM_NONE:
+            return dp_ret(VERDICT_DROP, DROP_NOT_CLUSTER_NODE)
+        return dp_in_vxlan_from(c, f, length, sender, now, out)
     if nat_ext_find(c.nat_c, 6, f + pi.l3_off + 24) < 0:
         return dp_ret(VERDICT_PASS, 0)
     if pi.icmp_err:
         return dp_in_icmp_error6(c, f, length, pi, now, out)
     return dp_in_reverse_nat6(c, f, length, pi, now, out)
+
+
+cdef int dp_encap6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, int node,
+                   dp_out *out) noexcept nogil:
+    """dp_encap over the IPv6 underlay: TTL, inner MACs (02:ee:<node IPv4>,
+    as over IPv4), VXLAN in IPv6 towards node `node`'s IPv6 address."""
+    cdef dp_node *n = &c.nodes[node]
+    cdef int rc
+    cdef int64_t ln
+    if not n.has_ip6:
+        return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+    rc = pkt_ttl_decrement(f, pi)
+    if rc:
+        return dp_ret(VERDICT_DROP, rc)
+    dp_vxlan_mac(f, n.ip)
+    dp_vxlan_mac(f + 6, c.node_ip)
+    ln = vxlan6_encap_frame(f, length, &n.tmpl6, vxlan_src_port(f, pi, &n.tmpl))
+    out.port = 0
+    out.data = f - VXLAN6_OVERHEAD
+    out.length = ln
+    c.st.encap += 1
+    return dp_ret(VERDICT_TX, 0)
 
 
 cdef int dp_segment6(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
