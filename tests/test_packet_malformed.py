@@ -87,6 +87,9 @@ def valid_frames():
                             / VXLAN(vni=5) / Raw(frames["udp4"]))
     frames["vxlan6"] = bytes(e / IP(src="192.168.1.3", dst="192.168.1.1") / UDP(sport=50000, dport=8472)
                              / VXLAN(vni=5) / Raw(frames["udp6_chain"]))
+    # VXLAN over the IPv6 underlay (UDP checksum filled in, as a Linux vxlan device sends it)
+    frames["vxlan_u6"] = bytes(e / IPv6(src="fd00:192:168:1::3", dst="fd00:192:168:1::1")
+                               / UDP(sport=50000, dport=8472) / VXLAN(vni=5) / Raw(frames["echo6"]))
     return frames
 
 
@@ -147,7 +150,7 @@ def build_corpus():
             items.append(("snat", f[:cut], {"malformed"}))
             items.append(("encap", f[:cut], {"malformed"}))
         items.append(("parse", f, {"none"}))
-    for vx in (frames["vxlan"], frames["vxlan6"]):
+    for vx in (frames["vxlan"], frames["vxlan6"], frames["vxlan_u6"]):
         for cut in range(len(vx)):
             items.append(("decap", vx[:cut], {"malformed"}))
         items.append(("decap", vx, {"none"}))
@@ -223,16 +226,18 @@ def build_corpus():
     return items
 
 
-def corpus_datapath(ec):
+def corpus_datapath(ec, underlay6=False):
     """A dual-stack Datapath of node1 (192.168.1.1) serving both roles for
     the corpus's flows: pod 10.0.1.93 / fd00:10::93 on port 1, node3
     (192.168.1.3, VNI 5) hosting the same CIDRs, every policy through this
-    node to egress IPs 192.168.1.100 / fd00::100."""
+    node to egress IPs 192.168.1.100 / fd00::100; its tunnel over IPv4, or
+    over IPv6 (underlay6)."""
     em = ec.EgressMap()
     em.set("10.0.1.93", "203.0.113.0/24", "192.168.1.100", "192.168.1.1")
     em.set("fd00:10::93", "2001:db8::/64", "fd00::100", "192.168.1.1")
     nat = ec.NatTable(["192.168.1.100", "fd00::100"], capacity=4096)
-    dp = ec.Datapath("192.168.1.1", "02:00:00:00:00:02", em, nat, vni=5, node_ip6="fd00:192:168:1::1")
+    dp = ec.Datapath("192.168.1.1", "02:00:00:00:00:02", em, nat, vni=5, node_ip6="fd00:192:168:1::1",
+                     underlay6=underlay6)
     dp.add_node(0, "192.168.1.1", ["10.0.9.0/24", "fd00:10:9::/64"], ip6="fd00:192:168:1::1")
     dp.add_node(1, "192.168.1.3", ["10.0.1.0/24", "fd00:10::/64"], "02:00:00:00:00:01", ip6="fd00:192:168:1::3")
     dp.set_router("02:00:00:00:00:fe")
@@ -245,7 +250,7 @@ def run_corpus(ec, items):
     import numpy as np
 
     tmpl = ec.VxlanTemplate("02:00:00:00:01:03", "02:00:00:00:01:01", "192.168.1.3", "192.168.1.1", 5, mtu=1500)
-    dp = corpus_datapath(ec)
+    dps = (corpus_datapath(ec), corpus_datapath(ec, underlay6=True))
     seen = 0
 
     def do(op, frame):
@@ -276,13 +281,15 @@ def run_corpus(ec, items):
         if op in ("parse", "decap", "dnat"):
             # the whole pipeline, both roles: any verdict, every frame counted once
             for port in (0, 1):
-                for _, out, _ in dp.process_frames(frame, port):
-                    if not 14 <= len(out) <= 65535 + 18 + 50:
-                        failures.append(f"datapath port {port} on {frame[:40].hex()}: output of {len(out)} bytes")
+                for dp in dps:
+                    for _, out, _ in dp.process_frames(frame, port):
+                        if not 14 <= len(out) <= 65535 + 18 + 70:
+                            failures.append(f"datapath port {port} on {frame[:40].hex()}: {len(out)}-byte output")
                 seen += 1
-    c = dp.counters()
-    if not c["rx"] == seen == c["passed"] + c["tx"] + c["tx_local"] + c["dropped"]:
-        failures.append(f"datapath counters do not add up over {seen} frames: {c}")
+    for dp in dps:
+        c = dp.counters()
+        if not c["rx"] == seen == c["passed"] + c["tx"] + c["tx_local"] + c["dropped"]:
+            failures.append(f"datapath counters do not add up over {seen} frames: {c}")
 
     # the batch API on the same frames (those that fit a row), each step
     fits = [(op, f, allowed) for op, f, allowed in items if len(f) <= 2048 - 128]
