@@ -6,10 +6,14 @@ for the local node, read from the host with pyroute2 (`Node.from_host`).
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, replace
+from socket import AF_INET as _AF_INET
+from socket import inet_ntop as _ntop
+from socket import inet_pton as _pton
 from typing import Mapping
 
 import yaml
@@ -159,7 +163,7 @@ class ClusterError(EgressError, ValueError):
 def _labels(obj, where) -> dict:
     if obj is None:
         return {}
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):  # (a plain dict skips typing's slow check)
         raise ClusterError("must be a mapping", field=f"{where}.labels")
     out = {}
     for k, v in obj.items():
@@ -170,6 +174,12 @@ def _labels(obj, where) -> dict:
 
 
 def _ip(value, where) -> str:
+    if type(value) is str:  # the common case, a canonical IPv4 address: the C parser says so (and only so)
+        try:
+            if _ntop(_AF_INET, _pton(_AF_INET, value)) == value:
+                return value
+        except (OSError, ValueError):
+            pass
     try:
         return str(ipaddress.ip_address(str(value).strip()))
     except ValueError:
@@ -395,8 +405,36 @@ class PodTable(dict):
             dict.update(self, pods)
             self._named = {k: dict(v) for k, v in pods._named.items()}
             return
-        for uid, pod in dict(pods).items():
-            self[uid] = pod
+        self._fill(dict(pods).items())
+
+    @classmethod
+    def of(cls, pods) -> "PodTable":
+        """A table of `pods` (an iterable of Pod, keyed by their uid; a later one replaces an earlier one)."""
+        table = cls()
+        table._fill((p.uid, p) for p in pods)
+        return table
+
+    def _fill(self, items):
+        """Many __setitem__ at once (a full resync's 10^5 pods), with the cyclic GC paused: the
+        name index's small dicts are no cycles, and collections would rescan the growing heap."""
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            get, put, named = dict.get, dict.__setitem__, self._named
+            for uid, pod in items:
+                old = get(self, uid)
+                if old is not None:
+                    self._unname(old, uid)
+                put(self, uid, pod)
+                key = (pod.namespace, pod.name)
+                uids = named.get(key)
+                if uids is None:
+                    named[key] = {uid: None}
+                else:
+                    uids[uid] = None
+        finally:
+            if paused:
+                gc.enable()
 
     def __setitem__(self, uid, pod):
         old = dict.get(self, uid)
@@ -460,13 +498,11 @@ class Cluster:
     def __init__(self, nodes=(), namespaces=(), pods=()):
         self.nodes = {}
         self.namespaces = {}
-        self.pods = PodTable()
         for n in nodes:
             self.nodes[n.name] = n
         for ns in namespaces:
             self.namespaces[ns.name] = ns
-        for p in pods:
-            self.pods[p.uid] = p
+        self.pods = PodTable.of(pods)
 
     def node_names(self):
         return sorted(self.nodes)
@@ -522,35 +558,10 @@ class Cluster:
 
     @classmethod
     def _from_dict(cls, data):
-        nodes, namespaces, pods = [], [], []
-        for i, n in enumerate(_list(data.get("nodes"), "nodes")):
-            where = f"nodes[{i}]"
-            _fields(n, where, ("name", "labels", "internalIP", "interfaces", "defaultRouteInterface",
-                               "defaultRouteInterfaceV6", "podCIDRs"))
-            ifaces = []
-            for j, iface in enumerate(_list(n.get("interfaces"), f"{where}.interfaces")):
-                _fields(iface, f"{where}.interfaces[{j}]", ("name", "addresses"))
-                if not isinstance(iface.get("name"), str):
-                    raise ClusterError("is required", field=f"{where}.interfaces[{j}].name")
-                ifaces.append(Interface(iface["name"], tuple(_list(iface.get("addresses"),
-                                                                  f"{where}.interfaces[{j}].addresses"))))
-            nodes.append(built_at(where, lambda: Node(
-                _name(n, where), _labels(n.get("labels"), where), n.get("internalIP"), tuple(ifaces),
-                n.get("defaultRouteInterface"), n.get("defaultRouteInterfaceV6"),
-                tuple(_list(n.get("podCIDRs"), f"{where}.podCIDRs")),
-            )))
-        for i, ns in enumerate(_list(data.get("namespaces"), "namespaces")):
-            where = f"namespaces[{i}]"
-            _fields(ns, where, ("name", "labels"))
-            namespaces.append(built_at(where, lambda: Namespace(_name(ns, where), _labels(ns.get("labels"), where))))
-        for i, p in enumerate(_list(data.get("pods"), "pods")):
-            where = f"pods[{i}]"
-            _fields(p, where, ("name", "namespace", "uid", "labels", "ips", "node", "serviceAccountName"))
-            pods.append(built_at(where, lambda: Pod(
-                _name(p, where), str(p.get("namespace") or "default"), str(p.get("uid") or ""),
-                _labels(p.get("labels"), where), tuple(_list(p.get("ips"), f"{where}.ips")), p.get("node"),
-                str(p.get("serviceAccountName") or ""),
-            )))
+        nodes = [node_from_dict(n, f"nodes[{i}]") for i, n in enumerate(_list(data.get("nodes"), "nodes"))]
+        namespaces = [namespace_from_dict(ns, f"namespaces[{i}]")
+                      for i, ns in enumerate(_list(data.get("namespaces"), "namespaces"))]
+        pods = [pod_from_dict(p, f"pods[{i}]") for i, p in enumerate(_list(data.get("pods"), "pods"))]
         _unique("nodes", "name", "duplicate node names", [n.name for n in nodes])
         _unique("nodes", "internalIP", "duplicate node internal IP", [n.internal_ip for n in nodes])
         _unique("namespaces", "name", "duplicate namespace", [ns.name for ns in namespaces])
@@ -558,6 +569,45 @@ class Cluster:
         _unique("pods", "ips", "duplicate pod IP", [p.ips for p in pods], many=True)
         _unique("pods", "uid", "duplicate pod uid", [p.uid for p in pods])
         return cls(nodes, namespaces, pods)
+
+
+# One object of a cluster file's `nodes`, `namespaces` or `pods` list, checked
+# and built; ClusterError fields start with `where` ("pods[3]").  The file's
+# loader builds its lists with these; a store (etcd) builds each object alone.
+_NODE_FIELDS = ("name", "labels", "internalIP", "interfaces", "defaultRouteInterface", "defaultRouteInterfaceV6",
+                "podCIDRs")
+_NAMESPACE_FIELDS = ("name", "labels")
+_POD_FIELDS = ("name", "namespace", "uid", "labels", "ips", "node", "serviceAccountName")
+
+
+def node_from_dict(n, where) -> Node:
+    _fields(n, where, _NODE_FIELDS)
+    ifaces = []
+    for j, iface in enumerate(_list(n.get("interfaces"), f"{where}.interfaces")):
+        _fields(iface, f"{where}.interfaces[{j}]", ("name", "addresses"))
+        if not isinstance(iface.get("name"), str):
+            raise ClusterError("is required", field=f"{where}.interfaces[{j}].name")
+        ifaces.append(Interface(iface["name"], tuple(_list(iface.get("addresses"),
+                                                          f"{where}.interfaces[{j}].addresses"))))
+    return built_at(where, lambda: Node(
+        _name(n, where), _labels(n.get("labels"), where), n.get("internalIP"), tuple(ifaces),
+        n.get("defaultRouteInterface"), n.get("defaultRouteInterfaceV6"),
+        tuple(_list(n.get("podCIDRs"), f"{where}.podCIDRs")),
+    ))
+
+
+def namespace_from_dict(ns, where) -> Namespace:
+    _fields(ns, where, _NAMESPACE_FIELDS)
+    return built_at(where, lambda: Namespace(_name(ns, where), _labels(ns.get("labels"), where)))
+
+
+def pod_from_dict(p, where) -> Pod:
+    _fields(p, where, _POD_FIELDS)
+    return built_at(where, lambda: Pod(
+        _name(p, where), str(p.get("namespace") or "default"), str(p.get("uid") or ""),
+        _labels(p.get("labels"), where), tuple(_list(p.get("ips"), f"{where}.ips")), p.get("node"),
+        str(p.get("serviceAccountName") or ""),
+    ))
 
 
 def built_at(where, make):
@@ -591,7 +641,7 @@ def _list(obj, where):
 
 
 def _fields(obj, where, allowed):
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):
         raise ClusterError("must be a mapping", field=where)
     for k in obj:
         if k not in allowed:
