@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from socket import AF_INET as _AF_INET
 from socket import inet_ntop as _ntop
 from socket import inet_pton as _pton
+from sys import intern as _intern
 from typing import Mapping
 
 import yaml
@@ -169,7 +170,7 @@ def _labels(obj, where) -> dict:
     for k, v in obj.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise ClusterError(f"{v!r} must be a string (quote it)", field=f"{where}.labels.{k}")
-        out[k] = v
+        out[_intern(k)] = _intern(v)  # a label's key and value are shared by many objects: one copy each
     return out
 
 
@@ -396,14 +397,17 @@ class Pod:
 class PodTable(dict):
     """Pods by uid, with an index by (namespace, name): `table[(namespace,
     name)]` also finds one by name (the newest of that name), for callers
-    that name pods as people do; `named()` lists them all."""
+    that name pods as people do; `named()` lists them all.  The index holds
+    a name's one uid as itself, and a dict (uids in insertion order) only
+    while several pods share the name (a recreated pod before its
+    predecessor's delete): a dict per pod would cost ~230 B each."""
 
     def __init__(self, pods=()):
         super().__init__()
         self._named = {}
         if type(pods) is PodTable:   # a copy (a full resync's): no per-pod bookkeeping to redo
             dict.update(self, pods)
-            self._named = {k: dict(v) for k, v in pods._named.items()}
+            self._named = {k: dict(v) if type(v) is dict else v for k, v in pods._named.items()}
             return
         self._fill(dict(pods).items())
 
@@ -415,23 +419,13 @@ class PodTable(dict):
         return table
 
     def _fill(self, items):
-        """Many __setitem__ at once (a full resync's 10^5 pods), with the cyclic GC paused: the
-        name index's small dicts are no cycles, and collections would rescan the growing heap."""
+        """Many __setitem__ at once (a full resync's 10^5 pods), with the cyclic GC paused (none
+        of this is a cycle, and collections would rescan the growing heap)."""
         paused = gc.isenabled()
         gc.disable()
         try:
-            get, put, named = dict.get, dict.__setitem__, self._named
             for uid, pod in items:
-                old = get(self, uid)
-                if old is not None:
-                    self._unname(old, uid)
-                put(self, uid, pod)
-                key = (pod.namespace, pod.name)
-                uids = named.get(key)
-                if uids is None:
-                    named[key] = {uid: None}
-                else:
-                    uids[uid] = None
+                self[uid] = pod
         finally:
             if paused:
                 gc.enable()
@@ -440,19 +434,36 @@ class PodTable(dict):
         old = dict.get(self, uid)
         if old is not None:
             self._unname(old, uid)
-        super().__setitem__(uid, pod)
-        self._named.setdefault(pod.key, {})[uid] = None
+        dict.__setitem__(self, uid, pod)
+        key = (pod.namespace, pod.name)
+        named = self._named
+        uids = named.get(key)
+        if uids is None:
+            named[key] = uid
+        elif type(uids) is not dict:
+            if uids != uid:
+                named[key] = {uids: None, uid: None}
+        else:
+            uids[uid] = None
 
     def __delitem__(self, uid):
         self._unname(dict.__getitem__(self, uid), uid)
         super().__delitem__(uid)
 
     def _unname(self, pod, uid):
-        uids = self._named.get(pod.key)
-        if uids is not None:
-            uids.pop(uid, None)
-            if not uids:
-                del self._named[pod.key]
+        key = pod.key
+        uids = self._named.get(key)
+        if uids is None:
+            return
+        if type(uids) is not dict:
+            if uids == uid:
+                del self._named[key]
+            return
+        uids.pop(uid, None)
+        if len(uids) == 1:
+            self._named[key] = next(iter(uids))
+        elif not uids:
+            del self._named[key]
 
     def pop(self, uid, *default):
         if uid in self:
@@ -489,7 +500,12 @@ class PodTable(dict):
     def named(self, namespace, name) -> list:
         """The pods (oldest first) called namespace/name: several while a
         recreated pod's predecessor is not deleted yet."""
-        return [dict.__getitem__(self, uid) for uid in self._named.get((namespace, name), ())]
+        uids = self._named.get((namespace, name))
+        if uids is None:
+            return []
+        if type(uids) is dict:
+            return [dict.__getitem__(self, u) for u in uids]
+        return [dict.__getitem__(self, uids)]
 
 
 class Cluster:
@@ -603,10 +619,11 @@ def namespace_from_dict(ns, where) -> Namespace:
 
 def pod_from_dict(p, where) -> Pod:
     _fields(p, where, _POD_FIELDS)
+    node = p.get("node")
     return built_at(where, lambda: Pod(
-        _name(p, where), str(p.get("namespace") or "default"), str(p.get("uid") or ""),
-        _labels(p.get("labels"), where), tuple(_list(p.get("ips"), f"{where}.ips")), p.get("node"),
-        str(p.get("serviceAccountName") or ""),
+        _name(p, where), _intern(str(p.get("namespace") or "default")), str(p.get("uid") or ""),
+        _labels(p.get("labels"), where), tuple(_list(p.get("ips"), f"{where}.ips")),
+        _intern(node) if type(node) is str else node, _intern(str(p.get("serviceAccountName") or "")),
     ))
 
 

@@ -109,3 +109,29 @@ def test_ip_fast_path_agrees_with_ipaddress(text, want):
             _ip(text, "here")
     else:
         assert _ip(text, "here") == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["set", "del", "copy"]), st.sampled_from(["u1", "u2", "u3", "u4"]),
+                          st.sampled_from(["web", "db"])), max_size=30))
+def test_pod_table_name_index_against_a_plain_model(ops):
+    """PodTable's (namespace, name) index (a lone uid, or a dict while names are shared) against a list model."""
+    from egresscore.cluster import Pod, PodTable
+
+    table, model = PodTable(), {}   # model: uid -> pod, in the order of their last write
+    for op, uid, name in ops:
+        if op == "set":
+            model.pop(uid, None)
+            model[uid] = table[uid] = Pod(name, "default", uid)
+        elif op == "del" and uid in model:
+            del model[uid], table[uid]
+        elif op == "copy" and uid in ("u1", "u2"):
+            table = PodTable(table)   # keeps the index as it is
+        elif op == "copy":            # rebuilt from the pods in the table's order: that order is the age
+            model = {u: model[u] for u in list(table)}
+            table = Cluster(pods=table.values()).pods
+        for n in ("web", "db"):
+            want = [p for p in model.values() if p.name == n]
+            assert table.named("default", n) == want
+            assert (table[("default", n)] if want else None) == (want[-1] if want else None)
+        assert dict(table) == model
