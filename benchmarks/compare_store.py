@@ -168,6 +168,7 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
     per_agent_mb = (rss_mb() - base) / max(1, n_agents)
 
     slowest, each = [], []
+    by_kind = {"pod": [], "policy": []}   # the slowest agent per change, by what changed
     try:
         for k in range(n_changes):
             if k % 2 == 0:  # a pod relabelled into another policy
@@ -193,6 +194,7 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
             lat = [(s.live_at[rev] - t0) * 1000 for s, _ in agents]
             slowest.append(max(lat))
             each.extend(lat)
+            by_kind["pod" if k % 2 == 0 else "policy"].append(max(lat))
         if n_changes:
             s0 = agents[0][0]
             # the last pod change is live with the right value (not only applied)
@@ -219,6 +221,7 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
             "mb_per_agent": per_agent_mb, "changes": n_changes,
             "p50": statistics.median(slowest) if slowest else 0, "p99": pct(slowest, 0.99) if slowest else 0,
             "each_p50": statistics.median(each) if each else 0, "each_p99": pct(each, 0.99) if each else 0,
+            "kinds": {k: (statistics.median(v), pct(v, 0.99)) for k, v in by_kind.items() if v},
             "revision": rev}
 
 
@@ -251,6 +254,9 @@ def main():
               f"{r['p50']:.1f} / {r['p99']:.1f} ms | {r['each_p50']:.1f} / {r['each_p99']:.1f} ms | "
               f"{r['resync_s']:.2f} s ({r['listparse_s']:.2f} + {r['compile_s']:.2f}) [{r['list_s']:.2f} s] | "
               f"{r['peer_compile_s']:.2f} s | {r['mb_per_agent']:.0f} MB |")
+    for r in rows:
+        kinds = "; ".join(f"{k} changes {a:.1f} / {b:.1f} ms" for k, (a, b) in r["kinds"].items())
+        print(f"  {r['pods']:,} pods, write->live p50 / p99 (slowest agent) by kind: {kinds}")
     for r in rows:
         print(f"  {r['pods']:,} pods: loading etcd {r['load_s']:.1f} s, {r['agents']} agents resynced in "
               f"{r['start_all_s']:.1f} s")
