@@ -22,6 +22,7 @@ into an EgressMap straight from memory (what an agent built from its files
 does after parsing them).
 """
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -167,6 +168,15 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
     start_all_s = time.perf_counter() - t
     per_agent_mb = (rss_mb() - base) / max(1, n_agents)
 
+    gc_pauses = []   # full (generation 2) collections while the changes ran: (ms); they scan all A agents' heaps
+
+    def on_gc(phase, info, _t=[0.0]):
+        if phase == "start":
+            _t[0] = time.perf_counter()
+        elif info["generation"] == 2:
+            gc_pauses.append((time.perf_counter() - _t[0]) * 1000)
+
+    gc.callbacks.append(on_gc)
     slowest, each = [], []
     by_kind = {"pod": [], "policy": []}   # the slowest agent per change, by what changed
     try:
@@ -200,6 +210,7 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
             # the last pod change is live with the right value (not only applied)
             assert s0.compiler.cluster.pods[pod.key].labels["app"] == pod.labels["app"]
     finally:
+        gc.callbacks.remove(on_gc)
         for stop in stops:
             stop.set()
         for th in threads:
@@ -221,6 +232,7 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
             "mb_per_agent": per_agent_mb, "changes": n_changes,
             "p50": statistics.median(slowest) if slowest else 0, "p99": pct(slowest, 0.99) if slowest else 0,
             "each_p50": statistics.median(each) if each else 0, "each_p99": pct(each, 0.99) if each else 0,
+            "gc_pauses": gc_pauses, "max_ms": max(slowest) if slowest else 0,
             "kinds": {k: (statistics.median(v), pct(v, 0.99)) for k, v in by_kind.items() if v},
             "revision": rev}
 
@@ -256,7 +268,9 @@ def main():
               f"{r['peer_compile_s']:.2f} s | {r['mb_per_agent']:.0f} MB |")
     for r in rows:
         kinds = "; ".join(f"{k} changes {a:.1f} / {b:.1f} ms" for k, (a, b) in r["kinds"].items())
-        print(f"  {r['pods']:,} pods, write->live p50 / p99 (slowest agent) by kind: {kinds}")
+        print(f"  {r['pods']:,} pods, write->live p50 / p99 (slowest agent) by kind: {kinds}; the slowest change "
+              f"{r['max_ms']:.1f} ms; full GCs during the changes: {len(r['gc_pauses'])}"
+              + (f" (longest {max(r['gc_pauses']):.0f} ms)" if r["gc_pauses"] else ""))
     for r in rows:
         print(f"  {r['pods']:,} pods: loading etcd {r['load_s']:.1f} s, {r['agents']} agents resynced in "
               f"{r['start_all_s']:.1f} s")

@@ -17,7 +17,8 @@ Its watch helper drops the response header, the compaction revision and the
 end of the stream, so the watch stream (the same gateway endpoint, through
 the same client session and URL) is read here, line by line.
 
-EtcdSource: list the prefix at one revision (paged), hand the agent a
+EtcdSource: list the prefix at one revision (paged; the next page is
+fetched on a helper thread while this one is parsed), hand the agent a
 Snapshot, then watch from that revision + 1, one batch of Changes per watch
 response.  A lost connection: `disconnected` once, retries with exponential
 backoff (capped), and the watch resumes from the last revision seen; a
