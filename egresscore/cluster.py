@@ -6,7 +6,6 @@ for the local node, read from the host with pyroute2 (`Node.from_host`).
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Mapping
 
 import yaml
 
+from ._gcpause import gc_paused
 from .errors import EgressError
 from .files import InputFileError, load_yaml, read_input_file, yaml_line_of
 from .policy import NAMESPACE_LABEL_PREFIX, POD_NAMESPACE_LABEL
@@ -421,14 +421,9 @@ class PodTable(dict):
     def _fill(self, items):
         """Many __setitem__ at once (a full resync's 10^5 pods), with the cyclic GC paused (none
         of this is a cycle, and collections would rescan the growing heap)."""
-        paused = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             for uid, pod in items:
                 self[uid] = pod
-        finally:
-            if paused:
-                gc.enable()
 
     def __setitem__(self, uid, pod):
         old = dict.get(self, uid)

@@ -80,12 +80,12 @@ Deliberate differences from Cilium, and why:
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
+from ._gcpause import gc_paused
 from .cluster import DEFAULT_CLUSTER_NAME, Cluster, Interface, LabelFilter, Namespace, Node, Pod, PodTable
 from .policy import EXTRA_EGRESS_IPS, EgressPolicy
 from .types import (
@@ -475,15 +475,8 @@ class Compiler:
         """
         # building ~10^5 small containers: the cyclic GC would rescan the
         # growing heap many times over (about half the time); none are cycles.
-        paused = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused(freeze=lambda: len(self.desired) + len(self.cluster.pods) >= FREEZE_AFTER):
             return self._compile()
-        finally:
-            if paused:
-                if len(self.desired) + len(self.cluster.pods) >= FREEZE_AFTER:
-                    gc.freeze()
-                gc.enable()
 
     def _compile(self):
         self.generation += 1
@@ -954,12 +947,9 @@ class Compiler:
 
 _new_tuple = tuple.__new__
 
-# A full compile this large (map entries + pods) ends with gc.freeze(): its ~10^6 containers,
-# built with the GC paused, would otherwise all be young, and the next collections (generation 1,
-# then 2), started by some later change, would scan them: 0.3 s and 0.7 s pauses at 100,000
-# pods, in the middle of a single change.  Frozen objects are never scanned; they are still
-# freed by reference counting when a later change or resync drops them (none are cycles).
-FREEZE_AFTER = 50_000
+# A full compile this large (map entries + pods) ends with its objects frozen (egresscore._gcpause):
+# ~10^6 containers at 100,000 pods, which later collections, started by some single change, would scan.
+FREEZE_AFTER = 10_000
 
 _BATCH = 8  # more changed keys than this: one EgressMap.update instead of a write each
 

@@ -5,6 +5,7 @@ next generation-1 and generation-2 collections, started by some later
 single change, would scan them (0.3 s and 0.7 s pauses at 100,000 pods).
 """
 import gc
+import threading
 import weakref
 
 from egresscore import compiler as compiler_mod
@@ -47,4 +48,37 @@ def test_a_large_full_compile_is_frozen_a_small_one_is_not(monkeypatch):
         big.remove_pod(uid="u0")
         assert ref() is None and all(k[0] != "10.0.0.1" for k in big.desired)
     finally:
+        gc.unfreeze()
+
+
+def test_overlapping_pauses_restore_the_collector_once_the_last_ends():
+    """Two threads' builds overlapping (A in, B in, A out, B out): the GC stays off until B ends, is on
+    after it, and a freeze asked by A happens when the last one ends, not under B's feet."""
+    from egresscore._gcpause import gc_paused
+
+    gc.collect()
+    gc.unfreeze()
+    a_in, a_out, b_in = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with gc_paused(freeze=True):
+            a_in.set()
+            b_in.wait(5)
+        seen["after_a"] = (gc.isenabled(), gc.get_freeze_count())
+        a_out.set()
+
+    try:
+        t = threading.Thread(target=thread_a)
+        t.start()
+        assert a_in.wait(5)
+        with gc_paused():
+            b_in.set()
+            assert a_out.wait(5)
+            assert not gc.isenabled()
+        t.join(5)
+        assert seen["after_a"] == (False, 0), "A ending must neither enable the GC nor freeze while B builds"
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.enable()
         gc.unfreeze()

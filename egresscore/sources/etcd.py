@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gc
 import json
 import os
 import queue
@@ -43,6 +42,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+from .._gcpause import gc_paused
 from ..errors import EgressError
 from ..health import LivenessProvider
 from .base import Change, Snapshot, Source
@@ -452,9 +452,7 @@ class EtcdSource(Source):
         old_good = self._good
         revision = None
         root, n_root = self.store.root, len(self.store.root)
-        paused = gc.isenabled()   # ~10^5 small objects built, none cycles: the cyclic GC would rescan them
-        gc.disable()
-        try:
+        with gc_paused():   # ~10^5 small objects built, none cycles: the cyclic GC would rescan them
             for revision, kvs in self.store.pages():
                 for kv in kvs:
                     key = _unb64(kv["key"]).decode("utf-8", "replace")
@@ -472,9 +470,6 @@ class EtcdSource(Source):
                         good[key] = parsed
                     elif key in old_good:
                         good[key] = old_good[key]  # a bad new value: the last good one stays
-        finally:
-            if paused:
-                gc.enable()
         with self._lock:
             self._live, self._nodes = live, nodes
             self._down_set = frozenset(nodes - live)
