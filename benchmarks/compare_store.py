@@ -166,6 +166,7 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
         assert s.wait(lambda s=s: s.version > 0, timeout=600)
         assert source.watching.wait(60)
     start_all_s = time.perf_counter() - t
+    young = len(gc.get_objects())   # objects the collector scans (not frozen), as the changes start
     per_agent_mb = (rss_mb() - base) / max(1, n_agents)
 
     gc_pauses = []   # generation 1 and 2 collections while the changes ran (ms): they scan all A agents' young heaps
@@ -232,7 +233,8 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
             "mb_per_agent": per_agent_mb, "changes": n_changes,
             "p50": statistics.median(slowest) if slowest else 0, "p99": pct(slowest, 0.99) if slowest else 0,
             "each_p50": statistics.median(each) if each else 0, "each_p99": pct(each, 0.99) if each else 0,
-            "gc_pauses": gc_pauses, "max_ms": max(slowest) if slowest else 0,
+            "gc_pauses": gc_pauses, "young": young, "frozen": gc.get_freeze_count(),
+            "max_ms": max(slowest) if slowest else 0,
             "kinds": {k: (statistics.median(v), pct(v, 0.99)) for k, v in by_kind.items() if v},
             "revision": rev}
 
@@ -270,7 +272,8 @@ def main():
         kinds = "; ".join(f"{k} changes {a:.1f} / {b:.1f} ms" for k, (a, b) in r["kinds"].items())
         print(f"  {r['pods']:,} pods, write->live p50 / p99 (slowest agent) by kind: {kinds}; the slowest change "
               f"{r['max_ms']:.1f} ms; generation 1-2 GCs during the changes: {len(r['gc_pauses'])}"
-              + (f" (longest {max(r['gc_pauses']):.0f} ms)" if r["gc_pauses"] else ""))
+              + (f" (longest {max(r['gc_pauses']):.0f} ms)" if r["gc_pauses"] else "")
+              + f"; objects the GC scans as the changes start: {r['young']:,} ({r['frozen']:,} frozen)")
     for r in rows:
         print(f"  {r['pods']:,} pods: loading etcd {r['load_s']:.1f} s, {r['agents']} agents resynced in "
               f"{r['start_all_s']:.1f} s")
