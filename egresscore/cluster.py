@@ -10,10 +10,15 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, replace
+from socket import AF_INET as _AF_INET
+from socket import inet_ntop as _ntop
+from socket import inet_pton as _pton
+from sys import intern as _intern
 from typing import Mapping
 
 import yaml
 
+from ._gcpause import gc_paused
 from .errors import EgressError
 from .files import InputFileError, load_yaml, read_input_file, yaml_line_of
 from .policy import NAMESPACE_LABEL_PREFIX, POD_NAMESPACE_LABEL
@@ -159,17 +164,23 @@ class ClusterError(EgressError, ValueError):
 def _labels(obj, where) -> dict:
     if obj is None:
         return {}
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):  # (a plain dict skips typing's slow check)
         raise ClusterError("must be a mapping", field=f"{where}.labels")
     out = {}
     for k, v in obj.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise ClusterError(f"{v!r} must be a string (quote it)", field=f"{where}.labels.{k}")
-        out[k] = v
+        out[_intern(k)] = _intern(v)  # a label's key and value are shared by many objects: one copy each
     return out
 
 
 def _ip(value, where) -> str:
+    if type(value) is str:  # the common case, a canonical IPv4 address: the C parser says so (and only so)
+        try:
+            if _ntop(_AF_INET, _pton(_AF_INET, value)) == value:
+                return value
+        except (OSError, ValueError):
+            pass
     try:
         return str(ipaddress.ip_address(str(value).strip()))
     except ValueError:
@@ -386,35 +397,68 @@ class Pod:
 class PodTable(dict):
     """Pods by uid, with an index by (namespace, name): `table[(namespace,
     name)]` also finds one by name (the newest of that name), for callers
-    that name pods as people do; `named()` lists them all."""
+    that name pods as people do; `named()` lists them all.  The index holds
+    a name's one uid as itself, and a dict (uids in insertion order) only
+    while several pods share the name (a recreated pod before its
+    predecessor's delete): a dict per pod would cost ~230 B each."""
 
     def __init__(self, pods=()):
         super().__init__()
         self._named = {}
         if type(pods) is PodTable:   # a copy (a full resync's): no per-pod bookkeeping to redo
             dict.update(self, pods)
-            self._named = {k: dict(v) for k, v in pods._named.items()}
+            self._named = {k: dict(v) if type(v) is dict else v for k, v in pods._named.items()}
             return
-        for uid, pod in dict(pods).items():
-            self[uid] = pod
+        self._fill(dict(pods).items())
+
+    @classmethod
+    def of(cls, pods) -> "PodTable":
+        """A table of `pods` (an iterable of Pod, keyed by their uid; a later one replaces an earlier one)."""
+        table = cls()
+        table._fill((p.uid, p) for p in pods)
+        return table
+
+    def _fill(self, items):
+        """Many __setitem__ at once (a full resync's 10^5 pods), with the cyclic GC paused (none
+        of this is a cycle, and collections would rescan the growing heap)."""
+        with gc_paused():
+            for uid, pod in items:
+                self[uid] = pod
 
     def __setitem__(self, uid, pod):
         old = dict.get(self, uid)
         if old is not None:
             self._unname(old, uid)
-        super().__setitem__(uid, pod)
-        self._named.setdefault(pod.key, {})[uid] = None
+        dict.__setitem__(self, uid, pod)
+        key = (pod.namespace, pod.name)
+        named = self._named
+        uids = named.get(key)
+        if uids is None:
+            named[key] = uid
+        elif type(uids) is not dict:
+            if uids != uid:
+                named[key] = {uids: None, uid: None}
+        else:
+            uids[uid] = None
 
     def __delitem__(self, uid):
         self._unname(dict.__getitem__(self, uid), uid)
         super().__delitem__(uid)
 
     def _unname(self, pod, uid):
-        uids = self._named.get(pod.key)
-        if uids is not None:
-            uids.pop(uid, None)
-            if not uids:
-                del self._named[pod.key]
+        key = pod.key
+        uids = self._named.get(key)
+        if uids is None:
+            return
+        if type(uids) is not dict:
+            if uids == uid:
+                del self._named[key]
+            return
+        uids.pop(uid, None)
+        if len(uids) == 1:
+            self._named[key] = next(iter(uids))
+        elif not uids:
+            del self._named[key]
 
     def pop(self, uid, *default):
         if uid in self:
@@ -451,7 +495,12 @@ class PodTable(dict):
     def named(self, namespace, name) -> list:
         """The pods (oldest first) called namespace/name: several while a
         recreated pod's predecessor is not deleted yet."""
-        return [dict.__getitem__(self, uid) for uid in self._named.get((namespace, name), ())]
+        uids = self._named.get((namespace, name))
+        if uids is None:
+            return []
+        if type(uids) is dict:
+            return [dict.__getitem__(self, u) for u in uids]
+        return [dict.__getitem__(self, uids)]
 
 
 class Cluster:
@@ -460,13 +509,11 @@ class Cluster:
     def __init__(self, nodes=(), namespaces=(), pods=()):
         self.nodes = {}
         self.namespaces = {}
-        self.pods = PodTable()
         for n in nodes:
             self.nodes[n.name] = n
         for ns in namespaces:
             self.namespaces[ns.name] = ns
-        for p in pods:
-            self.pods[p.uid] = p
+        self.pods = PodTable.of(pods)
 
     def node_names(self):
         return sorted(self.nodes)
@@ -522,35 +569,10 @@ class Cluster:
 
     @classmethod
     def _from_dict(cls, data):
-        nodes, namespaces, pods = [], [], []
-        for i, n in enumerate(_list(data.get("nodes"), "nodes")):
-            where = f"nodes[{i}]"
-            _fields(n, where, ("name", "labels", "internalIP", "interfaces", "defaultRouteInterface",
-                               "defaultRouteInterfaceV6", "podCIDRs"))
-            ifaces = []
-            for j, iface in enumerate(_list(n.get("interfaces"), f"{where}.interfaces")):
-                _fields(iface, f"{where}.interfaces[{j}]", ("name", "addresses"))
-                if not isinstance(iface.get("name"), str):
-                    raise ClusterError("is required", field=f"{where}.interfaces[{j}].name")
-                ifaces.append(Interface(iface["name"], tuple(_list(iface.get("addresses"),
-                                                                  f"{where}.interfaces[{j}].addresses"))))
-            nodes.append(built_at(where, lambda: Node(
-                _name(n, where), _labels(n.get("labels"), where), n.get("internalIP"), tuple(ifaces),
-                n.get("defaultRouteInterface"), n.get("defaultRouteInterfaceV6"),
-                tuple(_list(n.get("podCIDRs"), f"{where}.podCIDRs")),
-            )))
-        for i, ns in enumerate(_list(data.get("namespaces"), "namespaces")):
-            where = f"namespaces[{i}]"
-            _fields(ns, where, ("name", "labels"))
-            namespaces.append(built_at(where, lambda: Namespace(_name(ns, where), _labels(ns.get("labels"), where))))
-        for i, p in enumerate(_list(data.get("pods"), "pods")):
-            where = f"pods[{i}]"
-            _fields(p, where, ("name", "namespace", "uid", "labels", "ips", "node", "serviceAccountName"))
-            pods.append(built_at(where, lambda: Pod(
-                _name(p, where), str(p.get("namespace") or "default"), str(p.get("uid") or ""),
-                _labels(p.get("labels"), where), tuple(_list(p.get("ips"), f"{where}.ips")), p.get("node"),
-                str(p.get("serviceAccountName") or ""),
-            )))
+        nodes = [node_from_dict(n, f"nodes[{i}]") for i, n in enumerate(_list(data.get("nodes"), "nodes"))]
+        namespaces = [namespace_from_dict(ns, f"namespaces[{i}]")
+                      for i, ns in enumerate(_list(data.get("namespaces"), "namespaces"))]
+        pods = [pod_from_dict(p, f"pods[{i}]") for i, p in enumerate(_list(data.get("pods"), "pods"))]
         _unique("nodes", "name", "duplicate node names", [n.name for n in nodes])
         _unique("nodes", "internalIP", "duplicate node internal IP", [n.internal_ip for n in nodes])
         _unique("namespaces", "name", "duplicate namespace", [ns.name for ns in namespaces])
@@ -558,6 +580,46 @@ class Cluster:
         _unique("pods", "ips", "duplicate pod IP", [p.ips for p in pods], many=True)
         _unique("pods", "uid", "duplicate pod uid", [p.uid for p in pods])
         return cls(nodes, namespaces, pods)
+
+
+# One object of a cluster file's `nodes`, `namespaces` or `pods` list, checked
+# and built; ClusterError fields start with `where` ("pods[3]").  The file's
+# loader builds its lists with these; a store (etcd) builds each object alone.
+_NODE_FIELDS = ("name", "labels", "internalIP", "interfaces", "defaultRouteInterface", "defaultRouteInterfaceV6",
+                "podCIDRs")
+_NAMESPACE_FIELDS = ("name", "labels")
+_POD_FIELDS = ("name", "namespace", "uid", "labels", "ips", "node", "serviceAccountName")
+
+
+def node_from_dict(n, where) -> Node:
+    _fields(n, where, _NODE_FIELDS)
+    ifaces = []
+    for j, iface in enumerate(_list(n.get("interfaces"), f"{where}.interfaces")):
+        _fields(iface, f"{where}.interfaces[{j}]", ("name", "addresses"))
+        if not isinstance(iface.get("name"), str):
+            raise ClusterError("is required", field=f"{where}.interfaces[{j}].name")
+        ifaces.append(Interface(iface["name"], tuple(_list(iface.get("addresses"),
+                                                          f"{where}.interfaces[{j}].addresses"))))
+    return built_at(where, lambda: Node(
+        _name(n, where), _labels(n.get("labels"), where), n.get("internalIP"), tuple(ifaces),
+        n.get("defaultRouteInterface"), n.get("defaultRouteInterfaceV6"),
+        tuple(_list(n.get("podCIDRs"), f"{where}.podCIDRs")),
+    ))
+
+
+def namespace_from_dict(ns, where) -> Namespace:
+    _fields(ns, where, _NAMESPACE_FIELDS)
+    return built_at(where, lambda: Namespace(_name(ns, where), _labels(ns.get("labels"), where)))
+
+
+def pod_from_dict(p, where) -> Pod:
+    _fields(p, where, _POD_FIELDS)
+    node = p.get("node")
+    return built_at(where, lambda: Pod(
+        _name(p, where), _intern(str(p.get("namespace") or "default")), str(p.get("uid") or ""),
+        _labels(p.get("labels"), where), tuple(_list(p.get("ips"), f"{where}.ips")),
+        _intern(node) if type(node) is str else node, _intern(str(p.get("serviceAccountName") or "")),
+    ))
 
 
 def built_at(where, make):
@@ -591,7 +653,7 @@ def _list(obj, where):
 
 
 def _fields(obj, where, allowed):
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):
         raise ClusterError("must be a mapping", field=where)
     for k in obj:
         if k not in allowed:

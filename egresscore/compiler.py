@@ -80,12 +80,12 @@ Deliberate differences from Cilium, and why:
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
+from ._gcpause import gc_paused
 from .cluster import DEFAULT_CLUSTER_NAME, Cluster, Interface, LabelFilter, Namespace, Node, Pod, PodTable
 from .policy import EXTRA_EGRESS_IPS, EgressPolicy
 from .types import (
@@ -475,13 +475,8 @@ class Compiler:
         """
         # building ~10^5 small containers: the cyclic GC would rescan the
         # growing heap many times over (about half the time); none are cycles.
-        paused = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused(freeze=lambda: len(self.desired) + len(self.cluster.pods) >= FREEZE_AFTER):
             return self._compile()
-        finally:
-            if paused:
-                gc.enable()
 
     def _compile(self):
         self.generation += 1
@@ -951,6 +946,10 @@ class Compiler:
 
 
 _new_tuple = tuple.__new__
+
+# A full compile this large (map entries + pods) ends with its objects frozen (egresscore._gcpause):
+# ~10^6 containers at 100,000 pods, which later collections, started by some single change, would scan.
+FREEZE_AFTER = 10_000
 
 _BATCH = 8  # more changed keys than this: one EgressMap.update instead of a write each
 

@@ -17,7 +17,8 @@ Its watch helper drops the response header, the compaction revision and the
 end of the stream, so the watch stream (the same gateway endpoint, through
 the same client session and URL) is read here, line by line.
 
-EtcdSource: list the prefix at one revision (paged), hand the agent a
+EtcdSource: list the prefix at one revision (paged; the next page is
+fetched on a helper thread while this one is parsed), hand the agent a
 Snapshot, then watch from that revision + 1, one batch of Changes per watch
 response.  A lost connection: `disconnected` once, retries with exponential
 backoff (capped), and the watch resumes from the last revision seen; a
@@ -31,14 +32,17 @@ live_nodes() reads them and liveness() is the agents' liveness provider
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
+import queue
 import random
 import socket
 import threading
 import time
 from urllib.parse import urlsplit
 
+from .._gcpause import gc_paused
 from ..errors import EgressError
 from ..health import LivenessProvider
 from .base import Change, Snapshot, Source
@@ -76,7 +80,7 @@ def _b64(data) -> str:
 
 
 def _unb64(text) -> bytes:
-    return base64.b64decode(text) if text else b""
+    return binascii.a2b_base64(text) if text else b""
 
 
 def _range_end(prefix: bytes) -> bytes:
@@ -138,10 +142,61 @@ class EtcdStore:
     def list(self, revision=None, page=PAGE, under=""):
         """(revision, [(key, value bytes, mod revision)]) of every key under the root (or the root's
         `under` folder, e.g. "policies/"), at one revision."""
+        out = []
+        for revision, kvs in self.pages(revision, page, under, prefetch=False):
+            out.extend((_unb64(kv["key"]).decode("utf-8", "replace"), _unb64(kv.get("value")),
+                        int(kv.get("mod_revision", 0))) for kv in kvs)
+        return revision, out
+
+    def pages(self, revision=None, page=PAGE, under="", *, prefetch=True):
+        """Yield (revision, kvs) one range response at a time (kvs: etcd's own
+        mappings, key and value base64), every page at one revision (the
+        first page's, unless `revision` is given).  With `prefetch`, a thread
+        asks for the next page while the caller works on this one (etcd
+        answers on its own core); it stops when the caller does."""
+        if not prefetch:
+            yield from self._pages(revision, page, under, threading.Event())
+            return
+        q = queue.Queue(maxsize=2)
+        cancel = threading.Event()
+
+        def fetch():
+            try:
+                for item in self._pages(revision, page, under, cancel):
+                    while not cancel.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+                item = None
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+                item = exc
+            while not cancel.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    pass
+
+        t = threading.Thread(target=fetch, daemon=True, name="egresscore-etcd-list")
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+            t.join(self.timeout + 30)
+
+    def _pages(self, revision, page, under, cancel):
         start = (self.root + under).encode()
         end = _range_end(start)
-        out = []
-        while True:
+        while not cancel.is_set():
             body = {"key": _b64(start), "range_end": _b64(end), "limit": page}
             if revision is not None:
                 body["revision"] = revision
@@ -149,11 +204,9 @@ class EtcdStore:
             if revision is None:
                 revision = int(r["header"]["revision"])
             kvs = r.get("kvs", [])
-            for kv in kvs:
-                out.append((_unb64(kv["key"]).decode("utf-8", "replace"), _unb64(kv.get("value")),
-                            int(kv.get("mod_revision", 0))))
+            yield revision, kvs
             if not r.get("more") or not kvs:
-                return revision, out
+                return
             start = _unb64(kvs[-1]["key"]) + b"\0"
 
     def get(self, kind):
@@ -393,18 +446,30 @@ class EtcdSource(Source):
             keeper.join(5)
 
     def _resync(self, sink):
-        revision, items = self.store.list()
-        good = {}
-        for key, raw, _ in items:
-            parsed = self._parse(sink, key, raw)
-            if parsed is not None:
-                good[key] = parsed
-            elif key in self._good:
-                good[key] = self._good[key]  # a bad new value: the last good one stays
-        live = {names[0] for k, _, _ in items if (p := self.store.split(k)) and p[0] == "leases"
-                for names in [p[1]] if names}
-        nodes = {names[0] for k, _, _ in items if (p := self.store.split(k)) and p[0] == "nodes"
-                 for names in [p[1]] if names}
+        """List the prefix (paged, the next page fetched while this one is
+        parsed), parse every object alone, hand the sink one Snapshot."""
+        good, live, nodes = {}, set(), set()
+        old_good = self._good
+        revision = None
+        root, n_root = self.store.root, len(self.store.root)
+        with gc_paused():   # ~10^5 small objects built, none cycles: the cyclic GC would rescan them
+            for revision, kvs in self.store.pages():
+                for kv in kvs:
+                    key = _unb64(kv["key"]).decode("utf-8", "replace")
+                    if not key.startswith(root):
+                        continue
+                    kind, _, tail = key[n_root:].partition("/")
+                    names = tail.split("/") if tail else []
+                    if kind == "leases" or kind == "nodes":
+                        if names:
+                            (live if kind == "leases" else nodes).add(names[0])
+                        if kind == "leases":
+                            continue
+                    parsed = self._parse_split(sink, key, kind, names, _unb64(kv.get("value")))
+                    if parsed is not None:
+                        good[key] = parsed
+                    elif key in old_good:
+                        good[key] = old_good[key]  # a bad new value: the last good one stays
         with self._lock:
             self._live, self._nodes = live, nodes
             self._down_set = frozenset(nodes - live)
@@ -421,7 +486,9 @@ class EtcdSource(Source):
         parts = self.store.split(key)
         if parts is None or parts[0] == "leases":
             return None
-        kind, names = parts
+        return self._parse_split(sink, key, parts[0], parts[1], raw)
+
+    def _parse_split(self, sink, key, kind, names, raw):
         if kind not in KINDS:
             sink.rejected(key, ObjectError(key, f"unknown kind {kind!r} (nodes, namespaces, pods, policies)"))
             return None

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import yaml
 
-from ..cluster import Cluster, ClusterError
+from ..cluster import ClusterError, namespace_from_dict, node_from_dict, pod_from_dict
 from ..errors import EgressError
 from ..files import load_yaml
 from ..policy import PolicyError, parse_policy
@@ -72,23 +72,28 @@ def parse_object(kind, names, key, raw: bytes):
         if policy.name != names[0]:
             raise ObjectError(key, f"{policy.name!r} does not match the key's name {names[0]!r}", "metadata.name")
         return policy.name, policy
-    doc = dict(doc)
     if kind == "pods":
-        doc.setdefault("namespace", names[0])
-        if doc["namespace"] != names[0]:
-            raise ObjectError(key, f"{doc['namespace']!r} does not match the key's namespace {names[0]!r}",
-                              "namespace")
+        ns = doc.get("namespace", names[0])   # (a missing namespace is the key's)
+        if ns != names[0]:
+            raise ObjectError(key, f"{ns!r} does not match the key's namespace {names[0]!r}", "namespace")
+        if "namespace" not in doc:
+            doc = {**doc, "namespace": ns}
+    where = f"{kind}[0]"  # the first of a cluster file's list: fields named as the file loader names them
     try:
-        cluster = Cluster.from_dict({kind: [doc]}, key)
+        obj = _BUILD[kind](doc, where)
+        if kind == "pods" and len(set(obj.ips)) != len(obj.ips):
+            ip = next(ip for i, ip in enumerate(obj.ips) if ip in obj.ips[:i])
+            raise ClusterError(f"duplicate pod IP {ip!r} (also in {where})", field=f"{where}.ips")
     except ClusterError as exc:
         field = exc.field or ""
-        prefix = f"{kind}[0]"
-        field = field[len(prefix):].lstrip(".") if field.startswith(prefix) else field
+        field = field[len(where):].lstrip(".") if field.startswith(where) else field
         raise ObjectError(key, exc.message, field or None) from None
-    obj = next(iter(getattr(cluster, kind).values()))
     if obj.name != names[-1]:
         raise ObjectError(key, f"{obj.name!r} does not match the key's name {names[-1]!r}", "name")
     return (obj.uid if kind == "pods" else obj.name), obj
+
+
+_BUILD = {"nodes": node_from_dict, "namespaces": namespace_from_dict, "pods": pod_from_dict}
 
 
 def object_document(obj) -> dict:
