@@ -8,12 +8,12 @@ cdef inline uint32_t _nat_peek(const nat_index* ix, uint64_t h) noexcept nogil:
     """Slot of the first tag match among the next few slots from home (0 if
     none): a hint for prefetching the entry, read from an already fetched line."""
     cdef uint64_t pos = _nat_home(ix, h)
-    cdef uint32_t tag = _nat_tag(h)
+    cdef uint32_t tag = _nat_tag(ix, h)
     cdef uint32_t s
     cdef int _probe
     for _probe in range(4):
         s = ix.slots[pos]
-        if s == 0 or (s & NAT_TAG_MASK) == tag:
+        if s == 0 or (s & ix.tmask) == tag:
             return s
         pos += 1
         if pos == ix.size:
@@ -44,8 +44,8 @@ cdef void nat_reverse_batch_len(nat_table* t, const nat_tuple* tin, nat_tuple* t
         if 0 <= j < n:
             s = _nat_peek(&t.rev, hring[j & 31])
             if s != 0:
-                nat_prefetch_w(&t.entries[(s & 0xffffff) - 1])
-                nat_prefetch_w(<char*>&t.entries[(s & 0xffffff) - 1] + sizeof(nat_entry) - 1)
+                nat_prefetch_w(&t.entries[_nat_slot_idx(&t.rev, s)])
+                nat_prefetch_w(<char*>&t.entries[_nat_slot_idx(&t.rev, s)] + sizeof(nat_entry) - 1)
         j = i - NAT_PF_SLOT
         if j >= 0:
             r = &tin[j]
@@ -89,8 +89,8 @@ cdef void nat_translate_batch_len(nat_table* t, const nat_tuple* tin, const uint
             h = hring[j & 31]
             s = _nat_peek(&t.fwd, h)
             if s != 0:
-                nat_prefetch_w(&t.entries[(s & 0xffffff) - 1])
-                nat_prefetch_w(<char*>&t.entries[(s & 0xffffff) - 1] + sizeof(nat_entry) - 1)
+                nat_prefetch_w(&t.entries[_nat_slot_idx(&t.fwd, s)])
+                nat_prefetch_w(<char*>&t.entries[_nat_slot_idx(&t.fwd, s)] + sizeof(nat_entry) - 1)
             else:
                 # no tag match near home: a new flow.  Fetch the mapping slot,
                 # and the reply slot assuming the pod's port is preserved

@@ -318,6 +318,8 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
     if m == NAT_NONE and t.ext[ext].nspill:
         m = _nat_spill_find_map(t, o, &ext, &mh)
     if m == NAT_NONE:
+        if t.map_free_head == NAT_NONE and t.mappings_hwm >= t.map_capacity:
+            return _nat_refuse(t, o, DROP_NAT_TABLE_FULL, now)   # capacity > NAT_MAP_MAX only
         pool = t.ext[ext].pools[_nat_pool_of(o.proto)]
         if pool.nfree == 0:
             # full: the next egress IP of its spill chain with a free port, if any
@@ -335,7 +337,7 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
             mp = &t.mappings[m]
             memcpy(&t.map_free_head, mp.addr, 4)  # next-free link
         else:
-            m = t.mappings_hwm                    # never used: no more than entries
+            m = t.mappings_hwm                    # never used (below map_capacity)
             t.mappings_hwm += 1
             mp = &t.mappings[m]
         memcpy(mp.addr, o.src, 16)

@@ -9,7 +9,6 @@
 #include <string.h>
 
 #define NAT_NONE 0xffffffffu
-#define NAT_TAG_MASK 0xff000000u
 #define NAT_PF_SLOT 16
 #define NAT_PF_ENTRY 8
 #define NAT_WHEEL_UNSET UINT64_MAX
