@@ -108,7 +108,10 @@ def measure(build, n, runs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--peer", help="directory holding the peer build's egresscore package")
+    ap.add_argument("--peer", action="append", default=[], metavar="[NAME=]DIR",
+                    help="a directory holding a peer build's egresscore package (repeatable)")
+    ap.add_argument("--this", default=ROOT,
+                    help="directory holding the build under test (default: this checkout)")
     ap.add_argument("--sizes", default="1000000,16000000")
     ap.add_argument("--runs", type=int, default=3, help="fills per (build, size)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
@@ -119,7 +122,10 @@ def main():
     sys.path.insert(0, HERE)
     from compare import machine_summary
 
-    builds = [("this build", ROOT)] + ([("peer", os.path.abspath(a.peer))] if a.peer else [])
+    builds = [("this build", os.path.abspath(a.this))]
+    for k, spec in enumerate(a.peer):
+        name, _, path = spec.rpartition("=")
+        builds.append((name or ("peer" if k == 0 else f"peer {k + 1}"), os.path.abspath(path)))
     sizes = [int(s) for s in a.sizes.split(",")]
     got = {}
     for n in sizes:

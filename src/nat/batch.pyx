@@ -27,26 +27,26 @@ cdef void nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
 cdef void nat_reverse_batch_len(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
                                 uint8_t* codes, Py_ssize_t n, uint64_t now,
                                 const uint32_t* lens) noexcept nogil:
-    cdef uint64_t hring[32]
+    cdef uint64_t hring[NAT_RPF_RING]
     cdef Py_ssize_t i, j
     cdef uint64_t h
     cdef uint32_t s
     cdef const nat_tuple* r
     cdef uint16_t rport
-    for i in range(n + NAT_PF_SLOT):
+    for i in range(n + NAT_RPF_SLOT):
         if i < n:
             r = &tin[i]
             rport = 0 if _nat_is_icmp(r.proto) else r.sport
             h = _nat_hash_rev(t.seed, r.family, r.proto, rport, r.dport, r.src, r.dst)
-            hring[i & 31] = h
+            hring[i & (NAT_RPF_RING - 1)] = h
             nat_prefetch(&t.rev.slots[_nat_home(&t.rev, h)])
-        j = i - NAT_PF_ENTRY
+        j = i - NAT_RPF_ENTRY
         if 0 <= j < n:
-            s = _nat_peek(&t.rev, hring[j & 31])
+            s = _nat_peek(&t.rev, hring[j & (NAT_RPF_RING - 1)])
             if s != 0:
                 nat_prefetch_w(&t.entries[_nat_slot_idx(&t.rev, s)])
                 nat_prefetch_w(<char*>&t.entries[_nat_slot_idx(&t.rev, s)] + sizeof(nat_entry) - 1)
-        j = i - NAT_PF_SLOT
+        j = i - NAT_RPF_SLOT
         if j >= 0:
             r = &tin[j]
             if _nat_check(r):
@@ -54,7 +54,7 @@ cdef void nat_reverse_batch_len(nat_table* t, const nat_tuple* tin, nat_tuple* t
                 codes[j] = DROP_UNSUPPORTED
                 continue
             rport = 0 if _nat_is_icmp(r.proto) else r.sport
-            codes[j] = <uint8_t>_nat_in_h(t, r, now, &tout[j], hring[j & 31], rport, True,
+            codes[j] = <uint8_t>_nat_in_h(t, r, now, &tout[j], hring[j & (NAT_RPF_RING - 1)], rport, True,
                                           NAT_NO_LEN if lens == NULL else lens[j])
 
 cdef void nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_t* ext,

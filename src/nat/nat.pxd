@@ -63,6 +63,9 @@ cdef extern from "nat/nat_helpers.h":
     enum: NAT_NONE          # 0xffffffff: no entry / end of a free list
     enum: NAT_PF_SLOT       # batch pipeline distances
     enum: NAT_PF_ENTRY
+    enum: NAT_RPF_SLOT      # the reply batch's distances and ring
+    enum: NAT_RPF_ENTRY
+    enum: NAT_RPF_RING
     const uint64_t NAT_WHEEL_UNSET  # wheel_cur before the first use
 
 cdef enum:
