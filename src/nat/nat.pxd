@@ -106,7 +106,6 @@ cdef enum:
     # 8-bit tag up to 16,777,214 entries, then one index bit more (one tag bit
     # fewer) per doubling, down to a 4-bit tag at the largest capacity
     NAT_MAX_CAPACITY = 268435454    # 2**28 - 2: 28 index bits, 4 tag bits
-    NAT_MAP_MAX = 16777214      # mappings per table (a live entry keeps the index in 24 bits)
     NAT_NPOOLS = 3              # per egress IP: TCP, UDP, ICMP echo
     NAT_MAX_SPILL = 8           # egress IPs one egress IP spills to (nat_ext.spill)
 
@@ -159,7 +158,9 @@ cdef struct nat_entry:
 # close count to it) is packed into bits the entry does not use, to stay at
 # 80 bytes: its low 8 bits in the top byte of `mapping` (a live entry's
 # mapping index is 24 bits), its high 5 bits in the top of `flags` (the
-# NAT_F_* bits are the low 3).  13 bits: ids above NAT_POLICY_STORED are
+# NAT_F_* bits are the low 3).  In a table of more than 2**24 - 1 mappings
+# the low 24 bits do not hold a mapping index: it is found by its key
+# (_nat_e_mapping).  13 bits: ids above NAT_POLICY_STORED are
 # kept as NAT_POLICY_STORED (counted in the overflow slot).  Read and write
 # them through _nat_e_mapping / _nat_e_policy / _nat_e_set_mapping (nat/conntrack.pyx).
 
@@ -232,7 +233,7 @@ cdef struct nat_table:
     nat_index rev               # reply tuple -> entry
     nat_index map               # pod endpoint + egress IP -> mapping
     uint32_t capacity
-    uint32_t map_capacity       # min(capacity, NAT_MAP_MAX)
+    uint32_t map_capacity       # mappings (= capacity: at most one per entry)
     uint32_t used
     uint32_t free_head
     uint32_t map_free_head

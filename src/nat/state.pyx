@@ -131,7 +131,7 @@ cdef int _nat_state_link_h(nat_table* t, uint32_t idx, uint64_t now,
         if not _nat_port_free(pool, e.xport):
             return NAT_ADOPT_INVALID                 # another endpoint's port
         if t.mappings_hwm >= t.map_capacity:
-            return NAT_ADOPT_INVALID                 # more endpoints than mappings
+            return NAT_ADOPT_INVALID                 # never: at most one per entry
         m = t.mappings_hwm
         t.mappings_hwm += 1
         mp = &t.mappings[m]

@@ -152,10 +152,9 @@ cdef class NatTable:
     unless `port_ranges` ({"tcp"|"udp"|"icmp": (lo, hi)}) or add_egress_ip say
     otherwise.  `timeouts` overrides DEFAULT_TIMEOUTS (seconds).  `clock()`
     returns monotonic seconds; every method also takes `now=` (seconds).
-    `capacity` (at most 268,435,454: entries are indexed in 28 bits; at most
-    16,777,214 pod endpoints hold a mapping at once, more are refused as
-    "nat_table_full") costs about 127 bytes per connection (memory_bytes),
-    backed by the kernel only as connections use it.  `per_source_limit` N: a source (pod) address
+    `capacity` (at most 268,435,454: entries are indexed in 28 bits) costs
+    about 127 bytes per connection (memory_bytes), backed by the kernel only
+    as connections use it.  `per_source_limit` N: a source (pod) address
     holds at most N connections; more are refused ("pod_conn_limit", counted
     per source in stats); about 30 bytes more per connection of capacity.
     `state_path`: keep the connections (the entries) in that file, mapped
@@ -224,7 +223,7 @@ cdef class NatTable:
         if t.pol == NULL:
             raise no_memory("NatTable")
         t.capacity = cap
-        t.map_capacity = min(cap, <uint32_t>NAT_MAP_MAX)
+        t.map_capacity = cap
         _nat_index_init(&t.fwd, nslots, cap)
         _nat_index_init(&t.rev, nslots, cap)
         _nat_index_init(&t.map, _nat_index_slots(t.map_capacity), t.map_capacity)
