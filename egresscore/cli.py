@@ -387,7 +387,7 @@ def _source(args):
     raise CLIError(f"--source {spec!r}: use file, etcd://HOST:PORT[/prefix] or kubernetes", EXIT_USAGE)
 
 
-NAT_MAX_CAPACITY = 16_777_214  # the NAT table indexes connections in 24 bits
+NAT_MAX_CAPACITY = 268_435_454  # the NAT table indexes connections in 28 bits
 
 
 def _pin_count(text):
@@ -482,7 +482,7 @@ def _add_agent(sub):
                    help="the control socket for `egresscore nat list/stats` (default /run/egresscore/NODE.sock)")
     a.add_argument("--no-control-socket", action="store_true", help="do not open the control socket")
     a.add_argument("--nat-capacity", type=lambda v: _count(v, NAT_MAX_CAPACITY), metavar="N",
-                   help="connections the NAT table holds (default 1000000, at most 16777214): 126 bytes "
+                   help="connections the NAT table holds (default 1000000, at most 268435454): 126 bytes "
                         "each, 126 MB allocated at the default, backed by the kernel only as connections "
                         "use it")
     a.add_argument("--pod-conn-limit", type=_count, metavar="N",

@@ -273,7 +273,7 @@ def test_agent_nat_capacity_and_pod_limit_flags(capsys, monkeypatch):
     assert seen["nat_capacity"] == agent_mod.DEFAULT_NAT_CAPACITY >= 1_000_000 and seen["pod_conn_limit"] is None
     assert run(capsys, *base, "--nat-capacity", "2000000", "--pod-conn-limit", "500")[0] == 1
     assert (seen["nat_capacity"], seen["pod_conn_limit"]) == (2_000_000, 500)
-    for flag, value, msg in (("--nat-capacity", "16777215", "out of range 1-16777214"),
+    for flag, value, msg in (("--nat-capacity", "268435455", "out of range 1-268435454"),
                              ("--nat-capacity", "lots", "not a whole number"),
                              ("--pod-conn-limit", "0", "must be at least 1")):
         with pytest.raises(SystemExit) as exc:

@@ -389,7 +389,7 @@ def test_bad_input_raises_and_changes_nothing(clock, args, kwargs, exc, words):
 
 @pytest.mark.parametrize("kwargs, exc", [
     ({"capacity": 0}, ValueError), ({"capacity": 1.5}, TypeError),
-    ({"capacity": 2 ** 25}, ValueError), ({"port_range": (2000, 1000)}, ValueError),
+    ({"capacity": 2 ** 28 - 1}, ValueError), ({"port_range": (2000, 1000)}, ValueError),
     ({"port_range": (0, 1000)}, ValueError), ({"port_range": 5}, TypeError),
     ({"port_ranges": {"sctp": (1, 2)}}, ValueError), ({"timeouts": {"udp": 0}}, ValueError),
     ({"timeouts": {"udp": 1e12}}, ValueError),

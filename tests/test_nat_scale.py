@@ -10,7 +10,7 @@ BULK_EGRESS = "192.168.1.100"
 EGRESS = "192.168.1.101"
 POD_A, POD_B = "10.0.1.5", "10.0.2.7"
 REMOTE = "203.0.113.10"
-MAX_CAPACITY = 16_777_214
+MAX_CAPACITY = 268_435_454
 GC_BUDGET = 1024        # what Datapath.gc examines per call
 TICK = 0.02             # the agent's loop returns at least this often
 
@@ -37,12 +37,37 @@ def bulk_flows(n_pods, n_remotes):
     return arr
 
 
-def test_capacity_is_capped_by_the_24_bit_index_with_a_clear_error():
-    with pytest.raises(ValueError, match=r"out of range 1-16777214 \(connections are indexed in 24 bits\)"):
+def test_capacity_is_capped_by_the_28_bit_index_with_a_clear_error():
+    with pytest.raises(ValueError, match=r"out of range 1-268435454 \(connections are indexed in 28 bits\)"):
         NatTable(capacity=MAX_CAPACITY + 1)
-    t = NatTable([EGRESS], capacity=MAX_CAPACITY, seed=1)
-    assert t.capacity == MAX_CAPACITY
+    t = NatTable([EGRESS], capacity=20_000_000, seed=1)
+    assert t.capacity == 20_000_000
     assert t.translate(POD_A, 40000, REMOTE, 80, now=1.0) == (EGRESS, 40000)
+
+
+def test_a_table_beyond_16_7m_entries_translates_replies_and_collects():
+    """Above 16,777,214 the index slots carry 25+ index bits (a 7-bit tag and
+    fewer) and an entry's mapping is found by its key when it is collected:
+    every flow is found from both directions, collected (its port freed),
+    found again."""
+    t = NatTable([BULK_EGRESS, EGRESS], capacity=(1 << 24) + 1000, seed=7)
+    bulk = bulk_flows(300, 1000)
+    out, codes = t.translate_batch(bulk, BULK_EGRESS, now=10.0)
+    assert not codes.any() and len(t) == 300_000
+    again, codes = t.translate_batch(bulk, BULK_EGRESS, now=10.5)
+    assert not codes.any() and (again == out).all() and len(t) == 300_000
+    rep = np.zeros(len(out), NAT_TUPLE_DTYPE)
+    rep["family"], rep["proto"], rep["tcp_flags"] = 4, 6, 0x12
+    rep["src"], rep["sport"], rep["dst"], rep["dport"] = out["dst"], out["dport"], out["src"], out["sport"]
+    back, codes = t.reverse_batch(rep, now=11.0)
+    assert not codes.any() and (back["dst"] == bulk["src"]).all() and (back["dport"] == bulk["sport"]).all()
+    assert t.ports_in_use(BULK_EGRESS) == 300 == t.stats["mappings"]     # one per pod endpoint
+    assert t.gc(now=11.0 + 21601.0) == 300_000 and len(t) == 0    # established: 6 h
+    assert t.ports_in_use(BULK_EGRESS) == 0 and t.stats["mappings"] == 0
+    _, codes = t.reverse_batch(rep, now=21700.0)
+    assert (codes != 0).all()
+    out2, codes = t.translate_batch(bulk[::-1].copy(), BULK_EGRESS, now=21700.0)
+    assert not codes.any() and len(t) == 300_000
 
 
 def test_a_large_table_costs_no_resident_memory_until_used():

@@ -189,8 +189,8 @@ class Agent:
     tunnel_offload: hand tunnel-bound TCP super-packets to a kernel vxlan
     device (egc-tnl0) instead of cutting them here.
     nat_capacity: connections the NAT table holds (default 1,000,000, at most
-    16,777,214); 126 bytes each (126 MB allocated at the default), touched
-    only as connections use them: an idle agent stays small.
+    268,435,454); 126 bytes each (126 MB allocated at the default), touched only as
+    connections use them: an idle agent stays small.
     pod_conn_limit: at most this many connections per source (pod) IP (off
     by default); refusals are counted per pod in stats()["nat"]; 30 bytes
     more per connection of capacity.

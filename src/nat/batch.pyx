@@ -8,12 +8,12 @@ cdef inline uint32_t _nat_peek(const nat_index* ix, uint64_t h) noexcept nogil:
     """Slot of the first tag match among the next few slots from home (0 if
     none): a hint for prefetching the entry, read from an already fetched line."""
     cdef uint64_t pos = _nat_home(ix, h)
-    cdef uint32_t tag = _nat_tag(h)
+    cdef uint32_t tag = _nat_tag(ix, h)
     cdef uint32_t s
     cdef int _probe
     for _probe in range(4):
         s = ix.slots[pos]
-        if s == 0 or (s & NAT_TAG_MASK) == tag:
+        if s == 0 or (s & ix.tmask) == tag:
             return s
         pos += 1
         if pos == ix.size:
@@ -27,26 +27,26 @@ cdef void nat_reverse_batch(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
 cdef void nat_reverse_batch_len(nat_table* t, const nat_tuple* tin, nat_tuple* tout,
                                 uint8_t* codes, Py_ssize_t n, uint64_t now,
                                 const uint32_t* lens) noexcept nogil:
-    cdef uint64_t hring[32]
+    cdef uint64_t hring[NAT_RPF_RING]
     cdef Py_ssize_t i, j
     cdef uint64_t h
     cdef uint32_t s
     cdef const nat_tuple* r
     cdef uint16_t rport
-    for i in range(n + NAT_PF_SLOT):
+    for i in range(n + NAT_RPF_SLOT):
         if i < n:
             r = &tin[i]
             rport = 0 if _nat_is_icmp(r.proto) else r.sport
             h = _nat_hash_rev(t.seed, r.family, r.proto, rport, r.dport, r.src, r.dst)
-            hring[i & 31] = h
+            hring[i & (NAT_RPF_RING - 1)] = h
             nat_prefetch(&t.rev.slots[_nat_home(&t.rev, h)])
-        j = i - NAT_PF_ENTRY
+        j = i - NAT_RPF_ENTRY
         if 0 <= j < n:
-            s = _nat_peek(&t.rev, hring[j & 31])
+            s = _nat_peek(&t.rev, hring[j & (NAT_RPF_RING - 1)])
             if s != 0:
-                nat_prefetch_w(&t.entries[(s & 0xffffff) - 1])
-                nat_prefetch_w(<char*>&t.entries[(s & 0xffffff) - 1] + sizeof(nat_entry) - 1)
-        j = i - NAT_PF_SLOT
+                nat_prefetch_w(&t.entries[_nat_slot_idx(&t.rev, s)])
+                nat_prefetch_w(<char*>&t.entries[_nat_slot_idx(&t.rev, s)] + sizeof(nat_entry) - 1)
+        j = i - NAT_RPF_SLOT
         if j >= 0:
             r = &tin[j]
             if _nat_check(r):
@@ -54,7 +54,7 @@ cdef void nat_reverse_batch_len(nat_table* t, const nat_tuple* tin, nat_tuple* t
                 codes[j] = DROP_UNSUPPORTED
                 continue
             rport = 0 if _nat_is_icmp(r.proto) else r.sport
-            codes[j] = <uint8_t>_nat_in_h(t, r, now, &tout[j], hring[j & 31], rport, True,
+            codes[j] = <uint8_t>_nat_in_h(t, r, now, &tout[j], hring[j & (NAT_RPF_RING - 1)], rport, True,
                                           NAT_NO_LEN if lens == NULL else lens[j])
 
 cdef void nat_translate_batch(nat_table* t, const nat_tuple* tin, const uint16_t* ext,
@@ -89,8 +89,8 @@ cdef void nat_translate_batch_len(nat_table* t, const nat_tuple* tin, const uint
             h = hring[j & 31]
             s = _nat_peek(&t.fwd, h)
             if s != 0:
-                nat_prefetch_w(&t.entries[(s & 0xffffff) - 1])
-                nat_prefetch_w(<char*>&t.entries[(s & 0xffffff) - 1] + sizeof(nat_entry) - 1)
+                nat_prefetch_w(&t.entries[_nat_slot_idx(&t.fwd, s)])
+                nat_prefetch_w(<char*>&t.entries[_nat_slot_idx(&t.fwd, s)] + sizeof(nat_entry) - 1)
             else:
                 # no tag match near home: a new flow.  Fetch the mapping slot,
                 # and the reply slot assuming the pod's port is preserved

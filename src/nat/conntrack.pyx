@@ -4,9 +4,13 @@
 # ---------------------------------------------------------------------------
 # the policy id packed into a live entry (see nat_entry in nat.pxd)
 
-cdef inline uint32_t _nat_e_mapping(const nat_entry* e) noexcept nogil:
-    """A live entry's mapping index."""
-    return e.mapping & NAT_MAP_MASK
+cdef inline uint32_t _nat_e_mapping(nat_table* t, const nat_entry* e) noexcept nogil:
+    """A live entry's mapping index: kept in the entry's 24 bits, or, in a
+    table with more mappings than 24 bits hold, found by its key."""
+    if t.map_capacity <= NAT_MAP_MASK:
+        return e.mapping & NAT_MAP_MASK
+    return _nat_find_map(t, _nat_hash_map(t.seed, e.family, e.proto, e.sport, e.ext, e.src),
+                         e.family, e.proto, e.sport, e.ext, e.src)
 
 cdef inline uint32_t _nat_e_policy(const nat_entry* e) noexcept nogil:
     """A live entry's policy id (0: none)."""
@@ -16,7 +20,7 @@ cdef inline void _nat_e_set_mapping(nat_entry* e, uint32_t m, uint32_t policy) n
     """Make a live entry's mapping index m and its policy id `policy`."""
     if policy > NAT_POLICY_STORED:
         policy = NAT_POLICY_STORED
-    e.mapping = m | ((policy & 0xff) << 24)
+    e.mapping = (m & NAT_MAP_MASK) | ((policy & 0xff) << 24)
     e.flags = <uint8_t>((e.flags & NAT_F_MASK) | ((policy >> 8) << 3))
 
 # ---------------------------------------------------------------------------
@@ -250,7 +254,7 @@ cdef void _nat_collect(nat_table* t, uint32_t idx, uint64_t now,
     """Remove entry idx from both indexes; drop its mapping's last reference.
     With a flow log, write its end record (reason 0: from its state)."""
     cdef nat_entry* e = &t.entries[idx]
-    cdef uint32_t mi = _nat_e_mapping(e)
+    cdef uint32_t mi = _nat_e_mapping(t, e)
     cdef nat_mapping* m = &t.mappings[mi]
     if t.flog != NULL:
         _nat_flow(t, e, FLOW_END, reason if reason else _nat_end_reason(e), now)

@@ -122,16 +122,31 @@ cdef inline uint64_t _nat_entry_hash(nat_table* t, int kind, uint32_t idx) noexc
     return _nat_hash_map(t.seed, m.family, m.proto, m.port, m.ext, m.addr)
 
 # ---------------------------------------------------------------------------
-# open-addressing index: uint32 slots = 8-bit hash tag | (entry index + 1),
-# linear probing, 1.5 slots per entry of capacity (load < 2/3 when full:
-# about 5 slots, one cache line, probed for a miss), backward-shift deletion
-# (no tombstones).
+# open-addressing index: uint32 slots = hash tag | (entry index + 1), the
+# index in the low ix.ibits bits (24 up to 16,777,214 entries: an 8-bit tag;
+# one more per doubling of the capacity, down to a 4-bit tag at 2**28 - 2,
+# see _nat_index_bits), linear probing, 1.5 slots per entry of capacity
+# (load < 2/3 when full: about 5 slots, one cache line, probed for a miss),
+# backward-shift deletion (no tombstones).
 
 cdef inline uint64_t _nat_home(const nat_index* ix, uint64_t h) noexcept nogil:
     return ((h >> 32) * ix.size) >> 32
 
-cdef inline uint32_t _nat_tag(uint64_t h) noexcept nogil:
-    return <uint32_t>(h & 0xff) << 24
+cdef inline uint32_t _nat_tag(const nat_index* ix, uint64_t h) noexcept nogil:
+    return (<uint32_t>h) & ix.tmask
+
+cdef inline uint32_t _nat_slot_idx(const nat_index* ix, uint32_t s) noexcept nogil:
+    """The entry (or mapping) index a non-empty slot holds."""
+    return (s & ix.imask) - 1
+
+cdef inline void _nat_index_init(nat_index* ix, uint64_t size, uint32_t capacity) noexcept nogil:
+    """Size an index over `capacity` entries: index bits for capacity + 1 values, at least 24."""
+    cdef uint32_t ibits = 24
+    while ibits < 32 and (<uint64_t>capacity) >= (<uint64_t>1 << ibits):
+        ibits += 1
+    ix.size = size
+    ix.imask = <uint32_t>((<uint64_t>1 << ibits) - 1)
+    ix.tmask = ~ix.imask
 
 cdef inline void _nat_index_insert(nat_index* ix, uint64_t h, uint32_t idx) noexcept nogil:
     cdef uint64_t pos = _nat_home(ix, h)
@@ -139,11 +154,11 @@ cdef inline void _nat_index_insert(nat_index* ix, uint64_t h, uint32_t idx) noex
         pos += 1
         if pos == ix.size:
             pos = 0
-    ix.slots[pos] = _nat_tag(h) | (idx + 1)
+    ix.slots[pos] = _nat_tag(ix, h) | (idx + 1)
 
 cdef void _nat_index_delete(nat_table* t, int kind, nat_index* ix, uint64_t h,
                             uint32_t idx) noexcept nogil:
-    cdef uint32_t want = _nat_tag(h) | (idx + 1)
+    cdef uint32_t want = _nat_tag(ix, h) | (idx + 1)
     cdef uint64_t i = _nat_home(ix, h)
     cdef uint64_t j, k
     cdef uint32_t s
@@ -161,7 +176,7 @@ cdef void _nat_index_delete(nat_table* t, int kind, nat_index* ix, uint64_t h,
         s = ix.slots[j]
         if s == 0:
             break
-        k = _nat_home(ix, _nat_entry_hash(t, kind, (s & 0xffffff) - 1))
+        k = _nat_home(ix, _nat_entry_hash(t, kind, _nat_slot_idx(ix, s)))
         # leave s where it is if its home lies cyclically in (i, j]
         if i <= j:
             if i < k and k <= j:
@@ -176,18 +191,19 @@ cdef inline uint32_t _nat_find_fwd(nat_table* t, uint64_t h, uint8_t family, uin
                                    uint16_t sport, uint16_t dport, const uint8_t* src,
                                    const uint8_t* dst) noexcept nogil:
     cdef uint64_t pos = _nat_home(&t.fwd, h)
-    cdef uint32_t tag = _nat_tag(h)
+    cdef uint32_t tag = _nat_tag(&t.fwd, h)
+    cdef uint32_t tmask = t.fwd.tmask
     cdef uint32_t s
     cdef nat_entry* e
     while True:
         s = t.fwd.slots[pos]
         if s == 0:
             return NAT_NONE
-        if (s & NAT_TAG_MASK) == tag:
-            e = &t.entries[(s & 0xffffff) - 1]
+        if (s & tmask) == tag:
+            e = &t.entries[(s & t.fwd.imask) - 1]
             if (e.sport == sport and e.dport == dport and e.proto == proto
                     and e.family == family and nat_eq16(e.src, src) and nat_eq16(e.dst, dst)):
-                return (s & 0xffffff) - 1
+                return (s & t.fwd.imask) - 1
         pos += 1
         if pos == t.fwd.size:
             pos = 0
@@ -196,19 +212,20 @@ cdef inline uint32_t _nat_find_rev(nat_table* t, uint64_t h, uint8_t family, uin
                                    uint16_t rport, uint16_t xport, const uint8_t* remote,
                                    const uint8_t* extaddr) noexcept nogil:
     cdef uint64_t pos = _nat_home(&t.rev, h)
-    cdef uint32_t tag = _nat_tag(h)
+    cdef uint32_t tag = _nat_tag(&t.rev, h)
+    cdef uint32_t tmask = t.rev.tmask
     cdef uint32_t s
     cdef nat_entry* e
     while True:
         s = t.rev.slots[pos]
         if s == 0:
             return NAT_NONE
-        if (s & NAT_TAG_MASK) == tag:
-            e = &t.entries[(s & 0xffffff) - 1]
+        if (s & tmask) == tag:
+            e = &t.entries[(s & t.rev.imask) - 1]
             if (e.xport == xport and e.dport == rport and e.proto == proto
                     and e.family == family and nat_eq16(e.dst, remote)
                     and nat_eq16(t.ext[e.ext].addr, extaddr)):
-                return (s & 0xffffff) - 1
+                return (s & t.rev.imask) - 1
         pos += 1
         if pos == t.rev.size:
             pos = 0
@@ -216,18 +233,19 @@ cdef inline uint32_t _nat_find_rev(nat_table* t, uint64_t h, uint8_t family, uin
 cdef inline uint32_t _nat_find_map(nat_table* t, uint64_t h, uint8_t family, uint8_t proto,
                                    uint16_t port, uint16_t ext, const uint8_t* addr) noexcept nogil:
     cdef uint64_t pos = _nat_home(&t.map, h)
-    cdef uint32_t tag = _nat_tag(h)
+    cdef uint32_t tag = _nat_tag(&t.map, h)
+    cdef uint32_t tmask = t.map.tmask
     cdef uint32_t s
     cdef nat_mapping* m
     while True:
         s = t.map.slots[pos]
         if s == 0:
             return NAT_NONE
-        if (s & NAT_TAG_MASK) == tag:
-            m = &t.mappings[(s & 0xffffff) - 1]
+        if (s & tmask) == tag:
+            m = &t.mappings[(s & t.map.imask) - 1]
             if (m.port == port and m.ext == ext and m.proto == proto
                     and m.family == family and nat_eq16(m.addr, addr)):
-                return (s & 0xffffff) - 1
+                return (s & t.map.imask) - 1
         pos += 1
         if pos == t.map.size:
             pos = 0

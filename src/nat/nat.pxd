@@ -61,9 +61,11 @@ cdef extern from "nat/nat_helpers.h":
     void nat_prefetch_w(const void* p) nogil
     int nat_ctz64(uint64_t x) nogil
     enum: NAT_NONE          # 0xffffffff: no entry / end of a free list
-    enum: NAT_TAG_MASK      # 0xff000000: hash tag bits of an index slot
     enum: NAT_PF_SLOT       # batch pipeline distances
     enum: NAT_PF_ENTRY
+    enum: NAT_RPF_SLOT      # the reply batch's distances and ring
+    enum: NAT_RPF_ENTRY
+    enum: NAT_RPF_RING
     const uint64_t NAT_WHEEL_UNSET  # wheel_cur before the first use
 
 cdef enum:
@@ -100,7 +102,10 @@ cdef enum:
     NAT_DIR_IN = 1
 
     NAT_MAX_EXT = 1024          # egress IPs per table
-    NAT_MAX_CAPACITY = 16777214  # slot = 8-bit tag | 24-bit entry index + 1
+    # an index slot is a hash tag over (entry index + 1): 24 index bits and an
+    # 8-bit tag up to 16,777,214 entries, then one index bit more (one tag bit
+    # fewer) per doubling, down to a 4-bit tag at the largest capacity
+    NAT_MAX_CAPACITY = 268435454    # 2**28 - 2: 28 index bits, 4 tag bits
     NAT_NPOOLS = 3              # per egress IP: TCP, UDP, ICMP echo
     NAT_MAX_SPILL = 8           # egress IPs one egress IP spills to (nat_ext.spill)
 
@@ -153,7 +158,9 @@ cdef struct nat_entry:
 # close count to it) is packed into bits the entry does not use, to stay at
 # 80 bytes: its low 8 bits in the top byte of `mapping` (a live entry's
 # mapping index is 24 bits), its high 5 bits in the top of `flags` (the
-# NAT_F_* bits are the low 3).  13 bits: ids above NAT_POLICY_STORED are
+# NAT_F_* bits are the low 3).  In a table of more than 2**24 - 1 mappings
+# the low 24 bits do not hold a mapping index: it is found by its key
+# (_nat_e_mapping).  13 bits: ids above NAT_POLICY_STORED are
 # kept as NAT_POLICY_STORED (counted in the overflow slot).  Read and write
 # them through _nat_e_mapping / _nat_e_policy / _nat_e_set_mapping (nat/conntrack.pyx).
 
@@ -192,9 +199,13 @@ cdef struct nat_ext:
     uint16_t spill[NAT_MAX_SPILL]
     uint64_t spilled_in         # mappings placed here because an earlier IP was full
 
+# An open-addressing index (nat/index.pyx): slot = tag | (entry index + 1),
+# the low `ibits` bits the index, the bits above them (tmask) a hash tag.
 cdef struct nat_index:
     uint32_t* slots
     uint64_t size
+    uint32_t imask              # (1 << ibits) - 1
+    uint32_t tmask              # ~imask
 
 # Live connections of one source (pod) address, for the per-source limit:
 # an open-addressing table sized at creation (it never fills: a source with
@@ -222,6 +233,7 @@ cdef struct nat_table:
     nat_index rev               # reply tuple -> entry
     nat_index map               # pod endpoint + egress IP -> mapping
     uint32_t capacity
+    uint32_t map_capacity       # mappings (= capacity: at most one per entry)
     uint32_t used
     uint32_t free_head
     uint32_t map_free_head

@@ -9,9 +9,12 @@
 #include <string.h>
 
 #define NAT_NONE 0xffffffffu
-#define NAT_TAG_MASK 0xff000000u
 #define NAT_PF_SLOT 16
 #define NAT_PF_ENTRY 8
+/* the reply batch (nat_reverse_batch): farther ahead, for tables in DRAM */
+#define NAT_RPF_SLOT 32
+#define NAT_RPF_ENTRY 16
+#define NAT_RPF_RING 64
 #define NAT_WHEEL_UNSET UINT64_MAX
 
 /* wyhash-style 64x64->128 multiply folded to 64 bits: fast, well mixed. */

@@ -130,7 +130,7 @@ cdef int _nat_state_link_h(nat_table* t, uint32_t idx, uint64_t now,
     else:
         if not _nat_port_free(pool, e.xport):
             return NAT_ADOPT_INVALID                 # another endpoint's port
-        if t.mappings_hwm >= t.capacity:
+        if t.mappings_hwm >= t.map_capacity:
             return NAT_ADOPT_INVALID                 # never: at most one per entry
         m = t.mappings_hwm
         t.mappings_hwm += 1
@@ -206,7 +206,7 @@ cdef void nat_state_rebuild(nat_table* t, uint64_t now, const uint64_t* max_time
         if NAT_PF_ENTRY <= i and j < scan and t.entries[j].state != NAT_STATE_FREE:
             s = _nat_peek(&t.map, ring[j & 31][2])
             if s != 0:
-                nat_prefetch_w(&t.mappings[(s & 0xffffff) - 1])
+                nat_prefetch_w(&t.mappings[_nat_slot_idx(&t.map, s)])
         j = i - NAT_PF_SLOT
         if i < NAT_PF_SLOT:
             continue

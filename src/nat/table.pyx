@@ -152,7 +152,7 @@ cdef class NatTable:
     unless `port_ranges` ({"tcp"|"udp"|"icmp": (lo, hi)}) or add_egress_ip say
     otherwise.  `timeouts` overrides DEFAULT_TIMEOUTS (seconds).  `clock()`
     returns monotonic seconds; every method also takes `now=` (seconds).
-    `capacity` (at most 16,777,214: entries are indexed in 24 bits) costs
+    `capacity` (at most 268,435,454: entries are indexed in 28 bits) costs
     about 127 bytes per connection (memory_bytes), backed by the kernel only
     as connections use it.  `per_source_limit` N: a source (pod) address
     holds at most N connections; more are refused ("pod_conn_limit", counted
@@ -182,7 +182,7 @@ cdef class NatTable:
             raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
         if not 1 <= capacity <= NAT_MAX_CAPACITY:
             raise ValueError(f"capacity {capacity} is out of range 1-{NAT_MAX_CAPACITY} "
-                             f"(connections are indexed in 24 bits)")
+                             f"(connections are indexed in 28 bits)")
         if per_source_limit is not None:
             if isinstance(per_source_limit, bool) or not isinstance(per_source_limit, int):
                 raise TypeError(f"per_source_limit must be an int or None, "
@@ -223,7 +223,10 @@ cdef class NatTable:
         if t.pol == NULL:
             raise no_memory("NatTable")
         t.capacity = cap
-        t.fwd.size = t.rev.size = t.map.size = nslots
+        t.map_capacity = cap
+        _nat_index_init(&t.fwd, nslots, cap)
+        _nat_index_init(&t.rev, nslots, cap)
+        _nat_index_init(&t.map, _nat_index_slots(t.map_capacity), t.map_capacity)
         t.src_limit = per_source_limit or 0
         s = seed & 0xffffffffffffffff
         t.seed = (s * 0xff51afd7ed558ccd + 0x632be59bd9b4e5b1) & 0xffffffffffffffff
@@ -247,10 +250,10 @@ cdef class NatTable:
             adopt = self._state_map(state_path, cap, ranges, seed, self._now(None))
         else:
             t.entries = <nat_entry*>egc_alloc_big(cap * sizeof(nat_entry), 1)
-        t.mappings = <nat_mapping*>egc_alloc_big(cap * sizeof(nat_mapping), 1)
+        t.mappings = <nat_mapping*>egc_alloc_big(t.map_capacity * sizeof(nat_mapping), 1)
         t.fwd.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
         t.rev.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
-        t.map.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
+        t.map.slots = <uint32_t*>egc_alloc_big(t.map.size * 4, 1)
         t.wheel = <uint32_t*>calloc(2 * NAT_WHEEL_SLOTS, sizeof(uint32_t))
         if per_source_limit is not None:
             t.src_size = _nat_index_slots(cap)
@@ -290,7 +293,7 @@ cdef class NatTable:
         for i in range(t.n_ext):
             for k in range(NAT_NPOOLS):
                 free(t.ext[i].pools[k])
-        egc_free_big(t.mappings, t.capacity * sizeof(nat_mapping))
+        egc_free_big(t.mappings, t.map_capacity * sizeof(nat_mapping))
         egc_free_big(t.fwd.slots, t.fwd.size * 4)
         egc_free_big(t.rev.slots, t.rev.size * 4)
         egc_free_big(t.map.slots, t.map.size * 4)
@@ -631,7 +634,7 @@ cdef class NatTable:
             raise RuntimeError("NatTable was not initialised (__init__ not run)")
         cdef nat_table* t = self.t
         return (sizeof(nat_table) + POLICY_SLOTS * sizeof(nat_policy_conns)
-                + t.capacity * (sizeof(nat_entry) + sizeof(nat_mapping))
+                + t.capacity * sizeof(nat_entry) + t.map_capacity * sizeof(nat_mapping)
                 + 4 * (t.fwd.size + t.rev.size + t.map.size)
                 + 8 * NAT_WHEEL_SLOTS + t.src_size * sizeof(nat_src)
                 + t.n_ext * NAT_NPOOLS * sizeof(nat_pool))
