@@ -430,6 +430,7 @@ class Agent:
         self._claim_pods = set()       # host thread: pod veths claimed
         # loop thread: the last neighbours the host thread handed over, pods being opened
         self._router_ip = None
+        self._router6_ip = None        # the IPv6 default router (NDP), when the underlay has one
         self._neigh_macs = {}
         self._opening = set()
         self._port_macs = {}           # pod key -> our end's MAC
@@ -774,20 +775,26 @@ class Agent:
         self._node_rows = dict(rows)
 
     def _inside(self, nodes=None):
-        """The cluster's own destinations (pod CIDRs, node IPs): pod traffic to them stays the kernel's."""
+        """The cluster's own destinations (pod CIDRs, node IPs, IPv4 and IPv6): pod traffic to
+        them stays the kernel's (the claims keep IPv6 ones only on a host with IPv6)."""
         nodes = (self.cluster.nodes if nodes is None else nodes).values()
-        return sorted({c for n in nodes for c in n.pod_cidrs if ":" not in c}
-                      | {n.gateway_ip + "/32" for n in nodes if n.gateway_ip})
+        return sorted({c for n in nodes for c in n.pod_cidrs}
+                      | {n.gateway_ip + "/32" for n in nodes if n.gateway_ip}
+                      | {ip + "/128" for n in nodes if (ip := _node_ip6(n))})
 
     # -- neighbours (learnt on the host thread, written here) -----------------------------
-    def _neighbours_changed(self, router, macs):
-        """Host thread: a new neighbour snapshot, for the loop thread."""
-        self._to_loop(self._apply_neighbours, router, macs)
+    def _neighbours_changed(self, router, macs, router6=None):
+        """Host thread: a new neighbour snapshot (ARP and NDP), for the loop thread."""
+        self._to_loop(self._apply_neighbours, router, macs, router6)
 
-    def _apply_neighbours(self, router, macs):
+    def _apply_neighbours(self, router, macs, router6=None):
         self._router_ip = router
+        self._router6_ip = router6
         self._neigh_macs = macs
         self.datapath.set_router(macs.get(router) if router else None)
+        set_router6 = getattr(self.datapath, "set_router6", None)   # a datapath with the IPv6 path
+        if set_router6 is not None:
+            set_router6(macs.get(router6) if router6 else None)
         for name, idx in self._node_index.items():
             ip = self._node_rows[name][0]
             if ip not in self._local_ips:
@@ -1239,3 +1246,12 @@ class Agent:
         self.stop()
         self.close()
         return False
+
+
+def _node_ip6(node):
+    """A node's IPv6 address: the first IPv6 of its IPv6 default-route interface (else of the
+    interface holding its internal IP), as the egress IP is picked; None without one."""
+    dev = node.interface(node.default_route_interface_v6) if node.default_route_interface_v6 else None
+    if dev is None and node.internal_ip:
+        dev = node.interface_with_ip(node.internal_ip)
+    return dev.first_ip(6) if dev is not None else None
