@@ -612,7 +612,7 @@ def _add_store(sub):
 def _cmd_demo(args):
     from .demo import run_demo
 
-    return run_demo(quiet=args.quiet, store=args.store)
+    return run_demo(quiet=args.quiet, store=args.store, ipv6=args.ipv6)
 
 
 def _add_demo(sub):
@@ -627,6 +627,8 @@ def _add_demo(sub):
                    help="etcd: start an etcd on 127.0.0.1 for the lab, load the cluster and policy into it, run "
                         "the agents on it (--source etcd://), then `egresscore apply` a second policy and "
                         "`egresscore delete` it while app1's requests run, and show the source address change")
+    d.add_argument("--ipv6", action="store_true",
+                   help="a dual-stack lab and examples/egress-sample-dual.yaml: IPv6 rows beside the IPv4 ones")
     d.set_defaults(func=_cmd_demo)
 
 
