@@ -127,3 +127,14 @@ def test_kernel_baseline_ipv6_bulk_tcp_intact_through_the_tunnel(dual_lab):
     assert lab.call("app1", traffic.tcp_download, IN_POLICY6, 5_000_000, timeout=30) == (5_000_000, True)
     # upload: full-size segments from the pod (MTU 1500) meet vxlan0 (1450 / 1430): IPv6 PMTU discovery
     assert lab.call("app1", traffic.tcp_upload, IN_POLICY6, 5_000_000, timeout=30) == (5_000_000, True)
+
+
+def test_udp_frame6_is_the_frame_scapy_builds():
+    scapy = pytest.importorskip("scapy.all")
+    frame = traffic.udp_frame6("02:00:00:00:00:01", "02:00:00:00:00:02", "fd00:10:1::93", IN_POLICY6, 40000, 9)
+    want = (scapy.Ether(dst="02:00:00:00:00:02", src="02:00:00:00:00:01")
+            / scapy.IPv6(src="fd00:10:1::93", dst=IN_POLICY6, hlim=64) / scapy.UDP(sport=40000, dport=9))
+    assert frame == bytes(want) and len(frame) == 62   # the smallest IPv6 UDP frame, checksum set
+    assert traffic.udp_frame6("02:00:00:00:00:01", "02:00:00:00:00:02", "fd00::1", "fd00::2", 1, 2, 18) == bytes(
+        scapy.Ether(dst="02:00:00:00:00:02", src="02:00:00:00:00:01") / scapy.IPv6(src="fd00::1", dst="fd00::2")
+        / scapy.UDP(sport=1, dport=2) / bytes(18))

@@ -430,6 +430,21 @@ def udp_frame(src_mac, dst_mac, src_ip, dst_ip, sport, dport, payload=18):
     return mac(dst_mac) + mac(src_mac) + b"\x08\x00" + ip + udp + bytes(payload)
 
 
+def udp_frame6(src_mac, dst_mac, src_ip, dst_ip, sport, dport, payload=0):
+    """One Ethernet + IPv6 + UDP frame, UDP checksum set (IPv6 forbids a zero one).  With no
+    payload it is the smallest IPv6 UDP frame: 62 bytes, 66 with FCS (the IPv6 header is 20
+    bytes longer than IPv4's, so there is no 64-byte one)."""
+    mac = lambda m: bytes.fromhex(m.replace(":", ""))  # noqa: E731
+    src, dst = socket.inet_pton(socket.AF_INET6, src_ip), socket.inet_pton(socket.AF_INET6, dst_ip)
+    length = 8 + payload
+    body = bytes(payload)
+    pseudo = src + dst + struct.pack("!IxxxB", length, 17)
+    csum = _icmp_checksum(pseudo + struct.pack("!HHHH", sport, dport, length, 0) + body) or 0xFFFF
+    udp = struct.pack("!HHHH", sport, dport, length, csum) + body
+    ip6 = struct.pack("!IHBB", 6 << 28, length, 17, 64) + src + dst
+    return mac(dst_mac) + mac(src_mac) + b"\x86\xdd" + ip6 + udp
+
+
 def trafgen_config(frame):
     """A trafgen packet configuration that sends `frame` over and over."""
     return "{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n"
