@@ -3,7 +3,8 @@
 Per call: one pass of prebuilt frames through Datapath.process_batch (the
 ring loop's per-batch step, no Python per frame; CALL frames a call), for
 each path of benchmarks/compare_datapath.py (pod to remote gateway, gateway
-SNAT, reply, masquerade, no_nat_entry drop) at each number of flows, and the
+SNAT, reply, masquerade, no_nat_entry drop, make-before-break, and the first
+four again over IPv6) at each number of flows, and the
 same frames through Datapath.process(), one Python call per frame (the old
 figure).  Divide by frames_per_call (extra_info) for ns per frame.  The
 workload checks every path's verdicts, outputs and counters, both ways, before
@@ -23,7 +24,8 @@ pytest.importorskip("dpkt")
 import compare_datapath as cd
 
 FLOWS = [int(x) for x in os.environ.get("EGRESSCORE_BENCH_DP_FLOWS", "1000,100000").split(",")]
-PATH_IDS = ["to_gateway", "gateway_snat", "reply", "masquerade", "drop_no_nat_entry"]
+PATH_IDS = ["to_gateway", "gateway_snat", "reply", "masquerade", "drop_no_nat_entry", "to_gateway_mbb",
+            "v6_to_gateway", "v6_gateway_snat", "v6_reply", "v6_masquerade"]
 
 
 @pytest.fixture(scope="module", params=FLOWS, ids=lambda n: f"{n}flows")

@@ -20,6 +20,12 @@ UDP with a 64-byte payload) take each path through the real Datapath:
                          flow): the first path's frames again, each also
                          looked up in the gateway pin table (its cost is the
                          difference from the first row, both in this run)
+  IPv6: the first four   dual-stack node1 and node3 (node_ip6, pods
+  paths again            fd00:10:1::10.., the policy 2001:db8::/64 minus
+                         its upper /65, IPv6 egress IP fd00:192:168:1::100):
+                         the same flows as IPv6 frames (the same 64-byte
+                         payload: 126 bytes, 176 in VXLAN over the IPv4
+                         underlay), beside the IPv4 rows of the same run
 
 Many flows (FLOWS: N_PODS pods x ports x 4 servers; the NAT table then
 holds one connection per flow), flows in a random order (not the order they
@@ -76,6 +82,13 @@ T0 = 1000.0                 # the clock (seconds) at the first batch
 TARGET_MPPS = 15.0          # issue 17: gateway SNAT path, per core
 PIN_ROOM = 2                # pin table capacity per flow (rounded up to a power of two)
 MBB_TARGET = 0.05           # issue 15: make-before-break costs under 5% on the pod -> gateway path
+V6_TARGET = 0.10            # issue 18: IPv6 within 10% of IPv4, path by path
+NODE6 = {ip: f"fd00:192:168:1::{ip.rsplit('.', 1)[1]}" for ip, _ in NODES}
+POD_CIDR6 = {ip: f"fd00:10:{ip.rsplit('.', 1)[1]}::/64" for ip, _ in NODES}
+EGRESS_IP6 = "fd00:192:168:1::100"
+POLICY_CIDR6, EXCLUDED_CIDR6 = "2001:db8::/64", "2001:db8:0:0:8000::/65"
+POLICY_SERVERS6 = [f"2001:db8::{10 + i:x}" for i in range(N_SERVERS)]
+OTHER_SERVERS6 = [f"2001:db8:1::{10 + i:x}" for i in range(N_SERVERS)]
 
 PATHS = (  # name, node, port kind, expected (verdict, reason), output port
     ("pod -> remote gateway (egress map hit, VXLAN encap)", "node1", "pod", ("tx", "none"), 0),
@@ -85,14 +98,25 @@ PATHS = (  # name, node, port kind, expected (verdict, reason), output port
     ("drop: reply without a NAT entry (no_nat_entry)", "empty node3", "underlay",
      ("drop", "no_nat_entry"), None),
     ("pod -> remote gateway, make-before-break on (+ pin lookup)", "mbb node1", "pod", ("tx", "none"), 0),
+    ("IPv6 pod -> remote gateway (VXLAN over IPv4)", "v6 node1", "pod", ("tx", "none"), 0),
+    ("IPv6 gateway SNAT (to the IPv6 egress IP)", "v6 node3", "underlay", ("tx", "none"), 0),
+    ("IPv6 reply (reverse NAT, VXLAN back)", "v6 node3", "underlay", ("tx", "none"), 0),
+    ("IPv6 masquerade (to the node's IPv6 address)", "v6 node1", "pod", ("tx", "none"), 0),
 )
 SNAT_PATH = PATHS[1][0]
 MBB_PATH = PATHS[5][0]
+V6_OF = {PATHS[6][0]: PATHS[0][0], PATHS[7][0]: PATHS[1][0], PATHS[8][0]: PATHS[2][0],
+         PATHS[9][0]: PATHS[3][0]}   # each IPv6 path's IPv4 counterpart
 
 
 def pod(k):
     """The k-th pod of node1 (k from 0): its address, MAC, host-side MAC and veth port."""
     return f"10.0.1.{10 + k}", f"02:ec:0a:00:01:{10 + k:02x}", f"02:ed:0a:00:01:{10 + k:02x}", k + 1
+
+
+def pod6(k):
+    """The k-th pod's IPv6 address."""
+    return f"fd00:10:1::{10 + k:x}"
 
 
 def udp_frame(src_mac, dst_mac, src, dst, sport, dport, ttl=64):
@@ -106,6 +130,18 @@ def udp_frame(src_mac, dst_mac, src, dst, sport, dport, ttl=64):
                                         type=dpkt.ethernet.ETH_TYPE_IP, data=ip))
 
 
+def udp6_frame(src_mac, dst_mac, src, dst, sport, dport, hlim=64):
+    """Ethernet/IPv6/UDP with PAYLOAD, the UDP checksum (pseudo-header) filled in by dpkt."""
+    import dpkt
+    udp = dpkt.udp.UDP(sport=sport, dport=dport, data=PAYLOAD)
+    udp.ulen = len(udp)
+    ip = dpkt.ip6.IP6(src=socket.inet_pton(socket.AF_INET6, src), dst=socket.inet_pton(socket.AF_INET6, dst),
+                      nxt=17, hlim=hlim, plen=len(udp), data=udp)
+    return bytes(dpkt.ethernet.Ethernet(src=bytes.fromhex(src_mac.replace(":", "")),
+                                        dst=bytes.fromhex(dst_mac.replace(":", "")),
+                                        type=dpkt.ethernet.ETH_TYPE_IP6, data=ip))
+
+
 def flows(n):
     """n flows (pod index, pod port, server index): N_PODS pods x ports x N_SERVERS
     servers, so the mappings (pod, port) stay within one egress IP's ports."""
@@ -116,28 +152,36 @@ def flows(n):
 POLICY_ID = 1               # the entries' policy id, as the compiler writes it (0: no per-policy counting)
 
 
-def egress_map(view):
-    """The seed policy for every pod; node1 does not know the egress IP (0.0.0.0)."""
+def egress_map(view, v6=False):
+    """The seed policy for every pod; node1 does not know the egress IP (0.0.0.0).
+    Dual-stack (v6): the IPv6 policy beside it (gateway node3's IPv4, as Cilium)."""
     em = EgressMap()
     for k in range(N_PODS):
         em.set(pod(k)[0], POLICY_CIDR, EGRESS_IP if view == "node3" else "0.0.0.0", GATEWAY, POLICY_ID)
         em.set_excluded(pod(k)[0], EXCLUDED_CIDR, policy_id=POLICY_ID)
+        if v6:
+            em.set(pod6(k), POLICY_CIDR6, EGRESS_IP6 if view == "node3" else "::", GATEWAY, POLICY_ID)
+            em.set_excluded(pod6(k), EXCLUDED_CIDR6, policy_id=POLICY_ID)
     return em
 
 
-def datapath(view, capacity):
-    """(Datapath, its EgressMap, its NatTable) of node1 or node3."""
+def datapath(view, capacity, v6=False):
+    """(Datapath, its EgressMap, its NatTable) of node1 or node3 (dual-stack with v6)."""
     ip = NODE1 if view == "node1" else GATEWAY
-    em = egress_map(view)
-    nat = NatTable([EGRESS_IP] if view == "node3" else [], capacity=capacity, port_range=NAT_PORTS, seed=7)
-    dp = Datapath(ip, NODE_MAC[ip], em, nat, nat_port_range=NAT_PORTS)
+    em = egress_map(view, v6)
+    egress = ([EGRESS_IP] + ([EGRESS_IP6] if v6 else [])) if view == "node3" else []
+    nat = NatTable(egress, capacity=capacity, port_range=NAT_PORTS, seed=7)
+    dp = Datapath(ip, NODE_MAC[ip], em, nat, nat_port_range=NAT_PORTS, node_ip6=NODE6[ip] if v6 else None)
     for i, (nip, cidr) in enumerate(NODES):
-        dp.add_node(i, nip, [cidr], NODE_MAC[nip])
+        if v6:
+            dp.add_node(i, nip, [cidr, POD_CIDR6[nip]], NODE_MAC[nip], ip6=NODE6[nip])
+        else:
+            dp.add_node(i, nip, [cidr], NODE_MAC[nip])
     dp.set_router(ROUTER_MAC)
     if view == "node1":
         for k in range(N_PODS):
             addr, mac, host_mac, port = pod(k)
-            dp.add_pod_port(port, addr, host_mac, mac)
+            dp.add_pod_port(port, addr, host_mac, mac, pod_ip6=pod6(k) if v6 else None)
     return dp, em, nat
 
 
@@ -186,6 +230,10 @@ def _ip(frame, at):
     return socket.inet_ntoa(frame[at:at + 4])
 
 
+def _ip6(frame, at):
+    return socket.inet_ntop(socket.AF_INET6, frame[at:at + 16])
+
+
 class Workload:
     """The datapaths and the prebuilt frames of every path for n flows, each
     path checked once (verdicts, output addresses, counters)."""
@@ -193,8 +241,8 @@ class Workload:
     def __init__(self, n, seed=1):
         self.n = n
         cap = n + n // 4 + 1024
-        self.tables = {view: datapath(view.split()[-1], cap)
-                       for view in ("node1", "node3", "empty node3", "mbb node1")}
+        self.tables = {view: datapath(view.split()[-1], cap, v6=view.startswith("v6"))
+                       for view in ("node1", "node3", "empty node3", "mbb node1", "v6 node1", "v6 node3")}
         self.dps = {view: dp for view, (dp, _, _) in self.tables.items()}
         self.pin_capacity = PIN_ROOM * n
         self.dps["mbb node1"].set_make_before_break(True, capacity=self.pin_capacity, seed=5)
@@ -221,13 +269,30 @@ class Workload:
         assert pins["pinned"] == n and pins["kept"] == 0 and pins["evicted"] <= n // 100, pins
         self.pin_evicted = pins["evicted"]
         self._check_outputs(fl, outs, xports)
+        # IPv6: the same flows through the dual-stack pair
+        to_gw6 = [(udp6_frame(pods[k][1], pods[k][2], pod6(k), POLICY_SERVERS6[s], sp, 53), pods[k][3])
+                  for k, sp, s in fl]
+        masq6 = [(udp6_frame(pods[k][1], pods[k][2], pod6(k), OTHER_SERVERS6[s], sp, 53), pods[k][3])
+                 for k, sp, s in fl]
+        tunnel6 = self._check(PATHS[6], to_gw6, outs)
+        self._check(PATHS[7], [(f, 0) for f in tunnel6], outs)
+        xports6 = [int.from_bytes(f[54:56], "big") for f in outs[PATHS[7][0]]]
+        replies6 = [(udp6_frame(ROUTER_MAC, NODE_MAC[GATEWAY], POLICY_SERVERS6[s], EGRESS_IP6, 53, x), 0)
+                    for (_, _, s), x in zip(fl, xports6)]
+        self._check(PATHS[8], replies6, outs)
+        self._check(PATHS[9], masq6, outs)
+        self._check_outputs6(fl, outs, xports6)
         # timed passes: the flows in another order than they were created in
         self.work = {PATHS[0][0]: [to_gw[i] for i in order],
                      PATHS[1][0]: [(tunnel[i], 0) for i in order],
                      PATHS[2][0]: [replies[i] for i in order],
                      PATHS[3][0]: [masq[i] for i in order],
                      PATHS[4][0]: [replies[i] for i in order],
-                     PATHS[5][0]: [to_gw[i] for i in order]}
+                     PATHS[5][0]: [to_gw[i] for i in order],
+                     PATHS[6][0]: [to_gw6[i] for i in order],
+                     PATHS[7][0]: [(tunnel6[i], 0) for i in order],
+                     PATHS[8][0]: [replies6[i] for i in order],
+                     PATHS[9][0]: [masq6[i] for i in order]}
         self.packed = {name: Packed(w) for name, w in self.work.items()}
         for path in PATHS:
             self._check_batch(path, outs[path[0]], order)
@@ -261,7 +326,11 @@ class Workload:
                   PATHS[2][0]: {"reverse_nat": n, "encap": n},
                   PATHS[3][0]: {"masquerade": n},
                   PATHS[4][0]: {},
-                  PATHS[5][0]: {"encap": n}}[name]
+                  PATHS[5][0]: {"encap": n},
+                  PATHS[6][0]: {"encap": n},
+                  PATHS[7][0]: {"decap": n, "snat_egress": n},
+                  PATHS[8][0]: {"reverse_nat": n, "encap": n},
+                  PATHS[9][0]: {"masquerade": n}}[name]
         for key in ("encap", "decap", "snat_egress", "masquerade", "reverse_nat"):
             assert c[key] == expect.get(key, 0), (name, key, c)
         assert c["drops"] == ({want[1]: n} if want[0] == "drop" else {}), (name, c["drops"])
@@ -305,6 +374,26 @@ class Workload:
             assert (_ip(f, 26), _ip(f, 30)) == (NODE1, OTHER_SERVERS[s])
         nat = {view: t[2] for view, t in self.tables.items()}
         assert len(nat["node3"]) == len(nat["node1"]) == n and len(nat["empty node3"]) == len(nat["mbb node1"]) == 0
+
+    def _check_outputs6(self, fl, outs, xports):
+        """The IPv6 paths' outputs (Ethernet/IPv6: 22 src, 38 dst, UDP at 54;
+        in VXLAN the inner frame at 50)."""
+        n = self.n
+        for (k, _, s), f in zip(fl, outs[PATHS[6][0]]):
+            assert (_ip(f, 26), _ip(f, 30), int.from_bytes(f[36:38], "big")) == (NODE1, GATEWAY, 8472)
+            assert (_ip6(f, 50 + 22), _ip6(f, 50 + 38)) == (pod6(k), POLICY_SERVERS6[s])
+        for (k, _, s), f in zip(fl, outs[PATHS[7][0]]):
+            assert f[:6] == bytes.fromhex(ROUTER_MAC.replace(":", ""))
+            assert (_ip6(f, 22), _ip6(f, 38)) == (EGRESS_IP6, POLICY_SERVERS6[s])
+        assert len(set(zip(xports, (s for _, _, s in fl)))) == n
+        for (k, sp, s), f in zip(fl, outs[PATHS[8][0]]):
+            assert (_ip(f, 26), _ip(f, 30)) == (GATEWAY, NODE1)
+            assert (_ip6(f, 50 + 22), _ip6(f, 50 + 38), int.from_bytes(f[50 + 56:50 + 58], "big")) == (
+                POLICY_SERVERS6[s], pod6(k), sp)
+        for (k, _, s), f in zip(fl, outs[PATHS[9][0]]):
+            assert (_ip6(f, 22), _ip6(f, 38)) == (NODE6[NODE1], OTHER_SERVERS6[s])
+        nat = {view: t[2] for view, t in self.tables.items()}
+        assert len(nat["v6 node3"]) == len(nat["v6 node1"]) == n
 
     def node_of(self, name):
         return self.dps[next(node for p, node, *_ in PATHS if p == name)]
@@ -367,6 +456,7 @@ STAGES_OF = {  # which old stages a path's work is made of (relay stands for the
                   "PacketBatch.relay (decap, reverse SNAT, encap)"),
     PATHS[4][0]: (),
     PATHS[5][0]: ("EgressMap.lookup_batch", "PacketBatch.relay (decap, reverse SNAT, encap)"),
+    PATHS[6][0]: (), PATHS[7][0]: (), PATHS[8][0]: (), PATHS[9][0]: (),   # the stage figures are IPv4's
 }
 SHORT = {"EgressMap.lookup_batch": "lookup", "NatTable.translate_batch (known flows)": "translate",
          "NatTable.reverse_batch (replies)": "reverse", "PacketBatch.relay (decap, reverse SNAT, encap)": "relay"}
@@ -417,7 +507,12 @@ def run(quick: bool = False) -> str:
               "", "Make-before-break (a gateway pin lookup per frame from a pod): pod -> remote gateway "
               + ", ".join(f"{a:,.0f} -> {b:,.0f} ns/frame ({(b - a) / a:+.1%}) at {n:,} flows "
                           f"({p['capacity']:,} pins, {p['evicted']} evicted)" for n, a, b, p in mbb)
-              + f"; issue 15 target: under {MBB_TARGET:.0%} slower."]
+              + f"; issue 15 target: under {MBB_TARGET:.0%} slower.",
+              "", "IPv6 beside IPv4 (the same flows, this run; issue 18 target: within "
+              f"{V6_TARGET:.0%}): "
+              + "; ".join(f"{name.split(' (')[0][5:]} {dp[v4][0]:,.0f} -> {dp[name][0]:,.0f} ns/frame "
+                          f"({(dp[name][0] - dp[v4][0]) / dp[v4][0]:+.1%}) at {n:,} flows"
+                          for n, dp, _, _ in results for name, v4 in V6_OF.items())]
     return "\n".join(lines)
 
 

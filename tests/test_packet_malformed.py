@@ -1,11 +1,17 @@
 """Malformed input: always a drop with the right reason, never a crash.
 
 The corpus: every valid frame (several protocols, VLAN, IPv4 options, IPv6
-extension headers, ICMP errors, VXLAN) truncated at every byte offset; bad
-IHL, IP and UDP lengths, TCP data offsets; bad VXLAN flags; zero-length and
-oversize frames; batches whose offsets/lengths lie about their rows; and a
-seeded set of random byte mutations (any verdict is fine there, a crash or
-an out-of-bounds access is not).
+extension headers and chains of them, ICMP and ICMPv6 errors, VXLAN with
+IPv4 and IPv6 inner frames) truncated at every byte offset; bad IHL, IP and
+UDP lengths, TCP data offsets; IPv6 extension-header chains too long or cut,
+jumbograms (payload length 0 and a Jumbo Payload option: refused as
+malformed, frames stop at 64 KiB), ICMPv6 errors whose quote is truncated
+inside its IPv6 header, its extension headers or its first 8 L4 bytes; bad
+VXLAN flags; zero-length and oversize frames; batches whose offsets/lengths
+lie about their rows; and a seeded set of random byte mutations (any verdict
+is fine there, a crash or an out-of-bounds access is not).  Every frame of
+the corpus also goes through a dual-stack Datapath (both roles: from a pod
+and from the underlay), whose counters must add up.
 
 The same corpus also runs in a subprocess against a copy of the extension
 built with Cython bounds checking (EGRESSCORE_CHECKED=1) and, when gcc has
@@ -44,6 +50,8 @@ def valid_frames():
         IPv6,
         IPv6ExtHdrDestOpt,
         IPv6ExtHdrFragment,
+        IPv6ExtHdrHopByHop,
+        IPv6ExtHdrRouting,
         Raw,
     )
     e = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
@@ -63,11 +71,72 @@ def valid_frames():
         "echo6": e / ip6 / ICMPv6EchoRequest(id=9, data=b"p6"),
         "icmp6_err": e / ip6 / ICMPv6DestUnreach(code=4) / Raw(bytes(IPv6(src="2001:db8::9", dst="fd00:10::93")
                                                                     / UDP(sport=9, dport=10))),
+        "udp6_chain": e / ip6 / IPv6ExtHdrHopByHop() / IPv6ExtHdrRouting() / IPv6ExtHdrDestOpt()
+        / UDP(sport=3, dport=4) / Raw(b"c" * 8),
+        "tcp6_frag_chain": e / ip6 / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrFragment(m=1)
+        / TCP(sport=40000, dport=443, flags="S"),
+        "ah6": e / IPv6(src="fd00:10::93", dst="2001:db8::9", nh=51)
+        / Raw(bytes([17, 1, 0, 0]) + b"\x00\x00\x01\x00" + b"\x00" * 4 + bytes(UDP(sport=7, dport=8) / Raw(b"a"))),
+        "icmp6_err_nat": e / IPv6(src="2001:db8::1", dst="fd00::100") / ICMPv6DestUnreach(code=4)
+        / Raw(bytes(IPv6(src="fd00::100", dst="2001:db8::9") / IPv6ExtHdrDestOpt() / TCP(sport=40000, dport=443))[:56]),
+        "echo6_err": e / IPv6(src="2001:db8::1", dst="fd00::100") / ICMPv6DestUnreach()
+        / Raw(bytes(IPv6(src="fd00::100", dst="2001:db8::9") / ICMPv6EchoRequest(id=40000))),
     }
     frames = {k: bytes(v) for k, v in frames.items()}
     frames["vxlan"] = bytes(e / IP(src="192.168.1.3", dst="192.168.1.1") / UDP(sport=50000, dport=8472)
                             / VXLAN(vni=5) / Raw(frames["udp4"]))
+    frames["vxlan6"] = bytes(e / IP(src="192.168.1.3", dst="192.168.1.1") / UDP(sport=50000, dport=8472)
+                             / VXLAN(vni=5) / Raw(frames["udp6_chain"]))
+    # VXLAN over the IPv6 underlay (UDP checksum filled in, as a Linux vxlan device sends it)
+    frames["vxlan_u6"] = bytes(e / IPv6(src="fd00:192:168:1::3", dst="fd00:192:168:1::1")
+                               / UDP(sport=50000, dport=8472) / VXLAN(vni=5) / Raw(frames["echo6"]))
     return frames
+
+
+def ipv6_cases():
+    """Malformed IPv6 with a known verdict: [(op, frame, allowed reasons)]."""
+    from scapy.all import (
+        UDP,
+        Ether,
+        ICMPv6DestUnreach,
+        ICMPv6PacketTooBig,
+        IPv6,
+        IPv6ExtHdrDestOpt,
+        IPv6ExtHdrHopByHop,
+        Jumbo,
+        Raw,
+    )
+    e = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    ip6 = dict(src="fd00:10::93", dst="2001:db8::9")
+    items = []
+    # a jumbogram (RFC 2675): payload length 0, the length in a hop-by-hop option
+    jumbo = (e / IPv6(plen=0, **ip6) / IPv6ExtHdrHopByHop(options=[Jumbo(jumboplen=8 + 8 + 100)]) / UDP()
+             / Raw(b"j" * 100))
+    for op in ("parse", "snat", "encap"):
+        items.append((op, bytes(jumbo), {"malformed"}))
+    # a hop-by-hop header claiming more than the packet holds
+    items.append(("parse", bytes(e / IPv6(**ip6) / IPv6ExtHdrHopByHop(len=40) / UDP()), {"malformed"}))
+    # nine destination-options headers: a chain longer than the parser walks
+    chain = IPv6(**ip6)
+    for _ in range(9):
+        chain = chain / IPv6ExtHdrDestOpt()
+    items.append(("parse", bytes(e / chain / UDP()), {"unsupported"}))
+    # eight walk fine
+    chain = IPv6(**ip6)
+    for _ in range(7):
+        chain = chain / IPv6ExtHdrDestOpt()
+    items.append(("parse", bytes(e / chain / UDP()), {"none"}))
+    # ICMPv6 errors whose quote stops inside its IPv6 header, inside its
+    # extension headers, or before 8 bytes of its L4 header
+    quoted = bytes(IPv6(src="fd00::100", dst="2001:db8::9") / IPv6ExtHdrDestOpt() / UDP(sport=40000, dport=53))
+    for cut in (0, 1, 39, 40, 41, 47, 48, 49, 55):
+        for err in (ICMPv6DestUnreach(code=4), ICMPv6PacketTooBig(mtu=1280)):
+            f = bytes(e / IPv6(src="2001:db8::1", dst="fd00::100") / err / Raw(quoted[:cut]))
+            items.append(("parse", f, {"malformed"}))
+            items.append(("snat", f, {"malformed"}))
+    items.append(("parse", bytes(e / IPv6(src="2001:db8::1", dst="fd00::100") / ICMPv6DestUnreach()
+                                 / Raw(quoted[:56])), {"none"}))
+    return items
 
 
 def build_corpus():
@@ -81,10 +150,12 @@ def build_corpus():
             items.append(("snat", f[:cut], {"malformed"}))
             items.append(("encap", f[:cut], {"malformed"}))
         items.append(("parse", f, {"none"}))
+    for vx in (frames["vxlan"], frames["vxlan6"], frames["vxlan_u6"]):
+        for cut in range(len(vx)):
+            items.append(("decap", vx[:cut], {"malformed"}))
+        items.append(("decap", vx, {"none"}))
     vx = frames["vxlan"]
-    for cut in range(len(vx)):
-        items.append(("decap", vx[:cut], {"malformed"}))
-    items.append(("decap", vx, {"none"}))
+    items += ipv6_cases()
     e = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
     udp = bytes(e / IP(src="10.0.1.93", dst="203.0.113.9") / UDP(sport=1, dport=2) / Raw(b"x" * 60))
     # bad IHL: below 5, or beyond the total length
@@ -155,11 +226,32 @@ def build_corpus():
     return items
 
 
+def corpus_datapath(ec, underlay6=False):
+    """A dual-stack Datapath of node1 (192.168.1.1) serving both roles for
+    the corpus's flows: pod 10.0.1.93 / fd00:10::93 on port 1, node3
+    (192.168.1.3, VNI 5) hosting the same CIDRs, every policy through this
+    node to egress IPs 192.168.1.100 / fd00::100; its tunnel over IPv4, or
+    over IPv6 (underlay6)."""
+    em = ec.EgressMap()
+    em.set("10.0.1.93", "203.0.113.0/24", "192.168.1.100", "192.168.1.1")
+    em.set("fd00:10::93", "2001:db8::/64", "fd00::100", "192.168.1.1")
+    nat = ec.NatTable(["192.168.1.100", "fd00::100"], capacity=4096)
+    dp = ec.Datapath("192.168.1.1", "02:00:00:00:00:02", em, nat, vni=5, node_ip6="fd00:192:168:1::1",
+                     underlay6=underlay6)
+    dp.add_node(0, "192.168.1.1", ["10.0.9.0/24", "fd00:10:9::/64"], ip6="fd00:192:168:1::1")
+    dp.add_node(1, "192.168.1.3", ["10.0.1.0/24", "fd00:10::/64"], "02:00:00:00:00:01", ip6="fd00:192:168:1::3")
+    dp.set_router("02:00:00:00:00:fe")
+    dp.add_pod_port(1, "10.0.1.93", "02:00:00:00:00:02", "02:00:00:00:00:01", pod_ip6="fd00:10::93")
+    return dp
+
+
 def run_corpus(ec, items):
     """Run the corpus through egresscore module `ec`; return failure messages."""
     import numpy as np
 
     tmpl = ec.VxlanTemplate("02:00:00:00:01:03", "02:00:00:00:01:01", "192.168.1.3", "192.168.1.1", 5, mtu=1500)
+    dps = (corpus_datapath(ec), corpus_datapath(ec, underlay6=True))
+    seen = 0
 
     def do(op, frame):
         if op == "parse":
@@ -186,6 +278,18 @@ def run_corpus(ec, items):
             got = exc.reason
         if allowed is not ANY and got not in allowed:
             failures.append(f"{op} on {len(frame)} bytes {frame[:40].hex()}...: {got}, want {sorted(allowed)}")
+        if op in ("parse", "decap", "dnat"):
+            # the whole pipeline, both roles: any verdict, every frame counted once
+            for port in (0, 1):
+                for dp in dps:
+                    for _, out, _ in dp.process_frames(frame, port):
+                        if not 14 <= len(out) <= 65535 + 18 + 70:
+                            failures.append(f"datapath port {port} on {frame[:40].hex()}: {len(out)}-byte output")
+                seen += 1
+    for dp in dps:
+        c = dp.counters()
+        if not c["rx"] == seen == c["passed"] + c["tx"] + c["tx_local"] + c["dropped"]:
+            failures.append(f"datapath counters do not add up over {seen} frames: {c}")
 
     # the batch API on the same frames (those that fit a row), each step
     fits = [(op, f, allowed) for op, f, allowed in items if len(f) <= 2048 - 128]

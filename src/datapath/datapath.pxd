@@ -23,6 +23,9 @@ cdef struct dp_node:
     uint8_t has_mac
     uint8_t valid
     VxlanTmpl tmpl              # outer header towards it (valid with has_mac)
+    uint8_t ip6[16]             # its IPv6 underlay address (has_ip6; datapath/v6.pyx)
+    uint8_t has_ip6
+    Vxlan6Tmpl tmpl6            # outer IPv6 header towards it (with dp_ctx.underlay6)
 
 cdef struct dp_port:
     uint32_t pod_ip             # the pod behind this veth (0: underlay / unknown)
@@ -30,6 +33,8 @@ cdef struct dp_port:
     uint8_t host_mac[6]         # our end of the veth
     uint8_t has_pod_mac
     uint8_t used
+    uint8_t pod_ip6[16]         # the pod's IPv6 address (has_ip6)
+    uint8_t has_ip6
 
 # Counters, readable from Python at any time (Datapath.counters()).
 cdef struct dp_stats:
@@ -141,6 +146,16 @@ cdef struct dp_ctx:
     uint32_t cur_pol_dir  # its DP_POL_* direction
     int64_t cur_pol_len  # the bytes to count for it
     void (*emit)(dp_ctx *c, dp_out *o) noexcept nogil   # dp_emit, or dp_capture (process_frames)
+    # IPv6 pods (datapath/v6.pyx): off (IPv6 left to the kernel) unless has_ip6
+    uint8_t node_ip6[16]  # the node's IPv6 address: default masquerade of IPv6 pod traffic
+    uint8_t has_ip6
+    int node_ext6  # NAT index of node_ip6
+    uint8_t router6_mac[6]  # IPv6 next hop (has_router6; else router_mac)
+    uint8_t has_router6
+    lpm_trie * pod_nodes6_c  # IPv6 pod CIDR -> node index
+    lpm_trie * node_ips6_c  # node IPv6 /128 -> node index
+    lpm_trie * local_pods6_c  # local pod IPv6 /128 -> port
+    uint8_t underlay6  # VXLAN over the IPv6 underlay (nodes' ip6); mtu is then the underlay's - 20
 
 cdef class Datapath:
     cdef dp_ctx c
@@ -152,4 +167,7 @@ cdef class Datapath:
     cdef readonly LPMTrie local_pods    # local pod IP /32 -> port
     cdef object _flow_log
     cdef readonly GatewayPins pins      # make-before-break (None: off)
+    cdef readonly LPMTrie pod_nodes6    # IPv6 pod CIDR -> node index
+    cdef readonly LPMTrie node_ips6     # node IPv6 /128 -> node index
+    cdef readonly LPMTrie local_pods6   # local pod IPv6 /128 -> port
     cdef Py_ssize_t dp_run(self, uint64_t ns, int wake_fd) noexcept nogil

@@ -64,6 +64,15 @@ cdef extern from "<unistd.h>" nogil:
 
 DP_GC_BUDGET = 1024     # connections one Datapath.gc call examines at most
 
+
+def _dp_addr6(value, what):
+    """The 16 bytes (network order) of an IPv6 address, else ValueError naming `what`."""
+    fam, packed = addr_packed16(value, what)
+    if fam != 6:
+        raise ValueError(f"{what} must be an IPv6 address, not {value!r}")
+    return packed
+
+
 _DP_STAT_NAMES = ("rx", "passed", "tx", "tx_local", "dropped", "encap", "decap", "snat_egress",
                   "masquerade", "reverse_nat", "icmp_too_big", "icmp_errors", "tx_errors")
 
@@ -72,10 +81,18 @@ cdef class Datapath:
     """One node's fused egress-gateway datapath (see datapath.pyx's header).
 
     Datapath(node_ip, node_mac, egress_map, nat, *, vni=2, vxlan_port=8472,
-             mtu=1500, nat_port_range=(32768, 65534))
+             mtu=1500, nat_port_range=(32768, 65534), node_ip6=None)
 
     The NAT table must hold the node IP (masquerade) and this node's egress
-    IPs.  Configure with add_node / set_router / add_pod_port, then either
+    IPs.  node_ip6 (the node's IPv6 address) turns the IPv6 datapath on
+    (datapath/v6.pyx): IPv6 pod traffic is masqueraded to it by default;
+    without it every IPv6 frame is left to the kernel.  IPv6 pods, pod
+    CIDRs and node addresses come with add_pod_port(pod_ip6=),
+    add_node(pod_cidrs with IPv6 ones, ip6=) and set_router6().
+    underlay6=True (with node_ip6) carries VXLAN over the nodes' IPv6
+    addresses instead of their IPv4 ones (a node without ip6 is then
+    unreachable: no_route); the tunnel offload is then refused.
+    Configure with add_node / set_router / add_pod_port, then either
     process() frames (tests, embedding) or attach PacketRings and run()
     (or poll() one batch at a time).
     One thread per Datapath.
@@ -116,7 +133,8 @@ cdef class Datapath:
         _dp_free(self.c.pol)
 
     def __init__(self, node_ip, node_mac, EgressMap egress_map not None, NatTable nat not None, *,
-                 vni=2, vxlan_port=8472, mtu=1500, nat_port_range=(32768, 65534)):
+                 vni=2, vxlan_port=8472, mtu=1500, nat_port_range=(32768, 65534), node_ip6=None,
+                 underlay6=False):
         self.c.node_ip = addr_v4(node_ip, "node_ip")
         mac = mac_bytes(node_mac, "node_mac")
         _dp_memcpy(self.c.node_mac, <const char *>mac, 6)
@@ -147,14 +165,46 @@ cdef class Datapath:
         self.c.pod_nodes_c = self.pod_nodes.c
         self.c.node_ips_c = self.node_ips.c
         self.c.local_pods_c = self.local_pods.c
+        self.pod_nodes6 = LPMTrie(6)
+        self.node_ips6 = LPMTrie(6)
+        self.local_pods6 = LPMTrie(6)
+        self.c.pod_nodes6_c = self.pod_nodes6.c
+        self.c.node_ips6_c = self.node_ips6.c
+        self.c.local_pods6_c = self.local_pods6.c
+        if underlay6 and node_ip6 is None:
+            raise ValueError("underlay6 (VXLAN over IPv6) needs node_ip6")
+        if node_ip6 is not None:
+            over = VXLAN6_OVERHEAD if underlay6 else VXLAN_OVERHEAD
+            if mtu < 1280 + over:
+                raise ValueError(f"an IPv6 datapath needs mtu >= {1280 + over} (the IPv6 minimum "
+                                 f"1280 through VXLAN), not {mtu}")
+            if underlay6:
+                self.c.underlay6 = 1
+                self.c.mtu = mtu - (VXLAN6_OVERHEAD - VXLAN_OVERHEAD)
+            packed = _dp_addr6(node_ip6, "node_ip6")
+            _dp_memcpy(self.c.node_ip6, <const char *>packed, 16)
+            self.c.node_ext6 = nat.add_egress_ip(str(_ipaddress.IPv6Address(packed)))
+            self.c.has_ip6 = 1
         self._rings = {}
         self.c.ports[0].used = 1
         _dp_memcpy(self.c.ports[0].host_mac, self.c.node_mac, 6)
 
     # -- configuration (Python, between batches) --------------------------------
 
-    def add_node(self, int index, ip, pod_cidrs=(), mac=None):
-        """Cluster node `index` (0..255): underlay IP, pod CIDRs, MAC (None: not yet known)."""
+    @property
+    def underlay6(self):
+        """True: VXLAN between nodes runs over their IPv6 addresses."""
+        return bool(self.c.underlay6)
+
+    @property
+    def node_ip6(self):
+        """The node's IPv6 address (str), or None: the IPv6 datapath is off."""
+        return str(_ipaddress.IPv6Address(bytes(self.c.node_ip6[:16]))) if self.c.has_ip6 else None
+
+    def add_node(self, int index, ip, pod_cidrs=(), mac=None, ip6=None):
+        """Cluster node `index` (0..255): underlay IP, pod CIDRs (IPv4 and
+        IPv6), MAC (None: not yet known), IPv6 address (ip6: pod traffic to
+        it stays the kernel's, as to the IPv4 one)."""
         if not 0 <= index < DP_MAX_NODES:
             raise ValueError(f"node index must be in 0..{DP_MAX_NODES - 1}, not {index}")
         cdef dp_node *n = &self.c.nodes[index]
@@ -164,10 +214,17 @@ cdef class Datapath:
         n.ip = new_ip
         n.valid = 1
         self.node_ips[f"{_ipaddress.IPv4Address(n.ip)}/32"] = index
+        if ip6 is not None:
+            packed = _dp_addr6(ip6, "node ip6")
+            _dp_memcpy(n.ip6, <const char *>packed, 16)
+            n.has_ip6 = 1
+            self.node_ips6[f"{_ipaddress.IPv6Address(packed)}/128"] = index
         for cidr in pod_cidrs:
             net = _ipaddress.ip_network(cidr)
             if net.version == 4:
                 self.pod_nodes[str(net)] = index
+            else:
+                self.pod_nodes6[str(net)] = index
         self.set_node_mac(index, mac)
 
     def remove_node(self, int index):
@@ -179,6 +236,10 @@ cdef class Datapath:
         for key, v in list(self.node_ips.items()):
             if v == index:
                 del self.node_ips[key]
+        for trie in (self.pod_nodes6, self.node_ips6):
+            for key, v in list(trie.items()):
+                if v == index:
+                    del trie[key]
         _dp_memset(&self.c.nodes[index], 0, sizeof(dp_node))
         if self.pins is not None:
             self.pins.flush_node(index)
@@ -195,6 +256,9 @@ cdef class Datapath:
         _dp_memcpy(n.mac, <const char *>m, 6)
         vxlan_tmpl_init(&n.tmpl, self.c.node_mac, n.mac, self.c.node_ip, n.ip, self.c.vni, self.c.vxlan_port,
                         64, self.c.mtu, 32768, 61000)
+        if self.c.underlay6 and n.has_ip6:
+            vxlan6_tmpl_init(&n.tmpl6, self.c.node_mac, n.mac, self.c.node_ip6, n.ip6, self.c.vni,
+                             self.c.vxlan_port, 64, self.c.mtu + VXLAN6_OVERHEAD - VXLAN_OVERHEAD, 32768, 61000)
         n.has_mac = 1
 
     def set_router(self, mac):
@@ -206,15 +270,37 @@ cdef class Datapath:
         _dp_memcpy(self.c.router_mac, <const char *>m, 6)
         self.c.has_router = 1
 
-    def add_pod_port(self, int port, pod_ip, host_mac, pod_mac=None):
-        """Veth `port` (1..63) leads to the local pod `pod_ip`; host_mac is our end's MAC."""
+    def set_router6(self, mac):
+        """The MAC of the underlay's IPv6 default next hop (None: IPv6 traffic
+        leaving the cluster uses set_router's)."""
+        if mac is None:
+            self.c.has_router6 = 0
+            return
+        m = mac_bytes(mac, "router6 mac")
+        _dp_memcpy(self.c.router6_mac, <const char *>m, 6)
+        self.c.has_router6 = 1
+
+    def add_pod_port(self, int port, pod_ip, host_mac, pod_mac=None, pod_ip6=None):
+        """Veth `port` (1..63) leads to the local pod `pod_ip` (IPv4, or None
+        for an IPv6-only pod) and `pod_ip6` (its IPv6 address, or None);
+        host_mac is our end's MAC."""
         if not 1 <= port < DP_MAX_PORTS:
             raise ValueError(f"pod port must be in 1..{DP_MAX_PORTS - 1}, not {port}")
+        if pod_ip is None and pod_ip6 is None:
+            raise ValueError("a pod port needs pod_ip or pod_ip6")
         cdef dp_port *p = &self.c.ports[port]
+        new4 = 0 if pod_ip is None else addr_v4(pod_ip, "pod_ip")
+        new6 = None if pod_ip6 is None else _dp_addr6(pod_ip6, "pod_ip6")
         old = p.pod_ip
         if p.used and old:
             self.local_pods.pop(f"{_ipaddress.IPv4Address(old)}/32", None)
-        p.pod_ip = addr_v4(pod_ip, "pod_ip")
+        if p.used and p.has_ip6:
+            self.local_pods6.pop(f"{_ipaddress.IPv6Address(bytes(p.pod_ip6[:16]))}/128", None)
+        p.has_ip6 = 0
+        if new6 is not None:
+            _dp_memcpy(p.pod_ip6, <const char *>new6, 16)
+            p.has_ip6 = 1
+        p.pod_ip = new4
         hm = mac_bytes(host_mac, "host_mac")
         _dp_memcpy(p.host_mac, <const char *>hm, 6)
         p.has_pod_mac = 0
@@ -223,12 +309,18 @@ cdef class Datapath:
             _dp_memcpy(p.pod_mac, <const char *>pm, 6)
             p.has_pod_mac = 1
         p.used = 1
-        self.local_pods[f"{_ipaddress.IPv4Address(p.pod_ip)}/32"] = port
+        if p.pod_ip:
+            self.local_pods[f"{_ipaddress.IPv4Address(p.pod_ip)}/32"] = port
+        if p.has_ip6:
+            self.local_pods6[f"{_ipaddress.IPv6Address(new6)}/128"] = port
 
     def remove_pod_port(self, int port):
         if not 1 <= port < DP_MAX_PORTS or not self.c.ports[port].used:
             return
-        self.local_pods.pop(f"{_ipaddress.IPv4Address(self.c.ports[port].pod_ip)}/32", None)
+        if self.c.ports[port].pod_ip:
+            self.local_pods.pop(f"{_ipaddress.IPv4Address(self.c.ports[port].pod_ip)}/32", None)
+        if self.c.ports[port].has_ip6:
+            self.local_pods6.pop(f"{_ipaddress.IPv6Address(bytes(self.c.ports[port].pod_ip6[:16]))}/128", None)
         self.detach_ring(port)
         _dp_memset(&self.c.ports[port], 0, sizeof(dp_port))
 
@@ -261,6 +353,8 @@ cdef class Datapath:
         rings are flushed in order, so a flow's packets stay in order."""
         if not ring.has_tx or not ring.vnet_hdr:
             raise ValueError("the tunnel ring must have TX and vnet_hdr=True")
+        if self.c.underlay6:
+            raise ValueError("the tunnel offload is IPv4's: not with underlay6")
         self._rings[DP_TUNNEL_PORT] = ring
         self.c.rings[DP_TUNNEL_PORT] = &ring.r
         self.c.tnl_on = 1

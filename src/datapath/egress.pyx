@@ -15,7 +15,7 @@ cdef int dp_from_pod(dp_ctx *c, uint8_t *f, int64_t length, int in_port, uint64_
         # ARP and the like are the kernel's (it answers for the pod gateway)
         return dp_ret(VERDICT_PASS, 0) if rc == DROP_UNSUPPORTED else dp_ret(VERDICT_DROP, rc)
     if pi.ip_version != 4:
-        return dp_ret(VERDICT_PASS, 0)
+        return dp_from_pod6(c, f, length, in_port, &pi, now, out)
     # inside the cluster (pods, nodes): the kernel routes it
     if dp_lpm4(c.pod_nodes_c, pi.dst4) != LPM_NONE or dp_lpm4(c.node_ips_c, pi.dst4) != LPM_NONE:
         return dp_ret(VERDICT_PASS, 0)

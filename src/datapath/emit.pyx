@@ -101,7 +101,7 @@ cdef int dp_handle(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port,
         _dp_memcpy(f, frame, length)
     if vnet != NULL:
         if v.gso_type != 0:
-            if (v.gso_type & 0x7f) != 1:     # only TCPV4 super-packets
+            if not dp_gso_type_ok(v.gso_type, f):    # TCPV4 super-packets, TCPV6 ones (cut: v6.pyx)
                 r = dp_ret(VERDICT_DROP, DROP_UNSUPPORTED)
                 dp_done(c, frame, length, in_port, now, r)
                 return r
@@ -112,7 +112,7 @@ cdef int dp_handle(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port,
             # CHECKSUM_PARTIAL from a local sender: finish it here
             at = v.csum_start + v.csum_offset
             be_store16(f + at, csum_finish(csum_partial(f + v.csum_start, length - v.csum_start, 0)))
-            if be_load16(f + at) == 0 and f[23] == PKT_IPPROTO_UDP:
+            if be_load16(f + at) == 0 and dp_is_udp(f, length):
                 be_store16(f + at, 0xffff)
     if in_port == 0:
         r = dp_from_underlay(c, f, length, now, out)
@@ -217,7 +217,10 @@ cdef int dp_segment(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port
     cdef uint8_t *tcp
     cdef int i = 0
     cdef dp_out o
-    if pkt_parse(frame, length, &pi) or pi.ip_version != 4 or pi.proto != PKT_IPPROTO_TCP or pi.l4_off < 0:
+    cdef int rc = pkt_parse(frame, length, &pi)
+    if rc == 0 and pi.ip_version == 6 and pi.proto == PKT_IPPROTO_TCP and pi.l4_off >= 0:
+        return dp_segment6(c, frame, length, in_port, now, &pi)
+    if rc or pi.ip_version != 4 or pi.proto != PKT_IPPROTO_TCP or pi.l4_off < 0:
         dp_done(c, frame, length, in_port, now, dp_ret(VERDICT_DROP, DROP_UNSUPPORTED))
         return 0
     hdr = pi.l4_off + ((frame[pi.l4_off + 12] >> 4) << 2)

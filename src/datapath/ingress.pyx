@@ -12,15 +12,21 @@
 cdef int dp_in_vxlan(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint64_t now,
                      dp_out *out) noexcept nogil:
     """VXLAN from a cluster node (else DROP_NOT_CLUSTER_NODE), decapsulated."""
+    cdef uint32_t sender = dp_lpm4(c.node_ips_c, pi.src4)
+    if sender == LPM_NONE:
+        return dp_ret(VERDICT_DROP, DROP_NOT_CLUSTER_NODE)
+    return dp_in_vxlan_from(c, f, length, sender, now, out)
+
+
+cdef int dp_in_vxlan_from(dp_ctx *c, uint8_t *f, int64_t length, uint32_t sender, uint64_t now,
+                          dp_out *out) noexcept nogil:
+    """VXLAN from cluster node `sender` (over either underlay), decapsulated."""
     cdef PktInfo ipi
     cdef VxlanDecapInfo d
     cdef int rc, status
-    cdef uint32_t sender, src_node, egress = 0, gw = 0, port
+    cdef uint32_t src_node, egress = 0, gw = 0, port
     cdef uint8_t *g
     cdef int64_t glen
-    sender = dp_lpm4(c.node_ips_c, pi.src4)
-    if sender == LPM_NONE:
-        return dp_ret(VERDICT_DROP, DROP_NOT_CLUSTER_NODE)
     rc = vxlan_decap_frame(f, length, c.vxlan_port, c.vni, &d)
     if rc:
         return dp_ret(VERDICT_DROP, rc)
@@ -30,7 +36,8 @@ cdef int dp_in_vxlan(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint64_
     if rc:
         return dp_ret(VERDICT_DROP, rc)
     if ipi.ip_version != 4:
-        return dp_ret(VERDICT_DROP, DROP_UNSUPPORTED)
+        c.st.decap += 1
+        return dp_in_vxlan6(c, g, glen, &ipi, sender, now, out)
     c.st.decap += 1
     port = dp_lpm4(c.local_pods_c, ipi.dst4)
     if port != LPM_NONE:
@@ -126,8 +133,10 @@ cdef int dp_from_underlay(dp_ctx *c, uint8_t *f, int64_t length, uint64_t now,
     """Pick the ingress stage of a frame from the underlay."""
     cdef PktInfo pi
     cdef uint8_t a16[16]
-    if pkt_parse(f, length, &pi) or pi.ip_version != 4:
+    if pkt_parse(f, length, &pi):
         return dp_ret(VERDICT_PASS, 0)
+    if pi.ip_version != 4:
+        return dp_from_underlay6(c, f, length, &pi, now, out)
     if (pi.dst4 == c.node_ip and pi.proto == PKT_IPPROTO_UDP and pi.l4_off >= 0
             and pi.dport == c.vxlan_port):
         return dp_in_vxlan(c, f, length, &pi, now, out)

@@ -129,7 +129,7 @@ cdef void dp_flow_drop(dp_ctx *c, const uint8_t *frame, int64_t length, int in_p
         return
     _dp_memset(src, 0, 16)
     _dp_memset(dst, 0, 16)
-    if pkt_parse(p, n, &pi) or pi.ip_version != 4:
+    if pkt_parse(p, n, &pi) or (pi.ip_version != 4 and pi.ip_version != 6):
         flow_drop_record(c.flog, now, <uint8_t>reason, 0, 0, 0, 0, NULL, NULL,
                          FLOW_NO_POLICY, 0)
         return
@@ -137,13 +137,17 @@ cdef void dp_flow_drop(dp_ctx *c, const uint8_t *frame, int64_t length, int in_p
             and pi.dport == c.vxlan_port and pi.l4_off + 16 + PKT_ETH_LEN < n):
         p = frame + pi.l4_off + 16          # UDP 8 + VXLAN 8: the inner frame
         n = length - (pi.l4_off + 16)
-        if pkt_parse(p, n, &pi) or pi.ip_version != 4:
+        if pkt_parse(p, n, &pi) or (pi.ip_version != 4 and pi.ip_version != 6):
             p = frame
             n = length
             pkt_parse(p, n, &pi)
-    be_store32(src, pi.src4)
-    be_store32(dst, pi.dst4)
-    flow_drop_record(c.flog, now, <uint8_t>reason, 4, pi.proto,
+    if pi.ip_version == 6:
+        _dp_memcpy(src, p + pi.l3_off + 8, 16)
+        _dp_memcpy(dst, p + pi.l3_off + 24, 16)
+    else:
+        be_store32(src, pi.src4)
+        be_store32(dst, pi.dst4)
+    flow_drop_record(c.flog, now, <uint8_t>reason, pi.ip_version, pi.proto,
                      pi.sport if pi.has_ports else 0, pi.dport if pi.has_ports else 0,
                      src, dst, FLOW_NO_POLICY, pi.tcp_flags)
 
@@ -226,6 +230,8 @@ cdef int dp_encap(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, int node,
         return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
     if c.gso:
         return dp_gso_tunnel(c, f, length, pi, node, 0, out)
+    if c.underlay6:
+        return dp_encap6(c, f, length, pi, node, out)
     rc = pkt_ttl_decrement(f, pi)
     if rc:
         return dp_ret(VERDICT_DROP, rc)

@@ -132,6 +132,25 @@ cdef int64_t vxlan_encap_frame(uint8_t *frame, int64_t length, const VxlanTmpl *
 cdef int vxlan_decap_frame(const uint8_t *buf, int64_t length, uint16_t port, int64_t vni,
                            VxlanDecapInfo *out) noexcept nogil
 
+# VXLAN over an IPv6 underlay (packet/vxlan6.pyx): outer Ethernet 14 +
+# IPv6 40 + UDP 8 + VXLAN 8.  The outer UDP checksum is computed (RFC 8200;
+# Linux vxlan devices refuse a zero one by default, udp6zerocsumrx).
+cdef enum:
+    VXLAN6_OVERHEAD = 70
+
+cdef struct Vxlan6Tmpl:
+    uint8_t hdr[VXLAN6_OVERHEAD]
+    uint16_t port_min
+    uint16_t port_max
+    uint32_t mtu            # underlay MTU (largest outer IPv6 packet)
+    uint32_t sum            # pseudo-header sum of the addresses and next header
+
+cdef void vxlan6_tmpl_init(Vxlan6Tmpl *t, const uint8_t *src_mac, const uint8_t *dst_mac,
+                           const uint8_t *src6, const uint8_t *dst6, uint32_t vni, uint16_t port,
+                           uint8_t hlim, uint32_t mtu, uint16_t port_min, uint16_t port_max) noexcept nogil
+cdef int64_t vxlan6_encap_frame(uint8_t *frame, int64_t length, const Vxlan6Tmpl *t,
+                                uint16_t sport) noexcept nogil
+
 cdef class VxlanTemplate:
     cdef VxlanTmpl t
 
