@@ -311,7 +311,7 @@ def _cmd_agent(args):
                       make_before_break=args.make_before_break,
                       pin_capacity=args.pin_capacity or DEFAULT_PIN_CAPACITY,
                       rt_priority=DEFAULT_RT_PRIORITY if args.rt_priority is None else args.rt_priority,
-                      cpu=args.cpu)
+                      cpu=args.cpu, ipv6=not args.no_ipv6, underlay6=args.underlay6)
     except (AgentError, PermissionError, EgressError) as exc:
         raise CLIError(str(exc)) from None
     signal.signal(signal.SIGINT, lambda *a: agent.stop())
@@ -497,6 +497,11 @@ def _add_agent(sub):
                         "either says so): 'auto' (default): the source's own (etcd: the node's lease key; "
                         "kubernetes: its Lease egresscore-NODE; file: none); 'file': --liveness-file; "
                         "'static': --down; 'probes': the probes alone")
+    a.add_argument("--no-ipv6", action="store_true",
+                   help="leave the IPv6 datapath off: IPv6 pod traffic leaving the cluster is dropped (claimed) "
+                        "instead of forwarded (default: on when the node has an IPv6 address on its underlay)")
+    a.add_argument("--underlay6", action="store_true",
+                   help="VXLAN between the nodes over their IPv6 addresses (default IPv4, as Cilium)")
     a.add_argument("--make-before-break", action="store_true",
                    help="connections keep the gateway they started on when a policy edit or a change of "
                         "the gateway set moves their pod (until they end or idle out; a gateway that goes "
