@@ -617,23 +617,25 @@ def _add_store(sub):
 def _cmd_demo(args):
     from .demo import run_demo
 
-    return run_demo(quiet=args.quiet, store=args.store, ipv6=args.ipv6)
+    return run_demo(quiet=args.quiet, store=args.store, ipv6=not args.ipv4_only)
 
 
 def _add_demo(sub):
     d = sub.add_parser(
         "demo", help="the egress gateway end to end in a network-namespace lab (root)",
-        description="Build the lab (four nodes, two pods, a router, external servers in network namespaces), "
-                    "apply examples/egress-sample.yaml, start an agent per node, send TCP, UDP and ping from "
-                    "app1 and app2, print the egress list and the source address each server saw, tear down.",
+        description="Build the dual-stack lab (four nodes, two pods, a router, external servers in network "
+                    "namespaces), apply examples/egress-sample-dual.yaml, start an agent per node, send TCP, UDP "
+                    "and ping from app1 and app2 over IPv4 and IPv6, print the egress list and the source address "
+                    "each server saw, tear down.",
     )
     d.add_argument("-q", "--quiet", action="store_true", help="only the result tables")
     d.add_argument("--store", choices=("files", "etcd"), default="files",
                    help="etcd: start an etcd on 127.0.0.1 for the lab, load the cluster and policy into it, run "
                         "the agents on it (--source etcd://), then `egresscore apply` a second policy and "
                         "`egresscore delete` it while app1's requests run, and show the source address change")
-    d.add_argument("--ipv6", action="store_true",
-                   help="a dual-stack lab and examples/egress-sample-dual.yaml: IPv6 rows beside the IPv4 ones")
+    d.add_argument("--ipv4-only", action="store_true",
+                   help="the IPv4 lab and examples/egress-sample.yaml (default: the dual-stack lab and "
+                        "examples/egress-sample-dual.yaml, IPv6 rows beside the IPv4 ones)")
     d.set_defaults(func=_cmd_demo)
 
 

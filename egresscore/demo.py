@@ -4,9 +4,10 @@ Builds the lab (no kernel egress datapath), applies the seed's policy
 (examples/egress-sample.yaml), starts one `egresscore agent` process per node,
 sends a TCP request, UDP datagrams and pings from app1 and app2 to the external
 servers, prints the egress list and what each server saw, and tears down.
-With ipv6 (`egresscore demo --ipv6`) the lab is dual-stack, the policy its
-dual-stack twin (examples/egress-sample-dual.yaml) and every flow is also
-sent to the servers' IPv6 addresses: IPv6 rows beside the IPv4 ones.
+With ipv6 (the default; `egresscore demo --ipv4-only` turns it off) the lab
+is dual-stack, the policy the seed's dual-stack twin
+(examples/egress-sample-dual.yaml) and every flow is also sent to the
+servers' IPv6 addresses: IPv6 rows beside the IPv4 ones.
 """
 import os
 import signal
@@ -147,7 +148,7 @@ def store_changes(lab, store_args, workdir, out, n=40, every=0.1):
     return [src for _, _, src in seen]
 
 
-def run_demo(quiet=False, out=None, store="files", ipv6=False):
+def run_demo(quiet=False, out=None, store="files", ipv6=True):
     out = out or sys.stdout
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=out, flush=True))
     if os.geteuid() != 0:
