@@ -421,6 +421,41 @@ def measure_datapath(wl, reps):
             for name, r in runs.items()}
 
 
+def measure_pairs(wl, reps):
+    """{IPv6 path: (IPv4 ns/frame, IPv6 ns/frame)} through process_batch, each
+    IPv6 pass right after its IPv4 counterpart's (the machine's load moves
+    both alike), median of `reps` pairs."""
+    runs = {name: [] for name in V6_OF}
+    for _ in range(reps):
+        for v6, v4 in V6_OF.items():
+            a = cpu_seconds(feed_batch, wl.node_of(v4), wl.packed[v4])
+            b = cpu_seconds(feed_batch, wl.node_of(v6), wl.packed[v6])
+            runs[v6].append((a * 1e9 / wl.n, b * 1e9 / wl.n))
+    return {name: (statistics.median(a for a, _ in r), statistics.median(b for _, b in r),
+                   statistics.median((b - a) / a for a, b in r)) for name, r in runs.items()}
+
+
+def run_ipv6(quick: bool = False) -> str:
+    """The IPv6 paths beside their IPv4 counterparts, interleaved (--ipv6)."""
+    sizes = (1_000, 10_000) if quick else (1_000, 100_000)
+    reps = 5 if quick else 15
+    lines = [f"### IPv6 beside IPv4 through the real Datapath ({' and '.join(f'{n:,}' for n in sizes)} flows)",
+             "",
+             (f"ns per frame of one core's CPU time through process_batch, each IPv6 pass right after its "
+              f"IPv4 counterpart's, median of {reps} pairs (and the median of the pairs' ratios); the same "
+              f"flows and 64-byte UDP payload (IPv4 106-byte frames, IPv6 126). Issue 18 target: IPv6 within "
+              f"{V6_TARGET:.0%} of IPv4."),
+             "", "| path | flows | IPv4 ns/frame | IPv6 ns/frame | IPv6 / IPv4 | Mpps IPv4 / IPv6 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for n in sizes:
+        wl = Workload(n)
+        measure_pairs(wl, 1)                           # warm up
+        for name, (a, b, r) in measure_pairs(wl, reps).items():
+            lines.append(f"| {name} | {n:,} | {a:,.0f} | {b:,.0f} | {r:+.1%} | {1e3 / a:.1f} / {1e3 / b:.1f} |")
+        del wl
+    return "\n".join(lines)
+
+
 def measure_stages(wl, reps):
     """ns per operation of the stages the old benchmarks time, at wl.n flows."""
     import compare_nat as cn
@@ -523,6 +558,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1k and 10k flows, fewer runs")
-    quick = ap.parse_args().quick
+    ap.add_argument("--ipv6", action="store_true", help="only the IPv6 paths beside IPv4, interleaved")
+    args = ap.parse_args()
     print(machine_summary())
-    print(run(quick=quick))
+    print(run_ipv6(quick=args.quick) if args.ipv6 else run(quick=args.quick))

@@ -13,11 +13,12 @@ as plain C functions, with no cross-module cimport.  The tree:
              file and its seal, NatTable
   gwpin/     the gateway each connection started on (make-before-break), GatewayPins
   flowlog/   the flow-record ring and FlowLog
-  packet/    parse, rewrite, ICMP, VXLAN, the Python surface, PacketBatch
+  packet/    parse, rewrite, ICMP, VXLAN (IPv4 and IPv6 underlays), the Python
+             surface, PacketBatch
   ring/      AF_PACKET TPACKET_V3 rings (PacketRing)
   datapath/  the fused pipeline: shared stages, make-before-break (pins),
-             egress (from pods), ingress (from the underlay), emit, and the
-             Datapath class, over dp_ctx
+             egress (from pods), ingress (from the underlay), the IPv6
+             stages (v6), emit, and the Datapath class, over dp_ctx
 """
 
 include "includes/drop_reasons.pxi"

@@ -652,3 +652,23 @@ def test_ipv6_underlay_mtu_and_arguments():
     n1.remove_node(2)
     n1.add_node(2, "192.168.1.3", NODES[2][2], MAC["192.168.1.3"])
     assert n1.process(from_app1(SERVER6, UDP(sport=40034, dport=9)), 1)[:2] == ("drop", "no_route")
+
+
+def test_gso_tcpv6_reply_at_the_gateway_is_cut_and_each_segment_tunnelled_back():
+    n1, n3 = datapath("node1"), datapath("node3")
+    _, _, out = n1.process(from_app1(SERVER6, TCP(sport=40040, dport=80, flags="S")), 1)
+    assert n3.process(out[1], 0)[0] == "tx"
+    payload = b"r" * 3000
+    frame = from_server(SERVER6, EGRESS6, TCP(sport=80, dport=40040, flags="A", seq=7, ack=2) / payload)
+    vnet = {"flags": 1, "gso_type": 4, "gso_size": 1200, "hdr_len": 74, "csum_start": 54, "csum_offset": 16}
+    outs = n3.process_frames(frame, 0, vnet=vnet)
+    assert len(outs) == 3
+    got = b""
+    for port, data, vh in outs:
+        i = inner(data)
+        assert port == 0 and vh is None and i[IPv6].dst == APP1_6 and i[TCP].dport == 40040
+        got += bytes(i[TCP].payload)
+    assert got == payload
+    c = n3.counters()
+    assert c["reverse_nat"] == 3 and c["gso"]["segmented"] == 1
+    assert c["rx"] == c["passed"] + c["tx"] + c["tx_local"] + c["dropped"]

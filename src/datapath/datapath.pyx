@@ -45,9 +45,14 @@
 #
 # Thread model: one thread drives a Datapath (it is the NAT table's writer).
 #
+# IPv6 pods (node_ip6 given): the same roles for IPv6 sources and
+# destinations, IPv6 inner frames in VXLAN over the IPv4 underlay (or over
+# the IPv6 one with underlay6), NAT66 in the same NAT table: v6.pyx.
+#
 # Files: stages.pyx (shared steps), egress.pyx (from pods), ingress.pyx (from
-# the underlay), emit.pyx (batch, TX, segmentation); this file: the
-# Datapath class (configuration, counters, the loop) over one dp_ctx.
+# the underlay), v6.pyx (the IPv6 stages), emit.pyx (batch, TX,
+# segmentation); this file: the Datapath class (configuration, counters, the
+# loop) over one dp_ctx.
 from libc.stdlib cimport malloc as _dp_malloc, calloc as _dp_calloc, free as _dp_free
 
 cdef extern from "<poll.h>" nogil:

@@ -183,7 +183,14 @@ cdef int dp_to_pod_or_node6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi,
     or VXLAN to the pod's node."""
     cdef const uint8_t *dst = f + pi.l3_off + 24
     cdef uint32_t port = dp_lpm6(c.local_pods6_c, dst)
-    cdef uint32_t node
+    return dp_deliver6(c, f, length, pi, port, dp_lpm6(c.pod_nodes6_c, dst) if port == LPM_NONE else LPM_NONE,
+                       out)
+
+
+cdef int dp_deliver6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint32_t port, uint32_t node,
+                     dp_out *out) noexcept nogil:
+    """dp_to_pod_or_node6 with the lookups done: local veth `port`, else
+    cluster node `node` (LPM_NONE: DROP_NO_ROUTE)."""
     cdef int rc
     cdef dp_port *p
     if port != LPM_NONE:
@@ -199,7 +206,6 @@ cdef int dp_to_pod_or_node6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi,
         out.data = f
         out.length = length
         return dp_ret(VERDICT_TX_LOCAL, 0)
-    node = dp_lpm6(c.pod_nodes6_c, dst)
     if node == LPM_NONE:
         return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
     return dp_encap(c, f, length, pi, node, out)
@@ -257,7 +263,7 @@ cdef int dp_in_reverse_nat6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, 
     cdef uint8_t *ip = f + pi.l3_off
     cdef nat_tuple k, o
     cdef int rc
-    cdef uint32_t node, pol = 0
+    cdef uint32_t port, node = LPM_NONE, pol = 0
     if pi.proto == PKT_IPPROTO_ICMPV6:
         if pi.icmp_type != 129 or not pi.has_ports:
             return dp_ret(VERDICT_PASS, 0)      # NDP, echo requests etc.: the kernel's
@@ -278,7 +284,8 @@ cdef int dp_in_reverse_nat6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, 
         c.cur_pol_len = length
     # too big for the tunnel back to the pod's node: packet-too-big to the
     # sender now, quoting the packet as it sent it
-    if dp_lpm6(c.local_pods6_c, o.dst) == LPM_NONE:
+    port = dp_lpm6(c.local_pods6_c, o.dst)
+    if port == LPM_NONE:
         node = dp_lpm6(c.pod_nodes6_c, o.dst)
         if node != LPM_NONE and c.nodes[node].has_mac:
             rc = vxlan_check_mtu(pi, length, &c.nodes[node].tmpl)
@@ -290,7 +297,7 @@ cdef int dp_in_reverse_nat6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, 
     if rc:
         return dp_ret(VERDICT_DROP, rc)
     c.st.reverse_nat += 1
-    return dp_to_pod_or_node6(c, f, length, pi, out)
+    return dp_deliver6(c, f, length, pi, port, node, out)
 
 
 cdef int dp_from_underlay6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint64_t now,
