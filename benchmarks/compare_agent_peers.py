@@ -37,10 +37,14 @@ Every load is bounded in packets and seconds and stays inside the lab's
 namespaces.  /proc/stat counts the whole machine:
 other work running meanwhile is counted too (the load average is printed).
 
+--ipv6 adds IPv6 rows (benchmarks/peers_ipv6.py: the dual-stack lab, the
+smallest IPv6 UDP flood and one TCP stream over IPv6, on each side in the
+same repetitions).
+
 Needs root and trafgen, iperf3, ping, nft (Debian: netsniff-ng iperf3
 iputils-ping nftables); says which package is missing and exits 2 otherwise.
     python benchmarks/compare_agent_peers.py [--quick] [--reps N] [--json FILE]
-        [--only flood,tcp,ping,paced] [--agent-args "ARGS"] [--also "ARGS"]...
+        [--only flood,tcp,ping,paced] [--agent-args "ARGS"] [--also "ARGS"]... [--ipv6]
 """
 import argparse
 import contextlib
@@ -276,6 +280,10 @@ def _ring_delta(before, after):
 def measure(lab, p, agents=None):
     out = {}
     parts = p["parts"]
+    if p.get("ipv6"):  # the IPv6 rows (issue 18), kept in peers_ipv6.py
+        import peers_ipv6
+
+        out.update(peers_ipv6.measure6(lab, p))
     if "flood" in parts:
         out.update(flood(lab, p["flood_packets"], p["flood_seconds"]))
     if "tcp" in parts:
@@ -318,15 +326,18 @@ def sides(agent_args=(), also=()):
 
 def collect(p, variants):
     """Run the repetitions; {side: [figures of each repetition]}."""
-    from egresscore.demo import SAMPLE, start_agents
+    from egresscore.demo import SAMPLE, SAMPLE_DUAL, start_agents
     from egresscore.lab import Lab
-    from egresscore.lab.kernel import SAMPLE_POLICY
+    from egresscore.lab.kernel import SAMPLE_POLICY, SAMPLE_POLICY_DUAL
 
     samples = {side: [] for side in variants}
-    with tempfile.TemporaryDirectory(prefix="egc-bench-") as tmp, Lab(datapath="kernel", tag="bpeers") as lab:
+    ipv6 = bool(p.get("ipv6"))
+    policy, policy_file = (SAMPLE_POLICY_DUAL, SAMPLE_DUAL) if ipv6 else (SAMPLE_POLICY, SAMPLE)
+    with tempfile.TemporaryDirectory(prefix="egc-bench-") as tmp, \
+            Lab(datapath="kernel", tag="bpeers", ipv6=ipv6) as lab:
         for rep in range(p["reps"]):
             if rep:
-                lab.install_kernel_egress([SAMPLE_POLICY])  # masquerade included
+                lab.install_kernel_egress([policy])  # masquerade included
             lab.ping(POD, DST, count=1)  # neighbours resolved
             samples["kernel"].append(measure(lab, p))
             lab.remove_kernel_egress()
@@ -334,7 +345,7 @@ def collect(p, variants):
             for side, args in variants.items():
                 if args is None:
                     continue
-                _, agents = start_agents(lab, SAMPLE, tmp, extra_args=args)
+                _, agents = start_agents(lab, policy_file, tmp, extra_args=args)
                 try:
                     lab.ping(POD, DST, count=1)
                     samples[side].append(measure(lab, p, agents))
@@ -376,7 +387,12 @@ def table(samples, p, m):
         ratio = f"{e / k:.2f}" if k and "los" not in key else "n/a"  # no ratio of losses
         return f" {fmt.format(e)} | {ratio} |"
 
-    for key, label, fmt, lower in METRICS:
+    metrics = METRICS
+    if p.get("ipv6"):
+        import peers_ipv6
+
+        metrics = METRICS + peers_ipv6.METRICS6
+    for key, label, fmt, lower in metrics:
         if key not in med["kernel"]:
             continue
         lines.append(f"| {label}{' (lower is better)' if lower else ''} | {fmt.format(med['kernel'][key])} |"
@@ -394,11 +410,12 @@ def table(samples, p, m):
 
 
 def run(quick: bool = False, reps=None, json_path=None, parts=PARTS, agent_args=(), also=(),
-        paced_streams=PACED_STREAMS, paced_rt=PACED_RT_PRIORITY) -> str:
+        paced_streams=PACED_STREAMS, paced_rt=PACED_RT_PRIORITY, ipv6=False) -> str:
     reason = skip_reason()
     if reason:
         return f"### Egress gateway path with peer generators\n\nskipped: {reason}\n"
     p = params(quick, reps, parts, paced_streams, paced_rt)
+    p["ipv6"] = bool(ipv6)
     m = machine()
     variants = sides(agent_args, also)
     p["agent_args"] = {side: args for side, args in variants.items() if args is not None}
@@ -436,6 +453,8 @@ def main(argv=None):
     parser.add_argument("--paced-rt", metavar="PRIO", type=int, default=PACED_RT_PRIORITY,
                         help="their SCHED_FIFO priority, 0: normal scheduling (default %(default)s, "
                              "below the agents' datapath threads at 10)")
+    parser.add_argument("--ipv6", action="store_true",
+                        help="a dual-stack lab and IPv6 rows beside the IPv4 ones (benchmarks/peers_ipv6.py)")
     args = parser.parse_args(argv)
     reason = skip_reason()
     if reason:
@@ -448,7 +467,7 @@ def main(argv=None):
     try:
         print(run(quick=args.quick, reps=args.reps, json_path=args.json, parts=args.only,
                   agent_args=args.agent_args, also=args.also, paced_streams=args.paced_streams,
-                  paced_rt=args.paced_rt))
+                  paced_rt=args.paced_rt, ipv6=args.ipv6))
     except subprocess.TimeoutExpired as e:
         print(f"compare_agent_peers: a bounded run overran: {e}", file=sys.stderr)
         return 1

@@ -311,7 +311,7 @@ def _cmd_agent(args):
                       make_before_break=args.make_before_break,
                       pin_capacity=args.pin_capacity or DEFAULT_PIN_CAPACITY,
                       rt_priority=DEFAULT_RT_PRIORITY if args.rt_priority is None else args.rt_priority,
-                      cpu=args.cpu)
+                      cpu=args.cpu, ipv6=not args.no_ipv6, underlay6=args.underlay6)
     except (AgentError, PermissionError, EgressError) as exc:
         raise CLIError(str(exc)) from None
     signal.signal(signal.SIGINT, lambda *a: agent.stop())
@@ -497,6 +497,11 @@ def _add_agent(sub):
                         "either says so): 'auto' (default): the source's own (etcd: the node's lease key; "
                         "kubernetes: its Lease egresscore-NODE; file: none); 'file': --liveness-file; "
                         "'static': --down; 'probes': the probes alone")
+    a.add_argument("--no-ipv6", action="store_true",
+                   help="leave the IPv6 datapath off: IPv6 pod traffic leaving the cluster is dropped (claimed) "
+                        "instead of forwarded (default: on when the node has an IPv6 address on its underlay)")
+    a.add_argument("--underlay6", action="store_true",
+                   help="VXLAN between the nodes over their IPv6 addresses (default IPv4, as Cilium)")
     a.add_argument("--make-before-break", action="store_true",
                    help="connections keep the gateway they started on when a policy edit or a change of "
                         "the gateway set moves their pod (until they end or idle out; a gateway that goes "
@@ -612,21 +617,25 @@ def _add_store(sub):
 def _cmd_demo(args):
     from .demo import run_demo
 
-    return run_demo(quiet=args.quiet, store=args.store)
+    return run_demo(quiet=args.quiet, store=args.store, ipv6=not args.ipv4_only)
 
 
 def _add_demo(sub):
     d = sub.add_parser(
         "demo", help="the egress gateway end to end in a network-namespace lab (root)",
-        description="Build the lab (four nodes, two pods, a router, external servers in network namespaces), "
-                    "apply examples/egress-sample.yaml, start an agent per node, send TCP, UDP and ping from "
-                    "app1 and app2, print the egress list and the source address each server saw, tear down.",
+        description="Build the dual-stack lab (four nodes, two pods, a router, external servers in network "
+                    "namespaces), apply examples/egress-sample-dual.yaml, start an agent per node, send TCP, UDP "
+                    "and ping from app1 and app2 over IPv4 and IPv6, print the egress list and the source address "
+                    "each server saw, tear down.",
     )
     d.add_argument("-q", "--quiet", action="store_true", help="only the result tables")
     d.add_argument("--store", choices=("files", "etcd"), default="files",
                    help="etcd: start an etcd on 127.0.0.1 for the lab, load the cluster and policy into it, run "
                         "the agents on it (--source etcd://), then `egresscore apply` a second policy and "
                         "`egresscore delete` it while app1's requests run, and show the source address change")
+    d.add_argument("--ipv4-only", action="store_true",
+                   help="the IPv4 lab and examples/egress-sample.yaml (default: the dual-stack lab and "
+                        "examples/egress-sample-dual.yaml, IPv6 rows beside the IPv4 ones)")
     d.set_defaults(func=_cmd_demo)
 
 

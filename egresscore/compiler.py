@@ -48,7 +48,17 @@ Egress IP (deriveFromPolicyGatewayConfig), resolved on the gateway node only:
 address of each needed family; neither: the first address of the interface
 holding the default route.  Any failure leaves the egress IP unresolved
 (0.0.0.0 / ::): the gateway then drops the traffic ("no egress IP") and the
-reason is listed by `problems()`.
+reason is listed by `problems()`.  Dual-stack, as current upstream:
+- a family is needed when a destination CIDR of the policy is of it; the
+  egress IP of a family not needed stays unresolved, so the IPv6 excluded
+  entries of an IPv4-only policy carry `::` (and the IPv4 ones of an
+  IPv6-only policy 0.0.0.0);
+- an explicit `egressIP` is programmed for its own family whatever the
+  other: when its interface lacks an address of the other needed family,
+  only that family stays unresolved (cilium/cilium#48660);
+- an IPv6 `egressIP` is used for IPv6 destination CIDRs only: on a policy
+  without one it merely picks the interface, whose first IPv4 serves the
+  IPv4 entries (the parser warns).
 
 Deliberate differences from Cilium, and why:
 - Two policies (or two pods sharing an IP) writing the same (source,
@@ -169,59 +179,63 @@ def fnv1a_32(data: str | bytes) -> int:
 
 
 def _derive_egress(policy: EgressPolicy, gw, node: Node):
-    """(egress IPv4, egress IPv6, interface, problem) on the gateway node itself."""
+    """(egress IPv4, egress IPv6, interface, problem, partial) on the gateway
+    node itself: `problem` leaves both families unresolved; `partial` (an
+    explicit `egressIP` whose interface lacks the other needed family) only
+    that other one, the egress IP's own family is programmed."""
     fams = policy.families
     v4, v6 = 4 in fams, 6 in fams
     e4 = e6 = None
     ifname = None
+    partial = None
     if gw.interface:
         dev = node.interface(gw.interface)
         if dev is None:
-            return None, None, None, f"interface {gw.interface!r} does not exist on node {node.name}"
+            return None, None, None, f"interface {gw.interface!r} does not exist on node {node.name}", None
         ifname = dev.name
         e4, e6 = dev.first_ip(4), dev.first_ip(6)
         if v4 and e4 is None:
-            return None, None, ifname, f"interface {ifname!r} on node {node.name} has no IPv4 address"
+            return None, None, ifname, f"interface {ifname!r} on node {node.name} has no IPv4 address", None
         if v6 and e6 is None:
-            return None, None, ifname, f"interface {ifname!r} on node {node.name} has no IPv6 address"
+            return None, None, ifname, f"interface {ifname!r} on node {node.name} has no IPv6 address", None
     elif gw.egress_ip:
         dev = node.interface_with_ip(gw.egress_ip)
         if dev is None:
-            return None, None, None, f"egress IP {gw.egress_ip} is not on any interface of node {node.name}"
+            return None, None, None, f"egress IP {gw.egress_ip} is not on any interface of node {node.name}", None
         ifname = dev.name
-        if ":" in gw.egress_ip:
-            e6 = gw.egress_ip
-            if v4:
-                e4 = dev.first_ip(4)
-                if e4 is None:
-                    return None, None, ifname, f"interface {ifname!r} on node {node.name} has no IPv4 address"
-        else:
-            e4 = gw.egress_ip
-            if v6:
-                e6 = dev.first_ip(6)
-                if e6 is None:
-                    return None, None, ifname, f"interface {ifname!r} on node {node.name} has no IPv6 address"
+        six = ":" in gw.egress_ip
+        e4, e6 = (dev.first_ip(4), gw.egress_ip) if six else (gw.egress_ip, dev.first_ip(6))
+        other, missing = (4, v4 and e4 is None) if six else (6, v6 and e6 is None)
+        if missing:
+            why = f"interface {ifname!r} on node {node.name} has no IPv{other} address"
+            if (6 if six else 4) in fams:
+                partial = why
+            else:  # the egressIP's own family is not needed: nothing is left to program
+                return None, None, ifname, why, None
     else:
         if v4:
             dev = node.interface(node.default_route_interface) if node.default_route_interface else None
             if dev is None:
-                return None, None, None, f"node {node.name} has no interface with an IPv4 default route"
+                return None, None, None, f"node {node.name} has no interface with an IPv4 default route", None
             ifname = dev.name
             e4 = dev.first_ip(4)
             if e4 is None:
-                return None, None, ifname, f"default-route interface {ifname!r} on node {node.name} has no IPv4 address"
+                return (None, None, ifname,
+                        f"default-route interface {ifname!r} on node {node.name} has no IPv4 address", None)
         if v6:
             dev = node.interface(node.default_route_interface_v6) if node.default_route_interface_v6 else None
             if dev is None:
-                return None, None, ifname, f"node {node.name} has no interface with an IPv6 default route"
+                return None, None, ifname, f"node {node.name} has no interface with an IPv6 default route", None
             if ifname is not None and dev.name != ifname:
                 return None, None, ifname, (f"node {node.name}: IPv6 default route interface {dev.name!r} "
-                                            f"doesn't match IPv4 default route interface {ifname!r}")
+                                            f"doesn't match IPv4 default route interface {ifname!r}"), None
             ifname = dev.name
             e6 = dev.first_ip(6)
             if e6 is None:
-                return None, None, ifname, f"default-route interface {ifname!r} on node {node.name} has no IPv6 address"
-    return e4, e6, ifname, None
+                return (None, None, ifname,
+                        f"default-route interface {ifname!r} on node {node.name} has no IPv6 address", None)
+    # a family no destination CIDR needs stays unresolved (its excluded entries carry 0.0.0.0 / ::)
+    return (e4 if v4 else None), (e6 if v6 else None), ifname, None, partial
 
 
 def _holding(node: Node, held) -> Node:
@@ -280,12 +294,16 @@ def resolve_gateways(policy: EgressPolicy, cluster: Cluster, view: str | None = 
             if view is None or view == name:
                 if held and view == name:
                     node = _holding(node, held)
-                e4, e6, ifname, problem = _derive_egress(policy, gw, node)
+                e4, e6, ifname, problem, partial = _derive_egress(policy, gw, node)
                 if problem is not None:
                     problem += ": the gateway drops this traffic (no egress IP)"
+                elif partial is not None:
+                    fam, kept = ("IPv6", e4) if e4 else ("IPv4", e6)
+                    problem = (f"{partial}: the gateway drops this policy's {fam} traffic (no {fam} egress IP); "
+                               f"its egress IP {kept} is programmed")
                 resolved = ResolvedGateway(gip, name, e4 or EGRESS_IP_NOT_FOUND_V4, e6 or EGRESS_IP_NOT_FOUND_V6,
                                            ifname, problem)
-                if problem is not None:  # both families unresolved, as in Cilium
+                if problem is not None and partial is None:  # both families unresolved, as in Cilium
                     resolved = ResolvedGateway(gip, name, EGRESS_IP_NOT_FOUND_V4, EGRESS_IP_NOT_FOUND_V6,
                                                ifname, problem)
                 elif policy.extra_egress_ips:

@@ -4,6 +4,10 @@ Builds the lab (no kernel egress datapath), applies the seed's policy
 (examples/egress-sample.yaml), starts one `egresscore agent` process per node,
 sends a TCP request, UDP datagrams and pings from app1 and app2 to the external
 servers, prints the egress list and what each server saw, and tears down.
+With ipv6 (the default; `egresscore demo --ipv4-only` turns it off) the lab
+is dual-stack, the policy the seed's dual-stack twin
+(examples/egress-sample-dual.yaml) and every flow is also sent to the
+servers' IPv6 addresses: IPv6 rows beside the IPv4 ones.
 """
 import os
 import signal
@@ -16,6 +20,7 @@ import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(os.path.dirname(HERE), "examples", "egress-sample.yaml")
+SAMPLE_DUAL = os.path.join(os.path.dirname(HERE), "examples", "egress-sample-dual.yaml")
 
 FLOWS = (  # pod, destination, what the policy says
     ("app1", "203.0.113.10", "egress IP (policy CIDR)"),
@@ -23,6 +28,20 @@ FLOWS = (  # pod, destination, what the policy says
     ("app1", "198.51.100.10", "node IP (no policy)"),
     ("app2", "203.0.113.10", "node IP (not selected)"),
 )
+FLOWS6 = (  # the same, to the servers' IPv6 addresses (the dual-stack lab)
+    ("app1", "2001:db8:113::10", "egress IP (policy CIDR)"),
+    ("app1", "2001:db8:113:0:8000::200", "node IP (excluded CIDR)"),
+    ("app1", "2001:db8:100::10", "node IP (no policy)"),
+    ("app2", "2001:db8:113::10", "node IP (not selected)"),
+)
+EXPECTED = {4: {"egress": "192.168.1.3", "app1": "192.168.1.1", "app2": "192.168.1.2"},
+            6: {"egress": "fd00:192:168:1::100", "app1": "fd00:192:168:1::1", "app2": "fd00:192:168:1::2"}}
+
+
+def expected_source(pod, dst, expect):
+    """The source address the server should see for a FLOWS / FLOWS6 row."""
+    table = EXPECTED[6 if ":" in dst else 4]
+    return table["egress"] if expect.startswith("egress") else table[pod]
 
 
 class AgentProcess:
@@ -129,7 +148,7 @@ def store_changes(lab, store_args, workdir, out, n=40, every=0.1):
     return [src for _, _, src in seen]
 
 
-def run_demo(quiet=False, out=None, store="files"):
+def run_demo(quiet=False, out=None, store="files", ipv6=True):
     out = out or sys.stdout
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=out, flush=True))
     if os.geteuid() != 0:
@@ -138,18 +157,19 @@ def run_demo(quiet=False, out=None, store="files"):
     from .cluster import Cluster
     from .compiler import Compiler
     from .lab import Lab
-    from .lab.kernel import SAMPLE_POLICY
+    from .lab.kernel import SAMPLE_POLICY, SAMPLE_POLICY_DUAL
     from .lab.offloads import prepare_lab
     from .policy import load_policies
     from .show import egress_rows, egress_table, format_table
 
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="egresscore-demo-") as tmp, Lab(tag="demo") as lab:
-        policy_file = SAMPLE
+    sample_doc = SAMPLE_POLICY_DUAL if ipv6 else SAMPLE_POLICY
+    with tempfile.TemporaryDirectory(prefix="egresscore-demo-") as tmp, Lab(tag="demo", ipv6=ipv6) as lab:
+        policy_file = SAMPLE_DUAL if ipv6 else SAMPLE
         if not os.path.exists(policy_file):
-            policy_file = os.path.join(tmp, "egress-sample.yaml")
+            policy_file = os.path.join(tmp, os.path.basename(policy_file))
             with open(policy_file, "w") as f:
-                yaml.safe_dump(SAMPLE_POLICY, f)
+                yaml.safe_dump(sample_doc, f)
         say(f"lab up: nodes {', '.join(f'{n.name} {n.ip}' for n in lab.nodes.values())}; "
             f"pods {', '.join(f'{p.name} {p.ip} on {p.node}' for p in lab.pods.values())}")
         prepare_lab(lab)
@@ -164,7 +184,7 @@ def run_demo(quiet=False, out=None, store="files"):
             c = Cluster.from_dict(lab.cluster())
             keys = EtcdStore.from_url(source).put_many(
                 [("nodes", n) for n in c.nodes.values()] + [("namespaces", n) for n in c.namespaces.values()]
-                + [("pods", p) for p in c.pods.values()] + [("policies", SAMPLE_POLICY)])
+                + [("pods", p) for p in c.pods.values()] + [("policies", sample_doc)])
             say(f"etcd on 127.0.0.1:{etcd.port}: {len(keys)} objects under egresscore/v1/default/")
         _, agents = start_agents(lab, policy_file, tmp, source=source)
         say(f"agents running on {', '.join(agents)} ({time.monotonic() - t0:.1f} s)")
@@ -173,7 +193,7 @@ def run_demo(quiet=False, out=None, store="files"):
         print("\nEgress list (" + os.path.relpath(policy_file) + "):\n" + egress_table(rows), file=out)
         servers = lab.start_servers()
         results = []
-        for pod, dst, expect in FLOWS:
+        for pod, dst, expect in FLOWS + (FLOWS6 if ipv6 else ()):
             servers.clear()
             try:
                 tcp = lab.tcp_request(pod, dst)
@@ -196,6 +216,5 @@ def run_demo(quiet=False, out=None, store="files"):
         for name, lines in finals.items():
             say(lines[-1] if lines else f"{name}: no output")
     say(f"\nlab torn down; {time.monotonic() - t0:.1f} s in all")
-    ok = all(r[3] == ("192.168.1.3" if r[2].startswith("egress") else
-                      {"app1": "192.168.1.1", "app2": "192.168.1.2"}[r[0]]) for r in results)
+    ok = all(r[3] == expected_source(r[0], r[1], r[2]) for r in results)
     return 0 if ok and moved_ok else 1

@@ -528,7 +528,14 @@ def parse_policy(doc: Any, *, source: str = "") -> tuple:
             raise _FieldError("spec", "is required")
         warnings = []
         rules, dst, excl, gws = _parse_spec(doc["spec"], warnings)
-        extra = _parse_extra_egress_ips(meta, frozenset(6 if ":" in c else 4 for c in dst), gws)
+        families = frozenset(6 if ":" in c else 4 for c in dst)
+        for gw in gws:
+            fam = 6 if gw.egress_ip and ":" in gw.egress_ip else 4
+            if gw.egress_ip and fam not in families:
+                # as upstream: the egressIP of a family with no destination CIDR only picks the interface
+                warnings.append(f"egressIP {gw.egress_ip} is IPv{fam} but no destinationCIDR is: it only picks "
+                                f"the interface, whose first IPv{10 - fam} address is the egress IP")
+        extra = _parse_extra_egress_ips(meta, families, gws)
     except _FieldError as exc:
         raise PolicyError(exc.message, policy=name, path=exc.path or None) from None
     return EgressPolicy(name, rules, dst, excl, gws, source=source, extra_egress_ips=extra), warnings

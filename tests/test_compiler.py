@@ -178,6 +178,82 @@ def test_interface_without_needed_family_and_mismatched_default_routes():
     assert "doesn't match IPv4 default route interface" in c.problems()[0].message
 
 
+def dual_pod_cluster(*ifaces, default4="eth0", default6="eth0"):
+    node = Node("node3", {"name": "node3"}, "192.168.1.3", tuple(Interface(n, a) for n, a in ifaces),
+                default4, default6)
+    return Cluster([node], [], [Pod("a", uid="u", labels={"app": "app1"}, ips=("10.0.1.5", "fd00::5"),
+                                    node="node3")])
+
+
+GW3 = {"nodeSelector": {"matchLabels": {"name": "node3"}}}
+DUAL = ("203.0.113.0/24", "2001:db8:ff::/48")
+
+
+def test_explicit_ipv4_egress_ip_without_ipv6_on_its_interface_keeps_ipv4_programmed():
+    """cilium/cilium#48660: an IPv4 egressIP with dual-stack destinations, on an interface
+    without IPv6, programs the IPv4 entries with that IP; only IPv6 is unresolved."""
+    cluster = dual_pod_cluster(("eth0", ("192.168.1.3/24", "2001:db8:1::3/64")),
+                               ("eth1", ("10.99.0.4/24", "fe80::4/64")))
+    c = Compiler(cluster, [policy(dst=DUAL, gw={**GW3, "egressIP": "10.99.0.4"})])
+    assert c.desired[("10.0.1.5", "203.0.113.0/24")] == entry("10.0.1.5", "203.0.113.0/24", "10.99.0.4",
+                                                              "192.168.1.3")
+    assert c.desired[("fd00::5", "2001:db8:ff::/48")] == entry("fd00::5", "2001:db8:ff::/48", "::", "192.168.1.3")
+    (problem,) = c.problems()
+    assert "has no IPv6 address" in problem.message and "IPv6 traffic" in problem.message
+    assert "10.99.0.4 is programmed" in problem.message
+    # the same interface with an IPv6 address: both programmed, the IPv6 one derived from it
+    cluster = dual_pod_cluster(("eth1", ("10.99.0.4/24", "fe80::4/64", "2001:db8:2::4/64")))
+    c = Compiler(cluster, [policy(dst=DUAL, gw={**GW3, "egressIP": "10.99.0.4"})])
+    assert c.desired[("fd00::5", "2001:db8:ff::/48")].egress_ip == "2001:db8:2::4" and not c.problems()
+
+
+def test_explicit_ipv6_egress_ip_without_ipv4_on_its_interface_keeps_ipv6_programmed():
+    """The reverse of cilium/cilium#48660: an IPv6 egressIP on an interface without IPv4."""
+    cluster = dual_pod_cluster(("eth0", ("192.168.1.3/24",)), ("eth1", ("fe80::4/64", "2001:db8:2::4/64")))
+    c = Compiler(cluster, [policy(dst=DUAL, gw={**GW3, "egressIP": "2001:db8:2::4"})])
+    assert c.desired[("fd00::5", "2001:db8:ff::/48")] == entry("fd00::5", "2001:db8:ff::/48", "2001:db8:2::4",
+                                                              "192.168.1.3")
+    assert c.desired[("10.0.1.5", "203.0.113.0/24")] == entry("10.0.1.5", "203.0.113.0/24", "0.0.0.0",
+                                                              "192.168.1.3")
+    (problem,) = c.problems()
+    assert "has no IPv4 address" in problem.message and "IPv4 traffic" in problem.message
+
+
+def test_ipv6_egress_ip_serves_ipv6_destination_cidrs_only():
+    """An IPv6 egressIP on a policy without IPv6 destination CIDRs only picks the
+    interface: the IPv4 entries get its first IPv4, nothing is SNATed to the IPv6
+    address (its excluded IPv6 entries carry ::), and the parser warns."""
+    cluster = dual_pod_cluster(("eth0", ("192.168.1.3/24",)),
+                               ("eth1", ("10.99.0.3/24", "2001:db8:2::4/64")))
+    doc = {"apiVersion": "cilium.io/v2", "kind": "CiliumEgressGatewayPolicy", "metadata": {"name": "p"},
+           "spec": {"selectors": [{"podSelector": {"matchLabels": {"app": "app1"}}}],
+                    "destinationCIDRs": ["203.0.113.0/24"], "excludedCIDRs": ["2001:db8:ff::/48"],
+                    "egressGateway": {**GW3, "egressIP": "2001:db8:2::4"}}}
+    p, warnings = parse_policy(doc)
+    assert any("egressIP 2001:db8:2::4 is IPv6 but no destinationCIDR is" in w for w in warnings)
+    c = Compiler(cluster, [p])
+    assert c.desired[("10.0.1.5", "203.0.113.0/24")].egress_ip == "10.99.0.3"
+    assert c.desired[("fd00::5", "2001:db8:ff::/48")] == entry("fd00::5", "2001:db8:ff::/48", "::", EXCLUDED_CIDR)
+    assert not any(t.egress_ip == "2001:db8:2::4" for t in c.desired.values())
+    # with an IPv6 destination CIDR the same egressIP is programmed
+    doc["spec"]["destinationCIDRs"].append("2001:db8::/32")
+    p, warnings = parse_policy(doc)
+    assert not warnings
+    assert Compiler(cluster, [p]).desired[("fd00::5", "2001:db8::/32")].egress_ip == "2001:db8:2::4"
+
+
+@pytest.mark.parametrize("gw", [{"interface": "eth0"}, {"egressIP": "192.168.1.3"}, {}])
+def test_ipv6_excluded_entries_of_an_ipv4_only_policy_carry_unresolved_egress(gw):
+    """Whatever the interface holds, an IPv4-only policy needs no IPv6 egress IP:
+    its IPv6 excluded entries carry :: (Cilium sets egressIP6 only when v6Needed)."""
+    cluster = dual_pod_cluster(("eth0", ("192.168.1.3/24", "2001:db8:1::3/64")))
+    c = Compiler(cluster, [policy(dst=("203.0.113.0/24",), excl=("203.0.113.128/25", "2001:db8:1::/48"),
+                                  gw={**GW3, **gw})])
+    assert c.desired[("fd00::5", "2001:db8:1::/48")] == entry("fd00::5", "2001:db8:1::/48", "::", EXCLUDED_CIDR)
+    assert c.desired[("10.0.1.5", "203.0.113.128/25")].egress_ip == "192.168.1.3"
+    assert c.gateways("p")[0].egress_ip6 == "::" and not c.problems()
+
+
 # --- multiple gateways ----------------------------------------------------------------
 
 
@@ -268,8 +344,9 @@ def test_excluded_cidrs_and_families():
     assert em.lookup("fd00::5", "2001:db8:1::1").excluded
     assert ("10.0.1.5", "2001:db8::/32") not in d and ("fd00::5", "203.0.113.0/24") not in d
     assert len([k for k in d if k[0] in pod.ips]) == 4
-    # the v4 egress IP sits on an interface without IPv6: both families unresolved, as in Cilium
-    assert d[("10.0.1.5", "203.0.113.0/24")] == entry("10.0.1.5", "203.0.113.0/24", "0.0.0.0", "192.168.1.3")
+    # the v4 egress IP sits on an interface without IPv6: only IPv6 is unresolved (cilium/cilium#48660)
+    assert d[("10.0.1.5", "203.0.113.0/24")] == entry("10.0.1.5", "203.0.113.0/24", "192.168.1.3", "192.168.1.3")
+    assert d[("fd00::5", "2001:db8::/32")].egress_ip == "::"
 
 
 def test_excluded_equal_to_destination_wins_inside_a_policy():

@@ -8,11 +8,13 @@ datapath thread and never through a system tool or a subprocess:
   IPRoute(netns=...) forks on every open, so neither is used elsewhere);
 - sysctls through /proc/sys, opened on the thread (the file belongs to the
   opener's namespace);
-- Neighbours: the underlay's neighbour MACs and default router, kept from
-  netlink events (RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE) after one dump; missing
-  ones are probed once a second with an empty UDP datagram to the discard
-  port (the kernel ARPs for it).  Each change is handed to `publish` (the
-  agent queues it for its datapath thread);
+- Neighbours: the underlay's neighbour MACs and default routers, kept from
+  netlink events (RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE) after
+  one dump, ARP and NDP alike (IPv4 and IPv6 neighbours, the IPv4 and the
+  IPv6 default router); missing ones are probed once a second with an empty
+  UDP datagram to the discard port (the kernel ARPs, or solicits the
+  neighbour, for it).  Each change is handed to `publish` (the agent queues
+  it for its datapath thread);
 - Claims: the FIB rules that keep the kernel off the traffic the agent
   forwards (below), the kernel's ip_local_port_range, and the HostState
   file that remembers the host's originals across crashes.
@@ -30,7 +32,14 @@ before the `local` table's rule, which moves from priority 0 to PRIO_LOCAL
     PRIO_PODS      iif <each pod veth> blackhole
 
 so pod traffic leaving the cluster is the agent's, pod traffic inside it
-the kernel's.  ICMP echo replies to egress IPs need no claim: the kernel
+the kernel's.  IPv6 has the same band in its own rule table (`ip -6 rule`),
+when the host has IPv6 on (net.ipv6.conf.all.disable_ipv6 = 0): the NAT
+range of each global IPv6 address of the underlay, the VXLAN port on the
+node's IPv6 address (the IPv6 underlay), the IPv6 inside destinations, and
+the pod veths; link-local and multicast destinations (fe80::/10, ff00::/8)
+always go to the local table, since neighbour discovery and MLD travel in
+IPv6 packets (ARP is not IP, so IPv4 needs no such exception).  IPv6's own
+`local` rule moves from 0 to PRIO_LOCAL as IPv4's does.  ICMP echo replies to egress IPs need no claim: the kernel
 never answers an echo reply (it only hands it to a ping socket with that
 identifier, if one exists).  The kernel refuses a port range ending at
 65535, hence NAT port ranges end at 65534.
@@ -64,7 +73,10 @@ PORT_RANGE = "net.ipv4.ip_local_port_range"
 KERNEL_DEFAULT_PORTS = "32768 60999"
 NFT_TABLE = "egresscore"         # claimed traffic through nftables in older versions
 
-_RTMGRP_NEIGH, _RTMGRP_IPV4_ROUTE = 0x4, 0x40
+_RTMGRP_NEIGH, _RTMGRP_IPV4_ROUTE, _RTMGRP_IPV6_ROUTE = 0x4, 0x40, 0x400
+_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+IPV6_ALWAYS_LOCAL = ("fe80::/10", "ff00::/8")   # neighbour discovery, MLD: never claimed
+DISABLE_IPV6 = "net.ipv6.conf.all.disable_ipv6"
 _NUD_INCOMPLETE, _NUD_FAILED = 0x01, 0x20
 _FR_ACT_TO_TBL, _FR_ACT_GOTO, _FR_ACT_BLACKHOLE = 1, 2, 6
 
@@ -248,15 +260,32 @@ def link_facts(ipr, ifname):
     return idx[0], link.get_attr("IFLA_ADDRESS"), addrs
 
 
+def link_addrs6(ipr, index):
+    """The global IPv6 addresses of interface `index` (link-local and host scope left out), kernel order."""
+    return [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET6, index=index)
+            if a["scope"] == 0]
+
+
+def ipv6_on():
+    """Whether this namespace has IPv6 (host thread: the sysctl file is the opener's namespace's)."""
+    try:
+        return sysctl_get(DISABLE_IPV6) == "0"
+    except OSError:    # no IPv6 in this kernel
+        return False
+
+
 # -- neighbours ------------------------------------------------------------------------
 
 class Neighbours:
-    """The underlay's neighbour MACs and default router, from netlink events.
+    """The underlay's neighbour MACs and default routers, from netlink events
+    (ARP and NDP: both families).
 
-    publish(router_ip, macs) is called on the host thread after every change
-    that matters, with macs {ip: MAC} holding the last valid MAC of every
-    underlay neighbour: an entry that goes away or fails keeps its last MAC
-    (what the datapath keeps sending to) and is probed again."""
+    publish(router_ip, macs, router6) is called on the host thread after
+    every change that matters, with macs {ip: MAC} holding the last valid MAC
+    of every underlay neighbour, IPv4 and IPv6 (an IPv6 key is a string with
+    ':'): an entry that goes away or fails keeps its last MAC (what the
+    datapath keeps sending to) and is probed again.  router6 is the IPv6
+    default router (often link-local), None without one."""
 
     def __init__(self, host, underlay_index, publish, probe_every=1.0):
         self._host = host
@@ -264,11 +293,13 @@ class Neighbours:
         self._publish = publish
         self._probe_every = probe_every
         self.router = None
+        self.router6 = None
         self.macs = {}
         self._valid = set()       # IPs in a usable state right now
         self._wanted = set()
         self._events = None
         self._probe = None
+        self._probe6 = None
         self._marshal = MarshalRtnl()
         self._changed = threading.Condition()
 
@@ -277,18 +308,23 @@ class Neighbours:
         self._events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
                                      0)  # NETLINK_ROUTE
         self._events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self._events.bind((0, _RTMGRP_NEIGH | _RTMGRP_IPV4_ROUTE))
+        self._events.bind((0, _RTMGRP_NEIGH | _RTMGRP_IPV4_ROUTE | _RTMGRP_IPV6_ROUTE))
         self._probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            self._probe6 = socket.socket(socket.AF_INET6,
+                                         socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError:   # no IPv6 in this kernel
+            self._probe6 = None
         self._host.add_reader(self._events.fileno(), self._on_events)
         self._host.every(self._probe_every, self.probe)
         self._dump()
 
     def close(self):
-        for s in (self._events, self._probe):
+        for s in (self._events, self._probe, self._probe6):
             if s is not None:
                 self._host.remove_reader(s.fileno())
                 s.close()
-        self._events = self._probe = None
+        self._events = self._probe = self._probe6 = None
 
     def want(self, ips):
         """The IPs the datapath needs (other nodes); missing ones are probed now."""
@@ -296,7 +332,7 @@ class Neighbours:
         self.probe()
 
     def missing(self):
-        need = set(self._wanted) | ({self.router} if self.router else set())
+        need = set(self._wanted) | {r for r in (self.router, self.router6) if r}
         return sorted(need - self._valid)
 
     def wait(self, timeout):
@@ -311,25 +347,35 @@ class Neighbours:
             return
         for ip in self.missing():
             try:
-                self._probe.sendto(b"", (ip, 9))
+                if ":" not in ip:
+                    self._probe.sendto(b"", (ip, 9))
+                elif self._probe6 is not None:   # a link-local router needs the underlay as its scope
+                    self._probe6.sendto(b"", (ip, 9, 0, self._index if ip.lower().startswith("fe80") else 0))
             except OSError:
                 pass
 
     def _dump(self):
         ipr = self._host.ipr
         self._valid.clear()
-        for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=self._index):
-            self._neigh(n, deleted=False)
+        for family in _FAMILIES:
+            for n in ipr.get_neighbours(family=family, ifindex=self._index):
+                self._neigh(n, deleted=False)
         self._read_router()
         self._emit()
 
     def _read_router(self):
-        router = None
-        for r in self._host.ipr.get_default_routes(family=socket.AF_INET):
-            router = r.get_attr("RTA_GATEWAY")
-            if router:
-                break
-        self.router = router
+        self.router = self._default_gateway(socket.AF_INET)
+        self.router6 = self._default_gateway(socket.AF_INET6)
+
+    def _default_gateway(self, family):
+        try:
+            for r in self._host.ipr.get_default_routes(family=family):
+                gw = r.get_attr("RTA_GATEWAY")
+                if gw:
+                    return gw
+        except NetlinkError:    # no IPv6
+            pass
+        return None
 
     def _neigh(self, msg, deleted):
         if msg["ifindex"] != self._index:
@@ -360,21 +406,21 @@ class Neighbours:
                 raise
             for msg in self._marshal.parse(data):
                 event = msg.get("event")
-                if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH") and msg.get("family") == socket.AF_INET:
+                if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH") and msg.get("family") in _FAMILIES:
                     changed |= self._neigh(msg, event == "RTM_DELNEIGH")
                 elif event in ("RTM_NEWROUTE", "RTM_DELROUTE") and msg.get("dst_len") == 0:
                     route = True
         if route:
-            old = self.router
+            old = (self.router, self.router6)
             self._read_router()
-            changed |= self.router != old
+            changed |= (self.router, self.router6) != old
         if changed:
             self._emit()
         with self._changed:
             self._changed.notify_all()
 
     def _emit(self):
-        self._publish(self.router, dict(self.macs))
+        self._publish(self.router, dict(self.macs), self.router6)
         with self._changed:
             self._changed.notify_all()
 
@@ -466,17 +512,18 @@ _SELECTORS = (("FRA_IIFNAME", "iifname"), ("FRA_IP_PROTO", "ip_proto"), ("FRA_DP
               ("FRA_GOTO", "goto"))
 
 
-def _spec(priority, action, table=0, dst=None, dst_len=0, iifname=None, ip_proto=None, dport=None, goto=None):
+def _spec(priority, action, table=0, dst=None, dst_len=0, iifname=None, ip_proto=None, dport=None, goto=None,
+          family=socket.AF_INET):
     """A rule we want, shaped like a dumped fibmsg (its FRA_ attributes and header fields)."""
     return {"FRA_PRIORITY": priority, "action": action, "FRA_TABLE": table, "FRA_DST": dst,
             "dst_len": dst_len, "FRA_IIFNAME": iifname, "FRA_IP_PROTO": ip_proto,
-            "FRA_DPORT_RANGE": f"{dport[0]}:{dport[1]}" if dport else None, "FRA_GOTO": goto}
+            "FRA_DPORT_RANGE": f"{dport[0]}:{dport[1]}" if dport else None, "FRA_GOTO": goto, "family": family}
 
 
 def _rule_kwargs(r):
     """pyroute2 rule() arguments for a _spec dict or a dumped fibmsg (protocol aside)."""
     get = r.get_attr if hasattr(r, "get_attr") else r.get
-    kw = {"priority": get("FRA_PRIORITY") or 0, "action": r["action"]}
+    kw = {"family": r["family"], "priority": get("FRA_PRIORITY") or 0, "action": r["action"]}
     table = get("FRA_TABLE") or r.get("table", 0)
     if table:
         kw["table"] = table
@@ -531,24 +578,31 @@ class Claims:
     packets with the pod's own address."""
 
     def __init__(self, host, state, *, underlay, node_ip, local_ips, vxlan_port, nat_port_range,
-                 kernel_port_range):
+                 kernel_port_range, node_ip6=None):
         self._host = host
         self._state = state
         self._underlay = underlay
         self._node_ip = node_ip
-        self._local_ips = sorted(local_ips)
+        self._node_ip6 = node_ip6      # the VXLAN port is claimed on it too (the IPv6 underlay)
+        self._local_ips = sorted(local_ips)   # both families: each claims its NAT range in its own rules
         self._vxlan_port = vxlan_port
         self._nat = tuple(nat_port_range)
         self._kernel_ports = "{} {}".format(*kernel_port_range)
-        self._local_prio = PRIO_LOCAL
-        self._moved = False
+        self._local_prio = {socket.AF_INET: PRIO_LOCAL, socket.AF_INET6: PRIO_LOCAL}
+        self._moved = {socket.AF_INET: False, socket.AF_INET6: False}
+        self._v6 = False           # IPv6 on here: claims in the IPv6 rules too (_begin)
         self._inherited = False    # take_over found rules: sync deletes none until settle()
         self.installed = False
 
     # leftovers
+    def _rules(self, family):
+        try:
+            return self._host.ipr.get_rules(family=family)
+        except NetlinkError:   # no IPv6 in this kernel
+            return []
+
     def ours(self):
-        return [r for r in self._host.ipr.get_rules(family=socket.AF_INET)
-                if r.get_attr("FRA_PROTOCOL") == RULE_PROTOCOL]
+        return [r for family in _FAMILIES for r in self._rules(family) if r.get_attr("FRA_PROTOCOL") == RULE_PROTOCOL]
 
     def take_over(self, socket_path=None):
         """Find what a crashed agent left (tagged rules, egc-tnl0, an old
@@ -591,19 +645,34 @@ class Claims:
     def _wanted(self, inside, pods):
         lo, hi = self._nat
         u = self._underlay
+        v4, v6 = socket.AF_INET, socket.AF_INET6
+        vxlan = (self._vxlan_port, self._vxlan_port)
         rules = [_spec(PRIO_UNDERLAY, _FR_ACT_BLACKHOLE, dst=self._node_ip, dst_len=32, iifname=u,
-                       ip_proto=socket.IPPROTO_UDP, dport=(self._vxlan_port, self._vxlan_port))]
+                       ip_proto=socket.IPPROTO_UDP, dport=vxlan)]
+        if self._v6 and self._node_ip6:
+            rules.append(_spec(PRIO_UNDERLAY, _FR_ACT_BLACKHOLE, dst=self._node_ip6, dst_len=128, iifname=u,
+                               ip_proto=socket.IPPROTO_UDP, dport=vxlan, family=v6))
         for ip in self._local_ips:
+            family = v6 if ":" in ip else v4
+            if family == v6 and not self._v6:
+                continue
             for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
-                rules.append(_spec(PRIO_UNDERLAY, _FR_ACT_BLACKHOLE, dst=ip, dst_len=32, iifname=u,
-                                   ip_proto=proto, dport=(lo, hi)))
+                rules.append(_spec(PRIO_UNDERLAY, _FR_ACT_BLACKHOLE, dst=ip, dst_len=128 if family == v6 else 32,
+                                   iifname=u, ip_proto=proto, dport=(lo, hi), family=family))
         if pods:
-            for cidr in sorted(set(inside)):
+            families = (v4, v6) if self._v6 else (v4,)
+            always = IPV6_ALWAYS_LOCAL if self._v6 else ()
+            for cidr in sorted(set(inside)) + list(always):
                 net, _, plen = cidr.partition("/")
-                rules.append(_spec(PRIO_INSIDE, _FR_ACT_GOTO, dst=net, dst_len=int(plen or 32),
-                                   goto=self._local_prio))
-            for ifname in sorted(pods):
-                rules.append(_spec(PRIO_PODS, _FR_ACT_BLACKHOLE, iifname=ifname))
+                family = v6 if ":" in net else v4
+                if family not in families:
+                    continue
+                rules.append(_spec(PRIO_INSIDE, _FR_ACT_GOTO, dst=net,
+                                   dst_len=int(plen or (128 if family == v6 else 32)),
+                                   goto=self._local_prio[family], family=family))
+            for family in families:
+                for ifname in sorted(pods):
+                    rules.append(_spec(PRIO_PODS, _FR_ACT_BLACKHOLE, iifname=ifname, family=family))
         return rules
 
     def sync(self, inside, pods):
@@ -613,16 +682,19 @@ class Claims:
         have = self.ours()
         keys = {_rule_key(r) for r in have}
         wanted = self._wanted(inside, pods)
-        local = _spec(self._local_prio, _FR_ACT_TO_TBL, table=LOCAL_TABLE) if self._moved else None
-        for r in ([local] if local else []) + wanted:
+        local = [_spec(self._local_prio[f], _FR_ACT_TO_TBL, table=LOCAL_TABLE, family=f) for f in self._families()
+                 if self._moved[f]]
+        for r in local + wanted:
             if _rule_key(r) not in keys:
                 _add_rule(ipr, r)
-        if self._moved:
-            for r in ipr.get_rules(family=socket.AF_INET):
+        for family in self._families():
+            if not self._moved[family]:
+                continue
+            for r in self._rules(family):
                 if (_is_local_rule(r) and r.get_attr("FRA_PROTOCOL") != RULE_PROTOCOL
                         and (r.get_attr("FRA_PRIORITY") or 0) < PRIO_LOCAL):
                     _del_rule(ipr, r)      # the host's own local rule, now that ours is in place
-        keep = {_rule_key(r) for r in wanted} | ({_rule_key(local)} if local else set())
+        keep = {_rule_key(r) for r in wanted} | {_rule_key(r) for r in local}
         for r in reversed(have):   # pod blackholes before the gotos that skip them
             if _rule_key(r) not in keep and not self._inherited:
                 _del_rule(ipr, r)
@@ -634,22 +706,37 @@ class Claims:
         want may go at the next sync."""
         self._inherited = False
 
+    def _families(self):
+        return _FAMILIES if self._v6 else (socket.AF_INET,)
+
+    def _host_local(self, family):
+        """(priority, protocol) of the host's own first `lookup local` rule of `family`, or (None, kernel)."""
+        host_local = [r for r in self._rules(family)
+                      if _is_local_rule(r) and r.get_attr("FRA_PROTOCOL") != RULE_PROTOCOL]
+        first = min(host_local, key=lambda r: r.get_attr("FRA_PRIORITY") or 0, default=None)
+        if first is None:
+            return None, RTPROT_KERNEL
+        return first.get_attr("FRA_PRIORITY") or 0, first.get_attr("FRA_PROTOCOL") or 0
+
     def _begin(self):
         """Record the originals (once per host, kept across crashes), then the first change."""
-        ipr = self._host.ipr
+        self._v6 = ipv6_on()
         if self._state.original is None:
-            host_local = [r for r in ipr.get_rules(family=socket.AF_INET)
-                          if _is_local_rule(r) and r.get_attr("FRA_PROTOCOL") != RULE_PROTOCOL]
-            first = min(host_local, key=lambda r: r.get_attr("FRA_PRIORITY") or 0, default=None)
-            self._state.record({
-                "port_range": sysctl_get(PORT_RANGE),
-                "local_priority": (first.get_attr("FRA_PRIORITY") or 0) if first is not None else None,
-                "local_protocol": (first.get_attr("FRA_PROTOCOL") or 0) if first is not None else RTPROT_KERNEL,
-            })
-        orig = self._state.original.get("local_priority")
-        self._moved = orig is not None and orig < PRIO_LOCAL
-        if not self._moved and orig is not None:
-            self._local_prio = orig   # already after our band: the gotos jump to it
+            prio, proto = self._host_local(socket.AF_INET)
+            self._state.record({"port_range": sysctl_get(PORT_RANGE), "local_priority": prio,
+                                "local_protocol": proto})
+        if self._v6 and "local_priority6" not in self._state.original:
+            # IPv6's local rule, recorded the first time the claims cover IPv6 (a state file
+            # from before that, or IPv6 turned on since, has none): ours were never in that table
+            prio, proto = self._host_local(socket.AF_INET6)
+            if prio is None and any(_is_local_rule(r) for r in self.ours() if r["family"] == socket.AF_INET6):
+                prio, proto = 0, RTPROT_KERNEL   # a stopped agent moved it, unrecorded: the kernel's default
+            self._state.record({**self._state.original, "local_priority6": prio, "local_protocol6": proto})
+        for family, key in ((socket.AF_INET, "local_priority"), (socket.AF_INET6, "local_priority6")):
+            orig = self._state.original.get(key)
+            self._moved[family] = orig is not None and orig < PRIO_LOCAL and family in self._families()
+            if not self._moved[family] and orig is not None:
+                self._local_prio[family] = orig   # already after our band: the gotos jump to it
         self.installed = True
 
     def remove(self):
@@ -657,12 +744,15 @@ class Claims:
         orig = self._state.original
         ipr = self._host.ipr
         if orig is not None:
-            if orig.get("local_priority") is not None:
-                have = [r for r in ipr.get_rules(family=socket.AF_INET)
+            for family, sfx in ((socket.AF_INET, ""), (socket.AF_INET6, "6")):
+                if orig.get("local_priority" + sfx) is None:
+                    continue
+                have = [r for r in self._rules(family)
                         if _is_local_rule(r) and r.get_attr("FRA_PROTOCOL") != RULE_PROTOCOL]
                 if not have:
-                    _add_rule(ipr, _spec(orig["local_priority"], _FR_ACT_TO_TBL, table=LOCAL_TABLE),
-                              protocol=orig.get("local_protocol", RTPROT_KERNEL))
+                    _add_rule(ipr, _spec(orig["local_priority" + sfx], _FR_ACT_TO_TBL, table=LOCAL_TABLE,
+                                         family=family),
+                              protocol=orig.get("local_protocol" + sfx, RTPROT_KERNEL))
             if sysctl_get(PORT_RANGE) != orig["port_range"]:
                 sysctl_set(PORT_RANGE, orig["port_range"])
         for r in self.ours():
@@ -712,6 +802,7 @@ class HostFacts(NamedTuple):
     underlay_index: int
     node_mac: str
     local_ips: list
+    local_ips6: list = []   # the underlay's global IPv6 addresses (kernel order), claimed as local_ips are
 
 
 def set_up_host(host, node, netns, *, underlay, node_ip, socket_path, claim, vxlan_port, nat_port_range,
@@ -730,8 +821,10 @@ def set_up_host(host, node, netns, *, underlay, node_ip, socket_path, claim, vxl
         underlay_index, node_mac, local = facts
         if node_ip not in local:
             raise AgentError(f"{node_ip} (node {node}'s internal IP) is not on {underlay}{where(netns)}")
-        claims = Claims(host, state, underlay=underlay, node_ip=node_ip, local_ips=local, vxlan_port=vxlan_port,
-                        nat_port_range=nat_port_range, kernel_port_range=kernel_port_range)
+        local6 = host.call(lambda: link_addrs6(host.ipr, underlay_index) if ipv6_on() else [])
+        claims = Claims(host, state, underlay=underlay, node_ip=node_ip, local_ips=local + local6,
+                        vxlan_port=vxlan_port, nat_port_range=nat_port_range, kernel_port_range=kernel_port_range,
+                        node_ip6=local6[0] if local6 else None)
         leftovers = host.call(claims.take_over, socket_path)
         if leftovers:
             print(f"egresscore agent {node}: taking over a stopped agent's leftovers{where(netns)}: "
@@ -745,4 +838,4 @@ def set_up_host(host, node, netns, *, underlay, node_ip, socket_path, claim, vxl
         finally:
             host.call(state.release)
         raise
-    return HostFacts(state, claims, underlay_index, node_mac, local)
+    return HostFacts(state, claims, underlay_index, node_mac, local, local6)

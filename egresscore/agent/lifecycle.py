@@ -139,6 +139,7 @@ from ..health import HEARTBEAT_PORT, GatewayHealth, LivenessProvider, Prober, Re
 from ..inputs import InputError, check_policies, load_inputs
 from ..policystats import PolicyCounters
 from ..replication import REPLICATION_PORT
+from . import ipv6
 from .feed import Feed, FeedStats, OwnNodeError, SourceRunner, check_own_node
 from .host import (
     AgentError,
@@ -226,6 +227,13 @@ class Agent:
     10; 0: normal scheduling), so that a woken loop does not wait behind
     other work; cpu: pin that thread to this CPU (default: not pinned).
     Not permitted: one line on stderr, normal priority (egresscore.agent.sched).
+    ipv6: forward IPv6 pod traffic too (default) when the node has an IPv6
+    address (egresscore.agent.ipv6.node_ip6: the first global IPv6 of its
+    underlay interface in the cluster) that is on its underlay; otherwise
+    IPv6 pod traffic leaving the cluster is only claimed (dropped: the kernel
+    never forwards it).  underlay6: VXLAN between the nodes over their IPv6
+    addresses (every node needs one; no tunnel offload); default IPv4, as
+    Cilium.  See docs/ipv6-datapath.md.
     """
 
     def __init__(self, node, cluster=None, policies=(), *, netns=None, underlay="eth0", vni=2,
@@ -241,7 +249,7 @@ class Agent:
                  heartbeat_port=HEARTBEAT_PORT, source=None, source_timeout=10.0,
                  label_filter=None, cluster_name=DEFAULT_CLUSTER_NAME, stateful_failover=False,
                  replication_port=REPLICATION_PORT, make_before_break=False, pin_capacity=DEFAULT_PIN_CAPACITY,
-                 rt_priority=DEFAULT_RT_PRIORITY, cpu=None):
+                 rt_priority=DEFAULT_RT_PRIORITY, cpu=None, ipv6=True, underlay6=False):
         liveness = self._liveness_of(liveness, source, node, gateway_health)
         # the datapath thread's scheduling (egresscore.agent.sched), checked before any work
         self._sched = ThreadSched(rt_priority, cpu, label=f"egresscore agent {node}")
@@ -266,7 +274,8 @@ class Agent:
                                     probe_rises=probe_rises, heartbeat_port=heartbeat_port,
                                     stateful_failover=stateful_failover, replication_port=replication_port,
                                     make_before_break=make_before_break, pin_capacity=pin_capacity),
-                        identity=dict(label_filter=label_filter, cluster_name=cluster_name))
+                        identity=dict(label_filter=label_filter, cluster_name=cluster_name),
+                        families=dict(ipv6=ipv6, underlay6=underlay6))
         except BaseException:
             if runner is not None:
                 runner.stop()
@@ -307,7 +316,7 @@ class Agent:
     def _build(self, node, cluster, policies, runner, *, netns, underlay, vni, vxlan_port, mtu, nat_port_range,
                kernel_port_range, nat_capacity, pod_conn_limit, pod_ifname, claim, poll_ms, vnet_hdr,
                tunnel_offload, ring_mode, nat_timeouts, nat_state, flow_log, flow_log_capacity, flow_drop_rate,
-               metrics_port, metrics_addr, control_socket, health, identity):
+               metrics_port, metrics_addr, control_socket, health, identity, families):
         # the one loading path (egresscore.inputs): a bad input is an error, the agent does not start
         self._cluster_path = os.fspath(cluster) if isinstance(cluster, (str, os.PathLike)) else None
         self._policy_paths, policies = self._policies_from(policies)
@@ -355,11 +364,14 @@ class Agent:
                 raise AgentError(str(exc)) from None
             if self.nat.state is not None:
                 print(f"egresscore agent {node}: {self.nat.state['message']}", file=sys.stderr, flush=True)
-            for ip in local:
+            for ip in local + host.local_ips6:
                 self.nat.add_egress_ip(ip)
             self._local_ips = set(local)
+            self.node_ip6 = self._ipv6_facts(cluster, families, host.local_ips6)
+            self.underlay6 = bool(families["underlay6"])
             self.datapath = Datapath(self.node_ip, self.node_mac, self.egress_map, self.nat, vni=vni,
-                                     vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range)
+                                     vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range,
+                                     node_ip6=self.node_ip6, underlay6=self.underlay6)
             if health["make_before_break"]:
                 self.datapath.set_make_before_break(True, capacity=health["pin_capacity"])
             self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map, **identity)
@@ -369,7 +381,7 @@ class Agent:
             self.cluster = self.compiler.cluster
             self._feed = Feed(self.compiler)
             self._open_underlay(underlay)
-            if tunnel_offload and self.vnet_hdr:
+            if tunnel_offload and self.vnet_hdr and not self.underlay6:  # the offload device is IPv4's
                 self._open_tunnel(vni, vxlan_port, mtu)
             self._start_forwarding(claim)
             self._start_health(heartbeat_port, probe_interval, probe_misses, probe_rises)
@@ -381,6 +393,19 @@ class Agent:
             self._keep_nat_file = True  # an adopted table stays for the next try
             self.close()  # nothing half-installed stays behind
             raise
+
+    def _ipv6_facts(self, cluster, families, local6):
+        """The node's IPv6 address for the datapath (None: IPv6 off), from the cluster, checked
+        against the underlay's addresses; underlay6 without one is an AgentError."""
+        ip6 = ipv6.node_ip6(cluster.nodes[self.node]) if families["ipv6"] or families["underlay6"] else None
+        if ip6 is not None and ip6 not in local6:
+            print(f"egresscore agent {self.node}: {ip6} (the node's IPv6 address in the cluster) is not on "
+                  f"{self.underlay}{self._where()}: IPv6 pod traffic is dropped, not forwarded",
+                  file=sys.stderr, flush=True)
+            ip6 = None
+        if families["underlay6"] and ip6 is None:
+            raise AgentError(f"underlay6: node {self.node} has no IPv6 address on {self.underlay}{self._where()}")
+        return ip6
 
     def _check_arguments(self, node, cluster, policies, netns, nat_port_range, kernel_port_range):
         """The cluster and policies in force at start, once every argument is
@@ -430,6 +455,7 @@ class Agent:
         self._claim_pods = set()       # host thread: pod veths claimed
         # loop thread: the last neighbours the host thread handed over, pods being opened
         self._router_ip = None
+        self._router6_ip = None        # the IPv6 default router (NDP), when the underlay has one
         self._neigh_macs = {}
         self._opening = set()
         self._port_macs = {}           # pod key -> our end's MAC
@@ -438,8 +464,10 @@ class Agent:
         self._wake_r = self._wake_w = -1  # the wake pipe, made with the rings
         self._services = []            # how to stop the services (egresscore.agent.services), in start order
         self._control = threading.RLock()  # one control change at a time, on the thread that makes it
-        self._node_rows = {}           # loop thread: node name -> (IPv4, pod CIDRs) in the datapath
-        self._wanted = {}              # loop thread: pod key -> (IPv4, veth) the datapath should forward
+        self._node_rows = {}           # loop thread: node name -> (IPv4, pod CIDRs, IPv6) in the datapath
+        self._wanted = {}              # loop thread: pod key -> (IPv4, veth, IPv6) the datapath should forward
+        self.node_ip6 = None           # the node's IPv6 address when the IPv6 datapath is on
+        self.underlay6 = False
         self._feed = None              # egresscore.agent.feed.Feed over the compiler
         self._source = None            # the cluster-state source (egresscore.sources), when one feeds us
         self._source_stats = FeedStats("files", "")
@@ -730,8 +758,9 @@ class Agent:
             for p in self.cluster.pods.values():
                 if p.node == self.node:
                     ip4 = next((ip for ip in p.ips if ":" not in ip), None)
-                    if ip4 is not None:
-                        wanted[p.uid] = (ip4, self._pod_ifname(p))
+                    ip6 = ipv6.pod_ip6(p) if self.node_ip6 else None
+                    if ip4 is not None or ip6 is not None:
+                        wanted[p.uid] = (ip4, self._pod_ifname(p), ip6)
             self._submit(self._apply_pods, wanted, self._inside())
         if self.flow_logger is not None:
             self._enricher.refresh()
@@ -742,14 +771,20 @@ class Agent:
 
     def _publish_nodes(self, nodes):
         """Control thread: node rows for the loop; tunnel peers, neighbours and claims for the host."""
-        rows = {n.name: (n.gateway_ip, tuple(c for c in n.pod_cidrs if ":" not in c))
-                for n in nodes.values() if n.gateway_ip}
+        if self.node_ip6:   # both families (egresscore.agent.ipv6)
+            rows = ipv6.node_rows(nodes)
+        else:
+            rows = {n.name: (n.gateway_ip, tuple(c for c in n.pod_cidrs if ":" not in c), None)
+                    for n in nodes.values() if n.gateway_ip}
         self._submit(self._apply_nodes, rows)
-        ips = [ip for ip, _ in rows.values()]
+        ips = [ip for ip, _, _ in rows.values()]
         if self._tunnel is not None:
             self._host.post(self._tunnel.set_peers, ips)
         if self._neighbours is not None:
-            self._host.post(self._neighbours.want, [ip for ip in ips if ip not in self._local_ips])
+            peers = [ip for ip in ips if ip not in self._local_ips]
+            if self.underlay6:   # the tunnel's next hops are the nodes' IPv6 addresses: NDP for them too
+                peers += [ip6 for _, _, ip6 in rows.values() if ip6 and ip6 != self.node_ip6]
+            self._host.post(self._neighbours.want, peers)
         self._host.post(self._host_sync_claims, self._inside(nodes))
 
     def _apply_nodes(self, rows):
@@ -767,31 +802,42 @@ class Agent:
             else:
                 used = set(self._node_index.values())
                 idx = next(i for i in range(256) if i not in used)
-            ip, cidrs = rows[name]
+            ip, cidrs, ip6 = rows[name]
             self._node_index[name] = idx
-            mac = None if ip in self._local_ips else self._neigh_macs.get(ip)
-            self.datapath.add_node(idx, ip, cidrs, mac=mac)
+            mac = None if ip in self._local_ips else self._node_mac_of(ip, ip6, self._neigh_macs)
+            self.datapath.add_node(idx, ip, cidrs, mac=mac, ip6=ip6)
         self._node_rows = dict(rows)
 
     def _inside(self, nodes=None):
-        """The cluster's own destinations (pod CIDRs, node IPs): pod traffic to them stays the kernel's."""
+        """The cluster's own destinations (pod CIDRs, node IPs, IPv4 and IPv6): pod traffic to
+        them stays the kernel's (the claims keep IPv6 ones only on a host with IPv6)."""
         nodes = (self.cluster.nodes if nodes is None else nodes).values()
-        return sorted({c for n in nodes for c in n.pod_cidrs if ":" not in c}
-                      | {n.gateway_ip + "/32" for n in nodes if n.gateway_ip})
+        return sorted({c for n in nodes for c in n.pod_cidrs}
+                      | {n.gateway_ip + "/32" for n in nodes if n.gateway_ip}
+                      | {ip + "/128" for n in nodes if (ip := ipv6.node_ip6(n))})
 
     # -- neighbours (learnt on the host thread, written here) -----------------------------
-    def _neighbours_changed(self, router, macs):
-        """Host thread: a new neighbour snapshot, for the loop thread."""
-        self._to_loop(self._apply_neighbours, router, macs)
+    def _neighbours_changed(self, router, macs, router6=None):
+        """Host thread: a new neighbour snapshot (ARP and NDP), for the loop thread."""
+        self._to_loop(self._apply_neighbours, router, macs, router6)
 
-    def _apply_neighbours(self, router, macs):
+    def _apply_neighbours(self, router, macs, router6=None):
         self._router_ip = router
+        self._router6_ip = router6
         self._neigh_macs = macs
         self.datapath.set_router(macs.get(router) if router else None)
+        self.datapath.set_router6(macs.get(router6) if router6 else None)
         for name, idx in self._node_index.items():
-            ip = self._node_rows[name][0]
+            ip, _, ip6 = self._node_rows[name]
             if ip not in self._local_ips:
-                self.datapath.set_node_mac(idx, macs.get(ip))
+                self.datapath.set_node_mac(idx, self._node_mac_of(ip, ip6, macs))
+
+    def _node_mac_of(self, ip, ip6, macs):
+        """A node's underlay MAC: by NDP for its IPv6 address over the IPv6 underlay (by ARP while NDP
+        has none yet), by ARP otherwise."""
+        if self.underlay6 and ip6:
+            return macs.get(ip6) or macs.get(ip)
+        return macs.get(ip)
 
     def _open_tunnel(self, vni, port, mtu):
         """The tunnel offload (egresscore.agent.tunnel); off, with the reason in
@@ -815,17 +861,17 @@ class Agent:
         self.datapath.attach_tunnel(ring)
 
     def _apply_pods(self, wanted, inside):
-        """Loop thread: forward exactly the local pods in `wanted` (key -> (IPv4, veth));
+        """Loop thread: forward exactly the local pods in `wanted` (key -> (IPv4, veth, IPv6));
         new ones are opened on the host thread and attached later."""
         self._wanted = wanted
         for key in list(self._ports):
             if key not in wanted:
                 self._drop_port(key)
         opening = []
-        for key, (ip4, ifname) in wanted.items():
+        for key, (ip4, ifname, ip6) in wanted.items():
             if key in self._ports:
                 port, _ = self._ports[key]
-                self.datapath.add_pod_port(port, ip4, self._port_macs[key])
+                self.datapath.add_pod_port(port, ip4, self._port_macs[key], pod_ip6=ip6)
             elif key not in self._opening:
                 self._opening.add(key)
                 opening.append((key, ifname))
@@ -852,15 +898,15 @@ class Agent:
     def _attach_pods(self, opened):
         for key, ifname, mac, ring in opened:
             self._opening.discard(key)
-            ip4 = self._wanted.get(key, (None,))[0]
+            row = self._wanted.get(key)
             if ring is None:
                 continue
-            if ip4 is None or key in self._ports:   # gone (or attached) meanwhile
+            if row is None or key in self._ports:   # gone (or attached) meanwhile
                 self._host.post(self._host_close_pod, ifname, ring)
                 continue
             used = {p for p, _ in self._ports.values()}
             port = next(i for i in range(1, 64) if i not in used)
-            self.datapath.add_pod_port(port, ip4, mac)
+            self.datapath.add_pod_port(port, row[0], mac, pod_ip6=row[2])
             self._rings.append(ring)
             self.datapath.attach_ring(port, ring)
             self._ports[key] = (port, ifname)

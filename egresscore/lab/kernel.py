@@ -12,8 +12,19 @@ What Cilium does in eBPF, done with stock kernel parts on the lab's nodes:
   pod's node (`ip rule iif eth0 lookup 200`);
 - everything else leaving a node is masqueraded to the node IP (nftables).
 The gateway among several matching nodes is the first by name, as in Cilium.
+
+In the dual-stack lab (Lab(ipv6=True)) the same is done for IPv6: `ip -6
+rule`s and IPv6 routes through the same vxlan0 (an L2 tunnel carries both
+families), an `ip6` nftables table beside the `ip` one (SNAT to the IPv6
+egress IP, masquerade to the node's IPv6), and IPv6 next hops on vxlan0
+that are link-local (`tunnel_gw6`, with permanent neighbours): the kernel
+refuses an `onlink` IPv6 gateway that the main table routes through another
+device, as it does the other nodes' pod gateways.  With Lab(tunnel_underlay=6) vxlan0 runs
+over the IPv6 underlay (local and FDB destinations the nodes' IPv6
+addresses, MTU VXLAN6_MTU).
 """
 import ipaddress
+import socket
 
 import yaml
 from pyroute2 import IPRoute
@@ -25,6 +36,7 @@ VXLAN_PORT = 8472
 VXLAN_VNI = 2
 VXLAN_IF = "vxlan0"
 VXLAN_MTU = 1450  # 1500 - 50 bytes of outer Ethernet/IP/UDP/VXLAN
+VXLAN6_MTU = 1430  # over the IPv6 underlay: 1500 - 70
 NFT_TABLE = "egc_lab"
 TABLE_DROP = 99
 TABLE_GW_BASE = 100  # + gateway node index: default route into vxlan0 towards that node
@@ -49,12 +61,33 @@ SAMPLE_POLICY = {
     },
 }
 
+# the same, dual-stack, on the dual-stack lab's addresses (= examples/egress-sample-dual.yaml)
+SAMPLE_POLICY_DUAL = {
+    "apiVersion": "cilium.io/v2",
+    "kind": "CiliumEgressGatewayPolicy",
+    "metadata": {"name": "egress-sample-dual"},
+    "spec": {
+        "selectors": [{"podSelector": {"matchLabels": {"app": "app1"}}}],
+        "destinationCIDRs": ["203.0.113.0/24", "2001:db8:113::/64"],
+        "excludedCIDRs": ["203.0.113.128/25", "2001:db8:113:0:8000::/65"],
+        "egressGateway": {
+            "nodeSelector": {"matchLabels": {"node.kubernetes.io/name": "node3"}},
+            "egressIP": "fd00:192:168:1::100",
+        },
+    },
+}
+
 
 def vxlan_mac(node_ip):
     """02:ee:<node IP>: the inner MAC egresscore's datapath writes for a node."""
     from ..agent.tunnel import tunnel_mac
 
     return tunnel_mac(node_ip)
+
+
+def tunnel_gw6(node):
+    """fe80::ee:<last octet of the node IPv4>: the IPv6 next hop on vxlan0 towards `node`."""
+    return "fe80::ee:%x" % ipaddress.ip_address(node.ip).packed[3]
 
 
 def _policy_docs(policies):
@@ -100,7 +133,7 @@ def compile_entries(lab, policies):
                 ip = policy.gateways[0].egress_ip if len(policy.gateways) == 1 else None
                 what = f"egressIP {ip} is not an address of {g.node}" if ip else g.problem
                 raise ValueError(f"policy {policy.name}: {what} ({g.problem})")
-    pod_of = {p.ip: p.name for p in lab.pods.values()}
+    pod_of = {ip: p.name for p in lab.pods.values() for ip in (p.ip, getattr(p, "ip6", None)) if ip}
     node_of = {n.ip: n.name for n in lab.nodes.values()}
     entries = []
     for (src, cidr), t in compiler.desired.items():
@@ -116,40 +149,58 @@ def format_egress_list(entries):
     return egress_table([(e["src"], e["cidr"], e["egress_ip"], e["gateway_ip"]) for e in entries])
 
 
-def masquerade_ruleset(node, cluster_cidr, enabled=True, snat_rules=()):
-    """The node's whole nftables table (replaced atomically)."""
+def masquerade_ruleset(node, cluster_cidr, enabled=True, snat_rules=(), cluster_cidr6=None, snat_rules6=()):
+    """The node's whole nftables table (replaced atomically); with `cluster_cidr6`
+    and an IPv6 pod CIDR on the node (the dual-stack lab) an `ip6` table too."""
     rules = list(snat_rules)
     if enabled:
         rules.append(f'oifname "{node.ifname}" ip saddr {node.pod_cidr} ip daddr != {cluster_cidr} masquerade')
+    out = _nat_table("ip", rules)
+    pod_cidr6 = getattr(node, "pod_cidr6", None)
+    if cluster_cidr6 is not None and pod_cidr6:
+        rules6 = list(snat_rules6)
+        if enabled:
+            rules6.append(f'oifname "{node.ifname}" ip6 saddr {pod_cidr6} ip6 daddr != {cluster_cidr6} masquerade')
+        out += _nat_table("ip6", rules6)
+    return out
+
+
+def _nat_table(family, rules):
     body = "\n".join("        " + r for r in rules)
-    return (f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
-            f"table ip {NFT_TABLE} {{\n    chain postrouting {{\n"
+    return (f"table {family} {NFT_TABLE}\ndelete table {family} {NFT_TABLE}\n"
+            f"table {family} {NFT_TABLE} {{\n    chain postrouting {{\n"
             f"        type nat hook postrouting priority srcnat; policy accept;\n{body}\n    }}\n}}\n")
 
 
-def _flush(ipr):
-    for rule in ipr.get_rules(family=2):
-        prio = rule.get("FRA_PRIORITY")
-        if prio is not None and RULE_PRIO_BASE <= prio <= RULE_PRIO_RETURN:
-            ipr.rule("del", priority=prio, table=rule.get("FRA_TABLE") or rule["table"])
-    for table in [TABLE_DROP, TABLE_RETURN, *range(TABLE_GW_BASE, TABLE_GW_BASE + 10)]:
-        ipr.flush_routes(table=table)
+def _flush(ipr, ipv6=False):
+    for family in (socket.AF_INET, socket.AF_INET6) if ipv6 else (socket.AF_INET,):
+        for rule in ipr.get_rules(family=family):
+            prio = rule.get("FRA_PRIORITY")
+            if prio is not None and RULE_PRIO_BASE <= prio <= RULE_PRIO_RETURN:
+                ipr.rule("del", family=family, priority=prio, table=rule.get("FRA_TABLE") or rule["table"])
+        for table in [TABLE_DROP, TABLE_RETURN, *range(TABLE_GW_BASE, TABLE_GW_BASE + 10)]:
+            ipr.flush_routes(table=table, family=family)
 
 
 def _ensure_vxlan(ipr, lab, node):
     links = ipr.link_lookup(ifname=VXLAN_IF)
     if not links:
         eth = ipr.link_lookup(ifname=node.ifname)[0]
+        six = getattr(lab, "tunnel_underlay", 4) == 6
+        local = {"vxlan_local6": node.ip6} if six else {"vxlan_local": node.ip}
         ipr.link("add", ifname=VXLAN_IF, kind="vxlan", vxlan_id=lab.vni, vxlan_port=VXLAN_PORT,
-                 vxlan_local=node.ip, vxlan_link=eth, vxlan_learning=0)
+                 vxlan_link=eth, vxlan_learning=0, **local)
         vx = ipr.link_lookup(ifname=VXLAN_IF)[0]
-        ipr.link("set", index=vx, address=vxlan_mac(node.ip), mtu=VXLAN_MTU, state="up")
+        ipr.link("set", index=vx, address=vxlan_mac(node.ip), mtu=VXLAN6_MTU if six else VXLAN_MTU, state="up")
         for other in lab.nodes.values():
             if other.name == node.name:
                 continue
             mac = vxlan_mac(other.ip)
-            ipr.fdb("add", ifindex=vx, lladdr=mac, dst=other.ip, state=_nud["permanent"])
+            ipr.fdb("add", ifindex=vx, lladdr=mac, dst=other.ip6 if six else other.ip, state=_nud["permanent"])
             ipr.neigh("add", dst=other.pod_gateway, lladdr=mac, ifindex=vx, state=_nud["permanent"])
+            if getattr(other, "pod_gateway6", None):
+                ipr.neigh("add", family=socket.AF_INET6, dst=tunnel_gw6(other), lladdr=mac, ifindex=vx,
+                          state=_nud["permanent"])
     return ipr.link_lookup(ifname=VXLAN_IF)[0]
 
 
@@ -159,28 +210,35 @@ def install(lab, policies, nodes=None):
     nodes: the node names to configure (default all); the others are left
     untouched, e.g. for a userspace agent to play their part (interop tests).
     """
-    from .topology import CLUSTER_CIDR
+    from .topology import CLUSTER_CIDR, CLUSTER_CIDR6
 
     entries = compile_entries(lab, policies)
     node_index = {name: i for i, name in enumerate(sorted(lab.nodes))}
     selected = _select_nodes(lab, nodes)
+    ipv6 = bool(getattr(lab, "ipv6", False))
     for node in selected:
-        snat = []
+        snat = {4: [], 6: []}
         with IPRoute(netns=node.ns) as ipr:
-            _flush(ipr)
+            _flush(ipr, ipv6)
             vx = _ensure_vxlan(ipr, lab, node)
-            ipr.route("add", table=TABLE_DROP, dst="0.0.0.0/0", type="blackhole")
-            for other in lab.nodes.values():
-                if other.name != node.name:
-                    ipr.route("add", table=TABLE_GW_BASE + node_index[other.name], dst="0.0.0.0/0",
-                              gateway=other.pod_gateway, oif=vx, flags=ONLINK)
-                    ipr.route("add", table=TABLE_RETURN, dst=other.pod_cidr,
-                              gateway=other.pod_gateway, oif=vx, flags=ONLINK)
+            for fam in (4, 6) if ipv6 else (4,):
+                family, anywhere = (socket.AF_INET6, "::/0") if fam == 6 else (socket.AF_INET, "0.0.0.0/0")
+                ipr.route("add", family=family, table=TABLE_DROP, dst=anywhere, type="blackhole")
+                for other in lab.nodes.values():
+                    if other.name != node.name:
+                        gw, cidr = (tunnel_gw6(other), other.pod_cidr6) if fam == 6 else (other.pod_gateway,
+                                                                                       other.pod_cidr)
+                        ipr.route("add", family=family, table=TABLE_GW_BASE + node_index[other.name], dst=anywhere,
+                                  gateway=gw, oif=vx, flags=ONLINK)
+                        ipr.route("add", family=family, table=TABLE_RETURN, dst=cidr, gateway=gw, oif=vx,
+                                  flags=ONLINK)
             prio = RULE_PRIO_BASE
-            is_gateway = False
+            is_gateway = set()
             for e in entries:
                 pod = lab.pods[e["pod"]]
                 net = ipaddress.ip_network(e["cidr"])
+                fam = net.version
+                ip, family = ("ip6", socket.AF_INET6) if fam == 6 else ("ip", socket.AF_INET)
                 local = pod.node == node.name
                 if local:
                     if e["kind"] == "drop":
@@ -189,23 +247,25 @@ def install(lab, policies, nodes=None):
                         table = TABLE_GW_BASE + node_index[e["gateway"]]
                     else:
                         table = 254  # main: out of eth0, SNAT or masquerade below
-                    ipr.rule("add", priority=prio, table=table, src=pod.ip, src_len=32,
-                             dst=str(net.network_address), dst_len=net.prefixlen, iifname=pod.host_ifname)
+                    ipr.rule("add", family=family, priority=prio, table=table, src=e["src"],
+                             src_len=net.max_prefixlen, dst=str(net.network_address), dst_len=net.prefixlen,
+                             iifname=pod.host_ifname)
                     prio += 1
-                    match = f'ip saddr {pod.ip} ip daddr {net} oifname "{node.ifname}"'
+                    match = f'{ip} saddr {e["src"]} {ip} daddr {net} oifname "{node.ifname}"'
                     if e["kind"] == "excluded":
-                        snat.append(f"{match} masquerade")
+                        snat[fam].append(f"{match} masquerade")
                     elif e["kind"] == "gateway" and e["gateway"] == node.name:
-                        snat.append(f"{match} snat to {e['egress_ip']}")
+                        snat[fam].append(f"{match} snat to {e['egress_ip']}")
                 elif e["kind"] == "gateway" and e["gateway"] == node.name:
-                    is_gateway = True
-                    snat.append(f'iifname "{VXLAN_IF}" ip saddr {pod.ip} ip daddr {net} '
-                                f'oifname "{node.ifname}" snat to {e["egress_ip"]}')
+                    is_gateway.add(family)
+                    snat[fam].append(f'iifname "{VXLAN_IF}" {ip} saddr {e["src"]} {ip} daddr {net} '
+                                     f'oifname "{node.ifname}" snat to {e["egress_ip"]}')
             if prio >= RULE_PRIO_RETURN:
                 raise ValueError(f"too many egress entries for {node.name}: {prio - RULE_PRIO_BASE}")
-            if is_gateway:
-                ipr.rule("add", priority=RULE_PRIO_RETURN, table=TABLE_RETURN, iifname=node.ifname)
-        lab.nft(node.name, masquerade_ruleset(node, CLUSTER_CIDR, True, snat))
+            for family in sorted(is_gateway):
+                ipr.rule("add", family=family, priority=RULE_PRIO_RETURN, table=TABLE_RETURN, iifname=node.ifname)
+        lab.nft(node.name, masquerade_ruleset(node, CLUSTER_CIDR, True, snat[4],
+                                              CLUSTER_CIDR6 if ipv6 else None, snat[6]))
     return entries
 
 
@@ -222,11 +282,13 @@ def _select_nodes(lab, nodes):
 
 def uninstall(lab, nodes=None):
     """Remove the kernel egress gateway (rules, tables, vxlan0); keep masquerade as lab.masquerade says."""
-    from .topology import CLUSTER_CIDR
+    from .topology import CLUSTER_CIDR, CLUSTER_CIDR6
 
+    ipv6 = bool(getattr(lab, "ipv6", False))
     for node in _select_nodes(lab, nodes):
         with IPRoute(netns=node.ns) as ipr:
-            _flush(ipr)
+            _flush(ipr, ipv6)
             for idx in ipr.link_lookup(ifname=VXLAN_IF):
                 ipr.link("del", index=idx)
-        lab.nft(node.name, masquerade_ruleset(node, CLUSTER_CIDR, lab.masquerade))
+        lab.nft(node.name, masquerade_ruleset(node, CLUSTER_CIDR, lab.masquerade,
+                                              cluster_cidr6=CLUSTER_CIDR6 if ipv6 else None))

@@ -17,6 +17,20 @@ nodes' pod CIDRs over the underlay and default to the router; the router knows
 no pod CIDR, so pod traffic that leaves without SNAT cannot come back (SNAT is
 observable).  `datapath="kernel"` adds the Linux baseline (vxlan + policy
 routing + nftables SNAT, see kernel.py).
+
+Dual-stack (`Lab(ipv6=True)`; off by default, so the IPv4 lab keeps IPv6
+disabled and its wires free of neighbour discovery and MLD): pods get
+fd00:10:N::<last IPv4 octet>/128 beside their IPv4 (node N's pod CIDR
+fd00:10:N::/64, their gateway fd00:10:N::1), nodes fd00:192:168:1::N/64 on
+the underlay (router ::fe), node3's IPv6 egress IPs are
+fd00:192:168:1::100-::109 and node4's ::110-::119, and the servers sit in
+2001:db8::/32 (ext1: 2001:db8:113::10 and 2001:db8:113:0:8000::200, the
+IPv6 twins of .10 and .200: the upper half of ext1's /64 plays
+203.0.113.128/25; ext2: 2001:db8:100::10).  Duplicate address detection and
+router advertisements stay out of the way: accept_dad=0, accept_ra=0 and
+autoconf=0 everywhere, every address added nodad.  `tunnel_underlay=6`
+runs the kernel baseline's vxlan over the IPv6 underlay (default: IPv4, as
+Cilium).
 """
 import atexit
 import contextlib
@@ -41,6 +55,18 @@ EGRESS_NODE = "node3"
 EGRESS_IPS = tuple(f"192.168.1.{i}" for i in range(100, 110))
 # the gateways (label egress-gateway: "true") and their extra egress IPs
 GATEWAY_EGRESS_IPS = {"node3": EGRESS_IPS, "node4": tuple(f"192.168.1.{i}" for i in range(110, 120))}
+# the dual-stack plan (Lab(ipv6=True))
+UNDERLAY6 = ipaddress.ip_network("fd00:192:168:1::/64")
+ROUTER_IP6 = "fd00:192:168:1::fe"
+CLUSTER_CIDR6 = ipaddress.ip_network("fd00:10::/32")
+EGRESS_IPS6 = tuple(f"fd00:192:168:1::{i}" for i in range(100, 110))
+GATEWAY_EGRESS_IPS6 = {"node3": EGRESS_IPS6, "node4": tuple(f"fd00:192:168:1::{i}" for i in range(110, 120))}
+# external servers, IPv6: namespace role -> (router-side address/len, server addresses)
+SERVERS6 = {
+    "ext1": ("2001:db8:113::fe/64", ("2001:db8:113::10", "2001:db8:113:0:8000::200")),
+    "ext2": ("2001:db8:100::fe/64", ("2001:db8:100::10",)),
+}
+IFA_F_NODAD = 0x02
 DEFAULT_PODS = (
     ("app1", "node1", {"app": "app1"}, "10.0.1.93"),
     ("app2", "node2", {"app": "app2"}, "10.0.2.32"),
@@ -57,6 +83,21 @@ SERVERS = {
 }
 RESERVED = {"lan", "router", *NODE_NAMES, *SERVERS}
 UNDERLAY_IF = "eth0"
+
+
+def node_ip6(i):
+    """Node i's IPv6 underlay address (fd00:192:168:1::i)."""
+    return str(UNDERLAY6.network_address + i)
+
+
+def pod_cidr6(i):
+    return f"fd00:10:{i}::/64"
+
+
+def pod_ip6(ip4):
+    """A pod's IPv6 address, from its IPv4 10.0.N.X: fd00:10:N::X (X in decimal digits)."""
+    a = ipaddress.ip_address(ip4).packed
+    return f"fd00:10:{a[2]}::{a[3]}"
 
 
 def mac_for(ip, kind=0xEC):
@@ -76,6 +117,11 @@ class Node:
     labels: dict
     egress_ips: tuple = ()
     ifname: str = UNDERLAY_IF
+    # dual-stack lab only (None / () otherwise)
+    ip6: str | None = None
+    pod_cidr6: str | None = None
+    pod_gateway6: str | None = None
+    egress_ips6: tuple = ()
 
 
 @dataclass
@@ -89,6 +135,7 @@ class Pod:
     host_ifname: str  # the veth end on the node (lxc-<name>)
     host_mac: str
     ifname: str = "eth0"
+    ip6: str | None = None  # dual-stack lab only
 
 
 @dataclass
@@ -98,6 +145,8 @@ class Server:
     addresses: tuple
     gateway: str
     mac: str
+    addresses6: tuple = ()  # dual-stack lab only
+    gateway6: str | None = None
 
 
 @dataclass
@@ -114,8 +163,11 @@ class Lab:
     masquerade: per-node nftables masquerade of pod traffic leaving the cluster
     (forced on with the kernel datapath).
     policies: CiliumEgressGatewayPolicy documents (dicts) for the kernel datapath;
-    default: the seed's policy on the lab's addresses (kernel.SAMPLE_POLICY).
+    default: the seed's policy on the lab's addresses (kernel.SAMPLE_POLICY; with
+    ipv6, its dual-stack twin kernel.SAMPLE_POLICY_DUAL).
     tag: runs several labs side by side (namespaces egc-lab-<tag>-*).
+    ipv6: build the dual-stack lab (module docstring); tunnel_underlay: 4 or 6,
+    the family of the kernel baseline's vxlan underlay (6 needs ipv6).
     SIGINT, SIGTERM and SIGHUP unwind the `with` block and tear down; a signal
     the process inherited as ignored stays ignored (a background job of a
     non-interactive shell ignores SIGINT, and Python keeps that), so there
@@ -123,13 +175,17 @@ class Lab:
     """
 
     def __init__(self, datapath=None, *, masquerade=False, policies=None, pods=DEFAULT_PODS,
-                 pod_mtu=1500, tag=None, vni=kernel.VXLAN_VNI):
+                 pod_mtu=1500, tag=None, vni=kernel.VXLAN_VNI, ipv6=False, tunnel_underlay=4):
         if datapath not in (None, "kernel"):
             raise ValueError(f"datapath must be None or 'kernel', not {datapath!r}")
         if tag is not None and (not isinstance(tag, str) or not tag.isalnum()):
             raise ValueError(f"tag must be an alphanumeric string, not {tag!r}")
         if not isinstance(pod_mtu, int) or not 576 <= pod_mtu <= 9000:
             raise ValueError(f"pod_mtu must be in 576..9000, not {pod_mtu!r}")
+        if tunnel_underlay not in (4, 6) or (tunnel_underlay == 6 and not ipv6):
+            raise ValueError(f"tunnel_underlay must be 4, or 6 with ipv6=True, not {tunnel_underlay!r}")
+        self.ipv6 = bool(ipv6)
+        self.tunnel_underlay = tunnel_underlay
         self.datapath = datapath
         self.masquerade = bool(masquerade) or datapath == "kernel"
         self.policies = policies
@@ -192,11 +248,12 @@ class Lab:
         for i, name in enumerate(NODE_NAMES, start=1):
             self._build_node(name, i)
         for name, (router_addr, addresses) in SERVERS.items():
-            self._build_server(name, router_addr, addresses)
+            self._build_server(name, router_addr, addresses, *(SERVERS6[name] if self.ipv6 else (None, ())))
         for pod in self._initial_pods:
             self.add_pod(*pod)
         if self.datapath == "kernel":
-            self.install_kernel_egress(self.policies if self.policies is not None else [kernel.SAMPLE_POLICY])
+            sample = kernel.SAMPLE_POLICY_DUAL if self.ipv6 else kernel.SAMPLE_POLICY
+            self.install_kernel_egress(self.policies if self.policies is not None else [sample])
         elif self.masquerade:
             self.set_masquerade(True)
         return self
@@ -335,8 +392,10 @@ class Lab:
         _ns.remove(name)
         _ns.create(name)
         self._state.namespaces.append(name)
-        # no IPv6: keeps neighbour discovery and MLD chatter off the wires the agent taps
-        _ns.sysctl(name, {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1})
+        if self.ipv6:  # no DAD, no router advertisements, no autoconfiguration
+            _ns.sysctl(name, _ipv6_sysctls())
+        else:  # no IPv6: keeps neighbour discovery and MLD chatter off the wires the agent taps
+            _ns.sysctl(name, {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1})
         with IPRoute(netns=name) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         return name
@@ -360,7 +419,8 @@ class Lab:
 
     def _build_lan(self):
         with IPRoute(netns=self.lan_ns) as ipr:
-            ipr.link("add", ifname="br0", kind="bridge", br_stp_state=0, br_forward_delay=0)
+            extra = {"br_mcast_snooping": 0} if self.ipv6 else {}  # NDP multicast floods, no MLD querier needed
+            ipr.link("add", ifname="br0", kind="bridge", br_stp_state=0, br_forward_delay=0, **extra)
             ipr.link("set", index=ipr.link_lookup(ifname="br0")[0], state="up")
 
     def _plug_lan(self, ns, port, ip):
@@ -374,8 +434,11 @@ class Lab:
         ns = self.router_ns
         self._plug_lan(ns, "p-router", ROUTER_IP)
         with IPRoute(netns=ns) as ipr:
-            ipr.addr("add", index=ipr.link_lookup(ifname=UNDERLAY_IF)[0], address=ROUTER_IP, prefixlen=24)
-        self.sysctl("router", _forwarding_sysctls())
+            eth = ipr.link_lookup(ifname=UNDERLAY_IF)[0]
+            ipr.addr("add", index=eth, address=ROUTER_IP, prefixlen=24)
+            if self.ipv6:
+                _addr6(ipr, eth, ROUTER_IP6, UNDERLAY6.prefixlen)
+        self.sysctl("router", _forwarding_sysctls(self.ipv6))
 
     def _build_node(self, name, i):
         ns = self._new_ns(self.prefix + name)
@@ -387,8 +450,11 @@ class Lab:
                     **({"egress-gateway": "true"} if name in GATEWAY_EGRESS_IPS else {})},
             egress_ips=GATEWAY_EGRESS_IPS.get(name, ()),
         )
+        if self.ipv6:
+            node.ip6, node.pod_cidr6, node.pod_gateway6 = node_ip6(i), pod_cidr6(i), f"fd00:10:{i}::1"
+            node.egress_ips6 = GATEWAY_EGRESS_IPS6.get(name, ())
         self._plug_lan(ns, "p-" + name, ip)
-        _ns.sysctl(ns, _forwarding_sysctls())
+        _ns.sysctl(ns, _forwarding_sysctls(self.ipv6))
         with IPRoute(netns=ns) as ipr:
             eth = ipr.link_lookup(ifname=UNDERLAY_IF)[0]
             ipr.addr("add", index=eth, address=ip, prefixlen=24)
@@ -399,9 +465,19 @@ class Lab:
             for j, other in enumerate(NODE_NAMES, start=1):
                 if j != i:
                     ipr.route("add", dst=f"10.0.{j}.0/24", gateway=str(UNDERLAY.network_address + j), oif=eth)
+            if self.ipv6:
+                # the node's own address last: the kernel lists (and picks as a source, for
+                # masquerade too) the newest IPv6 address of a scope first
+                for a in (*node.egress_ips6, node.ip6):
+                    _addr6(ipr, eth, a, UNDERLAY6.prefixlen)
+                ipr.route("add", dst="::/0", gateway=ROUTER_IP6, oif=eth)
+                ipr.route("add", dst=node.pod_cidr6, type="unreachable")
+                for j, other in enumerate(NODE_NAMES, start=1):
+                    if j != i:
+                        ipr.route("add", dst=pod_cidr6(j), gateway=node_ip6(j), oif=eth)
         self.nodes[name] = node
 
-    def _build_server(self, name, router_addr, addresses):
+    def _build_server(self, name, router_addr, addresses, router_addr6=None, addresses6=()):
         ns = self._new_ns(self.prefix + name)
         gw, plen = router_addr.split("/")
         self._veth(self.router_ns, name, ns, "eth0", mac_for(gw), mac_for(addresses[0]))
@@ -412,8 +488,18 @@ class Lab:
             for a in addresses:
                 ipr.addr("add", index=eth, address=a, prefixlen=int(plen))
             ipr.route("add", dst="0.0.0.0/0", gateway=gw, oif=eth)
+        gw6 = None
+        if router_addr6:
+            gw6, plen6 = router_addr6.split("/")
+            with IPRoute(netns=self.router_ns) as ipr:
+                _addr6(ipr, ipr.link_lookup(ifname=name)[0], gw6, int(plen6))
+            with IPRoute(netns=ns) as ipr:
+                eth = ipr.link_lookup(ifname="eth0")[0]
+                for a in addresses6:
+                    _addr6(ipr, eth, a, int(plen6))
+                ipr.route("add", dst="::/0", gateway=gw6, oif=eth)
         self.servers[name] = Server(name=name, ns=ns, addresses=tuple(addresses), gateway=gw,
-                                    mac=mac_for(addresses[0]))
+                                    mac=mac_for(addresses[0]), addresses6=tuple(addresses6), gateway6=gw6)
 
     def add_pod(self, name, node, labels=None, ip=None):
         """Add a pod namespace behind `node` (veth lxc-<name>); return the Pod.
@@ -437,17 +523,24 @@ class Lab:
         labels = dict(labels or {})
         ns = self._new_ns(self.prefix + name)
         pod = Pod(name=name, node=node, ip=ip, labels=labels, ns=ns, mac=mac_for(ip),
-                  host_ifname="lxc-" + name, host_mac=mac_for(ip, 0xED))
+                  host_ifname="lxc-" + name, host_mac=mac_for(ip, 0xED), ip6=pod_ip6(ip) if self.ipv6 else None)
         self._veth(n.ns, pod.host_ifname, ns, pod.ifname, pod.host_mac, pod.mac, self.pod_mtu)
         with IPRoute(netns=ns) as ipr:
             eth = ipr.link_lookup(ifname=pod.ifname)[0]
             ipr.addr("add", index=eth, address=ip, prefixlen=32)
             ipr.route("add", dst=n.pod_gateway + "/32", oif=eth, scope=253)
             ipr.route("add", dst="0.0.0.0/0", gateway=n.pod_gateway, oif=eth)
+            if pod.ip6:
+                _addr6(ipr, eth, pod.ip6, 128)
+                ipr.route("add", dst=n.pod_gateway6 + "/128", oif=eth)
+                ipr.route("add", dst="::/0", gateway=n.pod_gateway6, oif=eth)
         with IPRoute(netns=n.ns) as ipr:
             lxc = ipr.link_lookup(ifname=pod.host_ifname)[0]
             ipr.addr("add", index=lxc, address=n.pod_gateway, prefixlen=32)
             ipr.route("add", dst=ip + "/32", oif=lxc, scope=253)
+            if pod.ip6:
+                _addr6(ipr, lxc, n.pod_gateway6, 128)
+                ipr.route("add", dst=pod.ip6 + "/128", oif=lxc)
         _ns.sysctl(n.ns, {f"net.ipv4.conf.{pod.host_ifname}.rp_filter": 0})
         self.pods[name] = pod
         if self._kernel_policies is not None:
@@ -463,7 +556,8 @@ class Lab:
         already masquerades).
         """
         for node in self.nodes.values():
-            self.nft(node.name, kernel.masquerade_ruleset(node, CLUSTER_CIDR, enabled=on))
+            self.nft(node.name, kernel.masquerade_ruleset(node, CLUSTER_CIDR, enabled=on,
+                                                          cluster_cidr6=CLUSTER_CIDR6 if self.ipv6 else None))
         self.masquerade = bool(on)
 
     def install_kernel_egress(self, policies, nodes=None):
@@ -491,27 +585,35 @@ class Lab:
     def cluster(self):
         """The lab as a cluster file (the schema of examples/cluster.yaml, egresscore.cluster).
 
-        For the seed's pods this equals examples/cluster.yaml.
+        For the seed's pods this equals examples/cluster.yaml; the dual-stack
+        lab adds each node's IPv6 pod CIDR, underlay and egress addresses and
+        IPv6 default route interface, and each pod's IPv6 address.
         """
+        nodes = []
+        for n in self.nodes.values():
+            addrs = [f"{a}/{UNDERLAY.prefixlen}" for a in (n.ip, *n.egress_ips)]
+            node = {"name": n.name, "labels": dict(n.labels), "internalIP": n.ip, "podCIDRs": [n.pod_cidr],
+                    "defaultRouteInterface": n.ifname,
+                    "interfaces": [{"name": n.ifname, "addresses": addrs}]}
+            if n.ip6:
+                node["podCIDRs"].append(n.pod_cidr6)
+                node["defaultRouteInterfaceV6"] = n.ifname
+                addrs += [f"{a}/{UNDERLAY6.prefixlen}" for a in (n.ip6, *n.egress_ips6)]
+            nodes.append(node)
         return {
-            "nodes": [
-                {"name": n.name, "labels": dict(n.labels), "internalIP": n.ip, "podCIDRs": [n.pod_cidr],
-                 "defaultRouteInterface": n.ifname,
-                 "interfaces": [{"name": n.ifname, "addresses": [f"{a}/{UNDERLAY.prefixlen}"
-                                                                for a in (n.ip, *n.egress_ips)]}]}
-                for n in self.nodes.values()
-            ],
+            "nodes": nodes,
             "namespaces": [{"name": "default", "labels": {}}],
             "pods": [
                 {"name": p.name, "namespace": "default", "uid": POD_UIDS.get(p.name, f"default/{p.name}"),
-                 "labels": dict(p.labels), "ips": [p.ip], "node": p.node}
+                 "labels": dict(p.labels), "ips": [p.ip, *([p.ip6] if p.ip6 else [])], "node": p.node}
                 for p in self.pods.values()
             ],
         }
 
     def cluster_facts(self):
-        """Nodes, pods and servers with their addresses and MACs (plain dicts, YAML-ready)."""
-        return {
+        """Nodes, pods and servers with their addresses and MACs (plain dicts, YAML-ready);
+        the dual-stack lab adds the IPv6 ones (keys ending in 6)."""
+        facts = {
             "nodes": [
                 {"name": n.name, "internalIP": n.ip, "podCIDR": n.pod_cidr, "labels": dict(n.labels),
                  "egressIPs": list(n.egress_ips), "interface": n.ifname, "mac": n.mac,
@@ -529,6 +631,16 @@ class Lab:
                 for s in self.servers.values()
             ],
         }
+        if self.ipv6:
+            for d, n in zip(facts["nodes"], self.nodes.values()):
+                d.update(internalIP6=n.ip6, podCIDR6=n.pod_cidr6, podGateway6=n.pod_gateway6,
+                         egressIPs6=list(n.egress_ips6))
+            for d, p in zip(facts["pods"], self.pods.values()):
+                d["ip6"] = p.ip6
+            for d, s in zip(facts["servers"], self.servers.values()):
+                d["addresses6"] = list(s.addresses6)
+            facts["router"]["ip6"] = ROUTER_IP6
+        return facts
 
     # -- traffic --------------------------------------------------------------
     def start_servers(self, **kwargs):
@@ -593,7 +705,7 @@ class Lab:
         return result
 
     def _server_of(self, dst):
-        server = next((s for s in self.servers.values() if dst in s.addresses), None)
+        server = next((s for s in self.servers.values() if dst in s.addresses or dst in s.addresses6), None)
         if server is None:
             raise ValueError(f"dst must be an external server address, not {dst!r}")
         return server
@@ -636,7 +748,27 @@ class _ProcessHandle:
         self.proc.join(5)
 
 
-def _forwarding_sysctls():
+def _addr6(ipr, index, address, prefixlen):
+    """An IPv6 address added without duplicate address detection (IFA_F_NODAD)."""
+    ipr.addr("add", index=index, address=address, prefixlen=prefixlen, flags=IFA_F_NODAD)
+
+
+def _ipv6_sysctls():
+    """IPv6 on, without DAD, router advertisements or autoconfiguration (all, default)."""
+    out = {}
+    for scope in ("all", "default"):
+        out.update({f"net.ipv6.conf.{scope}.disable_ipv6": 0, f"net.ipv6.conf.{scope}.accept_dad": 0,
+                    f"net.ipv6.conf.{scope}.accept_ra": 0, f"net.ipv6.conf.{scope}.autoconf": 0,
+                    f"net.ipv6.conf.{scope}.dad_transmits": 0})
+    return out
+
+
+def _forwarding_sysctls(ipv6=False):
+    if ipv6:
+        return {**_forwarding_sysctls(), "net.ipv6.conf.all.forwarding": 1, "net.ipv6.conf.default.forwarding": 1,
+                "net.ipv6.conf.all.accept_redirects": 0, "net.ipv6.conf.default.accept_redirects": 0,
+                "net.ipv6.conf.all.accept_ra": 0, "net.ipv6.conf.default.accept_ra": 0,
+                "net.ipv6.conf.eth0.accept_ra": 0, "net.ipv6.conf.eth0.accept_dad": 0}
     return {
         "net.ipv4.ip_forward": 1,
         "net.ipv4.conf.all.rp_filter": 0,

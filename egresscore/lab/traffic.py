@@ -2,7 +2,8 @@
 
 Servers (one process per external-server namespace) answer an HTTP-like GET on
 TCP port 80 with the source address they saw, echo UDP port 7, and log ICMP
-echo requests (the kernel answers the ping itself).  Clients send a bounded
+echo requests (the kernel answers the ping itself), IPv4 and IPv6 alike (each
+socket takes the family of its address).  Clients send a bounded
 number of packets and give up after a bounded time.  Everything here runs in a
 namespace through Lab.call / Lab.spawn.
 """
@@ -18,6 +19,10 @@ HTTP_PORT = 80
 UDP_PORT = 7
 MAX_RECORDS = 100_000
 MAX_BYTES = 256 << 20  # GET /bytes/N cap
+
+
+def _family(addr):
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
 def _pattern(n):
@@ -45,17 +50,21 @@ def serve(conn, name, addresses, max_seconds):
     sel = selectors.DefaultSelector()
     socks = []
     for addr in addresses:
-        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        t = socket.socket(_family(addr), socket.SOCK_STREAM)
         t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         t.bind((addr, HTTP_PORT))
         t.listen(64)
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u = socket.socket(_family(addr), socket.SOCK_DGRAM)
         u.bind((addr, UDP_PORT))
         sel.register(t, selectors.EVENT_READ, "tcp")
         sel.register(u, selectors.EVENT_READ, "udp")
         socks += [t, u]
     icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     sel.register(icmp, selectors.EVENT_READ, "icmp")
+    if any(":" in a for a in addresses):
+        icmp6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        icmp6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)  # the destination address
+        sel.register(icmp6, selectors.EVENT_READ, "icmp6")
     sel.register(conn, selectors.EVENT_READ, "ctl")
     conn.send("ready")
     deadline = time.monotonic() + max_seconds
@@ -63,12 +72,12 @@ def serve(conn, name, addresses, max_seconds):
         for key, _ in sel.select(timeout=0.5):
             sock, kind = key.fileobj, key.data
             if kind == "tcp":
-                c, (src, sport) = sock.accept()
+                c, (src, sport, *_) = sock.accept()
                 dst = c.getsockname()[0]
                 record("tcp", src, sport, dst)
                 threading.Thread(target=_http, args=(c, src), daemon=True).start()
             elif kind == "udp":
-                data, (src, sport) = sock.recvfrom(65535)
+                data, (src, sport, *_) = sock.recvfrom(65535)
                 record("udp", src, sport, sock.getsockname()[0])
                 sock.sendto(data, (src, sport))
             elif kind == "icmp":
@@ -76,6 +85,12 @@ def serve(conn, name, addresses, max_seconds):
                 ihl = (data[0] & 0x0F) * 4
                 if len(data) > ihl and data[ihl] == 8:  # echo request
                     record("icmp", socket.inet_ntoa(data[12:16]), 0, socket.inet_ntoa(data[16:20]))
+            elif kind == "icmp6":  # the ICMPv6 message alone; the destination from IPV6_PKTINFO
+                data, anc, _, (src, *_) = sock.recvmsg(65535, 256)
+                dst = next((socket.inet_ntop(socket.AF_INET6, d[:16]) for lvl, typ, d in anc
+                            if lvl == socket.IPPROTO_IPV6 and typ == socket.IPV6_PKTINFO), "")
+                if data[:1] == b"\x80":  # echo request
+                    record("icmp", src, 0, dst)
             else:
                 try:
                     cmd = conn.recv()
@@ -145,7 +160,8 @@ class ServerSet:
         try:
             for name, server in lab.servers.items():
                 parent, child = _ns._fork.Pipe()
-                proc = _ns.spawn(server.ns, serve, child, name, server.addresses, max_seconds)
+                addresses = (*server.addresses, *getattr(server, "addresses6", ()))
+                proc = _ns.spawn(server.ns, serve, child, name, addresses, max_seconds)
                 child.close()
                 self._procs[name], self._conns[name] = proc, parent
             for name, parent in self._conns.items():
@@ -236,7 +252,7 @@ def tcp_upload(dst, n, port=HTTP_PORT, timeout=30.0):
 def udp_echo(dst, port=UDP_PORT, count=3, timeout=2.0, size=32):
     """Send `count` datagrams of `size` bytes; return how many echoes came back."""
     got = set()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(dst), socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
         for seq in range(count):
             msg = struct.pack("!I", seq) + b"x" * max(0, size - 4)
@@ -262,24 +278,30 @@ def _icmp_checksum(data):
 
 
 def ping(dst, count=3, timeout=2.0):
-    """Send `count` ICMP echo requests to dst; return how many replies came back."""
+    """Send `count` ICMP (ICMPv6 for an IPv6 dst) echo requests to dst; return how many replies came back."""
     ident = os.getpid() & 0xFFFF
     got = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+    v6 = ":" in dst
+    request, reply = (128, 129) if v6 else (8, 0)
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    with socket.socket(_family(dst), socket.SOCK_RAW, proto) as s:
         for seq in range(count):
             body = b"egresscore-lab"
-            hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-            s.sendto(struct.pack("!BBHHH", 8, 0, _icmp_checksum(hdr + body), ident, seq) + body, (dst, 0))
+            hdr = struct.pack("!BBHHH", request, 0, 0, ident, seq)
+            csum = 0 if v6 else _icmp_checksum(hdr + body)  # the kernel sums ICMPv6 (it covers a pseudo-header)
+            s.sendto(struct.pack("!BBHHH", request, 0, csum, ident, seq) + body, (dst, 0))
             deadline = time.monotonic() + timeout
             while (left := deadline - time.monotonic()) > 0:
                 s.settimeout(left)
                 try:
-                    data, (src, _) = s.recvfrom(65535)
+                    data, (src, *_) = s.recvfrom(65535)
                 except socket.timeout:
                     break
-                ihl = (data[0] & 0x0F) * 4
+                ihl = 0 if v6 else (data[0] & 0x0F) * 4  # IPv6 raw sockets give the ICMPv6 message alone
+                if len(data) < ihl + 8:
+                    continue
                 typ, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
-                if typ == 0 and rid == ident and rseq == seq and src == dst:
+                if typ == reply and rid == ident and rseq == seq and src == dst:
                     got += 1
                     break
     return got
@@ -290,10 +312,15 @@ def wait_listening(port, timeout=10.0):
     without connecting: a probe would use up a one-shot server)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with open("/proc/net/tcp") as f:
-            for line in f.readlines()[1:]:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(table) as f:
+                    lines = f.readlines()[1:]
+            except FileNotFoundError:  # IPv6 disabled
+                continue
+            for line in lines:
                 local, state = line.split()[1], line.split()[3]
-                if state == "0A" and int(local.split(":")[1], 16) == port:
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
                     return True
         time.sleep(0.02)
     raise TimeoutError(f"nothing listens on TCP port {port} after {timeout} s")
@@ -306,7 +333,7 @@ def udp_flood(dst, port, seconds=2.0, size=18, max_packets=5_000_000):
     18 bytes of payload make 64-byte Ethernet frames (with FCS).  Stops after
     `seconds` or `max_packets`, whichever comes first.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(dst), socket.SOCK_DGRAM) as s:
         s.connect((dst, port))
         msg, sent, send = b"\0" * size, 0, s.send
         deadline = time.monotonic() + seconds
@@ -325,7 +352,7 @@ def udp_count(addr, port, seconds=10.0, idle=0.5, ready=None):
 
     Returns (packets, seconds between the first and the last).
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(addr), socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.bind((addr, port))
         s.settimeout(idle)
@@ -351,9 +378,9 @@ def udp_stream(dst, port, seconds=5.0, interval=0.01, sport=0):
     """One datagram every `interval` s for `seconds` (bounded), each carrying its
     sequence number, from one socket (one flow); returns how many were sent."""
     n = min(int(seconds / interval), 100_000)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(dst), socket.SOCK_DGRAM) as s:
         if sport:
-            s.bind(("0.0.0.0", sport))
+            s.bind(("::" if ":" in dst else "0.0.0.0", sport))
         start = time.monotonic()
         for i in range(n):
             delay = start + i * interval - time.monotonic()
@@ -369,7 +396,7 @@ def udp_stream(dst, port, seconds=5.0, interval=0.01, sport=0):
 def datagrams_for(conn, addr, port, seconds):
     """Yield (data, source IP, source port) of every datagram (up to 64 bytes)
     arriving on addr:port for `seconds`, after sending "ready" over `conn`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(addr), socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.bind((addr, port))
         s.settimeout(0.2)
@@ -377,7 +404,7 @@ def datagrams_for(conn, addr, port, seconds):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
-                data, (src, sport) = s.recvfrom(64)
+                data, (src, sport, *_) = s.recvfrom(64)
             except socket.timeout:
                 continue
             yield data, src, sport
@@ -401,6 +428,21 @@ def udp_frame(src_mac, dst_mac, src_ip, dst_ip, sport, dport, payload=18):
     ip = ip[:10] + struct.pack("!H", _icmp_checksum(ip)) + ip[12:]
     udp = struct.pack("!HHHH", sport, dport, 8 + payload, 0)
     return mac(dst_mac) + mac(src_mac) + b"\x08\x00" + ip + udp + bytes(payload)
+
+
+def udp_frame6(src_mac, dst_mac, src_ip, dst_ip, sport, dport, payload=0):
+    """One Ethernet + IPv6 + UDP frame, UDP checksum set (IPv6 forbids a zero one).  With no
+    payload it is the smallest IPv6 UDP frame: 62 bytes, 66 with FCS (the IPv6 header is 20
+    bytes longer than IPv4's, so there is no 64-byte one)."""
+    mac = lambda m: bytes.fromhex(m.replace(":", ""))  # noqa: E731
+    src, dst = socket.inet_pton(socket.AF_INET6, src_ip), socket.inet_pton(socket.AF_INET6, dst_ip)
+    length = 8 + payload
+    body = bytes(payload)
+    pseudo = src + dst + struct.pack("!IxxxB", length, 17)
+    csum = _icmp_checksum(pseudo + struct.pack("!HHHH", sport, dport, length, 0) + body) or 0xFFFF
+    udp = struct.pack("!HHHH", sport, dport, length, csum) + body
+    ip6 = struct.pack("!IHBB", 6 << 28, length, 17, 64) + src + dst
+    return mac(dst_mac) + mac(src_mac) + b"\x86\xdd" + ip6 + udp
 
 
 def trafgen_config(frame):
