@@ -48,6 +48,11 @@ reverse_batch (compare_nat's workload and runner at the same number of
 connections) and PacketBatch.relay (compare_packet's frames and runner),
 summed as each path uses them.  Times are CPU seconds of this thread
 (time.thread_time; the machine is shared), median of several runs.
+
+--mbb: only the first row and its make-before-break twin, at 1,000 and
+100,000 flows, run by run in turn (--reps runs each), the cost as the median
+of the runs' ratios: the figure of issue 15's target, less exposed to the
+load of a shared machine than two rows measured minutes apart.
 """
 import os
 import socket
@@ -551,6 +556,31 @@ def run(quick: bool = False) -> str:
     return "\n".join(lines)
 
 
+def run_mbb(sizes=(1_000, 100_000), reps=15) -> str:
+    """Only the make-before-break pair (pod -> remote gateway without and with
+    pins), interleaved run by run, so both meet the same machine load."""
+    a_name, b_name = PATHS[0][0], MBB_PATH
+    lines = ["| flows | without pins ns/frame | with pins ns/frame | cost (median of the run pairs) | pins |",
+             "|---:|---:|---:|---:|---|"]
+    for n in sizes:
+        wl = Workload(n)
+        a_dp, b_dp = wl.node_of(a_name), wl.node_of(b_name)
+        for _ in range(2):                            # warm up
+            feed_batch(a_dp, wl.packed[a_name])
+            feed_batch(b_dp, wl.packed[b_name])
+        a, b = [], []
+        for _ in range(reps):
+            a.append(cpu_seconds(feed_batch, a_dp, wl.packed[a_name]) * 1e9 / n)
+            b.append(cpu_seconds(feed_batch, b_dp, wl.packed[b_name]) * 1e9 / n)
+        p = b_dp.pins.stats()
+        lines.append(f"| {n:,} | {statistics.median(a):,.1f} | {statistics.median(b):,.1f} | "
+                     f"{statistics.median(y / x - 1 for x, y in zip(a, b)):+.1%} | "
+                     f"{p['capacity']:,} pins, {p['evicted']} evicted |")
+        del wl
+    return "\n".join([f"### Make-before-break cost, process_batch, median of {reps} interleaved runs "
+                      f"(issue 15 target: under {MBB_TARGET:.0%})", ""] + lines)
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -559,6 +589,14 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1k and 10k flows, fewer runs")
     ap.add_argument("--ipv6", action="store_true", help="only the IPv6 paths beside IPv4, interleaved")
+    ap.add_argument("--mbb", action="store_true",
+                    help="only pod -> remote gateway without and with make-before-break, interleaved")
+    ap.add_argument("--reps", type=int, default=15, help="runs of each with --mbb")
     args = ap.parse_args()
     print(machine_summary())
-    print(run_ipv6(quick=args.quick) if args.ipv6 else run(quick=args.quick))
+    if args.ipv6:
+        print(run_ipv6(quick=args.quick))
+    elif args.mbb:
+        print(run_mbb(reps=args.reps))
+    else:
+        print(run(quick=args.quick))

@@ -15,8 +15,9 @@ import os
 import time
 
 import pytest
-import yaml
 from conftest import needs_netns
+from ha_lab import ha_lab
+from ha_lab import wait as _wait
 
 pytestmark = needs_netns
 
@@ -27,15 +28,6 @@ NODE3, NODE4 = "192.168.1.3", "192.168.1.4"
 SIZE, RATE = 20_000_000, 5_000_000       # 4 s per transfer
 
 
-def _wait(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    pytest.fail(f"not within {timeout} s: {what}")
-
-
 def _synced(agent, active):
     fo = agent.failover
     return fo is not None and fo.receiver.synced(active) and not fo.stats()["resyncs_under_way"]
@@ -43,33 +35,9 @@ def _synced(agent, active):
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    from egresscore import Agent
-    from egresscore.demo import AgentProcess
-    from egresscore.lab import Lab
-
-    work = tmp_path_factory.mktemp("hs")
-    with Lab(tag="hs") as lab:
-        lab.cluster_file = str(work / "cluster.yaml")
-        with open(lab.cluster_file, "w") as f:
-            yaml.safe_dump(lab.cluster(), f)
-        lab.start_node3 = lambda: lab.track(AgentProcess("node3", lab.cluster_file, POLICY, lab.nodes["node3"].ns,
-                                                         extra_args=("--stateful-failover",)))
-        lab.node3 = lab.start_node3()
-        lab.agents = {}
-        try:
-            for name in ("node1", "node4"):
-                lab.agents[name] = Agent(name, lab.cluster_file, [POLICY], netns=lab.nodes[name].ns,
-                                         stateful_failover=True)
-                lab.agents[name].start()
-            lab.servers_ = lab.start_servers()
-            _wait(lambda: all(g["state"] == "up" and not g.get("missed")
-                              for a in lab.agents.values() for g in a.gateway_health()["gateways"]),
-                  5.0, "every gateway up and answering")
-            yield lab
-        finally:
-            for a in lab.agents.values():
-                a.stop()
-                a.close()
+    with ha_lab(tmp_path_factory, "hs", POLICY, ("node1", "node4"), node3_args=("--stateful-failover",),
+                stateful_failover=True) as lab:
+        yield lab
 
 
 def _through_failure(lab, fail):

@@ -13,8 +13,9 @@ import os
 import time
 
 import pytest
-import yaml
 from conftest import needs_netns
+from ha_lab import ha_lab
+from ha_lab import wait as _wait
 
 pytestmark = needs_netns
 
@@ -24,49 +25,14 @@ SERVER, OTHER = "203.0.113.10", "198.51.100.10"
 NODE3, NODE4 = "192.168.1.3", "192.168.1.4"
 
 
-def _wait(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    pytest.fail(f"not within {timeout} s: {what}")
-
-
 def _down(agent):
     return set(agent.gateway_health()["down"])
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    from egresscore import Agent
-    from egresscore.demo import AgentProcess
-    from egresscore.lab import Lab
-
-    work = tmp_path_factory.mktemp("ha")
-    with Lab(tag="ha") as lab:
-        lab.cluster_file = str(work / "cluster.yaml")
-        with open(lab.cluster_file, "w") as f:
-            yaml.safe_dump(lab.cluster(), f)
-        lab.start_node3 = lambda: lab.track(AgentProcess("node3", lab.cluster_file, HA_POLICY,
-                                                         lab.nodes["node3"].ns))
-        lab.node3 = lab.start_node3()
-        lab.agents = {}
-        try:
-            for name in ("node1", "node4"):
-                lab.agents[name] = Agent(name, lab.cluster_file, [HA_POLICY], netns=lab.nodes[name].ns,
-                                         control_socket=True)
-                lab.agents[name].start()
-            lab.servers_ = lab.start_servers()
-            # agents started one after another: each sees the others answer within a few rounds
-            _wait(lambda: all(g["state"] == "up" and not g.get("missed")
-                              for a in lab.agents.values() for g in a.gateway_health()["gateways"]),
-                  5.0, "every gateway up and answering")
-            yield lab
-        finally:
-            for a in lab.agents.values():
-                a.stop()
-                a.close()
+    with ha_lab(tmp_path_factory, "ha", HA_POLICY, ("node1", "node4"), node3_args=(), control_socket=True) as lab:
+        yield lab
 
 
 def test_kill_9_of_the_gateway_agent_fails_over_to_node4_within_a_second(lab, capsys):

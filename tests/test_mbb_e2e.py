@@ -18,6 +18,8 @@ import time
 import pytest
 import yaml
 from conftest import needs_netns
+from ha_lab import ha_lab
+from ha_lab import wait as _wait
 
 pytestmark = needs_netns
 
@@ -28,15 +30,6 @@ APP1 = "10.0.1.93"
 NODE2, NODE3, NODE4 = "192.168.1.2", "192.168.1.3", "192.168.1.4"
 SIZE = 20 << 20
 RATE = 5 << 20              # bytes/s the client reads: about 4 s of transfer
-
-
-def _wait(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    pytest.fail(f"not within {timeout} s: {what}")
 
 
 def _paced_download(conn, dst, n, rate):
@@ -107,30 +100,9 @@ def _policy(path, name, gateways):
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    from egresscore import Agent
-    from egresscore.lab import Lab
-
-    work = tmp_path_factory.mktemp("mbb")
-    with Lab(tag="mbb") as lab:
-        lab.work = work
-        lab.cluster_file = str(work / "cluster.yaml")
-        with open(lab.cluster_file, "w") as f:
-            yaml.safe_dump(lab.cluster(), f)
-        lab.agents = {}
-        try:
-            for name in ("node1", "node2", "node3", "node4"):
-                lab.agents[name] = Agent(name, lab.cluster_file, [HA_POLICY], netns=lab.nodes[name].ns,
-                                         control_socket=False, nat_state=False, make_before_break=True)
-                lab.agents[name].start()
-            lab.servers_ = lab.start_servers()
-            _wait(lambda: all(g["state"] == "up" and not g.get("missed")
-                              for a in lab.agents.values() for g in a.gateway_health()["gateways"]),
-                  5.0, "every gateway up and answering")
-            yield lab
-        finally:
-            for a in lab.agents.values():
-                a.stop()
-                a.close()
+    with ha_lab(tmp_path_factory, "mbb", HA_POLICY, ("node1", "node2", "node3", "node4"),
+                control_socket=False, nat_state=False, make_before_break=True) as lab:
+        yield lab
 
 
 def _set_policies(lab, path):
