@@ -117,16 +117,18 @@ class TimedSink(CompilingSink):
 
 
 class GcTimes:
-    """Every cyclic collection while on: (generation, ms)."""
+    """Every cyclic collection while on: (generation, wall ms, CPU ms of the collecting thread: the
+    wall time less the time the thread waited for a core or the GIL)."""
 
     def __init__(self):
-        self.pauses, self._t = [], 0.0
+        self.pauses, self._t, self._c = [], 0.0, 0.0
 
     def __call__(self, phase, info):
         if phase == "start":
-            self._t = time.perf_counter()
+            self._t, self._c = time.perf_counter(), time.thread_time()
         else:
-            self.pauses.append((info["generation"], (time.perf_counter() - self._t) * 1000))
+            self.pauses.append((info["generation"], (time.perf_counter() - self._t) * 1000,
+                                (time.thread_time() - self._c) * 1000))
 
     def __enter__(self):
         gc.callbacks.append(self)
@@ -384,15 +386,20 @@ def _gc_summary(r):
     out = []
     for who in (["process"] if not r["procs"] else ["agents", "bench"]):
         if who == "agents":
-            per = [[ms for g, ms in v if g >= 1] for k, v in r["gc_pauses"].items() if k.startswith("agent")]
-            young = [[ms for g, ms in v if g == 0] for k, v in r["gc_pauses"].items() if k.startswith("agent")]
+            per = [[(ms, cpu) for g, ms, cpu in v if g >= 1]
+                   for k, v in r["gc_pauses"].items() if k.startswith("agent")]
+            young = [[(ms, cpu) for g, ms, cpu in v if g == 0]
+                     for k, v in r["gc_pauses"].items() if k.startswith("agent")]
             flat = [x for v in per for x in v]
+            yflat = [x for v in young for x in v]
             out.append(f"agents: {len(flat)} in all ({min(map(len, per))}-{max(map(len, per))} per agent)"
-                       + (f", longest {max(flat):.1f} ms, {sum(flat) / len(per):.0f} ms per agent" if flat else "")
-                       + f"; generation 0: {sum(map(len, young)) / len(young):.0f} per agent, longest "
-                       f"{max((x for v in young for x in v), default=0):.1f} ms")
+                       + (f", longest {max(m for m, _ in flat):.1f} ms wall / {max(c for _, c in flat):.1f} ms CPU"
+                          if flat else "")
+                       + f"; generation 0: {len(yflat) / len(young):.0f} per agent, longest "
+                       f"{max((m for m, _ in yflat), default=0):.1f} ms wall / "
+                       f"{max((c for _, c in yflat), default=0):.1f} ms CPU")
         else:
-            v = [ms for g, ms in r["gc_pauses"][who] if g >= 1]
+            v = [ms for g, ms, _ in r["gc_pauses"][who] if g >= 1]
             out.append(f"{who}: {len(v)}" + (f", longest {max(v):.0f} ms" if v else ""))
     return "; ".join(out)
 
