@@ -514,8 +514,10 @@ class Compiler:
         self._gateways = {}
         self._prepared = {}
         self._matched = {}
-        self._pod_policies = defaultdict(set)
-        self._owned = {}
+        # the per-pod state a change leaves behind is tuples of strings and tuples, which the cyclic GC
+        # stops tracking the first time it sees them (sets and lists it scans in every collection):
+        self._pod_policies = {}     # uid -> (policy name, ...)
+        self._owned = {}            # (policy name, order) -> ((ip, cidr), ...): the map keys that writer wrote
         self._contrib = {}
         self._multi = set()
         self.desired = {}
@@ -535,12 +537,13 @@ class Compiler:
         for name in sorted(self._policies):
             self._prepare_policy(self._policies[name])
         contrib = self._contrib
+        pod_policies = self._pod_policies
         for name in sorted(self._policies):
             matched = self._match_policy(self._policies[name])
             self._matched[name] = matched
             pods = self.cluster.pods
             for pkey in matched:
-                self._pod_policies[pkey].add(name)
+                pod_policies[pkey] = pod_policies.get(pkey, ()) + (name,)
                 self._add_contrib(name, pods[pkey], None)
         desired = self.desired
         for key, c in contrib.items():
@@ -680,7 +683,7 @@ class Compiler:
                     else:
                         c[writer] = value
                     keys.append(key)
-        self._owned[writer] = keys
+        self._owned[writer] = tuple(keys)
         if changed is not None:
             changed.update(keys)
 
@@ -811,7 +814,7 @@ class Compiler:
         ident = self._index_pod(pod)
         names = self._policies_for_pod(pod, ident)
         if names:
-            self._pod_policies[pod.uid] = names
+            self._pod_policies[pod.uid] = tuple(sorted(names))
             for pname in names:
                 self._matched[pname].add(pod.uid)
                 self._add_contrib(pname, pod, changed)
@@ -821,8 +824,10 @@ class Compiler:
             self._remove_contrib(name, pkey, changed)
             s = self._pod_policies.get(pkey)
             if s is not None:
-                s.discard(name)
-                if not s:
+                s = tuple(n for n in s if n != name)
+                if s:
+                    self._pod_policies[pkey] = s
+                else:
                     del self._pod_policies[pkey]
         self._gateways.pop(name, None)
         self._prepared.pop(name, None)
@@ -832,8 +837,9 @@ class Compiler:
         matched = self._match_policy(policy)
         self._matched[policy.name] = matched
         pods = self.cluster.pods
+        pod_policies = self._pod_policies
         for pkey in matched:
-            self._pod_policies[pkey].add(policy.name)
+            pod_policies[pkey] = pod_policies.get(pkey, ()) + (policy.name,)
             self._add_contrib(policy.name, pods[pkey], changed)
 
     # ----------------------------------------------------------- incremental

@@ -37,11 +37,10 @@ def test_a_large_full_compile_is_frozen_a_small_one_is_not(monkeypatch):
         monkeypatch.setattr(compiler_mod, "FREEZE_AFTER", 100)
         small = _compiler(20)            # 20 entries + 20 pods: under the limit
         assert gc.get_freeze_count() == 0
-        assert _tracked(small._owned[next(iter(small._owned))]), "a small compile's lists stay young"
+        assert _tracked(small._matched["p"]), "a small compile's containers stay young"
         big = _compiler(60)              # 120: over it
         assert gc.get_freeze_count() > 0
-        owned = big._owned[next(iter(big._owned))]
-        assert not _tracked(owned), "a large compile's containers are out of the generations"
+        assert not _tracked(big._matched["p"]), "a large compile's containers are out of the generations"
         assert big.desired and gc.isenabled()
         # frozen objects are still freed by reference counting when a change drops them
         ref = weakref.ref(big.cluster.pods["u0"])
@@ -49,6 +48,22 @@ def test_a_large_full_compile_is_frozen_a_small_one_is_not(monkeypatch):
         assert ref() is None and all(k[0] != "10.0.0.1" for k in big.desired)
     finally:
         gc.unfreeze()
+
+
+def test_the_per_pod_state_a_change_leaves_is_not_scanned_by_the_collector():
+    """What each pod change leaves per pod (the map keys a writer wrote, the policies of a pod) is
+    tuples of strings: the collector stops tracking them at their first collection, so changes do not
+    grow what every later collection scans."""
+    c = _compiler(5)
+    c.upsert_pod(Pod("new", "default", "u-new", {"app": "a"}, ("10.0.9.9",), "node3"))
+    owned = [v for (pname, order), v in c._owned.items() if order[2] == "u-new"]
+    policies = c._pod_policies["u-new"]
+    assert owned and owned[0] and policies == ("p",)
+    gc.collect()
+    assert not gc.is_tracked(owned[0]) and not gc.is_tracked(policies)
+    assert not any(gc.is_tracked(k) for k in owned[0])
+    c.remove_pod(uid="u-new")
+    assert "u-new" not in c._pod_policies and all(order[2] != "u-new" for _, order in c._owned)
 
 
 def test_overlapping_pauses_restore_the_collector_once_the_last_ends():
