@@ -150,7 +150,7 @@ from .host import (
     set_up_host,
     where,
 )
-from .rings import RING_MODES, RingPlan
+from .rings import DEFAULT_RX_COALESCE_US, RING_MODES, RingPlan
 from .sched import DEFAULT_RT_PRIORITY, ThreadSched
 from .services import start_services
 from .tunnel import TunnelDevice
@@ -186,6 +186,10 @@ class Agent:
     ring_mode: "latency" (default; RX frames handed over one by one: about
     0.1 ms per hop) or "batch" (in blocks, at most 1 ms late: fewer wake-ups,
     more small packets per CPU second; see the README's agent benchmark).
+    rx_coalesce_us: under dense traffic the loop naps this long between
+    batches instead of being woken per frame (Datapath.run; default
+    DEFAULT_RX_COALESCE_US, 0: off): fewer wake-ups and TX kicks per small
+    packet, a frame waits at most this much more; idle, it sleeps in poll().
     tunnel_offload: hand tunnel-bound TCP super-packets to a kernel vxlan
     device (egc-tnl0) instead of cutting them here.
     nat_capacity: connections the NAT table holds (default 1,000,000, at most
@@ -233,7 +237,7 @@ class Agent:
                  kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=DEFAULT_NAT_CAPACITY,
                  pod_conn_limit=None,
                  pod_ifname=_pod_ifname, claim=True, poll_ms=20, vnet_hdr=True, tunnel_offload=True,
-                 ring_mode="latency",
+                 ring_mode="latency", rx_coalesce_us=DEFAULT_RX_COALESCE_US,
                  nat_timeouts=None, nat_state=True,
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
                  metrics_port=None, metrics_addr="127.0.0.1", control_socket=None,
@@ -242,6 +246,8 @@ class Agent:
                  label_filter=None, cluster_name=DEFAULT_CLUSTER_NAME, stateful_failover=False,
                  replication_port=REPLICATION_PORT, make_before_break=False, pin_capacity=DEFAULT_PIN_CAPACITY,
                  rt_priority=DEFAULT_RT_PRIORITY, cpu=None):
+        if not isinstance(rx_coalesce_us, int) or not 0 <= rx_coalesce_us <= 1000:
+            raise ValueError(f"rx_coalesce_us must be an integer in 0..1000, not {rx_coalesce_us!r}")
         liveness = self._liveness_of(liveness, source, node, gateway_health)
         # the datapath thread's scheduling (egresscore.agent.sched), checked before any work
         self._sched = ThreadSched(rt_priority, cpu, label=f"egresscore agent {node}")
@@ -271,6 +277,7 @@ class Agent:
             if runner is not None:
                 runner.stop()
             raise
+        self.datapath.rx_coalesce_us = rx_coalesce_us
         if runner is None:
             self._source_stats.update(address=f"files {self._cluster_path or '(objects)'}", connected=True)
         else:
@@ -513,6 +520,7 @@ class Agent:
             **({"failover": self.failover.stats()} if self.failover is not None else {}),
             "source": self._source_stats.snapshot(),
             "datapath_thread": self._sched.stats(),
+            "datapath_loop": self.datapath.loop_counters(),
         }
         if self.flow_logger is not None:
             out["flow_log"] = self.flow_logger.stats

@@ -152,4 +152,6 @@ cdef class Datapath:
     cdef readonly LPMTrie local_pods    # local pod IP /32 -> port
     cdef object _flow_log
     cdef readonly GatewayPins pins      # make-before-break (None: off)
+    cdef uint64_t nap_ns                # run(): nap under dense traffic (rx_coalesce_us)
+    cdef uint64_t loop_polls, loop_wakeups, loop_naps, loop_naps_empty, loop_batches
     cdef Py_ssize_t dp_run(self, uint64_t ns, int wake_fd) noexcept nogil
