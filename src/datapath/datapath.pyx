@@ -66,7 +66,11 @@ cdef extern from "<time.h>" nogil:
     int _dp_clock_nanosleep "clock_nanosleep"(int clock, int flags, const _dp_timespec *t, _dp_timespec *rem)
 
 
-DP_GC_BUDGET = 1024     # connections one Datapath.gc call examines at most
+cdef enum:
+    DP_GC_SCAN = 1024           # connections one gc pass examines at most
+    DP_GC_EVERY_NS = 20000000   # run() does a gc pass itself this often (20 ms)
+
+DP_GC_BUDGET = DP_GC_SCAN     # Datapath.gc's default
 
 _DP_STAT_NAMES = ("rx", "passed", "tx", "tx_local", "dropped", "encap", "decap", "snat_egress",
                   "masquerade", "reverse_nat", "icmp_too_big", "icmp_errors", "tx_errors")
@@ -593,7 +597,11 @@ cdef class Datapath:
         thread on another CPU) per frame or two, and a TX kick per nap's
         batch.  The first nap that finds nothing returns to poll(), so an
         idle loop sleeps in poll() and uses no CPU; a frame waits at most
-        rx_coalesce_us more than it would have (see loop_counters())."""
+        rx_coalesce_us more than it would have (see loop_counters()).
+
+        The NAT expiry work of gc() is done here too, every 20 ms, so a
+        caller need not come back to Python (and wait for the GIL) more
+        often than it has control work for: `seconds` may be long."""
         cdef Py_ssize_t n
         if not 0 <= seconds <= 3600:
             raise ValueError(f"seconds must be in 0..3600, not {seconds!r}")
@@ -626,7 +634,7 @@ cdef class Datapath:
     cdef Py_ssize_t dp_run(self, uint64_t ns, int wake_fd) noexcept nogil:
         cdef _dp_pollfd fds[DP_MAX_PORTS + 1]
         cdef int nfds, port, rc, ms
-        cdef uint64_t now = dp_now(), end = now + ns, nap
+        cdef uint64_t now = dp_now(), end = now + ns, nap, next_gc = now + DP_GC_EVERY_NS, until
         cdef Py_ssize_t total = 0, n
         cdef bint dense = 0, napped = 0
         cdef _dp_timespec ts
@@ -637,6 +645,11 @@ cdef class Datapath:
             now = dp_now()
             if n:
                 self.loop_batches += 1
+            if now >= next_gc:
+                nat_gc(self.c.nat_c, now, DP_GC_SCAN)        # bounded (see gc())
+                if self.c.pins != NULL:
+                    gwpin_sweep(self.c.pins, now, DP_GC_SCAN // 4 + 1)
+                next_gc = now + DP_GC_EVERY_NS
             if now >= end:
                 break
             if n:
@@ -667,7 +680,8 @@ cdef class Datapath:
                 fds[nfds].events = _DP_POLLIN
                 fds[nfds].revents = 0
                 nfds += 1
-            ms = <int>((end - now + 999999) // 1000000)
+            until = end if end < next_gc else next_gc
+            ms = <int>((until - now + 999999) // 1000000)
             self.loop_polls += 1
             rc = _dp_poll(fds, nfds, ms)
             if rc < 0:
