@@ -209,7 +209,7 @@ def test_datapath_thread_makes_no_host_call_and_follows_a_neighbour_change(lab):
         for a in agents:
             a._submit(sys.setprofile, None)
     for w in watches:
-        assert w.runs > 10           # the profile saw the loop
+        assert w.runs >= 1           # the profile saw the loop (back in Python once a second and per job)
         assert w.bad == [], w.bad[:10]
 
 

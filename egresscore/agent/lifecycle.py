@@ -14,7 +14,9 @@ An Agent owns, for its node:
   so each frame is handed over as it lands (no block timer in the latency);
   with vnet_hdr the slots are 68 KiB, 32 MiB on the underlay and 16 MiB per
   pod, room for a TCP sender's burst of 64 KiB super-packets;
-  the loop runs in C (Datapath.run), back in Python every poll_ms only; the
+  the loop runs in C (Datapath.run: NAT gc every 20 ms in C, naps under
+  dense traffic), back in Python when woken for control work and every
+  poll_ms (1 s) only, so its thread rarely waits for the GIL; the
   thread in run() alone is SCHED_FIFO, priority 10 (rt_priority,
   egresscore.agent.sched), so a woken loop does not wait for a core;
 - the host work, on a host thread that lives in the node's namespace
@@ -151,7 +153,7 @@ from .host import (
     set_up_host,
     where,
 )
-from .rings import RING_MODES, RingPlan
+from .rings import DEFAULT_RX_COALESCE_US, RING_MODES, RingPlan
 from .sched import DEFAULT_RT_PRIORITY, ThreadSched
 from .services import start_services
 from .tunnel import TunnelDevice
@@ -187,6 +189,10 @@ class Agent:
     ring_mode: "latency" (default; RX frames handed over one by one: about
     0.1 ms per hop) or "batch" (in blocks, at most 1 ms late: fewer wake-ups,
     more small packets per CPU second; see the README's agent benchmark).
+    rx_coalesce_us: under dense traffic the loop naps this long between
+    batches instead of being woken per frame (Datapath.run; default
+    DEFAULT_RX_COALESCE_US, 0: off): fewer wake-ups and TX kicks per small
+    packet, a frame waits at most this much more; idle, it sleeps in poll().
     tunnel_offload: hand tunnel-bound TCP super-packets to a kernel vxlan
     device (egc-tnl0) instead of cutting them here.
     nat_capacity: connections the NAT table holds (default 1,000,000, at most
@@ -240,8 +246,8 @@ class Agent:
                  vxlan_port=8472, mtu=1500, nat_port_range=DEFAULT_NAT_PORTS,
                  kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=DEFAULT_NAT_CAPACITY,
                  pod_conn_limit=None,
-                 pod_ifname=_pod_ifname, claim=True, poll_ms=20, vnet_hdr=True, tunnel_offload=True,
-                 ring_mode="latency",
+                 pod_ifname=_pod_ifname, claim=True, poll_ms=1000, vnet_hdr=True, tunnel_offload=True,
+                 ring_mode="latency", rx_coalesce_us=DEFAULT_RX_COALESCE_US,
                  nat_timeouts=None, nat_state=True,
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
                  metrics_port=None, metrics_addr="127.0.0.1", control_socket=None,
@@ -250,6 +256,8 @@ class Agent:
                  label_filter=None, cluster_name=DEFAULT_CLUSTER_NAME, stateful_failover=False,
                  replication_port=REPLICATION_PORT, make_before_break=False, pin_capacity=DEFAULT_PIN_CAPACITY,
                  rt_priority=DEFAULT_RT_PRIORITY, cpu=None, ipv6=True, underlay6=False):
+        if not isinstance(rx_coalesce_us, int) or not 0 <= rx_coalesce_us <= 1000:
+            raise ValueError(f"rx_coalesce_us must be an integer in 0..1000, not {rx_coalesce_us!r}")
         liveness = self._liveness_of(liveness, source, node, gateway_health)
         # the datapath thread's scheduling (egresscore.agent.sched), checked before any work
         self._sched = ThreadSched(rt_priority, cpu, label=f"egresscore agent {node}")
@@ -280,6 +288,7 @@ class Agent:
             if runner is not None:
                 runner.stop()
             raise
+        self.datapath.rx_coalesce_us = rx_coalesce_us
         if runner is None:
             self._source_stats.update(address=f"files {self._cluster_path or '(objects)'}", connected=True)
         else:
@@ -541,6 +550,7 @@ class Agent:
             **({"failover": self.failover.stats()} if self.failover is not None else {}),
             "source": self._source_stats.snapshot(),
             "datapath_thread": self._sched.stats(),
+            "datapath_loop": self.datapath.loop_counters(),
         }
         if self.flow_logger is not None:
             out["flow_log"] = self.flow_logger.stats
@@ -1175,7 +1185,7 @@ class Agent:
             n = self.datapath.run(timeout, self._wake_r)
         else:
             n = self.datapath.poll()
-        self.datapath.gc()  # bounded NAT expiry work, pure C, every return (>= every poll_ms)
+        self.datapath.gc()  # bounded NAT expiry work, pure C, every return (run() does it every 20 ms too)
         return n
 
     def run(self):

@@ -15,6 +15,7 @@ TX ring only.
 from .._core import PacketRing
 
 RING_MODES = ("latency", "batch")  # RX rings: TPACKET_V2 slots / TPACKET_V3 blocks
+DEFAULT_RX_COALESCE_US = 100  # the loop's nap under dense traffic (Datapath.rx_coalesce_us)
 SUPER_PACKET = 69632  # a 64 KiB GSO super-packet, its headers and virtio_net_hdr
 
 

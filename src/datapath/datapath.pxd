@@ -170,4 +170,6 @@ cdef class Datapath:
     cdef readonly LPMTrie pod_nodes6    # IPv6 pod CIDR -> node index
     cdef readonly LPMTrie node_ips6     # node IPv6 /128 -> node index
     cdef readonly LPMTrie local_pods6   # local pod IPv6 /128 -> port
+    cdef uint64_t nap_ns                # run(): nap under dense traffic (rx_coalesce_us)
+    cdef uint64_t loop_polls, loop_wakeups, loop_naps, loop_naps_empty, loop_batches
     cdef Py_ssize_t dp_run(self, uint64_t ns, int wake_fd) noexcept nogil

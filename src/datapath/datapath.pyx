@@ -66,8 +66,16 @@ cdef extern from "<poll.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     ssize_t _dp_read "read"(int fd, void *buf, size_t n)
 
+cdef extern from "<time.h>" nogil:
+    # _dp_timespec and _DP_CLOCK_MONOTONIC come from stages.pyx (posix.time)
+    int _dp_clock_nanosleep "clock_nanosleep"(int clock, int flags, const _dp_timespec *t, _dp_timespec *rem)
 
-DP_GC_BUDGET = 1024     # connections one Datapath.gc call examines at most
+
+cdef enum:
+    DP_GC_SCAN = 1024           # connections one gc pass examines at most
+    DP_GC_EVERY_NS = 20000000   # run() does a gc pass itself this often (20 ms)
+
+DP_GC_BUDGET = DP_GC_SCAN     # Datapath.gc's default
 
 
 def _dp_addr6(value, what):
@@ -678,7 +686,23 @@ cdef class Datapath:
         released): batches from every ring while frames come, poll() on the
         rings when none do.  Returns early when wake_fd (a pipe or eventfd;
         drained here) becomes readable or a signal arrives, so control
-        changes and SIGTERM are not kept waiting.  Returns frames handled."""
+        changes and SIGTERM are not kept waiting.  Returns frames handled.
+
+        Dense traffic (rx_coalesce_us > 0): when the rings run dry soon after
+        a wake-up (the poll() waited less than rx_coalesce_us), the loop naps
+        rx_coalesce_us on a timer instead of going back to poll(), and keeps
+        napping while every nap finds frames: one timer wake-up per nap
+        instead of one socket wake-up (the sender's softirq waking this
+        thread on another CPU) per frame or two, and a TX kick per nap's
+        batch.  The first nap that finds nothing returns to poll(), so an
+        idle loop sleeps in poll() and uses no CPU; a frame waits at most
+        rx_coalesce_us more than it would have (see loop_counters()).
+
+        The NAT expiry work of gc() is done here too, every 20 ms, so a
+        caller need not come back to Python (and wait for the GIL) more
+        often than it has control work for: `seconds` may be long.  A
+        write to wake_fd ends the call within one such pass (20 ms) even
+        when frames keep the loop from ever reaching poll()."""
         cdef Py_ssize_t n
         if not 0 <= seconds <= 3600:
             raise ValueError(f"seconds must be in 0..3600, not {seconds!r}")
@@ -686,19 +710,70 @@ cdef class Datapath:
             n = self.dp_run(<uint64_t>(seconds * 1e9), wake_fd)
         return n
 
+    @property
+    def rx_coalesce_us(self):
+        """run()'s nap under dense traffic, in microseconds (0: off, every
+        empty ring waits in poll()); 0..1000."""
+        return self.nap_ns // 1000
+
+    @rx_coalesce_us.setter
+    def rx_coalesce_us(self, value):
+        if not isinstance(value, int) or not 0 <= value <= 1000:
+            raise ValueError(f"rx_coalesce_us must be an integer in 0..1000, not {value!r}")
+        self.nap_ns = <uint64_t>value * 1000
+
+    def loop_counters(self):
+        """run()'s own counters: {'polls': poll() waits, 'wakeups': those
+        that returned with a ring ready, 'naps': timed naps under dense
+        traffic, 'naps_empty': naps that found nothing (each one ends a dense
+        stretch), 'batches': passes over the rings that found frames}.  TX
+        kicks are one sendto() per ring per pass: frames per kick is a TX
+        ring's tx_frames / tx_flushes (PacketRing.stats)."""
+        return {"polls": self.loop_polls, "wakeups": self.loop_wakeups, "naps": self.loop_naps,
+                "naps_empty": self.loop_naps_empty, "batches": self.loop_batches}
+
     cdef Py_ssize_t dp_run(self, uint64_t ns, int wake_fd) noexcept nogil:
         cdef _dp_pollfd fds[DP_MAX_PORTS + 1]
         cdef int nfds, port, rc, ms
-        cdef uint64_t now = dp_now(), end = now + ns
+        cdef uint64_t now = dp_now(), end = now + ns, nap, next_gc = now + DP_GC_EVERY_NS, until
         cdef Py_ssize_t total = 0, n
+        cdef bint dense = 0, napped = 0
+        cdef _dp_timespec ts
         cdef char drain[64]
         while True:
             n = dp_poll(&self.c, DP_BATCH)
             total += n
             now = dp_now()
+            if n:
+                self.loop_batches += 1
+            if now >= next_gc:
+                nat_gc(self.c.nat_c, now, DP_GC_SCAN)        # bounded (see gc())
+                if self.c.pins != NULL:
+                    gwpin_sweep(self.c.pins, now, DP_GC_SCAN // 4 + 1)
+                next_gc = now + DP_GC_EVERY_NS
+                # frames that never let the loop reach poll() must not hold
+                # control work back: look at the wake pipe here too (20 ms)
+                if wake_fd >= 0 and _dp_read(wake_fd, drain, sizeof(drain)) > 0:
+                    while _dp_read(wake_fd, drain, sizeof(drain)) == sizeof(drain):
+                        pass
+                    break
             if now >= end:
                 break
             if n:
+                napped = 0
+                continue
+            if napped:
+                self.loop_naps_empty += 1        # the dense stretch is over: back to poll()
+                dense = 0
+                napped = 0
+            elif dense and self.nap_ns:
+                nap = self.nap_ns if end - now > self.nap_ns else end - now
+                ts.tv_sec = <long>(nap // 1000000000)
+                ts.tv_nsec = <long>(nap % 1000000000)
+                self.loop_naps += 1
+                napped = 1
+                if _dp_clock_nanosleep(_DP_CLOCK_MONOTONIC, 0, &ts, NULL) != 0:
+                    break                        # EINTR: a signal handler wants to run
                 continue
             nfds = 0
             for port in range(self.c.n_rings):
@@ -712,10 +787,16 @@ cdef class Datapath:
                 fds[nfds].events = _DP_POLLIN
                 fds[nfds].revents = 0
                 nfds += 1
-            ms = <int>((end - now + 999999) // 1000000)
+            until = end if end < next_gc else next_gc
+            ms = <int>((until - now + 999999) // 1000000)
+            self.loop_polls += 1
             rc = _dp_poll(fds, nfds, ms)
             if rc < 0:
                 break                            # EINTR: a signal handler wants to run
+            if rc > 0:
+                self.loop_wakeups += 1
+                # woken soon after the last frames: they come faster than a nap
+                dense = dp_now() - now < self.nap_ns
             if wake_fd >= 0 and fds[nfds - 1].revents:
                 while _dp_read(wake_fd, drain, sizeof(drain)) == sizeof(drain):
                     pass

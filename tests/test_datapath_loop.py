@@ -1,0 +1,211 @@
+"""The datapath loop over real rings: one TX kick per ring per batch, and
+run()'s naps under dense traffic (Datapath.rx_coalesce_us, loop_counters).
+
+Two veth pairs across namespaces (egc-ring-*): a pod's (frames sent from its
+far end into the pod ring) and an underlay's (masqueraded frames leave on
+it and are counted at its far end).  Frames are sent only on those pairs."""
+import socket
+import threading
+import time
+
+import pytest
+from conftest import needs_netns
+from egresscore._core import _ring_in_netns
+
+from egresscore import Datapath, EgressMap, NatTable, PacketRing
+from egresscore._ringlab import link_mac, veth_pair
+
+pytestmark = needs_netns
+scapy = pytest.importorskip("scapy.all")
+
+POD_IP, NODE_IP, DST = "10.0.1.5", "192.168.1.1", "203.0.113.10"
+
+
+@pytest.fixture(scope="module")
+def net():
+    with veth_pair() as (pa, ia, pb, ib), veth_pair() as (ua, iua, ub, iub):
+        yield {"pod_ns": pa, "pod_if": ia, "host_ns": pb, "host_if": ib, "pod_mac": link_mac(pa, ia),
+               "host_mac": link_mac(pb, ib), "rtr_ns": ua, "rtr_if": iua, "rtr_mac": link_mac(ua, iua),
+               "ul_ns": ub, "ul_if": iub, "ul_mac": link_mac(ub, iub)}
+
+
+def raw_socket(ns, ifname, proto=0x0800):
+    with _ring_in_netns(ns):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+        s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+        s.bind((ifname, proto))
+    return s
+
+
+def pod_frame(net, sport):
+    return bytes(scapy.Ether(src=net["pod_mac"], dst=net["host_mac"]) / scapy.IP(src=POD_IP, dst=DST)
+                 / scapy.UDP(sport=sport, dport=9) / (b"\0" * 18))
+
+
+def datapath(net, rings, pod_blocks=4):
+    dp = Datapath(NODE_IP, net["ul_mac"], EgressMap(), NatTable())
+    dp.set_router(net["rtr_mac"])
+    dp.add_pod_port(1, POD_IP, net["host_mac"], net["pod_mac"])
+    pod = PacketRing(net["host_if"], netns=net["host_ns"], rx_frame_size=2048, block_size=1 << 20,
+                     block_count=pod_blocks, tx_frames=64)
+    ul = PacketRing(net["ul_if"], netns=net["ul_ns"], rx_frame_size=2048, block_size=1 << 20,
+                    block_count=4, tx_frames=512)
+    rings += [pod, ul]
+    dp.attach_ring(1, pod)
+    dp.attach_ring(0, ul)
+    return dp, pod, ul
+
+
+def rx_packets(ns, ifname):
+    from pyroute2 import NetNS
+
+    with NetNS(ns) as ipr:
+        return ipr.get_links(ifname=ifname)[0].get_attr("IFLA_STATS64")["rx_packets"]
+
+
+def received(sock, n, timeout=5.0):
+    """Frames from sock (non-blocking reads) until n or the deadline."""
+    got, deadline = [], time.monotonic() + timeout
+    sock.settimeout(0.05)
+    while len(got) < n and time.monotonic() < deadline:
+        try:
+            got.append(sock.recv(4096))
+        except socket.timeout:
+            pass
+    return got
+
+
+def test_one_tx_kick_per_ring_per_batch(net):
+    rings = []
+    send, sink = raw_socket(net["pod_ns"], net["pod_if"]), raw_socket(net["rtr_ns"], net["rtr_if"])
+    try:
+        dp, pod, ul = datapath(net, rings)
+        k = 100
+        for i in range(k):
+            send.send(pod_frame(net, 20000 + i))
+        deadline = time.monotonic() + 5
+        while pod.stats()["kernel_packets"] < k and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pod.stats()["kernel_packets"] == k     # all queued in the pod ring before the batch
+        assert dp.poll() == k                          # one batch takes them all
+        st = ul.stats()
+        assert st["tx_frames"] == k and st["tx_flushes"] == 1   # and hands them over with one sendto
+        got = received(sink, k)
+        assert len(got) == k
+        assert all(scapy.Ether(f)[scapy.IP].src == NODE_IP for f in got)   # masqueraded
+        assert dp.counters()["masquerade"] == k
+    finally:
+        send.close()
+        sink.close()
+        for r in rings:
+            r.close()
+
+
+def test_idle_loop_sleeps_in_poll(net):
+    rings = []
+    try:
+        dp, _, _ = datapath(net, rings)
+        dp.rx_coalesce_us = 1000
+        assert dp.run(0.2) == 0
+        c = dp.loop_counters()
+        assert c["polls"] >= 1 and c["wakeups"] == 0 and c["naps"] == 0 and c["batches"] == 0
+    finally:
+        for r in rings:
+            r.close()
+
+
+@pytest.mark.parametrize("coalesce_us", [0, 1000])
+def test_dense_traffic_naps_and_returns_to_poll(net, coalesce_us):
+    rings = []
+    send = raw_socket(net["pod_ns"], net["pod_if"])
+    try:
+        dp, pod, ul = datapath(net, rings, pod_blocks=8)   # 4096 slots: every frame fits, however late the loop
+        dp.rx_coalesce_us = coalesce_us
+        assert dp.rx_coalesce_us == coalesce_us
+        k = 4000
+        frames = [pod_frame(net, 20000 + i) for i in range(64)]
+        out = []
+        rx0 = rx_packets(net["rtr_ns"], net["rtr_if"])
+
+        def forward():
+            n, deadline = 0, time.monotonic() + 20
+            while n < k and time.monotonic() < deadline:
+                n += dp.run(0.5)
+            out.append(n)
+
+        loop = threading.Thread(target=forward)
+        loop.start()
+        try:
+            for i in range(k):
+                send.send(frames[i % 64])
+        finally:
+            loop.join()
+        c = dp.loop_counters()
+        assert out == [k] and dp.counters()["masquerade"] == k
+        assert rx_packets(net["rtr_ns"], net["rtr_if"]) - rx0 == k      # all out on the underlay
+        assert pod.stats()["kernel_drops"] == 0
+        if coalesce_us == 0:
+            assert c["naps"] == 0 and c["naps_empty"] == 0
+        else:
+            # a steady stream: woken soon after each batch, so the loop naps
+            # instead; once the stream ends a nap finds nothing and the loop
+            # goes back to poll()
+            assert c["naps"] > 0 and c["naps_empty"] >= 1
+            assert c["polls"] >= c["naps_empty"]
+        st = ul.stats()
+        assert st["tx_frames"] == k and st["tx_flushes"] <= c["batches"]
+    finally:
+        send.close()
+        for r in rings:
+            r.close()
+
+
+def test_wake_ends_run_while_frames_keep_coming(net):
+    """A wake write ends run() while a stream keeps the loop napping:
+    control work is not held back for as long as traffic lasts (run()
+    looks at the wake pipe in poll() and at every 20 ms gc pass)."""
+    import os
+
+    rings = []
+    send = raw_socket(net["pod_ns"], net["pod_if"])
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        dp, pod, ul = datapath(net, rings, pod_blocks=8)
+        dp.rx_coalesce_us = 100
+        total, sent, at_return = 200000, [0], []
+        frames = [pod_frame(net, 20000 + i) for i in range(64)]
+        stop = threading.Event()
+
+        def sender():
+            while sent[0] < total and not stop.is_set():
+                send.send(frames[sent[0] % 64])
+                sent[0] += 1
+
+        tx = threading.Thread(target=sender)
+        tx.start()
+        try:
+            while sent[0] < 2000:                  # the stream is running
+                time.sleep(0.001)
+            # the wake comes once run() is under way (and napping)
+            threading.Timer(0.3, os.write, (wake_w, b"w")).start()
+            dp.run(30, wake_r)
+            at_return.append(sent[0])
+        finally:
+            stop.set()
+            tx.join()
+        assert dp.loop_counters()["naps"] > 0      # the loop was napping, not polling
+        assert at_return[0] < total, "run() returned only once the stream had ended"
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
+        send.close()
+        for r in rings:
+            r.close()
+
+
+def test_rx_coalesce_us_is_checked():
+    dp = Datapath(NODE_IP, "02:00:00:00:00:01", EgressMap(), NatTable())
+    assert dp.rx_coalesce_us == 0
+    for bad in (-1, 1001, 2.5, "50"):
+        with pytest.raises(ValueError, match="rx_coalesce_us"):
+            dp.rx_coalesce_us = bad
