@@ -514,11 +514,8 @@ cdef class Datapath:
         if not 0 <= port < DP_MAX_PORTS or not self.c.ports[port].used:
             raise ValueError(f"port {port} is not configured")
         t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
-        cdef dp_read sect
         with nogil:
-            dp_read_begin(&self.c, &sect)
             r = dp_handle(&self.c, &b[0], b.shape[0], port, t, NULL, &o)
-            dp_read_end(&sect)
         verdict = ("pass", "tx", "tx_local", "drop")[r & 0xff]
         out = None
         if o.port >= 0:
@@ -550,7 +547,6 @@ cdef class Datapath:
         t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
         cdef dp_out outs[256]
         cdef dp_sink sink
-        cdef dp_read sect
         _dp_memset(&sink, 0, sizeof(dp_sink))
         sink.buf = <uint8_t *>_dp_malloc(1 << 20)
         if sink.buf == NULL:
@@ -562,9 +558,7 @@ cdef class Datapath:
         self.c.emit = dp_capture
         try:
             with nogil:
-                dp_read_begin(&self.c, &sect)
                 dp_rx_frame(&self.c, &b[0], b.shape[0] - 1, port, t, vp)
-                dp_read_end(&sect)
             out = []
             for i in range(sink.n):
                 o = outs[i]

@@ -1,6 +1,6 @@
 /* datapath/dp6.h: the IPv6 egress map lookup as the IPv6 datapath stages
- * (datapath/v6.pyx) need it: one call inside the batch's read section
- * (dp_read_begin in datapath/stages.pyx: no atomic operation here) that also gives the entry's policy id and its gateway split in two words.
+ * (datapath/v6.pyx) need it: one call under the map's read section that
+ * also gives the entry's policy id and its gateway split in two words.
  *
  * Returns an EGRESS_* status; egress16 (16 bytes, network order), g_hi,
  * g_lo and policy are set unless EGRESS_NO_MATCH.  An entry's gateway is
@@ -18,8 +18,10 @@ static inline int dp_egress_lookup6p(egress_map *m, const uint8_t *src16, const 
                                      uint32_t *policy)
 {
     egress_val6 v;
+    unsigned idx = lpm_rcu_enter(&m->rcu);
     int r = egress_snap_lookup6(egress_map_snap(m, 1), be_load64(src16), be_load64(src16 + 8),
                                 be_load64(dst16), be_load64(dst16 + 8), &v);
+    lpm_rcu_exit(&m->rcu, idx);
     if (r != EGRESS_NO_MATCH) {
         be_store64(egress16, v.e_hi);
         be_store64(egress16 + 8, v.e_lo);
@@ -31,13 +33,15 @@ static inline int dp_egress_lookup6p(egress_map *m, const uint8_t *src16, const 
 }
 
 /* Longest-prefix match of a 16-byte network-order IPv6 address in trie t
- * (LPM_NONE when t is NULL or nothing matches), inside the batch's read
- * section (dp_read_begin). */
+ * (LPM_NONE when t is NULL or nothing matches). */
 static inline uint32_t dp_lpm6(lpm_trie *t, const uint8_t *a16)
 {
     if (t == NULL)
         return LPM_NONE;
-    return lpm6_table_lookup(lpm_trie_table(t), be_load64(a16), be_load64(a16 + 8));
+    unsigned idx = lpm_rcu_enter(&t->rcu);
+    uint32_t v = lpm6_table_lookup(lpm_trie_table(t), be_load64(a16), be_load64(a16 + 8));
+    lpm_rcu_exit(&t->rcu, idx);
+    return v;
 }
 
 /* 16-byte address compare (1: equal). */

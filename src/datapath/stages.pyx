@@ -7,57 +7,11 @@ from posix.time cimport (clock_gettime as _dp_clock_gettime, timespec as _dp_tim
                          CLOCK_MONOTONIC as _DP_CLOCK_MONOTONIC)
 
 
-# One RCU read section per batch: dp_rx_frames (every batch of the ring
-# loop and of process_batch) and process()/process_frames enter every table
-# the datapath reads (the egress map, the six tries) once, and the lookups
-# inside (dp_lpm4, dp_lpm6, dp_policy_lookup4/6) take no atomic operation
-# of their own.  A writer's lpm_rcu_sync then waits for at most one batch:
-# nothing inside one blocks (no GIL, no poll, TX kicks are non-blocking
-# sendto), and a batch is at most DP_BATCH frames (each cut into at most
-# its segments).  Every dp_* lookup below must run inside such a section.
-ctypedef struct dp_read:
-    lpm_rcu *r[8]                # the egress map and the six tries
-    unsigned idx[8]
-    int n
-
-
-cdef inline void dp_read_add(dp_read *s, lpm_rcu *r) noexcept nogil:
-    s.r[s.n] = r
-    s.idx[s.n] = lpm_rcu_enter(r)
-    s.n += 1
-
-
-cdef inline void dp_read_begin(dp_ctx *c, dp_read *s) noexcept nogil:
-    """Enter the read section of every table the datapath reads (the
-    tables are the ones of __init__; those not made yet are skipped)."""
-    s.n = 0
-    if c.em_c != NULL:
-        dp_read_add(s, &c.em_c.rcu)
-    if c.pod_nodes_c != NULL:
-        dp_read_add(s, &c.pod_nodes_c.rcu)
-    if c.node_ips_c != NULL:
-        dp_read_add(s, &c.node_ips_c.rcu)
-    if c.local_pods_c != NULL:
-        dp_read_add(s, &c.local_pods_c.rcu)
-    if c.pod_nodes6_c != NULL:
-        dp_read_add(s, &c.pod_nodes6_c.rcu)
-    if c.node_ips6_c != NULL:
-        dp_read_add(s, &c.node_ips6_c.rcu)
-    if c.local_pods6_c != NULL:
-        dp_read_add(s, &c.local_pods6_c.rcu)
-
-
-cdef inline void dp_read_end(dp_read *s) noexcept nogil:
-    """Leave exactly the sections dp_read_begin entered."""
-    cdef int i
-    for i in range(s.n):
-        lpm_rcu_exit(s.r[i], s.idx[i])
-    s.n = 0
-
-
 cdef inline uint32_t dp_lpm4(lpm_trie *t, uint32_t addr) noexcept nogil:
-    """Inside the batch's read section (dp_read_begin): t's value for addr, or LPM_NONE."""
-    return lpm4_table_lookup(lpm_trie_table(t), addr)
+    cdef unsigned idx = lpm_rcu_enter(&t.rcu)
+    cdef uint32_t v = lpm4_table_lookup(lpm_trie_table(t), addr)
+    lpm_rcu_exit(&t.rcu, idx)
+    return v
 
 
 cdef inline void dp_tuple4(nat_tuple *k, uint8_t proto, uint8_t flags, uint32_t src, uint16_t sport,
@@ -114,12 +68,12 @@ cdef void dp_count(dp_ctx *c, int verdict, int reason) noexcept nogil:
 
 cdef inline int dp_policy_lookup4(dp_ctx *c, uint32_t src, uint32_t dst, uint32_t *egress,
                                   uint32_t *gw, int64_t length) noexcept nogil:
-    """egress_map_lookup4 (inside the batch's read section) that also makes a matched (or no-gateway) entry's
+    """egress_map_lookup4 that also makes a matched (or no-gateway) entry's
     policy the frame's, for the per-policy counters: redirected when the
     gateway is another node, SNATed here when it is this one; `length` is
     the frame as the pod sent it."""
     cdef uint32_t pol = 0
-    cdef int status = egress_snap_lookup4p(egress_map_snap(c.em_c, 0), src, dst, egress, gw, &pol)
+    cdef int status = egress_map_lookup4p(c.em_c, src, dst, egress, gw, &pol)
     if pol != 0 and (status == EGRESS_MATCH or status == EGRESS_NO_GATEWAY):
         c.cur_pol = pol
         c.cur_pol_dir = DP_POL_EGRESS if gw[0] == c.node_ip else DP_POL_REDIRECT
