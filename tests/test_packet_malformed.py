@@ -291,6 +291,27 @@ def run_corpus(ec, items):
         if not c["rx"] == seen == c["passed"] + c["tx"] + c["tx_local"] + c["dropped"]:
             failures.append(f"datapath counters do not add up over {seen} frames: {c}")
 
+    # the ring loop's batch step (process_batch) over the corpus, both ports:
+    # every batch must leave the RCU read sections it entered, or a writer's
+    # grace period (lpm_rcu_sync) would wait for ever
+    frames = [f for op, f, _ in items if op in ("parse", "decap", "dnat")]
+    lengths = np.array([len(f) for f in frames], np.int64)
+    offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+    data = np.frombuffer(b"".join(frames) + b"\0", np.uint8)
+    verdicts = np.zeros(len(frames), np.int32)
+    out, meta = np.zeros(1 << 20, np.uint8), np.zeros((4096, 4), np.int64)
+    for dp in dps:
+        for port in (0, 1):
+            dp.process_batch(data, offsets, lengths, verdicts, out, meta, port=port)
+        tables = (dp.egress_map, dp.pod_nodes, dp.node_ips, dp.local_pods, dp.pod_nodes6, dp.node_ips6,
+                  dp.local_pods6)
+        if any(t.readers for t in tables):
+            failures.append(f"read sections left entered: {[t.readers for t in tables]}")
+        else:                                   # writers complete (a grace period each)
+            dp.egress_map.set("10.0.1.93", "198.51.100.0/24", "192.168.1.100", "192.168.1.1")
+            dp.add_node(2, "192.168.1.5", ["10.0.5.0/24"], "02:00:00:00:00:05")
+            dp.remove_node(2)
+
     # the batch API on the same frames (those that fit a row), each step
     fits = [(op, f, allowed) for op, f, allowed in items if len(f) <= 2048 - 128]
     batch = ec.PacketBatch.from_frames([f for _, f, _ in fits], frame_size=2048, headroom=128)

@@ -39,6 +39,7 @@ cdef extern from "lpm/lpm_core.h" nogil:
     unsigned lpm_rcu_enter(lpm_rcu* r)
     void lpm_rcu_exit(lpm_rcu* r, unsigned idx)
     void lpm_rcu_sync(lpm_rcu* r)
+    uint64_t lpm_rcu_readers(lpm_rcu* r)
     uint32_t lpm4_table_lookup(const lpm_table* t, uint32_t addr)
     uint32_t lpm6_table_lookup(const lpm_table* t, uint64_t hi, uint64_t lo)
     void lpm4_table_lookup_batch(const lpm_table* t, const uint32_t* keys, size_t n,
@@ -126,6 +127,8 @@ cdef extern from "lpm/lpm_egress.h" nogil:
     long egress_src_match6(const egress_src* s, uint64_t hi, uint64_t lo)
     long egress_src_find_row(const egress_src* s, uint64_t d_hi, uint64_t d_lo, uint32_t plen)
     size_t egress_src_bytes(const egress_src* s)
+    int egress_snap_lookup4p(const egress_snap* s, uint32_t src, uint32_t dst,
+                             uint32_t* egress, uint32_t* gateway, uint32_t* policy)
     int egress_snap_lookup4(const egress_snap* s, uint32_t src, uint32_t dst,
                             uint32_t* egress, uint32_t* gateway)
     int egress_map_lookup4(egress_map* m, uint32_t src, uint32_t dst,

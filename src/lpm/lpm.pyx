@@ -598,6 +598,11 @@ cdef class LPMTrie:
         return values, found
 
     @property
+    def readers(self):
+        """Readers inside the trie's RCU read section now (0 when none is)."""
+        return lpm_rcu_readers(&self.c.rcu)
+
+    @property
     def nbytes(self):
         """Bytes of C memory held: the published table plus the prefix store."""
         return lpm_table_bytes(self.c.cur) + self.c.cap * sizeof(lpm_entry) + sizeof(lpm_trie)
@@ -982,6 +987,11 @@ cdef class EgressMap:
                 for i in range(es.n):
                     out.append(self._entry(fam, hi, lo, es, i))
         return out
+
+    @property
+    def readers(self):
+        """Readers inside the map's RCU read section now (0 when none is)."""
+        return lpm_rcu_readers(&self.c.rcu)
 
     @property
     def nbytes(self):

@@ -98,6 +98,13 @@ static inline void lpm_rcu_exit(lpm_rcu *r, unsigned idx) {
     __atomic_fetch_sub(&r->readers[idx], 1, __ATOMIC_RELEASE);
 }
 
+/* Readers inside a section now (both counters): 0 whenever no reader is in
+ * one; a leaked section would keep it above 0 and lpm_rcu_sync spinning. */
+static inline uint64_t lpm_rcu_readers(lpm_rcu *r) {
+    return __atomic_load_n(&r->readers[0], __ATOMIC_SEQ_CST) +
+           __atomic_load_n(&r->readers[1], __ATOMIC_SEQ_CST);
+}
+
 static void lpm_rcu_sync(lpm_rcu *r) {
     int round;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
