@@ -841,3 +841,22 @@ def test_gso_tcpv6_reply_at_the_gateway_is_cut_and_each_segment_tunnelled_back()
     c = n3.counters()
     assert c["reverse_nat"] == 3 and c["gso"]["segmented"] == 1
     assert c["rx"] == c["passed"] + c["tx"] + c["tx_local"] + c["dropped"]
+
+
+def test_gso_tcpv6_super_packet_over_the_ipv6_underlay_is_decapsulated_whole():
+    n3 = datapath_u6("node3")
+    payload = bytes(i % 253 for i in range(12000))
+    frame, vnet = _super6(APP1_6, SERVER6, 40042, 80, payload, 1380,
+                          src_mac="02:ee:c0:a8:01:01", dst_mac="02:ee:c0:a8:01:03")
+    wire = bytes(Ether(src=MAC["192.168.1.1"], dst=MAC["192.168.1.3"])
+                 / IPv6(src=NODE6["192.168.1.1"], dst=NODE6["192.168.1.3"])
+                 / UDP(sport=51000, dport=8472) / VXLAN(vni=2, flags=0x08) / Ether(frame))
+    wvh = dict(vnet, hdr_len=vnet["hdr_len"] + 70, csum_start=vnet["csum_start"] + 70)
+    [(port, out, vh)] = n3.process_frames(wire, 0, vnet=wvh)
+    assert port == 0
+    _assert_whole(vh, 1380)
+    pkt = Ether(out)
+    assert pkt[IPv6].src == EGRESS6 and pkt[IPv6].dst == SERVER6 and pkt[IPv6].hlim == 63
+    assert b"".join(bytes(s[TCP].payload) for s in kernel_segments(out, vh)) == payload
+    assert n3.process_frames(wire, 0, vnet=dict(wvh, gso_type=1)) == []
+    assert n3.counters()["drops"] == {"unsupported": 1} and n3.counters()["gso"]["whole"] == 1
