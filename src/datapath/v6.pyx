@@ -21,8 +21,8 @@
 #                       reverse-NATed (dp_in_reverse_nat6), then to the pod,
 #                       locally or through the tunnel (IPv6 pod CIDR -> node)
 #   dp_segment6         a TCP/IPv6 super-packet cut into segments, only
-#                       where the kernel has no offload for it (the tunnel
-#                       offload off, or segments too big with DF clear)
+#                       where the kernel has no offload for it (tunnel-bound
+#                       with the tunnel offload off)
 #
 # TCP/IPv6 super-packets (SKB_GSO_TCPV6) pass whole as IPv4 ones do: to the
 # router after SNAT / masquerade, to a local pod after reverse NAT, and into
