@@ -418,23 +418,192 @@ def test_icmpv6_error_with_a_truncated_quote_on_the_masquerade_path():
     assert n1.process(err, 0)[0] == "pass"
 
 
-def test_gso_tcpv6_super_packet_is_cut_into_checked_segments():
+def _pseudo6(src, dst, length, proto=6):
+    """The IPv6 pseudo-header sum (folded, not complemented): what a
+    CHECKSUM_PARTIAL TCP checksum field holds."""
+    import ipaddress
+
+    raw = ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed
+    s = sum(int.from_bytes(raw[i:i + 2], "big") for i in range(0, 32, 2)) + proto + length
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def _csum_add(a, b):
+    s = a + b
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def kernel_segments(frame, vh):
+    """What the kernel's TCP GSO makes of a super-packet sent with this TX
+    virtio_net_hdr (tcp_gso_segment, then the checksum finished from
+    csum_start): the checksum field is taken as the pseudo-header sum of the
+    whole length, moved to each segment's length, and the segment summed
+    over it.  A wrong field gives wrong segment checksums (check() fails)."""
+    assert vh["flags"] == 1 and vh["csum_offset"] == 16
+    l4, hdr, mss = vh["csum_start"], vh["hdr_len"], vh["gso_size"]
+    assert Ether(frame)[IPv6].nh == 6 and l4 == 54 and hdr == l4 + (frame[l4 + 12] >> 4) * 4
+    field = int.from_bytes(frame[l4 + 16:l4 + 18], "big")
+    full = len(frame) - l4
+    seq0 = int.from_bytes(frame[l4 + 4:l4 + 8], "big")
+    segs = []
+    for k, off in enumerate(range(0, len(frame) - hdr, mss)):
+        data = frame[hdr + off:hdr + off + mss]
+        seg = bytearray(frame[:hdr] + data)
+        seg[18:20] = (hdr - 54 + len(data)).to_bytes(2, "big")
+        seg[l4 + 4:l4 + 8] = ((seq0 + off) & 0xFFFFFFFF).to_bytes(4, "big")
+        if hdr + off + len(data) < len(frame):
+            seg[l4 + 13] &= ~0x09
+        if k:
+            seg[l4 + 13] &= ~0x80
+        tcplen = len(seg) - l4
+        start = _csum_add(_csum_add(field, 0xFFFF - full), tcplen)      # field - full + tcplen
+        seg[l4 + 16:l4 + 18] = start.to_bytes(2, "big")
+        body = bytes(seg[l4:]) + b"\0" * (tcplen & 1)
+        total = 0
+        for i in range(0, len(body), 2):
+            total = _csum_add(total, int.from_bytes(body[i:i + 2], "big"))
+        seg[l4 + 16:l4 + 18] = ((~total) & 0xFFFF).to_bytes(2, "big")
+        segs.append(check(bytes(seg)))
+    return segs
+
+
+def _super6(src, dst, sport, dport, payload, mss, seq=1000, ack=1, src_mac=APP1_MAC, dst_mac=APP1_HOST):
+    """A TSO super-packet as a veth hands it over: the pseudo-header sum in
+    the TCP checksum, its virtio_net_hdr (TCPV6)."""
+    raw = bytearray(bytes(Ether(src=src_mac, dst=dst_mac) / IPv6(src=src, dst=dst, hlim=64)
+                          / TCP(sport=sport, dport=dport, flags="PA", seq=seq, ack=ack) / payload))
+    raw[70:72] = _pseudo6(src, dst, len(raw) - 54).to_bytes(2, "big")
+    vnet = {"flags": 1, "gso_type": 4, "gso_size": mss, "hdr_len": 74, "csum_start": 54, "csum_offset": 16}
+    return bytes(raw), vnet
+
+
+def _as_linux_vxlan(inner_frame, src_node, dst_node, vh):
+    """A kernel vxlan device's UDP-tunnel GSO packet as the receiving node's
+    ring sees it: one IPv4 frame whose virtio_net_hdr describes the inner
+    TCPV6 segmentation (offsets moved by the 50 outer bytes)."""
+    outer = (Ether(src=MAC[src_node], dst=MAC[dst_node]) / IP(src=src_node, dst=dst_node, flags="DF")
+             / UDP(sport=50000, dport=8472, chksum=0) / VXLAN(flags="Instance", vni=2) / Ether(inner_frame))
+    return bytes(outer), dict(vh, hdr_len=vh["hdr_len"] + 50, csum_start=vh["csum_start"] + 50)
+
+
+def _assert_whole(vh, mss):
+    assert vh == {"flags": 1, "gso_type": 4, "hdr_len": 74, "gso_size": mss, "csum_start": 54, "csum_offset": 16}
+
+
+def test_gso_tcpv6_super_packet_leaves_whole_on_the_masquerade_path():
     n1 = datapath("node1")
     payload = bytes(range(256)) * 16             # 4096 bytes, mss 1000: 5 segments
-    frame = from_app1(OTHER6, TCP(sport=40015, dport=80, flags="PA", seq=1000, ack=1) / payload)
-    vnet = {"flags": 1, "gso_type": 4, "gso_size": 1000, "hdr_len": 74, "csum_start": 54, "csum_offset": 16}
+    frame, vnet = _super6(APP1_6, OTHER6, 40015, 80, payload, 1000)
+    [(port, data, vh)] = n1.process_frames(frame, 1, vnet=vnet)
+    _assert_whole(vh, 1000)
+    pkt = Ether(data)
+    assert port == 0 and pkt[Ether].dst == ROUTER_MAC and pkt[IPv6].src == NODE6["192.168.1.1"]
+    assert pkt[IPv6].hlim == 63 and pkt[IPv6].plen == 20 + len(payload)
+    assert pkt[TCP].chksum == _pseudo6(NODE6["192.168.1.1"], OTHER6, 20 + len(payload))
+    segs = kernel_segments(data, vh)
+    assert [s[TCP].seq for s in segs] == [1000 + 1000 * k for k in range(5)]
+    assert b"".join(bytes(s[TCP].payload) for s in segs) == payload
+    assert str(segs[0][TCP].flags) == "A" and str(segs[-1][TCP].flags) == "PA"
+    assert n1.counters()["gso"] == {"whole": 1, "tunneled": 0, "segmented": 0}
+    assert n1.counters()["masquerade"] == 1
+    # a TCPV6 type on an IPv4 frame (or the reverse) is refused
+    assert n1.process_frames(frame, 1, vnet=dict(vnet, gso_type=1)) == []
+    assert n1.counters()["drops"] == {"unsupported": 1}
+
+
+def test_gso_tcpv6_without_the_tunnel_offload_is_cut_into_checked_segments():
+    n1 = datapath("node1")
+    payload = bytes(range(256)) * 16
+    frame, vnet = _super6(APP1_6, SERVER6, 40016, 80, payload, 1000)
     outs = n1.process_frames(frame, 1, vnet=vnet)
     assert len(outs) == 5
     got = b""
     for k, (port, data, vh) in enumerate(outs):
-        pkt = check(data)
-        assert port == 0 and vh is None and pkt[IPv6].src == NODE6["192.168.1.1"]
-        assert pkt[TCP].seq == 1000 + 1000 * k and pkt[IPv6].plen == 20 + len(pkt[TCP].payload)
-        got += bytes(pkt[TCP].payload)
-    assert got == payload
-    # a TCPV6 type on an IPv4 frame (or the reverse) is refused
-    assert n1.process_frames(frame, 1, vnet=dict(vnet, gso_type=1)) == []
-    assert n1.counters()["drops"] == {"unsupported": 1}
+        i = inner(data)
+        assert port == 0 and vh is None and i[IPv6].src == APP1_6 and i[TCP].seq == 1000 + 1000 * k
+        got += bytes(i[TCP].payload)
+    assert got == payload and n1.counters()["gso"]["segmented"] == 1
+
+
+def test_gso_tcpv6_goes_whole_through_the_tunnel_offload_and_the_gateway():
+    n1, n3 = datapath("node1"), datapath("node3")
+    n1.tunnel_offload = True
+    payload = bytes(i % 251 for i in range(20000))
+    frame, vnet = _super6(APP1_6, SERVER6, 40017, 80, payload, 1380)
+    [(port, out, vh)] = n1.process_frames(frame, 1, vnet=vnet)
+    assert port == Datapath.TUNNEL_PORT
+    _assert_whole(vh, 1380)
+    i = Ether(out)
+    assert i[Ether].dst == "02:ee:c0:a8:01:03" and i[Ether].src == "02:ee:c0:a8:01:01"
+    assert i[IPv6].src == APP1_6 and i[IPv6].hlim == 63
+    assert i[TCP].chksum == _pseudo6(APP1_6, SERVER6, 20 + len(payload))
+    assert b"".join(bytes(s[TCP].payload) for s in kernel_segments(out, vh)) == payload
+    assert n1.counters()["gso"] == {"whole": 1, "tunneled": 1, "segmented": 0}
+    # node3's ring: the kernel's tunnel super-packet, TCPV6 inside IPv4:
+    # decap, SNAT to the IPv6 egress IP, out whole
+    wire, wvh = _as_linux_vxlan(out, "192.168.1.1", "192.168.1.3", vh)
+    [(port, out3, vh3)] = n3.process_frames(wire, 0, vnet=wvh)
+    assert port == 0
+    _assert_whole(vh3, 1380)
+    pkt = Ether(out3)
+    assert pkt[Ether].dst == ROUTER_MAC and pkt[IPv6].src == EGRESS6 and pkt[IPv6].dst == SERVER6
+    assert pkt[IPv6].hlim == 62 and pkt[TCP].sport == 40017
+    assert pkt[TCP].chksum == _pseudo6(EGRESS6, SERVER6, 20 + len(payload))
+    segs = kernel_segments(out3, vh3)
+    assert len(segs) == 15 and b"".join(bytes(s[TCP].payload) for s in segs) == payload
+    c = n3.counters()
+    assert c["decap"] == 1 and c["snat_egress"] == 1 and c["gso"]["whole"] == 1
+    # the outer frame's type must match: TCPV4 for an IPv6 inner frame is refused
+    assert n3.process_frames(wire, 0, vnet=dict(wvh, gso_type=1)) == []
+    assert n3.counters()["drops"] == {"unsupported": 1}
+
+
+def test_gso_tcpv6_too_big_for_the_tunnel_gets_packet_too_big_from_the_offload():
+    n1 = datapath("node1")
+    n1.tunnel_offload = True
+    frame, vnet = _super6(APP1_6, SERVER6, 40018, 80, b"x" * 8000, 1400)   # 1460-byte packets, the tunnel takes 1450
+    [(port, reply, vh)] = n1.process_frames(frame, 1, vnet=vnet)
+    pkt = check(reply)
+    assert port == 1 and vh is None and pkt[ICMPv6PacketTooBig].mtu == 1450 and pkt[IPv6].dst == APP1_6
+    assert n1.counters()["gso"]["tunneled"] == 0 and n1.counters()["drops"]["frag_needed"] == 1
+
+
+def test_gso_tcpv6_reply_at_the_gateway_goes_whole_into_the_tunnel_and_to_the_pod():
+    n1, n3 = datapath("node1"), datapath("node3")
+    n3.tunnel_offload = True
+    _, _, out = n1.process(from_app1(SERVER6, TCP(sport=40041, dport=80, flags="S")), 1)
+    _, _, out = n3.process(out[1], 0)
+    xport = Ether(out[1])[TCP].sport
+    payload = bytes(i % 249 for i in range(30000))
+    frame, vnet = _super6(SERVER6, EGRESS6, 80, xport, payload, 1380, seq=5000, ack=2,
+                          src_mac=ROUTER_MAC, dst_mac=MAC["192.168.1.3"])
+    [(port, out, vh)] = n3.process_frames(frame, 0, vnet=vnet)
+    assert port == Datapath.TUNNEL_PORT
+    _assert_whole(vh, 1380)
+    i = Ether(out)
+    assert i[Ether].dst == "02:ee:c0:a8:01:01" and i[IPv6].dst == APP1_6 and i[TCP].dport == 40041
+    assert i[TCP].chksum == _pseudo6(SERVER6, APP1_6, 20 + len(payload))
+    assert b"".join(bytes(s[TCP].payload) for s in kernel_segments(out, vh)) == payload
+    assert n3.counters()["reverse_nat"] == 1 and n3.counters()["gso"]["tunneled"] == 1
+    # too big for the tunnel: the server is told, quoting what it sent (to the egress IP)
+    big, big_vnet = _super6(SERVER6, EGRESS6, 80, xport, payload, 1440, seq=5000, ack=2,
+                            src_mac=ROUTER_MAC, dst_mac=MAC["192.168.1.3"])
+    [(port, reply, reply_vh)] = n3.process_frames(big, 0, vnet=big_vnet)
+    pkt = check(reply)
+    assert port == 0 and reply_vh is None and pkt[IPv6].dst == SERVER6 and pkt[ICMPv6PacketTooBig].mtu == 1450
+    assert pkt[IPerror6].dst == EGRESS6
+    # node1 delivers the tunnel super-packet to app1 whole
+    wire, wvh = _as_linux_vxlan(out, "192.168.1.3", "192.168.1.1", vh)
+    [(port, out1, vh1)] = n1.process_frames(wire, 0, vnet=wvh)
+    assert port == 1
+    _assert_whole(vh1, 1380)
+    p1 = Ether(out1)
+    assert p1[Ether].dst == APP1_MAC and p1[IPv6].dst == APP1_6 and p1[IPv6].hlim == 62
+    assert b"".join(bytes(s[TCP].payload) for s in kernel_segments(out1, vh1)) == payload
 
 
 def test_nat66_timeouts_and_gc():
@@ -672,3 +841,22 @@ def test_gso_tcpv6_reply_at_the_gateway_is_cut_and_each_segment_tunnelled_back()
     c = n3.counters()
     assert c["reverse_nat"] == 3 and c["gso"]["segmented"] == 1
     assert c["rx"] == c["passed"] + c["tx"] + c["tx_local"] + c["dropped"]
+
+
+def test_gso_tcpv6_super_packet_over_the_ipv6_underlay_is_decapsulated_whole():
+    n3 = datapath_u6("node3")
+    payload = bytes(i % 253 for i in range(12000))
+    frame, vnet = _super6(APP1_6, SERVER6, 40042, 80, payload, 1380,
+                          src_mac="02:ee:c0:a8:01:01", dst_mac="02:ee:c0:a8:01:03")
+    wire = bytes(Ether(src=MAC["192.168.1.1"], dst=MAC["192.168.1.3"])
+                 / IPv6(src=NODE6["192.168.1.1"], dst=NODE6["192.168.1.3"])
+                 / UDP(sport=51000, dport=8472) / VXLAN(vni=2, flags=0x08) / Ether(frame))
+    wvh = dict(vnet, hdr_len=vnet["hdr_len"] + 70, csum_start=vnet["csum_start"] + 70)
+    [(port, out, vh)] = n3.process_frames(wire, 0, vnet=wvh)
+    assert port == 0
+    _assert_whole(vh, 1380)
+    pkt = Ether(out)
+    assert pkt[IPv6].src == EGRESS6 and pkt[IPv6].dst == SERVER6 and pkt[IPv6].hlim == 63
+    assert b"".join(bytes(s[TCP].payload) for s in kernel_segments(out, vh)) == payload
+    assert n3.process_frames(wire, 0, vnet=dict(wvh, gso_type=1)) == []
+    assert n3.counters()["drops"] == {"unsupported": 1} and n3.counters()["gso"]["whole"] == 1

@@ -101,7 +101,7 @@ cdef int dp_handle(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port,
         _dp_memcpy(f, frame, length)
     if vnet != NULL:
         if v.gso_type != 0:
-            if not dp_gso_type_ok(v.gso_type, f):    # TCPV4 super-packets, TCPV6 ones (cut: v6.pyx)
+            if not dp_gso_type_ok(c, v.gso_type, f, length, in_port):    # TCPV4, TCPV6 (v6.pyx)
                 r = dp_ret(VERDICT_DROP, DROP_UNSUPPORTED)
                 dp_done(c, frame, length, in_port, now, r)
                 return r

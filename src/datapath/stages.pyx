@@ -170,7 +170,10 @@ cdef void dp_gso_out(dp_ctx *c, uint8_t *f, PktInfo *pi, dp_out *out) noexcept n
     the TX virtio_net_hdr carries the segmentation the kernel will do."""
     cdef uint8_t *ip = f + pi.l3_off
     cdef uint32_t tcplen = <uint32_t>(pi.l3_end - pi.l4_off)
-    be_store16(f + pi.l4_off + 16, csum_fold(csum_partial(ip + 12, 8, PKT_IPPROTO_TCP + tcplen)))
+    if pi.ip_version == 6:                   # the IPv6 pseudo-header: both addresses
+        be_store16(f + pi.l4_off + 16, csum_fold(csum_partial(ip + 8, 32, PKT_IPPROTO_TCP + tcplen)))
+    else:
+        be_store16(f + pi.l4_off + 16, csum_fold(csum_partial(ip + 12, 8, PKT_IPPROTO_TCP + tcplen)))
     out.gso_type = c.gso_type
     out.gso_size = c.gso_size
     out.hdr_len = <uint16_t>(pi.l4_off + ((f[pi.l4_off + 12] >> 4) << 2))
@@ -181,7 +184,8 @@ cdef void dp_gso_out(dp_ctx *c, uint8_t *f, PktInfo *pi, dp_out *out) noexcept n
 
 cdef int dp_gso_fit(dp_ctx *c, const uint8_t *f, PktInfo *pi) noexcept nogil:
     """Whether the super-packet's segments fit the tunnel: 0 yes, 1 no and DF
-    set (frag-needed), 2 no and DF clear (cut here, as without the offload)."""
+    set or IPv6 (frag-needed / packet-too-big), 2 no and DF clear (cut here,
+    as without the offload)."""
     cdef int64_t hdr, seg
     if pi.proto != PKT_IPPROTO_TCP or pi.l4_off < 0 or pi.l4_off + 20 > pi.l3_end:
         return 2                             # not a TCP super-packet: dp_segment refuses it
@@ -189,7 +193,7 @@ cdef int dp_gso_fit(dp_ctx *c, const uint8_t *f, PktInfo *pi) noexcept nogil:
     seg = <int64_t>c.gso_size + hdr - pi.l3_off
     if seg <= <int64_t>vxlan_inner_mtu(c.mtu, pi):
         return 0
-    return 1 if pi.df else 2
+    return 1 if pi.df or pi.ip_version == 6 else 2
 
 
 cdef int dp_gso_tunnel(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, int node, int back_port,

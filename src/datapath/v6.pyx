@@ -20,8 +20,17 @@
 #                       translated inside and out (dp_in_icmp_error6), replies
 #                       reverse-NATed (dp_in_reverse_nat6), then to the pod,
 #                       locally or through the tunnel (IPv6 pod CIDR -> node)
-#   dp_segment6         a TCP/IPv6 super-packet cut into segments (IPv6 is
-#                       never passed whole: dp_gso_out is IPv4's)
+#   dp_segment6         a TCP/IPv6 super-packet cut into segments, only
+#                       where the kernel has no offload for it (tunnel-bound
+#                       with the tunnel offload off)
+#
+# TCP/IPv6 super-packets (SKB_GSO_TCPV6) pass whole as IPv4 ones do: to the
+# router after SNAT / masquerade, to a local pod after reverse NAT, and into
+# the tunnel through the tunnel offload (dp_gso_tunnel: the kernel vxlan
+# device encapsulates and cuts them); a VXLAN super-packet whose inner frame
+# is IPv6 (virtio_net_hdr TCPV6 on an IPv4 or IPv6 outer frame) is
+# decapsulated whole.  dp_gso_out leaves the TCP checksum field as the IPv6
+# pseudo-header sum for CHECKSUM_PARTIAL (csum_start = TCP, offset 16).
 #
 # IPv6 is off (every IPv6 frame left to the kernel, as before) unless the
 # Datapath was given node_ip6.  The NAT table is the IPv4 one: its entries
@@ -110,8 +119,6 @@ cdef int dp_from_pod6(dp_ctx *c, uint8_t *f, int64_t length, int in_port, PktInf
         return dp_ret(VERDICT_PASS, 0)
     if not p.has_ip6 or not dp_eq16(ip + 8, p.pod_ip6):
         return dp_ret(VERDICT_DROP, DROP_SPOOFED)
-    if c.gso:
-        return dp_ret(DP_SEGMENT, 0)          # each segment comes back here
     if not p.has_pod_mac or dp_mac_differs(p.pod_mac, f + 6):
         _dp_memcpy(p.pod_mac, f + 6, 6)
         p.has_pod_mac = 1
@@ -127,6 +134,8 @@ cdef int dp_from_pod6(dp_ctx *c, uint8_t *f, int64_t length, int in_port, PktInf
     node = dp_lpm4(c.node_ips_c, gw) if gw != 0 else LPM_NONE
     if node == LPM_NONE or not c.nodes[node].has_mac:
         return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
+    if c.gso:
+        return dp_gso_tunnel(c, f, length, pi, node, in_port, out)   # whole, or DP_SEGMENT
     rc = vxlan_check_mtu(pi, length, &c.nodes[node].tmpl)
     if rc == DROP_FRAG_NEEDED:
         return dp_too_big6(c, f, pi, in_port, vxlan_inner_mtu(c.mtu, pi), out)
@@ -167,6 +176,8 @@ cdef int dp_egress6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, const ui
     else:
         _dp_memcpy(f, c.router_mac, 6)
     _dp_memcpy(f + 6, c.node_mac, 6)
+    if c.gso:
+        dp_gso_out(c, f, pi, out)            # whole: the kernel cuts it on the underlay
     out.port = 0
     out.data = f
     out.length = length
@@ -202,6 +213,8 @@ cdef int dp_deliver6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint32_
             return dp_ret(VERDICT_DROP, rc)
         _dp_memcpy(f, p.pod_mac, 6)
         _dp_memcpy(f + 6, p.host_mac, 6)
+        if c.gso:
+            dp_gso_out(c, f, pi, out)
         out.port = <int>port
         out.data = f
         out.length = length
@@ -219,8 +232,7 @@ cdef int dp_in_vxlan6(dp_ctx *c, uint8_t *g, int64_t glen, PktInfo *ipi, uint32_
     cdef uint8_t egress[16]
     cdef uint32_t src_node, gw = 0
     cdef int status
-    if c.gso:
-        return dp_ret(VERDICT_DROP, DROP_UNSUPPORTED)     # IPv6 super-packets never enter the tunnel whole
+    # a super-packet (c.gso): dp_gso_type_ok saw TCPV6 for this inner frame
     if dp_lpm6(c.local_pods6_c, ip + 24) != LPM_NONE:
         # a gateway's reply (or a relayed ICMPv6 error) for a pod here
         return dp_to_pod_or_node6(c, g, glen, ipi, out)
@@ -272,8 +284,6 @@ cdef int dp_in_reverse_nat6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, 
             return dp_ret(VERDICT_PASS, 0)
     else:
         return dp_ret(VERDICT_PASS, 0)
-    if c.gso:
-        return dp_ret(DP_SEGMENT, 0)            # each segment comes back here
     dp_tuple6(&k, pi.proto, pi.tcp_flags, ip + 8, pi.sport, ip + 24, pi.dport)
     rc = nat_translate_in_pol(c.nat_c, &k, now, &o, <uint32_t>(pi.l3_end - pi.l3_off), &pol)
     if rc:
@@ -287,7 +297,14 @@ cdef int dp_in_reverse_nat6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, 
     port = dp_lpm6(c.local_pods6_c, o.dst)
     if port == LPM_NONE:
         node = dp_lpm6(c.pod_nodes6_c, o.dst)
-        if node != LPM_NONE and c.nodes[node].has_mac:
+        if c.gso:
+            # checked before the translation, so a packet-too-big quotes what the sender sent
+            rc = dp_gso_fit(c, f, pi)
+            if not c.tnl_on or rc == 2:
+                return dp_ret(DP_SEGMENT, 0)    # each segment comes back here
+            if rc == 1:
+                return dp_too_big6(c, f, pi, 0, vxlan_inner_mtu(c.mtu, pi), out)
+        elif node != LPM_NONE and c.nodes[node].has_mac:
             rc = vxlan_check_mtu(pi, length, &c.nodes[node].tmpl)
             if rc == DROP_FRAG_NEEDED:
                 return dp_too_big6(c, f, pi, 0, vxlan_inner_mtu(c.mtu, pi), out)
@@ -388,10 +405,21 @@ cdef int dp_segment6(dp_ctx *c, const uint8_t *frame, int64_t length, int in_por
     return 0
 
 
-cdef inline bint dp_gso_type_ok(uint8_t gso_type, const uint8_t *f) noexcept nogil:
+cdef inline bint dp_gso_type_ok(dp_ctx *c, uint8_t gso_type, const uint8_t *f, int64_t length,
+                                int in_port) noexcept nogil:
     """A super-packet dp_handle takes: TCPV4 (1) on an IPv4 frame, TCPV6 (4)
-    on an IPv6 one (untagged; the ECN bit aside)."""
+    on an IPv6 one (untagged; the ECN bit aside).  From the underlay, a
+    VXLAN frame's gso_type describes its inner frame (the sender's tunnel
+    offload): the inner family must match, over either underlay."""
     cdef uint16_t et = be_load16(f + 12)
+    cdef int64_t u = 0
+    if in_port == 0:
+        if et == PKT_ETH_P_IP and length >= 34 and f[23] == PKT_IPPROTO_UDP:
+            u = 14 + ((f[14] & 0x0f) << 2)
+        elif et == PKT_ETH_P_IPV6 and length >= 84 and f[20] == PKT_IPPROTO_UDP:
+            u = 54
+        if u and length >= u + 30 and be_load16(f + u + 2) == c.vxlan_port:
+            et = be_load16(f + u + 28)       # UDP 8 + VXLAN 8 + inner Ethernet type
     if (gso_type & 0x7f) == 1:
         return et != PKT_ETH_P_IPV6
     return (gso_type & 0x7f) == 4 and et == PKT_ETH_P_IPV6
