@@ -204,9 +204,10 @@ cdef void dp_capture(dp_ctx *c, dp_out *o) noexcept nogil:
 
 cdef int dp_segment(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
                     dp_out *outs, int max_outs) noexcept nogil:
-    """Cut a TCP/IPv4 GSO frame into gso_size segments with full checksums and
-    run each through the pipeline; outputs are copied to outs (staging in
-    c.reply is avoided: each output is emitted before the next segment)."""
+    """Cut a TCP GSO frame (IPv4, or IPv6 without a fragment header) into
+    gso_size segments with full checksums and run each through the pipeline;
+    outputs are copied to outs (staging in c.reply is avoided: each output
+    is emitted before the next segment)."""
     cdef PktInfo pi
     cdef int32_t hdr, l3, tcplen
     cdef int64_t payload, off, n
@@ -218,15 +219,14 @@ cdef int dp_segment(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port
     cdef int i = 0
     cdef dp_out o
     cdef int rc = pkt_parse(frame, length, &pi)
-    if rc == 0 and pi.ip_version == 6 and pi.proto == PKT_IPPROTO_TCP and pi.l4_off >= 0:
-        return dp_segment6(c, frame, length, in_port, now, &pi)
-    if rc or pi.ip_version != 4 or pi.proto != PKT_IPPROTO_TCP or pi.l4_off < 0:
+    cdef bint v6 = rc == 0 and pi.ip_version == 6
+    if rc or not (pi.ip_version == 4 or v6) or pi.proto != PKT_IPPROTO_TCP or pi.l4_off < 0:
         dp_done(c, frame, length, in_port, now, dp_ret(VERDICT_DROP, DROP_UNSUPPORTED))
         return 0
     hdr = pi.l4_off + ((frame[pi.l4_off + 12] >> 4) << 2)
     l3 = pi.l3_off
     payload = pi.l3_end - hdr
-    if mss == 0 or hdr + mss > 9216 or payload <= 0:
+    if mss == 0 or hdr + mss > 9216 or payload <= 0 or (v6 and pi.frag != PKT_FRAG_NONE):
         dp_done(c, frame, length, in_port, now, dp_ret(VERDICT_DROP, DROP_UNSUPPORTED))
         return 0
     c.gso_segmented += 1
@@ -241,10 +241,13 @@ cdef int dp_segment(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port
         _dp_memcpy(seg + hdr, frame + hdr + off, n)
         ip = seg + l3
         tcp = seg + pi.l4_off
-        be_store16(ip + 2, <uint16_t>(hdr - l3 + n))
-        be_store16(ip + 4, <uint16_t>(id0 + i))
-        be_store16(ip + 10, 0)
-        be_store16(ip + 10, csum_finish(csum_ipv4_hdr(ip, pi.l4_off - l3)))
+        if v6:
+            be_store16(ip + 4, <uint16_t>(hdr - l3 - 40 + n))
+        else:
+            be_store16(ip + 2, <uint16_t>(hdr - l3 + n))
+            be_store16(ip + 4, <uint16_t>(id0 + i))
+            be_store16(ip + 10, 0)
+            be_store16(ip + 10, csum_finish(csum_ipv4_hdr(ip, pi.l4_off - l3)))
         be_store32(tcp + 4, <uint32_t>(seq0 + off))
         if off + n < payload:
             tcp[13] &= ~0x09                 # FIN, PSH only on the last
@@ -252,7 +255,10 @@ cdef int dp_segment(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port
             tcp[13] &= ~0x80                 # CWR only on the first
         tcplen = <int32_t>(hdr - pi.l4_off + n)
         be_store16(tcp + 16, 0)
-        sum = csum_partial(ip + 12, 8, PKT_IPPROTO_TCP + <uint32_t>tcplen)
+        if v6:
+            sum = csum_partial(ip + 8, 32, PKT_IPPROTO_TCP + <uint32_t>tcplen)
+        else:
+            sum = csum_partial(ip + 12, 8, PKT_IPPROTO_TCP + <uint32_t>tcplen)
         be_store16(tcp + 16, csum_finish(csum_partial(tcp, tcplen, sum)))
         dp_handle(c, seg, hdr + n, in_port, now, NULL, &o)
         # dp_handle worked on its own copy (c.scratch / c.reply): emit

@@ -294,7 +294,14 @@ cdef int dp_to_pod_or_node(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi,
     """Deliver an already translated packet to its pod: the local veth, or
     VXLAN to the pod's node."""
     cdef uint32_t port = dp_lpm4(c.local_pods_c, pi.dst4)
-    cdef uint32_t node
+    return dp_deliver(c, f, length, pi, port, dp_lpm4(c.pod_nodes_c, pi.dst4) if port == LPM_NONE else LPM_NONE,
+                      out)
+
+
+cdef int dp_deliver(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint32_t port, uint32_t node,
+                    dp_out *out) noexcept nogil:
+    """dp_to_pod_or_node (IPv4 or IPv6) with the lookups done: local veth
+    `port`, else VXLAN to cluster node `node` (LPM_NONE: DROP_NO_ROUTE)."""
     cdef int rc
     cdef dp_port *p
     if port != LPM_NONE:
@@ -312,7 +319,6 @@ cdef int dp_to_pod_or_node(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi,
         out.data = f
         out.length = length
         return dp_ret(VERDICT_TX_LOCAL, 0)
-    node = dp_lpm4(c.pod_nodes_c, pi.dst4)
     if node == LPM_NONE:
         return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
     return dp_encap(c, f, length, pi, node, out)

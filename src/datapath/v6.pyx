@@ -20,9 +20,9 @@
 #                       translated inside and out (dp_in_icmp_error6), replies
 #                       reverse-NATed (dp_in_reverse_nat6), then to the pod,
 #                       locally or through the tunnel (IPv6 pod CIDR -> node)
-#   dp_segment6         a TCP/IPv6 super-packet cut into segments, only
-#                       where the kernel has no offload for it (tunnel-bound
-#                       with the tunnel offload off)
+#   (a TCP/IPv6 super-packet is cut into segments by emit.pyx's dp_segment,
+#    as an IPv4 one is, only where the kernel has no offload for it:
+#    tunnel-bound with the tunnel offload off)
 #
 # TCP/IPv6 super-packets (SKB_GSO_TCPV6) pass whole as IPv4 ones do: to the
 # router after SNAT / masquerade, to a local pod after reverse NAT, and into
@@ -194,34 +194,8 @@ cdef int dp_to_pod_or_node6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi,
     or VXLAN to the pod's node."""
     cdef const uint8_t *dst = f + pi.l3_off + 24
     cdef uint32_t port = dp_lpm6(c.local_pods6_c, dst)
-    return dp_deliver6(c, f, length, pi, port, dp_lpm6(c.pod_nodes6_c, dst) if port == LPM_NONE else LPM_NONE,
-                       out)
-
-
-cdef int dp_deliver6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint32_t port, uint32_t node,
-                     dp_out *out) noexcept nogil:
-    """dp_to_pod_or_node6 with the lookups done: local veth `port`, else
-    cluster node `node` (LPM_NONE: DROP_NO_ROUTE)."""
-    cdef int rc
-    cdef dp_port *p
-    if port != LPM_NONE:
-        p = &c.ports[port]
-        if not p.has_pod_mac:
-            return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
-        rc = pkt_ttl_decrement(f, pi)
-        if rc:
-            return dp_ret(VERDICT_DROP, rc)
-        _dp_memcpy(f, p.pod_mac, 6)
-        _dp_memcpy(f + 6, p.host_mac, 6)
-        if c.gso:
-            dp_gso_out(c, f, pi, out)
-        out.port = <int>port
-        out.data = f
-        out.length = length
-        return dp_ret(VERDICT_TX_LOCAL, 0)
-    if node == LPM_NONE:
-        return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
-    return dp_encap(c, f, length, pi, node, out)
+    return dp_deliver(c, f, length, pi, port, dp_lpm6(c.pod_nodes6_c, dst) if port == LPM_NONE else LPM_NONE,
+                      out)
 
 
 cdef int dp_in_vxlan6(dp_ctx *c, uint8_t *g, int64_t glen, PktInfo *ipi, uint32_t sender, uint64_t now,
@@ -314,7 +288,7 @@ cdef int dp_in_reverse_nat6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, 
     if rc:
         return dp_ret(VERDICT_DROP, rc)
     c.st.reverse_nat += 1
-    return dp_deliver6(c, f, length, pi, port, node, out)
+    return dp_deliver(c, f, length, pi, port, node, out)
 
 
 cdef int dp_from_underlay6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint64_t now,
@@ -355,54 +329,6 @@ cdef int dp_encap6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, int node,
     out.length = ln
     c.st.encap += 1
     return dp_ret(VERDICT_TX, 0)
-
-
-cdef int dp_segment6(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port, uint64_t now,
-                     const PktInfo *pi) noexcept nogil:
-    """Cut a TCP/IPv6 GSO frame (pi: its parse) into gso_size segments with
-    full checksums and run each through the pipeline, as dp_segment does
-    for IPv4."""
-    cdef int32_t hdr, l3, tcplen
-    cdef int64_t payload, off, n
-    cdef uint16_t mss = c.gso_size
-    cdef uint32_t seq0, sum
-    cdef uint8_t *seg = c.segbuf
-    cdef uint8_t *ip
-    cdef uint8_t *tcp
-    cdef int i = 0
-    cdef dp_out o
-    hdr = pi.l4_off + ((frame[pi.l4_off + 12] >> 4) << 2)
-    l3 = pi.l3_off
-    payload = pi.l3_end - hdr
-    if mss == 0 or hdr + mss > 9216 or payload <= 0 or pi.frag != PKT_FRAG_NONE:
-        dp_done(c, frame, length, in_port, now, dp_ret(VERDICT_DROP, DROP_UNSUPPORTED))
-        return 0
-    c.gso_segmented += 1
-    seq0 = be_load32(frame + pi.l4_off + 4)
-    off = 0
-    while off < payload:
-        n = payload - off
-        if n > mss:
-            n = mss
-        _dp_memcpy(seg, frame, hdr)
-        _dp_memcpy(seg + hdr, frame + hdr + off, n)
-        ip = seg + l3
-        tcp = seg + pi.l4_off
-        be_store16(ip + 4, <uint16_t>(hdr - l3 - 40 + n))
-        be_store32(tcp + 4, <uint32_t>(seq0 + off))
-        if off + n < payload:
-            tcp[13] &= ~0x09                 # FIN, PSH only on the last
-        if i > 0:
-            tcp[13] &= ~0x80                 # CWR only on the first
-        tcplen = <int32_t>(hdr - pi.l4_off + n)
-        be_store16(tcp + 16, 0)
-        sum = csum_partial(ip + 8, 32, PKT_IPPROTO_TCP + <uint32_t>tcplen)
-        be_store16(tcp + 16, csum_finish(csum_partial(tcp, tcplen, sum)))
-        dp_handle(c, seg, hdr + n, in_port, now, NULL, &o)
-        c.emit(c, &o)
-        off += n
-        i += 1
-    return 0
 
 
 cdef inline bint dp_gso_type_ok(dp_ctx *c, uint8_t gso_type, const uint8_t *f, int64_t length,
