@@ -275,7 +275,14 @@ cdef int dp_egress(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint32_t 
     rc = pkt_nat4(f, pi, PKT_NAT_SRC, be_load32(o.src), o.sport)
     if rc:
         return dp_ret(VERDICT_DROP, rc)
-    _dp_memcpy(f, c.router_mac, 6)
+    return dp_to_router(c, f, length, pi, c.router_mac, policy, out)
+
+
+cdef int dp_to_router(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, const uint8_t *router_mac,
+                      bint policy, dp_out *out) noexcept nogil:
+    """A translated packet (either family) out of the underlay to the router,
+    whole if it is a super-packet (the kernel cuts it on the underlay)."""
+    _dp_memcpy(f, router_mac, 6)
     _dp_memcpy(f + 6, c.node_mac, 6)
     if c.gso:
         dp_gso_out(c, f, pi, out)

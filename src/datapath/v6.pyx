@@ -172,20 +172,8 @@ cdef int dp_egress6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, const ui
     if rc:
         return dp_ret(VERDICT_DROP, rc)
     if c.has_router6:
-        _dp_memcpy(f, c.router6_mac, 6)
-    else:
-        _dp_memcpy(f, c.router_mac, 6)
-    _dp_memcpy(f + 6, c.node_mac, 6)
-    if c.gso:
-        dp_gso_out(c, f, pi, out)            # whole: the kernel cuts it on the underlay
-    out.port = 0
-    out.data = f
-    out.length = length
-    if policy:
-        c.st.snat_egress += 1
-    else:
-        c.st.masquerade += 1
-    return dp_ret(VERDICT_TX, 0)
+        return dp_to_router(c, f, length, pi, c.router6_mac, policy, out)
+    return dp_to_router(c, f, length, pi, c.router_mac, policy, out)
 
 
 cdef int dp_to_pod_or_node6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi,
