@@ -443,14 +443,15 @@ def test_incremental_updates_touch_only_affected_entries():
 
 
 def oracle(cluster, policies, view=None, ids=None):
-    """Cilium's semantics spelled out plainly: every policy, every pod, first writer by name wins;
+    """Cilium's semantics spelled out plainly: every policy, every pod, first writer by (namespace,
+    name, uid) wins (a recreated pod beside its old self: the compiler's order among a key's writers);
     `ids` the policy ids ({name: id}; default: 1, 2, ... in name order)."""
     out = {}
     if ids is None:
         ids = {p.name: i for i, p in enumerate(sorted(policies, key=lambda p: p.name), 1)}
     for p in sorted(policies, key=lambda p: p.name):
         gws = resolve_gateways(p, cluster, view)
-        for pod in sorted(cluster.pods.values(), key=lambda p: p.key):
+        for pod in sorted(cluster.pods.values(), key=lambda p: (p.namespace, p.name, p.uid)):
             if not p.matches_labels(cluster.pod_labels(pod)):
                 continue
             if not p.matches_node(cluster.node_labels(pod.node)):
