@@ -226,24 +226,28 @@ cdef int dp_gso_tunnel(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, int n
 
 cdef int dp_encap(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, int node,
                   dp_out *out) noexcept nogil:
-    """TTL, inner MACs, VXLAN towards cluster node `node`, out of the underlay."""
+    """TTL, inner MACs (02:ee:<node IPv4>, over either underlay), VXLAN
+    towards cluster node `node` (its IPv6 address over the IPv6 underlay),
+    out of the underlay."""
     cdef dp_node *n = &c.nodes[node]
     cdef int rc
     cdef int64_t ln
-    if not n.valid or not n.has_mac:
+    if not n.valid or not n.has_mac or (c.underlay6 and not n.has_ip6):
         return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
     if c.gso:
         return dp_gso_tunnel(c, f, length, pi, node, 0, out)
-    if c.underlay6:
-        return dp_encap6(c, f, length, pi, node, out)
     rc = pkt_ttl_decrement(f, pi)
     if rc:
         return dp_ret(VERDICT_DROP, rc)
     dp_vxlan_mac(f, n.ip)
     dp_vxlan_mac(f + 6, c.node_ip)
-    ln = vxlan_encap_frame(f, length, &n.tmpl, vxlan_src_port(f, pi, &n.tmpl))
+    if c.underlay6:
+        ln = vxlan6_encap_frame(f, length, &n.tmpl6, vxlan_src_port(f, pi, &n.tmpl))
+        out.data = f - VXLAN6_OVERHEAD
+    else:
+        ln = vxlan_encap_frame(f, length, &n.tmpl, vxlan_src_port(f, pi, &n.tmpl))
+        out.data = f - VXLAN_OVERHEAD
     out.port = 0
-    out.data = f - VXLAN_OVERHEAD
     out.length = ln
     c.st.encap += 1
     return dp_ret(VERDICT_TX, 0)

@@ -42,7 +42,7 @@
 #
 # VXLAN over an IPv6 underlay (Datapath(underlay6=True), an option): the
 # tunnel between nodes runs over their IPv6 addresses (add_node ip6=), for
-# IPv4 and IPv6 pods alike (dp_encap6, packet/vxlan6.pyx); VXLAN in IPv6 to
+# IPv4 and IPv6 pods alike (dp_encap, packet/vxlan6.pyx); VXLAN in IPv6 to
 # node_ip6 from a node's IPv6 address is decapsulated as over IPv4
 # (dp_in_vxlan_from).  The 20 extra bytes of the outer header are taken off
 # c.mtu, so every "fits the tunnel" check stays the IPv4 one.
@@ -295,28 +295,6 @@ cdef int dp_from_underlay6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, u
     if pi.icmp_err:
         return dp_in_icmp_error6(c, f, length, pi, now, out)
     return dp_in_reverse_nat6(c, f, length, pi, now, out)
-
-
-cdef int dp_encap6(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, int node,
-                   dp_out *out) noexcept nogil:
-    """dp_encap over the IPv6 underlay: TTL, inner MACs (02:ee:<node IPv4>,
-    as over IPv4), VXLAN in IPv6 towards node `node`'s IPv6 address."""
-    cdef dp_node *n = &c.nodes[node]
-    cdef int rc
-    cdef int64_t ln
-    if not n.has_ip6:
-        return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
-    rc = pkt_ttl_decrement(f, pi)
-    if rc:
-        return dp_ret(VERDICT_DROP, rc)
-    dp_vxlan_mac(f, n.ip)
-    dp_vxlan_mac(f + 6, c.node_ip)
-    ln = vxlan6_encap_frame(f, length, &n.tmpl6, vxlan_src_port(f, pi, &n.tmpl))
-    out.port = 0
-    out.data = f - VXLAN6_OVERHEAD
-    out.length = ln
-    c.st.encap += 1
-    return dp_ret(VERDICT_TX, 0)
 
 
 cdef inline bint dp_gso_type_ok(dp_ctx *c, uint8_t gso_type, const uint8_t *f, int64_t length,
