@@ -47,9 +47,12 @@
 # (dp_in_vxlan_from).  The 20 extra bytes of the outer header are taken off
 # c.mtu, so every "fits the tunnel" check stays the IPv4 one.
 
+cdef extern from "lpm/lpm_egress.h" nogil:
+    int egress_map_lookup6p(egress_map *m, const uint8_t *src16, const uint8_t *dst16,
+                            uint8_t *egress16, uint64_t *g_hi, uint64_t *g_lo, uint32_t *policy)
+
+
 cdef extern from "datapath/dp6.h" nogil:
-    int dp_egress_lookup6p(egress_map *m, const uint8_t *src16, const uint8_t *dst16,
-                           uint8_t *egress16, uint64_t *g_hi, uint64_t *g_lo, uint32_t *policy)
     uint32_t dp_lpm6(lpm_trie *t, const uint8_t *a16)
     int dp_eq16(const uint8_t *a, const uint8_t *b)
     int dp_zero16(const uint8_t *a)
@@ -79,7 +82,7 @@ cdef inline int dp_policy_lookup6(dp_ctx *c, const uint8_t *src, const uint8_t *
     dp_policy_lookup4 does."""
     cdef uint64_t g_hi = 0, g_lo = 0
     cdef uint32_t pol = 0
-    cdef int status = dp_egress_lookup6p(c.em_c, src, dst, egress, &g_hi, &g_lo, &pol)
+    cdef int status = egress_map_lookup6p(c.em_c, src, dst, egress, &g_hi, &g_lo, &pol)
     gw[0] = 0
     if status == EGRESS_MATCH and g_hi == 0 and (g_lo >> 32) == 0xffff:
         gw[0] = <uint32_t>(g_lo & 0xffffffffu)

@@ -194,8 +194,14 @@ static inline int egress_map_lookup4(egress_map *m, uint32_t src, uint32_t dst,
     return egress_map_lookup4p(m, src, dst, egress, gateway, &policy);
 }
 
-static inline int egress_map_lookup6(egress_map *m, const uint8_t *src16, const uint8_t *dst16,
-                                     uint8_t *egress16, uint8_t *gateway16) {
+/* The IPv6 lookup as the datapath needs it: also the entry's policy id,
+ * and its gateway split in two words (an entry's gateway is the gateway
+ * node's IPv4 underlay address as ::ffff:a.b.c.d, the compiler keeping an
+ * entry's four addresses in one family: g_hi == 0, g_lo >> 32 == 0xffff).
+ * egress16, g_hi, g_lo and policy are set unless EGRESS_NO_MATCH. */
+static inline int egress_map_lookup6p(egress_map *m, const uint8_t *src16, const uint8_t *dst16,
+                                      uint8_t *egress16, uint64_t *g_hi, uint64_t *g_lo,
+                                      uint32_t *policy) {
     egress_val6 v;
     unsigned idx = lpm_rcu_enter(&m->rcu);
     int r = egress_snap_lookup6(egress_map_snap(m, 1), be_load64(src16), be_load64(src16 + 8),
@@ -204,8 +210,21 @@ static inline int egress_map_lookup6(egress_map *m, const uint8_t *src16, const 
     if (r != EGRESS_NO_MATCH) {
         be_store64(egress16, v.e_hi);
         be_store64(egress16 + 8, v.e_lo);
-        be_store64(gateway16, v.g_hi);
-        be_store64(gateway16 + 8, v.g_lo);
+        *g_hi = v.g_hi;
+        *g_lo = v.g_lo;
+        *policy = v.policy;
+    }
+    return r;
+}
+
+static inline int egress_map_lookup6(egress_map *m, const uint8_t *src16, const uint8_t *dst16,
+                                     uint8_t *egress16, uint8_t *gateway16) {
+    uint64_t g_hi, g_lo;
+    uint32_t policy;
+    int r = egress_map_lookup6p(m, src16, dst16, egress16, &g_hi, &g_lo, &policy);
+    if (r != EGRESS_NO_MATCH) {
+        be_store64(gateway16, g_hi);
+        be_store64(gateway16 + 8, g_lo);
     }
     return r;
 }
