@@ -129,13 +129,14 @@ def _counters(lab):
     return lab.call(POD, traffic.link_counters, "eth0"), lab.call(SERVER, traffic.link_counters, "eth0")
 
 
-def flood(lab, count, seconds, pps=None, key="flood"):
-    """trafgen sends `count` 64-byte frames (at most `seconds`; paced at `pps` if given);
-    delivery counted at the server's eth0."""
+def flood(lab, count, seconds, pps=None, key="flood", frame=None):
+    """trafgen sends `count` copies of `frame` (default: the 64-byte IPv4 one; at most
+    `seconds`; paced at `pps` if given); delivery counted at the server's eth0."""
     from egresscore.lab import traffic
 
     pod = lab.pods[POD]
-    frame = traffic.udp_frame(pod.mac, pod.host_mac, pod.ip, DST, FLOOD_SPORT, FLOOD_DPORT, PAYLOAD)
+    if frame is None:
+        frame = traffic.udp_frame(pod.mac, pod.host_mac, pod.ip, DST, FLOOD_SPORT, FLOOD_DPORT, PAYLOAD)
     with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="egc-bench-trafgen-") as cfg:
         cfg.write(traffic.trafgen_config(frame))
         cfg.flush()
@@ -147,7 +148,7 @@ def flood(lab, count, seconds, pps=None, key="flood"):
         time.sleep(0.3)  # frames still in flight through the agents
         cpu, (tx1, rx1) = traffic.cpu_seconds() - cpu0, _counters(lab)
     if out.returncode not in (0, 124):  # 124: stopped by timeout, still bounded
-        raise RuntimeError(f"trafgen failed ({out.returncode}): {out.stderr.strip()[-300:]}")
+        raise RuntimeError(f"trafgen ({key}) failed ({out.returncode}): {out.stderr.strip()[-300:]}")
     sent, delivered = tx1[1] - tx0[1], rx1[0] - rx0[0]
     return {f"{key}_sent": sent, f"{key}_delivered": delivered, f"{key}_lost": sent - delivered,
             f"{key}_seconds": elapsed, f"{key}_cpu_seconds": cpu, f"{key}_kpps": delivered / elapsed / 1e3,
@@ -156,17 +157,18 @@ def flood(lab, count, seconds, pps=None, key="flood"):
             f"{key}_cpu_per_mpkt": cpu / delivered * 1e6 if delivered else float("nan")}
 
 
-def tcp(lab, streams, seconds, key):
-    """iperf3 TCP: received Gbit/s and machine CPU seconds per received GB."""
+def tcp(lab, streams, seconds, key, dst=DST, extra=()):
+    """iperf3 TCP to `dst`: received Gbit/s and machine CPU seconds per received GB."""
     from egresscore.lab import traffic
 
-    with lab.iperf3_server(DST):
+    with lab.iperf3_server(dst):
         cpu0 = traffic.cpu_seconds()
-        res = lab.iperf3_client(POD, DST, ["-t", seconds, "-P", streams], seconds)
+        res = lab.iperf3_client(POD, dst, ["-t", seconds, "-P", streams, *extra], seconds)
         cpu = traffic.cpu_seconds() - cpu0
     got = res["end"]["sum_received"]
+    per_gb = cpu / (got["bytes"] / 1e9) if got["bytes"] else float("nan")
     return {f"{key}_gbps": got["bits_per_second"] / 1e9, f"{key}_bytes": got["bytes"],
-            f"{key}_cpu_seconds": cpu, f"{key}_cpu_per_gb": cpu / (got["bytes"] / 1e9)}
+            f"{key}_cpu_seconds": cpu, f"{key}_cpu_per_gb": per_gb}
 
 
 def ping(lab, count):
@@ -283,7 +285,7 @@ def measure(lab, p, agents=None):
     if p.get("ipv6"):  # the IPv6 rows (issue 18), kept in peers_ipv6.py
         import peers_ipv6
 
-        out.update(peers_ipv6.measure6(lab, p))
+        out.update(peers_ipv6.measure6(lab, p, flood, tcp))
     if "flood" in parts:
         out.update(flood(lab, p["flood_packets"], p["flood_seconds"]))
     if "tcp" in parts:

@@ -12,10 +12,8 @@ the IPv6 egress IP -> router -> 2001:db8:113::10.
 - tcp6: iperf3 TCP, 1 stream, to the server's IPv6 address.
 """
 import subprocess
-import tempfile
-import time
 
-POD, SERVER, DST6 = "app1", "ext1", "2001:db8:113::10"
+POD, DST6 = "app1", "2001:db8:113::10"
 FLOOD_SPORT, FLOOD_DPORT = 40000, 9
 PAYLOAD6 = 0
 
@@ -29,60 +27,32 @@ METRICS6 = (
 )
 
 
-def _counters(lab):
-    from egresscore.lab import traffic
-
-    return lab.call(POD, traffic.link_counters, "eth0"), lab.call(SERVER, traffic.link_counters, "eth0")
-
-
-def flood6(lab, count, seconds):
-    """trafgen sends `count` smallest IPv6 UDP frames (at most `seconds`); delivery counted at the server's eth0."""
+def flood6(lab, count, seconds, flood):
+    """trafgen sends `count` smallest IPv6 UDP frames (at most `seconds`) through
+    compare_agent_peers' `flood`; delivery counted at the server's eth0."""
     from egresscore.lab import traffic
 
     pod = lab.pods[POD]
     frame = traffic.udp_frame6(pod.mac, pod.host_mac, pod.ip6, DST6, FLOOD_SPORT, FLOOD_DPORT, PAYLOAD6)
-    with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="egc-bench-trafgen6-") as cfg:
-        cfg.write(traffic.trafgen_config(frame))
-        cfg.flush()
-        argv = ["timeout", str(seconds), "trafgen", "-o", pod.ifname, "-i", cfg.name, "-n", str(count),
-                "-P", "1", "--no-sock-mem", "--notouch-irq"]
-        (tx0, rx0), cpu0, t0 = _counters(lab), traffic.cpu_seconds(), time.perf_counter()
-        out = lab.run(POD, argv, timeout=seconds + 10, check=False)
-        elapsed = time.perf_counter() - t0
-        time.sleep(0.3)  # frames still in flight through the agents
-        cpu, (tx1, rx1) = traffic.cpu_seconds() - cpu0, _counters(lab)
-    if out.returncode not in (0, 124):  # 124: stopped by timeout, still bounded
-        raise RuntimeError(f"trafgen (IPv6) failed ({out.returncode}): {out.stderr.strip()[-300:]}")
-    sent, delivered = tx1[1] - tx0[1], rx1[0] - rx0[0]
-    return {"flood6_sent": sent, "flood6_delivered": delivered, "flood6_lost": sent - delivered,
-            "flood6_seconds": elapsed, "flood6_cpu_seconds": cpu, "flood6_kpps": delivered / elapsed / 1e3,
-            "flood6_loss_pct": 100.0 * (sent - delivered) / sent if sent else float("nan"),
-            "flood6_cpu_per_mpkt": cpu / delivered * 1e6 if delivered else float("nan")}
+    return flood(lab, count, seconds, key="flood6", frame=frame)
 
 
-def tcp6(lab, seconds):
-    """iperf3 TCP, 1 stream, to the server's IPv6 address: Gbit/s and machine CPU s per GB."""
-    from egresscore.lab import traffic
-
+def tcp6(lab, seconds, tcp):
+    """iperf3 TCP, 1 stream, to the server's IPv6 address (compare_agent_peers' `tcp`):
+    Gbit/s and machine CPU s per GB; nan with the reason when this side has no IPv6 path."""
     try:
-        with lab.iperf3_server(DST6):
-            cpu0 = traffic.cpu_seconds()
-            res = lab.iperf3_client(POD, DST6, ["-t", seconds, "-P", 1, "--connect-timeout", 3000], seconds)
-            cpu = traffic.cpu_seconds() - cpu0
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:   # no IPv6 path on this side: nan, the reason kept
+        return tcp(lab, 1, seconds, "tcp6", dst=DST6, extra=("--connect-timeout", 3000))
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
         return {"tcp6_gbps": float("nan"), "tcp6_cpu_per_gb": float("nan"), "tcp6_error": str(exc)[:200]}
-    got = res["end"]["sum_received"]
-    return {"tcp6_gbps": got["bits_per_second"] / 1e9, "tcp6_bytes": got["bytes"], "tcp6_cpu_seconds": cpu,
-            "tcp6_cpu_per_gb": cpu / (got["bytes"] / 1e9) if got["bytes"] else float("nan")}
 
 
-def measure6(lab, p):
+def measure6(lab, p, flood, tcp):
     """The IPv6 figures of one side in one repetition (after a ping6 resolves the neighbours):
-    flood6 with --only's flood, tcp6 with its tcp."""
+    flood6 with --only's flood, tcp6 with its tcp (compare_agent_peers' own `flood` and `tcp`)."""
     out = {}
     lab.ping(POD, DST6, count=1)
     if "flood" in p["parts"]:
-        out.update(flood6(lab, p["flood_packets"], p["flood_seconds"]))
+        out.update(flood6(lab, p["flood_packets"], p["flood_seconds"], flood))
     if "tcp" in p["parts"]:
-        out.update(tcp6(lab, p["tcp_seconds"]))
+        out.update(tcp6(lab, p["tcp_seconds"], tcp))
     return out
