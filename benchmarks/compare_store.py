@@ -19,6 +19,9 @@ What is timed:
   process instead (one GIL, one heap: the earlier mode);
   the median and p99 over the changes, of the slowest agent per change and of
   every agent's own figure;
+- CPU per change: each agent's source thread's CPU time from the end of the
+  previous change to this one live (what the change cost that agent, whatever
+  the wait for a core);
 - memory: each agent process's RSS once resynced (`--in-process`: the process's
   RSS growth per agent);
 - the generation 1-2 collections during the changes, in each agent.
@@ -100,20 +103,33 @@ def _trim():
 
 
 class TimedSink(CompilingSink):
-    """A compile-only agent that notes when each revision was live in its egress map."""
+    """A compile-only agent that notes when each revision was live in its egress map, and the CPU
+    its source thread spent on it: from the end of the previous change (or the resync) to the
+    change live, that thread's CPU time (reading the watch response, decoding and parsing the
+    value, compiling, writing the map), which waiting for a core does not add to."""
 
     def __init__(self, node, report=None):
         super().__init__(node=node)
         self.live_at = {}
+        self.cpu_ms = {}
         self.report = report
+        self._cpu = None
+
+    def resync(self, snapshot):
+        super().resync(snapshot)
+        self._cpu = time.thread_time()
 
     def apply(self, changes):
         super().apply(changes)
         now = time.perf_counter()   # CLOCK_MONOTONIC on Linux: one clock for every process of the run
+        cpu = time.thread_time()
         for ch in changes:
             self.live_at[ch.revision] = now
+            if self._cpu is not None:
+                self.cpu_ms[ch.revision] = (cpu - self._cpu) * 1000
         if self.report is not None:
             self.report([(ch.revision, now) for ch in changes])
+        self._cpu = time.thread_time()   # the report (the benchmark's own) not counted
 
 
 class GcTimes:
@@ -155,7 +171,8 @@ def _agent_process(node, url, cluster, events, control):
     with GcTimes() as g:
         cmd, key = control.recv()
     pod = sink.compiler.cluster.pods[key] if key is not None else None   # by (namespace, name) or uid
-    events.send(("done", {"gc": g.pauses, "app": pod.labels["app"] if pod is not None else None}))
+    events.send(("done", {"gc": g.pauses, "app": pod.labels["app"] if pod is not None else None,
+                          "cpu": sink.cpu_ms}))
     stop.set()
     th.join(10)
 
@@ -203,6 +220,7 @@ class ThreadAgents:
     def finish(self, key):
         self.gc.__exit__()
         apps = [s.compiler.cluster.pods[key].labels["app"] for s, _ in self.agents] if key else []
+        self.cpu_ms = [s.cpu_ms for s, _ in self.agents]
         return {"process": self.gc.pauses}, apps
 
     def close(self):
@@ -274,6 +292,7 @@ class ProcAgents:
         for c in self.controls:
             c.send(("stop", key))
         done = [self._expect(a, "done", 60) for a in range(self.n)]
+        self.cpu_ms = [d["cpu"] for d in done]
         return {f"agent{a}": d["gc"] for a, d in enumerate(done)}, [d["app"] for d in done]
 
     def close(self):
@@ -325,6 +344,7 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url, procs=True):
         agents.start()
         slowest, each = [], []
         by_kind = {"pod": [], "policy": []}   # the slowest agent per change, by what changed
+        revs = {"pod": [], "policy": []}
         pod = None
         with GcTimes() as main_gc:
             for k in range(n_changes):
@@ -351,7 +371,9 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url, procs=True):
                 slowest.append(max(lat))
                 each.extend(lat)
                 by_kind["pod" if k % 2 == 0 else "policy"].append(max(lat))
+                revs["pod" if k % 2 == 0 else "policy"].append(rev)
         gc_pauses, apps = agents.finish(pod.key if pod is not None else None)
+        cpu = {kind: [m[r] for m in agents.cpu_ms for r in rs if r in m] for kind, rs in revs.items()}
         if pod is not None:
             # the last pod change is live with the right value (not only applied), in every agent
             assert all(app == pod.labels["app"] for app in apps), apps
@@ -378,6 +400,7 @@ def run(n_nodes, n_pods, n_policies, n_agents, n_changes, url, procs=True):
             "gc_pauses": gc_pauses, "young": agents.young, "frozen": agents.frozen,
             "max_ms": max(slowest) if slowest else 0,
             "kinds": {k: (statistics.median(v), pct(v, 0.99)) for k, v in by_kind.items() if v},
+            "cpu": {k: (statistics.median(v), pct(v, 0.99)) for k, v in cpu.items() if v},
             "revision": rev}
 
 
@@ -451,6 +474,10 @@ def main():
               f"{r['max_ms']:.1f} ms; generation 1-2 GCs during the changes: {_gc_summary(r)}; "
               f"objects the GC scans as the changes start: {max(r['young']):,} (most of one agent; "
               f"{r['frozen']:,} frozen)")
+    for r in rows:
+        cpu = "; ".join(f"{k} changes {a:.2f} / {b:.2f} ms" for k, (a, b) in r["cpu"].items())
+        print(f"  {r['pods']:,} pods, each agent's CPU per change (its source thread: watch read, parse, compile, "
+              f"map write; waiting for a core not counted), p50 / p99 over the agents and changes: {cpu}")
     for r in rows:
         print(f"  {r['pods']:,} pods: loading etcd {r['load_s']:.1f} s, {r['agents']} agents started and resynced "
               f"at once in {r['start_all_s']:.1f} s (each agent's own resync: median "

@@ -10,6 +10,14 @@ compile, none of them cycles) never fill the young generations at once: the
 generation-1 and -2 collections that would follow, started by some later
 single change, scanned them for 0.3-1 s.  Frozen objects are still freed by
 reference counting.
+
+`untrack(obj)`: take one object that cannot be part of a reference cycle
+(a tuple, or a NamedTuple such as EgressEntry, of strings and ints, or of
+such tuples) out of the collector's lists.  CPython stops tracking an exact
+tuple of untracked items at its first collection, never a tuple subclass
+(an EgressEntry), nor a tuple holding one: each map entry a change writes
+would stay in the generations for good, and every later generation-2
+collection would scan them all.  Reference counting still frees it.
 """
 from __future__ import annotations
 
@@ -17,7 +25,17 @@ import gc
 import threading
 from contextlib import contextmanager
 
-__all__ = ["gc_paused"]
+__all__ = ["gc_paused", "untrack"]
+
+try:   # CPython's own PyObject_GC_UnTrack (a no-op on an object not tracked)
+    import ctypes
+
+    untrack = ctypes.pythonapi.PyObject_GC_UnTrack
+    untrack.argtypes = [ctypes.py_object]
+    untrack.restype = None
+except (ImportError, AttributeError):   # not CPython: the collector keeps them (correct, only slower)
+    def untrack(obj):
+        pass
 
 _lock = threading.Lock()
 _depth = 0

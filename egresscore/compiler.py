@@ -95,7 +95,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from ._gcpause import gc_paused
+from ._gcpause import gc_paused, untrack
 from .cluster import DEFAULT_CLUSTER_NAME, Cluster, Interface, LabelFilter, Namespace, Node, Pod, PodTable
 from .policy import EXTRA_EGRESS_IPS, EgressPolicy
 from .types import (
@@ -653,14 +653,24 @@ class Compiler:
             out.add(n)
         return out
 
-    def _add_contrib(self, pname, pod, changed):
+    def _add_contrib(self, pname, pod, changed, edit=False):
+        """Write the entries of writer (policy `pname`, `pod`) into the
+        contributions; `changed` (a set, or None: a full compile) gets the
+        keys written.  `edit`: the writer wrote before (its policy was edited,
+        its selectors unchanged): a key whose value stays is left as it is
+        (the same object, not counted changed) and the keys it no longer
+        writes are taken back, so an edit that moves one destination CIDR
+        touches only that CIDR's keys."""
         dst4, dst6, ex4, ex6 = self._prepared[pname]
         gws = self._gateways[pname]
         g = gws[0] if len(gws) == 1 else gws[fnv1a_32(pod.uid) % len(gws)]
         pid = self._policy_ids[pname]
         writer = (pname, self._order[pod.uid])
+        if changed is not None:
+            untrack(writer)     # holds the pod's order, a tuple a frozen compile left tracked
         contrib = self._contrib
         keys = []
+        touched = [] if edit else keys
         for ip in pod.ips:
             if ":" in ip:
                 dsts, exs, egress = dst6, ex6, g.egress_ip6
@@ -673,40 +683,65 @@ class Compiler:
                     value = _new_tuple(EgressEntry, (ip, d, egress, gw, pid))   # EgressEntry(...), without its __new__
                     c = contrib.get(key)
                     if c is None:       # one writer: (writer, value), no dict per key
-                        contrib[key] = (writer, value)
+                        contrib[key] = c = (writer, value)
+                        if changed is not None:   # a change: out of the collector for good (_gcpause.untrack)
+                            untrack(value)
+                            untrack(c)
                     elif type(c) is tuple:
                         if c[0] == writer:
-                            contrib[key] = (writer, value)
+                            if edit and c[1] == value:
+                                keys.append(key)
+                                continue
+                            contrib[key] = c = (writer, value)
+                            if changed is not None:
+                                untrack(value)
+                                untrack(c)
                         else:
                             contrib[key] = {c[0]: c[1], writer: value}
                             self._multi.add(key)
                     else:
+                        if edit and c.get(writer) == value:
+                            keys.append(key)
+                            continue
                         c[writer] = value
                     keys.append(key)
+                    if edit:
+                        touched.append(key)
+        if edit:
+            written = set(keys)
+            for key in self._owned.get(writer, ()):
+                if key not in written:
+                    self._unwrite(writer, key)
+                    touched.append(key)
         self._owned[writer] = tuple(keys)
         if changed is not None:
-            changed.update(keys)
+            changed.update(touched)
+
+    def _unwrite(self, writer, key):
+        """Take writer's contribution to `key` back."""
+        contrib = self._contrib
+        c = contrib.get(key)
+        if c is None:
+            return
+        if type(c) is tuple:
+            if c[0] == writer:
+                del contrib[key]
+                self._multi.discard(key)
+            return
+        c.pop(writer, None)
+        if len(c) == 1:
+            contrib[key] = next(iter(c.items()))
+            self._multi.discard(key)
+        elif not c:
+            del contrib[key]
+            self._multi.discard(key)
 
     def _remove_contrib(self, pname, pkey, changed):
         writer = (pname, self._order[pkey])
         keys = self._owned.pop(writer, ())
-        contrib = self._contrib
+        unwrite = self._unwrite
         for key in keys:
-            c = contrib.get(key)
-            if c is None:
-                continue
-            if type(c) is tuple:
-                if c[0] == writer:
-                    del contrib[key]
-                    self._multi.discard(key)
-                continue
-            c.pop(writer, None)
-            if len(c) == 1:
-                contrib[key] = next(iter(c.items()))
-                self._multi.discard(key)
-            elif not c:
-                del contrib[key]
-                self._multi.discard(key)
+            unwrite(writer, key)
         changed.update(keys)
 
     def _resolve(self, changed) -> int:
@@ -947,14 +982,24 @@ class Compiler:
         return self._resolve(changed)
 
     def upsert_policy(self, policy: EgressPolicy) -> int:
-        """Add or replace a policy (by name)."""
+        """Add or replace a policy (by name).  A replacement with the same
+        selectors (its CIDRs, gateways or egress IP edited) selects the same
+        pods: each of them rewrites only the entries whose value changed."""
         changed = set()
-        if policy.name in self._policies:
-            self._drop_policy(policy.name, changed)
+        old = self._policies.get(policy.name)
         self._policies[policy.name] = policy
         self._assign_id(policy.name)
-        self._identity_cache = {}
-        self._place_policy(policy, changed)
+        if old is not None and old.selectors == policy.selectors:
+            self._prepare_policy(policy)
+            pods = self.cluster.pods
+            add = self._add_contrib
+            for pkey in self._matched[policy.name]:
+                add(policy.name, pods[pkey], changed, edit=True)
+        else:
+            if old is not None:
+                self._drop_policy(policy.name, changed)
+            self._identity_cache = {}
+            self._place_policy(policy, changed)
         return self._resolve(changed)
 
     def remove_policy(self, name: str) -> int:

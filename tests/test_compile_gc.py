@@ -5,6 +5,7 @@ next generation-1 and generation-2 collections, started by some later
 single change, would scan them (0.3 s and 0.7 s pauses at 100,000 pods).
 """
 import gc
+import sys
 import threading
 import weakref
 
@@ -64,6 +65,34 @@ def test_the_per_pod_state_a_change_leaves_is_not_scanned_by_the_collector():
     assert not any(gc.is_tracked(k) for k in owned[0])
     c.remove_pod(uid="u-new")
     assert "u-new" not in c._pod_policies and all(order[2] != "u-new" for _, order in c._owned)
+
+
+
+def test_the_entries_a_change_writes_are_not_scanned_by_the_collector():
+    """An EgressEntry (a tuple subclass) and the tuples holding it are never untracked by CPython on its
+    own, and a frozen compile leaves the pods' order tuples tracked: the entries a change writes, their
+    contributions and writers are taken out of the collector (egresscore._gcpause.untrack), so a policy
+    edit or a pod change does not grow what every generation-2 collection scans."""
+    gc.collect()
+    gc.unfreeze()
+    try:
+        c = _compiler(5)
+        gc.freeze()     # as after a large compile: the pods' (namespace, name, uid) tuples frozen, tracked
+        c.upsert_pod(Pod("new", "default", "u-new", {"app": "a"}, ("10.0.9.9",), "node3"))
+        edited = parse_policy({**POLICY, "spec": {**POLICY["spec"], "destinationCIDRs": ["198.51.100.0/24"]}})[0]
+        c.upsert_policy(edited)
+        keys = [k for k in c.desired if k[1] == "198.51.100.0/24"]
+        assert len(keys) == 6
+        for key in keys:
+            writer, entry = c._contrib[key]
+            assert entry is c.desired[key]
+            assert not gc.is_tracked(entry) and not gc.is_tracked(c._contrib[key]) and not gc.is_tracked(writer)
+        # and are let go with the change that drops them (reference counting frees them)
+        entry = c.desired[("10.0.9.9", "198.51.100.0/24")]
+        c.remove_pod(uid="u-new")
+        assert sys.getrefcount(entry) == 2   # this test's name and the call's argument only
+    finally:
+        gc.unfreeze()
 
 
 def test_overlapping_pauses_restore_the_collector_once_the_last_ends():
