@@ -134,6 +134,7 @@ import time
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .._core import Datapath, EgressMap, NatStateError, NatTable
+from .._gcpause import gc_watch
 from ..cluster import DEFAULT_CLUSTER_NAME, Cluster, ClusterError, Pod
 from ..compiler import Compiler
 from ..control import default_socket_path
@@ -261,6 +262,7 @@ class Agent:
         liveness = self._liveness_of(liveness, source, node, gateway_health)
         # the datapath thread's scheduling (egresscore.agent.sched), checked before any work
         self._sched = ThreadSched(rt_priority, cpu, label=f"egresscore agent {node}")
+        gc_watch()  # GC passes counted from the start (stats: python_gc)
         runner = None
         if source is not None:  # the first snapshot is the cluster and policies at start (no file fallback)
             if cluster is not None or policies:
@@ -551,6 +553,7 @@ class Agent:
             "source": self._source_stats.snapshot(),
             "datapath_thread": self._sched.stats(),
             "datapath_loop": self.datapath.loop_counters(),
+            "python_gc": gc_watch().stats(),
         }
         if self.flow_logger is not None:
             out["flow_log"] = self.flow_logger.stats
@@ -744,7 +747,8 @@ class Agent:
         return {"enabled": True, "down": sorted(self.compiler.down), "gateways": rows,
                 "probes": {"sent": p.sent, "received": p.received, "interval_s": self.health.interval,
                            "misses": p.misses, "rises": p.rises, "port": p.port,
-                           "answered": self.responder.answered if self.responder else 0}}
+                           "answered": self.responder.answered if self.responder else 0},
+                "changes": self.health.changes}
 
     # -- cluster facts -> datapath ---------------------------------------------------
     # The control thread (under self._control) computes the facts from the
