@@ -18,7 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-__all__ = ["gc_paused", "gc_watch"]
+__all__ = ["freeze_heap", "gc_paused", "gc_watch"]
 
 _lock = threading.Lock()
 _depth = 0
@@ -89,3 +89,17 @@ def gc_watch():
             _watch = _GcWatch()
             gc.callbacks.append(_watch)
     return _watch
+
+
+def freeze_heap():
+    """Collect once, then freeze everything alive (gc.freeze()): what a process built to start
+    (modules, its cluster and compiled state) is no longer scanned by later generation-2 passes,
+    which then take the time of what changed since, not of the whole heap (an agent's gen-2 pass:
+    28 ms on a quiet machine, each one holding the GIL).  Frozen objects are still freed by
+    reference counting.  Skipped while a gc_paused() block runs (it freezes at its end)."""
+    with _lock:
+        if _depth:
+            return False
+        gc.collect()
+        gc.freeze()
+        return True
