@@ -173,6 +173,16 @@ def test_prober_ignores_foreign_future_and_duplicate_answers():
         p.sock.close()
 
 
+def _answered_round(p, fake, sent, judged):
+    """One round at time `sent` that `fake` answers; judged at time `judged`."""
+    p.send(now=sent)
+    data, addr = fake.recvfrom(64)
+    fake.sendto(_pong(data), addr)
+    assert _wait(lambda: _pending(p.sock) > 0, 2.0)
+    p.read()
+    p.close_round(now=judged)
+
+
 def test_answers_delayed_within_the_timeout_never_mark_a_gateway_down():
     """A loaded gateway answers late, a loaded prober reads late: neither is a dead gateway.
     Time is given to the prober (now=), so the verdicts do not depend on this machine's speed."""
@@ -196,12 +206,7 @@ def test_answers_delayed_within_the_timeout_never_mark_a_gateway_down():
         p.close_round(now=0.45)
         assert p.down() == frozenset() and p.missed("gw") == 0 and p.late == 2
         # the prober's own thread stalls 0.5 s after a send; the pong waited on its socket
-        p.send(now=0.5)
-        data, addr = fake.recvfrom(64)
-        fake.sendto(_pong(data), addr)
-        assert _wait(lambda: _pending(p.sock) > 0, 2.0)
-        p.read()
-        p.close_round(now=1.0)
+        _answered_round(p, fake, sent=0.5, judged=1.0)
         assert p.down() == frozenset()
         # a gateway that stops answering: down once 3 pings are unanswered and the first is 0.3 s old
         for i in range(3):
@@ -212,19 +217,9 @@ def test_answers_delayed_within_the_timeout_never_mark_a_gateway_down():
         p.close_round(now=1.41)
         assert p.down() == {"gw"} and p.missed("gw") == 3
         # up again after `rises` (2) answered pings in a row
-        p.send(now=1.5)
-        data, addr = fake.recvfrom(64)
-        fake.sendto(_pong(data), addr)
-        assert _wait(lambda: _pending(p.sock) > 0, 2.0)
-        p.read()
-        p.close_round(now=1.55)
+        _answered_round(p, fake, sent=1.5, judged=1.55)
         assert p.down() == {"gw"}
-        p.send(now=1.6)
-        data, addr = fake.recvfrom(64)
-        fake.sendto(_pong(data), addr)
-        assert _wait(lambda: _pending(p.sock) > 0, 2.0)
-        p.read()
-        p.close_round(now=1.65)
+        _answered_round(p, fake, sent=1.6, judged=1.65)
         assert p.down() == frozenset()
     finally:
         fake.close()
