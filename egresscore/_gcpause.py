@@ -74,6 +74,10 @@ class _GcWatch:
             if ms > self.max_ms[gen]:
                 self.max_ms[gen] = ms
 
+    def reset(self):
+        self.count = [0, 0, 0]
+        self.max_ms = [0.0, 0.0, 0.0]
+
     def stats(self):
         return {"collections": list(self.count), "max_ms": [round(m, 2) for m in self.max_ms],
                 "frozen": gc.get_freeze_count()}
@@ -81,7 +85,7 @@ class _GcWatch:
 
 def gc_watch():
     """The process's one GC watch (installed on first call): {collections, max_ms, frozen} per
-    generation from its stats().  A pass holds the GIL throughout, so its length is how long
+    generation from its stats(), since the heap was last frozen (freeze_heap).  A pass holds the GIL throughout, so its length is how long
     every other Python thread of the process may wait."""
     global _watch
     with _lock:
@@ -102,4 +106,6 @@ def freeze_heap():
             return False
         gc.collect()
         gc.freeze()
+        if _watch is not None:
+            _watch.reset()      # the watch shows the passes the running process makes, not this one
         return True
