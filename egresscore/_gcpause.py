@@ -85,8 +85,9 @@ class _GcWatch:
 
 def gc_watch():
     """The process's one GC watch (installed on first call): {collections, max_ms, frozen}
-    per generation from its stats(), since the heap was last frozen (freeze_heap).  A pass holds the GIL throughout, so its length is how long
-    every other Python thread of the process may wait."""
+    per generation from its stats(), since the heap was last frozen (freeze_heap).  A pass
+    holds the GIL throughout, so its length is how long every other Python thread of the
+    process may wait."""
     global _watch
     with _lock:
         if _watch is None:
