@@ -13,11 +13,13 @@ Compiler.set_down):
 - direct probes (Prober): this node sends a small UDP heartbeat to every
   gateway it may use, over the underlay, every `interval` seconds (10 per
   second by default); a gateway is down when its last `misses` pings (3) are
-  unanswered and the first of them went out `misses` intervals ago or more
-  (counted in time, not in rounds: a round that ran late closes no sooner),
+  unanswered and the first of them went out `misses` - 1/2 intervals ago or
+  more (0.25 s; counted in time, not in rounds: a round that ran late
+  judges no sooner, and the half round is the time a send takes to come
+  after its round's start),
   up again when it answers `rises` pings in a row (2).  A late pong counts
   for its ping, and the socket is read before each judgment, so answers
-  delayed by a loaded prober or gateway, up to those 0.3 s, never mark a
+  delayed by a loaded prober or gateway, up to those 0.25 s, never mark a
   gateway down.  The gateway's agent answers with a Responder: a UDP socket
   on the node IP and HEARTBEAT_PORT served from C with the GIL released (no
   Python thread of the agent can hold a pong back).  Nodes start up (as
@@ -142,7 +144,7 @@ class Prober:
     the pongs waiting on the socket; close_round() judges: a target is down
     when its last `misses` pings in a row are unanswered and the first of
     them was sent at least `timeout` seconds ago (GatewayHealth sets it to
-    `misses` of its rounds: 0.3 s by default).  A pong counts for any ping
+    `misses` - 1/2 of its rounds: 0.25 s by default).  A pong counts for any ping
     still unanswered, however late it comes (up to KEPT_ROUNDS rounds), and
     the socket is read before each judgment: a prober or a gateway delayed
     by a loaded CPU only delays the answers, and a gateway whose answers
@@ -318,7 +320,10 @@ class GatewayHealth:
         self.liveness = list(liveness)
         self.interval = interval
         if prober is not None and prober.timeout is None:
-            prober.timeout = prober.misses * interval     # `misses` rounds, counted in time
+            # `misses` rounds counted in time, less the half round a send may come after its
+            # round's start (at the close of the misses-th round the first one went out just
+            # under misses rounds ago)
+            prober.timeout = (prober.misses - 0.5) * interval
         self._targets = None
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -233,7 +233,7 @@ def test_a_round_that_closes_late_reads_the_pongs_waiting_first():
     gw = Responder(Responder.open_socket("127.0.0.1", port)).start()
     changes = []
     health = GatewayHealth(changes.append, prober=_prober(port, misses=1, rises=1), interval=0.1)
-    assert health.prober.timeout == pytest.approx(0.1)
+    assert health.prober.timeout == pytest.approx(0.05)
     health.prober.set_targets({"gw": "127.0.0.1"})
     poller = select.poll()
     poller.register(health.prober.sock, select.POLLIN)
