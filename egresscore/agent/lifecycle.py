@@ -733,8 +733,10 @@ class Agent:
             self._spill = chains
 
     def gateway_health(self):
-        """{"enabled", "down", "gateways": [{node, ip, state, why}], "probes"}: what
-        gateway selection passes over now, and why (any thread)."""
+        """{"enabled", "down", "gateways": [{node, ip, state, why}], "probes", "changes"}:
+        what gateway selection passes over now, and why (any thread); probes' late: pongs
+        that came after a later ping had gone out (counted all the same); changes: how
+        often the down set moved."""
         cands = dict(self._candidates)
         if self.health is None:
             rows = [{"node": n, "ip": ip, "state": "up" if n == self.node else "not probed", "why": ""}
@@ -746,7 +748,8 @@ class Agent:
                 r["state"], r["why"] = "up", "this node"
         p = self.health.prober
         return {"enabled": True, "down": sorted(self.compiler.down), "gateways": rows,
-                "probes": {"sent": p.sent, "received": p.received, "interval_s": self.health.interval,
+                "probes": {"sent": p.sent, "received": p.received, "late": p.late,
+                           "interval_s": self.health.interval,
                            "misses": p.misses, "rises": p.rises, "port": p.port,
                            "answered": self.responder.answered if self.responder else 0},
                 "changes": self.health.changes}
