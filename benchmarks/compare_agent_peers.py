@@ -32,7 +32,10 @@ options and --also ARGS adds another egresscore column with those options,
 measured in the same repetitions (an A/B under the same load).  After each
 egresscore paced run the agents' ring counters (kernel drops per interface,
 TX ring full), the agents' drop reasons (`stats`) and the kernel's input-backlog drops (/proc/net/softnet_stat,
-machine-wide) go into the raw figures (--json), so a loss can be placed.
+machine-wide) go into the raw figures (--json), so a loss can be placed; so do the load
+average at each repetition (load1) and, per agent, what kept its datapath thread out of its C
+loop (agent_loops: the longest GIL wait and time away, the longest GC pass per generation) and
+how often its gateway health changed its mind.
 Every load is bounded in packets and seconds and stays inside the lab's
 namespaces.  /proc/stat counts the whole machine:
 other work running meanwhile is counted too (the load average is printed).
