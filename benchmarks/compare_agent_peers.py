@@ -32,7 +32,10 @@ options and --also ARGS adds another egresscore column with those options,
 measured in the same repetitions (an A/B under the same load).  After each
 egresscore paced run the agents' ring counters (kernel drops per interface,
 TX ring full), the agents' drop reasons (`stats`) and the kernel's input-backlog drops (/proc/net/softnet_stat,
-machine-wide) go into the raw figures (--json), so a loss can be placed.
+machine-wide) go into the raw figures (--json), so a loss can be placed; so do the load
+average at each repetition (load1) and, per agent, what kept its datapath thread out of its C
+loop (agent_loops: the longest GIL wait and time away, the longest GC pass per generation) and
+how often its gateway health changed its mind.
 Every load is bounded in packets and seconds and stays inside the lab's
 namespaces.  /proc/stat counts the whole machine:
 other work running meanwhile is counted too (the load average is printed).
@@ -279,8 +282,20 @@ def _ring_delta(before, after):
     return out
 
 
-def measure(lab, p, agents=None):
+def agent_loops(lab, agents):
+    """{node: what kept its datapath thread out of its C loop, and its gateway-health changes}
+    (`stats`: datapath_loop's GIL wait / time away, python_gc's longest passes)."""
     out = {}
+    for name, st in _agent_stats(lab, agents).items():
+        loop, gc = st.get("datapath_loop") or {}, st.get("python_gc") or {}
+        out[name] = {"gil_wait_max_us": loop.get("gil_wait_max_us"), "away_max_us": loop.get("away_max_us"),
+                     "away_long": loop.get("away_long"), "gc_max_ms": gc.get("max_ms"),
+                     "health_changes": (st.get("gateway_health") or {}).get("changes")}
+    return out
+
+
+def measure(lab, p, agents=None):
+    out = {"load1": os.getloadavg()[0]}
     parts = p["parts"]
     if p.get("ipv6"):  # the IPv6 rows (issue 18), kept in peers_ipv6.py
         import peers_ipv6
@@ -301,6 +316,8 @@ def measure(lab, p, agents=None):
         if agents:
             out["iperf3u_ring_drops"] = _ring_delta(before, ring_counters(lab, agents))
             out["iperf3u_agent_drops"] = _drops_delta(drops, agent_drops(lab, agents))
+    if agents:
+        out["agent_loops"] = agent_loops(lab, agents)
     return out
 
 

@@ -12,12 +12,19 @@ Compiler.set_down):
   `down: [node, ...]`, re-read when it changes);
 - direct probes (Prober): this node sends a small UDP heartbeat to every
   gateway it may use, over the underlay, every `interval` seconds (10 per
-  second by default); a gateway that misses `misses` rounds in a row (3) is
-  down, one that answers `rises` rounds in a row (2) is up again (a pong one
-  round late still counts).  The
-  gateway's agent answers with a Responder: a plain UDP socket on the node IP
-  and HEARTBEAT_PORT.  Nodes start up (as Cilium assumes them): a gateway that
-  is dead when this agent starts is found within `misses` rounds.
+  second by default); a gateway is down when its last `misses` pings (3) are
+  unanswered and the first of them went out `misses` - 1/2 intervals ago or
+  more (0.25 s; counted in time, not in rounds: a round that ran late
+  judges no sooner, and the half round is the time a send takes to come
+  after its round's start),
+  up again when it answers `rises` pings in a row (2).  A late pong counts
+  for its ping, and the socket is read before each judgment, so answers
+  delayed by a loaded prober or gateway, up to those 0.25 s, never mark a
+  gateway down.  The gateway's agent answers with a Responder: a UDP socket
+  on the node IP and HEARTBEAT_PORT served from C with the GIL released (no
+  Python thread of the agent can hold a pong back).  Nodes start up (as
+  Cilium assumes them): a gateway that is dead when this agent starts is
+  found within `misses` rounds.
 
 HEARTBEAT_PORT is UDP 4799, below the NAT port range (32768-65534) and off
 the VXLAN port (8472): the agent's FIB claims (egresscore.agent.host) blackhole
@@ -25,8 +32,8 @@ only VXLAN to the node IP and the NAT range on local addresses, so the
 kernel delivers heartbeats to the responder's socket and the answers to the
 prober's (its source port comes from the kernel's ip_local_port_range, which
 the agent keeps disjoint from the NAT range).  The datapath passes both (not
-VXLAN, below the NAT range): nothing in C is needed, and nothing here runs on
-the datapath thread: the prober and the responder each have their own thread.
+VXLAN, below the NAT range), and nothing here runs on the datapath thread:
+the prober and the responder each have their own thread.
 
 A heartbeat is 16 bytes: b"EGCH", a kind byte (1 ping, 2 pong), 3 zero
 bytes, and a 64-bit round number that the pong echoes.
@@ -44,6 +51,7 @@ import time
 
 import yaml
 
+from ._core import HeartbeatAnswerer
 from .errors import EgressError
 
 __all__ = ["HEARTBEAT_PORT", "FileLiveness", "GatewayHealth", "LivenessError", "LivenessProvider", "Prober",
@@ -130,40 +138,56 @@ class FileLiveness(LivenessProvider):
 
 
 class Prober:
-    """Heartbeats to `targets` ({name: IP}) over one UDP socket, with miss counts.
+    """Heartbeats to `targets` ({name: IP}) over one UDP socket, judged in time.
 
-    round() sends one ping per target and reads the pongs that arrive until
-    the next round; state() says who is down.  The socket is passed in (the
-    agent opens it inside the node's network namespace)."""
+    send() sends one ping per target (round numbers count up); read() takes
+    the pongs waiting on the socket; close_round() judges: a target is down
+    when its last `misses` pings in a row are unanswered and the first of
+    them was sent at least `timeout` seconds ago (GatewayHealth sets it to
+    `misses` - 1/2 of its rounds: 0.25 s by default).  A pong counts for any ping
+    still unanswered, however late it comes (up to KEPT_ROUNDS rounds), and
+    the socket is read before each judgment: a prober or a gateway delayed
+    by a loaded CPU only delays the answers, and a gateway whose answers
+    still come within `timeout` is never marked down; one that is down is up
+    again after `rises` pings in a row answered.  The socket is passed in
+    (the agent opens it inside the node's network namespace)."""
 
-    def __init__(self, sock, *, port=HEARTBEAT_PORT, misses=3, rises=2):
+    KEPT_ROUNDS = 64     # send times kept: a pong later than this many rounds is ignored
+
+    def __init__(self, sock, *, port=HEARTBEAT_PORT, misses=3, rises=2, timeout=None):
         if misses < 1 or rises < 1:
             raise ValueError("misses and rises must be at least 1")
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
         self.sock = sock
         self.sock.setblocking(False)
         self.port = port
         self.misses = misses
         self.rises = rises
+        self.timeout = timeout  # None: set by the GatewayHealth driving it (0 if none)
         self._targets = {}      # name -> ip
         self._by_ip = {}
-        self._miss = {}         # name -> consecutive rounds without a pong
-        self._ok = {}           # name -> consecutive rounds with one
-        self._heard = set()
+        self._answered = {}     # name -> the newest round it answered (a new target: the round it came in)
+        self._streak = {}       # name -> rounds in a row answered, up to that one
+        self._miss = {}         # name -> pings unanswered at the last judgment
+        self._sent_at = {}      # round -> monotonic send time (the last KEPT_ROUNDS)
         self._down = set()
         self._round = 0
-        self.sent = self.received = 0
+        self.sent = self.received = self.late = 0
 
     def set_targets(self, targets):
         """New targets; a new one starts up (as Cilium assumes), a kept one keeps its state."""
         targets = dict(targets)
-        for name in list(self._miss):
+        for name in list(self._answered):
             if name not in targets:
-                self._miss.pop(name, None)
-                self._ok.pop(name, None)
+                for d in (self._answered, self._streak, self._miss):
+                    d.pop(name, None)
                 self._down.discard(name)
         for name in targets:
-            self._miss.setdefault(name, 0)
-            self._ok.setdefault(name, 0)
+            if name not in self._answered:
+                self._answered[name] = self._round
+                self._streak[name] = self.rises
+                self._miss[name] = 0
         self._targets = targets
         self._by_ip = {ip: name for name, ip in targets.items()}
 
@@ -171,32 +195,34 @@ class Prober:
         return frozenset(self._down)
 
     def missed(self, name) -> int:
-        """Rounds in a row `name` has not answered (0 for a node not probed)."""
+        """Pings in a row `name` had not answered at the last judgment (0 for a node not probed)."""
         return self._miss.get(name, 0)
 
-    def close_round(self):
-        """Account the round that ends now: who answered, who missed."""
+    def close_round(self, now=None):
+        """Judge now (monotonic seconds): who is down, who is up again."""
+        now = time.monotonic() if now is None else now
+        timeout = self.timeout or 0.0
         for name in self._targets:
-            if name in self._heard:
-                self._miss[name] = 0
-                self._ok[name] += 1
-                if name in self._down and self._ok[name] >= self.rises:
+            last = self._answered[name]
+            out = self._round - last
+            self._miss[name] = out
+            if name in self._down:
+                if out == 0 and self._streak[name] >= self.rises:
                     self._down.discard(name)
-            else:
-                self._ok[name] = 0
-                self._miss[name] += 1
-                if self._miss[name] >= self.misses:
-                    self._down.add(name)
-        self._heard = set()
+            elif out >= self.misses and now - self._sent_at.get(last + 1, now) >= timeout:
+                self._down.add(name)
+                self._streak[name] = 0
 
-    def send(self):
+    def send(self, now=None):
         self._round += 1
+        self._sent_at[self._round] = time.monotonic() if now is None else now
+        self._sent_at.pop(self._round - self.KEPT_ROUNDS, None)
         ping = _FMT.pack(_MAGIC, _PING, self._round)
         for ip in self._targets.values():
             try:
                 self.sock.sendto(ping, (ip, self.port))
                 self.sent += 1
-            except OSError:     # no route / neighbour yet: counts as a miss
+            except OSError:     # no route / neighbour yet: counts as unanswered
                 pass
 
     def read(self):
@@ -214,21 +240,36 @@ class Prober:
                 continue
             magic, kind, rnd = _FMT.unpack(data)
             name = self._by_ip.get(ip)
-            # a pong of the round before, late on a loaded host, still shows the gateway alive
-            if magic == _MAGIC and kind == _PONG and name is not None and 0 <= self._round - rnd <= 1:
-                self._heard.add(name)
+            if magic != _MAGIC or kind != _PONG or name is None:
+                continue
+            last = self._answered[name]
+            # the answer to a ping still unanswered (a later one than the last answered, not from
+            # the future, not older than the send times kept), however late it comes
+            if last < rnd <= self._round and rnd in self._sent_at:
+                self._streak[name] = self._streak[name] + 1 if rnd == last + 1 else 1
+                self._answered[name] = rnd
                 self.received += 1
+                if rnd < self._round:
+                    self.late += 1
 
 
 class Responder:
-    """Answers heartbeats on (ip, port): each ping goes back as a pong, on its own thread."""
+    """Answers heartbeats on (ip, port): each ping goes back as a pong, on its own thread.
+
+    The thread serves from C with the GIL released (egresscore._core.HeartbeatAnswerer):
+    another thread holding the GIL (a GC pass, a control job) cannot delay a pong."""
 
     def __init__(self, sock, name="egresscore-heartbeat", on_start=None):
         self.sock = sock
-        self.answered = 0
+        self._answerer = HeartbeatAnswerer()
         self.on_start = on_start    # called first on the thread (the agent sets its scheduling)
+        self.error = None           # the errno that ended serving, if the socket failed
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    @property
+    def answered(self):
+        return self._answerer.answered
 
     @staticmethod
     def open_socket(ip, port=HEARTBEAT_PORT):
@@ -246,30 +287,11 @@ class Responder:
         if self.on_start is not None:
             self.on_start()
         self.sock.setblocking(False)
-        poller = select.poll()      # not select(): an agent's process may hold more than 1024 descriptors
-        poller.register(self.sock, select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
-        while True:
-            ready = {fd for fd, _ in poller.poll()}
-            if self._stop_r in ready:
-                return
-            while True:
-                try:
-                    data, addr = self.sock.recvfrom(64)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    if exc.errno in _TRANSIENT:
-                        continue
-                    return
-                if len(data) == _FMT.size:
-                    magic, kind, rnd = _FMT.unpack(data)
-                    if magic == _MAGIC and kind == _PING:
-                        try:
-                            self.sock.sendto(_FMT.pack(_MAGIC, _PONG, rnd), addr)
-                            self.answered += 1
-                        except OSError:
-                            pass
+        rc = self._answerer.serve(self.sock.fileno(), self._stop_r)
+        if rc:
+            self.error = rc
+            print(f"egresscore heartbeat: {self.sock.getsockname()}: {os.strerror(rc)}; no longer answering",
+                  file=sys.stderr, flush=True)
 
     def stop(self):
         if self._stop_w >= 0:
@@ -297,6 +319,11 @@ class GatewayHealth:
         self.prober = prober
         self.liveness = list(liveness)
         self.interval = interval
+        if prober is not None and prober.timeout is None:
+            # `misses` rounds counted in time, less the half round a send may come after its
+            # round's start (at the close of the misses-th round the first one went out just
+            # under misses rounds ago)
+            prober.timeout = (prober.misses - 0.5) * interval
         self._targets = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -374,6 +401,7 @@ class GatewayHealth:
             if poller.poll(left * 1000):
                 p.read()
         if p is not None:
+            p.read()            # a round that ran late (this thread waited for a core or the GIL): the pongs wait here
             p.close_round()
         self.evaluate()
         if time.monotonic() - next_round > 10 * self.interval:   # fell far behind (suspended): resync

@@ -16,6 +16,7 @@ as plain C functions, with no cross-module cimport.  The tree:
   packet/    parse, rewrite, ICMP, VXLAN (IPv4 and IPv6 underlays), the Python
              surface, PacketBatch
   ring/      AF_PACKET TPACKET_V3 rings (PacketRing)
+  health/    heartbeat answers in C, GIL released (HeartbeatAnswerer)
   datapath/  the fused pipeline: shared stages, make-before-break (pins),
              egress (from pods), ingress (from the underlay), the IPv6
              stages (v6), emit, and the Datapath class, over dp_ctx
@@ -43,6 +44,7 @@ include "packet/vxlan6.pyx"
 include "packet/api.pyx"
 include "packet/batch.pyx"
 include "ring/ring.pyx"
+include "health/heartbeat.pyx"
 include "datapath/stages.pyx"
 include "datapath/pins.pyx"
 include "datapath/egress.pyx"

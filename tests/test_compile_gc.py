@@ -126,3 +126,25 @@ def test_overlapping_pauses_restore_the_collector_once_the_last_ends():
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_an_agent_heap_frozen_at_start_is_not_scanned_by_later_passes_and_the_watch_counts_them():
+    """freeze_heap (Agent.run, before the loop): what start-up built leaves generation 2, so a
+    later gen-2 pass (which holds the GIL) does not scan it; not while a build pauses the GC."""
+    from egresscore._gcpause import freeze_heap, gc_paused, gc_watch
+
+    watch = gc_watch()
+    built = [[i] for i in range(10_000)]            # start-up state: containers, no cycles
+    gc.unfreeze()
+    try:
+        with gc_paused():
+            assert freeze_heap() is False and gc.get_freeze_count() == 0
+        assert freeze_heap() is True
+        assert gc.get_freeze_count() >= len(built) and watch.count == [0, 0, 0]   # its own pass not counted
+        gc.collect()
+        assert watch.count[2] == 1 and watch.stats()["frozen"] >= len(built)
+        assert not any(o is built[0] for o in gc.get_objects(2))
+        assert built[0] == [0]                       # still alive, still reachable
+    finally:
+        gc.unfreeze()
+

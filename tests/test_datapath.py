@@ -427,3 +427,18 @@ def test_partial_checksum_is_completed():
     raw[34 + 6:34 + 8] = _pseudo(APP1, OTHER_SERVER, 11, 17).to_bytes(2, "big")
     [(port, out, vh)] = n1.process_frames(bytes(raw), 1, vnet={"flags": 1, "csum_start": 34, "csum_offset": 6})
     assert vh is None and check(out)[IP].src == "192.168.1.1"
+
+
+def test_loop_counters_show_the_time_spent_out_of_the_c_loop():
+    """run()'s loop_counters: how long the thread stayed in Python between two run() calls
+    (control work, the GIL): a 20 ms sleep between them counts as at least 20 ms away."""
+    import time
+
+    dp = Datapath(EGRESS, MAC[EGRESS], EgressMap(), NatTable())
+    dp.run(0.0)
+    c = dp.loop_counters()
+    assert c["away_max_us"] == 0 and c["away_long"] == 0      # one call: never away yet
+    time.sleep(0.02)
+    dp.run(0.0)
+    c = dp.loop_counters()
+    assert c["away_max_us"] >= 20_000 and c["away_long"] >= 1

@@ -6,6 +6,7 @@ own thread; stopping the responder makes its node down after the miss count,
 starting it again brings it back after the rise count.
 """
 import os
+import select
 import socket
 import threading
 import time
@@ -120,48 +121,172 @@ def test_a_bad_liveness_file_at_start_is_an_error_naming_it(tmp_path, text, mess
         FileLiveness(tmp_path / "missing.yaml")
 
 
-def test_prober_ignores_foreign_and_stale_answers():
+def _pong(ping, rnd=None):
+    """The pong a responder would send for `ping` (or for round `rnd`)."""
+    tail = ping[5:] if rnd is None else ping[5:8] + rnd.to_bytes(8, "big")
+    return ping[:4] + b"\x02" + tail
+
+
+def _pending(sock):
+    """Bytes waiting on a socket (FIONREAD)."""
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def test_prober_ignores_foreign_future_and_duplicate_answers():
     port = _free_port()
-    p = _prober(port, misses=1, rises=1)
+    p = _prober(port, misses=1, rises=1, timeout=0)
     p.set_targets({"gw": "127.0.0.1"})
     fake = Responder.open_socket("127.0.0.1", port)
     try:
-        p.send()
+        p.send(now=0.0)
         data, addr = fake.recvfrom(64)
         fake.sendto(b"junk", addr)
-        fake.sendto(data[:4] + b"\x02" + data[5:8] + (999).to_bytes(8, "big"), addr)   # wrong round
+        fake.sendto(_pong(data, 999), addr)                   # a round not sent yet
+        fake.sendto(data, addr)                               # a ping, not a pong
+        assert _wait(lambda: _pending(p.sock) > 0, 2.0)
         time.sleep(0.05)
         p.read()
-        p.close_round()
-        assert p.down() == {"gw"}
-        p.send()
+        p.close_round(now=0.1)
+        assert p.down() == {"gw"} and p.received == 0
+        p.send(now=0.1)
         data, addr = fake.recvfrom(64)
-        fake.sendto(data[:4] + b"\x02" + data[5:], addr)                                 # a true pong
+        fake.sendto(_pong(data), addr)                        # a true pong
+        fake.sendto(_pong(data), addr)                        # and the same again
+        assert _wait(lambda: _pending(p.sock) > 0, 2.0)
         time.sleep(0.05)
         p.read()
-        p.close_round()
-        assert p.down() == frozenset()
-        late = data
-        p.set_targets({"gw": "127.0.0.1"})
-        for _ in range(2):                       # two rounds unanswered but for a late pong of the one before
-            p.send()
-            data, addr = fake.recvfrom(64)
-            fake.sendto(late[:4] + b"\x02" + late[5:], addr)
-            late = data
-            time.sleep(0.05)
-            p.read()
-            p.close_round()
-        assert p.down() == frozenset()
-        p.send()                                 # a pong two rounds old no longer counts
+        p.close_round(now=0.2)
+        assert p.down() == frozenset() and p.received == 1   # the duplicate did not count
+        p.send(now=0.2)
         fake.recvfrom(64)
-        fake.sendto(late[:4] + b"\x02" + (int.from_bytes(late[8:], "big") - 1).to_bytes(8, "big"), addr)
+        fake.sendto(_pong(data), addr)                        # round 2's pong again: round 3 still unanswered
         time.sleep(0.05)
         p.read()
-        p.close_round()
-        assert p.down() == {"gw"}
+        p.close_round(now=0.3)
+        assert p.down() == {"gw"} and p.missed("gw") == 1
     finally:
         fake.close()
         p.sock.close()
+
+
+def _answered_round(p, fake, sent, judged):
+    """One round at time `sent` that `fake` answers; judged at time `judged`."""
+    p.send(now=sent)
+    data, addr = fake.recvfrom(64)
+    fake.sendto(_pong(data), addr)
+    assert _wait(lambda: _pending(p.sock) > 0, 2.0)
+    p.read()
+    p.close_round(now=judged)
+
+
+def test_answers_delayed_within_the_timeout_never_mark_a_gateway_down():
+    """A loaded gateway answers late, a loaded prober reads late: neither is a dead gateway.
+    Time is given to the prober (now=), so the verdicts do not depend on this machine's speed."""
+    port = _free_port()
+    p = _prober(port, misses=3, rises=2, timeout=0.3)
+    p.set_targets({"gw": "127.0.0.1"})
+    fake = Responder.open_socket("127.0.0.1", port)
+    try:
+        pings = []
+        for i in range(3):                                   # 3 rounds of 0.1 s, no answer yet
+            p.send(now=i * 0.1)
+            pings.append(fake.recvfrom(64))
+            p.read()
+            p.close_round(now=i * 0.1 + 0.099)
+            assert p.down() == frozenset(), i                # 3 unanswered, but the first is < 0.3 s old
+        for data, addr in pings:                             # the gateway's answers, 0.15-0.35 s late
+            fake.sendto(_pong(data), addr)
+        assert _wait(lambda: _pending(p.sock) > 0, 2.0)
+        time.sleep(0.05)
+        p.read()
+        p.close_round(now=0.45)
+        assert p.down() == frozenset() and p.missed("gw") == 0 and p.late == 2
+        # the prober's own thread stalls 0.5 s after a send; the pong waited on its socket
+        _answered_round(p, fake, sent=0.5, judged=1.0)
+        assert p.down() == frozenset()
+        # a gateway that stops answering: down once 3 pings are unanswered and the first is 0.3 s old
+        for i in range(3):
+            p.send(now=1.1 + i * 0.1)
+            fake.recvfrom(64)
+        p.close_round(now=1.39)
+        assert p.down() == frozenset()
+        p.close_round(now=1.41)
+        assert p.down() == {"gw"} and p.missed("gw") == 3
+        # up again after `rises` (2) answered pings in a row
+        _answered_round(p, fake, sent=1.5, judged=1.55)
+        assert p.down() == {"gw"}
+        _answered_round(p, fake, sent=1.6, judged=1.65)
+        assert p.down() == frozenset()
+    finally:
+        fake.close()
+        p.sock.close()
+
+
+def test_a_round_that_closes_late_reads_the_pongs_waiting_first():
+    """GatewayHealth's thread that ran late (no core, the GIL held elsewhere) closes its rounds at
+    once to catch up: the pongs that came meanwhile are read before it judges."""
+    port = _free_port()
+    gw = Responder(Responder.open_socket("127.0.0.1", port)).start()
+    changes = []
+    health = GatewayHealth(changes.append, prober=_prober(port, misses=1, rises=1), interval=0.1)
+    assert health.prober.timeout == pytest.approx(0.05)
+    health.prober.set_targets({"gw": "127.0.0.1"})
+    poller = select.poll()
+    poller.register(health.prober.sock, select.POLLIN)
+    try:
+        for _ in range(3):
+            health.prober.send(now=time.monotonic() - 1.0)   # a ping sent a second ago, its pong waiting
+            assert _wait(lambda: _pending(health.prober.sock) > 0, 2.0)
+            health._round(health.prober, poller, time.monotonic() - 1.0)   # a round due a second ago
+            assert health.down == frozenset() and changes == []
+        assert health.prober.received >= 3
+    finally:
+        health.stop()
+        gw.stop()
+
+
+def test_the_responder_answers_while_another_thread_holds_the_gil():
+    """The responder serves from C: pongs go out while this thread holds the GIL in one long C call."""
+    import subprocess
+    import sys
+
+    port = _free_port()
+    gw = Responder(Responder.open_socket("127.0.0.1", port)).start()
+    pinger = subprocess.Popen([sys.executable, "-c", _PINGER, str(port)])
+    try:
+        assert _wait(lambda: gw.answered > 10, 10.0)
+        for _ in range(20):
+            before = gw.answered
+            sum(range(20_000_000))                           # C code that never lets the GIL go
+            if gw.answered > before:
+                break
+        assert gw.answered > before, "no pong while the GIL was held"
+    finally:
+        pinger.kill()
+        pinger.wait()
+        gw.stop()
+
+
+_PINGER = """
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setblocking(False)
+end = time.monotonic() + 60
+n = 0
+while time.monotonic() < end:
+    n += 1
+    s.sendto(struct.pack("!4sB3xQ", b"EGCH", 1, n), ("127.0.0.1", int(sys.argv[1])))
+    try:
+        while s.recv(64):
+            pass
+    except BlockingIOError:
+        pass
+    time.sleep(0.001)
+"""
 
 
 def test_probing_works_in_a_process_holding_more_than_1024_descriptors():

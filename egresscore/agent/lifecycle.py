@@ -12,11 +12,12 @@ An Agent owns, for its node:
 - the fused Datapath and its AF_PACKET rings: one on the underlay interface
   (eth0) and one per local pod veth (`lxc-<pod name>` by default), TPACKET_V2
   so each frame is handed over as it lands (no block timer in the latency);
-  with vnet_hdr the slots are 68 KiB, 32 MiB on the underlay and 16 MiB per
-  pod, room for a TCP sender's burst of 64 KiB super-packets;
+  RX slots of one MTU-sized frame, 32 MiB (16,384 frames) on the underlay and
+  on each pod (egresscore.agent.rings); super-packets come whole through the socket;
   the loop runs in C (Datapath.run: NAT gc every 20 ms in C, naps under
-  dense traffic), back in Python when woken for control work and every
-  poll_ms (1 s) only, so its thread rarely waits for the GIL; the
+  dense traffic), back in Python only when woken for control work (and
+  every poll_ms, 60 s, as a backstop), so its thread rarely waits for the
+  GIL (Datapath.loop_counters: gil_wait_max_us, away_max_us); the
   thread in run() alone is SCHED_FIFO, priority 10 (rt_priority,
   egresscore.agent.sched), so a woken loop does not wait for a core;
 - the host work, on a host thread that lives in the node's namespace
@@ -134,6 +135,7 @@ import time
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .._core import Datapath, EgressMap, NatStateError, NatTable
+from .._gcpause import freeze_heap, gc_watch
 from ..cluster import DEFAULT_CLUSTER_NAME, Cluster, ClusterError, Pod
 from ..compiler import Compiler
 from ..control import default_socket_path
@@ -246,7 +248,7 @@ class Agent:
                  vxlan_port=8472, mtu=1500, nat_port_range=DEFAULT_NAT_PORTS,
                  kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=DEFAULT_NAT_CAPACITY,
                  pod_conn_limit=None,
-                 pod_ifname=_pod_ifname, claim=True, poll_ms=1000, vnet_hdr=True, tunnel_offload=True,
+                 pod_ifname=_pod_ifname, claim=True, poll_ms=60000, vnet_hdr=True, tunnel_offload=True,
                  ring_mode="latency", rx_coalesce_us=DEFAULT_RX_COALESCE_US,
                  nat_timeouts=None, nat_state=True,
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
@@ -261,6 +263,7 @@ class Agent:
         liveness = self._liveness_of(liveness, source, node, gateway_health)
         # the datapath thread's scheduling (egresscore.agent.sched), checked before any work
         self._sched = ThreadSched(rt_priority, cpu, label=f"egresscore agent {node}")
+        gc_watch()  # GC passes counted from the start (stats: python_gc)
         runner = None
         if source is not None:  # the first snapshot is the cluster and policies at start (no file fallback)
             if cluster is not None or policies:
@@ -551,6 +554,7 @@ class Agent:
             "source": self._source_stats.snapshot(),
             "datapath_thread": self._sched.stats(),
             "datapath_loop": self.datapath.loop_counters(),
+            "python_gc": gc_watch().stats(),
         }
         if self.flow_logger is not None:
             out["flow_log"] = self.flow_logger.stats
@@ -729,8 +733,10 @@ class Agent:
             self._spill = chains
 
     def gateway_health(self):
-        """{"enabled", "down", "gateways": [{node, ip, state, why}], "probes"}: what
-        gateway selection passes over now, and why (any thread)."""
+        """{"enabled", "down", "gateways": [{node, ip, state, why}], "probes", "changes"}:
+        what gateway selection passes over now, and why (any thread); probes' late: pongs
+        that came after a later ping had gone out (counted all the same); changes: how
+        often the down set moved."""
         cands = dict(self._candidates)
         if self.health is None:
             rows = [{"node": n, "ip": ip, "state": "up" if n == self.node else "not probed", "why": ""}
@@ -742,9 +748,11 @@ class Agent:
                 r["state"], r["why"] = "up", "this node"
         p = self.health.prober
         return {"enabled": True, "down": sorted(self.compiler.down), "gateways": rows,
-                "probes": {"sent": p.sent, "received": p.received, "interval_s": self.health.interval,
+                "probes": {"sent": p.sent, "received": p.received, "late": p.late,
+                           "interval_s": self.health.interval,
                            "misses": p.misses, "rises": p.rises, "port": p.port,
-                           "answered": self.responder.answered if self.responder else 0}}
+                           "answered": self.responder.answered if self.responder else 0},
+                "changes": self.health.changes}
 
     # -- cluster facts -> datapath ---------------------------------------------------
     # The control thread (under self._control) computes the facts from the
@@ -1191,6 +1199,7 @@ class Agent:
     def run(self):
         """Forward until stop() (or a signal handler calling it); then close()."""
         self._loop_thread = threading.current_thread()
+        freeze_heap()  # later GC passes scan what changes, not the start-up heap (each holds the GIL)
         self._sched.apply()  # SCHED_FIFO / CPU for this thread only (egresscore.agent.sched)
         self.ready.set()
         try:

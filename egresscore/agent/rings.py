@@ -8,15 +8,21 @@ at MTU 1500), so a ring holds thousands of small frames and absorbs the
 burst that piles up while the datapath thread waits for a core; with
 PACKET_VNET_HDR a TSO/GSO super-packet (up to 64 KiB) does not fit and
 arrives whole through the socket instead (PacketRing rx_copy_size).  The
-underlay gets 32 MiB (16,384 slots with vnet_hdr, 68 ms at 240 kpps of
-64-byte frames), each pod veth 16 MiB (8,192), the tunnel offload device a
-TX ring only.
+underlay and each pod veth get 32 MiB (16,384 slots with vnet_hdr: 164 ms
+of a 100 kpps stream, 68 ms at 240 kpps of 64-byte frames), the tunnel
+offload device a TX ring only.  Why that much: a datapath thread at
+SCHED_FIFO can still be kept off both cores for 50-100 ms (the kernel's fair
+server runs starved normal tasks for up to 50 ms of every second on a CPU
+full of real-time work; measured: node1's pod ring of 8,192 slots overflowed
+in an 86 ms gap under a paced 100 kpps stream).  The cost: 32 MiB of kernel
+memory per pod ring (rx_slots() says how many frames a ring holds).
 """
 from .._core import PacketRing
 
 RING_MODES = ("latency", "batch")  # RX rings: TPACKET_V2 slots / TPACKET_V3 blocks
 DEFAULT_RX_COALESCE_US = 100  # the loop's nap under dense traffic (Datapath.rx_coalesce_us)
 SUPER_PACKET = 69632  # a 64 KiB GSO super-packet, its headers and virtio_net_hdr
+UNDERLAY_BLOCKS = POD_BLOCKS = 32  # RX blocks per ring (1 MiB each with vnet_hdr)
 
 
 class RingPlan:
@@ -38,13 +44,18 @@ class RingPlan:
         else:
             self.options["retire_ms"] = 1
 
+    def rx_slots(self, kind):
+        """Frames an RX ring of `kind` ("underlay" or "pod") holds (latency mode: one per slot)."""
+        blocks = {"underlay": UNDERLAY_BLOCKS, "pod": POD_BLOCKS}[kind]
+        return blocks * self.options["block_size"] // self.options.get("rx_frame_size", self.options["block_size"])
+
     def underlay(self, ifname):
         """The underlay's RX/TX ring (eth0): VXLAN, SNATed traffic and replies."""
-        return PacketRing(ifname, ignore_outgoing=True, block_count=32, tx_frames=128, **self.options)
+        return PacketRing(ifname, ignore_outgoing=True, block_count=UNDERLAY_BLOCKS, tx_frames=128, **self.options)
 
     def pod(self, ifname):
         """A pod veth's RX/TX ring."""
-        return PacketRing(ifname, ignore_outgoing=True, block_count=16, tx_frames=64, **self.options)
+        return PacketRing(ifname, ignore_outgoing=True, block_count=POD_BLOCKS, tx_frames=64, **self.options)
 
     def tunnel(self, ifname):
         """The TX ring on the tunnel offload device (egresscore.agent.tunnel): super-packets whole."""

@@ -172,4 +172,6 @@ cdef class Datapath:
     cdef readonly LPMTrie local_pods6   # local pod IPv6 /128 -> port
     cdef uint64_t nap_ns                # run(): nap under dense traffic (rx_coalesce_us)
     cdef uint64_t loop_polls, loop_wakeups, loop_naps, loop_naps_empty, loop_batches
+    cdef uint64_t loop_left_ns          # run(): when the C loop last ended (0: never)
+    cdef uint64_t loop_gil_max_ns, loop_away_max_ns, loop_away_long
     cdef Py_ssize_t dp_run(self, uint64_t ns, int wake_fd) noexcept nogil

@@ -74,6 +74,7 @@ cdef extern from "<time.h>" nogil:
 cdef enum:
     DP_GC_SCAN = 1024           # connections one gc pass examines at most
     DP_GC_EVERY_NS = 20000000   # run() does a gc pass itself this often (20 ms)
+    DP_AWAY_LONG_NS = 10000000  # loop_counters() away_long: out of the C loop longer than this (10 ms)
 
 DP_GC_BUDGET = DP_GC_SCAN     # Datapath.gc's default
 
@@ -704,10 +705,21 @@ cdef class Datapath:
         write to wake_fd ends the call within one such pass (20 ms) even
         when frames keep the loop from ever reaching poll()."""
         cdef Py_ssize_t n
+        cdef uint64_t t
         if not 0 <= seconds <= 3600:
             raise ValueError(f"seconds must be in 0..3600, not {seconds!r}")
+        if self.loop_left_ns:
+            t = dp_now() - self.loop_left_ns        # out of the C loop since it last ended
+            if t > self.loop_away_max_ns:
+                self.loop_away_max_ns = t
+            if t > DP_AWAY_LONG_NS:
+                self.loop_away_long += 1
         with nogil:
             n = self.dp_run(<uint64_t>(seconds * 1e9), wake_fd)
+            self.loop_left_ns = dp_now()
+        t = dp_now() - self.loop_left_ns            # waiting for the GIL to come back to Python
+        if t > self.loop_gil_max_ns:
+            self.loop_gil_max_ns = t
         return n
 
     @property
@@ -726,11 +738,17 @@ cdef class Datapath:
         """run()'s own counters: {'polls': poll() waits, 'wakeups': those
         that returned with a ring ready, 'naps': timed naps under dense
         traffic, 'naps_empty': naps that found nothing (each one ends a dense
-        stretch), 'batches': passes over the rings that found frames}.  TX
+        stretch), 'batches': passes over the rings that found frames,
+        'gil_wait_max_us': the longest wait for the GIL when the C loop
+        ended, 'away_max_us': the longest time out of the C loop between two
+        run() calls (GIL wait and Python work), 'away_long': such times over
+        10 ms}.  TX
         kicks are one sendto() per ring per pass: frames per kick is a TX
         ring's tx_frames / tx_flushes (PacketRing.stats)."""
         return {"polls": self.loop_polls, "wakeups": self.loop_wakeups, "naps": self.loop_naps,
-                "naps_empty": self.loop_naps_empty, "batches": self.loop_batches}
+                "naps_empty": self.loop_naps_empty, "batches": self.loop_batches,
+                "gil_wait_max_us": self.loop_gil_max_ns // 1000, "away_max_us": self.loop_away_max_ns // 1000,
+                "away_long": self.loop_away_long}
 
     cdef Py_ssize_t dp_run(self, uint64_t ns, int wake_fd) noexcept nogil:
         cdef _dp_pollfd fds[DP_MAX_PORTS + 1]
