@@ -141,7 +141,8 @@ def main():
                 runs[n, p].append(setups[n].run(p, args.loops))
         load.append(os.getloadavg()[0])
     print(f"\n### Datapath workers, in memory (process_batch per worker thread, {args.flows:,} flows "
-          f"x {args.loops} passes, median of {args.reps} interleaved reps; load average {min(load):.2f}-{max(load):.2f} "
+          f"x {args.loops} passes, median of {args.reps} interleaved reps; "
+          f"load average {min(load):.2f}-{max(load):.2f} "
           f"on {os.cpu_count()} CPUs)\n")
     print("| path | workers | frames per worker | Mpps (wall) | CPU ns/frame | vs 1 worker |")
     print("|---|---:|---|---:|---:|---:|")

@@ -9,8 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egresscore._bpf import bpf_run
-from egresscore._steer import (steer_hash, steer_pod, steer_pod_model, steer_slice, steer_underlay,
-                               steer_underlay_model, worker_slices)
+from egresscore._steer import (
+    steer_hash,
+    steer_pod,
+    steer_pod_model,
+    steer_slice,
+    steer_underlay,
+    steer_underlay_model,
+    worker_slices,
+)
 
 scapy = pytest.importorskip("scapy.all")
 Ether, IP, UDP, TCP, ICMP, IPv6 = scapy.Ether, scapy.IP, scapy.UDP, scapy.TCP, scapy.ICMP, scapy.IPv6
