@@ -1232,11 +1232,16 @@ class Agent:
                 self._reload_thread = threading.Thread(target=self._reload_on_signal, daemon=True,
                                                        name=f"egresscore-reload-{self.node}")
                 self._reload_thread.start()
+        dp = self.datapath
+        if self._parking is not None:
+            dp = dp.members[0]  # run() with workers: this thread drives worker 0 only, the others their own
+        elif self.workers > 1:
+            timeout = 0         # step() driven by the caller: one batch per ring of every worker, in turn
         if timeout > 0:
-            n = self.datapath.run(timeout, self._wake_r)
+            n = dp.run(timeout, self._wake_r)
         else:
-            n = self.datapath.poll()
-        self.datapath.gc()  # bounded NAT expiry work, pure C, every return (run() does it every 20 ms too)
+            n = dp.poll()
+        dp.gc()  # bounded NAT expiry work, pure C, every return (run() does it every 20 ms too)
         return n
 
     def run(self):

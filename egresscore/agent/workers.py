@@ -149,7 +149,15 @@ class DatapathGroup:
         return sum(self._all("flush_gateway", ip))
 
     def gc(self, *a, **kw):
+        """Every member's (only when no worker thread runs them: Agent.step() without run())."""
         return sum(self._all("gc", *a, **kw))
+
+    def run(self, *a, **kw):
+        raise TypeError("DatapathGroup.run: each worker's thread runs its own Datapath (members[k].run)")
+
+    def poll(self, *a, **kw):
+        """One batch per ring of every member in turn (as gc)."""
+        return sum(self._all("poll", *a, **kw))
 
     @property
     def rx_coalesce_us(self):
