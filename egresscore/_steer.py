@@ -148,25 +148,27 @@ def _ind(a, size, off):
     a.emit(LD | size | IND, 0, 0, SKF_LL_OFF + off)
 
 
+def _facts(a, proto_off, src_off, family):
+    """M[0] = the protocol byte at proto_off, M[1] = the address word at src_off, M[3] = family."""
+    for size, off, slot in ((B, proto_off, 0), (W, src_off, 1)):
+        _ind(a, size, off)
+        a.emit(ST, 0, 0, slot)
+    a.emit(LD | IMM, 0, 0, family)
+    a.emit(ST, 0, 0, 3)
+
+
 def _parse(a, p):
     """X: the current frame's start (relative to the outer one).  Leaves
-    M[0] = protocol, M[1] / M[2] = source / destination address word,
-    M[3] = family and X such that the L4 header is at X + 14; jumps to
-    `p + "other"` for what it does not follow."""
+    M[0] = protocol, M[1] = source address word (the low 32 bits), M[3] =
+    family and X such that the L4 header is at X + 14; anything else
+    returns 0 (label "zero")."""
     _ind(a, H, 12)
     a.emit(JMP | JEQ | K, p + "v4", 0, 0x0800)
     a.emit(JMP | JEQ | K, p + "v6", "zero", 0x86DD)
     a.label(p + "v4")
     _ind(a, H, 20)
     a.emit(JMP | JSET | K, "zero", 0, 0x1FFF)       # a later fragment: no ports
-    _ind(a, B, 23)
-    a.emit(ST, 0, 0, 0)
-    _ind(a, W, 26)
-    a.emit(ST, 0, 0, 1)
-    _ind(a, W, 30)
-    a.emit(ST, 0, 0, 2)
-    a.emit(LD | IMM, 0, 0, _V4)
-    a.emit(ST, 0, 0, 3)
+    _facts(a, 23, 26, _V4)
     _ind(a, B, 14)
     a.emit(ALU | AND | K, 0, 0, 0x0F)
     a.emit(ALU | LSH | K, 0, 0, 2)
@@ -174,14 +176,7 @@ def _parse(a, p):
     a.emit(MISC | TAX)
     a.goto(p + "l4")
     a.label(p + "v6")
-    _ind(a, B, 20)
-    a.emit(ST, 0, 0, 0)
-    _ind(a, W, 34)
-    a.emit(ST, 0, 0, 1)
-    _ind(a, W, 50)
-    a.emit(ST, 0, 0, 2)
-    a.emit(LD | IMM, 0, 0, _V6)
-    a.emit(ST, 0, 0, 3)
+    _facts(a, 20, 34, _V6)
     a.emit(MISC | TXA)
     a.emit(ALU | ADD | K, 0, 0, 40)
     a.emit(MISC | TAX)
