@@ -242,6 +242,13 @@ class Agent:
     never forwards it).  underlay6: VXLAN between the nodes over their IPv6
     addresses (every node needs one; no tunnel offload); default IPv4, as
     Cilium.  See docs/ipv6-datapath.md.
+    workers: datapath threads (default 1), each with its own rings (one
+    cBPF fanout group per interface), Datapath and NAT table over a slice of
+    nat_port_range and nat_capacity / workers connections; replies are
+    steered to the worker owning their port, a pod's traffic by its (IP,
+    port) (egresscore.agent.workers, egresscore._steer).  rt_priority
+    applies to every worker, cpu pins worker 0 only; not with
+    stateful_failover.
     """
 
     def __init__(self, node, cluster=None, policies=(), *, netns=None, underlay="eth0", vni=2,
