@@ -140,3 +140,33 @@ def test_group_sums_counters_and_writes_every_member():
     assert g.counters()["rx"] == 2 and g.counters()["drops"] == {"no_nat_entry": 2}
     use = nat.port_usage()["192.168.1.3"]["udp"]
     assert use == (0, NAT[1] - NAT[0] + 1)
+
+
+def test_bad_worker_counts_are_refused_before_anything_starts():
+    import pytest
+
+    from egresscore import Agent
+    from egresscore.cli import main
+
+    for bad in (0, 65, True, "2"):
+        with pytest.raises(ValueError, match="workers must be an integer in 1..64"):
+            Agent("node1", None, (), workers=bad)
+    with pytest.raises(ValueError, match="stateful_failover replicates one NAT table"):
+        Agent("node1", None, (), workers=2, stateful_failover=True)
+    with pytest.raises(SystemExit):
+        main(["agent", "--node", "node1", "--cluster", "x.yaml", "--workers", "0"])
+
+
+def test_state_files_of_another_worker_count_are_set_aside(tmp_path, capsys):
+    from egresscore.agent.workers import worker_state_paths
+
+    base = str(tmp_path / "node3.nat")
+    for name in ("node3.nat", "node3.0of3.nat", "node3.1of2.nat"):
+        (tmp_path / name).write_bytes(b"x")
+    assert worker_state_paths(base, 2, "t") == [str(tmp_path / "node3.0of2.nat"), str(tmp_path / "node3.1of2.nat")]
+    err = capsys.readouterr().err
+    assert err.count("saved by an agent with another worker count") == 2
+    assert (tmp_path / "node3.1of2.nat").exists()                  # this count's own: adopted
+    assert (tmp_path / "node3.nat.other-workers").exists() and not (tmp_path / "node3.nat").exists()
+    assert (tmp_path / "node3.0of3.nat.other-workers").exists()
+    assert worker_state_paths(None, 2, "t") == [None, None]
