@@ -82,56 +82,27 @@ typedef struct {
  * reader that might still hold the old pointer has left; only then is the
  * old table freed.  Readers never block; the writer spins with sched_yield.
  */
-/* The reader counters are striped over LPM_RCU_SLOTS cache lines, one per
- * reader thread (a thread's slot is taken once, from a global counter;
- * threads beyond LPM_RCU_SLOTS share slots, which stays correct): datapath
- * workers reading one egress map each count on a line of their own instead
- * of bouncing one line between their cores twice per lookup. */
-#define LPM_RCU_SLOTS 8
 typedef struct {
-    uint64_t n[2];
-    char pad[64 - 2 * sizeof(uint64_t)];
-} lpm_rcu_slot;
-
-typedef struct {
+    uint64_t readers[2];
     uint64_t epoch;
-    char pad[64 - sizeof(uint64_t)];
-    lpm_rcu_slot slot[LPM_RCU_SLOTS];
+    char pad[64 - 3 * sizeof(uint64_t)];
 } lpm_rcu;
-
-static unsigned lpm_rcu_next_slot;
-static __thread unsigned lpm_rcu_my_slot;   /* 0: not taken yet; else slot + 1 */
-
-static inline lpm_rcu_slot *lpm_rcu_mine(lpm_rcu *r) {
-    unsigned s = lpm_rcu_my_slot;
-    if (__builtin_expect(s == 0, 0)) {
-        s = __atomic_fetch_add(&lpm_rcu_next_slot, 1, __ATOMIC_RELAXED) % LPM_RCU_SLOTS + 1;
-        lpm_rcu_my_slot = s;
-    }
-    return &r->slot[s - 1];
-}
 
 static inline unsigned lpm_rcu_enter(lpm_rcu *r) {
     unsigned idx = (unsigned)(__atomic_load_n(&r->epoch, __ATOMIC_ACQUIRE) & 1);
-    __atomic_fetch_add(&lpm_rcu_mine(r)->n[idx], 1, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&r->readers[idx], 1, __ATOMIC_SEQ_CST);
     return idx;
 }
 
 static inline void lpm_rcu_exit(lpm_rcu *r, unsigned idx) {
-    __atomic_fetch_sub(&lpm_rcu_mine(r)->n[idx], 1, __ATOMIC_RELEASE);
-}
-
-static inline uint64_t lpm_rcu_count(lpm_rcu *r, unsigned idx) {
-    uint64_t n = 0;
-    for (int i = 0; i < LPM_RCU_SLOTS; i++)
-        n += __atomic_load_n(&r->slot[i].n[idx], __ATOMIC_SEQ_CST);
-    return n;
+    __atomic_fetch_sub(&r->readers[idx], 1, __ATOMIC_RELEASE);
 }
 
 /* Readers inside a section now (both counters): 0 whenever no reader is in
  * one; a leaked section would keep it above 0 and lpm_rcu_sync spinning. */
 static inline uint64_t lpm_rcu_readers(lpm_rcu *r) {
-    return lpm_rcu_count(r, 0) + lpm_rcu_count(r, 1);
+    return __atomic_load_n(&r->readers[0], __ATOMIC_SEQ_CST) +
+           __atomic_load_n(&r->readers[1], __ATOMIC_SEQ_CST);
 }
 
 static void lpm_rcu_sync(lpm_rcu *r) {
@@ -140,7 +111,7 @@ static void lpm_rcu_sync(lpm_rcu *r) {
     for (round = 0; round < 2; round++) {
         uint64_t e = __atomic_load_n(&r->epoch, __ATOMIC_SEQ_CST);
         __atomic_store_n(&r->epoch, e + 1, __ATOMIC_SEQ_CST);
-        while (lpm_rcu_count(r, (unsigned)(e & 1)) != 0)
+        while (__atomic_load_n(&r->readers[e & 1], __ATOMIC_SEQ_CST) != 0)
             sched_yield();
     }
 }
