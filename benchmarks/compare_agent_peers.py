@@ -48,6 +48,10 @@ Needs root and trafgen, iperf3, ping, nft (Debian: netsniff-ng iperf3
 iputils-ping nftables); says which package is missing and exits 2 otherwise.
     python benchmarks/compare_agent_peers.py [--quick] [--reps N] [--json FILE]
         [--only flood,tcp,ping,paced] [--agent-args "ARGS"] [--also "ARGS"]... [--ipv6]
+        [--workers 1,2]
+
+--workers 1,2 measures the agents with one datapath worker and with two
+(agent --workers 2: a second column in the same repetitions).
 """
 import argparse
 import contextlib
@@ -456,6 +460,16 @@ def _parts(text):
     return parts
 
 
+def _workers(text):
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or not all(1 <= n <= 64 for n in counts):
+        raise argparse.ArgumentTypeError(f"worker counts 1..64, comma-separated, expected, not {text!r}")
+    return counts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one short repetition of each measurement")
@@ -474,7 +488,15 @@ def main(argv=None):
                              "below the agents' datapath threads at 10)")
     parser.add_argument("--ipv6", action="store_true",
                         help="a dual-stack lab and IPv6 rows beside the IPv4 ones (benchmarks/peers_ipv6.py)")
+    parser.add_argument("--workers", metavar="N[,N...]", type=_workers, default=None,
+                        help="the agents' datapath worker counts (agent --workers): the first on the egresscore "
+                             "side, each further one an --also column, e.g. 1,2")
     args = parser.parse_args(argv)
+    if args.workers:
+        first, *more = args.workers
+        if first != 1:
+            args.agent_args = [*args.agent_args, "--workers", str(first)]
+        args.also = [[*args.agent_args, "--workers", str(n)] for n in more] + args.also
     reason = skip_reason()
     if reason:
         print(f"compare_agent_peers: {reason}", file=sys.stderr)

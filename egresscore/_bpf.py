@@ -25,6 +25,8 @@ ADD, SUB, MUL, DIV, OR, AND, LSH, RSH, NEG, MOD, XOR = (
 TAX, TXA = 0x00, 0x80
 
 SKF_AD_OFF = 0xFFFFF000  # -0x1000 as u32: ancillary data loads
+SKF_NET_OFF = 0xFFF00000  # -0x100000: loads relative to the network header (14 on Ethernet)
+SKF_LL_OFF = 0xFFE00000  # -0x200000: loads relative to the link-layer header
 SKF_AD_PKTTYPE = 4
 PACKET_OUTGOING = 4
 ACCEPT = 0x40000  # snap length returned on a match (262144, as tcpdump)
@@ -162,9 +164,11 @@ def bpf_all(*progs):
     return _combine(progs, keep_drop=True)
 
 
-def bpf_run(prog, frame, pkttype=0):
-    """Run a classic BPF program on frame (bytes) like the kernel: returns
-    the accepted length (0: dropped).  A test oracle, not a fast path."""
+def bpf_run(prog, frame, pkttype=0, fanout=False):
+    """Run a classic BPF program on frame (bytes, Ethernet) like the kernel:
+    returns the accepted length (0: dropped), or with fanout=True the value
+    returned as is (a fanout program's member index).  A test oracle, not a
+    fast path."""
     a = x = 0
     mem = [0] * 16
     n = len(frame)
@@ -175,6 +179,10 @@ def bpf_run(prog, frame, pkttype=0):
             if off - SKF_AD_OFF == SKF_AD_PKTTYPE:
                 return pkttype
             raise ValueError(f"ancillary load {off - SKF_AD_OFF} not supported")
+        if off >= SKF_NET_OFF:
+            off = off - SKF_NET_OFF + 14
+        elif off >= SKF_LL_OFF:
+            off -= SKF_LL_OFF
         if off + size > n:
             return None
         return int.from_bytes(frame[off:off + size], "big")
@@ -229,7 +237,7 @@ def bpf_run(prog, frame, pkttype=0):
             pc += jt if cond else jf
         elif cls == RET:
             v = a if (code & 0x18) == A else k
-            return min(v, n)
+            return v if fanout else min(v, n)
         elif cls == MISC:
             if (code & 0xF8) == TAX:
                 x = a

@@ -13,6 +13,7 @@ import json
 import sys
 
 from . import show
+from ._steer import MAX_WORKERS, check_workers
 from .errors import EgressError
 from .files import MAX_INPUT_BYTES
 
@@ -313,7 +314,7 @@ def _cmd_agent(args):
                       make_before_break=args.make_before_break,
                       pin_capacity=args.pin_capacity or DEFAULT_PIN_CAPACITY,
                       rt_priority=DEFAULT_RT_PRIORITY if args.rt_priority is None else args.rt_priority,
-                      cpu=args.cpu, ipv6=not args.no_ipv6, underlay6=args.underlay6)
+                      cpu=args.cpu, ipv6=not args.no_ipv6, underlay6=args.underlay6, workers=args.workers)
     except (AgentError, PermissionError, EgressError) as exc:
         raise CLIError(str(exc)) from None
     signal.signal(signal.SIGINT, lambda *a: agent.stop())
@@ -439,6 +440,14 @@ def _coalesce_us(text):
     return v
 
 
+def _workers(text):
+    """An argparse type for --workers: datapath threads 1..MAX_WORKERS."""
+    try:
+        return check_workers(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a worker count 1..{MAX_WORKERS} expected, not {text!r}") from None
+
+
 def _seconds(text):
     """An argparse type: a positive number of seconds (at most 60)."""
     try:
@@ -555,6 +564,11 @@ def _add_agent(sub):
                         "idle, and kernel.sched_rt_runtime_us bounds it; not permitted: one line, normal priority")
     a.add_argument("--cpu", type=_sched_arg("cpu"), metavar="N",
                    help="pin the datapath thread to CPU N (default: not pinned)")
+    a.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="datapath threads (default 1), each with its own rings (a fanout group per "
+                        "interface) and NAT table over a slice of the NAT port range; replies are steered "
+                        "to the owner of their port, a pod's traffic by its (IP, port); not with "
+                        "--stateful-failover")
     a.set_defaults(func=_cmd_agent)
 
 

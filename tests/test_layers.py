@@ -20,7 +20,7 @@ PKG = os.path.join(ROOT, "egresscore")
 
 # bottom to top; "lab" is beside the library, see the module docstring
 LAYERS = {
-    0: ["errors", "types", "files", "verdicts", "_netns", "_bpf", "_natref", "_core", "_gcpause"],
+    0: ["errors", "types", "files", "verdicts", "_netns", "_bpf", "_steer", "_natref", "_core", "_gcpause"],
     1: ["policy", "cluster", "inputs", "compiler"],
     2: ["flowlog", "metrics", "control", "sources", "health", "replication", "policystats"],
     3: ["agent"],

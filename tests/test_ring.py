@@ -451,3 +451,36 @@ def test_forward_in_c_bounces_frames_back(pair):
             moved += bounce.forward(bounce, timeout=0.05)
         assert moved == len(frames)
         assert collect(a, len(frames)) == frames
+
+
+def test_cbpf_fanout_steers_as_the_program_says(pair):
+    """PACKET_FANOUT_CBPF with the workers' underlay program (egresscore._steer): the
+    kernel delivers each frame to the member the Python model names (loads relative
+    to the link-layer header work on a real skb), members indexed in joining order;
+    a kernel-picked group id ("unique") is joined by the second member."""
+    from egresscore._steer import steer_underlay, steer_underlay_model, worker_slices
+    nat = (32768, 65534)
+    prog = steer_underlay(2, nat)
+    with rx_ring(pair, fanout="unique", fanout_mode="cbpf", fanout_prog=prog) as r0:
+        gid = r0.fanout_group
+        assert gid is not None
+        with rx_ring(pair, fanout=gid, fanout_mode="cbpf", fanout_prog=prog) as r1:
+            assert r1.fanout_group == gid
+            eth = scapy.Ether(src=pair["ma"], dst=pair["mb"])
+            frames = []
+            for (lo, hi) in worker_slices(*nat, 2):
+                for port in (lo, hi, (lo + hi) // 2):
+                    frames.append(bytes(eth / scapy.IP(src="203.0.113.10", dst="192.168.1.100")
+                                        / scapy.TCP(sport=80, dport=port)))
+            for sport in range(1000, 1016):  # VXLAN from a source node: by the inner source
+                inner = scapy.Ether() / scapy.IP(src="10.0.1.93", dst="203.0.113.10") / scapy.UDP(sport=sport)
+                frames.append(bytes(eth / scapy.IP(src="192.168.1.1", dst="192.168.1.100")
+                                    / scapy.UDP(sport=50000, dport=8472) / scapy.VXLAN(vni=2) / inner))
+            with tx_ring(pair) as tx:
+                tx.send(frames)
+            g0 = collect(r0, len(frames), timeout=0.5)
+            g1 = collect(r1, len(frames), timeout=0.5)
+    want0 = [f for f in frames if steer_underlay_model(f, 2, nat) == 0]
+    want1 = [f for f in frames if steer_underlay_model(f, 2, nat) == 1]
+    assert want0 and want1
+    assert sorted(g0) == sorted(want0) and sorted(g1) == sorted(want1)

@@ -134,8 +134,9 @@ import time
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .._core import Datapath, EgressMap, NatStateError, NatTable
+from .._core import Datapath, EgressMap, NatStateError
 from .._gcpause import freeze_heap, gc_watch
+from .._steer import check_workers
 from ..cluster import DEFAULT_CLUSTER_NAME, Cluster, ClusterError, Pod
 from ..compiler import Compiler
 from ..control import default_socket_path
@@ -159,6 +160,7 @@ from .rings import DEFAULT_RX_COALESCE_US, RING_MODES, RingPlan
 from .sched import DEFAULT_RT_PRIORITY, ThreadSched
 from .services import start_services
 from .tunnel import TunnelDevice
+from .workers import DatapathGroup, Parking, WorkerRings, make_nat
 
 DEFAULT_NAT_PORTS = (32768, 65534)
 # Connections the NAT table holds: a gateway's worth.  126 bytes each
@@ -242,6 +244,13 @@ class Agent:
     never forwards it).  underlay6: VXLAN between the nodes over their IPv6
     addresses (every node needs one; no tunnel offload); default IPv4, as
     Cilium.  See docs/ipv6-datapath.md.
+    workers: datapath threads (default 1), each with its own rings (one
+    cBPF fanout group per interface), Datapath and NAT table over a slice of
+    nat_port_range and nat_capacity / workers connections; replies are
+    steered to the worker owning their port, a pod's traffic by its (IP,
+    port) (egresscore.agent.workers, egresscore._steer).  rt_priority
+    applies to every worker, cpu pins worker 0 only; not with
+    stateful_failover.
     """
 
     def __init__(self, node, cluster=None, policies=(), *, netns=None, underlay="eth0", vni=2,
@@ -257,7 +266,10 @@ class Agent:
                  heartbeat_port=HEARTBEAT_PORT, source=None, source_timeout=10.0,
                  label_filter=None, cluster_name=DEFAULT_CLUSTER_NAME, stateful_failover=False,
                  replication_port=REPLICATION_PORT, make_before_break=False, pin_capacity=DEFAULT_PIN_CAPACITY,
-                 rt_priority=DEFAULT_RT_PRIORITY, cpu=None, ipv6=True, underlay6=False):
+                 rt_priority=DEFAULT_RT_PRIORITY, cpu=None, ipv6=True, underlay6=False, workers=1):
+        self.workers = check_workers(workers)
+        if workers > 1 and stateful_failover:
+            raise ValueError("stateful_failover replicates one NAT table: not with workers > 1 (yet)")
         if not isinstance(rx_coalesce_us, int) or not 0 <= rx_coalesce_us <= 1000:
             raise ValueError(f"rx_coalesce_us must be an integer in 0..1000, not {rx_coalesce_us!r}")
         liveness = self._liveness_of(liveness, source, node, gateway_health)
@@ -344,6 +356,8 @@ class Agent:
         self._vxlan_port = vxlan_port
         self._rings_plan = RingPlan(vnet_hdr=vnet_hdr, mtu=mtu, ring_mode=ring_mode)
         self.vnet_hdr = self._rings_plan.vnet_hdr
+        if self.workers > 1:  # a ring per worker on every interface, in one cBPF fanout group
+            self._rings_plan = WorkerRings(self._rings_plan, self.workers, self.nat_port_range, vxlan_port)
         self.ring_mode = ring_mode
         self._pod_ifname = pod_ifname
         self._init_state()
@@ -369,9 +383,10 @@ class Agent:
             self._underlay_index, self.node_mac, local = host.underlay_index, host.node_mac, host.local_ips
             self.egress_map = EgressMap()
             try:
-                self.nat = NatTable(capacity=nat_capacity, port_range=self.nat_port_range, timeouts=nat_timeouts,
-                                    per_source_limit=pod_conn_limit,
-                                    state_path=nat_state_path(node, netns, nat_state))
+                # one table, or one per worker over its slice of the port range (egresscore.agent.workers)
+                self.nat = make_nat(self.workers, self.nat_port_range, nat_state_path(node, netns, nat_state),
+                                    f"egresscore agent {node}", capacity=-(-nat_capacity // self.workers),
+                                    timeouts=nat_timeouts, per_source_limit=pod_conn_limit)
             except NatStateError as exc:   # held by another process, or not creatable
                 raise AgentError(str(exc)) from None
             if self.nat.state is not None:
@@ -381,9 +396,11 @@ class Agent:
             self._local_ips = set(local)
             self.node_ip6 = self._ipv6_facts(cluster, families, host.local_ips6)
             self.underlay6 = bool(families["underlay6"])
-            self.datapath = Datapath(self.node_ip, self.node_mac, self.egress_map, self.nat, vni=vni,
-                                     vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range,
-                                     node_ip6=self.node_ip6, underlay6=self.underlay6)
+            dps = [Datapath(self.node_ip, self.node_mac, self.egress_map, nat, vni=vni,
+                            vxlan_port=vxlan_port, mtu=mtu, nat_port_range=self.nat_port_range,
+                            node_ip6=self.node_ip6, underlay6=self.underlay6)
+                   for nat in (self.nat.members if self.workers > 1 else [self.nat])]
+            self.datapath = DatapathGroup(dps) if self.workers > 1 else dps[0]
             if health["make_before_break"]:
                 self.datapath.set_make_before_break(True, capacity=health["pin_capacity"])
             self.compiler = Compiler(cluster, policies, node=node, egress_map=self.egress_map, **identity)
@@ -474,6 +491,8 @@ class Agent:
         self._tunnel = None
         self.tunnel_error = None  # why the tunnel offload is off, when it was asked for
         self._wake_r = self._wake_w = -1  # the wake pipe, made with the rings
+        self._worker_wakes = []        # workers 1..N-1: their wake pipes (read end, write end)
+        self._parking = None           # run() with workers: where workers 1..N-1 wait for control writes
         self._services = []            # how to stop the services (egresscore.agent.services), in start order
         self._control = threading.RLock()  # one control change at a time, on the thread that makes it
         self._node_rows = {}           # loop thread: node name -> (IPv4, pod CIDRs, IPv6) in the datapath
@@ -505,6 +524,7 @@ class Agent:
         self._rings.append(ring)
         # written to by control changes and stop(): the datapath's C loop returns at once
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._worker_wakes = [os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for _ in range(self.workers - 1)]
         self.datapath.attach_ring(0, ring)
 
     def _start_forwarding(self, claim):
@@ -555,6 +575,8 @@ class Agent:
             "datapath_thread": self._sched.stats(),
             "datapath_loop": self.datapath.loop_counters(),
             "python_gc": gc_watch().stats(),
+            "workers": (self.datapath.worker_counters() if self.workers > 1
+                        else [{"rx": c["rx"], **self.datapath.loop_counters()}]),
         }
         if self.flow_logger is not None:
             out["flow_log"] = self.flow_logger.stats
@@ -1079,6 +1101,39 @@ class Agent:
         except OSError:  # full (a wake-up is pending anyway) or closed
             pass
 
+    def _wake_workers(self):
+        """Workers 1..N-1 out of their C loop (to park, or to stop)."""
+        for _, w in self._worker_wakes:
+            try:
+                os.write(w, b"\0")
+            except OSError:
+                pass
+
+    def _worker_loop(self, k, parking):
+        """Worker k's thread (k >= 1): its own Datapath's C loop, parked while worker 0 writes."""
+        dp, wake_r = self.datapath.members[k], self._worker_wakes[k - 1][0]
+        sched = ThreadSched(self._sched.rt_priority, None, label=f"egresscore agent {self.node}",
+                            thread=f"datapath worker {k}").apply()
+        parking.joined(1)
+        try:
+            while not self._stop.is_set():
+                parking.check()
+                dp.run(self.poll_ms / 1000.0, wake_r)
+                dp.gc()
+        finally:
+            parking.joined(-1)
+            sched.restore()
+
+    def _run_jobs_parked(self):
+        """Worker 0 with others: the queued jobs run while every other worker is parked."""
+        if self._queue.empty():
+            return False
+        self._parking.hold(self._wake_workers)
+        try:
+            return self._run_jobs()
+        finally:
+            self._parking.release()
+
     def upsert_pod(self, pod: Pod):
         """Add or change a pod; returns once its veth (if plugged) is forwarded and claimed."""
         out = self._commit(self.compiler.upsert_pod, pod, nodes=False)
@@ -1179,7 +1234,10 @@ class Agent:
         Returns frames handled.  timeout 0: one batch per ring; > 0: the
         datapath's own C loop forwards for up to timeout seconds (returning
         early on a control change or stop())."""
-        self._run_jobs()
+        if self._parking is not None:
+            self._run_jobs_parked()
+        else:
+            self._run_jobs()
         if self._reload.is_set() and (self._reload_thread is None or not self._reload_thread.is_alive()):
             self._reload.clear()
             if self._loop_thread is None:
@@ -1189,11 +1247,16 @@ class Agent:
                 self._reload_thread = threading.Thread(target=self._reload_on_signal, daemon=True,
                                                        name=f"egresscore-reload-{self.node}")
                 self._reload_thread.start()
+        dp = self.datapath
+        if self._parking is not None:
+            dp = dp.members[0]  # run() with workers: this thread drives worker 0 only, the others their own
+        elif self.workers > 1:
+            timeout = 0         # step() driven by the caller: one batch per ring of every worker, in turn
         if timeout > 0:
-            n = self.datapath.run(timeout, self._wake_r)
+            n = dp.run(timeout, self._wake_r)
         else:
-            n = self.datapath.poll()
-        self.datapath.gc()  # bounded NAT expiry work, pure C, every return (run() does it every 20 ms too)
+            n = dp.poll()
+        dp.gc()  # bounded NAT expiry work, pure C, every return (run() does it every 20 ms too)
         return n
 
     def run(self):
@@ -1201,11 +1264,26 @@ class Agent:
         self._loop_thread = threading.current_thread()
         freeze_heap()  # later GC passes scan what changes, not the start-up heap (each holds the GIL)
         self._sched.apply()  # SCHED_FIFO / CPU for this thread only (egresscore.agent.sched)
+        threads = []
+        if self.workers > 1:  # workers 1..N-1 on threads of their own (egresscore.agent.workers)
+            self._parking = Parking(self.workers - 1)
+            for k in range(1, self.workers):
+                t = threading.Thread(target=self._worker_loop, args=(k, self._parking), daemon=True,
+                                     name=f"egresscore-worker{k}-{self.node}")
+                t.start()
+                threads.append(t)
         self.ready.set()
         try:
             while not self._stop.is_set():
                 self.step(self.poll_ms / 1000.0)
         finally:
+            self._stop.set()
+            if self._parking is not None:
+                self._parking.release()
+                self._wake_workers()
+                for t in threads:
+                    t.join(10)
+                self._parking = None
             self._sched.restore()
             self._loop_thread = None
             self.close()
@@ -1224,6 +1302,7 @@ class Agent:
         self._keep_state = self._keep_state or bool(keep_state)
         self._stop.set()
         self._wake()
+        self._wake_workers()
         t = getattr(self, "_thread", None)
         if t is not None and t is not threading.current_thread():
             t.join(10)
@@ -1263,10 +1342,11 @@ class Agent:
                 self._rings = []
                 if self._host is not None:
                     self._host.stop()
-                for fd in (self._wake_r, self._wake_w):
+                for fd in (self._wake_r, self._wake_w, *(fd for p in self._worker_wakes for fd in p)):
                     if fd >= 0:
                         os.close(fd)
                 self._wake_r = self._wake_w = -1
+                self._worker_wakes = []
 
     def _seal_nat(self):
         """A stop that keeps the state: nothing writes the table any more, so seal

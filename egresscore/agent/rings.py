@@ -49,13 +49,15 @@ class RingPlan:
         blocks = {"underlay": UNDERLAY_BLOCKS, "pod": POD_BLOCKS}[kind]
         return blocks * self.options["block_size"] // self.options.get("rx_frame_size", self.options["block_size"])
 
-    def underlay(self, ifname):
-        """The underlay's RX/TX ring (eth0): VXLAN, SNATed traffic and replies."""
-        return PacketRing(ifname, ignore_outgoing=True, block_count=UNDERLAY_BLOCKS, tx_frames=128, **self.options)
+    def underlay(self, ifname, **fanout):
+        """The underlay's RX/TX ring (eth0): VXLAN, SNATed traffic and replies
+        (`fanout`: PacketRing's fanout options, egresscore.agent.workers)."""
+        return PacketRing(ifname, ignore_outgoing=True, block_count=UNDERLAY_BLOCKS, tx_frames=128,
+                          **self.options, **fanout)
 
-    def pod(self, ifname):
+    def pod(self, ifname, **fanout):
         """A pod veth's RX/TX ring."""
-        return PacketRing(ifname, ignore_outgoing=True, block_count=POD_BLOCKS, tx_frames=64, **self.options)
+        return PacketRing(ifname, ignore_outgoing=True, block_count=POD_BLOCKS, tx_frames=64, **self.options, **fanout)
 
     def tunnel(self, ifname):
         """The TX ring on the tunnel offload device (egresscore.agent.tunnel): super-packets whole."""

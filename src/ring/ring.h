@@ -52,6 +52,9 @@
 #ifndef PACKET_QDISC_BYPASS
 #define PACKET_QDISC_BYPASS 20
 #endif
+#ifndef PACKET_FANOUT_DATA
+#define PACKET_FANOUT_DATA 22
+#endif
 #ifndef PACKET_IGNORE_OUTGOING
 #define PACKET_IGNORE_OUTGOING 23
 #endif
@@ -83,7 +86,9 @@ typedef struct ring_cfg {
     uint32_t tx_frame_size;   /* 0 = no TX ring */
     uint32_t tx_frame_nr;
     int fanout_group;         /* < 0: no fanout */
-    int fanout_mode;          /* PACKET_FANOUT_* | flags */
+    int fanout_mode;          /* PACKET_FANOUT_* | flags (FLAG_UNIQUEID with group 0: the kernel picks it) */
+    const struct sock_filter *fanout_prog;  /* PACKET_FANOUT_CBPF: the group's steering program */
+    uint16_t fanout_prog_len;
     int qdisc_bypass;
     int ignore_outgoing;
     int promisc;
@@ -361,6 +366,14 @@ static inline int ring_open(ring_t *r, const ring_cfg_t *c)
         int arg = (c->fanout_group & 0xffff) | (c->fanout_mode << 16);
         if ((rc = ring_setopt(r, SOL_PACKET, PACKET_FANOUT, &arg, sizeof(arg), "PACKET_FANOUT")))
             goto fail;
+        if (c->fanout_prog_len) {
+            /* the group's program (every member may set it; the last one set is in force) */
+            struct sock_fprog p;
+            p.len = c->fanout_prog_len;
+            p.filter = (struct sock_filter *)c->fanout_prog;
+            if ((rc = ring_setopt(r, SOL_PACKET, PACKET_FANOUT_DATA, &p, sizeof(p), "PACKET_FANOUT_DATA")))
+                goto fail;
+        }
     }
     if (c->tx_frame_size && c->vnet_hdr && (rc = ring_open_direct(r, c)))
         goto fail;
@@ -368,6 +381,16 @@ static inline int ring_open(ring_t *r, const ring_cfg_t *c)
 fail:
     ring_close(r);
     return rc;
+}
+
+/* The fanout group id of the socket, or -1 when it is in none. */
+static inline int ring_fanout_id(ring_t *r)
+{
+    int v = 0;
+    socklen_t l = sizeof(v);
+    if (getsockopt(r->fd, SOL_PACKET, PACKET_FANOUT, &v, &l) < 0 || v == 0)
+        return -1;  /* 0: no group (a group's word also carries its mode, never 0 with an id of 0 in hash mode) */
+    return v & 0xffff;
 }
 
 /* Replace the socket filter (len 0: detach).  0 or -errno. */

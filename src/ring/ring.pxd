@@ -40,6 +40,8 @@ cdef extern from "ring/ring.h" nogil:
         uint32_t tx_frame_nr
         int fanout_group
         int fanout_mode
+        const sock_filter *fanout_prog
+        uint16_t fanout_prog_len
         int qdisc_bypass
         int ignore_outgoing
         int promisc
@@ -83,6 +85,7 @@ cdef extern from "ring/ring.h" nogil:
     int ring_open(ring_t *r, const ring_cfg_t *c)
     void ring_close(ring_t *r)
     int ring_set_filter(ring_t *r, const sock_filter *f, uint16_t n)
+    int ring_fanout_id(ring_t *r)
     # RX: views valid until ring_rx_release; returns the count taken.
     int ring_rx_ready(ring_t *r)
     int ring_rx_batch(ring_t *r, ring_frame_t *out, int max)

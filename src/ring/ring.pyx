@@ -13,8 +13,10 @@ import os as _ring_os
 import socket as _ring_socket
 import struct as _ring_struct
 
-_RING_FANOUT_MODES = {"hash": 0, "lb": 1, "cpu": 2, "rollover": 3, "random": 4, "qm": 5}
+_RING_FANOUT_MODES = {"hash": 0, "lb": 1, "cpu": 2, "rollover": 3, "random": 4, "qm": 5, "cbpf": 6}
 _RING_FANOUT_FLAG_ROLLOVER = 0x1000
+_RING_FANOUT_FLAG_UNIQUEID = 0x2000
+_RING_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
 _RING_FANOUT_FLAG_DEFRAG = 0x8000
 _RING_CLONE_NEWNET = 0x40000000
 
@@ -99,6 +101,14 @@ cdef class PacketRing:
     than the slot: then such a frame is read whole from the socket (up to
     rx_copy_size bytes), so small slots absorb a long burst of small frames
     and a super-packet still passes (stats: rx_copied, rx_copy_lost).
+    fanout_mode="cbpf" with fanout_prog (a classic BPF program, see
+    egresscore._bpf) steers each frame to the member whose index the program
+    returns (modulo the members; members are indexed in joining order):
+    the datapath workers' steering (egresscore._bpf.bpf_steer_*).
+    fanout="unique" asks the kernel for an unused group id (read it from
+    fanout_group, and let the other members join that id).  A fanout
+    group's socket sees no outgoing frames when ignore_outgoing is set (the
+    group's own hook: PACKET_FANOUT_FLAG_IGNORE_OUTGOING).
     Use it as a context manager: leaving releases the mapping and the socket.
     Batch calls release the GIL; frames are copied out only by recv/recv_into.
     One thread per PacketRing: share an interface between workers with
@@ -113,11 +123,12 @@ cdef class PacketRing:
     def __init__(self, ifname, *, netns=None, rx=True, tx=True,
                  block_size=1 << 18, block_count=32, retire_ms=4, rx_frame_size=0, rx_copy_size=0,
                  tx_frame_size=2048, tx_frames=1024,
-                 fanout=None, fanout_mode="hash", fanout_defrag=False,
+                 fanout=None, fanout_mode="hash", fanout_defrag=False, fanout_prog=None,
                  qdisc_bypass=False, ignore_outgoing=True, promisc=False,
                  vnet_hdr=False, filter=None, batch=256):
         cdef ring_cfg_t c
         cdef bytes prog = b""
+        cdef bytes fprog = b""
         cdef int rc = 0
         if self.r.fd >= 0:
             raise RuntimeError("PacketRing is already open")
@@ -155,8 +166,14 @@ cdef class PacketRing:
                 raise ValueError(f"tx_frames must be in 1..1048576, got {tx_frames}")
         if fanout_mode not in _RING_FANOUT_MODES:
             raise ValueError(f"fanout_mode must be one of {sorted(_RING_FANOUT_MODES)}, got {fanout_mode!r}")
-        if fanout is not None and not (isinstance(fanout, int) and 0 <= fanout <= 0xffff):
-            raise ValueError(f"fanout must be a group id in 0..65535 or None, got {fanout!r}")
+        unique = isinstance(fanout, str) and fanout == "unique"
+        if fanout is not None and not unique and not (
+                isinstance(fanout, int) and not isinstance(fanout, bool) and 0 <= fanout <= 0xffff):
+            raise ValueError(f"fanout must be a group id in 0..65535, 'unique' or None, got {fanout!r}")
+        if (fanout_prog is not None) != (fanout is not None and fanout_mode == "cbpf"):
+            raise ValueError("fanout_prog goes with fanout_mode='cbpf' and a fanout group (both or neither)")
+        if fanout_prog is not None:
+            fprog = _bpf_pack(fanout_prog)
         if not isinstance(batch, int) or not 1 <= batch <= 1 << 16:
             raise ValueError(f"batch must be in 1..65536, got {batch!r}")
         rx_bytes = block_size * block_count if rx else 0
@@ -186,9 +203,13 @@ cdef class PacketRing:
         c.rx_copy_size = rx_copy_size if rx else 0
         c.tx_frame_size = tx_frame_size if tx else 0
         c.tx_frame_nr = tx_frames if tx else 0
-        c.fanout_group = -1 if fanout is None else fanout
+        c.fanout_group = -1 if fanout is None else 0 if unique else fanout
         c.fanout_mode = _RING_FANOUT_MODES[fanout_mode] | (
-            _RING_FANOUT_FLAG_DEFRAG if fanout_defrag else 0)
+            _RING_FANOUT_FLAG_DEFRAG if fanout_defrag else 0) | (
+            _RING_FANOUT_FLAG_UNIQUEID if unique else 0) | (
+            _RING_FANOUT_FLAG_IGNORE_OUTGOING if ignore_outgoing and fanout is not None else 0)
+        c.fanout_prog = <const sock_filter *><const char *>fprog
+        c.fanout_prog_len = <uint16_t>(len(fprog) // 8)
         c.qdisc_bypass = 1 if qdisc_bypass else 0
         c.ignore_outgoing = 1 if ignore_outgoing else 0
         c.promisc = 1 if promisc else 0
@@ -218,6 +239,8 @@ cdef class PacketRing:
                                      f"TX {tx_bytes >> 20} MiB", "lower block_size/block_count/tx_frames")
             if e in (_ring_errno.ENODEV, _ring_errno.ENXIO):
                 raise ValueError(f"interface {ifname!r} not found{where} ({step})")
+            if step == "PACKET_FANOUT_DATA":
+                raise errno_input_error(e, "fanout_prog: the kernel rejected the steering program")
             if step == "SO_ATTACH_FILTER":
                 raise errno_input_error(e, "filter: the kernel rejected the BPF program")
             if step == "PACKET_FANOUT":
@@ -261,6 +284,13 @@ cdef class PacketRing:
     @property
     def ifindex(self):
         return self.r.ifindex
+
+    @property
+    def fanout_group(self):
+        """The fanout group id this socket is in (None: none); the kernel's pick with fanout="unique"."""
+        self._check_open()
+        cdef int v = ring_fanout_id(&self.r)
+        return None if v < 0 else v
 
     @property
     def vnet_hdr(self):
