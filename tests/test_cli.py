@@ -283,6 +283,27 @@ def test_agent_nat_capacity_and_pod_limit_flags(capsys, monkeypatch):
         assert f"argument {flag}: " in err and msg in err
 
 
+def test_agent_pod_ring_mib_reaches_the_agent(capsys, monkeypatch):
+    """--pod-ring-mib sizes each pod veth's RX ring (default 32 MiB); a bad size is a usage error naming it."""
+    import egresscore.agent as agent_mod
+
+    seen = {}
+
+    def fake_agent(node, cluster, policies, **kw):
+        seen.update(kw)
+        raise agent_mod.AgentError("stopped by the test")
+
+    monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    base = ("agent", "--node", "node3", "--cluster", CLUSTER, "--policies", SAMPLE, "--no-control-socket")
+    assert run(capsys, *base)[0] == 1 and seen["pod_ring_mib"] == 32
+    assert run(capsys, *base, "--pod-ring-mib", "4")[0] == 1 and seen["pod_ring_mib"] == 4
+    for value in ("0", "1025", "lots"):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, "--pod-ring-mib", value])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --pod-ring-mib: " in err and "MiB 1..1024 expected" in err
+
 
 def test_agent_labels_and_cluster_name_reach_the_compiler(capsys, monkeypatch):
     """--labels adds rules to Cilium's default label filter and --cluster-name

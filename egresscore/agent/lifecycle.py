@@ -156,7 +156,7 @@ from .host import (
     set_up_host,
     where,
 )
-from .rings import DEFAULT_RX_COALESCE_US, RING_MODES, RingPlan
+from .rings import DEFAULT_RX_COALESCE_US, POD_RING_MIB, RING_MODES, RingPlan
 from .sched import DEFAULT_RT_PRIORITY, ThreadSched
 from .services import start_services
 from .tunnel import TunnelDevice
@@ -193,6 +193,9 @@ class Agent:
     ring_mode: "latency" (default; RX frames handed over one by one: about
     0.1 ms per hop) or "batch" (in blocks, at most 1 ms late: fewer wake-ups,
     more small packets per CPU second; see the README's agent benchmark).
+    pod_ring_mib: kernel memory of each pod veth's RX ring (default
+    POD_RING_MIB, 32: 16,384 frames at MTU 1500, 164 ms of a 100 kpps burst
+    while the datapath thread waits for a core; one ring per worker).
     rx_coalesce_us: under dense traffic the loop naps this long between
     batches instead of being woken per frame (Datapath.run; default
     DEFAULT_RX_COALESCE_US, 0: off): fewer wake-ups and TX kicks per small
@@ -258,7 +261,7 @@ class Agent:
                  kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=DEFAULT_NAT_CAPACITY,
                  pod_conn_limit=None,
                  pod_ifname=_pod_ifname, claim=True, poll_ms=60000, vnet_hdr=True, tunnel_offload=True,
-                 ring_mode="latency", rx_coalesce_us=DEFAULT_RX_COALESCE_US,
+                 ring_mode="latency", rx_coalesce_us=DEFAULT_RX_COALESCE_US, pod_ring_mib=POD_RING_MIB,
                  nat_timeouts=None, nat_state=True,
                  flow_log=None, flow_log_capacity=65536, flow_drop_rate=100.0,
                  metrics_port=None, metrics_addr="127.0.0.1", control_socket=None,
@@ -289,7 +292,7 @@ class Agent:
                         kernel_port_range=kernel_port_range, nat_capacity=nat_capacity,
                         pod_conn_limit=pod_conn_limit, pod_ifname=pod_ifname, claim=claim, poll_ms=poll_ms,
                         vnet_hdr=vnet_hdr, tunnel_offload=tunnel_offload, ring_mode=ring_mode,
-                        nat_timeouts=nat_timeouts, nat_state=nat_state, flow_log=flow_log,
+                        pod_ring_mib=pod_ring_mib, nat_timeouts=nat_timeouts, nat_state=nat_state, flow_log=flow_log,
                         flow_log_capacity=flow_log_capacity, flow_drop_rate=flow_drop_rate,
                         metrics_port=metrics_port, metrics_addr=metrics_addr, control_socket=control_socket,
                         health=dict(gateway_health=gateway_health, liveness=liveness,
@@ -339,8 +342,8 @@ class Agent:
 
     def _build(self, node, cluster, policies, runner, *, netns, underlay, vni, vxlan_port, mtu, nat_port_range,
                kernel_port_range, nat_capacity, pod_conn_limit, pod_ifname, claim, poll_ms, vnet_hdr,
-               tunnel_offload, ring_mode, nat_timeouts, nat_state, flow_log, flow_log_capacity, flow_drop_rate,
-               metrics_port, metrics_addr, control_socket, health, identity, families):
+               tunnel_offload, ring_mode, pod_ring_mib, nat_timeouts, nat_state, flow_log, flow_log_capacity,
+               flow_drop_rate, metrics_port, metrics_addr, control_socket, health, identity, families):
         # the one loading path (egresscore.inputs): a bad input is an error, the agent does not start
         self._cluster_path = os.fspath(cluster) if isinstance(cluster, (str, os.PathLike)) else None
         self._policy_paths, policies = self._policies_from(policies)
@@ -354,7 +357,7 @@ class Agent:
         self.claim = claim
         self.poll_ms = poll_ms
         self._vxlan_port = vxlan_port
-        self._rings_plan = RingPlan(vnet_hdr=vnet_hdr, mtu=mtu, ring_mode=ring_mode)
+        self._rings_plan = RingPlan(vnet_hdr=vnet_hdr, mtu=mtu, ring_mode=ring_mode, pod_ring_mib=pod_ring_mib)
         self.vnet_hdr = self._rings_plan.vnet_hdr
         if self.workers > 1:  # a ring per worker on every interface, in one cBPF fanout group
             self._rings_plan = WorkerRings(self._rings_plan, self.workers, self.nat_port_range, vxlan_port)
