@@ -332,9 +332,11 @@ cdef inline uint64_t _st_page(uint64_t x) noexcept nogil:
     return (x + 4095) & ~(<uint64_t>4095)
 
 
-def _nat_state_regions(capacity, a6_capacity):
+def _nat_state_regions(capacity, a6_capacity=None):
     """{region: (offset, bytes)} and the file size for a table of `capacity`
-    with `a6_capacity` IPv6 address records."""
+    with `a6_capacity` IPv6 address records (None: the default for `capacity`)."""
+    if a6_capacity is None:
+        a6_capacity = _nat_ipv6_capacity(capacity)
     off = NAT_STATE_HDR_SIZE
     regions = {}
     for name, size in (("ext", NAT_MAX_EXT * sizeof(nat_state_ext)),

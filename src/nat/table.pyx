@@ -198,7 +198,7 @@ cdef class NatTable:
                 raise ValueError(f"per_source_limit {per_source_limit} is out of range "
                                  f"1-{capacity} (the capacity)")
         if ipv6_capacity is None:
-            ipv6_capacity = capacity if capacity <= 65536 else max(65536, capacity // 16)
+            ipv6_capacity = _nat_ipv6_capacity(capacity)
         elif isinstance(ipv6_capacity, bool) or not isinstance(ipv6_capacity, int):
             raise TypeError(f"ipv6_capacity must be an int or None, not {type(ipv6_capacity).__name__}")
         elif not 0 <= ipv6_capacity <= capacity:
@@ -1046,6 +1046,12 @@ cdef class NatTable:
             with nogil:
                 nat_reverse_batch_len(self.t, tin, tout, cp, cn, t_ns, lp)
         return out, codes
+
+
+def _nat_ipv6_capacity(capacity):
+    """The default IPv6 address records of a table of `capacity`: every
+    connection up to 65,536, then one in 16 (at least 65,536)."""
+    return capacity if capacity <= 65536 else max(65536, capacity // 16)
 
 
 def _nat_index_slots(capacity):
