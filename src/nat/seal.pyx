@@ -199,12 +199,6 @@ cdef uint64_t nat_seal_apply(nat_table* t, object st, uint32_t scan):
             if nat_seal_sum(<const uint8_t*>&t.a6[g * _SEAL_GROUP], n * sizeof(nat_addr6)) != sums6[g]:
                 bad += 1
                 b6[g] = 1
-        for i in range(scan):
-            if t.entries[i].state != NAT_STATE_FREE and t.entries[i].family == 6:
-                r = t.entries[i].a0
-                if r >= a6hwm or b6[r // _SEAL_GROUP]:
-                    dropped += 1
-                    memset(&t.entries[i], 0, sizeof(nat_entry))
         for g in range(ng):
             if g * _SEAL_GROUP >= scan:
                 break
@@ -219,6 +213,14 @@ cdef uint64_t nat_seal_apply(nat_table* t, object st, uint32_t scan):
             if t.entries[i].state != NAT_STATE_FREE:
                 dropped += 1
                 memset(&t.entries[i], 0, sizeof(nat_entry))
+        # then (the entries' checksums are over what they were sealed as) the
+        # IPv6 entries whose address record is corrupt or was never sealed
+        for i in range(scan):
+            if t.entries[i].state != NAT_STATE_FREE and t.entries[i].family == 6:
+                r = t.entries[i].a0
+                if r >= a6hwm or b6[r // _SEAL_GROUP]:
+                    dropped += 1
+                    memset(&t.entries[i], 0, sizeof(nat_entry))
     st.status.update(sealed=True, corrupt=dropped)
     if bad or dropped:
         st.seal_note = (f"; sealed at a clean stop: {bad} group(s) of {_SEAL_GROUP} entries failed their "
