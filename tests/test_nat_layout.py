@@ -8,9 +8,8 @@ import struct
 
 import numpy as np
 import pytest
-from egresscore._core import _NAT_ADDR6_SIZE, REPL_RECORD_DTYPE, nat_repl_apply, nat_repl_export
+from egresscore._core import _NAT_ADDR6_SIZE, REPL_RECORD_DTYPE, _nat_state_regions, nat_repl_apply, nat_repl_export
 from egresscore._core import _NAT_ENTRY_SIZE as E
-from egresscore._core import _nat_state_regions
 
 from egresscore import DROP_REASON_NAMES, NAT_TUPLE_DTYPE, NatRefused, NatTable, nat_tuples
 

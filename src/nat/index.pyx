@@ -134,22 +134,23 @@ cdef inline uint64_t _nat_hash_map(uint64_t seed, uint8_t family, uint8_t proto,
 # ---------------------------------------------------------------------------
 # an entry's addresses: in it (IPv4) or in its nat_addr6 record (IPv6)
 
-cdef inline const uint8_t* _nat_e_src(nat_table* t, const nat_entry* e, uint8_t* buf) noexcept nogil:
-    """The entry's pod address, 16 bytes: its IPv6 record's, or buf filled
-    with the IPv4 address (zeros after it)."""
+cdef inline const uint8_t* _nat_e_addr(nat_table* t, const nat_entry* e, bint remote,
+                                       uint8_t* buf) noexcept nogil:
+    """The entry's pod (remote: its remote) address, 16 bytes: its IPv6
+    record's, or buf filled with the IPv4 address (zeros after it)."""
     if e.family == 6:
+        if remote:
+            return t.a6[e.a0].dst
         return t.a6[e.a0].src
     memset(buf, 0, 16)
-    memcpy(buf, &e.a0, 4)
+    memcpy(buf, &e.a1 if remote else &e.a0, 4)
     return buf
 
+cdef inline const uint8_t* _nat_e_src(nat_table* t, const nat_entry* e, uint8_t* buf) noexcept nogil:
+    return _nat_e_addr(t, e, False, buf)
+
 cdef inline const uint8_t* _nat_e_dst(nat_table* t, const nat_entry* e, uint8_t* buf) noexcept nogil:
-    """The entry's remote address, 16 bytes (as _nat_e_src)."""
-    if e.family == 6:
-        return t.a6[e.a0].dst
-    memset(buf, 0, 16)
-    memcpy(buf, &e.a1, 4)
-    return buf
+    return _nat_e_addr(t, e, True, buf)
 
 cdef inline const uint8_t* _nat_m_addr(nat_table* t, const nat_mapping* m, uint8_t* buf) noexcept nogil:
     """The mapping's pod address, 16 bytes (as _nat_e_src)."""
