@@ -159,8 +159,8 @@ from .services import start_services
 from .tunnel import TunnelDevice
 
 DEFAULT_NAT_PORTS = (32768, 65534)
-# Connections the NAT table holds: a gateway's worth.  126 bytes each
-# (NatTable.memory_bytes / capacity, indexes included): 126 MB allocated at the
+# Connections the NAT table holds: a gateway's worth.  About 93 bytes each
+# (NatTable.memory_bytes / capacity, indexes and IPv6 pool included): 93 MB allocated at the
 # default, backed by the kernel only as connections use it.
 DEFAULT_NAT_CAPACITY = 1_000_000
 DEFAULT_PIN_CAPACITY = 65536    # make-before-break: connections from this node's pods that keep their gateway
