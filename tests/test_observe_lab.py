@@ -142,7 +142,7 @@ def lab():
 def test_nat_ipv6_capacity_reaches_the_table(lab):
     """Agent(nat_ipv6_capacity=N) sizes the NAT table's IPv6 pool (the
     default would be all 4096 of its connections)."""
-    st = lab.agents["node3"].nat.stats()
+    st = lab.agents["node3"].nat.stats
     assert (st["capacity"], st["ipv6_capacity"]) == (4096, 1000)
 
 

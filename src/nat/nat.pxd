@@ -352,4 +352,5 @@ cdef class NatTable:
     cdef object _entry(self, uint32_t idx, uint64_t now)
     cdef list _state_map(self, object path, uint32_t cap, object ranges, uint64_t seed, uint64_t now)
     cdef int _state_adopt(self, list exts, uint64_t now) except -1
+    cdef int _state_convert3(self, object st, const uint64_t* maxt, uint64_t now, object started) except -1
     cdef void _state_write_config(self, object ranges)

@@ -56,3 +56,23 @@ cdef int nat_state_link(nat_table* t, uint32_t idx, uint64_t now,
                         const uint64_t* max_timeout) noexcept nogil
 cdef int nat_state_insert(nat_table* t, const nat_entry* e, const uint8_t* src,
                           const uint8_t* dst, uint64_t now) noexcept nogil
+
+# A format 3 file's entry (main's layout before format 4), 80 bytes: the
+# addresses in line.  Read only, to convert such a file (nat_state_convert3).
+cdef struct nat_entry_v3:
+    uint8_t src[16]
+    uint8_t dst[16]
+    uint64_t expires
+    uint16_t sport
+    uint16_t dport
+    uint16_t xport
+    uint16_t ext
+    uint32_t mapping
+    uint8_t family
+    uint8_t proto
+    uint8_t state
+    uint8_t flags
+    uint32_t created_ms
+    uint32_t nbytes[2]
+    uint16_t npkts[2]
+    uint32_t wl[2]

@@ -276,6 +276,48 @@ cdef int nat_state_insert(nat_table* t, const nat_entry* e, const uint8_t* src,
     everything but the addresses, src and dst (16 bytes each, IPv4 zero past
     its 4).  Returns NAT_ADOPT_OK, NAT_ADOPT_FULL, or
     NAT_ADOPT_INVALID/EXPIRED (nothing kept)."""
+    return _nat_state_insert_t(t, e, src, dst, now, t.timeout)
+
+
+cdef void nat_state_convert3(nat_table* t, const nat_entry_v3* old, uint64_t n, uint64_t now,
+                             const uint64_t* max_timeout, uint64_t* counts) noexcept nogil:
+    """Insert the live entries of a format 3 file's entries [0, n) (80 bytes,
+    addresses in line), each checked and linked as at adoption (with the
+    adoption's timeouts `max_timeout`); counts[rc] += 1 per non-free entry.
+    Keeps ports, policy id, state, flags, expiry, creation time and counters;
+    the expiry links and the mapping index are rebuilt."""
+    cdef nat_entry e
+    cdef uint64_t i
+    cdef uint64_t created = t.created_count
+    cdef int rc
+    for i in range(n):
+        if old[i].state == NAT_STATE_FREE:
+            continue
+        memset(&e, 0, sizeof(nat_entry))
+        e.expires = old[i].expires
+        e.sport = old[i].sport
+        e.dport = old[i].dport
+        e.xport = old[i].xport
+        e.ext = old[i].ext
+        e.family = old[i].family
+        e.proto = old[i].proto
+        e.state = old[i].state
+        e.flags = old[i].flags
+        e.mapping = old[i].mapping          # its policy id's low bits (top byte)
+        _nat_e_set_mapping(&e, 0, _nat_e_policy(&e))
+        e.created_ms = old[i].created_ms
+        e.nbytes[0] = old[i].nbytes[0]
+        e.nbytes[1] = old[i].nbytes[1]
+        e.npkts[0] = old[i].npkts[0]
+        e.npkts[1] = old[i].npkts[1]
+        rc = _nat_state_insert_t(t, &e, old[i].src, old[i].dst, now, max_timeout)
+        counts[rc] += 1
+    t.created_count = created                # carried over, not created here
+
+
+cdef int _nat_state_insert_t(nat_table* t, const nat_entry* e, const uint8_t* src,
+                             const uint8_t* dst, uint64_t now, const uint64_t* max_timeout) noexcept nogil:
+    """nat_state_insert against the timeouts `max_timeout`."""
     cdef uint32_t idx
     cdef bint from_hwm = False
     cdef int rc
@@ -309,7 +351,7 @@ cdef int nat_state_insert(nat_table* t, const nat_entry* e, const uint8_t* src,
     else:
         t.entries[idx].a0 = _nat_load32(src)
         t.entries[idx].a1 = _nat_load32(dst)
-    rc = nat_state_link(t, idx, now, t.timeout)
+    rc = nat_state_link(t, idx, now, max_timeout)
     if rc == NAT_ADOPT_OK:
         t.created_count += 1
         return rc
@@ -345,6 +387,30 @@ def _nat_state_regions(capacity, a6_capacity=None):
         regions[name] = (off, size)
         off = _st_page(off + size)
     return regions, off
+
+
+def _nat_state_regions_v3(capacity):
+    """{region: (offset, bytes)} and the file size of a format 3 file of
+    `capacity` (80-byte entries, no a6 region)."""
+    off = NAT_STATE_HDR_SIZE
+    regions = {}
+    for name, size in (("ext", NAT_MAX_EXT * sizeof(nat_state_ext)),
+                       ("entries", capacity * sizeof(nat_entry_v3))):
+        regions[name] = (off, size)
+        off = _st_page(off + size)
+    return regions, off
+
+
+def _nat_state_read_v3(st, capacity):
+    """The data of a format 3 file's entries region (up to its last
+    non-hole byte: entries are handed out from index 0)."""
+    off, nbytes = _nat_state_regions_v3(capacity)[0]["entries"]
+    end = _nat_state_data_end(st.fd, off, off + nbytes)
+    n = min(capacity, (end - off + sizeof(nat_entry_v3) - 1) // sizeof(nat_entry_v3))
+    raw = _st_os.pread(st.fd, n * sizeof(nat_entry_v3), off)
+    if len(raw) != n * sizeof(nat_entry_v3):
+        raise NatStateError(f"NAT state file {st.path}: short read of its format 3 entries")
+    return raw
 
 
 def _nat_state_layout():
@@ -408,13 +474,15 @@ cdef str _nat_state_check(const nat_state_hdr* h, uint64_t size, uint32_t capaci
     """Why the header cannot be adopted by a table of `capacity`, or None."""
     if bytes(h.magic[:8]) != NAT_STATE_MAGIC:
         return f"bad magic {bytes(h.magic[:8])!r} (not a NAT state file)"
-    if h.version in (2, 3):
-        return (f"format version {h.version} (80-byte entries holding IPv6 addresses), this build "
-                f"reads version {NAT_STATE_VERSION} (56-byte entries, IPv6 addresses out of line): "
-                f"its connections are not carried over, the table starts empty")
-    if h.version != NAT_STATE_VERSION:
-        return f"format version {h.version}, this build reads version {NAT_STATE_VERSION}"
-    if h.layout != NAT_STATE_LAYOUT:
+    cdef bint v3 = h.version == 3         # converted (80-byte entries): checked as format 3 was
+    if h.version == 2:
+        return (f"format version 2 (80-byte entries, the indexes in the file), this build reads "
+                f"version {NAT_STATE_VERSION} and converts version 3")
+    if h.version != NAT_STATE_VERSION and not v3:
+        return f"format version {h.version}, this build reads version {NAT_STATE_VERSION} (and converts 3)"
+    if v3:
+        expect_size = _nat_state_regions_v3(capacity)[1]
+    elif h.layout != NAT_STATE_LAYOUT:
         return (f"layout checksum {h.layout:#018x} differs from this build's {NAT_STATE_LAYOUT:#018x} "
                 f"(written by a build with other structs)")
     if h.hdr_size != NAT_STATE_HDR_SIZE:
@@ -425,7 +493,7 @@ cdef str _nat_state_check(const nat_state_hdr* h, uint64_t size, uint32_t capaci
                 f"{boot.decode(errors='replace')!r} (expiry times are on the old boot's monotonic clock)")
     if h.capacity != capacity:
         return f"capacity {h.capacity}, this table asks for {capacity} (a table is not resized)"
-    if h.a6_capacity != a6_capacity:
+    if not v3 and h.a6_capacity != a6_capacity:
         return (f"IPv6 capacity {h.a6_capacity}, this table asks for {a6_capacity} "
                 f"(a table is not resized)")
     if h.index_slots != _nat_index_slots(capacity) or h.src_slots != h.index_slots:
@@ -492,6 +560,7 @@ class _NatStateFile:
     def __init__(self, path):
         self.path = _st_os.fspath(path)
         self.fd = -1
+        self.convert = None             # a format 3 file's entries, until converted
         self.status = {"path": self.path, "adopted": False, "reason": None, "message": "",
                        "connections": 0, "invalid": 0, "expired": 0, "adopt_ms": 0.0}
 
@@ -525,6 +594,13 @@ class _NatStateFile:
         self.status["message"] = (f"NAT state file {self.path} refused: {reason}; set aside as "
                                   f"{self.path}.rejected, the table starts empty")
         _st_log.warning("%s", self.status["message"])
+        return self.open()
+
+    def set_aside(self, suffix):
+        """Move the file (read) aside as PATH + suffix and open a fresh one."""
+        _st_os.close(self.fd)
+        self.fd = -1
+        _st_os.replace(self.path, self.path + suffix)
         return self.open()
 
     def fresh(self, size):

@@ -349,7 +349,17 @@ cdef class NatTable:
             if reason is None:
                 rawx = _st_os.pread(st.fd, hdr.n_ext * sizeof(nat_state_ext), regions["ext"][0])
                 reason = _nat_state_ext_check(<const nat_state_ext*><const char*>rawx, hdr.n_ext)
-            if reason is None:
+            if reason is None and hdr.version == 3:
+                # main's format (80-byte entries): read its entries, then a fresh
+                # file; _state_adopt inserts them one by one (its seal, of the old
+                # layout, is not checked: every entry is, as an unsealed file's)
+                reason = _nat_state_ranges_check(raw, ranges)
+                if reason is None:
+                    st.convert = _nat_state_read_v3(st, cap)
+                    st.set_aside(".format3")
+                    st.seal = None
+                    st.seal_note = ""
+            elif reason is None:
                 reason = _nat_state_ranges_check(raw, ranges) or _nat_seal_check(st, seal, raw, rawx, cap)
             if reason is not None:
                 st.reject(reason)
@@ -359,14 +369,14 @@ cdef class NatTable:
                 for i in range(hdr.n_ext):
                     rec = rawx[i * sizeof(nat_state_ext):(i + 1) * sizeof(nat_state_ext)]
                     exts.append(rec)
-        if exts is None:
+        if exts is None or st.convert is not None:
             st.fresh(size)
         self._smap = _nat_state_mmap(st.fd, size, st.path)
         self._smap_size = size
         t.entries = <nat_entry*>_st_at(self._smap, regions["entries"])
         t.a6 = <nat_addr6*>_st_at(self._smap, regions["a6"])
         h = <nat_state_hdr*>self._smap
-        if exts is None:
+        if exts is None or st.convert is not None:
             # a new header: the magic last, so a kill while writing leaves no valid file
             h.version = NAT_STATE_VERSION
             h.hdr_size = NAT_STATE_HDR_SIZE
@@ -379,9 +389,12 @@ cdef class NatTable:
             h.capacity = cap
             h.a6_capacity = t.a6_capacity
             h.index_slots = h.src_slots = _nat_index_slots(cap)
+            if st.convert is not None:     # the converted file's egress IP records, as they were
+                memcpy(_st_at(self._smap, regions["ext"]), <const char*>rawx, len(rawx))
+                h.n_ext = hdr.n_ext
             magic = NAT_STATE_MAGIC
             memcpy(h.magic, <const char*>magic, 8)
-            if st.status["reason"] is None:
+            if st.status["reason"] is None and st.convert is None:
                 st.status["message"] = f"NAT state file {st.path}: new, the table starts empty"
                 _st_log.info("%s", st.status["message"])
         return exts
@@ -430,6 +443,8 @@ cdef class NatTable:
             nat_state_rebuild(t, now, maxt, scan, counts)
         free(t.a6_claim)
         t.a6_claim = NULL
+        if st.convert is not None:
+            return self._state_convert3(st, maxt, now, started)
         (<nat_state_hdr*>self._smap).adopted_count += 1
         ms = (_time.perf_counter() - started) * 1e3
         status = st.status
@@ -439,6 +454,40 @@ cdef class NatTable:
                              f"in {ms:.1f} ms ({counts[NAT_ADOPT_INVALID]} invalid and "
                              f"{counts[NAT_ADOPT_EXPIRED]} expired dropped{st.seal_note})")
         (_st_log.warning if counts[NAT_ADOPT_INVALID] or corrupt else _st_log.info)("%s", status["message"])
+        return 0
+
+    cdef int _state_convert3(self, object st, const uint64_t* maxt, uint64_t now, object started) except -1:
+        """Insert a format 3 file's connections (read by _state_map) into the
+        fresh file; report converted and dropped ones; remove the old file."""
+        cdef nat_table* t = self.t
+        cdef uint64_t counts[5]
+        cdef const unsigned char[:] raw = st.convert
+        cdef uint64_t n = len(st.convert) // sizeof(nat_entry_v3)
+        cdef uint64_t full0 = t.a6_full
+        cdef const nat_entry_v3* old = <const nat_entry_v3*>&raw[0] if n else NULL
+        memset(counts, 0, sizeof(counts))
+        with nogil:
+            nat_state_convert3(t, old, n, now, maxt, counts)
+        ipv6_full = t.a6_full - full0
+        t.a6_full = full0
+        st.convert = None
+        try:
+            _st_os.unlink(st.path + ".format3")
+        except OSError:
+            pass
+        (<nat_state_hdr*>self._smap).adopted_count += 1
+        ms = (_time.perf_counter() - started) * 1e3
+        status = st.status
+        status.update(adopted=True, converted_from=3, connections=counts[NAT_ADOPT_OK],
+                      invalid=counts[NAT_ADOPT_INVALID], expired=counts[NAT_ADOPT_EXPIRED],
+                      full=counts[NAT_ADOPT_FULL], ipv6_full=ipv6_full, adopt_ms=ms)
+        status["message"] = (f"NAT state file {st.path}: format 3 (80-byte entries) converted to format "
+                             f"{NAT_STATE_VERSION}: {counts[NAT_ADOPT_OK]} connections in {ms:.1f} ms "
+                             f"({counts[NAT_ADOPT_INVALID]} invalid, {counts[NAT_ADOPT_EXPIRED]} expired and "
+                             f"{counts[NAT_ADOPT_FULL]} beyond the table, {ipv6_full} of them IPv6 beyond "
+                             f"its IPv6 pool, dropped)")
+        (_st_log.warning if counts[NAT_ADOPT_INVALID] or counts[NAT_ADOPT_FULL] else _st_log.info)(
+            "%s", status["message"])
         return 0
 
     cdef void _state_write_config(self, object ranges):
