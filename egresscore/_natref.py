@@ -32,9 +32,11 @@ def rng_seed(seed):
     return x or 1
 
 
-def _valid(family, proto):
+def _valid(family, proto, src=None, dst=None):
+    """A family and protocol the table handles; an IPv4 tuple's 16-byte
+    addresses are zero past their first 4 (the table keeps 4 bytes)."""
     if family == 4:
-        return proto in (TCP, UDP, ICMP)
+        return proto in (TCP, UDP, ICMP) and all(a is None or not any(a[4:]) for a in (src, dst))
     if family == 6:
         return proto in (TCP, UDP, ICMPV6)
     return False
@@ -52,9 +54,13 @@ class _Conn:
 class NatRef:
     """The reference table.  `egress` is a list of (family, addr16) and
     `ranges[i]` a list of three (lo, hi) pairs (tcp, udp, icmp) per egress IP.
-    `per_source_limit`: connections one source address may hold (None: any)."""
+    `per_source_limit`: connections one source address may hold (None: any).
+    `ipv6_capacity`: IPv6 connections the table's out-of-line address pool
+    holds (None: NatTable's default for `capacity`); a new one beyond it is
+    refused as nat_table_full."""
 
-    def __init__(self, egress, ranges, capacity, seed, timeouts=None, per_source_limit=None):
+    def __init__(self, egress, ranges, capacity, seed, timeouts=None, per_source_limit=None,
+                 ipv6_capacity=None):
         tmo = dict(DEFAULT_TIMEOUTS, **(timeouts or {}))
         self.timeout = {
             SYN_SENT: round(tmo["tcp_syn"] * 1e9),
@@ -70,6 +76,10 @@ class NatRef:
         for (fam, addr), rng in zip(egress, ranges):
             self.add_egress(fam, addr, rng)
         self.capacity = capacity
+        if ipv6_capacity is None:
+            ipv6_capacity = capacity if capacity <= 65536 else max(65536, capacity // 16)
+        self.ipv6_capacity = ipv6_capacity
+        self.ipv6_full = 0
         self.rng = rng_seed(seed & M64)
         self.conns = {}     # fwd key -> _Conn (dead ones too, until collected)
         self.rev = {}       # reply key -> fwd key
@@ -172,7 +182,7 @@ class NatRef:
     def translate(self, tup, ext, now):
         """SNAT an outgoing tuple: (0, out tuple) or (drop code, None)."""
         family, proto, flags, sport, dport, src, dst = tup
-        if not _valid(family, proto):
+        if not _valid(family, proto, src, dst):
             return self._drop(DROP_UNSUPPORTED)
         if not 0 <= ext < len(self.egress) or self.egress[ext][0] != family:
             return self._drop(DROP_NO_EGRESS_IP)
@@ -198,6 +208,9 @@ class NatRef:
                 self.refused_other += 1
             return self._drop(DROP_POD_CONN_LIMIT)
         if len(self.conns) >= self.capacity:
+            return self._drop(DROP_NAT_TABLE_FULL)
+        if family == 6 and self._ipv6_held() >= self.ipv6_capacity:
+            self.ipv6_full += 1
             return self._drop(DROP_NAT_TABLE_FULL)
         mkey = (family, proto, ext, src, sport)
         m = self.maps.get(mkey)
@@ -236,7 +249,7 @@ class NatRef:
     def reverse(self, tup, now):
         """Reverse-translate a reply: (0, tuple towards the pod) or (code, None)."""
         family, proto, flags, sport, dport, src, dst = tup
-        if not _valid(family, proto):
+        if not _valid(family, proto, src, dst):
             return self._drop(DROP_UNSUPPORTED)
         self.lookups += 1
         if proto in (ICMP, ICMPV6):
@@ -278,10 +291,16 @@ class NatRef:
     def live(self, now):
         return [c for c in self.conns.values() if c.expires > now]
 
+    def _ipv6_held(self):
+        return sum(1 for c in self.conns.values() if c.family == 6)
+
     def stats(self):
         return {
             "entries": len(self.conns),
             "mappings": len(self.maps),
+            "ipv6_capacity": self.ipv6_capacity,
+            "ipv6_entries": self._ipv6_held(),
+            "ipv6_full": self.ipv6_full,
             "lookups": self.lookups,
             "hits": self.hits,
             "created": self.created,

@@ -296,6 +296,10 @@ def _cmd_agent(args):
         raise CLIError("--cluster and --policies are required with --source file", EXIT_USAGE)
     if source is not None and (args.cluster or args.policies):
         raise CLIError(f"--cluster and --policies are for --source file, not {args.source}", EXIT_USAGE)
+    nat_capacity = args.nat_capacity or DEFAULT_NAT_CAPACITY
+    if args.nat_ipv6_capacity is not None and args.nat_ipv6_capacity > nat_capacity:
+        raise CLIError(f"--nat-ipv6-capacity {args.nat_ipv6_capacity} is more than --nat-capacity "
+                       f"{nat_capacity}", EXIT_USAGE)
     liveness = _liveness(args, FileLiveness, StaticLiveness, LivenessError)
     label_filter = _label_filter(args.labels)
     try:
@@ -306,7 +310,8 @@ def _cmd_agent(args):
                       metrics_addr=args.metrics_addr, control_socket=control, ring_mode=args.ring_mode,
                       rx_coalesce_us=DEFAULT_RX_COALESCE_US if args.rx_coalesce_us is None else args.rx_coalesce_us,
                       pod_ring_mib=args.pod_ring_mib or POD_RING_MIB,
-                      nat_capacity=args.nat_capacity or DEFAULT_NAT_CAPACITY, pod_conn_limit=args.pod_conn_limit,
+                      nat_capacity=nat_capacity,
+                      nat_ipv6_capacity=args.nat_ipv6_capacity, pod_conn_limit=args.pod_conn_limit,
                       gateway_health=args.gateway_health == "on", liveness=liveness,
                       probe_interval=args.probe_interval, probe_misses=args.probe_misses,
                       stateful_failover=args.stateful_failover,
@@ -413,6 +418,19 @@ def _count(text, most=None):
     return n
 
 
+def _ipv6_count(text):
+    """An argparse type for --nat-ipv6-capacity: a whole number from 0 (no
+    IPv6 connections) to the table's most; checked against --nat-capacity
+    when the agent starts."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= n <= NAT_MAX_CAPACITY:
+        raise argparse.ArgumentTypeError(f"{n} is out of range 0-{NAT_MAX_CAPACITY}")
+    return n
+
+
 def _sched_arg(which):
     """An argparse type for --rt-priority / --cpu, checked as the Agent checks them."""
     def parse(text):
@@ -516,9 +534,13 @@ def _add_agent(sub):
                    help="the control socket for `egresscore nat list/stats` (default /run/egresscore/NODE.sock)")
     a.add_argument("--no-control-socket", action="store_true", help="do not open the control socket")
     a.add_argument("--nat-capacity", type=lambda v: _count(v, NAT_MAX_CAPACITY), metavar="N",
-                   help="connections the NAT table holds (default 1000000, at most 268435454): 126 bytes "
-                        "each, 126 MB allocated at the default, backed by the kernel only as connections "
-                        "use it")
+                   help="connections the NAT table holds (default 1000000, at most 268435454): 90 bytes "
+                        "each plus the IPv6 pool, 93 MB of address space at the default, backed by the "
+                        "kernel only as connections use it")
+    a.add_argument("--nat-ipv6-capacity", type=_ipv6_count, metavar="N",
+                   help="IPv6 connections the NAT table holds, at most --nat-capacity: 48 bytes each "
+                        "(default: every connection up to 65536, then one in 16, at least 65536); a new "
+                        "IPv6 connection beyond it is refused (nat_table_full) while IPv4 ones still fit")
     a.add_argument("--pod-conn-limit", type=_count, metavar="N",
                    help="at most N connections per source (pod) IP; more are refused (drop reason "
                         "pod_conn_limit, counted per pod in `egresscore stats`); off by default; "

@@ -283,6 +283,48 @@ def test_agent_nat_capacity_and_pod_limit_flags(capsys, monkeypatch):
         assert f"argument {flag}: " in err and msg in err
 
 
+def test_agent_nat_ipv6_capacity_flag(capsys, monkeypatch):
+    """--nat-ipv6-capacity reaches the Agent (None: the table's default; 0:
+    no IPv6 connections); a bad value, or one over --nat-capacity, is a usage
+    error naming the flag."""
+    import egresscore.agent as agent_mod
+
+    seen = {}
+
+    class Stop(agent_mod.AgentError):
+        pass
+
+    def fake_agent(node, cluster, policies, **kw):
+        seen.update(kw)
+        raise Stop("stopped by the test")
+
+    monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    base = ("agent", "--node", "node3", "--cluster", CLUSTER, "--policies", SAMPLE, "--no-control-socket")
+    assert run(capsys, *base)[0] == 1 and seen["nat_ipv6_capacity"] is None
+    for value, want in (("300000", 300_000), ("0", 0)):
+        assert run(capsys, *base, "--nat-ipv6-capacity", value)[0] == 1
+        assert seen["nat_ipv6_capacity"] == want
+    for value, msg in (("-1", "out of range 0-268435454"), ("268435455", "out of range 0-268435454"),
+                       ("many", "not a whole number")):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, "--nat-ipv6-capacity", value])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --nat-ipv6-capacity: " in err and msg in err
+    seen.clear()
+    code, _out, err = run(capsys, *base, "--nat-capacity", "1000", "--nat-ipv6-capacity", "1001")
+    assert code == 2 and not seen
+    assert "--nat-ipv6-capacity 1001 is more than --nat-capacity 1000" in err
+
+
+def test_agent_refuses_a_bad_nat_ipv6_capacity():
+    """Agent(nat_ipv6_capacity=...) is checked before anything is set up."""
+    from egresscore.agent import Agent
+    for bad in (-1, 1_000_001, 2.5, True, "10"):
+        with pytest.raises(ValueError, match=r"nat_ipv6_capacity must be an integer in 0\.\.nat_capacity"):
+            Agent("node3", CLUSTER, [SAMPLE], nat_ipv6_capacity=bad)
+
+
 def test_agent_pod_ring_mib_reaches_the_agent(capsys, monkeypatch):
     """--pod-ring-mib sizes each pod veth's RX ring (default 32 MiB); a bad size is a usage error naming it."""
     import egresscore.agent as agent_mod

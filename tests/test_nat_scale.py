@@ -74,7 +74,8 @@ def test_a_large_table_costs_no_resident_memory_until_used():
     before = _rss_kib()
     t = NatTable([EGRESS], capacity=4_000_000, seed=1)
     grown = _rss_kib() - before
-    assert t.memory_bytes > 4_000_000 * 120          # allocated ...
+    # allocated (at most 96 bytes per connection, indexes and IPv6 pool included) ...
+    assert 4_000_000 * 80 < t.memory_bytes <= 4_000_000 * 96
     assert grown < 8 * 1024, f"RSS grew {grown} KiB"  # ... but not touched
     for i in range(100):
         t.translate(POD_A, 1000 + i, REMOTE, 80, now=1.0)

@@ -7,6 +7,7 @@ import shutil
 import struct
 
 import pytest
+from egresscore._core import _NAT_ENTRY_SIZE as E
 from egresscore._core import NAT_STATE_LAYOUT, NatStateError, NatTable, _nat_state_regions
 
 EGRESS = "192.0.2.10"
@@ -128,9 +129,9 @@ def test_garbage_over_entries_drops_the_invalid_and_keeps_the_valid(tmp_path, cl
     off, _ = regions["entries"]
     rnd = random.Random(16)
     with open(snap, "r+b") as f:
-        for idx in (3, 77, 150, 301, 360):       # 80-byte entries: random bytes over five
-            f.seek(off + idx * 80)
-            f.write(bytes(rnd.randrange(256) for _ in range(80)))
+        for idx in (3, 77, 150, 301, 360):       # random bytes over five entries
+            f.seek(off + idx * E)
+            f.write(bytes(rnd.randrange(256) for _ in range(E)))
     t2 = table(snap, clock)
     st = t2.state
     assert st["adopted"]
@@ -349,7 +350,7 @@ def test_truncated_mid_entry_is_refused(tmp_path, clock, flows):
     path, t, _ = flows
     snap = copy_of(path, tmp_path)
     off, _ = _nat_state_regions(4096)[0]["entries"]
-    os.truncate(snap, off + 37 * 80 + 17)           # the 38th entry cut in two
+    os.truncate(snap, off + 37 * E + 17)           # the 38th entry cut in two
     _refused(tmp_path, clock, snap, ["truncated"])
 
 
@@ -438,9 +439,9 @@ def test_a_clean_stops_seal_is_verified_and_removed(tmp_path, clock, flows):
     assert _same_or_gone(t2, got) == len(got)
 
 
-@pytest.mark.parametrize("field,at", [("pod address", 3), ("remote address", 17), ("expiry", 34),
-                                      ("pod port", 40), ("remote port", 42), ("egress port", 44),
-                                      ("counters", 79)])
+@pytest.mark.parametrize("field,at", [("pod address", 9), ("remote address", 13), ("expiry", 2),
+                                      ("pod port", 16), ("remote port", 18), ("egress port", 20),
+                                      ("counters", 41)])
 def test_a_flipped_entry_byte_in_a_sealed_file_drops_its_group_only(tmp_path, clock, flows, field, at):
     """A byte the entry checks cannot catch (another pod address, another
     port that is free) would translate with garbage: the seal catches it."""
@@ -449,7 +450,7 @@ def test_a_flipped_entry_byte_in_a_sealed_file_drops_its_group_only(tmp_path, cl
     off, _ = _nat_state_regions(4096)[0]["entries"]
     victim = 100                                       # group 1: entries 64-127
     with open(snap, "r+b") as f:
-        f.seek(off + victim * 80 + at)
+        f.seek(off + victim * E + at)
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0x04]))
@@ -465,8 +466,8 @@ def test_a_flipped_byte_in_a_free_slot_above_the_sealed_high_water_mark_is_dropp
     snap = _sealed_copy(path, t, tmp_path)
     off, _ = _nat_state_regions(4096)[0]["entries"]
     with open(snap, "r+b") as f:                     # entry 400 (never used) made to look like a live one
-        f.seek(off + 370 * 80)
-        f.write(open(snap, "rb").read()[off:off + 80])
+        f.seek(off + 370 * E)
+        f.write(open(snap, "rb").read()[off:off + E])
     t2 = table(snap, clock)
     assert t2.state["corrupt"] == 1 and _same_or_gone(t2, got) == len(got)
 

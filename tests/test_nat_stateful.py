@@ -50,16 +50,18 @@ steps_ms = st.sampled_from([1, 1000, 9990, 10000, 59000, 60000, 61000, 299000, 3
 
 class NatMachine(RuleBasedStateMachine):
     LIMIT = None
+    IPV6_CAPACITY = None
 
     def __init__(self):
         super().__init__()
         self.now_ms = 1_000_000
-        self.t = NatTable(capacity=CAPACITY, seed=SEED, clock=lambda: 0.0, per_source_limit=self.LIMIT)
+        self.t = NatTable(capacity=CAPACITY, seed=SEED, clock=lambda: 0.0, per_source_limit=self.LIMIT,
+                          ipv6_capacity=self.IPV6_CAPACITY)
         for ip, ranges in EGRESS:
             self.t.add_egress_ip(ip, **ranges)
         self.m = NatRef([(4 if ":" not in ip else 6, packed(ip)) for ip, _ in EGRESS],
                         [[r["tcp"], r["udp"], r["icmp"]] for _, r in EGRESS], CAPACITY, SEED,
-                        per_source_limit=self.LIMIT)
+                        per_source_limit=self.LIMIT, ipv6_capacity=self.IPV6_CAPACITY)
 
     @property
     def now(self):
@@ -224,3 +226,17 @@ NatMachineLimited.TestCase.settings = settings(
     max_examples=80, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestNatWithSourceLimitAgainstModel = NatMachineLimited.TestCase
+
+
+class NatMachineIPv6Pool(NatMachine):
+    """Room for 3 IPv6 connections in a table of 10: a new IPv6 connection
+    beyond the out-of-line address pool is refused (nat_table_full, counted
+    as ipv6_full) while IPv4 ones still fit, and a collected one's record is
+    handed out again."""
+    IPV6_CAPACITY = 3
+
+
+NatMachineIPv6Pool.TestCase.settings = settings(
+    max_examples=80, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestNatWithSmallIPv6PoolAgainstModel = NatMachineIPv6Pool.TestCase

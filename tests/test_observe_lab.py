@@ -129,13 +129,21 @@ def lab():
         lab.records = []
         lab.sock = os.path.join(sockdir, "run", "node3.sock")
         node3 = dict(flow_log=lab.records.append, metrics_port=0, control_socket=lab.sock,
-                     nat_capacity=4096, nat_timeouts={"tcp_closing": 1, "udp": 3})
+                     nat_capacity=4096, nat_ipv6_capacity=1000,
+                     nat_timeouts={"tcp_closing": 1, "udp": 3})
         try:
             with running_agents(lab, SAMPLE_POLICY, {"node3": node3}) as lab.agents:
                 lab.servers_ = lab.start_servers()
                 yield lab
         finally:
             shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_nat_ipv6_capacity_reaches_the_table(lab):
+    """Agent(nat_ipv6_capacity=N) sizes the NAT table's IPv6 pool (the
+    default would be all 4096 of its connections)."""
+    st = lab.agents["node3"].nat.stats
+    assert (st["capacity"], st["ipv6_capacity"]) == (4096, 1000)
 
 
 def wait_for(lab, pred, timeout=15.0):

@@ -163,8 +163,8 @@ from .tunnel import TunnelDevice
 from .workers import DatapathGroup, Parking, WorkerRings, make_nat
 
 DEFAULT_NAT_PORTS = (32768, 65534)
-# Connections the NAT table holds: a gateway's worth.  126 bytes each
-# (NatTable.memory_bytes / capacity, indexes included): 126 MB allocated at the
+# Connections the NAT table holds: a gateway's worth.  About 93 bytes each
+# (NatTable.memory_bytes / capacity, indexes and IPv6 pool included): 93 MB allocated at the
 # default, backed by the kernel only as connections use it.
 DEFAULT_NAT_CAPACITY = 1_000_000
 DEFAULT_PIN_CAPACITY = 65536    # make-before-break: connections from this node's pods that keep their gateway
@@ -203,8 +203,12 @@ class Agent:
     tunnel_offload: hand tunnel-bound TCP super-packets to a kernel vxlan
     device (egc-tnl0) instead of cutting them here.
     nat_capacity: connections the NAT table holds (default 1,000,000, at most
-    268,435,454); 126 bytes each (126 MB allocated at the default), touched only as
-    connections use them: an idle agent stays small.
+    268,435,454); 90 bytes each plus the IPv6 pool (93 MB of address space at the
+    default), touched only as connections use them: an idle agent stays small.
+    nat_ipv6_capacity: IPv6 connections the NAT table's address pool holds
+    (48 bytes each; default None: every connection up to 65,536, then one in
+    16, at least 65,536); at most nat_capacity.  A new IPv6 connection beyond
+    it is refused (nat_table_full) while IPv4 ones still fit.
     pod_conn_limit: at most this many connections per source (pod) IP (off
     by default); refusals are counted per pod in stats()["nat"]; 30 bytes
     more per connection of capacity.
@@ -259,7 +263,7 @@ class Agent:
     def __init__(self, node, cluster=None, policies=(), *, netns=None, underlay="eth0", vni=2,
                  vxlan_port=8472, mtu=1500, nat_port_range=DEFAULT_NAT_PORTS,
                  kernel_port_range=DEFAULT_KERNEL_PORTS, nat_capacity=DEFAULT_NAT_CAPACITY,
-                 pod_conn_limit=None,
+                 nat_ipv6_capacity=None, pod_conn_limit=None,
                  pod_ifname=_pod_ifname, claim=True, poll_ms=60000, vnet_hdr=True, tunnel_offload=True,
                  ring_mode="latency", rx_coalesce_us=DEFAULT_RX_COALESCE_US, pod_ring_mib=POD_RING_MIB,
                  nat_timeouts=None, nat_state=True,
@@ -273,6 +277,11 @@ class Agent:
         self.workers = check_workers(workers)
         if workers > 1 and stateful_failover:
             raise ValueError("stateful_failover replicates one NAT table: not with workers > 1 (yet)")
+        if nat_ipv6_capacity is not None and (isinstance(nat_ipv6_capacity, bool)
+                                              or not isinstance(nat_ipv6_capacity, int)
+                                              or not 0 <= nat_ipv6_capacity <= nat_capacity):
+            raise ValueError(f"nat_ipv6_capacity must be an integer in 0..nat_capacity ({nat_capacity}) "
+                             f"or None, not {nat_ipv6_capacity!r}")
         if not isinstance(rx_coalesce_us, int) or not 0 <= rx_coalesce_us <= 1000:
             raise ValueError(f"rx_coalesce_us must be an integer in 0..1000, not {rx_coalesce_us!r}")
         liveness = self._liveness_of(liveness, source, node, gateway_health)
@@ -290,7 +299,8 @@ class Agent:
             self._build(node, cluster, policies, runner, netns=netns, underlay=underlay, vni=vni,
                         vxlan_port=vxlan_port, mtu=mtu, nat_port_range=nat_port_range,
                         kernel_port_range=kernel_port_range, nat_capacity=nat_capacity,
-                        pod_conn_limit=pod_conn_limit, pod_ifname=pod_ifname, claim=claim, poll_ms=poll_ms,
+                        nat_ipv6_capacity=nat_ipv6_capacity, pod_conn_limit=pod_conn_limit,
+                        pod_ifname=pod_ifname, claim=claim, poll_ms=poll_ms,
                         vnet_hdr=vnet_hdr, tunnel_offload=tunnel_offload, ring_mode=ring_mode,
                         pod_ring_mib=pod_ring_mib, nat_timeouts=nat_timeouts, nat_state=nat_state, flow_log=flow_log,
                         flow_log_capacity=flow_log_capacity, flow_drop_rate=flow_drop_rate,
@@ -341,7 +351,7 @@ class Agent:
         return out
 
     def _build(self, node, cluster, policies, runner, *, netns, underlay, vni, vxlan_port, mtu, nat_port_range,
-               kernel_port_range, nat_capacity, pod_conn_limit, pod_ifname, claim, poll_ms, vnet_hdr,
+               kernel_port_range, nat_capacity, nat_ipv6_capacity, pod_conn_limit, pod_ifname, claim, poll_ms, vnet_hdr,
                tunnel_offload, ring_mode, pod_ring_mib, nat_timeouts, nat_state, flow_log, flow_log_capacity,
                flow_drop_rate, metrics_port, metrics_addr, control_socket, health, identity, families):
         # the one loading path (egresscore.inputs): a bad input is an error, the agent does not start
@@ -389,7 +399,9 @@ class Agent:
                 # one table, or one per worker over its slice of the port range (egresscore.agent.workers)
                 self.nat = make_nat(self.workers, self.nat_port_range, nat_state_path(node, netns, nat_state),
                                     f"egresscore agent {node}", capacity=-(-nat_capacity // self.workers),
-                                    timeouts=nat_timeouts, per_source_limit=pod_conn_limit)
+                                    timeouts=nat_timeouts, per_source_limit=pod_conn_limit,
+                                    ipv6_capacity=(None if nat_ipv6_capacity is None
+                                                   else -(-nat_ipv6_capacity // self.workers)))
             except NatStateError as exc:   # held by another process, or not creatable
                 raise AgentError(str(exc)) from None
             if self.nat.state is not None:

@@ -33,6 +33,11 @@ cdef void nat_reverse_batch_len(nat_table* t, const nat_tuple* tin, nat_tuple* t
     cdef uint32_t s
     cdef const nat_tuple* r
     cdef uint16_t rport
+    # the entry's bytes a reply touches: expiry, addresses, ports, family to
+    # flags and the policy id (the first 32), and with lengths the counters
+    # (the first 48): one line more only when they straddle one (3 of 8
+    # entries, 5 of 8 with lengths), where the whole 56 would take 6 of 8
+    cdef size_t hot = (48 if lens != NULL else 32) - 1
     for i in range(n + NAT_RPF_SLOT):
         if i < n:
             r = &tin[i]
@@ -45,7 +50,7 @@ cdef void nat_reverse_batch_len(nat_table* t, const nat_tuple* tin, nat_tuple* t
             s = _nat_peek(&t.rev, hring[j & (NAT_RPF_RING - 1)])
             if s != 0:
                 nat_prefetch_w(&t.entries[_nat_slot_idx(&t.rev, s)])
-                nat_prefetch_w(<char*>&t.entries[_nat_slot_idx(&t.rev, s)] + sizeof(nat_entry) - 1)
+                nat_prefetch_w(<char*>&t.entries[_nat_slot_idx(&t.rev, s)] + hot)
         j = i - NAT_RPF_SLOT
         if j >= 0:
             r = &tin[j]

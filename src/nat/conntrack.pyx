@@ -2,15 +2,55 @@
 # per-connection state machine with translate out/in (nat.pyx rules at the top of nat/index.pyx).
 
 # ---------------------------------------------------------------------------
+# the IPv6 address pools (t.a6 of the entries, t.m6 of the mappings; the
+# caller checked there is room: a6_used, m6_used < a6_capacity)
+
+cdef inline uint32_t _nat_a6_take(nat_table* t, const uint8_t* src, const uint8_t* dst) noexcept nogil:
+    """A record holding src and dst (16 bytes each); its index."""
+    cdef uint32_t r = t.a6_free_head
+    if r != NAT_NONE:
+        memcpy(&t.a6_free_head, t.a6[r].src, 4)      # next-free link
+    else:
+        r = t.a6_hwm
+        t.a6_hwm += 1
+    memcpy(t.a6[r].src, src, 16)
+    memcpy(t.a6[r].dst, dst, 16)
+    t.a6_used += 1
+    return r
+
+cdef inline void _nat_a6_put(nat_table* t, uint32_t r) noexcept nogil:
+    memset(&t.a6[r], 0, sizeof(nat_addr6))
+    memcpy(t.a6[r].src, &t.a6_free_head, 4)
+    t.a6_free_head = r
+    t.a6_used -= 1
+
+cdef inline uint32_t _nat_m6_take(nat_table* t, const uint8_t* addr) noexcept nogil:
+    cdef uint32_t r = t.m6_free_head
+    if r != NAT_NONE:
+        memcpy(&t.m6_free_head, &t.m6[<uint64_t>r * 16], 4)
+    else:
+        r = t.m6_hwm
+        t.m6_hwm += 1
+    memcpy(&t.m6[<uint64_t>r * 16], addr, 16)
+    t.m6_used += 1
+    return r
+
+cdef inline void _nat_m6_put(nat_table* t, uint32_t r) noexcept nogil:
+    memcpy(&t.m6[<uint64_t>r * 16], &t.m6_free_head, 4)
+    t.m6_free_head = r
+    t.m6_used -= 1
+
+# ---------------------------------------------------------------------------
 # the policy id packed into a live entry (see nat_entry in nat.pxd)
 
 cdef inline uint32_t _nat_e_mapping(nat_table* t, const nat_entry* e) noexcept nogil:
     """A live entry's mapping index: kept in the entry's 24 bits, or, in a
     table with more mappings than 24 bits hold, found by its key."""
+    cdef uint8_t buf[16]
     if t.map_capacity <= NAT_MAP_MASK:
         return e.mapping & NAT_MAP_MASK
-    return _nat_find_map(t, _nat_hash_map(t.seed, e.family, e.proto, e.sport, e.ext, e.src),
-                         e.family, e.proto, e.sport, e.ext, e.src)
+    return _nat_find_map(t, _nat_e_hash_map(t, e), e.family, e.proto, e.sport, e.ext,
+                         _nat_e_src(t, e, buf))
 
 cdef inline uint32_t _nat_e_policy(const nat_entry* e) noexcept nogil:
     """A live entry's policy id (0: none)."""
@@ -150,8 +190,9 @@ cdef void _nat_flow(nat_table* t, const nat_entry* e, uint8_t kind, uint8_t reas
     r.proto = e.proto
     r.sport = e.sport
     r.dport = e.dport
-    memcpy(r.src, e.src, 16)
-    memcpy(r.dst, e.dst, 16)
+    cdef uint8_t buf[16]
+    memcpy(r.src, _nat_e_src(t, e, buf), 16)
+    memcpy(r.dst, _nat_e_dst(t, e, buf), 16)
     memcpy(r.xsrc, t.ext[e.ext].addr, 16)
     r.xport = e.xport
     r.policy = <uint16_t>_nat_e_policy(e) if _nat_e_policy(e) else FLOW_NO_POLICY
@@ -256,22 +297,28 @@ cdef void _nat_collect(nat_table* t, uint32_t idx, uint64_t now,
     cdef nat_entry* e = &t.entries[idx]
     cdef uint32_t mi = _nat_e_mapping(t, e)
     cdef nat_mapping* m = &t.mappings[mi]
+    cdef uint8_t buf[16]
     if t.flog != NULL:
         _nat_flow(t, e, FLOW_END, reason if reason else _nat_end_reason(e), now)
     _nat_wheel_unlink(t, idx)
     if _nat_e_policy(e):
         t.pol[policy_slot(_nat_e_policy(e))].live -= 1
     if t.src_limit:
-        _nat_src_release(t, e.family, e.src)
+        _nat_src_release(t, e.family, _nat_e_src(t, e, buf))
     _nat_index_delete(t, 0, &t.fwd, _nat_entry_hash(t, 0, idx), idx)
     _nat_index_delete(t, 1, &t.rev, _nat_entry_hash(t, 1, idx), idx)
     m.refcnt -= 1
     if m.refcnt == 0:
         _nat_index_delete(t, 2, &t.map, _nat_entry_hash(t, 2, mi), mi)
         _nat_port_put(t.ext[m.ext].pools[_nat_pool_of(m.proto)], m.xport)
-        memcpy(m.addr, &t.map_free_head, 4)       # next-free link
+        if m.family == 6:
+            _nat_m6_put(t, m.addr)
+        m.addr = t.map_free_head                  # next-free link
         t.map_free_head = mi
         t.map_used -= 1
+    if e.family == 6:
+        _nat_a6_put(t, e.a0)
+        e.a0 = 0
     e.state = NAT_STATE_FREE
     e.mapping = t.free_head
     t.free_head = idx
@@ -286,7 +333,11 @@ cdef inline void _nat_fill_out(nat_table* t, const nat_entry* e, const nat_tuple
     out.sport = e.xport
     out.dport = e.dport
     memcpy(out.src, t.ext[e.ext].addr, 16)
-    memcpy(out.dst, e.dst, 16)
+    if e.family == 6:
+        memcpy(out.dst, t.a6[e.a0].dst, 16)
+    else:
+        memset(out.dst, 0, 16)
+        memcpy(out.dst, &e.a1, 4)
 
 cdef inline int _nat_refuse(nat_table* t, const nat_tuple* o, int reason,
                             uint64_t now) noexcept nogil:
@@ -318,6 +369,9 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
             return _nat_refuse(t, o, DROP_POD_CONN_LIMIT, now)
     if t.free_head == NAT_NONE and t.entries_hwm == t.capacity:
         return _nat_refuse(t, o, DROP_NAT_TABLE_FULL, now)
+    if o.family == 6 and (t.a6_used >= t.a6_capacity or t.m6_used >= t.a6_capacity):
+        t.a6_full += 1          # the IPv6 address pool is full: a table-full refusal
+        return _nat_refuse(t, o, DROP_NAT_TABLE_FULL, now)
     m = _nat_find_map(t, mh, o.family, o.proto, o.sport, <uint16_t>ext, o.src)
     if m == NAT_NONE and t.ext[ext].nspill:
         m = _nat_spill_find_map(t, o, &ext, &mh)
@@ -337,12 +391,15 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
         m = t.map_free_head
         if m != NAT_NONE:
             mp = &t.mappings[m]
-            memcpy(&t.map_free_head, mp.addr, 4)  # next-free link
+            t.map_free_head = mp.addr             # next-free link
         else:
             m = t.mappings_hwm                    # never used: no more than entries
             t.mappings_hwm += 1
             mp = &t.mappings[m]
-        memcpy(mp.addr, o.src, 16)
+        if o.family == 6:
+            mp.addr = _nat_m6_take(t, o.src)
+        else:
+            mp.addr = _nat_load32(o.src)
         mp.port = o.sport
         mp.xport = <uint16_t>xport
         mp.ext = <uint16_t>ext
@@ -368,8 +425,12 @@ cdef int _nat_create(nat_table* t, const nat_tuple* o, uint16_t dport, uint64_t 
             sr.meta = NAT_SRC_V6 if o.family == 6 else 0
             t.src_used += 1
         sr.meta += 1
-    memcpy(e.src, o.src, 16)
-    memcpy(e.dst, o.dst, 16)
+    if o.family == 6:
+        e.a0 = _nat_a6_take(t, o.src, o.dst)
+        e.a1 = 0
+    else:
+        e.a0 = _nat_load32(o.src)
+        e.a1 = _nat_load32(o.dst)
     e.sport = o.sport
     e.dport = dport
     e.xport = mp.xport
@@ -491,7 +552,11 @@ cdef inline int _nat_in_h(nat_table* t, const nat_tuple* r, uint64_t now, nat_tu
             out.sport = rport
             out.dport = e.sport
             memcpy(out.src, r.src, 16)
-            memcpy(out.dst, e.src, 16)
+            if e.family == 6:
+                memcpy(out.dst, t.a6[e.a0].src, 16)
+            else:
+                memset(out.dst, 0, 16)
+                memcpy(out.dst, &e.a0, 4)
             if policy != NULL:
                 policy[0] = _nat_e_policy(e)
             return 0

@@ -79,47 +79,118 @@ cdef inline int _nat_pool_of(uint8_t proto) noexcept nogil:
         return 1
     return 2
 
+cdef inline bint _nat_v4_clean(uint8_t family, const uint8_t* a) noexcept nogil:
+    """An IPv4 address in 16 bytes has zeros past its first 4 (IPv6: any)."""
+    return family == 6 or (nat_load64(a + 8) == 0 and (nat_load64(a) >> 32) == 0)
+
+cdef inline uint32_t _nat_load32(const uint8_t* a) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, a, 4)
+    return v
+
 cdef inline int _nat_check(const nat_tuple* k) noexcept nogil:
-    """0 if family and protocol are ones the table handles, else DROP_UNSUPPORTED."""
+    """0 if family and protocol are ones the table handles (and an IPv4
+    tuple's addresses are zero past their 4 bytes), else DROP_UNSUPPORTED."""
     if k.family == 4:
         if k.proto == NAT_PROTO_TCP or k.proto == NAT_PROTO_UDP or k.proto == NAT_PROTO_ICMP:
-            return 0
+            if _nat_v4_clean(4, k.src) and _nat_v4_clean(4, k.dst):
+                return 0
     elif k.family == 6:
         if k.proto == NAT_PROTO_TCP or k.proto == NAT_PROTO_UDP or k.proto == NAT_PROTO_ICMPV6:
             return 0
     return DROP_UNSUPPORTED
 
+cdef inline uint64_t _nat_hash_fwd_w(uint64_t seed, uint8_t family, uint8_t proto,
+                                     uint16_t sport, uint16_t dport, uint64_t s0, uint64_t s1,
+                                     uint64_t d0, uint64_t d1) noexcept nogil:
+    return nat_hash5(seed, _nat_w0(family, proto, sport, dport, 0), s0, s1, d0, d1)
+
 cdef inline uint64_t _nat_hash_fwd(uint64_t seed, uint8_t family, uint8_t proto,
                                    uint16_t sport, uint16_t dport,
                                    const uint8_t* src, const uint8_t* dst) noexcept nogil:
-    return nat_hash5(seed, _nat_w0(family, proto, sport, dport, 0),
-                     nat_load64(src), nat_load64(src + 8),
-                     nat_load64(dst), nat_load64(dst + 8))
+    return _nat_hash_fwd_w(seed, family, proto, sport, dport, nat_load64(src), nat_load64(src + 8),
+                           nat_load64(dst), nat_load64(dst + 8))
+
+cdef inline uint64_t _nat_hash_rev_w(uint64_t seed, uint8_t family, uint8_t proto,
+                                     uint16_t rport, uint16_t xport, uint64_t r0, uint64_t r1,
+                                     const uint8_t* extaddr) noexcept nogil:
+    return nat_hash5(seed ^ 0x5bd1e9955bd1e995ULL, _nat_w0(family, proto, rport, xport, 1),
+                     r0, r1, nat_load64(extaddr), nat_load64(extaddr + 8))
 
 cdef inline uint64_t _nat_hash_rev(uint64_t seed, uint8_t family, uint8_t proto,
                                    uint16_t rport, uint16_t xport,
                                    const uint8_t* remote, const uint8_t* extaddr) noexcept nogil:
-    return nat_hash5(seed ^ 0x5bd1e9955bd1e995ULL, _nat_w0(family, proto, rport, xport, 1),
-                     nat_load64(remote), nat_load64(remote + 8),
-                     nat_load64(extaddr), nat_load64(extaddr + 8))
+    return _nat_hash_rev_w(seed, family, proto, rport, xport, nat_load64(remote),
+                           nat_load64(remote + 8), extaddr)
+
+cdef inline uint64_t _nat_hash_map_w(uint64_t seed, uint8_t family, uint8_t proto, uint16_t port,
+                                     uint16_t ext, uint64_t a0, uint64_t a1) noexcept nogil:
+    return nat_hash3(seed ^ 0x9e3779b97f4a7c15ULL, _nat_w0(family, proto, port, ext, 2), a0, a1)
 
 cdef inline uint64_t _nat_hash_map(uint64_t seed, uint8_t family, uint8_t proto,
                                    uint16_t port, uint16_t ext, const uint8_t* addr) noexcept nogil:
-    return nat_hash3(seed ^ 0x9e3779b97f4a7c15ULL, _nat_w0(family, proto, port, ext, 2),
-                     nat_load64(addr), nat_load64(addr + 8))
+    return _nat_hash_map_w(seed, family, proto, port, ext, nat_load64(addr), nat_load64(addr + 8))
+
+# ---------------------------------------------------------------------------
+# an entry's addresses: in it (IPv4) or in its nat_addr6 record (IPv6)
+
+cdef inline const uint8_t* _nat_e_addr(nat_table* t, const nat_entry* e, bint remote,
+                                       uint8_t* buf) noexcept nogil:
+    """The entry's pod (remote: its remote) address, 16 bytes: its IPv6
+    record's, or buf filled with the IPv4 address (zeros after it)."""
+    if e.family == 6:
+        if remote:
+            return t.a6[e.a0].dst
+        return t.a6[e.a0].src
+    memset(buf, 0, 16)
+    memcpy(buf, &e.a1 if remote else &e.a0, 4)
+    return buf
+
+cdef inline const uint8_t* _nat_e_src(nat_table* t, const nat_entry* e, uint8_t* buf) noexcept nogil:
+    return _nat_e_addr(t, e, False, buf)
+
+cdef inline const uint8_t* _nat_e_dst(nat_table* t, const nat_entry* e, uint8_t* buf) noexcept nogil:
+    return _nat_e_addr(t, e, True, buf)
+
+cdef inline const uint8_t* _nat_m_addr(nat_table* t, const nat_mapping* m, uint8_t* buf) noexcept nogil:
+    """The mapping's pod address, 16 bytes (as _nat_e_src)."""
+    if m.family == 6:
+        return &t.m6[<uint64_t>m.addr * 16]
+    memset(buf, 0, 16)
+    memcpy(buf, &m.addr, 4)
+    return buf
+
+cdef inline uint64_t _nat_e_hash_fwd(nat_table* t, const nat_entry* e) noexcept nogil:
+    cdef const nat_addr6* a
+    if e.family == 6:
+        a = &t.a6[e.a0]
+        return _nat_hash_fwd(t.seed, 6, e.proto, e.sport, e.dport, a.src, a.dst)
+    return _nat_hash_fwd_w(t.seed, e.family, e.proto, e.sport, e.dport, e.a0, 0, e.a1, 0)
+
+cdef inline uint64_t _nat_e_hash_rev(nat_table* t, const nat_entry* e) noexcept nogil:
+    cdef const nat_addr6* a
+    if e.family == 6:
+        a = &t.a6[e.a0]
+        return _nat_hash_rev(t.seed, 6, e.proto, e.dport, e.xport, a.dst, t.ext[e.ext].addr)
+    return _nat_hash_rev_w(t.seed, e.family, e.proto, e.dport, e.xport, e.a1, 0, t.ext[e.ext].addr)
+
+cdef inline uint64_t _nat_e_hash_map(nat_table* t, const nat_entry* e) noexcept nogil:
+    cdef const nat_addr6* a
+    if e.family == 6:
+        a = &t.a6[e.a0]
+        return _nat_hash_map(t.seed, 6, e.proto, e.sport, e.ext, a.src)
+    return _nat_hash_map_w(t.seed, e.family, e.proto, e.sport, e.ext, e.a0, 0)
 
 cdef inline uint64_t _nat_entry_hash(nat_table* t, int kind, uint32_t idx) noexcept nogil:
-    cdef nat_entry* e
     cdef nat_mapping* m
     if kind == 0:
-        e = &t.entries[idx]
-        return _nat_hash_fwd(t.seed, e.family, e.proto, e.sport, e.dport, e.src, e.dst)
+        return _nat_e_hash_fwd(t, &t.entries[idx])
     if kind == 1:
-        e = &t.entries[idx]
-        return _nat_hash_rev(t.seed, e.family, e.proto, e.dport, e.xport, e.dst,
-                             t.ext[e.ext].addr)
+        return _nat_e_hash_rev(t, &t.entries[idx])
     m = &t.mappings[idx]
-    return _nat_hash_map(t.seed, m.family, m.proto, m.port, m.ext, m.addr)
+    if m.family == 6:
+        return _nat_hash_map(t.seed, 6, m.proto, m.port, m.ext, &t.m6[<uint64_t>m.addr * 16])
+    return _nat_hash_map_w(t.seed, m.family, m.proto, m.port, m.ext, m.addr, 0)
 
 # ---------------------------------------------------------------------------
 # open-addressing index: uint32 slots = hash tag | (entry index + 1), the
@@ -202,8 +273,12 @@ cdef inline uint32_t _nat_find_fwd(nat_table* t, uint64_t h, uint8_t family, uin
         if (s & tmask) == tag:
             e = &t.entries[(s & t.fwd.imask) - 1]
             if (e.sport == sport and e.dport == dport and e.proto == proto
-                    and e.family == family and nat_eq16(e.src, src) and nat_eq16(e.dst, dst)):
-                return (s & t.fwd.imask) - 1
+                    and e.family == family):
+                if family == 4:
+                    if e.a0 == _nat_load32(src) and e.a1 == _nat_load32(dst):
+                        return (s & t.fwd.imask) - 1
+                elif nat_eq16(t.a6[e.a0].src, src) and nat_eq16(t.a6[e.a0].dst, dst):
+                    return (s & t.fwd.imask) - 1
         pos += 1
         if pos == t.fwd.size:
             pos = 0
@@ -223,9 +298,12 @@ cdef inline uint32_t _nat_find_rev(nat_table* t, uint64_t h, uint8_t family, uin
         if (s & tmask) == tag:
             e = &t.entries[(s & t.rev.imask) - 1]
             if (e.xport == xport and e.dport == rport and e.proto == proto
-                    and e.family == family and nat_eq16(e.dst, remote)
-                    and nat_eq16(t.ext[e.ext].addr, extaddr)):
-                return (s & t.rev.imask) - 1
+                    and e.family == family and nat_eq16(t.ext[e.ext].addr, extaddr)):
+                if family == 4:
+                    if e.a1 == _nat_load32(remote):
+                        return (s & t.rev.imask) - 1
+                elif nat_eq16(t.a6[e.a0].dst, remote):
+                    return (s & t.rev.imask) - 1
         pos += 1
         if pos == t.rev.size:
             pos = 0
@@ -243,9 +321,12 @@ cdef inline uint32_t _nat_find_map(nat_table* t, uint64_t h, uint8_t family, uin
             return NAT_NONE
         if (s & tmask) == tag:
             m = &t.mappings[(s & t.map.imask) - 1]
-            if (m.port == port and m.ext == ext and m.proto == proto
-                    and m.family == family and nat_eq16(m.addr, addr)):
-                return (s & t.map.imask) - 1
+            if m.port == port and m.ext == ext and m.proto == proto and m.family == family:
+                if family == 4:
+                    if m.addr == _nat_load32(addr):
+                        return (s & t.map.imask) - 1
+                elif nat_eq16(&t.m6[<uint64_t>m.addr * 16], addr):
+                    return (s & t.map.imask) - 1
         pos += 1
         if pos == t.map.size:
             pos = 0

@@ -132,43 +132,57 @@ cdef packed struct nat_tuple:
     uint8_t src[16]
     uint8_t dst[16]
 
-# One connection, 80 bytes, indexed from both directions.  The counters are
-# 32-bit bytes and 16-bit packets per direction (index NAT_DIR_OUT/IN): when
-# one would wrap, a FLOW_UPDATE record carries the counts so far and they
-# restart from zero (without a flow log they stop at their maximum).
+# One connection, 56 bytes, indexed from both directions.  An IPv4
+# connection holds its addresses in the entry (a0: pod, a1: remote, 4 bytes
+# each in network order); an IPv6 one holds them out of line, in record a0 of
+# the IPv6 address pool (nat_addr6, t.a6; a1 is 0), so that IPv4 entries do
+# not carry 24 unused bytes of addresses each.  The counters are 32-bit
+# bytes and 16-bit packets per direction (index NAT_DIR_OUT/IN): when one
+# would wrap, a FLOW_UPDATE record carries the counts so far and they
+# restart from zero (without a flow log they stop at their maximum).  The
+# fields a reply lookup compares (ports, family, proto, a1, ext) and the
+# expiry come first.
 cdef struct nat_entry:
-    uint8_t src[16]             # pod (internal) address
-    uint8_t dst[16]             # remote address
     uint64_t expires            # ns; the entry is dead at or after it
+    uint32_t a0                 # IPv4 pod address / IPv6: its nat_addr6 record
+    uint32_t a1                 # IPv4 remote address / IPv6: 0
     uint16_t sport              # pod port / echo id
     uint16_t dport              # remote port (0 for ICMP)
     uint16_t xport              # translated source port / echo id
     uint16_t ext                # egress IP index
-    uint32_t mapping            # nat_mapping index; next free when free
     uint8_t family
     uint8_t proto
     uint8_t state
     uint8_t flags
+    uint32_t mapping            # nat_mapping index; next free when free
     uint32_t created_ms         # creation time, ms modulo 2**32 (ages < 49 days)
-    uint32_t nbytes[2]          # IP bytes by direction
     uint16_t npkts[2]           # packets by direction
+    uint32_t nbytes[2]          # IP bytes by direction
     # expiry wheel list: next, prev (entry index, or capacity + bucket for a bucket's list head)
     uint32_t wl[2]
 # The policy id a connection was opened under (0: none; replies and the
-# close count to it) is packed into bits the entry does not use, to stay at
-# 80 bytes: its low 8 bits in the top byte of `mapping` (a live entry's
-# mapping index is 24 bits), its high 5 bits in the top of `flags` (the
-# NAT_F_* bits are the low 3).  In a table of more than 2**24 - 1 mappings
-# the low 24 bits do not hold a mapping index: it is found by its key
-# (_nat_e_mapping).  13 bits: ids above NAT_POLICY_STORED are
-# kept as NAT_POLICY_STORED (counted in the overflow slot).  Read and write
-# them through _nat_e_mapping / _nat_e_policy / _nat_e_set_mapping (nat/conntrack.pyx).
+# close count to it) is packed into bits the entry does not use: its low 8
+# bits in the top byte of `mapping` (a live entry's mapping index is 24
+# bits), its high 5 bits in the top of `flags` (the NAT_F_* bits are the low
+# 3).  In a table of more than 2**24 - 1 mappings the low 24 bits do not
+# hold a mapping index: it is found by its key (_nat_e_mapping).  13 bits:
+# ids above NAT_POLICY_STORED are kept as NAT_POLICY_STORED (counted in the
+# overflow slot).  Read and write them through _nat_e_mapping /
+# _nat_e_policy / _nat_e_set_mapping (nat/conntrack.pyx).
+
+# The addresses of one IPv6 connection (entry.a0 of an IPv6 entry), 32
+# bytes.  A free record's next-free link lives in the first 4 bytes of src.
+cdef struct nat_addr6:
+    uint8_t src[16]
+    uint8_t dst[16]
 
 # Endpoint-independent mapping (pod ip, pod port, egress ip, proto) -> xport,
-# shared by all connections from that pod endpoint: 28 bytes.  A free
-# mapping's next-free link lives in the first 4 bytes of addr.
+# shared by all connections from that pod endpoint: 16 bytes.  `addr` is the
+# IPv4 pod address (network order), or for IPv6 the index of its address in
+# t.m6 (16 bytes each, one per IPv6 mapping).  A free mapping's next-free
+# link lives in addr.
 cdef struct nat_mapping:
-    uint8_t addr[16]
+    uint32_t addr
     uint16_t port
     uint16_t xport
     uint16_t ext
@@ -229,6 +243,20 @@ cdef struct nat_policy_conns:
 cdef struct nat_table:
     nat_entry* entries
     nat_mapping* mappings
+    # IPv6 addresses, out of line: a6 of the entries (in the state file when
+    # there is one), m6 of the mappings (16 bytes each, a free one's link in
+    # its first 4); a6_capacity records each, handed out from index 0 up
+    # (hwm), then from their free lists
+    nat_addr6* a6
+    uint8_t* m6                 # 16 bytes per record
+    uint64_t* a6_claim          # while adopting: a6 records taken (a bit each), else NULL
+    uint32_t a6_capacity
+    uint32_t a6_used
+    uint32_t a6_hwm
+    uint32_t a6_free_head
+    uint32_t m6_used
+    uint32_t m6_hwm
+    uint32_t m6_free_head
     nat_index fwd               # original tuple -> entry
     nat_index rev               # reply tuple -> entry
     nat_index map               # pod endpoint + egress IP -> mapping
@@ -253,6 +281,7 @@ cdef struct nat_table:
     uint64_t gc_runs
     uint64_t gc_examined        # entries the wheel looked at (collected or moved)
     uint64_t drops[DROP_REASON_MAX]     # by DropReason
+    uint64_t a6_full            # new IPv6 connections refused: the IPv6 address pool was full
     flow_log* flog              # flow records go here when not NULL
     # expiry timing wheel: bucket b's list head is wheel[2*b] (next),
     # wheel[2*b+1] (prev); wheel_cur is the absolute bucket number (expiry
@@ -323,4 +352,5 @@ cdef class NatTable:
     cdef object _entry(self, uint32_t idx, uint64_t now)
     cdef list _state_map(self, object path, uint32_t cap, object ranges, uint64_t seed, uint64_t now)
     cdef int _state_adopt(self, list exts, uint64_t now) except -1
+    cdef int _state_convert3(self, object st, const uint64_t* maxt, uint64_t now, object started) except -1
     cdef void _state_write_config(self, object ranges)

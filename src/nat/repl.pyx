@@ -98,8 +98,6 @@ cdef void _repl_apply(nat_table* t, const repl_record* r, Py_ssize_t n, uint64_t
         else:
             st = NAT_STATE_ICMP
         memset(&e, 0, sizeof(nat_entry))
-        memcpy(e.src, r[i].src, 16)
-        memcpy(e.dst, r[i].dst, 16)
         e.family = r[i].family
         e.proto = r[i].proto
         e.sport = r[i].sport
@@ -109,7 +107,7 @@ cdef void _repl_apply(nat_table* t, const repl_record* r, Py_ssize_t n, uint64_t
         e.state = st
         e.expires = now + t.timeout[st]
         e.created_ms = _nat_ms(now)
-        rc = nat_state_insert(t, &e, now)
+        rc = nat_state_insert(t, &e, r[i].src, r[i].dst, now)
         if rc == NAT_ADOPT_OK:
             counts[0] += 1
         elif rc == NAT_ADOPT_FULL:
@@ -149,6 +147,7 @@ def nat_repl_export(NatTable table, egress_ips, Py_ssize_t start, Py_ssize_t max
     cdef nat_entry* e
     cdef repl_record* o
     cdef bytes packed
+    cdef uint8_t buf[16]
     memset(want, 0, sizeof(want))
     for ip in egress_ips:
         fam, packed = addr_packed16(ip, "egress IP")
@@ -176,8 +175,8 @@ def nat_repl_export(NatTable table, egress_ips, Py_ssize_t start, Py_ssize_t max
                 o[k].sport = e.sport
                 o[k].dport = e.dport
                 o[k].xport = e.xport
-                memcpy(o[k].src, e.src, 16)
-                memcpy(o[k].dst, e.dst, 16)
+                memcpy(o[k].src, _nat_e_src(t, e, buf), 16)
+                memcpy(o[k].dst, _nat_e_dst(t, e, buf), 16)
                 memcpy(o[k].xsrc, t.ext[e.ext].addr, 16)
                 k += 1
         nxt = None if end >= <Py_ssize_t>hwm else end

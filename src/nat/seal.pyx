@@ -7,7 +7,8 @@
 # with every packet), so the file is sealed instead when nothing writes it
 # any more: NatTable.seal_state() (the agent's stop with keep_state) writes
 # PATH.seal, a checksum of the header, of the egress IP records and of every
-# group of NAT_SEAL_GROUP entries below the high-water mark.  The next table
+# group of NAT_SEAL_GROUP entries below the high-water mark, and of every
+# group of NAT_SEAL_GROUP IPv6 address records below theirs.  The next table
 # that opens the file takes the seal (and removes it at once: from then on
 # the file changes again, and a crash must not leave a stale seal):
 #
@@ -16,7 +17,9 @@
 #     header or egress IP checksum differs: the file is refused;
 #   - a group whose checksum differs: its entries are dropped (counted as
 #     "corrupt"), the others adopted; an entry above the sealed high-water
-#     mark that is not free is dropped too;
+#     mark that is not free is dropped too; so is an IPv6 entry whose address
+#     record lies in a group whose checksum differs, or above the records'
+#     sealed high-water mark;
 #   - a seal that is not one (its own checksum, its size) or of another
 #     file: ignored, said so, the entries checked one by one.
 #
@@ -29,9 +32,12 @@ import time as _seal_time
 
 NAT_SEAL_MAGIC = b"EGCSEAL1"
 cdef enum:
+    _SEAL_VERSION = 2            # 2: the IPv6 address records are sealed too (state format 4)
+cdef enum:
     _SEAL_GROUP = 64             # entries per checksum: one bad byte costs at most 64 connections
 NAT_SEAL_GROUP = _SEAL_GROUP
-_SEAL_HEAD = _seal_struct.Struct("<8sIIIIQQQQ")      # magic, version, group, capacity, hwm, hdr, ext, created, adopted
+# magic, version, group, capacity, hwm, hdr, ext, created, adopted, IPv6 records' hwm
+_SEAL_HEAD = _seal_struct.Struct("<8sIIIIQQQQII")
 
 
 cdef inline uint64_t _seal_step(uint64_t h, uint64_t w) noexcept nogil:
@@ -63,8 +69,9 @@ def _nat_seal_bytes(data):
     return nat_seal_sum(<const uint8_t*><const char*>b, len(b))
 
 
-cdef bytes _nat_seal_groups(const nat_entry* entries, uint32_t hwm):
-    """The checksums (u64 little-endian) of entries [0, hwm) in groups of _SEAL_GROUP."""
+cdef bytes _nat_seal_groups(const uint8_t* base, size_t size, uint32_t hwm):
+    """The checksums (u64 little-endian) of records [0, hwm) of `size` bytes
+    at base (entries, IPv6 address records) in groups of _SEAL_GROUP."""
     cdef uint32_t ng = (hwm + _SEAL_GROUP - 1) // _SEAL_GROUP
     cdef bytearray out = bytearray(8 * ng)
     cdef uint64_t* o = <uint64_t*><char*>out
@@ -72,7 +79,7 @@ cdef bytes _nat_seal_groups(const nat_entry* entries, uint32_t hwm):
     with nogil:
         for g in range(ng):
             n = min(<uint32_t>_SEAL_GROUP, hwm - g * _SEAL_GROUP)
-            o[g] = nat_seal_sum(<const uint8_t*>&entries[g * _SEAL_GROUP], n * sizeof(nat_entry))
+            o[g] = nat_seal_sum(base + <size_t>g * _SEAL_GROUP * size, n * size)
     return bytes(out)
 
 
@@ -94,9 +101,11 @@ cdef object nat_seal_write(NatTable table):
     ext = (<char*>_st_at(table._smap, st.regions["ext"]))[:h.n_ext * sizeof(nat_state_ext)]
     with table._lock:
         hwm = t.entries_hwm
-        sums = _nat_seal_groups(t.entries, hwm)
-    body = _SEAL_HEAD.pack(NAT_SEAL_MAGIC, 1, _SEAL_GROUP, t.capacity, hwm, _nat_seal_bytes(hdr),
-                           _nat_seal_bytes(ext), h.created_mono_ns, h.adopted_count) + sums
+        a6hwm = t.a6_hwm
+        sums = _nat_seal_groups(<const uint8_t*>t.entries, sizeof(nat_entry), hwm)
+        sums6 = _nat_seal_groups(<const uint8_t*>t.a6, sizeof(nat_addr6), a6hwm)
+    body = _SEAL_HEAD.pack(NAT_SEAL_MAGIC, _SEAL_VERSION, _SEAL_GROUP, t.capacity, hwm, _nat_seal_bytes(hdr),
+                           _nat_seal_bytes(ext), h.created_mono_ns, h.adopted_count, a6hwm, 0) + sums + sums6
     body += _seal_struct.pack("<Q", _nat_seal_bytes(body))
     path = _nat_seal_path(st.path)
     tmp = path + ".tmp"
@@ -138,11 +147,11 @@ def _nat_seal_check(st, raw, hdr_raw, ext_raw, capacity):
     n = _SEAL_HEAD.size
     ok = len(raw) >= n + 8 and (len(raw) - n - 8) % 8 == 0
     if ok:
-        magic, version, group, cap, hwm, hsum, xsum, created, adopted = _SEAL_HEAD.unpack_from(raw)
+        magic, version, group, cap, hwm, hsum, xsum, created, adopted, a6hwm, _ = _SEAL_HEAD.unpack_from(raw)
         (own,) = _seal_struct.unpack_from("<Q", raw, len(raw) - 8)
-        ok = (magic == NAT_SEAL_MAGIC and version == 1 and own == _nat_seal_bytes(raw[:len(raw) - 8])
-              and group == _SEAL_GROUP and hwm <= cap
-              and len(raw) - n - 8 == 8 * ((hwm + group - 1) // group))
+        ok = (magic == NAT_SEAL_MAGIC and version == _SEAL_VERSION and own == _nat_seal_bytes(raw[:len(raw) - 8])
+              and group == _SEAL_GROUP and hwm <= cap and a6hwm <= cap
+              and len(raw) - n - 8 == 8 * ((hwm + group - 1) // group + (a6hwm + group - 1) // group))
     if not ok:
         st.seal_note = "; its seal is corrupt (ignored): checked entry by entry"
         _st_log.warning("NAT state file %s: seal %s is corrupt, ignored", st.path, _nat_seal_path(st.path))
@@ -154,18 +163,24 @@ def _nat_seal_check(st, raw, hdr_raw, ext_raw, capacity):
         return "header checksum differs from the one sealed at its clean stop (corrupt header)"
     if xsum != _nat_seal_bytes(ext_raw):
         return "egress IP records' checksum differs from the one sealed at its clean stop (corrupt records)"
-    st.seal = (hwm, raw[n:len(raw) - 8])
+    ng = (hwm + _SEAL_GROUP - 1) // _SEAL_GROUP
+    st.seal = (hwm, raw[n:n + 8 * ng], a6hwm, raw[n + 8 * ng:len(raw) - 8])
     return None
 
 
 cdef uint64_t nat_seal_apply(nat_table* t, object st, uint32_t scan):
     """Before the rebuild: drop (zero) every group of entries [0, scan) whose
-    checksum differs from the seal, and every non-free entry above the
-    sealed high-water mark.  Returns the non-free entries dropped."""
-    cdef uint32_t hwm, g, ng, n, i
+    checksum differs from the seal, every non-free entry above the sealed
+    high-water mark, and every IPv6 entry whose address record is in a group
+    whose checksum differs or above the records' sealed high-water mark.
+    Returns the non-free entries dropped."""
+    cdef uint32_t hwm, a6hwm, g, ng, n, i, r
     cdef uint64_t dropped = 0, bad = 0
     cdef const uint64_t* sums
-    cdef bytes raw
+    cdef const uint64_t* sums6
+    cdef bytes raw, raw6
+    cdef bytearray bad6
+    cdef uint8_t* b6
     if st.seal is None:
         st.status.update(sealed=False, corrupt=0)
         return 0
@@ -173,7 +188,17 @@ cdef uint64_t nat_seal_apply(nat_table* t, object st, uint32_t scan):
     raw = st.seal[1]
     sums = <const uint64_t*><const char*>raw
     ng = (hwm + _SEAL_GROUP - 1) // _SEAL_GROUP
+    a6hwm = min(<uint32_t>st.seal[2], t.a6_capacity)
+    raw6 = st.seal[3]
+    sums6 = <const uint64_t*><const char*>raw6
+    bad6 = bytearray((a6hwm + _SEAL_GROUP - 1) // _SEAL_GROUP + 1)
+    b6 = <uint8_t*><char*>bad6
     with nogil:
+        for g in range((a6hwm + _SEAL_GROUP - 1) // _SEAL_GROUP):
+            n = min(<uint32_t>_SEAL_GROUP, a6hwm - g * _SEAL_GROUP)
+            if nat_seal_sum(<const uint8_t*>&t.a6[g * _SEAL_GROUP], n * sizeof(nat_addr6)) != sums6[g]:
+                bad += 1
+                b6[g] = 1
         for g in range(ng):
             if g * _SEAL_GROUP >= scan:
                 break
@@ -188,6 +213,14 @@ cdef uint64_t nat_seal_apply(nat_table* t, object st, uint32_t scan):
             if t.entries[i].state != NAT_STATE_FREE:
                 dropped += 1
                 memset(&t.entries[i], 0, sizeof(nat_entry))
+        # then (the entries' checksums are over what they were sealed as) the
+        # IPv6 entries whose address record is corrupt or was never sealed
+        for i in range(scan):
+            if t.entries[i].state != NAT_STATE_FREE and t.entries[i].family == 6:
+                r = t.entries[i].a0
+                if r >= a6hwm or b6[r // _SEAL_GROUP]:
+                    dropped += 1
+                    memset(&t.entries[i], 0, sizeof(nat_entry))
     st.status.update(sealed=True, corrupt=dropped)
     if bad or dropped:
         st.seal_note = (f"; sealed at a clean stop: {bad} group(s) of {_SEAL_GROUP} entries failed their "

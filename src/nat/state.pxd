@@ -1,14 +1,15 @@
 # nat/state: the NAT table in a shared-memory file (nat/state.pyx).
 #
 # The file is one MAP_SHARED mapping: a 4 KiB header, the egress IP records,
-# then the entries, at page-aligned offsets computed from the capacity
+# the entries, then the IPv6 connections' address records, at page-aligned offsets computed from the capacity
 # (_nat_state_regions in state.pyx).  No pointer is ever stored in it.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef enum:
     # version 2: entries carry their policy id (in mapping's and flags' top bits);
-    # 3: the file holds only the entries (everything else is rebuilt in memory)
-    NAT_STATE_VERSION = 3
+    # 3: the file holds only the entries (everything else is rebuilt in memory);
+    # 4: 56-byte entries, IPv6 addresses out of line in the file's a6 region
+    NAT_STATE_VERSION = 4
     NAT_STATE_HDR_SIZE = 4096
 
     # nat_state_link / nat_state_insert results
@@ -40,6 +41,7 @@ cdef struct nat_state_hdr:
     uint32_t src_limit
     uint32_t port_lo[3]         # the table's default ranges (tcp, udp, icmp)
     uint32_t port_hi[3]
+    uint32_t a6_capacity        # IPv6 address records (the a6 region after the entries)
 
 # One egress IP (index i of the table is record i): its pools are region
 # pools[3 * i .. 3 * i + 2].
@@ -52,4 +54,25 @@ cdef struct nat_state_ext:
 
 cdef int nat_state_link(nat_table* t, uint32_t idx, uint64_t now,
                         const uint64_t* max_timeout) noexcept nogil
-cdef int nat_state_insert(nat_table* t, const nat_entry* e, uint64_t now) noexcept nogil
+cdef int nat_state_insert(nat_table* t, const nat_entry* e, const uint8_t* src,
+                          const uint8_t* dst, uint64_t now) noexcept nogil
+
+# A format 3 file's entry (main's layout before format 4), 80 bytes: the
+# addresses in line.  Read only, to convert such a file (nat_state_convert3).
+cdef struct nat_entry_v3:
+    uint8_t src[16]
+    uint8_t dst[16]
+    uint64_t expires
+    uint16_t sport
+    uint16_t dport
+    uint16_t xport
+    uint16_t ext
+    uint32_t mapping
+    uint8_t family
+    uint8_t proto
+    uint8_t state
+    uint8_t flags
+    uint32_t created_ms
+    uint32_t nbytes[2]
+    uint16_t npkts[2]
+    uint32_t wl[2]

@@ -50,18 +50,17 @@ class NatStateError(_EgressError):
 # ---------------------------------------------------------------------------
 # entry validation and linking (C, nogil)
 
-cdef inline bint _nat_v4_clean(uint8_t family, const uint8_t* a) noexcept nogil:
-    return family == 6 or (nat_load64(a + 8) == 0 and (nat_load64(a) >> 32) == 0)
-
-
 cdef inline void _nat_state_hashes(nat_table* t, const nat_entry* e, uint64_t* hs) noexcept nogil:
     """The entry's forward, reply and mapping hashes, whatever its bytes (a
-    garbage egress index gives reply hash 0: the entry is refused anyway)."""
-    hs[0] = _nat_hash_fwd(t.seed, e.family, e.proto, e.sport, e.dport, e.src, e.dst)
-    hs[1] = 0
+    garbage egress index gives reply hash 0, a garbage IPv6 record index all
+    0: the entry is refused anyway)."""
+    hs[0] = hs[1] = hs[2] = 0
+    if e.family == 6 and e.a0 >= t.a6_capacity:
+        return
+    hs[0] = _nat_e_hash_fwd(t, e)
     if e.ext < t.n_ext:
-        hs[1] = _nat_hash_rev(t.seed, e.family, e.proto, e.dport, e.xport, e.dst, t.ext[e.ext].addr)
-    hs[2] = _nat_hash_map(t.seed, e.family, e.proto, e.sport, e.ext, e.src)
+        hs[1] = _nat_e_hash_rev(t, e)
+    hs[2] = _nat_e_hash_map(t, e)
 
 
 cdef int nat_state_link(nat_table* t, uint32_t idx, uint64_t now,
@@ -85,6 +84,10 @@ cdef int _nat_state_link_h(nat_table* t, uint32_t idx, uint64_t now,
     cdef uint64_t h = hs[0], mh = hs[2]
     cdef uint32_t m
     cdef uint8_t st = e.state
+    cdef uint8_t sbuf[16]
+    cdef uint8_t dbuf[16]
+    cdef const uint8_t* src
+    cdef const uint8_t* dst
     if st == NAT_STATE_FREE:
         return NAT_ADOPT_FREE
     if st >= NAT_NSTATES:
@@ -107,8 +110,14 @@ cdef int _nat_state_link_h(nat_table* t, uint32_t idx, uint64_t now,
         return NAT_ADOPT_INVALID
     if (e.flags & NAT_F_MASK & ~(NAT_F_FIN_OUT | NAT_F_FIN_IN | NAT_F_RST)) != 0:
         return NAT_ADOPT_INVALID
-    if not _nat_v4_clean(e.family, e.src) or not _nat_v4_clean(e.family, e.dst):
-        return NAT_ADOPT_INVALID
+    if e.family == 6:
+        # its addresses' record: in the pool, and no other entry's
+        if e.a0 >= t.a6_capacity or e.a1 != 0:
+            return NAT_ADOPT_INVALID
+        if t.a6_claim != NULL and (t.a6_claim[e.a0 >> 6] >> (e.a0 & 63)) & 1:
+            return NAT_ADOPT_INVALID
+    src = _nat_e_src(t, e, sbuf)
+    dst = _nat_e_dst(t, e, dbuf)
     if e.ext >= t.n_ext or t.ext[e.ext].family != e.family:
         return NAT_ADOPT_INVALID
     pool = t.ext[e.ext].pools[_nat_pool_of(e.proto)]
@@ -118,11 +127,11 @@ cdef int _nat_state_link_h(nat_table* t, uint32_t idx, uint64_t now,
         return NAT_ADOPT_EXPIRED
     if e.expires - now > max_timeout[st]:
         return NAT_ADOPT_INVALID
-    if _nat_find_fwd(t, h, e.family, e.proto, e.sport, e.dport, e.src, e.dst) != NAT_NONE:
+    if _nat_find_fwd(t, h, e.family, e.proto, e.sport, e.dport, src, dst) != NAT_NONE:
         return NAT_ADOPT_INVALID                     # the same flow twice
     # endpoint-independent mapping: every connection of (pod address, port,
     # egress IP, proto) has one xport, and no other endpoint holds it
-    m = _nat_find_map(t, mh, e.family, e.proto, e.sport, e.ext, e.src)
+    m = _nat_find_map(t, mh, e.family, e.proto, e.sport, e.ext, src)
     if m != NAT_NONE:
         mp = &t.mappings[m]
         if mp.xport != e.xport:
@@ -132,10 +141,12 @@ cdef int _nat_state_link_h(nat_table* t, uint32_t idx, uint64_t now,
             return NAT_ADOPT_INVALID                 # another endpoint's port
         if t.mappings_hwm >= t.map_capacity:
             return NAT_ADOPT_INVALID                 # never: at most one per entry
+        if e.family == 6 and t.m6_used >= t.a6_capacity:
+            return NAT_ADOPT_INVALID                 # never: at most one per IPv6 entry
         m = t.mappings_hwm
         t.mappings_hwm += 1
         mp = &t.mappings[m]
-        memcpy(mp.addr, e.src, 16)
+        mp.addr = _nat_m6_take(t, src) if e.family == 6 else e.a0
         mp.port = e.sport
         mp.xport = e.xport
         mp.ext = e.ext
@@ -148,9 +159,9 @@ cdef int _nat_state_link_h(nat_table* t, uint32_t idx, uint64_t now,
     mp.refcnt += 1
     _nat_e_set_mapping(e, m, _nat_e_policy(e))       # the policy id stays
     if t.src_limit:
-        sr = _nat_src_find(t, e.family, e.src)
+        sr = _nat_src_find(t, e.family, src)
         if sr.meta == 0:
-            memcpy(sr.addr, e.src, 16)
+            memcpy(sr.addr, src, 16)
             sr.meta = NAT_SRC_V6 if e.family == 6 else 0
             t.src_used += 1
         sr.meta += 1
@@ -158,6 +169,10 @@ cdef int _nat_state_link_h(nat_table* t, uint32_t idx, uint64_t now,
     _nat_index_insert(&t.rev, hs[1], idx)
     _nat_wheel_add(t, idx)
     t.used += 1
+    if e.family == 6:
+        t.a6_used += 1
+        if t.a6_claim != NULL:
+            t.a6_claim[e.a0 >> 6] |= (<uint64_t>1) << (e.a0 & 63)
     if _nat_e_policy(e):
         t.pol[policy_slot(_nat_e_policy(e))].live += 1
     return NAT_ADOPT_OK
@@ -181,10 +196,14 @@ cdef void nat_state_rebuild(nat_table* t, uint64_t now, const uint64_t* max_time
     cdef uint32_t tail = NAT_NONE, tail_last = NAT_NONE
     cdef nat_entry* e
     cdef int rc
+    cdef uint32_t r, a6_last = 0
+    cdef uint8_t buf[16]
     t.used = t.map_used = t.src_used = 0
     t.mappings_hwm = 0
     t.map_free_head = NAT_NONE
     t.free_head = NAT_NONE
+    t.a6_used = t.m6_used = t.m6_hwm = 0
+    t.m6_free_head = t.a6_free_head = NAT_NONE
     t.wheel_cur = now >> NAT_WHEEL_SHIFT
     for i in range(<uint64_t>scan + NAT_PF_SLOT):
         if i < scan:
@@ -200,8 +219,8 @@ cdef void nat_state_rebuild(nat_table* t, uint64_t now, const uint64_t* max_time
                 nat_prefetch_w(&t.map.slots[_nat_home(&t.map, hs[2])])
                 if e.ext < t.n_ext:
                     nat_prefetch_w(&t.ext[e.ext].pools[_nat_pool_of(e.proto)].bits[e.xport >> 6])
-                if t.src_limit:
-                    nat_prefetch_w(&t.src[_nat_src_home(t, e.family, e.src)])
+                if t.src_limit and (e.family != 6 or e.a0 < t.a6_capacity):
+                    nat_prefetch_w(&t.src[_nat_src_home(t, e.family, _nat_e_src(t, e, buf))])
         j = i - NAT_PF_ENTRY
         if NAT_PF_ENTRY <= i and j < scan and t.entries[j].state != NAT_STATE_FREE:
             s = _nat_peek(&t.map, ring[j & 31][2])
@@ -219,6 +238,8 @@ cdef void nat_state_rebuild(nat_table* t, uint64_t now, const uint64_t* max_time
         if rc == NAT_ADOPT_OK:
             last = <uint32_t>j + 1
             tail_last = tail
+            if e.family == 6 and e.a0 + 1 > a6_last:
+                a6_last = e.a0 + 1
             continue
         if rc != NAT_ADOPT_FREE:
             memset(e, 0, sizeof(nat_entry))
@@ -236,16 +257,80 @@ cdef void nat_state_rebuild(nat_table* t, uint64_t now, const uint64_t* max_time
         t.free_head = NAT_NONE
     else:
         t.entries[tail_last].mapping = NAT_NONE
+    # the IPv6 address records: those of adopted entries taken, the others
+    # below the last taken one free (lowest first), the rest never used
+    t.a6_hwm = a6_last
+    r = a6_last
+    while r > 0:
+        r -= 1
+        if not (t.a6_claim[r >> 6] >> (r & 63)) & 1:
+            memset(&t.a6[r], 0, sizeof(nat_addr6))
+            memcpy(t.a6[r].src, &t.a6_free_head, 4)
+            t.a6_free_head = r
 
 
-cdef int nat_state_insert(nat_table* t, const nat_entry* e, uint64_t now) noexcept nogil:
+cdef int nat_state_insert(nat_table* t, const nat_entry* e, const uint8_t* src,
+                          const uint8_t* dst, uint64_t now) noexcept nogil:
     """Insert one connection from outside (a replication record): checked and
-    linked as at adoption, against the table's own timeouts.  Returns
-    NAT_ADOPT_OK, NAT_ADOPT_FULL, or NAT_ADOPT_INVALID/EXPIRED (nothing kept)."""
+    linked as at adoption, against the table's own timeouts.  `e` holds
+    everything but the addresses, src and dst (16 bytes each, IPv4 zero past
+    its 4).  Returns NAT_ADOPT_OK, NAT_ADOPT_FULL, or
+    NAT_ADOPT_INVALID/EXPIRED (nothing kept)."""
+    return _nat_state_insert_t(t, e, src, dst, now, t.timeout)
+
+
+cdef void nat_state_convert3(nat_table* t, const nat_entry_v3* old, uint64_t n, uint64_t now,
+                             const uint64_t* max_timeout, uint64_t* counts) noexcept nogil:
+    """Insert the live entries of a format 3 file's entries [0, n) (80 bytes,
+    addresses in line), each checked and linked as at adoption (with the
+    adoption's timeouts `max_timeout`); counts[rc] += 1 per non-free entry.
+    Keeps ports, policy id, state, flags, expiry, creation time and counters;
+    the expiry links and the mapping index are rebuilt."""
+    cdef nat_entry e
+    cdef uint64_t i
+    cdef uint64_t created = t.created_count
+    cdef int rc
+    for i in range(n):
+        if old[i].state == NAT_STATE_FREE:
+            continue
+        memset(&e, 0, sizeof(nat_entry))
+        e.expires = old[i].expires
+        e.sport = old[i].sport
+        e.dport = old[i].dport
+        e.xport = old[i].xport
+        e.ext = old[i].ext
+        e.family = old[i].family
+        e.proto = old[i].proto
+        e.state = old[i].state
+        e.flags = old[i].flags
+        e.mapping = old[i].mapping          # its policy id's low bits (top byte)
+        _nat_e_set_mapping(&e, 0, _nat_e_policy(&e))
+        e.created_ms = old[i].created_ms
+        e.nbytes[0] = old[i].nbytes[0]
+        e.nbytes[1] = old[i].nbytes[1]
+        e.npkts[0] = old[i].npkts[0]
+        e.npkts[1] = old[i].npkts[1]
+        rc = _nat_state_insert_t(t, &e, old[i].src, old[i].dst, now, max_timeout)
+        counts[rc] += 1
+    t.created_count = created                # carried over, not created here
+
+
+cdef int _nat_state_insert_t(nat_table* t, const nat_entry* e, const uint8_t* src,
+                             const uint8_t* dst, uint64_t now, const uint64_t* max_timeout) noexcept nogil:
+    """nat_state_insert against the timeouts `max_timeout`."""
     cdef uint32_t idx
     cdef bint from_hwm = False
     cdef int rc
     if e.state == NAT_STATE_FREE:
+        return NAT_ADOPT_INVALID
+    if e.family == 4:
+        if not _nat_v4_clean(4, src) or not _nat_v4_clean(4, dst):
+            return NAT_ADOPT_INVALID
+    elif e.family == 6:
+        if t.a6_used >= t.a6_capacity or t.m6_used >= t.a6_capacity:
+            t.a6_full += 1
+            return NAT_ADOPT_FULL
+    else:
         return NAT_ADOPT_INVALID
     idx = t.free_head
     if idx != NAT_NONE:
@@ -259,10 +344,20 @@ cdef int nat_state_insert(nat_table* t, const nat_entry* e, uint64_t now) noexce
     if t.wheel_cur == NAT_WHEEL_UNSET:
         t.wheel_cur = now >> NAT_WHEEL_SHIFT
     memcpy(&t.entries[idx], e, sizeof(nat_entry))
-    rc = nat_state_link(t, idx, now, t.timeout)
+    if e.family == 6:
+        t.entries[idx].a0 = _nat_a6_take(t, src, dst)
+        t.entries[idx].a1 = 0
+        t.a6_used -= 1              # counted again by nat_state_link
+    else:
+        t.entries[idx].a0 = _nat_load32(src)
+        t.entries[idx].a1 = _nat_load32(dst)
+    rc = nat_state_link(t, idx, now, max_timeout)
     if rc == NAT_ADOPT_OK:
         t.created_count += 1
         return rc
+    if e.family == 6:
+        t.a6_used += 1
+        _nat_a6_put(t, t.entries[idx].a0)
     memset(&t.entries[idx], 0, sizeof(nat_entry))
     if from_hwm:
         t.entries_hwm -= 1
@@ -279,15 +374,43 @@ cdef inline uint64_t _st_page(uint64_t x) noexcept nogil:
     return (x + 4095) & ~(<uint64_t>4095)
 
 
-def _nat_state_regions(capacity):
-    """{region: (offset, bytes)} and the file size for a table of `capacity`."""
+def _nat_state_regions(capacity, a6_capacity=None):
+    """{region: (offset, bytes)} and the file size for a table of `capacity`
+    with `a6_capacity` IPv6 address records (None: the default for `capacity`)."""
+    if a6_capacity is None:
+        a6_capacity = _nat_ipv6_capacity(capacity)
     off = NAT_STATE_HDR_SIZE
     regions = {}
     for name, size in (("ext", NAT_MAX_EXT * sizeof(nat_state_ext)),
-                       ("entries", capacity * sizeof(nat_entry))):
+                       ("entries", capacity * sizeof(nat_entry)),
+                       ("a6", a6_capacity * sizeof(nat_addr6))):
         regions[name] = (off, size)
         off = _st_page(off + size)
     return regions, off
+
+
+def _nat_state_regions_v3(capacity):
+    """{region: (offset, bytes)} and the file size of a format 3 file of
+    `capacity` (80-byte entries, no a6 region)."""
+    off = NAT_STATE_HDR_SIZE
+    regions = {}
+    for name, size in (("ext", NAT_MAX_EXT * sizeof(nat_state_ext)),
+                       ("entries", capacity * sizeof(nat_entry_v3))):
+        regions[name] = (off, size)
+        off = _st_page(off + size)
+    return regions, off
+
+
+def _nat_state_read_v3(st, capacity):
+    """The data of a format 3 file's entries region (up to its last
+    non-hole byte: entries are handed out from index 0)."""
+    off, nbytes = _nat_state_regions_v3(capacity)[0]["entries"]
+    end = _nat_state_data_end(st.fd, off, off + nbytes)
+    n = min(capacity, (end - off + sizeof(nat_entry_v3) - 1) // sizeof(nat_entry_v3))
+    raw = _st_os.pread(st.fd, n * sizeof(nat_entry_v3), off)
+    if len(raw) != n * sizeof(nat_entry_v3):
+        raise NatStateError(f"NAT state file {st.path}: short read of its format 3 entries")
+    return raw
 
 
 def _nat_state_layout():
@@ -296,6 +419,7 @@ def _nat_state_layout():
     another's file."""
     cdef nat_entry e
     cdef nat_mapping m
+    cdef nat_addr6 a
     cdef nat_pool p
     cdef nat_src s
     cdef nat_state_hdr hd
@@ -305,7 +429,7 @@ def _nat_state_layout():
     cdef object h, v, byte
     vals = [NAT_STATE_VERSION, NAT_STATE_HDR_SIZE, NAT_MAX_EXT, NAT_NPOOLS, NAT_NSTATES,
             NAT_WHEEL_SLOTS, NAT_WHEEL_SHIFT,
-            sizeof(nat_entry), <char*>&e.src - b, <char*>&e.dst - b, <char*>&e.expires - b,
+            sizeof(nat_entry), <char*>&e.a0 - b, <char*>&e.a1 - b, <char*>&e.expires - b,
             <char*>&e.sport - b, <char*>&e.dport - b, <char*>&e.xport - b, <char*>&e.ext - b,
             <char*>&e.mapping - b, <char*>&e.family - b, <char*>&e.proto - b,
             <char*>&e.state - b, <char*>&e.flags - b, <char*>&e.created_ms - b,
@@ -313,6 +437,8 @@ def _nat_state_layout():
     b = <char*>&m
     vals += [sizeof(nat_mapping), <char*>&m.addr - b, <char*>&m.port - b, <char*>&m.xport - b,
              <char*>&m.ext - b, <char*>&m.family - b, <char*>&m.proto - b, <char*>&m.refcnt - b]
+    b = <char*>&a
+    vals += [sizeof(nat_addr6), <char*>&a.src - b, <char*>&a.dst - b]
     b = <char*>&p
     vals += [sizeof(nat_pool), <char*>&p.lo - b, <char*>&p.hi - b, <char*>&p.nfree - b,
              <char*>&p.used - b, <char*>&p.bits - b, <char*>&p.full - b]
@@ -321,7 +447,7 @@ def _nat_state_layout():
     b = <char*>&hd
     vals += [sizeof(nat_state_hdr), <char*>&hd.layout - b, <char*>&hd.boot_id - b,
              <char*>&hd.capacity - b, <char*>&hd.n_ext - b, <char*>&hd.timeout - b,
-             <char*>&hd.port_hi - b]
+             <char*>&hd.port_hi - b, <char*>&hd.a6_capacity - b]
     b = <char*>&x
     vals += [sizeof(nat_state_ext), <char*>&x.addr - b, <char*>&x.lo - b, <char*>&x.hi - b]
     h = 0xcbf29ce484222325
@@ -344,13 +470,19 @@ def _nat_boot_id():
 
 
 cdef str _nat_state_check(const nat_state_hdr* h, uint64_t size, uint32_t capacity,
-                          uint64_t expect_size, bytes boot, uint64_t now):
+                          uint32_t a6_capacity, uint64_t expect_size, bytes boot, uint64_t now):
     """Why the header cannot be adopted by a table of `capacity`, or None."""
     if bytes(h.magic[:8]) != NAT_STATE_MAGIC:
         return f"bad magic {bytes(h.magic[:8])!r} (not a NAT state file)"
-    if h.version != NAT_STATE_VERSION:
-        return f"format version {h.version}, this build reads version {NAT_STATE_VERSION}"
-    if h.layout != NAT_STATE_LAYOUT:
+    cdef bint v3 = h.version == 3         # converted (80-byte entries): checked as format 3 was
+    if h.version == 2:
+        return (f"format version 2 (80-byte entries, the indexes in the file), this build reads "
+                f"version {NAT_STATE_VERSION} and converts version 3")
+    if h.version != NAT_STATE_VERSION and not v3:
+        return f"format version {h.version}, this build reads version {NAT_STATE_VERSION} (and converts 3)"
+    if v3:
+        expect_size = _nat_state_regions_v3(capacity)[1]
+    elif h.layout != NAT_STATE_LAYOUT:
         return (f"layout checksum {h.layout:#018x} differs from this build's {NAT_STATE_LAYOUT:#018x} "
                 f"(written by a build with other structs)")
     if h.hdr_size != NAT_STATE_HDR_SIZE:
@@ -361,6 +493,9 @@ cdef str _nat_state_check(const nat_state_hdr* h, uint64_t size, uint32_t capaci
                 f"{boot.decode(errors='replace')!r} (expiry times are on the old boot's monotonic clock)")
     if h.capacity != capacity:
         return f"capacity {h.capacity}, this table asks for {capacity} (a table is not resized)"
+    if not v3 and h.a6_capacity != a6_capacity:
+        return (f"IPv6 capacity {h.a6_capacity}, this table asks for {a6_capacity} "
+                f"(a table is not resized)")
     if h.index_slots != _nat_index_slots(capacity) or h.src_slots != h.index_slots:
         return f"index sizes {h.index_slots}/{h.src_slots} do not match capacity {capacity}"
     if h.file_size != expect_size:
@@ -425,6 +560,7 @@ class _NatStateFile:
     def __init__(self, path):
         self.path = _st_os.fspath(path)
         self.fd = -1
+        self.convert = None             # a format 3 file's entries, until converted
         self.status = {"path": self.path, "adopted": False, "reason": None, "message": "",
                        "connections": 0, "invalid": 0, "expired": 0, "adopt_ms": 0.0}
 
@@ -458,6 +594,13 @@ class _NatStateFile:
         self.status["message"] = (f"NAT state file {self.path} refused: {reason}; set aside as "
                                   f"{self.path}.rejected, the table starts empty")
         _st_log.warning("%s", self.status["message"])
+        return self.open()
+
+    def set_aside(self, suffix):
+        """Move the file (read) aside as PATH + suffix and open a fresh one."""
+        _st_os.close(self.fd)
+        self.fd = -1
+        _st_os.replace(self.path, self.path + suffix)
         return self.open()
 
     def fresh(self, size):

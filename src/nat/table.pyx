@@ -18,8 +18,10 @@ NAT_TUPLE_DTYPE = _np.dtype({
     "offsets": [0, 1, 2, 3, 4, 6, 8, 24],
     "itemsize": 40,
 })
-assert sizeof(nat_tuple) == 40 and sizeof(nat_entry) == 80 and sizeof(nat_mapping) == 28
+assert (sizeof(nat_tuple) == 40 and sizeof(nat_entry) == 56 and sizeof(nat_mapping) == 16
+        and sizeof(nat_addr6) == 32)
 _NAT_ENTRY_SIZE = sizeof(nat_entry)
+_NAT_ADDR6_SIZE = sizeof(nat_addr6)
 POLICY_COUNTED_SLOTS = POLICY_COUNTED
 
 NatEntry = _namedtuple(
@@ -145,7 +147,7 @@ cdef class NatTable:
 
     NatTable(egress_ips=(), capacity=65536, port_range=(32768, 65535),
              port_ranges=None, timeouts=None, clock=time.monotonic, seed=None,
-             per_source_limit=None)
+             per_source_limit=None, ipv6_capacity=None)
 
     `egress_ips` are the external addresses flows may be translated to (more
     with add_egress_ip); `port_range` applies to every (egress IP, protocol)
@@ -153,8 +155,13 @@ cdef class NatTable:
     otherwise.  `timeouts` overrides DEFAULT_TIMEOUTS (seconds).  `clock()`
     returns monotonic seconds; every method also takes `now=` (seconds).
     `capacity` (at most 268,435,454: entries are indexed in 28 bits) costs
-    about 127 bytes per connection (memory_bytes), backed by the kernel only
-    as connections use it.  `per_source_limit` N: a source (pod) address
+    about 90 bytes per connection (memory_bytes: the 56-byte entry, its
+    16-byte mapping and the three indexes), backed by the kernel only as
+    connections use it.  An IPv6 connection's addresses live out of line, in
+    a pool of `ipv6_capacity` records (48 bytes each with its mapping's
+    address; default: the capacity up to 65,536, then capacity / 16, at
+    least 65,536): a new IPv6 connection beyond it is refused as
+    nat_table_full (counted in stats["ipv6_full"]).  `per_source_limit` N: a source (pod) address
     holds at most N connections; more are refused ("pod_conn_limit", counted
     per source in stats); about 30 bytes more per connection of capacity.
     `state_path`: keep the connections (the entries) in that file, mapped
@@ -173,7 +180,7 @@ cdef class NatTable:
 
     def __init__(self, egress_ips=(), *, capacity=65536, port_range=(32768, 65535),
                  port_ranges=None, timeouts=None, clock=_time.monotonic, seed=None,
-                 per_source_limit=None, state_path=None):
+                 per_source_limit=None, state_path=None, ipv6_capacity=None):
         cdef nat_table* t
         cdef uint32_t i, cap
         cdef uint64_t nslots
@@ -190,6 +197,12 @@ cdef class NatTable:
             if not 1 <= per_source_limit <= capacity:
                 raise ValueError(f"per_source_limit {per_source_limit} is out of range "
                                  f"1-{capacity} (the capacity)")
+        if ipv6_capacity is None:
+            ipv6_capacity = _nat_ipv6_capacity(capacity)
+        elif isinstance(ipv6_capacity, bool) or not isinstance(ipv6_capacity, int):
+            raise TypeError(f"ipv6_capacity must be an int or None, not {type(ipv6_capacity).__name__}")
+        elif not 0 <= ipv6_capacity <= capacity:
+            raise ValueError(f"ipv6_capacity {ipv6_capacity} is out of range 0-{capacity} (the capacity)")
         if not callable(clock):
             raise TypeError("clock must be a callable returning seconds")
         default = _nat_range(port_range, "port_range")
@@ -224,6 +237,8 @@ cdef class NatTable:
             raise no_memory("NatTable")
         t.capacity = cap
         t.map_capacity = cap
+        t.a6_capacity = ipv6_capacity
+        t.a6_free_head = t.m6_free_head = NAT_NONE
         _nat_index_init(&t.fwd, nslots, cap)
         _nat_index_init(&t.rev, nslots, cap)
         _nat_index_init(&t.map, _nat_index_slots(t.map_capacity), t.map_capacity)
@@ -250,6 +265,8 @@ cdef class NatTable:
             adopt = self._state_map(state_path, cap, ranges, seed, self._now(None))
         else:
             t.entries = <nat_entry*>egc_alloc_big(cap * sizeof(nat_entry), 1)
+            t.a6 = <nat_addr6*>egc_alloc_big(max(t.a6_capacity, 1) * sizeof(nat_addr6), 1)
+        t.m6 = <uint8_t*>egc_alloc_big(max(t.a6_capacity, 1) * 16, 1)
         t.mappings = <nat_mapping*>egc_alloc_big(t.map_capacity * sizeof(nat_mapping), 1)
         t.fwd.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
         t.rev.slots = <uint32_t*>egc_alloc_big(nslots * 4, 1)
@@ -258,7 +275,7 @@ cdef class NatTable:
         if per_source_limit is not None:
             t.src_size = _nat_index_slots(cap)
             t.src = <nat_src*>egc_alloc_big(t.src_size * sizeof(nat_src), 0)
-        if (t.entries == NULL or t.mappings == NULL or t.fwd.slots == NULL
+        if (t.entries == NULL or t.mappings == NULL or t.a6 == NULL or t.m6 == NULL or t.fwd.slots == NULL
                 or t.rev.slots == NULL or t.map.slots == NULL or t.wheel == NULL
                 or (per_source_limit is not None and t.src == NULL)):
             raise no_memory(f"NatTable of capacity {capacity}")
@@ -290,6 +307,8 @@ cdef class NatTable:
                 self._state.close()
         else:
             egc_free_big(t.entries, t.capacity * sizeof(nat_entry))
+            egc_free_big(t.a6, max(t.a6_capacity, 1) * sizeof(nat_addr6))
+        egc_free_big(t.m6, max(t.a6_capacity, 1) * 16)
         for i in range(t.n_ext):
             for k in range(NAT_NPOOLS):
                 free(t.ext[i].pools[k])
@@ -313,7 +332,7 @@ cdef class NatTable:
         cdef nat_state_hdr hdr
         cdef nat_state_hdr* h
         st = _NatStateFile(path)
-        regions, size = _nat_state_regions(cap)
+        regions, size = _nat_state_regions(cap, t.a6_capacity)
         st.regions = regions
         self._state = st
         have = st.open()
@@ -326,11 +345,21 @@ cdef class NatTable:
                 reason = f"truncated: {have} bytes, shorter than the {NAT_STATE_HDR_SIZE}-byte header"
             else:
                 memcpy(&hdr, <const char*>raw, sizeof(nat_state_hdr))
-                reason = _nat_state_check(&hdr, have, cap, size, _nat_boot_id(), now)
+                reason = _nat_state_check(&hdr, have, cap, t.a6_capacity, size, _nat_boot_id(), now)
             if reason is None:
                 rawx = _st_os.pread(st.fd, hdr.n_ext * sizeof(nat_state_ext), regions["ext"][0])
                 reason = _nat_state_ext_check(<const nat_state_ext*><const char*>rawx, hdr.n_ext)
-            if reason is None:
+            if reason is None and hdr.version == 3:
+                # main's format (80-byte entries): read its entries, then a fresh
+                # file; _state_adopt inserts them one by one (its seal, of the old
+                # layout, is not checked: every entry is, as an unsealed file's)
+                reason = _nat_state_ranges_check(raw, ranges)
+                if reason is None:
+                    st.convert = _nat_state_read_v3(st, cap)
+                    st.set_aside(".format3")
+                    st.seal = None
+                    st.seal_note = ""
+            elif reason is None:
                 reason = _nat_state_ranges_check(raw, ranges) or _nat_seal_check(st, seal, raw, rawx, cap)
             if reason is not None:
                 st.reject(reason)
@@ -340,13 +369,14 @@ cdef class NatTable:
                 for i in range(hdr.n_ext):
                     rec = rawx[i * sizeof(nat_state_ext):(i + 1) * sizeof(nat_state_ext)]
                     exts.append(rec)
-        if exts is None:
+        if exts is None or st.convert is not None:
             st.fresh(size)
         self._smap = _nat_state_mmap(st.fd, size, st.path)
         self._smap_size = size
         t.entries = <nat_entry*>_st_at(self._smap, regions["entries"])
+        t.a6 = <nat_addr6*>_st_at(self._smap, regions["a6"])
         h = <nat_state_hdr*>self._smap
-        if exts is None:
+        if exts is None or st.convert is not None:
             # a new header: the magic last, so a kill while writing leaves no valid file
             h.version = NAT_STATE_VERSION
             h.hdr_size = NAT_STATE_HDR_SIZE
@@ -357,10 +387,14 @@ cdef class NatTable:
             h.created_unix_ns = _time.time_ns()
             h.created_mono_ns = now
             h.capacity = cap
+            h.a6_capacity = t.a6_capacity
             h.index_slots = h.src_slots = _nat_index_slots(cap)
+            if st.convert is not None:     # the converted file's egress IP records, as they were
+                memcpy(_st_at(self._smap, regions["ext"]), <const char*>rawx, len(rawx))
+                h.n_ext = hdr.n_ext
             magic = NAT_STATE_MAGIC
             memcpy(h.magic, <const char*>magic, 8)
-            if st.status["reason"] is None:
+            if st.status["reason"] is None and st.convert is None:
                 st.status["message"] = f"NAT state file {st.path}: new, the table starts empty"
                 _st_log.info("%s", st.status["message"])
         return exts
@@ -400,8 +434,17 @@ cdef class NatTable:
             maxt[k] = max(st.old_timeout[k], t.timeout[k]) + 1000000000
         corrupt = nat_seal_apply(t, st, scan)     # a sealed file: groups failing their checksum dropped
         memset(counts, 0, sizeof(counts))
+        off, nbytes = st.regions["a6"]
+        _nat_state_populate(self._smap, off, nbytes)
+        t.a6_claim = <uint64_t*>calloc(t.a6_capacity // 64 + 1, 8)
+        if t.a6_claim == NULL:
+            raise no_memory("NAT state adoption")
         with nogil:
             nat_state_rebuild(t, now, maxt, scan, counts)
+        free(t.a6_claim)
+        t.a6_claim = NULL
+        if st.convert is not None:
+            return self._state_convert3(st, maxt, now, started)
         (<nat_state_hdr*>self._smap).adopted_count += 1
         ms = (_time.perf_counter() - started) * 1e3
         status = st.status
@@ -411,6 +454,40 @@ cdef class NatTable:
                              f"in {ms:.1f} ms ({counts[NAT_ADOPT_INVALID]} invalid and "
                              f"{counts[NAT_ADOPT_EXPIRED]} expired dropped{st.seal_note})")
         (_st_log.warning if counts[NAT_ADOPT_INVALID] or corrupt else _st_log.info)("%s", status["message"])
+        return 0
+
+    cdef int _state_convert3(self, object st, const uint64_t* maxt, uint64_t now, object started) except -1:
+        """Insert a format 3 file's connections (read by _state_map) into the
+        fresh file; report converted and dropped ones; remove the old file."""
+        cdef nat_table* t = self.t
+        cdef uint64_t counts[5]
+        cdef const unsigned char[:] raw = st.convert
+        cdef uint64_t n = len(st.convert) // sizeof(nat_entry_v3)
+        cdef uint64_t full0 = t.a6_full
+        cdef const nat_entry_v3* old = <const nat_entry_v3*>&raw[0] if n else NULL
+        memset(counts, 0, sizeof(counts))
+        with nogil:
+            nat_state_convert3(t, old, n, now, maxt, counts)
+        ipv6_full = t.a6_full - full0
+        t.a6_full = full0
+        st.convert = None
+        try:
+            _st_os.unlink(st.path + ".format3")
+        except OSError:
+            pass
+        (<nat_state_hdr*>self._smap).adopted_count += 1
+        ms = (_time.perf_counter() - started) * 1e3
+        status = st.status
+        status.update(adopted=True, converted_from=3, connections=counts[NAT_ADOPT_OK],
+                      invalid=counts[NAT_ADOPT_INVALID], expired=counts[NAT_ADOPT_EXPIRED],
+                      full=counts[NAT_ADOPT_FULL], ipv6_full=ipv6_full, adopt_ms=ms)
+        status["message"] = (f"NAT state file {st.path}: format 3 (80-byte entries) converted to format "
+                             f"{NAT_STATE_VERSION}: {counts[NAT_ADOPT_OK]} connections in {ms:.1f} ms "
+                             f"({counts[NAT_ADOPT_INVALID]} invalid, {counts[NAT_ADOPT_EXPIRED]} expired and "
+                             f"{counts[NAT_ADOPT_FULL]} beyond the table, {ipv6_full} of them IPv6 beyond "
+                             f"its IPv6 pool, dropped)")
+        (_st_log.warning if counts[NAT_ADOPT_INVALID] or counts[NAT_ADOPT_FULL] else _st_log.info)(
+            "%s", status["message"])
         return 0
 
     cdef void _state_write_config(self, object ranges):
@@ -454,8 +531,6 @@ cdef class NatTable:
                 or not 0 < expires_in <= 10 * 365 * 86400):
             raise ValueError(f"expires_in {expires_in!r} must be a positive number of seconds")
         memset(&e, 0, sizeof(nat_entry))
-        memcpy(e.src, k.src, 16)
-        memcpy(e.dst, k.dst, 16)
         e.family = k.family
         e.proto = k.proto
         e.sport = k.sport
@@ -469,7 +544,7 @@ cdef class NatTable:
             raise ValueError(f"policy_id {policy_id!r} must be an int in 0..65534")
         _nat_e_set_mapping(&e, 0, policy_id)
         with self._lock:
-            rc = nat_state_insert(self.t, &e, t_ns)
+            rc = nat_state_insert(self.t, &e, k.src, k.dst, t_ns)
         if rc != NAT_ADOPT_OK:
             why = {NAT_ADOPT_FULL: "the table is full", NAT_ADOPT_EXPIRED: "it has expired"}.get(
                 rc, "it is invalid here (state, port range, expiry beyond its timeout, or a port or flow "
@@ -626,8 +701,8 @@ cdef class NatTable:
 
     @property
     def memory_bytes(self):
-        """Bytes allocated: entries, mappings, the three indexes, the expiry
-        wheel, the per-source table and the port pools.  The large arrays are
+        """Bytes allocated: entries, mappings, the IPv6 address pools, the
+        three indexes, the expiry wheel, the per-source table and the port pools.  The large arrays are
         backed by the kernel as they are touched: resident memory starts near
         zero and grows with use (the indexes are touched where hashes land)."""
         if self.t == NULL:
@@ -635,6 +710,7 @@ cdef class NatTable:
         cdef nat_table* t = self.t
         return (sizeof(nat_table) + POLICY_SLOTS * sizeof(nat_policy_conns)
                 + t.capacity * sizeof(nat_entry) + t.map_capacity * sizeof(nat_mapping)
+                + max(t.a6_capacity, 1) * (sizeof(nat_addr6) + 16)
                 + 4 * (t.fwd.size + t.rev.size + t.map.size)
                 + 8 * NAT_WHEEL_SLOTS + t.src_size * sizeof(nat_src)
                 + t.n_ext * NAT_NPOOLS * sizeof(nat_pool))
@@ -782,12 +858,14 @@ cdef class NatTable:
 
     cdef object _entry(self, uint32_t idx, uint64_t now):
         cdef nat_entry* e = &self.t.entries[idx]
+        cdef uint8_t sbuf[16]
+        cdef uint8_t dbuf[16]
         fam = e.family
         n = 4 if fam == 4 else 16
         return NatEntry(
             _NAT_PROTO_NAME[e.proto],
-            str(_ipaddress.ip_address((<char*>e.src)[:n])), e.sport,
-            str(_ipaddress.ip_address((<char*>e.dst)[:n])), e.dport,
+            str(_ipaddress.ip_address((<const char*>_nat_e_src(self.t, e, sbuf))[:n])), e.sport,
+            str(_ipaddress.ip_address((<const char*>_nat_e_dst(self.t, e, dbuf))[:n])), e.dport,
             self._ext_names[e.ext], e.xport, _NAT_STATE_NAME[e.state],
             (e.expires - now) / 1e9, <uint32_t>(_nat_ms(now) - e.created_ms) / 1e3,
             e.npkts[0], e.npkts[1], e.nbytes[0], e.nbytes[1], _nat_e_policy(e))
@@ -915,6 +993,9 @@ cdef class NatTable:
                 "capacity": t.capacity,
                 "entries": t.used,
                 "mappings": t.map_used,
+                "ipv6_capacity": t.a6_capacity,
+                "ipv6_entries": t.a6_used,
+                "ipv6_full": t.a6_full,
                 "lookups": t.lookups,
                 "hits": t.hits,
                 "created": t.created_count,
@@ -1014,6 +1095,12 @@ cdef class NatTable:
             with nogil:
                 nat_reverse_batch_len(self.t, tin, tout, cp, cn, t_ns, lp)
         return out, codes
+
+
+def _nat_ipv6_capacity(capacity):
+    """The default IPv6 address records of a table of `capacity`: every
+    connection up to 65,536, then one in 16 (at least 65,536)."""
+    return capacity if capacity <= 65536 else max(65536, capacity // 16)
 
 
 def _nat_index_slots(capacity):
