@@ -604,7 +604,8 @@ def _add_agent(sub):
                    help="pin the datapath thread to CPU N (default: not pinned)")
     a.add_argument("--workers", type=_workers, default=1, metavar="N",
                    help="datapath threads (default 1; more is withheld in this release, see the README), "
-                        "each with its own rings (a fanout group per interface) and NAT table over a slice of the NAT port range; replies are steered "
+                        "each with its own rings (a fanout group per interface) and NAT table over a slice "
+                        "of the NAT port range; replies are steered "
                         "to the owner of their port, a pod's traffic by its (IP, port); not with "
                         "--stateful-failover")
     a.set_defaults(func=_cmd_agent)
