@@ -175,7 +175,9 @@ def datapath(view, capacity, v6=False):
     ip = NODE1 if view == "node1" else GATEWAY
     em = egress_map(view, v6)
     egress = ([EGRESS_IP] + ([EGRESS_IP6] if v6 else [])) if view == "node3" else []
-    nat = NatTable(egress, capacity=capacity, port_range=NAT_PORTS, seed=7)
+    # Every IPv6 flow of the workload is held, so the IPv6 pool is the whole table.
+    nat = NatTable(egress, capacity=capacity, port_range=NAT_PORTS, seed=7,
+                   ipv6_capacity=capacity if v6 else None)
     dp = Datapath(ip, NODE_MAC[ip], em, nat, nat_port_range=NAT_PORTS, node_ip6=NODE6[ip] if v6 else None)
     for i, (nip, cidr) in enumerate(NODES):
         if v6:
