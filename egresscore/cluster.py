@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from gc import is_tracked as _gc_is_tracked
 import re
 from dataclasses import dataclass, field, replace
+from gc import is_tracked as _gc_is_tracked
 from socket import AF_INET as _AF_INET
 from socket import inet_ntop as _ntop
 from socket import inet_pton as _pton
