@@ -603,7 +603,7 @@ def _add_agent(sub):
     a.add_argument("--cpu", type=_sched_arg("cpu"), metavar="N",
                    help="pin the datapath thread to CPU N (default: not pinned)")
     a.add_argument("--workers", type=_workers, default=1, metavar="N",
-                   help="datapath threads (default 1; more is withheld in this release, see the README), "
+                   help="datapath threads (default 1), "
                         "each with its own rings (a fanout group per interface) and NAT table over a slice "
                         "of the NAT port range; replies are steered "
                         "to the owner of their port, a pod's traffic by its (IP, port); not with "

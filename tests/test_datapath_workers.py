@@ -20,7 +20,7 @@ SLICES = worker_slices(*NAT, 2)
 OTHER = "203.0.113.20"
 
 
-def workers(view, n=2):
+def workers(view, n=2, pod_mac=APP1_MAC):
     ip = {"node1": "192.168.1.1", "node3": "192.168.1.3"}[view]
     em = egress_map(view)
     nat = make_nat(n, NAT, None, "test", capacity=4096)
@@ -32,7 +32,7 @@ def workers(view, n=2):
             dp.add_node(i, nip, [cidr], MAC[nip])
         dp.set_router(ROUTER_MAC)
         if view == "node1":
-            dp.add_pod_port(1, APP1, APP1_HOST, APP1_MAC)
+            dp.add_pod_port(1, APP1, APP1_HOST, pod_mac)
         dps.append(dp)
     return DatapathGroup(dps), nat
 
@@ -88,6 +88,33 @@ def test_replies_come_back_to_the_owning_worker_and_eim_holds():
     assert c["reverse_nat"] == 2 * 24 * 2 and c["snat_egress"] == 2 * 24 * 2 and not c["drops"]
     per = [len(t) for t in nat3.members]
     assert sum(per) == len(nat3) == 2 * 24 * 2 and min(per) > 0
+
+
+def test_a_pod_mac_one_worker_learns_delivers_replies_at_the_other():
+    """The agent adds pod ports without their MAC (learned from the pod's
+    frames): a reply steered to another worker than the pod's frame went to
+    (the VXLAN from the gateway by its inner source: the server) is still
+    delivered, with the MAC the first worker learned (issue 17: it was
+    dropped as no_route until the pod happened to send through that worker)."""
+    pod_prog, under_prog = steer_pod(2), steer_underlay(2, NAT)
+    crossed = set()
+    for sport in range(20000, 20064):
+        n1, _ = workers("node1", pod_mac=None)      # a fresh node1: no MAC learned yet
+        n3, _ = workers("node3")
+        syn = bytes(Ether(src=APP1_MAC, dst=APP1_HOST) / IP(src=APP1, dst=SERVER) / TCP(sport=sport, dport=80,
+                                                                                         flags="S"))
+        w1, out = send(n1, pod_prog, syn, 1)
+        _, out = send(n3, under_prog, out[0][1], 0)
+        snat = check(out[0][1])
+        reply = bytes(Ether(src=ROUTER_MAC, dst=MAC["192.168.1.3"]) / IP(src=SERVER, dst="192.168.1.3")
+                      / TCP(sport=80, dport=snat[TCP].sport, flags="SA"))
+        _, out = send(n3, under_prog, reply, 0)          # back into the tunnel to node1
+        wr, out = send(n1, under_prog, out[0][1], 0)
+        assert len(out) == 1 and out[0][0] == 1, (w1, wr, n1.members[wr].counters()["drops"])
+        back = Ether(out[0][1])
+        assert back.dst == APP1_MAC and back.src == APP1_HOST and back[IP].dst == APP1
+        crossed.add(w1 != wr)
+    assert crossed == {True, False}, "the steering never split a pod's frame and its reply"
 
 
 def test_a_reply_at_the_wrong_worker_is_not_translated():

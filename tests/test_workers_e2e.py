@@ -14,9 +14,7 @@ import os
 import pytest
 from conftest import needs_netns, running_agents, start_agent
 
-pytestmark = [needs_netns, pytest.mark.skip(
-    reason="Agent(workers>1) is withheld in this release: its first connections time out now and then "
-           "in this lab since the loop-return and health changes landed beside it (issue 17)")]
+pytestmark = [needs_netns]
 
 SERVER, OTHER = "203.0.113.10", "198.51.100.10"
 EGRESS_IP = "192.168.1.3"

@@ -163,9 +163,6 @@ from .tunnel import TunnelDevice
 from .workers import DatapathGroup, Parking, WorkerRings, make_nat
 
 DEFAULT_NAT_PORTS = (32768, 65534)
-# The multi-worker agent (egresscore.agent.workers) is built and tested in memory, but its lab test
-# fails now and then on this build: withheld until that is found
-_MULTI_WORKER = False
 # Connections the NAT table holds: a gateway's worth.  About 93 bytes each
 # (NatTable.memory_bytes / capacity, indexes and IPv6 pool included): 93 MB allocated at the
 # default, backed by the kernel only as connections use it.
@@ -280,10 +277,6 @@ class Agent:
         self.workers = check_workers(workers)
         if workers > 1 and stateful_failover:
             raise ValueError("stateful_failover replicates one NAT table: not with workers > 1 (yet)")
-        if workers > 1 and not _MULTI_WORKER:
-            raise ValueError("workers > 1 is withheld in this release: with this build a two-worker agent's "
-                             "first connections time out now and then in the lab (tests/test_workers_e2e.py, "
-                             "issue 17); run one worker")
         if nat_ipv6_capacity is not None and (isinstance(nat_ipv6_capacity, bool)
                                               or not isinstance(nat_ipv6_capacity, int)
                                               or not 0 <= nat_ipv6_capacity <= nat_capacity):

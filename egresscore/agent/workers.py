@@ -6,7 +6,10 @@ worker_slices); every interface gets one ring per worker, joined in one
 PACKET_FANOUT_CBPF group whose program sends a reply to the worker owning
 its port and a pod's frame to the worker its (IP, port) hashes to
 (egresscore._steer).  Nothing is shared on the hot path but the egress map,
-which its readers enter lock-free (RCU; the compiler is its one writer).
+which its readers enter lock-free (RCU; the compiler is its one writer), and
+worker 0's table of pod MACs (Datapath.share_pod_macs: one word per port,
+read and written whole), since a reply may be steered to another worker
+than the one that learned the pod's MAC from its frames.
 
 The rest of the agent sees one datapath, one NAT table and one ring per
 interface: DatapathGroup, NatGroup and RingSet write to every member and
@@ -109,6 +112,8 @@ class DatapathGroup:
     def __init__(self, members):
         self.members = list(members)
         self._rings = {}
+        for dp in self.members[1:]:   # a pod's MAC, learned by the worker its frames go to, is everyone's
+            dp.share_pod_macs(self.members[0])
 
     def __getattr__(self, name):
         # anything not written here is worker 0's (read-only uses: pins, underlay6, ...)

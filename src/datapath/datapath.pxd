@@ -17,6 +17,14 @@ cdef enum:
     DP_BATCH = 256
     DP_TUNNEL_PORT = 64         # TX only: a kernel vxlan device that encapsulates super-packets
 
+cdef extern from "datapath/podmac.h" nogil:
+    uint64_t dp_podmac_word(const uint8_t *m)
+    uint64_t dp_podmac_load(const uint64_t *cell)
+    void dp_podmac_learn(uint64_t *cell, const uint8_t *m)
+    void dp_podmac_store(uint64_t *cell, uint64_t w)
+    void dp_podmac_put(uint8_t *dst, uint64_t w)
+
+
 cdef struct dp_node:
     uint32_t ip                 # underlay address
     uint8_t mac[6]              # its Ethernet address (learned neighbour)
@@ -29,9 +37,7 @@ cdef struct dp_node:
 
 cdef struct dp_port:
     uint32_t pod_ip             # the pod behind this veth (0: underlay / unknown)
-    uint8_t pod_mac[6]          # learned from the pod's frames (or set)
-    uint8_t host_mac[6]         # our end of the veth
-    uint8_t has_pod_mac
+    uint8_t host_mac[6]         # our end of the veth (the pod's MAC: dp_ctx.pod_macs)
     uint8_t used
     uint8_t pod_ip6[16]         # the pod's IPv6 address (has_ip6)
     uint8_t has_ip6
@@ -116,6 +122,8 @@ cdef struct dp_ctx:
     uint16_t nat_hi
     int node_ext  # NAT index of the node IP (masquerade)
     dp_port ports[64]
+    uint64_t pod_mac_own[64]  # by port: the pod's MAC, learned from its frames or set (datapath/podmac.h)
+    uint64_t * pod_macs  # the table in use: pod_mac_own, or worker 0's (Datapath.share_pod_macs)
     dp_node nodes[256]
     dp_stats st
     uint8_t * scratch  # DP_SCRATCH bytes: the frame being worked on
@@ -166,6 +174,7 @@ cdef class Datapath:
     cdef readonly LPMTrie node_ips      # node IP /32 -> node index
     cdef readonly LPMTrie local_pods    # local pod IP /32 -> port
     cdef object _flow_log
+    cdef object _mac_owner              # share_pod_macs(): the Datapath whose pod MAC table this one uses
     cdef readonly GatewayPins pins      # make-before-break (None: off)
     cdef readonly LPMTrie pod_nodes6    # IPv6 pod CIDR -> node index
     cdef readonly LPMTrie node_ips6     # node IPv6 /128 -> node index

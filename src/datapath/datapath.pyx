@@ -136,6 +136,8 @@ cdef class Datapath:
             raise no_memory("Datapath scratch buffers")
         _dp_memset(&self.c.st, 0, sizeof(dp_stats))
         _dp_memset(self.c.ports, 0, sizeof(self.c.ports))
+        _dp_memset(self.c.pod_mac_own, 0, sizeof(self.c.pod_mac_own))
+        self.c.pod_macs = self.c.pod_mac_own
         _dp_memset(self.c.nodes, 0, sizeof(self.c.nodes))
         _dp_memset(self.c.rings, 0, sizeof(self.c.rings))
         self.c.emit = dp_emit
@@ -317,16 +319,31 @@ cdef class Datapath:
         p.pod_ip = new4
         hm = mac_bytes(host_mac, "host_mac")
         _dp_memcpy(p.host_mac, <const char *>hm, 6)
-        p.has_pod_mac = 0
-        if pod_mac is not None:
+        if pod_mac is None:
+            dp_podmac_store(&self.c.pod_macs[port], 0)   # learned from the pod's first frame
+        else:
             pm = mac_bytes(pod_mac, "pod_mac")
-            _dp_memcpy(p.pod_mac, <const char *>pm, 6)
-            p.has_pod_mac = 1
+            dp_podmac_store(&self.c.pod_macs[port], dp_podmac_word(<const uint8_t *><const char *>pm))
         p.used = 1
         if p.pod_ip:
             self.local_pods[f"{_ipaddress.IPv4Address(p.pod_ip)}/32"] = port
         if p.has_ip6:
             self.local_pods6[f"{_ipaddress.IPv6Address(new6)}/128"] = port
+
+    def share_pod_macs(self, Datapath owner not None):
+        """Use owner's table of pod MACs from now on (the workers of one
+        agent): the MAC one worker learns from a pod's frame is the one every
+        worker delivers the pod's replies with, whichever worker the fanout
+        steers a reply to.  MACs this one knows and owner does not are
+        carried over.  Call it while neither forwards."""
+        cdef int k
+        if self.c.pod_macs == owner.c.pod_macs:
+            return
+        for k in range(DP_MAX_PORTS):
+            if not owner.c.pod_macs[k]:
+                owner.c.pod_macs[k] = self.c.pod_macs[k]
+        self._mac_owner = owner     # its table (or the one it shares) lives as long as this Datapath
+        self.c.pod_macs = owner.c.pod_macs
 
     def remove_pod_port(self, int port):
         if not 1 <= port < DP_MAX_PORTS or not self.c.ports[port].used:
@@ -337,6 +354,7 @@ cdef class Datapath:
             self.local_pods6.pop(f"{_ipaddress.IPv6Address(bytes(self.c.ports[port].pod_ip6[:16]))}/128", None)
         self.detach_ring(port)
         _dp_memset(&self.c.ports[port], 0, sizeof(dp_port))
+        dp_podmac_store(&self.c.pod_macs[port], 0)
 
     def attach_ring(self, int port, PacketRing ring not None):
         """Receive and transmit port `port`'s frames through `ring` (poll())."""

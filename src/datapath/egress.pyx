@@ -21,9 +21,7 @@ cdef int dp_from_pod(dp_ctx *c, uint8_t *f, int64_t length, int in_port, uint64_
         return dp_ret(VERDICT_PASS, 0)
     if pi.src4 != p.pod_ip:
         return dp_ret(VERDICT_DROP, DROP_SPOOFED)
-    if not p.has_pod_mac or dp_mac_differs(p.pod_mac, f + 6):
-        _dp_memcpy(p.pod_mac, f + 6, 6)
-        p.has_pod_mac = 1
+    dp_podmac_learn(&c.pod_macs[in_port], f + 6)
     status = dp_policy_lookup4(c, pi.src4, pi.dst4, &egress, &gw, length)
     if status == EGRESS_NO_GATEWAY:
         return dp_ret(VERDICT_DROP, DROP_NO_GATEWAY)

@@ -38,14 +38,6 @@ cdef inline uint64_t dp_now() noexcept nogil:
     return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
 
 
-cdef inline bint dp_mac_differs(const uint8_t *a, const uint8_t *b) noexcept nogil:
-    cdef int i
-    for i in range(6):
-        if a[i] != b[i]:
-            return True
-    return False
-
-
 cdef enum:
     DP_SEGMENT = 0xfe             # internal: cut the GSO frame and handle each segment
 
@@ -315,14 +307,16 @@ cdef int dp_deliver(dp_ctx *c, uint8_t *f, int64_t length, PktInfo *pi, uint32_t
     `port`, else VXLAN to cluster node `node` (LPM_NONE: DROP_NO_ROUTE)."""
     cdef int rc
     cdef dp_port *p
+    cdef uint64_t mac
     if port != LPM_NONE:
         p = &c.ports[port]
-        if not p.has_pod_mac:
+        mac = dp_podmac_load(&c.pod_macs[port])   # learned by whichever worker saw the pod's frame
+        if not mac:
             return dp_ret(VERDICT_DROP, DROP_NO_ROUTE)
         rc = pkt_ttl_decrement(f, pi)
         if rc:
             return dp_ret(VERDICT_DROP, rc)
-        _dp_memcpy(f, p.pod_mac, 6)
+        dp_podmac_put(f, mac)
         _dp_memcpy(f + 6, p.host_mac, 6)
         if c.gso:
             dp_gso_out(c, f, pi, out)

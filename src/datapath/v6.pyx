@@ -122,9 +122,7 @@ cdef int dp_from_pod6(dp_ctx *c, uint8_t *f, int64_t length, int in_port, PktInf
         return dp_ret(VERDICT_PASS, 0)
     if not p.has_ip6 or not dp_eq16(ip + 8, p.pod_ip6):
         return dp_ret(VERDICT_DROP, DROP_SPOOFED)
-    if not p.has_pod_mac or dp_mac_differs(p.pod_mac, f + 6):
-        _dp_memcpy(p.pod_mac, f + 6, 6)
-        p.has_pod_mac = 1
+    dp_podmac_learn(&c.pod_macs[in_port], f + 6)
     status = dp_policy_lookup6(c, ip + 8, ip + 24, egress, &gw, length)
     if status == EGRESS_NO_GATEWAY:
         return dp_ret(VERDICT_DROP, DROP_NO_GATEWAY)
