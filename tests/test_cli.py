@@ -20,6 +20,22 @@ def run(capsys, *argv):
     return code, out, err
 
 
+@pytest.fixture
+def agent_kwargs(monkeypatch):
+    """The keyword arguments `egresscore agent` passes to Agent: a stand-in records them and
+    stops the command (exit 1) before anything starts."""
+    import egresscore.agent as agent_mod
+
+    seen = {}
+
+    def fake_agent(node, cluster, policies, **kw):
+        seen.update(kw)
+        raise agent_mod.AgentError("stopped by the test")
+
+    monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    return seen
+
+
 def test_egress_list_prints_cilium_dbg_table(capsys):
     code, out, err = run(capsys, "egress", "list", "--cluster", CLUSTER, "--policies", SAMPLE)
     assert code == 0 and err == ""
@@ -253,21 +269,12 @@ def test_agent_with_a_bad_policy_file_does_not_start(tmp_path):
                            "spec.destinationCIDRs[0]: '203.0.113.0/33' is not a CIDR\n")
 
 
-def test_agent_nat_capacity_and_pod_limit_flags(capsys, monkeypatch):
+def test_agent_nat_capacity_and_pod_limit_flags(capsys, agent_kwargs):
     """--nat-capacity and --pod-conn-limit reach the Agent; bad values are
     usage errors that name the flag (nothing is started)."""
     import egresscore.agent as agent_mod
 
-    seen = {}
-
-    class Stop(agent_mod.AgentError):
-        pass
-
-    def fake_agent(node, cluster, policies, **kw):
-        seen.update(kw)
-        raise Stop("stopped by the test")
-
-    monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    seen = agent_kwargs
     base = ("agent", "--node", "node3", "--cluster", CLUSTER, "--policies", SAMPLE, "--no-control-socket")
     assert run(capsys, *base)[0] == 1
     assert seen["nat_capacity"] == agent_mod.DEFAULT_NAT_CAPACITY >= 1_000_000 and seen["pod_conn_limit"] is None
@@ -283,22 +290,11 @@ def test_agent_nat_capacity_and_pod_limit_flags(capsys, monkeypatch):
         assert f"argument {flag}: " in err and msg in err
 
 
-def test_agent_nat_ipv6_capacity_flag(capsys, monkeypatch):
+def test_agent_nat_ipv6_capacity_flag(capsys, agent_kwargs):
     """--nat-ipv6-capacity reaches the Agent (None: the table's default; 0:
     no IPv6 connections); a bad value, or one over --nat-capacity, is a usage
     error naming the flag."""
-    import egresscore.agent as agent_mod
-
-    seen = {}
-
-    class Stop(agent_mod.AgentError):
-        pass
-
-    def fake_agent(node, cluster, policies, **kw):
-        seen.update(kw)
-        raise Stop("stopped by the test")
-
-    monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    seen = agent_kwargs
     base = ("agent", "--node", "node3", "--cluster", CLUSTER, "--policies", SAMPLE, "--no-control-socket")
     assert run(capsys, *base)[0] == 1 and seen["nat_ipv6_capacity"] is None
     for value, want in (("300000", 300_000), ("0", 0)):
@@ -325,17 +321,9 @@ def test_agent_refuses_a_bad_nat_ipv6_capacity():
             Agent("node3", CLUSTER, [SAMPLE], nat_ipv6_capacity=bad)
 
 
-def test_agent_pod_ring_mib_reaches_the_agent(capsys, monkeypatch):
+def test_agent_pod_ring_mib_reaches_the_agent(capsys, agent_kwargs):
     """--pod-ring-mib sizes each pod veth's RX ring (default 32 MiB); a bad size is a usage error naming it."""
-    import egresscore.agent as agent_mod
-
-    seen = {}
-
-    def fake_agent(node, cluster, policies, **kw):
-        seen.update(kw)
-        raise agent_mod.AgentError("stopped by the test")
-
-    monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    seen = agent_kwargs
     base = ("agent", "--node", "node3", "--cluster", CLUSTER, "--policies", SAMPLE, "--no-control-socket")
     assert run(capsys, *base)[0] == 1 and seen["pod_ring_mib"] == 32
     assert run(capsys, *base, "--pod-ring-mib", "4")[0] == 1 and seen["pod_ring_mib"] == 4
@@ -347,18 +335,10 @@ def test_agent_pod_ring_mib_reaches_the_agent(capsys, monkeypatch):
         assert "argument --pod-ring-mib: " in err and "MiB 1..1024 expected" in err
 
 
-def test_agent_labels_and_cluster_name_reach_the_compiler(capsys, monkeypatch):
+def test_agent_labels_and_cluster_name_reach_the_compiler(capsys, agent_kwargs):
     """--labels adds rules to Cilium's default label filter and --cluster-name
     names the cluster selectors see; a bad rule is a usage error naming --labels."""
-    import egresscore.agent as agent_mod
-
-    seen = {}
-
-    def fake_agent(node, cluster, policies, **kw):
-        seen.update(kw)
-        raise agent_mod.AgentError("stopped by the test")
-
-    monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    seen = agent_kwargs
     base = ("agent", "--node", "node3", "--cluster", CLUSTER, "--policies", SAMPLE, "--no-control-socket")
     assert run(capsys, *base)[0] == 1
     default = seen["label_filter"]
@@ -396,19 +376,12 @@ def test_egress_list_with_a_down_gateway_shows_the_next_one_and_who_is_down(caps
     assert code == 1 and "--down: no node 'node7'" in err
 
 
-def test_agent_liveness_options_pick_the_providers(capsys, monkeypatch, tmp_path):
+def test_agent_liveness_options_pick_the_providers(capsys, tmp_path, agent_kwargs):
     """--liveness auto (default) asks for the source's own liveness; file and
     static add theirs; a mode without its input is a usage error naming it."""
-    import egresscore.agent as agent_mod
     from egresscore.health import FileLiveness, StaticLiveness
 
-    seen = {}
-
-    def fake_agent(node, cluster, policies, **kw):
-        seen.update(kw)
-        raise agent_mod.AgentError("stopped by the test")
-
-    monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    seen = agent_kwargs
     base = ("agent", "--node", "node1", "--cluster", CLUSTER, "--policies", HA, "--no-control-socket")
     assert run(capsys, *base)[0] == 1
     assert seen["liveness"] == ["auto"]
