@@ -235,6 +235,78 @@ def test_wake_ends_run_while_frames_keep_coming(net):
             r.close()
 
 
+def test_a_signal_ends_run_while_frames_keep_coming(net):
+    """The agent's SIGTERM under traffic: Agent.run() makes the wake pipe the
+    process's signal wakeup fd, so a signal that lands while the loop forwards
+    (not in poll(), where EINTR would end it) still ends run() within a pass
+    and the handler runs; before, such a stop waited for the 60 s backstop."""
+    import os
+    import signal
+    import types
+
+    from egresscore.agent.lifecycle import Agent
+
+    rings = []
+    send = raw_socket(net["pod_ns"], net["pod_if"])
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    handled = []
+    old_handler = signal.signal(signal.SIGUSR1, lambda *a: handled.append(True))
+    old_fd = Agent._signals_wake_loop(types.SimpleNamespace(_wake_w=wake_w))
+    try:
+        assert signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False) == wake_w
+        dp, pod, ul = datapath(net, rings, pod_blocks=8)
+        dp.rx_coalesce_us = 100
+        total, sent = 200000, [0]
+        frames = [pod_frame(net, 20000 + i) for i in range(64)]
+        stop = threading.Event()
+
+        def sender():
+            while sent[0] < total and not stop.is_set():
+                send.send(frames[sent[0] % 64])
+                sent[0] += 1
+
+        for _ in range(3):          # three signals, so some land while a batch is forwarded
+            sent[0] = 0
+            stop.clear()
+            handled.clear()
+            tx = threading.Thread(target=sender)
+            tx.start()
+            try:
+                while sent[0] < 2000:
+                    time.sleep(0.001)
+                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+                dp.run(30, wake_r)
+                at_return = sent[0]
+                time.sleep(0.01)                       # the handler runs at the next bytecode
+            finally:
+                stop.set()
+                tx.join()
+            assert at_return < total, "run() returned only once the stream had ended"
+            assert handled == [True]
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGUSR1, old_handler)
+        os.close(wake_r)
+        os.close(wake_w)
+        send.close()
+        for r in rings:
+            r.close()
+
+
+def test_the_wake_pipe_is_the_signal_wakeup_fd_only_on_the_main_thread():
+    import types
+
+    from egresscore.agent.lifecycle import Agent
+
+    stand_in = types.SimpleNamespace(_wake_w=12345)
+    out = []
+    t = threading.Thread(target=lambda: out.append(Agent._signals_wake_loop(stand_in)))
+    t.start()
+    t.join()
+    assert out == [None]                                   # off the main thread: signals are not ours
+    assert Agent._signals_wake_loop(types.SimpleNamespace(_wake_w=-1)) is None   # no pipe yet
+
+
 def test_rx_coalesce_us_is_checked():
     dp = Datapath(NODE_IP, "02:00:00:00:00:01", EgressMap(), NatTable())
     assert dp.rx_coalesce_us == 0

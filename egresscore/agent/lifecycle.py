@@ -127,6 +127,7 @@ thread the same way.
 """
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -1288,10 +1289,13 @@ class Agent:
                 t.start()
                 threads.append(t)
         self.ready.set()
+        wakeup = self._signals_wake_loop()
         try:
             while not self._stop.is_set():
                 self.step(self.poll_ms / 1000.0)
         finally:
+            if wakeup is not None:
+                signal.set_wakeup_fd(wakeup)
             self._stop.set()
             if self._parking is not None:
                 self._parking.release()
@@ -1302,6 +1306,18 @@ class Agent:
             self._sched.restore()
             self._loop_thread = None
             self.close()
+
+    def _signals_wake_loop(self):
+        """run() on the main thread: a signal also writes to the wake pipe.
+
+        Python runs a signal's handler (the CLI's SIGTERM: stop()) only once
+        this thread is back from the C loop, and the loop returns early on a
+        signal only when it lands in poll(); one that lands while a batch is
+        forwarded would wait for the poll_ms backstop (60 s).  The wake pipe
+        ends the C loop within one pass.  Returns the fd to restore, or None."""
+        if self._wake_w < 0 or threading.current_thread() is not threading.main_thread():
+            return None
+        return signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
     def start(self):
         """run() in a background thread; returns the thread."""
