@@ -189,7 +189,9 @@ def ping(lab, count):
         raise RuntimeError(f"ping from {POD} to {DST}: {len(times)} replies ({out.stderr.strip()[-200:]})")
     return {"ping_count": count, "ping_replies": len(times), "ping_lost": count - len(times),
             "ping_median_ms": statistics.median(times), "ping_p99_ms": statistics.quantiles(times, n=100)[98],
-            "ping_max_ms": max(times)}
+            "ping_max_ms": max(times),
+            # where the tail lies (start-up or spread over the run): the 10 slowest, (reply index, ms)
+            "ping_slowest": sorted(enumerate(times), key=lambda x: -x[1])[:10]}
 
 
 def paced_iperf3(lab, pps, seconds, streams=PACED_STREAMS, rt_priority=PACED_RT_PRIORITY):
