@@ -48,10 +48,16 @@ Needs root and trafgen, iperf3, ping, nft (Debian: netsniff-ng iperf3
 iputils-ping nftables); says which package is missing and exits 2 otherwise.
     python benchmarks/compare_agent_peers.py [--quick] [--reps N] [--json FILE]
         [--only flood,tcp,ping,paced] [--agent-args "ARGS"] [--also "ARGS"]... [--ipv6]
-        [--workers 1,2]
+        [--workers 1,2] [--paced-at 0.5,0.8,1]
 
 --workers 1,2 measures the agents with one datapath worker and with two
 (agent --workers 2: a second column in the same repetitions).
+
+--paced-at 0.5,0.8,1 paces the UDP stream at those fractions of the rate the
+kernel delivered in the same repetition's flood (so "at any rate the kernel
+delivers without loss" is asked at 50, 80 and 100% of it), each side in turn,
+instead of the fixed 100 kpps; the offered rate is what the clients got out
+(more --paced-streams get more out).
 """
 import argparse
 import contextlib
@@ -300,7 +306,28 @@ def agent_loops(lab, agents):
     return out
 
 
-def measure(lab, p, agents=None):
+def paced_key(fraction):
+    """The figures' key prefix for a stream paced at `fraction` of the kernel's flood rate."""
+    return f"iperf3u{round(fraction * 100)}"
+
+
+def paced(lab, p, agents, pps, key="iperf3u"):
+    """paced_iperf3 at `pps`, with where a loss was placed (the agents' rings and drop reasons,
+    the kernel's input backlogs); the figures' "iperf3u" prefix becomes `key`."""
+    before, backlog = ring_counters(lab, agents) if agents else {}, softnet_dropped()
+    drops = agent_drops(lab, agents) if agents else {}
+    out = paced_iperf3(lab, pps, p["paced_seconds"], p["paced_streams"], p["paced_rt"])
+    out["iperf3u_pps"] = pps
+    out["iperf3u_backlog_drops"] = softnet_dropped() - backlog
+    if agents:
+        out["iperf3u_ring_drops"] = _ring_delta(before, ring_counters(lab, agents))
+        out["iperf3u_agent_drops"] = _drops_delta(drops, agent_drops(lab, agents))
+    return {key + k[len("iperf3u"):]: v for k, v in out.items()}
+
+
+def measure(lab, p, agents=None, kernel_kpps=None):
+    """One side's figures; `kernel_kpps`: the kernel's flood rate in this repetition (None: this is
+    the kernel's turn), which --paced-at paces against."""
     out = {"load1": os.getloadavg()[0]}
     parts = p["parts"]
     if p.get("ipv6"):  # the IPv6 rows (issue 18), kept in peers_ipv6.py
@@ -314,20 +341,19 @@ def measure(lab, p, agents=None):
         out.update(tcp(lab, 4, p["tcp_seconds"], "tcp4"))
     if "ping" in parts:
         out.update(ping(lab, p["ping_count"]))
-    if "paced" in parts:
-        before, backlog = ring_counters(lab, agents) if agents else {}, softnet_dropped()
-        drops = agent_drops(lab, agents) if agents else {}
-        out.update(paced_iperf3(lab, p["paced_pps"], p["paced_seconds"], p["paced_streams"], p["paced_rt"]))
-        out["iperf3u_backlog_drops"] = softnet_dropped() - backlog
-        if agents:
-            out["iperf3u_ring_drops"] = _ring_delta(before, ring_counters(lab, agents))
-            out["iperf3u_agent_drops"] = _drops_delta(drops, agent_drops(lab, agents))
+    if "paced" in parts and not p["paced_at"]:
+        out.update(paced(lab, p, agents, p["paced_pps"]))
+    elif "paced" in parts:  # fractions of the kernel's flood rate, this repetition's
+        ref_kpps = out["flood_kpps"] if kernel_kpps is None else kernel_kpps
+        for fraction in p["paced_at"]:
+            pps = max(p["paced_streams"], round(fraction * ref_kpps * 1e3))
+            out.update(paced(lab, p, agents, pps, paced_key(fraction)))
     if agents:
         out["agent_loops"] = agent_loops(lab, agents)
     return out
 
 
-def params(quick, reps=None, parts=PARTS, paced_streams=PACED_STREAMS, paced_rt=PACED_RT_PRIORITY):
+def params(quick, reps=None, parts=PARTS, paced_streams=PACED_STREAMS, paced_rt=PACED_RT_PRIORITY, paced_at=()):
     if quick:
         p = dict(reps=1, flood_packets=300_000, flood_seconds=10, tcp_seconds=2, ping_count=200,
                  paced_pps=100_000, paced_seconds=3)
@@ -337,6 +363,7 @@ def params(quick, reps=None, parts=PARTS, paced_streams=PACED_STREAMS, paced_rt=
     if reps:
         p["reps"] = reps
     p["paced_streams"], p["paced_rt"] = paced_streams, paced_rt
+    p["paced_at"] = tuple(paced_at) if "paced" in parts else ()
     p["parts"] = tuple(parts)
     return p
 
@@ -373,7 +400,7 @@ def collect(p, variants):
                 _, agents = start_agents(lab, policy_file, tmp, extra_args=args)
                 try:
                     lab.ping(POD, DST, count=1)
-                    samples[side].append(measure(lab, p, agents))
+                    samples[side].append(measure(lab, p, agents, samples["kernel"][-1].get("flood_kpps")))
                 finally:
                     for a in agents.values():
                         a.stop()
@@ -383,6 +410,19 @@ def collect(p, variants):
 def _median(values):
     values = list(values)
     return statistics.median(values) if all(isinstance(v, (int, float)) for v in values) else values
+
+
+def paced_keys(p):
+    """The key prefixes of this run's paced streams."""
+    return tuple(paced_key(f) for f in p["paced_at"]) or ("iperf3u",)
+
+
+def paced_metrics(fractions):
+    """METRICS with the paced rows once per fraction of the kernel's flood rate."""
+    plain = tuple(m for m in METRICS if not m[0].startswith("iperf3u_"))
+    return plain + tuple((paced_key(f) + key[len("iperf3u"):], label.replace("paced UDP", f"paced UDP at {f:.0%}"),
+                          fmt, lower)
+                         for f in fractions for key, label, fmt, lower in METRICS if key.startswith("iperf3u_"))
 
 
 def table(samples, p, m):
@@ -398,7 +438,9 @@ def table(samples, p, m):
         f"Flood: trafgen, {p['flood_packets']:,} frames of 64 bytes (at most {p['flood_seconds']} s), "
         f"delivery counted at the server's eth0. TCP: iperf3 {p['tcp_seconds']} s. Ping: "
         f"{p['ping_count']} at 10 ms. Paced UDP: {p['paced_streams']} iperf3 -u clients, "
-        f"{p['paced_pps']:,} pkt/s of {PAYLOAD}-byte payloads in all for {p['paced_seconds']} s, "
+        + (f"{', '.join(f'{f:.0%}' for f in p['paced_at'])} of the kernel's flood rate in the same repetition "
+           if p["paced_at"] else f"{p['paced_pps']:,} pkt/s ")
+        + f"of {PAYLOAD}-byte payloads in all for {p['paced_seconds']} s, "
         f"SCHED_FIFO {p['paced_rt']} (0: normal), sent = app1's eth0 tx, "
         f"delivered = the server's eth0 rx. CPU: machine user + system + softirq (/proc/stat), all CPUs."
         + (f" Measured: {', '.join(p['parts'])}." if tuple(p["parts"]) != PARTS else ""),
@@ -413,6 +455,8 @@ def table(samples, p, m):
         return f" {fmt.format(e)} | {ratio} |"
 
     metrics = METRICS
+    if p["paced_at"]:
+        metrics = paced_metrics(p["paced_at"])
     if p.get("ipv6"):
         import peers_ipv6
 
@@ -422,24 +466,28 @@ def table(samples, p, m):
             continue
         lines.append(f"| {label}{' (lower is better)' if lower else ''} | {fmt.format(med['kernel'][key])} |"
                      + "".join(cells(key, fmt, side) for side in names[1:]))
-    runs = [f"{side}: " + ", ".join(f"{s[key]:{fmt[2:-1]}}" for s in samples[side])
-            for key, _, fmt, _ in METRICS if key in ("ping_p99_ms", "iperf3u_loss_if_pct") and key in med["kernel"]
+    each = ("ping_p99_ms",) + tuple(k + "_loss_if_pct" for k in paced_keys(p))
+    runs = [f"{side}: {key}: " + ", ".join(f"{s[key]:{fmt[2:-1]}}" for s in samples[side])
+            for key, _, fmt, _ in metrics if key in each and key in med["kernel"]
             for side in names]
     if runs and p["reps"] > 1:
         lines += ["", "Each repetition (ping p99 ms, paced loss %): " + "; ".join(runs) + "."]
-    placed = [f"{side}: " + ", ".join(json.dumps(s["iperf3u_agent_drops"], sort_keys=True) for s in samples[side])
-              for side in names[1:] if "iperf3u_agent_drops" in samples[side][0]]
+    placed = [f"{side}: {key}: " + ", ".join(json.dumps(s[key + "_agent_drops"], sort_keys=True)
+                                             for s in samples[side])
+              for key in paced_keys(p) for side in names[1:] if key + "_agent_drops" in samples[side][0]]
     if placed:
         lines += ["", "Paced UDP, the agents' drop reasons per repetition (`stats`): " + "; ".join(placed) + "."]
     return "\n".join(lines) + "\n", med
 
 
 def run(quick: bool = False, reps=None, json_path=None, parts=PARTS, agent_args=(), also=(),
-        paced_streams=PACED_STREAMS, paced_rt=PACED_RT_PRIORITY, ipv6=False) -> str:
+        paced_streams=PACED_STREAMS, paced_rt=PACED_RT_PRIORITY, ipv6=False, paced_at=()) -> str:
     reason = skip_reason()
     if reason:
         return f"### Egress gateway path with peer generators\n\nskipped: {reason}\n"
-    p = params(quick, reps, parts, paced_streams, paced_rt)
+    if paced_at and "paced" in parts and "flood" not in parts:
+        raise ValueError("--paced-at paces against the kernel's flood rate: --only must include flood")
+    p = params(quick, reps, parts, paced_streams, paced_rt, paced_at)
     p["ipv6"] = bool(ipv6)
     m = machine()
     variants = sides(agent_args, also)
@@ -460,6 +508,16 @@ def _parts(text):
     if bad or not parts:
         raise argparse.ArgumentTypeError(f"--only takes some of {','.join(PARTS)}, not {text!r}")
     return parts
+
+
+def _fractions(text):
+    try:
+        out = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        out = ()
+    if not out or not all(0 < f <= 2 for f in out):
+        raise argparse.ArgumentTypeError(f"fractions in (0, 2], comma-separated, expected, not {text!r}")
+    return out
 
 
 def _workers(text):
@@ -493,7 +551,12 @@ def main(argv=None):
     parser.add_argument("--workers", metavar="N[,N...]", type=_workers, default=None,
                         help="the agents' datapath worker counts (agent --workers): the first on the egresscore "
                              "side, each further one an --also column, e.g. 1,2")
+    parser.add_argument("--paced-at", metavar="F[,F...]", type=_fractions, default=(),
+                        help="pace the UDP stream at these fractions of the kernel's flood rate in the same "
+                             "repetition (e.g. 0.5,0.8,1) instead of 100 kpps; needs flood in --only")
     args = parser.parse_args(argv)
+    if args.paced_at and "paced" in args.only and "flood" not in args.only:
+        parser.error("--paced-at paces against the kernel's flood rate: --only must include flood")
     if args.workers:
         first, *more = args.workers
         if first != 1:
@@ -510,7 +573,7 @@ def main(argv=None):
     try:
         print(run(quick=args.quick, reps=args.reps, json_path=args.json, parts=args.only,
                   agent_args=args.agent_args, also=args.also, paced_streams=args.paced_streams,
-                  paced_rt=args.paced_rt, ipv6=args.ipv6))
+                  paced_rt=args.paced_rt, ipv6=args.ipv6, paced_at=args.paced_at))
     except subprocess.TimeoutExpired as e:
         print(f"compare_agent_peers: a bounded run overran: {e}", file=sys.stderr)
         return 1
