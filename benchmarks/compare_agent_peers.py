@@ -48,7 +48,8 @@ Needs root and trafgen, iperf3, ping, nft (Debian: netsniff-ng iperf3
 iputils-ping nftables); says which package is missing and exits 2 otherwise.
     python benchmarks/compare_agent_peers.py [--quick] [--reps N] [--json FILE]
         [--only flood,tcp,ping,paced] [--agent-args "ARGS"] [--also "ARGS"]... [--ipv6]
-        [--workers 1,2] [--paced-at 0.5,0.8,1]
+        [--workers 1,2] [--paced-at 0.5,0.8,1] [--plot FILE.png]
+    python benchmarks/compare_agent_peers.py --from-json FILE [--plot FILE.png]
 
 --workers 1,2 measures the agents with one datapath worker and with two
 (agent --workers 2: a second column in the same repetitions).
@@ -108,6 +109,65 @@ METRICS = (
     ("iperf3u_loss_pct", "paced UDP (iperf3 -u): loss % seen by iperf3 (its socket drops too)", "{:.3f}", True),
     ("iperf3u_cpu_per_mpkt", "paced UDP: machine CPU s per M delivered (sender included)", "{:.2f}", True),
 )
+
+
+# issue 17's targets, as egresscore / kernel ratios: (key, "<=" or ">=", bound)
+TARGETS = (
+    ("flood_cpu_per_mpkt", "<=", 1.2),
+    ("tcp1_gbps", ">=", 0.8), ("tcp4_gbps", ">=", 0.8),
+    ("tcp1_cpu_per_gb", "<=", 1.5), ("tcp4_cpu_per_gb", "<=", 1.5),
+    ("ping_median_ms", "<=", 3.0), ("ping_p99_ms", "<=", 2.0),
+)
+
+
+def target_lines(med, p):
+    """Which of issue 17's targets each egresscore column meets in this run (ratios to the kernel's
+    medians; paced: no loss wherever the kernel lost none)."""
+    k = med["kernel"]
+    out = []
+    for side in list(med)[1:]:
+        got = []
+        for key, op, bound in TARGETS:
+            if key in k and k[key]:
+                r = med[side][key] / k[key]
+                ok = r <= bound if op == "<=" else r >= bound
+                got.append(f"{key} {r:.2f} ({op} {bound:g}: {'met' if ok else 'not met'})")
+        for key in paced_keys(p):
+            loss = key + "_lost_if"
+            if loss in k and k[loss] == 0:
+                got.append(f"{key} loss {med[side][loss]:,.0f} (0: {'met' if med[side][loss] == 0 else 'not met'})")
+        out.append(f"- {side}: " + "; ".join(got))
+    return ["", "Issue 17 targets (egresscore / kernel, medians of this run):", *out] if out else []
+
+
+def plot(path, med, p):
+    """Bar chart of each egresscore column's ratio to the kernel per metric, the targets marked
+    (matplotlib, the bench extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bounds = {key: bound for key, _, bound in TARGETS}
+    keys = [key for key, *_ in TARGETS if key in med["kernel"] and med["kernel"][key]]
+    keys += [key for key, *_ in METRICS if key in ("flood_kpps",) and key in med["kernel"]]
+    sides = list(med)[1:]
+    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(keys) * max(1, len(sides))))
+    height = 0.8 / max(1, len(sides))
+    for i, side in enumerate(sides):
+        ax.barh([y + i * height for y in range(len(keys))],
+                [med[side][key] / med["kernel"][key] for key in keys], height, label=side)
+    for y, key in enumerate(keys):
+        if key in bounds:
+            ax.plot([bounds[key]] * 2, [y - height / 2, y + (len(sides) - 0.5) * height], color="black", linewidth=2)
+    ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_yticks([y + (len(sides) - 1) * height / 2 for y in range(len(keys))])
+    ax.set_yticklabels(keys)
+    ax.invert_yaxis()
+    ax.set_xlabel("egresscore / Linux kernel (same run; black: issue 17 target)")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 def missing_tools():
@@ -475,6 +535,7 @@ def table(samples, p, m):
     placed = [f"{side}: {key}: " + ", ".join(json.dumps(s[key + "_agent_drops"], sort_keys=True)
                                              for s in samples[side])
               for key in paced_keys(p) for side in names[1:] if key + "_agent_drops" in samples[side][0]]
+    lines += target_lines(med, p)
     if placed:
         lines += ["", "Paced UDP, the agents' drop reasons per repetition (`stats`): " + "; ".join(placed) + "."]
     return "\n".join(lines) + "\n", med
@@ -554,7 +615,19 @@ def main(argv=None):
     parser.add_argument("--paced-at", metavar="F[,F...]", type=_fractions, default=(),
                         help="pace the UDP stream at these fractions of the kernel's flood rate in the same "
                              "repetition (e.g. 0.5,0.8,1) instead of 100 kpps; needs flood in --only")
+    parser.add_argument("--plot", metavar="FILE", help="also write a bar chart of the ratios (matplotlib)")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="print the table (and --plot) of a run saved with --json, measuring nothing")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        saved["params"].setdefault("paced_at", ())
+        text, med = table(saved["samples"], saved["params"], saved["machine"])
+        print(text)
+        if args.plot:
+            plot(args.plot, med, saved["params"])
+        return 0
     if args.paced_at and "paced" in args.only and "flood" not in args.only:
         parser.error("--paced-at paces against the kernel's flood rate: --only must include flood")
     if args.workers:
@@ -578,6 +651,8 @@ def main(argv=None):
         print(f"compare_agent_peers: a bounded run overran: {e}", file=sys.stderr)
         return 1
     print(f"raw figures: {args.json}")
+    if args.plot and LAST:
+        plot(args.plot, LAST["medians"], LAST["params"])
     return 0
 
 
