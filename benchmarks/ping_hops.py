@@ -113,9 +113,11 @@ class Stamps:
 
 
 def spinners(seconds):
-    """Two SCHED_IDLE CPU loops (no packets), bounded in time."""
-    return [subprocess.Popen(["chrt", "-i", "0", "timeout", str(seconds), sys.executable, "-c", "while 1: pass"])
-            for _ in range(2)]
+    """Two SCHED_IDLE CPU loops (no packets) that end themselves after `seconds`.  chrt execs the
+    loop itself, so the PID killed is the loop's (a `timeout` between them, killed, left its child
+    spinning)."""
+    loop = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+    return [subprocess.Popen(["chrt", "-i", "0", sys.executable, "-c", loop]) for _ in range(2)]
 
 
 def one_run(lab, sample, tmp, mode, count, slow_ms):
