@@ -56,6 +56,34 @@ def datapath(net, rings, pod_blocks=4):
     return dp, pod, ul
 
 
+class PodStream:
+    """One Python thread sending the pod's frames as fast as it gets a core (at most `total`),
+    so the loop under test is forwarding, or napping, when something stops it."""
+
+    def __init__(self, net, send, total=200000):
+        self.frames = [pod_frame(net, 20000 + i) for i in range(64)]
+        self.send, self.total, self.sent, self.stop = send, total, [0], threading.Event()
+        self.thread = None
+
+    def _send(self):
+        while self.sent[0] < self.total and not self.stop.is_set():
+            self.send.send(self.frames[self.sent[0] % 64])
+            self.sent[0] += 1
+
+    def start(self, running_at=2000):
+        """Start a new stream; return once `running_at` frames of it are out."""
+        self.sent[0] = 0
+        self.stop.clear()
+        self.thread = threading.Thread(target=self._send)
+        self.thread.start()
+        while self.sent[0] < running_at:
+            time.sleep(0.001)
+
+    def end(self):
+        self.stop.set()
+        self.thread.join()
+
+
 def rx_packets(ns, ifname):
     from pyroute2 import NetNS
 
@@ -185,32 +213,19 @@ def test_wake_ends_run_while_frames_keep_coming(net):
     try:
         dp, pod, ul = datapath(net, rings, pod_blocks=8)
         dp.rx_coalesce_us = 100
-        total, sent, at_return = 200000, [0], []
-        frames = [pod_frame(net, 20000 + i) for i in range(64)]
-        stop = threading.Event()
-
-        def sender():
-            while sent[0] < total and not stop.is_set():
-                send.send(frames[sent[0] % 64])
-                sent[0] += 1
+        stream, at_return = PodStream(net, send), []
 
         def one_stream():
             """A wake 0.3 s into run() under a stream; the naps of that run()."""
             naps0 = dp.loop_counters()["naps"]
-            sent[0] = 0
-            stop.clear()
-            tx = threading.Thread(target=sender)
-            tx.start()
+            stream.start()
             try:
-                while sent[0] < 2000:                  # the stream is running
-                    time.sleep(0.001)
                 # the wake comes once run() is under way (and napping)
                 threading.Timer(0.3, os.write, (wake_w, b"w")).start()
                 dp.run(30, wake_r)
-                at_return.append(sent[0])
+                at_return.append(stream.sent[0])
             finally:
-                stop.set()
-                tx.join()
+                stream.end()
             while True:                                # the wake byte read (run() may not have)
                 try:
                     os.read(wake_r, 64)
@@ -222,7 +237,7 @@ def test_wake_ends_run_while_frames_keep_coming(net):
         # it has a core: on a loaded machine, up to two more streams are sent
         for _ in range(3):
             naps = one_stream()
-            assert at_return[-1] < total, "run() returned only once the stream had ended"
+            assert at_return[-1] < stream.total, "run() returned only once the stream had ended"
             if naps > 0:
                 break
         if naps == 0:        # each wake was seen in poll(): true, but not what this test is for
@@ -256,32 +271,18 @@ def test_a_signal_ends_run_while_frames_keep_coming(net):
         assert signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False) == wake_w
         dp, pod, ul = datapath(net, rings, pod_blocks=8)
         dp.rx_coalesce_us = 100
-        total, sent = 200000, [0]
-        frames = [pod_frame(net, 20000 + i) for i in range(64)]
-        stop = threading.Event()
-
-        def sender():
-            while sent[0] < total and not stop.is_set():
-                send.send(frames[sent[0] % 64])
-                sent[0] += 1
-
+        stream = PodStream(net, send)
         for _ in range(3):          # three signals, so some land while a batch is forwarded
-            sent[0] = 0
-            stop.clear()
             handled.clear()
-            tx = threading.Thread(target=sender)
-            tx.start()
+            stream.start()
             try:
-                while sent[0] < 2000:
-                    time.sleep(0.001)
                 threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
                 dp.run(30, wake_r)
-                at_return = sent[0]
+                at_return = stream.sent[0]
                 time.sleep(0.01)                       # the handler runs at the next bytecode
             finally:
-                stop.set()
-                tx.join()
-            assert at_return < total, "run() returned only once the stream had ended"
+                stream.end()
+            assert at_return < stream.total, "run() returned only once the stream had ended"
             assert handled == [True]
     finally:
         signal.set_wakeup_fd(old_fd)
