@@ -215,8 +215,10 @@ static inline const void *lpm_rcu_my_slot(void) {
     return lpm_my_reader;
 }
 
-/* Lookups that rely on the caller's section check it in checked builds. */
-#ifdef EGRESSCORE_CHECKED
+/* Lookups that rely on the caller's section check it in checked builds
+ * (EGRESSCORE_CHECKED=1; includes/byteorder.h defines it 0 otherwise, so
+ * test its value, not whether it is defined). */
+#if defined(EGRESSCORE_CHECKED) && EGRESSCORE_CHECKED
 #define LPM_RCU_ASSERT_READING() do { if (!lpm_rcu_reading()) { \
     fprintf(stderr, "egresscore: %s outside an RCU read section\n", __func__); abort(); } } while (0)
 #else
