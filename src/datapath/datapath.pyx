@@ -542,7 +542,9 @@ cdef class Datapath:
             raise ValueError(f"port {port} is not configured")
         t = dp_now() if now is None else <uint64_t>(float(now) * 1e9)
         with nogil:
+            dp_read_begin()
             r = dp_handle(&self.c, &b[0], b.shape[0], port, t, NULL, &o)
+            dp_read_end()
         verdict = ("pass", "tx", "tx_local", "drop")[r & 0xff]
         out = None
         if o.port >= 0:
@@ -585,7 +587,9 @@ cdef class Datapath:
         self.c.emit = dp_capture
         try:
             with nogil:
+                dp_read_begin()
                 dp_rx_frame(&self.c, &b[0], b.shape[0] - 1, port, t, vp)
+                dp_read_end()
             out = []
             for i in range(sink.n):
                 o = outs[i]

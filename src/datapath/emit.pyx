@@ -37,9 +37,13 @@ cdef void dp_rx_frames(dp_ctx *c, const ring_frame_t *fr, int n, int port, uint6
     with make-before-break on, each frame's pin bucket is prefetched
     DP_PIN_AHEAD frames ahead when the table outgrows the caches (the first
     ones by the caller when c.pin_ahead: process_batch, whose batches may
-    be short)."""
+    be short).  The whole batch is one RCU read section (dp_read_begin,
+    stages.pyx): the lookups inside take no atomic operation."""
     cdef int i, r
     cdef bint pins = c.pins != NULL and port != 0 and c.pins.prefetch
+    if n <= 0:
+        return
+    dp_read_begin()
     if pins and not c.pin_ahead:
         for i in range(min(n, DP_PIN_AHEAD)):
             dp_pin_prefetch(c, fr[i].data, fr[i].len)
@@ -56,6 +60,7 @@ cdef void dp_rx_frames(dp_ctx *c, const ring_frame_t *fr, int n, int port, uint6
             r = dp_rx_frame(c, fr[i].data, fr[i].len, port, now, fr[i].vnet)
         if verdicts != NULL:
             verdicts[i] = r
+    dp_read_end()
 
 
 cdef int dp_rx_frame(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port, uint64_t now,

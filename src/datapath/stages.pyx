@@ -7,11 +7,29 @@ from posix.time cimport (clock_gettime as _dp_clock_gettime, timespec as _dp_tim
                          CLOCK_MONOTONIC as _DP_CLOCK_MONOTONIC)
 
 
+# One RCU read section per batch: dp_rx_frames (every batch of the ring loop
+# and of process_batch) and process() / process_frames enter the calling
+# thread's read section once (lpm_core.h: a store to the thread's own slot
+# and one fence), and every lookup inside (dp_lpm4, dp_lpm6,
+# dp_policy_lookup4/6, any table) is plain loads, no atomic operation.  A
+# writer's grace period waits for at most the batch in progress: nothing in
+# one blocks (no GIL, no poll; TX kicks are non-blocking sendto) and a batch
+# is at most DP_BATCH frames.  Between batches the worker is outside, so a
+# parked or idle worker holds no writer up.  Checked builds abort when one of
+# these lookups runs outside a section.
+
+cdef inline void dp_read_begin() noexcept nogil:
+    lpm_rcu_read_lock()
+
+
+cdef inline void dp_read_end() noexcept nogil:
+    lpm_rcu_read_unlock()
+
+
 cdef inline uint32_t dp_lpm4(lpm_trie *t, uint32_t addr) noexcept nogil:
-    cdef unsigned idx = lpm_rcu_enter(&t.rcu)
-    cdef uint32_t v = lpm4_table_lookup(lpm_trie_table(t), addr)
-    lpm_rcu_exit(&t.rcu, idx)
-    return v
+    """Longest-prefix match in t, inside the batch's read section."""
+    lpm_rcu_assert_reading()
+    return lpm4_table_lookup(lpm_trie_table(t), addr)
 
 
 cdef inline void dp_tuple4(nat_tuple *k, uint8_t proto, uint8_t flags, uint32_t src, uint16_t sport,
@@ -65,7 +83,7 @@ cdef inline int dp_policy_lookup4(dp_ctx *c, uint32_t src, uint32_t dst, uint32_
     gateway is another node, SNATed here when it is this one; `length` is
     the frame as the pod sent it."""
     cdef uint32_t pol = 0
-    cdef int status = egress_map_lookup4p(c.em_c, src, dst, egress, gw, &pol)
+    cdef int status = egress_map_lookup4p_in(c.em_c, src, dst, egress, gw, &pol)
     if pol != 0 and (status == EGRESS_MATCH or status == EGRESS_NO_GATEWAY):
         c.cur_pol = pol
         c.cur_pol_dir = DP_POL_EGRESS if gw[0] == c.node_ip else DP_POL_REDIRECT

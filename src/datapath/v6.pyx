@@ -48,8 +48,8 @@
 # c.mtu, so every "fits the tunnel" check stays the IPv4 one.
 
 cdef extern from "lpm/lpm_egress.h" nogil:
-    int egress_map_lookup6p(egress_map *m, const uint8_t *src16, const uint8_t *dst16,
-                            uint8_t *egress16, uint64_t *g_hi, uint64_t *g_lo, uint32_t *policy)
+    int egress_map_lookup6p_in(egress_map *m, const uint8_t *src16, const uint8_t *dst16,
+                               uint8_t *egress16, uint64_t *g_hi, uint64_t *g_lo, uint32_t *policy)
 
 
 cdef extern from "datapath/dp6.h" nogil:
@@ -82,7 +82,7 @@ cdef inline int dp_policy_lookup6(dp_ctx *c, const uint8_t *src, const uint8_t *
     dp_policy_lookup4 does."""
     cdef uint64_t g_hi = 0, g_lo = 0
     cdef uint32_t pol = 0
-    cdef int status = egress_map_lookup6p(c.em_c, src, dst, egress, &g_hi, &g_lo, &pol)
+    cdef int status = egress_map_lookup6p_in(c.em_c, src, dst, egress, &g_hi, &g_lo, &pol)
     gw[0] = 0
     if status == EGRESS_MATCH and g_hi == 0 and (g_lo >> 32) == 0xffff:
         gw[0] = <uint32_t>(g_lo & 0xffffffffu)

@@ -25,21 +25,22 @@ cdef extern from "lpm/lpm_core.h" nogil:
         lpm_entry ent
         size_t seq
 
-    ctypedef struct lpm_rcu:
-        pass
-
     ctypedef struct lpm_trie:
-        lpm_rcu rcu
         lpm_table* cur
         lpm_entry* e
         size_t n
         size_t cap
         unsigned width
 
-    unsigned lpm_rcu_enter(lpm_rcu* r)
-    void lpm_rcu_exit(lpm_rcu* r, unsigned idx)
-    void lpm_rcu_sync(lpm_rcu* r)
-    uint64_t lpm_rcu_readers(lpm_rcu* r)
+    # read sections (one domain for every table; see lpm_core.h)
+    void lpm_rcu_read_lock()
+    void lpm_rcu_read_unlock()
+    int lpm_rcu_reading()
+    void lpm_rcu_assert_reading()
+    void lpm_rcu_sync()
+    uint64_t lpm_rcu_readers()
+    void lpm_rcu_slots(uint64_t* owned, uint64_t* total)
+    const void* lpm_rcu_my_slot()
     uint32_t lpm4_table_lookup(const lpm_table* t, uint32_t addr)
     uint32_t lpm6_table_lookup(const lpm_table* t, uint64_t hi, uint64_t lo)
     void lpm4_table_lookup_batch(const lpm_table* t, const uint32_t* keys, size_t n,
@@ -99,7 +100,6 @@ cdef extern from "lpm/lpm_egress.h" nogil:
         egress_slot* slots
 
     ctypedef struct egress_map:
-        lpm_rcu rcu
         egress_snap* snap[2]
 
     ctypedef struct egress_wrow:
@@ -135,6 +135,8 @@ cdef extern from "lpm/lpm_egress.h" nogil:
                            uint32_t* egress, uint32_t* gateway)
     int egress_map_lookup4p(egress_map* m, uint32_t src, uint32_t dst,
                             uint32_t* egress, uint32_t* gateway, uint32_t* policy)
+    int egress_map_lookup4p_in(egress_map* m, uint32_t src, uint32_t dst,
+                               uint32_t* egress, uint32_t* gateway, uint32_t* policy)
     int egress_map_lookup6(egress_map* m, const uint8_t* src16, const uint8_t* dst16,
                            uint8_t* egress16, uint8_t* gateway16)
     void egress_map_lookup4_batch(egress_map* m, const uint32_t* src, const uint32_t* dst, size_t n,
@@ -167,19 +169,19 @@ cdef class EgressMap:
 
 cdef inline int lpm4_lookup(LPMTrie t, uint32_t addr, uint32_t* value) noexcept nogil:
     """Longest-prefix match of a host-order IPv4 address: 1 and *value, or 0."""
-    cdef unsigned idx = lpm_rcu_enter(&t.c.rcu)
+    lpm_rcu_read_lock()
     cdef uint32_t v = lpm4_table_lookup(lpm_trie_table(t.c), addr)
-    lpm_rcu_exit(&t.c.rcu, idx)
+    lpm_rcu_read_unlock()
     value[0] = v
     return v != LPM_NONE
 
 
 cdef inline int lpm6_lookup(LPMTrie t, const uint8_t* addr16, uint32_t* value) noexcept nogil:
     """Longest-prefix match of a 16-byte network-order IPv6 address."""
-    cdef unsigned idx = lpm_rcu_enter(&t.c.rcu)
+    lpm_rcu_read_lock()
     cdef uint32_t v = lpm6_table_lookup(lpm_trie_table(t.c), be_load64(addr16),
                                         be_load64(addr16 + 8))
-    lpm_rcu_exit(&t.c.rcu, idx)
+    lpm_rcu_read_unlock()
     value[0] = v
     return v != LPM_NONE
 
@@ -196,34 +198,38 @@ cdef inline int egress_lookup6(EgressMap m, const uint8_t* src16, const uint8_t*
     return egress_map_lookup6(m.c, src16, dst16, egress16, gateway16)
 
 
-# Per-batch read sections: a datapath loop enters once per batch and then
-# looks up without any atomic operation per packet.  Between begin and end
-# the table a lookup sees cannot be freed; keep sections short (one batch).
-# Never acquire the GIL inside a section: writers hold the GIL while they wait
-# for sections to end, so that would deadlock.
+# Read sections around many lookups: a datapath loop enters one per batch and
+# then looks up (the *_in calls, any table) without any atomic operation per
+# packet.  A section is the calling thread's (its own cache line, lpm_core.h)
+# and covers every table: the table arguments below are not needed.  Between
+# begin and end no table a lookup sees can be freed; keep sections short (one
+# batch).  Never acquire the GIL inside a section: writers hold the GIL while
+# they wait for sections to end, so that would deadlock.
 
 cdef inline unsigned lpm_read_begin(LPMTrie t) noexcept nogil:
-    return lpm_rcu_enter(&t.c.rcu)
+    lpm_rcu_read_lock()
+    return 0
 
 
 cdef inline void lpm_read_end(LPMTrie t, unsigned section) noexcept nogil:
-    lpm_rcu_exit(&t.c.rcu, section)
+    lpm_rcu_read_unlock()
 
 
 cdef inline uint32_t lpm4_lookup_in(LPMTrie t, uint32_t addr) noexcept nogil:
-    """Inside lpm_read_begin/end: the value, or LPM_NONE."""
+    """Inside a read section: the value, or LPM_NONE."""
     return lpm4_table_lookup(lpm_trie_table(t.c), addr)
 
 
 cdef inline unsigned egress_read_begin(EgressMap m) noexcept nogil:
-    return lpm_rcu_enter(&m.c.rcu)
+    lpm_rcu_read_lock()
+    return 0
 
 
 cdef inline void egress_read_end(EgressMap m, unsigned section) noexcept nogil:
-    lpm_rcu_exit(&m.c.rcu, section)
+    lpm_rcu_read_unlock()
 
 
 cdef inline int egress_lookup4_in(EgressMap m, uint32_t src, uint32_t dst,
                                   uint32_t* egress_ip, uint32_t* gateway_ip) noexcept nogil:
-    """Inside egress_read_begin/end: egress_lookup4 without per-call atomics."""
+    """Inside a read section: egress_lookup4 without per-call atomics."""
     return egress_snap_lookup4(egress_map_snap(m.c, 0), src, dst, egress_ip, gateway_ip)

@@ -34,8 +34,9 @@
 # GIL released while the control plane writes):
 #   * update()/update_arrays()/clear() and structural changes rebuild a fresh
 #     table and publish it with one atomic pointer store; the old table is
-#     freed only after a grace period (two-counter SRCU in lpm_core.h), so a
-#     whole lookup_batch sees either the old table or the new one.
+#     freed only after a grace period (per-thread epoch slots in lpm_core.h:
+#     a reader's section writes only its own cache line, no atomic per
+#     lookup), so a whole lookup_batch sees either the old table or the new one.
 #   * A single insert/replace/delete patches in place: the affected direct
 #     slot's subtree is rebuilt into the table's unused tail and published by
 #     one atomic 32-bit store of the slot (tens of microseconds at 100k
@@ -344,16 +345,15 @@ cdef class LPMTrie:
         """Value of the longest prefix containing `address`, or default."""
         cdef uint64_t hi, lo
         cdef uint32_t v
-        cdef unsigned idx
         cdef int fam = addr_parse(address, self.family, &hi, &lo)
         if fam != self.family:
             raise _wrong_family(address, fam, self.family, "address")
-        idx = lpm_rcu_enter(&self.c.rcu)
+        lpm_rcu_read_lock()
         if fam == 4:
             v = lpm4_table_lookup(lpm_trie_table(self.c), <uint32_t>hi)
         else:
             v = lpm6_table_lookup(lpm_trie_table(self.c), hi, lo)
-        lpm_rcu_exit(&self.c.rcu, idx)
+        lpm_rcu_read_unlock()
         return default if v == LPM_NONE else v
 
     def lookup_prefix(self, address):
@@ -563,7 +563,6 @@ cdef class LPMTrie:
         cdef uint32_t[::1] o
         cdef uint8_t[::1] f
         cdef const void* p6
-        cdef unsigned idx
         if self.family == 4:
             keys = _as_keys4(addresses, "addresses")
         else:
@@ -581,9 +580,9 @@ cdef class LPMTrie:
         if self.family == 4:
             k4 = keys
             with nogil:
-                idx = lpm_rcu_enter(&self.c.rcu)
+                lpm_rcu_read_lock()
                 lpm4_table_lookup_batch(lpm_trie_table(self.c), &k4[0], n, &o[0], &f[0])
-                lpm_rcu_exit(&self.c.rcu, idx)
+                lpm_rcu_read_unlock()
         else:
             if as_bytes:
                 k8 = keys
@@ -592,15 +591,17 @@ cdef class LPMTrie:
                 k64 = keys
                 p6 = &k64[0, 0]
             with nogil:
-                idx = lpm_rcu_enter(&self.c.rcu)
+                lpm_rcu_read_lock()
                 lpm6_table_lookup_batch(lpm_trie_table(self.c), p6, as_bytes, n, &o[0], &f[0])
-                lpm_rcu_exit(&self.c.rcu, idx)
+                lpm_rcu_read_unlock()
         return values, found
 
     @property
     def readers(self):
-        """Readers inside the trie's RCU read section now (0 when none is)."""
-        return lpm_rcu_readers(&self.c.rcu)
+        """Threads inside an RCU read section now (0 when none is).  Sections
+        are per thread and cover every table (lpm_core.h), so this counts
+        the readers of every LPMTrie and EgressMap of the process."""
+        return lpm_rcu_readers()
 
     @property
     def nbytes(self):
@@ -990,8 +991,9 @@ cdef class EgressMap:
 
     @property
     def readers(self):
-        """Readers inside the map's RCU read section now (0 when none is)."""
-        return lpm_rcu_readers(&self.c.rcu)
+        """Threads inside an RCU read section now (0 when none is; every
+        table's: see LPMTrie.readers)."""
+        return lpm_rcu_readers()
 
     @property
     def nbytes(self):
@@ -1086,3 +1088,77 @@ def _c_egress_lookup4_section(EgressMap m, uint32_t[::1] src, uint32_t[::1] dst)
         out.append((st, e, g))
     egress_read_end(m, sec)
     return out
+
+
+# ---- probes of the read sections (tests/test_rcu.py) ------------------------
+
+cdef extern from *:
+    """
+    #include <time.h>
+    #include <unistd.h>
+    /* A reader held in one section for `hold` seconds: a lookup in the
+     * published table, a byte to entered_fd, a sleep, a lookup in the same
+     * table pointer again, the clock, and out. */
+    static void lpm_rcu_hold_lookup(lpm_trie *t, uint32_t addr, int entered_fd, double hold,
+                                    uint32_t *v1, uint32_t *v2, uint64_t *left) {
+        struct timespec ts, now;
+        const lpm_table *tb;
+        char one = 'x';
+        ts.tv_sec = (time_t)hold;
+        ts.tv_nsec = (long)((hold - (double)ts.tv_sec) * 1e9);
+        lpm_rcu_read_lock();
+        tb = lpm_trie_table(t);
+        *v1 = lpm4_table_lookup(tb, addr);
+        if (write(entered_fd, &one, 1) != 1) { /* the test sees no byte and fails */ }
+        nanosleep(&ts, NULL);
+        *v2 = lpm4_table_lookup(tb, addr);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        *left = (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec;
+        lpm_rcu_read_unlock();
+    }
+    """
+    void lpm_rcu_hold_lookup(lpm_trie* t, uint32_t addr, int entered_fd, double hold,
+                             uint32_t* v1, uint32_t* v2, uint64_t* left) nogil
+
+
+def _rcu_hold_lookup(LPMTrie t, uint32_t addr, int entered_fd, double hold):
+    """Test hook: a reader that stays in one read section for `hold` seconds
+    (GIL released): it looks `addr` up in t's published table, writes one
+    byte to entered_fd, sleeps, then looks up again in the SAME table
+    pointer it loaded and leaves.  Returns (first value, second value,
+    time.monotonic_ns() just before it left)."""
+    cdef uint32_t v1, v2
+    cdef uint64_t left
+    if t.family != 4:
+        raise ValueError("_rcu_hold_lookup takes an IPv4 trie")
+    with nogil:
+        lpm_rcu_hold_lookup(t.c, addr, entered_fd, hold, &v1, &v2, &left)
+    return v1, v2, left
+
+
+def _rcu_section(int depth=1):
+    """Test hook: enter `depth` nested read sections and leave them; returns
+    (reading inside the innermost, reading after the last leave)."""
+    cdef int _i
+    for _i in range(depth):
+        lpm_rcu_read_lock()
+    inside = bool(lpm_rcu_reading())
+    for _i in range(depth - 1):
+        lpm_rcu_read_unlock()
+    still = bool(lpm_rcu_reading())
+    lpm_rcu_read_unlock()
+    return inside and still, bool(lpm_rcu_reading())
+
+
+def _rcu_slot():
+    """Test hook: the address of the calling thread's reader slot (claimed now if need be)."""
+    lpm_rcu_read_lock()
+    lpm_rcu_read_unlock()
+    return <size_t>lpm_rcu_my_slot()
+
+
+def _rcu_slots():
+    """Test hook: (slots claimed by live threads, slots in the registry)."""
+    cdef uint64_t owned, total
+    lpm_rcu_slots(&owned, &total)
+    return owned, total

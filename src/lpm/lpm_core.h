@@ -14,7 +14,8 @@
  *
  * A table is immutable once built: updates build a fresh table and publish
  * it with one atomic pointer store; the old one is freed after a grace
- * period (lpm_rcu_sync) so a concurrent reader never sees a half-made table.
+ * period (lpm_rcu_sync, below) so a concurrent reader never sees a half-made
+ * table, nor one freed under it.
  *
  * Keys are 128-bit (hi, lo) left aligned: IPv4 a.b.c.d is hi = addr << 32.
  */
@@ -76,44 +77,210 @@ typedef struct {
     uint32_t len;
 } lpm_entry;
 
-/* ---- grace periods: two-counter (SRCU-like) readers, one writer ---------
- * A reader brackets its use of a published table with lpm_rcu_enter/exit.
- * The writer publishes a new pointer, then lpm_rcu_sync waits until every
- * reader that might still hold the old pointer has left; only then is the
- * old table freed.  Readers never block; the writer spins with sched_yield.
+/* ---- grace periods: per-reader epoch slots (QSBR / SRCU-like) ------------
+ * One read-side domain for every table of the process.  Each reader thread
+ * owns one cache-line-sized slot (lpm_reader), claimed on its first read
+ * section and given back when the thread exits; no two threads ever write
+ * the same line.  A section:
+ *
+ *   lpm_rcu_read_lock()      the slot's `active` := the grace-period epoch,
+ *                            then one full fence (orders that store before
+ *                            the section's loads; no locked operation on a
+ *                            shared line), nesting counted
+ *   ... any number of lookups in any table: plain loads, no atomics ...
+ *   lpm_rcu_read_unlock()    `active` := 0 (a release store)
+ *
+ * The writer publishes a new pointer, then lpm_rcu_sync() advances the
+ * epoch to E and waits until every slot is outside a section (0) or inside
+ * one it entered at E or later (such a reader loaded the pointer after it
+ * was published); only then is the old table freed.  Readers never block
+ * and never wait for the writer; the writer spins with sched_yield.  A slot
+ * is 0 between sections, so a registered but idle reader (a worker parked
+ * between batches, a Datapath never run, a thread that looked up once) never
+ * holds a grace period up.  Keep sections short: the datapath enters one per
+ * batch (dp_rx_frames), a Python lookup one per call.  Never call
+ * lpm_rcu_sync inside a section (it would wait for itself: aborts), nor
+ * take the GIL inside one (writers hold it while they wait).
+ *
+ * Slots come from a static pool, then from blocks allocated once and never
+ * freed (so the writer walks them without a lock); a thread claims a free
+ * one with one compare-and-swap.  After fork() the child's slots of the
+ * threads that did not survive are given back (pthread_atfork).
  */
-typedef struct {
-    uint64_t readers[2];
-    uint64_t epoch;
-    char pad[64 - 3 * sizeof(uint64_t)];
-} lpm_rcu;
+#include <pthread.h>
+#include <stdio.h>
 
-static inline unsigned lpm_rcu_enter(lpm_rcu *r) {
-    unsigned idx = (unsigned)(__atomic_load_n(&r->epoch, __ATOMIC_ACQUIRE) & 1);
-    __atomic_fetch_add(&r->readers[idx], 1, __ATOMIC_SEQ_CST);
-    return idx;
+typedef struct lpm_reader {
+    uint64_t active;            /* 0: outside; else the epoch at entry (written by its owner) */
+    uint32_t nest;              /* section depth, owner only */
+    uint32_t owned;             /* claimed by a live thread */
+    struct lpm_reader *next;    /* allocated slots past the pool, never freed */
+    char pad[64 - 2 * sizeof(uint64_t) - sizeof(void *)];
+} __attribute__((aligned(64))) lpm_reader;
+
+#define LPM_READER_POOL 64
+
+static lpm_reader lpm_reader_pool[LPM_READER_POOL];
+static lpm_reader *lpm_reader_more;             /* pushed on the front */
+static unsigned lpm_reader_hwm;                 /* pool slots ever claimed: [0, hwm) */
+static uint64_t lpm_gp_epoch __attribute__((aligned(64))) = 1;
+static __thread lpm_reader *lpm_my_reader;
+static pthread_key_t lpm_reader_key;
+static pthread_once_t lpm_reader_once = PTHREAD_ONCE_INIT;
+
+static void lpm_reader_release(void *p) {
+    lpm_reader *r = (lpm_reader *)p;
+    r->nest = 0;
+    __atomic_store_n(&r->active, 0, __ATOMIC_RELEASE);   /* a dead thread reads nothing */
+    __atomic_store_n(&r->owned, 0, __ATOMIC_RELEASE);
 }
 
-static inline void lpm_rcu_exit(lpm_rcu *r, unsigned idx) {
-    __atomic_fetch_sub(&r->readers[idx], 1, __ATOMIC_RELEASE);
+static void lpm_reader_atfork_child(void) {
+    /* only the forking thread lives on in the child */
+    lpm_reader *r;
+    unsigned i;
+    for (i = 0; i < LPM_READER_POOL; i++)
+        if (&lpm_reader_pool[i] != lpm_my_reader) lpm_reader_release(&lpm_reader_pool[i]);
+    for (r = lpm_reader_more; r; r = r->next)
+        if (r != lpm_my_reader) lpm_reader_release(r);
 }
 
-/* Readers inside a section now (both counters): 0 whenever no reader is in
- * one; a leaked section would keep it above 0 and lpm_rcu_sync spinning. */
-static inline uint64_t lpm_rcu_readers(lpm_rcu *r) {
-    return __atomic_load_n(&r->readers[0], __ATOMIC_SEQ_CST) +
-           __atomic_load_n(&r->readers[1], __ATOMIC_SEQ_CST);
+static void lpm_reader_init(void) {
+    (void)pthread_key_create(&lpm_reader_key, lpm_reader_release);
+    (void)pthread_atfork(NULL, NULL, lpm_reader_atfork_child);
 }
 
-static void lpm_rcu_sync(lpm_rcu *r) {
-    int round;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    for (round = 0; round < 2; round++) {
-        uint64_t e = __atomic_load_n(&r->epoch, __ATOMIC_SEQ_CST);
-        __atomic_store_n(&r->epoch, e + 1, __ATOMIC_SEQ_CST);
-        while (__atomic_load_n(&r->readers[e & 1], __ATOMIC_SEQ_CST) != 0)
-            sched_yield();
+static int lpm_reader_try(lpm_reader *r) {
+    uint32_t z = 0;
+    return __atomic_load_n(&r->owned, __ATOMIC_RELAXED) == 0 &&
+           __atomic_compare_exchange_n(&r->owned, &z, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}
+
+/* The calling thread's slot (claimed on its first section; never NULL). */
+static __attribute__((noinline)) lpm_reader *lpm_reader_claim(void) {
+    lpm_reader *r = NULL, *head;
+    unsigned i, h;
+    (void)pthread_once(&lpm_reader_once, lpm_reader_init);
+    for (;;) {
+        for (i = 0; i < LPM_READER_POOL && !r; i++)
+            if (lpm_reader_try(&lpm_reader_pool[i])) r = &lpm_reader_pool[i];
+        if (r) {
+            h = __atomic_load_n(&lpm_reader_hwm, __ATOMIC_RELAXED);
+            while (h < i && !__atomic_compare_exchange_n(&lpm_reader_hwm, &h, i, 1,
+                                                         __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {}
+            break;
+        }
+        for (r = __atomic_load_n(&lpm_reader_more, __ATOMIC_ACQUIRE); r; r = r->next)
+            if (lpm_reader_try(r)) break;
+        if (r) break;
+        if (posix_memalign((void **)&r, 64, sizeof(lpm_reader)) == 0) {
+            memset(r, 0, sizeof(*r));
+            r->owned = 1;
+            head = __atomic_load_n(&lpm_reader_more, __ATOMIC_RELAXED);
+            do r->next = head;
+            while (!__atomic_compare_exchange_n(&lpm_reader_more, &head, r, 1,
+                                                __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+            break;
+        }
+        /* out of memory with every slot taken: wait for a thread to exit */
+        r = NULL;
+        sched_yield();
     }
+    lpm_my_reader = r;
+    (void)pthread_setspecific(lpm_reader_key, r);
+    return r;
+}
+
+static inline void lpm_rcu_read_lock(void) {
+    lpm_reader *r = lpm_my_reader;
+    if (__builtin_expect(r == NULL, 0)) r = lpm_reader_claim();
+    if (r->nest++ == 0) {
+        __atomic_store_n(&r->active, __atomic_load_n(&lpm_gp_epoch, __ATOMIC_ACQUIRE), __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);    /* the slot's store before the section's loads */
+    }
+}
+
+static inline void lpm_rcu_read_unlock(void) {
+    lpm_reader *r = lpm_my_reader;
+    if (--r->nest == 0) __atomic_store_n(&r->active, 0, __ATOMIC_RELEASE);
+}
+
+/* 1 when the calling thread is inside a read section. */
+static inline int lpm_rcu_reading(void) {
+    return lpm_my_reader != NULL && lpm_my_reader->nest > 0;
+}
+
+/* The calling thread's slot (NULL before its first section). */
+static inline const void *lpm_rcu_my_slot(void) {
+    return lpm_my_reader;
+}
+
+/* Lookups that rely on the caller's section check it in checked builds
+ * (EGRESSCORE_CHECKED=1; includes/byteorder.h defines it 0 otherwise, so
+ * test its value, not whether it is defined). */
+#if defined(EGRESSCORE_CHECKED) && EGRESSCORE_CHECKED
+#define LPM_RCU_ASSERT_READING() do { if (!lpm_rcu_reading()) { \
+    fprintf(stderr, "egresscore: %s outside an RCU read section\n", __func__); abort(); } } while (0)
+#else
+#define LPM_RCU_ASSERT_READING() do { } while (0)
+#endif
+
+static inline void lpm_rcu_assert_reading(void) {
+    LPM_RCU_ASSERT_READING();
+}
+
+/* Slots inside a section now (every thread): 0 whenever no reader is in
+ * one; a section left entered would keep it above 0 and lpm_rcu_sync
+ * waiting. */
+static uint64_t lpm_rcu_readers(void) {
+    uint64_t n = 0;
+    unsigned i, h = __atomic_load_n(&lpm_reader_hwm, __ATOMIC_ACQUIRE);
+    lpm_reader *r;
+    for (i = 0; i < h; i++) n += __atomic_load_n(&lpm_reader_pool[i].active, __ATOMIC_SEQ_CST) != 0;
+    for (r = __atomic_load_n(&lpm_reader_more, __ATOMIC_ACQUIRE); r; r = r->next)
+        n += __atomic_load_n(&r->active, __ATOMIC_SEQ_CST) != 0;
+    return n;
+}
+
+/* Slots claimed by live threads, and slots that exist (pool slots ever
+ * used plus allocated ones): the registry does not grow with threads that
+ * came and went. */
+static void lpm_rcu_slots(uint64_t *owned, uint64_t *total) {
+    unsigned i, h = __atomic_load_n(&lpm_reader_hwm, __ATOMIC_ACQUIRE);
+    lpm_reader *r;
+    *owned = 0;
+    *total = h;
+    for (i = 0; i < h; i++) *owned += __atomic_load_n(&lpm_reader_pool[i].owned, __ATOMIC_ACQUIRE);
+    for (r = __atomic_load_n(&lpm_reader_more, __ATOMIC_ACQUIRE); r; r = r->next) {
+        *owned += __atomic_load_n(&r->owned, __ATOMIC_ACQUIRE);
+        (*total)++;
+    }
+}
+
+static void lpm_rcu_wait_slot(lpm_reader *r, uint64_t target) {
+    uint64_t a;
+    if (r == lpm_my_reader && r->nest) {
+        fprintf(stderr, "egresscore: lpm_rcu_sync inside a read section (it would wait for itself)\n");
+        abort();
+    }
+    while ((a = __atomic_load_n(&r->active, __ATOMIC_ACQUIRE)) != 0 && a < target)
+        sched_yield();
+}
+
+/* Wait for a grace period: every section that may have loaded a pointer
+ * published before this call has ended.  Call after the publishing store,
+ * free what it replaced after this returns. */
+static void lpm_rcu_sync(void) {
+    unsigned i, h;
+    lpm_reader *r;
+    /* after the publish, before reading any slot (pairs with the readers'
+     * fence: a reader whose slot still reads 0 here loads the new pointer) */
+    uint64_t target = __atomic_add_fetch(&lpm_gp_epoch, 1, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    h = __atomic_load_n(&lpm_reader_hwm, __ATOMIC_ACQUIRE);
+    for (i = 0; i < h; i++) lpm_rcu_wait_slot(&lpm_reader_pool[i], target);
+    for (r = __atomic_load_n(&lpm_reader_more, __ATOMIC_ACQUIRE); r; r = r->next)
+        lpm_rcu_wait_slot(r, target);
 }
 
 /* ---- lookups -------------------------------------------------------------- */
@@ -617,7 +784,6 @@ static lpm_entry *lpm_entries_merge(const lpm_entry *old, size_t n, lpm_seq_entr
 /* ---- a trie: the prefix store plus its published table -------------------- */
 
 typedef struct {
-    lpm_rcu rcu;
     lpm_table *cur;      /* published; read with __atomic_load_n ACQUIRE */
     lpm_entry *e;
     size_t n, cap;
@@ -636,7 +802,7 @@ static int lpm_trie_publish(lpm_trie *t) {
     lpm_table *old = t->cur;
     __atomic_store_n(&t->cur, nt, __ATOMIC_SEQ_CST);
     if (old) {
-        lpm_rcu_sync(&t->rcu);
+        lpm_rcu_sync();
         lpm_table_free(old);
     }
 #ifdef LPM_HAVE_MALLOC_TRIM

@@ -12,7 +12,9 @@
  * slot with one release store (in place: the cost of a change does not grow
  * with the number of sources); a batch, or a slot table short of room, gets
  * a fresh snapshot published with one atomic store.  What a write replaced
- * is freed after one lpm_rcu_sync grace period.  A lookup sees each source
+ * is freed after one lpm_rcu_sync grace period (lpm_core.h: readers in a
+ * section of their own, one per call here or one per datapath batch).  A
+ * lookup sees each source
  * either before or after a write, never a half-made one.
  */
 #ifndef EGRESSCORE_LPM_EGRESS_H
@@ -72,7 +74,6 @@ typedef struct {
 typedef struct { uint64_t e_hi, e_lo, g_hi, g_lo; uint32_t policy, _pad; } egress_val6;
 
 typedef struct {
-    lpm_rcu rcu;
     egress_snap *snap[2];   /* [0] IPv4, [1] IPv6 */
 } egress_map;
 
@@ -179,12 +180,20 @@ static inline const egress_snap *egress_map_snap(egress_map *m, int v6) {
     return __atomic_load_n(&m->snap[v6], __ATOMIC_ACQUIRE);
 }
 
-/* egress_map_lookup4 that also gives the entry's policy id (0: none). */
+/* egress_map_lookup4 that also gives the entry's policy id (0: none), inside
+ * the caller's read section (lpm_rcu_read_lock: the datapath's batch). */
+static inline int egress_map_lookup4p_in(egress_map *m, uint32_t src, uint32_t dst,
+                                         uint32_t *egress, uint32_t *gateway, uint32_t *policy) {
+    LPM_RCU_ASSERT_READING();
+    return egress_snap_lookup4p(egress_map_snap(m, 0), src, dst, egress, gateway, policy);
+}
+
+/* The same in a read section of its own. */
 static inline int egress_map_lookup4p(egress_map *m, uint32_t src, uint32_t dst,
                                       uint32_t *egress, uint32_t *gateway, uint32_t *policy) {
-    unsigned idx = lpm_rcu_enter(&m->rcu);
-    int r = egress_snap_lookup4p(egress_map_snap(m, 0), src, dst, egress, gateway, policy);
-    lpm_rcu_exit(&m->rcu, idx);
+    lpm_rcu_read_lock();
+    int r = egress_map_lookup4p_in(m, src, dst, egress, gateway, policy);
+    lpm_rcu_read_unlock();
     return r;
 }
 
@@ -198,15 +207,15 @@ static inline int egress_map_lookup4(egress_map *m, uint32_t src, uint32_t dst,
  * and its gateway split in two words (an entry's gateway is the gateway
  * node's IPv4 underlay address as ::ffff:a.b.c.d, the compiler keeping an
  * entry's four addresses in one family: g_hi == 0, g_lo >> 32 == 0xffff).
- * egress16, g_hi, g_lo and policy are set unless EGRESS_NO_MATCH. */
-static inline int egress_map_lookup6p(egress_map *m, const uint8_t *src16, const uint8_t *dst16,
-                                      uint8_t *egress16, uint64_t *g_hi, uint64_t *g_lo,
-                                      uint32_t *policy) {
+ * egress16, g_hi, g_lo and policy are set unless EGRESS_NO_MATCH.  Inside
+ * the caller's read section. */
+static inline int egress_map_lookup6p_in(egress_map *m, const uint8_t *src16, const uint8_t *dst16,
+                                         uint8_t *egress16, uint64_t *g_hi, uint64_t *g_lo,
+                                         uint32_t *policy) {
     egress_val6 v;
-    unsigned idx = lpm_rcu_enter(&m->rcu);
+    LPM_RCU_ASSERT_READING();
     int r = egress_snap_lookup6(egress_map_snap(m, 1), be_load64(src16), be_load64(src16 + 8),
                                 be_load64(dst16), be_load64(dst16 + 8), &v);
-    lpm_rcu_exit(&m->rcu, idx);
     if (r != EGRESS_NO_MATCH) {
         be_store64(egress16, v.e_hi);
         be_store64(egress16 + 8, v.e_lo);
@@ -214,6 +223,16 @@ static inline int egress_map_lookup6p(egress_map *m, const uint8_t *src16, const
         *g_lo = v.g_lo;
         *policy = v.policy;
     }
+    return r;
+}
+
+/* The same in a read section of its own. */
+static inline int egress_map_lookup6p(egress_map *m, const uint8_t *src16, const uint8_t *dst16,
+                                      uint8_t *egress16, uint64_t *g_hi, uint64_t *g_lo,
+                                      uint32_t *policy) {
+    lpm_rcu_read_lock();
+    int r = egress_map_lookup6p_in(m, src16, dst16, egress16, g_hi, g_lo, policy);
+    lpm_rcu_read_unlock();
     return r;
 }
 
@@ -232,7 +251,7 @@ static inline int egress_map_lookup6(egress_map *m, const uint8_t *src16, const 
 /* policy (or NULL) receives each entry's policy id, 0 where status is EGRESS_NO_MATCH. */
 static void egress_map_lookup4_batch(egress_map *m, const uint32_t *src, const uint32_t *dst, size_t n,
                                      uint32_t *egress, uint32_t *gateway, uint8_t *status, uint32_t *policy) {
-    unsigned idx = lpm_rcu_enter(&m->rcu);
+    lpm_rcu_read_lock();
     const egress_snap *s = egress_map_snap(m, 0);
     for (size_t i = 0; i < n; i++) {
         uint32_t e = 0, g = 0, p = 0;
@@ -241,12 +260,12 @@ static void egress_map_lookup4_batch(egress_map *m, const uint32_t *src, const u
         gateway[i] = g;
         if (policy) policy[i] = p;
     }
-    lpm_rcu_exit(&m->rcu, idx);
+    lpm_rcu_read_unlock();
 }
 
 static void egress_map_lookup6_batch(egress_map *m, const uint8_t *src, const uint8_t *dst, size_t n,
                                      uint8_t *egress, uint8_t *gateway, uint8_t *status, uint32_t *policy) {
-    unsigned idx = lpm_rcu_enter(&m->rcu);
+    lpm_rcu_read_lock();
     const egress_snap *s = egress_map_snap(m, 1);
     for (size_t i = 0; i < n; i++) {
         egress_val6 v;
@@ -260,7 +279,7 @@ static void egress_map_lookup6_batch(egress_map *m, const uint8_t *src, const ui
         be_store64(gateway + 16 * i + 8, v.g_lo);
         if (policy) policy[i] = v.policy;
     }
-    lpm_rcu_exit(&m->rcu, idx);
+    lpm_rcu_read_unlock();
 }
 
 /* ---- the writer (holds the GIL; one at a time) ---------------------------- */
@@ -525,7 +544,7 @@ static int egress_map_sync_rows(egress_map *m, const egress_wrow *w, size_t n, s
             prev[f] = m->snap[f];
             __atomic_store_n(&m->snap[f], fresh[f], __ATOMIC_SEQ_CST);
         }
-    if (dirty[0] || dirty[1]) lpm_rcu_sync(&m->rcu);
+    if (dirty[0] || dirty[1]) lpm_rcu_sync();
     for (int f = 0; f < 2; f++) {
         egress_snap *s = prev[f];
         if (!s) continue;
@@ -607,7 +626,7 @@ static void egress_map_clear(egress_map *m) {
     egress_snap *prev[2] = {m->snap[0], m->snap[1]};
     __atomic_store_n(&m->snap[0], (egress_snap *)NULL, __ATOMIC_SEQ_CST);
     __atomic_store_n(&m->snap[1], (egress_snap *)NULL, __ATOMIC_SEQ_CST);
-    lpm_rcu_sync(&m->rcu);
+    lpm_rcu_sync();
     for (int f = 0; f < 2; f++) {
         egress_snap *s = prev[f];
         if (!s) continue;
@@ -664,7 +683,7 @@ static long egress_map_update_rows(egress_map *m, const egress_wrow *w, size_t n
                 /* IPv4 is already in place: undo it (the old sources are still alive) */
                 egress_snap *p0 = NULL;
                 if (egress_map_put_many(m, 0, n4, hi, lo, was, &p0) == 0) {
-                    lpm_rcu_sync(&m->rcu);
+                    lpm_rcu_sync();
                     egress_snap_free(p0);
                     egress_snap_free(prev[0]);
                     prev[0] = NULL;
@@ -675,7 +694,7 @@ static long egress_map_update_rows(egress_map *m, const egress_wrow *w, size_t n
             goto out;
         }
     }
-    if (k) lpm_rcu_sync(&m->rcu);
+    if (k) lpm_rcu_sync();
     for (size_t i = 0; i < k; i++) egress_src_free(was[i]);
     egress_snap_free(prev[0]);
     egress_snap_free(prev[1]);
