@@ -13,8 +13,9 @@ from posix.time cimport (clock_gettime as _dp_clock_gettime, timespec as _dp_tim
 # and one fence), and every lookup inside (dp_lpm4, dp_lpm6,
 # dp_policy_lookup4/6, any table) is plain loads, no atomic operation.  A
 # writer's grace period waits for at most the batch in progress: nothing in
-# one blocks (no GIL, no poll; TX kicks are non-blocking sendto) and a batch
-# is at most DP_BATCH frames.  Between batches the worker is outside, so a
+# one waits without bound (no GIL; TX kicks are non-blocking sendto; a
+# super-packet sent direct waits at most 2 ms for socket room,
+# ring_tx_direct) and a batch is at most DP_BATCH frames.  Between batches the worker is outside, so a
 # parked or idle worker holds no writer up.  Checked builds abort when one of
 # these lookups runs outside a section.
 
