@@ -275,15 +275,21 @@ def test_a_signal_ends_run_while_frames_keep_coming(net):
         for _ in range(3):          # three signals, so some land while a batch is forwarded
             handled.clear()
             stream.start()
+            timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
             try:
-                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+                timer.start()
+                began = time.monotonic()
                 dp.run(30, wake_r)
-                at_return = stream.sent[0]
+                took, at_return = time.monotonic() - began, stream.sent[0]
                 time.sleep(0.01)                       # the handler runs at the next bytecode
             finally:
+                timer.join()        # the handler stays ours until the signal is out
                 stream.end()
             assert at_return < stream.total, "run() returned only once the stream had ended"
-            assert handled == [True]
+            # the signal ended it, not a byte an earlier signal left in the pipe
+            assert took >= 0.25 and handled == [True], (took, handled)
+            with pytest.raises(BlockingIOError):
+                os.read(wake_r, 64)                    # run() left the pipe empty
     finally:
         signal.set_wakeup_fd(old_fd)
         signal.signal(signal.SIGUSR1, old_handler)

@@ -79,6 +79,16 @@ cdef enum:
 DP_GC_BUDGET = DP_GC_SCAN     # Datapath.gc's default
 
 
+cdef inline void dp_drain_wake(int wake_fd) noexcept nogil:
+    """Empty the wake pipe as run() returns, whatever ended it: a byte left
+    behind (a signal's, written to the wakeup fd while the loop napped) would
+    end the next run() at its first gc pass for nothing."""
+    cdef char drain[64]
+    if wake_fd >= 0:
+        while _dp_read(wake_fd, drain, sizeof(drain)) == sizeof(drain):
+            pass
+
+
 def _dp_addr6(value, what):
     """The 16 bytes (network order) of an IPv6 address, else ValueError naming `what`."""
     fam, packed = addr_packed16(value, what)
@@ -794,8 +804,7 @@ cdef class Datapath:
                 # frames that never let the loop reach poll() must not hold
                 # control work back: look at the wake pipe here too (20 ms)
                 if wake_fd >= 0 and _dp_read(wake_fd, drain, sizeof(drain)) > 0:
-                    while _dp_read(wake_fd, drain, sizeof(drain)) == sizeof(drain):
-                        pass
+                    dp_drain_wake(wake_fd)
                     break
             if now >= end:
                 break
@@ -813,7 +822,8 @@ cdef class Datapath:
                 self.loop_naps += 1
                 napped = 1
                 if _dp_clock_nanosleep(_DP_CLOCK_MONOTONIC, 0, &ts, NULL) != 0:
-                    break                        # EINTR: a signal handler wants to run
+                    dp_drain_wake(wake_fd)       # EINTR: a signal handler wants to run
+                    break
                 continue
             nfds = 0
             for port in range(self.c.n_rings):
@@ -832,14 +842,14 @@ cdef class Datapath:
             self.loop_polls += 1
             rc = _dp_poll(fds, nfds, ms)
             if rc < 0:
-                break                            # EINTR: a signal handler wants to run
+                dp_drain_wake(wake_fd)           # EINTR: a signal handler wants to run
+                break
             if rc > 0:
                 self.loop_wakeups += 1
                 # woken soon after the last frames: they come faster than a nap
                 dense = dp_now() - now < self.nap_ns
             if wake_fd >= 0 and fds[nfds - 1].revents:
-                while _dp_read(wake_fd, drain, sizeof(drain)) == sizeof(drain):
-                    pass
+                dp_drain_wake(wake_fd)
                 total += dp_poll(&self.c, DP_BATCH)
                 break
         return total
