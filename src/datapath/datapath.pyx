@@ -79,14 +79,21 @@ cdef enum:
 DP_GC_BUDGET = DP_GC_SCAN     # Datapath.gc's default
 
 
-cdef inline void dp_drain_wake(int wake_fd) noexcept nogil:
-    """Empty the wake pipe as run() returns, whatever ended it: a byte left
-    behind (a signal's, written to the wakeup fd while the loop napped) would
-    end the next run() at its first gc pass for nothing."""
+cdef inline bint dp_drain_wake(int wake_fd) noexcept nogil:
+    """Empty the wake pipe (none: wake_fd < 0); 1 if it held anything.  run()
+    does it whatever ends it: a byte left behind (a signal's, written to the
+    wakeup fd while the loop napped) would end the next run() at its first gc
+    pass for nothing."""
     cdef char drain[64]
-    if wake_fd >= 0:
-        while _dp_read(wake_fd, drain, sizeof(drain)) == sizeof(drain):
-            pass
+    cdef ssize_t n
+    cdef bint got = 0
+    if wake_fd < 0:
+        return 0
+    while True:
+        n = _dp_read(wake_fd, drain, sizeof(drain))
+        got = got or n > 0
+        if n != sizeof(drain):
+            return got
 
 
 def _dp_addr6(value, what):
@@ -789,7 +796,6 @@ cdef class Datapath:
         cdef Py_ssize_t total = 0, n
         cdef bint dense = 0, napped = 0
         cdef _dp_timespec ts
-        cdef char drain[64]
         while True:
             n = dp_poll(&self.c, DP_BATCH)
             total += n
@@ -803,8 +809,7 @@ cdef class Datapath:
                 next_gc = now + DP_GC_EVERY_NS
                 # frames that never let the loop reach poll() must not hold
                 # control work back: look at the wake pipe here too (20 ms)
-                if wake_fd >= 0 and _dp_read(wake_fd, drain, sizeof(drain)) > 0:
-                    dp_drain_wake(wake_fd)
+                if dp_drain_wake(wake_fd):
                     break
             if now >= end:
                 break
