@@ -460,15 +460,30 @@ def link_counters(ifname):
     return (st["rx_packets"], st["tx_packets"], st["rx_bytes"], st["tx_bytes"], st["rx_dropped"])
 
 
+def _proc_stat_cpu():
+    """The all-CPU line of /proc/stat as ints (user, nice, system, idle, iowait, irq, softirq, steal, ...)."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:]]
+
+
 def cpu_seconds():
     """Machine CPU seconds spent so far in user, system and softirq, all CPUs (/proc/stat).
 
     Not per namespace: whatever else runs on the machine is counted too.
     """
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    user, _nice, system, _idle, _iowait, _irq, softirq = (int(v) for v in fields[1:8])
+    user, _nice, system, _idle, _iowait, _irq, softirq = _proc_stat_cpu()[:7]
     return (user + system + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def stolen_seconds():
+    """CPU seconds the hypervisor has taken from this VM so far, all CPUs (/proc/stat steal).
+
+    A busy vCPU that the host runs something else on makes no progress and
+    its thread's CPU clock does not advance: wall-clock rates drop while
+    CPU per frame does not, so multi-core figures print this beside them.
+    """
+    fields = _proc_stat_cpu()
+    return (fields[7] if len(fields) > 7 else 0) / os.sysconf("SC_CLK_TCK")
 
 
 def ping_times(output):
