@@ -169,6 +169,38 @@ def test_a_killed_labs_namespaces_are_removed_by_the_next_lab():
     assert lab_namespaces() == []
 
 
+@needs_netns
+def test_a_killed_runs_scratch_namespaces_are_removed_by_the_next_scratch_block():
+    # a ring pair's names are random per run: only the killed run's lock file said they were its
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {ROOT!r})
+        from egresscore._ringlab import veth_pair
+        with veth_pair() as (ns_a, _, ns_b, _):
+            print(ns_a, ns_b, flush=True)
+            time.sleep(30)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        left = proc.stdout.readline().split()
+    finally:
+        proc.kill()  # no chance to clean up
+        proc.wait()
+    assert len(left) == 2 and set(left) <= set(_ns._netns.listnetns())
+    try:
+        with _ns.scratch("egc-ctl-sweeper") as mine:
+            # a live block's namespaces are listed by its own lock: another block keeps them
+            with _ns.scratch("egc-ctl-sweeper2"):
+                assert set(mine) <= set(_ns._netns.listnetns())
+            assert not set(left) & set(_ns._netns.listnetns())
+    finally:
+        for name in left:
+            if name in _ns._netns.listnetns():
+                _ns._netns.remove(name)
+    assert not {"egc-ctl-sweeper", "egc-ctl-sweeper2"} & set(_ns._netns.listnetns())
+    assert not [f for f in os.listdir(_ns.LOCK_DIR) if f.startswith(f"scratch-{os.getpid()}-")]
+
+
 def _lab_child(prelude=""):
     """A Python child that builds a Lab, says "up" and sleeps.  Its SIGINT and
     SIGTERM start at their defaults, as in a shell's foreground job: a run

@@ -16,6 +16,7 @@ import os
 import pickle
 import subprocess
 import traceback
+import uuid
 
 from pyroute2 import netns as _netns
 
@@ -47,13 +48,19 @@ def remove(name):
 @contextlib.contextmanager
 def scratch(*names):
     """Throwaway namespaces `names` (each with one of SCRATCH_PREFIXES) for
-    one with block: one of those names left by a killed run is removed first,
-    and all are removed after, also on error.  Yields the names."""
+    one with block, removed after it, also on error.  Their names are listed
+    in a held lock file (as a lab's are) before they are made, so what a
+    killed run left behind, whatever its names, is found and removed by the
+    next scratch() (remove_stale_scratch); one of `names` left over is
+    removed first.  Yields the names."""
     for name in names:
         if not name.startswith(SCRATCH_PREFIXES):
             raise ValueError(f"namespace name {name!r} must start with one of {SCRATCH_PREFIXES}")
+    lock = Lock(f"scratch-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     made = []
     try:
+        lock.write(names)
+        remove_stale_scratch()
         present = set(_netns.listnetns())
         for name in names:
             if name in present:
@@ -65,6 +72,7 @@ def scratch(*names):
         for name in made:
             with contextlib.suppress(OSError):
                 _netns.remove(name)
+        lock.release()
 
 
 def lab_namespaces():
@@ -72,22 +80,31 @@ def lab_namespaces():
 
 
 class Lock:
-    """An flock'ed file naming a live lab's namespaces (its manifest).
+    """An flock'ed file naming a live lab's or scratch() block's namespaces (its manifest).
 
-    A namespace with the lab prefix that no live lab lists is stale: left by
-    a lab whose process died without cleaning up.
+    A namespace with the lab prefix (or a scratch prefix) that no live lock
+    lists is stale: left by a process that died without cleaning up.
     """
 
     def __init__(self, tag):
         os.makedirs(LOCK_DIR, exist_ok=True)
         self.path = os.path.join(LOCK_DIR, f"{tag}.lock")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                self.fd = -1
+                raise RuntimeError(f"a lab tagged {tag!r} is already running ({self.path} is locked)") from None
+            # live_namespaces() unlinks a file nobody holds: if it took this
+            # one between our open and flock, ours is no longer the path's
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    return
+            except FileNotFoundError:
+                pass
             os.close(self.fd)
-            self.fd = -1
-            raise RuntimeError(f"a lab tagged {tag!r} is already running ({self.path} is locked)") from None
 
     def write(self, namespaces):
         data = json.dumps({"pid": os.getpid(), "namespaces": sorted(namespaces)}).encode()
@@ -142,6 +159,17 @@ def remove_stale():
     stale = [n for n in lab_namespaces() if n not in live]
     for name in stale:
         remove(name)
+    return stale
+
+
+def remove_stale_scratch():
+    """Remove every scratch namespace (SCRATCH_PREFIXES) that no live run's
+    lock lists: a killed test's or benchmark's; return their names."""
+    live = live_namespaces()
+    stale = [n for n in _netns.listnetns() if n.startswith(SCRATCH_PREFIXES) and n not in live]
+    for name in stale:
+        with contextlib.suppress(OSError):
+            _netns.remove(name)
     return stale
 
 
