@@ -596,7 +596,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one short repetition of each measurement")
     parser.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
-    parser.add_argument("--json", metavar="FILE", default="agent_peers.json", help="raw figures (default %(default)s)")
+    parser.add_argument("--json", metavar="FILE", default=None,
+                        help="write the raw figures there (default: none; a run leaves no file behind unless asked)")
     parser.add_argument("--only", metavar="PARTS", type=_parts, default=PARTS,
                         help=f"comma-separated measurements among {','.join(PARTS)} (default all)")
     parser.add_argument("--agent-args", metavar="ARGS", type=shlex.split, default=[],
@@ -651,7 +652,8 @@ def main(argv=None):
     except subprocess.TimeoutExpired as e:
         print(f"compare_agent_peers: a bounded run overran: {e}", file=sys.stderr)
         return 1
-    print(f"raw figures: {args.json}")
+    if args.json:
+        print(f"raw figures: {args.json}")
     if args.plot and LAST:
         plot(args.plot, LAST["medians"], LAST["params"])
     return 0
