@@ -17,7 +17,7 @@ thread_time) beside it.  On a machine with fewer free cores than workers the
 ratio is bounded by the cores: the load average is printed, and so is the
 CPU time the hypervisor stole during the timed runs (a VM's vCPUs can be
 busy and still not run); the ratio is also given over the reps in which
-the host stole nothing.
+the host stole at most one clock tick (/proc/stat's granularity).
 
     python benchmarks/compare_workers.py [--flows 100000] [--reps 9] [--loops 10] [--workers 1,2]
 """

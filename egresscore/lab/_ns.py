@@ -1,8 +1,9 @@
 """Network-namespace primitives: create, remove, enter, run code and commands inside.
 
-The one namespace helper of the project: the lab's namespaces (PREFIX, with
-a lock naming a live lab's), and the throwaway ones of the ring tests, the
-ring benchmarks and the host-reading tests (scratch(), SCRATCH_PREFIXES).
+The one namespace helper of the project: the lab's namespaces (PREFIX), and
+the throwaway ones of the ring tests, the ring benchmarks and the
+host-reading tests (scratch(), SCRATCH_PREFIXES); a lock file (Lock) names
+each live owner's, so what a killed process left is found and removed.
 
 Namespaces are the bind mounts under /run/netns that `ip netns` and pyroute2
 share.  Code runs inside one in a forked child (setns is per thread, so the
