@@ -18,8 +18,9 @@ as plain C functions, with no cross-module cimport.  The tree:
   ring/      AF_PACKET TPACKET_V3 rings (PacketRing)
   health/    heartbeat answers in C, GIL released (HeartbeatAnswerer)
   datapath/  the fused pipeline: shared stages, make-before-break (pins),
-             egress (from pods), ingress (from the underlay), the IPv6
-             stages (v6), emit, and the Datapath class, over dp_ctx
+             the NAT prefetch ahead of each batch (nat_ahead), egress (from
+             pods), ingress (from the underlay), the IPv6 stages (v6), emit,
+             and the Datapath class, over dp_ctx
 """
 
 include "includes/drop_reasons.pxi"
@@ -47,6 +48,7 @@ include "ring/ring.pyx"
 include "health/heartbeat.pyx"
 include "datapath/stages.pyx"
 include "datapath/pins.pyx"
+include "datapath/nat_ahead.pyx"
 include "datapath/egress.pyx"
 include "datapath/ingress.pyx"
 include "datapath/v6.pyx"

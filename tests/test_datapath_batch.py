@@ -114,6 +114,32 @@ def test_gateway_snat_and_reply():
     assert all(Ether(o[0][1])[IP].dst == "192.168.1.1" for _, _, o in got)    # VXLAN back to node1
 
 
+def test_a_nat_table_beyond_the_caches_is_prefetched_ahead_without_changing_a_verdict():
+    """Past 4,096 live connections the batch loop prefetches each frame's
+    NAT slot and entry a few frames ahead, reading the key from the frame
+    (datapath/nat_ahead.pyx): every verdict and output stays process()'s,
+    also for frames cut short anywhere in the headers it reads."""
+    n = 5000
+    n1 = twin("node1")
+    sent = to_server(SERVER, n // 2) + [from_app1((SERVER, TCP(sport=20000 + i, dport=443, flags="S")))
+                                        for i in range(n - n // 2)]
+    tunnel = [n1.process(f, 1, NOW)[2][1] for f in sent]
+    cut = [f[:k] for f in tunnel[:3] for k in range(1, 80, 3)]             # outer and inner headers cut
+    got = same("node3", tunnel + cut + tunnel, 0)                          # new, broken, then established
+    assert {(v, r) for v, r, _ in got[:n]} == {("tx", "none")}
+    assert "tx" not in {v for v, _, _ in got[n:n + len(cut)]}
+    assert got[n + len(cut):] == got[:n]                                   # each connection as it was opened
+    snat = [Ether(o[0][1]) for _, _, o in got[:n]]
+    replies = [bytes(Ether(src=ROUTER_MAC, dst=MAC[EGRESS]) / IP(src=SERVER, dst=EGRESS)
+                     / p[IP].payload.__class__(sport=p[IP].payload.dport, dport=p[IP].payload.sport,
+                                               **({"flags": "SA"} if TCP in p else {})))
+               for p in snat]
+    replies += [r[:k] for r in replies[:2] for k in range(1, 60, 3)]
+    got = same("node3", replies, 0, setup=[(f, 0) for f in tunnel])
+    assert {(v, o[0][0]) for v, _, o in got[:n]} == {("tx", 0)}
+    assert {Ether(o[0][1])[IP].dst for _, _, o in got[:n]} == {"192.168.1.1"}   # VXLAN back to node1
+
+
 def test_frames_of_several_ports_in_one_call():
     ref = twin("node1")
     sent = to_server(OTHER_SERVER, 20)

@@ -41,6 +41,7 @@ cdef struct dp_port:
     uint8_t used
     uint8_t pod_ip6[16]         # the pod's IPv6 address (has_ip6)
     uint8_t has_ip6
+    uint8_t nat_cold            # its last batch looked the NAT table up for under half its frames (nat_ahead.pyx)
 
 # Counters, readable from Python at any time (Datapath.counters()).
 cdef struct dp_stats:

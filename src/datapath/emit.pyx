@@ -37,19 +37,40 @@ cdef void dp_rx_frames(dp_ctx *c, const ring_frame_t *fr, int n, int port, uint6
     with make-before-break on, each frame's pin bucket is prefetched
     DP_PIN_AHEAD frames ahead when the table outgrows the caches (the first
     ones by the caller when c.pin_ahead: process_batch, whose batches may
-    be short).  The whole batch is one RCU read section (dp_read_begin,
-    stages.pyx): the lookups inside take no atomic operation."""
-    cdef int i, r
+    be short).  Once the NAT table outgrows the caches, each frame's NAT
+    index slot and entry are prefetched a few frames ahead while the port's
+    frames use the table (nat_ahead.pyx).
+    The whole batch is one RCU read section (dp_read_begin, stages.pyx): the
+    lookups inside take no atomic operation."""
+    cdef int i, r, j, k
     cdef bint pins = c.pins != NULL and port != 0 and c.pins.prefetch
+    cdef bint nat_ahead = dp_nat_ahead_on(c, port)
+    cdef uint64_t lookups = c.nat_c.lookups if c.nat_c != NULL else 0
+    cdef uint64_t nat_hash[DP_NAT_RING]
+    cdef uint8_t nat_kind[DP_NAT_RING]
     if n <= 0:
         return
     dp_read_begin()
     if pins and not c.pin_ahead:
         for i in range(min(n, DP_PIN_AHEAD)):
             dp_pin_prefetch(c, fr[i].data, fr[i].len)
+    if nat_ahead:
+        for i in range(min(n, DP_NAT_SLOT_AHEAD)):
+            nat_kind[i] = dp_nat_slot_ahead(c, fr[i].data, fr[i].len, port, &nat_hash[i])
+        for i in range(min(n, DP_NAT_ENTRY_AHEAD)):
+            dp_nat_entry_ahead(c, nat_kind[i], nat_hash[i])
     for i in range(n):
         if pins and i + DP_PIN_AHEAD < n:
             dp_pin_prefetch(c, fr[i + DP_PIN_AHEAD].data, fr[i + DP_PIN_AHEAD].len)
+        if nat_ahead:
+            j = i + DP_NAT_SLOT_AHEAD
+            if j < n:
+                k = j & (DP_NAT_RING - 1)
+                nat_kind[k] = dp_nat_slot_ahead(c, fr[j].data, fr[j].len, port, &nat_hash[k])
+            j = i + DP_NAT_ENTRY_AHEAD
+            if j < n:
+                k = j & (DP_NAT_RING - 1)
+                dp_nat_entry_ahead(c, nat_kind[k], nat_hash[k])
         if c.sink != NULL:
             c.sink.cur += 1
         if fr[i].len < fr[i].wire_len:
@@ -60,6 +81,7 @@ cdef void dp_rx_frames(dp_ctx *c, const ring_frame_t *fr, int n, int port, uint6
             r = dp_rx_frame(c, fr[i].data, fr[i].len, port, now, fr[i].vnet)
         if verdicts != NULL:
             verdicts[i] = r
+    dp_nat_ahead_learn(c, port, lookups, n)
     dp_read_end()
 
 

@@ -99,13 +99,7 @@ static inline uint64_t gwpin_hash(const gwpin_table *t, uint64_t k0, uint64_t k1
 
 static inline void gwpin_prefetch(const gwpin_table *t, uint64_t k0, uint64_t k1)
 {
-    const void *p = &t->b[gwpin_hash(t, k0, k1) & t->mask];
-#if defined(__x86_64__)
-    /* as asm: GCC dropped the builtin here (inlined into the batch loop) */
-    __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p));
-#else
-    __builtin_prefetch(p, 0, 3);
-#endif
+    nat_prefetch(&t->b[gwpin_hash(t, k0, k1) & t->mask]);
 }
 
 static inline uint32_t gwpin_tick(uint64_t now_ns)

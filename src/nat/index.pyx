@@ -111,11 +111,17 @@ cdef inline uint64_t _nat_hash_fwd(uint64_t seed, uint8_t family, uint8_t proto,
     return _nat_hash_fwd_w(seed, family, proto, sport, dport, nat_load64(src), nat_load64(src + 8),
                            nat_load64(dst), nat_load64(dst + 8))
 
+cdef inline uint64_t _nat_hash_rev_ww(uint64_t seed, uint8_t family, uint8_t proto,
+                                      uint16_t rport, uint16_t xport, uint64_t r0, uint64_t r1,
+                                      uint64_t x0, uint64_t x1) noexcept nogil:
+    return nat_hash5(seed ^ 0x5bd1e9955bd1e995ULL, _nat_w0(family, proto, rport, xport, 1),
+                     r0, r1, x0, x1)
+
 cdef inline uint64_t _nat_hash_rev_w(uint64_t seed, uint8_t family, uint8_t proto,
                                      uint16_t rport, uint16_t xport, uint64_t r0, uint64_t r1,
                                      const uint8_t* extaddr) noexcept nogil:
-    return nat_hash5(seed ^ 0x5bd1e9955bd1e995ULL, _nat_w0(family, proto, rport, xport, 1),
-                     r0, r1, nat_load64(extaddr), nat_load64(extaddr + 8))
+    return _nat_hash_rev_ww(seed, family, proto, rport, xport, r0, r1,
+                            nat_load64(extaddr), nat_load64(extaddr + 8))
 
 cdef inline uint64_t _nat_hash_rev(uint64_t seed, uint8_t family, uint8_t proto,
                                    uint16_t rport, uint16_t xport,
