@@ -4,9 +4,9 @@
 # nat/batch.pyx's pipeline does for the batch calls.  At 100,000 flows the
 # gateway SNAT path spent four fifths of nat_translate_out_pol on those two
 # loads.  A hint only: the key is read from the frame as the stages will
-# read it (IPv4 TCP, UDP, ICMP echo; VXLAN from the underlay by its inner
-# packet), a frame it does not match costs a hash, and a wrong guess costs a
-# line, never a verdict.
+# read it (dp_peek_flow4: IPv4 TCP, UDP, ICMP echo; VXLAN from the underlay
+# by its inner packet), a frame it does not match costs a hash, and a wrong
+# guess costs a line, never a verdict.
 
 cdef enum:
     DP_NAT_SLOT_AHEAD = 6        # frames ahead whose index slot is prefetched
@@ -39,42 +39,33 @@ cdef inline uint8_t dp_nat_slot_ahead(dp_ctx *c, const uint8_t *f, uint32_t n, i
     pod (masquerade, local SNAT) and VXLAN from a node (the gateway role) the
     original tuple; anything else from the underlay is looked up as a reply."""
     cdef nat_table *t = c.nat_c
-    cdef uint32_t l3 = PKT_ETH_LEN, l4
-    cdef uint16_t sport = 0, dport = 0
-    cdef uint8_t proto, kind = DP_NAT_FWD if port != 0 else DP_NAT_REV
+    cdef uint32_t l3 = PKT_ETH_LEN
+    cdef uint16_t sport, dport
+    cdef uint8_t kind = DP_NAT_FWD if port != 0 else DP_NAT_REV
     cdef uint64_t src0 = 0, dst0 = 0
-    if n < PKT_ETH_LEN + 20 or f[12] != 0x08 or f[13] != 0x00 or (be_load16(f + 20) & 0x1fff) != 0:
-        return 0
-    l4 = l3 + ((f[l3] & 0xf) << 2)
-    if l4 + 8 > n:
-        return 0
-    if port == 0 and f[l3 + 9] == PKT_IPPROTO_UDP and be_load16(f + l4 + 2) == c.vxlan_port:
-        l3 = l4 + 8 + 8 + PKT_ETH_LEN        # UDP, VXLAN, inner Ethernet
-        if l3 + 20 > n or f[l3 - 2] != 0x08 or f[l3 - 1] != 0x00 or (be_load16(f + l3 + 6) & 0x1fff) != 0:
-            return 0
-        l4 = l3 + ((f[l3] & 0xf) << 2)
-        if l4 + 8 > n:
-            return 0
+    cdef int proto = dp_peek_flow4(f, n, l3, &sport, &dport)
+    if port == 0 and proto == PKT_IPPROTO_UDP and dport == c.vxlan_port:
+        l3 += ((f[l3] & 0xf) << 2) + 8 + 8 + PKT_ETH_LEN     # UDP, VXLAN, inner Ethernet
         kind = DP_NAT_FWD
-    proto = f[l3 + 9]
-    if proto == PKT_IPPROTO_TCP or proto == PKT_IPPROTO_UDP:
-        sport = be_load16(f + l4)
-        dport = be_load16(f + l4 + 2)
-    elif proto == PKT_IPPROTO_ICMP and f[l4] == 8 and kind == DP_NAT_FWD:
-        sport = be_load16(f + l4 + 4)        # an echo request's id (dport 0 in both indexes)
-    elif proto == PKT_IPPROTO_ICMP and f[l4] == 0 and kind == DP_NAT_REV:
-        dport = be_load16(f + l4 + 4)        # an echo reply's id
-    else:
+        proto = dp_peek_flow4(f, n, l3, &sport, &dport)
+    if proto < 0:
         return 0
+    # the ports as the lookups hash them: an echo's id is the pod's port
+    # (fwd: no destination port; rev: no remote port)
+    if proto == PKT_IPPROTO_ICMP:
+        if kind == DP_NAT_FWD:
+            dport = 0
+        else:
+            sport = 0
     # the words nat_load64 reads from a tuple's zero-padded address (built
     # in registers: a 4-byte store read back as 8 would stall the load)
     _dp_memcpy(&src0, f + l3 + 12, 4)
     _dp_memcpy(&dst0, f + l3 + 16, 4)
     if kind == DP_NAT_FWD:
-        hash[0] = _nat_hash_fwd_w(t.seed, 4, proto, sport, dport, src0, 0, dst0, 0)
+        hash[0] = _nat_hash_fwd_w(t.seed, 4, <uint8_t>proto, sport, dport, src0, 0, dst0, 0)
         nat_prefetch(&t.fwd.slots[_nat_home(&t.fwd, hash[0])])
     else:
-        hash[0] = _nat_hash_rev_ww(t.seed, 4, proto, sport, dport, src0, 0, dst0, 0)
+        hash[0] = _nat_hash_rev_ww(t.seed, 4, <uint8_t>proto, sport, dport, src0, 0, dst0, 0)
         nat_prefetch(&t.rev.slots[_nat_home(&t.rev, hash[0])])
     return kind
 

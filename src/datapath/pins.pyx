@@ -36,25 +36,12 @@ cdef inline uint32_t dp_pin_pick(dp_ctx *c, const PktInfo *pi, uint32_t node, ui
 cdef inline void dp_pin_prefetch(dp_ctx *c, const uint8_t *f, uint32_t n) noexcept nogil:
     """Prefetch the pin bucket of a frame from a pod (plain IPv4 TCP, UDP or
     ICMP echo; anything else is left alone): the key as dp_pin_pick makes it."""
-    cdef uint32_t l4
-    cdef uint16_t sport = 0, dport = 0
-    cdef uint8_t proto
-    if n < 34 or f[12] != 0x08 or f[13] != 0x00 or (be_load16(f + 20) & 0x1fff) != 0:
+    cdef uint16_t sport, dport
+    cdef int proto = dp_peek_flow4(f, n, PKT_ETH_LEN, &sport, &dport)
+    if proto < 0:
         return
-    l4 = PKT_ETH_LEN + ((f[14] & 0xf) << 2)
-    if l4 + 8 > n:
-        return
-    proto = f[23]
-    if proto == PKT_IPPROTO_TCP or proto == PKT_IPPROTO_UDP:
-        sport = be_load16(f + l4)
-        dport = be_load16(f + l4 + 2)
-    elif proto == PKT_IPPROTO_ICMP and f[l4] == 8:
-        sport = be_load16(f + l4 + 4)
-    elif proto == PKT_IPPROTO_ICMP and f[l4] == 0:
-        dport = be_load16(f + l4 + 4)
-    else:
-        return
-    gwpin_prefetch(c.pins, gwpin_key0(be_load32(f + 26), be_load32(f + 30)), gwpin_key1(proto, sport, dport))
+    gwpin_prefetch(c.pins, gwpin_key0(be_load32(f + 26), be_load32(f + 30)),
+                   gwpin_key1(<uint8_t>proto, sport, dport))
 
 
 cdef inline uint32_t dp_nat_kept4(dp_ctx *c, const PktInfo *pi, uint64_t now) noexcept nogil:

@@ -27,6 +27,35 @@ cdef inline void dp_read_end() noexcept nogil:
     lpm_rcu_read_unlock()
 
 
+cdef inline int dp_peek_flow4(const uint8_t *f, uint32_t n, uint32_t l3, uint16_t *sport,
+                              uint16_t *dport) noexcept nogil:
+    """The flow of the unfragmented IPv4 packet at f + l3 (f is n bytes, its
+    Ethernet type at l3 - 2), read straight from the bytes for a prefetch
+    ahead of pkt_parse and keyed as pkt_parse keys it: returns its protocol
+    with TCP / UDP ports in *sport, *dport, an ICMP echo request's id in
+    *sport or a reply's in *dport (the other 0); -1 for anything else."""
+    cdef uint32_t l4
+    cdef uint8_t proto
+    if l3 + 20 > n or f[l3 - 2] != 0x08 or f[l3 - 1] != 0x00 or (be_load16(f + l3 + 6) & 0x1fff) != 0:
+        return -1
+    l4 = l3 + ((f[l3] & 0xf) << 2)
+    if l4 + 8 > n:
+        return -1
+    proto = f[l3 + 9]
+    sport[0] = 0
+    dport[0] = 0
+    if proto == PKT_IPPROTO_TCP or proto == PKT_IPPROTO_UDP:
+        sport[0] = be_load16(f + l4)
+        dport[0] = be_load16(f + l4 + 2)
+    elif proto == PKT_IPPROTO_ICMP and f[l4] == 8:
+        sport[0] = be_load16(f + l4 + 4)
+    elif proto == PKT_IPPROTO_ICMP and f[l4] == 0:
+        dport[0] = be_load16(f + l4 + 4)
+    else:
+        return -1
+    return proto
+
+
 cdef inline uint32_t dp_lpm4(lpm_trie *t, uint32_t addr) noexcept nogil:
     """Longest-prefix match in t, inside the batch's read section."""
     lpm_rcu_assert_reading()
