@@ -101,3 +101,51 @@ def test_updates_concurrent_with_process_batch():
     assert not t.is_alive() and not errors, errors
     assert seen and seen <= set(gateways)
     assert readers(dp) == [0] * 7
+
+
+def test_interleaved_ports_share_a_section_and_writers_still_complete():
+    """process_batch holds one read section per DP_BATCH input frames, not
+    one per run of a port (frames from a pod and from the underlay in turn,
+    runs of one frame): a writer swapping the egress map meanwhile completes,
+    every pod frame goes to one of the two gateways, each underlay frame
+    gets its own verdict, and no section is left open."""
+    dp = twin("node1")
+    pod = [from_app1((SERVER, UDP(sport=10000 + i, dport=53) / b"q")) for i in range(700)]
+    wire = bytes(Ether(src=ROUTER_MAC, dst=MAC["192.168.1.1"]) / IP(src=SERVER, dst="192.168.1.1")
+                 / UDP(sport=53, dport=40000))
+    wire_verdict = dp.process(wire, 0, NOW)[0]
+    frames = [f for p in pod for f in (p, wire)]
+    ports = np.array([1, 0] * len(pod), np.int32)
+    data, offsets, lengths = pack(frames)
+    verdicts = np.zeros(len(frames), np.int32)
+    out = np.zeros(len(frames) * 256, np.uint8)
+    meta = np.zeros((len(frames), 4), np.int64)
+    gateways = ("192.168.1.2", "192.168.1.3")
+    seen, errors, stop, calls = set(), [], threading.Event(), [0]
+
+    def datapath_thread():
+        try:
+            while not stop.is_set():
+                n = dp.process_batch(data, offsets, lengths, verdicts, out, meta, port=ports, now=NOW)
+                got = [VERDICTS[v & 0xff] for v in verdicts.tolist()]
+                assert set(got[0::2]) == {"tx"} and set(got[1::2]) == {wire_verdict}
+                for i, _, off, ln in meta[:n].tolist():
+                    if i % 2 == 0:
+                        seen.add(Ether(out[off:off + ln].tobytes())[IP].dst)
+                calls[0] += 1
+        except Exception as exc:            # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=datapath_thread)
+    t.start()
+    try:
+        for i in range(200):
+            dp.egress_map.set(APP1, "203.0.113.0/24", "0.0.0.0", gateways[i % 2])
+            dp.add_node(6, "192.168.1.6", [f"10.0.{6 + i % 50}.0/24"], "02:00:00:00:06:06")
+            dp.remove_node(6)
+    finally:
+        stop.set()
+        t.join(60)
+    assert not t.is_alive() and not errors, errors
+    assert calls[0] > 0 and seen <= set(gateways) and seen
+    assert readers(dp) == [0] * 7

@@ -150,6 +150,7 @@ cdef struct dp_ctx:
     flow_log * flog  # drop records go here when not NULL (set_flow_log)
     gwpin_table * pins  # make-before-break when not NULL (set_make_before_break)
     uint8_t pin_ahead  # the caller prefetched the first pins of each dp_rx_frames batch
+    uint8_t read_held  # the caller holds the read section across dp_rx_frames batches (process_batch)
     dp_policy * pol  # POLICY_SLOTS records (per-policy counters)
     uint32_t cur_pol  # the frame being handled: its policy id (0: none), set by its stage
     uint32_t cur_pol_dir  # its DP_POL_* direction

@@ -638,7 +638,7 @@ cdef class Datapath:
         full TX ring's (tx_errors, tx_full).  The clock is read once per
         DP_BATCH frames, as poll() does, unless `now` (seconds) is given.
         Returns the number of outputs."""
-        cdef Py_ssize_t n = offsets.shape[0], i, b, k, m, pf = 0
+        cdef Py_ssize_t n = offsets.shape[0], i, b, k, m, pf = 0, held
         cdef ring_frame_t fr[DP_BATCH]
         cdef dp_sink sink
         cdef bint fixed = now is not None
@@ -681,8 +681,18 @@ cdef class Datapath:
         self.c.pin_ahead = self.c.pins != NULL and self.c.pins.prefetch
         try:
             with nogil:
+                # One read section per DP_BATCH input frames (a writer waits
+                # for no more), not one per run of one port: a run may be one
+                # frame long (pods interleaved), and each section costs a fence.
                 b = 0
+                held = 0
+                dp_read_begin()
+                self.c.read_held = 1
                 while b < n:
+                    if b - held >= DP_BATCH:
+                        dp_read_end()
+                        dp_read_begin()
+                        held = b
                     m = 1
                     while m < DP_BATCH and b + m < n and ports[(b + m) * step] == ports[b * step]:
                         m += 1
@@ -701,6 +711,8 @@ cdef class Datapath:
                             pf += 1
                     dp_rx_frames(&self.c, fr, <int>m, ports[b * step], t if fixed else dp_now(), &verdicts[b])
                     b += m
+                self.c.read_held = 0
+                dp_read_end()
                 for k in range(sink.n):
                     out_meta[k, 0] = sink.frame[k]
                     out_meta[k, 1] = sink.outs[k].port
@@ -711,6 +723,7 @@ cdef class Datapath:
             self.c.emit = dp_emit
             self.c.sink = NULL
             self.c.pin_ahead = 0
+            self.c.read_held = 0
             _dp_free(sink.outs)
             _dp_free(sink.frame)
 

@@ -41,7 +41,7 @@ cdef void dp_rx_frames(dp_ctx *c, const ring_frame_t *fr, int n, int port, uint6
     index slot and entry are prefetched a few frames ahead while the port's
     frames use the table (nat_ahead.pyx).
     The whole batch is one RCU read section (dp_read_begin, stages.pyx): the
-    lookups inside take no atomic operation."""
+    lookups inside take no atomic operation; or the caller's (c.read_held)."""
     cdef int i, r, j, k
     cdef bint pins = c.pins != NULL and port != 0 and c.pins.prefetch
     cdef bint nat_ahead = dp_nat_ahead_on(c, port)
@@ -50,7 +50,8 @@ cdef void dp_rx_frames(dp_ctx *c, const ring_frame_t *fr, int n, int port, uint6
     cdef uint8_t nat_kind[DP_NAT_RING]
     if n <= 0:
         return
-    dp_read_begin()
+    if not c.read_held:
+        dp_read_begin()
     if pins and not c.pin_ahead:
         for i in range(min(n, DP_PIN_AHEAD)):
             dp_pin_prefetch(c, fr[i].data, fr[i].len)
@@ -82,7 +83,8 @@ cdef void dp_rx_frames(dp_ctx *c, const ring_frame_t *fr, int n, int port, uint6
         if verdicts != NULL:
             verdicts[i] = r
     dp_nat_ahead_learn(c, port, lookups, n)
-    dp_read_end()
+    if not c.read_held:
+        dp_read_end()
 
 
 cdef int dp_rx_frame(dp_ctx *c, const uint8_t *frame, int64_t length, int in_port, uint64_t now,

@@ -162,22 +162,20 @@ static inline gwpin_rec *gwpin_victim_in(const gwpin_table *t, gwpin_bucket *b, 
     return &b->r[v];
 }
 
-/* The gateway (node index) of flow (k0, k1) as of `now`: its pin's while
- * that is live, else `node` (the egress map's choice now), which becomes its
- * pin.  `flags`: the packet's TCP flags: FIN or RST close the pin (the
- * closing timeout); a SYN alone on a closed pin is a new connection on the
- * same tuple (re-pinned).  *rec gets the record (for gwpin_repin). */
-static inline uint32_t gwpin_pick(gwpin_table *t, uint64_t k0, uint64_t k1, uint8_t flags, uint64_t now,
-                                  uint32_t node, gwpin_rec **rec)
+/* gwpin_pick's work beyond a steady flow's hit (r: its record in home
+ * bucket b1, or NULL): the second bucket, a new pin, an idle pin refreshed
+ * or a closed one re-pinned.  Out of line and cold, so that the inlined hit
+ * stays small in the datapath's code and registers. */
+__attribute__((noinline, cold))
+static uint32_t gwpin_pick_rest(gwpin_table *t, uint64_t k0, uint64_t k1, uint8_t flags, uint64_t tick,
+                                uint32_t node, gwpin_rec **rec, uint64_t h, gwpin_bucket *b1, gwpin_rec *r)
 {
-    uint64_t h = gwpin_hash(t, k0, k1);
-    gwpin_bucket *b1 = &t->b[h & t->mask], *b2;
-    uint64_t tick = gwpin_tick(now);
     uint64_t close = (flags & (GWPIN_TCP_FIN | GWPIN_TCP_RST)) ? GWPIN_CLOSING : 0;
     uint64_t w, nw;
     int32_t x1, x2;
-    gwpin_rec *r = gwpin_find_in(b1, k0, k1), *r2;
-    if (__builtin_expect(r == NULL, 0)) {
+    gwpin_bucket *b2;
+    gwpin_rec *r2;
+    if (r == NULL) {
         b2 = &t->b[(h >> 32) & t->mask];
         r = gwpin_find_in(b2, k0, k1);
         if (r == NULL) {
@@ -206,9 +204,7 @@ static inline uint32_t gwpin_pick(gwpin_table *t, uint64_t k0, uint64_t k1, uint
     }
     *rec = r;
     w = r->k1;
-    /* a steady flow: seen this tick already, no flag that changes its state */
-    if (__builtin_expect((w >> GWPIN_SEEN_SHIFT) == tick &&
-                         !(flags & (GWPIN_TCP_FIN | GWPIN_TCP_RST | GWPIN_TCP_SYN)), 1))
+    if ((w >> GWPIN_SEEN_SHIFT) == tick && !(flags & (GWPIN_TCP_FIN | GWPIN_TCP_RST | GWPIN_TCP_SYN)))
         return gwpin_node(w);
     if (gwpin_age(w, (uint32_t)tick) <= gwpin_tmo(t, w) &&
             !((w & GWPIN_CLOSING) && (flags & (GWPIN_TCP_SYN | GWPIN_TCP_ACK)) == GWPIN_TCP_SYN)) {
@@ -222,6 +218,28 @@ static inline uint32_t gwpin_pick(gwpin_table *t, uint64_t k0, uint64_t k1, uint
     t->pinned++;
     r->k1 = k1 | ((uint64_t)node << GWPIN_NODE_SHIFT) | (tick << GWPIN_SEEN_SHIFT) | close;
     return node;
+}
+
+/* The gateway (node index) of flow (k0, k1) as of `now`: its pin's while
+ * that is live, else `node` (the egress map's choice now), which becomes its
+ * pin.  `flags`: the packet's TCP flags: FIN or RST close the pin (the
+ * closing timeout); a SYN alone on a closed pin is a new connection on the
+ * same tuple (re-pinned).  *rec gets the record (for gwpin_repin).  Inline:
+ * a steady flow's hit in its home bucket (seen this tick already, no flag
+ * that changes its state); the rest in gwpin_pick_rest. */
+static inline uint32_t gwpin_pick(gwpin_table *t, uint64_t k0, uint64_t k1, uint8_t flags, uint64_t now,
+                                  uint32_t node, gwpin_rec **rec)
+{
+    uint64_t h = gwpin_hash(t, k0, k1);
+    gwpin_bucket *b1 = &t->b[h & t->mask];
+    uint64_t tick = gwpin_tick(now);
+    gwpin_rec *r = gwpin_find_in(b1, k0, k1);
+    if (__builtin_expect(r != NULL && (r->k1 >> GWPIN_SEEN_SHIFT) == tick &&
+                         !(flags & (GWPIN_TCP_FIN | GWPIN_TCP_RST | GWPIN_TCP_SYN)), 1)) {
+        *rec = r;
+        return gwpin_node(r->k1);
+    }
+    return gwpin_pick_rest(t, k0, k1, flags, tick, node, rec, h, b1, r);
 }
 
 /* Move a pin to `node` (its gateway cannot be used). */
