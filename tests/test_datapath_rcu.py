@@ -63,43 +63,64 @@ def test_every_batch_leaves_its_read_sections_and_writers_complete():
     assert readers(dp) == [0] * 7
 
 
-def test_updates_concurrent_with_process_batch():
-    """A thread runs process_batch (GIL released) while this one swaps the
-    egress map's gateway and adds/removes nodes and pods: every frame goes
-    to one of the two gateways, nothing crashes, and every section is left."""
-    dp = twin("node1")
-    frames = [from_app1((SERVER, UDP(sport=10000 + i, dport=53) / b"q")) for i in range(600)]
+GATEWAYS = ("192.168.1.2", "192.168.1.3")
+
+
+def batch_arrays(frames):
+    """process_batch's arrays for frames: packed input, verdicts, outputs."""
     data, offsets, lengths = pack(frames)
-    verdicts = np.zeros(len(frames), np.int32)
-    out = np.zeros(len(frames) * 256, np.uint8)
-    meta = np.zeros((len(frames), 4), np.int64)
-    gateways = ("192.168.1.2", "192.168.1.3")
-    seen, errors, stop = set(), [], threading.Event()
+    return (data, offsets, lengths, np.zeros(len(frames), np.int32), np.zeros(len(frames) * 256, np.uint8),
+            np.zeros((len(frames), 4), np.int64))
+
+
+def against_writers(dp, batch_once, rounds, pods=True):
+    """batch_once() in a thread, over and over (process_batch, GIL released),
+    while this one swaps the egress map's gateway and adds and removes a
+    node (and a pod port) `rounds` times; returns how often it ran."""
+    errors, stop, calls = [], threading.Event(), [0]
 
     def datapath_thread():
         try:
             while not stop.is_set():
-                n = dp.process_batch(data, offsets, lengths, verdicts, out, meta, port=1, now=NOW)
-                assert n == len(frames) and {VERDICTS[v & 0xff] for v in verdicts.tolist()} == {"tx"}
-                for _, _, off, ln in meta[:n].tolist():
-                    seen.add(Ether(out[off:off + ln].tobytes())[IP].dst)
+                batch_once()
+                calls[0] += 1
         except Exception as exc:            # noqa: BLE001 - reported below
             errors.append(exc)
 
     t = threading.Thread(target=datapath_thread)
     t.start()
     try:
-        for i in range(300):
-            dp.egress_map.set(APP1, "203.0.113.0/24", "0.0.0.0", gateways[i % 2])
+        for i in range(rounds):
+            dp.egress_map.set(APP1, "203.0.113.0/24", "0.0.0.0", GATEWAYS[i % 2])
             dp.add_node(6, "192.168.1.6", [f"10.0.{6 + i % 50}.0/24"], "02:00:00:00:06:06")
             dp.remove_node(6)
-            dp.add_pod_port(2, "10.0.1.20", "02:00:00:00:00:20")
-            dp.remove_pod_port(2)
+            if pods:
+                dp.add_pod_port(2, "10.0.1.20", "02:00:00:00:00:20")
+                dp.remove_pod_port(2)
     finally:
         stop.set()
         t.join(60)
     assert not t.is_alive() and not errors, errors
-    assert seen and seen <= set(gateways)
+    return calls[0]
+
+
+def test_updates_concurrent_with_process_batch():
+    """A thread runs process_batch (GIL released) while this one swaps the
+    egress map's gateway and adds/removes nodes and pods: every frame goes
+    to one of the two gateways, nothing crashes, and every section is left."""
+    dp = twin("node1")
+    frames = [from_app1((SERVER, UDP(sport=10000 + i, dport=53) / b"q")) for i in range(600)]
+    data, offsets, lengths, verdicts, out, meta = batch_arrays(frames)
+    seen = set()
+
+    def batch_once():
+        n = dp.process_batch(data, offsets, lengths, verdicts, out, meta, port=1, now=NOW)
+        assert n == len(frames) and {VERDICTS[v & 0xff] for v in verdicts.tolist()} == {"tx"}
+        for _, _, off, ln in meta[:n].tolist():
+            seen.add(Ether(out[off:off + ln].tobytes())[IP].dst)
+
+    against_writers(dp, batch_once, 300)
+    assert seen and seen <= set(GATEWAYS)
     assert readers(dp) == [0] * 7
 
 
@@ -116,36 +137,17 @@ def test_interleaved_ports_share_a_section_and_writers_still_complete():
     wire_verdict = dp.process(wire, 0, NOW)[0]
     frames = [f for p in pod for f in (p, wire)]
     ports = np.array([1, 0] * len(pod), np.int32)
-    data, offsets, lengths = pack(frames)
-    verdicts = np.zeros(len(frames), np.int32)
-    out = np.zeros(len(frames) * 256, np.uint8)
-    meta = np.zeros((len(frames), 4), np.int64)
-    gateways = ("192.168.1.2", "192.168.1.3")
-    seen, errors, stop, calls = set(), [], threading.Event(), [0]
+    data, offsets, lengths, verdicts, out, meta = batch_arrays(frames)
+    seen = set()
 
-    def datapath_thread():
-        try:
-            while not stop.is_set():
-                n = dp.process_batch(data, offsets, lengths, verdicts, out, meta, port=ports, now=NOW)
-                got = [VERDICTS[v & 0xff] for v in verdicts.tolist()]
-                assert set(got[0::2]) == {"tx"} and set(got[1::2]) == {wire_verdict}
-                for i, _, off, ln in meta[:n].tolist():
-                    if i % 2 == 0:
-                        seen.add(Ether(out[off:off + ln].tobytes())[IP].dst)
-                calls[0] += 1
-        except Exception as exc:            # noqa: BLE001 - reported below
-            errors.append(exc)
+    def batch_once():
+        n = dp.process_batch(data, offsets, lengths, verdicts, out, meta, port=ports, now=NOW)
+        got = [VERDICTS[v & 0xff] for v in verdicts.tolist()]
+        assert set(got[0::2]) == {"tx"} and set(got[1::2]) == {wire_verdict}
+        for i, _, off, ln in meta[:n].tolist():
+            if i % 2 == 0:
+                seen.add(Ether(out[off:off + ln].tobytes())[IP].dst)
 
-    t = threading.Thread(target=datapath_thread)
-    t.start()
-    try:
-        for i in range(200):
-            dp.egress_map.set(APP1, "203.0.113.0/24", "0.0.0.0", gateways[i % 2])
-            dp.add_node(6, "192.168.1.6", [f"10.0.{6 + i % 50}.0/24"], "02:00:00:00:06:06")
-            dp.remove_node(6)
-    finally:
-        stop.set()
-        t.join(60)
-    assert not t.is_alive() and not errors, errors
-    assert calls[0] > 0 and seen <= set(gateways) and seen
+    calls = against_writers(dp, batch_once, 200, pods=False)
+    assert calls > 0 and seen and seen <= set(GATEWAYS)
     assert readers(dp) == [0] * 7
