@@ -689,13 +689,13 @@ cdef class Datapath:
                 dp_read_begin()
                 self.c.read_held = 1
                 while b < n:
-                    if b - held >= DP_BATCH:
-                        dp_read_end()
-                        dp_read_begin()
-                        held = b
                     m = 1
                     while m < DP_BATCH and b + m < n and ports[(b + m) * step] == ports[b * step]:
                         m += 1
+                    if b + m - held > DP_BATCH:         # a section covers at most DP_BATCH frames
+                        dp_read_end()
+                        dp_read_begin()
+                        held = b
                     for k in range(m):
                         fr[k].data = &frames[offsets[b + k]] if lengths[b + k] else &dummy
                         fr[k].vnet = NULL
